@@ -1,0 +1,35 @@
+"""The `llmforge` command line: a thin Typer layer over the core.
+
+Commands collect options, call the core and render what it returns or emits. A ForgeError raised by
+the core becomes one message on stderr and its exit code; a traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+
+def main(argv: list[str] | None = None) -> None:
+    from llmforge.errors import ForgeError
+
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("LLMFORGE_DEBUG") == "1"
+    try:
+        from llmforge.cli.app import build_app
+
+        build_app()(args=args, prog_name="llmforge")
+    except ForgeError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc.render()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
+        if debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}\n(run again with --debug to see the traceback)", file=sys.stderr)
+        sys.exit(1)

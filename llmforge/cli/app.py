@@ -1,0 +1,51 @@
+"""Assembles the Typer application: the built-in command groups, then commands added by plugins."""
+
+from __future__ import annotations
+
+import typer
+
+from llmforge import __version__
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmforge {__version__}")
+        raise typer.Exit()
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="llmforge",
+        help="Train language models on your own hardware: one forge.toml from pretraining to GGUF.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    @app.callback()
+    def root(
+        version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                     help="Print the version and exit."),
+        debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+    ) -> None:
+        """llmforge: a local-first workbench for training language models."""
+
+    from llmforge.cli import plugins_cmd, project_cmd, run_cmd, runs_cmd
+
+    project_cmd.register(app)
+    run_cmd.register(app)
+    runs_cmd.register(app)
+    plugins_cmd.register(app)
+
+    from llmforge.plugins import get_registry
+
+    reg = get_registry()
+    for impl in reg.pm.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(cli=app)
+        except Exception as exc:  # noqa: BLE001 - a bad plugin must not brick the CLI
+            from llmforge.plugins import LoadError
+
+            reg.errors.append(LoadError(impl.plugin_name, impl.plugin_name,
+                                        f"register_commands failed: {type(exc).__name__}: {exc}", ""))
+    return app

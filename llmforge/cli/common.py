@@ -1,0 +1,62 @@
+"""Small helpers shared by the command modules."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+CONFIG_OPTION = typer.Option("forge.toml", "--config", "-c", help="Path to forge.toml.")
+SET_OPTION = typer.Option(None, "--set", help="Override a value: stage.option=VALUE or section.key=VALUE.")
+JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON.")
+RUNS_DIR_OPTION = typer.Option(None, "--runs-dir", help="Runs folder (default: from ./forge.toml, else ./runs).")
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def runs_dir(explicit: Path | None, config: Path | None = None) -> Path:
+    """Where runs live: --runs-dir, else [project].runs_dir of forge.toml (read, not validated), else ./runs."""
+    if explicit is not None:
+        return explicit
+    cfg = Path(config or "forge.toml")
+    if cfg.is_file():
+        from llmforge.config import read_toml
+
+        try:
+            raw = read_toml(cfg)
+            sub = raw.get("project", {}).get("runs_dir", "runs")
+            return (cfg.parent / str(sub)).resolve()
+        except Exception:  # noqa: BLE001 - a broken forge.toml still lets you look at runs
+            pass
+    return Path("runs").resolve()
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+STATUS_STYLE = {
+    "done": "green", "cached": "cyan", "running": "yellow", "failed": "red", "stopped": "magenta",
+    "killed": "red", "blocked": "dim", "skipped": "dim", "pending": "dim",
+}
+
+
+def styled(status: str) -> str:
+    return f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]"

@@ -1,0 +1,66 @@
+"""`llmforge init` and `llmforge validate`."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from llmforge.cli.common import CONFIG_OPTION, JSON_OPTION, SET_OPTION, console, print_json
+from llmforge.errors import ConfigError, UsageError
+
+
+def init(
+    directory: Path = typer.Argument(Path("."), help="Folder for the new project (created if missing)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing forge.toml."),
+) -> None:
+    """Write a forge.toml and the sample data it uses; it validates and runs as is."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "forge.toml"
+    if target.exists() and not force:
+        raise UsageError(f"{target} already exists", hint="use --force to overwrite it")
+    templates = resources.files("llmforge") / "templates"
+    name = directory.resolve().name
+    text = (templates / "init-forge.toml").read_text(encoding="utf-8").format(name=name)
+    data = directory / "data"
+    data.mkdir(exist_ok=True)
+    notes = data / "notes.txt"
+    if not notes.exists():
+        notes.write_text((templates / "notes.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    from llmforge.runs import atomic_write_text
+
+    atomic_write_text(target, text)
+    out = console()
+    out.print(f"wrote {target} and {notes}")
+    where = "" if directory.resolve() == Path.cwd() else f" -c {target}"
+    out.print(f"next: [bold]llmforge validate{where}[/] then [bold]llmforge run{where}[/]")
+
+
+def validate(
+    config: Path = CONFIG_OPTION,
+    overrides: Optional[List[str]] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Check forge.toml: keys, types, ranges, stage kinds, references, files, preflight checks."""
+    from llmforge.pipeline import load_pipeline
+
+    try:
+        pipe = load_pipeline(config, overrides or [])
+    except ConfigError as exc:
+        if as_json:
+            print_json({"valid": False, "config": str(config),
+                        "problems": [{"where": p.where, "message": p.message} for p in exc.problems]})
+            raise typer.Exit(exc.exit_code) from None
+        raise
+    if as_json:
+        print_json({"valid": True, "config": str(pipe.config.path), "stages": pipe.names})
+        return
+    out = console()
+    out.print(f"[green]valid[/]: {pipe.config.path} ({len(pipe.stages)} stages: {' -> '.join(pipe.names)})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(init)
+    app.command()(validate)

@@ -1,0 +1,262 @@
+"""forge.toml: loading, `--set` overrides, and strict validation that reports every problem at once
+with its key path (`stages[2].lora.r: must be > 0 (got 0)`)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmforge.errors import ConfigError, Problem
+from llmforge.schema import did_you_mean, validate_model
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_CONFIG = "forge.toml"
+STAGE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProjectSection(_Section):
+    name: str = Field("", description="Project name (default: the folder of forge.toml).")
+    description: str = Field("", description="Free text, shown in listings.")
+    runs_dir: str = Field("runs", description="Where runs are stored, relative to forge.toml.")
+    seed: int = Field(42, ge=0, description="Default random seed for every stage.")
+
+
+class ModelSection(_Section):
+    path: str | None = Field(None, description="Default base model: a local HF directory.")
+    trust_remote_code: bool = Field(False, description="Allow code shipped with the model to run. Off by default.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype when loading.")
+
+
+class BackendSection(_Section):
+    type: Literal["local"] = Field("local", description="How training processes are launched.")
+
+
+TOP_LEVEL = {
+    "project": ProjectSection,
+    "model": ModelSection,
+    "backend": BackendSection,
+    "trackers": None,  # keys validated against registered trackers
+    "stages": None,
+}
+
+
+@dataclass
+class StageSpec:
+    """One `[[stages]]` entry after validation."""
+
+    index: int
+    name: str
+    uses: str
+    raw: dict  # the options exactly as written (plus --set overrides)
+    options: Any  # the validated Options instance
+    cls: type
+
+    @property
+    def where(self) -> str:
+        return f"stages[{self.index}]"
+
+
+@dataclass
+class ForgeConfig:
+    path: Path
+    raw: dict
+    project: ProjectSection
+    model: ModelSection
+    backend: BackendSection
+    trackers: dict
+    stages: list[StageSpec] = field(default_factory=list)
+
+    @property
+    def project_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def runs_dir(self) -> Path:
+        return (self.project_dir / self.project.runs_dir).resolve()
+
+    @property
+    def name(self) -> str:
+        return self.project.name or self.project_dir.name
+
+    def stage(self, name: str) -> StageSpec | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+def read_toml(path: Path) -> dict:
+    """Parse a TOML file; a syntax error names file, line and column."""
+    if not path.exists():
+        raise ConfigError([Problem(str(path), "file not found")],
+                          hint="create one with `llmforge init`, or pass -c PATH")
+    if path.is_dir():
+        raise ConfigError([Problem(str(path), "is a directory, expected a forge.toml file")])
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(str(path), f"not valid UTF-8 (byte {exc.start})")]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+        where = f"{path}:{m.group(1)}:{m.group(2)}" if m else str(path)
+        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg).strip() if m else msg
+        if m is None and "end of document" in msg:
+            reason = msg
+        raise ConfigError([Problem(where, f"invalid TOML: {reason}")]) from None
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: any TOML value (`1e-4`, `true`, `[1, 2]`, `"x"`), else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
+    """Apply `--set key.path=value` items to the raw config in place.
+
+    The first segment is a top-level section (`project.seed=1`) or a stage name (`sft.lora.r=8`).
+    """
+    problems = []
+    stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    names = [s.get("name") for s in stages if isinstance(s, dict)]
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(Problem(f"--set {item}", "expected KEY=VALUE, for example sft.learning_rate=1e-4"))
+            continue
+        parts = key.split(".")
+        head = parts[0]
+        if head in TOP_LEVEL and head != "stages":
+            target = raw.setdefault(head, {})
+            rest = parts[1:]
+        elif head in names:
+            target = stages[names.index(head)]
+            rest = parts[1:]
+        else:
+            problems.append(Problem(f"--set {key}", f"no section or stage named '{head}'"
+                                    f"{did_you_mean(head, [*TOP_LEVEL, *filter(None, names)])}"))
+            continue
+        if not rest:
+            problems.append(Problem(f"--set {key}", "name an option, for example "
+                                    f"{head}.{'seed' if head == 'project' else 'option'}=VALUE"))
+            continue
+        for part in rest[:-1]:
+            nxt = target.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                problems.append(Problem(f"--set {key}", f"'{part}' is not a table"))
+                break
+            target = nxt
+        else:
+            target[rest[-1]] = parse_value(value.strip())
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def parse_config(path: str | Path | None, overrides: list[str] | None, registry) -> tuple[ForgeConfig, list[Problem]]:
+    """Read, override and validate forge.toml section by section.
+
+    Returns the config (with the stages that validated) and every problem found, so that callers can
+    go on checking the pipeline and report everything at once. Unreadable files raise ConfigError.
+    """
+    path = Path(path or DEFAULT_CONFIG).absolute()
+    raw = read_toml(path)
+    problems = apply_overrides(raw, overrides or [])
+
+    for key in raw:
+        if key not in TOP_LEVEL:
+            problems.append(Problem(key, f"unknown section '{key}'{did_you_mean(key, TOP_LEVEL)}"))
+
+    sections = {}
+    for key, model in TOP_LEVEL.items():
+        if model is None:
+            continue
+        value = raw.get(key, {})
+        if not isinstance(value, dict):
+            problems.append(Problem(key, f"expected a table [{key}], got {type(value).__name__}"))
+            sections[key] = model()
+            continue
+        inst, probs = validate_model(model, value, key)
+        problems += probs
+        sections[key] = inst or model()
+
+    trackers = raw.get("trackers", {})
+    if not isinstance(trackers, dict):
+        problems.append(Problem("trackers", f"expected a table [trackers], got {type(trackers).__name__}"))
+        trackers = {}
+    for name in trackers:
+        problems.append(Problem(f"trackers.{name}", f"unknown tracker '{name}'; installed: none"))
+
+    cfg = ForgeConfig(path=path, raw=raw, trackers=trackers, **sections)
+    cfg.stages, stage_problems = _validate_stages(raw.get("stages", []), registry)
+    problems += stage_problems
+    return cfg, problems
+
+
+RESERVED_NAMES = set(TOP_LEVEL)
+
+
+def _validate_stages(stages: Any, registry) -> tuple[list[StageSpec], list[Problem]]:
+    problems: list[Problem] = []
+    if not isinstance(stages, list):
+        return [], [Problem("stages", "expected an array of tables ([[stages]])")]
+    if not stages:
+        problems.append(Problem("stages", "no stages: add at least one [[stages]] table"))
+    specs: list[StageSpec] = []
+    seen: dict[str, int] = {}
+    kinds = sorted(registry.stages)
+    for i, entry in enumerate(stages):
+        where = f"stages[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(Problem(where, "expected a table"))
+            continue
+        opts = dict(entry)
+        name = opts.pop("name", None)
+        uses = opts.pop("uses", None)
+        if name is None:
+            problems.append(Problem(f"{where}.name", "required key is missing"))
+        elif not isinstance(name, str) or not STAGE_NAME_RE.match(name):
+            problems.append(Problem(f"{where}.name", f"must be a word of letters, digits, '-' or '_' (got {name!r})"))
+            name = None
+        elif name in RESERVED_NAMES:
+            problems.append(Problem(f"{where}.name", f"'{name}' is reserved for a section; choose another"))
+        elif name in seen:
+            problems.append(Problem(f"{where}.name", f"duplicate stage name '{name}' (also stages[{seen[name]}])"))
+        else:
+            seen[name] = i
+        if uses is None:
+            problems.append(Problem(f"{where}.uses", "required key is missing; installed stage kinds: "
+                                    + (", ".join(kinds) or "none")))
+            continue
+        cls = registry.stage_class(uses) if isinstance(uses, str) else None
+        if cls is None:
+            problems.append(Problem(f"{where}.uses", f"unknown stage kind {uses!r}{did_you_mean(str(uses), kinds)}"
+                                    f" (installed: {', '.join(kinds) or 'none'})"))
+            continue
+        inst, probs = validate_model(cls.Options, opts, where)
+        problems += probs
+        if inst is not None and name:
+            specs.append(StageSpec(i, name, uses, opts, inst, cls))
+    return specs, problems

@@ -1,0 +1,80 @@
+"""Events: what stages report, as JSON lines in the run's `events.jsonl`.
+
+Every event is a dict with `type`, `time` (unix seconds), `run` and, inside a stage, `stage`.
+Types written by the core: run_start, run_end, stage_start, stage_end, log, metric, progress,
+artifact. The file is append-only and written one whole line per write, so readers (the CLI's
+`logs -f`, the TUI) can tail it while the run writes, without any lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+Listener = Callable[[dict], None]
+
+
+class EventWriter:
+    def __init__(self, path: Path, run_id: str, listeners: list[Listener] | None = None):
+        self.path = path
+        self.run_id = run_id
+        self.listeners = list(listeners or [])
+        self._broken: set[int] = set()
+        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def emit(self, type: str, stage: str | None = None, **data) -> dict:
+        event = {"type": type, "time": round(time.time(), 3), "run": self.run_id}
+        if stage is not None:
+            event["stage"] = stage
+        event.update(data)
+        # One write per line: appends of a single short write are not interleaved with other lines.
+        self._fh.write(json.dumps(event, default=str) + "\n")
+        self._fh.flush()
+        for i, listener in enumerate(self.listeners):
+            if i in self._broken:
+                continue
+            try:
+                listener(event)
+            except Exception as exc:  # noqa: BLE001 - an observer never stops training
+                self._broken.add(i)
+                self._fh.write(json.dumps({"type": "log", "time": round(time.time(), 3), "run": self.run_id,
+                                           "level": "warning",
+                                           "message": f"event observer failed and is disabled: {exc!r}"}) + "\n")
+                self._fh.flush()
+        return event
+
+    def close(self) -> None:
+        try:
+            os.fsync(self._fh.fileno())
+        except OSError:
+            pass
+        self._fh.close()
+
+
+def read_events(path: Path, follow: bool = False, stop: Callable[[], bool] | None = None,
+                poll: float = 0.2) -> Iterator[dict]:
+    """Yield the events of a file; with `follow`, keep waiting for new lines until `stop()` is true.
+
+    A last line without its newline is still being written: it is held back until complete.
+    """
+    buf = ""
+    with open(path, encoding="utf-8") as fh:
+        while True:
+            chunk = fh.readline()
+            if chunk:
+                buf += chunk
+                if not buf.endswith("\n"):
+                    continue
+                line, buf = buf.strip(), ""
+                if line:
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line torn by a crash: skip it, never fail the reader
+                continue
+            if not follow or (stop is not None and stop()):
+                return
+            time.sleep(poll)

@@ -1,0 +1,103 @@
+"""The llmforge plugin API: every hook a plugin may implement.
+
+A plugin is a module (or object) exposed through the ``llmforge`` entry-point group. It implements
+any of the hooks below with the ``hookimpl`` marker::
+
+    from llmforge import hookimpl
+
+    @hookimpl
+    def register_stages(register):
+        register(MyStage)
+
+An implementation may accept fewer arguments than the spec names; that is how hooks grow new
+arguments without breaking existing plugins.
+
+Two families of hooks exist:
+
+* **Registration hooks** take a ``register`` callback (or, for commands, the CLI app) and hand over
+  objects. They run once per process, when the plugin registry is built. They must be cheap: no
+  torch or transformers import, no I/O. The work happens later, in the registered object's methods.
+* **Lifecycle hooks** run while a pipeline is validated and executed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("llmforge")
+hookimpl = pluggy.HookimplMarker("llmforge")
+
+
+# --------------------------------------------------------------------------------------------
+# Registration hooks
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def register_stages(register: Callable[[type], None]) -> None:
+    """Register stage classes.
+
+    Call ``register(StageClass)`` for each :class:`llmforge.stage.Stage` subclass the plugin
+    provides. The class's ``name`` is the kind used in ``uses = "<name>"`` in forge.toml. When two
+    plugins register the same name, the first in load order wins (built-in plugins first, then
+    third-party distributions sorted by name) and the clash is reported by ``llmforge plugins list``.
+    """
+
+
+@hookspec
+def register_commands(cli: Any) -> None:
+    """Add commands to the ``llmforge`` command line.
+
+    ``cli`` is the root Typer application; use ``cli.command()`` or ``cli.add_typer()``. Keep the
+    module import light: anything heavy belongs inside the command function.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Lifecycle hooks
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec(historic=True)
+def configure(config: Any) -> None:
+    """Receive the validated project configuration before any stage runs.
+
+    ``config`` is a :class:`llmforge.config.ForgeConfig`. The hook is *historic*: a plugin
+    registered after the configuration was announced still receives it. Use it to read the
+    plugin's own settings or to prepare shared state; do not start work here.
+    """
+
+
+@hookspec
+def validate_pipeline(pipeline: Any) -> list | None:
+    """Check a whole pipeline and return problems, or None.
+
+    ``pipeline`` is a :class:`llmforge.pipeline.Pipeline` whose stages are already individually
+    valid. Return a list of :class:`llmforge.errors.Problem` (or plain strings) describing what is
+    wrong across stages. Every plugin's answers are collected and shown together by
+    ``llmforge validate``; any problem makes the configuration invalid (exit code 2).
+    """
+
+
+@hookspec(firstresult=True)
+def execute_stage(stage: Any, options: Any, ctx: Any) -> Any:
+    """Execute one stage.
+
+    ``stage`` is the stage instance, ``options`` its validated options with ``@references``
+    resolved to artifact paths, ``ctx`` its :class:`llmforge.stage.StageContext`. The first
+    implementation that returns a value other than None handles the stage; the built-in
+    implementation calls ``stage.run(options, ctx)`` and returns True. Implement it as a
+    ``wrapper=True`` hook to wrap every stage (seeding, timing, profiling, tracking).
+    """
+
+
+@hookspec
+def on_event(event: dict) -> None:
+    """Observe every event of a run as it is written to ``events.jsonl``.
+
+    ``event`` is a JSON-serialisable dict with at least ``type``, ``time`` and ``run``. Observers
+    (trackers, notifiers) must be fast and must not raise: an exception is reported once and the
+    observer is then skipped for the rest of the run; training never stops because of it.
+    """

@@ -1,0 +1,292 @@
+"""The pipeline: stages ordered by their `@references`, inputs resolved, cache keys computed.
+
+`load_pipeline()` is the one entry point used by `validate`, `run` and the TUI: it reads forge.toml,
+validates every stage, checks references, files and cycles, runs each stage's cheap `check()` and the
+plugins' `validate_pipeline` hooks, and raises one ConfigError listing everything found.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel
+
+from llmforge import __version__
+from llmforge.config import ForgeConfig, StageSpec, parse_config
+from llmforge.errors import ConfigError, Problem
+from llmforge.schema import did_you_mean, join_path
+from llmforge.stage import Artifact, Input, input_marker
+
+
+@dataclass(frozen=True)
+class InputUse:
+    """One input field of a stage: either a reference to a stage's artifact or a user path."""
+
+    loc: tuple  # location inside the stage's options, e.g. ("inputs", "data")
+    value: str  # as written
+    marker: Input
+    ref_stage: str | None = None
+    ref_kind: str | None = None
+    path: Path | None = None
+
+    @property
+    def key(self) -> str:
+        """The input's name for ctx.inputs: its dotted location (`model`, `models[1]`)."""
+        return join_path("", self.loc)
+
+
+@dataclass
+class Pipeline:
+    config: ForgeConfig
+    stages: list[StageSpec]  # in execution order
+    inputs: dict[str, list[InputUse]] = field(default_factory=dict)
+    deps: dict[str, set[str]] = field(default_factory=dict)
+
+    def stage(self, name: str) -> StageSpec:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def upstream(self, names: set[str]) -> set[str]:
+        """The names plus everything they depend on."""
+        out, todo = set(), list(names)
+        while todo:
+            n = todo.pop()
+            if n not in out:
+                out.add(n)
+                todo.extend(self.deps.get(n, ()))
+        return out
+
+    def downstream(self, names: set[str]) -> set[str]:
+        """The names plus everything that depends on them."""
+        out = set(names)
+        for s in self.stages:  # execution order: parents come first
+            if self.deps.get(s.name, set()) & out:
+                out.add(s.name)
+        return out
+
+
+def iter_inputs(options: BaseModel, loc: tuple = ()) -> Iterator[tuple[tuple, str, Input]]:
+    """Yield (location, value, marker) for every Input-marked value in validated options."""
+    for name, fld in type(options).model_fields.items():
+        value = getattr(options, name)
+        marker = next((m for m in fld.metadata if isinstance(m, Input)), None) or input_marker(fld.annotation)
+        here = (*loc, name)
+        if marker is not None:
+            if isinstance(value, str):
+                yield here, value, marker
+            elif isinstance(value, (list, tuple)):
+                for i, v in enumerate(value):
+                    if isinstance(v, str):
+                        yield (*here, i), v, marker
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    if isinstance(v, str):
+                        yield (*here, k), v, marker
+        elif isinstance(value, BaseModel):
+            yield from iter_inputs(value, here)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                if isinstance(v, BaseModel):
+                    yield from iter_inputs(v, (*here, i))
+
+
+def parse_ref(value: str) -> tuple[str, str | None]:
+    """'@sft' -> ('sft', None); '@sft.adapter' -> ('sft', 'adapter')."""
+    body = value[1:]
+    name, _, kind = body.partition(".")
+    return name, (kind or None)
+
+
+def build_pipeline(cfg: ForgeConfig, registry) -> tuple[Pipeline, list[Problem]]:
+    problems: list[Problem] = []
+    by_name = {s.name: s for s in cfg.stages}
+    inputs: dict[str, list[InputUse]] = {}
+    deps: dict[str, set[str]] = {}
+    for spec in cfg.stages:
+        uses: list[InputUse] = []
+        deps[spec.name] = set()
+        for loc, value, marker in iter_inputs(spec.options):
+            where = join_path(spec.where, loc)
+            if value.startswith("@"):
+                target, kind = parse_ref(value)
+                if target not in by_name:
+                    all_names = [s.name for s in cfg.stages]
+                    problems.append(Problem(where, f"'{value}' refers to no stage{did_you_mean(target, all_names)}"
+                                            .replace("did you mean '", "did you mean '@")))
+                    continue
+                if target == spec.name:
+                    problems.append(Problem(where, f"'{value}': a stage cannot use its own output"))
+                    continue
+                produced = by_name[target].cls.produces
+                if kind is not None and kind not in produced:
+                    problems.append(Problem(where, f"'{value}': stage '{target}' produces "
+                                            f"{', '.join(produced) or 'nothing'}, not '{kind}'"))
+                    continue
+                if kind is None:
+                    wanted = [k for k in produced if not marker.kinds or k in marker.kinds]
+                    if not wanted:
+                        problems.append(Problem(where, f"'{value}': stage '{target}' produces "
+                                                f"{', '.join(produced) or 'nothing'}; this option needs "
+                                                f"{' or '.join(marker.kinds)}"))
+                        continue
+                    kind = wanted[0]
+                elif marker.kinds and kind not in marker.kinds:
+                    problems.append(Problem(where, f"'{value}': this option needs {' or '.join(marker.kinds)}, "
+                                            f"not '{kind}'"))
+                    continue
+                uses.append(InputUse(loc, value, marker, ref_stage=target, ref_kind=kind))
+                deps[spec.name].add(target)
+            else:
+                path = Path(os.path.expanduser(value))
+                if not path.is_absolute():
+                    path = cfg.project_dir / path
+                if marker.must_exist and not path.exists():
+                    problems.append(Problem(where, f"file not found: {path}"))
+                    continue
+                uses.append(InputUse(loc, value, marker, path=path))
+        inputs[spec.name] = uses
+
+    order, cycle = _topo_order([s.name for s in cfg.stages], deps)
+    if cycle:
+        problems.append(Problem("stages", "cycle in references: " + " -> ".join(cycle)))
+        order = [s.name for s in cfg.stages]
+    pipe = Pipeline(cfg, [by_name[n] for n in order], inputs, deps)
+    return pipe, problems
+
+
+def _topo_order(names: list[str], deps: dict[str, set[str]]) -> tuple[list[str], list[str] | None]:
+    """Order stages so that dependencies come first, keeping the file's order otherwise."""
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        if state.get(n) == 2:
+            return None
+        if state.get(n) == 1:
+            return stack[stack.index(n):] + [n]
+        state[n] = 1
+        stack.append(n)
+        for d in sorted(deps.get(n, ()), key=names.index):
+            found = visit(d)
+            if found:
+                return found
+        stack.pop()
+        state[n] = 2
+        order.append(n)
+        return None
+
+    for n in names:
+        found = visit(n)
+        if found:
+            return [], found
+    return order, None
+
+
+def load_pipeline(path: str | Path | None = None, overrides: list[str] | None = None, registry=None) -> Pipeline:
+    """Read and check everything; raise one ConfigError with every problem (exit code 2)."""
+    from llmforge.plugins import get_registry
+
+    registry = registry or get_registry()
+    cfg, problems = parse_config(path, overrides, registry)
+    pipe, more = build_pipeline(cfg, registry)
+    problems += more
+    if not problems:
+        for spec in pipe.stages:
+            arts = {u.key: Artifact(kind=u.ref_kind or "path", path=u.path or Path(), stage=u.ref_stage)
+                    for u in pipe.inputs[spec.name]}
+            try:
+                found = spec.cls().check(spec.options, arts) or []
+            except Exception as exc:  # noqa: BLE001 - a buggy check is a problem to show, not a crash
+                found = [Problem(spec.where, f"check() of stage kind '{spec.uses}' failed: {exc}")]
+            problems += [p if isinstance(p, Problem) else Problem(spec.where, str(p)) for p in found]
+        for answer in registry.pm.hook.validate_pipeline(pipeline=pipe):
+            for p in answer or []:
+                problems.append(p if isinstance(p, Problem) else Problem("", str(p)))
+    if problems:
+        raise ConfigError(problems, source=str(cfg.path))
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------
+# cache keys
+
+
+def fingerprint(path: Path) -> str:
+    """Identify a user file or folder's content: a hash for small files, size and mtime otherwise."""
+    h = hashlib.sha256()
+    if path.is_file():
+        st = path.stat()
+        h.update(f"{st.st_size}".encode())
+        if st.st_size <= 32 * 2**20:
+            h.update(path.read_bytes())
+        else:
+            h.update(f"{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for f in sorted(files):
+            p = Path(root) / f
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def stage_key(spec: StageSpec, uses: list[InputUse], upstream_keys: dict[str, str], registry=None) -> str:
+    """Hash of what determines a stage's result: kind, its version, options, inputs, library versions."""
+    entry = registry.stages.get(spec.uses) if registry else None
+    plugin_version = None
+    if entry is not None:
+        info = next((p for p in registry.plugins if p.name == entry.plugin), None)
+        plugin_version = info.version if info else None
+    payload = {
+        "uses": spec.uses,
+        "stage_version": spec.cls.version,
+        "plugin_version": plugin_version,
+        "llmforge": __version__,
+        "options": spec.options.model_dump(mode="json"),
+        "inputs": {u.key: (f"{u.ref_stage}.{u.ref_kind}:{upstream_keys[u.ref_stage]}" if u.ref_stage
+                           else fingerprint(u.path)) for u in uses},
+        "libraries": {name: _dist_version(name) for name in spec.cls.cache_libraries},
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def compute_keys(pipe: Pipeline, registry=None) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for spec in pipe.stages:
+        keys[spec.name] = stage_key(spec, pipe.inputs[spec.name], keys, registry)
+    return keys
+
+
+def resolve_options(spec: StageSpec, uses: list[InputUse], artifacts: dict[str, Artifact]) -> Any:
+    """The stage's options with every `@ref` replaced by the artifact's path and user paths made absolute."""
+    raw = copy.deepcopy(spec.options.model_dump(mode="python"))
+    for u in uses:
+        value = str(artifacts[u.key].path)
+        target = raw
+        for part in u.loc[:-1]:
+            target = target[part]
+        target[u.loc[-1]] = value
+    return type(spec.options).model_validate(raw)

@@ -1,0 +1,219 @@
+"""Plugin loading: the pluggy manager, entry points one at a time, load errors, name clashes.
+
+Built-in plugins (entry points of the `llmforge` distribution itself) and third-party ones load
+through the same `llmforge` entry-point group. LLMFORGE_LOAD_PLUGINS chooses what loads:
+unset = everything installed; empty = only the built-ins; "a,b" = the built-ins plus the named
+distributions. A plugin that fails to import, to register with pluggy, or inside a registration
+hook is recorded in `Registry.errors`, never raised.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from llmforge import hookspecs
+
+GROUP = "llmforge"
+BUILTIN_DIST = "llmforge"
+ENV_VAR = "LLMFORGE_LOAD_PLUGINS"
+
+
+@dataclass
+class PluginInfo:
+    name: str  # entry-point name
+    dist: str  # distribution name
+    version: str
+    module: str  # entry-point value
+    builtin: bool
+    hooks: list[str] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LoadError:
+    plugin: str
+    dist: str
+    error: str  # one line: the exception type and message
+    details: str  # the traceback, for `plugins list --verbose` and --debug
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Conflict:
+    kind: str  # "stage"
+    name: str
+    winner: str
+    loser: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} '{self.name}' is registered by both {self.winner} and {self.loser}; using {self.winner}"
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "message": str(self)}
+
+
+@dataclass
+class StageEntry:
+    cls: type
+    plugin: str
+
+
+@dataclass
+class Registry:
+    pm: pluggy.PluginManager
+    plugins: list[PluginInfo] = field(default_factory=list)
+    errors: list[LoadError] = field(default_factory=list)
+    conflicts: list[Conflict] = field(default_factory=list)
+    stages: dict[str, StageEntry] = field(default_factory=dict)
+
+    def stage_class(self, name: str) -> type | None:
+        entry = self.stages.get(name)
+        return entry.cls if entry else None
+
+
+def _dist_of(ep: metadata.EntryPoint) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "?", "?"
+    return dist.metadata["Name"] or "?", dist.version or "?"
+
+
+def _wanted(env: str | None) -> set[str] | None:
+    """Distribution names to load besides the built-ins; None = all."""
+    if env is None:
+        return None
+    return {_norm(p) for p in env.split(",") if p.strip()}
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def _short_error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_registry(env: str | None | type(...) = ..., extra: list[tuple[str, Any]] | None = None) -> Registry:
+    """Build a fresh registry: load entry points, then run the registration hooks plugin by plugin.
+
+    `extra` adds (name, plugin object) pairs after the entry points (used by tests and embedders).
+    """
+    if env is ...:
+        env = os.environ.get(ENV_VAR)
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    reg = Registry(pm=pm)
+
+    # The core's own implementation of execute_stage: the default that wrappers wrap.
+    from llmforge import execution
+
+    pm.register(execution, name="llmforge.execution")
+
+    wanted = _wanted(env)
+    eps = list(metadata.entry_points(group=GROUP))
+    found_dists = set()
+    ordered = []
+    for ep in eps:
+        dist, version = _dist_of(ep)
+        builtin = _norm(dist) == BUILTIN_DIST
+        found_dists.add(_norm(dist))
+        if not builtin and wanted is not None and _norm(dist) not in wanted:
+            continue
+        ordered.append((not builtin, _norm(dist), ep.name, ep, dist, version, builtin))
+    # Deterministic order: built-ins first, then distributions by name, then entry-point name.
+    ordered.sort(key=lambda t: t[:3])
+    for *_, ep, dist, version, builtin in ordered:
+        if pm.has_plugin(ep.name) or any(p.name == ep.name for p in reg.plugins):
+            reg.errors.append(LoadError(ep.name, dist, f"an entry point named '{ep.name}' is already loaded", ""))
+            continue
+        try:
+            obj = ep.load()
+            pm.register(obj, name=ep.name)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a bad plugin (even one calling sys.exit) must not brick the tool
+            reg.errors.append(LoadError(ep.name, dist, _short_error(exc), traceback.format_exc()))
+            continue
+        reg.plugins.append(PluginInfo(ep.name, dist, version, ep.value, builtin))
+    if wanted:
+        for missing in sorted(wanted - found_dists):
+            reg.errors.append(LoadError(missing, missing, f"{ENV_VAR} names '{missing}', which is not installed", ""))
+    for name, obj in extra or []:
+        pm.register(obj, name=name)
+        reg.plugins.append(PluginInfo(name, "(in-process)", "", repr(obj), False))
+
+    for info in reg.plugins:
+        plugin = pm.get_plugin(info.name)
+        info.hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+    _collect_stages(reg)
+    return reg
+
+
+def _collect_stages(reg: Registry) -> None:
+    """Call each plugin's register_stages on its own, so one failure stays that plugin's problem."""
+    from llmforge.stage import Stage
+
+    infos = {p.name: p for p in reg.plugins}
+    # pluggy calls implementations last-registered first; we want load order.
+    impls = sorted(reg.pm.hook.register_stages.get_hookimpls(),
+                   key=lambda i: [p.name for p in reg.plugins].index(i.plugin_name)
+                   if i.plugin_name in infos else 10**6)
+    for impl in impls:
+        info = infos.get(impl.plugin_name)
+        where = info.dist if info else impl.plugin_name
+
+        def register(cls: Any, _plugin=impl.plugin_name, _where=where) -> None:
+            if not (isinstance(cls, type) and issubclass(cls, Stage)):
+                raise TypeError(f"register() expects a Stage subclass, got {cls!r}")
+            if not cls.name or not isinstance(cls.name, str):
+                raise TypeError(f"{cls.__qualname__} has no name")
+            current = reg.stages.get(cls.name)
+            if current is not None:
+                if current.cls is not cls:
+                    reg.conflicts.append(Conflict("stage", cls.name, f"{_label(reg, current.plugin)}",
+                                                  f"{_label(reg, _plugin)}"))
+                return
+            reg.stages[cls.name] = StageEntry(cls, _plugin)
+            if _plugin in infos:
+                infos[_plugin].stages.append(cls.name)
+
+        try:
+            impl.function(register=register) if "register" in impl.argnames else impl.function()
+        except Exception as exc:  # noqa: BLE001
+            reg.errors.append(LoadError(impl.plugin_name, where, f"register_stages failed: {_short_error(exc)}",
+                                        traceback.format_exc()))
+
+
+def _label(reg: Registry, plugin_name: str) -> str:
+    for p in reg.plugins:
+        if p.name == plugin_name:
+            return f"{p.name} ({p.dist})"
+    return plugin_name
+
+
+_registry: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use."""
+    global _registry
+    if _registry is None:
+        _registry = load_registry()
+    return _registry
+
+
+def reset_registry() -> None:
+    global _registry
+    _registry = None

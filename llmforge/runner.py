@@ -1,0 +1,390 @@
+"""Executes a pipeline into the run store: cache checks, one stage after another, events, resume.
+
+The runner is UI-free: the CLI passes listeners that render events, the TUI reads events.jsonl.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from llmforge import __version__
+from llmforge.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ForgeError, LockedError,
+                             UsageError)
+from llmforge.events import EventWriter
+from llmforge.hardware import snapshot
+from llmforge.pipeline import Pipeline, compute_keys, resolve_options
+from llmforge.runs import (CHECKPOINT_REQUEST, EVENTS, MANIFEST, STOP_REQUEST, RunInfo, RunLock, RunStore,
+                           atomic_write_json, lock_is_live, read_lock)
+from llmforge.schema import did_you_mean
+from llmforge.stage import Artifact, StageContext
+
+FINISHED = ("done", "cached")
+INTERRUPTED = ("stopped", "failed", "killed", "running")
+LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "llama_cpp_python", "gguf",
+             "pluggy", "pydantic")
+
+
+@dataclass
+class RunRequest:
+    only: list[str] = field(default_factory=list)  # --stage: these (and what they need)
+    from_stage: str | None = None  # --from: this and everything downstream re-run
+    resume: bool = False
+    run_ref: str | None = None  # --run: the run to resume, or the id of the new run
+    force: bool = False  # ignore caches
+    listeners: list[Callable[[dict], None]] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    status: str
+    exit_code: int
+    stages: dict
+
+
+def versions() -> dict:
+    out = {"python": sys.version.split()[0], "llmforge": __version__}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM or by a stop.request file; polled by stages through ctx.should_stop()."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.signalled = False
+        self.signals = 0
+        self._last = 0.0
+        self._file = False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if not self._file and now - self._last > 0.2:  # a stat at most 5 times a second
+            self._last = now
+            self._file = (self.run_dir / STOP_REQUEST).exists()
+        return self.signalled or self._file
+
+    def on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self.signals += 1
+        self.signalled = True
+        if self.signals >= 3:  # third time: the user really wants out now
+            raise KeyboardInterrupt
+
+
+def _checkpoint_check(run_dir: Path) -> Callable[[], bool]:
+    def check() -> bool:
+        req = run_dir / CHECKPOINT_REQUEST
+        if req.exists():
+            req.unlink(missing_ok=True)
+            return True
+        return False
+
+    return check
+
+
+def _select(pipe: Pipeline, req: RunRequest) -> tuple[set[str], set[str]]:
+    """(stages to consider, stages forced to re-run)."""
+    names = pipe.names
+    for n in [*req.only, *([req.from_stage] if req.from_stage else [])]:
+        if n not in names:
+            raise UsageError(f"no stage named '{n}'{did_you_mean(n, names)}", hint=f"stages: {', '.join(names)}")
+    selected = pipe.upstream(set(req.only)) if req.only else set(names)
+    forced: set[str] = set(names) if req.force else set()
+    if req.from_stage:
+        forced |= pipe.downstream({req.from_stage})
+        if req.only:
+            forced &= selected
+    return selected, forced
+
+
+def _find_cached(store: RunStore, name: str, key: str, skip: str) -> tuple[RunInfo, dict] | None:
+    """The most recent finished stage with this key whose artifacts still exist."""
+    for run in reversed(store.list()):
+        if run.id == skip:
+            continue
+        st = run.manifest.get("stages", {}).get(name)
+        if st and st.get("key") == key and st.get("status") in FINISHED:
+            arts = st.get("artifacts", {})
+            if all(Path(a["path"]).exists() for a in arts.values()):
+                return run, st
+    return None
+
+
+def find_resumable(store: RunStore, cfg, ref: str | None) -> RunInfo:
+    """The run `--resume` continues: the named one, else the last interrupted run of this config."""
+    if ref:
+        run = store.get(ref)
+    else:
+        candidates = [r for r in store.list() if r.config_path == str(cfg.path) and r.status in INTERRUPTED]
+        if not candidates:
+            raise UsageError("nothing to resume: no interrupted run of this forge.toml",
+                             hint="start a new one with `llmforge run`")
+        run = candidates[-1]
+    if run.status == "done":
+        raise UsageError(f"run {run.id} has finished; nothing to resume")
+    return run
+
+
+def _open_run(pipe: Pipeline, store: RunStore, req: RunRequest, emit_note: list[str]) -> tuple[Path, RunLock, dict]:
+    cfg_path = str(pipe.config.path)
+    same_config = [r for r in store.list() if r.config_path == cfg_path]
+    if req.resume:
+        run = find_resumable(store, pipe.config, req.run_ref)
+        lock = RunLock(run.dir)
+        if lock.acquire():
+            emit_note.append(f"took over the stale lock of run {run.id}")
+        return run.dir, lock, dict(run.manifest)
+
+    for run in same_config:
+        info = read_lock(run.dir)
+        if info and lock_is_live(info):
+            raise LockedError(f"run {run.id} of this forge.toml is still running (pid {info.get('pid')})",
+                              hint=f"follow it with `llmforge logs {run.id} -f` or stop it with "
+                                   f"`llmforge stop {run.id}`")
+        if run.manifest.get("status") in ("running", "starting"):
+            # Its writer died (SIGKILL, power loss): take its stale lock and record that.
+            lock = RunLock(run.dir)
+            try:
+                lock.acquire()
+            except LockedError:
+                continue
+            try:
+                run.manifest["status"] = "killed"
+                atomic_write_json(run.dir / MANIFEST, run.manifest)
+                emit_note.append(f"run {run.id} was killed; took over its stale lock and marked it killed "
+                                 f"(`llmforge run --resume` continues it)")
+            finally:
+                lock.release()
+    run_dir = store.create(req.run_ref)
+    lock = RunLock(run_dir)
+    lock.acquire()
+    return run_dir, lock, {}
+
+
+def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -> RunResult:
+    from llmforge.plugins import get_registry
+
+    req = req or RunRequest()
+    registry = registry or get_registry()
+    cfg = pipe.config
+    store = RunStore(cfg.runs_dir)
+    selected, forced = _select(pipe, req)
+    notes: list[str] = []
+    run_dir, lock, previous = _open_run(pipe, store, req, notes)
+    run_id = run_dir.name
+    keys = compute_keys(pipe, registry)
+    for name in (STOP_REQUEST, CHECKPOINT_REQUEST):
+        (run_dir / name).unlink(missing_ok=True)
+
+    manifest = {
+        "id": run_id,
+        "created": previous.get("created", time.time()),
+        "config_path": str(cfg.path),
+        "project": cfg.name,
+        "config": cfg.raw,
+        "status": "running",
+        "pid": os.getpid(),
+        "exit_code": None,
+        "versions": versions(),
+        "hardware": snapshot(cfg.runs_dir),
+        "resumed": previous.get("resumed", []) + ([time.time()] if req.resume else []),
+        "stages": {},
+    }
+    old_stages = previous.get("stages", {})
+    for spec in pipe.stages:
+        old = old_stages.get(spec.name, {})
+        manifest["stages"][spec.name] = {**old, "uses": spec.uses, "key": keys[spec.name],
+                                         "status": old.get("status", "pending")}
+
+    def save() -> None:
+        atomic_write_json(run_dir / MANIFEST, manifest)
+
+    save()
+    on_event = registry.pm.hook.on_event
+    events = EventWriter(run_dir / EVENTS, run_id, listeners=[*req.listeners, lambda e: on_event(event=e)])
+    stop = _StopFlag(run_dir)
+    restore = _install_signals(stop)
+    registry.pm.hook.configure.call_historic(kwargs={"config": cfg})
+
+    events.emit("run_start", config=str(cfg.path), stages=pipe.names, resume=req.resume,
+                selected=[n for n in pipe.names if n in selected])
+    for note in notes:
+        events.emit("log", level="warning", message=note)
+    if not req.resume:
+        _hint_interrupted(store, cfg, run_id, events)
+
+    artifacts: dict[str, dict[str, Artifact]] = {}
+    status, exit_code = "done", EXIT_OK
+    try:
+        for spec in pipe.stages:
+            st = manifest["stages"][spec.name]
+            key = keys[spec.name]
+            if spec.name not in selected:
+                if st["status"] in FINISHED and st.get("key") == key:
+                    artifacts[spec.name] = _artifacts_of(st, spec.name)
+                else:
+                    st["status"] = "skipped"
+                continue
+            if stop():
+                status, exit_code = "stopped", EXIT_INTERRUPTED
+                break
+            blocked = [d for d in pipe.deps[spec.name] if d not in artifacts]
+            if blocked:
+                st["status"] = "blocked"
+                events.emit("stage_end", stage=spec.name, status="blocked", reason=f"needs {', '.join(blocked)}")
+                continue
+
+            # 1. Finished in this very run (resume) or in an earlier one with the same key: reuse.
+            if spec.name not in forced:
+                if st["status"] in FINISHED and st.get("key") == key and \
+                        all(Path(a["path"]).exists() for a in st.get("artifacts", {}).values()):
+                    artifacts[spec.name] = _artifacts_of(st, spec.name)
+                    events.emit("stage_cached", stage=spec.name, from_run=st.get("cached_from", run_id))
+                    continue
+                hit = _find_cached(store, spec.name, key, skip=run_id)
+                if hit is not None:
+                    src_run, src = hit
+                    st.update(status="cached", cached_from=src.get("cached_from", src_run.id),
+                              artifacts=src.get("artifacts", {}), duration=0.0, error=None)
+                    artifacts[spec.name] = _artifacts_of(st, spec.name)
+                    save()
+                    events.emit("stage_cached", stage=spec.name, from_run=st["cached_from"])
+                    continue
+
+            # 2. Run it.
+            resume = req.resume and st.get("status") in INTERRUPTED and st.get("key") == key
+            stage_dir = run_dir / "stages" / spec.name
+            if not resume and stage_dir.exists():
+                shutil.rmtree(stage_dir)  # a different key or a forced re-run: old checkpoints don't apply
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            store.clean_tmp(stage_dir)
+            outcome, code = _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resume,
+                                       st, events, stop, cfg, save)
+            if outcome == "done":
+                continue
+            status, exit_code = outcome, code
+            break
+    except KeyboardInterrupt:
+        status, exit_code = "stopped", EXIT_INTERRUPTED
+    finally:
+        for spec in pipe.stages:
+            if manifest["stages"][spec.name]["status"] == "running":
+                manifest["stages"][spec.name]["status"] = "stopped"
+        manifest["status"] = status
+        manifest["exit_code"] = exit_code
+        manifest["finished"] = time.time()
+        save()
+        events.emit("run_end", status=status, exit_code=exit_code,
+                    stages={n: s["status"] for n, s in manifest["stages"].items()})
+        events.close()
+        restore()
+        for name in (STOP_REQUEST, CHECKPOINT_REQUEST):
+            (run_dir / name).unlink(missing_ok=True)
+        lock.release()
+    return RunResult(run_id, run_dir, status, exit_code, manifest["stages"])
+
+
+def _artifacts_of(st: dict, stage: str) -> dict[str, Artifact]:
+    return {k: Artifact(kind=k, path=Path(a["path"]), stage=stage, key=st.get("key"))
+            for k, a in st.get("artifacts", {}).items()}
+
+
+def _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resume, st, events, stop, cfg, save):
+    inputs = {}
+    for u in pipe.inputs[spec.name]:
+        if u.ref_stage:
+            inputs[u.key] = artifacts[u.ref_stage][u.ref_kind]
+        else:
+            inputs[u.key] = Artifact(kind="path", path=u.path)
+    options = resolve_options(spec, pipe.inputs[spec.name], inputs)
+    ctx = StageContext(
+        stage_name=spec.name, run_id=run_id, run_dir=run_dir, stage_dir=stage_dir, inputs=inputs,
+        emit=functools.partial(_emit_in_stage, events, spec.name), stop_check=stop,
+        checkpoint_check=_checkpoint_check(run_dir), resume=resume, seed=cfg.project.seed,
+        project_dir=cfg.project_dir,
+    )
+    started = time.time()
+    st.update(status="running", started=started, error=None, artifacts={})
+    st.pop("cached_from", None)
+    save()
+    events.emit("stage_start", stage=spec.name, uses=spec.uses, key=st["key"], resume=resume)
+    outcome, code, error = "done", EXIT_OK, None
+    try:
+        handled = registry.pm.hook.execute_stage(stage=spec.cls(), options=options, ctx=ctx)
+        if handled is None:
+            raise ForgeError(f"no plugin executed stage kind '{spec.uses}'")
+        if ctx.stop_seen or stop():
+            outcome, code = "stopped", EXIT_INTERRUPTED
+        else:
+            missing = [k for k in spec.cls.produces if k not in ctx.published]
+            if missing:
+                raise ForgeError(f"stage kind '{spec.uses}' declares it produces {', '.join(missing)} "
+                                 f"but did not write it")
+    except KeyboardInterrupt:
+        outcome, code, error = "stopped", EXIT_INTERRUPTED, "interrupted"
+    except ForgeError as exc:
+        outcome, code, error = "failed", exc.exit_code, exc.render()
+    except Exception as exc:  # noqa: BLE001 - the run records the failure; the CLI shows it
+        outcome, code, error = "failed", EXIT_FAILED, f"{type(exc).__name__}: {exc}"
+        (stage_dir / "error.log").write_text(traceback.format_exc())
+    st.update(status=outcome, ended=time.time(), duration=round(time.time() - started, 3), error=error,
+              artifacts={k: {"kind": a.kind, "path": str(a.path)} for k, a in ctx.published.items()})
+    if outcome == "done":
+        artifacts[spec.name] = {k: Artifact(k, a.path, spec.name, st["key"]) for k, a in ctx.published.items()}
+    save()
+    extra = {"error": error} if error else {}
+    if outcome == "failed" and code == EXIT_FAILED and (stage_dir / "error.log").exists():
+        extra["traceback_file"] = str(stage_dir / "error.log")
+    events.emit("stage_end", stage=spec.name, status=outcome, duration=st["duration"], **extra)
+    if outcome == "failed" and code not in (EXIT_FAILED, EXIT_BAD_INPUT):
+        code = EXIT_FAILED
+    return outcome, code
+
+
+def _emit_in_stage(events: EventWriter, stage: str, type: str, **data) -> None:
+    events.emit(type, stage=stage, **data)
+
+
+def _hint_interrupted(store: RunStore, cfg, run_id: str, events: EventWriter) -> None:
+    """Never restart silently: say when an earlier run of this config could be resumed instead."""
+    for run in reversed(store.list()):
+        if run.id == run_id or run.config_path != str(cfg.path):
+            continue
+        if run.status in ("stopped", "killed", "failed"):
+            stuck = [n for n, s in run.manifest.get("stages", {}).items() if s.get("status") in INTERRUPTED]
+            if stuck:
+                events.emit("log", level="warning",
+                            message=f"run {run.id} was {run.status} in stage {stuck[0]}; this new run starts "
+                                    f"that stage afresh (`llmforge run --resume` would continue the old one)")
+        break
+
+
+def _install_signals(stop: _StopFlag) -> Callable[[], None]:
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, stop.on_signal)
+
+    def restore() -> None:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    return restore

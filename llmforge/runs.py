@@ -1,0 +1,227 @@
+"""The run store: `runs/<run-id>/` with manifest.json, events.jsonl, stages/<name>/, and a lock.
+
+One writer per run: the lock file holds the writer's pid, host and process start time. A lock whose
+process is gone (same host, pid dead or reused) is stale and is taken over; a live one is refused.
+Readers (status, logs, the TUI) never lock: the manifest is replaced atomically and events are
+appended line by line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmforge.errors import LockedError, UsageError
+
+MANIFEST = "manifest.json"
+EVENTS = "events.jsonl"
+LOCK = "lock"
+STOP_REQUEST = "stop.request"
+CHECKPOINT_REQUEST = "checkpoint.request"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename over the target."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# lock
+
+
+def _process_start(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def read_lock(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / LOCK).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def lock_is_live(info: dict | None) -> bool:
+    """True when the lock's writer still runs (a lock from another host is assumed live)."""
+    if not info:
+        return False
+    if info.get("host") != platform.node():
+        return True
+    pid = int(info.get("pid", -1))
+    if pid <= 0 or not _pid_alive(pid):
+        return False
+    started = _process_start(pid)
+    return started is None or abs(started - float(info.get("started", started))) < 2.0
+
+
+class RunLock:
+    """The writer lock of one run directory."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+        self.held = False
+
+    def acquire(self) -> bool:
+        """Take the lock; returns True when a stale lock was taken over. Raises LockedError when live."""
+        took_over = False
+        me = {"pid": os.getpid(), "host": platform.node(), "started": _process_start(os.getpid()),
+              "argv": sys.argv}
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                info = read_lock(self.path.parent)
+                if info is None:
+                    # Half-written by a writer that is starting right now, or garbage from a crash.
+                    time.sleep(0.1)
+                    info = read_lock(self.path.parent)
+                if lock_is_live(info):
+                    raise LockedError(
+                        f"run {self.path.parent.name} is being written by pid {info.get('pid')} on {info.get('host')}",
+                        hint=f"wait for it, or stop it with `llmforge stop {self.path.parent.name}`")
+                # Stale: move it aside under a unique name; only one contender's rename succeeds.
+                try:
+                    os.replace(self.path, self.path.with_name(f".{LOCK}.stale-{os.getpid()}"))
+                    os.unlink(self.path.with_name(f".{LOCK}.stale-{os.getpid()}"))
+                    took_over = True
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self.held = True
+            return took_over
+        raise LockedError(f"could not take the lock of run {self.path.parent.name}")
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+
+# ----------------------------------------------------------------------------------------------
+# reading runs
+
+
+@dataclass
+class RunInfo:
+    id: str
+    dir: Path
+    manifest: dict
+
+    @property
+    def status(self) -> str:
+        """The recorded status, or 'killed' when it says running but its writer is gone."""
+        status = self.manifest.get("status", "unknown")
+        if status in ("running", "starting") and not lock_is_live(read_lock(self.dir)):
+            return "killed"
+        return status
+
+    @property
+    def config_path(self) -> str | None:
+        return self.manifest.get("config_path")
+
+    def stage_status(self, name: str) -> str:
+        st = self.manifest.get("stages", {}).get(name, {}).get("status", "pending")
+        if st == "running" and self.status == "killed":
+            return "killed"
+        return st
+
+    def to_json(self) -> dict:
+        return {**self.manifest, "id": self.id, "dir": str(self.dir), "status": self.status,
+                "stages": {n: {**s, "status": self.stage_status(n)}
+                           for n, s in self.manifest.get("stages", {}).items()}}
+
+
+class RunStore:
+    def __init__(self, runs_dir: Path):
+        self.dir = Path(runs_dir)
+
+    def list(self) -> list[RunInfo]:
+        runs = []
+        if not self.dir.is_dir():
+            return runs
+        for d in self.dir.iterdir():
+            m = d / MANIFEST
+            if d.is_dir() and m.is_file():
+                try:
+                    runs.append(RunInfo(d.name, d, json.loads(m.read_text())))
+                except (OSError, ValueError):
+                    continue
+        runs.sort(key=lambda r: (r.manifest.get("created", 0), r.id))
+        return runs
+
+    def get(self, ref: str | None = None) -> RunInfo:
+        """A run by id, unique id prefix or directory path; the latest run when `ref` is None."""
+        if ref and (Path(ref) / MANIFEST).is_file():
+            d = Path(ref).resolve()
+            return RunInfo(d.name, d, json.loads((d / MANIFEST).read_text()))
+        runs = self.list()
+        if not runs:
+            raise UsageError(f"no runs in {self.dir}", hint="start one with `llmforge run`")
+        if ref is None:
+            return runs[-1]
+        matches = [r for r in runs if r.id == ref] or [r for r in runs if r.id.startswith(ref)]
+        if not matches:
+            raise UsageError(f"no run '{ref}' in {self.dir}", hint="`llmforge runs list` shows them")
+        if len(matches) > 1:
+            raise UsageError(f"'{ref}' matches {len(matches)} runs: {', '.join(r.id for r in matches[:5])}")
+        return matches[0]
+
+    def create(self, run_id: str | None = None) -> Path:
+        run_id = run_id or new_run_id()
+        d = self.dir / run_id
+        d.mkdir(parents=True, exist_ok=True)
+        if (d / MANIFEST).exists():
+            raise UsageError(f"run {run_id} already exists", hint="use --resume to continue it")
+        return d
+
+    def clean_tmp(self, stage_dir: Path) -> None:
+        """Remove what an interrupted attempt left half-written (.tmp-* and .old-* names)."""
+        arts = stage_dir / "artifacts"
+        if arts.is_dir():
+            for p in arts.iterdir():
+                if p.name.startswith((".tmp-", ".old-")):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def request(run_dir: Path, what: str) -> None:
+    """Leave a request file the running stage polls (stop or checkpoint). Works across hosts
+    that share the run directory, and for detached runs with no terminal."""
+    atomic_write_text(run_dir / what, json.dumps({"time": time.time(), "pid": os.getpid()}))

@@ -1,0 +1,185 @@
+"""One schema per thing: turn pydantic validation into located, readable problems, and describe
+options for `stages show`, `--set` and (later) the TUI form."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ValidationError
+
+from llmforge.errors import Problem
+from llmforge.stage import input_marker
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """'; did you mean 'x'?' when a close candidate exists, else ''."""
+    close = difflib.get_close_matches(str(word), sorted(set(candidates)), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def join_path(base: str, loc: Iterable[Any]) -> str:
+    """Join a key path: ('lora', 'r') under 'stages[2]' -> 'stages[2].lora.r'; ints become [i]."""
+    out = base
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _submodel(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model reached by following `loc` from `model` (for did-you-mean on nested keys)."""
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _model_in(field.annotation)
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _message(err: dict, model: type[BaseModel]) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    loc = tuple(err["loc"])
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        parent = _submodel(model, loc[:-1])
+        names = list(parent.model_fields) if parent else []
+        return f"unknown key '{loc[-1]}'{did_you_mean(loc[-1], names)}"
+    if kind == "missing":
+        return "required key is missing"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"must be {bounds[kind]} {limit} (got {_short(got)})"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')} (got {_short(got)})"
+    if kind in ("string_too_short", "too_short"):
+        return f"must have at least {ctx.get('min_length')} item(s)/character(s) (got {_short(got)})"
+    if kind in ("string_too_long", "too_long"):
+        return f"must have at most {ctx.get('max_length')} item(s)/character(s)"
+    type_names = {
+        "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "a whole number",
+        "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+        "bool_parsing": "true or false", "string_type": "a string", "list_type": "a list",
+        "dict_type": "a table", "model_type": "a table", "model_attributes_type": "a table",
+    }
+    if kind in type_names:
+        return f"expected {type_names[kind]}, got {type(got).__name__} {_short(got)}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    return f"{err['msg'][0].lower()}{err['msg'][1:]} (got {_short(got)})"
+
+
+def validate_model(model: type[BaseModel], data: dict, base: str) -> tuple[BaseModel | None, list[Problem]]:
+    """Validate `data` against `model`; problems carry full key paths under `base`."""
+    try:
+        return model.model_validate(data), []
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p and p.endswith("]")))
+            problems.append(Problem(join_path(base, loc), _message(err, model)))
+        return None, problems
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """One option of a stage, flattened (`lora.r`)."""
+
+    name: str
+    type: str
+    default: Any
+    required: bool
+    description: str
+    constraints: str
+    is_input: bool
+    input_kinds: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name, "type": self.type, "default": self.default, "required": self.required,
+            "description": self.description, "constraints": self.constraints,
+            "input": self.is_input, "input_kinds": list(self.input_kinds),
+        }
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(annotation))
+        name = getattr(origin, "__name__", str(origin)).replace("UnionType", "Union")
+        if name == "Union":
+            return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+        return f"{name}[{args}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _constraints(field: Any) -> str:
+    parts = []
+    for meta in field.metadata:
+        for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="),
+                          ("min_length", "min length"), ("max_length", "max length")):
+            value = getattr(meta, attr, None)
+            if value is not None:
+                parts.append(f"{sym} {value}")
+    return ", ".join(parts)
+
+
+def describe_options(model: type[BaseModel], prefix: str = "") -> list[OptionInfo]:
+    """Flatten a stage's options schema into rows (nested models become dotted names)."""
+    rows: list[OptionInfo] = []
+    for name, field in model.model_fields.items():
+        full = f"{prefix}{name}"
+        sub = _model_in(field.annotation)
+        if sub is not None and typing.get_origin(field.annotation) not in (list, dict):
+            rows.extend(describe_options(sub, prefix=f"{full}."))
+            continue
+        marker = None
+        for meta in field.metadata:
+            if type(meta).__name__ == "Input":
+                marker = meta
+        marker = marker or input_marker(field.annotation)
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = default.model_dump()
+        rows.append(OptionInfo(
+            name=full,
+            type=_type_name(field.annotation),
+            default=default,
+            required=field.is_required(),
+            description=field.description or "",
+            constraints=_constraints(field),
+            is_input=marker is not None,
+            input_kinds=marker.kinds if marker else (),
+        ))
+    return rows

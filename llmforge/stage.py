@@ -1,0 +1,190 @@
+"""The Stage API: what a stage declares, and the context it runs in.
+
+A stage is a class with a ``name`` (the kind used in ``uses = ...``), a one-line ``summary``, an
+``Options`` pydantic model (the one schema behind forge.toml validation, ``stages show``, ``--set``
+and the TUI form), the artifact kinds it ``produces``, a cheap ``check()`` and ``run()``.
+
+Inputs are declared in the options schema itself, by marking a field with :func:`Input`::
+
+    class Options(StageOptions):
+        model: Annotated[str, Input("model")]          # "@pretrain" or a path
+
+A marked field accepts either a path (which must exist) or a reference ``"@stage"`` /
+``"@stage.kind"`` to another stage's artifact. References order the pipeline; at run time they are
+replaced by the artifact's path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from llmforge.errors import Problem
+
+
+class StageOptions(BaseModel):
+    """Base class for stage options: unknown keys are errors, and schema building waits for first use
+    (so that loading plugins at start-up stays cheap)."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True, validate_default=True)
+
+
+@dataclass(frozen=True)
+class Input:
+    """Marks an options field as an input: a path, or a reference to another stage's artifact.
+
+    ``kinds`` lists the artifact kinds accepted from a reference (empty: any). ``must_exist``
+    says whether a plain path has to exist when the configuration is validated.
+    """
+
+    kinds: tuple[str, ...] = ()
+    must_exist: bool = True
+
+    def __init__(self, *kinds: str, must_exist: bool = True):
+        object.__setattr__(self, "kinds", tuple(kinds))
+        object.__setattr__(self, "must_exist", must_exist)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A finished output of a stage: a directory in the run store (or a user path given as input)."""
+
+    kind: str
+    path: Path
+    stage: str | None = None  # None for plain user paths
+    key: str | None = None  # cache key of the producing stage
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "path": str(self.path), "stage": self.stage, "key": self.key}
+
+
+class Stage:
+    """Base class of every stage. Subclasses set the class attributes and implement ``run``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type[StageOptions]] = StageOptions
+    produces: ClassVar[tuple[str, ...]] = ()
+    #: bump when the stage's behaviour changes so that cached results are not reused
+    version: ClassVar[str] = "1"
+    #: distributions whose versions enter the cache key (read from metadata, never imported)
+    cache_libraries: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, options: Any, inputs: dict[str, Artifact]) -> list["Problem"]:
+        """Cheap preflight, run by ``validate`` and before ``run``: no heavy imports, no training."""
+        return []
+
+    def run(self, options: Any, ctx: "StageContext") -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class StageContext:
+    """What a running stage gets: its directories, inputs, and the ways to report.
+
+    ``work_dir`` survives an interruption of the same run: keep checkpoints there so that
+    ``llmforge run --resume`` can continue (``resume`` is True then).
+    """
+
+    stage_name: str
+    run_id: str
+    run_dir: Path
+    stage_dir: Path
+    inputs: dict[str, Artifact]
+    emit: Callable[..., None]
+    stop_check: Callable[[], bool]
+    checkpoint_check: Callable[[], bool]
+    resume: bool = False
+    seed: int = 0
+    project_dir: Path = field(default_factory=Path.cwd)
+    published: dict[str, Artifact] = field(default_factory=dict)
+    stop_seen: bool = False
+
+    @property
+    def work_dir(self) -> Path:
+        path = self.stage_dir / "work"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ---- reporting -------------------------------------------------------------------------
+    def log(self, message: str, level: str = "info") -> None:
+        self.emit("log", level=level, message=str(message))
+
+    def metric(self, step: int | None = None, **values: float) -> None:
+        self.emit("metric", step=step, values=values)
+
+    def progress(self, done: float, total: float | None = None, unit: str = "step", **extra: Any) -> None:
+        self.emit("progress", done=done, total=total, unit=unit, **extra)
+
+    # ---- control ---------------------------------------------------------------------------
+    def should_stop(self) -> bool:
+        """True once a stop was requested (``llmforge stop``, SIGINT, SIGTERM). Save and return."""
+        if self.stop_check():
+            self.stop_seen = True
+            return True
+        return False
+
+    def checkpoint_requested(self) -> bool:
+        """True once per ``llmforge checkpoint`` request: save a checkpoint now."""
+        return self.checkpoint_check()
+
+    # ---- artifacts -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def artifact(self, kind: str) -> Iterator[Path]:
+        """Write an artifact atomically.
+
+        Yields an empty temporary directory; when the block ends without error it is renamed to
+        ``stage_dir/artifacts/<kind>``. A crash inside the block leaves only a ``.tmp-*`` directory
+        that nothing mistakes for a finished artifact (and that the next attempt removes); a block
+        left early after ``should_stop()`` returned True is discarded too.
+        """
+        final = self.stage_dir / "artifacts" / kind
+        tmp = final.parent / f".tmp-{kind}-{os.getpid()}-{time.monotonic_ns()}"
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if self.stop_seen:
+            # The stage returned early because of a stop request: what it wrote is incomplete.
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        replace_dir(tmp, final)
+        art = Artifact(kind=kind, path=final, stage=self.stage_name)
+        self.published[kind] = art
+        self.emit("artifact", kind=kind, path=str(final))
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move directory ``src`` to ``dst``, replacing an older ``dst``. The rename itself is atomic; an
+    older ``dst`` is first moved aside so a crash never leaves a mix of old and new files."""
+    if dst.exists():
+        trash = dst.parent / f".old-{dst.name}-{os.getpid()}-{time.monotonic_ns()}"
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def input_marker(annotation: Any) -> Input | None:
+    """Find an :class:`Input` marker in a field annotation (also inside list[...] / Optional[...])."""
+    import typing
+
+    for meta in getattr(annotation, "__metadata__", ()):
+        if isinstance(meta, Input):
+            return meta
+    for arg in typing.get_args(annotation):
+        found = input_marker(arg)
+        if found is not None:
+            return found
+    return None
