@@ -208,6 +208,8 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
         "stages": {},
     }
     old_stages = previous.get("stages", {})
+    # What this run's stages were computed from before (on --resume): a changed key invalidates them.
+    prev_keys = {name: st.get("key") for name, st in old_stages.items()}
     for spec in pipe.stages:
         old = old_stages.get(spec.name, {})
         manifest["stages"][spec.name] = {**old, "uses": spec.uses, "key": keys[spec.name],
@@ -236,8 +238,9 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
         for spec in pipe.stages:
             st = manifest["stages"][spec.name]
             key = keys[spec.name]
+            same_key = prev_keys.get(spec.name) == key
             if spec.name not in selected:
-                if st["status"] in FINISHED and st.get("key") == key:
+                if st["status"] in FINISHED and same_key:
                     artifacts[spec.name] = _artifacts_of(st, spec.name)
                 else:
                     st["status"] = "skipped"
@@ -253,7 +256,7 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
 
             # 1. Finished in this very run (resume) or in an earlier one with the same key: reuse.
             if spec.name not in forced:
-                if st["status"] in FINISHED and st.get("key") == key and \
+                if st["status"] in FINISHED and same_key and \
                         all(Path(a["path"]).exists() for a in st.get("artifacts", {}).values()):
                     artifacts[spec.name] = _artifacts_of(st, spec.name)
                     events.emit("stage_cached", stage=spec.name, from_run=st.get("cached_from", run_id))
@@ -269,7 +272,7 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
                     continue
 
             # 2. Run it.
-            resume = req.resume and st.get("status") in INTERRUPTED and st.get("key") == key
+            resume = req.resume and st.get("status") in INTERRUPTED and same_key
             stage_dir = run_dir / "stages" / spec.name
             if not resume and stage_dir.exists():
                 shutil.rmtree(stage_dir)  # a different key or a forced re-run: old checkpoints don't apply

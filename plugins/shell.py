@@ -6,7 +6,9 @@ before any training stage. The command runs in the stage's work folder with:
 * ``LLMFORGE_OUT``: an empty folder that becomes the stage's ``files`` artifact when the command
   succeeds (renamed into place: a failed or stopped command leaves no artifact);
 * ``LLMFORGE_INPUT_<NAME>``: the path of each entry of ``inputs`` (``@stage`` references resolved);
-* ``LLMFORGE_RUN_DIR`` and ``LLMFORGE_STAGE_DIR``.
+* ``LLMFORGE_RUN_DIR`` and ``LLMFORGE_STAGE_DIR``;
+* ``LLMFORGE_RESUME``: ``1`` when the run is resumed and this stage was interrupted before. The work
+  folder (the command's current folder) is kept then, so a command can continue from what it saved.
 
 Each output line becomes a log event. A stop request terminates the command.
 """
@@ -43,7 +45,7 @@ class ShellStage(Stage):
     def run(self, options: ShellOptions, ctx) -> None:
         with ctx.artifact("files") as out:
             env = {**os.environ, **options.env, "LLMFORGE_OUT": str(out), "LLMFORGE_RUN_DIR": str(ctx.run_dir),
-                   "LLMFORGE_STAGE_DIR": str(ctx.stage_dir)}
+                   "LLMFORGE_STAGE_DIR": str(ctx.stage_dir), "LLMFORGE_RESUME": "1" if ctx.resume else "0"}
             for name, path in options.inputs.items():
                 env[f"LLMFORGE_INPUT_{name.upper().replace('-', '_')}"] = path
             shell = isinstance(options.command, str)

@@ -15,6 +15,12 @@ JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON.")
 RUNS_DIR_OPTION = typer.Option(None, "--runs-dir", help="Runs folder (default: from ./forge.toml, else ./runs).")
 
 
+def sub_app(help: str) -> typer.Typer:
+    """A command group with the root app's settings (plain help: see app.py)."""
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+                       context_settings={"help_option_names": ["-h", "--help"]})
+
+
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 

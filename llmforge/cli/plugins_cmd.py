@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from llmforge.cli.common import JSON_OPTION, console, print_json
+from llmforge.cli.common import JSON_OPTION, sub_app, console, print_json
 from llmforge.errors import UsageError
 
 
@@ -104,10 +104,10 @@ def stages_show(
 
 
 def register(app: typer.Typer) -> None:
-    plugins_app = typer.Typer(help="Installed plugins.", no_args_is_help=True)
+    plugins_app = sub_app("Installed plugins.")
     plugins_app.command("list")(plugins_list)
     app.add_typer(plugins_app, name="plugins")
-    stages_app = typer.Typer(help="Stage kinds and their options.", no_args_is_help=True)
+    stages_app = sub_app("Stage kinds and their options.")
     stages_app.command("list")(stages_list)
     stages_app.command("show")(stages_show)
     app.add_typer(stages_app, name="stages")

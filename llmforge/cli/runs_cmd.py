@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from llmforge.cli.common import JSON_OPTION, RUNS_DIR_OPTION, console, fmt_duration, print_json, runs_dir, styled
+from llmforge.cli.common import JSON_OPTION, sub_app, RUNS_DIR_OPTION, console, fmt_duration, print_json, runs_dir, styled
 
 RUN_ARG = typer.Argument(None, help="Run id, unique prefix or folder (default: the latest run).")
 
@@ -153,7 +153,7 @@ def checkpoint(run: Optional[str] = RUN_ARG, dir_: Optional[Path] = RUNS_DIR_OPT
 
 
 def register(app: typer.Typer) -> None:
-    runs_app = typer.Typer(help="Past and current runs.", no_args_is_help=True)
+    runs_app = sub_app("Past and current runs.")
     runs_app.command("list")(runs_list)
     app.add_typer(runs_app, name="runs")
     app.command()(status)
