@@ -140,6 +140,7 @@ def load_registry(env: str | None | type(...) = ..., extra: list[tuple[str, Any]
             continue
         try:
             obj = ep.load()
+            _check_hook_names(obj)
             pm.register(obj, name=ep.name)
         except KeyboardInterrupt:
             raise
@@ -161,8 +162,29 @@ def load_registry(env: str | None | type(...) = ..., extra: list[tuple[str, Any]
     return reg
 
 
+def _check_hook_names(plugin: Any) -> None:
+    """A misspelt hook would silently do nothing: refuse the plugin and say which name was meant."""
+    from llmforge.schema import did_you_mean
+
+    known = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), f"{GROUP}_spec")}
+    for attr in dir(plugin):
+        if attr.startswith("__"):
+            continue
+        try:
+            value = getattr(plugin, attr)
+        except Exception:  # noqa: BLE001 - odd attributes are not hooks
+            continue
+        if hasattr(value, f"{GROUP}_impl") and attr not in known:
+            opts = getattr(value, f"{GROUP}_impl") or {}
+            if isinstance(opts, dict) and opts.get("specname"):
+                continue
+            raise ValueError(f"implements unknown hook '{attr}'{did_you_mean(attr, known)}")
+
+
 def _collect_stages(reg: Registry) -> None:
     """Call each plugin's register_stages on its own, so one failure stays that plugin's problem."""
+    from pydantic import BaseModel
+
     from llmforge.stage import Stage
 
     infos = {p.name: p for p in reg.plugins}
@@ -179,6 +201,8 @@ def _collect_stages(reg: Registry) -> None:
                 raise TypeError(f"register() expects a Stage subclass, got {cls!r}")
             if not cls.name or not isinstance(cls.name, str):
                 raise TypeError(f"{cls.__qualname__} has no name")
+            if not (isinstance(cls.Options, type) and issubclass(cls.Options, BaseModel)):
+                raise TypeError(f"{cls.__qualname__}.Options must be a pydantic model (StageOptions subclass)")
             current = reg.stages.get(cls.name)
             if current is not None:
                 if current.cls is not cls:
