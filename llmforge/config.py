@@ -118,7 +118,8 @@ def read_toml(path: Path) -> dict:
         where = f"{path}:{m.group(1)}:{m.group(2)}" if m else str(path)
         reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg).strip() if m else msg
         if m is None and "end of document" in msg:
-            reason = msg
+            where = f"{path}:{max(1, len(text.splitlines()))}"
+            reason = msg.replace(" (at end of document)", "") + " (at the end of the file)"
         raise ConfigError([Problem(where, f"invalid TOML: {reason}")]) from None
 
 
@@ -130,12 +131,14 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
+def apply_overrides(raw: dict, overrides: list[str], origins: dict[str, str] | None = None) -> list[Problem]:
     """Apply `--set key.path=value` items to the raw config in place.
 
     The first segment is a top-level section (`project.seed=1`) or a stage name (`sft.lora.r=8`).
+    `origins` receives, for each key path set, the --set item it came from (to name it in errors).
     """
     problems = []
+    origins = {} if origins is None else origins
     stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
     names = [s.get("name") for s in stages if isinstance(s, dict)]
     for item in overrides:
@@ -149,9 +152,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
         if head in TOP_LEVEL and head != "stages":
             target = raw.setdefault(head, {})
             rest = parts[1:]
+            path = head
         elif head in names:
             target = stages[names.index(head)]
             rest = parts[1:]
+            path = f"stages[{names.index(head)}]"
+        elif head == "stages":
+            problems.append(Problem(f"--set {key}", "address a stage by its name: NAME.option=VALUE (stages: "
+                                    f"{', '.join(filter(None, names)) or 'none'})"))
+            continue
         else:
             problems.append(Problem(f"--set {key}", f"no section or stage named '{head}'"
                                     f"{did_you_mean(head, [*TOP_LEVEL, *filter(None, names)])}"))
@@ -168,7 +177,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> list[Problem]:
             target = nxt
         else:
             target[rest[-1]] = parse_value(value.strip())
+            origins[".".join([path, *rest])] = item
     return problems
+
+
+def _note_origins(problems: list[Problem], origins: dict[str, str]) -> list[Problem]:
+    """Say which --set produced a problem: the user did not write that key in forge.toml."""
+    out = []
+    for p in problems:
+        src = next((item for path, item in origins.items() if p.where == path or p.where.startswith(path + ".")), None)
+        out.append(Problem(f"{p.where} (from --set {src.partition('=')[0]})", p.message) if src else p)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +202,8 @@ def parse_config(path: str | Path | None, overrides: list[str] | None, registry)
     """
     path = Path(path or DEFAULT_CONFIG).absolute()
     raw = read_toml(path)
-    problems = apply_overrides(raw, overrides or [])
+    origins: dict[str, str] = {}
+    problems = apply_overrides(raw, overrides or [], origins)
 
     for key in raw:
         if key not in TOP_LEVEL:
@@ -212,7 +232,7 @@ def parse_config(path: str | Path | None, overrides: list[str] | None, registry)
     cfg = ForgeConfig(path=path, raw=raw, trackers=trackers, **sections)
     cfg.stages, stage_problems = _validate_stages(raw.get("stages", []), registry)
     problems += stage_problems
-    return cfg, problems
+    return cfg, _note_origins(problems, origins)
 
 
 RESERVED_NAMES = set(TOP_LEVEL)
@@ -252,8 +272,12 @@ def _validate_stages(stages: Any, registry) -> tuple[list[StageSpec], list[Probl
             continue
         cls = registry.stage_class(uses) if isinstance(uses, str) else None
         if cls is None:
+            broken = ""
+            if registry.errors:
+                names = ", ".join(sorted({e.plugin for e in registry.errors}))
+                broken = f"; plugins with errors: {names} (see `llmforge plugins list`)"
             problems.append(Problem(f"{where}.uses", f"unknown stage kind {uses!r}{did_you_mean(str(uses), kinds)}"
-                                    f" (installed: {', '.join(kinds) or 'none'})"))
+                                    f" (installed: {', '.join(kinds) or 'none'}{broken})"))
             continue
         inst, probs = validate_model(cls.Options, opts, where)
         problems += probs

@@ -42,7 +42,8 @@ class EventWriter:
                 self._broken.add(i)
                 self._fh.write(json.dumps({"type": "log", "time": round(time.time(), 3), "run": self.run_id,
                                            "level": "warning",
-                                           "message": f"event observer failed and is disabled: {exc!r}"}) + "\n")
+                                           "message": f"{getattr(listener, '__name__', 'event observer')} "
+                                                      f"failed and is disabled for this run: {exc!r}"}) + "\n")
                 self._fh.flush()
         return event
 

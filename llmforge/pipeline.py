@@ -113,6 +113,10 @@ def parse_ref(value: str) -> tuple[str, str | None]:
 def build_pipeline(cfg: ForgeConfig, registry) -> tuple[Pipeline, list[Problem]]:
     problems: list[Problem] = []
     by_name = {s.name: s for s in cfg.stages}
+    # Names of every [[stages]] entry, also those whose options are invalid (already reported):
+    # a reference to such a stage is not "dangling".
+    raw_stages = cfg.raw.get("stages") if isinstance(cfg.raw.get("stages"), list) else []
+    all_names = [e.get("name") for e in raw_stages if isinstance(e, dict) and isinstance(e.get("name"), str)]
     inputs: dict[str, list[InputUse]] = {}
     deps: dict[str, set[str]] = {}
     for spec in cfg.stages:
@@ -123,9 +127,10 @@ def build_pipeline(cfg: ForgeConfig, registry) -> tuple[Pipeline, list[Problem]]
             if value.startswith("@"):
                 target, kind = parse_ref(value)
                 if target not in by_name:
-                    all_names = [s.name for s in cfg.stages]
-                    problems.append(Problem(where, f"'{value}' refers to no stage{did_you_mean(target, all_names)}"
-                                            .replace("did you mean '", "did you mean '@")))
+                    if target not in all_names:
+                        others = [n for n in all_names if n != spec.name]
+                        problems.append(Problem(where, f"'{value}' refers to no stage"
+                                                f"{did_you_mean(target, others)}".replace("mean '", "mean '@")))
                     continue
                 if target == spec.name:
                     problems.append(Problem(where, f"'{value}': a stage cannot use its own output"))
@@ -211,9 +216,21 @@ def load_pipeline(path: str | Path | None = None, overrides: list[str] | None = 
             try:
                 found = spec.cls().check(spec.options, arts) or []
             except Exception as exc:  # noqa: BLE001 - a buggy check is a problem to show, not a crash
-                found = [Problem(spec.where, f"check() of stage kind '{spec.uses}' failed: {exc}")]
-            problems += [p if isinstance(p, Problem) else Problem(spec.where, str(p)) for p in found]
-        for answer in registry.pm.hook.validate_pipeline(pipeline=pipe):
+                found = [Problem("", f"check() of stage kind '{spec.uses}' failed: {exc}")]
+            # A stage does not know its index: its problems are located under `stages[i]` here.
+            for p in found:
+                where, message = (p.where, p.message) if isinstance(p, Problem) else ("", str(p))
+                if not where.startswith(spec.where):
+                    where = join_path(spec.where, where.split(".")) if where else spec.where
+                problems.append(Problem(where, message))
+        # Each plugin's answer on its own, so that one crashing plugin is named and the others still speak.
+        for impl in reversed(registry.pm.hook.validate_pipeline.get_hookimpls()):
+            try:
+                answer = impl.function(pipeline=pipe) if "pipeline" in impl.argnames else impl.function()
+            except Exception as exc:  # noqa: BLE001
+                problems.append(Problem("", f"plugin {impl.plugin_name}: validate_pipeline failed: "
+                                            f"{type(exc).__name__}: {exc}"))
+                continue
             for p in answer or []:
                 problems.append(p if isinstance(p, Problem) else Problem("", str(p)))
     if problems:

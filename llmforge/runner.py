@@ -219,8 +219,7 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
         atomic_write_json(run_dir / MANIFEST, manifest)
 
     save()
-    on_event = registry.pm.hook.on_event
-    events = EventWriter(run_dir / EVENTS, run_id, listeners=[*req.listeners, lambda e: on_event(event=e)])
+    events = EventWriter(run_dir / EVENTS, run_id, listeners=[*req.listeners, *_observers(registry)])
     stop = _StopFlag(run_dir)
     restore = _install_signals(stop)
     registry.pm.hook.configure.call_historic(kwargs={"config": cfg})
@@ -302,6 +301,18 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
             (run_dir / name).unlink(missing_ok=True)
         lock.release()
     return RunResult(run_id, run_dir, status, exit_code, manifest["stages"])
+
+
+def _observers(registry) -> list[Callable[[dict], None]]:
+    """One listener per on_event implementation: a failing observer is disabled alone."""
+    out = []
+    for impl in reversed(registry.pm.hook.on_event.get_hookimpls()):
+        def listener(event: dict, _f=impl.function, _takes=("event" in impl.argnames)) -> None:
+            _f(event=event) if _takes else _f()
+
+        listener.__name__ = f"on_event of plugin {impl.plugin_name}"
+        out.append(listener)
+    return out
 
 
 def _artifacts_of(st: dict, stage: str) -> dict[str, Artifact]:

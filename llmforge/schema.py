@@ -4,6 +4,7 @@ options for `stages show`, `--set` and (later) the TUI form."""
 from __future__ import annotations
 
 import difflib
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -74,13 +75,21 @@ def _message(err: dict, model: type[BaseModel]) -> str:
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in bounds:
         limit = next(iter(ctx.values()))
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)  # `> 0`, not `> 0.0`, for a float option declared with gt=0
         return f"must be {bounds[kind]} {limit} (got {_short(got)})"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')} (got {_short(got)})"
-    if kind in ("string_too_short", "too_short"):
-        return f"must have at least {ctx.get('min_length')} item(s)/character(s) (got {_short(got)})"
-    if kind in ("string_too_long", "too_long"):
-        return f"must have at most {ctx.get('max_length')} item(s)/character(s)"
+    if kind == "too_short":
+        n = ctx.get("min_length")
+        return f"must have at least {n} item{'s' if n != 1 else ''} (got {_short(got)})"
+    if kind == "string_too_short":
+        n = ctx.get("min_length")
+        return f"must be at least {n} character{'s' if n != 1 else ''} long (got {_short(got)})"
+    if kind == "too_long":
+        return f"must have at most {ctx.get('max_length')} items"
+    if kind == "string_too_long":
+        return f"must be at most {ctx.get('max_length')} characters long"
     type_names = {
         "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "a whole number",
         "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
@@ -94,15 +103,84 @@ def _message(err: dict, model: type[BaseModel]) -> str:
     return f"{err['msg'][0].lower()}{err['msg'][1:]} (got {_short(got)})"
 
 
+def _clean_loc(model: type[BaseModel], loc: tuple) -> tuple[tuple, Any]:
+    """Drop pydantic's union-member tags from a location (`command.str` -> `command`).
+
+    Returns the real key location and, when a union of several types was met, that union's
+    annotation (so that the errors of all its members can be reported as one), else None.
+    """
+    out: list = []
+    current: Any = model
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part) if isinstance(part, str) else None
+            out.append(part)
+            if field is None:  # an unknown key (extra_forbidden): keep the rest as it is
+                return tuple(out) + tuple(loc[i + 1:]), None
+            current = field.annotation
+            i += 1
+            continue
+        origin, args = typing.get_origin(current), typing.get_args(current)
+        if origin is typing.Annotated:
+            current = args[0]
+            continue
+        if origin in (typing.Union, types.UnionType):
+            members = [a for a in args if a is not type(None)]
+            if len(members) == 1:  # Optional[X]: pydantic does not tag it; go on with X
+                current = members[0]
+                continue
+            return tuple(out), current
+        if origin in (list, tuple, set) and isinstance(part, int):
+            current = args[0] if args else Any
+        elif origin is dict:
+            current = args[1] if len(args) > 1 else Any
+        else:
+            return tuple(out) + tuple(loc[i:]), None
+        out.append(part)
+        i += 1
+    return tuple(out), None
+
+
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+               "list": "a list", "dict": "a table"}
+
+
+def _union_words(annotation: Any) -> str:
+    words = []
+    for arg in typing.get_args(annotation):
+        if arg is type(None):
+            continue
+        origin = typing.get_origin(arg)
+        name = getattr(origin or arg, "__name__", str(arg))
+        word = _TYPE_WORDS.get(name, name)
+        if origin in (list, tuple) and typing.get_args(arg):
+            inner = getattr(typing.get_args(arg)[0], "__name__", "")
+            word = f"a list of {_TYPE_WORDS.get(inner, inner).removeprefix('a ').removeprefix('an ')}s" if inner \
+                else word
+        words.append(word)
+    return " or ".join(words)
+
+
 def validate_model(model: type[BaseModel], data: dict, base: str) -> tuple[BaseModel | None, list[Problem]]:
     """Validate `data` against `model`; problems carry full key paths under `base`."""
     try:
         return model.model_validate(data), []
     except ValidationError as exc:
-        problems = []
+        problems: list[Problem] = []
+        unions_done: set[tuple] = set()
         for err in exc.errors(include_url=False):
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p and p.endswith("]")))
-            problems.append(Problem(join_path(base, loc), _message(err, model)))
+            loc, union = _clean_loc(model, tuple(err["loc"]))
+            if union is not None and err["type"] != "extra_forbidden":
+                if loc in unions_done:
+                    continue
+                unions_done.add(loc)
+                got = err.get("input")
+                message = f"expected {_union_words(union)}, got {type(got).__name__} {_short(got)}"
+            else:
+                message = _message(err, model)
+            problems.append(Problem(join_path(base, loc), message))
         return None, problems
 
 

@@ -96,7 +96,7 @@ def test_failing_observer_is_disabled_and_reported_not_raised(tmp_path):
     writer.close()
     lines = [json.loads(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()]
     assert [e.get("message") for e in seen] == ["one", "two"]
-    assert sum("observer failed" in (e.get("message") or "") for e in lines) == 1
+    assert sum("failed and is disabled" in (e.get("message") or "") for e in lines) == 1
 
 
 class WaitOptions(StageOptions):

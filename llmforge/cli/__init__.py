@@ -14,8 +14,10 @@ import traceback
 def main(argv: list[str] | None = None) -> None:
     from llmforge.errors import ForgeError
 
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LLMFORGE_DEBUG") == "1"
+    # --debug is accepted anywhere (`llmforge validate --debug`), not only before the command.
+    args = [a for a in args if a != "--debug"]
     try:
         from llmforge.cli.app import build_app
 

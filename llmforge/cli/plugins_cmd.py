@@ -34,8 +34,13 @@ def plugins_list(
         dist = f"{p.dist} [dim](built-in)[/]" if p.builtin else p.dist
         table.add_row(p.name, dist, p.version, ", ".join(p.stages), ", ".join(p.hooks))
     out.print(table)
+    loaded = {p.name for p in reg.plugins}
     for e in reg.errors:
-        out.print(f"[red]failed to load[/] {e.plugin} ({e.dist}): {e.error}", highlight=False)
+        if e.plugin in loaded:  # it imported, but one of its hooks failed: say what is missing
+            out.print(f"[red]plugin error[/] {e.plugin} ({e.dist}): {e.error}; what that hook adds is unavailable",
+                      highlight=False)
+        else:
+            out.print(f"[red]failed to load[/] {e.plugin} ({e.dist}): {e.error}", highlight=False)
         if verbose and e.details:
             out.print(e.details, markup=False, highlight=False)
     for c in reg.conflicts:

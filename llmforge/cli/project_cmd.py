@@ -50,7 +50,7 @@ def validate(
         pipe = load_pipeline(config, overrides or [])
     except ConfigError as exc:
         if as_json:
-            print_json({"valid": False, "config": str(config),
+            print_json({"valid": False, "config": str(config.absolute()),
                         "problems": [{"where": p.where, "message": p.message} for p in exc.problems]})
             raise typer.Exit(exc.exit_code) from None
         raise

@@ -1,0 +1,336 @@
+"""Every hook is documented and tested: a meta-test over llmforge.hookspecs, then each hook end to end.
+
+The probe plugin (tests/fixtures/plugins/probe-plugin) implements every hookspec, each leaving a
+trace (see its module docstring). It is pip-installed and used through the real `llmforge` CLI.
+When a hookspec is added, the meta-tests below fail until the probe plugin implements it,
+docs/plugins.md describes it and HOOK_TESTS names a test that exercises it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, Project, run_cli
+from llmforge import hookimpl, hookspecs
+
+DOC = ROOT / "docs" / "plugins.md"
+EVENT_TYPES = {"run_start", "stage_start", "log", "artifact", "stage_end", "run_end", "progress", "metric"}
+
+
+def all_hookspecs() -> dict:
+    """name -> function for every function in llmforge.hookspecs marked as a hookspec."""
+    return {name: fn for name, fn in vars(hookspecs).items()
+            if inspect.isfunction(fn) and hasattr(fn, "llmforge_spec")}
+
+
+SPECS = all_hookspecs()
+
+# Which test(s) of this module exercise each hook. The meta-test checks this covers every hookspec.
+HOOK_TESTS = {
+    "register_stages": ["test_register_stages_probe_stage_runs"],
+    "register_commands": ["test_register_commands_adds_a_cli_command"],
+    "configure": ["test_configure_receives_the_validated_config"],
+    "validate_pipeline": ["test_validate_pipeline_problems_make_validate_fail"],
+    "execute_stage": ["test_execute_stage_wrapper_wraps_every_stage",
+                      "test_execute_stage_firstresult_can_take_a_stage_over"],
+    "on_event": ["test_on_event_observes_every_event"],
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# meta-tests
+
+
+def test_hookspecs_are_found():
+    # guard against a vacuous pass (e.g. the marker attribute renamed)
+    assert {"register_stages", "execute_stage", "on_event"} <= set(SPECS), sorted(SPECS)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_hookspec_has_a_docstring(name):
+    doc = inspect.getdoc(SPECS[name]) or ""
+    assert len(doc.split()) >= 5, f"hookspec {name} needs a docstring (it is the plugin API reference)"
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_hookspec_is_implemented_by_the_probe_plugin(name, probe_registry):
+    info = next(p for p in probe_registry.plugins if p.name == "probe")
+    assert name in info.hooks, f"tests/fixtures/plugins/probe-plugin does not implement {name}"
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_hookspec_is_documented(name):
+    assert DOC.exists(), f"{DOC.relative_to(ROOT)} is missing: the plugin author guide must document every hook"
+    text = DOC.read_text(encoding="utf-8")
+    assert re.search(rf"\b{name}\b", text), f"{name} is not mentioned in {DOC.relative_to(ROOT)}"
+
+
+def test_every_hookspec_has_an_end_to_end_test():
+    assert set(HOOK_TESTS) == set(SPECS), "update HOOK_TESTS (and add a test) for new or renamed hooks"
+    module = sys.modules[__name__]
+    for hook, tests in HOOK_TESTS.items():
+        for test in tests:
+            assert callable(getattr(module, test, None)), f"HOOK_TESTS[{hook!r}] names a missing test {test}"
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def probe(plugin_site) -> Path:
+    return plugin_site("probe-plugin")
+
+
+@pytest.fixture
+def probe_registry(probe, monkeypatch):
+    """An in-process registry with the probe plugin (fast; for tests that need no subprocess)."""
+    from llmforge.plugins import load_registry
+
+    monkeypatch.syspath_prepend(str(probe))
+    reg = load_registry(env="probe-plugin")
+    assert not reg.errors, reg.errors
+    return reg
+
+
+PROBE_PROJECT = """
+[project]
+name = "probe-project"
+
+[[stages]]
+name = "probe1"
+uses = "probe"
+message = "hello"
+count = 2
+
+[[stages]]
+name = "after"
+uses = "shell"
+command = "ls \\"$LLMFORGE_INPUT_SRC\\""
+inputs = {src = "@probe1"}
+"""
+
+
+class ProbeRun:
+    def __init__(self, project: Project, result, observed: list[str]):
+        self.project = project
+        self.result = result
+        self.observed = observed
+        (self.run_dir,) = project.runs.iterdir()
+        lines = (self.run_dir / "events.jsonl").read_text(encoding="utf-8").splitlines()
+        self.events = [json.loads(line) for line in lines]
+
+    def of(self, stage: str) -> list[dict]:
+        """The events of one stage, from its stage_start to its stage_end."""
+        out, inside = [], False
+        for ev in self.events:
+            if ev["type"] == "stage_start" and ev.get("stage") == stage:
+                inside = True
+            if inside:
+                out.append(ev)
+            if ev["type"] == "stage_end" and ev.get("stage") == stage:
+                break
+        return out
+
+
+@pytest.fixture(scope="module")
+def probe_run(probe, tmp_path_factory) -> ProbeRun:
+    """One real `llmforge run` of a probe stage and a shell stage reading its artifact, shared by the
+    end-to-end tests below (one subprocess instead of one per test)."""
+    project = Project(tmp_path_factory.mktemp("probe-run"))
+    project.write(PROBE_PROJECT)
+    events_file = project.root / "observed-events.txt"
+    result = project.run("run", plugins=[probe], env={"PROBE_EVENTS_FILE": str(events_file)})
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    return ProbeRun(project, result, events_file.read_text(encoding="utf-8").split())
+
+
+# ------------------------------------------------------------------------------------------------
+# each hook, end to end
+
+
+def test_register_stages_probe_stage_runs(probe_run):
+    (art,) = probe_run.run_dir.glob("stages/probe1/artifacts/files")
+    assert sorted(p.name for p in art.iterdir()) == ["probe-0.txt", "probe-1.txt"]
+    assert (art / "probe-0.txt").read_text() == "hello"
+    # the next stage got the probe's artifact as its input
+    listed = [e["message"] for e in probe_run.of("after") if e["type"] == "log"]
+    assert "probe-0.txt" in listed and "probe-1.txt" in listed
+    manifest = json.loads((probe_run.run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["probe1"]["uses"] == "probe"
+    assert manifest["stages"]["probe1"]["status"] == "done"
+
+
+def test_register_stages_shows_in_listings(probe):
+    with ThreadPoolExecutor(2) as ex:
+        stages, show = ex.map(lambda args: run_cli(*args, plugins=[probe]),
+                              [("stages", "list", "--json"), ("stages", "show", "probe", "--json")])
+    assert stages.returncode == 0 and show.returncode == 0, stages.stderr + show.stderr
+    row = next(r for r in json.loads(stages.stdout) if r["kind"] == "probe")
+    assert row["plugin"] == "probe" and row["produces"] == ["files"]
+    options = {o["name"]: o for o in json.loads(show.stdout)["options"]}
+    assert {"message", "count", "fail_validation", "limits.max_files"} <= set(options)
+    assert options["count"]["default"] == 1 and options["limits.max_files"]["default"] == 10
+
+
+def test_on_event_observes_every_event(probe_run):
+    written = [e["type"] for e in probe_run.events]
+    # the observer saw exactly what was written to events.jsonl, in the same order
+    assert probe_run.observed == written
+    assert EVENT_TYPES <= set(probe_run.observed), sorted(EVENT_TYPES - set(probe_run.observed))
+    assert probe_run.observed[0] == "run_start" and probe_run.observed[-1] == "run_end"
+
+
+def test_execute_stage_wrapper_wraps_every_stage(probe_run):
+    for stage in ("probe1", "after"):  # a plugin's own stage and a built-in one
+        events = probe_run.of(stage)
+        assert events[0]["type"] == "stage_start" and events[-1]["type"] == "stage_end"
+        inner = events[1:-1]
+        assert inner[0] == {**inner[0], "type": "log", "stage": stage, "message": f"probe-wrapper: {stage}"}
+        assert inner[-1] == {**inner[-1], "type": "log", "stage": stage, "message": f"probe-wrapper: {stage} done"}
+        # the stage's own work happened inside the wrapper
+        assert "artifact" in [e["type"] for e in inner[1:-1]]
+    assert "probe1 | probe-wrapper: probe1" in probe_run.result.stdout
+
+
+def test_configure_receives_the_validated_config(probe_run):
+    messages = [e["message"] for e in probe_run.of("probe1") if e["type"] == "log"]
+    assert "probe: configure saw project 'probe-project' (stages: probe1, after)" in messages
+
+
+def test_validate_pipeline_problems_make_validate_fail(probe, project):
+    project.write(PROBE_PROJECT.replace("count = 2", "count = 2\nfail_validation = true"))
+    with ThreadPoolExecutor(2) as ex:
+        validate, run = ex.map(lambda cmd: project.run(cmd, plugins=[probe]), ["validate", "run"])
+    for r in (validate, run):
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "Traceback" not in r.stderr
+        assert "stages[0].fail_validation: probe-plugin rejects stage 'probe1' (fail_validation = true)" in r.stderr
+        assert "probe-plugin: plain-string problem about 'probe1'" in r.stderr  # a str answer is a problem too
+        assert "2 problems found" in r.stderr
+    assert not project.runs.exists()
+    # the same pipeline without the flag is valid (the hook answers [] then)
+    good = project.run("validate", "--set", "probe1.fail_validation=false", plugins=[probe])
+    assert good.returncode == 0, good.stderr
+    assert "probe1 -> after" in good.stdout
+
+
+def test_register_commands_adds_a_cli_command(probe):
+    with ThreadPoolExecutor(2) as ex:
+        cmd, help_ = ex.map(lambda args: run_cli(*args, plugins=[probe]),
+                            [("probe-cmd", "--name", "forge"), ("--help",)])
+    assert cmd.returncode == 0, cmd.stderr
+    assert cmd.stdout.strip() == "probe-cmd: hello forge"
+    assert help_.returncode == 0 and "probe-cmd" in help_.stdout
+    # without the plugin, the command does not exist
+    missing = run_cli("probe-cmd")
+    assert missing.returncode == 2 and "probe-cmd" in missing.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# in-process: hook roles that need a second plugin (registered through load_registry(extra=...))
+
+
+def _run_in_process(project: Project, registry):
+    from llmforge.pipeline import load_pipeline
+    from llmforge.runner import RunRequest, run_pipeline
+
+    pipe = load_pipeline(project.config, registry=registry)
+    return run_pipeline(pipe, RunRequest(), registry=registry)
+
+
+SHELL_ONLY = """
+[[stages]]
+name = "a"
+uses = "shell"
+command = "echo the-command-ran > \\"$LLMFORGE_OUT/ran.txt\\""
+"""
+
+
+def test_execute_stage_firstresult_can_take_a_stage_over(project):
+    """execute_stage is firstresult: a plugin returning non-None handles the stage; stage.run() is skipped."""
+    from llmforge.plugins import load_registry
+
+    class TakeOver:
+        @hookimpl
+        def execute_stage(self, stage, options, ctx):
+            if stage.name != "shell":
+                return None
+            with ctx.artifact("files") as out:
+                (out / "taken.txt").write_text(options.command)
+            return "handled elsewhere"
+
+    project.write(SHELL_ONLY)
+    result = _run_in_process(project, load_registry(env="", extra=[("takeover", TakeOver())]))
+    assert result.status == "done", result.stages
+    files = result.run_dir / "stages" / "a" / "artifacts" / "files"
+    assert sorted(p.name for p in files.iterdir()) == ["taken.txt"]  # the command itself never ran
+    assert "the-command-ran" in (files / "taken.txt").read_text()
+
+
+def test_on_event_observer_exception_does_not_stop_the_run(project):
+    from llmforge.plugins import load_registry
+
+    class Failing:
+        @hookimpl
+        def on_event(self, event):
+            raise RuntimeError("observer exploded")
+
+    project.write(SHELL_ONLY)
+    result = _run_in_process(project, load_registry(env="", extra=[("failing", Failing())]))
+    assert result.status == "done" and result.exit_code == 0
+    events = [json.loads(line) for line in (result.run_dir / "events.jsonl").read_text().splitlines()]
+    warnings = [e for e in events if e["type"] == "log" and "observer exploded" in e.get("message", "")]
+    assert len(warnings) == 1, "a failing observer is reported once"
+    assert (result.run_dir / "stages" / "a" / "artifacts" / "files" / "ran.txt").exists()
+
+
+def test_a_failing_observer_does_not_silence_the_others(project):
+    from llmforge.plugins import load_registry
+
+    seen: list[str] = []
+
+    class Failing:
+        @hookimpl
+        def on_event(self, event):
+            raise RuntimeError("observer exploded")
+
+    class Recorder:
+        @hookimpl
+        def on_event(self, event):
+            seen.append(event["type"])
+
+    project.write(SHELL_ONLY)
+    # registered in both orders so the result does not hang on pluggy's call order
+    for extra in ([("failing", Failing()), ("recorder", Recorder())],
+                  [("recorder", Recorder()), ("failing", Failing())]):
+        seen.clear()
+        shutil.rmtree(project.runs, ignore_errors=True)  # no cache: the stage really runs each time
+        result = _run_in_process(project, load_registry(env="", extra=extra))
+        assert result.status == "done"
+        assert {"run_start", "stage_start", "artifact", "stage_end", "run_end"} <= set(seen), seen
+
+
+def test_a_crashing_validate_pipeline_is_reported_as_a_problem(project):
+    from llmforge.errors import ForgeError
+    from llmforge.pipeline import load_pipeline
+    from llmforge.plugins import load_registry
+
+    class Crashing:
+        @hookimpl
+        def validate_pipeline(self, pipeline):
+            raise RuntimeError("validator exploded")
+
+    project.write(SHELL_ONLY)
+    with pytest.raises(ForgeError) as info:
+        load_pipeline(project.config, registry=load_registry(env="", extra=[("crashing", Crashing())]))
+    assert "crashing" in str(info.value) and "validator exploded" in str(info.value)
