@@ -76,7 +76,7 @@ class ForgeConfig:
     project: ProjectSection
     model: ModelSection
     backend: BackendSection
-    trackers: dict
+    trackers: dict  # enabled tracker name -> its validated options
     stages: list[StageSpec] = field(default_factory=list)
 
     @property
@@ -226,10 +226,25 @@ def parse_config(path: str | Path | None, overrides: list[str] | None, registry)
     if not isinstance(trackers, dict):
         problems.append(Problem("trackers", f"expected a table [trackers], got {type(trackers).__name__}"))
         trackers = {}
-    for name in trackers:
-        problems.append(Problem(f"trackers.{name}", f"unknown tracker '{name}'; installed: none"))
+    enabled: dict[str, Any] = {}
+    for name, value in trackers.items():
+        cls = registry.trackers.get(name)
+        if cls is None:
+            problems.append(Problem(f"trackers.{name}", f"unknown tracker '{name}'"
+                                    f"{did_you_mean(name, registry.trackers)} (installed: "
+                                    f"{', '.join(sorted(registry.trackers)) or 'none'})"))
+        elif value is False:
+            continue
+        elif value is True or isinstance(value, dict):
+            opts, probs = validate_model(cls.Options, {} if value is True else value, f"trackers.{name}")
+            problems += probs
+            if opts is not None:
+                enabled[name] = opts
+        else:
+            problems.append(Problem(f"trackers.{name}", f"expected true, false or a table of options, "
+                                    f"got {type(value).__name__} {value!r}"))
 
-    cfg = ForgeConfig(path=path, raw=raw, trackers=trackers, **sections)
+    cfg = ForgeConfig(path=path, raw=raw, trackers=enabled, **sections)
     cfg.stages, stage_problems = _validate_stages(raw.get("stages", []), registry)
     problems += stage_problems
     return cfg, _note_origins(problems, origins)

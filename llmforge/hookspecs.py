@@ -47,6 +47,42 @@ def register_stages(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_readers(register: Callable[[type], None]) -> None:
+    """Register data readers: :class:`llmforge.data.Reader` subclasses, one per file type.
+
+    A reader turns a file (``.jsonl``, ``.parquet``, ...) or a folder it recognises (a saved
+    Hugging Face dataset) into raw records, each located by ``file:line`` or ``file:row N``.
+    """
+
+
+@hookspec
+def register_row_formats(register: Callable[[type], None]) -> None:
+    """Register row formats: :class:`llmforge.data.RowFormat` subclasses.
+
+    A row format recognises its columns (for ``format = "auto"``) and normalises a raw row into one
+    of the shapes training stages consume (text, chat messages, preference pairs), raising
+    :class:`llmforge.data.RowError` with the field that is wrong.
+    """
+
+
+@hookspec
+def register_chat_templates(register: Callable[[Any], None]) -> None:
+    """Register named chat templates: :class:`llmforge.chat.ChatTemplate` instances.
+
+    The name is what ``template = "<name>"`` selects in a training stage.
+    """
+
+
+@hookspec
+def register_trackers(register: Callable[[type], None]) -> None:
+    """Register experiment trackers: :class:`llmforge.trackers.Tracker` subclasses.
+
+    A tracker enabled in ``[trackers]`` receives every event of a run (metrics, logs, stage
+    boundaries) and forwards them to its backend (TensorBoard files, an MLflow store, ...).
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add commands to the ``llmforge`` command line.
 

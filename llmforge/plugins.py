@@ -33,6 +33,7 @@ class PluginInfo:
     builtin: bool
     hooks: list[str] = field(default_factory=list)
     stages: list[str] = field(default_factory=list)
+    provides: dict[str, list[str]] = field(default_factory=dict)  # registry attribute -> names
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -51,7 +52,7 @@ class LoadError:
 
 @dataclass
 class Conflict:
-    kind: str  # "stage"
+    kind: str  # "stage", "reader", "row format", "chat template", "tracker"
     name: str
     winner: str
     loser: str
@@ -76,6 +77,11 @@ class Registry:
     errors: list[LoadError] = field(default_factory=list)
     conflicts: list[Conflict] = field(default_factory=list)
     stages: dict[str, StageEntry] = field(default_factory=dict)
+    readers: dict[str, Any] = field(default_factory=dict)
+    row_formats: dict[str, Any] = field(default_factory=dict)
+    chat_templates: dict[str, Any] = field(default_factory=dict)
+    trackers: dict[str, type] = field(default_factory=dict)
+    owners: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin
 
     def stage_class(self, name: str) -> type | None:
         entry = self.stages.get(name)
@@ -158,7 +164,7 @@ def load_registry(env: str | None | type(...) = ..., extra: list[tuple[str, Any]
     for info in reg.plugins:
         plugin = pm.get_plugin(info.name)
         info.hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-    _collect_stages(reg)
+    _collect(reg)
     return reg
 
 
@@ -181,43 +187,79 @@ def _check_hook_names(plugin: Any) -> None:
             raise ValueError(f"implements unknown hook '{attr}'{did_you_mean(attr, known)}")
 
 
-def _collect_stages(reg: Registry) -> None:
-    """Call each plugin's register_stages on its own, so one failure stays that plugin's problem."""
+def _kinds() -> dict[str, tuple[str, str, Any]]:
+    """Registration hooks: hook name -> (registry attribute, what it registers, validator)."""
     from pydantic import BaseModel
 
+    from llmforge.chat import ChatTemplate
+    from llmforge.data import KINDS, Reader, RowFormat
     from llmforge.stage import Stage
+    from llmforge.trackers import Tracker
 
+    def subclass(base: type, *, options: bool = False, instantiate: bool = False):
+        def check(obj: Any) -> Any:
+            if not (isinstance(obj, type) and issubclass(obj, base)):
+                raise TypeError(f"register() expects a {base.__name__} subclass, got {obj!r}")
+            if not obj.name or not isinstance(obj.name, str):
+                raise TypeError(f"{obj.__qualname__} has no name")
+            if options and not (isinstance(obj.Options, type) and issubclass(obj.Options, BaseModel)):
+                raise TypeError(f"{obj.__qualname__}.Options must be a pydantic model (StageOptions subclass)")
+            if base is RowFormat and obj.kind not in KINDS:
+                raise TypeError(f"{obj.__qualname__}.kind must be one of {KINDS}, not {obj.kind!r}")
+            return obj() if instantiate else obj
+        return check
+
+    def template(obj: Any) -> Any:
+        if not isinstance(obj, ChatTemplate):
+            raise TypeError(f"register() expects a ChatTemplate, got {obj!r}")
+        return obj
+
+    return {
+        "register_stages": ("stages", "stage", subclass(Stage, options=True)),
+        "register_readers": ("readers", "reader", subclass(Reader, instantiate=True)),
+        "register_row_formats": ("row_formats", "row format", subclass(RowFormat, instantiate=True)),
+        "register_chat_templates": ("chat_templates", "chat template", template),
+        "register_trackers": ("trackers", "tracker", subclass(Tracker, options=True)),
+    }
+
+
+def _collect(reg: Registry) -> None:
+    """Call each plugin's registration hooks on their own, so one failure stays that plugin's problem.
+    The first registration of a name wins (load order); later ones are recorded as conflicts."""
     infos = {p.name: p for p in reg.plugins}
-    # pluggy calls implementations last-registered first; we want load order.
-    impls = sorted(reg.pm.hook.register_stages.get_hookimpls(),
-                   key=lambda i: [p.name for p in reg.plugins].index(i.plugin_name)
-                   if i.plugin_name in infos else 10**6)
-    for impl in impls:
-        info = infos.get(impl.plugin_name)
-        where = info.dist if info else impl.plugin_name
+    order = [p.name for p in reg.plugins]
+    for hook, (attr, label, validate) in _kinds().items():
+        table = getattr(reg, attr)
+        # pluggy lists implementations last-registered first; we want load order.
+        impls = sorted(getattr(reg.pm.hook, hook).get_hookimpls(),
+                       key=lambda i: order.index(i.plugin_name) if i.plugin_name in infos else 10**6)
+        for impl in impls:
+            info = infos.get(impl.plugin_name)
+            where = info.dist if info else impl.plugin_name
 
-        def register(cls: Any, _plugin=impl.plugin_name, _where=where) -> None:
-            if not (isinstance(cls, type) and issubclass(cls, Stage)):
-                raise TypeError(f"register() expects a Stage subclass, got {cls!r}")
-            if not cls.name or not isinstance(cls.name, str):
-                raise TypeError(f"{cls.__qualname__} has no name")
-            if not (isinstance(cls.Options, type) and issubclass(cls.Options, BaseModel)):
-                raise TypeError(f"{cls.__qualname__}.Options must be a pydantic model (StageOptions subclass)")
-            current = reg.stages.get(cls.name)
-            if current is not None:
-                if current.cls is not cls:
-                    reg.conflicts.append(Conflict("stage", cls.name, f"{_label(reg, current.plugin)}",
-                                                  f"{_label(reg, _plugin)}"))
-                return
-            reg.stages[cls.name] = StageEntry(cls, _plugin)
-            if _plugin in infos:
-                infos[_plugin].stages.append(cls.name)
+            def register(obj: Any, _plugin=impl.plugin_name) -> None:
+                value = validate(obj)
+                name = obj.name
+                current = table.get(name)
+                if current is not None:
+                    same = (current.cls if attr == "stages" else current) is obj or \
+                        type(current) is obj or current == obj
+                    if not same:
+                        owner = reg.owners[(attr, name)]
+                        reg.conflicts.append(Conflict(label, name, _label(reg, owner), _label(reg, _plugin)))
+                    return
+                table[name] = StageEntry(value, _plugin) if attr == "stages" else value
+                reg.owners[(attr, name)] = _plugin
+                if _plugin in infos:
+                    infos[_plugin].provides.setdefault(attr, []).append(name)
+                    if attr == "stages":
+                        infos[_plugin].stages.append(name)
 
-        try:
-            impl.function(register=register) if "register" in impl.argnames else impl.function()
-        except Exception as exc:  # noqa: BLE001
-            reg.errors.append(LoadError(impl.plugin_name, where, f"register_stages failed: {_short_error(exc)}",
-                                        traceback.format_exc()))
+            try:
+                impl.function(register=register) if "register" in impl.argnames else impl.function()
+            except Exception as exc:  # noqa: BLE001
+                reg.errors.append(LoadError(impl.plugin_name, where, f"{hook} failed: {_short_error(exc)}",
+                                            traceback.format_exc()))
 
 
 def _label(reg: Registry, plugin_name: str) -> str:

@@ -219,7 +219,9 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
         atomic_write_json(run_dir / MANIFEST, manifest)
 
     save()
-    events = EventWriter(run_dir / EVENTS, run_id, listeners=[*req.listeners, *_observers(registry)])
+    trackers = _start_trackers(cfg, run_dir, registry)
+    events = EventWriter(run_dir / EVENTS, run_id,
+                         listeners=[*req.listeners, *_observers(registry), *(t.on_event for t in trackers)])
     stop = _StopFlag(run_dir)
     restore = _install_signals(stop)
     registry.pm.hook.configure.call_historic(kwargs={"config": cfg})
@@ -296,11 +298,27 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
         events.emit("run_end", status=status, exit_code=exit_code,
                     stages={n: s["status"] for n, s in manifest["stages"].items()})
         events.close()
+        for tracker in trackers:
+            try:
+                tracker.close()
+            except Exception:  # noqa: BLE001 - a tracker never fails a finished run
+                pass
         restore()
         for name in (STOP_REQUEST, CHECKPOINT_REQUEST):
             (run_dir / name).unlink(missing_ok=True)
         lock.release()
     return RunResult(run_id, run_dir, status, exit_code, manifest["stages"])
+
+
+def _start_trackers(cfg, run_dir: Path, registry) -> list:
+    """The trackers enabled in [trackers]; one that cannot start is skipped with a warning on stderr."""
+    out = []
+    for name, options in cfg.trackers.items():
+        try:
+            out.append(registry.trackers[name](options, run_dir, cfg))
+        except Exception as exc:  # noqa: BLE001
+            print(f"warning: tracker {name} could not start and is disabled: {exc}", file=sys.stderr)
+    return out
 
 
 def _observers(registry) -> list[Callable[[dict], None]]:

@@ -307,7 +307,7 @@ def problems(project, text: str, registry, overrides=()) -> dict[str, str]:
     ('[[stages]]\nuses = "shell"\ncommand = "x"\n', "stages[0].name", "required key is missing"),
     ('[model]\ndtype = "fp8"\n' + OK_STAGE, "model.dtype",
      "must be one of 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp8')"),
-    ("[trackers.wandb]\nproject = 'x'\n" + OK_STAGE, "trackers.wandb", "unknown tracker 'wandb'; installed: none"),
+    ("[trackers.wandb]\nproject = 'x'\n" + OK_STAGE, "trackers.wandb", "unknown tracker 'wandb'"),
     ('[[stages]]\nname = "c"\nuses = "copy"\nsources = ["@c"]\n', "stages[0].sources[0]",
      "'@c': a stage cannot use its own output"),
     (OK_STAGE + '[[stages]]\nname = "c"\nuses = "copy"\nsources = ["@first.model"]\n', "stages[1].sources[0]",
