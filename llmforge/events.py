@@ -1,8 +1,9 @@
 """Events: what stages report, as JSON lines in the run's `events.jsonl`.
 
 Every event is a dict with `type`, `time` (unix seconds), `run` and, inside a stage, `stage`.
-Types written by the core: run_start, run_end, stage_start, stage_end, log, metric, progress,
-artifact. The file is append-only and written one whole line per write, so readers (the CLI's
+Types written by the core: run_start, run_end, stage_start, stage_end, stage_cached, log, metric,
+progress, artifact. Stages add their own through ctx.emit (the training stages: checkpoint,
+dataset, tokenized, template, profile). The file is append-only and written one whole line per write, so readers (the CLI's
 `logs -f`, the TUI) can tail it while the run writes, without any lock.
 """
 

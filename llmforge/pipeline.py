@@ -135,7 +135,8 @@ def build_pipeline(cfg: ForgeConfig, registry) -> tuple[Pipeline, list[Problem]]
                 if target == spec.name:
                     problems.append(Problem(where, f"'{value}': a stage cannot use its own output"))
                     continue
-                produced = by_name[target].cls.produces
+                target_spec = by_name[target]
+                produced = target_spec.cls().outputs(target_spec.options)
                 if kind is not None and kind not in produced:
                     problems.append(Problem(where, f"'{value}': stage '{target}' produces "
                                             f"{', '.join(produced) or 'nothing'}, not '{kind}'"))
@@ -269,7 +270,8 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def stage_key(spec: StageSpec, uses: list[InputUse], upstream_keys: dict[str, str], registry=None) -> str:
+def stage_key(spec: StageSpec, uses: list[InputUse], upstream_keys: dict[str, str], registry=None,
+              seed: int | None = None) -> str:
     """Hash of what determines a stage's result: kind, its version, options, inputs, library versions."""
     entry = registry.stages.get(spec.uses) if registry else None
     plugin_version = None
@@ -285,6 +287,7 @@ def stage_key(spec: StageSpec, uses: list[InputUse], upstream_keys: dict[str, st
         "inputs": {u.key: (f"{u.ref_stage}.{u.ref_kind}:{upstream_keys[u.ref_stage]}" if u.ref_stage
                            else fingerprint(u.path)) for u in uses},
         "libraries": {name: _dist_version(name) for name in spec.cls.cache_libraries},
+        "seed": seed,  # every stage gets [project].seed as ctx.seed: another seed is another result
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
@@ -293,7 +296,7 @@ def stage_key(spec: StageSpec, uses: list[InputUse], upstream_keys: dict[str, st
 def compute_keys(pipe: Pipeline, registry=None) -> dict[str, str]:
     keys: dict[str, str] = {}
     for spec in pipe.stages:
-        keys[spec.name] = stage_key(spec, pipe.inputs[spec.name], keys, registry)
+        keys[spec.name] = stage_key(spec, pipe.inputs[spec.name], keys, registry, seed=pipe.config.project.seed)
     return keys
 
 

@@ -219,7 +219,8 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
         atomic_write_json(run_dir / MANIFEST, manifest)
 
     save()
-    trackers = _start_trackers(cfg, run_dir, registry)
+    tracker_notes: list[str] = []
+    trackers = _start_trackers(cfg, run_dir, registry, tracker_notes)
     events = EventWriter(run_dir / EVENTS, run_id,
                          listeners=[*req.listeners, *_observers(registry), *(t.on_event for t in trackers)])
     stop = _StopFlag(run_dir)
@@ -228,7 +229,7 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
 
     events.emit("run_start", config=str(cfg.path), stages=pipe.names, resume=req.resume,
                 selected=[n for n in pipe.names if n in selected])
-    for note in notes:
+    for note in notes + tracker_notes:
         events.emit("log", level="warning", message=note)
     if not req.resume:
         _hint_interrupted(store, cfg, run_id, events)
@@ -310,14 +311,14 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
     return RunResult(run_id, run_dir, status, exit_code, manifest["stages"])
 
 
-def _start_trackers(cfg, run_dir: Path, registry) -> list:
-    """The trackers enabled in [trackers]; one that cannot start is skipped with a warning on stderr."""
+def _start_trackers(cfg, run_dir: Path, registry, notes: list[str]) -> list:
+    """The trackers enabled in [trackers]; one that cannot start is skipped, with a warning event."""
     out = []
     for name, options in cfg.trackers.items():
         try:
             out.append(registry.trackers[name](options, run_dir, cfg))
         except Exception as exc:  # noqa: BLE001
-            print(f"warning: tracker {name} could not start and is disabled: {exc}", file=sys.stderr)
+            notes.append(f"tracker {name} could not start and is disabled: {type(exc).__name__}: {exc}")
     return out
 
 
@@ -365,7 +366,7 @@ def _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resu
         if ctx.stop_seen or stop():
             outcome, code = "stopped", EXIT_INTERRUPTED
         else:
-            missing = [k for k in spec.cls.produces if k not in ctx.published]
+            missing = [k for k in spec.cls().outputs(options) if k not in ctx.published]
             if missing:
                 raise ForgeError(f"stage kind '{spec.uses}' declares it produces {', '.join(missing)} "
                                  f"but did not write it")
@@ -378,6 +379,8 @@ def _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resu
         (stage_dir / "error.log").write_text(traceback.format_exc())
     st.update(status=outcome, ended=time.time(), duration=round(time.time() - started, 3), error=error,
               artifacts={k: {"kind": a.kind, "path": str(a.path)} for k, a in ctx.published.items()})
+    if ctx.info:
+        st["info"] = ctx.info
     if outcome == "done":
         artifacts[spec.name] = {k: Artifact(k, a.path, spec.name, st["key"]) for k, a in ctx.published.items()}
     save()

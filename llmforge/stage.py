@@ -78,6 +78,10 @@ class Stage:
     #: distributions whose versions enter the cache key (read from metadata, never imported)
     cache_libraries: ClassVar[tuple[str, ...]] = ()
 
+    def outputs(self, options: Any) -> tuple[str, ...]:
+        """The artifact kinds this configuration writes (a subset of ``produces``; e.g. LoRA: adapter)."""
+        return self.produces
+
     def check(self, options: Any, inputs: dict[str, Artifact]) -> list["Problem"]:
         """Cheap preflight, run by ``validate`` and before ``run``: no heavy imports, no training."""
         return []
@@ -107,6 +111,8 @@ class StageContext:
     project_dir: Path = field(default_factory=Path.cwd)
     published: dict[str, Artifact] = field(default_factory=dict)
     stop_seen: bool = False
+    #: facts the stage records in the run manifest (e.g. the chat template's name and hash)
+    info: dict = field(default_factory=dict)
 
     @property
     def work_dir(self) -> Path:

@@ -56,7 +56,8 @@ class ShellStage(Stage):
             reader.start()
             code = self._wait(proc, ctx, options.timeout)
             reader.join(timeout=5)
-            if ctx.stop_seen:
+            # Ctrl-C in a terminal reaches the command too, which may die before we polled: ask again.
+            if ctx.stop_seen or ctx.should_stop():
                 return  # the core discards the unfinished artifact and records the stage as stopped
             if code != 0:
                 raise StageFailed(f"command exited with code {code}: {options.command}")

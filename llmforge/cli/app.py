@@ -44,10 +44,11 @@ def build_app() -> typer.Typer:
     reg = get_registry()
     for impl in reg.pm.hook.register_commands.get_hookimpls():
         try:
-            impl.function(cli=app)
+            impl.function(cli=app) if "cli" in impl.argnames else impl.function()
         except Exception as exc:  # noqa: BLE001 - a bad plugin must not brick the CLI
             from llmforge.plugins import LoadError
 
-            reg.errors.append(LoadError(impl.plugin_name, impl.plugin_name,
+            dist = next((p.dist for p in reg.plugins if p.name == impl.plugin_name), impl.plugin_name)
+            reg.errors.append(LoadError(impl.plugin_name, dist,
                                         f"register_commands failed: {type(exc).__name__}: {exc}", ""))
     return app

@@ -39,6 +39,7 @@ def init(
 
 
 def validate(
+    path: Optional[Path] = typer.Argument(None, help="The forge.toml to check (same as -c)."),
     config: Path = CONFIG_OPTION,
     overrides: Optional[List[str]] = SET_OPTION,
     as_json: bool = JSON_OPTION,
@@ -46,6 +47,7 @@ def validate(
     """Check forge.toml: keys, types, ranges, stage kinds, references, files, preflight checks."""
     from llmforge.pipeline import load_pipeline
 
+    config = path or config
     try:
         pipe = load_pipeline(config, overrides or [])
     except ConfigError as exc:
