@@ -5,6 +5,7 @@ The runner is UI-free: the CLI passes listeners that render events, the TUI read
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -41,7 +43,7 @@ class RunRequest:
     from_stage: str | None = None  # --from: this and everything downstream re-run
     resume: bool = False
     run_ref: str | None = None  # --run: the run to resume, or the id of the new run
-    force: bool = False  # ignore caches
+    force: bool = False  # ignore caches (of the --stage stages when given)
     listeners: list[Callable[[dict], None]] = field(default_factory=list)
 
 
@@ -106,7 +108,9 @@ def _select(pipe: Pipeline, req: RunRequest) -> tuple[set[str], set[str]]:
         if n not in names:
             raise UsageError(f"no stage named '{n}'{did_you_mean(n, names)}", hint=f"stages: {', '.join(names)}")
     selected = pipe.upstream(set(req.only)) if req.only else set(names)
-    forced: set[str] = set(names) if req.force else set()
+    # --force re-runs what was asked for: the --stage stages when given (their inputs may still come
+    # from the cache), else every stage.
+    forced: set[str] = (set(req.only) or set(names)) if req.force else set()
     if req.from_stage:
         forced |= pipe.downstream({req.from_stage})
         if req.only:
@@ -360,7 +364,8 @@ def _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resu
     events.emit("stage_start", stage=spec.name, uses=spec.uses, key=st["key"], resume=resume)
     outcome, code, error = "done", EXIT_OK, None
     try:
-        handled = registry.pm.hook.execute_stage(stage=spec.cls(), options=options, ctx=ctx)
+        with _warnings_to_events(ctx):
+            handled = registry.pm.hook.execute_stage(stage=spec.cls(), options=options, ctx=ctx)
         if handled is None:
             raise ForgeError(f"no plugin executed stage kind '{spec.uses}'")
         if ctx.stop_seen or stop():
@@ -391,6 +396,23 @@ def _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resu
     if outcome == "failed" and code not in (EXIT_FAILED, EXIT_BAD_INPUT):
         code = EXIT_FAILED
     return outcome, code
+
+
+@contextlib.contextmanager
+def _warnings_to_events(ctx):
+    """Python warnings raised inside a stage (libraries are chatty) become one log event each, once."""
+    seen: set = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        key = (category, str(message))
+        if key not in seen:
+            seen.add(key)
+            ctx.log(f"{category.__name__}: {message}", level="warning")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
 
 
 def _emit_in_stage(events: EventWriter, stage: str, type: str, **data) -> None:

@@ -1,0 +1,104 @@
+"""`continued_pretrain`: more causal-LM training of an existing model on new text, optionally mixing
+replay data (general text like the original corpus) to limit forgetting, and measuring forgetting:
+perplexity on held-out general text before and after training.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Annotated
+
+from pydantic import Field
+
+from llmforge import hookimpl
+from llmforge.data import DataOptions
+from llmforge.stage import Input, Stage
+from llmforge_plugins.training.options import LoraOptions, TrainOptions
+
+
+class ContinuedPretrainOptions(TrainOptions):
+    model: Annotated[str, Input("model", "adapter")] = Field(description="The model to continue: HF dir or @stage.")
+    data: DataOptions = Field(description="New-domain text.")
+    replay: DataOptions | None = Field(None, description="General text mixed back in against forgetting.")
+    replay_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of training sequences taken from replay.")
+    heldout: DataOptions | None = Field(
+        None, description="General text for the forgetting report (default: a held-out slice of replay).")
+    heldout_rows: int = Field(64, ge=1, description="Rows of held-out text used for perplexity.")
+    lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA settings.")
+    merge: bool = Field(True, description="With LoRA: also write the merged model.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+
+
+class ContinuedPretrainStage(Stage):
+    name = "continued_pretrain"
+    summary = "Continue pretraining on new text with optional replay; reports forgetting (perplexity)."
+    Options = ContinuedPretrainOptions
+    produces = ("model", "adapter", "report")
+    cache_libraries = ("torch", "transformers", "trl", "peft")
+
+    def outputs(self, options) -> tuple[str, ...]:
+        if options.lora.enabled:
+            return ("adapter", "model", "report") if options.merge else ("adapter", "report")
+        return ("model", "report")
+
+    def run(self, o: ContinuedPretrainOptions, ctx) -> None:
+        from llmforge_plugins.training import common, loop, models, tokenized
+
+        seed = common.seed_of(o, ctx)
+        models.set_seed(seed)
+        new = common.load_rows(o.data, ctx, expect=("text",)).rows
+        replay = common.load_rows(o.replay, ctx, expect=("text",)).rows if o.replay else []
+        rng = random.Random(seed)
+        if o.heldout is not None:
+            heldout = common.load_rows(o.heldout, ctx, expect=("text",)).rows[: o.heldout_rows]
+        elif replay:
+            rng.shuffle(replay)
+            heldout, replay = replay[: min(o.heldout_rows, len(replay) // 5 or 1)], replay[min(o.heldout_rows, len(replay) // 5 or 1):]
+        else:
+            heldout = []
+            ctx.log("no replay or heldout data: the forgetting report is skipped", level="warning")
+
+        tokenizer = models.load_tokenizer(o.model, o.trust_remote_code)
+        model = models.load_model(o.model, o.trust_remote_code)
+        new_tok = tokenized.tokenize(new, "text", tokenizer, None, max_length=o.max_length,
+                                     cache_dir=common.cache_dir(ctx)).rows
+        mixed = list(new_tok)
+        if replay and o.replay_ratio > 0:
+            rep_tok = tokenized.tokenize(replay, "text", tokenizer, None, max_length=o.max_length,
+                                         cache_dir=common.cache_dir(ctx)).rows
+            # replay_ratio of the final mix comes from replay: n_rep / (n_new + n_rep) = ratio
+            want = int(round(len(new_tok) * o.replay_ratio / (1 - o.replay_ratio)))
+            picks = [rep_tok[i % len(rep_tok)] for i in range(want)] if rep_tok else []
+            mixed += picks
+            ctx.log(f"mix: {len(new_tok)} new + {len(picks)} replay sequences (ratio {o.replay_ratio:g})")
+        rng.shuffle(mixed)
+        held_tok = tokenized.tokenize(heldout, "text", tokenizer, None, max_length=o.max_length).rows if heldout else []
+
+        before = loop.perplexity(model, held_tok) if held_tok else None
+        if before is not None:
+            ctx.metric(step=0, heldout_ppl=before)
+        train, evals = tokenized.split_eval(mixed, o.eval_split, seed)
+        trainer, callback, outdir = loop.build_sft_trainer(ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
+                                                           train_rows=train, eval_rows=evals or None, lora=o.lora,
+                                                           stage_kind="continued_pretrain")
+        outcome = loop.run_trainer(trainer, ctx, callback, outdir)
+        if outcome.stopped:
+            return
+        after = loop.perplexity(trainer.model, held_tok) if held_tok else None
+        report = {"heldout_rows": len(held_tok), "ppl_before": before, "ppl_after": after,
+                  "relative_change": (after - before) / before if before and after else None,
+                  "new_sequences": len(new_tok), "replay_ratio": o.replay_ratio, "final_loss": outcome.final_loss}
+        if after is not None:
+            ctx.metric(step=outcome.steps, heldout_ppl=after, forgetting=report["relative_change"])
+            ctx.log(f"forgetting: held-out perplexity {before:.3f} -> {after:.3f} "
+                    f"({100 * report['relative_change']:+.1f}%)")
+        ctx.info.update({k: v for k, v in report.items() if isinstance(v, (int, float)) or v is None})
+        with ctx.artifact("report") as out:
+            (out / "forgetting.json").write_text(json.dumps(report, indent=2))
+        common.save_outputs(ctx, trainer.model, tokenizer, None, o.lora, o.merge)
+
+
+@hookimpl
+def register_stages(register):
+    register(ContinuedPretrainStage)

@@ -1,0 +1,98 @@
+"""`dpo`: Direct Preference Optimisation with TRL's DPOTrainer on preference pairs.
+
+Full or LoRA. With LoRA the reference model is the base with the adapter switched off (TRL does
+this when it gets a PEFT config and no ref_model), not a second copy in memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from llmforge import hookimpl
+from llmforge.data import DataOptions
+from llmforge.stage import Input, Stage
+from llmforge_plugins.training.options import LoraOptions, TrainOptions
+
+
+class DpoOptions(TrainOptions):
+    model: Annotated[str, Input("model", "adapter")] = Field(description="The model to align: HF dir or @stage.")
+    data: DataOptions = Field(description="Preference data (prompt / chosen / rejected).")
+    template: str | None = Field(None, description="Chat template (default: the model's own).")
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "apo_zero", "apo_down"] = Field(
+        "sigmoid", description="DPO loss variant (sigmoid is the original).")
+    lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA settings.")
+    merge: bool = Field(False, description="With LoRA: also write the merged model.")
+    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate (DPO wants it small).")
+    packing: bool = Field(False, description="Not used by DPO (pairs are batched as pairs).")
+
+
+class DpoStage(Stage):
+    name = "dpo"
+    summary = "Preference tuning with DPO (TRL); full or LoRA with the base as implicit reference."
+    Options = DpoOptions
+    produces = ("model", "adapter")
+    cache_libraries = ("torch", "transformers", "trl", "peft")
+
+    def outputs(self, options: DpoOptions) -> tuple[str, ...]:
+        if options.lora.enabled:
+            return ("adapter", "model") if options.merge else ("adapter",)
+        return ("model",)
+
+    def run(self, o: DpoOptions, ctx) -> None:
+        import datasets
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+
+        datasets.disable_progress_bars()
+
+        from llmforge.chat import resolve_template
+        from llmforge_plugins.training import common, loop, models
+
+        common.check_qlora(o.lora)
+        seed = common.seed_of(o, ctx)
+        models.set_seed(seed)
+        ds = common.load_rows(o.data, ctx, expect=("preference",))
+        tokenizer = models.load_tokenizer(o.model, o.trust_remote_code)
+        model = models.load_model(o.model, o.trust_remote_code)
+        template = resolve_template(o.template, tokenizer, base_dir=ctx.project_dir)
+        models.prepare_tokenizer(model, tokenizer, template)
+        common.record_template(ctx, template)
+
+        from llmforge_plugins.training.tokenized import split_eval
+
+        train_rows, eval_rows = split_eval(ds.rows, o.eval_split, seed)
+        output_dir = ctx.work_dir / "checkpoints"
+        if not ctx.resume and output_dir.exists():
+            shutil.rmtree(output_dir)
+        args, precision = loop.common_args(o, ctx, output_dir, bool(eval_rows))
+        config = DPOConfig(**args, beta=o.beta, loss_type=[o.loss_type], max_length=o.max_length,
+                           dataset_num_proc=None)
+        ref: dict = {"precision": precision}
+        callback = loop.ForgeCallback(ctx, ref, "dpo", o.save_minutes)
+        callbacks = [callback] + ([loop.ProfileCallback(ctx, ctx.stage_dir / "profile")] if o.profile else [])
+        trainer = loop._counting(DPOTrainer)(
+            model=model, ref_model=None, args=config, processing_class=tokenizer,
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            peft_config=loop.lora_config(o.lora) if o.lora.enabled else None,
+            callbacks=callbacks,
+        )
+        ref["trainer"] = trainer
+        loop.quiet(trainer)
+        outcome = loop.run_trainer(trainer, ctx, callback, output_dir)
+        if outcome.stopped:
+            return
+        margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
+        ctx.info["final_loss"] = outcome.final_loss
+        if margins:
+            ctx.info["reward_margin_first"], ctx.info["reward_margin_last"] = margins[0], margins[-1]
+        common.save_outputs(ctx, trainer.model, tokenizer, template, o.lora, o.merge)
+
+
+@hookimpl
+def register_stages(register):
+    register(DpoStage)

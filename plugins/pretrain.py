@@ -1,0 +1,86 @@
+"""`pretrain`: a language model from scratch: a BPE tokenizer trained on the corpus (or a given one),
+a Llama-architecture model initialised from a size preset or explicit dimensions, and causal-LM
+training on the text. The tokenizer reserves the chat template's special tokens so the same model
+can go on to SFT, DPO and GGUF export.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from llmforge import hookimpl
+from llmforge.data import DataOptions
+from llmforge.stage import Input, Stage, StageOptions
+from llmforge_plugins.training.options import TrainOptions
+
+
+class ModelShape(StageOptions):
+    size: Literal["tiny", "mini", "small", "base", "smollm-135m"] = Field(
+        "mini", description="Size preset (tiny ~0.1M params for tests, mini ~5M, small ~30M, base ~100M).")
+    hidden_size: int | None = Field(None, gt=0, description="Override the preset's hidden size.")
+    num_hidden_layers: int | None = Field(None, gt=0, description="Override the number of layers.")
+    num_attention_heads: int | None = Field(None, gt=0, description="Override the number of attention heads.")
+    num_key_value_heads: int | None = Field(None, gt=0, description="Override the KV heads (grouped-query attention).")
+    intermediate_size: int | None = Field(None, gt=0, description="Override the MLP width.")
+    tie_embeddings: bool = Field(True, description="Share input and output embeddings.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+
+
+class PretrainOptions(TrainOptions):
+    data: DataOptions = Field(description="Text data (text rows, .txt files).")
+    tokenizer: Annotated[str | None, Input("model", "tokenizer")] = Field(
+        None, description="Use this tokenizer (a HF dir) instead of training one.")
+    vocab_size: int = Field(4096, ge=300, description="Vocabulary size of the trained tokenizer.")
+    template: str = Field("chatml", description="Chat template whose special tokens the tokenizer reserves.")
+    model: ModelShape = Field(default_factory=ModelShape, description="Architecture (Llama).")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+
+
+class PretrainStage(Stage):
+    name = "pretrain"
+    summary = "Train a tokenizer and a Llama-architecture model from scratch on text."
+    Options = PretrainOptions
+    produces = ("model",)
+    cache_libraries = ("torch", "transformers", "trl", "tokenizers")
+
+    def run(self, o: PretrainOptions, ctx) -> None:
+        from llmforge.chat import resolve_template
+        from llmforge_plugins.training import common, loop, models
+
+        seed = common.seed_of(o, ctx)
+        models.set_seed(seed)
+        ds = common.load_rows(o.data, ctx, expect=("text",))
+        template = resolve_template(o.template, None, base_dir=ctx.project_dir)
+        if o.tokenizer:
+            tokenizer = models.load_tokenizer(o.tokenizer, o.trust_remote_code)
+        else:
+            tokenizer = models.train_tokenizer((r["text"] for r in ds.rows), o.vocab_size, template)
+            ctx.log(f"trained a byte-level BPE tokenizer: {len(tokenizer)} tokens")
+        shape = o.model.model_dump()
+        preset = shape.pop("size")
+        config = models.model_config(preset, len(tokenizer), o.max_length, shape, tokenizer)
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(config)
+        models.prepare_tokenizer(model, tokenizer, template)
+        common.record_template(ctx, template)
+        n_params = sum(p.numel() for p in model.parameters())
+        ctx.log(f"model: Llama {preset}, {n_params / 1e6:.2f}M parameters, vocab {config.vocab_size}")
+        ctx.info["parameters"] = n_params
+        train, evals = common.tokenize_split(ctx, ds.rows, "text", tokenizer, template, o)
+        trainer, callback, outdir = loop.build_sft_trainer(ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
+                                                           train_rows=train, eval_rows=evals,
+                                                           stage_kind="pretrain")
+        outcome = loop.run_trainer(trainer, ctx, callback, outdir)
+        if outcome.stopped:
+            return
+        common.save_outputs(ctx, trainer.model, tokenizer, template, None, False)
+        ctx.info["final_loss"] = outcome.final_loss
+        ctx.info["eval_loss"] = outcome.eval_loss
+
+
+@hookimpl
+def register_stages(register):
+    register(PretrainStage)

@@ -1,0 +1,68 @@
+"""`sft`: supervised fine-tuning on chat data: full, LoRA, or QLoRA (CUDA).
+
+Rows are rendered with the chat template and only assistant turns are trained by default; TRL's
+SFTTrainer packs the tokenized rows (best-fit, padding-free) and trains. The template travels with
+the output model so export and chat use exactly it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from llmforge import hookimpl
+from llmforge.data import DataOptions
+from llmforge.stage import Input, Stage
+from llmforge_plugins.training.options import LoraOptions, TrainOptions
+
+
+class SftOptions(TrainOptions):
+    model: Annotated[str, Input("model", "adapter")] = Field(description="Base model: a HF directory or @stage.")
+    data: DataOptions = Field(description="Chat data (messages, sharegpt or alpaca rows).")
+    template: str | None = Field(None, description="Chat template: a name (chatml, llama3, alpaca, mistral), "
+                                                   "a .jinja file, or unset for the tokenizer's own.")
+    train_on: Literal["assistant", "all", "last_turn"] = Field("assistant", description="Which tokens carry loss.")
+    lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA / QLoRA settings.")
+    merge: bool = Field(False, description="With LoRA: also write the base with the adapter merged in.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+
+
+class SftStage(Stage):
+    name = "sft"
+    summary = "Supervised fine-tuning on chat data (full, LoRA, QLoRA); loss on assistant turns."
+    Options = SftOptions
+    produces = ("model", "adapter")
+    cache_libraries = ("torch", "transformers", "trl", "peft")
+
+    def outputs(self, options: SftOptions) -> tuple[str, ...]:
+        if options.lora.enabled:
+            return ("adapter", "model") if options.merge else ("adapter",)
+        return ("model",)
+
+    def run(self, o: SftOptions, ctx) -> None:
+        from llmforge.chat import resolve_template
+        from llmforge_plugins.training import common, loop, models
+
+        common.check_qlora(o.lora)
+        models.set_seed(common.seed_of(o, ctx))
+        ds = common.load_rows(o.data, ctx, expect=("chat",))
+        tokenizer = models.load_tokenizer(o.model, o.trust_remote_code)
+        model = models.load_model(o.model, o.trust_remote_code)
+        template = resolve_template(o.template, tokenizer, base_dir=ctx.project_dir)
+        models.prepare_tokenizer(model, tokenizer, template)
+        common.record_template(ctx, template)
+        train, evals = common.tokenize_split(ctx, ds.rows, "chat", tokenizer, template, o, train_on=o.train_on)
+        trainer, callback, outdir = loop.build_sft_trainer(ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
+                                                           train_rows=train, eval_rows=evals, lora=o.lora)
+        outcome = loop.run_trainer(trainer, ctx, callback, outdir)
+        if outcome.stopped:
+            return
+        common.save_outputs(ctx, trainer.model, tokenizer, template, o.lora, o.merge)
+        ctx.info["final_loss"] = outcome.final_loss
+        ctx.info["eval_loss"] = outcome.eval_loss
+
+
+@hookimpl
+def register_stages(register):
+    register(SftStage)

@@ -1,0 +1,122 @@
+"""Models and tokenizers: size presets, a BPE tokenizer trained on the corpus, loading a model (or
+a base plus adapter) safely, and saving a complete HF directory that carries the chat template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llmforge.errors import DataError, UsageError
+
+# Llama-architecture shapes. `tiny` is for tests; `smollm-135m` matches SmolLM2-135M's shape.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=176),
+    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                 intermediate_size=688),
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                  intermediate_size=1376),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                 intermediate_size=2048),
+    "smollm-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                        intermediate_size=1536),
+}
+
+# The GPT-2 split, as llama.cpp knows it: keeps GGUF export able to name the pre-tokenizer faithfully.
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def train_tokenizer(texts, vocab_size: int, template, min_frequency: int = 2):
+    """A byte-level BPE tokenizer trained on `texts`, reserving the template's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmforge.chat import DEFAULT_PAD
+
+    specials = list(template.required_tokens)
+    if not template.pad and DEFAULT_PAD not in specials:
+        specials.append(DEFAULT_PAD)
+    tok = Tokenizer(models.BPE())
+    # ByteLevel with the GPT-2 regex: every byte is representable (no unknown token), and llama.cpp's
+    # "gpt-2" pre-tokenizer matches it.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=template.bos, eos_token=template.eos,
+                                   pad_token=template.pad or DEFAULT_PAD)
+    fast.chat_template = template.source
+    return fast
+
+
+def model_config(preset: str, vocab_size: int, max_length: int, overrides: dict, tokenizer):
+    from transformers import LlamaConfig
+
+    if preset not in PRESETS:
+        raise UsageError(f"unknown model size preset '{preset}' (known: {', '.join(PRESETS)})")
+    dims = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max(max_length, 128),
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=dims.pop("tie_embeddings", True),
+                       rope_theta=dims.pop("rope_theta", 10000.0), **dims)
+
+
+def is_adapter(path: Path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False, dtype=None):
+    """An HF model directory, or a PEFT adapter directory (its base is loaded and the adapter merged)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: model directory not found")
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trust_remote_code, dtype=dtype)
+        return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    if not (path / "config.json").exists():
+        raise DataError(f"{path}: not a model directory (no config.json)")
+    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, dtype=dtype)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def prepare_tokenizer(model, tokenizer, template) -> None:
+    """Make the tokenizer carry the template (tokens, EOS, pad) and grow the embeddings if it added tokens."""
+    from llmforge.chat import apply_template
+
+    added = apply_template(tokenizer, template)
+    if added or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def save_model_dir(model, tokenizer, out: Path, template=None, extra: dict | None = None) -> None:
+    """A complete HF directory: safetensors weights, config, tokenizer with its chat template."""
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    if template is not None:
+        meta = {"name": template.name, "hash": template.hash, "eos": template.eos, **(extra or {})}
+        (out / "llmforge.json").write_text(json.dumps({"chat_template": meta}, indent=2))
+
+
+def set_seed(seed: int) -> None:
+    from transformers import set_seed as hf_set_seed
+
+    hf_set_seed(seed)
+    torch.manual_seed(seed)
