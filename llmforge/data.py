@@ -6,8 +6,14 @@ Normalised rows have one of three shapes, named by the format's ``kind``:
 
 * ``text``:       ``{"text": str}``
 * ``chat``:       ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}``
+  (at least one assistant message with content: a chat row is only kept if there is something to train on)
 * ``preference``: ``{"prompt": [messages...], "chosen": [messages...], "rejected": [messages...]}``
-  (the prompt's messages end with a user turn; chosen/rejected hold the assistant answer(s))
+  (the prompt's messages end with a user turn, or a tool result; chosen/rejected hold the assistant
+  answer(s) and nothing else)
+
+Where a row comes from is written `file:line` for line-based files (1-based, as an editor shows it)
+and `file:row N` for columnar ones (parquet, saved HF datasets; 0-based, as `dataset[N]` finds it).
+Paths are shown as the user wrote them (relative to forge.toml), not as absolute paths.
 
 No torch here: this module is imported by validation and by `llmforge data` commands.
 """
@@ -15,9 +21,10 @@ No torch here: this module is imported by validation and by `llmforge data` comm
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Iterator, Literal
+from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal
 
 from pydantic import Field
 
@@ -26,6 +33,8 @@ from llmforge.stage import Input, StageOptions
 
 KINDS = ("text", "chat", "preference")
 ROLES = ("system", "user", "assistant", "tool")
+
+_SKIP_HINT = "fix the row, or set on_bad_row = \"skip\" to skip bad rows and get a report"
 
 
 class RowError(Exception):
@@ -40,7 +49,9 @@ class RowError(Exception):
 @dataclass(frozen=True)
 class Record:
     """One raw row as read from a file. `where` is `path:line` (text formats) or `path:row N`.
-    A reader that cannot parse a row yields it with `error` set instead of failing the file."""
+    A reader that cannot parse a row yields it with `error` set instead of failing the file, so that
+    on_bad_row = "skip" can go on. A reader that cannot go on at all (a broken JSON document, an
+    unreadable parquet file) raises DataError naming the file instead."""
 
     data: dict
     where: str
@@ -48,7 +59,10 @@ class Record:
 
 
 class Reader:
-    """Reads one kind of file (or folder) into Records. Registered with `register_readers`."""
+    """Reads one kind of file (or folder) into Records. Registered with `register_readers`.
+
+    `read` should be a generator that yields records as it reads them: training files can be far
+    larger than memory is comfortable with, and `limit` stops reading early."""
 
     name: ClassVar[str] = ""
     suffixes: ClassVar[tuple[str, ...]] = ()
@@ -100,19 +114,39 @@ class Dataset:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, reason)
     files: list[str] = field(default_factory=list)
 
+    def __len__(self) -> int:
+        return len(self.rows)
+
     def report(self) -> dict:
         return {"kind": self.kind, "format": self.format, "rows": len(self.rows), "files": self.files,
                 "skipped": len(self.skipped), "first_skipped": [f"{w}: {r}" for w, r in self.skipped[:20]]}
 
+    def summary(self) -> str:
+        """One line for a stage's log: what was read, and what was skipped (with the first reason)."""
+        n_files = len(self.files)
+        text = (f"{len(self.rows)} {self.kind} rows ({self.format} format) from {n_files} "
+                f"file{'s' if n_files != 1 else ''}")
+        if self.skipped:
+            w, r = self.skipped[0]
+            text += f"; {len(self.skipped)} bad row{'s' if len(self.skipped) != 1 else ''} skipped, first: {w}: {r}"
+        return text
 
-def _paths(options: DataOptions, base: Path | None) -> list[Path]:
+
+# ------------------------------------------------------------------------------------------------
+# finding files
+# ------------------------------------------------------------------------------------------------
+
+
+def _paths(options: DataOptions, base: Path | None) -> list[tuple[Path, str]]:
+    """(real path, the path as the user wrote it) for each entry of options.path."""
     raw = options.path if isinstance(options.path, list) else [options.path]
     out = []
     for p in raw:
-        path = Path(p)
+        path = Path(p).expanduser()
+        shown = str(Path(p))
         if not path.is_absolute() and base is not None:
             path = base / path
-        out.append(path)
+        out.append((path, shown))
     return out
 
 
@@ -123,9 +157,36 @@ def _reader_for(path: Path, readers: dict[str, Reader]) -> Reader | None:
     return None
 
 
+def _natural_key(name: str) -> tuple:
+    # "part2" before "part10": shards and numbered files are read in the order a person expects.
+    parts = re.split(r"(\d+)", name.lower())
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), name
+
+
+def _walk(folder: Path, readers: dict[str, Reader], seen: set[Path]) -> Iterator[tuple[Path, Reader]]:
+    real = folder.resolve()
+    if real in seen:  # a symlink loop must not make us read forever
+        return
+    seen.add(real)
+    children = [c for c in folder.iterdir() if not c.name.startswith(".")]  # .git, .cache, editor files
+    for child in sorted(children, key=lambda c: _natural_key(c.name)):
+        reader = _reader_for(child, readers)
+        if reader is not None:
+            # A folder a reader claims (a saved HF dataset) is read as one; its own files
+            # (state.json, *.arrow) are not data files of ours.
+            yield child, reader
+        elif child.is_dir():
+            yield from _walk(child, readers, seen)
+
+
+def _known(readers: dict[str, Reader]) -> str:
+    return ", ".join(s for r in readers.values() for s in r.suffixes)
+
+
 def iter_files(paths: list[Path], readers: dict[str, Reader]) -> Iterator[tuple[Path, Reader]]:
-    """Every readable file under the given paths, in a stable order. A folder that a reader claims
-    as a whole (a saved HF dataset) is read as one; other folders are walked."""
+    """Every readable file under the given paths, in a stable order: each path in the order given,
+    a folder's entries in natural name order (subfolders in place, hidden entries skipped). A folder
+    that a reader claims as a whole (a saved HF dataset) is read as one; other folders are walked."""
     for path in paths:
         if not path.exists():
             raise DataError(f"{path}: file not found")
@@ -135,39 +196,102 @@ def iter_files(paths: list[Path], readers: dict[str, Reader]) -> Iterator[tuple[
             continue
         if path.is_dir():
             found = False
-            for child in sorted(p for p in path.rglob("*") if not any(x.startswith(".") for x in p.parts[-1:])):
-                if child.is_file() and (r := _reader_for(child, readers)) is not None:
-                    found = True
-                    yield child, r
+            for item in _walk(path, readers, set()):
+                found = True
+                yield item
             if not found:
-                raise DataError(f"{path}: no readable data files (known: "
-                                f"{', '.join(s for r in readers.values() for s in r.suffixes)})")
+                raise DataError(f"{path}: no readable data files (known: {_known(readers)}, "
+                                f"or a saved Hugging Face dataset folder)")
             continue
-        raise DataError(f"{path}: no reader for this file type (known: "
-                        f"{', '.join(s for r in readers.values() for s in r.suffixes)})")
+        raise DataError(f"{path}: no reader for this file type (known: {_known(readers)})")
 
 
-def pick_format(columns: set[str], formats: dict[str, RowFormat], where: str) -> RowFormat:
+# ------------------------------------------------------------------------------------------------
+# formats
+# ------------------------------------------------------------------------------------------------
+
+
+def _detect(columns: set[str], formats: dict[str, RowFormat], expect: tuple[str, ...]) -> RowFormat | None:
     matches = [f for f in formats.values() if f.detect(columns)]
     if not matches:
+        return None
+    # A format the stage can use beats one it cannot (a row with both `text` and `messages` is chat
+    # data for SFT); then the format's own priority decides.
+    return max(matches, key=lambda f: (f.kind in expect, f.priority))
+
+
+def _detect_hint(formats: dict[str, RowFormat]) -> str:
+    known = "; ".join(f"{f.name}: {', '.join(f.columns)}" for f in formats.values() if f.columns)
+    return (f"set `format =` to one of {', '.join(sorted(formats))} and, for odd column names, "
+            f"`columns = {{format_column = \"your_column\"}}` (columns each format looks for: {known})")
+
+
+def pick_format(columns: set[str], formats: dict[str, RowFormat], where: str,
+                expect: tuple[str, ...] = KINDS) -> RowFormat:
+    """The format of a row with these columns; DataError if none fits."""
+    fmt = _detect(columns, formats, expect)
+    if fmt is None:
         raise DataError(f"{where}: cannot tell the row format from the columns {sorted(columns)}",
-                        hint="set `format =` (" + ", ".join(sorted(formats)) + ") and, for odd column names, "
-                             "`columns = {format_column = \"your_column\"}`")
-    return max(matches, key=lambda f: f.priority)
+                        hint=_detect_hint(formats))
+    return fmt
+
+
+def _check_kind(fmt: RowFormat, expect: tuple[str, ...], where: str) -> None:
+    if fmt.kind not in expect:
+        raise DataError(f"{where}: rows are in the {fmt.name} format ({fmt.kind} data), this stage needs "
+                        f"{' or '.join(expect)} data",
+                        hint="point `path` at data of the right kind, or set `format =` if the detection is wrong")
+
+
+def _renamer(columns: dict[str, str]) -> Callable[[dict], dict]:
+    """Apply `columns = {ours = theirs}` to a raw row. A column that already carries one of our names
+    but was mapped away is dropped, so the user's mapping always wins over a coincidental name."""
+    if not columns:
+        return lambda row: row
+    inverse = {theirs: ours for ours, theirs in columns.items()}
+
+    def rename(row: dict) -> dict:
+        out = {}
+        for k, v in row.items():
+            if k in inverse:
+                out[inverse[k]] = v
+            elif k not in columns:
+                out[k] = v
+        return out
+
+    return rename
+
+
+def _user_field(field_path: str, columns: dict[str, str]) -> str:
+    """`messages[2].role` -> `dialog[2].role` when the user mapped messages = "dialog": an error
+    must name the column as it is in the user's file."""
+    m = re.match(r"[^.\[]+", field_path)
+    if m and m.group(0) in columns:
+        return columns[m.group(0)] + field_path[m.end():]
+    return field_path
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------
 
 
 def load_data(options: DataOptions, base: Path | None = None, registry=None,
               expect: tuple[str, ...] = KINDS) -> Dataset:
     """Read and normalise every row; raise DataError (exit 2) naming file, line and field.
 
-    `expect` lists the kinds the caller can train on (SFT: chat; DPO: preference; pretraining: text).
-    With on_bad_row = "skip", bad rows are counted and kept in `Dataset.skipped` instead.
+    `expect` lists the kinds the caller can train on (SFT: chat; DPO: preference; pretraining: text);
+    it also breaks ties in format detection. The format is detected on the first row that fits one
+    (or set by `options.format`) and then applies to every file of the dataset.
+    With on_bad_row = "skip", bad rows (and empty files) are counted and kept in `Dataset.skipped`
+    instead; finding no usable row at all is still an error.
     """
     from llmforge.plugins import get_registry
 
     registry = registry or get_registry()
     readers, formats = registry.readers, registry.row_formats
     fmt: RowFormat | None = None
+    detected_at = ""
     if options.format != "auto":
         fmt = formats.get(options.format)
         if fmt is None:
@@ -175,50 +299,91 @@ def load_data(options: DataOptions, base: Path | None = None, registry=None,
 
             raise DataError(f"unknown data format '{options.format}'{did_you_mean(options.format, formats)}",
                             hint=f"installed: {', '.join(sorted(formats))}")
-    inverse = {theirs: ours for ours, theirs in options.columns.items()}
+        _check_kind(fmt, expect, f"format = \"{fmt.name}\"")
+    rename = _renamer(options.columns)
     rows: list[dict] = []
     wheres: list[str] = []
     skipped: list[tuple[str, str]] = []
     files: list[str] = []
 
-    def bad(where: str, reason: str) -> None:
+    def bad(where: str, reason: str, hint: str = _SKIP_HINT) -> None:
         if options.on_bad_row == "error":
-            raise DataError(f"{where}: {reason}",
-                            hint="fix the row, or set on_bad_row = \"skip\" to skip bad rows and get a report")
+            raise DataError(f"{where}: {reason}", hint=hint)
         skipped.append((where, reason))
 
-    for path, reader in iter_files(_paths(options, base), readers):
-        files.append(str(path))
-        seen_in_file = 0
-        for rec in reader.read(path, options):
-            seen_in_file += 1
-            if rec.error is not None:
-                bad(rec.where, rec.error)
-                continue
-            data = {inverse.get(k, k): v for k, v in rec.data.items()} if inverse else rec.data
-            row_fmt = fmt or pick_format(set(data), formats, rec.where)
-            if fmt is None:
-                fmt = row_fmt  # one dataset, one format: detected on the first row
+    def full() -> bool:
+        return bool(options.limit) and len(rows) >= options.limit
+
+    def located(root: Path, shown_root: str) -> Iterator[tuple[Path, Reader]]:
+        try:
+            yield from iter_files([root], readers)
+        except DataError as exc:  # "file not found" and the like, with the path as the user wrote it
+            raise DataError(exc.message.replace(str(root), shown_root, 1), exc.hint) from None
+
+    for root, shown_root in _paths(options, base):
+        for path, reader in located(root, shown_root):
+            # Show paths the way the user wrote them: `data/chat.jsonl:17`, not /home/.../data/chat.jsonl:17.
+            real = str(path)
+            shown = shown_root if path == root else str(Path(shown_root) / path.relative_to(root))
+
+            def here(where: str) -> str:
+                return shown + where[len(real):] if where.startswith(real) else where
+
+            files.append(shown)
+            seen_in_file = 0
+            records = reader.read(path, options)
             try:
-                norm = row_fmt.normalize(data)
-            except RowError as exc:
-                bad(rec.where, str(exc))
-                continue
-            rows.append(norm)
-            wheres.append(rec.where)
-            if options.limit and len(rows) >= options.limit:
+                for rec in records:
+                    seen_in_file += 1
+                    where = here(rec.where)
+                    if rec.error is not None:
+                        bad(where, rec.error)
+                        continue
+                    data = rename(rec.data)
+                    if fmt is None:
+                        fmt = _detect(set(data), formats, expect)
+                        if fmt is None:
+                            bad(where, f"cannot tell the row format from the columns {sorted(data)}",
+                                _detect_hint(formats))
+                            continue
+                        detected_at = where
+                        _check_kind(fmt, expect, where)  # before reading a large file for nothing
+                    try:
+                        norm = fmt.normalize(data)
+                    except RowError as exc:
+                        reason = str(RowError(_user_field(exc.field, options.columns), exc.message))
+                        if options.format == "auto" and not fmt.detect(set(data)):
+                            other = _detect(set(data), formats, expect)
+                            if other is not None and other is not fmt:
+                                reason += (f" (this row looks like the {other.name} format, but the data's format "
+                                           f"is {fmt.name}, detected at {detected_at}; one dataset has one format)")
+                        bad(where, reason)
+                        continue
+                    rows.append(norm)
+                    wheres.append(where)
+                    if full():
+                        break
+            except DataError as exc:
+                raise DataError(here(exc.message), exc.hint) from None
+            except (OSError, EOFError) as exc:
+                raise DataError(f"{shown}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+            finally:
+                close = getattr(records, "close", None)
+                if close is not None:
+                    close()  # stop a generator early (limit) so that it closes its file now
+            if seen_in_file == 0:
+                bad(shown, "empty file (no rows)", "remove the file or fill it")
+            if full():
                 break
-        if seen_in_file == 0:
-            raise DataError(f"{path}: empty file (no rows)")
-        if options.limit and len(rows) >= options.limit:
+        if full():
             break
     if fmt is None or not rows:
         where = ", ".join(files) or str(options.path)
-        raise DataError(f"{where}: no usable rows" + (f" ({len(skipped)} bad rows skipped; first: "
-                                                      f"{skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
-    if fmt.kind not in expect:
-        raise DataError(f"{files[0]}: rows are in the {fmt.name} format ({fmt.kind}), this stage needs "
-                        f"{' or '.join(expect)} data")
+        if skipped:
+            raise DataError(f"{where}: no usable rows ({len(skipped)} bad row{'s' if len(skipped) != 1 else ''} "
+                            f"skipped; first: {skipped[0][0]}: {skipped[0][1]})",
+                            hint="see the reasons above; `on_bad_row = \"error\"` stops at the first bad row")
+        raise DataError(f"{where}: no usable rows")
     return Dataset(kind=fmt.kind, format=fmt.name, rows=rows, wheres=wheres, skipped=skipped, files=files)
 
 
@@ -230,24 +395,78 @@ def write_report(dataset: Dataset, directory: Path) -> Path:
     path = directory / "data-report.json"
     report = dataset.report()
     report["skipped_rows"] = [{"where": w, "reason": r} for w, r in dataset.skipped]
-    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return path
 
 
-def check_messages(messages: Any, field: str = "messages") -> list[dict]:
-    """Validate a list of chat messages; raise RowError naming the first bad field."""
-    if not isinstance(messages, list) or not messages:
-        raise RowError(field, f"expected a non-empty list of messages, got {type(messages).__name__}")
+# ------------------------------------------------------------------------------------------------
+# helpers for row formats
+# ------------------------------------------------------------------------------------------------
+
+
+def describe(value: Any) -> str:
+    """A value as an error message shows it: short scalars as JSON (`"usr"`, `42`, `null`), containers
+    by their JSON type. The user wrote JSON (or CSV), so Python type names would not help them."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 42 else text[:40] + "…\""
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def content_text(value: Any, field: str) -> str:
+    """A message's content as a string. OpenAI-style content parts (`[{"type": "text", "text": ...}]`)
+    are joined; anything else that is not a string (numbers, null, images) is a RowError."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        texts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                got = describe(part.get("type")) + " part" if isinstance(part, dict) else describe(part)
+                raise RowError(f"{field}[{i}]", f"expected a text part ({{\"type\": \"text\", \"text\": ...}}), "
+                                                f"got {got}")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RowError(field, f"expected a string, got {describe(value)}")
+
+
+def check_messages(messages: Any, field: str = "messages", *, assistant: bool = False) -> list[dict]:
+    """Validate a list of chat messages; raise RowError naming the first bad field.
+
+    Roles are matched without regard to case or surrounding spaces. With `assistant=True` the list
+    must hold an assistant message with some content: a chat row with nothing to train on is bad.
+    Returns fresh `{"role", "content"}` dicts (other keys are dropped).
+    """
+    if not isinstance(messages, list):
+        raise RowError(field, f"expected a list of messages, got {describe(messages)}")
+    if not messages:
+        raise RowError(field, "empty list of messages")
     out = []
     for i, m in enumerate(messages):
         here = f"{field}[{i}]"
         if not isinstance(m, dict):
-            raise RowError(here, f"expected a table with role and content, got {type(m).__name__}")
-        role = m.get("role")
-        if role not in ROLES:
-            raise RowError(f"{here}.role", f"expected one of {'/'.join(ROLES)}, got {json.dumps(role)}")
-        content = m.get("content")
-        if not isinstance(content, str):
-            raise RowError(f"{here}.content", f"expected a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
+            raise RowError(here, f"expected an object with role and content, got {describe(m)}")
+        if "role" not in m:
+            raise RowError(f"{here}.role", "missing")
+        role = m["role"]
+        key = role.strip().lower() if isinstance(role, str) else None
+        if key not in ROLES:
+            raise RowError(f"{here}.role", f"expected one of {'/'.join(ROLES)}, got {describe(role)}")
+        if "content" not in m:
+            raise RowError(f"{here}.content", "missing")
+        out.append({"role": key, "content": content_text(m["content"], f"{here}.content")})
+    if assistant:
+        require_assistant(out, field)
     return out
+
+
+def require_assistant(messages: list[dict], field: str = "messages") -> None:
+    """RowError unless a (normalised) message list has an assistant turn with some content."""
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise RowError(field, "no assistant turn to train on")
