@@ -42,6 +42,10 @@ HOOK_TESTS = {
     "execute_stage": ["test_execute_stage_wrapper_wraps_every_stage",
                       "test_execute_stage_firstresult_can_take_a_stage_over"],
     "on_event": ["test_on_event_observes_every_event"],
+    "register_readers": ["test_register_readers_and_row_formats_read_probe_files"],
+    "register_row_formats": ["test_register_readers_and_row_formats_read_probe_files"],
+    "register_chat_templates": ["test_register_chat_templates_makes_the_template_resolvable"],
+    "register_trackers": ["test_register_trackers_tracker_sees_the_run"],
 }
 
 
@@ -334,3 +338,35 @@ def test_a_crashing_validate_pipeline_is_reported_as_a_problem(project):
     with pytest.raises(ForgeError) as info:
         load_pipeline(project.config, registry=load_registry(env="", extra=[("crashing", Crashing())]))
     assert "crashing" in str(info.value) and "validator exploded" in str(info.value)
+
+
+def test_register_readers_and_row_formats_read_probe_files(probe_registry, tmp_path):
+    from llmforge.data import DataOptions, load_data
+
+    (tmp_path / "a.probe").write_text("hello\n\nworld\n")
+    ds = load_data(DataOptions(path=str(tmp_path / "a.probe")), registry=probe_registry, expect=("text",))
+    assert ds.format == "probe" and ds.kind == "text"
+    assert ds.rows == [{"text": "HELLO"}, {"text": "WORLD"}]
+    assert ds.wheres == [f"{tmp_path / 'a.probe'}:1", f"{tmp_path / 'a.probe'}:3"]
+
+
+def test_register_chat_templates_makes_the_template_resolvable(probe_registry):
+    from llmforge.chat import render, resolve_template
+
+    template = resolve_template("probe", registry=probe_registry)
+    assert template.name == "probe" and template.eos == "<|probe_end|>"
+    text = render(template, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert text == "[user] hi<|probe_end|>\n[assistant] "
+
+
+def test_register_trackers_tracker_sees_the_run(probe, project):
+    project.write(PROBE_PROJECT + "\n[trackers.probe]\npath = \"tracked.txt\"\n")
+    # [trackers] must come before [[stages]] in TOML; rewrite the file in that order
+    text = project.config.read_text()
+    body, _, tracker = text.partition("[trackers.probe]")
+    project.write("[trackers.probe]" + tracker + "\n" + body)
+    res = project.run("run", plugins=[probe], env={"LLMFORGE_LOAD_PLUGINS": "probe-plugin"})
+    assert res.returncode == 0, res.stderr
+    lines = (project.root / "tracked.txt").read_text().split()
+    assert lines[0] == "run_start" and lines[-2:] == ["run_end", "closed"]
+    assert {"stage_start", "stage_end", "artifact"} <= set(lines)
