@@ -32,12 +32,13 @@ def build_app() -> typer.Typer:
     ) -> None:
         """llmforge: a local-first workbench for training language models."""
 
-    from llmforge.cli import plugins_cmd, project_cmd, run_cmd, runs_cmd
+    from llmforge.cli import data_cmd, plugins_cmd, project_cmd, run_cmd, runs_cmd
 
     project_cmd.register(app)
     run_cmd.register(app)
     runs_cmd.register(app)
     plugins_cmd.register(app)
+    data_cmd.register(app)
 
     from llmforge.plugins import get_registry
 

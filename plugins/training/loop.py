@@ -315,6 +315,9 @@ def build_sft_trainer(*, ctx, opts, model, tokenizer, train_rows: list[dict], ev
     output_dir = ctx.work_dir / "checkpoints"
     if not ctx.resume and output_dir.exists():
         shutil.rmtree(output_dir)
+    # With a KV cache in play, transformers does not derive per-sample masks from restarting position
+    # ids, and packed samples would attend to each other. Training needs no cache: turn it off.
+    model.config.use_cache = False
     args, precision = common_args(opts, ctx, output_dir, bool(eval_rows))
     config = SFTConfig(**args, max_length=opts.max_length, packing=opts.packing, packing_strategy="bfd",
                        padding_free=opts.packing, dataset_num_proc=None, assistant_only_loss=False,

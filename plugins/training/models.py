@@ -108,6 +108,7 @@ def prepare_tokenizer(model, tokenizer, template) -> None:
 
 def save_model_dir(model, tokenizer, out: Path, template=None, extra: dict | None = None) -> None:
     """A complete HF directory: safetensors weights, config, tokenizer with its chat template."""
+    model.config.use_cache = True  # training turned it off; generation wants it back
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     if template is not None:

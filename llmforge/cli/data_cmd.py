@@ -1,0 +1,127 @@
+"""`llmforge data inspect`: look at training data the way a stage will see it, masks included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from llmforge.cli.common import JSON_OPTION, console, print_json, sub_app
+
+
+def inspect(
+    file: Path = typer.Argument(..., help="A data file or folder."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model or tokenizer directory: tokenize rows."),
+    masks: bool = typer.Option(False, "--masks", help="Show which tokens are trained and which are ignored."),
+    template: Optional[str] = typer.Option(None, "--template", "-t",
+                                           help="Chat template name or .jinja file (default: the model's own)."),
+    max_length: int = typer.Option(2048, "--max-length", help="Sequence length for the truncation rate."),
+    rows: int = typer.Option(2, "--rows", "-n", help="How many rows to show."),
+    fmt: str = typer.Option("auto", "--format", help="Row format (default: detected from the columns)."),
+    train_on: str = typer.Option("assistant", "--train-on", help="assistant, all or last_turn."),
+    plain: bool = typer.Option(False, "--plain", help="Mark trained tokens with [[ ]] instead of colour."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Rows as a stage reads them; with --model, rendered through the chat template, with --masks the
+    trained tokens highlighted, and the truncation rate at --max-length."""
+    from llmforge.data import DataOptions, load_data
+
+    ds = load_data(DataOptions(path=str(file), format=fmt, on_bad_row="skip"), base=Path.cwd())
+    summary = {"file": str(file), "format": ds.format, "kind": ds.kind, "rows": len(ds.rows),
+               "skipped": len(ds.skipped), "first_skipped": [f"{w}: {r}" for w, r in ds.skipped[:5]]}
+    shown: list[dict] = []
+    if model is None:
+        shown = [{"where": w, "row": r} for w, r in zip(ds.wheres[:rows], ds.rows[:rows])]
+    else:
+        summary.update(_tokenized(ds, model, template, max_length, train_on, rows, shown))
+    if as_json:
+        print_json({**summary, "samples": shown})
+        return
+    _print(summary, shown, masks, plain)
+
+
+def _tokenized(ds, model: str, template: str | None, max_length: int, train_on: str, rows: int,
+               shown: list[dict]) -> dict:
+    from transformers import AutoTokenizer
+
+    from llmforge.chat import apply_template, encode_chat, resolve_template
+
+    tok = AutoTokenizer.from_pretrained(model)
+    tpl = None
+    if ds.kind != "text":
+        tpl = resolve_template(template, tok, base_dir=Path.cwd())
+        apply_template(tok, tpl)
+    lengths, truncated, trained, total = [], 0, 0, 0
+    for i, (where, row) in enumerate(zip(ds.wheres, ds.rows)):
+        if ds.kind == "chat":
+            enc = encode_chat(tok, tpl, row["messages"], max_length=max_length, train_on=train_on)
+            ids, labels, cut = enc.input_ids, enc.labels, enc.truncated
+        elif ds.kind == "text":
+            full = tok(row["text"], add_special_tokens=False)["input_ids"]
+            ids, labels, cut = full[:max_length], full[:max_length], len(full) > max_length
+        else:  # preference: show the prompt with the chosen answer
+            msgs = row["prompt"] + row["chosen"]
+            enc = encode_chat(tok, tpl, msgs, max_length=max_length, train_on="last_turn")
+            ids, labels, cut = enc.input_ids, enc.labels, enc.truncated
+        lengths.append(len(ids))
+        truncated += bool(cut)
+        trained += sum(1 for x in labels if x != -100)
+        total += len(ids)
+        if i < rows:
+            pieces = [tok.decode([t]) for t in ids]
+            shown.append({"where": where, "tokens": len(ids), "truncated": bool(cut),
+                          "pieces": [[p, lab != -100] for p, lab in zip(pieces, labels)]})
+    n = max(len(lengths), 1)
+    return {"template": tpl.name if tpl else None, "max_length": max_length,
+            "truncation_rate": truncated / n, "truncated": truncated,
+            "mean_tokens": sum(lengths) / n, "max_tokens": max(lengths, default=0),
+            "trained_fraction": trained / max(total, 1)}
+
+
+def _print(summary: dict, shown: list[dict], masks: bool, plain: bool) -> None:
+    from rich.text import Text
+
+    out = console()
+    out.print(f"[bold]{summary['file']}[/]: {summary['rows']} rows, format {summary['format']} ({summary['kind']})"
+              + (f", {summary['skipped']} bad rows skipped" if summary["skipped"] else ""))
+    for reason in summary["first_skipped"]:
+        out.print(f"  [yellow]skipped[/] {reason}", highlight=False)
+    if "truncation_rate" in summary:
+        out.print(f"tokens: mean {summary['mean_tokens']:.1f}, max {summary['max_tokens']}; truncated at "
+                  f"{summary['max_length']}: {summary['truncated']} rows ({100 * summary['truncation_rate']:.1f}%); "
+                  f"trained tokens {100 * summary['trained_fraction']:.1f}%"
+                  + (f"; template {summary['template']}" if summary.get("template") else ""))
+    for sample in shown:
+        out.rule(sample["where"])
+        if "row" in sample:
+            out.print(sample["row"], highlight=False)
+            continue
+        text = Text()
+        if masks:
+            in_span = False
+            for piece, is_trained in sample["pieces"]:
+                if plain:
+                    if is_trained and not in_span:
+                        text.append("[[")
+                    if not is_trained and in_span:
+                        text.append("]]")
+                    text.append(piece)
+                else:
+                    text.append(piece, style="bold green" if is_trained else "dim")
+                in_span = is_trained
+            if plain and in_span:
+                text.append("]]")
+        else:
+            text.append("".join(p for p, _ in sample["pieces"]))
+        out.print(text)
+        if sample["truncated"]:
+            out.print(f"[yellow](truncated at {summary['max_length']} tokens)[/]")
+    if masks and not plain:
+        out.print("[bold green]trained[/] / [dim]ignored (label -100)[/]")
+
+
+def register(app: typer.Typer) -> None:
+    data_app = sub_app("Look at and check training data.")
+    data_app.command("inspect")(inspect)
+    app.add_typer(data_app, name="data")
