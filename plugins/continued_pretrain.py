@@ -93,6 +93,7 @@ class ContinuedPretrainStage(Stage):
             ctx.metric(step=outcome.steps, heldout_ppl=after, forgetting=report["relative_change"])
             ctx.log(f"forgetting: held-out perplexity {before:.3f} -> {after:.3f} "
                     f"({100 * report['relative_change']:+.1f}%)")
+        outcome.record(ctx)
         ctx.info.update({k: v for k, v in report.items() if isinstance(v, (int, float)) or v is None})
         with ctx.artifact("report") as out:
             (out / "forgetting.json").write_text(json.dumps(report, indent=2))

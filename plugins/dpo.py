@@ -87,7 +87,7 @@ class DpoStage(Stage):
         if outcome.stopped:
             return
         margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
-        ctx.info["final_loss"] = outcome.final_loss
+        outcome.record(ctx)
         if margins:
             ctx.info["reward_margin_first"], ctx.info["reward_margin_last"] = margins[0], margins[-1]
         common.save_outputs(ctx, trainer.model, tokenizer, template, o.lora, o.merge)

@@ -77,8 +77,7 @@ class PretrainStage(Stage):
         if outcome.stopped:
             return
         common.save_outputs(ctx, trainer.model, tokenizer, template, None, False)
-        ctx.info["final_loss"] = outcome.final_loss
-        ctx.info["eval_loss"] = outcome.eval_loss
+        outcome.record(ctx)
 
 
 @hookimpl

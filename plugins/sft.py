@@ -59,8 +59,7 @@ class SftStage(Stage):
         if outcome.stopped:
             return
         common.save_outputs(ctx, trainer.model, tokenizer, template, o.lora, o.merge)
-        ctx.info["final_loss"] = outcome.final_loss
-        ctx.info["eval_loss"] = outcome.eval_loss
+        outcome.record(ctx)
 
 
 @hookimpl

@@ -229,6 +229,12 @@ class TrainOutcome:
     final_loss: float | None
     eval_loss: float | None
     steps: int
+    trained_tokens: int = 0  # tokens that carried a label, this session
+    train_seconds: float = 0.0
+
+    def record(self, ctx) -> None:
+        ctx.info.update(final_loss=self.final_loss, eval_loss=self.eval_loss, steps=self.steps,
+                        trained_tokens=self.trained_tokens, train_seconds=round(self.train_seconds, 3))
 
 
 def common_args(opts, ctx, output_dir: Path, has_eval: bool) -> tuple[dict[str, Any], str]:
@@ -294,13 +300,15 @@ def run_trainer(trainer, ctx, callback: ForgeCallback, output_dir: Path) -> Trai
             ctx.log(f"resuming from {ckpt.name}")
         else:
             ctx.log("no complete checkpoint to resume from: starting this stage afresh", level="warning")
+    t0 = time.monotonic()
     result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.monotonic() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     eval_loss = None
     if trainer.eval_dataset is not None and not callback.stopped:
         eval_loss = trainer.evaluate().get("eval_loss")  # logged as a metric event by ForgeCallback.on_log
     return TrainOutcome(trainer, callback.stopped, losses[-1] if losses else getattr(result, "training_loss", None),
-                        eval_loss, trainer.state.global_step)
+                        eval_loss, trainer.state.global_step, getattr(trainer, "useful_tokens", 0), seconds)
 
 
 def build_sft_trainer(*, ctx, opts, model, tokenizer, train_rows: list[dict], eval_rows: list[dict] | None,

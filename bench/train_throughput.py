@@ -1,0 +1,243 @@
+"""SFT throughput: llmforge against a plain TRL SFTTrainer script, same model, data and steps.
+
+Usage: python bench/train_throughput.py [--steps 40] [--size small] [--write docs/benchmarks.md]
+
+Three runs, one after the other, each in its own process (same start state, same machine):
+  trl       a plain SFTTrainer script with TRL's defaults; `use_cpu=True` on a CPU-only machine and
+            nothing else (TRL then trains with bf16 autocast);
+  same      llmforge's sft stage with settings matching that script (no packing, bf16, same lr,
+            schedule, batch, max_length): goal ratio >= 0.98 (our layer costs nothing);
+  auto      llmforge's sft stage with its defaults (padding-free packing, precision auto, ...):
+            goal ratio >= 1.5 against trl, with a final held-out loss no worse.
+The figure is useful tokens per second: tokens that carry a label (padding never counts). Both sides
+train on every token of the conversation (llmforge: train_on = "all"; TRL's default), so the same
+tokens count on both sides. The held-out loss is computed by this script the same way for every model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+WORDS = [w for w in textwrap.dedent("""
+    river stone market lantern orchard harbor signal copper meadow winter garden bridge thread
+    canyon ledger pepper island engine silver forest candle window summer planet rocket violet
+    shadow marble button feather kettle pocket ribbon saddle tunnel wagon anchor basket cellar
+    """).split()]
+
+
+def make_data(folder: Path, n_rows: int, seed: int) -> None:
+    """Chat rows with widely varying lengths (a long-tailed mix, like real SFT data)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def sentence(n):
+        return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+    def row():
+        turns = rng.choice([1, 1, 1, 2, 3])
+        msgs = []
+        for _ in range(turns):
+            q_len = max(3, int(rng.lognormvariate(2.3, 0.6)))
+            a_len = max(3, int(rng.lognormvariate(3.4, 0.9)))  # answers from a few words to a few hundred
+            msgs.append({"role": "user", "content": sentence(q_len)})
+            msgs.append({"role": "assistant", "content": " ".join(sentence(rng.randint(5, 14))
+                                                                  for _ in range(max(1, a_len // 10)))})
+        return {"messages": msgs}
+
+    with open(folder / "train.jsonl", "w") as f:
+        for _ in range(n_rows):
+            f.write(json.dumps(row()) + "\n")
+    with open(folder / "heldout.jsonl", "w") as f:
+        for _ in range(48):
+            f.write(json.dumps(row()) + "\n")
+
+
+def make_model(folder: Path, size: str, data: Path) -> None:
+    """One initial model + tokenizer (chatml), saved once; every run starts from these weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from llmforge.chat import resolve_template
+    from llmforge.plugins import get_registry
+    from llmforge_plugins.training.models import model_config, prepare_tokenizer, train_tokenizer
+
+    get_registry()
+    template = resolve_template("chatml")
+    texts = [m["content"] for line in open(data / "train.jsonl") for m in json.loads(line)["messages"]]
+    tok = train_tokenizer(texts, 2048, template)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(model_config(size, len(tok), 1024, {}, tok))
+    prepare_tokenizer(model, tok, template)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+TRL_SCRIPT = r'''
+import json, sys, time
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+model_dir, data, out, steps, batch, max_len = sys.argv[1:7]
+rows = [json.loads(l) for l in open(data)]
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir)
+
+class Counting(SFTTrainer):
+    useful = 0
+    def training_step(self, model, inputs, *a, **k):
+        self.useful += int((inputs["labels"][..., 1:] != -100).sum())
+        return super().training_step(model, inputs, *a, **k)
+
+args = SFTConfig(output_dir=out, use_cpu=True, max_steps=int(steps), per_device_train_batch_size=int(batch),
+                 max_length=int(max_len), save_strategy="no", report_to="none", disable_tqdm=True, seed=0)
+trainer = Counting(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+t0 = time.monotonic()
+trainer.train()
+secs = time.monotonic() - t0
+trainer.save_model(out + "/final")
+print("RESULT " + json.dumps({"trained_tokens": trainer.useful, "train_seconds": secs}))
+'''
+
+
+def run_trl(model_dir: Path, data: Path, work: Path, steps: int, batch: int, max_len: int) -> dict:
+    script = work / "trl_sft.py"
+    script.write_text(TRL_SCRIPT)
+    out = work / "trl-out"
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, str(script), str(model_dir), str(data / "train.jsonl"), str(out),
+                          str(steps), str(batch), str(max_len)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"TRL baseline failed:\n{res.stderr[-3000:]}")
+    line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))
+    return {**json.loads(line[7:]), "wall_seconds": time.monotonic() - t0, "model": str(out / "final")}
+
+
+def run_llmforge(name: str, model_dir: Path, data: Path, work: Path, steps: int, batch: int, max_len: int,
+                 extra: str) -> dict:
+    project = work / name
+    project.mkdir()
+    (project / "forge.toml").write_text(textwrap.dedent(f"""
+        [[stages]]
+        name = "sft"
+        uses = "sft"
+        model = "{model_dir}"
+        data = {{ path = "{data / 'train.jsonl'}" }}
+        template = "chatml"
+        train_on = "all"
+        max_steps = {steps}
+        micro_batch_size = {batch}
+        max_length = {max_len}
+        log_every = 10
+        seed = 0
+    """) + textwrap.dedent(extra))
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "llmforge", "run", "-c", str(project / "forge.toml")],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"llmforge run ({name}) failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    status = json.loads(subprocess.run([sys.executable, "-m", "llmforge", "status", "--json", "--runs-dir",
+                                        str(project / "runs")], capture_output=True, text=True).stdout)
+    info = status["stages"]["sft"]["info"]
+    return {"trained_tokens": info["trained_tokens"], "train_seconds": info["train_seconds"],
+            "wall_seconds": time.monotonic() - t0, "model": status["stages"]["sft"]["artifacts"]["model"]["path"]}
+
+
+def heldout_loss(model_path: str, data: Path, max_len: int) -> float:
+    """Mean per-token loss on held-out chats (every token, chatml), the same for every model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for line in open(data / "heldout.jsonl"):
+            msgs = json.loads(line)["messages"]
+            ids = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"][:max_len]
+            t = torch.tensor([ids])
+            loss = model(input_ids=t, labels=t).loss
+            total += float(loss) * (len(ids) - 1)
+            count += len(ids) - 1
+    return total / count
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--rows", type=int, default=600)
+    ap.add_argument("--size", default="small", help="model preset: tiny, mini, small, base, smollm-135m")
+    ap.add_argument("--write", type=Path)
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="llmforge-bench-"))
+    try:
+        data, model_dir = work / "data", work / "init-model"
+        make_data(data, args.rows, seed=0)
+        make_model(model_dir, args.size, data)
+        common = (args.steps, args.batch, args.max_length)
+        runs = {
+            "trl": run_trl(model_dir, data, work, *common),
+            # TRL's defaults, spelled out in llmforge's options
+            "same": run_llmforge("same", model_dir, data, work, *common, extra="""
+                packing = false
+                precision = "bf16"
+                learning_rate = 2e-5
+                lr_schedule = "linear"
+                warmup_ratio = 0.0
+                """),
+            "auto": run_llmforge("auto", model_dir, data, work, *common, extra=""),
+        }
+        for name, r in runs.items():
+            r["tokens_per_s"] = r["trained_tokens"] / r["train_seconds"]
+            r["heldout_loss"] = heldout_loss(r["model"], data, args.max_length)
+        base = runs["trl"]["tokens_per_s"]
+        same_ratio = runs["same"]["tokens_per_s"] / base
+        auto_ratio = runs["auto"]["tokens_per_s"] / base
+        loss_ok = runs["auto"]["heldout_loss"] <= runs["trl"]["heldout_loss"]
+        lines = [
+            f"- date: {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, CPU only; "
+            f"model preset `{args.size}` (Llama), {args.steps} steps, micro-batch {args.batch}, max_length "
+            f"{args.max_length}, {args.rows} chat rows of widely varying length",
+            "",
+            "| run | useful tokens | train s | useful tokens/s | ratio vs TRL | held-out loss |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in runs.items():
+            lines.append(f"| {name} | {r['trained_tokens']} | {r['train_seconds']:.1f} | {r['tokens_per_s']:.0f} | "
+                         f"{r['tokens_per_s'] / base:.2f} | {r['heldout_loss']:.3f} |")
+        lines += ["",
+                  f"- identical settings: ratio {same_ratio:.2f} (goal >= 0.98): {'met' if same_ratio >= 0.98 else 'NOT met'}",
+                  f"- llmforge auto vs TRL defaults: ratio {auto_ratio:.2f} (goal >= 1.5): "
+                  f"{'met' if auto_ratio >= 1.5 else 'NOT met'}; held-out loss {runs['auto']['heldout_loss']:.3f} vs "
+                  f"{runs['trl']['heldout_loss']:.3f}: {'no worse' if loss_ok else 'WORSE'}"]
+        print("\n".join(lines))
+        if args.write:
+            from startup import _update
+
+            _update(args.write, "train_throughput", "\n".join(lines))
+        return 0 if same_ratio >= 0.98 and auto_ratio >= 1.5 and loss_ok else 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
