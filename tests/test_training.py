@@ -91,6 +91,8 @@ def test_dpo_margin_rises_and_adapter_and_merged_model_load(trained):
     from transformers import AutoModelForCausalLM
 
     project, st, events = trained
+    dpo_loss = losses(events, "dpo")
+    assert sum(v for _, v in dpo_loss[-3:]) / 3 < sum(v for _, v in dpo_loss[:3]) / 3, dpo_loss
     margins = losses(events, "dpo", "rewards/margins")
     assert len(margins) >= 6
     early = sum(m for _, m in margins[:3]) / 3

@@ -86,3 +86,15 @@ def test_lion_and_profiling_in_a_real_stage(project):
     trace = json.loads((stage_dir / "trace.json").read_text())
     assert trace["traceEvents"]
     assert "Self CPU" in (stage_dir / "top-operators.txt").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gets")
+def test_qlora_without_cuda_is_a_clear_usage_error():
+    from llmforge.errors import UsageError
+    from llmforge_plugins.training.common import check_qlora
+    from llmforge_plugins.training.options import LoraOptions
+
+    check_qlora(LoraOptions(enabled=True))  # plain LoRA is fine on CPU
+    with pytest.raises(UsageError, match="needs a CUDA GPU") as err:
+        check_qlora(LoraOptions(enabled=True, qlora=True))
+    assert err.value.exit_code == 2 and "lora.qlora = false" in err.value.hint
