@@ -14,7 +14,7 @@ from pydantic import Field
 from llmforge import hookimpl
 from llmforge.data import DataOptions
 from llmforge.stage import Input, Stage
-from llmforge_plugins.training.options import LoraOptions, TrainOptions
+from llmforge_plugins.training.options import LoraOptions, TrainOptions, adapter_outputs
 
 
 class ContinuedPretrainOptions(TrainOptions):
@@ -38,9 +38,7 @@ class ContinuedPretrainStage(Stage):
     cache_libraries = ("torch", "transformers", "trl", "peft")
 
     def outputs(self, options) -> tuple[str, ...]:
-        if options.lora.enabled:
-            return ("adapter", "model", "report") if options.merge else ("adapter", "report")
-        return ("model", "report")
+        return adapter_outputs(options, "report")
 
     def run(self, o: ContinuedPretrainOptions, ctx) -> None:
         from llmforge_plugins.training import common, loop, models, tokenized
@@ -53,8 +51,10 @@ class ContinuedPretrainStage(Stage):
         if o.heldout is not None:
             heldout = common.load_rows(o.heldout, ctx, expect=("text",)).rows[: o.heldout_rows]
         elif replay:
+            # Hold out part of the replay text (at most a fifth) so the forgetting check never trains on it.
             rng.shuffle(replay)
-            heldout, replay = replay[: min(o.heldout_rows, len(replay) // 5 or 1)], replay[min(o.heldout_rows, len(replay) // 5 or 1):]
+            cut = min(o.heldout_rows, len(replay) // 5 or 1)
+            heldout, replay = replay[:cut], replay[cut:]
         else:
             heldout = []
             ctx.log("no replay or heldout data: the forgetting report is skipped", level="warning")

@@ -14,7 +14,7 @@ from pydantic import Field
 from llmforge import hookimpl
 from llmforge.data import DataOptions
 from llmforge.stage import Input, Stage
-from llmforge_plugins.training.options import LoraOptions, TrainOptions
+from llmforge_plugins.training.options import LoraOptions, TrainOptions, adapter_outputs
 
 
 class DpoOptions(TrainOptions):
@@ -37,10 +37,8 @@ class DpoStage(Stage):
     produces = ("model", "adapter")
     cache_libraries = ("torch", "transformers", "trl", "peft")
 
-    def outputs(self, options: DpoOptions) -> tuple[str, ...]:
-        if options.lora.enabled:
-            return ("adapter", "model") if options.merge else ("adapter",)
-        return ("model",)
+    def outputs(self, options) -> tuple[str, ...]:
+        return adapter_outputs(options)
 
     def run(self, o: DpoOptions, ctx) -> None:
         import datasets

@@ -14,7 +14,7 @@ from pydantic import Field
 from llmforge import hookimpl
 from llmforge.data import DataOptions
 from llmforge.stage import Input, Stage
-from llmforge_plugins.training.options import LoraOptions, TrainOptions
+from llmforge_plugins.training.options import LoraOptions, TrainOptions, adapter_outputs
 
 
 class SftOptions(TrainOptions):
@@ -35,10 +35,8 @@ class SftStage(Stage):
     produces = ("model", "adapter")
     cache_libraries = ("torch", "transformers", "trl", "peft")
 
-    def outputs(self, options: SftOptions) -> tuple[str, ...]:
-        if options.lora.enabled:
-            return ("adapter", "model") if options.merge else ("adapter",)
-        return ("model",)
+    def outputs(self, options) -> tuple[str, ...]:
+        return adapter_outputs(options)
 
     def run(self, o: SftOptions, ctx) -> None:
         from llmforge.chat import resolve_template

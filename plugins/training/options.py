@@ -50,3 +50,13 @@ class TrainOptions(StageOptions):
     profile: bool = Field(False, description="Profile a few steps with the PyTorch profiler; trace in the stage dir.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you trust it.")
 
+
+
+def adapter_outputs(options, *always: str) -> tuple[str, ...]:
+    """What a stage that can train LoRA writes: the adapter (and the merged model when asked), or the
+    model for full training; plus the kinds it always writes (a report)."""
+    if options.lora.enabled:
+        kinds = ("adapter", "model") if options.merge else ("adapter",)
+    else:
+        kinds = ("model",)
+    return kinds + always
