@@ -271,7 +271,7 @@ def _dist_version(name: str) -> str | None:
 
 
 def stage_key(spec: StageSpec, uses: list[InputUse], upstream_keys: dict[str, str], registry=None,
-              seed: int | None = None) -> str:
+              seed: int | None = None, project_dir: Path | None = None) -> str:
     """Hash of what determines a stage's result: kind, its version, options, inputs, library versions."""
     entry = registry.stages.get(spec.uses) if registry else None
     plugin_version = None
@@ -288,6 +288,7 @@ def stage_key(spec: StageSpec, uses: list[InputUse], upstream_keys: dict[str, st
                            else fingerprint(u.path)) for u in uses},
         "libraries": {name: _dist_version(name) for name in spec.cls.cache_libraries},
         "seed": seed,  # every stage gets [project].seed as ctx.seed: another seed is another result
+        "extra": spec.cls().cache_key_extra(spec.options, project_dir) if project_dir else {},
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
@@ -296,7 +297,8 @@ def stage_key(spec: StageSpec, uses: list[InputUse], upstream_keys: dict[str, st
 def compute_keys(pipe: Pipeline, registry=None) -> dict[str, str]:
     keys: dict[str, str] = {}
     for spec in pipe.stages:
-        keys[spec.name] = stage_key(spec, pipe.inputs[spec.name], keys, registry, seed=pipe.config.project.seed)
+        keys[spec.name] = stage_key(spec, pipe.inputs[spec.name], keys, registry, seed=pipe.config.project.seed,
+                                    project_dir=pipe.config.project_dir)
     return keys
 
 

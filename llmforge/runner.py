@@ -271,7 +271,8 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
                 if hit is not None:
                     src_run, src = hit
                     st.update(status="cached", cached_from=src.get("cached_from", src_run.id),
-                              artifacts=src.get("artifacts", {}), duration=0.0, error=None)
+                              artifacts=src.get("artifacts", {}), duration=0.0, error=None,
+                              info=src.get("info", {}))
                     artifacts[spec.name] = _artifacts_of(st, spec.name)
                     save()
                     events.emit("stage_cached", stage=spec.name, from_run=st["cached_from"])
@@ -279,6 +280,10 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
 
             # 2. Run it.
             resume = req.resume and st.get("status") in INTERRUPTED and same_key
+            if req.resume and st.get("status") in INTERRUPTED and not same_key:
+                events.emit("log", stage=spec.name, level="warning",
+                            message=f"stage {spec.name} changed since it was interrupted (options or inputs): "
+                                    f"its checkpoints do not apply, it starts afresh")
             stage_dir = run_dir / "stages" / spec.name
             if not resume and stage_dir.exists():
                 shutil.rmtree(stage_dir)  # a different key or a forced re-run: old checkpoints don't apply

@@ -233,14 +233,15 @@ def _constraints(field: Any) -> str:
     return ", ".join(parts)
 
 
-def describe_options(model: type[BaseModel], prefix: str = "") -> list[OptionInfo]:
-    """Flatten a stage's options schema into rows (nested models become dotted names)."""
+def describe_options(model: type[BaseModel], prefix: str = "", optional: bool = False) -> list[OptionInfo]:
+    """Flatten a stage's options schema into rows (nested models become dotted names). Inside an
+    optional table (`replay = {...}` that may be left out), no key is required."""
     rows: list[OptionInfo] = []
     for name, field in model.model_fields.items():
         full = f"{prefix}{name}"
         sub = _model_in(field.annotation)
         if sub is not None and typing.get_origin(field.annotation) not in (list, dict):
-            rows.extend(describe_options(sub, prefix=f"{full}."))
+            rows.extend(describe_options(sub, prefix=f"{full}.", optional=optional or not field.is_required()))
             continue
         marker = None
         for meta in field.metadata:
@@ -254,7 +255,7 @@ def describe_options(model: type[BaseModel], prefix: str = "") -> list[OptionInf
             name=full,
             type=_type_name(field.annotation),
             default=default,
-            required=field.is_required(),
+            required=field.is_required() and not optional,
             description=field.description or "",
             constraints=_constraints(field),
             is_input=marker is not None,

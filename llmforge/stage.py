@@ -82,6 +82,11 @@ class Stage:
         """The artifact kinds this configuration writes (a subset of ``produces``; e.g. LoRA: adapter)."""
         return self.produces
 
+    def cache_key_extra(self, options: Any, project_dir: "Path") -> dict:
+        """Anything else the result depends on that the options don't show (e.g. the content of a
+        file named by a plain option); it enters the stage's cache key."""
+        return {}
+
     def check(self, options: Any, inputs: dict[str, Artifact]) -> list["Problem"]:
         """Cheap preflight, run by ``validate`` and before ``run``: no heavy imports, no training."""
         return []

@@ -46,10 +46,10 @@ class ContinuedPretrainStage(Stage):
         seed = common.seed_of(o, ctx)
         models.set_seed(seed)
         new = common.load_rows(o.data, ctx, expect=("text",)).rows
-        replay = common.load_rows(o.replay, ctx, expect=("text",)).rows if o.replay else []
+        replay = common.load_rows(o.replay, ctx, expect=("text",), name="replay").rows if o.replay else []
         rng = random.Random(seed)
         if o.heldout is not None:
-            heldout = common.load_rows(o.heldout, ctx, expect=("text",)).rows[: o.heldout_rows]
+            heldout = common.load_rows(o.heldout, ctx, expect=("text",), name="heldout").rows[: o.heldout_rows]
         elif replay:
             # Hold out part of the replay text (at most a fifth) so the forgetting check never trains on it.
             rng.shuffle(replay)
@@ -59,8 +59,9 @@ class ContinuedPretrainStage(Stage):
             heldout = []
             ctx.log("no replay or heldout data: the forgetting report is skipped", level="warning")
 
+        common.check_qlora(o.lora)
         tokenizer = models.load_tokenizer(o.model, o.trust_remote_code)
-        model = models.load_model(o.model, o.trust_remote_code)
+        model = models.load_model(o.model, o.trust_remote_code, **common.qlora_kwargs(o.lora))
         new_tok = tokenized.tokenize(new, "text", tokenizer, None, max_length=o.max_length,
                                      cache_dir=common.cache_dir(ctx)).rows
         mixed = list(new_tok)

@@ -14,7 +14,7 @@ from pydantic import Field
 from llmforge import hookimpl
 from llmforge.data import DataOptions
 from llmforge.stage import Input, Stage
-from llmforge_plugins.training.options import LoraOptions, TrainOptions, adapter_outputs
+from llmforge_plugins.training.options import LoraOptions, TemplateChecks, TrainOptions, adapter_outputs
 
 
 class DpoOptions(TrainOptions):
@@ -30,7 +30,7 @@ class DpoOptions(TrainOptions):
     packing: bool = Field(False, description="Not used by DPO (pairs are batched as pairs).")
 
 
-class DpoStage(Stage):
+class DpoStage(TemplateChecks, Stage):
     name = "dpo"
     summary = "Preference tuning with DPO (TRL); full or LoRA with the base as implicit reference."
     Options = DpoOptions
@@ -55,7 +55,7 @@ class DpoStage(Stage):
         models.set_seed(seed)
         ds = common.load_rows(o.data, ctx, expect=("preference",))
         tokenizer = models.load_tokenizer(o.model, o.trust_remote_code)
-        model = models.load_model(o.model, o.trust_remote_code)
+        model = models.load_model(o.model, o.trust_remote_code, **common.qlora_kwargs(o.lora))
         template = resolve_template(o.template, tokenizer, base_dir=ctx.project_dir)
         models.prepare_tokenizer(model, tokenizer, template)
         common.record_template(ctx, template)
@@ -77,7 +77,7 @@ class DpoStage(Stage):
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
             peft_config=loop.lora_config(o.lora) if o.lora.enabled else None,
-            callbacks=callbacks,
+            optimizer_cls_and_kwargs=loop.optimizer_spec(o), callbacks=callbacks,
         )
         ref["trainer"] = trainer
         loop.quiet(trainer)

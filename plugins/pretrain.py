@@ -13,7 +13,7 @@ from pydantic import Field
 from llmforge import hookimpl
 from llmforge.data import DataOptions
 from llmforge.stage import Input, Stage, StageOptions
-from llmforge_plugins.training.options import TrainOptions
+from llmforge_plugins.training.options import TemplateChecks, TrainOptions
 
 
 class ModelShape(StageOptions):
@@ -38,7 +38,7 @@ class PretrainOptions(TrainOptions):
     learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
 
 
-class PretrainStage(Stage):
+class PretrainStage(TemplateChecks, Stage):
     name = "pretrain"
     summary = "Train a tokenizer and a Llama-architecture model from scratch on text."
     Options = PretrainOptions
@@ -52,10 +52,11 @@ class PretrainStage(Stage):
         seed = common.seed_of(o, ctx)
         models.set_seed(seed)
         ds = common.load_rows(o.data, ctx, expect=("text",))
-        template = resolve_template(o.template, None, base_dir=ctx.project_dir)
         if o.tokenizer:
             tokenizer = models.load_tokenizer(o.tokenizer, o.trust_remote_code)
+            template = resolve_template(o.template, tokenizer, base_dir=ctx.project_dir)
         else:
+            template = resolve_template(o.template, None, base_dir=ctx.project_dir)
             tokenizer = models.train_tokenizer((r["text"] for r in ds.rows), o.vocab_size, template)
             ctx.log(f"trained a byte-level BPE tokenizer: {len(tokenizer)} tokens")
         shape = o.model.model_dump()

@@ -14,7 +14,7 @@ from pydantic import Field
 from llmforge import hookimpl
 from llmforge.data import DataOptions
 from llmforge.stage import Input, Stage
-from llmforge_plugins.training.options import LoraOptions, TrainOptions, adapter_outputs
+from llmforge_plugins.training.options import LoraOptions, TemplateChecks, TrainOptions, adapter_outputs
 
 
 class SftOptions(TrainOptions):
@@ -28,7 +28,7 @@ class SftOptions(TrainOptions):
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
 
 
-class SftStage(Stage):
+class SftStage(TemplateChecks, Stage):
     name = "sft"
     summary = "Supervised fine-tuning on chat data (full, LoRA, QLoRA); loss on assistant turns."
     Options = SftOptions
@@ -46,7 +46,7 @@ class SftStage(Stage):
         models.set_seed(common.seed_of(o, ctx))
         ds = common.load_rows(o.data, ctx, expect=("chat",))
         tokenizer = models.load_tokenizer(o.model, o.trust_remote_code)
-        model = models.load_model(o.model, o.trust_remote_code)
+        model = models.load_model(o.model, o.trust_remote_code, **common.qlora_kwargs(o.lora))
         template = resolve_template(o.template, tokenizer, base_dir=ctx.project_dir)
         models.prepare_tokenizer(model, tokenizer, template)
         common.record_template(ctx, template)

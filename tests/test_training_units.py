@@ -98,3 +98,37 @@ def test_qlora_without_cuda_is_a_clear_usage_error():
     with pytest.raises(UsageError, match="needs a CUDA GPU") as err:
         check_qlora(LoraOptions(enabled=True, qlora=True))
     assert err.value.exit_code == 2 and "lora.qlora = false" in err.value.hint
+
+
+def _sft_project(root, template_line: str):
+    from training_data import write_data
+
+    write_data(root)
+    (root / "model").mkdir(exist_ok=True)  # validation only needs the input to exist
+    (root / "forge.toml").write_text(f"""
+[[stages]]
+name = "sft"
+uses = "sft"
+model = "model"
+data = {{ path = "data/chat.jsonl" }}
+{template_line}
+""")
+    return root / "forge.toml"
+
+
+def test_unknown_template_name_is_a_validation_error(project):
+    _sft_project(project.root, 'template = "chatlm"')
+    res = project.run("validate")
+    assert res.returncode == 2
+    assert "stages[0].template: unknown chat template 'chatlm'; did you mean 'chatml'?" in res.stderr
+
+
+def test_editing_a_jinja_template_file_changes_the_cache_key(tmp_path):
+    from llmforge.pipeline import compute_keys, load_pipeline
+
+    cfg = _sft_project(tmp_path, 'template = "my.jinja"')
+    (tmp_path / "my.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    before = compute_keys(load_pipeline(cfg))["sft"]
+    assert compute_keys(load_pipeline(cfg))["sft"] == before
+    (tmp_path / "my.jinja").write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}")
+    assert compute_keys(load_pipeline(cfg))["sft"] != before

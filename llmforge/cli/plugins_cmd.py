@@ -85,7 +85,7 @@ def stages_show(
     rows = describe_options(cls.Options)
     if as_json:
         print_json({"kind": kind, "summary": cls.summary, "plugin": entry.plugin, "produces": list(cls.produces),
-                    "doc": (cls.__doc__ or "").strip(), "options": [r.to_json() for r in rows]})
+                    "doc": _doc(cls), "options": [r.to_json() for r in rows]})
         return
     from rich.markup import escape
     from rich.table import Table
@@ -106,6 +106,14 @@ def stages_show(
         default = "[red]required[/]" if r.required else escape(repr(r.default))
         table.add_row(escape(r.name), escape(r.type), default, desc)
     out.print(table)
+
+
+def _doc(cls) -> str:
+    """A stage's own docstring, else its module's (first-party stages document themselves there)."""
+    import sys
+
+    own = cls.__dict__.get("__doc__")
+    return (own or getattr(sys.modules.get(cls.__module__), "__doc__", None) or "").strip()
 
 
 def register(app: typer.Typer) -> None:

@@ -9,13 +9,14 @@ def seed_of(opts, ctx) -> int:
     return opts.seed if opts.seed is not None else ctx.seed
 
 
-def load_rows(data_opts, ctx, expect: tuple[str, ...]):
-    """Read the stage's data with the data plugins; record the report in the stage dir and the events."""
+def load_rows(data_opts, ctx, expect: tuple[str, ...], name: str = "data"):
+    """Read the stage's data with the data plugins; record the report in the stage dir and the events.
+    The main data's report is stage_dir/data-report.json; others (replay, heldout) get a folder each."""
     from llmforge.data import load_data, write_report
 
     ds = load_data(data_opts, base=ctx.project_dir, expect=expect)
-    write_report(ds, ctx.stage_dir)
-    msg = f"data: {len(ds.rows)} rows in the {ds.format} format from {len(ds.files)} file(s)"
+    write_report(ds, ctx.stage_dir if name == "data" else ctx.stage_dir / name)
+    msg = f"{name}: {len(ds.rows)} rows in the {ds.format} format from {len(ds.files)} file(s)"
     if ds.skipped:
         msg += f"; skipped {len(ds.skipped)} bad rows (first: {ds.skipped[0][0]}: {ds.skipped[0][1]}), " \
                f"see {ctx.stage_dir / 'data-report.json'}"

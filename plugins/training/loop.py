@@ -50,7 +50,8 @@ def resolve_precision(precision: str) -> dict[str, Any]:
             precision = "bf16" if cpu_supports_bf16() else "fp32"
     if precision == "fp16" and not cuda:
         raise UsageError("precision = \"fp16\" needs a CUDA GPU", hint="use precision = \"auto\", \"bf16\" or \"fp32\"")
-    return {"use_cpu": not cuda, "bf16": precision == "bf16", "fp16": precision == "fp16", "_name": precision}
+    mps = torch.backends.mps.is_available()
+    return {"use_cpu": not (cuda or mps), "bf16": precision == "bf16", "fp16": precision == "fp16", "_name": precision}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +133,8 @@ class ForgeCallback(TrainerCallback):
         dt = now - self.last_t
         steps = state.global_step - self.last_step
         if trainer is not None and dt > 0 and steps > 0 and "loss" in logs:
-            values["tokens_per_s"] = (trainer.useful_tokens - self.last_tokens) / dt
+            if trainer.useful_tokens:  # DPO batches carry no labels tensor to count from
+                values["tokens_per_s"] = (trainer.useful_tokens - self.last_tokens) / dt
             values["samples_per_s"] = (trainer.samples_seen - self.last_samples) / dt
             values["step_time_s"] = dt / steps
             self.last_tokens, self.last_samples = trainer.useful_tokens, trainer.samples_seen

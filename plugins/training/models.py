@@ -68,9 +68,13 @@ def is_adapter(path: Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
-def load_model(path: str | Path, trust_remote_code: bool = False, dtype=None):
-    """An HF model directory, or a PEFT adapter directory (its base is loaded and the adapter merged)."""
+def load_model(path: str | Path, trust_remote_code: bool = False, dtype=None, **kwargs):
+    """An HF model directory, or a PEFT adapter directory (its base is loaded and the adapter merged).
+    `kwargs` go to from_pretrained (QLoRA passes its 4-bit quantization_config here)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # events report loading; the bar would only clutter logs
 
     path = Path(path)
     if not path.exists():
@@ -79,11 +83,13 @@ def load_model(path: str | Path, trust_remote_code: bool = False, dtype=None):
         from peft import PeftModel
 
         base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if kwargs.get("quantization_config") is not None:
+            raise UsageError("QLoRA on top of an adapter: merge it first (merge = true on the stage that made it)")
         base = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trust_remote_code, dtype=dtype)
         return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     if not (path / "config.json").exists():
         raise DataError(f"{path}: not a model directory (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

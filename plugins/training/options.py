@@ -60,3 +60,46 @@ def adapter_outputs(options, *always: str) -> tuple[str, ...]:
     else:
         kinds = ("model",)
     return kinds + always
+
+
+def _is_template_path(value: str) -> bool:
+    return value.endswith((".jinja", ".j2")) or "/" in value
+
+
+def template_problems(value: str | None) -> list:
+    """Preflight for a `template` option: a name must be an installed template (a path is read at run time)."""
+    from llmforge.errors import Problem
+    from llmforge.plugins import get_registry
+    from llmforge.schema import did_you_mean
+
+    if value is None or value == "auto" or _is_template_path(value):
+        return []
+    names = get_registry().chat_templates
+    if value in names:
+        return []
+    return [Problem("template", f"unknown chat template '{value}'{did_you_mean(value, names)} "
+                                f"(installed: {', '.join(sorted(names)) or 'none'}; or a .jinja file)")]
+
+
+def template_cache_extra(value: str | None, project_dir) -> dict:
+    """A template given as a file: its content decides the tokenization, so it enters the cache key."""
+    from pathlib import Path
+
+    if value is None or not _is_template_path(value):
+        return {}
+    path = Path(value) if Path(value).is_absolute() else Path(project_dir) / value
+    if not path.is_file():
+        return {"template_file": None}
+    import hashlib
+
+    return {"template_file": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+
+
+class TemplateChecks:
+    """Mixed into stages with a `template` option: validate checks the name, the cache sees file edits."""
+
+    def check(self, options, inputs):
+        return template_problems(options.template)
+
+    def cache_key_extra(self, options, project_dir) -> dict:
+        return template_cache_extra(options.template, project_dir)
