@@ -82,10 +82,23 @@ class Registry:
     chat_templates: dict[str, Any] = field(default_factory=dict)
     trackers: dict[str, type] = field(default_factory=dict)
     owners: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin
+    # The registration hooks run on first use of any table (or of plugins/errors): `llmforge --help`
+    # only needs register_commands, and must not pay for importing every stage's dependencies.
+    _collected: bool = True
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _LAZY and not object.__getattribute__(self, "_collected"):
+            object.__setattr__(self, "_collected", True)
+            _collect(self)
+        return object.__getattribute__(self, name)
 
     def stage_class(self, name: str) -> type | None:
         entry = self.stages.get(name)
         return entry.cls if entry else None
+
+
+_LAZY = {"plugins", "errors", "conflicts", "stages", "readers", "row_formats", "chat_templates", "trackers",
+         "owners", "merge_methods"}
 
 
 def _dist_of(ep: metadata.EntryPoint) -> tuple[str, str]:
@@ -164,7 +177,7 @@ def load_registry(env: str | None | type(...) = ..., extra: list[tuple[str, Any]
     for info in reg.plugins:
         plugin = pm.get_plugin(info.name)
         info.hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-    _collect(reg)
+    reg._collected = False  # the registration hooks run on first use (see Registry.__getattribute__)
     return reg
 
 
