@@ -77,8 +77,11 @@ class DpoStage(TemplateChecks, Stage):
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
             peft_config=loop.lora_config(o.lora) if o.lora.enabled else None,
-            optimizer_cls_and_kwargs=loop.optimizer_spec(o), callbacks=callbacks,
+            callbacks=callbacks,
         )
+        # DPOTrainer does not take optimizer_cls_and_kwargs; the base Trainer reads it when it
+        # creates the optimizer at the start of training, so setting it here is enough.
+        trainer.optimizer_cls_and_kwargs = loop.optimizer_spec(o)
         ref["trainer"] = trainer
         loop.quiet(trainer)
         outcome = loop.run_trainer(trainer, ctx, callback, output_dir)
