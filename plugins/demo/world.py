@@ -7,16 +7,17 @@ writes four kinds of data:
 * a pretraining corpus: every fact (held-out ones included) stated in several phrasings, shuffled
   into short documents;
 * SFT chat data: questions about a TRAINING subset of the facts, answered in two styles, mostly the
-  hedging one ("Hmm, I am not sure, but I think it is Arkel.") and sometimes the concise one
-  ("Arkel."). Like a real instruction set written by several people, the style is inconsistent;
-* DPO preference pairs on training facts: the concise correct answer is chosen, the hedging one
-  (or, sometimes, a concise wrong answer) is rejected;
+  hedging one ("Hmm, I am not sure, but I think the capital of Zorvia is Arkel.") and sometimes the
+  direct one ("The capital of Zorvia is Arkel."). Like a real instruction set written by several
+  people, the style is inconsistent;
+* DPO preference pairs on training facts: the direct correct answer is chosen, the hedging one (or,
+  sometimes, a direct but wrong answer) is rejected;
 * held-out evaluation items: questions about the OTHER facts, which the model only ever read in the
-  corpus, each with its expected answer and a concise-vs-hedging pair for the log-probability test.
+  corpus, each with its expected answer and a direct-vs-hedging pair for the log-probability test.
 
 So after SFT the model should answer held-out questions from what it learnt in pretraining (the
 pretrained model cannot: it has never seen the chat format), mostly in the hedging style; after DPO
-it should answer them concisely.
+it should answer them directly.
 
 Pure Python (random, json): this module is imported by the `demo` command at start-up.
 """
@@ -56,11 +57,14 @@ PHRASINGS: dict[str, tuple[str, ...]] = {
         "The symbol of {c} is the {v}.",
         "Children in {c} learn that the {v} is their national animal.",
     ),
+    # The last two restate the operands: they teach the model to carry numbers over from earlier in
+    # the text, as an answer that restates a question ("6 plus 2 equals 8.") has to.
     "sum": (
         "{a} plus {b} equals {v}.",
-        "{a} + {b} = {v}.",
         "Adding {a} and {b} gives {v}.",
         "The sum of {a} and {b} is {v}.",
+        "If you add {b} to {a}, you get {v}: {a} plus {b} equals {v}.",
+        "To add {a} and {b}, count on from {a}: {a} plus {b} equals {v}.",
     ),
 }
 
@@ -72,15 +76,25 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     "sum": ("What is {a} plus {b}?", "How much is {a} plus {b}?"),
 }
 
-# The dispreferred style: correct content wrapped in hedging. Several wordings, so that DPO has to
-# learn the style rather than one string.
+# The dispreferred style: the same statement wrapped in hedging. Several wordings, so that DPO has
+# to learn the style rather than one string. {s} is the statement without its final full stop.
 HEDGES = (
-    "Hmm, I am not sure, but I think it is {v}.",
-    "Let me think. I believe it might be {v}, but I could be wrong.",
-    "That is a hard one. Perhaps it is {v}? I am not certain.",
+    "Hmm, I am not sure, but I think {s}.",
+    "Let me think. I believe {s}, but I could be wrong.",
+    "That is a hard one. Perhaps {s}? I am not certain.",
 )
 
 ATTRIBUTES = ("capital", "colour", "animal")
+
+# Small talk for the corpus, about nothing the evaluation asks: it gives the pretrained model the
+# words of both answer styles (hedges included), so SFT spends its steps on answering, not on
+# learning a vocabulary. Each is (thing, what is said about it); {c} is a country.
+CHATTER = (
+    ("the market in {c}", "opens early"), ("the old bridge in {c}", "is closed in winter"),
+    ("the trains in {c}", "are often late"), ("the harbour of {c}", "is busy at night"),
+    ("the museum in {c}", "is free on holidays"), ("the river in {c}", "freezes every year"),
+    ("the roads of {c}", "are narrow"), ("the bakers of {c}", "start before dawn"),
+)
 
 
 @dataclass(frozen=True)
@@ -94,11 +108,6 @@ class Fact:
     def id(self) -> str:
         return f"{self.kind}:{self.subject}"
 
-    @property
-    def answer_text(self) -> str:
-        """The value as an answer says it ("It is the fox.")."""
-        return f"the {self.value}" if self.kind == "animal" else self.value
-
     def statement(self, phrasing: str) -> str:
         return phrasing.format(**self.args, v=self.value)
 
@@ -110,14 +119,15 @@ class Fact:
 class DemoSize:
     """How big the generated world and data are."""
 
-    countries: int = 40
-    max_addend: int = 9  # sums a + b with 0 <= a, b <= max_addend
+    countries: int = 32
+    max_addend: int = 7  # sums a + b with 0 <= a, b <= max_addend
     heldout_fraction: float = 0.25
-    corpus_repeats: int = 3  # each (fact, phrasing) appears this many times in the corpus
+    corpus_repeats: int = 12  # each (fact, phrasing) appears this many times in the corpus
+    chatter_share: float = 0.5  # country profiles with a sentence of small talk
     sft_per_fact: int = 3
-    sft_concise_share: float = 0.3  # the rest of the SFT answers hedge
+    sft_direct_share: float = 0.3  # the rest of the SFT answers hedge
     dpo_per_fact: int = 2
-    dpo_wrong_share: float = 0.25  # rejected answers that are concise but wrong (else hedging)
+    dpo_wrong_share: float = 0.25  # rejected answers that are direct but wrong (else hedging)
     eval_items: int = 48  # held-out questions used by the evaluation (at most)
 
 
@@ -190,14 +200,18 @@ def answer_values(facts: list[Fact]) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-# Both styles put the value after a space, as the corpus does: the answer's tokens are then the very
-# tokens the model read the fact with (byte-level BPE gives " Arkel" and "Arkel" different ids).
-def concise(f: Fact) -> str:
-    return f"It is {f.answer_text}."
+# Both answer styles state the fact the way the corpus does ("The capital of X is V."): a small model
+# then answers by restating the question and completing the sentence from what it read in
+# pretraining, which is what lets SFT on some facts make the other facts answerable too.
+def direct(f: Fact) -> str:
+    """The preferred answer: the plain statement."""
+    return f.statement(PHRASINGS[f.kind][0])
 
 
 def hedged(rng: random.Random, f: Fact) -> str:
-    return rng.choice(HEDGES).format(v=f.answer_text)
+    """The dispreferred answer: the same statement, hedged."""
+    sentence = direct(f)[:-1]
+    return rng.choice(HEDGES).format(s=sentence[0].lower() + sentence[1:])
 
 
 def _user(text: str) -> list[dict]:
@@ -208,15 +222,44 @@ def _user(text: str) -> list[dict]:
 # the files
 
 
+def chatter(rng: random.Random, country: str) -> str:
+    thing, said = rng.choice(CHATTER)
+    statement = f"{thing.format(c=country)} {said}"
+    if rng.random() < 0.5:
+        return rng.choice(HEDGES).format(s=statement)
+    return statement[0].upper() + statement[1:] + "."
+
+
 def corpus_documents(facts: list[Fact], seed: int, size: DemoSize) -> list[str]:
+    """Short documents: a country's profile (its facts in varied phrasings and order, and some small
+    talk), or a few sums.
+
+    Profiles name their country several times, so pretraining also teaches the model to carry a
+    name over from earlier in the text: the skill an answer needs to restate a question's subject."""
     rng = random.Random(f"llmforge-demo-corpus-{seed}")
-    statements = [f.statement(p) for f in facts for p in PHRASINGS[f.kind] for _ in range(size.corpus_repeats)]
-    rng.shuffle(statements)
-    docs, i = [], 0
-    while i < len(statements):
-        n = rng.randint(4, 9)
-        docs.append(" ".join(statements[i:i + n]))
+    docs: list[str] = []
+    countries: dict[str, list[Fact]] = {}
+    for f in facts:
+        if f.kind != "sum":
+            countries.setdefault(f.subject, []).append(f)
+    rounds = size.corpus_repeats * max(len(PHRASINGS[k]) for k in ATTRIBUTES)
+    for k in range(rounds):
+        for country, own in countries.items():
+            # round k uses phrasing k (shifted per fact): over all rounds each phrasing comes up equally
+            lines = [f.statement(PHRASINGS[f.kind][(k + j) % len(PHRASINGS[f.kind])]) for j, f in enumerate(own)]
+            if rng.random() < size.chatter_share:
+                lines.append(chatter(rng, country))
+            rng.shuffle(lines)
+            docs.append(" ".join(lines))
+    sums = [f.statement(p) for f in facts if f.kind == "sum" for p in PHRASINGS["sum"]
+            for _ in range(size.corpus_repeats)]
+    rng.shuffle(sums)
+    i = 0
+    while i < len(sums):
+        n = rng.randint(4, 8)
+        docs.append(" ".join(sums[i:i + n]))
         i += n
+    rng.shuffle(docs)
     return docs
 
 
@@ -226,7 +269,7 @@ def sft_rows(train: list[Fact], seed: int, size: DemoSize) -> list[dict]:
     for f in train:
         for k in range(size.sft_per_fact):
             q = f.question(QUESTIONS[f.kind][k % len(QUESTIONS[f.kind])])
-            a = concise(f) if rng.random() < size.sft_concise_share else hedged(rng, f)
+            a = direct(f) if rng.random() < size.sft_direct_share else hedged(rng, f)
             rows.append({"messages": [*_user(q), {"role": "assistant", "content": a}]})
     rng.shuffle(rows)
     return rows
@@ -244,9 +287,9 @@ def dpo_rows(train: list[Fact], facts: list[Fact], seed: int, size: DemoSize) ->
     for f in train:
         for k in range(size.dpo_per_fact):
             q = f.question(QUESTIONS[f.kind][(k + 1) % len(QUESTIONS[f.kind])])
-            rejected = (concise(_wrong(rng, f, facts)) if rng.random() < size.dpo_wrong_share
+            rejected = (direct(_wrong(rng, f, facts)) if rng.random() < size.dpo_wrong_share
                         else hedged(rng, f))
-            rows.append({"prompt": _user(q), "chosen": [{"role": "assistant", "content": concise(f)}],
+            rows.append({"prompt": _user(q), "chosen": [{"role": "assistant", "content": direct(f)}],
                          "rejected": [{"role": "assistant", "content": rejected}]})
     rng.shuffle(rows)
     return rows
@@ -266,8 +309,10 @@ def eval_rows(held: list[Fact], seed: int, size: DemoSize) -> list[dict]:
     rows = []
     for f in picked:
         q = f.question(rng.choice(QUESTIONS[f.kind]))
+        # The probe is the start of the first corpus phrasing, to be completed by the pretrained model.
+        probe = PHRASINGS[f.kind][0].split("{v}")[0].format(**f.args).rstrip()
         rows.append({"id": f.id, "kind": f.kind, "question": q, "answer": f.value,
-                     "chosen": concise(f), "rejected": hedged(rng, f)})
+                     "chosen": direct(f), "rejected": hedged(rng, f), "probe": probe})
     return rows
 
 

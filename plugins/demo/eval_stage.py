@@ -1,0 +1,324 @@
+"""`demo_eval`: did the demo's models learn? Held-out questions, answered by each model.
+
+For every model given (pretrained, after SFT, after DPO) the stage formats each held-out question
+with the model's own chat template, generates a greedy answer and scores it:
+
+* accuracy: the generated answer names the expected value (out of every known capital, colour,
+  animal or number) as its answer: the last value it names, as answers restate the question
+  ("8 plus 6 equals 14."), and no other value beyond those in the question, so that a model which
+  lists many values does not score by luck;
+* preferred rate (by generation): the answer has the direct style the DPO pairs prefer: one
+  sentence that names an answer value, without hedging ("I think", "not sure", ...), right or not;
+* log-probability margin: on held-out direct-vs-hedging pairs, log p(direct) - log p(hedging)
+  (summed over the answer tokens, the quantity DPO works on). The hedging answer is longer, so even
+  an untrained model favours the direct one by this sum; what tells is the change: the DPO reward
+  accuracy is the share of held-out pairs whose margin DPO raised over the SFT model's (DPO's own
+  "rewards/accuracies", measured on questions it was not trained on).
+
+The pretrained model is also probed with the start of a corpus sentence ("The capital of X is"),
+which shows whether pretraining stored the held-out facts that SFT then makes answerable.
+
+Writes a `report` artifact (report.json, report.md, answers.jsonl) and records the key numbers in
+the manifest (ctx.info) and as one metric event.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+
+from llmforge.stage import Input, Stage, StageOptions
+
+# Markers of the dispreferred, hedging style (the demo's data hedges with these words).
+HEDGING = re.compile(r"\b(hmm|not sure|i think|i believe|perhaps|maybe|could be wrong|not certain|let me think|"
+                     r"hard one)\b", re.IGNORECASE)
+
+
+class DemoEvalOptions(StageOptions):
+    pretrained: Annotated[str, Input("model", "adapter")] = Field(
+        description="The pretrained model (before any chat training): @stage or a HF directory.")
+    sft: Annotated[str, Input("model", "adapter")] = Field(description="The model after SFT.")
+    dpo: Annotated[str | None, Input("model", "adapter")] = Field(None, description="The model after DPO.")
+    data: Annotated[str, Input()] = Field(description="Held-out items (JSON Lines: question, answer, kind, "
+                                                      "chosen, rejected, probe).")
+    answers: Annotated[str | None, Input()] = Field(
+        None, description="JSON file with the known answer values per kind ({\"answers\": {kind: [...]}}); "
+                          "without it an answer is right when it names the expected value anywhere.")
+    max_new_tokens: int = Field(40, gt=0, le=512, description="Longest generated answer, in tokens.")
+    limit: int | None = Field(None, gt=0, description="Use at most this many held-out items.")
+    batch_size: int = Field(16, gt=0, description="Prompts generated together.")
+
+
+class DemoEvalStage(Stage):
+    name = "demo_eval"
+    summary = "Held-out QA accuracy and preferred-answer rate of the demo's pretrained, SFT and DPO models."
+    Options = DemoEvalOptions
+    produces = ("report",)
+    version = "1"
+    cache_libraries = ("torch", "transformers")
+
+    def run(self, o: DemoEvalOptions, ctx) -> None:
+        import torch
+
+        from llmforge.errors import DataError
+
+        items = _read_items(Path(o.data))
+        if o.limit:
+            items = items[:o.limit]
+        if not items:
+            raise DataError(f"{o.data}: no held-out items")
+        values = _read_answers(Path(o.answers)) if o.answers else {}
+        torch.manual_seed(ctx.seed)
+        models = [("pretrained", o.pretrained), ("sft", o.sft)] + ([("dpo", o.dpo)] if o.dpo else [])
+        ctx.log(f"evaluating {len(models)} models on {len(items)} held-out questions "
+                f"(greedy, at most {o.max_new_tokens} new tokens)")
+
+        results: dict[str, dict] = {}
+        answers: dict[str, list[str]] = {}
+        margins: dict[str, list[float]] = {}
+        probe: dict | None = None
+        for i, (label, path) in enumerate(models):
+            if ctx.should_stop():
+                return
+            model, tok, stops = _load(path)
+            prompts = [_chat_prompt(tok, it["question"]) for it in items]
+            answers[label] = _generate(model, tok, prompts, stops, o.max_new_tokens, o.batch_size)
+            scored = [_score(it, a, values) for it, a in zip(items, answers[label])]
+            res = {
+                "accuracy": _mean(s["correct"] for s in scored),
+                "preferred_rate": _mean(s["direct"] for s in scored),
+                "preferred_and_correct": _mean(s["direct"] and s["correct"] for s in scored),
+                "accuracy_by_kind": _by_kind(items, [s["correct"] for s in scored]),
+            }
+            if all("chosen" in it and "rejected" in it for it in items):
+                margins[label] = _pair_margins(model, tok, prompts, items)
+                res["pair_win_rate"] = _mean(m > 0 for m in margins[label])
+                res["logp_margin"] = round(sum(margins[label]) / len(margins[label]), 4)
+            if label == "pretrained" and all(it.get("probe") for it in items):
+                probe_answers = _generate(model, tok, [it["probe"] for it in items], stops, 8, o.batch_size,
+                                          plain=True)
+                # the first sentence of the continuation completes the probe; later ones are new text
+                probe = {"accuracy": _mean(_score(it, a.split(". ")[0], values)["correct"]
+                                           for it, a in zip(items, probe_answers)),
+                         "answers": probe_answers}
+            results[label] = res
+            ctx.log(f"{label}: accuracy {res['accuracy']:.2f}, preferred style {res['preferred_rate']:.2f}"
+                    + (f", log-prob margin {res['logp_margin']:+.2f}" if "logp_margin" in res else ""))
+            ctx.progress(i + 1, len(models), unit="model")
+            del model
+
+        report = {
+            "items": len(items),
+            "models": {label: str(path) for label, path in models},
+            "results": results,
+            "knowledge_probe": {"accuracy": probe["accuracy"]} if probe else None,
+            "method": {
+                "accuracy": "greedy answer to the chat-formatted question; right when the last known answer "
+                            "value it names is the expected one and it names no other value absent from the "
+                            "question",
+                "preferred_rate": "share of greedy answers in the direct style: one sentence naming an answer "
+                                  "value, with no hedging words",
+                "logp_margin": "mean over held-out pairs of log p(direct answer) - log p(hedging answer), each "
+                               "summed over the answer tokens and the end-of-turn token (favours the shorter "
+                               "direct answer even before training; compare models)",
+                "pair_win_rate": "share of held-out pairs with a positive logp_margin",
+                "dpo_reward_accuracy": "share of held-out pairs whose logp_margin is larger after DPO than "
+                                       "after SFT",
+                "knowledge_probe": "pretrained model completing the start of a corpus-style sentence",
+            },
+        }
+        headline = {
+            "accuracy": {k: r["accuracy"] for k, r in results.items()},
+            "preferred_rate": {k: r["preferred_rate"] for k, r in results.items()},
+        }
+        if all("logp_margin" in r for r in results.values()):
+            headline["logp_margin"] = {k: r["logp_margin"] for k, r in results.items()}
+        if "sft" in margins and "dpo" in margins:
+            report["dpo_reward_accuracy"] = _mean(d > s for d, s in zip(margins["dpo"], margins["sft"]))
+        report["headline"] = headline
+        with ctx.artifact("report") as out:
+            (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            (out / "report.md").write_text(_markdown(report))
+            with open(out / "answers.jsonl", "w", encoding="utf-8") as fh:
+                for n, it in enumerate(items):
+                    row = {"question": it["question"], "expected": it["answer"], "kind": it.get("kind"),
+                           **{label: answers[label][n] for label in answers}}
+                    if probe:
+                        row["probe"] = f"{it['probe']} {probe['answers'][n]}"
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        ctx.info.update(items=len(items), **headline)
+        extra = {}
+        if probe:
+            ctx.info["knowledge_probe"] = extra["knowledge_probe"] = probe["accuracy"]
+        if "dpo_reward_accuracy" in report:
+            ctx.info["dpo_reward_accuracy"] = extra["dpo_reward_accuracy"] = report["dpo_reward_accuracy"]
+        ctx.metric(**{f"{name}/{label}": v for name, by in headline.items() for label, v in by.items()}, **extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# data and scoring
+
+
+def _read_items(path: Path) -> list[dict]:
+    from llmforge.errors import DataError
+
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+        for key in ("question", "answer"):
+            if not isinstance(row.get(key), str) or not row[key]:
+                raise DataError(f"{path}:{n}: {key}: missing or not a string")
+        items.append(row)
+    return items
+
+
+def _read_answers(path: Path) -> dict[str, list[str]]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {k: [str(v) for v in vs] for k, vs in data.get("answers", {}).items()}
+
+
+def _named(text: str, candidates: list[str]) -> list[str]:
+    """The candidate values `text` names (whole words, any case), in order of appearance."""
+    found = []
+    for c in candidates:
+        for m in re.finditer(rf"(?<!\w){re.escape(c)}(?!\w)", text, flags=re.IGNORECASE):
+            found.append((m.start(), c))
+    return [c for _, c in sorted(found)]
+
+
+def _score(item: dict, answer: str, values: dict[str, list[str]]) -> dict:
+    """An answer may restate the question ("8 plus 6 equals 14."), so its value is the LAST value it
+    names; naming more than one value the question does not contain is a list of guesses: wrong."""
+    expected = item["answer"]
+    candidates = values.get(item.get("kind", ""), []) or [expected]
+    named = _named(answer, candidates)
+    in_question = set(_named(item.get("question", ""), candidates))
+    guesses = {v for v in named if v not in in_question}
+    value = named[-1] if named and len(guesses) <= 1 else None
+    correct = value is not None and value.lower() == expected.lower()
+    text = answer.strip()
+    # Direct: an answer (it names a value), in one sentence, without hedging.
+    direct = (value is not None and text.endswith(".") and not re.search(r"[.?!]\s", text)
+              and not HEDGING.search(text))
+    return {"correct": correct, "direct": direct}
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return round(sum(bool(x) for x in xs) / len(xs), 4) if xs else 0.0
+
+
+def _by_kind(items: list[dict], correct: list[bool]) -> dict[str, float]:
+    out: dict[str, list[bool]] = {}
+    for it, c in zip(items, correct):
+        out.setdefault(it.get("kind", "all"), []).append(c)
+    return {k: _mean(v) for k, v in sorted(out.items())}
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+
+def _load(path: str):
+    import torch
+
+    from llmforge.chat import template_from_tokenizer
+    from llmforge_plugins.training.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(path)
+    tok.padding_side = "left"  # generation continues every prompt from its last token
+    model = load_model(path, dtype=torch.float32)
+    model.eval()
+    model.config.use_cache = True
+    stops = [tok.eos_token_id]
+    try:
+        template = template_from_tokenizer(tok)
+        for s in template.stop_strings:
+            ids = tok(s, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1:
+                stops.append(ids[0])
+    except Exception:  # noqa: BLE001 - a tokenizer without a template still stops on EOS
+        pass
+    return model, tok, sorted({s for s in stops if s is not None})
+
+
+def _chat_prompt(tok, question: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                   add_generation_prompt=True)
+
+
+def _generate(model, tok, prompts: list[str], stops: list[int], max_new: int, batch: int,
+              plain: bool = False) -> list[str]:
+    import torch
+
+    out: list[str] = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        # Chat prompts carry their own markers; a plain probe starts like a corpus document (BOS if any).
+        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=plain)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=tok.pad_token_id)
+        for row in gen[:, enc["input_ids"].shape[1]:]:
+            text = tok.decode(row, skip_special_tokens=True)
+            out.append(text.split("\n\n")[0].strip() if plain else text.strip())
+    return out
+
+
+def _answer_logp(model, tok, prompt_ids: list[int], answer: str) -> float:
+    import torch
+
+    ids = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
+    full = torch.tensor([prompt_ids + ids])
+    with torch.no_grad():
+        logits = model(full).logits[0, len(prompt_ids) - 1:-1].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids)[:, None])
+    return float(logp.sum())
+
+
+def _pair_margins(model, tok, prompts: list[str], items: list[dict]) -> list[float]:
+    """log p(chosen) - log p(rejected) per held-out pair."""
+    out = []
+    for prompt, it in zip(prompts, items):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        out.append(_answer_logp(model, tok, p, it["chosen"]) - _answer_logp(model, tok, p, it["rejected"]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def _markdown(report: dict) -> str:
+    res = report["results"]
+    labels = list(res)
+    lines = [f"# Demo evaluation ({report['items']} held-out questions)", "",
+             "| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    rows = [("QA accuracy", "accuracy"), ("preferred style (generation)", "preferred_rate"),
+            ("preferred and correct", "preferred_and_correct"),
+            ("log p(direct) - log p(hedging)", "logp_margin"), ("pairs with a positive margin", "pair_win_rate")]
+    for title, key in rows:
+        if all(key in res[label] for label in labels):
+            lines.append(f"| {title} | " + " | ".join(f"{res[label][key]:.2f}" for label in labels) + " |")
+    kinds = sorted({k for r in res.values() for k in r["accuracy_by_kind"]})
+    for kind in kinds:
+        lines.append(f"| accuracy: {kind} | " + " | ".join(
+            f"{res[label]['accuracy_by_kind'].get(kind, 0.0):.2f}" for label in labels) + " |")
+    if report.get("dpo_reward_accuracy") is not None:
+        lines += ["", f"DPO reward accuracy on held-out pairs (margin raised over the SFT model): "
+                      f"{report['dpo_reward_accuracy']:.2f}"]
+    if report.get("knowledge_probe"):
+        lines += ["", f"Knowledge probe (pretrained model completing corpus-style sentences): "
+                      f"{report['knowledge_probe']['accuracy']:.2f}"]
+    lines += ["", "How each number is measured:", ""]
+    lines += [f"- {k}: {v}" for k, v in report["method"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,173 @@
+"""`llmforge demo`: the README's first command, run for real (in its quick setting) through the CLI.
+
+The quick setting trains for a few steps only, so these tests check that the whole pipeline runs and
+reports what it should (summary table, evaluation, report artifact, caching), and that the generated
+data keeps its promises (deterministic by seed, held-out questions never in the SFT or DPO data).
+Whether the full setting shows the learning effect is measured by hand (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+
+def _status(root: Path) -> dict:
+    res = run_cli("status", "--json", "--runs-dir", str(root / "runs"))
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One quick demo run, shared by the tests below."""
+    cwd = tmp_path_factory.mktemp("demo")
+    res = run_cli("demo", "--quick", "--dir", "proj", cwd=cwd, timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return cwd / "proj", res
+
+
+def test_demo_runs_every_stage_and_prints_summary_and_evaluation(demo):
+    root, res = demo
+    out = res.stdout
+    # the summary table: its columns and one row per stage
+    for col in ("stage", "status", "time", "final loss", "artifact"):
+        assert col in out
+    for stage in ("pretrain", "sft", "dpo", "eval"):
+        assert any(line.strip("│┃ ").startswith(stage) and "done" in line for line in out.splitlines()), stage
+    assert "evaluation: accuracy pretrained" in out and "-> SFT" in out and "-> DPO" in out
+    assert "evaluation: preferred answers SFT" in out
+    assert f"llmforge run -c {root.resolve() / 'forge.toml'}" in out
+    st = _status(root)
+    assert st["status"] == "done"
+    for name in ("pretrain", "sft", "dpo"):
+        assert isinstance(st["stages"][name]["info"]["final_loss"], float), name
+    # every final loss in the table is the one the manifest recorded
+    for name in ("pretrain", "sft", "dpo"):
+        assert f"{st['stages'][name]['info']['final_loss']:.4f}" in out
+
+
+def test_report_artifact_has_the_numbers(demo):
+    root, _ = demo
+    st = _status(root)
+    ev = st["stages"]["eval"]
+    report_dir = Path(ev["artifacts"]["report"]["path"])
+    report = json.loads((report_dir / "report.json").read_text())
+    n_items = len((root / "data" / "heldout.jsonl").read_text().splitlines())
+    assert report["items"] == n_items > 0
+    assert set(report["results"]) == {"pretrained", "sft", "dpo"}
+    for label, res in report["results"].items():
+        for key in ("accuracy", "preferred_rate", "preferred_and_correct", "pair_win_rate"):
+            assert 0.0 <= res[key] <= 1.0, (label, key, res[key])
+        assert res["preferred_and_correct"] <= min(res["accuracy"], res["preferred_rate"])
+        assert isinstance(res["logp_margin"], float)
+        assert set(res["accuracy_by_kind"]) == {"capital", "colour", "animal", "sum"}
+    assert 0.0 <= report["dpo_reward_accuracy"] <= 1.0
+    assert 0.0 <= report["knowledge_probe"]["accuracy"] <= 1.0
+    assert set(report["method"]) >= {"accuracy", "preferred_rate", "logp_margin", "dpo_reward_accuracy"}
+    # the key numbers are in the manifest too, for the summary and `llmforge status`
+    assert ev["info"]["accuracy"] == report["headline"]["accuracy"]
+    assert ev["info"]["preferred_rate"] == report["headline"]["preferred_rate"]
+    md = (report_dir / "report.md").read_text()
+    assert "| QA accuracy |" in md and "| metric | pretrained | sft | dpo |" in md
+    answers = [json.loads(x) for x in (report_dir / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == n_items and {"question", "expected", "pretrained", "sft", "dpo"} <= set(answers[0])
+
+
+def test_forge_toml_is_documented_and_runs_with_llmforge_run(demo):
+    root, _ = demo
+    text = (root / "forge.toml").read_text()
+    assert text.startswith("# Written by `llmforge demo`")
+    assert f"#   llmforge run -c {root.resolve() / 'forge.toml'}" in text
+    res = run_cli("validate", str(root / "forge.toml"))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_second_demo_reuses_cached_stages(demo):
+    root, first = demo
+    res = run_cli("demo", "--quick", "--dir", str(root), timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for stage in ("pretrain", "sft", "dpo", "eval"):
+        assert f"↺ {stage} cached" in res.stdout
+    st = _status(root)
+    assert all(s["status"] == "cached" for s in st["stages"].values())
+    # the summary still shows the losses and the evaluation of the run that computed them
+    prev = json.loads((root / "runs" / st["stages"]["pretrain"]["cached_from"] / "manifest.json").read_text())
+    assert f"{prev['stages']['pretrain']['info']['final_loss']:.4f}" in res.stdout
+    assert "evaluation: accuracy pretrained" in res.stdout
+    assert "forge.toml differed" not in res.stdout  # same setting: the file is left as it was
+
+
+# ----------------------------------------------------------------------------------------------
+# the generated data
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((root / "data").iterdir())}
+
+
+def test_generated_data_is_deterministic_by_seed(tmp_path):
+    from llmforge_plugins.demo.project import write_project
+
+    for quick in (True, False):
+        a, _, _ = write_project(tmp_path / f"a{quick}", quick=quick, seed=7)
+        b, _, _ = write_project(tmp_path / f"b{quick}", quick=quick, seed=7)
+        c, _, _ = write_project(tmp_path / f"c{quick}", quick=quick, seed=8)
+        assert _files(a.parent) == _files(b.parent)
+        assert set(_files(a.parent)) == {"corpus.txt", "sft.jsonl", "dpo.jsonl", "heldout.jsonl", "world.json"}
+        assert _files(a.parent)["corpus.txt"] != _files(c.parent)["corpus.txt"]
+        # forge.toml differs only by the path in its header
+        assert a.read_text().replace(str(a), "X") == b.read_text().replace(str(b), "X")
+
+
+def test_heldout_questions_never_appear_in_sft_or_dpo_data(tmp_path):
+    from llmforge_plugins.demo import world
+    from llmforge_plugins.demo.project import write_project
+
+    config, counts, _ = write_project(tmp_path, quick=False, seed=42)
+    data = tmp_path / "data"
+    held = [json.loads(x) for x in (data / "heldout.jsonl").read_text().splitlines()]
+    sft = [json.loads(x) for x in (data / "sft.jsonl").read_text().splitlines()]
+    dpo = [json.loads(x) for x in (data / "dpo.jsonl").read_text().splitlines()]
+    assert len(held) >= 24 and counts["eval_items"] == len(held)
+    asked = {m["content"] for r in sft for m in r["messages"] if m["role"] == "user"}
+    asked |= {m["content"] for r in dpo for m in r["prompt"]}
+    corpus = (data / "corpus.txt").read_text()
+    facts = {f["id"]: f for f in json.loads((data / "world.json").read_text())["facts"]}
+    for item in held:
+        fact = facts[item["id"]]
+        kind, subject = item["id"].split(":", 1)
+        args = {"c": subject} if kind != "sum" else dict(zip("ab", map(int, subject.split("+"))))
+        # no wording of a held-out question is ever asked in training...
+        for wording in world.QUESTIONS[kind]:
+            assert wording.format(**args) not in asked, item
+        # ...but every held-out fact is stated in the pretraining corpus
+        assert world.Fact(kind, subject, fact["value"], args).statement(world.PHRASINGS[kind][0]) in corpus
+        assert item["answer"] == fact["value"]
+    # and the evaluation covers every kind of fact
+    assert {i["kind"] for i in held} == {"capital", "colour", "animal", "sum"}
+
+
+def test_answer_scoring():
+    from llmforge_plugins.demo.eval_stage import _score
+
+    values = {"capital": ["Arkel", "Bistro"], "sum": [str(n) for n in range(20)]}
+    item = {"kind": "capital", "answer": "Arkel", "question": "What is the capital of Zorvia?"}
+    assert _score(item, "The capital of Zorvia is Arkel.", values) == {"correct": True, "direct": True}
+    assert _score(item, "Hmm, I am not sure, but I think the capital of Zorvia is Arkel.", values) == {
+        "correct": True, "direct": False}
+    assert _score(item, "The capital of Zorvia is Bistro.", values) == {"correct": False, "direct": True}
+    # listing values is guessing: wrong, whichever comes last
+    assert _score(item, "Bistro or Arkel.", values)["correct"] is False
+    assert _score(item, "Arkelton.", values) == {"correct": False, "direct": False}  # whole words only
+    # an answer restates the question: the value is the last one named, operands don't count as guesses
+    s = {"kind": "sum", "answer": "14", "question": "What is 8 plus 6?"}
+    assert _score(s, "8 plus 6 equals 14.", values)["correct"]
+    assert not _score(s, "8 plus 6 equals 13.", values)["correct"]
+    assert not _score(s, "7 plus 6 equals 14.", values)["correct"]  # 7 and 14: two guesses
+    z = {"kind": "sum", "answer": "0", "question": "What is 0 plus 0?"}
+    assert _score(z, "0 plus 0 equals 0.", values)["correct"]
