@@ -83,6 +83,19 @@ def register_trackers(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_merge_methods(register: Callable[[type], None]) -> None:
+    """Register model-merging methods: :class:`llmforge.merging.MergeMethod` subclasses.
+
+    The name is what ``method = "<name>"`` (the ``merge`` stage, a merge recipe) and
+    ``llmforge merge --method <name>`` select. A method only computes one merged tensor from the
+    same tensor of each model (and of the base); reading, parameters per layer or per tensor-name
+    filter, and writing are the merge engine's. The built-in methods (``linear``, ``slerp``,
+    ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``model_stock``, ``passthrough``)
+    are registered through this hook too.
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add commands to the ``llmforge`` command line.
 

@@ -52,7 +52,7 @@ class LoadError:
 
 @dataclass
 class Conflict:
-    kind: str  # "stage", "reader", "row format", "chat template", "tracker"
+    kind: str  # "stage", "reader", "row format", "chat template", "tracker", "merge method"
     name: str
     winner: str
     loser: str
@@ -81,6 +81,7 @@ class Registry:
     row_formats: dict[str, Any] = field(default_factory=dict)
     chat_templates: dict[str, Any] = field(default_factory=dict)
     trackers: dict[str, type] = field(default_factory=dict)
+    merge_methods: dict[str, Any] = field(default_factory=dict)  # name -> MergeMethod instance
     owners: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin
     # The registration hooks run on first use of any table (or of plugins/errors): `llmforge --help`
     # only needs register_commands, and must not pay for importing every stage's dependencies.
@@ -206,6 +207,7 @@ def _kinds() -> dict[str, tuple[str, str, Any]]:
 
     from llmforge.chat import ChatTemplate
     from llmforge.data import KINDS, Reader, RowFormat
+    from llmforge.merging import MergeMethod, Param
     from llmforge.stage import Stage
     from llmforge.trackers import Tracker
 
@@ -219,6 +221,12 @@ def _kinds() -> dict[str, tuple[str, str, Any]]:
                 raise TypeError(f"{obj.__qualname__}.Options must be a pydantic model (StageOptions subclass)")
             if base is RowFormat and obj.kind not in KINDS:
                 raise TypeError(f"{obj.__qualname__}.kind must be one of {KINDS}, not {obj.kind!r}")
+            if base is MergeMethod:
+                if obj.base not in ("required", "optional", "none"):
+                    raise TypeError(f"{obj.__qualname__}.base must be 'required', 'optional' or 'none', "
+                                    f"not {obj.base!r}")
+                if not all(isinstance(p, Param) for p in obj.params):
+                    raise TypeError(f"{obj.__qualname__}.params must be a tuple of llmforge.merging.Param")
             return obj() if instantiate else obj
         return check
 
@@ -233,6 +241,7 @@ def _kinds() -> dict[str, tuple[str, str, Any]]:
         "register_row_formats": ("row_formats", "row format", subclass(RowFormat, instantiate=True)),
         "register_chat_templates": ("chat_templates", "chat template", template),
         "register_trackers": ("trackers", "tracker", subclass(Tracker, options=True)),
+        "register_merge_methods": ("merge_methods", "merge method", subclass(MergeMethod, instantiate=True)),
     }
 
 
