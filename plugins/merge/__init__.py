@@ -1,0 +1,40 @@
+"""`merge`: model merging as a first-party plugin.
+
+* the stage kind `merge` (plugins/merge/stage.py), whose options are the merge recipe (options.py);
+* the command `llmforge merge OUT ...` and `llmforge merge-lora ADAPTER OUT` (command.py);
+* the built-in merge methods (methods.py), registered through `register_merge_methods` exactly as a
+  third-party plugin's method would be.
+
+The engine: plan.py checks a recipe and its inputs and plans every output tensor; sources.py reads
+model directories and LoRA adapters tensor by tensor; writer.py streams safetensors shards; engine.py
+runs the plan and writes the rest of the model directory.
+
+Imported at every `llmforge` start-up: nothing heavy here. torch and safetensors are imported inside
+the functions that merge.
+"""
+
+from __future__ import annotations
+
+from llmforge import hookimpl
+
+
+@hookimpl
+def register_stages(register):
+    from llmforge_plugins.merge.stage import MergeStage
+
+    register(MergeStage)
+
+
+@hookimpl
+def register_merge_methods(register):
+    from llmforge_plugins.merge.methods import BUILTIN
+
+    for method in BUILTIN:
+        register(method)
+
+
+@hookimpl
+def register_commands(cli):
+    from llmforge_plugins.merge.command import register
+
+    register(cli)

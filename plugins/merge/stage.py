@@ -1,0 +1,40 @@
+"""`merge`: the merge as a pipeline stage. Inputs are models (`@sft`, `@dpo`, paths) or LoRA adapters
+(merged into their base as they are read); it writes one `model` artifact, a complete HF directory."""
+
+from __future__ import annotations
+
+from llmforge.stage import Stage
+from llmforge_plugins.merge.options import MergeOptions
+
+
+class MergeStage(Stage):
+    """Merges models tensor by tensor from their safetensors files (see docs/merge.md): weighted averages,
+    SLERP, task arithmetic, TIES, DARE, Model Stock, and layer stacking with slices. Parameters may be a
+    number, a list interpolated across layers, or values per tensor-name filter."""
+
+    name = "merge"
+    summary = "Merge models: linear, slerp, task arithmetic, TIES, DARE, model stock, passthrough slices."
+    Options = MergeOptions
+    produces = ("model",)
+    version = "1"
+    cache_libraries = ("torch", "safetensors")
+
+    def check(self, options, inputs):
+        from llmforge.plugins import get_registry
+        from llmforge_plugins.merge.plan import static_problems
+
+        return static_problems(options, get_registry().merge_methods)
+
+    def run(self, o: MergeOptions, ctx) -> None:
+        from llmforge.plugins import get_registry
+        from llmforge_plugins.merge.engine import Reporter, execute
+        from llmforge_plugins.merge.plan import prepare
+
+        plan = prepare(o, get_registry().merge_methods, out=ctx.stage_dir, seed=ctx.seed)
+        report = Reporter(log=ctx.log, progress=ctx.progress, should_stop=ctx.should_stop)
+        with ctx.artifact("model") as out:
+            summary = execute(plan, out, report)
+            if summary is None:  # stopped: the artifact block discards the partial folder
+                ctx.log("merge stopped before it finished; nothing was written")
+                return
+        ctx.info.update(summary)
