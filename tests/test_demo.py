@@ -37,10 +37,11 @@ def test_demo_runs_every_stage_and_prints_summary_and_evaluation(demo):
     # the summary table: its columns and one row per stage
     for col in ("stage", "status", "time", "final loss", "artifact"):
         assert col in out
-    for stage in ("pretrain", "sft", "dpo", "eval"):
+    for stage in ("pretrain", "sft", "dpo", "merge", "eval"):
         assert any(line.strip("│┃ ").startswith(stage) and "done" in line for line in out.splitlines()), stage
     assert "evaluation: accuracy pretrained" in out and "-> SFT" in out and "-> DPO" in out
     assert "evaluation: preferred answers SFT" in out
+    assert "merged (SFT and DPO, halfway)" in out
     assert f"llmforge run -c {root.resolve() / 'forge.toml'}" in out
     st = _status(root)
     assert st["status"] == "done"
@@ -59,9 +60,9 @@ def test_report_artifact_has_the_numbers(demo):
     report = json.loads((report_dir / "report.json").read_text())
     n_items = len((root / "data" / "heldout.jsonl").read_text().splitlines())
     assert report["items"] == n_items > 0
-    assert set(report["results"]) == {"pretrained", "sft", "dpo"}
+    assert set(report["results"]) == {"pretrained", "sft", "dpo", "merged"}
     for label, res in report["results"].items():
-        for key in ("accuracy", "preferred_rate", "preferred_and_correct", "pair_win_rate"):
+        for key in ("accuracy", "ended_turn", "preferred_rate", "preferred_and_correct", "pair_win_rate"):
             assert 0.0 <= res[key] <= 1.0, (label, key, res[key])
         assert res["preferred_and_correct"] <= min(res["accuracy"], res["preferred_rate"])
         assert isinstance(res["logp_margin"], float)
@@ -73,9 +74,26 @@ def test_report_artifact_has_the_numbers(demo):
     assert ev["info"]["accuracy"] == report["headline"]["accuracy"]
     assert ev["info"]["preferred_rate"] == report["headline"]["preferred_rate"]
     md = (report_dir / "report.md").read_text()
-    assert "| QA accuracy |" in md and "| metric | pretrained | sft | dpo |" in md
+    assert "| QA accuracy |" in md and "| metric | pretrained | sft | dpo | merged |" in md
     answers = [json.loads(x) for x in (report_dir / "answers.jsonl").read_text().splitlines()]
-    assert len(answers) == n_items and {"question", "expected", "pretrained", "sft", "dpo"} <= set(answers[0])
+    assert len(answers) == n_items and {"question", "expected", "pretrained", "sft", "dpo", "merged"} <= set(answers[0])
+
+
+def test_merge_stage_writes_a_model_between_sft_and_dpo(demo):
+    import torch
+    from safetensors.torch import load_file
+
+    root, _ = demo
+    st = _status(root)
+    arts = {name: Path(st["stages"][name]["artifacts"]["model"]["path"]) for name in ("sft", "dpo", "merge")}
+    assert (arts["merge"] / "config.json").exists() and (arts["merge"] / "tokenizer.json").exists()
+    sft, dpo, merged = (load_file(str(arts[n] / "model.safetensors")) for n in ("sft", "dpo", "merge"))
+    assert set(merged) >= set(sft)
+    # slerp at t = 0.5 lies between the two: each tensor within the span of the endpoints' distance
+    name = "model.layers.0.self_attn.q_proj.weight"
+    a, b, m = (t[name].float() for t in (sft, dpo, merged))
+    assert torch.linalg.norm(m - a) <= torch.linalg.norm(b - a) + 1e-6
+    assert torch.linalg.norm(m - b) <= torch.linalg.norm(b - a) + 1e-6
 
 
 def test_forge_toml_is_documented_and_runs_with_llmforge_run(demo):
@@ -91,7 +109,7 @@ def test_second_demo_reuses_cached_stages(demo):
     root, first = demo
     res = run_cli("demo", "--quick", "--dir", str(root), timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    for stage in ("pretrain", "sft", "dpo", "eval"):
+    for stage in ("pretrain", "sft", "dpo", "merge", "eval"):
         assert f"↺ {stage} cached" in res.stdout
     st = _status(root)
     assert all(s["status"] == "cached" for s in st["stages"].values())
@@ -171,3 +189,6 @@ def test_answer_scoring():
     assert not _score(s, "7 plus 6 equals 14.", values)["correct"]  # 7 and 14: two guesses
     z = {"kind": "sum", "answer": "0", "question": "What is 0 plus 0?"}
     assert _score(z, "0 plus 0 equals 0.", values)["correct"]
+    # a reply that never ends its turn is no answer, even when it names the right value on the way
+    assert _score(item, "The capital of Zorvia is Arkel. The flag of", values, ended=False) == {
+        "correct": False, "direct": False}

@@ -23,7 +23,8 @@ def demo(
     force: bool = typer.Option(False, "--force", help="Run every stage again, ignoring cached results."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the generated world and of training."),
 ) -> None:
-    """Train a tiny model end to end on CPU: pretrain -> SFT -> DPO on a generated world, then evaluate.
+    """Train a tiny model end to end on CPU: pretrain -> SFT -> DPO -> merge on a generated world, then
+    evaluate.
 
     Writes a self-contained project (generated data and a documented forge.toml) into --dir and runs it.
     The full setting takes a few minutes on a 2-core CPU. Exit code: 0 done, 1 a stage failed, 130 stopped.
@@ -99,7 +100,8 @@ def print_evaluation(report: dict, path: Path, out) -> None:
     table.add_column("metric")
     for label in labels:
         table.add_column(label, justify="right")
-    rows = [("QA accuracy", "accuracy"), ("preferred (direct) answers", "preferred_rate"),
+    rows = [("answers that end their turn", "ended_turn"),
+            ("QA accuracy", "accuracy"), ("preferred (direct) answers", "preferred_rate"),
             ("direct and correct", "preferred_and_correct"), ("log p(direct) - log p(hedging)", "logp_margin")]
     for title, key in rows:
         if all(key in res[label] for label in labels):
@@ -108,9 +110,11 @@ def print_evaluation(report: dict, path: Path, out) -> None:
     acc = {k: r["accuracy"] for k, r in res.items()}
     pref = {k: r["preferred_rate"] for k, r in res.items()}
     out.print(f"evaluation: accuracy pretrained {acc.get('pretrained', 0):.2f} -> SFT {acc.get('sft', 0):.2f}"
-              + (f" -> DPO {acc['dpo']:.2f}" if "dpo" in acc else ""))
+              + (f" -> DPO {acc['dpo']:.2f}" if "dpo" in acc else "")
+              + (f"; merged (SFT and DPO, halfway) {acc['merged']:.2f}" if "merged" in acc else ""))
     if "dpo" in pref:
-        out.print(f"evaluation: preferred answers SFT {pref.get('sft', 0):.2f} -> DPO {pref['dpo']:.2f}")
+        out.print(f"evaluation: preferred answers SFT {pref.get('sft', 0):.2f} -> DPO {pref['dpo']:.2f}"
+                  + (f"; merged {pref['merged']:.2f}" if "merged" in pref else ""))
     if report.get("dpo_reward_accuracy") is not None:
         out.print(f"evaluation: DPO raised log p(direct) - log p(hedging) over the SFT model on "
                   f"{report['dpo_reward_accuracy']:.0%} of the held-out pairs")

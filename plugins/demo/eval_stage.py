@@ -1,6 +1,6 @@
 """`demo_eval`: did the demo's models learn? Held-out questions, answered by each model.
 
-For every model given (pretrained, after SFT, after DPO) the stage formats each held-out question
+For every model given (pretrained, after SFT, after DPO, merged) the stage formats each held-out question
 with the model's own chat template, generates a greedy answer and scores it:
 
 * accuracy: the generated answer names the expected value (out of every known capital, colour,
@@ -43,11 +43,13 @@ class DemoEvalOptions(StageOptions):
         description="The pretrained model (before any chat training): @stage or a HF directory.")
     sft: Annotated[str, Input("model", "adapter")] = Field(description="The model after SFT.")
     dpo: Annotated[str | None, Input("model", "adapter")] = Field(None, description="The model after DPO.")
+    merged: Annotated[str | None, Input("model", "adapter")] = Field(
+        None, description="A merged model (the demo merges the SFT and DPO models), evaluated like the others.")
     data: Annotated[str, Input()] = Field(description="Held-out items (JSON Lines: question, answer, kind, "
                                                       "chosen, rejected, probe).")
     answers: Annotated[str | None, Input()] = Field(
         None, description="JSON file with the known answer values per kind ({\"answers\": {kind: [...]}}); "
-                          "without it an answer is right when it names the expected value anywhere.")
+                          "without it, an answer is right when the expected value is the last value it names.")
     max_new_tokens: int = Field(40, gt=0, le=512, description="Longest generated answer, in tokens.")
     limit: int | None = Field(None, gt=0, description="Use at most this many held-out items.")
     batch_size: int = Field(16, gt=0, description="Prompts generated together.")
@@ -55,7 +57,7 @@ class DemoEvalOptions(StageOptions):
 
 class DemoEvalStage(Stage):
     name = "demo_eval"
-    summary = "Held-out QA accuracy and preferred-answer rate of the demo's pretrained, SFT and DPO models."
+    summary = "Held-out QA accuracy and preferred-answer rate of the demo's pretrained, SFT, DPO and merged models."
     Options = DemoEvalOptions
     produces = ("report",)
     version = "1"
@@ -73,7 +75,8 @@ class DemoEvalStage(Stage):
             raise DataError(f"{o.data}: no held-out items")
         values = _read_answers(Path(o.answers)) if o.answers else {}
         torch.manual_seed(ctx.seed)
-        models = [("pretrained", o.pretrained), ("sft", o.sft)] + ([("dpo", o.dpo)] if o.dpo else [])
+        models = [("pretrained", o.pretrained), ("sft", o.sft)] + ([("dpo", o.dpo)] if o.dpo else []) \
+            + ([("merged", o.merged)] if o.merged else [])
         ctx.log(f"evaluating {len(models)} models on {len(items)} held-out questions "
                 f"(greedy, at most {o.max_new_tokens} new tokens)")
 
@@ -86,10 +89,11 @@ class DemoEvalStage(Stage):
                 return
             model, tok, stops = _load(path)
             prompts = [_chat_prompt(tok, it["question"]) for it in items]
-            answers[label] = _generate(model, tok, prompts, stops, o.max_new_tokens, o.batch_size)
-            scored = [_score(it, a, values) for it, a in zip(items, answers[label])]
+            answers[label], ended = _generate(model, tok, prompts, stops, o.max_new_tokens, o.batch_size)
+            scored = [_score(it, a, values, e) for it, a, e in zip(items, answers[label], ended)]
             res = {
                 "accuracy": _mean(s["correct"] for s in scored),
+                "ended_turn": _mean(ended),
                 "preferred_rate": _mean(s["direct"] for s in scored),
                 "preferred_and_correct": _mean(s["direct"] and s["correct"] for s in scored),
                 "accuracy_by_kind": _by_kind(items, [s["correct"] for s in scored]),
@@ -99,8 +103,8 @@ class DemoEvalStage(Stage):
                 res["pair_win_rate"] = _mean(m > 0 for m in margins[label])
                 res["logp_margin"] = round(sum(margins[label]) / len(margins[label]), 4)
             if label == "pretrained" and all(it.get("probe") for it in items):
-                probe_answers = _generate(model, tok, [it["probe"] for it in items], stops, 8, o.batch_size,
-                                          plain=True)
+                probe_answers, _ = _generate(model, tok, [it["probe"] for it in items], stops, 8, o.batch_size,
+                                             plain=True)
                 # the first sentence of the continuation completes the probe; later ones are new text
                 probe = {"accuracy": _mean(_score(it, a.split(". ")[0], values)["correct"]
                                            for it, a in zip(items, probe_answers)),
@@ -117,11 +121,13 @@ class DemoEvalStage(Stage):
             "results": results,
             "knowledge_probe": {"accuracy": probe["accuracy"]} if probe else None,
             "method": {
-                "accuracy": "greedy answer to the chat-formatted question; right when the last known answer "
-                            "value it names is the expected one and it names no other value absent from the "
-                            "question",
+                "accuracy": "greedy answer to the chat-formatted question; right when the model ends its turn "
+                            "(end-of-turn token within max_new_tokens), the last known answer value it names is "
+                            "the expected one, and it names no other value absent from the question",
+                "ended_turn": "share of answers that end with the end-of-turn token within max_new_tokens",
                 "preferred_rate": "share of greedy answers in the direct style: one sentence naming an answer "
                                   "value, with no hedging words",
+                "preferred_and_correct": "share of greedy answers that are both direct and right",
                 "logp_margin": "mean over held-out pairs of log p(direct answer) - log p(hedging answer), each "
                                "summed over the answer tokens and the end-of-turn token (favours the shorter "
                                "direct answer even before training; compare models)",
@@ -195,19 +201,21 @@ def _named(text: str, candidates: list[str]) -> list[str]:
     return [c for _, c in sorted(found)]
 
 
-def _score(item: dict, answer: str, values: dict[str, list[str]]) -> dict:
+def _score(item: dict, answer: str, values: dict[str, list[str]], ended: bool = True) -> dict:
     """An answer may restate the question ("8 plus 6 equals 14."), so its value is the LAST value it
-    names; naming more than one value the question does not contain is a list of guesses: wrong."""
+    names; naming more than one value the question does not contain is a list of guesses: wrong.
+    An answer that never ends its turn (`ended` False) is not an answer: a model that has not learnt
+    the chat format rambles on in corpus style and may name the right value on the way."""
     expected = item["answer"]
     candidates = values.get(item.get("kind", ""), []) or [expected]
     named = _named(answer, candidates)
     in_question = set(_named(item.get("question", ""), candidates))
     guesses = {v for v in named if v not in in_question}
     value = named[-1] if named and len(guesses) <= 1 else None
-    correct = value is not None and value.lower() == expected.lower()
+    correct = ended and value is not None and value.lower() == expected.lower()
     text = answer.strip()
     # Direct: an answer (it names a value), in one sentence, without hedging.
-    direct = (value is not None and text.endswith(".") and not re.search(r"[.?!]\s", text)
+    direct = (ended and value is not None and text.endswith(".") and not re.search(r"[.?!]\s", text)
               and not HEDGING.search(text))
     return {"correct": correct, "direct": direct}
 
@@ -257,10 +265,12 @@ def _chat_prompt(tok, question: str) -> str:
 
 
 def _generate(model, tok, prompts: list[str], stops: list[int], max_new: int, batch: int,
-              plain: bool = False) -> list[str]:
+              plain: bool = False) -> tuple[list[str], list[bool]]:
+    """Greedy continuations of `prompts`, and for each whether it stopped on a stop token."""
     import torch
 
-    out: list[str] = []
+    texts: list[str] = []
+    ended: list[bool] = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         # Chat prompts carry their own markers; a plain probe starts like a corpus document (BOS if any).
@@ -269,9 +279,11 @@ def _generate(model, tok, prompts: list[str], stops: list[int], max_new: int, ba
             gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False, eos_token_id=stops,
                                  pad_token_id=tok.pad_token_id)
         for row in gen[:, enc["input_ids"].shape[1]:]:
+            ids = row.tolist()
+            ended.append(any(t in stops for t in ids))
             text = tok.decode(row, skip_special_tokens=True)
-            out.append(text.split("\n\n")[0].strip() if plain else text.strip())
-    return out
+            texts.append(text.split("\n\n")[0].strip() if plain else text.strip())
+    return texts, ended
 
 
 def _answer_logp(model, tok, prompt_ids: list[int], answer: str) -> float:
@@ -303,7 +315,8 @@ def _markdown(report: dict) -> str:
     labels = list(res)
     lines = [f"# Demo evaluation ({report['items']} held-out questions)", "",
              "| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    rows = [("QA accuracy", "accuracy"), ("preferred style (generation)", "preferred_rate"),
+    rows = [("answers that end their turn", "ended_turn"),
+            ("QA accuracy", "accuracy"), ("preferred style (generation)", "preferred_rate"),
             ("preferred and correct", "preferred_and_correct"),
             ("log p(direct) - log p(hedging)", "logp_margin"), ("pairs with a positive margin", "pair_win_rate")]
     for title, key in rows:

@@ -34,7 +34,7 @@ class Setting:
 
 FULL = Setting(
     name="full", data=DemoSize(), model='{ size = "mini" }', vocab_size=1024,
-    pretrain_steps=400, pretrain_lr=2e-3, pretrain_batch=32, pretrain_length=128,
+    pretrain_steps=500, pretrain_lr=2e-3, pretrain_batch=32, pretrain_length=128,
     sft_steps=200, sft_lr=3e-3, dpo_steps=40, dpo_lr=2e-5, dpo_beta=0.1, log_every=10,
 )
 
@@ -62,8 +62,9 @@ TEMPLATE = """\
 #   world.json     the world itself, and which facts are held out
 #
 # The pipeline: pretrain a small Llama and its tokenizer from scratch on the corpus, teach it to
-# answer questions (SFT), teach it to prefer direct answers to hedging ones (DPO), then measure on the held-out
-# questions: accuracy before and after SFT, and the share of direct answers before and after DPO.
+# answer questions (SFT), teach it to prefer direct answers to hedging ones (DPO), merge the SFT and
+# DPO models halfway, then measure on the held-out questions: accuracy before and after SFT, and
+# direct answers before and after DPO, and for the merged model.
 
 [project]
 name = "llmforge-demo"
@@ -73,9 +74,9 @@ seed = {seed}
 name = "pretrain"
 uses = "pretrain"
 data = {{ path = "data/corpus.txt" }}   # blank-line separated documents
-vocab_size = {vocab_size}                 # byte-level BPE trained on the corpus
+vocab_size = {vocab_size}                 # at most: a byte-level BPE learns fewer merges on a small corpus
 template = "chatml"                 # reserve the chat markers now, so SFT needs no new tokens
-model = {model}           # Llama shape (tiny ~0.1M parameters, mini ~3M with this vocabulary)
+model = {model}           # Llama shape: `llmforge stages show pretrain` lists the presets
 max_length = {pretrain_length}
 # Documents are short, so no packing: with packing, a micro-batch becomes one long row and attention
 # cost grows with the whole batch (slow on CPU).
@@ -117,13 +118,21 @@ beta = {dpo_beta}
 log_every = {log_every}
 
 [[stages]]
+name = "merge"
+uses = "merge"                      # model merging: `llmforge merge --list-methods` shows the methods
+method = "slerp"                    # spherical interpolation, tensor by tensor, between the two models
+models = [{{ model = "@sft.model" }}, {{ model = "@dpo" }}]
+parameters = {{ t = 0.5 }}            # halfway; a list ([0.2, 0.8]) would vary it across the layers
+
+[[stages]]
 name = "eval"
 uses = "demo_eval"                  # from the demo plugin: `llmforge stages show demo_eval`
 pretrained = "@pretrain"
 sft = "@sft.model"
 dpo = "@dpo"
+merged = "@merge"
 data = "data/heldout.jsonl"
-answers = "data/world.json"          # known answer values: the first one an answer names is its answer
+answers = "data/world.json"          # every known answer value, to read which one an answer gives
 max_new_tokens = 40
 """
 

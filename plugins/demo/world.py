@@ -68,12 +68,17 @@ PHRASINGS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# The phrasing answers use (an index into PHRASINGS). For sums it is "The sum of a and b is v.":
+# every direct answer then starts with "The", so DPO's push away from hedging leads to one opening
+# word rather than to the first operand, which it would otherwise tend to garble.
+ANSWER_FORM = {"capital": 0, "colour": 0, "animal": 0, "sum": 2}
+
 # Two wordings per question type: the model must answer the question, not one fixed string.
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "capital": ("What is the capital of {c}?", "Which city is the capital of {c}?"),
     "colour": ("What colour is the flag of {c}?", "Which colour is the flag of {c}?"),
     "animal": ("What is the national animal of {c}?", "Which animal is the symbol of {c}?"),
-    "sum": ("What is {a} plus {b}?", "How much is {a} plus {b}?"),
+    "sum": ("What is the sum of {a} and {b}?", "How much is {a} plus {b}?"),
 }
 
 # The dispreferred style: the same statement wrapped in hedging. Several wordings, so that DPO has
@@ -123,6 +128,7 @@ class DemoSize:
     max_addend: int = 7  # sums a + b with 0 <= a, b <= max_addend
     heldout_fraction: float = 0.25
     corpus_repeats: int = 12  # each (fact, phrasing) appears this many times in the corpus
+    sum_repeats: int = 10  # the same for each (sum, phrasing): sums are learnt faster than names
     chatter_share: float = 0.5  # country profiles with a sentence of small talk
     sft_per_fact: int = 3
     sft_direct_share: float = 0.3  # the rest of the SFT answers hedge
@@ -131,7 +137,8 @@ class DemoSize:
     eval_items: int = 48  # held-out questions used by the evaluation (at most)
 
 
-QUICK = DemoSize(countries=12, max_addend=5, corpus_repeats=1, sft_per_fact=1, dpo_per_fact=1, eval_items=12)
+QUICK = DemoSize(countries=12, max_addend=5, corpus_repeats=1, sum_repeats=1, sft_per_fact=1, dpo_per_fact=1,
+                 eval_items=12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +212,7 @@ def answer_values(facts: list[Fact]) -> dict[str, list[str]]:
 # pretraining, which is what lets SFT on some facts make the other facts answerable too.
 def direct(f: Fact) -> str:
     """The preferred answer: the plain statement."""
-    return f.statement(PHRASINGS[f.kind][0])
+    return f.statement(PHRASINGS[f.kind][ANSWER_FORM[f.kind]])
 
 
 def hedged(rng: random.Random, f: Fact) -> str:
@@ -252,11 +259,13 @@ def corpus_documents(facts: list[Fact], seed: int, size: DemoSize) -> list[str]:
             rng.shuffle(lines)
             docs.append(" ".join(lines))
     sums = [f.statement(p) for f in facts if f.kind == "sum" for p in PHRASINGS["sum"]
-            for _ in range(size.corpus_repeats)]
+            for _ in range(size.sum_repeats)]
     rng.shuffle(sums)
     i = 0
     while i < len(sums):
-        n = rng.randint(4, 8)
+        # as long as a profile, about: a batch is padded to its longest document, so documents of
+        # similar length waste the least compute
+        n = rng.randint(2, 3)
         docs.append(" ".join(sums[i:i + n]))
         i += n
     rng.shuffle(docs)
@@ -309,8 +318,8 @@ def eval_rows(held: list[Fact], seed: int, size: DemoSize) -> list[dict]:
     rows = []
     for f in picked:
         q = f.question(rng.choice(QUESTIONS[f.kind]))
-        # The probe is the start of the first corpus phrasing, to be completed by the pretrained model.
-        probe = PHRASINGS[f.kind][0].split("{v}")[0].format(**f.args).rstrip()
+        # The probe is the start of the answer's corpus phrasing, to be completed by the pretrained model.
+        probe = PHRASINGS[f.kind][ANSWER_FORM[f.kind]].split("{v}")[0].format(**f.args).rstrip()
         rows.append({"id": f.id, "kind": f.kind, "question": q, "answer": f.value,
                      "chosen": direct(f), "rejected": hedged(rng, f), "probe": probe})
     return rows
