@@ -184,8 +184,6 @@ def load_registry(env: str | None | type(...) = ..., extra: list[tuple[str, Any]
 
 def _check_hook_names(plugin: Any) -> None:
     """A misspelt hook would silently do nothing: refuse the plugin and say which name was meant."""
-    from llmforge.schema import did_you_mean
-
     known = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), f"{GROUP}_spec")}
     for attr in dir(plugin):
         if attr.startswith("__"):
@@ -198,6 +196,8 @@ def _check_hook_names(plugin: Any) -> None:
             opts = getattr(value, f"{GROUP}_impl") or {}
             if isinstance(opts, dict) and opts.get("specname"):
                 continue
+            from llmforge.schema import did_you_mean  # pydantic: only on this error path (start-up time)
+
             raise ValueError(f"implements unknown hook '{attr}'{did_you_mean(attr, known)}")
 
 

@@ -11,7 +11,6 @@ from typing import Annotated
 
 from pydantic import Field
 
-from llmforge import hookimpl
 from llmforge.data import DataOptions
 from llmforge.stage import Input, Stage
 from llmforge_plugins.training.options import LoraOptions, TrainOptions, adapter_outputs
@@ -99,8 +98,3 @@ class ContinuedPretrainStage(Stage):
         with ctx.artifact("report") as out:
             (out / "forgetting.json").write_text(json.dumps(report, indent=2))
         common.save_outputs(ctx, trainer.model, tokenizer, None, o.lora, o.merge)
-
-
-@hookimpl
-def register_stages(register):
-    register(ContinuedPretrainStage)

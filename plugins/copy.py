@@ -12,7 +12,6 @@ from typing import Annotated
 
 from pydantic import Field
 
-from llmforge import hookimpl
 from llmforge.stage import Input, Stage, StageOptions
 
 
@@ -52,8 +51,3 @@ def _name_for(path: Path, ctx) -> str:
         if art.stage and Path(art.path) == path:
             return art.stage
     return path.name
-
-
-@hookimpl
-def register_stages(register):
-    register(CopyStage)

@@ -36,7 +36,6 @@ import re
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from llmforge import hookimpl
 from llmforge.data import (DataOptions, Reader, Record, RowError, RowFormat, check_messages, content_text,
                            describe, require_assistant)
 from llmforge.errors import DataError
@@ -602,14 +601,7 @@ class PreferenceFormat(RowFormat):
         return answer
 
 
-@hookimpl
-def register_readers(register):
-    # A saved-dataset folder must be claimed before the folder walk would read its state.json.
-    for reader in (HfDatasetReader, JsonlReader, JsonReader, CsvReader, ParquetReader, TextReader):
-        register(reader)
-
-
-@hookimpl
-def register_row_formats(register):
-    for fmt in (PreferenceFormat, MessagesFormat, ShareGptFormat, AlpacaFormat, TextFormat):
-        register(fmt)
+# Registered by llmforge_plugins.hooks.data_formats. A saved-dataset folder must be claimed before the
+# folder walk would read its state.json, so HfDatasetReader comes first.
+READERS = (HfDatasetReader, JsonlReader, JsonReader, CsvReader, ParquetReader, TextReader)
+ROW_FORMATS = (PreferenceFormat, MessagesFormat, ShareGptFormat, AlpacaFormat, TextFormat)

@@ -11,7 +11,6 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from llmforge import hookimpl
 from llmforge.data import DataOptions
 from llmforge.stage import Input, Stage
 from llmforge_plugins.training.options import LoraOptions, TemplateChecks, TrainOptions, adapter_outputs
@@ -92,8 +91,3 @@ class DpoStage(TemplateChecks, Stage):
         if margins:
             ctx.info["reward_margin_first"], ctx.info["reward_margin_last"] = margins[0], margins[-1]
         common.save_outputs(ctx, trainer.model, tokenizer, template, o.lora, o.merge)
-
-
-@hookimpl
-def register_stages(register):
-    register(DpoStage)

@@ -10,7 +10,6 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from llmforge import hookimpl
 from llmforge.data import DataOptions
 from llmforge.stage import Input, Stage, StageOptions
 from llmforge_plugins.training.options import TemplateChecks, TrainOptions
@@ -79,8 +78,3 @@ class PretrainStage(TemplateChecks, Stage):
             return
         common.save_outputs(ctx, trainer.model, tokenizer, template, None, False)
         outcome.record(ctx)
-
-
-@hookimpl
-def register_stages(register):
-    register(PretrainStage)

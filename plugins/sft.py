@@ -11,7 +11,6 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from llmforge import hookimpl
 from llmforge.data import DataOptions
 from llmforge.stage import Input, Stage
 from llmforge_plugins.training.options import LoraOptions, TemplateChecks, TrainOptions, adapter_outputs
@@ -58,8 +57,3 @@ class SftStage(TemplateChecks, Stage):
             return
         common.save_outputs(ctx, trainer.model, tokenizer, template, o.lora, o.merge)
         outcome.record(ctx)
-
-
-@hookimpl
-def register_stages(register):
-    register(SftStage)

@@ -22,7 +22,6 @@ from typing import Annotated
 
 from pydantic import Field
 
-from llmforge import hookimpl
 from llmforge.errors import StageFailed
 from llmforge.stage import Input, Stage, StageOptions
 
@@ -86,8 +85,3 @@ class ShellStage(Stage):
                 proc.kill()
                 proc.wait()
                 raise StageFailed(f"command timed out after {timeout:g} s: {proc.args}")
-
-
-@hookimpl
-def register_stages(register):
-    register(ShellStage)

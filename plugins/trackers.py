@@ -34,7 +34,6 @@ from urllib.parse import urlparse
 
 from pydantic import Field
 
-from llmforge import hookimpl
 from llmforge.errors import Problem
 from llmforge.stage import StageOptions
 from llmforge.trackers import Tracker
@@ -503,21 +502,14 @@ def _manifest_status(run_dir: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# registration and preflight
-
-
-@hookimpl
-def register_trackers(register):
-    register(TensorBoardTracker)
-    register(MlflowTracker)
+# preflight (the validate_pipeline hook in llmforge_plugins.hooks.trackers)
 
 
 _PIP_NAMES = {"mlflow": "mlflow-skinny"}
 
 
-@hookimpl
-def validate_pipeline(pipeline):
-    """A tracker whose library is missing would only be noticed as a warning once the run has
+def missing_libraries(pipeline):
+    """(The trackers plugin's validate_pipeline.) A tracker whose library is missing would only be noticed as a warning once the run has
     started; say it at validation instead, at the tracker's key, with the command that fixes it."""
     cfg = pipeline.config
     problems = []

@@ -92,7 +92,7 @@ def test_startup_imports_neither_pyarrow_nor_datasets():
             "from llmforge.cli import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "from llmforge.plugins import get_registry\n"
-            "get_registry()\n"
+            "get_registry().readers\n"
             "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     loaded = set(json.loads(res.stderr.strip().splitlines()[-1]))

@@ -23,7 +23,7 @@ def test_wheel_contents_and_entry_points_work_when_installed(tmp_path: Path):
     assert not any(n.startswith("plugins/") for n in names), "plugins/ must not install as a top-level package"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "[llmforge]" in text and "llmforge_plugins.shell" in text
+    assert "[llmforge]" in text and "llmforge_plugins.hooks.shell" in text
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",

@@ -99,7 +99,7 @@ def test_builtins_load_through_the_entry_point_group():
         info = plugins[name]
         assert info["builtin"] is True
         assert info["dist"] == "llmforge"
-        assert info["module"] == f"llmforge_plugins.{name}"
+        assert info["module"] == f"llmforge_plugins.hooks.{name}"  # the light entry module
         assert info["stages"] == [name]
         assert "register_stages" in info["hooks"]
     assert not [e for e in data["errors"] if e["dist"] == "llmforge"], data["errors"]

@@ -439,6 +439,6 @@ def test_startup_imports_no_tracker_library():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     modules = set(json.loads(res.stdout.strip().splitlines()[-1]))
-    assert "llmforge_plugins.trackers" in modules, "the measurement sees the trackers plugin"
+    assert "llmforge_plugins.hooks.trackers" in modules, "the measurement sees the trackers plugin"
     top = {m.split(".")[0] for m in modules}
     assert not top & {"tensorboard", "mlflow", "torch", "sqlalchemy"}, top & {"tensorboard", "mlflow", "torch"}
