@@ -1,0 +1,228 @@
+"""GGUF export (F16) of a generated ~0.5 GB Llama, timed with its peak RSS, against llama.cpp's own
+converter on the same folder in the same run; plus the time to quantize the export to Q4_K_M.
+
+Usage: python bench/gguf.py [--dir /tmp/llmforge-bench-gguf] [--scale 1.0] [--runs 1]
+                            [--llama-cpp-src PATH] [--write docs/benchmarks.md]
+
+* llmforge: `llmforge gguf export MODEL OUT --outtype f16` (the command, start-up included);
+* llama.cpp: `convert_hf_to_gguf.py MODEL --outfile OUT --outtype f16` from llama.cpp's source
+  (--llama-cpp-src, else $LLMFORGE_LLAMA_CPP_SRC; the row is skipped without it). The converter names a
+  BPE pre-tokenizer by hashing token ids, which no generated tokenizer matches, so it runs through a
+  small wrapper that gives it the name llmforge chose (`gpt-2`); everything else is its own code;
+* quantize: `quantize_gguf(F16, Q4_K_M)` from llmforge_plugins.gguf.quantize, when that module exists.
+
+Each runs in a child process of a small launcher that reports its wall time and peak RSS (`ru_maxrss`),
+exactly as bench/merge.py measures. The inputs are in the page cache for all of them. --scale shrinks
+the model's widths for a quick smoke run (0.25 gives ~40 MB); the figures for the record use 1.0.
+
+Goals (issue 5): export no slower than llama.cpp's converter, and peak RSS under 1.5 x the largest
+tensor + 300 MB (the export holds one tensor and its converted copy, never the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# This file is bench/gguf.py: with its folder on sys.path, `import gguf` would import this script instead
+# of the gguf package. Take the folder off and load the sibling benches by path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+
+def _sibling(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+measure = _sibling("merge").measure  # the same launcher and ru_maxrss measurement as the merge bench
+
+MB = 1e6
+BASE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=5,
+            num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False)
+
+CONVERTER_WRAPPER = r"""
+import runpy, sys
+src, pre = sys.argv[1], sys.argv[2]
+sys.path[:0] = [src, src + "/gguf-py"]
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+sys.argv = [src + "/convert_hf_to_gguf.py", *sys.argv[3:]]
+runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+QUANTIZE = r"""
+import sys
+from pathlib import Path
+from llmforge_plugins.gguf.quantize import quantize_gguf
+quantize_gguf(Path(sys.argv[1]), Path(sys.argv[2]), "Q4_K_M")
+"""
+
+
+def shape(scale: float) -> dict:
+    def width(value: int, step: int, least: int) -> int:
+        return max(least, int(round(value * scale / step)) * step)
+
+    return {**BASE, "hidden_size": width(1024, 64, 64), "intermediate_size": width(2816, 32, 128),
+            "vocab_size": width(32000, 64, 2048)}
+
+
+def generate(root: Path, scale: float) -> dict:
+    """A float32 Llama with a GPT-2-split byte-level BPE tokenizer, written once and reused."""
+    marker = root / "generated.json"
+    if marker.exists() and json.loads(marker.read_text()).get("scale") == scale:
+        return json.loads(marker.read_text())
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shutil.rmtree(root, ignore_errors=True)
+    model = root / "model"
+    model.mkdir(parents=True)
+    dims = shape(scale)
+    cfg = LlamaConfig(**dims, bos_token_id=1, eos_token_id=0, pad_token_id=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in LlamaForCausalLM(cfg).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    tensors = {n: (torch.ones(s) if n.endswith("norm.weight") else torch.randn(s, generator=gen) * 0.02)
+               for n, s in shapes.items()}
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(str(model))
+    _tokenizer(model)
+    info = {"scale": scale, "shape": dims, "params": sum(t.numel() for t in tensors.values()),
+            "largest_tensor_bytes": max(t.numel() for t in tensors.values()) * 4,
+            "model_bytes": (model / "model.safetensors").stat().st_size}
+    marker.write_text(json.dumps(info))
+    return info
+
+
+def _tokenizer(path: Path) -> None:
+    """A small byte-level BPE with the GPT-2 split (llmforge's kind); the model's vocab pads beyond it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["alpha", "beta", "gamma", "delta", "Köln", "Straße", "мир", "東京", "3.14", "it's", "tokens"]
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(2000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<|im_end|>", "<|im_start|>", "<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                            pad_token="<|endoftext|>").save_pretrained(str(path))
+
+
+def find_converter(explicit: str | None) -> Path | None:
+    src = explicit or os.environ.get("LLMFORGE_LLAMA_CPP_SRC")
+    if not src:
+        return None
+    src = Path(src).expanduser()
+    if not (src / "convert_hf_to_gguf.py").is_file():
+        raise SystemExit(f"{src}: no convert_hf_to_gguf.py there")
+    return src
+
+
+def identical(a: Path, b: Path) -> bool:
+    """Same tensor names, types and bytes in two GGUF files."""
+    import gguf
+
+    ta = {t.name: t for t in gguf.GGUFReader(str(a)).tensors}
+    tb = {t.name: t for t in gguf.GGUFReader(str(b)).tensors}
+    return sorted(ta) == sorted(tb) and all(
+        ta[n].tensor_type == tb[n].tensor_type and bytes(ta[n].data) == bytes(tb[n].data) for n in ta)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/llmforge-bench-gguf"))
+    ap.add_argument("--scale", type=float, default=1.0, help="width factor of the generated model (1.0: ~0.5 GB)")
+    ap.add_argument("--runs", type=int, default=1, help="runs of each, interleaved; the median is reported")
+    ap.add_argument("--llama-cpp-src", help="llama.cpp source folder (default: $LLMFORGE_LLAMA_CPP_SRC)")
+    ap.add_argument("--write", type=Path, help="update this markdown file's gguf section")
+    args = ap.parse_args()
+    root = args.dir.resolve()
+    info = generate(root, args.scale)
+    model = root / "model"
+    src = find_converter(args.llama_cpp_src)
+    wrapper = root / "convert.py"
+    wrapper.write_text(CONVERTER_WRAPPER)
+    llmforge = shutil.which("llmforge", path=str(Path(sys.executable).parent))
+    llmforge_cmd = [llmforge] if llmforge else [sys.executable, "-m", "llmforge"]
+    ours, theirs, q4 = root / "llmforge-f16.gguf", root / "llama-cpp-f16.gguf", root / "llmforge-q4_k_m.gguf"
+    has_quantize = importlib.util.find_spec("llmforge_plugins.gguf.quantize") is not None
+
+    results: dict[str, list[tuple[float, float]]] = {"llmforge": [], "llama.cpp": [], "quantize": []}
+    for _ in range(args.runs):
+        for name in ("llmforge", "llama.cpp", "quantize"):
+            if name == "llmforge":
+                cmd = [*llmforge_cmd, "gguf", "export", str(model), str(ours), "--outtype", "f16", "--force"]
+            elif name == "llama.cpp":
+                if src is None:
+                    continue
+                cmd = [sys.executable, str(wrapper), str(src), "gpt-2", str(model), "--outfile", str(theirs),
+                       "--outtype", "f16"]
+            else:
+                if not has_quantize:
+                    continue
+                q4.unlink(missing_ok=True)
+                cmd = [sys.executable, "-c", QUANTIZE, str(ours), str(q4)]
+            wall, rss = measure(cmd)
+            results[name].append((wall, rss))
+            print(f"{name}: {wall:.1f} s, peak RSS {rss / MB:.0f} MB", flush=True)
+
+    def med(name: str, i: int) -> float:
+        return statistics.median(r[i] for r in results[name])
+
+    budget = 1.5 * info["largest_tensor_bytes"] + 300 * MB
+    lf_wall, lf_rss = med("llmforge", 0), med("llmforge", 1)
+    dims = info["shape"]
+    lines = [
+        f"- date: {time.strftime('%Y-%m-%d')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, {args.runs} run(s) each, interleaved (median)",
+        f"- input: Llama {dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}, vocab "
+        f"{dims['vocab_size']}, {info['params'] / 1e6:.1f} M parameters, {info['model_bytes'] / 2**20:.0f} MiB in "
+        f"float32 (scale {args.scale}); largest tensor {info['largest_tensor_bytes'] / MB:.0f} MB; output F16 "
+        f"{ours.stat().st_size / 2**20:.0f} MiB",
+        "",
+        "| | wall time | peak RSS |",
+        "|---|---|---|",
+        f"| `llmforge gguf export --outtype f16` | {lf_wall:.1f} s | {lf_rss / MB:.0f} MB |",
+    ]
+    goals = [f"peak RSS under 1.5 × largest tensor + 300 MB = {budget / MB:.0f} MB: "
+             f"{'met' if lf_rss <= budget else 'NOT met'} ({lf_rss / MB:.0f} MB)"]
+    ok = lf_rss <= budget
+    if results["llama.cpp"]:
+        lc_wall, lc_rss = med("llama.cpp", 0), med("llama.cpp", 1)
+        lines.append(f"| llama.cpp `convert_hf_to_gguf.py --outtype f16` | {lc_wall:.1f} s | {lc_rss / MB:.0f} MB |")
+        goals.insert(0, f"no slower than llama.cpp's converter: {'met' if lf_wall <= lc_wall else 'NOT met'} "
+                        f"({lf_wall / lc_wall:.2f} × its time, {lf_rss / lc_rss:.2f} × its peak RSS)")
+        goals.append(f"the two F16 files hold byte-identical tensors: {'yes' if identical(ours, theirs) else 'NO'}")
+        ok = ok and lf_wall <= lc_wall
+    else:
+        lines.append("| llama.cpp `convert_hf_to_gguf.py` | not run (no --llama-cpp-src) | |")
+    if results["quantize"]:
+        lines.append(f"| quantize F16 -> Q4_K_M (`quantize_gguf`) | {med('quantize', 0):.1f} s | "
+                     f"{med('quantize', 1) / MB:.0f} MB |")
+    else:
+        lines.append("| quantize F16 -> Q4_K_M | not run (no llmforge_plugins.gguf.quantize) | |")
+    lines += [""] + [f"- {g}" for g in goals]
+    print("\n".join(lines))
+    if args.write:
+        _sibling("startup")._update(args.write, "gguf", "\n".join(lines))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,585 @@
+"""Hugging Face Llama-family checkpoint (or a LoRA adapter, merged first) -> one GGUF file for llama.cpp.
+
+The export streams: every safetensors file is indexed from its header, the GGUF header, metadata and
+tensor table are written first (their sizes are known in advance), then each tensor is read from
+disk, converted and appended, one at a time. Peak memory is about one tensor in float32 plus its
+converted copy, whatever the model's size. Reads go through `np.fromfile` rather than a memory map,
+so no page of the input stays in the process's resident memory after its tensor is written.
+
+What llama.cpp's `llama` architecture expects, and how each point is met here:
+
+* tensor names from gguf's name map for MODEL_ARCH.LLAMA;
+* q_proj / k_proj rows regrouped for llama.cpp's RoPE, which rotates adjacent pairs where
+  transformers rotates the two halves of each head (`_rope_permute`; the key/value head count for k);
+* tied embeddings: no `output.weight`, llama.cpp falls back to `token_embd.weight`;
+* 1-D tensors and norms in F32; other tensors in the requested type, and Q8_0 only for rows that are a
+  whole number of 32-value blocks (others fall back to F16, as llama.cpp's converter does);
+* Llama-3.1-style RoPE scaling as a `rope_freqs` tensor of per-frequency factors.
+
+Nothing heavy is imported at module level: numpy and gguf are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from llmforge.errors import UsageError
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+#: safetensors dtype -> numpy dtype name used to read it (bfloat16 is read as its 16 raw bits)
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16"}
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+Log = Callable[..., None]
+
+
+def _quiet(message: str, level: str = "info") -> None:
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# the input: safetensors files read from their headers
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes are: file, byte range (absolute), safetensors dtype, shape."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _read_header(path: Path) -> dict[str, TensorRef]:
+    """Parse one safetensors header and check every byte range it promises lies inside the file."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 << 20):
+                raise ValueError("header length is out of range")
+            header = json.loads(fh.read(n).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: not a valid safetensors file ({exc})",
+                         hint="the file is damaged or incomplete: copy or save it again") from None
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise UsageError(f"{path}: malformed header entry for {name}") from None
+        if dtype in _ST_ITEMSIZE and end - begin != math.prod(shape) * _ST_ITEMSIZE[dtype]:
+            raise UsageError(f"{path}: {name} holds {end - begin} bytes, its shape {list(shape)} needs "
+                             f"{math.prod(shape) * _ST_ITEMSIZE[dtype]}")
+        if base + end > size or begin < 0 or end < begin:
+            raise UsageError(f"{path}: {name} lies beyond the end of the file (the file is truncated)",
+                             hint="copy or save the model again")
+        out[name] = TensorRef(path, dtype, shape, base + begin, base + end)
+    return out
+
+
+class ModelFiles:
+    """A model directory: config.json and its safetensors tensors (one file, or shards and an index)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.is_dir():
+            raise UsageError(f"{path}: not a model directory (a model is a folder with config.json and "
+                             f"*.safetensors files)")
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise UsageError(f"{path}: not a model directory (no config.json)")
+        try:
+            self.config = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{cfg}: cannot read the model config ({exc})") from None
+        if not isinstance(self.config, dict):
+            raise UsageError(f"{cfg}: not a JSON object")
+        self.tensors = self._index()
+
+    def _files(self) -> dict[Path, set[str]]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                files: dict[Path, set[str]] = {}
+                for name, file in weight_map.items():
+                    files.setdefault(self.path / str(file), set()).add(name)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise UsageError(f"{index}: unreadable safetensors index ({exc})") from None
+            for file, names in files.items():
+                if not file.is_file():
+                    raise UsageError(f"{index}: shard {file.name} (for {sorted(names)[0]}) not found")
+            return files
+        found = sorted(self.path.glob("*.safetensors"))
+        if not found:
+            other = [p.name for p in self.path.glob("*.bin")] + [p.name for p in self.path.glob("*.pt")]
+            raise UsageError(f"{self.path}: no *.safetensors weights" + (f" (found {other[0]})" if other else ""),
+                             hint="save the model with save_pretrained(folder, safe_serialization=True)")
+        return {p: set() for p in found}
+
+    def _index(self) -> dict[str, TensorRef]:
+        tensors: dict[str, TensorRef] = {}
+        for file, expected in self._files().items():
+            header = _read_header(file)
+            missing = sorted(expected - set(header))
+            if missing:
+                raise UsageError(f"{self.path / 'model.safetensors.index.json'}: names {missing[0]} in {file.name}, "
+                                 f"which does not hold it")
+            for name, ref in header.items():
+                if name in tensors:
+                    raise UsageError(f"{self.path}: tensor {name} is stored twice ({tensors[name].file.name} and "
+                                     f"{file.name})")
+                tensors[name] = ref
+        if not tensors:
+            raise UsageError(f"{self.path}: the safetensors files hold no tensors")
+        return tensors
+
+    def read(self, name: str):
+        """One tensor as a float32 numpy array in its Hugging Face shape (a private copy, no mapping)."""
+        import numpy as np
+
+        ref = self.tensors[name]
+        with open(ref.file, "rb") as fh:
+            fh.seek(ref.start)
+            data = np.fromfile(fh, dtype=_ST_DTYPES[ref.dtype], count=ref.numel)
+        if data.size != ref.numel:
+            raise UsageError(f"{ref.file}: {name} is cut short (the file is truncated)")
+        if ref.dtype == "BF16":
+            # bfloat16 is the top half of a float32: widen the bits, exactly.
+            data = data.astype(np.uint32)
+            data <<= 16
+            data = data.view(np.float32)
+        elif ref.dtype != "F32":
+            data = data.astype(np.float32)
+        return data.reshape(ref.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# the model's shape, from config.json
+
+
+@dataclass
+class LlamaParams:
+    architecture: str
+    n_layers: int
+    n_head: int
+    n_kv_head: int
+    hidden: int
+    ff: int
+    context: int
+    rms_eps: float
+    vocab_size: int
+    head_dim: int
+    tied: bool
+    rope: dict  # rope_type, rope_theta, factor, ... (the full-attention entry, v4 or v5 spelling)
+    explicit_head_dim: bool  # config.json names head_dim: then key/value lengths are written, as the converter does
+
+    @classmethod
+    def from_config(cls, config: dict, where: Path) -> LlamaParams:
+        arch = (config.get("architectures") or [None])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UsageError(f"{where}: architecture {arch or '(none given)'} is not supported by GGUF export",
+                             hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (SmolLM and TinyLlama are "
+                                  f"LlamaForCausalLM)")
+        if config.get("quantization_config"):
+            method = config["quantization_config"].get("quant_method", "?")
+            raise UsageError(f"{where}: the model is quantized ({method}); GGUF export needs full-precision weights",
+                             hint="export the original model, then quantize the GGUF (llmforge gguf quantize)")
+        act = config.get("hidden_act", "silu")
+        if act != "silu":
+            raise UsageError(f"{where}: hidden_act {act!r}; llama.cpp's llama architecture computes SiLU")
+
+        def need(key: str) -> int:
+            value = config.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UsageError(f"{where / 'config.json'}: {key} is missing or not a positive integer")
+            return value
+
+        n_head = need("num_attention_heads")
+        hidden = need("hidden_size")
+        head_dim = config.get("head_dim") or hidden // n_head
+        return cls(architecture=arch, n_layers=need("num_hidden_layers"), n_head=n_head,
+                   n_kv_head=config.get("num_key_value_heads") or n_head, hidden=hidden,
+                   ff=need("intermediate_size"), context=need("max_position_embeddings"),
+                   rms_eps=float(config.get("rms_norm_eps", 1e-6)), vocab_size=need("vocab_size"),
+                   head_dim=int(head_dim), tied=bool(config.get("tie_word_embeddings", False)),
+                   rope=rope_parameters(config), explicit_head_dim=config.get("head_dim") is not None)
+
+
+def rope_parameters(config: dict) -> dict:
+    """RoPE settings from either spelling: transformers v5's `rope_parameters` (possibly per layer type)
+    or v4's `rope_theta` plus `rope_scaling` (whose type key was once `type`)."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if isinstance(params.get("full_attention"), dict):
+        params = dict(params["full_attention"])
+    if "rope_type" not in params and "type" in params:
+        params["rope_type"] = params["type"]
+    if "rope_theta" not in params and config.get("rope_theta") is not None:
+        params["rope_theta"] = config["rope_theta"]
+    params.setdefault("rope_theta", 10000.0)  # transformers' Llama default
+    params.setdefault("rope_type", "default")
+    return params
+
+
+def llama3_rope_factors(rope: dict, head_dim: int):
+    """Per-frequency divisors for Llama-3.1-style RoPE scaling (llama.cpp's `rope_freqs` tensor):
+    1 for high frequencies (short wavelengths), `factor` for low ones, a smooth blend between."""
+    import numpy as np
+
+    base = float(rope.get("rope_theta", 10000.0))
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_context = float(rope.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low) if high != low else np.zeros_like(wavelen)
+    blended = 1.0 / ((1.0 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, blended))
+    return out.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# the plan: every GGUF tensor, its source and type, known before anything is written
+
+
+@dataclass
+class Planned:
+    name: str  # GGUF name
+    source: str | None  # Hugging Face name, None for a generated tensor
+    shape: tuple[int, ...]  # numpy order (rows, columns)
+    qtype: Any  # gguf.GGMLQuantizationType
+    permute_heads: int = 0  # regroup rows for llama.cpp's RoPE over this many heads
+    data: Any = None  # a generated tensor's values
+
+    @property
+    def nbytes(self) -> int:
+        import gguf
+
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return math.prod(self.shape) // block * size
+
+
+def _tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str):
+    """The GGUF type of one tensor, and why it is not the requested one (or None)."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
+        return T.F32, None  # llama.cpp's norm and bias kernels take F32
+    if outtype == "q8_0":
+        block = gguf.GGML_QUANT_SIZES[T.Q8_0][0]
+        if shape[-1] % block:
+            return T.F16, f"{gguf_name}: rows of {shape[-1]} values are not whole Q8_0 blocks of {block}: F16"
+        return T.Q8_0, None
+    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}[outtype], None
+
+
+def plan_tensors(files: ModelFiles, hp: LlamaParams, outtype: str) -> tuple[list[Planned], list[str]]:
+    import gguf
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp.n_layers)
+    planned: list[Planned] = []
+    notes: list[str] = []
+    rope_type = str(hp.rope.get("rope_type", "default")).lower()
+    if rope_type == "llama3":
+        factors = llama3_rope_factors(hp.rope, hp.head_dim)
+        planned.append(Planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", None, factors.shape,
+                               gguf.GGMLQuantizationType.F32, data=factors))
+    for hf_name, ref in files.tensors.items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # older checkpoints store the RoPE frequencies; llama.cpp computes them
+        if hp.tied and hf_name == "lm_head.weight":
+            continue  # tied: transformers ignores a stored head and uses the embedding, so does llama.cpp
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UsageError(f"{files.path}: tensor {hf_name} has no place in llama.cpp's llama architecture",
+                             hint="only plain Llama/Mistral checkpoints can be exported")
+        if ref.dtype not in _ST_DTYPES:
+            raise UsageError(f"{files.path}: tensor {hf_name} is stored as {ref.dtype}; GGUF export reads "
+                             f"float32, float16 and bfloat16 weights")
+        heads = 0
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = hp.n_head
+        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = hp.n_kv_head
+        if heads and ref.shape[0] % (2 * heads):
+            raise UsageError(f"{files.path}: {hf_name} has {ref.shape[0]} rows, not a multiple of 2 x {heads} heads")
+        qtype, note = _tensor_type(gguf_name, ref.shape, outtype)
+        if note:
+            notes.append(note)
+        planned.append(Planned(gguf_name, hf_name, ref.shape, qtype, permute_heads=heads))
+    _check_complete(files, hp, planned)
+    planned.sort(key=_order)
+    return planned, notes
+
+
+def _check_complete(files: ModelFiles, hp: LlamaParams, planned: list[Planned]) -> None:
+    by_name = {p.name: p for p in planned}
+    embd = by_name.get("token_embd.weight")
+    if embd is None:
+        raise UsageError(f"{files.path}: no token embedding (model.embed_tokens.weight)")
+    if embd.shape != (hp.vocab_size, hp.hidden):
+        raise UsageError(f"{files.path}: the token embedding is {list(embd.shape)}, config.json says "
+                         f"vocab_size {hp.vocab_size} x hidden_size {hp.hidden}")
+    if not hp.tied and "output.weight" not in by_name:
+        raise UsageError(f"{files.path}: no lm_head.weight, and config.json says the embeddings are not tied "
+                         f"(tie_word_embeddings = false)")
+    for layer in range(hp.n_layers):
+        for part in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm",
+                     "ffn_norm"):
+            if f"blk.{layer}.{part}.weight" not in by_name:
+                raise UsageError(f"{files.path}: layer {layer} has no {part} weight (config.json says "
+                                 f"{hp.n_layers} layers)")
+
+
+def _order(p: Planned) -> tuple:
+    """GGUF tensor order: generated and embedding first, then layer by layer, then the head."""
+    parts = p.name.split(".")
+    if parts[0] == "blk":
+        return (1, int(parts[1]), p.name)
+    return (0 if p.name in ("rope_freqs.weight", "token_embd.weight") else 2, 0, p.name)
+
+
+def _rope_permute(w, n_head: int):
+    """transformers rotates the two halves of each head's dimensions; llama.cpp rotates adjacent pairs.
+    Interleave each head's two halves of rows so that llama.cpp's pairs are transformers' pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _convert(values, qtype):
+    import gguf
+    import numpy as np
+
+    T = gguf.GGMLQuantizationType
+    if qtype == T.F32:
+        return np.ascontiguousarray(values, dtype=np.float32)
+    if qtype == T.F16:
+        return values.astype(np.float16)
+    return gguf.quants.quantize(values, qtype)  # BF16 (round to nearest even) and Q8_0, as ggml does
+
+
+# ------------------------------------------------------------------------------------------------
+# metadata
+
+
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+
+
+def _rope_metadata(writer, hp: LlamaParams, log: Log) -> None:
+    import gguf
+
+    rope = hp.rope
+    kind = str(rope.get("rope_type", "default")).lower()
+    factor = rope.get("factor")
+    if kind == "linear" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    elif kind == "yarn" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_orig_ctx_len(rope.get("original_max_position_embeddings", hp.context))
+        for key, add in (("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
+                         ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+                         ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(key) is not None:
+                add(rope[key])
+    elif kind == "dynamic":
+        log("RoPE scaling 'dynamic' (NTK) has no llama.cpp equivalent: the GGUF matches the model up to "
+            f"{hp.context} tokens of context", "warning")
+    elif kind not in ("default", "llama3"):  # llama3 is the rope_freqs tensor
+        raise UsageError(f"RoPE scaling type {kind!r} is not supported by llama.cpp's llama architecture",
+                         hint="supported: default, linear, yarn, llama3")
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+
+
+def _general_metadata(writer, model_dir: Path, name: str | None, log: Log) -> None:
+    """general.name, size label, base models, license, sampling defaults... read from the model card
+    and generation_config.json by gguf's own metadata reader, so they match llama.cpp's converter."""
+    import gguf
+
+    counts = writer.get_total_parameter_count()
+    try:
+        meta = gguf.Metadata.load(None, model_dir, name, counts[0])
+    except Exception as exc:  # a malformed model card must not stop an export
+        log(f"model card metadata skipped ({exc})", "warning")
+        meta = gguf.Metadata(name=name)
+    if meta.name is None:
+        meta.name = model_dir.name
+    if meta.size_label is None and counts[0] > 0:
+        meta.size_label = gguf.size_label(*counts)
+    meta.set_gguf_meta_model(writer)
+
+
+def write_metadata(writer, model_dir: Path, hp: LlamaParams, outtype: str, vocab, name: str | None,
+                   log: Log) -> None:
+    import gguf
+
+    writer.add_type(gguf.GGUFType.MODEL)
+    _general_metadata(writer, model_dir, name, log)
+    writer.add_block_count(hp.n_layers)
+    writer.add_context_length(hp.context)
+    writer.add_embedding_length(hp.hidden)
+    writer.add_feed_forward_length(hp.ff)
+    writer.add_head_count(hp.n_head)
+    writer.add_head_count_kv(hp.n_kv_head)
+    _rope_metadata(writer, hp, log)
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    if hp.explicit_head_dim:
+        writer.add_key_length(hp.head_dim)
+        writer.add_value_length(hp.head_dim)
+    writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[outtype]))
+    writer.add_vocab_size(hp.vocab_size)
+    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    vocab.write(writer)
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+
+
+def _check_outtype(outtype: str) -> str:
+    value = str(outtype).lower()
+    if value not in OUTTYPES:
+        raise UsageError(f"unknown GGUF output type {outtype!r}",
+                         hint=f"choose one of {', '.join(OUTTYPES)}; smaller types come from quantizing the "
+                              f"f16 export (llmforge gguf quantize)")
+    return value
+
+
+def _check_out(out: Path) -> None:
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory; the output is one .gguf file")
+
+
+def export_gguf(model: Path, out: Path, outtype: str = "f16", *, log: Log | None = None) -> dict:
+    """Export a Hugging Face model directory (or a LoRA adapter directory, merged into its base first)
+    to the GGUF file `out`. Written under a temporary name in the same folder and renamed into place:
+    `out` appears complete or not at all. Returns a summary."""
+    log = log or _quiet
+    outtype = _check_outtype(outtype)
+    model = Path(model).expanduser()
+    out = Path(out).expanduser().absolute()
+    _check_out(out)
+    if not model.exists():
+        raise UsageError(f"model directory not found: {model}")
+    if (model / "adapter_config.json").is_file():
+        return _export_adapter(model, out, outtype, log)
+    return _export_dir(model, out, outtype, log)
+
+
+def _export_adapter(adapter: Path, out: Path, outtype: str, log: Log) -> dict:
+    from llmforge_plugins.merge.engine import Reporter, merge_lora
+
+    _precheck_adapter_base(adapter)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Merged next to the output (same disk, no tmpfs surprise), in a folder named like the adapter so
+    # the GGUF's general.name is the adapter's.
+    work = out.parent / f".{out.name}.merge-{os.getpid()}-{time.monotonic_ns()}"
+    work.mkdir()
+    try:
+        merged = work / adapter.resolve().name
+        log(f"{adapter}: a LoRA adapter; merging it into its base first")
+        merge_lora(adapter, merged, report=Reporter(log=log))
+        summary = _export_dir(merged, out, outtype, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary["adapter"] = str(adapter)
+    return summary
+
+
+def _precheck_adapter_base(adapter: Path) -> None:
+    """Refuse an unsupported base before spending a merge on it."""
+    try:
+        base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{adapter / 'adapter_config.json'}: cannot read it ({exc})") from None
+    cfg = Path(str(base)).expanduser() / "config.json" if base else None
+    if cfg is not None and cfg.is_file():
+        try:
+            config = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # the merge reports it properly
+        LlamaParams.from_config(config, cfg.parent)
+
+
+def _export_dir(model_dir: Path, out: Path, outtype: str, log: Log) -> dict:
+    import gguf
+    import numpy as np
+
+    from llmforge_plugins.gguf.vocab import read_vocab
+
+    started = time.monotonic()
+    files = ModelFiles(model_dir)
+    hp = LlamaParams.from_config(files.config, model_dir)
+    window = files.config.get("sliding_window")
+    if isinstance(window, int) and window < hp.context:
+        log(f"sliding_window {window}: llama.cpp's llama architecture attends to the whole context, so outputs "
+            f"differ from transformers beyond {window} tokens", "warning")
+    planned, notes = plan_tensors(files, hp, outtype)
+    vocab = read_vocab(model_dir, files.config)
+    for note in notes:
+        log(note, "warning")
+
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    for p in planned:
+        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+    params = writer.get_total_parameter_count()[0]
+    write_metadata(writer, model_dir, hp, outtype, vocab, None, log)
+    log(f"{model_dir}: {hp.architecture}, {hp.n_layers} layers, {params / 1e6:.1f} M parameters -> {out.name} "
+        f"({outtype.upper()}, {len(planned)} tensors, tokenizer {vocab.model}/{vocab.pre})")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for p in planned:
+            values = p.data if p.source is None else files.read(p.source)
+            if p.permute_heads:
+                values = _rope_permute(values, p.permute_heads)
+            writer.write_tensor_data(_convert(values, p.qtype))
+            del values
+        writer.flush()
+        os.fsync(writer.fout[0].fileno())
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    seconds = time.monotonic() - started
+    size = out.stat().st_size
+    log(f"wrote {out} ({size / 2**20:.1f} MiB) in {seconds:.1f}s")
+    return {"path": str(out), "tensors": len(planned), "bytes": size, "outtype": outtype, "arch": "llama",
+            "hf_architecture": hp.architecture, "params": params, "tokenizer": vocab.model, "pre": vocab.pre,
+            "f16_fallbacks": len(notes), "seconds": round(seconds, 3)}
