@@ -1,0 +1,428 @@
+"""`llmforge chat`: talk to an HF model directory (transformers) or a GGUF file (llama.cpp).
+
+Both engines format the conversation the same way: the model's own chat template (the tokenizer's, or
+the one the GGUF carries) rendered by `llmforge.chat.render`, the renderer training masks were computed
+with; the text is tokenized with special tokens parsed and no BOS added (the template writes it), as
+transformers' `apply_chat_template` does. Generation is a plain loop on each side: greedy at
+temperature 0, otherwise sampling from softmax(logits / T) with a seeded generator (no top-k/top-p), and
+it stops on the same tokens (EOS, the template's end of turn, well-known end-of-generation tokens) and
+stop strings. So with greedy decoding an F32 GGUF answers with the same tokens as the HF model it came
+from: that is what `Reply.token_ids` lets a test check.
+
+A model without a chat template is driven as plain text completion: each prompt is continued.
+
+The engines import torch, transformers or llama_cpp when they are opened, never at import.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol, TextIO
+
+from llmforge.errors import UsageError
+
+# Tokens that end generation by their name, whatever the model's EOS is (llama.cpp treats these as
+# end-of-generation too, so both engines stop at the same place).
+END_TOKENS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|end|>",
+              "<end_of_turn>", "<EOT>", "<|return|>")
+DEFAULT_N_CTX = 4096
+
+
+@dataclass
+class Reply:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    stop: str = "length"  # "token", "string" or "length"
+    prompt_tokens: int = 0
+    dropped: int = 0  # oldest messages left out so that the prompt fits the context
+
+
+class Engine(Protocol):
+    kind: str
+    path: Path
+    template: str | None  # None: plain text completion
+    context: int  # tokens the prompt and the answer may take together
+    stop_strings: tuple[str, ...]  # plain text that ends an answer (cut before it)
+
+    def encode(self, text: str, *, chat: bool) -> list[int]: ...
+
+    def generate(self, ids: list[int], *, temperature: float, seed: int) -> Iterator[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def render_variables(self) -> dict: ...
+
+    def is_stop(self, token: int) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------------
+# opening a model
+
+
+def is_gguf(path: Path) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def open_engine(path: Path, *, n_ctx: int | None = None, log: Callable | None = None) -> Engine:
+    """An engine for an HF model or adapter directory, or a .gguf file; UsageError for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or directory",
+                         hint="give an HF model directory (config.json, *.safetensors) or a .gguf file")
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise UsageError(f"{path}: not a model directory (no config.json or adapter_config.json)",
+                             hint="give an HF model directory or a .gguf file")
+        return HFEngine(path, log=log)
+    if not is_gguf(path):
+        raise UsageError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)",
+                         hint="give an HF model directory or a .gguf file")
+    return GGUFEngine(path, n_ctx=n_ctx, log=log)
+
+
+def _stop_strings(template: str | None) -> tuple[str, ...]:
+    """Plain-text stops of a recognised built-in layout (e.g. alpaca's '### Instruction:')."""
+    if not template:
+        return ()
+    from llmforge_plugins.chat_templates import BUILTIN_TEMPLATES
+    from llmforge_plugins.gguf.modelfile import recognise
+
+    name = recognise(template)
+    for t in BUILTIN_TEMPLATES:
+        if t.name == name:
+            return tuple(s for s in t.stop if s not in t.special_tokens)
+    return ()
+
+
+class HFEngine:
+    kind = "hf"
+
+    def __init__(self, path: Path, log: Callable | None = None):
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        from llmforge.chat import ChatTemplateError, template_from_tokenizer
+        from llmforge_plugins.training.models import load_model
+
+        hf_logging.set_verbosity_error()
+        self.path = path
+        tok_dir = path if (path / "tokenizer_config.json").exists() else self._adapter_base(path)
+        try:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            # float32 on the CPU: exact, and what an F32 GGUF is compared with.
+            dtype = None if self.device == "cuda" else torch.float32
+            self.model = load_model(path, dtype=dtype).to(self.device).eval()
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: cannot load the model ({exc})") from exc
+        source = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(source, dict):
+            source = source.get("default")
+        self.template = source or None
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or DEFAULT_N_CTX)
+        vocab = self.tokenizer.get_vocab()
+        stops = {vocab[t] for t in END_TOKENS if t in vocab}
+        for ids in (self.model.config.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None),
+                    self.tokenizer.eos_token_id):
+            stops.update(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+        if self.template:
+            try:  # the token the template ends an answer with, when it is not the EOS (<|im_end|> vs <|endoftext|>)
+                end = template_from_tokenizer(self.tokenizer).eos
+            except ChatTemplateError:
+                end = None
+            if end in vocab:
+                stops.add(vocab[end])
+        self.stops = stops
+        self.stop_strings = _stop_strings(self.template)
+        # transformers 5.2x renamed past_key_values to cache (argument and output); accept either.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        if log:
+            log(f"loaded {path} with transformers on {self.device}")
+
+    @staticmethod
+    def _adapter_base(path: Path) -> Path:
+        import json
+
+        cfg = path / "adapter_config.json"
+        if cfg.exists():
+            base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+            if base:
+                return Path(base)
+        return path
+
+    def render_variables(self) -> dict:
+        tok = self.tokenizer
+        return {k: v for k, v in (("bos_token", tok.bos_token), ("eos_token", tok.eos_token)) if v}
+
+    def encode(self, text: str, *, chat: bool) -> list[int]:
+        # A rendered chat already holds its BOS (the template writes it); plain text gets the tokenizer's.
+        return self.tokenizer(text, add_special_tokens=not chat)["input_ids"]
+
+    def generate(self, ids: list[int], *, temperature: float, seed: int) -> Iterator[int]:
+        import torch
+
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        past, step = None, torch.tensor([ids], device=self.device)
+        with torch.no_grad():
+            while True:
+                out = self.model(input_ids=step, use_cache=True, logits_to_keep=1, **{self._cache_arg: past})
+                past = getattr(out, self._cache_arg)
+                logits = out.logits[0, -1].float()
+                if temperature <= 0:
+                    token = int(torch.argmax(logits))
+                else:
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    token = int(torch.multinomial(probs, 1, generator=gen))
+                yield token
+                step = torch.tensor([[token]], device=self.device)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def is_stop(self, token: int) -> bool:
+        return token in self.stops
+
+    def close(self) -> None:
+        pass
+
+
+class GGUFEngine:
+    kind = "gguf"
+
+    def __init__(self, path: Path, n_ctx: int | None = None, log: Callable | None = None):
+        import llama_cpp
+
+        from llmforge_plugins.gguf.quantize import gguf_field, read_gguf
+
+        self.path = path
+        reader = read_gguf(path)  # a truncated or damaged file is a UsageError naming it
+        arch = gguf_field(reader, "general.architecture")
+        trained = gguf_field(reader, f"{arch}.context_length") if arch else None
+        del reader
+        self.trained = int(trained or 0)
+        # More context than the model was trained on only makes llama.cpp warn, and answers degrade there.
+        n_ctx = min(n_ctx or DEFAULT_N_CTX, int(trained)) if trained else (n_ctx or DEFAULT_N_CTX)
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise UsageError(f"{path}: llama.cpp cannot load this GGUF ({exc})",
+                             hint="the file may be truncated or written for another llama.cpp version") from exc
+        self._lib = llama_cpp
+        self.template = self.llm.metadata.get("tokenizer.chat_template") or None
+        # llama.cpp rounds the context up (to 256); the prompt budget stays within what the model was trained on.
+        self.context = min(self.llm.n_ctx(), int(trained)) if trained else self.llm.n_ctx()
+        vocab = {self._text(i): i for i in range(self.llm.n_vocab())}
+        self.stops = {vocab[t] for t in END_TOKENS if t in vocab} | {self.llm.token_eos()}
+        self.stop_strings = _stop_strings(self.template)
+        self._bos = self._text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else None
+        self._eos = self._text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else None
+        if log:
+            log(f"loaded {path} with llama.cpp (context {self.context})")
+
+    def _text(self, token: int) -> str:
+        return self.llm._model.token_get_text(token)
+
+    def render_variables(self) -> dict:
+        return {k: v for k, v in (("bos_token", self._bos), ("eos_token", self._eos)) if v}
+
+    def encode(self, text: str, *, chat: bool) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=not chat, special=chat)
+
+    def generate(self, ids: list[int], *, temperature: float, seed: int) -> Iterator[int]:
+        self.llm.set_seed(seed)
+        # top_k 0, top_p 1 and min_p 0 switch those samplers off: plain temperature sampling, as on the HF side.
+        yield from self.llm.generate(ids, temp=max(temperature, 0.0), top_k=0, top_p=1.0, min_p=0.0,
+                                     repeat_penalty=1.0)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        # Freed now rather than by Llama.__del__ at interpreter exit, when llama_cpp's globals may be gone.
+        self.llm.close()
+
+    def is_stop(self, token: int) -> bool:
+        return token in self.stops or bool(self._lib.llama_vocab_is_eog(self.llm._model.vocab, token))
+
+
+# ------------------------------------------------------------------------------------------------
+# one reply
+
+
+def render_prompt(engine: Engine, messages: list[dict]) -> str:
+    from llmforge.chat import render
+
+    return render(engine.template, messages, add_generation_prompt=True, **engine.render_variables())
+
+
+def _prompt_ids(engine: Engine, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
+    """The prompt's token ids, dropping the oldest messages (never the system message or the last one) until
+    the prompt and at least a few answer tokens fit in the context; and how many were dropped."""
+    messages = list(messages)
+    dropped = 0
+    while True:
+        if engine.template:
+            ids = engine.encode(render_prompt(engine, messages), chat=True)
+        else:
+            ids = engine.encode(messages[-1]["content"], chat=False)
+        if len(ids) + min(max_new_tokens, 16) <= engine.context:
+            return ids, dropped
+        first = 1 if messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:
+            grow = getattr(engine, "trained", 0) > engine.context  # a GGUF opened with less than it can take
+            raise UsageError(f"the prompt takes {len(ids)} tokens; the model's context is {engine.context}",
+                             hint="shorten the prompt" + (" or raise --n-ctx" if grow else ""))
+        del messages[first]
+        dropped += 1
+
+
+class _Stream:
+    """Turns token ids into printable text as they come: holds back an unfinished UTF-8 character and
+    any tail that could be the start of a stop string."""
+
+    def __init__(self, engine: Engine, on_text: Callable[[str], None] | None):
+        self.engine, self.on_text = engine, on_text
+        self.ids: list[int] = []
+        self.shown = 0
+        self.text = ""
+
+    def add(self, token: int) -> bool:
+        """Add a token; True when a stop string has appeared (the text is then cut before it)."""
+        self.ids.append(token)
+        text = self.engine.decode(self.ids)
+        for stop in self.engine.stop_strings:
+            at = text.find(stop)
+            if at >= 0:
+                self.text = text[:at]
+                return True
+        self.text = text
+        safe = len(text.rstrip("\ufffd"))
+        for stop in self.engine.stop_strings:
+            for k in range(min(len(stop) - 1, safe), 0, -1):
+                if text[:safe].endswith(stop[:k]):
+                    safe -= k
+                    break
+        self._emit(safe)
+        return False
+
+    def _emit(self, upto: int) -> None:
+        if upto > self.shown and self.on_text:
+            self.on_text(self.text[self.shown:upto])
+        self.shown = max(self.shown, upto)
+
+    def finish(self) -> str:
+        self._emit(len(self.text))
+        return self.text
+
+
+def reply(engine: Engine, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.7,
+          seed: int = 0, on_text: Callable[[str], None] | None = None) -> Reply:
+    """Generate the answer to `messages` (a chat), or a continuation of the last message's text (no template)."""
+    ids, dropped = _prompt_ids(engine, messages, max_new_tokens)
+    budget = min(max_new_tokens, engine.context - len(ids))
+    stream = _Stream(engine, on_text)
+    out = Reply(text="", prompt_tokens=len(ids), dropped=dropped)
+    for n, token in enumerate(engine.generate(ids, temperature=temperature, seed=seed)):
+        if n >= budget:
+            break
+        if engine.is_stop(token):
+            out.stop = "token"
+            break
+        out.token_ids.append(token)
+        if stream.add(token):
+            out.stop = "string"
+            break
+    out.text = stream.finish()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the session
+
+
+@dataclass
+class ChatSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    seed: int = 0
+    system: str | None = None
+
+
+def one_shot(engine: Engine, prompt: str, settings: ChatSettings, out: TextIO = sys.stdout) -> Reply:
+    """Answer one prompt, printing only the answer (for scripts)."""
+    messages = ([{"role": "system", "content": settings.system}] if settings.system and engine.template else [])
+    messages.append({"role": "user", "content": prompt})
+    result = reply(engine, messages, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                   seed=settings.seed, on_text=lambda s: (out.write(s), out.flush()))
+    out.write("\n")
+    out.flush()
+    return result
+
+
+def interactive(engine: Engine, settings: ChatSettings, inp: TextIO = sys.stdin, out: TextIO = sys.stdout,
+                err: TextIO = sys.stderr) -> int:
+    """Read prompts line by line until EOF or /exit; the conversation is kept (/reset clears it). Returns
+    the number of answers given."""
+    tty = inp.isatty()
+    mode = "chat" if engine.template else "text completion (the model has no chat template)"
+    err.write(f"{engine.kind} model {engine.path}: {mode}. /exit or end of input quits, /reset forgets.\n")
+    system = [{"role": "system", "content": settings.system}] if settings.system and engine.template else []
+    history: list[dict] = list(system)
+    answers = 0
+    while True:
+        if tty:
+            err.write("> ")
+            err.flush()
+        line = inp.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/exit":
+            break
+        if text.strip() == "/reset":
+            history = list(system)
+            err.write("(conversation cleared)\n")
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            result = reply(engine, history, max_new_tokens=settings.max_new_tokens,
+                           temperature=settings.temperature, seed=settings.seed + answers,
+                           on_text=lambda s: (out.write(s), out.flush()))
+        except UsageError as exc:  # a prompt longer than the context: say so and keep the session
+            history.pop()
+            err.write(f"error: {exc.render()}\n")
+            continue
+        out.write("\n")
+        out.flush()
+        del history[len(system):len(system) + result.dropped]  # what no longer fits stays out
+        history.append({"role": "assistant", "content": result.text})
+        if not engine.template:
+            history = list(system)  # plain completion: each line stands alone
+        answers += 1
+    return answers
+
+
+def chat_main(model: Path, *, prompt: str | None, settings: ChatSettings, n_ctx: int | None = None,
+              log: Callable | None = None) -> None:
+    engine = open_engine(model, n_ctx=n_ctx, log=log)
+    try:
+        if prompt is not None:
+            one_shot(engine, prompt, settings)
+        else:
+            interactive(engine, settings)
+    finally:
+        engine.close()
