@@ -37,7 +37,7 @@ def test_demo_runs_every_stage_and_prints_summary_and_evaluation(demo):
     # the summary table: its columns and one row per stage
     for col in ("stage", "status", "time", "final loss", "artifact"):
         assert col in out
-    for stage in ("pretrain", "sft", "dpo", "merge", "eval"):
+    for stage in ("pretrain", "sft", "dpo", "merge", "gguf", "eval"):
         assert any(line.strip("│┃ ").startswith(stage) and "done" in line for line in out.splitlines()), stage
     assert "evaluation: accuracy pretrained" in out and "-> SFT" in out and "-> DPO" in out
     assert "evaluation: preferred answers SFT" in out
@@ -96,6 +96,25 @@ def test_merge_stage_writes_a_model_between_sft_and_dpo(demo):
     assert torch.linalg.norm(m - b) <= torch.linalg.norm(b - a) + 1e-6
 
 
+def test_gguf_stage_and_llama_cpp_answers_like_transformers(demo):
+    root, res = demo
+    st = _status(root)
+    folder = Path(st["stages"]["gguf"]["artifacts"]["gguf"]["path"])
+    names = {p.name for p in folder.iterdir()}
+    assert {"model-f32.gguf", "model-Q8_0.gguf", "model-Q4_K_M.gguf", "model-Q8_0.Modelfile"} <= names, names
+    report_dir = Path(st["stages"]["eval"]["artifacts"]["report"]["path"])
+    g = json.loads((report_dir / "report.json").read_text())["gguf"]
+    # the F32 export answers every held-out question with transformers' greedy tokens
+    assert g["questions"] > 0 and g["same_greedy"] == g["questions"], g
+    assert g["chat"]["file"] == "model-Q8_0.gguf" and g["chat"]["question"]
+    rows = {r["type"].upper(): r for r in g["scorecard"]}
+    assert {"F32", "Q8_0", "Q4_K_M"} <= set(rows)
+    assert rows["F32"]["top1"] == 1.0 and rows["F32"]["mean_kld"] < 1e-4
+    assert 0.0 <= rows["Q8_0"]["top1"] <= 1.0
+    assert f"{g['same_greedy']}/{g['questions']} held-out questions" in res.stdout
+    assert "gguf: chat with model-Q8_0.gguf" in res.stdout
+
+
 def test_forge_toml_is_documented_and_runs_with_llmforge_run(demo):
     root, _ = demo
     text = (root / "forge.toml").read_text()
@@ -109,7 +128,7 @@ def test_second_demo_reuses_cached_stages(demo):
     root, first = demo
     res = run_cli("demo", "--quick", "--dir", str(root), timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    for stage in ("pretrain", "sft", "dpo", "merge", "eval"):
+    for stage in ("pretrain", "sft", "dpo", "merge", "gguf", "eval"):
         assert f"↺ {stage} cached" in res.stdout
     st = _status(root)
     assert all(s["status"] == "cached" for s in st["stages"].values())
@@ -136,7 +155,7 @@ def test_generated_data_is_deterministic_by_seed(tmp_path):
         b, _, _ = write_project(tmp_path / f"b{quick}", quick=quick, seed=7)
         c, _, _ = write_project(tmp_path / f"c{quick}", quick=quick, seed=8)
         assert _files(a.parent) == _files(b.parent)
-        assert set(_files(a.parent)) == {"corpus.txt", "sft.jsonl", "dpo.jsonl", "heldout.jsonl", "world.json"}
+        assert set(_files(a.parent)) == {"corpus.txt", "sft.jsonl", "dpo.jsonl", "heldout.jsonl", "heldout.txt", "world.json"}
         assert _files(a.parent)["corpus.txt"] != _files(c.parent)["corpus.txt"]
         # forge.toml differs only by the path in its header
         assert a.read_text().replace(str(a), "X") == b.read_text().replace(str(b), "X")

@@ -122,4 +122,16 @@ def print_evaluation(report: dict, path: Path, out) -> None:
     if probe:
         out.print(f"evaluation: prompted like the corpus (\"The capital of X is\"), the pretrained model completes "
                   f"{probe['accuracy']:.0%} of the held-out facts: what SFT can make answerable")
+    g = report.get("gguf")
+    if g:
+        if g.get("questions"):
+            out.print(f"gguf: llama.cpp on the F32 export gives transformers' greedy answer, token for token, on "
+                      f"{g['same_greedy']}/{g['questions']} held-out questions")
+        for row in g.get("scorecard", []):
+            out.print(f"gguf: {row['file']}: {row['bytes'] / 1e6:.1f} MB, {row['bpw']:.1f} bits/weight, top-1 token "
+                      f"agreement with the model {row['top1']:.1%} of held-out positions, mean KL {row['mean_kld']:.4f}",
+                      highlight=False)
+        if g.get("chat"):
+            out.print(f"gguf: chat with {g['chat']['file']}: {g['chat']['question']!r} -> {g['chat']['answer']!r}",
+                      highlight=False)
     out.print(f"report: {path.parent / 'report.md'}", highlight=False)

@@ -47,6 +47,11 @@ class DemoEvalOptions(StageOptions):
         None, description="A merged model (the demo merges the SFT and DPO models), evaluated like the others.")
     data: Annotated[str, Input()] = Field(description="Held-out items (JSON Lines: question, answer, kind, "
                                                       "chosen, rejected, probe).")
+    gguf: Annotated[str | None, Input("gguf")] = Field(
+        None, description="The gguf stage's folder (of the merged model, else the DPO or SFT one): its F32 file's "
+                          "greedy answers in llama.cpp are compared with transformers' on the held-out questions, "
+                          "and a quantized file answers one question as a chat.")
+    gguf_questions: int = Field(8, gt=0, description="Held-out questions both runtimes answer for the comparison.")
     answers: Annotated[str | None, Input()] = Field(
         None, description="JSON file with the known answer values per kind ({\"answers\": {kind: [...]}}); "
                           "without it, an answer is right when the expected value is the last value it names.")
@@ -137,6 +142,13 @@ class DemoEvalStage(Stage):
                 "knowledge_probe": "pretrained model completing the start of a corpus-style sentence",
             },
         }
+        if o.gguf and not ctx.should_stop():
+            exported = o.merged or o.dpo or o.sft
+            report["gguf"] = _gguf_section(Path(o.gguf), Path(exported), items[:o.gguf_questions], o.max_new_tokens)
+            g = report["gguf"]
+            ctx.log(f"gguf: the F32 file answers {g['same_greedy']}/{g['questions']} held-out questions with exactly "
+                    f"transformers' greedy tokens" + (f"; {g['chat']['file']}: {g['chat']['answer']!r}"
+                                                      if g.get("chat") else ""))
         headline = {
             "accuracy": {k: r["accuracy"] for k, r in results.items()},
             "preferred_rate": {k: r["preferred_rate"] for k, r in results.items()},
@@ -335,3 +347,42 @@ def _markdown(report: dict) -> str:
     lines += ["", "How each number is measured:", ""]
     lines += [f"- {k}: {v}" for k, v in report["method"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _gguf_section(folder: Path, exported: Path, items: list[dict], max_new: int) -> dict:
+    """The exported model and its F32 GGUF answer the same questions greedily, transformers against llama.cpp,
+    token for token; a quantized GGUF answers the first question as a chat; the stage's scorecard rows."""
+    from llmforge_plugins.gguf.chat import open_engine, reply
+
+    files = sorted(folder.glob("*.gguf"))
+    f32 = next((f for f in files if f.stem.lower().endswith("-f32")), None)
+    quantized = [f for f in files if f != f32]
+    section: dict = {"questions": 0, "same_greedy": 0}
+    if f32 is not None:
+        hf, gg = open_engine(exported), open_engine(f32)
+        try:
+            for it in items:
+                messages = [{"role": "user", "content": it["question"]}]
+                a = reply(hf, messages, max_new_tokens=max_new, temperature=0)
+                b = reply(gg, messages, max_new_tokens=max_new, temperature=0)
+                section["questions"] += 1
+                section["same_greedy"] += a.token_ids == b.token_ids
+        finally:
+            gg.close()
+            hf.close()
+    chat_file = next((f for f in quantized if "q8_0" in f.stem.lower()), quantized[0] if quantized else f32)
+    if chat_file is not None and items:
+        engine = open_engine(chat_file)
+        try:
+            answer = reply(engine, [{"role": "user", "content": items[0]["question"]}], max_new_tokens=max_new,
+                           temperature=0)
+        finally:
+            engine.close()
+        section["chat"] = {"file": chat_file.name, "question": items[0]["question"], "answer": answer.text.strip()}
+    card = folder / "report.json"
+    if card.exists():
+        rows = json.loads(card.read_text(encoding="utf-8"))["card"]["rows"]
+        section["scorecard"] = [{"file": Path(r["file"]).name, **{k: r.get(k) for k in ("type", "top1", "mean_kld",
+                                                                                         "ppl", "bytes", "bpw")}}
+                                for r in rows]
+    return section

@@ -59,12 +59,14 @@ TEMPLATE = """\
 #   sft.jsonl      chat questions about {train_share:.0%} of the facts, answered mostly in a hedging style
 #   dpo.jsonl      the same questions: direct correct answer (chosen) vs hedging or wrong (rejected)
 #   heldout.jsonl  questions about the other facts: never asked in sft.jsonl, only read in the corpus
+#   heldout.txt    the same facts as plain statements (the text the GGUF scorecard is measured on)
 #   world.json     the world itself, and which facts are held out
 #
 # The pipeline: pretrain a small Llama and its tokenizer from scratch on the corpus, teach it to
 # answer questions (SFT), teach it to prefer direct answers to hedging ones (DPO), merge the SFT and
-# DPO models halfway, then measure on the held-out questions: accuracy before and after SFT, and
-# direct answers before and after DPO, and for the merged model.
+# DPO models halfway, export the merged model to GGUF for llama.cpp (F32, Q8_0, Q4_K_M), then measure
+# on the held-out questions: accuracy before and after SFT, direct answers before and after DPO, the
+# merged model, and whether llama.cpp answers exactly as transformers does.
 
 [project]
 name = "llmforge-demo"
@@ -125,12 +127,21 @@ models = [{{ model = "@sft.model" }}, {{ model = "@dpo" }}]
 parameters = {{ t = 0.5 }}            # halfway; a list ([0.2, 0.8]) would vary it across the layers
 
 [[stages]]
+name = "gguf"
+uses = "gguf"                       # llama.cpp / Ollama / LM Studio: `llmforge stages show gguf`
+model = "@merge"
+outtype = "f32"                     # the exact export; quantized files are made from it
+quantize = ["Q8_0", "Q4_K_M"]
+check_text = "data/heldout.txt"     # the scorecard: each file's next-token agreement with the model
+
+[[stages]]
 name = "eval"
 uses = "demo_eval"                  # from the demo plugin: `llmforge stages show demo_eval`
 pretrained = "@pretrain"
 sft = "@sft.model"
 dpo = "@dpo"
 merged = "@merge"
+gguf = "@gguf"                       # also: greedy answers of the F32 GGUF in llama.cpp, and a chat answer
 data = "data/heldout.jsonl"
 answers = "data/world.json"          # every known answer value, to read which one an answer gives
 max_new_tokens = 40

@@ -337,6 +337,8 @@ def write_project_data(root: Path, seed: int, size: DemoSize) -> dict:
         "sft.jsonl": _jsonl(sft_rows(train, seed, size)),
         "dpo.jsonl": _jsonl(dpo_rows(train, facts, seed, size)),
         "heldout.jsonl": _jsonl(eval_rows(held, seed, size)),
+        # the held-out facts as plain statements: text no training stage saw, for the GGUF scorecard
+        "heldout.txt": "\n".join(direct(f) for f in held) + "\n",
         "world.json": json.dumps({"seed": seed, "answers": answer_values(facts),
                                   "train": [f.id for f in train], "heldout": [f.id for f in held],
                                   "facts": [{"id": f.id, "kind": f.kind, "value": f.value} for f in facts]},
