@@ -14,7 +14,6 @@ Imported at every start-up: nothing heavy here.
 
 from __future__ import annotations
 
-from llmforge import hookimpl
 from llmforge.chat import ChatTemplate
 
 # <|im_start|>role\ncontent<|im_end|>\n: the format of Qwen and many open fine-tunes.
@@ -128,9 +127,3 @@ MISTRAL = ChatTemplate(
 )
 
 BUILTIN_TEMPLATES = (CHATML, LLAMA3, ALPACA, MISTRAL)
-
-
-@hookimpl
-def register_chat_templates(register):
-    for template in BUILTIN_TEMPLATES:
-        register(template)

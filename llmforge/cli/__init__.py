@@ -35,3 +35,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {type(exc).__name__}: {exc}\n(run again with --debug to see the traceback)", file=sys.stderr)
         sys.exit(1)
+    finally:
+        # Libraries may turn warnings back on during a command (a stage's libraries, llama_cpp's module-level
+        # /dev/null handles): a ResourceWarning printed at interpreter exit is noise for a user.
+        import warnings
+
+        warnings.filterwarnings("ignore", category=ResourceWarning)
