@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from llmforge import __version__
@@ -13,32 +15,46 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _interactive() -> bool:
+    try:
+        return sys.stdin.isatty() and sys.stdout.isatty()
+    except (AttributeError, ValueError):  # no stdin (pythonw), or a closed one
+        return False
+
+
 def build_app() -> typer.Typer:
     app = typer.Typer(
         name="llmforge",
         help="Train language models on your own hardware: one forge.toml from pretraining to GGUF.",
-        no_args_is_help=True,
+        # `llmforge` alone opens the TUI in a terminal (see root() below), and prints help anywhere else.
+        no_args_is_help=not _interactive(),
         pretty_exceptions_enable=False,
         # Plain help: rendering it through rich costs ~80 ms of imports at every `--help`.
         rich_markup_mode=None,
         context_settings={"help_option_names": ["-h", "--help"]},
     )
 
-    @app.callback()
+    @app.callback(invoke_without_command=True)
     def root(
+        ctx: typer.Context,
         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                      help="Print the version and exit."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
     ) -> None:
         """llmforge: a local-first workbench for training language models."""
+        if ctx.invoked_subcommand is None:  # no arguments, in a terminal
+            from llmforge.cli.tui_cmd import open_tui
 
-    from llmforge.cli import data_cmd, plugins_cmd, project_cmd, run_cmd, runs_cmd
+            open_tui()
+
+    from llmforge.cli import data_cmd, plugins_cmd, project_cmd, run_cmd, runs_cmd, tui_cmd
 
     project_cmd.register(app)
     run_cmd.register(app)
     runs_cmd.register(app)
     plugins_cmd.register(app)
     data_cmd.register(app)
+    tui_cmd.register(app)
 
     from llmforge.plugins import get_registry
 

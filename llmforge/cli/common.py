@@ -9,6 +9,8 @@ from typing import Any
 
 import typer
 
+from llmforge.formatting import fmt_duration  # noqa: F401 - the CLI modules import it from here
+
 CONFIG_OPTION = typer.Option("forge.toml", "--config", "-c", help="Path to forge.toml.")
 SET_OPTION = typer.Option(None, "--set", help="Override a value: stage.option=VALUE or section.key=VALUE.")
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON.")
@@ -46,16 +48,6 @@ def runs_dir(explicit: Path | None, config: Path | None = None) -> Path:
         except Exception:  # noqa: BLE001 - a broken forge.toml still lets you look at runs
             pass
     return Path("runs").resolve()
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 STATUS_STYLE = {

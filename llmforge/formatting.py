@@ -1,0 +1,14 @@
+"""Formatting shared by the front ends (the CLI and the TUI). Imports nothing: it is loaded at start-up."""
+
+from __future__ import annotations
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """A run's or a stage's duration as the front ends show it: 4.2s, 3m07s, 1h05m."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

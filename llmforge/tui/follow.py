@@ -1,0 +1,320 @@
+"""Following a run through its files: events.jsonl tailed incrementally, the manifest re-read now and then.
+
+* `EventTail` reads whatever was appended since the last call (never the whole file again), holding
+  back a last line that is still being written and skipping a line torn by a crash, like
+  `events.read_events`, but without blocking, so one worker can poll it between other work.
+* `Series` keeps a metric's history for a chart in bounded memory: past `2 * cap` points it averages
+  neighbouring pairs and doubles its stride, so 100k points cost as much to draw as 2k.
+* `RunModel` is what the Monitor shows: stages and their status, the current stage, progress and
+  ETA, the log tail and the metric series. `apply(events)` updates it; `version` changes whenever
+  something did, so the UI redraws only then.
+* `follow(run_dir, model, lock, cancelled)` is the worker's loop that feeds a model.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from llmforge.runs import EVENTS, MANIFEST
+
+# The charts the Monitor draws: metric name -> title. Other metrics are kept too (`RunModel.series`).
+CHARTS = {"loss": "loss", "eval_loss": "eval loss", "learning_rate": "learning rate", "grad_norm": "grad norm",
+          "tokens_per_s": "tokens/s"}
+ENDED = ("done", "failed", "stopped", "killed")
+
+
+class EventTail:
+    """Incremental reader of one events.jsonl."""
+
+    def __init__(self, path: Path, chunk: int = 1 << 20):
+        self.path = Path(path)
+        self.offset = 0
+        self.chunk = chunk
+        self._partial = b""
+
+    def read(self, max_bytes: int | None = None) -> list[dict]:
+        """The complete events appended since the last call (up to about `max_bytes` of them)."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read(max_bytes or self.chunk)
+        except FileNotFoundError:
+            return []
+        if not data:
+            return []
+        self.offset += len(data)
+        data = self._partial + data
+        cut = data.rfind(b"\n") + 1
+        data, self._partial = data[:cut], data[cut:]
+        out = []
+        for line in data.splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue  # torn by a crash: skip it, as read_events does
+        return out
+
+
+class Series:
+    """One metric's (step, value) history, downsampled to at most `2 * cap` stored points."""
+
+    def __init__(self, cap: int = 1000):
+        self.cap = cap
+        self.xs: list[float] = []
+        self.ys: list[float] = []
+        self.stride = 1  # raw points per stored point
+        self.count = 0  # raw points seen
+        self.last: tuple[float, float] | None = None
+        self._acc = [0.0, 0.0, 0]  # the bucket being filled: sum x, sum y, n
+
+    def add(self, x: float, y: float) -> None:
+        self.count += 1
+        self.last = (x, y)
+        acc = self._acc
+        acc[0] += x
+        acc[1] += y
+        acc[2] += 1
+        if acc[2] < self.stride:
+            return
+        self.xs.append(acc[0] / acc[2])
+        self.ys.append(acc[1] / acc[2])
+        self._acc = [0.0, 0.0, 0]
+        if len(self.xs) >= 2 * self.cap:
+            # Halve the resolution: each pair becomes its mean. Amortised O(1) per point.
+            self.xs = [(a + b) / 2 for a, b in zip(self.xs[::2], self.xs[1::2])]
+            self.ys = [(a + b) / 2 for a, b in zip(self.ys[::2], self.ys[1::2])]
+            self.stride *= 2
+
+    def points(self) -> tuple[list[float], list[float]]:
+        """What to draw: the stored points, the partial bucket, and always the latest raw point."""
+        xs, ys = list(self.xs), list(self.ys)
+        n = self._acc[2]
+        if n:
+            xs.append(self._acc[0] / n)
+            ys.append(self._acc[1] / n)
+        if self.last is not None and (not xs or xs[-1] != self.last[0]):
+            xs.append(self.last[0])
+            ys.append(self.last[1])
+        return xs, ys
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@dataclass
+class StageState:
+    name: str
+    status: str = "pending"
+    uses: str = ""
+    started: float | None = None
+    duration: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class Progress:
+    stage: str | None = None
+    done: float = 0
+    total: float | None = None
+    unit: str = ""
+    eta_s: float | None = None  # from the event when the stage gives one, else estimated
+    time: float = 0.0
+    started: float = 0.0  # when this stage's progress began (first progress event)
+    first_done: float = 0.0
+
+
+@dataclass
+class RunModel:
+    run_id: str
+    run_dir: Path
+    status: str = "unknown"
+    exit_code: int | None = None
+    stages: dict[str, StageState] = field(default_factory=dict)
+    current_stage: str | None = None
+    step: int | None = None
+    progress: Progress = field(default_factory=Progress)
+    logs: deque = field(default_factory=lambda: deque(maxlen=500))
+    log_count: int = 0  # lines ever appended to `logs` (it keeps only the last 500)
+    series: dict[tuple[str, str], Series] = field(default_factory=dict)  # (stage, metric) -> history
+    metric_stage: str | None = None  # the stage whose metrics the charts show (the latest to report)
+    checkpoints: list[dict] = field(default_factory=list)
+    events_seen: int = 0
+    started: float | None = None
+    finished: float | None = None
+    version: int = 0
+    series_version: int = 0  # changes only when a metric arrived: charts redraw on this one
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+    def chart(self, metric: str) -> Series | None:
+        """The series a chart shows: that metric of the stage that reported metrics last."""
+        if self.metric_stage is not None and (self.metric_stage, metric) in self.series:
+            return self.series[(self.metric_stage, metric)]
+        for (stage, name), s in reversed(list(self.series.items())):
+            if name == metric:
+                return s
+        return None
+
+    def eta(self, now: float | None = None) -> float | None:
+        p = self.progress
+        if p.total is None or self.ended:
+            return None
+        if p.eta_s is not None:
+            return max(0.0, p.eta_s - ((now or time.time()) - p.time))
+        done = p.done - p.first_done
+        if done <= 0 or p.time <= p.started:
+            return None
+        rate = done / (p.time - p.started)
+        return max(0.0, (p.total - p.done) / rate)
+
+    # -- updates -----------------------------------------------------------------------------------
+
+    def apply(self, events: list[dict]) -> None:
+        for e in events:
+            self._apply(e)
+        if events:
+            self.events_seen += len(events)
+            self.version += 1
+
+    def _apply(self, e: dict) -> None:
+        t = e.get("type")
+        stage = e.get("stage")
+        if t == "metric":
+            values = e.get("values") or {}
+            step = e.get("step")
+            for name, v in values.items():
+                if isinstance(v, (int, float)) and v == v:  # skip NaN: it breaks the plot's scale
+                    key = (stage or "", name)
+                    if key not in self.series:
+                        self.series[key] = Series()
+                    s = self.series[key]
+                    # A metric without a step (ctx.metric(loss=...)) is drawn against its index.
+                    s.add(float(step) if isinstance(step, (int, float)) else float(s.count), float(v))
+            if isinstance(step, int):
+                self.step = step
+            self.metric_stage = stage or ""
+            self.series_version += 1
+        elif t == "progress":
+            p = self.progress
+            if p.stage != stage:
+                self.progress = p = Progress(stage=stage, started=e.get("time", 0.0), first_done=e.get("done", 0))
+            p.done = e.get("done", 0) or 0
+            p.total = e.get("total")
+            p.unit = e.get("unit", "") or ""
+            p.eta_s = e.get("eta_s")
+            p.time = e.get("time", 0.0)
+            if p.unit == "step" and isinstance(p.done, int):
+                self.step = p.done
+        elif t == "log":
+            level = e.get("level", "info")
+            prefix = f"[{stage}] " if stage else ""
+            tag = "" if level == "info" else f"{level}: "
+            self._log(e, f"{prefix}{tag}{e.get('message', '')}")
+        elif t == "stage_start":
+            st = self._stage(stage)
+            st.status, st.uses, st.started = "running", e.get("uses", st.uses), e.get("time")
+            self.current_stage = stage
+            self.step = None
+            self._log(e, f"[{stage}] started ({st.uses})")
+        elif t == "stage_cached":
+            self._stage(stage).status = "cached"
+            self._log(e, f"[{stage}] cached (from run {e.get('from_run')})")
+        elif t == "stage_end":
+            st = self._stage(stage)
+            st.status, st.duration, st.error = e.get("status", "?"), e.get("duration"), e.get("error")
+            msg = f"[{stage}] {st.status}"
+            if st.error:
+                msg += f": {st.error}"
+            self._log(e, msg)
+        elif t == "checkpoint":
+            self.checkpoints.append({"stage": stage, "step": e.get("step"), "path": e.get("path")})
+            self._log(e, f"[{stage}] checkpoint at step {e.get('step')}")
+        elif t == "artifact":
+            self._log(e, f"[{stage}] artifact {e.get('kind')}: {e.get('path')}")
+        elif t == "run_start":
+            self.status = "running"
+            self.exit_code = None
+            self.finished = None
+            self.started = self.started or e.get("time")
+            for name in e.get("stages", []):
+                self._stage(name)
+            selected = set(e.get("selected") or e.get("stages") or [])
+            for name, st in self.stages.items():
+                if name not in selected and st.status == "pending":
+                    st.status = "skipped"
+            self._log(e, "run started" + (" (resumed)" if e.get("resume") else ""))
+        elif t == "run_end":
+            self.status = e.get("status", "?")
+            self.exit_code = e.get("exit_code")
+            self.finished = e.get("time")
+            for name, status in (e.get("stages") or {}).items():
+                self._stage(name).status = status
+            self.current_stage = None
+            self._log(e, f"run {self.status} (exit code {self.exit_code})")
+
+    def _stage(self, name: str | None) -> StageState:
+        name = name or ""
+        if name not in self.stages:
+            self.stages[name] = StageState(name)
+        return self.stages[name]
+
+    def _log(self, e: dict, text: str) -> None:
+        stamp = time.strftime("%H:%M:%S", time.localtime(e.get("time", 0)))
+        self.logs.append(f"{stamp} {text}")
+        self.log_count += 1
+
+    def apply_manifest(self, manifest: dict, status: str) -> None:
+        """Facts only the manifest has: a run whose writer died (`killed`), stage timings, stage kinds."""
+        changed = False
+        if status != self.status and (status in ENDED or self.status == "unknown"):
+            self.status, changed = status, True
+            if manifest.get("exit_code") is not None:
+                self.exit_code = manifest.get("exit_code")
+        for name, st in (manifest.get("stages") or {}).items():
+            mine = self._stage(name)
+            if not mine.uses and st.get("uses"):
+                mine.uses, changed = st["uses"], True
+            if mine.duration is None and st.get("duration") is not None:
+                mine.duration, changed = st["duration"], True
+            if status == "killed" and mine.status == "running":
+                mine.status, changed = "killed", True
+        if changed:
+            self.version += 1
+
+
+def follow(run_dir: Path, model: RunModel, lock: threading.Lock, cancelled: Callable[[], bool],
+           poll: float = 0.1, manifest_every: float = 1.0, batch_bytes: int = 1 << 20) -> None:
+    """Feed `model` from the run's files until `cancelled()`: new events as they are appended, the
+    manifest once a second. Runs in a worker thread; holds `lock` only while applying a batch."""
+    from llmforge.runs import RunInfo
+
+    tail = EventTail(Path(run_dir) / EVENTS)
+    next_manifest = 0.0
+    while not cancelled():
+        events = tail.read(batch_bytes)
+        if events:
+            with lock:
+                model.apply(events)
+        now = time.monotonic()
+        if now >= next_manifest:
+            next_manifest = now + manifest_every
+            try:
+                manifest = json.loads((Path(run_dir) / MANIFEST).read_text())
+                info = RunInfo(model.run_id, Path(run_dir), manifest)
+                status = info.status
+                with lock:
+                    model.apply_manifest(manifest, status)
+            except (OSError, ValueError):
+                pass
+        if not events:
+            # Idle: poll less often once the run has ended (a resume appends to the same file).
+            time.sleep(poll if not model.ended else max(poll, 0.5))

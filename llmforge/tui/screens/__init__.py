@@ -1,0 +1,16 @@
+"""The TUI's area screens, one module each, found by `llmforge.tui.app.SCREENS`.
+
+Contract for a screen module (`llmforge/tui/screens/<area>.py`):
+
+* a `textual.screen.Screen` subclass, constructed as `Screen(app_state)` where `app_state` is the
+  app's `llmforge.tui.state.AppState` (`config_path`, `runs_dir`, `selected_run`);
+* `BINDINGS` for its own keys (the Footer shows them; `?` lists them with the class docstring);
+* it is created once, on first show, and kept: refresh what may have changed in `on_screen_resume`;
+* the app adds the area tabs (docked top) and a Footer if the screen composed none;
+* heavy imports (torch, transformers, llama_cpp, even the pipeline) inside workers or actions, never
+  at module level: importing `llmforge.tui.app` must stay light;
+* an exception raised in an action (`action_*`, what BINDINGS call) or a worker is shown by the app as
+  an error notification (a ForgeError with its message and hint) and the app keeps running. Event
+  handlers (`on_*`) must catch their own: textual stops the message loop of a widget whose handler
+  raised. `self.app.show_error(exc)` shows one you caught.
+"""

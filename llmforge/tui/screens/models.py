@@ -1,0 +1,322 @@
+"""The Models screen: every model the runs made, where it came from, and a chat with it.
+
+The list is built from the manifests: each finished stage's `model`, `adapter` and `gguf` artifacts (a gguf
+folder gives one row per .gguf file in it, the unit you chat with or ship), with its size on disk and its
+lineage: the run and stage that made it and the `@stage` references (or model paths) the stage read. A stage
+reused from the cache points at another run's artifact; the row belongs to the run that made it, so each
+artifact is listed once.
+
+The details pane shows what the folder says about itself (config.json, adapter_config.json) and, for a GGUF,
+the parity scorecard the gguf stage wrote (report.json). Enter (or `c`) loads the highlighted model into the
+chat panel (llmforge/tui/widgets/chat.py), which runs the model in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Group
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+
+from llmforge.errors import ForgeError
+from llmforge.tui.widgets.chat import ChatPanel
+
+MODEL_KINDS = ("model", "adapter", "gguf")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    kind: str  # "model", "adapter" or "gguf"
+    path: Path  # the folder (model, adapter) or the .gguf file
+    folder: Path  # the artifact folder (the .gguf file's folder for gguf)
+    run: str
+    stage: str
+    uses: str  # the stage kind
+    created: float | None
+    sources: tuple[str, ...]  # what the stage read: "@sft", "/models/base"
+    size: int
+    info: dict = field(default_factory=dict, compare=False, hash=False)  # the stage's manifest info
+
+    @property
+    def key(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.kind == "gguf" else f"{self.stage}/{self.kind}"
+
+
+def human_size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def folder_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                continue  # removed while we walk
+    return total
+
+
+def stage_sources(stage_config: dict) -> tuple[str, ...]:
+    """The models a stage read, from its table in forge.toml (as recorded in the manifest): every `@reference`
+    anywhere in its options, and `model`/`base` paths given directly."""
+    refs: list[str] = []
+
+    def walk(value, key: str | None = None) -> None:
+        if isinstance(value, str):
+            if value.startswith("@") or key in ("model", "base", "lora_base"):
+                refs.append(value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, k)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v, key)
+
+    for k, v in stage_config.items():
+        if k not in ("name", "uses"):
+            walk(v, k)
+    return tuple(dict.fromkeys(refs))  # in order, once each
+
+
+def collect_models(runs_dir: Path) -> list[ModelEntry]:
+    """The model artifacts of every run of a runs folder, newest run first."""
+    from llmforge.runs import RunStore
+
+    out: list[ModelEntry] = []
+    for run in reversed(RunStore(runs_dir).list()):
+        m = run.manifest
+        configs = {s.get("name"): s for s in (m.get("config") or {}).get("stages", []) if isinstance(s, dict)}
+        for name, st in m.get("stages", {}).items():
+            if st.get("cached_from"):
+                continue  # listed under the run that made it
+            for kind, art in (st.get("artifacts") or {}).items():
+                if kind not in MODEL_KINDS:
+                    continue
+                folder = Path(art.get("path", ""))
+                if not folder.is_dir():
+                    continue  # deleted since
+                common = dict(folder=folder, run=run.id, stage=name, uses=st.get("uses", ""),
+                              created=st.get("ended") or m.get("created"),
+                              sources=stage_sources(configs.get(name, {})), info=st.get("info") or {})
+                if kind == "gguf":
+                    for f in sorted(folder.glob("*.gguf")):
+                        out.append(ModelEntry(kind, f, size=f.stat().st_size, **common))
+                else:
+                    out.append(ModelEntry(kind, folder, size=folder_size(folder), **common))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the details pane
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def scorecard(folder: Path) -> dict | None:
+    """The gguf stage's report.json (`{"card", "thresholds", "failures"}`), or None when there is none."""
+    return _read_json(folder / "report.json")
+
+
+def _score_line(row: dict) -> str:
+    tok = "ok" if row.get("tokenization_ok", True) else \
+        f"differs at token {(row.get('tokenization_diff') or {}).get('at', '?')}"
+    kld = row.get("mean_kld", 0.0)
+    kld_text = f"{kld:.4f}" if kld == 0 or abs(kld) >= 1e-3 else f"{kld:.1e}"
+    return (f"{row.get('type', '?')}, {row.get('bpw', 0):.2f} bits/weight, PPL {row.get('ppl', 0):.3f} "
+            f"({row.get('delta_ppl', 0):+.3f}), mean KLD {kld_text}, top-1 {row.get('top1', 0):.1%}, tokenizer {tok}")
+
+
+def scorecard_text(report: dict, highlight: Path | None = None) -> Text:
+    """The parity scorecard, one line per file (lines wrap in half of an 80-column terminal; a table would
+    not), the highlighted file first and in bold. The full card is report.md next to report.json."""
+    card = report.get("card") or {}
+    text = Text()
+    text.append("parity against the HF model", style="underline")
+    if isinstance(card.get("hf_ppl"), (int, float)):
+        text.append(f" (HF PPL {card['hf_ppl']:.3f}, {card.get('tokens', '?')} tokens)")
+    text.append("\n")
+    rows = card.get("rows", [])
+    rows = sorted(rows, key=lambda r: highlight is None or Path(r.get("file", "")).name != highlight.name)
+    for row in rows:
+        name = Path(row.get("file", "?")).name
+        mine = highlight is not None and name == highlight.name
+        text.append(f"{name}: ", style="bold" if mine else "")
+        text.append(_score_line(row) + "\n", style="bold" if mine else "")
+    return text
+
+
+def describe(entry: ModelEntry) -> Group:
+    """What the details pane shows for one model."""
+    lines = Text()
+    lines.append(f"{entry.name}\n", style="bold")
+    made = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.created)) if entry.created else "?"
+    lines.append(f"{entry.kind}, {human_size(entry.size)}, made by stage {entry.stage} ({entry.uses}) of run "
+                 f"{entry.run}, {made}\n")
+    if entry.sources:
+        lines.append(f"from {', '.join(entry.sources)}\n")
+    lines.append(f"{entry.path}\n", style="dim")
+    parts: list = [lines]
+    if entry.kind == "model":
+        cfg = _read_json(entry.path / "config.json") or {}
+        arch = ", ".join(cfg.get("architectures") or []) or cfg.get("model_type", "?")
+        lines.append(f"{arch}: {cfg.get('num_hidden_layers', '?')} layers, hidden {cfg.get('hidden_size', '?')}, "
+                     f"vocabulary {cfg.get('vocab_size', '?')}\n")
+    elif entry.kind == "adapter":
+        cfg = _read_json(entry.path / "adapter_config.json") or {}
+        lines.append(f"LoRA r={cfg.get('r', '?')} alpha={cfg.get('lora_alpha', '?')} on "
+                     f"{cfg.get('base_model_name_or_path', '?')}\n")
+    template = entry.info.get("chat_template")
+    if isinstance(template, dict) and template.get("name"):
+        lines.append(f"chat template {template['name']}\n")
+    if isinstance(entry.info.get("final_loss"), (int, float)):
+        lines.append(f"final loss {entry.info['final_loss']:.4g}\n")
+    if entry.kind == "gguf":
+        report = scorecard(entry.folder)
+        if report is None:
+            lines.append("no scorecard (the gguf stage ran with check = false)\n", style="dim")
+        else:
+            parts.append(scorecard_text(report, entry.path))
+            for failure in report.get("failures") or []:
+                parts.append(Text(f"failed: {failure}", style="red"))
+        modelfile = entry.path.with_suffix(".Modelfile")
+        if modelfile.is_file():
+            parts.append(Text(f"Ollama: ollama create NAME -f {modelfile}", style="dim"))
+    return Group(*parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# the screen
+
+
+class ModelsScreen(Screen):
+    """Models the runs made (HF folders, LoRA adapters, GGUF files) with sizes and lineage; enter or c chats
+    with the highlighted one."""
+
+    DEFAULT_CSS = """
+    ModelsScreen #models-table { height: auto; max-height: 40%; min-height: 3; }
+    ModelsScreen #models-lower { height: 1fr; }
+    ModelsScreen #models-details { width: 1fr; border: round $panel; padding: 0 1; }
+    ModelsScreen ChatPanel { width: 1fr; }
+    """
+
+    BINDINGS = [
+        Binding("c", "chat", "Chat with it"),
+        Binding("r", "reload", "Refresh"),
+    ]
+
+    def __init__(self, app_state, **kw):
+        super().__init__(**kw)
+        self.state = app_state
+        self.entries: list[ModelEntry] = []
+
+    def compose(self) -> ComposeResult:
+        table = DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
+        for label, key in (("kind", "kind"), ("name", "name"), ("size", "size"), ("run", "run"),
+                           ("stage", "stage"), ("from", "from")):
+            table.add_column(label, key=key)
+        yield table
+        with Horizontal(id="models-lower"):
+            with VerticalScroll(id="models-details"):
+                yield Static("", id="models-detail-text")
+            yield ChatPanel(id="models-chat")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(DataTable).focus()
+
+    def on_screen_resume(self) -> None:
+        self.action_reload()
+
+    # ---- the list ------------------------------------------------------------------------------
+    def action_reload(self) -> None:
+        self._load()
+
+    @work(exclusive=True, group="models-list")
+    async def _load(self) -> None:
+        try:
+            entries = await asyncio.to_thread(collect_models, self.state.runs_dir)
+        except ForgeError as exc:
+            self._error(exc)
+            return
+        except OSError as exc:
+            self.notify(f"cannot read {self.state.runs_dir}: {exc}", severity="error", markup=False)
+            return
+        self._show(entries)
+
+    def _show(self, entries: list[ModelEntry]) -> None:
+        table = self.query_one(DataTable)
+        current = self.highlighted
+        if [e.key for e in entries] != [e.key for e in self.entries]:
+            table.clear()
+            for e in entries:
+                table.add_row(e.kind, e.name, human_size(e.size), e.run, f"{e.stage} ({e.uses})",
+                              ", ".join(e.sources) or "-", key=e.key)
+        self.entries = entries
+        if current is not None and any(e.key == current.key for e in entries):
+            table.move_cursor(row=table.get_row_index(current.key))
+        self._details()
+
+    @property
+    def highlighted(self) -> ModelEntry | None:
+        row = self.query_one(DataTable).cursor_row
+        return self.entries[row] if 0 <= row < len(self.entries) else None
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._details()
+
+    def _details(self) -> None:
+        entry = self.highlighted
+        detail = self.query_one("#models-detail-text", Static)
+        if entry is None:
+            detail.update(Text(f"no models in {self.state.runs_dir} yet: training, merge and gguf stages make them"))
+            return
+        try:
+            detail.update(describe(entry))
+        except OSError as exc:  # the folder went away under us
+            detail.update(Text(f"cannot read {entry.path}: {exc}"))
+
+    # ---- chat ----------------------------------------------------------------------------------
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        self.action_chat()
+
+    def action_chat(self) -> None:
+        entry = self.highlighted
+        if entry is None:
+            return
+        chat = self.query_one(ChatPanel)
+        chat.set_model(entry.path, f"{entry.name} ({entry.kind}, run {entry.run})")
+        chat.focus_input()
+
+    # ---- errors --------------------------------------------------------------------------------
+    def _error(self, exc: ForgeError) -> None:
+        show = getattr(self.app, "show_error", None)
+        if callable(show):
+            show(exc)
+        else:
+            self.notify(exc.render(), title="error", severity="error", markup=False)

@@ -1,0 +1,235 @@
+"""The run monitor: live charts, progress with ETA, stages, log tail; stop and checkpoint-now.
+
+It follows `state.selected_run` (set by the Runs screen, or by the Project screen after a launch), or
+else the latest run, running or finished. A worker thread tails the run's files into a `RunModel`
+(follow.py); a timer redraws from the model twice a second, and only what changed: text when any
+event arrived, charts at most once a second when a metric did. That keeps the app's CPU low while
+a run writes 100 events a second, and the UI responsive while a long history loads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Log, ProgressBar, Static
+
+from llmforge.tui.follow import CHARTS, RunModel, follow
+from llmforge.tui.state import AppState
+from llmforge.tui.widgets.charts import MetricChart
+from llmforge.tui.widgets.text import fmt_duration, styled
+
+REDRAW_S = 0.5
+CHART_REDRAW_S = 1.0
+
+
+class MonitorScreen(Screen):
+    """Follows one run: `s` asks it to stop (it checkpoints and ends with exit code 130), `c` asks for a
+    checkpoint now, `l` goes back to following the latest run."""
+
+    DEFAULT_CSS = """
+    MonitorScreen { layout: vertical; }
+    #mon-head { height: 3; padding: 0 1; }
+    #mon-title { height: 1; }
+    #mon-stages { height: 2; }
+    #mon-progress-row { height: 1; padding: 0 1; }
+    #mon-progress { width: 40; }
+    #mon-eta { width: 1fr; padding-left: 1; }
+    #mon-charts { grid-size: 3 2; grid-gutter: 0; height: 2fr; min-height: 10; }
+    #mon-log { height: 1fr; min-height: 4; border: round $primary-darken-2; }
+    """
+    BINDINGS = [
+        Binding("s", "stop", "Stop run"),
+        Binding("c", "checkpoint", "Checkpoint now"),
+        Binding("l", "latest", "Follow latest"),
+    ]
+
+    def __init__(self, app_state: AppState) -> None:
+        super().__init__()
+        self.state = app_state
+        self.model: RunModel | None = None
+        self._lock = threading.Lock()
+        self._cancel: threading.Event | None = None
+        self._shown_version = -1
+        self._shown_series = -1
+        self._chart_time = 0.0
+        self._log_seen = 0  # log lines of the model already written to the Log widget
+        self._texts: dict[str, str] = {}  # what each Static shows: update only on change
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="mon-head"):
+            yield Static("no run to follow yet", id="mon-title")
+            yield Static("", id="mon-stages")
+        with Horizontal(id="mon-progress-row"):
+            # A known total from the start: an indeterminate bar animates, costing CPU for nothing.
+            yield ProgressBar(total=1, show_eta=False, id="mon-progress")
+            yield Static("", id="mon-eta")
+        with Grid(id="mon-charts"):
+            for metric, title in CHARTS.items():
+                yield MetricChart(metric, title, id=f"chart-{metric}")
+        yield Log(max_lines=100, id="mon-log")
+
+    def on_mount(self) -> None:
+        self.query_one("#mon-log", Log).border_title = "log"
+        self.set_interval(REDRAW_S, self._redraw)
+        self.set_interval(2.0, self._maybe_follow_latest)
+
+    def on_screen_resume(self) -> None:
+        self.attach()
+
+    def on_unmount(self) -> None:
+        self._stop_following()
+
+    # -- which run -----------------------------------------------------------------------------------
+
+    def attach(self, run_id: str | None = None) -> None:
+        """Follow `run_id`, else the selected run, else the latest; no-op if that one is followed."""
+        if run_id is None:
+            run = self.state.run_to_follow()
+            if run is None:
+                return
+            run_id, run_dir = run.id, run.dir
+        else:
+            run_dir = self.state.store.get(run_id).dir
+        if self.model is not None and self.model.run_id == run_id:
+            return
+        self._stop_following()
+        self.model = RunModel(run_id, run_dir)
+        self._lock = threading.Lock()
+        self._shown_version = self._shown_series = -1
+        self._chart_time = 0.0  # the new run's charts (or their emptiness) show at once
+        self._log_seen = 0
+        self.query_one("#mon-log", Log).clear()
+        self.query_one("#mon-progress", ProgressBar).update(total=1, progress=0)
+        cancel = self._cancel = threading.Event()
+        model, lock = self.model, self._lock
+        self.run_worker(lambda: self._follow(run_dir, model, lock, cancel), thread=True, group="follow",
+                        name=f"follow {run_id}")
+        self._redraw()
+
+    @staticmethod
+    def _follow(run_dir, model, lock, cancel: threading.Event) -> None:
+        from textual.worker import get_current_worker
+
+        worker = get_current_worker()
+        follow(run_dir, model, lock, lambda: cancel.is_set() or worker.is_cancelled)
+
+    def _stop_following(self) -> None:
+        if self._cancel is not None:
+            self._cancel.set()
+            self._cancel = None
+
+    def _maybe_follow_latest(self) -> None:
+        # Without a selection the screen shows "the latest run": when that one has ended and a newer one
+        # exists (started from the CLI, say), move on to it.
+        if self.state.selected_run is None and (self.model is None or self.model.ended):
+            latest = self.state.latest_run()
+            if latest is not None and (self.model is None or latest.id != self.model.run_id):
+                self.attach(latest.id)
+
+    # -- drawing -------------------------------------------------------------------------------------
+
+    def _redraw(self) -> None:
+        m = self.model
+        if m is None or not self.is_attached:
+            return
+        with self._lock:
+            charts_due = m.series_version != self._shown_series and \
+                time.monotonic() - self._chart_time >= CHART_REDRAW_S
+            # While running, the elapsed time and ETA change without events.
+            if m.version == self._shown_version and m.status != "running" and not charts_due:
+                return
+            self._shown_version = m.version
+            head, stages = self._head_text(m), self._stages_text(m)
+            p = m.progress
+            done, total, unit, eta = p.done, p.total, p.unit, m.eta()
+            new_logs = self._take_logs(m)
+            points = {}
+            if charts_due:
+                self._shown_series = m.series_version
+                self._chart_time = time.monotonic()
+                for metric in CHARTS:
+                    s = m.chart(metric)
+                    points[metric] = s.points() if s is not None else ([], [])
+        self._set_text("mon-title", head)
+        self._set_text("mon-stages", stages)
+        bar = self.query_one("#mon-progress", ProgressBar)
+        if total:
+            if (bar.total, bar.progress) != (total, done):
+                bar.update(total=total, progress=done)
+            left = f"ETA {fmt_duration(eta)}" if eta is not None else ""
+            self._set_text("mon-eta", f"{done:g}/{total:g} {unit}  {left}")
+        elif m.ended:
+            bar.update(total=1, progress=1 if m.status == "done" else 0)
+            self._set_text("mon-eta", "")
+        if new_logs:
+            self.query_one("#mon-log", Log).write_lines(new_logs)
+        for metric, (xs, ys) in points.items():
+            self.query_one(f"#chart-{metric}", MetricChart).set_points(xs, ys)
+
+    def _set_text(self, widget_id: str, text: str) -> None:
+        if self._texts.get(widget_id) != text:
+            self._texts[widget_id] = text
+            # Fixed-size widgets: no layout pass for a new text (layout is what costs at 100 events/s).
+            self.query_one(f"#{widget_id}", Static).update(text, layout=False)
+
+    def _take_logs(self, m: RunModel) -> list[str]:
+        # The model keeps the last 500 lines in a deque; count what was appended since the last redraw.
+        total = m.log_count
+        fresh = min(total - self._log_seen, len(m.logs))
+        self._log_seen = total
+        return list(m.logs)[-fresh:] if fresh > 0 else []
+
+    def _head_text(self, m: RunModel) -> str:
+        parts = [f"run [b]{m.run_id}[/b]", styled(m.status)]
+        if m.exit_code is not None:
+            parts.append(f"exit {m.exit_code}")
+        if m.current_stage:
+            parts.append(f"stage [b]{m.current_stage}[/b]")
+        if m.step is not None:
+            parts.append(f"step {m.step}")
+        if m.started:
+            parts.append(f"elapsed {fmt_duration((m.finished or time.time()) - m.started)}")
+        if m.checkpoints:
+            parts.append(f"last checkpoint: step {m.checkpoints[-1]['step']}")
+        return "  ".join(parts)
+
+    @staticmethod
+    def _stages_text(m: RunModel) -> str:
+        items = []
+        for st in m.stages.values():
+            t = f" {fmt_duration(st.duration)}" if st.duration is not None else ""
+            items.append(f"{st.name} {styled(st.status)}{t}")
+        return "stages: " + ", ".join(items) if items else ""
+
+    # -- actions -------------------------------------------------------------------------------------
+
+    def action_latest(self) -> None:
+        self.state.selected_run = None
+        latest = self.state.latest_run()
+        if latest is None:
+            self.notify("no runs yet")
+            return
+        self.attach(latest.id)
+
+    def action_stop(self) -> None:
+        from llmforge.tui.launch import request_stop
+
+        if self.model is None:
+            self.notify("no run to stop")
+            return
+        request_stop(self.model.run_dir)  # UsageError when it is not running: shown by the app
+        self.notify(f"stop requested for run {self.model.run_id}: it saves a checkpoint and ends")
+
+    def action_checkpoint(self) -> None:
+        from llmforge.tui.launch import request_checkpoint
+
+        if self.model is None:
+            self.notify("no run")
+            return
+        request_checkpoint(self.model.run_dir)
+        self.notify(f"checkpoint requested for run {self.model.run_id}")

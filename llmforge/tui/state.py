@@ -1,0 +1,115 @@
+"""What every screen of the TUI shares: which forge.toml, which runs folder, which run is selected.
+
+Screens take an `AppState` and read it when they are shown; the Runs screen sets `selected_run`, the
+Monitor follows it. Nothing here imports pydantic, textual or the pipeline: building a state is part
+of the app's start-up, which must paint in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmforge.runs import MANIFEST, RunInfo, RunStore
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_CONFIG = "forge.toml"
+
+
+def resolve_runs_dir(explicit: Path | None, config: Path | None) -> Path:
+    """The runs folder by the CLI's rule (llmforge/cli/common.py::runs_dir): --runs-dir, else
+    [project].runs_dir of forge.toml (read, not validated), else ./runs.
+
+    Kept here rather than imported because the CLI module imports typer; the rule is three lines."""
+    if explicit is not None:
+        return Path(explicit).resolve()
+    if config is not None and Path(config).is_file():
+        try:
+            raw = tomllib.loads(Path(config).read_text(encoding="utf-8"))
+            sub = raw.get("project", {}).get("runs_dir", "runs")
+            return (Path(config).parent / str(sub)).resolve()
+        except (OSError, ValueError, AttributeError):  # a broken forge.toml still lets you look at runs
+            pass
+    return Path("runs").resolve()
+
+
+@dataclass
+class AppState:
+    config_path: Path | None  # the forge.toml, absolute; None when there is none
+    runs_dir: Path
+    selected_run: str | None = None  # a run id, set by the Runs screen, read by the Monitor
+    # manifest path -> (mtime_ns, size, parsed): see runs()
+    _manifests: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @classmethod
+    def discover(cls, config: Path | str | None = None, runs_dir: Path | str | None = None) -> AppState:
+        """The state for `llmforge tui [-c CONFIG] [--runs-dir DIR]`: an explicit config is kept even if
+        missing (the Project screen says so); without one, ./forge.toml if present."""
+        if config is not None:
+            cfg: Path | None = Path(config).absolute()  # absolute() as the runner records it, not resolve()
+        else:
+            cfg = Path(DEFAULT_CONFIG).absolute() if Path(DEFAULT_CONFIG).is_file() else None
+        return cls(cfg, resolve_runs_dir(Path(runs_dir) if runs_dir else None, cfg))
+
+    @property
+    def store(self) -> RunStore:
+        return RunStore(self.runs_dir)
+
+    def runs(self) -> list[RunInfo]:
+        """Like RunStore.list(), oldest first, but a manifest is parsed again only when it changed:
+        screens poll this every second, and a runs folder can hold hundreds of runs."""
+        out = []
+        try:
+            entries = list(os.scandir(self.runs_dir))
+        except OSError:
+            return out
+        seen = set()
+        for entry in entries:
+            path = os.path.join(entry.path, MANIFEST)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            seen.add(path)
+            cached = self._manifests.get(path)
+            if cached is None or cached[:2] != (st.st_mtime_ns, st.st_size):
+                try:
+                    with open(path, encoding="utf-8") as fh:
+                        cached = (st.st_mtime_ns, st.st_size, json.load(fh))
+                except (OSError, ValueError):
+                    continue  # being replaced right now: next time
+                self._manifests[path] = cached
+            out.append(RunInfo(entry.name, Path(entry.path), cached[2]))
+        for gone in set(self._manifests) - seen:
+            del self._manifests[gone]
+        out.sort(key=lambda r: (r.manifest.get("created", 0), r.id))
+        return out
+
+    def latest_run(self, of_config: bool = False) -> RunInfo | None:
+        """The newest run of the runs folder (of this forge.toml only, with `of_config`); None if none."""
+        runs = self.runs()
+        if of_config:
+            runs = [r for r in runs if self.is_own(r)]
+        return runs[-1] if runs else None
+
+    def is_own(self, run: RunInfo) -> bool:
+        """Whether a run was made from this state's forge.toml."""
+        if self.config_path is None or not run.config_path:
+            return False
+        return run.config_path == str(self.config_path) or Path(run.config_path).resolve() == self.config_path.resolve()
+
+    def run_to_follow(self) -> RunInfo | None:
+        """The selected run if it still exists, else the latest run."""
+        if self.selected_run:
+            try:
+                return self.store.get(self.selected_run)
+            except Exception:  # noqa: BLE001 - deleted since it was selected: fall back to the latest
+                pass
+        return self.latest_run()
