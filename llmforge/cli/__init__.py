@@ -36,8 +36,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {type(exc).__name__}: {exc}\n(run again with --debug to see the traceback)", file=sys.stderr)
         sys.exit(1)
     finally:
-        # Libraries may turn warnings back on during a command (a stage's libraries, llama_cpp's module-level
-        # /dev/null handles): a ResourceWarning printed at interpreter exit is noise for a user.
-        import warnings
+        _close_library_handles()
 
-        warnings.filterwarnings("ignore", category=ResourceWarning)
+
+def _close_library_handles() -> None:
+    """llama_cpp opens two /dev/null files at import (to silence model loading) and never closes them; at
+    interpreter exit that prints "ResourceWarning: unclosed file" under a finished command. The command is
+    done, so no model loads any more: close them."""
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        handle = getattr(utils, name, None)
+        if handle is not None and not handle.closed:
+            handle.close()
