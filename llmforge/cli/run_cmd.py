@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -59,45 +56,13 @@ def _summary(result) -> None:
 
 def _detach(pipe, stages, from_stage, overrides, resume, run_ref, force) -> None:
     """Start the same command in its own process session; the run outlives this terminal."""
-    from llmforge.errors import ForgeError
-    from llmforge.runner import find_resumable
-    from llmforge.runs import MANIFEST, RunStore, new_run_id
+    from llmforge.detach import Launch, start_detached
 
-    store = RunStore(pipe.config.runs_dir)
-    if resume:
-        run_id = find_resumable(store, pipe.config, run_ref).id
-    else:
-        run_id = run_ref or new_run_id()
-    run_dir = store.dir / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "llmforge", "run", "-c", str(pipe.config.path), "--run", run_id]
-    for s in stages:
-        argv += ["--stage", s]
-    if from_stage:
-        argv += ["--from", from_stage]
-    for o in overrides:
-        argv += ["--set", o]
-    if resume:
-        argv.append("--resume")
-    if force:
-        argv.append("--force")
-    log = open(run_dir / "process.log", "ab")  # noqa: SIM115 - handed to the child
-    started = time.time()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=Path.cwd())
-    log.close()
-    # Wait until the child owns the run (or failed early) so that what we print is true.
-    while time.time() - started < 30:
-        code = proc.poll()
-        if code is not None and code != 0 and not (run_dir / MANIFEST).exists():
-            tail = (run_dir / "process.log").read_text(errors="replace").strip().splitlines()[-5:]
-            raise ForgeError(f"the detached run exited with code {code}:\n" + "\n".join(tail))
-        if (run_dir / MANIFEST).exists() or code is not None:
-            break
-        time.sleep(0.05)
-    typer.echo(run_id)
-    console(stderr=True).print(f"detached (pid {proc.pid}); follow with [bold]llmforge logs {run_id} -f[/], "
-                               f"stop with [bold]llmforge stop {run_id}[/]")
+    launch = Launch(pipe.config.path, list(stages), from_stage, list(overrides), resume, run_ref, force)
+    started = start_detached(launch, pipe=pipe)
+    typer.echo(started.run_id)
+    console(stderr=True).print(f"detached (pid {started.pid}); follow with [bold]llmforge logs {started.run_id} -f[/], "
+                               f"stop with [bold]llmforge stop {started.run_id}[/]")
 
 
 def register(app: typer.Typer) -> None:
