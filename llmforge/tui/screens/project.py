@@ -228,7 +228,7 @@ class ProjectScreen(Screen):
             for col, value in (("status", styled(status)), ("time", took)):
                 if self._cells.get((row.name, col)) != value:
                     self._cells[(row.name, col)] = value
-                    table.update_cell(row.name, col, value)
+                    table.update_cell(row.name, col, value, update_width=True)
         self._update_head()
 
     def _update_head(self) -> None:
