@@ -14,3 +14,27 @@ Contract for a screen module (`llmforge/tui/screens/<area>.py`):
   handlers (`on_*`) must catch their own: textual stops the message loop of a widget whose handler
   raised. `self.app.show_error(exc)` shows one you caught.
 """
+
+from __future__ import annotations  # noqa: E402 - after the docstring, before the helpers
+
+import asyncio  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+
+async def read_runs_dir(screen: Any, read: Callable[[Path], Any], runs_dir: Path) -> Any | None:
+    """`read(runs_dir)` in a thread, for a screen's worker. A ForgeError is shown like any other error, an
+    unreadable folder as one notification; either gives None, and the screen keeps what it shows."""
+    from llmforge.errors import ForgeError
+
+    try:
+        return await asyncio.to_thread(read, runs_dir)
+    except ForgeError as exc:
+        show = getattr(screen.app, "show_error", None)
+        if callable(show):
+            show(exc)
+        else:
+            screen.notify(exc.render(), title="error", severity="error", markup=False)
+    except OSError as exc:
+        screen.notify(f"cannot read {runs_dir}: {exc}", severity="error", markup=False)
+    return None

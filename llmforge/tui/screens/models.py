@@ -13,7 +13,6 @@ chat panel (llmforge/tui/widgets/chat.py), which runs the model in a worker thre
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -29,7 +28,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from llmforge.errors import ForgeError
+from llmforge.tui.screens import read_runs_dir
 from llmforge.tui.widgets.chat import ChatPanel
 
 MODEL_KINDS = ("model", "adapter", "gguf")
@@ -258,15 +257,9 @@ class ModelsScreen(Screen):
 
     @work(exclusive=True, group="models-list")
     async def _load(self) -> None:
-        try:
-            entries = await asyncio.to_thread(collect_models, self.state.runs_dir)
-        except ForgeError as exc:
-            self._error(exc)
-            return
-        except OSError as exc:
-            self.notify(f"cannot read {self.state.runs_dir}: {exc}", severity="error", markup=False)
-            return
-        self._show(entries)
+        entries = await read_runs_dir(self, collect_models, self.state.runs_dir)
+        if entries is not None:
+            self._show(entries)
 
     def _show(self, entries: list[ModelEntry]) -> None:
         table = self.query_one(DataTable)
@@ -314,9 +307,3 @@ class ModelsScreen(Screen):
         chat.focus_input()
 
     # ---- errors --------------------------------------------------------------------------------
-    def _error(self, exc: ForgeError) -> None:
-        show = getattr(self.app, "show_error", None)
-        if callable(show):
-            show(exc)
-        else:
-            self.notify(exc.render(), title="error", severity="error", markup=False)

@@ -26,7 +26,7 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from llmforge.errors import ForgeError
+from llmforge.tui.screens import read_runs_dir
 from llmforge.formatting import fmt_duration
 
 STATUS_STYLE = {
@@ -263,15 +263,9 @@ class RunsScreen(Screen):
 
     @work(exclusive=True, group="runs-table")
     async def _load(self) -> None:
-        try:
-            rows = await asyncio.to_thread(load_rows, self.state.runs_dir)
-        except ForgeError as exc:
-            self._error(exc)
-            return
-        except OSError as exc:
-            self.notify(f"cannot read {self.state.runs_dir}: {exc}", severity="error", markup=False)
-            return
-        self._show_rows(rows)
+        rows = await read_runs_dir(self, load_rows, self.state.runs_dir)
+        if rows is not None:
+            self._show_rows(rows)
 
     def _show_rows(self, rows: list[RunRow]) -> None:
         if rows == self.rows and self.loaded:
@@ -393,9 +387,3 @@ class RunsScreen(Screen):
         self.query_one(LossChart).show_series(series, title)
 
     # ---- errors --------------------------------------------------------------------------------
-    def _error(self, exc: ForgeError) -> None:
-        show = getattr(self.app, "show_error", None)
-        if callable(show):
-            show(exc)
-        else:
-            self.notify(exc.render(), title="error", severity="error", markup=False)
