@@ -279,6 +279,12 @@ def test_validation_problems_are_shown_in_place_with_key_paths(tui_project):
     asyncio.run(scenario())
 
 
+def footer_keys(app) -> set[str]:
+    from textual.widgets import Footer
+
+    return {key.description for key in app.screen.query_one(Footer).children}
+
+
 def test_area_keys_help_and_placeholders(tui_project, monkeypatch):
     tui_project.write(COUNTER.format(n=1))
     monkeypatch.setitem(SCREENS, "data", "llmforge.tui.screens.not_written_yet:Nothing")
@@ -288,8 +294,11 @@ def test_area_keys_help_and_placeholders(tui_project, monkeypatch):
         async with app.run_test(size=(80, 24)) as pilot:  # the smallest supported terminal
             await pilot.pause()
             assert app.area == "project"
+            assert {"Validate", "Run", "Help", "Quit"} <= footer_keys(app)  # the first screen's footer too
             await pilot.press("2")
             assert app.area == "monitor" and type(app.screen).__name__ == "MonitorScreen"
+            await pilot.pause()
+            assert {"Stop run", "Checkpoint now", "Help"} <= footer_keys(app)
             assert app.screen.model is None  # no run yet: nothing to follow, nothing broken
             await pilot.press("s")  # stop with no run: a message, not a crash
             await pilot.pause()

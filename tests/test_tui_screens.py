@@ -24,6 +24,7 @@ from rich.console import Console
 
 from llmforge import hookimpl
 from llmforge.stage import Stage, StageOptions
+from llmforge.tui.screens.runs import COLUMNS
 
 from conftest import _env
 
@@ -225,7 +226,7 @@ def test_runs_screen_follows_new_and_running_runs(project):
             await running
             await until(pilot, lambda: screen.rows[0].status == "done", timeout=10, what="the run's end")
             assert screen.rows[0].losses == "train 0.15 (eval 0.65)"
-            assert plain(table.get_row(screen.rows[0].id)[5]).strip() == "train 0.15 (eval 0.65)"
+            assert plain(table.get_row(screen.rows[0].id)[COLUMNS.index("losses")]).strip() == "train 0.15 (eval 0.65)"
             assert table.cursor_row == 1 and screen.highlighted == first.id
             assert not app.unexpected_errors
 

@@ -171,6 +171,9 @@ class LlmforgeApp(App):
         await screen.mount(AreaTabs([(a, LABELS[a]) for a in AREAS], area))
         if not screen.query(Footer):
             await screen.mount(Footer())
+        # A Footer fills itself when the screen announces its bindings; a screen that took focus while
+        # composing announced them before this Footer existed, so announce them again.
+        screen.refresh_bindings()
 
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):

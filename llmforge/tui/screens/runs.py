@@ -38,8 +38,9 @@ CURVE_METRICS = ("loss", "eval_loss")
 MAX_POINTS = 400  # per curve: a terminal chart has no more columns than that, however long the run
 REFRESH_SECONDS = 2.0
 # The table's columns (keys, then headers), in the order of RunRow.cells.
-COLUMNS = ("mark", "id", "started", "status", "stages", "losses", "duration")
-LABELS = ("", "run", "started", "status", "stages", "final loss", "duration")
+# The long, variable column (final losses) goes last, so the others fit in 80-100 columns.
+COLUMNS = ("mark", "id", "started", "status", "duration", "stages", "losses")
+LABELS = ("", "run", "started", "status", "duration", "stages", "final loss")
 COMPARE = 2
 
 
@@ -62,8 +63,8 @@ class RunRow:
     dir: Path
 
     def cells(self, marked: bool) -> tuple:
-        return ("●" if marked else " ", self.id, self.started, styled_status(self.status), self.stages,
-                self.losses, self.duration)
+        return ("●" if marked else " ", self.id, self.started, styled_status(self.status), self.duration,
+                self.stages, self.losses)
 
 
 def final_losses(manifest: dict) -> str:
@@ -98,7 +99,7 @@ def run_row(run) -> RunRow:
         duration = None
     return RunRow(
         id=run.id,
-        started=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "-",
+        started=time.strftime("%b %d %H:%M", time.localtime(created)) if created else "-",  # the id has the seconds
         status=status,
         stages=", ".join(f"{v} {k}" for k, v in counts.items()) or "-",
         losses=final_losses(m),
