@@ -41,6 +41,18 @@ def atomic_write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def read_json_object(path: Path, what: str = "file", error: type = UsageError) -> dict:
+    """A JSON object from a file we did not write (a model's config, a tokenizer's settings): unreadable,
+    undecodable or not an object -> `error` naming the file and what it was supposed to be."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise error(f"{path}: cannot read the {what} ({exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: the {what} is not a JSON object")
+    return data
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 

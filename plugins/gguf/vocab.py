@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from llmforge.errors import UsageError
+from llmforge.runs import read_json_object
 
 #: The text llama.cpp's converter hashes to name a pre-tokenizer (convert_hf_to_gguf.py,
 #: get_vocab_base_pre): whitespace runs, emoji, digit runs, scripts without spaces, apostrophes.
@@ -133,13 +134,7 @@ def read_vocab(model_dir: Path, config: dict) -> Vocab:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UsageError(f"{path}: cannot read it ({exc})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: not a JSON object")
-    return data
+    return read_json_object(path, path.name)
 
 
 def _load_tokenizer_json(model_dir: Path):

@@ -10,13 +10,13 @@ itself (an open mapping would keep every page read so far in the process's resid
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmforge.errors import DataError, UsageError
+from llmforge.runs import read_json_object
 
 #: safetensors dtype names <-> torch dtype names
 ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -66,13 +66,7 @@ def num_layers(config: dict) -> int | None:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read the {what} ({exc})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: the {what} is not a JSON object")
-    return data
+    return read_json_object(path, what, DataError)
 
 
 def _header(path: Path) -> dict[str, TensorMeta]:
