@@ -201,24 +201,6 @@ def test_config_screen_without_a_forge_toml(tmp_path):
     asyncio.run(scenario())
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    texts = [f"What is the capital of Land{i}? The capital of Land{i} is Town{i}." for i in range(200)]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    out = tmp_path_factory.mktemp("tok")
-    fast.save_pretrained(out)
-    return out
-
-
 def test_data_screen_shows_masks_lengths_and_bad_rows(project, tokenizer_dir):
     from textual.widgets import DataTable, Input
 
