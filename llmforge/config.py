@@ -41,13 +41,34 @@ class ModelSection(_Section):
 
 
 class BackendSection(_Section):
-    type: Literal["local"] = Field("local", description="How training processes are launched.")
+    """The `[backend]` keys every backend shares. A backend's `Options` subclasses this and adds its own
+    tables (`fsdp` for accelerate, `deepspeed` for deepspeed); `ForgeConfig.backend` is an instance of the
+    selected backend's `Options`."""
+
+    type: str = Field("local", description="The backend that launches training stages: local, accelerate, "
+                                           "deepspeed, or one a plugin registers.")
+    num_processes: int = Field(1, ge=1, description="Processes per node (usually one per GPU).")
+    num_nodes: int = Field(1, ge=1, description="Machines taking part in the launch.")
+    node_rank: int = Field(0, ge=0, description="This machine's node rank (0 runs `llmforge run`).")
+    main_process_ip: str = Field("127.0.0.1", description="Address of node 0, reachable from every node.")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="A free TCP port on node 0 for the rendezvous.")
+    rdzv_backend: Literal["static", "c10d"] = Field("static", description="Rendezvous: static (fixed node ranks) "
+                                                                          "or c10d (torch's elastic store).")
+    launcher: Literal["accelerate", "torchrun"] = Field("accelerate", description="The program that starts the "
+                                                                                  "processes of a launch.")
+    watchdog_minutes: float = Field(10.0, ge=0, description="No training step for this long: every process dumps "
+                                                            "its Python stacks into the stage folder (0 = off).")
+    tp_size: int = Field(1, ge=1, description="Tensor-parallel size (transformers' tp_plan, under torchrun).")
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes * self.num_nodes
 
 
 TOP_LEVEL = {
     "project": ProjectSection,
     "model": ModelSection,
-    "backend": BackendSection,
+    "backend": None,  # validated against the selected backend's Options
     "trackers": None,  # keys validated against registered trackers
     "stages": None,
 }
@@ -244,10 +265,65 @@ def parse_config(path: str | Path | None, overrides: list[str] | None, registry)
             problems.append(Problem(f"trackers.{name}", f"expected true, false or a table of options, "
                                     f"got {type(value).__name__} {value!r}"))
 
-    cfg = ForgeConfig(path=path, raw=raw, trackers=enabled, **sections)
+    backend, backend_problems = _validate_backend(raw.get("backend", {}), registry)
+    problems += backend_problems
+    cfg = ForgeConfig(path=path, raw=raw, trackers=enabled, backend=backend, **sections)
     cfg.stages, stage_problems = _validate_stages(raw.get("stages", []), registry)
     problems += stage_problems
+    if not backend_problems and not stage_problems:
+        problems += _check_backend(cfg, registry)
     return cfg, _note_origins(problems, origins)
+
+
+def _validate_backend(value: Any, registry) -> tuple[BackendSection, list[Problem]]:
+    """`[backend]` against the Options of the backend its `type` names.
+
+    A table that belongs to another installed backend (`[backend.fsdp]` while `type = "deepspeed"`) is
+    checked against that backend's Options and then left out, so that switching `type` (`--set
+    backend.type=local`) never makes the rest of the file invalid, while typos are still caught.
+    """
+    if not isinstance(value, dict):
+        return BackendSection(), [Problem("backend", f"expected a table [backend], got {type(value).__name__}")]
+    backends = registry.backends
+    name = value.get("type", "local")
+    cls = backends.get(name) if isinstance(name, str) else None
+    if cls is None and name == "local":
+        # The default must work even when the plugin that registers `local` failed to load: stages then
+        # run in the `llmforge run` process, which is all `local` does.
+        inst, probs = validate_model(BackendSection, value, "backend")
+        return inst or BackendSection(), probs
+    if cls is None:
+        broken = ""
+        if registry.errors:
+            broken = f"; plugins with errors: {', '.join(sorted({e.plugin for e in registry.errors}))}"
+        problem = Problem("backend.type", f"unknown backend {name!r}{did_you_mean(str(name), backends)} "
+                                          f"(installed: {', '.join(sorted(backends)) or 'none'}{broken})")
+        common = {k: v for k, v in value.items() if k in BackendSection.model_fields and k != "type"}
+        inst, probs = validate_model(BackendSection, common, "backend")
+        return inst or BackendSection(), [problem, *probs]
+    problems: list[Problem] = []
+    own = dict(value)
+    for key in list(own):
+        if key in cls.Options.model_fields:
+            continue
+        owner = next((b for b in backends.values() if key in b.Options.model_fields), None)
+        if owner is not None:
+            problems += validate_model(owner.Options, {"type": owner.name, key: own.pop(key)}, "backend")[1]
+    inst, probs = validate_model(cls.Options, own, "backend")
+    return inst or cls.Options.model_construct(type=name), problems + probs
+
+
+def _check_backend(cfg: ForgeConfig, registry) -> list[Problem]:
+    """The selected backend's own preflight over the whole configuration (cheap; no launch)."""
+    cls = registry.backends.get(cfg.backend.type)
+    if cls is None:
+        return []
+    try:
+        found = cls(cfg.backend).check(cfg) or []
+    except Exception as exc:  # noqa: BLE001 - a broken backend is a problem to show, not a crash
+        return [Problem("backend", f"backend {cfg.backend.type!r} failed to check the configuration: "
+                                   f"{type(exc).__name__}: {exc}")]
+    return [p if isinstance(p, Problem) else Problem("backend", str(p)) for p in found]
 
 
 RESERVED_NAMES = set(TOP_LEVEL)

@@ -96,6 +96,33 @@ def register_merge_methods(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_backends(register: Callable[[type], None]) -> None:
+    """Register backends: :class:`llmforge.backend.Backend` subclasses, how stages' processes are launched.
+
+    ``[backend] type = "<name>"`` in forge.toml selects one; its ``Options`` (a subclass of
+    :class:`llmforge.config.BackendSection`, the shared keys plus the backend's own tables) validate the
+    whole ``[backend]`` table with key paths, and its ``check(cfg)`` runs with ``llmforge validate``.
+    During a run the core's ``execute_stage`` hands each stage the backend ``handles()`` to its
+    ``launch()``; the others run in the ``llmforge run`` process. The built-in backends (``local``,
+    ``accelerate``, ``deepspeed``) are registered through this hook too.
+    """
+
+
+@hookspec
+def register_curation_steps(register: Callable[[type], None]) -> None:
+    """Register data-curation steps: ``llmforge.curation.CurationStep`` subclasses.
+
+    The name is what a ``curate`` stage's ``steps = [...]`` and ``llmforge data filter --step <name>``
+    select (``llmforge data steps`` lists them). A step has a ``kind`` (``filter``, ``dedup`` or
+    ``rewrite``), an ``Options`` model, and answers each row (streamed to it in small batches, in
+    order) with the row, a rewritten row, or ``Drop(reason, code=...)``; the reasons end up in the
+    per-row reasons file and the curation report. The built-in steps (``normalize``, ``pii``,
+    ``exact_dedup``, ``near_dedup``, ``quality``, ``language``, ``decontaminate``, ``lint``) are
+    registered through this hook too.
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add commands to the ``llmforge`` command line.
 

@@ -52,7 +52,7 @@ class LoadError:
 
 @dataclass
 class Conflict:
-    kind: str  # "stage", "reader", "row format", "chat template", "tracker", "merge method"
+    kind: str  # "stage", "reader", "row format", "chat template", "tracker", "merge method", "backend"
     name: str
     winner: str
     loser: str
@@ -82,6 +82,8 @@ class Registry:
     chat_templates: dict[str, Any] = field(default_factory=dict)
     trackers: dict[str, type] = field(default_factory=dict)
     merge_methods: dict[str, Any] = field(default_factory=dict)  # name -> MergeMethod instance
+    backends: dict[str, type] = field(default_factory=dict)  # name -> Backend subclass
+    curation_steps: dict[str, type] = field(default_factory=dict)  # name -> CurationStep subclass
     owners: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin
     # The registration hooks run on first use of any table (or of plugins/errors): `llmforge --help`
     # only needs register_commands, and must not pay for importing every stage's dependencies.
@@ -99,7 +101,7 @@ class Registry:
 
 
 _LAZY = {"plugins", "errors", "conflicts", "stages", "readers", "row_formats", "chat_templates", "trackers",
-         "owners", "merge_methods"}
+         "owners", "merge_methods", "backends", "curation_steps"}
 
 
 def _dist_of(ep: metadata.EntryPoint, seen: dict[str, tuple[str, str]] | None = None) -> tuple[str, str]:
@@ -206,7 +208,9 @@ def _check_hook_names(plugin: Any) -> None:
             opts = getattr(value, f"{GROUP}_impl") or {}
             if isinstance(opts, dict) and opts.get("specname"):
                 continue
-            from llmforge.schema import did_you_mean  # pydantic: only on this error path (start-up time)
+            from llmforge.schema import (
+                did_you_mean,  # pydantic: only on this error path (start-up time)
+            )
 
             raise ValueError(f"implements unknown hook '{attr}'{did_you_mean(attr, known)}")
 
@@ -215,7 +219,10 @@ def _kinds() -> dict[str, tuple[str, str, Any]]:
     """Registration hooks: hook name -> (registry attribute, what it registers, validator)."""
     from pydantic import BaseModel
 
+    from llmforge.backend import Backend
     from llmforge.chat import ChatTemplate
+    from llmforge.config import BackendSection
+    from llmforge.curation import STEP_KINDS, CurationStep
     from llmforge.data import KINDS, Reader, RowFormat
     from llmforge.merging import MergeMethod, Param
     from llmforge.stage import Stage
@@ -229,8 +236,12 @@ def _kinds() -> dict[str, tuple[str, str, Any]]:
                 raise TypeError(f"{obj.__qualname__} has no name")
             if options and not (isinstance(obj.Options, type) and issubclass(obj.Options, BaseModel)):
                 raise TypeError(f"{obj.__qualname__}.Options must be a pydantic model (StageOptions subclass)")
+            if base is Backend and not (isinstance(obj.Options, type) and issubclass(obj.Options, BackendSection)):
+                raise TypeError(f"{obj.__qualname__}.Options must subclass llmforge.config.BackendSection")
             if base is RowFormat and obj.kind not in KINDS:
                 raise TypeError(f"{obj.__qualname__}.kind must be one of {KINDS}, not {obj.kind!r}")
+            if base is CurationStep and obj.kind not in STEP_KINDS:
+                raise TypeError(f"{obj.__qualname__}.kind must be one of {STEP_KINDS}, not {obj.kind!r}")
             if base is MergeMethod:
                 if obj.base not in ("required", "optional", "none"):
                     raise TypeError(f"{obj.__qualname__}.base must be 'required', 'optional' or 'none', "
@@ -252,6 +263,8 @@ def _kinds() -> dict[str, tuple[str, str, Any]]:
         "register_chat_templates": ("chat_templates", "chat template", template),
         "register_trackers": ("trackers", "tracker", subclass(Tracker, options=True)),
         "register_merge_methods": ("merge_methods", "merge method", subclass(MergeMethod, instantiate=True)),
+        "register_backends": ("backends", "backend", subclass(Backend)),
+        "register_curation_steps": ("curation_steps", "curation step", subclass(CurationStep, options=True)),
     }
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from llmforge import __version__
+from llmforge.backend import build_backend
 from llmforge.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ForgeError, LockedError,
                              UsageError)
 from llmforge.events import EventWriter
@@ -223,6 +224,7 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
         atomic_write_json(run_dir / MANIFEST, manifest)
 
     save()
+    backend = build_backend(cfg, registry)
     tracker_notes: list[str] = []
     trackers = _start_trackers(cfg, run_dir, registry, tracker_notes)
     events = EventWriter(run_dir / EVENTS, run_id,
@@ -290,7 +292,7 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
             stage_dir.mkdir(parents=True, exist_ok=True)
             store.clean_tmp(stage_dir)
             outcome, code = _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resume,
-                                       st, events, stop, cfg, save)
+                                       st, events, stop, cfg, save, backend)
             if outcome == "done":
                 continue
             status, exit_code = outcome, code
@@ -348,7 +350,8 @@ def _artifacts_of(st: dict, stage: str) -> dict[str, Artifact]:
             for k, a in st.get("artifacts", {}).items()}
 
 
-def _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resume, st, events, stop, cfg, save):
+def _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resume, st, events, stop, cfg, save,
+               backend=None):
     inputs = {}
     for u in pipe.inputs[spec.name]:
         if u.ref_stage:
@@ -360,7 +363,7 @@ def _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resu
         stage_name=spec.name, run_id=run_id, run_dir=run_dir, stage_dir=stage_dir, inputs=inputs,
         emit=functools.partial(_emit_in_stage, events, spec.name), stop_check=stop,
         checkpoint_check=_checkpoint_check(run_dir), resume=resume, seed=cfg.project.seed,
-        project_dir=cfg.project_dir,
+        project_dir=cfg.project_dir, backend=backend,
     )
     started = time.time()
     st.update(status="running", started=started, error=None, artifacts={})

@@ -77,6 +77,10 @@ class Stage:
     version: ClassVar[str] = "1"
     #: distributions whose versions enter the cache key (read from metadata, never imported)
     cache_libraries: ClassVar[tuple[str, ...]] = ()
+    #: under a launching backend (accelerate, deepspeed): True runs ``run()`` in every process of the
+    #: launch (a stage that trains with the HF Trainer or accelerate); False keeps it in the
+    #: ``llmforge run`` process; None lets the backend decide (the built-in ones launch training stages)
+    distributed: ClassVar[bool | None] = None
 
     def outputs(self, options: Any) -> tuple[str, ...]:
         """The artifact kinds this configuration writes (a subset of ``produces``; e.g. LoRA: adapter)."""
@@ -101,6 +105,12 @@ class StageContext:
 
     ``work_dir`` survives an interruption of the same run: keep checkpoints there so that
     ``llmforge run --resume`` can continue (``resume`` is True then).
+
+    Under a launching backend the stage runs in several processes, each with its own context: ``rank``
+    (0 .. ``world_size`` - 1) tells them apart. Only rank 0's events reach the run; on other ranks
+    ``artifact()`` yields a scratch folder that is thrown away, so code that every rank runs (a
+    collective save) needs no special case. ``backend`` is the run's :class:`llmforge.backend.Backend`
+    (its ``settings`` are the ``[backend]`` table), or None outside a run.
     """
 
     stage_name: str
@@ -118,6 +128,9 @@ class StageContext:
     stop_seen: bool = False
     #: facts the stage records in the run manifest (e.g. the chat template's name and hash)
     info: dict = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+    backend: Any = None
 
     @property
     def work_dir(self) -> Path:
@@ -165,6 +178,10 @@ class StageContext:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if self.rank != 0:
+            # Rank 0 publishes; the other processes of a launch only took part (e.g. in a gathered save).
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         if self.stop_seen:
             # The stage returned early because of a stop request: what it wrote is incomplete.
             shutil.rmtree(tmp, ignore_errors=True)

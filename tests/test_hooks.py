@@ -47,6 +47,8 @@ HOOK_TESTS = {
     "register_chat_templates": ["test_register_chat_templates_makes_the_template_resolvable"],
     "register_trackers": ["test_register_trackers_tracker_sees_the_run"],
     "register_merge_methods": ["test_register_merge_methods_adds_a_merge_method"],
+    "register_backends": ["test_register_backends_backend_launches_its_stages"],
+    "register_curation_steps": ["test_register_curation_steps_adds_a_step"],
 }
 
 
@@ -416,3 +418,61 @@ def test_register_merge_methods_adds_a_merge_method(probe, tmp_path):
     # without the plugin, the method does not exist
     missing = run_cli("merge", str(tmp_path / "none"), "--method", "probe_max", "--model", str(tmp_path / "a"))
     assert missing.returncode == 2 and "unknown merge method 'probe_max'" in missing.stderr
+
+
+def test_register_backends_backend_launches_its_stages(probe, project):
+    project.write('[backend]\ntype = "probe"\n\n[backend.probe]\nmarker = "m1"\n' + PROBE_PROJECT)
+    res = project.run("run", plugins=[probe])
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run_dir,) = project.runs.iterdir()
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text(encoding="utf-8").splitlines()]
+    launched = [(e["stage"], e["message"]) for e in events
+                if e["type"] == "log" and e["message"].startswith("probe-backend:")]
+    # it took over the probe stage (which then ran and published), and left the shell stage to the core
+    assert launched == [("probe1", "probe-backend: launching probe1 (marker m1)")]
+    assert (run_dir / "stages" / "probe1" / "artifacts" / "files" / "probe-0.txt").read_text() == "hello"
+    # [backend] is validated against the selected backend's Options, and its check() runs
+    with ThreadPoolExecutor(2) as ex:
+        bad, typo, local, missing = ex.map(lambda args: run_cli(*args[0], cwd=project.root, plugins=args[1]), [
+            (("validate", "--set", "backend.probe.marker=bad"), [probe]),
+            (("validate", "--set", "backend.probe.markr=x"), [probe]),
+            (("validate", "--set", "backend.type=local"), [probe]),
+            (("validate",), [])])
+    assert bad.returncode == 2 and "backend.probe.marker (from --set backend.probe.marker): the probe backend " \
+        "rejects marker 'bad'" in bad.stderr
+    assert typo.returncode == 2 and "backend.probe.markr" in typo.stderr, typo.stderr
+    # switching type keeps the file valid: [backend.probe] belongs to an installed backend
+    assert local.returncode == 0, local.stderr
+    # without the plugin the type is unknown, and the installed ones are named
+    assert missing.returncode == 2
+    assert "backend.type: unknown backend 'probe'" in missing.stderr
+    assert "(installed: accelerate, deepspeed, local)" in missing.stderr
+
+
+def test_register_curation_steps_adds_a_step(probe, project):
+    rows = [{"text": "keep this one"}, {"text": "a secret row"}, {"text": "and this"}]
+    project.write("".join(json.dumps(r) + "\n" for r in rows), name="in.jsonl")
+    with ThreadPoolExecutor(2) as ex:
+        filtered, listed = ex.map(lambda args: project.run(*args, plugins=[probe]), [
+            ("data", "filter", "in.jsonl", "out.jsonl", "--step", "probe_no_word", "--set", "word=secret",
+             "--reasons", "why.jsonl"),
+            ("data", "steps", "--json")])
+    assert filtered.returncode == 0, filtered.stderr
+    out = [json.loads(x) for x in (project.root / "out.jsonl").read_text().splitlines()]
+    assert out == [{"text": "KEEP THIS ONE"}, {"text": "AND THIS"}]
+    (why,) = [json.loads(x) for x in (project.root / "why.jsonl").read_text().splitlines()]
+    assert why == {"source": "in.jsonl:2", "step": "probe_no_word", "code": "probe_word",
+                   "reason": "probe: mentions secret"}
+    steps = {r["step"]: r for r in json.loads(listed.stdout)}
+    assert steps["probe_no_word"]["plugin"] == "probe" and steps["probe_no_word"]["kind"] == "filter"
+    assert steps["near_dedup"]["plugin"] == "curate"  # the built-in steps come through the same hook
+    # the curate stage runs it too
+    project.write('[[stages]]\nname = "c"\nuses = "curate"\ndata = { path = "in.jsonl" }\n'
+                  'steps = [{ step = "probe_no_word", word = "secret" }]\n')
+    res = project.run("run", plugins=[probe])
+    assert res.returncode == 0, res.stdout + res.stderr
+    (data,) = project.runs.glob("*/stages/c/artifacts/dataset/data.jsonl")
+    assert [json.loads(x)["text"] for x in data.read_text().splitlines()] == ["KEEP THIS ONE", "AND THIS"]
+    # without the plugin, the step does not exist
+    missing = project.run("data", "filter", "in.jsonl", "x.jsonl", "--step", "probe_no_word")
+    assert missing.returncode == 2 and "unknown curation step 'probe_no_word'" in missing.stderr

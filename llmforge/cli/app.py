@@ -47,13 +47,14 @@ def build_app() -> typer.Typer:
 
             open_tui()
 
-    from llmforge.cli import data_cmd, plugins_cmd, project_cmd, run_cmd, runs_cmd, tui_cmd
+    from llmforge.cli import data_cmd, plugins_cmd, project_cmd, run_cmd, runs_cmd, scale_cmd, tui_cmd
 
     project_cmd.register(app)
     run_cmd.register(app)
     runs_cmd.register(app)
     plugins_cmd.register(app)
     data_cmd.register(app)
+    scale_cmd.register(app)
     tui_cmd.register(app)
 
     from llmforge.plugins import get_registry

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from rich.markup import escape
+
 from llmforge.cli.common import console, fmt_duration, styled
 
 
@@ -66,7 +68,7 @@ class EventPrinter:
                 line += f" in {fmt_duration(ev['duration'])}"
             p(line)
             if ev.get("error"):
-                p(f"  [red]{ev['error']}[/]", markup=True)
+                p(f"  [red]{escape(str(ev['error']))}[/]", markup=True)  # relayed rank logs hold [brackets]
             if ev.get("reason"):
                 p(f"  [dim]{ev['reason']}[/]")
         elif t == "log":

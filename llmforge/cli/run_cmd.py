@@ -20,11 +20,21 @@ def run(
     run_ref: Optional[str] = typer.Option(None, "--run", help="With --resume: which run. Otherwise: the new run's id."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; print the run id and return."),
     force: bool = typer.Option(False, "--force", help="Ignore cached results and run every selected stage."),
+    no_fit_check: bool = typer.Option(False, "--no-fit-check",
+                                      help="Start even when `llmforge plan` says a stage cannot fit this machine."),
 ) -> None:
-    """Run the pipeline of forge.toml. Exit code: 0 done, 1 a stage failed, 2 bad input, 130 stopped."""
+    """Run the pipeline of forge.toml. Exit code: 0 done, 1 a stage failed, 2 bad input (or a stage that
+    cannot fit this machine), 130 stopped."""
+    import os
+
+    from llmforge.cli.scale_cmd import NO_FIT_CHECK_ENV, fit_check
     from llmforge.pipeline import load_pipeline
 
     pipe = load_pipeline(config, overrides or [])
+    if no_fit_check:
+        # The detached child (and anything else this process starts) inherits the decision.
+        os.environ[NO_FIT_CHECK_ENV] = "1"
+    fit_check(pipe, stage or [], from_stage)
     if detach:
         _detach(pipe, stage or [], from_stage, overrides or [], resume, run_ref, force)
         return

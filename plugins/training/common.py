@@ -15,7 +15,8 @@ def load_rows(data_opts, ctx, expect: tuple[str, ...], name: str = "data"):
     from llmforge.data import load_data, write_report
 
     ds = load_data(data_opts, base=ctx.project_dir, expect=expect)
-    write_report(ds, ctx.stage_dir if name == "data" else ctx.stage_dir / name)
+    if ctx.rank == 0:  # every process of a launch reads the same data; one report is enough
+        write_report(ds, ctx.stage_dir if name == "data" else ctx.stage_dir / name)
     msg = f"{name}: {len(ds.rows)} rows in the {ds.format} format from {len(ds.files)} file(s)"
     if ds.skipped:
         msg += f"; skipped {len(ds.skipped)} bad rows (first: {ds.skipped[0][0]}: {ds.skipped[0][1]}), " \
@@ -84,8 +85,17 @@ def qlora_kwargs(lora) -> dict:
 
 def save_outputs(ctx, trainer_model, tokenizer, template, lora, merge: bool, base_path: str | None = None) -> None:
     """Write the stage's artifacts: the model (full training), or the adapter and, on request, the merged model."""
+    from llmforge_plugins.training import loop
     from llmforge_plugins.training.models import save_model_dir
 
+    trainer = loop.current_trainer()
+    # Sharded weights (DeepSpeed ZeRO-3, FSDP) must be gathered even in one process: rank 0's own
+    # tensors are empty shells there.
+    sharded = trainer is not None and (getattr(trainer, "is_deepspeed_enabled", False)
+                                       or getattr(trainer, "is_fsdp_enabled", False))
+    if trainer is not None and (ctx.world_size > 1 or sharded):
+        save_outputs_distributed(ctx, trainer, tokenizer, template, lora, merge)
+        return
     if lora is not None and lora.enabled:
         with ctx.artifact("adapter") as out:
             trainer_model.save_pretrained(str(out), safe_serialization=True)
@@ -97,3 +107,53 @@ def save_outputs(ctx, trainer_model, tokenizer, template, lora, merge: bool, bas
     else:
         with ctx.artifact("model") as out:
             save_model_dir(trainer_model, tokenizer, out, template)
+
+
+def gathered_state_dict(trainer):
+    """The full weights, gathered on every rank's call when they are sharded (FSDP, DeepSpeed ZeRO-3);
+    None when rank 0's own copy is already whole (DDP). Every rank must call it: it is a collective."""
+    if trainer.is_fsdp_enabled:
+        return trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.is_deepspeed_enabled:
+        return trainer.accelerator.get_state_dict(trainer.deepspeed)
+    return None
+
+
+def save_outputs_distributed(ctx, trainer, tokenizer, template, lora, merge: bool) -> None:
+    """save_outputs for a launch of several processes: every rank joins the gathers, rank 0 writes (the
+    other ranks' artifact folders are scratch, see StageContext.artifact)."""
+    from llmforge_plugins.training.models import save_model_dir
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if (getattr(model, "tp_size", None) or 1) > 1:
+        # Tensor-parallel weights are gathered by transformers' own save, which every rank calls.
+        kind = "adapter" if lora is not None and lora.enabled else "model"
+        model.config.use_cache = True
+        with ctx.artifact(kind) as out:
+            trainer.save_model(str(out))
+            if ctx.rank == 0:
+                (out / "training_args.bin").unlink(missing_ok=True)
+                save_template_meta(out, template)
+        return
+    state = gathered_state_dict(trainer)
+    if lora is not None and lora.enabled:
+        with ctx.artifact("adapter") as out:
+            if ctx.rank == 0:
+                model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(str(out))
+        if merge:  # DDP only (validation refuses merge under FSDP and ZeRO-3): rank 0's model is whole
+            with ctx.artifact("model") as out:
+                if ctx.rank == 0:
+                    save_model_dir(model.merge_and_unload(), tokenizer, out, template)
+    else:
+        with ctx.artifact("model") as out:
+            if ctx.rank == 0:
+                save_model_dir(model, tokenizer, out, template, state_dict=state)
+
+
+def save_template_meta(out, template) -> None:
+    import json
+
+    if template is not None:
+        meta = {"name": template.name, "hash": template.hash, "eos": template.eos}
+        (out / "llmforge.json").write_text(json.dumps({"chat_template": meta}, indent=2))

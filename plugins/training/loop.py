@@ -3,6 +3,10 @@ llmforge's events, cooperative stop/checkpoint, complete-checkpoint resume and p
 
 Rows arrive tokenized ({"input_ids", "labels"}): we compute the loss masks ourselves (llmforge.chat),
 so TRL only packs, batches and trains. That keeps one masking implementation for every template.
+
+Under a launching backend the same code runs in every process (`ctx.rank`, `ctx.world_size`): decisions
+that change the control flow (stop, save) are agreed by all ranks at the same step, and only rank 0
+writes checkpoint markers, once every rank's part of the checkpoint is on disk.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import math
 import os
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +26,13 @@ import torch
 from transformers import TrainerCallback
 
 from llmforge.errors import UsageError
+from llmforge_plugins.training import dist
+from llmforge_plugins.training.watchdog import Watchdog, minutes_for
 
 COMPLETE = "llmforge-complete"  # written into a checkpoint folder once everything in it is on disk
+# The trainer of the stage running in this process, for the gathered save of a launch. Weak: it must not
+# keep a finished stage's model and optimizer alive while the next stage trains.
+ACTIVE: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,6 +102,8 @@ class ForgeCallback(TrainerCallback):
         self.last_tokens = 0
         self.last_samples = 0
         self.proc = psutil.Process()
+        self.step = 0
+        self.watchdog = Watchdog(minutes_for(ctx), ctx.stage_dir, ctx.rank, ctx.emit, step=lambda: self.step)
 
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = self.last_t = time.monotonic()
@@ -100,19 +112,31 @@ class ForgeCallback(TrainerCallback):
         if trainer is not None:
             self.last_tokens = trainer.useful_tokens
             self.last_samples = trainer.samples_seen
-        self.ctx.log(f"training: {state.max_steps} steps, precision {self.ref.get('precision')}"
+        world = f", {self.ctx.world_size} processes" if self.ctx.world_size > 1 else ""
+        self.ctx.log(f"training: {state.max_steps} steps, precision {self.ref.get('precision')}{world}"
                      + (f", resuming at step {state.global_step}" if state.global_step else ""))
+        self.step = state.global_step
+        self.watchdog.start()
 
     def on_step_end(self, args, state, control, **kw):
-        if self.ctx.should_stop():
+        self.step = state.global_step
+        self.watchdog.beat()
+        stop = self.ctx.should_stop()
+        checkpoint = not stop and self.ctx.checkpoint_requested()
+        # Rank 0's clock decides time-based saves, so that the ranks never disagree by a step.
+        timed = bool(self.save_seconds) and self.ctx.rank == 0 and \
+            time.monotonic() - self.last_save >= self.save_seconds
+        stop, checkpoint, timed = dist.agree([stop, checkpoint, timed])
+        if stop:
+            self.ctx.stop_seen = True  # a stop another rank saw is this rank's stop too
             self.stopped = True
             control.should_save = True  # save a full checkpoint, then leave the loop
             control.should_training_stop = True
             self.ctx.log(f"stop requested: saving a checkpoint at step {state.global_step}")
-        elif self.ctx.checkpoint_requested():
+        elif checkpoint:
             control.should_save = True
             self.ctx.log(f"checkpoint requested: saving at step {state.global_step}")
-        elif self.save_seconds and time.monotonic() - self.last_save >= self.save_seconds:
+        elif timed:
             control.should_save = True
         elapsed = time.monotonic() - self.t0
         done = state.global_step - self.ref.get("start_step", 0)
@@ -146,13 +170,28 @@ class ForgeCallback(TrainerCallback):
         if set(values) - {"epoch", "ram_gb", "vram_allocated_gb", "vram_reserved_gb"}:
             self.ctx.metric(step=state.global_step, **values)
 
+    def on_prediction_step(self, args, state, control, **kw):
+        self.watchdog.beat()  # evaluation is progress too
+
+    def on_evaluate(self, args, state, control, **kw):
+        self.watchdog.beat()
+
+    def on_train_end(self, args, state, control, **kw):
+        self.watchdog.stop()
+
     def on_save(self, args, state, control, **kw):
         self.last_save = time.monotonic()
+        self.watchdog.beat()
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
+        # Each rank wrote its own files (its RNG state, its shard); the checkpoint is complete only when
+        # all of them are on disk.
+        dist.barrier()
+        if self.ctx.rank == 0 and ckpt.is_dir():
             marker = ckpt / COMPLETE
+            backend = getattr(self.ctx.backend, "name", "local")
             with open(marker, "w") as fh:
-                fh.write(json.dumps({"step": state.global_step, "time": time.time()}))
+                fh.write(json.dumps({"step": state.global_step, "time": time.time(),
+                                     "world_size": self.ctx.world_size, "backend": backend}))
                 fh.flush()
                 os.fsync(fh.fileno())
             self.ctx.emit("checkpoint", step=state.global_step, path=str(ckpt))
@@ -272,6 +311,8 @@ def common_args(opts, ctx, output_dir: Path, has_eval: bool) -> tuple[dict[str, 
         fp16=prec["fp16"],
         dataloader_num_workers=0,
     )
+    if ctx.backend is not None:
+        args.update(ctx.backend.trainer_args(ctx))  # e.g. deepspeed=<the launch's JSON>
     return args, prec["_name"]
 
 
@@ -292,18 +333,29 @@ def optimizer_spec(opts):
 
 def run_trainer(trainer, ctx, callback: ForgeCallback, output_dir: Path) -> TrainOutcome:
     """Train, resuming from the last complete checkpoint when the stage is resumed."""
+    ACTIVE["trainer"] = trainer
+    check_tensor_parallel(trainer, ctx)
+    fsdp = getattr(getattr(getattr(ctx.backend, "settings", None), "fsdp", None), "enabled", False)
+    if fsdp and not trainer.is_fsdp_enabled:
+        ctx.log("backend.fsdp.enabled is set but accelerate did not shard the model: FSDP needs GPUs (on CPUs "
+                "the processes train as plain data parallel, over gloo)", level="warning")
     resume_from = None
     if ctx.resume:
-        drop_incomplete_checkpoints(output_dir)
+        if ctx.rank == 0:
+            drop_incomplete_checkpoints(output_dir)  # only complete ones count, so the others need not wait
         ckpt = latest_complete_checkpoint(output_dir)
         if ckpt is not None:
             resume_from = str(ckpt)
             callback.ref["start_step"] = int(ckpt.name.split("-")[-1])
             ctx.log(f"resuming from {ckpt.name}")
+            note_world_change(ckpt, ctx)
         else:
             ctx.log("no complete checkpoint to resume from: starting this stage afresh", level="warning")
     t0 = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        callback.watchdog.stop()
     seconds = time.monotonic() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     eval_loss = None
@@ -311,6 +363,44 @@ def run_trainer(trainer, ctx, callback: ForgeCallback, output_dir: Path) -> Trai
         eval_loss = trainer.evaluate().get("eval_loss")  # logged as a metric event by ForgeCallback.on_log
     return TrainOutcome(trainer, callback.stopped, losses[-1] if losses else getattr(result, "training_loss", None),
                         eval_loss, trainer.state.global_step, getattr(trainer, "useful_tokens", 0), seconds)
+
+
+def note_world_change(ckpt: Path, ctx) -> None:
+    """Resuming with another number of processes: say what carries over, refuse what cannot."""
+    try:
+        saved = json.loads((ckpt / COMPLETE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    world, backend = saved.get("world_size", 1), saved.get("backend", "local")
+    now = getattr(ctx.backend, "name", "local")
+    if world == ctx.world_size and (backend == now or "deepspeed" not in (backend, now)):
+        return
+    if "deepspeed" in (backend, now):
+        # DeepSpeed partitions the optimizer (and with ZeRO-3 the weights) per process in its own format.
+        raise UsageError(f"{ckpt.name} was written by the {backend} backend with {world} process(es); this run "
+                         f"uses {now} with {ctx.world_size}: DeepSpeed checkpoints resume only under DeepSpeed "
+                         "with the same number of processes",
+                         hint="resume with the same [backend], or convert the checkpoint with DeepSpeed's "
+                              "ds_to_universal.py")
+    ctx.log(f"{ckpt.name} was written by {world} process(es), this run has {ctx.world_size}: the weights, the "
+            "optimizer state, the learning-rate schedule and the position in the data carry over; each process's "
+            "random state restarts, and the global batch is now micro_batch_size x gradient_accumulation x "
+            f"{ctx.world_size}")
+
+
+def check_tensor_parallel(trainer, ctx) -> None:
+    settings = getattr(ctx.backend, "settings", None)
+    tp = getattr(settings, "tp_size", 1)
+    if tp > 1 and (getattr(trainer.model, "tp_size", None) or 1) != tp:
+        raise UsageError(f"stage {ctx.stage_name}: tp_size = {tp}, but its model was not loaded with tensor "
+                         "parallelism (only models loaded from a folder whose config declares a "
+                         "base_model_tp_plan are; a model built from scratch, as in pretrain, is not)",
+                         hint="run this stage with tp_size = 1")
+
+
+def current_trainer():
+    """The trainer of the stage running in this process, once run_trainer was called."""
+    return ACTIVE.get("trainer")
 
 
 def build_sft_trainer(*, ctx, opts, model, tokenizer, train_rows: list[dict], eval_rows: list[dict] | None,
@@ -323,7 +413,7 @@ def build_sft_trainer(*, ctx, opts, model, tokenizer, train_rows: list[dict], ev
     datasets.disable_progress_bars()
 
     output_dir = ctx.work_dir / "checkpoints"
-    if not ctx.resume and output_dir.exists():
+    if not ctx.resume and output_dir.exists() and ctx.rank == 0:  # one process clears, the others write later
         shutil.rmtree(output_dir)
     # With a KV cache in play, transformers does not derive per-sample masks from restarting position
     # ids, and packed samples would attend to each other. Training needs no cache: turn it off.

@@ -85,11 +85,42 @@ def load_model(path: str | Path, trust_remote_code: bool = False, dtype=None, **
         base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if kwargs.get("quantization_config") is not None:
             raise UsageError("QLoRA on top of an adapter: merge it first (merge = true on the stage that made it)")
+        if tensor_parallel_kwargs(Path(base_path), trust_remote_code):
+            raise UsageError(f"{path}: tensor parallelism (tp_size > 1) needs a model folder, not an adapter",
+                             hint="merge the adapter first (merge = true on the stage that made it)")
         base = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trust_remote_code, dtype=dtype)
         return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     if not (path / "config.json").exists():
         raise DataError(f"{path}: not a model directory (no config.json)")
+    kwargs.update(tensor_parallel_kwargs(path, trust_remote_code))
     return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
+
+
+TP_ENV = "LLMFORGE_TP_SIZE"  # set by the launch worker from [backend] tp_size
+
+
+def tensor_parallel_kwargs(path: Path, trust_remote_code: bool = False) -> dict:
+    """from_pretrained arguments that shard the model over the launch's processes (transformers' own
+    tensor parallelism: the plan the model's config declares), when [backend] tp_size > 1."""
+    import os
+
+    tp = int(os.environ.get(TP_ENV, "1") or 1)
+    if tp <= 1:
+        return {}
+    from transformers import AutoConfig
+    from transformers.distributed import DistributedConfig
+
+    if not torch.cuda.is_available():
+        # transformers shards the model on CPUs too, but accelerate trains tensor-parallel models only on GPUs.
+        raise UsageError(f"tp_size = {tp} needs GPUs; this machine has none", hint="use tp_size = 1")
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if not getattr(config, "base_model_tp_plan", None):
+        raise UsageError(f"{path}: tp_size = {tp}, but this model's config ({config.model_type}) declares no "
+                         "tensor-parallel plan (base_model_tp_plan)",
+                         hint="use tp_size = 1 (data parallel, or FSDP to shard it) for this model")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # tp_plan="auto" is the plan of the model's config; the processes beyond one TP group shard it (FSDP2).
+    return {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=tp, fsdp_size=max(1, world // tp))}
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -112,10 +143,12 @@ def prepare_tokenizer(model, tokenizer, template) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def save_model_dir(model, tokenizer, out: Path, template=None, extra: dict | None = None) -> None:
-    """A complete HF directory: safetensors weights, config, tokenizer with its chat template."""
+def save_model_dir(model, tokenizer, out: Path, template=None, extra: dict | None = None,
+                   state_dict: dict | None = None) -> None:
+    """A complete HF directory: safetensors weights, config, tokenizer with its chat template.
+    `state_dict`: the full weights when the model's own are sharded across processes (FSDP, ZeRO-3)."""
     model.config.use_cache = True  # training turned it off; generation wants it back
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(out))
     if template is not None:
         meta = {"name": template.name, "hash": template.hash, "eos": template.eos, **(extra or {})}

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ def _rows_hash(rows: list[dict]) -> str:
 
 
 def _save(rows: list[dict], stats: dict, folder: Path) -> None:
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    tmp = folder.parent / f".tmp-{folder.name}-{socket.gethostname()}-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     lengths = np.array([len(r["input_ids"]) for r in rows], dtype=np.int64)
     np.save(tmp / "lengths.npy", lengths)
@@ -55,9 +56,18 @@ def _save(rows: list[dict], stats: dict, folder: Path) -> None:
     np.save(tmp / "labels.npy", np.fromiter((t for r in rows for t in r["labels"]), dtype=np.int32,
                                             count=int(lengths.sum())))
     (tmp / "meta.json").write_text(json.dumps(stats, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    if (folder / "meta.json").exists():  # another process (a rank of the same launch) was quicker
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if folder.exists():  # a leftover without its meta.json: never finished
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        # Another process (a rank of the same launch) finished the same entry first: same key, same rows.
+        if not (folder / "meta.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load(folder: Path) -> tuple[list[dict], dict]:

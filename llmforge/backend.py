@@ -1,0 +1,78 @@
+"""The backend API: how the processes of a stage are started.
+
+A backend is a class registered through the ``register_backends`` hook and chosen by ``[backend] type``
+in forge.toml. The same pipeline runs under every backend; only ``[backend]`` changes. The core makes
+one instance per run (``Backend(settings)``, ``settings`` being the validated ``[backend]`` table) and
+hands it to every stage as ``ctx.backend``. For each stage, the core's ``execute_stage`` asks
+``backend.handles(stage, options)``: when True, ``backend.launch(stage, options, ctx)`` runs the stage
+(in other processes, on other machines); otherwise the stage runs in the ``llmforge run`` process.
+
+A launching backend runs the stage unchanged in each process it starts and keeps the run store's rules:
+only rank 0 writes events, artifacts and checkpoint markers; the ``llmforge run`` process alone writes
+the manifest. ``llmforge_plugins.backends`` holds the built-in ones (``local``, ``accelerate``,
+``deepspeed``) and the launch machinery they share.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from llmforge.config import BackendSection
+
+if TYPE_CHECKING:
+    from llmforge.errors import Problem
+    from llmforge.stage import StageContext
+
+
+class Backend:
+    """Base class of every backend. Subclasses set ``name``, ``summary`` and ``Options``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: the whole ``[backend]`` table: ``BackendSection`` (the shared keys) plus this backend's own tables
+    Options: ClassVar[type[BackendSection]] = BackendSection
+
+    def __init__(self, settings: BackendSection):
+        self.settings = settings
+
+    @property
+    def world_size(self) -> int:
+        return self.settings.num_processes * self.settings.num_nodes
+
+    def check(self, cfg: Any) -> list["Problem"]:
+        """Cheap preflight of the whole configuration (``llmforge validate`` and ``run``): settings that
+        cannot work together, stages this backend cannot run as configured. No heavy imports, no launch.
+        Problems carry key paths (``backend.num_processes``, ``stages[1].lora.merge``)."""
+        return []
+
+    def handles(self, stage: Any, options: Any) -> bool:
+        """True when this backend starts the stage's processes itself; False runs it in this process."""
+        return False
+
+    def launch(self, stage: Any, options: Any, ctx: "StageContext") -> None:
+        """Run one stage to its end (only called when ``handles`` said True).
+
+        Relay the stage's events through ``ctx.emit`` (``artifact`` events mark what was published:
+        record them in ``ctx.published``), copy the stage's ``info`` into ``ctx.info``, set
+        ``ctx.stop_seen`` when the stage stopped on request, and raise a ``ForgeError`` naming the
+        failed process (its rank) when a process fails.
+        """
+        raise NotImplementedError(f"backend {self.name!r} does not launch stages")
+
+    def trainer_args(self, ctx: "StageContext") -> dict[str, Any]:
+        """Extra ``TrainingArguments`` for a training stage running under this backend (for example
+        ``deepspeed=<path to the JSON>``). Read by the built-in training loop in every process."""
+        return {}
+
+
+def stage_is_distributed(stage: Any, options: Any) -> bool | None:
+    """What a stage class says about running in every process of a launch: its ``distributed``
+    attribute (True, False), or None when it leaves the choice to the backend."""
+    return getattr(type(stage), "distributed", None)
+
+
+def build_backend(cfg: Any, registry: Any) -> Backend | None:
+    """The run's backend instance, or None when the selected type is not installed (only possible for
+    the default `local` when its plugin failed to load: stages then run in this process)."""
+    cls = registry.backends.get(getattr(cfg.backend, "type", "local"))
+    return cls(cfg.backend) if cls is not None else None

@@ -1,0 +1,193 @@
+"""`llmforge doctor` (this machine and its software) and `llmforge plan` (memory and disk per stage),
+plus the fit check `llmforge run` does before it starts anything."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from llmforge.cli.common import CONFIG_OPTION, JSON_OPTION, SET_OPTION, console, print_json, runs_dir
+
+# Set by `llmforge run --no-fit-check` for the detached child it starts (the child runs the check again).
+NO_FIT_CHECK_ENV = "LLMFORGE_NO_FIT_CHECK"
+
+
+def doctor(
+    as_json: bool = JSON_OPTION,
+    runs: Optional[Path] = typer.Option(None, "--runs-dir", help="Where runs go (for free disk); default from "
+                                                                 "./forge.toml, else ./runs."),
+) -> None:
+    """What this machine and its Python environment can do: versions, known conflicts, CPU, RAM, disk,
+    GPUs, NCCL/gloo. Problems are listed as warnings; the exit code is 0."""
+    from llmforge.doctor import collect
+
+    report = collect(runs_dir(runs))
+    if as_json:
+        print_json(report)
+        return
+    from rich.table import Table
+
+    out = console()
+    o, c, m = report["os"], report["cpu"], report["memory"]
+    system = Table(title="system", title_justify="left", show_header=False)
+    system.add_column(style="bold")
+    system.add_column()
+    feats = c["features"]
+    flags = ", ".join(f"{k}" if v else f"[dim]no {k}[/]" for k, v in feats.items() if k != "bf16_fast")
+    system.add_row("llmforge", report["llmforge"])
+    system.add_row("OS", f"{o['system']} {o['release']} ({o['machine']})")
+    system.add_row("Python", f"{report['python']['version']} ({report['python']['executable']})")
+    system.add_row("CPU", f"{c['model']}, {c['physical_cores']} cores / {c['logical_cores']} threads")
+    system.add_row("CPU features", f"{flags}; bf16 {'fast' if feats['bf16_fast'] else 'emulated (slow)'}")
+    system.add_row("RAM", f"{m['total_gib']} GiB, {m['available_gib']} GiB available")
+    d = report["disk"]
+    system.add_row("disk", f"{d['free_gib']} GiB free in {d['path']}" if d["free_gib"] is not None else "unknown")
+    t = report["torch"]
+    if "version" in t:
+        dist = t.get("distributed", {})
+        system.add_row("torch", f"{t['version']}, CUDA {t['cuda_build'] or 'none (CPU build)'}"
+                                f"{', usable' if t['cuda_available'] else ''}{', MPS' if t['mps_available'] else ''}")
+        system.add_row("collectives", ", ".join(f"{k} {'yes' if dist.get(k) else 'no'}" for k in ("nccl", "gloo")))
+    out.print(system)
+
+    pk = Table(title="packages", title_justify="left")
+    pk.add_column("package")
+    pk.add_column("version")
+    for name, version in report["packages"].items():
+        pk.add_row(name, version if version != "not installed" else "[dim]not installed[/]")
+    out.print(pk)
+
+    if report["gpus"]:
+        gt = Table(title=f"GPUs (from {report['gpu_source']})", title_justify="left")
+        for col in ("#", "name", "memory", "compute", "bf16", "driver"):
+            gt.add_column(col)
+        for g in report["gpus"]:
+            gt.add_row(str(g["index"]), g["name"], f"{g['memory_total_gib']} GiB", g["compute_capability"] or "?",
+                       {True: "yes", False: "no", None: "?"}[g["bf16"]], g["driver"] or "?")
+        out.print(gt)
+    else:
+        out.print("GPUs: none found")
+    for w in report["warnings"]:
+        out.print(f"[yellow]warning[/]: {w}", highlight=False)
+    if not report["warnings"]:
+        out.print("[green]no problems found[/]")
+
+
+def plan(
+    config: Path = CONFIG_OPTION,
+    overrides: Optional[List[str]] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Estimated peak memory (per process) and disk of each stage of forge.toml, against this machine,
+    with what to change when a stage does not fit. Exit code 0 (the estimate is advice)."""
+    from llmforge.pipeline import load_pipeline
+    from llmforge.planning import plan as make_plan
+
+    result = make_plan(load_pipeline(config, overrides or []))
+    if as_json:
+        print_json(result.to_json())
+        return
+    render_plan(result)
+
+
+def fmt_size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def render_plan(result) -> None:
+    from rich.table import Table
+
+    out = console()
+    m = result.machine
+    gpus = ", ".join(f"{g['name']} {fmt_size(g['memory_total_bytes'])}" for g in m.gpus) or "no GPU"
+    disk = f"{fmt_size(m.disk_free)} free disk" if m.disk_free is not None else "free disk unknown"
+    out.print(f"machine: {fmt_size(m.ram_total)} RAM ({fmt_size(m.ram_available)} available), {gpus}, {disk}")
+    style = {"fits": "green", "tight": "yellow", "does not fit": "red"}
+    for sp in result.stages:
+        est = sp.estimate
+        out.print()
+        if est is None:
+            out.print(f"[bold]{sp.name}[/] ({sp.kind}): [dim]{sp.note}[/]", highlight=False)
+            continue
+        what = []
+        if sp.shape is not None:
+            what.append(f"{sp.shape.params() / 1e6:,.1f}M parameters ({sp.shape.dtype})")
+        if sp.training is not None:
+            t = sp.training
+            how = "QLoRA" if t.qlora else f"LoRA r={t.lora_r}" if t.lora else "full"
+            what.append(f"{how}, {t.precision}, micro-batch {t.micro_batch} x {t.seq} tokens"
+                        + (", gradient checkpointing" if t.checkpointing else "") + f", {sp.backend.describe()}")
+        out.print(f"[bold]{sp.name}[/] ({sp.kind}): {'; '.join(what)}", highlight=False)
+        table = Table(show_header=True, box=None, pad_edge=False)
+        table.add_column("estimate", no_wrap=True)
+        table.add_column("size", justify="right", no_wrap=True)
+        for k, v in est.parts.items():
+            table.add_row(f"  {k}", fmt_size(v))
+        where = "GPU" if est.device == "cuda" else "RAM"
+        limit = f" of {fmt_size(sp.device_limit)}" if sp.device_limit else ""
+        table.add_row(f"[bold]peak per process ({where})[/]", f"[bold]{fmt_size(est.peak)}[/]{limit}")
+        for k, v in est.host_parts.items():
+            table.add_row(f"  host RAM: {k}", fmt_size(v))
+        if est.host:
+            table.add_row("[bold]host RAM per node[/]", f"[bold]{fmt_size(est.host)}[/]")
+        for k, v in est.disk_parts.items():
+            table.add_row(f"  disk: {k}", fmt_size(v))
+        table.add_row("[bold]disk[/]", f"[bold]{fmt_size(est.disk)}[/]")
+        out.print(table)
+        out.print(f"[{style.get(sp.verdict, 'white')}]{sp.verdict}[/]"
+                  + "".join(f"; {p}" for p in sp.problems), highlight=False)
+        for n in est.notes:
+            out.print(f"  note: {n}", highlight=False)
+        for s in sp.suggestions:
+            mark = "[green]fits[/]" if s.fits else "[red]still too big[/]"
+            out.print(f"  try {s.text}: {fmt_size(s.peak)} ({mark})  " + " ".join(
+                f"--set {k}={_toml(v)}" for k, v in s.change.items()), highlight=False)
+    out.print(f"\ndisk for the whole pipeline: about {fmt_size(result.disk_total)}")
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def fit_check(pipe, only: list[str], from_stage: str | None) -> None:
+    """What `llmforge run` does first: refuse (exit 2) a selected stage whose estimate clearly exceeds
+    what this machine has. Estimates near the limit pass: the check only stops certain failures."""
+    if os.environ.get(NO_FIT_CHECK_ENV) == "1":
+        return
+    from llmforge.errors import UsageError
+    from llmforge.planning import plan as make_plan
+
+    names = set(pipe.names)
+    # --stage runs its upstream too, but that is usually cached: check only what was asked for.
+    chosen = set(only) & names if only else set(names)
+    if from_stage in names:
+        chosen |= pipe.downstream({from_stage})
+    result = make_plan(pipe, only=sorted(chosen))
+    bad = result.refused
+    if not bad:
+        return
+    lines = []
+    for sp in bad:
+        lines.append(f"stage '{sp.name}' cannot fit on this machine: " + "; ".join(sp.problems))
+        for s in sp.suggestions:
+            if s.fits:
+                lines.append(f"  try {s.text}: about {fmt_size(s.peak)}  ("
+                             + " ".join(f"--set {k}={_toml(v)}" for k, v in s.change.items()) + ")")
+    raise UsageError("\n".join(lines), hint="`llmforge plan` shows the whole estimate; run anyway with --no-fit-check")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(doctor)
+    app.command()(plan)

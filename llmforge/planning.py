@@ -1,0 +1,750 @@
+"""Memory and disk estimates for each stage of a pipeline, before anything runs: `llmforge plan`, and
+the fit check `llmforge run` does first.
+
+Pure arithmetic on the model's shape (its config.json, or the size preset of the pretrain stage that
+makes it) and the stage's options; no torch import, so it answers in milliseconds. docs/plan.md
+explains every term and compares the figures with measured runs and with published numbers.
+
+The peak memory of one training process is modelled as
+
+    persistent  = weights + optimizer states (+ fp32 master weights, reference model, DDP buckets)
+    forward     = saved activations + the loss's working tiles (+ bf16 weight copies under autocast)
+                  (+ gradients, when accumulation keeps them across micro-batches)
+    step        = gradients (torch's fused AdamW, the Trainer's default, needs no full-size scratch)
+    peak        = runtime + buffers + persistent + max(forward, step) x (1 + allocator slack)
+
+because gradients are allocated while the backward pass frees activations, and are freed
+(`set_to_none`) after each optimizer step. ZeRO / FSDP divide the persistent terms by the number of
+processes they shard over; offload moves them to host RAM (reported separately).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# The pretrain stage's size presets, as in llmforge_plugins.training.models.PRESETS (that module imports
+# torch; tests/test_plan.py keeps the two tables equal).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=176),
+    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                 intermediate_size=688),
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                  intermediate_size=1376),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                 intermediate_size=2048),
+    "smollm-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                        intermediate_size=1536),
+}
+
+# Bytes autograd keeps per token and per decoder layer in transformers' Llama implementation with SDPA
+# attention, as (per hidden unit, per KV unit, per MLP unit). Counted with torch's saved-tensor hooks over
+# models of several widths (docs/plan.md): fp32 training; bf16 autocast over fp32 weights; 16-bit weights.
+ACT_COEF = {
+    ("fp32", False): (32, 8, 16), ("autocast", False): (30, 4, 8), ("pure16", False): (20, 4, 8),
+    ("fp32", True): (24, 8, 16), ("autocast", True): (24, 4, 8), ("pure16", True): (25, 4, 8),
+}
+# LoRA dropout > 0 keeps a dropped-out copy of each adapted layer's input.
+LORA_DROPOUT_COEF = {"fp32": (40, 0, 4), "autocast": (24, 0, 4), "pure16": (24, 0, 4)}
+# TRL (1.16) computes the loss through a fused LM head that never holds the whole logits: it projects
+# tiles of at most 4096 tokens x 32768 vocabulary entries and keeps per-token sums. Its working set is a
+# few such tiles (the product, its exponentials, in the backward the gradient tile): we count four in fp32.
+LOSS_TILE_TOKENS, LOSS_TILE_VOCAB, LOSS_TILES = 4096, 32768, 4
+# Bytes per element of what a training mode keeps between layers (the residual stream).
+RESIDUAL_BYTES = {"fp32": 4, "autocast": 4, "pure16": 2}
+# NF4 with double quantization: 4 bits + one 8-bit scale per 64 weights + one fp32 per 256 scales.
+NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8
+# Optimizer states per trainable parameter (count, bytes each; None = the parameter's own dtype).
+OPTIMIZERS = {"adamw": (2, None), "lion": (1, None), "adamw_8bit": (2, 1)}
+# Memory a process has before the model exists: Python with torch, transformers and TRL imported on the
+# CPU (~0.47 GiB measured here); the CUDA context and cuBLAS workspaces on a GPU.
+RUNTIME_BYTES = {"cpu": int(0.5 * GIB), "cuda": int(0.75 * GIB)}
+# The tokenized data, the trainer's state, thread pools: ~0.09 GiB in the measured CPU runs.
+BUFFERS_BYTES = int(0.1 * GIB)
+# Memory an allocator holds beyond the live tensors, as a fraction of the memory that comes and goes in a
+# step. glibc's heap keeps freed activation blocks (in the CPU runs of docs/plan.md it held 0.3-0.5x the
+# step's memory without gradient checkpointing, up to 2x with it); the CUDA caching allocator fragments less.
+SLACK = {"cpu": 0.6, "cuda": 0.1}
+
+# Bits per weight of llama.cpp's file types, from llama-quantize's own table (sizes of Llama-3-8B files,
+# which include the mixed-precision tensors each type keeps) or the type's nominal width.
+_LLAMA3_8B_PARAMS = 8.03e9
+_SIZES_GIB = {"Q2_K": 2.96, "Q2_K_S": 2.96, "Q3_K_S": 3.41, "Q3_K_M": 3.74, "Q3_K_L": 4.03, "Q4_0": 4.34,
+              "Q4_1": 4.78, "Q4_K_S": 4.37, "Q4_K_M": 4.58, "Q5_0": 5.21, "Q5_1": 5.65, "Q5_K_S": 5.21,
+              "Q5_K_M": 5.33, "Q6_K": 6.14, "Q8_0": 7.96}
+GGUF_BPW: dict[str, float] = {k: v * GIB * 8 / _LLAMA3_8B_PARAMS for k, v in _SIZES_GIB.items()}
+GGUF_BPW.update({"F32": 32.0, "F16": 16.0, "BF16": 16.0, "IQ1_S": 1.56, "IQ1_M": 1.75, "TQ1_0": 1.69,
+                 "TQ2_0": 2.06, "IQ2_XXS": 2.06, "IQ2_XS": 2.31, "IQ2_S": 2.5, "IQ2_M": 2.7, "IQ3_XXS": 3.06,
+                 "IQ3_XS": 3.3, "IQ3_S": 3.44, "IQ3_M": 3.66, "IQ4_XS": 4.25, "IQ4_NL": 4.5,
+                 "Q4_K": GGUF_BPW["Q4_K_M"], "Q5_K": GGUF_BPW["Q5_K_M"], "Q3_K": GGUF_BPW["Q3_K_M"]})
+
+
+def gib(n: int | float | None) -> float | None:
+    return None if n is None else round(n / GIB, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model's shape
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder-only transformer of the Llama family (Llama, Mistral, Qwen2, SmolLM, ...)."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    head_dim: int
+    tied: bool
+    dtype: str = "float32"  # what the weights load as
+    attn: str = "sdpa"
+    qkv_bias: bool = False
+    source: str = ""
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """Each decoder layer's linear layers: (in, out) features, keyed by their module names."""
+        h, i = self.hidden, self.intermediate
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def layer_params(self) -> int:
+        n = sum(a * b for a, b in self.linears().values()) + 2 * self.hidden
+        if self.qkv_bias:
+            n += self.q_dim + 2 * self.kv_dim
+        return n
+
+    def linear_params(self) -> int:
+        """The decoder layers' linear weights: what QLoRA stores in 4 bit."""
+        return self.layers * sum(a * b for a, b in self.linears().values())
+
+    def params(self) -> int:
+        emb = self.vocab * self.hidden
+        return emb + self.layers * self.layer_params() + self.hidden + (0 if self.tied else emb)
+
+    def lora_params(self, r: int, targets: Any = "all-linear") -> int:
+        names = self.linears()
+        if targets != "all-linear":
+            wanted = {str(t).rsplit(".", 1)[-1] for t in targets}
+            names = {k: v for k, v in names.items() if k in wanted}
+        return self.layers * sum(r * (a + b) for a, b in names.values())
+
+
+def shape_from_config(cfg: dict, source: str = "") -> Shape:
+    """A Shape from a transformers config.json dict."""
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg  # multimodal wrappers
+    try:
+        h = int(text.get("hidden_size") or text["n_embd"])
+        layers = int(text.get("num_hidden_layers") or text["n_layer"])
+        heads = int(text.get("num_attention_heads") or text["n_head"])
+        vocab = int(text["vocab_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{source or 'config'}: no {exc} in the model config") from None
+    kv = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or h // heads)
+    inter = int(text.get("intermediate_size") or text.get("n_inner") or 4 * h)
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or "float32")
+    attn = str(cfg.get("_attn_implementation") or cfg.get("attn_implementation") or "sdpa")
+    bias = bool(text.get("attention_bias", False)) or text.get("model_type") in ("qwen2", "qwen2_moe")
+    return Shape(vocab, h, layers, heads, kv, inter, head_dim, bool(cfg.get("tie_word_embeddings", True)),
+                 dtype if dtype in DTYPE_BYTES else "float32", attn, bias, source)
+
+
+def shape_from_dir(path: Path) -> Shape:
+    """A model folder's config.json, or for a LoRA adapter folder, its base model's."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{path}: adapter without base_model_name_or_path")
+        return shape_from_dir(Path(base))
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{path}: no config.json")
+    return shape_from_config(json.loads(cfg_path.read_text()), str(cfg_path))
+
+
+def shape_from_preset(size: str, vocab: int, overrides: dict | None = None, source: str = "") -> Shape:
+    dims = {**PRESETS[size], **{k: v for k, v in (overrides or {}).items() if v is not None and k in PRESETS["tiny"]}}
+    h, heads = dims["hidden_size"], dims["num_attention_heads"]
+    return Shape(vocab, h, dims["num_hidden_layers"], heads, dims["num_key_value_heads"] or heads,
+                 dims["intermediate_size"], h // heads, bool((overrides or {}).get("tie_embeddings", True)),
+                 "float32", "sdpa", False, source or f"preset {size}")
+
+
+# ----------------------------------------------------------------------------------------------
+# how a stage trains, and on what
+
+
+@dataclass(frozen=True)
+class Backend:
+    kind: str = "local"
+    procs_per_node: int = 1
+    nodes: int = 1
+    zero_stage: int = 2  # deepspeed
+    offload_optimizer: str = "none"
+    offload_params: str = "none"
+    fsdp: bool = False
+    fsdp_strategy: str = "FULL_SHARD"
+    fsdp_cpu_offload: bool = False
+    fsdp_checkpointing: bool = False
+    tp: int = 1
+
+    @property
+    def world(self) -> int:
+        return max(1, self.procs_per_node) * max(1, self.nodes)
+
+    @classmethod
+    def from_config(cls, section) -> "Backend":
+        """Read `[backend]` by attribute with defaults: the schema grows while this reads it."""
+        ds = getattr(section, "deepspeed", None)
+        fs = getattr(section, "fsdp", None)
+        kind = str(getattr(section, "type", "local"))
+        return cls(kind=kind,
+                   procs_per_node=int(getattr(section, "num_processes", 1) or 1) if kind != "local" else 1,
+                   nodes=int(getattr(section, "num_nodes", 1) or 1) if kind != "local" else 1,
+                   zero_stage=int(getattr(ds, "zero_stage", 2)),
+                   offload_optimizer=str(getattr(ds, "offload_optimizer", "none")),
+                   offload_params=str(getattr(ds, "offload_params", "none")),
+                   fsdp=kind == "accelerate" and bool(getattr(fs, "enabled", False)),
+                   fsdp_strategy=str(getattr(fs, "sharding_strategy", "FULL_SHARD")),
+                   fsdp_cpu_offload=bool(getattr(fs, "cpu_offload", False)),
+                   fsdp_checkpointing=bool(getattr(fs, "activation_checkpointing", False)),
+                   tp=int(getattr(section, "tp_size", 1) or 1))
+
+    def describe(self) -> str:
+        if self.kind == "deepspeed":
+            extra = "".join(f", offload {k} {v}" for k, v in (("optimizer", self.offload_optimizer),
+                                                              ("params", self.offload_params)) if v != "none")
+            return f"deepspeed ZeRO-{self.zero_stage} x{self.world}{extra}"
+        if self.kind == "accelerate":
+            how = f"FSDP {self.fsdp_strategy}" + (" + CPU offload" if self.fsdp_cpu_offload else "") \
+                if self.fsdp and self.fsdp_strategy != "NO_SHARD" else "DDP"
+            return f"accelerate {how} x{self.world}"
+        return self.kind
+
+
+@dataclass(frozen=True)
+class Training:
+    micro_batch: int
+    seq: int
+    grad_accum: int = 1
+    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16
+    checkpointing: bool = False
+    optimizer: str = "adamw"
+    lora: bool = False
+    lora_r: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: Any = "all-linear"
+    qlora: bool = False
+    pairs: bool = False  # DPO: chosen and rejected go through the model together
+    reference_copy: bool = False  # DPO without LoRA: a frozen copy of the model is the reference
+    keep_last: int = 2
+    merge: bool = False
+
+
+def resolve_precision(precision: str, device: str, gpu_bf16: bool, cpu_bf16: bool) -> str:
+    """What `precision = "auto"` becomes, as the training loop decides it (loop.resolve_precision)."""
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "bf16" if gpu_bf16 else "fp16"
+    return "bf16" if cpu_bf16 else "fp32"
+
+
+@dataclass
+class Estimate:
+    device: str  # "cuda" or "cpu"
+    peak: int  # bytes one process needs on its device at its peak
+    parts: dict[str, int]  # what the peak is made of (see the module docstring for how they combine)
+    host: int = 0  # host RAM per node beyond what the device figure covers (offload, loading, runtimes)
+    host_parts: dict[str, int] = field(default_factory=dict)
+    disk: int = 0
+    disk_parts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"device": self.device, "peak_bytes": self.peak, "peak_gib": gib(self.peak),
+                "parts_gib": {k: gib(v) for k, v in self.parts.items()}, "host_bytes": self.host,
+                "host_gib": gib(self.host), "host_parts_gib": {k: gib(v) for k, v in self.host_parts.items()},
+                "disk_bytes": self.disk, "disk_gib": gib(self.disk),
+                "disk_parts_gib": {k: gib(v) for k, v in self.disk_parts.items()}, "notes": self.notes}
+
+
+def activation_bytes(shape: Shape, t: Training, mode: str) -> tuple[int, int]:
+    """(saved activations, loss-region tensors) for one micro-batch on one process."""
+    tokens = t.micro_batch * t.seq * (2 if t.pairs else 1)
+    a_h, a_kv, a_i = ACT_COEF[(mode, t.lora)]
+    per = a_h * shape.hidden + a_kv * shape.kv_dim + a_i * shape.intermediate
+    if t.lora and t.lora_dropout > 0:
+        d_h, d_kv, d_i = LORA_DROPOUT_COEF[mode]
+        per += d_h * shape.hidden + d_kv * shape.kv_dim + d_i * shape.intermediate
+    if shape.attn == "eager":  # the attention matrix itself, and K/V repeated to every head
+        act = 4 if mode == "fp32" else 2
+        per += shape.heads * t.seq * (4 + (0 if mode == "fp32" else 2)) + 2 * (shape.q_dim - shape.kv_dim) * act
+    if t.checkpointing:  # each layer keeps its input; one layer at a time is recomputed in full
+        saved = tokens * (shape.layers * shape.hidden * RESIDUAL_BYTES[mode] + per)
+    else:
+        saved = tokens * shape.layers * per
+    saved += tokens * 12 * shape.hidden  # embeddings and the final norm
+    loss = LOSS_TILES * min(tokens, LOSS_TILE_TOKENS) * min(shape.vocab, LOSS_TILE_VOCAB) * 4
+    if not t.lora:  # the fused head's fp32 gradient of the output embedding
+        loss += shape.vocab * shape.hidden * 4
+    return saved, loss
+
+
+def estimate_training(shape: Shape, t: Training, backend: Backend = Backend(), device: str = "cpu") -> Estimate:
+    """Peak memory of one training process, host RAM beyond it, and disk, for a training stage."""
+    notes: list[str] = []
+    P = shape.params()
+    base_b = DTYPE_BYTES[shape.dtype]
+    ds = backend.kind == "deepspeed"
+    ds16 = ds and t.precision in ("bf16", "fp16")
+    if ds16:
+        base_b = 2  # DeepSpeed casts the model to the training precision and keeps fp32 masters itself
+    lin = shape.linear_params()
+    base_w = lin * NF4_BYTES + (P - lin) * 2 if t.qlora else P * base_b
+    T = shape.lora_params(t.lora_r, t.lora_targets) if t.lora else P
+    train_b = (2 if ds16 else 4) if t.lora else base_b  # PEFT keeps adapters in fp32
+    weights = base_w + (T * train_b if t.lora else 0)
+    mode = "pure16" if (base_b == 2 or t.qlora) else ("autocast" if t.precision in ("bf16", "fp16") else "fp32")
+    n_states, state_b = OPTIMIZERS.get(t.optimizer, (2, None))
+    grads = T * train_b
+    if ds16:
+        master, optim = T * 4, T * n_states * 4
+    else:
+        master, optim = 0, T * n_states * (state_b or train_b)
+    ref = P * base_b if t.reference_copy else 0
+
+    checkpointing = t.checkpointing or (backend.fsdp and backend.fsdp_checkpointing)
+    acts, loss = activation_bytes(shape, replace(t, checkpointing=checkpointing), mode)
+    casts = 2 * (lin + shape.vocab * shape.hidden) if mode == "autocast" else 0
+
+    # sharding and offload: which persistent terms each process holds, and which go to host RAM
+    world, host, host_parts, work, buckets = backend.world, 0, {}, 0, 0
+    # accelerate shards with FSDP on GPUs only; on CPUs its processes train as plain data parallel
+    sharded_fsdp = backend.kind == "accelerate" and backend.fsdp and backend.fsdp_strategy != "NO_SHARD" \
+        and device == "cuda"
+    largest_unit = max(shape.layer_params(), shape.vocab * shape.hidden)
+    if ds:
+        z = backend.zero_stage
+        if z >= 1:
+            master, optim = master / world, optim / world
+        if z >= 2:
+            grads = grads / world
+        if z >= 3:
+            weights, ref = weights / world, ref / world
+            work = 2 * largest_unit * base_b  # the layer being gathered and the prefetched next one
+        else:
+            buckets = 2 * shape.hidden ** 2 * 4  # reduce buckets ("auto" = hidden² elements)
+        if backend.offload_optimizer == "cpu":
+            host_parts["optimizer (offloaded)"] = int((master + optim + (T * 4 / world if ds16 else 0)))
+            master = optim = 0
+        if backend.offload_params == "cpu" and z == 3:
+            host_parts["weights (offloaded)"] = int(weights)
+            weights = 0
+        if "nvme" in (backend.offload_optimizer, backend.offload_params):
+            notes.append("nvme offload: the offloaded states go to nvme_path (disk), not RAM")
+            if backend.offload_optimizer == "nvme":
+                master = optim = 0
+            if backend.offload_params == "nvme" and z == 3:
+                weights = 0
+    elif sharded_fsdp:
+        n = backend.procs_per_node if backend.fsdp_strategy == "HYBRID_SHARD" else world
+        grads, optim = grads / n, optim / n
+        if backend.fsdp_strategy != "SHARD_GRAD_OP":
+            weights, ref = weights / n, ref / n
+            work = 2 * largest_unit * (2 if t.precision in ("bf16", "fp16") else base_b)
+        if backend.fsdp_cpu_offload:
+            host_parts["weights, gradients, optimizer (offloaded)"] = int(weights + grads + optim)
+            weights = grads = optim = 0
+    ddp = grads if backend.kind == "accelerate" and world > 1 and not sharded_fsdp else 0
+    if backend.tp > 1:  # tensor parallelism splits the layers' weights and most activations
+        weights, grads, optim, master, acts = (x / backend.tp for x in (weights, grads, optim, master, acts))
+        notes.append(f"tensor parallel x{backend.tp}: weights and activations divided evenly (approximate)")
+
+    runtime = RUNTIME_BYTES[device]
+    buffers = BUFFERS_BYTES if device == "cpu" else 0
+    offloaded = 0
+    if device == "cpu" and host_parts:  # training on the CPU: "offloaded" states stay in the same RAM
+        offloaded, host_parts = sum(host_parts.values()), {}
+    persistent = weights + optim + master + ref + ddp + buckets + work + offloaded
+    forward = acts + loss + casts + (grads if t.grad_accum > 1 else 0)
+    step = grads  # the Trainer's default AdamW is torch's fused one: no full-size scratch
+    slack = SLACK[device] * max(forward, step)
+    peak = runtime + buffers + persistent + max(forward, step) + slack
+    parts = {"runtime": runtime, "data and buffers": buffers, "weights": weights, "gradients": grads,
+             "optimizer states": optim, "master weights (fp32)": master, "activations": acts,
+             "loss (fused LM head)": loss, "bf16 weight copies (autocast)": casts, "reference model": ref,
+             "DDP gradient buckets": ddp, "ZeRO buckets": buckets, "gathered layers": work,
+             "offloaded (same RAM on CPU)": offloaded, "allocator slack": slack}
+    parts = {k: int(v) for k, v in parts.items() if v}
+
+    if device == "cuda":
+        # Loading happens in host RAM before the model moves to the GPU; each process also has its runtime.
+        host_parts["loading the model"] = int(P * DTYPE_BYTES[shape.dtype])
+        host_parts["process runtimes"] = RUNTIME_BYTES["cpu"]
+        host = int(sum(host_parts.values()) * backend.procs_per_node)
+
+    # disk: checkpoints (weights + optimizer) kept keep_last at a time, +1 while a new one is written
+    ckpt_w = T * train_b if t.lora else P * base_b
+    ckpt_opt = (T * 4 + T * n_states * 4) if ds16 else T * n_states * (state_b or train_b)
+    disk_parts = {f"checkpoints ({t.keep_last}+1 kept)": int((ckpt_w + ckpt_opt) * (t.keep_last + 1))}
+    if t.lora:
+        disk_parts["adapter"] = int(T * 4)
+        if t.merge:
+            disk_parts["merged model"] = int(P * (2 if t.qlora else DTYPE_BYTES[shape.dtype]))
+    else:
+        disk_parts["model"] = int(P * base_b)
+    return Estimate(device, int(peak), parts, host, host_parts, sum(disk_parts.values()), disk_parts, notes)
+
+
+def gguf_estimate(shape: Shape, outtype: str, quantize: list[str], check: bool, imatrix: bool) -> Estimate:
+    P = shape.params()
+    files = {f"export ({outtype.upper()})": P * GGUF_BPW.get(outtype.upper(), 16.0) / 8}
+    for q in quantize:
+        files[q.upper()] = P * GGUF_BPW.get(q.upper(), 8.0) / 8
+    parts = {"runtime": RUNTIME_BYTES["cpu"], "one tensor at a time (export)": shape.vocab * shape.hidden * 8}
+    if check or imatrix:  # the HF model in fp32 next to the largest GGUF file mapped by llama.cpp
+        parts["HF model (fp32, for check/imatrix)"] = P * 4
+        parts["largest GGUF (llama.cpp)"] = max(files.values())
+    parts = {k: int(v) for k, v in parts.items()}
+    disk = {k: int(v) for k, v in files.items()}
+    return Estimate("cpu", sum(parts.values()), parts, 0, {}, sum(disk.values()), disk)
+
+
+def merge_estimate(shape: Shape, n_inputs: int, out_dtype: str, compute_dtype: str) -> Estimate:
+    """Merging works tensor by tensor: every input's copy of the largest tensor, the result, a scratch."""
+    largest = max(shape.vocab * shape.hidden, shape.intermediate * shape.hidden)
+    parts = {"runtime": RUNTIME_BYTES["cpu"],
+             "tensors in flight": (n_inputs + 2) * largest * DTYPE_BYTES.get(compute_dtype, 8)}
+    disk = {"merged model": shape.params() * DTYPE_BYTES.get(out_dtype, 4)}
+    return Estimate("cpu", int(sum(parts.values())), {k: int(v) for k, v in parts.items()}, 0, {},
+                    int(sum(disk.values())), {k: int(v) for k, v in disk.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# a pipeline's stages
+
+
+@dataclass
+class Suggestion:
+    change: dict[str, Any]  # --set keys (stage options under the stage's name) -> value
+    text: str
+    peak: int
+    host: int
+    fits: bool
+
+    def to_json(self) -> dict:
+        return {"change": self.change, "text": self.text, "peak_gib": gib(self.peak), "host_gib": gib(self.host),
+                "fits": self.fits}
+
+
+@dataclass
+class StagePlan:
+    name: str
+    kind: str
+    estimate: Estimate | None = None
+    shape: Shape | None = None
+    training: Training | None = None
+    backend: Backend | None = None
+    device_limit: int | None = None  # what one process may use: a GPU's memory, or RAM / processes on CPU
+    device_free: int | None = None
+    host_limit: int | None = None
+    verdict: str = "not estimated"  # fits | tight | does not fit | not estimated
+    problems: list[str] = field(default_factory=list)  # clear excesses: `run` refuses the stage for these
+    suggestions: list[Suggestion] = field(default_factory=list)
+    note: str = ""
+
+    def to_json(self) -> dict:
+        out = {"stage": self.name, "kind": self.kind, "verdict": self.verdict, "note": self.note,
+               "problems": self.problems, "device_limit_gib": gib(self.device_limit),
+               "device_free_gib": gib(self.device_free), "host_limit_gib": gib(self.host_limit),
+               "estimate": self.estimate.to_json() if self.estimate else None,
+               "suggestions": [s.to_json() for s in self.suggestions]}
+        if self.shape is not None:
+            out["model"] = {"parameters": self.shape.params(), "hidden": self.shape.hidden,
+                            "layers": self.shape.layers, "vocab": self.shape.vocab, "dtype": self.shape.dtype,
+                            "source": self.shape.source}
+        if self.training is not None:
+            out["training"] = {k: v for k, v in self.training.__dict__.items()}
+        if self.backend is not None:
+            out["backend"] = self.backend.describe()
+        return out
+
+
+@dataclass
+class Plan:
+    stages: list[StagePlan]
+    machine: Any
+    disk_total: int = 0
+
+    @property
+    def refused(self) -> list[StagePlan]:
+        return [s for s in self.stages if s.problems]
+
+    def to_json(self) -> dict:
+        m = self.machine
+        return {"machine": {"ram_total_gib": gib(m.ram_total), "ram_available_gib": gib(m.ram_available),
+                            "disk_free_gib": gib(m.disk_free), "gpus": [
+                                {"name": g["name"], "memory_gib": gib(g["memory_total_bytes"])} for g in m.gpus]},
+                "stages": [s.to_json() for s in self.stages], "disk_total_gib": gib(self.disk_total)}
+
+
+TRAINING_KINDS = ("pretrain", "continued_pretrain", "sft", "dpo")
+
+
+def _model_ref(pipe, name: str):
+    """The stage's model input: the InputUse named model (or base, config_from, the first model)."""
+    uses = {u.key: u for u in pipe.inputs.get(name, [])}
+    for key in ("model", "base", "config_from", "models[0].model", "slices[0].sources[0].model"):
+        if key in uses:
+            return uses[key]
+    return None
+
+
+def stage_shape(pipe, name: str, _seen: frozenset = frozenset()) -> tuple[Shape | None, str]:
+    """The shape of the model a stage works on (its input; for pretrain, the one it builds): (shape, why not)."""
+    if name in _seen:
+        return None, "reference cycle"
+    spec = pipe.stage(name)
+    o = spec.options
+    if spec.uses == "pretrain":
+        vocab = int(getattr(o, "vocab_size", 4096))
+        tok = next((u for u in pipe.inputs.get(name, []) if u.key == "tokenizer"), None)
+        if tok is not None:
+            vocab = _tokenizer_vocab(pipe, tok, _seen | {name}) or vocab
+        shape_opts = o.model.model_dump() if hasattr(o.model, "model_dump") else {}
+        size = shape_opts.pop("size", "mini")
+        if size not in PRESETS:
+            return None, f"unknown size preset {size!r}"
+        return shape_from_preset(size, vocab, shape_opts, f"{name}: preset {size}"), ""
+    use = _model_ref(pipe, name)
+    if use is None:
+        return None, "no model input"
+    if use.ref_stage is not None:
+        shape, why = stage_shape(pipe, use.ref_stage, _seen | {name})
+        if shape is None:
+            return None, why
+        return _output_shape(pipe.stage(use.ref_stage), shape), ""
+    try:
+        return shape_from_dir(use.path), ""
+    except (ValueError, OSError, json.JSONDecodeError) as exc:
+        return None, str(exc)
+
+
+def _output_shape(spec, shape: Shape) -> Shape:
+    """What a stage writes, given the shape it works on: same architecture, maybe another dtype or depth."""
+    o = spec.options
+    if spec.uses == "merge":
+        slices = getattr(o, "slices", None) or []
+        if slices:
+            layers = sum(abs(s.sources[0].layer_range[1] - s.sources[0].layer_range[0]) for s in slices)
+            shape = replace(shape, layers=layers)
+        dtype = getattr(o, "dtype", "auto")
+        return replace(shape, dtype=dtype) if dtype in DTYPE_BYTES else shape
+    lora = getattr(o, "lora", None)
+    if lora is not None and getattr(lora, "enabled", False) and getattr(lora, "qlora", False):
+        return replace(shape, dtype="bfloat16")  # merged onto the bf16 compute copy of the 4-bit base
+    return shape
+
+
+def _tokenizer_vocab(pipe, use, seen) -> int | None:
+    if use.ref_stage is not None:
+        shape, _ = stage_shape(pipe, use.ref_stage, seen)
+        return shape.vocab if shape else None
+    try:
+        data = json.loads((Path(use.path) / "tokenizer.json").read_text())
+        return len(data["model"]["vocab"]) + sum(1 for t in data.get("added_tokens", [])
+                                                 if t.get("content") not in data["model"]["vocab"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def training_of(spec, device: str, machine) -> Training:
+    o = spec.options
+    lora = getattr(o, "lora", None)
+    on = bool(lora is not None and lora.enabled)
+    return Training(
+        micro_batch=o.micro_batch_size, seq=o.max_length, grad_accum=o.gradient_accumulation,
+        precision=resolve_precision(o.precision, device, machine.gpu_bf16, machine.cpu_bf16_fast),
+        checkpointing=bool(getattr(o, "gradient_checkpointing", False)), optimizer=getattr(o, "optimizer", "adamw"),
+        lora=on, lora_r=lora.r if on else 16, lora_dropout=lora.dropout if on else 0.0,
+        lora_targets=lora.target_modules if on else "all-linear", qlora=on and bool(getattr(lora, "qlora", False)),
+        pairs=spec.uses == "dpo", reference_copy=spec.uses == "dpo" and not on,
+        keep_last=getattr(o, "keep_last", 2), merge=on and bool(getattr(o, "merge", False)))
+
+
+def plan_stage(pipe, spec, backend: Backend, machine) -> StagePlan:
+    sp = StagePlan(spec.name, spec.uses)
+    o = spec.options
+    device = "cuda" if machine.gpus else "cpu"
+    if spec.uses not in (*TRAINING_KINDS, "merge", "gguf"):
+        sp.note = f"no estimate for stage kind '{spec.uses}'"
+        return sp
+    shape, why = stage_shape(pipe, spec.name)
+    if shape is None:
+        sp.note = f"model shape unknown: {why}"
+        return sp
+    sp.shape = shape
+    if spec.uses in TRAINING_KINDS:
+        sp.training, sp.backend = training_of(spec, device, machine), backend
+        sp.estimate = estimate_training(shape, sp.training, backend, device)
+        if sp.training.qlora and device != "cuda":
+            sp.estimate.notes.append("QLoRA needs a CUDA GPU (bitsandbytes); this estimate assumes one")
+    elif spec.uses == "gguf":
+        sp.estimate = gguf_estimate(shape, o.outtype, list(o.quantize), o.check, o.imatrix is not None)
+    else:
+        n = len(getattr(o, "models", []) or []) + (1 if getattr(o, "base", None) else 0)
+        n = max(n, len(getattr(o, "slices", []) or []), 1)
+        dtype = o.dtype if o.dtype in DTYPE_BYTES else shape.dtype
+        sp.estimate = merge_estimate(_output_shape(spec, shape), n, dtype, o.compute_dtype)
+    _judge(sp, machine)
+    if sp.training is not None and sp.verdict != "fits":
+        sp.suggestions = suggest(sp, machine)
+    return sp
+
+
+def _limits(sp: StagePlan, machine) -> tuple[int, int | None, int]:
+    """(what one process may use at most, what it may use now, the node's RAM) for this stage."""
+    est, procs = sp.estimate, (sp.backend.procs_per_node if sp.backend else 1)
+    if est.device == "cuda" and machine.gpus:
+        free = min((g["memory_free_bytes"] for g in machine.gpus if g["memory_free_bytes"] is not None),
+                   default=None)
+        return machine.vram_per_gpu, free, machine.ram_total
+    # On CPU every process of the node shares the RAM.
+    return machine.ram_total // procs, machine.ram_available // procs, machine.ram_total
+
+
+def _judge(sp: StagePlan, machine) -> None:
+    est = sp.estimate
+    sp.device_limit, sp.device_free, sp.host_limit = _limits(sp, machine)
+    procs = sp.backend.procs_per_node if sp.backend else 1
+    if est.peak > sp.device_limit:
+        if est.device == "cuda":
+            sp.problems.append(f"needs about {gib(est.peak)} GiB of GPU memory per process; the smallest GPU here "
+                               f"has {gib(sp.device_limit)} GiB")
+        else:
+            per = f" per process ({procs} share this node's RAM)" if procs > 1 else ""
+            sp.problems.append(f"needs about {gib(est.peak)} GiB of RAM{per}; this machine has "
+                               f"{gib(sp.device_limit)} GiB{per and ' per process'}")
+    if est.device == "cuda" and est.host > sp.host_limit:
+        sp.problems.append(f"needs about {gib(est.host)} GiB of host RAM (offload, loading); this machine has "
+                           f"{gib(sp.host_limit)} GiB")
+    if sp.problems:
+        sp.verdict = "does not fit"
+    elif sp.device_free is not None and est.peak > sp.device_free:
+        sp.verdict = "tight"
+    else:
+        sp.verdict = "fits"
+
+
+def _variant(sp: StagePlan, machine, change: dict, text: str, t: Training | None = None,
+             b: Backend | None = None) -> Suggestion:
+    t, b = t or sp.training, b or sp.backend
+    device = sp.estimate.device
+    est = estimate_training(sp.shape, t, b, device)
+    probe = StagePlan(sp.name, sp.kind, est, sp.shape, t, b)
+    _judge(probe, machine)
+    return Suggestion(change, text, est.peak, est.host, not probe.problems)
+
+
+def suggest(sp: StagePlan, machine) -> list[Suggestion]:
+    """Changes that lower the peak, each with its new estimate: the gentlest first."""
+    t, b, n, out = sp.training, sp.backend, sp.name, []
+    if t.micro_batch > 1:
+        mb = t.micro_batch
+        while mb > 1:
+            mb //= 2
+            acc = math.ceil(t.grad_accum * t.micro_batch / mb)
+            s = _variant(sp, machine, {f"{n}.micro_batch_size": mb, f"{n}.gradient_accumulation": acc},
+                         f"micro_batch_size {mb} with gradient_accumulation {acc} (same batch per step)",
+                         replace(t, micro_batch=mb, grad_accum=acc))
+            if s.fits or mb == 1:
+                out.append(s)
+                break
+    if not t.checkpointing:
+        out.append(_variant(sp, machine, {f"{n}.gradient_checkpointing": True},
+                            "gradient_checkpointing (recompute activations; ~30% slower)",
+                            replace(t, checkpointing=True)))
+    if not t.lora:
+        out.append(_variant(sp, machine, {f"{n}.lora.enabled": True}, "LoRA r=16 instead of training every weight",
+                            replace(t, lora=True, lora_r=16, lora_dropout=0.05, reference_copy=False)))
+    if sp.estimate.device == "cuda" and not t.qlora:
+        out.append(_variant(sp, machine, {f"{n}.lora.enabled": True, f"{n}.lora.qlora": True},
+                            "QLoRA: the base in 4 bit, LoRA on top",
+                            replace(t, lora=True, qlora=True, lora_r=t.lora_r if t.lora else 16,
+                                    lora_dropout=0.05, reference_copy=False)))
+    if sp.estimate.device == "cuda":
+        if b.world > 1 and not (b.kind == "deepspeed" and b.zero_stage >= 3):
+            out.append(_variant(sp, machine, {"backend.type": "deepspeed", "backend.deepspeed.zero_stage": 3},
+                                f"DeepSpeed ZeRO-3 over the {b.world} processes (weights, gradients and "
+                                f"optimizer states sharded)", b=replace(b, kind="deepspeed", zero_stage=3, fsdp=False)))
+        if not (b.kind == "deepspeed" and b.offload_optimizer == "cpu"):
+            stage = max(b.zero_stage if b.kind == "deepspeed" else 2, 2)
+            out.append(_variant(sp, machine, {"backend.type": "deepspeed", "backend.deepspeed.zero_stage": stage,
+                                              "backend.deepspeed.offload_optimizer": "cpu"},
+                                f"DeepSpeed ZeRO-{stage} with the optimizer offloaded to CPU RAM",
+                                b=replace(b, kind="deepspeed", zero_stage=stage, offload_optimizer="cpu", fsdp=False,
+                                          procs_per_node=b.procs_per_node, nodes=b.nodes)))
+    # LoRA's dropout copies can outweigh the gradients and optimizer states it saves: keep what helps.
+    out = [s for s in out if s.peak < sp.estimate.peak]
+    # Everything gentle at once, when no single change is enough.
+    if not any(s.fits for s in out) and (t.micro_batch > 1 or not t.checkpointing or not t.lora):
+        both = replace(t, micro_batch=1, grad_accum=t.grad_accum * t.micro_batch, checkpointing=True,
+                       lora=True, lora_r=t.lora_r if t.lora else 16, reference_copy=False,
+                       lora_dropout=t.lora_dropout if t.lora else 0.05)
+        change = {f"{n}.micro_batch_size": 1, f"{n}.gradient_accumulation": both.grad_accum,
+                  f"{n}.gradient_checkpointing": True, f"{n}.lora.enabled": True}
+        out.append(_variant(sp, machine, change, "all of: micro_batch_size 1, gradient checkpointing, LoRA", both))
+        if not out[-1].fits and sp.estimate.device == "cuda" and not t.qlora:
+            out.append(_variant(sp, machine, {**change, f"{n}.lora.qlora": True},
+                                "all of: micro_batch_size 1, gradient checkpointing, QLoRA", replace(both, qlora=True)))
+    return out
+
+
+def plan(pipe, machine=None, only: list[str] | None = None) -> Plan:
+    """Estimate every stage of a validated pipeline (or those named in `only`) against this machine."""
+    from llmforge.hardware import machine as probe
+
+    cfg = pipe.config
+    machine = machine or probe(cfg.runs_dir)
+    backend = Backend.from_config(cfg.backend)
+    stages = []
+    for spec in pipe.stages:
+        if only is not None and spec.name not in only:
+            continue
+        try:
+            stages.append(plan_stage(pipe, spec, backend, machine))
+        except Exception as exc:  # noqa: BLE001 - an estimate must never be the reason a run cannot start
+            stages.append(StagePlan(spec.name, spec.uses, note=f"no estimate: {type(exc).__name__}: {exc}"))
+    total = sum(s.estimate.disk for s in stages if s.estimate)
+    result = Plan(stages, machine, total)
+    if machine.disk_free is not None and total > machine.disk_free and stages:
+        # Outputs and checkpoints accumulate over the run: name the stage where the disk runs out.
+        running = 0
+        for s in stages:
+            running += s.estimate.disk if s.estimate else 0
+            if running > machine.disk_free:
+                s.problems.append(f"the run's files reach about {gib(running)} GiB by the end of this stage "
+                                  f"(checkpoints and outputs); {gib(machine.disk_free)} GiB free in {cfg.runs_dir}")
+                s.verdict = "does not fit"
+                break
+    return result
