@@ -32,6 +32,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from measure import measure  # bench/ is the script's folder, first on sys.path
+
 MB = 1e6
 SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=5,
              num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)
@@ -141,35 +143,6 @@ with open(inputs[0], "rb", buffering=0) as src, open(out, "wb") as dst:   # writ
 """
 
 
-# A small launcher runs each command: Linux carries a process's peak RSS across exec, so a child forked
-# from this (larger) process would report at least this process's RSS. The launcher is a fresh, small
-# interpreter; it forks, execs the command, and reports the command's own wall time and ru_maxrss.
-LAUNCHER = r"""
-import json, os, sys, time
-started = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-wall = time.perf_counter() - started
-sys.stderr.write("\n@@measured " + json.dumps({"wall": wall, "maxrss": usage.ru_maxrss * 1024,
-                                               "code": os.waitstatus_to_exitcode(status)}) + "\n")
-"""
-
-
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in bytes) of one command, as the OS reports them for its process."""
-    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-    head, _, tail = proc.stderr.rpartition("@@measured ")
-    if not tail:
-        raise SystemExit(f"{' '.join(cmd)}: no measurement\n{proc.stderr[-3000:]}")
-    result = json.loads(tail.splitlines()[0])
-    if result["code"] != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({result['code']}):\n{head[-3000:]}")
-    return result["wall"], result["maxrss"]
-
-
 def find_mergekit(explicit: str | None) -> str | None:
     if explicit:
         return explicit
@@ -247,8 +220,8 @@ def main() -> int:
         f"{SHAPE['hidden_size']}, vocab {SHAPE['vocab_size']}, {info['params'] / 1e6:.1f} M parameters, "
         f"{info['model_bytes'] / 2**20:.0f} MiB each in float32; largest tensor "
         f"{info['largest_tensor_bytes'] / MB:.0f} MB; output {out_bytes / 2**20:.0f} MiB in one shard",
-        f"- recipe: TIES, density 0.5, weights 1.0, normalize, float32 (`bench/merge.py` writes it as "
-        f"`ties.toml` and `ties.yml`)",
+        "- recipe: TIES, density 0.5, weights 1.0, normalize, float32 (`bench/merge.py` writes it as "
+        "`ties.toml` and `ties.yml`)",
         "",
         "| | wall time | peak RSS |",
         "|---|---|---|",

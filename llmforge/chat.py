@@ -470,6 +470,36 @@ def encode_chat(tokenizer: Any, template: ChatTemplate, messages: Sequence[Mappi
                        n_trained=sum(1 for x in labels if x != IGNORE_INDEX), text=text, spans=spans)
 
 
+def load_chat_tokenizer(model: str | Path, template: str | None, base_dir: str | Path | None,
+                        kind: str = "chat") -> tuple[Any, ChatTemplate | None]:
+    """A tokenizer from a model or tokenizer folder, with the chat template resolved and applied (no
+    template for plain text): what `llmforge data inspect`, the TUI's Data screen and `data lint` use."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    if kind == "text":
+        return tok, None
+    tpl = resolve_template(template or None, tok, base_dir=base_dir)
+    apply_template(tok, tpl)
+    return tok, tpl
+
+
+def encode_row(tokenizer: Any, template: ChatTemplate | None, kind: str, row: Mapping[str, Any],
+               max_length: int, train_on: str = "assistant") -> tuple[list[int], list[int], bool]:
+    """(input ids, labels, truncated) of one normalised data row, as a training stage would see it:
+    chat rows through `encode_chat`, text rows as plain tokens (all trained), preference rows as the
+    prompt with the chosen answer (what is trained towards)."""
+    if kind == "text":
+        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+        return ids[:max_length], ids[:max_length], len(ids) > max_length
+    if kind == "chat":
+        enc = encode_chat(tokenizer, template, row["messages"], max_length=max_length, train_on=train_on)
+    else:
+        enc = encode_chat(tokenizer, template, list(row["prompt"]) + list(row["chosen"]), max_length=max_length,
+                          train_on="last_turn")
+    return enc.input_ids, enc.labels, enc.truncated
+
+
 def _label(ids: Sequence[int], offsets: Iterable[Sequence[int]], spans: Sequence[tuple[int, int]]) -> list[int]:
     labels = [IGNORE_INDEX] * len(ids)
     k = 0  # tokens and spans are both in text order: one pass

@@ -276,20 +276,43 @@ def _user_field(field_path: str, columns: dict[str, str]) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def load_data(options: DataOptions, base: Path | None = None, registry=None,
-              expect: tuple[str, ...] = KINDS) -> Dataset:
-    """Read and normalise every row; raise DataError (exit 2) naming file, line and field.
+FIRST_SKIPPED = 20  # bad rows whose reasons a ReadState keeps (all are counted)
 
-    `expect` lists the kinds the caller can train on (SFT: chat; DPO: preference; pretraining: text);
-    it also breaks ties in format detection. The format is detected on the first row that fits one
-    (or set by `options.format`) and then applies to every file of the dataset.
-    With on_bad_row = "skip", bad rows (and empty files) are counted and kept in `Dataset.skipped`
-    instead; finding no usable row at all is still an error.
+
+@dataclass
+class ReadState:
+    """What reading found: the data's kind and format, the files, and the bad rows (counted; the first
+    ones kept with their reasons, all of them passed to ``on_skip``)."""
+
+    kind: str | None = None
+    format: str | None = None
+    files: list[str] = field(default_factory=list)
+    rows: int = 0
+    skipped: int = 0
+    first_skipped: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "format": self.format, "files": self.files, "rows": self.rows,
+                "skipped": self.skipped, "first_skipped": self.first_skipped}
+
+
+def iter_rows(options: DataOptions, base: Path | None = None, registry=None, expect: tuple[str, ...] = KINDS,
+              state: ReadState | None = None, on_skip: Callable[[str, str], None] | None = None,
+              on_row_error: Callable[[str, str], None] | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield ``(where, normalised row)`` for every row of the data, in file order.
+
+    Bad rows stop the stream with a DataError naming file, line and field (``on_bad_row = "error"``),
+    or are counted in ``state`` and passed to ``on_skip(where, reason)`` (``"skip"``). With
+    ``on_row_error``, rows the row format rejects (a missing assistant turn, identical chosen and
+    rejected) go there instead, whatever the policy: that is how `data lint` reports them. Finding
+    no usable row at all is an error, as for a training stage.
     """
     from llmforge.plugins import get_registry
 
     registry = registry or get_registry()
-    readers, formats = registry.readers, registry.row_formats
+    readers: dict[str, Reader] = registry.readers
+    formats: dict[str, RowFormat] = registry.row_formats
+    state = state if state is not None else ReadState()
     fmt: RowFormat | None = None
     detected_at = ""
     if options.format != "auto":
@@ -300,36 +323,36 @@ def load_data(options: DataOptions, base: Path | None = None, registry=None,
             raise DataError(f"unknown data format '{options.format}'{did_you_mean(options.format, formats)}",
                             hint=f"installed: {', '.join(sorted(formats))}")
         _check_kind(fmt, expect, f"format = \"{fmt.name}\"")
+        state.kind, state.format = fmt.kind, fmt.name
     rename = _renamer(options.columns)
-    rows: list[dict] = []
-    wheres: list[str] = []
-    skipped: list[tuple[str, str]] = []
-    files: list[str] = []
+    first_reason: list[tuple[str, str]] = []
 
     def bad(where: str, reason: str, hint: str = _SKIP_HINT) -> None:
         if options.on_bad_row == "error":
             raise DataError(f"{where}: {reason}", hint=hint)
-        skipped.append((where, reason))
-
-    def full() -> bool:
-        return bool(options.limit) and len(rows) >= options.limit
+        state.skipped += 1
+        if len(state.first_skipped) < FIRST_SKIPPED:
+            state.first_skipped.append(f"{where}: {reason}")
+        if not first_reason:
+            first_reason.append((where, reason))
+        if on_skip is not None:
+            on_skip(where, reason)
 
     def located(root: Path, shown_root: str) -> Iterator[tuple[Path, Reader]]:
         try:
             yield from iter_files([root], readers)
-        except DataError as exc:  # "file not found" and the like, with the path as the user wrote it
+        except DataError as exc:
             raise DataError(exc.message.replace(str(root), shown_root, 1), exc.hint) from None
 
     for root, shown_root in _paths(options, base):
         for path, reader in located(root, shown_root):
-            # Show paths the way the user wrote them: `data/chat.jsonl:17`, not /home/.../data/chat.jsonl:17.
             real = str(path)
             shown = shown_root if path == root else str(Path(shown_root) / path.relative_to(root))
 
             def here(where: str) -> str:
                 return shown + where[len(real):] if where.startswith(real) else where
 
-            files.append(shown)
+            state.files.append(shown)
             seen_in_file = 0
             records = reader.read(path, options)
             try:
@@ -347,7 +370,8 @@ def load_data(options: DataOptions, base: Path | None = None, registry=None,
                                 _detect_hint(formats))
                             continue
                         detected_at = where
-                        _check_kind(fmt, expect, where)  # before reading a large file for nothing
+                        _check_kind(fmt, expect, where)
+                        state.kind, state.format = fmt.kind, fmt.name
                     try:
                         norm = fmt.normalize(data)
                     except RowError as exc:
@@ -357,12 +381,15 @@ def load_data(options: DataOptions, base: Path | None = None, registry=None,
                             if other is not None and other is not fmt:
                                 reason += (f" (this row looks like the {other.name} format, but the data's format "
                                            f"is {fmt.name}, detected at {detected_at}; one dataset has one format)")
-                        bad(where, reason)
+                        if on_row_error is not None:
+                            on_row_error(where, reason)
+                        else:
+                            bad(where, reason)
                         continue
-                    rows.append(norm)
-                    wheres.append(where)
-                    if full():
-                        break
+                    state.rows += 1
+                    yield where, norm
+                    if options.limit and state.rows >= options.limit:
+                        return
             except DataError as exc:
                 raise DataError(here(exc.message), exc.hint) from None
             except (OSError, EOFError) as exc:
@@ -370,21 +397,37 @@ def load_data(options: DataOptions, base: Path | None = None, registry=None,
             finally:
                 close = getattr(records, "close", None)
                 if close is not None:
-                    close()  # stop a generator early (limit) so that it closes its file now
+                    close()
             if seen_in_file == 0:
                 bad(shown, "empty file (no rows)", "remove the file or fill it")
-            if full():
-                break
-        if full():
-            break
-    if fmt is None or not rows:
-        where = ", ".join(files) or str(options.path)
-        if skipped:
-            raise DataError(f"{where}: no usable rows ({len(skipped)} bad row{'s' if len(skipped) != 1 else ''} "
-                            f"skipped; first: {skipped[0][0]}: {skipped[0][1]})",
+    if state.rows == 0 and on_row_error is None:
+        where = ", ".join(state.files) or str(options.path)
+        if first_reason:
+            w, r = first_reason[0]
+            raise DataError(f"{where}: no usable rows ({state.skipped} bad row{'s' if state.skipped != 1 else ''} "
+                            f"skipped; first: {w}: {r})",
                             hint="see the reasons above; `on_bad_row = \"error\"` stops at the first bad row")
         raise DataError(f"{where}: no usable rows")
-    return Dataset(kind=fmt.kind, format=fmt.name, rows=rows, wheres=wheres, skipped=skipped, files=files)
+
+
+def load_data(options: DataOptions, base: Path | None = None, registry=None,
+              expect: tuple[str, ...] = KINDS) -> Dataset:
+    """Read and normalise every row into memory; raise DataError (exit 2) naming file, line and field.
+
+    `expect` lists the kinds the caller can train on (SFT: chat; DPO: preference; pretraining: text);
+    it also breaks ties in format detection. With on_bad_row = "skip", bad rows (and empty files) are
+    counted and kept in `Dataset.skipped` instead; finding no usable row at all is still an error.
+    The rules are `iter_rows`'s: this is that stream, kept in a list.
+    """
+    state = ReadState()
+    rows: list[dict] = []
+    wheres: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for where, row in iter_rows(options, base, registry, expect, state, on_skip=lambda w, r: skipped.append((w, r))):
+        rows.append(row)
+        wheres.append(where)
+    return Dataset(kind=state.kind, format=state.format, rows=rows, wheres=wheres, skipped=skipped,
+                   files=state.files)
 
 
 def write_report(dataset: Dataset, directory: Path) -> Path:

@@ -37,7 +37,7 @@ def test_demo_runs_every_stage_and_prints_summary_and_evaluation(demo):
     # the summary table: its columns and one row per stage
     for col in ("stage", "status", "time", "final loss", "artifact"):
         assert col in out
-    for stage in ("pretrain", "sft", "dpo", "merge", "gguf", "eval"):
+    for stage in ("curate", "pretrain", "sft", "dpo", "merge", "gguf", "eval"):
         assert any(line.strip("│┃ ").startswith(stage) and "done" in line for line in out.splitlines()), stage
     assert "evaluation: accuracy pretrained" in out and "-> SFT" in out and "-> DPO" in out
     assert "evaluation: preferred answers SFT" in out
@@ -77,6 +77,24 @@ def test_report_artifact_has_the_numbers(demo):
     assert "| QA accuracy |" in md and "| metric | pretrained | sft | dpo | merged |" in md
     answers = [json.loads(x) for x in (report_dir / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == n_items and {"question", "expected", "pretrained", "sft", "dpo", "merged"} <= set(answers[0])
+
+
+def test_pretraining_corpus_goes_through_curate(demo):
+    root, res = demo
+    st = _status(root)
+    info = st["stages"]["curate"]["info"]["curate"]
+    documents = (root / "data" / "corpus.txt").read_text().strip().split("\n\n")
+    # the generated corpus is clean: curation keeps every document, unchanged, and says so
+    assert info["rows_in"] == info["rows_out"] == len(documents)
+    assert info["removed"] == {"normalize": 0, "pii": 0, "quality": 0, "language": 0}
+    assert f"curate: kept {len(documents)} of {len(documents)} corpus documents" in res.stdout
+    curated = Path(st["stages"]["curate"]["artifacts"]["dataset"]["path"]) / "data.jsonl"
+    assert [json.loads(x)["text"] for x in curated.read_text().splitlines()] == documents
+    report = Path(st["stages"]["curate"]["artifacts"]["report"]["path"])
+    assert {p.name for p in report.iterdir()} == {"report.json", "report.md", "reasons.jsonl"}
+    # pretraining read the curated dataset
+    manifest = json.loads((Path(st["dir"]) / "manifest.json").read_text())
+    assert manifest["config"]["stages"][1]["data"] == {"path": "@curate"}
 
 
 def test_merge_stage_writes_a_model_between_sft_and_dpo(demo):
@@ -128,7 +146,7 @@ def test_second_demo_reuses_cached_stages(demo):
     root, first = demo
     res = run_cli("demo", "--quick", "--dir", str(root), timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    for stage in ("pretrain", "sft", "dpo", "merge", "gguf", "eval"):
+    for stage in ("curate", "pretrain", "sft", "dpo", "merge", "gguf", "eval"):
         assert f"↺ {stage} cached" in res.stdout
     st = _status(root)
     assert all(s["status"] == "cached" for s in st["stages"].values())

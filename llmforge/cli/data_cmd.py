@@ -1,4 +1,5 @@
-"""`llmforge data inspect`: look at training data the way a stage will see it, masks included."""
+"""`llmforge data inspect`: look at training data the way a stage will see it, masks included. The
+curation commands of the same group (stats, lint, dedup, filter, mix, steps) are in data_curate_cmd.py."""
 
 from __future__ import annotations
 
@@ -43,27 +44,12 @@ def inspect(
 
 def _tokenized(ds, model: str, template: str | None, max_length: int, train_on: str, rows: int,
                shown: list[dict]) -> dict:
-    from transformers import AutoTokenizer
+    from llmforge.chat import encode_row, load_chat_tokenizer
 
-    from llmforge.chat import apply_template, encode_chat, resolve_template
-
-    tok = AutoTokenizer.from_pretrained(model)
-    tpl = None
-    if ds.kind != "text":
-        tpl = resolve_template(template, tok, base_dir=Path.cwd())
-        apply_template(tok, tpl)
+    tok, tpl = load_chat_tokenizer(model, template, Path.cwd(), ds.kind)
     lengths, truncated, trained, total = [], 0, 0, 0
     for i, (where, row) in enumerate(zip(ds.wheres, ds.rows)):
-        if ds.kind == "chat":
-            enc = encode_chat(tok, tpl, row["messages"], max_length=max_length, train_on=train_on)
-            ids, labels, cut = enc.input_ids, enc.labels, enc.truncated
-        elif ds.kind == "text":
-            full = tok(row["text"], add_special_tokens=False)["input_ids"]
-            ids, labels, cut = full[:max_length], full[:max_length], len(full) > max_length
-        else:  # preference: show the prompt with the chosen answer
-            msgs = row["prompt"] + row["chosen"]
-            enc = encode_chat(tok, tpl, msgs, max_length=max_length, train_on="last_turn")
-            ids, labels, cut = enc.input_ids, enc.labels, enc.truncated
+        ids, labels, cut = encode_row(tok, tpl, ds.kind, row, max_length, train_on)
         lengths.append(len(ids))
         truncated += bool(cut)
         trained += sum(1 for x in labels if x != -100)
@@ -122,6 +108,9 @@ def _print(summary: dict, shown: list[dict], masks: bool, plain: bool) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    data_app = sub_app("Look at and check training data.")
+    from llmforge.cli import data_curate_cmd
+
+    data_app = sub_app("Look at, check and curate training data.")
     data_app.command("inspect")(inspect)
+    data_curate_cmd.register(data_app)
     app.add_typer(data_app, name="data")

@@ -72,7 +72,7 @@ def print_summary(result, root: Path, out) -> None:
     for name, st in result.stages.items():
         loss = (st.get("info") or {}).get("final_loss")  # a cached stage carries its run's info
         arts = st.get("artifacts", {})
-        if "report" in arts:
+        if "report" in arts and st.get("uses") == "demo_eval":  # (curate writes a report artifact too)
             report_path = Path(arts["report"]["path"]) / "report.json"
         duration = st.get("duration")
         time_text = fmt_duration(duration) if st.get("status") != "cached" else "cached"
@@ -80,6 +80,12 @@ def print_summary(result, root: Path, out) -> None:
                       f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
                       ", ".join(_rel(a["path"], root) for a in arts.values()) or "-")
     out.print(table)
+    curated = (result.stages.get("curate", {}).get("info") or {}).get("curate")
+    if curated:
+        removed = ", ".join(f"{step} {n}" for step, n in curated["removed"].items())
+        changed = ", ".join(f"{step} {n}" for step, n in curated.get("changed", {}).items())
+        out.print(f"curate: kept {curated['rows_out']} of {curated['rows_in']} corpus documents (removed: {removed})"
+                  + (f"; rewrote: {changed}" if changed else ""))
     if report_path is not None and report_path.exists():
         print_evaluation(json.loads(report_path.read_text()), report_path, out)
     if result.status == "stopped":

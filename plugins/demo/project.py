@@ -62,20 +62,31 @@ TEMPLATE = """\
 #   heldout.txt    the same facts as plain statements (the text the GGUF scorecard is measured on)
 #   world.json     the world itself, and which facts are held out
 #
-# The pipeline: pretrain a small Llama and its tokenizer from scratch on the corpus, teach it to
-# answer questions (SFT), teach it to prefer direct answers to hedging ones (DPO), merge the SFT and
-# DPO models halfway, export the merged model to GGUF for llama.cpp (F32, Q8_0, Q4_K_M), then measure
-# on the held-out questions: accuracy before and after SFT, direct answers before and after DPO, the
-# merged model, and whether llama.cpp answers exactly as transformers does.
+# The pipeline: curate the pretraining corpus, pretrain a small Llama and its tokenizer from scratch
+# on it, teach it to answer questions (SFT), teach it to prefer direct answers to hedging ones (DPO),
+# merge the SFT and DPO models halfway, export the merged model to GGUF for llama.cpp (F32, Q8_0,
+# Q4_K_M), then measure on the held-out questions: accuracy before and after SFT, direct answers
+# before and after DPO, the merged model, and whether llama.cpp answers exactly as transformers does.
 
 [project]
 name = "llmforge-demo"
 seed = {seed}
 
 [[stages]]
+name = "curate"
+uses = "curate"                     # data curation: `llmforge data steps` lists the steps
+data = {{ path = "data/corpus.txt" }}   # blank-line separated documents
+# Unicode and whitespace clean-up, e-mail/phone/IP/API-key scrubbing, the quality heuristics (length,
+# repetition, symbol and digit ratios), and English only. The generated corpus is clean, so nothing
+# should go; the report (runs/<run>/stages/curate/artifacts/report/) says what each step did.
+# Deduplication is left out on purpose: the corpus states each fact several times (that repetition is
+# how the small model learns them); add "exact_dedup" or "near_dedup" to see how much it removes.
+steps = ["normalize", "pii", "quality", {{ step = "language", languages = ["en"] }}]
+
+[[stages]]
 name = "pretrain"
 uses = "pretrain"
-data = {{ path = "data/corpus.txt" }}   # blank-line separated documents
+data = {{ path = "@curate" }}          # the curated corpus (the curate stage's dataset artifact)
 vocab_size = {vocab_size}                 # at most: a byte-level BPE learns fewer merges on a small corpus
 template = "chatml"                 # reserve the chat markers now, so SFT needs no new tokens
 model = {model}           # Llama shape: `llmforge stages show pretrain` lists the presets

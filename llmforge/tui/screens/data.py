@@ -19,8 +19,18 @@ from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
-from textual.widgets import (Button, DataTable, DirectoryTree, Footer, Input, Label, Select, Static, TabbedContent,
-                             TabPane)
+from textual.widgets import (
+    Button,
+    DataTable,
+    DirectoryTree,
+    Footer,
+    Input,
+    Label,
+    Select,
+    Static,
+    TabbedContent,
+    TabPane,
+)
 from textual.worker import get_current_worker
 
 from llmforge.errors import ForgeError
@@ -73,22 +83,6 @@ class Inspection:
         return text
 
 
-def encode_row(tok: Any, template: Any, kind: str, row: dict, max_length: int,
-               train_on: str) -> tuple[list[int], list[int], bool]:
-    """(input ids, labels, truncated) for one row, exactly as `llmforge data inspect` tokenizes it."""
-    from llmforge.chat import encode_chat
-
-    if kind == "chat":
-        enc = encode_chat(tok, template, row["messages"], max_length=max_length, train_on=train_on)
-        return enc.input_ids, enc.labels, enc.truncated
-    if kind == "text":
-        ids = tok(row["text"], add_special_tokens=False)["input_ids"]
-        return ids[:max_length], ids[:max_length], len(ids) > max_length
-    # preference: the prompt with the chosen answer, which is what is trained towards
-    enc = encode_chat(tok, template, row["prompt"] + row["chosen"], max_length=max_length, train_on="last_turn")
-    return enc.input_ids, enc.labels, enc.truncated
-
-
 def inspect_data(data: str, model: Path | None, template: str | None, max_length: int, train_on: str,
                  base: Path, progress=None, cancelled=lambda: False) -> Inspection | None:
     """Read the data like a stage (bad rows skipped; `data` relative to `base`, and shown as written)
@@ -102,14 +96,9 @@ def inspect_data(data: str, model: Path | None, template: str | None, max_length
     if model is None:
         out.lengths = [len(json.dumps(r, ensure_ascii=False)) for r in ds.rows]
         return out
-    from transformers import AutoTokenizer
+    from llmforge.chat import encode_row, load_chat_tokenizer
 
-    from llmforge.chat import apply_template, resolve_template
-
-    tok = AutoTokenizer.from_pretrained(str(model))
-    if ds.kind != "text":
-        out.template = resolve_template(template or None, tok, base_dir=base)
-        apply_template(tok, out.template)
+    tok, out.template = load_chat_tokenizer(model, template, base, ds.kind)
     out.tokenizer = tok
     for i, row in enumerate(ds.rows):
         if i % 200 == 0:
@@ -385,6 +374,8 @@ class DataScreen(Screen):
     def show_row(self, index: int) -> None:
         """Render one row: through the template with its loss mask, or as read without a tokenizer."""
         from rich.text import Text
+
+        from llmforge.chat import encode_row
 
         result = self.result
         if result is None or not 0 <= index < len(result.rows):

@@ -1,0 +1,186 @@
+"""The `curate` stage: rows from one source (``data``) or several (``mix``) through curation steps,
+written as a dataset artifact that a training stage reads with ``data = { path = "@curate" }``.
+
+Artifacts:
+
+* ``dataset``: ``data.jsonl``, the kept rows in their normalised shape (text, messages, or
+  prompt/chosen/rejected), which every training stage reads;
+* ``report``: ``report.json`` (rows in and out, per step what it kept, removed by reason and rewrote,
+  examples of removed rows; the mix's shares), ``report.md`` (the same for people) and
+  ``reasons.jsonl`` (one line per removed row: ``source``, ``step``, ``code``, ``reason``).
+
+With ``mix``, each source goes through the steps (one set of step instances, so deduplication also
+works across sources), its kept rows are parked in the stage's work folder, and then the mix takes its
+shares from them: shares are of curated data, and up-sampled repeats are not mistaken for duplicates.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from llmforge_plugins.curate.mix import MixOptions
+from pydantic import Field, model_validator
+
+from llmforge.data import DataOptions
+from llmforge.errors import Problem
+from llmforge.stage import Stage, StageOptions
+
+DEFAULT_STEPS = ["normalize", "exact_dedup", "near_dedup", "quality"]
+
+
+class CurateOptions(StageOptions):
+    data: DataOptions | None = Field(None, description="The rows to curate (as a training stage's `data`).")
+    mix: MixOptions | None = Field(None, description="Several sources, each curated, then mixed by ratio, budget "
+                                                     "or epochs (instead of `data`).")
+    steps: list[str | dict[str, Any]] = Field(
+        default_factory=lambda: list(DEFAULT_STEPS),
+        description="Curation steps in order: names, or tables {step = \"name\", option = value}. "
+                    "`llmforge data steps` lists them.")
+    examples: int = Field(5, ge=0, le=1000, description="Examples of removed rows kept per step in the report.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.data is None) == (self.mix is None):
+            raise ValueError("give `data` (one source) or `mix` (several), not both" if self.data else
+                             "give `data` (one source) or `mix` (several sources)")
+        return self
+
+
+class CurateStage(Stage):
+    name = "curate"
+    summary = "Clean, deduplicate, filter, decontaminate and mix data; writes a dataset other stages read."
+    Options = CurateOptions
+    produces = ("dataset", "report")
+    version = "1"
+    cache_libraries = ("numpy",)
+    #: under a launching backend (accelerate, deepspeed) curation still runs once, in the run's process
+    distributed = False
+
+    def check(self, options: CurateOptions, inputs) -> list[Problem]:
+        from llmforge_plugins.curate.registry import parse_steps
+
+        _, problems = parse_steps(options.steps)
+        return problems
+
+    def cache_key_extra(self, options: CurateOptions, project_dir: Path) -> dict:
+        from llmforge_plugins.curate.registry import fingerprints, parse_steps
+
+        # The sources and mix.tokenizer are inputs the pipeline fingerprints; files named inside step
+        # options (evaluation sets, a tokenizer) are not, so they are fingerprinted here.
+        parsed, problems = parse_steps(options.steps)
+        return {} if problems else fingerprints(parsed, project_dir)
+
+    def run(self, options: CurateOptions, ctx) -> None:
+        from llmforge_plugins.curate import engine
+        from llmforge_plugins.curate import report as reports
+        from llmforge_plugins.curate.registry import build_steps
+        from llmforge_plugins.curate.source import JsonlWriter
+
+        from llmforge.curation import StepEnv
+        from llmforge.data import ReadState, iter_rows
+
+        env = StepEnv(base_dir=ctx.project_dir, seed=ctx.seed, log=ctx.log)
+        steps = build_steps(options.steps, env)
+        ctx.log("steps: " + (" -> ".join(s.name for s in steps) or "none"))
+        reasons_tmp = ctx.work_dir / "reasons.jsonl"
+        reasons = engine.ReasonsFile(reasons_tmp)
+        curator = engine.Curator(steps, reasons, examples=options.examples)
+        started = time.monotonic()
+        last = [0.0]
+
+        def progress(rows_in: int, rows_out: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 1.0:
+                last[0] = now
+                ctx.progress(rows_in, None, unit="row", kept=rows_out)
+
+        def skipped(where: str, reason: str) -> None:
+            reasons.add(where, "read", "bad_row", reason)
+
+        sources = [(None, options.data)] if options.data is not None else \
+            [(s.label(i), s.data) for i, s in enumerate(options.mix.sources)]
+        reads: list[dict] = []
+        committed = False
+        try:
+            curated: list[Path] = []
+            for label, data in sources:
+                state = ReadState()
+                rows = iter_rows(data, None, expect=("text", "chat", "preference"), state=state, on_skip=skipped)
+                target = ctx.work_dir / f"source-{len(curated)}.jsonl" if options.mix is not None else None
+                if target is None:
+                    with ctx.artifact("dataset") as out:
+                        with JsonlWriter(out / "data.jsonl") as writer:
+                            for _, row in curator.run(rows, ctx.should_stop, progress):
+                                writer.write(row)
+                            if ctx.should_stop():
+                                return
+                            _nothing_kept(curator)
+                            writer.commit()
+                else:
+                    with JsonlWriter(target) as writer:
+                        for _, row in curator.run(rows, ctx.should_stop, progress):
+                            writer.write(row)
+                        if ctx.should_stop():
+                            return
+                        writer.commit()
+                    curated.append(target)
+                reads.append({"source": label, **state.to_json()})
+                ctx.log(f"read {state.rows} {state.kind} rows ({state.format} format) from "
+                        f"{', '.join(state.files)}" + (f" for source {label}" if label else "")
+                        + (f"; {state.skipped} bad rows skipped" if state.skipped else ""))
+            curator.finish()
+            mixed = None
+            if options.mix is not None:
+                _nothing_kept(curator)
+                mixed = self._mix(options.mix, curated, ctx)
+            report = curator.report()
+            report["read"] = reads
+            report["elapsed_s"] = round(time.monotonic() - started, 3)
+            if mixed is not None:
+                report["mix"] = mixed
+                report["rows_out"] = mixed["rows"]
+            reasons.commit()
+            committed = True
+        finally:
+            if not committed:  # an error, or a stop request: no half-written reasons file stays behind
+                reasons.discard()
+        for line in engine.summary_lines(report):
+            ctx.log(line.strip() if line.startswith("  ") else line)
+        with ctx.artifact("report") as out:
+            reasons_tmp.replace(out / "reasons.jsonl")
+            engine.write_json(out / "report.json", report)
+            (out / "report.md").write_text(reports.markdown(report), encoding="utf-8")
+        ctx.info["curate"] = {"rows_in": report["rows_in"], "rows_out": report["rows_out"],
+                              "removed": {st["step"]: st["removed"] for st in report["steps"]},
+                              "changed": {st["step"]: st["changed"] for st in report["steps"] if st["changed"]}}
+        ctx.emit("curated", rows_in=report["rows_in"], rows_out=report["rows_out"],
+                 removed={st["step"]: st["removed"] for st in report["steps"]})
+
+    def _mix(self, options: MixOptions, curated: list[Path], ctx) -> dict:
+        from llmforge_plugins.curate import mix as mixing
+        from llmforge_plugins.curate.source import JsonlWriter, read_curated
+
+        readers = [(lambda p=p: read_curated(p)) for p in curated]
+        with ctx.artifact("dataset") as out:
+            with JsonlWriter(out / "data.jsonl") as writer:
+                report = mixing.mix(options, lambda where, row: writer.write(row), base=ctx.project_dir,
+                                    seed=ctx.seed, readers=readers)
+                writer.commit()
+        for src in report["sources"]:
+            ctx.log(f"mix: {src['name']}: {src['rows']} rows, {src['units']:g} {report['unit']} "
+                    f"({src['share']:.1%} of the output, {src['epochs']:g} epochs)")
+        return report
+
+
+def _nothing_kept(curator) -> None:
+    """Fail the stage (before publishing an empty dataset) when the steps removed every row."""
+    if curator.rows_out:
+        return
+    from llmforge.errors import DataError
+
+    why = "; ".join(f"{b.name} removed {b.removed}" + (f" ({', '.join(f'{c} {n}' for c, n in b.by_code.most_common())})"
+                                                       if b.by_code else "") for b in curator.books if b.removed)
+    raise DataError(f"curate kept none of the {curator.rows_in} rows: {why}",
+                    hint="loosen the steps' options; the report of a run with fewer steps shows what each removes")
