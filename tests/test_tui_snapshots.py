@@ -34,7 +34,7 @@ SIZE = (100, 30)
 # 2026-01-05 10:15:00 UTC; the run ids are what the runner would name runs started then.
 T0 = calendar.timegm((2026, 1, 5, 10, 15, 0))
 FAILED, STOPPED, DONE = "20260105-101500-3f2a", "20260105-102210-8c1d", "20260105-104530-e5b7"
-STAGES = ("pretrain", "sft", "dpo", "merge", "gguf", "eval")
+STAGES = ("curate", "pretrain", "sft", "dpo", "merge", "gguf", "eval")
 
 # What the hardware panel shows: an 8-core machine without an NVIDIA GPU.
 FIXED_USAGE = dict(cpu_pct=37.5, cpu_count=8, ram_used_gb=9.6, ram_total_gb=31.2, disk_free_gb=212.4,
@@ -49,10 +49,16 @@ name = "tui-demo"
 seed = 42
 
 [[stages]]
+name = "curate"
+uses = "shell"
+command = "echo cleaning the corpus"
+inputs = { corpus = "data/corpus.txt" }
+
+[[stages]]
 name = "pretrain"
 uses = "shell"
 command = "echo training a tokenizer and a small Llama"
-inputs = { corpus = "data/corpus.txt" }
+inputs = { corpus = "@curate" }
 timeout = 3600   # seconds
 
 [[stages]]
@@ -215,6 +221,12 @@ class RunWriter:
         end = t + 3 + (stop_at or steps) * step_s
         return end, last
 
+    def curate(self, t: float) -> None:
+        """The corpus through `curate`, in a moment (a generated corpus has nothing to remove)."""
+        self.start(t, "curate")
+        self.log(t + 0.04, "curate", "curate: kept 3197 of 3197 rows (normalize: 0 rewritten)")
+        self.end(t + 0.08, "curate", "done", ("dataset",), {"rows_in": 3197, "rows_out": 3197})
+
     def finish(self, t: float, status: str, exit_code: int) -> None:
         self.manifest.update(status=status, exit_code=exit_code, finished=t)
         self.emit(t, "run_end", status=status, exit_code=exit_code,
@@ -277,21 +289,21 @@ def write_runs(root: Path, vocab: int = 400) -> None:
     from llmforge.config import read_toml
 
     config = read_toml(root / "forge.toml")
-    assert [s["name"] for s in config["stages"]] == list(STAGES), "the runs are of the demo's six stages"
+    assert [s["name"] for s in config["stages"]] == list(STAGES), "the runs are of the demo's seven stages"
     uses = {s["name"]: s["uses"] for s in config["stages"]}
     template = {"name": "chatml", "hash": "4be0ac5d21f3", "eos": "<|im_end|>"}
 
     # 1. failed in its first seconds
     run = RunWriter(root, FAILED, T0, config, uses)
-    run.start(T0 + 0.2, "pretrain")
-    run.log(T0 + 1.1, "pretrain", "reading data/corpus.txt")
-    run.end(T0 + 2.4, "pretrain", "failed",
-            error="DataError: data/corpus.txt: no text to train a tokenizer on (the file is empty)")
+    run.start(T0 + 0.2, "curate")
+    run.log(T0 + 1.1, "curate", "reading data/corpus.txt")
+    run.end(T0 + 2.4, "curate", "failed", error="DataError: data/corpus.txt: empty file (no rows)")
     run.finish(T0 + 2.5, "failed", 1)
 
     # 2. stopped from the monitor at step 240 of 500: a checkpoint, exit code 130
     t = calendar.timegm((2026, 1, 5, 10, 22, 10))
     run = RunWriter(root, STOPPED, t, config, uses)
+    run.curate(t + 0.1)
     end, last = run.train(t + 0.2, "pretrain", 500, lambda s: _pretrain_curve(s, scale=85, jitter=0.06),
                           stop_at=240)
     run.end(end, "pretrain", "stopped", info={"steps": 240})
@@ -300,6 +312,7 @@ def write_runs(root: Path, vocab: int = 400) -> None:
     # 3. done: every stage, with the models they made
     t = calendar.timegm((2026, 1, 5, 10, 45, 30))
     run = RunWriter(root, DONE, t, config, uses)
+    run.curate(t + 0.1)
     end, last = run.train(t + 0.2, "pretrain", 500, _pretrain_curve)
     tokenizer = train_tokenizer(root / "data" / "corpus.txt", vocab)
     run.log(t + 1.0, "pretrain", f"trained a byte-level BPE tokenizer: {len(tokenizer)} tokens")
