@@ -1,8 +1,8 @@
 """`demo`: the `llmforge demo` command and the `demo_eval` stage kind.
 
 `llmforge demo` writes a small self-contained project (a generated world of facts and sums, chat
-and preference data derived from it, and a documented forge.toml), runs pretrain -> SFT -> DPO ->
-merge (SFT and DPO models, halfway) -> evaluation on CPU, and ends with a summary table and the
+and preference data derived from it, and a documented forge.toml), runs curate -> pretrain -> SFT ->
+DPO -> merge (SFT and DPO models, halfway) -> GGUF -> evaluation on CPU, and ends with a summary table and the
 evaluation: held-out accuracy before and after SFT, direct (unhedged) answers before and after DPO.
 
 Imported at every `llmforge` start-up: only light modules at the top; the command and the stage

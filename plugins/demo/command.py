@@ -23,8 +23,8 @@ def demo(
     force: bool = typer.Option(False, "--force", help="Run every stage again, ignoring cached results."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the generated world and of training."),
 ) -> None:
-    """Train a tiny model end to end on CPU: pretrain -> SFT -> DPO -> merge on a generated world, then
-    evaluate.
+    """Train a tiny model end to end on CPU: curate -> pretrain -> SFT -> DPO -> merge -> GGUF on a
+    generated world, then evaluate.
 
     Writes a self-contained project (generated data and a documented forge.toml) into --dir and runs it.
     The full setting takes a few minutes on a 2-core CPU. Exit code: 0 done, 1 a stage failed, 130 stopped.
