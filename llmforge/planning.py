@@ -26,23 +26,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llmforge.presets import PRESETS  # the pretrain stage's sizes
+
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# The pretrain stage's size presets, as in llmforge_plugins.training.models.PRESETS (that module imports
-# torch; tests/test_plan.py keeps the two tables equal).
-PRESETS: dict[str, dict] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=176),
-    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                 intermediate_size=688),
-    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                  intermediate_size=1376),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
-                 intermediate_size=2048),
-    "smollm-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                        intermediate_size=1536),
-}
 
 # Bytes autograd keeps per token and per decoder layer in transformers' Llama implementation with SDPA
 # attention, as (per hidden unit, per KV unit, per MLP unit). Counted with torch's saved-tensor hooks over

@@ -106,24 +106,6 @@ def test_stats_command_counts_lengths_and_duplicates(dupes):
     assert "duplicates: exact 20 rows (8.3%), near (Jaccard >= 0.8) 20 more (8.3%)" in text.stdout, text.stdout
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    texts = [f"What is the capital of Land{i}? The capital of Land{i} is Town{i}." for i in range(200)]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    out = tmp_path_factory.mktemp("tok")
-    fast.save_pretrained(out)
-    return out
-
-
 def test_lint_command_reports_findings_truncation_and_exit_codes(tmp_path, tokenizer_dir):
     def chat(*turns):
         return {"messages": [{"role": r, "content": c} for r, c in turns]}

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import _env
 from training_data import DPO, PRETRAIN, SFT, write_data
 
@@ -45,13 +44,6 @@ def _big_sft_project(project) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # the arithmetic, against the real libraries
-
-
-def test_presets_are_the_training_plugins_presets():
-    from llmforge.planning import PRESETS
-    from llmforge_plugins.training.models import PRESETS as TRAINING
-
-    assert PRESETS == TRAINING
 
 
 @pytest.mark.parametrize("cfg", [
@@ -135,7 +127,12 @@ def test_activation_bytes_match_what_autograd_keeps(mode, lora):
 
 
 def test_memory_terms_follow_the_training_setup():
-    from llmforge.planning import Backend, Training, estimate_training, shape_from_config
+    from llmforge.planning import (
+        Backend,
+        Training,
+        estimate_training,
+        shape_from_config,
+    )
 
     shape = shape_from_config(LLAMA2_7B)
     P = shape.params()
