@@ -21,7 +21,8 @@ from textual.widgets import DataTable, Footer, Static
 
 # What a plugin may register besides stage kinds, as the registry names its tables.
 PROVIDES = {"readers": "readers", "row_formats": "row formats", "chat_templates": "chat templates",
-            "trackers": "trackers", "merge_methods": "merge methods"}
+            "trackers": "trackers", "merge_methods": "merge methods", "backends": "backends",
+            "curation_steps": "curation steps"}
 
 
 def load_registry_view():
