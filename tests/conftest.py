@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,14 @@ def tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
     fast.save_pretrained(out)
     return out
+
+
+async def until(pilot, cond, timeout: float = 60.0, what: str = "condition"):
+    """Let a Textual app run (under `run_test`) until `cond()` is true; its value, or an AssertionError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        await pilot.pause(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

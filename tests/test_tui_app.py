@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import run_cli
+from conftest import run_cli, until
 from training_data import PRETRAIN, write_data
 
 from llmforge.runs import STOP_REQUEST, RunStore, lock_is_live, read_lock, request
@@ -57,16 +56,6 @@ def tui_project(project, monkeypatch):
 
 def state_of(project) -> AppState:
     return AppState.discover(project.config, project.runs)
-
-
-async def until(pilot, pred, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        await pilot.pause(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def manifest(run_dir: Path) -> dict:

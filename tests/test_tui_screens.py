@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import _env, until
 from pydantic import Field
 from rich.console import Console
 
@@ -26,20 +27,8 @@ from llmforge import hookimpl
 from llmforge.stage import Stage, StageOptions
 from llmforge.tui.screens.runs import COLUMNS
 
-from conftest import _env
-
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-async def until(pilot, cond, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        await pilot.pause(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def plain(renderable, width: int = 400) -> str:
@@ -242,13 +231,13 @@ def model_runs(tmp_path_factory):
     """A run that merges a tiny Llama (passthrough of its two layers: the same weights) and exports the
     merge to an F32 GGUF with the parity check: one HF model and one GGUF with its scorecard."""
     import torch
+    from llmforge_plugins.chat_templates import BUILTIN_TEMPLATES
+    from llmforge_plugins.training.models import model_config, train_tokenizer
     from transformers import LlamaForCausalLM
 
     from llmforge.pipeline import load_pipeline
     from llmforge.plugins import load_registry
     from llmforge.runner import RunRequest, run_pipeline
-    from llmforge_plugins.chat_templates import BUILTIN_TEMPLATES
-    from llmforge_plugins.training.models import model_config, train_tokenizer
 
     root = tmp_path_factory.mktemp("models")
     chatml = next(t for t in BUILTIN_TEMPLATES if t.name == "chatml")

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import until
 
 SIZE = (100, 30)
 
@@ -255,8 +256,9 @@ def _model_dir(folder: Path, vocab: int, tokenizer=None) -> None:
 
 def train_tokenizer(corpus: Path, vocab: int):
     """A tokenizer exactly as the pretrain stage trains one (byte-level BPE reserving chatml's tokens)."""
-    from llmforge.chat import apply_template, resolve_template
     from llmforge_plugins.training.models import train_tokenizer as pretrain_tokenizer
+
+    from llmforge.chat import apply_template, resolve_template
 
     template = resolve_template("chatml")
     docs = [d for d in corpus.read_text(encoding="utf-8").split("\n\n") if d.strip()]
@@ -382,16 +384,6 @@ def pin_live_values(setattr) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # driving each area to the state its picture shows (also used by docs/gen_tui_screenshots.py)
-
-
-async def until(pilot, cond, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        await pilot.pause(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _text(widget) -> str:
