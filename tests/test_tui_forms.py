@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
+from conftest import until
 
 from llmforge.tui import tomledit
 from llmforge.tui.tomledit import UNSET, Edit
@@ -89,16 +89,6 @@ def test_save_is_atomic_and_refuses_a_file_changed_on_disk(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-async def _until(pilot, predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        await pilot.pause(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _app(project, area: str):
     from llmforge.tui.app import LlmforgeApp
     from llmforge.tui.state import AppState
@@ -111,7 +101,7 @@ async def _screen(pilot, cls):
     def shown():
         stack = pilot.app.screen_stack
         return stack[-1] if stack and isinstance(stack[-1], cls) else None
-    return await _until(pilot, shown, what=cls.__name__)
+    return await until(pilot, shown, what=cls.__name__)
 
 
 def _text(static) -> str:
@@ -131,9 +121,9 @@ def test_config_form_rejects_a_bad_value_and_saves_a_good_one(project):
         app = _app(project, "config")
         async with app.run_test(size=(110, 40)) as pilot:
             screen = await _screen(pilot, ConfigScreen)
-            form = await _until(pilot, lambda: screen.form, what="the form")
+            form = await until(pilot, lambda: screen.form, what="the form")
             problems = screen.query_one("#problems")
-            await _until(pilot, lambda: _text(problems).startswith("valid"), what="the initial check")
+            await until(pilot, lambda: _text(problems).startswith("valid"), what="the initial check")
             assert [f.name for f in form.fields] == ["command", "inputs", "env", "timeout"]
 
             timeout = form.editor("timeout")
@@ -142,38 +132,38 @@ def test_config_form_rejects_a_bad_value_and_saves_a_good_one(project):
             await pilot.pause()
             await pilot.press("ctrl+a", "ctrl+k", "0")  # clear the field, type 0
             bad = "stages[0].timeout: must be > 0 (got 0)"
-            await _until(pilot, lambda: bad in _text(problems), what="the problem listed")
+            await until(pilot, lambda: bad in _text(problems), what="the problem listed")
             error = form.error("timeout")
             assert bad in _text(error)  # and under its field
 
             await pilot.press("ctrl+s")
-            await _until(pilot, lambda: any("not saved" in (n.title or "") for n in app._notifications),
+            await until(pilot, lambda: any("not saved" in (n.title or "") for n in app._notifications),
                          what="the refusal")
             assert project.config.read_bytes() == before
 
             stages = screen.query_one("#stage-select", Select)
             stages.value = 1  # another stage while edits are pending: refused, the edits stay
-            await _until(pilot, lambda: any("unsaved changes" in n.message for n in app._notifications),
+            await until(pilot, lambda: any("unsaved changes" in n.message for n in app._notifications),
                          what="the warning")
             assert screen.current == 0 and stages.value == 0 and timeout.value == "0"
 
             await pilot.press("backspace", "3", "0")
-            await _until(pilot, lambda: _text(problems).startswith("valid"), what="the problem gone")
+            await until(pilot, lambda: _text(problems).startswith("valid"), what="the problem gone")
             await pilot.press("ctrl+s")
-            await _until(pilot, lambda: project.config.read_bytes() != before, what="the save")
-            await _until(pilot, lambda: screen.form is not None and screen.form is not form, what="the reload")
+            await until(pilot, lambda: project.config.read_bytes() != before, what="the save")
+            await until(pilot, lambda: screen.form is not None and screen.form is not form, what="the reload")
             assert screen.form.editor("timeout").value == "30"
 
             # a choice (a bool) on the second stage: a key the file did not have is added to that stage
             stages.value = 1
-            form = await _until(pilot, lambda: screen.form if screen.form and screen.form.fields[0].name == "sources"
+            form = await until(pilot, lambda: screen.form if screen.form and screen.form.fields[0].name == "sources"
                                 else None, what="the second stage")
             flatten = form.editor("flatten")
             assert flatten.value is Select.NULL  # not set: the default applies
             flatten.value = 0  # true
             saved = project.config.read_bytes()
             await pilot.press("ctrl+s")
-            await _until(pilot, lambda: project.config.read_bytes() != saved, what="the second save")
+            await until(pilot, lambda: project.config.read_bytes() != saved, what="the second save")
             await app.workers.wait_for_complete()
             assert not app.unexpected_errors
 
@@ -194,7 +184,7 @@ def test_config_screen_without_a_forge_toml(tmp_path):
         app = LlmforgeApp(AppState(None, tmp_path / "runs"), area="config")
         async with app.run_test(size=(80, 24)) as pilot:
             screen = await _screen(pilot, ConfigScreen)
-            await _until(pilot, lambda: "no forge.toml" in _text(screen.query_one("#message")), what="message")
+            await until(pilot, lambda: "no forge.toml" in _text(screen.query_one("#message")), what="message")
             await pilot.press("ctrl+s")  # nothing to save, nothing breaks
             assert not app.unexpected_errors
 
@@ -222,7 +212,7 @@ def test_data_screen_shows_masks_lengths_and_bad_rows(project, tokenizer_dir):
             screen.query_one("#model-path", Input).value = str(tokenizer_dir)
             screen.query_one("#template", Input).focus()
             await pilot.press(*"chatml", "enter")
-            await _until(pilot, lambda: screen.result is not None, timeout=90, what="the data to load")
+            await until(pilot, lambda: screen.result is not None, timeout=90, what="the data to load")
             summary = _text(screen.query_one("#summary"))
             assert "data/chat.jsonl: 4 rows, format messages (chat), 1 bad rows skipped" in summary
             assert "truncated at 2048: 0 rows (0.0%)" in summary and "template chatml" in summary
@@ -238,7 +228,7 @@ def test_data_screen_shows_masks_lengths_and_bad_rows(project, tokenizer_dir):
             assert table.row_count == 4
             table.focus()
             await pilot.press("down")
-            await _until(pilot, lambda: "chat.jsonl:2" in screen.query_one("#row-text").content.plain,
+            await until(pilot, lambda: "chat.jsonl:2" in screen.query_one("#row-text").content.plain,
                          what="the second row")
 
             hist = _text(screen.query_one("#histogram"))
@@ -250,7 +240,7 @@ def test_data_screen_shows_masks_lengths_and_bad_rows(project, tokenizer_dir):
             # a folder that holds no tokenizer: an error notification, the app goes on
             screen.query_one("#model-path", Input).value = str(project.root / "data")
             await pilot.press("ctrl+l")
-            await _until(pilot, lambda: any(n.severity == "error" for n in app._notifications),
+            await until(pilot, lambda: any(n.severity == "error" for n in app._notifications),
                          timeout=60, what="the error")
             assert not app.unexpected_errors
 
