@@ -140,6 +140,8 @@ def load_registry(env: str | None | type(...) = ..., extra: list[tuple[str, Any]
     """Build a fresh registry: load entry points, then run the registration hooks plugin by plugin.
 
     `extra` adds (name, plugin object) pairs after the entry points (used by tests and embedders).
+    They are checked like entry points: one that implements an unknown (misspelt) hook, or whose name
+    is taken, is recorded in `errors` and left out, never raised.
     """
     if env is ...:
         env = os.environ.get(ENV_VAR)
@@ -184,7 +186,17 @@ def load_registry(env: str | None | type(...) = ..., extra: list[tuple[str, Any]
         for missing in sorted(wanted - found_dists):
             reg.errors.append(LoadError(missing, missing, f"{ENV_VAR} names '{missing}', which is not installed", ""))
     for name, obj in extra or []:
-        pm.register(obj, name=name)
+        # The same checks as an entry point: `extra` is how plugin authors test, so a misspelt hook
+        # must show up there, not only once the plugin is installed.
+        if pm.has_plugin(name) or any(p.name == name for p in reg.plugins):
+            reg.errors.append(LoadError(name, "(in-process)", f"a plugin named '{name}' is already loaded", ""))
+            continue
+        try:
+            _check_hook_names(obj)
+            pm.register(obj, name=name)
+        except Exception as exc:  # noqa: BLE001 - recorded like an entry point's failure
+            reg.errors.append(LoadError(name, "(in-process)", _short_error(exc), traceback.format_exc()))
+            continue
         reg.plugins.append(PluginInfo(name, "(in-process)", "", repr(obj), False))
 
     for info in reg.plugins:

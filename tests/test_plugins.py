@@ -283,3 +283,58 @@ def test_load_plugins_reports_a_name_that_is_not_installed(many):
     assert ENV_VAR in err["error"] and "not installed" in err["error"]
     out = flat(ok(text).stdout)
     assert "not-installed-xyz" in out and "not installed" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# plugins handed over in process (load_registry(extra=...)): how plugin authors test, so the same checks
+
+
+def test_in_process_plugin_with_a_misspelt_hook_is_reported_and_left_out():
+    import types
+
+    from llmforge import hookimpl
+    from llmforge.plugins import load_registry
+
+    class Observer:
+        @hookimpl
+        def on_evnt(self, event):  # misspelt: would never run
+            pass
+
+        @hookimpl
+        def validate_pipeline(self, pipeline):
+            return None
+
+    module = types.ModuleType("typo_module")
+
+    @hookimpl
+    def register_stage(register):  # misspelt: register_stages
+        pass
+
+    module.register_stage = register_stage
+
+    reg = load_registry(env="", extra=[("observer", Observer()), ("typo_module", module)])
+    errors = {e.plugin: e for e in reg.errors}
+    assert set(errors) == {"observer", "typo_module"}, reg.errors
+    assert errors["observer"].error == "ValueError: implements unknown hook 'on_evnt'; did you mean 'on_event'?"
+    assert errors["typo_module"].error == ("ValueError: implements unknown hook 'register_stage'; "
+                                           "did you mean 'register_stages'?")
+    assert errors["observer"].dist == "(in-process)" and "Traceback" in errors["observer"].details
+    # left out like a failing entry point: none of its hooks is called, so the error cannot go unnoticed
+    assert not {"observer", "typo_module"} & {p.name for p in reg.plugins}
+    assert reg.pm.get_plugin("observer") is None
+    assert not any(i.plugin_name == "observer" for i in reg.pm.hook.validate_pipeline.get_hookimpls())
+
+
+def test_in_process_plugin_with_a_taken_name_is_reported_not_raised():
+    from llmforge import hookimpl
+    from llmforge.plugins import load_registry
+
+    class Stageless:
+        @hookimpl
+        def validate_pipeline(self, pipeline):
+            return None
+
+    reg = load_registry(env="", extra=[("shell", Stageless()), ("mine", Stageless())])
+    assert [(e.plugin, e.error) for e in reg.errors] == [("shell", "a plugin named 'shell' is already loaded")]
+    assert [p.name for p in reg.plugins if not p.builtin] == ["mine"]
+    assert reg.stages["shell"].plugin == "shell"  # the built-in is untouched
