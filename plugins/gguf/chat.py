@@ -11,7 +11,8 @@ from: that is what `Reply.token_ids` lets a test check.
 
 A model without a chat template is driven as plain text completion: each prompt is continued.
 
-The engines import torch, transformers or llama_cpp when they are opened, never at import.
+The engines import torch and transformers when they are opened, never at import; llama.cpp runs in a child
+process (llmforge.native), so a native crash there is an error naming the file and the signal.
 """
 
 from __future__ import annotations
@@ -199,11 +200,13 @@ class HFEngine:
 
 
 class GGUFEngine:
+    """llama.cpp in a child process (llmforge.native): a native crash ends this engine with an error naming the
+    file and the signal, and the CLI, the TUI or the demo that asked goes on."""
+
     kind = "gguf"
 
     def __init__(self, path: Path, n_ctx: int | None = None, log: Callable | None = None):
-        import llama_cpp
-
+        from llmforge.native import LlamaModel
         from llmforge_plugins.gguf.quantize import gguf_field, read_gguf
 
         self.path = path
@@ -214,47 +217,38 @@ class GGUFEngine:
         self.trained = int(trained or 0)
         # More context than the model was trained on only makes llama.cpp warn, and answers degrade there.
         n_ctx = min(n_ctx or DEFAULT_N_CTX, int(trained)) if trained else (n_ctx or DEFAULT_N_CTX)
-        try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
-        except (ValueError, RuntimeError) as exc:
-            raise UsageError(f"{path}: llama.cpp cannot load this GGUF ({exc})",
-                             hint="the file may be truncated or written for another llama.cpp version") from exc
-        self._lib = llama_cpp
+        self.llm = LlamaModel(path, n_ctx=n_ctx, doing="running", vocab_texts=True)
         self.template = self.llm.metadata.get("tokenizer.chat_template") or None
         # llama.cpp rounds the context up (to 256); the prompt budget stays within what the model was trained on.
-        self.context = min(self.llm.n_ctx(), int(trained)) if trained else self.llm.n_ctx()
-        vocab = {self._text(i): i for i in range(self.llm.n_vocab())}
-        self.stops = {vocab[t] for t in END_TOKENS if t in vocab} | {self.llm.token_eos()}
+        self.context = min(self.llm.n_ctx, int(trained)) if trained else self.llm.n_ctx
+        texts = self.llm.token_texts
+        vocab = {t: i for i, t in enumerate(texts)}
+        self.stops = {vocab[t] for t in END_TOKENS if t in vocab} | {self.llm.token_eos} | set(self.llm.eog)
         self.stop_strings = _stop_strings(self.template)
-        self._bos = self._text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else None
-        self._eos = self._text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else None
+        self._bos = texts[self.llm.token_bos] if 0 <= self.llm.token_bos < len(texts) else None
+        self._eos = texts[self.llm.token_eos] if 0 <= self.llm.token_eos < len(texts) else None
         if log:
             log(f"loaded {path} with llama.cpp (context {self.context})")
-
-    def _text(self, token: int) -> str:
-        return self.llm._model.token_get_text(token)
 
     def render_variables(self) -> dict:
         return {k: v for k, v in (("bos_token", self._bos), ("eos_token", self._eos)) if v}
 
     def encode(self, text: str, *, chat: bool) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=not chat, special=chat)
+        return self.llm.tokenize(text, add_bos=not chat, special=chat)
 
     def generate(self, ids: list[int], *, temperature: float, seed: int) -> Iterator[int]:
-        self.llm.set_seed(seed)
         # top_k 0, top_p 1 and min_p 0 switch those samplers off: plain temperature sampling, as on the HF side.
-        yield from self.llm.generate(ids, temp=max(temperature, 0.0), top_k=0, top_p=1.0, min_p=0.0,
+        yield from self.llm.generate(ids, temp=max(temperature, 0.0), seed=seed, top_k=0, top_p=1.0, min_p=0.0,
                                      repeat_penalty=1.0)
 
     def decode(self, ids: list[int]) -> str:
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")
 
     def close(self) -> None:
-        # Freed now rather than by Llama.__del__ at interpreter exit, when llama_cpp's globals may be gone.
         self.llm.close()
 
     def is_stop(self, token: int) -> bool:
-        return token in self.stops or bool(self._lib.llama_vocab_is_eog(self.llm._model.vocab, token))
+        return token in self.stops
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ Per file:
 * size on disk and bits per weight (file bytes * 8 / the HF model's parameter count).
 
 Long texts are evaluated in windows no longer than the model's context (and WINDOW_MAX), each from an empty
-cache, on both sides alike. No heavy import at module level.
+cache, on both sides alike. llama.cpp runs in a child process (llmforge.native). No heavy import at module level.
 """
 
 from __future__ import annotations
@@ -164,32 +164,20 @@ def _hf_logits(net, windows) -> list:
     return out
 
 
-def _open_llama(path: Path, n_ctx: int):
-    import llama_cpp
-
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False)
-    except Exception as exc:
-        raise UsageError(f"{path}: llama.cpp cannot load this GGUF ({exc})") from None
-
-
 def _eval_gguf(path: Path, n_ctx: int, windows, hf_logits, probe_ids, vocab: int) -> dict:
-    import numpy as np
+    # llama.cpp runs in a child process (llmforge.native): a native crash there is a ForgeError naming this file
+    # and the signal, not the end of the run that asked for the scorecard.
+    from llmforge.native import LlamaModel
 
     start = time.monotonic()
-    llm = _open_llama(path, n_ctx)
-    try:
-        if llm.n_vocab() != vocab:
-            raise UsageError(f"{path}: vocabulary of {llm.n_vocab()} tokens, the HF model has {vocab}",
+    with LlamaModel(path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True) as llm:
+        if llm.n_vocab != vocab:
+            raise UsageError(f"{path}: vocabulary of {llm.n_vocab} tokens, the HF model has {vocab}",
                              hint="was this GGUF exported from this model?")
-        gg_probe = list(llm.tokenize(TOKENIZER_PROBE.encode("utf-8"), add_bos=False, special=False))
+        gg_probe = llm.tokenize(TOKENIZER_PROBE, add_bos=False, special=False)
         stats = _Stats()
         for ids, h in zip(windows, hf_logits):
-            llm.reset()
-            llm.eval(ids)
-            stats.add(h, np.array(llm.scores[:len(ids)], dtype=np.float32), ids)
-    finally:
-        llm.close()
+            stats.add(h, llm.logits(ids), ids)
     return {**stats.row(), **_tokenization(probe_ids, gg_probe), "seconds": round(time.monotonic() - start, 3)}
 
 
