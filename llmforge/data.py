@@ -80,6 +80,8 @@ class RowFormat:
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "chat"  # one of KINDS
     columns: ClassVar[tuple[str, ...]] = ()  # the columns that identify the format
+    #: every column ``normalize`` reads (default: ``columns``); the others are the row's own extras
+    fields: ClassVar[tuple[str, ...]] = ()
     priority: ClassVar[int] = 0  # when several formats match a row's columns, the highest wins
 
     def detect(self, columns: set[str]) -> bool:
@@ -87,6 +89,62 @@ class RowFormat:
 
     def normalize(self, row: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def restore(self, raw: dict, old: dict, new: dict) -> dict:
+        """``raw`` (a row of this format, its columns under our names) with the texts that a rewrite
+        changed from ``old`` (``normalize(raw)``) to ``new`` written back into the columns they came
+        from; every other column and key stays as it is. Used to write curated rows back as they came
+        in (`llmforge data filter`, the curate stage).
+
+        This default finds each changed text as a string value somewhere in the row and replaces it:
+        right for formats whose texts are copied from the row unchanged. A format that joins or
+        reshapes texts (alpaca's instruction and input in one turn) overrides it; a text it cannot
+        place is a RowError, never a silently dropped change."""
+        out = copy_row(raw)
+        for before, after in zip(texts_of(old), texts_of(new)):
+            if before != after and not _replace_string(out, before, after):
+                raise RowError("", f"cannot write a rewritten text back into the {self.name} columns "
+                                   f"(it is not one of the row's values); the row format needs a restore method")
+        return out
+
+
+def copy_row(value: Any) -> Any:
+    """A copy of a row's lists and dicts (not of the values in them), so that a restore can edit it."""
+    if isinstance(value, dict):
+        return {k: copy_row(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [copy_row(v) for v in value]
+    return value
+
+
+def texts_of(row: dict) -> list[str]:
+    """Every text of a normalised row, in order: the text, or each turn's content (prompt, chosen, rejected)."""
+    if "messages" in row:
+        return [m["content"] for m in row["messages"]]
+    if "chosen" in row:
+        return [m["content"] for key in ("prompt", "chosen", "rejected") for m in row[key]]
+    return [row["text"]]
+
+
+def _shape(row: dict) -> list:
+    if "messages" in row:
+        return ["messages", [m["role"] for m in row["messages"]]]
+    if "chosen" in row:
+        return [[m["role"] for m in row[k]] for k in ("prompt", "chosen", "rejected")]
+    return sorted(row)
+
+
+def _replace_string(container: Any, before: str, after: str) -> bool:
+    """Replace the first string value equal to ``before`` (depth first, in order) in place."""
+    items = container.items() if isinstance(container, dict) else enumerate(container) \
+        if isinstance(container, list) else ()
+    for key, value in items:
+        if isinstance(value, str) and value == before:
+            container[key] = after
+            return True
+        if isinstance(value, (dict, list)) and _replace_string(value, before, after):
+            return True
+    return False
 
 
 class DataOptions(StageOptions):
@@ -296,6 +354,94 @@ class ReadState:
                 "skipped": self.skipped, "first_skipped": self.first_skipped}
 
 
+@dataclass(frozen=True)
+class SourceRow:
+    """One row of the stream with what it came from: ``raw`` is the row as the reader read it (every
+    column, in the file's order, under the file's column names), ``row`` its normalised shape,
+    ``fmt`` and ``columns`` the row format and column mapping that turned one into the other.
+    :func:`restore_row` writes a rewritten ``row`` back into ``raw``."""
+
+    where: str
+    row: dict
+    raw: dict
+    fmt: RowFormat
+    columns: dict[str, str] = field(default_factory=dict)
+
+
+#: A hidden file in a dataset folder llmforge wrote (the curate stage's dataset artifact) that says how
+#: its rows are read: ``{"format": ..., "columns": {...}}``, the source's settings. The rows are kept as
+#: they came in, so a stage reading ``@curate`` needs them; hidden, so no reader takes it for data.
+DATASET_META = ".llmforge-data.json"
+
+
+def write_dataset_meta(folder: Path, fmt: str, columns: dict[str, str]) -> None:
+    from llmforge.runs import atomic_write_text
+
+    atomic_write_text(folder / DATASET_META, json.dumps({"format": fmt, "columns": columns}, indent=2) + "\n")
+
+
+def _dataset_meta(options: DataOptions, base: Path | None) -> DataOptions:
+    """``options`` with the format and column mapping of a dataset folder llmforge wrote, where the
+    user left them at their defaults (``format = "auto"``, no ``columns``) and every path is one."""
+    if options.format != "auto" or options.columns:
+        return options
+    metas = []
+    for path, _ in _paths(options, base):
+        try:
+            meta = json.loads((path / DATASET_META).read_text(encoding="utf-8")) if path.is_dir() else None
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict):
+            return options
+        metas.append(meta)
+    fmts = {m.get("format") for m in metas}
+    cols = [m.get("columns") or {} for m in metas]
+    if len(fmts) != 1 or any(c != cols[0] for c in cols) or not isinstance(cols[0], dict):
+        return options
+    return options.model_copy(update={"format": fmts.pop() or "auto", "columns": dict(cols[0])})
+
+
+def restore_row(src: SourceRow, new: dict) -> dict:
+    """The row to write for ``src`` once curation steps made ``new`` of its normalised row: ``src.raw``
+    itself when nothing changed, else ``src.raw`` with only the rewritten texts replaced (in the
+    columns they came from, under the user's column names). Every other column, key and value is
+    kept, in its order. A rewrite that changed more than texts (added or removed a turn) is a
+    DataError naming the row: such a row cannot be written back as it came in."""
+    if new == src.row:
+        return src.raw
+    if _shape(new) != _shape(src.row):
+        raise DataError(f"{src.where}: a rewrite step changed the row's turns or keys, not only its texts; "
+                        f"the row cannot be written back in its own columns",
+                        hint="rewrite steps may change texts (a text, the turns' contents), not the structure")
+    inverse = {theirs: ours for ours, theirs in src.columns.items()}
+    # The row under our column names, in the file's order; a column that carries one of our names but
+    # was mapped away is not the format's (the reader of the file did not use it), so it stays aside.
+    ours = {inverse.get(k, k): v for k, v in src.raw.items() if k in inverse or k not in src.columns}
+    try:
+        restored = src.fmt.restore(ours, src.row, new)
+    except RowError as exc:
+        raise DataError(f"{src.where}: {exc}") from None
+    out = {}
+    for key, value in src.raw.items():
+        if key in inverse:
+            out[key] = restored.get(inverse[key], value)
+        elif key in src.columns:
+            out[key] = value
+        else:
+            out[key] = restored.get(key, value)
+    for key, value in restored.items():  # a column the format filled in that the row did not have
+        if src.columns.get(key, key) not in out:
+            out[src.columns.get(key, key)] = value
+    return out
+
+
+def normalised_with_extras(src: SourceRow) -> dict:
+    """The row in its normalised shape, followed by the columns its format does not read (ids,
+    metadata): what a file that mixes row formats holds, since one file is read with one format."""
+    used = {src.columns.get(c, c) for c in (src.fmt.fields or src.fmt.columns)} if src.fmt is not None else set()
+    return {**src.row, **{k: v for k, v in src.raw.items() if k not in used and k not in src.row}}
+
+
 def iter_rows(options: DataOptions, base: Path | None = None, registry=None, expect: tuple[str, ...] = KINDS,
               state: ReadState | None = None, on_skip: Callable[[str, str], None] | None = None,
               on_row_error: Callable[[str, str], None] | None = None) -> Iterator[tuple[str, dict]]:
@@ -307,7 +453,18 @@ def iter_rows(options: DataOptions, base: Path | None = None, registry=None, exp
     rejected) go there instead, whatever the policy: that is how `data lint` reports them. Finding
     no usable row at all is an error, as for a training stage.
     """
+    for src in iter_records(options, base, registry, expect, state, on_skip, on_row_error):
+        yield src.where, src.row
+
+
+def iter_records(options: DataOptions, base: Path | None = None, registry=None, expect: tuple[str, ...] = KINDS,
+                 state: ReadState | None = None, on_skip: Callable[[str, str], None] | None = None,
+                 on_row_error: Callable[[str, str], None] | None = None) -> Iterator[SourceRow]:
+    """:func:`iter_rows`, each row as a :class:`SourceRow`: with the raw row it was read as, so that
+    curation can write rows back with all their columns."""
     from llmforge.plugins import get_registry
+
+    options = _dataset_meta(options, base)
 
     registry = registry or get_registry()
     readers: dict[str, Reader] = registry.readers
@@ -387,7 +544,7 @@ def iter_rows(options: DataOptions, base: Path | None = None, registry=None, exp
                             bad(where, reason)
                         continue
                     state.rows += 1
-                    yield where, norm
+                    yield SourceRow(where, norm, rec.data, fmt, options.columns)
                     if options.limit and state.rows >= options.limit:
                         return
             except DataError as exc:

@@ -34,7 +34,7 @@ import csv
 import json
 import re
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from llmforge.data import (DataOptions, Reader, Record, RowError, RowFormat, check_messages, content_text,
                            describe, require_assistant)
@@ -431,6 +431,36 @@ def _as_list(value: Any) -> Any:
     return value
 
 
+# Writing rewritten texts back (RowFormat.restore): a rewrite step (normalize, pii) changes the texts of
+# a normalised row; curation writes the row as it came in, with only those texts replaced in the place
+# they were read from. A JSON-encoded list (CSV) stays a JSON-encoded list.
+
+
+def _put_content(value: Any, text: str) -> Any:
+    """A message content with its text replaced: a string, or OpenAI-style text parts (joined when
+    read, so the new text goes in the first part and the other parts go)."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return [{**value[0], "text": text}]
+    return text
+
+
+def _set_turns(value: Any, texts: dict[int, str], key: Callable[[dict], str] = lambda turn: "content") -> Any:
+    """A list of turns (or a JSON-encoded one) with turn i's text set to texts[i]."""
+    if not texts:
+        return value
+    encoded = isinstance(value, str)
+    turns = [dict(t) if isinstance(t, dict) else t for t in (_as_list(value) if encoded else value)]
+    for i, text in texts.items():
+        k = key(turns[i])
+        turns[i][k] = _put_content(turns[i][k], text)
+    return json.dumps(turns, ensure_ascii=False) if encoded else turns
+
+
+def _changed(old: list[dict], new: list[dict], offset: int = 0) -> dict[int, str]:
+    """{position: new text} for the turns whose content a rewrite changed."""
+    return {i + offset: n["content"] for i, (o, n) in enumerate(zip(old, new)) if o["content"] != n["content"]}
+
+
 class TextFormat(RowFormat):
     name = "text"
     kind = "text"
@@ -440,12 +470,16 @@ class TextFormat(RowFormat):
     def normalize(self, row: dict) -> dict:
         return {"text": _string(_get(row, "text"), "text")}
 
+    def restore(self, raw: dict, old: dict, new: dict) -> dict:
+        return {**raw, "text": new["text"]}
+
 
 class AlpacaFormat(RowFormat):
     name = "alpaca"
     kind = "chat"
     columns = ("instruction", "output")
     priority = 20
+    fields = ("instruction", "input", "output", "system", "history")
 
     def normalize(self, row: dict) -> dict:
         instruction = _string(_get(row, "instruction"), "instruction", required=False)
@@ -472,6 +506,48 @@ class AlpacaFormat(RowFormat):
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
         return {"messages": messages}
 
+    def restore(self, raw: dict, old: dict, new: dict) -> dict:
+        out = dict(raw)
+        olds, news = old["messages"], new["messages"]
+        i = 0
+        if olds[0]["role"] == "system":
+            if olds[0] != news[0]:
+                out["system"] = news[0]["content"]
+            i = 1
+        pairs = len(olds) - i - 2
+        if pairs:
+            history = _as_list(raw["history"])
+            changed = [[olds[i + 2 * n + j]["content"] != news[i + 2 * n + j]["content"] for j in (0, 1)]
+                       for n in range(pairs // 2)]
+            if any(a or b for a, b in changed):
+                new_history = [[news[i + 2 * n + j]["content"] if changed[n][j] else pair[j] for j in (0, 1)]
+                               for n, pair in enumerate(history)]
+                out["history"] = (json.dumps(new_history, ensure_ascii=False) if isinstance(raw["history"], str)
+                                  else new_history)
+        user_old, user_new = olds[-2]["content"], news[-2]["content"]
+        if user_old != user_new:
+            out.update(self._split_user(raw, user_new))
+        if olds[-1]["content"] != news[-1]["content"]:
+            out["output"] = news[-1]["content"]
+        return out
+
+    @staticmethod
+    def _split_user(raw: dict, text: str) -> dict:
+        """instruction and input again from the rewritten user turn they were joined into."""
+        instruction, extra = raw["instruction"], _optional_string(raw, "input")
+        if not extra.strip():
+            return {"instruction": text}
+        if not instruction.strip():
+            return {"input": text}
+        # Split where the join put its blank line: at the same count of blank lines as the
+        # instruction holds (a rewrite of whitespace inside a text keeps that count).
+        n = len(instruction.split("\n\n"))
+        parts = text.split("\n\n")
+        old_parts = (instruction + "\n\n" + extra).split("\n\n")
+        if len(parts) == len(old_parts) and "\n\n".join(old_parts[:n]) == instruction:
+            return {"instruction": "\n\n".join(parts[:n]), "input": "\n\n".join(parts[n:])}
+        return {"instruction": text, "input": ""}  # the same user turn, read back: nothing is lost
+
 
 # ShareGPT speaker names as found in the wild, lower-cased. function_call is the assistant asking for
 # a tool (its value is the call); observation/function_response are what the tool returned.
@@ -489,6 +565,7 @@ class ShareGptFormat(RowFormat):
     kind = "chat"
     columns = ("conversations",)
     priority = 30
+    fields = ("conversations", "system")
 
     def normalize(self, row: dict) -> dict:
         conv = _as_list(_get(row, "conversations"))
@@ -519,6 +596,19 @@ class ShareGptFormat(RowFormat):
         require_assistant(messages, "conversations")
         return {"messages": messages}
 
+    def restore(self, raw: dict, old: dict, new: dict) -> dict:
+        out = dict(raw)
+        olds, news = old["messages"], new["messages"]
+        conv = _as_list(raw["conversations"])
+        if len(olds) == len(conv) + 1:  # the first turn came from the system column
+            if olds[0] != news[0]:
+                out["system"] = news[0]["content"]
+            olds, news = olds[1:], news[1:]
+        out["conversations"] = _set_turns(
+            raw["conversations"], _changed(olds, news),
+            key=lambda turn: "content" if "from" not in turn and "role" in turn else "value")
+        return out
+
 
 class MessagesFormat(RowFormat):
     name = "messages"
@@ -534,6 +624,9 @@ class MessagesFormat(RowFormat):
                         for m in messages]
         return {"messages": check_messages(messages, "messages", assistant=True)}
 
+    def restore(self, raw: dict, old: dict, new: dict) -> dict:
+        return {**raw, "messages": _set_turns(raw["messages"], _changed(old["messages"], new["messages"]))}
+
 
 class PreferenceFormat(RowFormat):
     """prompt/chosen/rejected; or, without a prompt, chosen/rejected as whole conversations that share
@@ -543,6 +636,7 @@ class PreferenceFormat(RowFormat):
     kind = "preference"
     columns = ("chosen", "rejected")
     priority = 40
+    fields = ("prompt", "chosen", "rejected")
 
     def normalize(self, row: dict) -> dict:
         chosen_raw, rejected_raw = _as_list(_get(row, "chosen")), _as_list(_get(row, "rejected"))
@@ -570,6 +664,31 @@ class PreferenceFormat(RowFormat):
         if chosen == rejected:
             raise RowError("rejected", "same as chosen: the pair teaches nothing")
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+    def restore(self, raw: dict, old: dict, new: dict) -> dict:
+        out = dict(raw)
+        prompt = _changed(old["prompt"], new["prompt"])
+        if raw.get("prompt") is None:
+            # chosen and rejected are whole conversations; their shared opening turns are the prompt
+            k = len(old["prompt"])
+            for side in ("chosen", "rejected"):
+                out[side] = _set_turns(raw[side], {**prompt, **_changed(old[side], new[side], k)})
+            return out
+        if isinstance(_as_list(raw["prompt"]), str):
+            if prompt:
+                out["prompt"] = new["prompt"][0]["content"]
+        else:
+            out["prompt"] = _set_turns(raw["prompt"], prompt)
+        for side in ("chosen", "rejected"):
+            value = _as_list(raw[side])
+            if isinstance(value, str):
+                if old[side] != new[side]:
+                    out[side] = new[side][0]["content"]
+                continue
+            # an answer list may repeat the prompt first (dropped when read): it follows the prompt's rewrite
+            skip = len(value) - len(old[side])
+            out[side] = _set_turns(raw[side], {**(prompt if skip else {}), **_changed(old[side], new[side], skip)})
+        return out
 
     @staticmethod
     def _prompt(prompt: list[dict]) -> list[dict]:

@@ -253,7 +253,9 @@ def test_curate_stage_feeds_a_training_stage(project):
     assert cur["info"]["curate"]["removed"] == {"normalize": 0, "exact_dedup": 5, "near_dedup": 0, "quality": 1,
                                                 "decontaminate": 1}
     dataset = Path(cur["artifacts"]["dataset"]["path"])
-    assert sorted(p.name for p in dataset.iterdir()) == ["data.jsonl"]
+    # the kept rows, and (hidden, so no reader takes it for data) how the training stage is to read them
+    assert sorted(p.name for p in dataset.iterdir()) == [".llmforge-data.json", "data.jsonl"]
+    assert json.loads((dataset / ".llmforge-data.json").read_text()) == {"format": "text", "columns": {}}
     kept = [r["text"] for r in _rows(dataset / "data.jsonl")]
     assert len(kept) == 40 and docs[3] not in kept and "Too short." not in kept
     report_dir = Path(cur["artifacts"]["report"]["path"])

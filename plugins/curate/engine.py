@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 from llmforge_plugins.curate.source import JsonlWriter, batched
 
 from llmforge.curation import CurationStep, Drop, row_kind, row_text, snippet
+from llmforge.data import SourceRow, restore_row
 
 BATCH = 1024  # rows per batch: large enough for numpy to pay off, small enough to stay flat
 
@@ -72,8 +73,13 @@ class Curator:
 
     def feed(self, wheres: list[str], rows: list[dict]) -> tuple[list[str], list[dict]]:
         """One batch through every step; returns the kept rows with their sources."""
+        kept_w, kept_r, _ = self._feed(wheres, rows, list(range(len(rows))))
+        return kept_w, kept_r
+
+    def _feed(self, wheres: list[str], rows: list[dict], order: list) -> tuple[list[str], list[dict], list]:
+        """``feed``, with ``order`` carried along: each row's place in the batch (reasons are written in
+        input order), which also finds the kept row's source record."""
         self.rows_in += len(rows)
-        order = list(range(len(rows)))  # each row's place in the batch: reasons are written in input order
         removed: list[tuple[int, str, str, str, str]] = []
         for step, book in zip(self.steps, self.books):
             if not rows:
@@ -111,7 +117,7 @@ class Curator:
             for _, where, step_name, code, reason in sorted(removed, key=lambda r: r[0]):
                 self.reasons.add(where, step_name, code, reason)
         self.rows_out += len(rows)
-        return wheres, rows
+        return wheres, rows, order
 
     def run(self, rows: Iterator[tuple[str, dict]], should_stop: Callable[[], bool] | None = None,
             progress: Callable[[int, int], None] | None = None) -> Iterator[tuple[str, dict]]:
@@ -121,6 +127,34 @@ class Curator:
                 return
             kept_w, kept_r = self.feed(wheres, batch)
             yield from zip(kept_w, kept_r)
+            if progress is not None:
+                progress(self.rows_in, self.rows_out)
+
+    def run_records(self, records: Iterator[SourceRow], should_stop: Callable[[], bool] | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> Iterator[SourceRow]:
+        """``run`` over ``llmforge.data.iter_records``: every kept row, as a SourceRow whose ``row`` is
+        what the steps made of it and whose ``raw`` is what to write: the row as it came in (every
+        column, in its order), with only the texts a rewrite step changed replaced
+        (``llmforge.data.restore_row``). Steps see the normalised rows, as in ``run``."""
+        batch: list[SourceRow] = []
+
+        def flush() -> Iterator[SourceRow]:
+            _, kept, places = self._feed([r.where for r in batch], [r.row for r in batch], list(range(len(batch))))
+            for row, place in zip(kept, places):
+                src = batch[place]
+                yield replace(src, row=row, raw=restore_row(src, row))
+
+        for rec in records:
+            batch.append(rec)
+            if len(batch) >= self.batch_size:
+                if should_stop is not None and should_stop():
+                    return
+                yield from flush()
+                batch = []
+                if progress is not None:
+                    progress(self.rows_in, self.rows_out)
+        if batch and not (should_stop is not None and should_stop()):
+            yield from flush()
             if progress is not None:
                 progress(self.rows_in, self.rows_out)
 

@@ -1,5 +1,8 @@
 """Curation of files, for the `llmforge data dedup|filter|mix` commands: a file (or folder) in, a
-JSON Lines file out (written under a temporary name and renamed), and a report."""
+file out (written under a temporary name and renamed), and a report. The output is parquet when its
+name ends in ``.parquet`` (with the input's column types when the input is parquet too), else JSON
+Lines. Rows are written as they came in: every column, in its order; only removed rows are missing
+and only the texts a rewrite step changed differ."""
 
 from __future__ import annotations
 
@@ -7,10 +10,10 @@ from pathlib import Path
 
 from llmforge_plugins.curate import engine
 from llmforge_plugins.curate.registry import build_steps
-from llmforge_plugins.curate.source import JsonlWriter
+from llmforge_plugins.curate.source import open_writer, parquet_schema
 
 from llmforge.curation import StepEnv
-from llmforge.data import DataOptions, ReadState, iter_rows
+from llmforge.data import DataOptions, ReadState, iter_records
 
 
 def curate_file(src: Path, out: Path, specs: list, fmt: str = "auto", skip_bad: bool = False,
@@ -29,10 +32,11 @@ def curate_file(src: Path, out: Path, specs: list, fmt: str = "auto", skip_bad: 
 
     curator = engine.Curator(steps, book, examples=examples)
     options = DataOptions(path=str(src), format=fmt, on_bad_row="skip" if skip_bad else "error")
+    schema = parquet_schema(options, base) if out.name.lower().endswith(".parquet") else None
     try:
-        with JsonlWriter(out) as writer:
-            for _, row in curator.run(iter_rows(options, base, state=state, on_skip=skipped)):
-                writer.write(row)
+        with open_writer(out, schema) as writer:
+            for src in curator.run_records(iter_records(options, base, state=state, on_skip=skipped)):
+                writer.write(src.raw)
             writer.commit()
         curator.finish()
         if book is not None:
@@ -56,8 +60,13 @@ def mix_file(recipe: Path, out: Path, seed: int | None = None) -> dict:
     options = read_recipe(recipe)
     if seed is not None:
         options = options.model_copy(update={"seed": seed})
-    with JsonlWriter(out) as writer:
-        report = mix(options, lambda where, row: writer.write(row), base=recipe.parent.resolve())
+    base = recipe.parent.resolve()
+    schema = None
+    if out.name.lower().endswith(".parquet"):
+        schemas = [parquet_schema(s.data, base) for s in options.sources]
+        schema = schemas[0] if all(x is not None and x.equals(schemas[0]) for x in schemas) else None
+    with open_writer(out, schema) as writer:
+        report = mix(options, writer.write, base=base)
         writer.commit()
     report["output"] = str(out)
     return report

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Callable, Iterator, Literal
 
 from pydantic import Field, model_validator
 
-from llmforge.data import DataOptions
+from llmforge.data import DataOptions, SourceRow
 from llmforge.errors import ConfigError, DataError, Problem
 from llmforge.stage import Input, StageOptions
 
@@ -163,8 +163,8 @@ def plan(options: MixOptions, sizes: list[SourceSize]) -> list[Plan]:
 # taking
 
 
-def take(rows: Callable[[], Iterator[tuple[str, dict]]], amount: float, size: SourceSize,
-         weight: Callable[[dict], float], rng: random.Random) -> Iterator[tuple[str, dict]]:
+def take(rows: Callable[[], Iterator[SourceRow]], amount: float, size: SourceSize,
+         weight: Callable[[dict], float], rng: random.Random) -> Iterator[SourceRow]:
     """``amount`` units of a source: whole passes, then selection sampling over one more pass."""
     if size.units <= 0 or amount <= 0:
         return
@@ -176,15 +176,15 @@ def take(rows: Callable[[], Iterator[tuple[str, dict]]], amount: float, size: So
         return
     remaining_seen = size.units
     remaining_take = rest
-    for where, row in rows():
-        w = weight(row)
+    for src in rows():
+        w = weight(src.row)
         if remaining_take > 0 and rng.random() * remaining_seen < remaining_take:
             remaining_take -= w
-            yield where, row
+            yield src
         remaining_seen -= w
 
 
-def interleave(streams: list[Iterator[tuple[str, dict]]], expected: list[float]) -> Iterator[tuple[int, str, dict]]:
+def interleave(streams: list[Iterator[SourceRow]], expected: list[float]) -> Iterator[tuple[int, SourceRow]]:
     """Merge streams so that each appears at its expected pace: always the one furthest behind."""
     heap = [(0.0, i) for i, n in enumerate(expected) if n > 0]
     heapq.heapify(heap)
@@ -195,7 +195,7 @@ def interleave(streams: list[Iterator[tuple[str, dict]]], expected: list[float])
         if item is None:
             continue
         done[i] += 1
-        yield i, item[0], item[1]
+        yield i, item
         heapq.heappush(heap, ((done[i] + 0.5) / expected[i], i))
 
 
@@ -213,26 +213,32 @@ def weight_fn(options: MixOptions, base: Path | None) -> tuple[Callable[[dict], 
     return (lambda row: float(count_words(row_text(row)))), "words (no tokenizer given)"
 
 
-def mix(options: MixOptions, write: Callable[[str, dict], None], base: Path | None = None, registry=None,
-        seed: int = 0, readers: list[Callable[[], Iterator[tuple[str, dict]]]] | None = None) -> dict:
-    """Mix the sources into ``write(where, row)``; return the report. ``readers`` replaces reading each
-    source's ``data`` (the curate stage mixes its curated sources)."""
-    from llmforge.data import iter_rows
+def mix(options: MixOptions, write: Callable[[dict], None], base: Path | None = None, registry=None,
+        seed: int = 0, readers: list[Callable[[], Iterator[SourceRow]]] | None = None) -> dict:
+    """Mix the sources into ``write(row)``; return the report. ``readers`` replaces reading each
+    source's ``data`` (the curate stage mixes its curated sources).
+
+    Rows are written as they came in, every column kept (``SourceRow.raw``). When the sources are in
+    different row formats (an alpaca file and a sharegpt file), one file could not be read back with
+    one format: then every row is written in its normalised shape, followed by its other columns
+    (``llmforge.data.normalised_with_extras``)."""
+    from llmforge.curation import row_kind
+    from llmforge.data import iter_records, normalised_with_extras
 
     weight, unit_name = weight_fn(options, base)
     if readers is None:
-        readers = [(lambda d=s.data: iter_rows(d, base, registry)) for s in options.sources]
+        readers = [(lambda d=s.data: iter_records(d, base, registry)) for s in options.sources]
     sizes = []
+    layouts = set()
     for read in readers:
         rows = units = 0
         kind = None
-        for _, row in read():
+        for src in read():
             rows += 1
-            units += weight(row)
+            units += weight(src.row)
             if kind is None:
-                from llmforge.curation import row_kind
-
-                kind = row_kind(row)
+                kind = row_kind(src.row)
+                layouts.add((src.fmt.name if src.fmt is not None else None, tuple(sorted(src.columns.items()))))
         sizes.append(SourceSize(rows, units, kind))
     kinds = {s.kind for s in sizes if s.kind}
     if len(kinds) > 1:
@@ -249,13 +255,15 @@ def mix(options: MixOptions, write: Callable[[str, dict], None], base: Path | No
         expected.append(p.amount / per_row if per_row else 0.0)
     taken_rows = [0] * len(plans)
     taken_units = [0.0] * len(plans)
-    for i, where, row in interleave(streams, expected):
+    as_written = (lambda src: src.raw) if len(layouts) <= 1 else normalised_with_extras
+    for i, src in interleave(streams, expected):
         taken_rows[i] += 1
-        taken_units[i] += weight(row)
-        write(where, row)
+        taken_units[i] += weight(src.row)
+        write(as_written(src))
     total_units = sum(taken_units) or 1.0
     return {
-        "by": options.by, "unit": unit_name, "seed": base_seed,
+        "by": options.by, "unit": unit_name, "seed": base_seed, "columns": "as read" if len(layouts) <= 1 else
+        "normalised (the sources are in different row formats), other columns kept",
         "rows": sum(taken_rows), "units": sum(taken_units),
         "sources": [{"name": p.name, "available_rows": p.size.rows, "available_units": p.size.units,
                      "planned_units": p.amount, "rows": taken_rows[i], "units": taken_units[i],

@@ -12,15 +12,57 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
-def read_curated(path: Path) -> Iterator[tuple[str, dict]]:
-    """Rows of a JSON Lines file this plugin wrote itself (normalised already): no format detection."""
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                yield f"{path}:{n}", json.loads(line)
+class Parking:
+    """Curated rows parked in a work file between the curate stage's two passes (curate each source,
+    then mix): each row with its normalised shape, its row as it came in (any Python value a reader
+    gives, parquet dates and decimals included: pickled, not JSON) and its format's name. A file of
+    this process's own, read back only by ``read_parked``; written under a temporary name."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        self._fh = open(self.tmp, "wb")
+        self._done = False
+
+    def write(self, src) -> None:
+        import pickle
+
+        pickle.dump((src.where, src.row, src.raw, src.fmt.name, src.columns), self._fh,
+                    protocol=pickle.HIGHEST_PROTOCOL)
+
+    def commit(self) -> None:
+        self._fh.close()
+        os.replace(self.tmp, self.path)
+        self._done = True
+
+    def __enter__(self) -> "Parking":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self._fh.close()
+            self.tmp.unlink(missing_ok=True)
+
+
+def read_parked(path: Path, registry=None) -> Iterator:
+    """The SourceRows of a file ``Parking`` wrote."""
+    import pickle
+
+    from llmforge.data import SourceRow
+    from llmforge.plugins import get_registry
+
+    formats = (registry or get_registry()).row_formats
+    with open(path, "rb") as fh:
+        while True:
+            try:
+                where, row, raw, fmt, columns = pickle.load(fh)
+            except EOFError:
+                return
+            yield SourceRow(where, row, raw, formats.get(fmt), columns)
 
 
 def batched(rows: Iterator[tuple[str, dict]], size: int) -> Iterator[tuple[list[str], list[dict]]]:
@@ -53,7 +95,7 @@ class JsonlWriter:
         self.rows = 0
 
     def write(self, row: dict) -> None:
-        self._fh.write(json.dumps(row, ensure_ascii=False))
+        self._fh.write(json.dumps(row, ensure_ascii=False, default=json_value))
         self._fh.write("\n")
         self.rows += 1
 
@@ -74,6 +116,133 @@ class JsonlWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self._fh.closed:
             self.discard()
+
+
+def json_value(value: Any) -> Any:
+    """A value JSON has no type for, as JSON Lines can hold it: rows are kept with every column, and
+    parquet and saved datasets have dates, decimals and bytes. (A .parquet output keeps the types.)"""
+    import base64
+    import datetime
+    import decimal
+
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    return str(value)
+
+
+class ParquetRowWriter:
+    """Rows to a parquet file, by batches, under a temporary name renamed into place by ``commit()``.
+    With ``schema`` (the input's, when it was parquet) every column keeps its arrow type; without, the
+    types are inferred from the first batch. A row that does not fit the schema is a DataError naming
+    the output file."""
+
+    batch_size = 1024
+
+    def __init__(self, path: Path, schema=None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        self.schema = schema
+        self._writer = None
+        self._pending: list[dict] = []
+        self._closed = False
+        self.rows = 0
+
+    def write(self, row: dict) -> None:
+        self._pending.append(row)
+        self.rows += 1
+        if len(self._pending) >= self.batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from llmforge.errors import DataError
+
+        if not self._pending:
+            return
+        try:
+            table = pa.Table.from_pylist(self._pending, schema=self.schema)
+            if self._writer is None:
+                self.schema = table.schema
+                self._writer = pq.ParquetWriter(self.tmp, table.schema)
+            self._writer.write_table(table)
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise DataError(f"{self.path}: cannot write these rows as parquet: {exc}",
+                            hint="rows whose columns differ in type cannot share one parquet file; write "
+                                 "JSON Lines instead (an output name ending in .jsonl)") from None
+        self._pending = []
+
+    def commit(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._flush()
+        if self._writer is None:  # no row at all: an empty file with the schema, when there is one
+            self._writer = pq.ParquetWriter(self.tmp, self.schema or pa.schema([]))
+        self._writer.close()
+        self._closed = True
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if self._writer is not None and not self._closed:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - the file is removed anyway
+                pass
+        self._closed = True
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ParquetRowWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._closed:
+            self.discard()
+
+
+def is_parquet(path: Path) -> bool:
+    return Path(path).name.lower().endswith(".parquet")
+
+
+def open_writer(path: Path, schema=None):
+    """The writer for an output file, by its name: parquet for ``.parquet``, else JSON Lines."""
+    return ParquetRowWriter(path, schema) if is_parquet(path) else JsonlWriter(path)
+
+
+def parquet_schema(options, base: Path | None = None, registry=None):
+    """The arrow schema the rows of ``options`` (a DataOptions) share when every file they name is a
+    parquet file with the same schema (so the output can keep the column types); else None."""
+    import pyarrow.parquet as pq
+
+    from llmforge.data import _paths, iter_files
+    from llmforge.errors import DataError
+    from llmforge.plugins import get_registry
+
+    readers = (registry or get_registry()).readers
+    schemas = []
+    try:
+        for root, _ in _paths(options, base):
+            for path, reader in iter_files([root], readers):
+                if not is_parquet(path):
+                    return None
+                schemas.append(pq.read_schema(path))
+    except (DataError, OSError, ValueError, ImportError):
+        return None  # reading the rows reports it
+    if not schemas or any(not s.equals(schemas[0]) for s in schemas[1:]):
+        return None
+    return schemas[0].remove_metadata()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@ written as a dataset artifact that a training stage reads with ``data = { path =
 
 Artifacts:
 
-* ``dataset``: ``data.jsonl``, the kept rows in their normalised shape (text, messages, or
-  prompt/chosen/rejected), which every training stage reads;
+* ``dataset``: ``data.jsonl`` (``data.parquet`` when the input is parquet files of one schema), the
+  kept rows as they came in (every column, in its order; only the texts a rewrite step changed
+  differ), and ``.llmforge-data.json``, the row format and column mapping they are read with, so that
+  a training stage reads ``@curate`` as the curate stage read its source;
 * ``report``: ``report.json`` (rows in and out, per step what it kept, removed by reason and rewrote,
   examples of removed rows; the mix's shares), ``report.md`` (the same for people) and
   ``reasons.jsonl`` (one line per removed row: ``source``, ``step``, ``code``, ``reason``).
@@ -76,10 +78,10 @@ class CurateStage(Stage):
         from llmforge_plugins.curate import engine
         from llmforge_plugins.curate import report as reports
         from llmforge_plugins.curate.registry import build_steps
-        from llmforge_plugins.curate.source import JsonlWriter
+        from llmforge_plugins.curate.source import Parking, open_writer, parquet_schema
 
         from llmforge.curation import StepEnv
-        from llmforge.data import ReadState, iter_rows
+        from llmforge.data import ReadState, iter_records, write_dataset_meta
 
         env = StepEnv(base_dir=ctx.project_dir, seed=ctx.seed, log=ctx.log)
         steps = build_steps(options.steps, env)
@@ -105,26 +107,33 @@ class CurateStage(Stage):
         committed = False
         try:
             curated: list[Path] = []
+            schemas = []
             for label, data in sources:
                 state = ReadState()
-                rows = iter_rows(data, None, expect=("text", "chat", "preference"), state=state, on_skip=skipped)
-                target = ctx.work_dir / f"source-{len(curated)}.jsonl" if options.mix is not None else None
+                rows = iter_records(data, None, expect=("text", "chat", "preference"), state=state, on_skip=skipped)
+                schemas.append(parquet_schema(data))
+                target = ctx.work_dir / f"source-{len(curated)}.rows" if options.mix is not None else None
                 if target is None:
+                    schema = schemas[0]
                     with ctx.artifact("dataset") as out:
-                        with JsonlWriter(out / "data.jsonl") as writer:
-                            for _, row in curator.run(rows, ctx.should_stop, progress):
-                                writer.write(row)
+                        with open_writer(out / ("data.parquet" if schema is not None else "data.jsonl"),
+                                         schema) as writer:
+                            layout = None
+                            for src in curator.run_records(rows, ctx.should_stop, progress):
+                                writer.write(src.raw)
+                                layout = layout or (src.fmt.name, src.columns)
                             if ctx.should_stop():
                                 return
                             _nothing_kept(curator)
                             writer.commit()
+                        write_dataset_meta(out, *layout)
                 else:
-                    with JsonlWriter(target) as writer:
-                        for _, row in curator.run(rows, ctx.should_stop, progress):
-                            writer.write(row)
+                    with Parking(target) as parked:
+                        for src in curator.run_records(rows, ctx.should_stop, progress):
+                            parked.write(src)
                         if ctx.should_stop():
                             return
-                        writer.commit()
+                        parked.commit()
                     curated.append(target)
                 reads.append({"source": label, **state.to_json()})
                 ctx.log(f"read {state.rows} {state.kind} rows ({state.format} format) from "
@@ -134,7 +143,8 @@ class CurateStage(Stage):
             mixed = None
             if options.mix is not None:
                 _nothing_kept(curator)
-                mixed = self._mix(options.mix, curated, ctx)
+                same = all(x is not None and x.equals(schemas[0]) for x in schemas)
+                mixed = self._mix(options.mix, curated, ctx, schemas[0] if same else None)
             report = curator.report()
             report["read"] = reads
             report["elapsed_s"] = round(time.monotonic() - started, 3)
@@ -158,20 +168,33 @@ class CurateStage(Stage):
         ctx.emit("curated", rows_in=report["rows_in"], rows_out=report["rows_out"],
                  removed={st["step"]: st["removed"] for st in report["steps"]})
 
-    def _mix(self, options: MixOptions, curated: list[Path], ctx) -> dict:
+    def _mix(self, options: MixOptions, curated: list[Path], ctx, schema) -> dict:
         from llmforge_plugins.curate import mix as mixing
-        from llmforge_plugins.curate.source import JsonlWriter, read_curated
+        from llmforge_plugins.curate.source import open_writer, read_parked
 
-        readers = [(lambda p=p: read_curated(p)) for p in curated]
+        from llmforge.data import write_dataset_meta
+
+        readers = [(lambda p=p: read_parked(p)) for p in curated]
+        layouts = {(src.fmt.name, tuple(sorted(src.columns.items())))
+                   for p in curated for src in _first(read_parked(p))}
+        if len(layouts) != 1:
+            schema = None  # the rows are written in their normalised shapes (see mix.mix)
         with ctx.artifact("dataset") as out:
-            with JsonlWriter(out / "data.jsonl") as writer:
-                report = mixing.mix(options, lambda where, row: writer.write(row), base=ctx.project_dir,
-                                    seed=ctx.seed, readers=readers)
+            with open_writer(out / ("data.parquet" if schema is not None else "data.jsonl"), schema) as writer:
+                report = mixing.mix(options, writer.write, base=ctx.project_dir, seed=ctx.seed, readers=readers)
                 writer.commit()
+            fmt, columns = next(iter(layouts)) if len(layouts) == 1 else ("auto", ())
+            write_dataset_meta(out, fmt, dict(columns))
         for src in report["sources"]:
             ctx.log(f"mix: {src['name']}: {src['rows']} rows, {src['units']:g} {report['unit']} "
                     f"({src['share']:.1%} of the output, {src['epochs']:g} epochs)")
         return report
+
+
+def _first(items):
+    for item in items:
+        return [item]
+    return []
 
 
 def _nothing_kept(curator) -> None:
