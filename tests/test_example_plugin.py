@@ -144,9 +144,21 @@ def test_load_plugins_env_var_can_leave_it_out(hello, project):
     assert named.returncode == 0, named.stderr
 
 
+def _fixture_plugin_args() -> list[str]:
+    """The example's tests use llmforge's fixtures, which llmforge's `pytest11` entry point brings. An
+    editable install made before that entry point existed lacks it in its metadata: name the plugin then
+    (harmless where the entry point is there, as it carries the module's name)."""
+    from importlib import metadata
+
+    if any(ep.name == "llmforge.testing" for ep in metadata.entry_points(group="pytest11")):
+        return []
+    return ["-p", "llmforge.testing"]
+
+
 def test_the_example_plugins_own_tests_pass_against_the_installed_copy(hello, tmp_path):
     # Run from an empty folder so that `import llmforge_hello` finds the pip-installed copy, not the source.
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE_PLUGIN / "tests")],
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *_fixture_plugin_args(),
+                          str(EXAMPLE_PLUGIN / "tests")],
                          cwd=tmp_path, env=_env([hello]), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert "5 passed" in res.stdout

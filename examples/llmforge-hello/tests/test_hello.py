@@ -1,50 +1,40 @@
 """Tests of the hello plugin, run in-process against llmforge's real pipeline and runner.
 
-The plugin module is handed to llmforge directly (``load_registry(extra=...)``), so these tests
-work from a source checkout whether or not the package is installed. ``env=""`` keeps other
-installed third-party plugins out of the way. Whether the entry point itself works is a question for
-an installed copy: ``llmforge plugins list`` shows it.
+They use the fixtures llmforge ships for plugin authors (llmforge/testing.py, a pytest plugin that
+installing llmforge makes available; no conftest.py needed):
+
+* ``llmforge_registry(plugin, ...)``: the built-in plugins plus this one, registered from the module
+  itself, so the tests work from a source checkout whether or not the package is installed. Other
+  installed third-party plugins stay out, and a load error (a misspelt hook, say) fails the test.
+* ``llmforge_project``: a temporary project; ``write()`` a forge.toml, ``problems()`` validates it,
+  ``run()`` runs it with the real runner and returns the run folder, the manifest and the events.
+
+Whether the entry point itself works is a question for an installed copy: ``llmforge plugins list``
+shows it.
 """
 
 from __future__ import annotations
 
-import textwrap
-from pathlib import Path
-
 import pytest
 
 import llmforge_hello
-from llmforge.errors import ConfigError
-from llmforge.pipeline import load_pipeline
-from llmforge.plugins import load_registry
-from llmforge.runner import RunRequest, run_pipeline
-from llmforge.runs import STOP_REQUEST, request
 
 
 @pytest.fixture
-def registry():
-    reg = load_registry(env="", extra=[("hello", llmforge_hello)])
-    assert not reg.errors, reg.errors
-    return reg
+def registry(llmforge_registry):
+    return llmforge_registry(llmforge_hello)
 
 
-def write_project(root: Path, text: str) -> Path:
-    path = root / "forge.toml"
-    path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
-    return path
-
-
-def output_of(result, stage: str) -> str:
-    art = Path(result.stages[stage]["artifacts"]["files"]["path"])
-    return (art / "greetings.txt").read_text(encoding="utf-8")
+def greetings_of(run, stage: str) -> str:
+    return (run.artifact(stage, "files") / "greetings.txt").read_text(encoding="utf-8")
 
 
 def test_greetings_repeat_each_name():
     assert llmforge_hello.greetings("Hi", ["Ada", "Grace"], 2) == ["Hi, Ada!", "Hi, Ada!", "Hi, Grace!", "Hi, Grace!"]
 
 
-def test_stage_reads_names_from_another_stage(tmp_path, registry):
-    config = write_project(tmp_path, """
+def test_stage_reads_names_from_another_stage(llmforge_project, registry):
+    llmforge_project.write("""
         [[stages]]
         name = "people"
         uses = "shell"
@@ -56,64 +46,54 @@ def test_stage_reads_names_from_another_stage(tmp_path, registry):
         greeting = "Hi"
         names = "@people"
     """)
-    result = run_pipeline(load_pipeline(config, registry=registry), RunRequest(), registry=registry)
-    assert result.exit_code == 0, result.stages
-    assert output_of(result, "greet") == "Hi, Ada!\nHi, Grace!\n"
+    run = llmforge_project.run(registry)
+    assert run.exit_code == 0, run.failure()
+    assert greetings_of(run, "greet") == "Hi, Ada!\nHi, Grace!\n"
+    assert "wrote 2 greetings for 2 names" in run.messages("greet")
+    assert run.metrics("greet") == [{"step": 2, "greetings": 2.0, "names": 2.0}]
 
 
-def test_bad_option_names_its_key(tmp_path, registry):
-    config = write_project(tmp_path, """
+def test_bad_option_names_its_key(llmforge_project, registry):
+    llmforge_project.write("""
         [[stages]]
         name = "greet"
         uses = "hello"
         times = 0
         greting = "Hi"
     """)
-    with pytest.raises(ConfigError) as info:
-        load_pipeline(config, registry=registry)
-    problems = {p.where: p.message for p in info.value.problems}
+    problems = llmforge_project.problems(registry)
     assert problems["stages[0].times"] == "must be >= 1 (got 0)"
     assert "did you mean 'greeting'" in problems["stages[0].greting"]
 
 
-def test_empty_names_file_fails_validation(tmp_path, registry):
-    (tmp_path / "names.txt").write_text("# nobody yet\n", encoding="utf-8")
-    config = write_project(tmp_path, """
+def test_empty_names_file_fails_validation(llmforge_project, registry):
+    llmforge_project.write("# nobody yet\n", name="names.txt")
+    llmforge_project.write("""
         [[stages]]
         name = "greet"
         uses = "hello"
         names = "names.txt"
     """)
-    with pytest.raises(ConfigError) as info:
-        load_pipeline(config, registry=registry)
-    (problem,) = info.value.problems
-    assert problem.where == "stages[0].names" and "no names found" in problem.message
+    problems = llmforge_project.problems(registry)
+    assert list(problems) == ["stages[0].names"] and "no names found" in problems["stages[0].names"]
 
 
-def test_stop_then_resume_continues_from_the_checkpoint(tmp_path, registry):
-    config = write_project(tmp_path, """
+def test_stop_then_resume_continues_from_the_checkpoint(llmforge_project, registry):
+    llmforge_project.write("""
         [[stages]]
         name = "greet"
         uses = "hello"
         times = 100
         delay = 0.01
     """)
-    pipe = load_pipeline(config, registry=registry)
-
-    def stop_early(event):
-        # Ask for a stop the way `llmforge stop` does, a few greetings in.
-        if event["type"] == "progress" and event["done"] == 5:
-            request(pipe.config.runs_dir / event["run"], STOP_REQUEST)
-
-    stopped = run_pipeline(pipe, RunRequest(listeners=[stop_early]), registry=registry)
+    # Ask for a stop the way `llmforge stop` does, five greetings in.
+    stopped = llmforge_project.run(registry, stop_when=lambda e: e["type"] == "progress" and e["done"] == 5)
     assert stopped.exit_code == 130 and stopped.stages["greet"]["status"] == "stopped"
     assert not (stopped.run_dir / "stages" / "greet" / "artifacts" / "files").exists()
     saved = (stopped.run_dir / "stages" / "greet" / "work" / "greetings.partial").read_text().splitlines()
     assert 5 <= len(saved) < 100
 
-    messages = []
-    resumed = run_pipeline(pipe, RunRequest(resume=True, listeners=[lambda e: messages.append(e.get("message"))]),
-                           registry=registry)
+    resumed = llmforge_project.run(registry, resume=True)
     assert resumed.run_id == stopped.run_id and resumed.exit_code == 0
-    assert f"resuming after {len(saved)} of 100 greetings" in messages
-    assert output_of(resumed, "greet") == "Hello, world!\n" * 100
+    assert f"resuming after {len(saved)} of 100 greetings" in resumed.messages("greet")
+    assert greetings_of(resumed, "greet") == "Hello, world!\n" * 100
