@@ -178,9 +178,8 @@ def apply_overrides(raw: dict, overrides: list[str], origins: dict[str, str] | N
             target = stages[names.index(head)]
             rest = parts[1:]
             path = f"stages[{names.index(head)}]"
-        elif head == "stages":
-            problems.append(Problem(f"--set {key}", "address a stage by its name: NAME.option=VALUE (stages: "
-                                    f"{', '.join(filter(None, names)) or 'none'})"))
+        elif head == "stages" or STAGE_INDEX_RE.match(head):
+            problems.append(Problem(f"--set {key}", _by_name_hint(head, rest_of(key), value, names)))
             continue
         else:
             problems.append(Problem(f"--set {key}", f"no section or stage named '{head}'"
@@ -200,6 +199,29 @@ def apply_overrides(raw: dict, overrides: list[str], origins: dict[str, str] | N
             target[rest[-1]] = parse_value(value.strip())
             origins[".".join([path, *rest])] = item
     return problems
+
+
+STAGE_INDEX_RE = re.compile(r"^stages\[(-?\d+)\]$")
+
+
+def rest_of(key: str) -> str:
+    return key.partition(".")[2]
+
+
+def _by_name_hint(head: str, rest: str, value: str, names: list) -> str:
+    """What to write instead of `stages[0].x=1` or `stages.x=1`: stages are addressed by name (an index
+    changes meaning when a stage is added or moved), so point at the name the index stands for."""
+    listed = ", ".join(str(n) for n in names if n) or "none"
+    m = STAGE_INDEX_RE.match(head)
+    if m is not None:
+        i = int(m.group(1))
+        name = names[i] if -len(names) <= i < len(names) else None
+        if isinstance(name, str) and name:
+            option = rest or "option"
+            return (f"stages are addressed by name, not by index: {head} is '{name}', so write "
+                    f"--set {name}.{option}={value.strip() or 'VALUE'} (stages: {listed})")
+        return f"stages are addressed by name, not by index; there is no {head} (stages: {listed})"
+    return f"address a stage by its name: NAME.option=VALUE (stages: {listed})"
 
 
 def _note_origins(problems: list[Problem], origins: dict[str, str]) -> list[Problem]:
@@ -270,9 +292,25 @@ def parse_config(path: str | Path | None, overrides: list[str] | None, registry)
     cfg = ForgeConfig(path=path, raw=raw, trackers=enabled, backend=backend, **sections)
     cfg.stages, stage_problems = _validate_stages(raw.get("stages", []), registry)
     problems += stage_problems
+    if "project" not in {p.where.split(".")[0] for p in problems}:
+        problems += _check_runs_dir(cfg)
     if not backend_problems and not stage_problems:
         problems += _check_backend(cfg, registry)
     return cfg, _note_origins(problems, origins)
+
+
+def _check_runs_dir(cfg: ForgeConfig) -> list[Problem]:
+    """`[project] runs_dir` must be a folder, or a path where one can be made: a file there (or in the way
+    of one of its parents) would otherwise fail the run when it creates its folder."""
+    target = cfg.runs_dir
+    for path in (target, *target.parents):
+        if path.exists():
+            if path.is_dir():
+                return []
+            where = "is a file" if path == target else f"cannot be created: {path} is a file"
+            return [Problem("project.runs_dir", f"{target} {where}; runs_dir must be a folder "
+                                                f"(got {cfg.project.runs_dir!r})")]
+    return []
 
 
 def _validate_backend(value: Any, registry) -> tuple[BackendSection, list[Problem]]:
