@@ -1,5 +1,10 @@
 """The TUI application: one screen per area, switched with keys 1..7, `?` for help, `q` to quit.
 
+Keys and text fields: while a text field (an Input or a TextArea) has the focus, the
+app's single-key bindings (1..7, `q`) do nothing, so typing `12` into a field never switches areas;
+`escape` leaves the field, and the keys work again. `q` (and `ctrl+q`) with unsaved edits in the Config
+area asks first: save, discard or cancel.
+
 Each area's screen lives in its own module, found through `SCREENS` and imported the first time the
 area is shown, so start-up imports only textual and this package (no torch, no pydantic: the
 Project screen loads the pipeline later, in a worker). A module that does not exist yet, or fails to
@@ -21,11 +26,12 @@ from __future__ import annotations
 import importlib
 import traceback
 
+from textual.actions import SkipAction
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Button, Footer, Static
 
 from llmforge.tui.state import AppState
 from llmforge.tui.widgets.tabs import AreaTabs
@@ -63,7 +69,7 @@ class HelpScreen(ModalScreen):
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
     HelpScreen > VerticalScroll {
-        width: 72; max-width: 100%; height: auto; max-height: 90%;
+        width: 76; max-width: 100%; height: auto; max-height: 90%;
         border: round $accent; background: $surface; padding: 0 1;
     }
     """
@@ -78,20 +84,77 @@ class HelpScreen(ModalScreen):
             yield Static(self.text, id="help-text", markup=False)
 
 
-def _help_text(screen: Screen) -> str:
-    lines = ["llmforge: keys", ""]
-    lines += [f"  {i}  {LABELS[a]}" for i, a in enumerate(AREAS, start=1)]
-    lines += ["  ?  this help", "  q  quit (detached runs keep going)", ""]
+# What the app's own keys do, as the help lists them.
+APP_KEYS = [
+    ("1 ... 7", "switch area: " + ", ".join(LABELS[a] for a in AREAS)),
+    ("?", "this help (escape closes it)"),
+    ("escape", "leave a text field, so that these keys work again"),
+    ("tab", "next part of the area (table, field, button); shift+tab goes back"),
+    ("q", "quit (runs started here keep going); asks first if the Config form has unsaved edits"),
+    ("ctrl+q", "quit from anywhere, even from a text field"),
+    ("ctrl+p", "command palette: theme, keys, quit"),
+]
+
+
+def _key_name(key: str) -> str:
+    names = {"question_mark": "?", "space": "space", "enter": "enter", "escape": "escape"}
+    return ", ".join(names.get(k.strip(), k.strip()) for k in key.split(","))
+
+
+def _help_text(screen: Screen, area: str | None = None) -> str:
+    """Plain words: each key and what it does, the app's first, then the area's (its `HELP` text and the
+    descriptions of its bindings). No class names, no docstrings: those are written for programmers."""
+    lines = ["Keys everywhere", ""]
+    lines += [f"  {key:<10} {what}" for key, what in APP_KEYS]
+    title = LABELS.get(area or getattr(screen, "area", ""), "")
     own = [b for b in getattr(screen, "BINDINGS", []) if isinstance(b, Binding)]
     own += [Binding(*b) for b in getattr(screen, "BINDINGS", []) if isinstance(b, tuple)]
-    if own:
-        lines.append(f"{type(screen).__name__}:")
+    about = getattr(screen, "HELP", "")
+    if title and (own or about) and not isinstance(screen, PlaceholderScreen):
+        lines += ["", f"{title} area", ""]
+        if about:
+            lines += [f"  {line}" if line else "" for line in about.strip().splitlines()] + [""]
         for b in own:
-            lines.append(f"  {b.key_display or b.key:<10} {b.description or b.action}")
-    doc = (type(screen).__doc__ or "").strip()
-    if doc and not isinstance(screen, PlaceholderScreen):
-        lines += ["", doc]
+            what = getattr(b, "tooltip", "") or b.description or b.action
+            lines.append(f"  {b.key_display or _key_name(b.key):<10} {what}")
     return "\n".join(lines)
+
+
+class ConfirmQuit(ModalScreen[str]):
+    """Asked by `q` while the Config form holds edits not saved: save, discard (quit anyway) or cancel."""
+
+    DEFAULT_CSS = """
+    ConfirmQuit { align: center middle; }
+    ConfirmQuit > Vertical {
+        width: 64; max-width: 100%; height: auto; border: round $warning; background: $surface; padding: 0 1;
+    }
+    ConfirmQuit #confirm-buttons { height: auto; align-horizontal: center; margin-top: 1; }
+    ConfirmQuit Button { margin: 0 1; min-width: 10; }
+    """
+    BINDINGS = [
+        Binding("s", "choose('save')", "Save and quit"),
+        Binding("d", "choose('discard')", "Quit without saving"),
+        Binding("escape,c", "choose('cancel')", "Cancel"),
+    ]
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(f"{self.what}\n\nSave them before quitting?", id="confirm-text", markup=False)
+            with Horizontal(id="confirm-buttons"):
+                yield Button("Save (s)", id="save", variant="primary", compact=True)
+                yield Button("Discard (d)", id="discard", variant="error", compact=True)
+                yield Button("Cancel (esc)", id="cancel", compact=True)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        self.dismiss(event.button.id)
+
+    def action_choose(self, choice: str) -> None:
+        self.dismiss(choice)
 
 
 def error_text(exc: BaseException) -> str:
@@ -106,9 +169,12 @@ def error_text(exc: BaseException) -> str:
 class LlmforgeApp(App):
     TITLE = "llmforge"
     BINDINGS = [
-        *(Binding(str(i), f"show('{a}')", LABELS[a], show=False) for i, a in enumerate(AREAS, start=1)),
+        # `area`, not `show`: refused while a form control has the focus (check_action); a click on the
+        # area tabs runs `show` and always works.
+        *(Binding(str(i), f"area('{a}')", LABELS[a], show=False) for i, a in enumerate(AREAS, start=1)),
         Binding("question_mark", "help", "Help", key_display="?"),
-        Binding("q", "quit", "Quit"),
+        Binding("escape", "leave_field", "Leave field", show=False),
+        Binding("q", "leave", "Quit"),
     ]
 
     def __init__(self, state: AppState | None = None, area: str = "project") -> None:
@@ -121,6 +187,63 @@ class LlmforgeApp(App):
 
     async def on_mount(self) -> None:
         await self.action_show(self.first_area)
+
+    # -- keys and text fields ----------------------------------------------------------------------
+
+    def editing(self) -> bool:
+        """Whether a text field has the focus: a key typed now is meant for it, not for the app. (A drop-down
+        takes no text: with one focused, the digits and `q` keep working.)"""
+        widget = self.focused
+        if widget is None:
+            return False
+        from textual.widgets import Input, TextArea
+
+        return isinstance(widget, (Input, TextArea))
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action in ("area", "leave") and self.editing():
+            return False  # the key goes nowhere (an Input has already taken printable keys)
+        return True
+
+    async def action_area(self, area: str) -> None:
+        await self.action_show(area)
+
+    def action_leave_field(self) -> None:
+        """escape: the focus leaves the text field, so the area's keys work again."""
+        if not self.editing():
+            raise SkipAction()
+        self.screen.set_focus(None)
+
+    async def action_leave(self) -> None:
+        await self.action_quit()
+
+    def unsaved(self) -> str | None:
+        """What would be lost by quitting now (the Config form's edits), or None."""
+        name = "area-config"
+        if not self.is_screen_installed(name):
+            return None
+        screen = self.get_screen(name)
+        describe = getattr(screen, "unsaved_text", None)
+        return describe() if callable(describe) else None
+
+    async def action_quit(self) -> None:
+        if isinstance(self.screen, ConfirmQuit):
+            return
+        what = self.unsaved()
+        if what is None:
+            self.exit()
+            return
+
+        async def answered(choice: str | None) -> None:
+            if choice == "discard":
+                self.exit()
+            elif choice == "save":
+                # Saved: the Config screen quits (its `quit_after_save`); refused: it stays, and says why.
+                config = self.get_screen("area-config")
+                await self.action_show("config")
+                config.action_save(quit_after=True)
+
+        self.push_screen(ConfirmQuit(what), answered)
 
     # -- areas -------------------------------------------------------------------------------------
 
@@ -179,7 +302,7 @@ class LlmforgeApp(App):
         if isinstance(self.screen, HelpScreen):
             self.pop_screen()
             return
-        self.push_screen(HelpScreen(_help_text(self.screen)))
+        self.push_screen(HelpScreen(_help_text(self.screen, self.area)))
 
     # -- errors ------------------------------------------------------------------------------------
 

@@ -5,6 +5,9 @@ schema (`validate_model`, the same function and key paths: `stages[1].learning_r
 then, a moment later in a worker, the whole file as it would be written (`load_pipeline`:
 references, input files, the stages' own checks). Saving writes through `tomledit`, which keeps the
 user's comments, blank lines and key order, and only when the edited stage has no problem left.
+
+A key the stage does not know (a typo: `flaten`) has no field; it is listed under the form with a
+Remove button, so that it can be taken out here (it would block every save of the stage otherwise).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Select, Static
+from textual.widgets import Button, Footer, Select, Static
 from textual.worker import get_current_worker
 
 from llmforge.errors import ConfigError, ForgeError, Problem
@@ -55,12 +58,42 @@ def _under(where: str, prefix: str) -> bool:
     return where == prefix or where.startswith((prefix + ".", prefix + "["))
 
 
+def unknown_keys(entry: Any, field_names: list[str]) -> list[str]:
+    """The keys of a stage table that no field edits (dotted, in file order): typos such as `flaten`,
+    or options of another stage kind. Tables of nested options are looked into (`lora.rr`)."""
+    names = set(field_names)
+    parents = {".".join(n.split(".")[:i]) for n in field_names for i in range(1, n.count(".") + 1)}
+    out: list[str] = []
+
+    def walk(table: Any, prefix: str) -> None:
+        for key in list(table.keys()):
+            dotted = f"{prefix}{key}"
+            if not prefix and key in ("name", "uses"):
+                continue
+            if dotted in names:
+                continue
+            if dotted in parents and isinstance(table[key], dict):
+                walk(table[key], dotted + ".")
+                continue
+            out.append(dotted)
+
+    walk(entry, "")
+    return out
+
+
 class ConfigScreen(Screen):
     """Pick a stage, edit its options, save (ctrl+s). Reload (ctrl+r) rereads forge.toml."""
 
+    HELP = """\
+Edit one stage of forge.toml through a form made from its options. An empty field means "not set"
+(the default applies). Problems show on the right and under their fields; a stage with a problem is
+not saved. Keys the stage does not know are listed under the form, each with a Remove button.
+Saving keeps your comments and layout."""
+
     BINDINGS = [
-        Binding("ctrl+s", "save", "Save"),
-        Binding("ctrl+r", "reload", "Reload"),
+        Binding("ctrl+s", "save", "Save", tooltip="save the changes to forge.toml (comments and layout kept)"),
+        Binding("ctrl+r", "reload", "Reload", tooltip="read forge.toml again, dropping unsaved edits"),
+        Binding("ctrl+g", "pick_stage", "Stage", tooltip="go to the stage picker and open it"),
     ]
 
     DEFAULT_CSS = """
@@ -72,6 +105,10 @@ class ConfigScreen(Screen):
     ConfigScreen #problems { height: auto; }
     ConfigScreen #message { padding: 1 2; }
     ConfigScreen .title { text-style: bold; }
+    ConfigScreen #unknown { height: auto; margin: 0 0 1 0; }
+    ConfigScreen .unknown-row { height: auto; }
+    ConfigScreen .unknown-row Static { width: 1fr; color: $text-warning; }
+    ConfigScreen .unknown-row Button { min-width: 10; width: auto; }
     """
 
     def __init__(self, app_state: Any, **kwargs: Any) -> None:
@@ -85,6 +122,10 @@ class ConfigScreen(Screen):
         self.revision = 0  # bumped on every change: a late full check of an older text is dropped
         self.problems: list[Problem] = []
         self._form: OptionsForm | None = None
+        self.unknown: list[str] = []  # keys of the shown stage that no field edits
+        self.removed: list[str] = []  # of those, the ones the user removed (saved with the form's edits)
+        self._refocus: str | None = None  # the field that had the focus when a save rebuilt the form
+        self._quit_after_save = False
 
     def compose(self):
         with Horizontal(id="config-head"):
@@ -194,20 +235,51 @@ class ConfigScreen(Screen):
         sources = {f.name: tomledit.source(entry, f.name) for f in fields}
         area = self.query_one("#form-area", VerticalScroll)
         self._form = None
+        self.unknown = unknown_keys(entry, [f.name for f in fields])
+        self.removed = []
         await area.remove_children()
         await area.mount(Static(f"{entry.get('name', '?')}: {uses} — {getattr(cls, 'summary', '')}",
                                 classes="title", markup=False))
+        if self.unknown:
+            await area.mount(self._unknown_box(entry))
         form = OptionsForm(fields, values, sources, id="options-form")
         await area.mount(form)
         self._form = form
         self._show_problems(self.problems)
+        refocus, self._refocus = self._refocus, None
+        if refocus is not None and refocus in {f.name for f in fields}:
+            # A save rebuilt the form: the user goes on typing where they were, not into the app's keys.
+            form.editor(refocus).focus()
+
+    def _unknown_box(self, entry: Any) -> Vertical:
+        rows = []
+        for i, key in enumerate(self.unknown):
+            shown = tomledit.source(entry, key) or "?"
+            rows.append(Horizontal(Static(f"{key} = {shown}   (not an option of this stage)", markup=False),
+                                   Button("Remove", id=f"remove-{i}", variant="warning", compact=True),
+                                   classes="unknown-row", id=f"unknown-{i}"))
+        return Vertical(Static("Unknown keys", classes="title"), *rows, id="unknown")
+
+    @on(Button.Pressed, ".unknown-row Button")
+    def _remove_unknown(self, event: Button.Pressed) -> None:
+        event.stop()
+        try:
+            index = int(str(event.button.id).removeprefix("remove-"))
+            key = self.unknown[index]
+            if key not in self.removed:
+                self.removed.append(key)
+            row = self.query_one(f"#unknown-{index}")
+            row.query_one(Static).update(f"{key}: removed (ctrl+s saves)")
+            event.button.disabled = True
+            self._edited()
+        except Exception as exc:  # noqa: BLE001 - a handler must not raise (see app.py)
+            self.app.show_error(exc)
 
     @on(Select.Changed, "#stage-select")
     async def _stage_chosen(self, event: Select.Changed) -> None:
         if event.value is Select.NULL or event.value == self.current:
             return
-        form = self.form
-        if form is not None and self.current is not None and form.changes():
+        if self.current is not None and self.edits():
             # Keep the user's edits: they are saved or dropped (reload) explicitly, never silently.
             with event.select.prevent(Select.Changed):
                 event.select.value = self.current
@@ -220,7 +292,17 @@ class ConfigScreen(Screen):
         form = self.form
         if form is None or self.current is None:
             return []
-        return [tomledit.Edit(self.current, name, value, typed) for name, (value, typed) in form.changes().items()]
+        out = [tomledit.Edit(self.current, name, value, typed) for name, (value, typed) in form.changes().items()]
+        return out + [tomledit.Edit(self.current, key, tomledit.UNSET) for key in self.removed]
+
+    def unsaved_text(self) -> str | None:
+        """What quitting now would lose (the app asks before it quits), or None when nothing."""
+        edits = self.edits()
+        if not edits or self.current is None:
+            return None
+        name = self.entries[self.current].get("name", f"stages[{self.current}]")
+        keys = ", ".join(dict.fromkeys(e.key for e in edits))
+        return f"forge.toml has unsaved edits in stage {name}: {keys}."
 
     def candidate(self) -> str:
         """The file's text with the form's changes made (what saving would write)."""
@@ -228,6 +310,9 @@ class ConfigScreen(Screen):
 
     @on(OptionsForm.Changed)
     def _form_changed(self, event: OptionsForm.Changed) -> None:
+        self._edited()
+
+    def _edited(self) -> None:
         if self.current is None:
             return
         self.revision += 1
@@ -302,13 +387,27 @@ class ConfigScreen(Screen):
         self.revision += 1
         self.load(self.current)
 
-    def action_save(self) -> None:
+    def action_pick_stage(self) -> None:
+        select = self.query_one("#stage-select", Select)
+        select.focus()
+        select.action_show_overlay()
+
+    def action_save(self, quit_after: bool = False) -> None:
         if self.path is None or self.current is None:
+            if quit_after:
+                self.app.exit()
             return
         edits = self.edits()
         if not edits:
+            if quit_after:
+                self.app.exit()
+                return
             self.app.notify("nothing to save", title="Config")
             return
+        self._quit_after_save = quit_after
+        form, focused = self.form, self.app.focused
+        if form is not None and focused is not None:
+            self._refocus = next((f.name for f in form.fields if form.editor(f.name) is focused), None)
         self.revision += 1
         self.save(self.path, self.text, edits, self.current)
 
@@ -330,15 +429,19 @@ class ConfigScreen(Screen):
             finally:
                 tmp.unlink(missing_ok=True)
         except ForgeError as exc:
-            self.app.call_from_thread(self.app.notify, exc.render(), title="Config: not saved", severity="error")
+            self.app.call_from_thread(self._save_failed, exc.render())
             return
         except Exception as exc:  # noqa: BLE001
-            self.app.call_from_thread(self.app.notify, f"{type(exc).__name__}: {exc}", title="Config: not saved",
-                                      severity="error")
+            self.app.call_from_thread(self._save_failed, f"{type(exc).__name__}: {exc}")
             return
         self.app.call_from_thread(self._saved, path, problems, index)
 
+    def _save_failed(self, text: str) -> None:
+        self._quit_after_save, self._refocus = False, None
+        self.app.notify(text, title="Config: not saved", severity="error")
+
     def _not_saved(self, problems: list[Problem], blocking: list[Problem]) -> None:
+        self._quit_after_save, self._refocus = False, None
         self.problems = list(problems)
         self._show_problems(problems)
         first = blocking[0]
@@ -349,4 +452,7 @@ class ConfigScreen(Screen):
         self.app.notify(f"saved {path.name}" + (f"; {len(problems)} problems elsewhere in the file"
                                                  if problems else ""),
                         title="Config", severity="warning" if problems else "information")
+        if self._quit_after_save:  # `q`, then "save" in the question: saved, so quit now
+            self.app.exit()
+            return
         self.load(index)

@@ -108,8 +108,12 @@ class ChatPanel(Vertical):
         self._answer(self.model, list(self.history), self.seed + len(self.history))
 
     def action_stop(self) -> None:
-        if self.answering:
-            self._stop.set()
+        if not self.answering:
+            # Nothing to stop: escape does what it does elsewhere (the app's binding leaves the field).
+            from textual.actions import SkipAction
+
+            raise SkipAction()
+        self._stop.set()
 
     def action_reset(self) -> None:
         if self.answering:
