@@ -112,6 +112,21 @@ def test_pipeline_greets_the_names_a_shell_stage_wrote(hello, project):
     assert open(f"{greeted}/greetings.txt").read() == "Hi, Ada!\nHi, Grace!\n"
 
 
+def test_help_with_it_installed_stays_light(hello):
+    """The import-time rule of docs/plugins.md, as the built-ins keep it: an entry-point module imports only
+    llmforge's hook marker, so `llmforge --help` loads neither pydantic nor anything heavy with it installed."""
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "llmforge", "--help"], env=_env([hello]),
+                         capture_output=True, text=True, timeout=60)
+    # the plugin was loaded: its command is listed (entry points are imported through importlib, which
+    # -X importtime does not time; the import statements inside them it does)
+    assert res.returncode == 0 and "Print greetings" in res.stdout, res.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in res.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "typer" in imported  # the measurement works
+    assert not imported & {"pydantic", "torch", "transformers", "llama_cpp", "peft", "trl", "accelerate",
+                           "deepspeed"}, imported
+
+
 def test_hello_command(hello):
     cmd, bad, help_ = _parallel(lambda: run_cli("hello", "forge", "-g", "Hi", "--times", "2", plugins=[hello]),
                                 lambda: run_cli("hello", "--times", "0", plugins=[hello]),

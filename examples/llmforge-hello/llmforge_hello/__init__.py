@@ -1,20 +1,21 @@
 """llmforge-hello: an example llmforge plugin.
 
-llmforge imports this module at every start-up (it is the entry point named in pyproject.toml), so
-it stays light: pydantic and llmforge's own API only. Heavy libraries, torch above all, belong
-inside ``Stage.run`` or inside a command's function, where they cost nothing until used.
+llmforge imports this module at every start-up, `llmforge --help` included (it is the entry point
+named in pyproject.toml), so it imports nothing but llmforge's hook marker. The stage module (pydantic)
+is imported inside the registration hook, which runs only when a command needs the stage table; torch
+and the like would belong inside ``Stage.run`` or a command's function, where they cost nothing until used.
 """
 
 from llmforge import hookimpl
 
-from llmforge_hello.stage import HelloOptions, HelloStage, greetings
-
 __version__ = "0.1.0"
-__all__ = ["HelloOptions", "HelloStage", "greetings", "register_stages", "register_commands"]
+__all__ = ["register_stages", "register_commands"]
 
 
 @hookimpl
 def register_stages(register):
+    from llmforge_hello.stage import HelloStage
+
     register(HelloStage)
 
 
@@ -31,5 +32,7 @@ def register_commands(cli):
         times: int = typer.Option(1, "--times", "-n", min=1, help="How many times."),
     ) -> None:
         """Print greetings, exactly as the hello stage would write them."""
+        from llmforge_hello.stage import greetings
+
         for line in greetings(greeting, [name], times):
             typer.echo(line)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import pytest
 
 import llmforge_hello
+from llmforge_hello.stage import greetings
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def greetings_of(run, stage: str) -> str:
 
 
 def test_greetings_repeat_each_name():
-    assert llmforge_hello.greetings("Hi", ["Ada", "Grace"], 2) == ["Hi, Ada!", "Hi, Ada!", "Hi, Grace!", "Hi, Grace!"]
+    assert greetings("Hi", ["Ada", "Grace"], 2) == ["Hi, Ada!", "Hi, Ada!", "Hi, Grace!", "Hi, Grace!"]
 
 
 def test_stage_reads_names_from_another_stage(llmforge_project, registry):
