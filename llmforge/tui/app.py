@@ -104,19 +104,21 @@ def _key_name(key: str) -> str:
 def _help_text(screen: Screen, area: str | None = None) -> str:
     """Plain words: each key and what it does, the app's first, then the area's (its `HELP` text and the
     descriptions of its bindings). No class names, no docstrings: those are written for programmers."""
-    lines = ["Keys everywhere", ""]
-    lines += [f"  {key:<10} {what}" for key, what in APP_KEYS]
+    lines: list[str] = []
     title = LABELS.get(area or getattr(screen, "area", ""), "")
     own = [b for b in getattr(screen, "BINDINGS", []) if isinstance(b, Binding)]
     own += [Binding(*b) for b in getattr(screen, "BINDINGS", []) if isinstance(b, tuple)]
     about = getattr(screen, "HELP", "")
     if title and (own or about) and not isinstance(screen, PlaceholderScreen):
-        lines += ["", f"{title} area", ""]
+        lines += [f"{title} area", ""]
         if about:
-            lines += [f"  {line}" if line else "" for line in about.strip().splitlines()] + [""]
+            lines += [" ".join(about.split()), ""]
         for b in own:
             what = getattr(b, "tooltip", "") or b.description or b.action
             lines.append(f"  {b.key_display or _key_name(b.key):<10} {what}")
+        lines.append("")
+    lines += ["Keys everywhere", ""]
+    lines += [f"  {key:<10} {what}" for key, what in APP_KEYS]
     return "\n".join(lines)
 
 

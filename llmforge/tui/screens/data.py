@@ -204,10 +204,14 @@ class DataScreen(Screen):
     """Choose a data file and a tokenizer, load (enter), then browse the rows with the arrow keys:
     trained tokens in green, masked ones dimmed. Lengths and bad rows are in the other tabs."""
 
+    HELP = """\
+Training data as a stage sees it: choose a data file and a tokenizer (a model of your runs, or any
+folder), then load. Trained tokens show in green, masked ones dimmed; lengths and bad rows in the tabs."""
+
     BINDINGS = [
-        Binding("ctrl+l", "load", "Load"),
-        Binding("ctrl+o", "pick_data", "Pick data"),
-        Binding("ctrl+t", "pick_model", "Pick tokenizer"),
+        Binding("ctrl+l", "load", "Load", tooltip="read (and tokenize) the data"),
+        Binding("ctrl+o", "pick_data", "Pick data", tooltip="choose the data file"),
+        Binding("ctrl+t", "pick_model", "Pick tokenizer", tooltip="choose a model of your runs, or a folder, for the tokenizer"),
     ]
 
     DEFAULT_CSS = """

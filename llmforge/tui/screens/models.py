@@ -223,9 +223,14 @@ class ModelsScreen(Screen):
     ModelsScreen ChatPanel { width: 1fr; }
     """
 
+    HELP = """\
+The models your runs made (model folders, LoRA adapters, GGUF files) with their size and where they
+came from. Chat with one: it loads when you send the first message. In the message field, enter sends,
+escape stops an answer (or leaves the field), ctrl+r starts a new conversation."""
+
     BINDINGS = [
-        Binding("c", "chat", "Chat with it"),
-        Binding("r", "reload", "Refresh"),
+        Binding("c", "chat", "Chat with it", tooltip="chat with the highlighted model (enter too)"),
+        Binding("r", "reload", "Refresh", tooltip="read the runs again"),
     ]
 
     def __init__(self, app_state, **kw):

@@ -42,10 +42,14 @@ class MonitorScreen(Screen):
     #mon-charts { grid-size: 3 2; grid-gutter: 0; height: 2fr; min-height: 10; }
     #mon-log { height: 1fr; min-height: 4; border: round $primary-darken-2; }
     """
+    HELP = """\
+Follows one run: the run picked in the Runs area, or the latest one. Charts of the training metrics,
+the progress of the current stage with its ETA, and the log."""
+
     BINDINGS = [
-        Binding("s", "stop", "Stop run"),
-        Binding("c", "checkpoint", "Checkpoint now"),
-        Binding("l", "latest", "Follow latest"),
+        Binding("s", "stop", "Stop run", tooltip="stop the run: it saves a checkpoint and ends (exit code 130)"),
+        Binding("c", "checkpoint", "Checkpoint now", tooltip="ask the running stage to save a checkpoint now"),
+        Binding("l", "latest", "Follow latest", tooltip="follow the latest run again"),
     ]
 
     def __init__(self, app_state: AppState) -> None:

@@ -44,9 +44,13 @@ class PluginsScreen(Screen):
     PluginsScreen #plugins-details { height: 1fr; min-height: 3; border: round $panel; padding: 0 1; }
     """
 
+    HELP = """\
+The plugins llmforge loaded (built-in and installed), what each provides, and the ones that failed to
+load with their error. Highlight a row to see its details."""
+
     BINDINGS = [
-        Binding("e", "focus_errors", "Load errors"),
-        Binding("p", "focus_plugins", "Plugins"),
+        Binding("e", "focus_errors", "Load errors", tooltip="go to the plugins that failed to load"),
+        Binding("p", "focus_plugins", "Plugins", tooltip="go back to the plugins"),
     ]
 
     def __init__(self, app_state, **kw):

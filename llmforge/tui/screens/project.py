@@ -82,11 +82,15 @@ class ProjectScreen(Screen):
     #proj-hardware { width: 36; height: auto; min-height: 6; border: round $primary-darken-2; padding: 0 1; }
     #proj-problems { height: auto; max-height: 12; border: round $error; padding: 0 1; display: none; }
     """
+    HELP = """\
+The stages of forge.toml, each with its status in the latest run of this file, and the hardware.
+Runs start in the background: they go on when you quit."""
+
     BINDINGS = [
-        Binding("v", "validate", "Validate"),
-        Binding("r", "run", "Run"),
-        Binding("e", "resume", "Resume"),
-        Binding("f", "run_from", "Run from stage"),
+        Binding("v", "validate", "Validate", tooltip="check forge.toml again, as llmforge validate does"),
+        Binding("r", "run", "Run", tooltip="start a run and follow it in the Monitor"),
+        Binding("e", "resume", "Resume", tooltip="resume the last interrupted run"),
+        Binding("f", "run_from", "Run from stage", tooltip="run again from the highlighted stage (it and the stages after it)"),
     ]
 
     def __init__(self, app_state: AppState) -> None:

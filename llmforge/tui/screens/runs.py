@@ -222,11 +222,15 @@ class RunsScreen(Screen):
     RunsScreen #runs-hint { height: 1; color: $text-muted; padding: 0 1; }
     """
 
+    HELP = """\
+Every run of the runs folder, newest first, with its final losses; the chart shows the loss curves of
+the highlighted run, or of the two marked runs on the same axes."""
+
     BINDINGS = [
         # priority: shown in the footer and taken before the table's own enter (which would do the same).
-        Binding("enter", "open_run", "Open in monitor", priority=True),
-        Binding("space", "mark", "Mark to compare"),
-        Binding("r", "reload", "Refresh"),
+        Binding("enter", "open_run", "Open in monitor", priority=True, tooltip="follow the highlighted run in the Monitor"),
+        Binding("space", "mark", "Mark to compare", tooltip="mark the run to compare its curves (two at most)"),
+        Binding("r", "reload", "Refresh", tooltip="read the runs folder again now"),
     ]
 
     def __init__(self, app_state, **kw):
