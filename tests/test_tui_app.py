@@ -295,7 +295,7 @@ def test_area_keys_help_and_placeholders(tui_project, monkeypatch):
             assert isinstance(app.screen, PlaceholderScreen) and "not available yet" in app.screen.text
             await pilot.press("question_mark")
             help_text = str(app.screen.query_one("#help-text").content)
-            assert "1  Project" in help_text and "q  quit" in help_text
+            assert "1 ... 7    switch area: Project," in help_text and "q          quit" in help_text
             await pilot.press("escape")
             await pilot.press("1")
             assert app.area == "project" and app.screen.query("AreaTabs")
