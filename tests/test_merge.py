@@ -660,6 +660,54 @@ def test_existing_output_is_refused_without_force(zoo, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def test_force_replaces_only_an_earlier_merge_output_and_replace_names_the_folder(zoo, tmp_path):
+    """--force replaces a folder only when an earlier merge wrote it (llmforge-merge.json) and it is none of
+    the inputs; anything else needs the folder named again with --replace."""
+    a, b = zoo["models"][:2]
+    args = ["--method", "linear", "--model", str(a), "--model", str(b)]
+    out = tmp_path / "out"
+    assert run_cli("merge", str(out), *args).returncode == 0
+    assert json.loads((out / "llmforge-merge.json").read_text())["method"] == "linear"
+    again = run_cli("merge", str(out), *args, "--weight", "1", "--weight", "3", "--force")
+    assert again.returncode == 0, again.stderr
+    close(read(out)["model.norm.weight"], (read(a)["model.norm.weight"] + 3 * read(b)["model.norm.weight"]) / 4)
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    res = run_cli("merge", str(mine), *args, "--force")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{mine} is not the output of an earlier merge (it has no llmforge-merge.json)" in res.stderr
+    assert f"--replace {mine}" in res.stderr
+    assert (mine / "notes.txt").read_text() == "mine"
+
+    # an input given as OUT, and a folder holding an input, are refused even when they came from a merge
+    src = tmp_path / "models"
+    shutil.copytree(out, src / "merged")
+    for target, what in ((src / "merged", "is an input"), (src, "holds an input")):
+        res = run_cli("merge", str(target), "--method", "linear", "--model", str(src / "merged"), "--model", str(a),
+                      "--force")
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert f"{target} {what} of this merge ({src / 'merged'}): --force would delete it" in res.stderr
+    assert (src / "merged" / "model.safetensors").is_file()
+
+    res = run_cli("merge", str(mine), *args, "--replace", str(tmp_path / "other"))
+    assert res.returncode == 2 and "--replace" in res.stderr and "is not the output folder" in res.stderr
+    res = run_cli("merge", str(mine), *args, "--replace", str(mine))
+    assert res.returncode == 0, res.stderr
+    assert not (mine / "notes.txt").exists() and (mine / "llmforge-merge.json").is_file()
+
+
+def test_misspelt_recipe_key_is_reported_before_the_missing_method(tmp_path):
+    (tmp_path / "recipe.toml").write_text('methd = "linear"\n\n[[models]]\nmodel = "a"\n')
+    res = run_cli("merge", str(tmp_path / "out"), "-c", str(tmp_path / "recipe.toml"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.splitlines()
+    assert lines[0] == f"error: {tmp_path / 'recipe.toml'}: 2 problems found:"
+    assert lines[1] == "  methd: unknown key 'methd'; did you mean 'method'?"
+    assert "no merge method" not in res.stderr
+
+
 def test_not_enough_disk_is_refused_before_any_work(zoo, tmp_path, monkeypatch):
     import shutil as sh
     from collections import namedtuple

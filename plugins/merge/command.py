@@ -123,7 +123,10 @@ def merge(
                                                                           "template the output gets (default: the "
                                                                           "base, else the first model)."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest output file (default 2GB)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT when it holds an earlier merge's output "
+                                                      "(and none of the inputs)."),
+    replace: Optional[Path] = typer.Option(None, "--replace", metavar="OUT",
+                                           help="Replace OUT whatever it holds: name the same folder again."),
     list_methods: bool = typer.Option(False, "--list-methods", help="List the merge methods and their parameters."),
 ) -> None:
     """Merge models into OUT, tensor by tensor: --method M --model A --model B [--weight 0.7 --weight 0.3]
@@ -166,16 +169,20 @@ def merge(
         if not eq or not name.strip():
             raise UsageError(f"--set {item}: expected NAME=VALUE (e.g. --set t=0.5)")
         raw.setdefault("parameters", {})[name.strip()] = parse_value(value.strip())
-    if "method" not in raw:
+    options, problems = validate_model(MergeOptions, raw, "")
+    # A misspelt key comes first: `methd = "linear"` is better reported as itself (with the suggestion)
+    # than as the missing `method` it causes.
+    problems.sort(key=lambda p: not p.message.startswith("unknown key"))
+    if "method" not in raw and all(p.where == "method" for p in problems):
         raise UsageError("no merge method: give --method (or method = ... in the recipe)",
                          hint="llmforge merge --list-methods lists them")
-    options, problems = validate_model(MergeOptions, raw, "")
     try:
         if problems:
-            raise ConfigError(problems, source=source if config else None)
+            raise ConfigError(problems, source=source if config else None,
+                              hint="llmforge merge --list-methods lists the methods" if "method" not in raw else None)
         printer, report = _printer()
         summary = merge_to(options, out, get_registry().merge_methods, force=force, report=report,
-                           seed=0 if seed is None else seed)
+                           seed=0 if seed is None else seed, replace=replace)
     except ConfigError as exc:
         raise (exc if config is not None else _as_flags(exc)) from None
     printer({"type": "stage_end", "stage": "merge", "status": "done", "duration": summary["seconds"]})
@@ -189,7 +196,10 @@ def merge_lora(
     base: Optional[Path] = typer.Option(None, "--base", help="The adapter's base model (default: the one named in "
                                                              "adapter_config.json)."),
     dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the base's), float32, float16, bfloat16."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT when it holds an earlier merge's output "
+                                                      "(and not the adapter or its base)."),
+    replace: Optional[Path] = typer.Option(None, "--replace", metavar="OUT",
+                                           help="Replace OUT whatever it holds: name the same folder again."),
 ) -> None:
     """Merge a LoRA adapter into its base: every adapted weight becomes W + scale·B·A. Writes a complete
     model directory (config, tokenizer and chat template, generation config, model card)."""
@@ -198,7 +208,7 @@ def merge_lora(
     if dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise UsageError(f"--dtype {dtype}: expected auto, float32, float16 or bfloat16")
     printer, report = _printer()
-    summary = run(adapter, out, base=base, dtype=dtype, force=force, report=report)
+    summary = run(adapter, out, base=base, dtype=dtype, force=force, report=report, replace=replace)
     printer({"type": "stage_end", "stage": "merge", "status": "done", "duration": summary["seconds"]})
     typer.echo(f"merged model written to {out}")
 

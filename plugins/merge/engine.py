@@ -23,6 +23,8 @@ from llmforge_plugins.merge.sources import TOKENIZER_FILES, LoraSource, Source
 from llmforge_plugins.merge.writer import write_safetensors
 
 INDEX = "model.safetensors.index.json"
+#: Written into every merge output: how `--force` recognises a folder it may replace (an earlier merge's).
+MARKER = "llmforge-merge.json"
 
 
 @dataclass
@@ -147,6 +149,11 @@ def write_model_files(plan: Plan, out_dir: Path) -> None:
             shutil.copyfile(d / "llmforge.json", out_dir / "llmforge.json")
             break
     (out_dir / "README.md").write_text(model_card(plan), encoding="utf-8")
+    from llmforge import __version__
+
+    marker = {"written_by": f"llmforge {__version__}", "method": plan.method.name,
+              "inputs": [s.label for s in plan.sources]}
+    (out_dir / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
 def _toml_key(key: str) -> str:
@@ -249,20 +256,56 @@ def model_card(plan: Plan) -> str:
 # standalone: into a folder of its own, atomically
 
 
+def _input_dirs(plan: Plan) -> list[Path]:
+    dirs = []
+    for src in plan.sources:
+        dirs.append(Path(src.path))
+        if isinstance(src, LoraSource):
+            dirs.append(Path(src.base.path))
+    return dirs
+
+
+def _check_replace(plan: Plan, out: Path, replace: Path | None) -> None:
+    """May `out`, a non-empty folder, be replaced? `--force` replaces only an earlier merge's output (it
+    carries MARKER) that holds none of this merge's inputs; anything else only when named with `--replace`."""
+    if replace is not None:
+        return
+    hint = f"write to another folder, or name it again to replace it anyway: --replace {out}"
+    real = out.resolve()
+    for d in _input_dirs(plan):
+        d = d.resolve()
+        if d == real or real in d.parents:
+            what = "is" if d == real else "holds"
+            raise UsageError(f"{out} {what} an input of this merge ({d}): --force would delete it", hint=hint)
+    if not (out / MARKER).is_file():
+        raise UsageError(f"{out} is not the output of an earlier merge (it has no {MARKER}): --force replaces "
+                         "only those", hint=hint)
+
+
 def merge_to(options, out: Path, methods: dict, *, force: bool = False, report: Reporter | None = None,
-             seed: int | None = None) -> dict | None:
+             seed: int | None = None, replace: Path | None = None) -> dict | None:
     """Check, plan and run a merge into `out`. Nothing is written to `out` unless the merge completes:
-    it is built in a temporary sibling folder and renamed into place."""
+    it is built in a temporary sibling folder and renamed into place.
+
+    A non-empty `out` is replaced with `force` when it is an earlier merge's output and none of the inputs,
+    and with `replace` (the same folder as `out`, named a second time by the user) whatever it holds."""
     from llmforge.stage import replace_dir
 
     out = Path(out).expanduser().absolute()
+    if replace is not None and Path(replace).expanduser().resolve() != out.resolve():
+        raise UsageError(f"--replace {replace} is not the output folder {out}",
+                         hint="--replace names OUT a second time, to replace it whatever it holds")
+    occupied = False
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"{out} exists and is a file; the output is a model directory")
-        if any(out.iterdir()) and not force:
+        occupied = any(out.iterdir())
+        if occupied and not (force or replace is not None):
             raise UsageError(f"{out} exists and is not empty", hint="choose another folder, or add --force to "
-                                                                   "replace it")
+                                                                   "replace an earlier merge's output")
     plan = prepare(options, methods, out=out, seed=seed)
+    if occupied:
+        _check_replace(plan, out, replace)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
@@ -279,7 +322,8 @@ def merge_to(options, out: Path, methods: dict, *, force: bool = False, report: 
 
 
 def merge_lora(adapter: Path, out: Path, *, base: Path | None = None, dtype: str = "auto",
-               compute_dtype: str = "float32", force: bool = False, report: Reporter | None = None) -> dict | None:
+               compute_dtype: str = "float32", force: bool = False, report: Reporter | None = None,
+               replace: Path | None = None) -> dict | None:
     """Merge a LoRA adapter into its base model (base + scale·B·A for every adapted weight) and write a
     complete model directory to `out`. `base` defaults to the model named in adapter_config.json."""
     from llmforge_plugins.merge.methods import Passthrough
@@ -291,4 +335,4 @@ def merge_lora(adapter: Path, out: Path, *, base: Path | None = None, dtype: str
         raise UsageError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
     options = MergeOptions(method="passthrough", dtype=dtype, compute_dtype=compute_dtype,
                            models=[ModelEntry(model=str(adapter), lora_base=str(base) if base else None)])
-    return merge_to(options, out, {"passthrough": Passthrough()}, force=force, report=report)
+    return merge_to(options, out, {"passthrough": Passthrough()}, force=force, report=report, replace=replace)
