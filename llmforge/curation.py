@@ -16,7 +16,9 @@ A step is a class registered through the ``register_curation_steps`` hook::
 Rows are the normalised shapes of ``llmforge.data`` (``{"text"}``, ``{"messages"}``, or
 ``{"prompt", "chosen", "rejected"}``). A step answers each row with the row itself (kept as it is),
 a new dict (kept, rewritten), or a :class:`Drop` with a reason, which ends up in the per-row reasons
-file and the report. Rows flow through in small batches (``process_batch``), so a step that is
+file and the report. A rewrite changes texts only (``map_text``): the row is then written back as it
+came in, every column kept, with the new texts in the columns they were read from
+(``llmforge.data.restore_row``); a rewrite that adds or removes turns is an error naming the row. Rows flow through in small batches (``process_batch``), so a step that is
 faster on many rows at once (MinHash) can override that instead; everything else is one row at a
 time, and nothing holds the dataset in memory.
 

@@ -15,6 +15,11 @@ Where a row comes from is written `file:line` for line-based files (1-based, as 
 and `file:row N` for columnar ones (parquet, saved HF datasets; 0-based, as `dataset[N]` finds it).
 Paths are shown as the user wrote them (relative to forge.toml), not as absolute paths.
 
+`iter_rows` streams ``(where, normalised row)``; `iter_records` streams the same rows as `SourceRow`s,
+each with the raw row it was read as, so that curation can write a row back as it came in (every
+column kept) with only the texts a rewrite changed replaced (`restore_row`, over each format's
+`RowFormat.restore`).
+
 No torch here: this module is imported by validation and by `llmforge data` commands.
 """
 

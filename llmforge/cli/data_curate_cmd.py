@@ -1,6 +1,7 @@
 """`llmforge data stats|lint|dedup|filter|mix|steps`: curation commands, thin over the `curate` plugin
 (llmforge_plugins.curate), which does the work. Paths are relative to the current folder; outputs
-are JSON Lines, written under a temporary name and renamed into place."""
+keep every column of the rows as they came in and are written under a temporary name and renamed
+into place: parquet for an OUT named *.parquet, else JSON Lines."""
 
 from __future__ import annotations
 
@@ -144,7 +145,8 @@ def _print_report(report: dict, out_path: Path, as_json: bool) -> None:
 
 def dedup(
     src: Path = typer.Argument(..., help="A data file or folder."),
-    out: Path = typer.Argument(..., help="Where to write the kept rows (JSON Lines)."),
+    out: Path = typer.Argument(..., help="Where to write the kept rows, every column kept (parquet for *.parquet, "
+                                         "else JSON Lines)."),
     threshold: float = typer.Option(0.8, "--threshold", help="Jaccard similarity at or above which a row is a near "
                                                              "duplicate."),
     exact_only: bool = typer.Option(False, "--exact-only", help="Only exact duplicates (no MinHash)."),
@@ -217,7 +219,8 @@ def _filter_specs(step: list[str], sets: list[str]) -> tuple[list, list[str]]:
 
 def filter_cmd(
     src: Path = typer.Argument(..., help="A data file or folder."),
-    out: Path = typer.Argument(..., help="Where to write the kept rows (JSON Lines)."),
+    out: Path = typer.Argument(..., help="Where to write the kept rows, every column kept (parquet for *.parquet, "
+                                         "else JSON Lines)."),
     step: Optional[List[str]] = typer.Option(None, "--step", help="A curation step to run (repeat for several, in "
                                                                   "order; default: quality). `llmforge data steps` "
                                                                   "lists them."),
@@ -238,7 +241,8 @@ def filter_cmd(
 
 
 def mix(
-    out: Path = typer.Argument(..., help="Where to write the mixed rows (JSON Lines)."),
+    out: Path = typer.Argument(..., help="Where to write the mixed rows, every column kept (parquet for *.parquet, "
+                                         "else JSON Lines)."),
     config: Path = typer.Option(..., "--config", "-c", help="The mix recipe (mix.toml): sources with ratio, budget "
                                                             "or epochs."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (overrides the recipe's)."),
