@@ -689,3 +689,77 @@ def test_csv_reader_stops_at_the_limit(data):
     # The unterminated quote on line 3 is never parsed: reading stops once `limit` rows are in.
     data.write("data/a.csv", 'text\nfirst\n"unterminated\n')
     assert data.load("data/a.csv", limit=1).rows == [{"text": "first"}]
+
+
+# ------------------------------------------------------------------------------------------------
+# writing rows back as they came in (restore_row, RowFormat.restore)
+
+
+def _restored(data: Data, name: str, rows: list, fn, **options) -> list[dict]:
+    """Each row of the file rewritten with ``fn`` applied to every text, written back as curation does."""
+    from llmforge.curation import map_text
+    from llmforge.data import iter_records, restore_row
+
+    data.jsonl(name, rows)
+    return [restore_row(src, map_text(src.row, fn))
+            for src in iter_records(DataOptions(path=name, **options), base=data.root, registry=data.registry)]
+
+
+def test_restore_writes_texts_back_where_each_format_read_them(data):
+    up = str.upper
+    # content parts (joined when read) go back as one part; other keys of a turn stay
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                           "name": "x"}, {"role": "assistant", "content": "c"}], "id": 1}
+    assert _restored(data, "p.jsonl", [parts], up) == [
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "AB"}], "name": "x"},
+                      {"role": "assistant", "content": "C"}], "id": 1}]
+    # preference without a prompt column: the shared opening turns are the prompt, in both sides
+    implicit = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+                "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}], "k": "v"}
+    assert _restored(data, "i.jsonl", [implicit], up) == [
+        {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "GOOD"}],
+         "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "BAD"}], "k": "v"}]
+    # an answer list that repeats the prompt keeps repeating it, rewritten alike
+    repeated = {"prompt": [{"role": "user", "content": "q"}],
+                "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+                "rejected": "bad"}
+    assert _restored(data, "r.jsonl", [repeated], up) == [
+        {"prompt": [{"role": "user", "content": "Q"}],
+         "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "GOOD"}], "rejected": "BAD"}]
+    # alpaca: instruction and input (one user turn) split again at the blank line that joined them
+    alpaca = {"instruction": "one\n\ntwo", "input": "three", "output": "four"}
+    assert _restored(data, "a.jsonl", [alpaca], up) == [
+        {"instruction": "ONE\n\nTWO", "input": "THREE", "output": "FOUR"}]
+    # a rewrite that changes the blank lines: the whole turn in instruction, nothing lost
+    assert _restored(data, "b.jsonl", [alpaca], lambda t: t.replace("\n\n", " ")) == [
+        {"instruction": "one two three", "input": "", "output": "four"}]
+
+
+def test_restore_keeps_the_users_column_names_and_a_column_mapped_away(data):
+    rows = [{"text": "not this one", "body": "this", "id": 3}]
+    assert _restored(data, "m.jsonl", rows, str.upper, columns={"text": "body"}) == [
+        {"text": "not this one", "body": "THIS", "id": 3}]
+
+
+def test_restore_refuses_a_rewrite_that_changes_turns(data):
+    from llmforge.data import iter_records, restore_row
+
+    data.jsonl("c.jsonl", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    (src,) = iter_records(DataOptions(path="c.jsonl"), base=data.root, registry=data.registry)
+    with pytest.raises(DataError, match=r"c.jsonl:1: a rewrite step changed the row's turns"):
+        restore_row(src, {"messages": src.row["messages"][1:]})
+
+
+def test_a_dataset_folder_is_read_with_the_format_it_records(data):
+    from llmforge.data import write_dataset_meta
+
+    data.jsonl("out/data.jsonl", [{"dialog": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                                   "id": 1}])
+    with pytest.raises(DataError, match="cannot tell the row format"):
+        data.load("out")
+    write_dataset_meta(data.root / "out", "messages", {"messages": "dialog"})
+    ds = data.load("out")
+    assert ds.kind == "chat" and ds.rows[0]["messages"][1]["content"] == "a" and ds.files == ["out/data.jsonl"]
+    # what the user sets wins over what the folder records
+    with pytest.raises(DataError, match="text"):
+        data.load("out", format="text")
