@@ -1,7 +1,8 @@
 """`llmforge doctor`: what this machine and environment can do, and what stands in the way.
 
 Collects the OS, Python, the versions of the training stack, known incompatible combinations, CPU
-features, RAM, free disk, GPUs and the collective backends, into one JSON-ready dict. Problems are
+features, RAM, free disk, GPUs, the collective backends and whether llama.cpp's AMX kernels run here (the
+probe of llmforge.native), into one JSON-ready dict. Problems are
 warnings inside the report, never exceptions: a doctor that crashes on a broken environment is useless.
 UI-free; `llmforge/cli/scale_cmd.py` renders it.
 """
@@ -110,6 +111,28 @@ def _torch_facts() -> dict:
     return facts
 
 
+def llama_cpp_facts() -> dict:
+    """Whether llama.cpp's AMX/repacked kernels run here (llmforge.native's probe: cached per machine and
+    llama-cpp-python build, run once in a child process when not cached), and so how models are loaded."""
+    if _version("llama-cpp-python") is None:
+        return {"result": "unavailable", "extra_bufts": None, "line": "not installed"}
+    from llmforge.errors import ForgeError
+    from llmforge.native import probe
+
+    try:
+        answer = probe()
+    except ForgeError as exc:  # a bad LLMFORGE_LLAMA_EXTRA_BUFTS value: a finding, not a crash
+        return {"result": "error", "extra_bufts": None, "line": exc.message}
+    except Exception as exc:  # noqa: BLE001 - the doctor reports, never crashes
+        return {"result": "error", "extra_bufts": None, "line": f"the probe failed: {type(exc).__name__}: {exc}"}
+    line = {"ok": "ok (extra buffer types on)",
+            "fault": f"fault here ({answer.get('signal')}), extra buffer types off",
+            "broken": answer.get("message", "broken"),
+            "forced": answer.get("message", "forced")}.get(answer["result"], answer.get("message", "unknown"))
+    keep = ("result", "extra_bufts", "signal", "source", "cache_file", "checked_at", "message")
+    return {**{k: answer[k] for k in keep if k in answer}, "line": line}
+
+
 def collect(runs_dir: Path | None = None) -> dict:
     """Everything `llmforge doctor` shows. Importing torch here is fine: doctor is asked for explicitly."""
     import psutil
@@ -136,6 +159,7 @@ def collect(runs_dir: Path | None = None) -> dict:
         "gpus": [{**g, "memory_total_gib": round(g["memory_total_bytes"] / 2**30, 2)} for g in gpus],
         "gpu_source": source,
         "torch": torch_facts,
+        "llama_cpp": llama_cpp_facts(),
     }
     report["warnings"] = warnings_for(report)
     return report
@@ -167,6 +191,8 @@ def warnings_for(r: dict) -> list[str]:
         out.append("this CPU has no native bf16 (AVX512-BF16 or AMX): precision \"auto\" trains in fp32 here")
     if any(g.get("bf16") is False for g in r["gpus"]):
         out.append("a GPU without bf16 (compute capability < 8.0): precision \"auto\" uses fp16 with loss scaling")
+    if r.get("llama_cpp", {}).get("result") in ("broken", "error"):
+        out.append(f"llama.cpp: {r['llama_cpp']['line']}: GGUF checks and chat cannot run here")
     free = r["disk"]["free_gib"]
     if free is not None and free < 10:
         out.append(f"only {free} GiB free for runs in {r['disk']['path']}: checkpoints of even small models fill it")

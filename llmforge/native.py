@@ -305,14 +305,23 @@ def _recv(stream):
 
 class LlamaModel:
     """A GGUF loaded by llama.cpp in a child process. Attributes after loading: n_vocab, n_ctx, metadata,
-    token_bos, token_eos, eog (end-of-generation token ids). One caller at a time (a lock serialises calls).
+    token_bos, token_eos, eog (end-of-generation token ids), token_texts (with vocab_texts=True). One caller at a
+    time (a lock serialises calls). After a crash (reported as LlamaCrashed), the next request starts a new child.
 
     `doing` words the crash message ("evaluating", "chatting with")."""
 
     def __init__(self, path: Path | str, *, doing: str = "evaluating", vocab_texts: bool = False, **kwargs):
         self.path = Path(path)
         self.doing = doing
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._load = (kwargs, vocab_texts)
+        self._proc: subprocess.Popen | None = None
+        self._closed = False
+        self._start()
+
+    def _start(self) -> None:
+        """Start the child and load the model in it (again after a crash: the next request gets a fresh one)."""
+        kwargs, vocab_texts = self._load
         self._stderr = tempfile.TemporaryFile()
         env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
         extra = self._extra = extra_bufts()  # probed (once per machine) before the child starts
@@ -329,9 +338,11 @@ class LlamaModel:
     # -- plumbing
     def _call(self, op: str, *args, doing: str | None = None):
         with self._lock:
+            if self._proc is None:
+                if self._closed:
+                    raise ForgeError(f"{self.path}: the llama.cpp process was closed")
+                self._start()  # the last one crashed: the error was reported then; this is a new attempt
             proc = self._proc
-            if proc is None:
-                raise ForgeError(f"{self.path}: the llama.cpp process was closed")
             try:
                 _send(proc.stdin, (op, args))
                 status, value = _recv(proc.stdout)
@@ -375,15 +386,16 @@ class LlamaModel:
             yield self._call("next")
 
     def close(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            try:
-                with self._lock:
+        with self._lock:
+            self._closed = True
+            proc, self._proc = self._proc, None
+            if proc is not None:
+                try:
                     _send(proc.stdin, ("close", ()))
                     _recv(proc.stdout)
-            except (EOFError, OSError):
-                pass
-        self._finalizer()
+                except (EOFError, OSError):
+                    pass
+            self._finalizer()
 
     def __enter__(self):
         return self

@@ -114,3 +114,53 @@ def test_doctor_prints_tables_and_warnings_and_exits_0(tmp_path):
     for text in ("system", "packages", "Python", "RAM", "CPU features", "collectives", "transformers"):
         assert text in res.stdout, text
     assert "warning:" in res.stdout or "no problems found" in res.stdout
+
+
+def _evaluate_in_child(path: Path, extra_bufts: bool) -> int:
+    """An independent witness for the probe: evaluate a batch of a Q8_0 GGUF in a fresh interpreter with llama.cpp's
+    extra buffer types on or off, and return its exit code (negative: killed by that signal)."""
+    code = ("import sys; from llmforge.native import load_llama; "
+            f"llm = load_llama({str(path)!r}, extra={extra_bufts}, n_ctx=64, n_batch=64, logits_all=True); "
+            "llm.eval(list(range(16))); llm.close()")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode
+
+
+def test_doctor_reports_whether_llama_cpps_amx_kernels_run_here(tmp_path):
+    """`doctor` runs the llama.cpp probe once, caches it under XDG_CACHE_HOME, and says what it found: on a CPU whose
+    AMX kernels fault (the Intel machine this project is tested on), "fault here ..., extra buffer types off";
+    elsewhere "ok". The answer is checked against a child evaluating a Q8_0 model both ways."""
+    from llmforge.native import _write_probe_gguf
+
+    pytest.importorskip("llama_cpp")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "LLMFORGE_CACHE_DIR": "", "LLMFORGE_LLAMA_EXTRA_BUFTS": "auto"}
+    res = run_cli("doctor", "--json", "--runs-dir", str(tmp_path), cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    first = json.loads(res.stdout)["llama_cpp"]
+    assert first["source"] == "probe" and first["result"] in ("ok", "fault"), first
+    cached = list((tmp_path / "xdg" / "llmforge").glob("llama-probe-*.json"))
+    assert [str(p) for p in cached] == [first["cache_file"]]
+    assert json.loads(cached[0].read_text())["result"] == first["result"]
+
+    model = tmp_path / "probe-Q8_0.gguf"
+    _write_probe_gguf(model)
+    on, off = _evaluate_in_child(model, True), _evaluate_in_child(model, False)
+    assert off == 0
+    if first["result"] == "fault":
+        assert on < 0 and first["extra_bufts"] is False and first["signal"].startswith("SIG")
+        assert first["line"].startswith("fault here (") and first["line"].endswith("extra buffer types off")
+    else:
+        assert on == 0 and first["extra_bufts"] is True and first["line"].startswith("ok")
+
+    # the second doctor reads the cache, and the text report has the line
+    res = run_cli("doctor", "--runs-dir", str(tmp_path), cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "llama.cpp AMX kernels" in res.stdout and first["line"].split(" (")[0] in res.stdout
+    res = run_cli("doctor", "--json", "--runs-dir", str(tmp_path), cwd=tmp_path, env=env)
+    assert json.loads(res.stdout)["llama_cpp"]["source"] == "cache"
+
+    # forcing the answer (what tests on an unaffected machine do to exercise the fallback)
+    forced = run_cli("doctor", "--json", "--runs-dir", str(tmp_path), cwd=tmp_path,
+                     env={**env, "LLMFORGE_LLAMA_EXTRA_BUFTS": "off"})
+    info = json.loads(forced.stdout)["llama_cpp"]
+    assert info["result"] == "forced" and info["extra_bufts"] is False and "LLMFORGE_LLAMA_EXTRA_BUFTS=off" in info["line"]

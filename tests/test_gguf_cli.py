@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 from conftest import run_cli
 
 from llmforge.chat import render
+from llmforge.native import load_llama
 from llmforge_plugins.chat_templates import BUILTIN_TEMPLATES
 from llmforge_plugins.gguf.modelfile import ChatInfo, modelfile_text, translate
 
@@ -338,8 +340,6 @@ def _truncated(src: Path, dst: Path) -> Path:
 
 
 def test_export_writes_the_gguf_and_its_modelfile(tiny, tmp_path):
-    import llama_cpp
-
     out = tmp_path / "out" / "tiny-f16.gguf"
     res = _ok(run_cli("gguf", "export", str(tiny), str(out)))
     assert f"wrote {out} (f16" in res.stdout and "tiny-f16.Modelfile" in res.stdout
@@ -347,7 +347,7 @@ def test_export_writes_the_gguf_and_its_modelfile(tiny, tmp_path):
     assert "FROM ./tiny-f16.gguf" in modelfile and "# Chat template: the built-in template 'chatml'." in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny-f16.Modelfile", "tiny-f16.gguf"]
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False)
+    llm = load_llama(out, n_ctx=64)
     assert llm.metadata["tokenizer.chat_template"] == TEMPLATES["chatml"].source
     llm.close()
     # an existing output needs --force
@@ -364,8 +364,6 @@ def test_export_bad_inputs_exit_2_and_write_nothing(tiny, tmp_path):
 
 
 def test_quantize_with_and_without_an_importance_matrix(f32, tiny, tmp_path):
-    import llama_cpp
-
     q8 = tmp_path / "tiny-Q8_0.gguf"
     res = _ok(run_cli("gguf", "quantize", str(f32), str(q8), "--type", "q8_0"))
     assert "(Q8_0," in res.stdout and (tmp_path / "tiny-Q8_0.Modelfile").is_file()
@@ -380,7 +378,7 @@ def test_quantize_with_and_without_an_importance_matrix(f32, tiny, tmp_path):
     _ok(run_cli("gguf", "quantize", str(f32), str(tmp_path / "again.gguf"), "-t", "Q4_K_S",
                 "--imatrix", str(tmp_path / "tiny-Q4_K_M.imatrix.safetensors")))
     for path in (q8, q4):
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
+        llm = load_llama(path, n_ctx=64)
         assert llm.n_vocab() == 320
         llm.close()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
@@ -462,10 +460,9 @@ def test_chat_hf_and_f32_gguf_answer_with_the_same_greedy_tokens(tiny, f32):
 
 def test_llama_cpp_pythons_own_chat_formatter_renders_the_gguf_template_like_we_do(f32):
     """create_chat_completion (and front ends built on the GGUF's template) format conversations as llmforge does."""
-    import llama_cpp
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    llm = llama_cpp.Llama(model_path=str(f32), n_ctx=64, verbose=False)
+    llm = load_llama(f32, n_ctx=64)
     try:
         eos = llm._model.token_get_text(llm.token_eos())
         formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token=eos, bos_token="")
@@ -614,3 +611,160 @@ quantize = ["Q4_K_M", "Q9_Z", "IQ2_XXS", "f16", "q4_k_m"]
     assert "stages[0].quantize[2]: IQ2_XXS needs an importance matrix" in res.stderr
     assert "stages[0].quantize: F16 is the export itself" in res.stderr
     assert "stages[0].quantize: listed twice: Q4_K_M" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# llama.cpp at arm's length: a child process, and the probe for CPUs whose AMX kernels fault
+
+
+@pytest.fixture(scope="module")
+def quantized(f32, tmp_path_factory) -> dict:
+    """Q8_0 and Q4_K_M files of the tiny model: types with llama.cpp AMX kernels (the ones that SIGILL where AMX is
+    advertised but does not run)."""
+    from llmforge_plugins.gguf.quantize import quantize_gguf
+
+    root = tmp_path_factory.mktemp("quantized")
+    out = {}
+    for qtype in ("Q8_0", "Q4_K_M"):
+        out[qtype] = root / f"tiny-{qtype}.gguf"
+        quantize_gguf(f32, out[qtype], qtype)
+    return out
+
+
+def _crash_message(res, path: Path, doing: str, signal_name: str = "SIGILL") -> str:
+    """Exit 1 (the work failed), one message naming the signal and the file, no traceback."""
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and "Fatal Python error" not in res.stderr, res.stderr
+    error = res.stderr.split("error: ", 1)[1]
+    assert error.startswith(f"llama.cpp crashed ({signal_name}, ") and f" {doing} {path}" in error, res.stderr
+    return error
+
+
+@pytest.mark.parametrize("force", ["auto", "off"])
+def test_check_and_chat_evaluate_quantized_files_on_this_machine(tiny, quantized, force):
+    """`gguf check` and `chat` on Q8_0 and Q4_K_M files work whatever the CPU. On the Intel machine whose AMX kernels
+    fault (exit 132 before: the probe, "auto", now loads with extra buffer types off) this is the fallback at work;
+    "off" forces the fallback on a machine without the fault."""
+    env = {"LLMFORGE_LLAMA_EXTRA_BUFTS": force}
+    card = json.loads(_ok(run_cli("gguf", "check", str(tiny), str(quantized["Q8_0"]), str(quantized["Q4_K_M"]),
+                                  "--json", env=env)).stdout)
+    assert [r["type"] for r in card["rows"]] == ["Q8_0", "Q4_K_M"]
+    for row in card["rows"]:
+        assert row["tokenization_ok"] and math.isfinite(row["ppl"]) and row["top1"] > 0.5, row
+    assert card["rows"][0]["mean_kld"] < card["rows"][1]["mean_kld"] < 0.5  # 8 bits closer than 4
+    for path in quantized.values():
+        res = _ok(run_cli("chat", str(path), "--prompt", "hello world", "--temperature", "0", "--max-new-tokens", "8",
+                          env=env))
+        assert res.stdout.strip(), res.stdout
+
+
+def test_a_llama_cpp_crash_is_an_error_naming_the_file_and_the_signal(tiny, quantized):
+    """The child running llama.cpp kills itself with SIGILL (the test hook), as a faulting kernel would: the CLI
+    reports it in one message naming the signal and the file, exit 1, no traceback."""
+    q8 = quantized["Q8_0"]
+    env = {"LLMFORGE_TEST_LLAMA_SIGNAL": "SIGILL"}
+    _crash_message(run_cli("gguf", "check", str(tiny), str(q8), env=env), q8, "evaluating")
+    _crash_message(run_cli("chat", str(q8), "-p", "hi", env=env), q8, "running")
+    error = _crash_message(run_cli("chat", str(q8), "-p", "hi", env={"LLMFORGE_TEST_LLAMA_SIGNAL": "SIGSEGV"}), q8,
+                           "running", "SIGSEGV")
+    assert "segmentation fault" in error.lower()
+
+
+def test_the_real_amx_fault_is_contained_where_the_probe_finds_it(tiny, quantized):
+    """On a CPU whose AMX kernels fault, forcing llama.cpp's extra buffer types on reproduces the real SIGILL: it is
+    reported as an error naming the file (and the hint names the way out), instead of killing llmforge."""
+    from llmforge.native import probe
+
+    if probe()["result"] != "fault":
+        pytest.skip("llama.cpp's AMX kernels run on this CPU (the test hook covers the crash path here)")
+    q4 = quantized["Q4_K_M"]
+    res = run_cli("gguf", "check", str(tiny), str(q4), env={"LLMFORGE_LLAMA_EXTRA_BUFTS": "on"})
+    error = _crash_message(res, q4, "evaluating")
+    assert "LLMFORGE_LLAMA_EXTRA_BUFTS=off" in error
+
+
+def test_a_crash_in_the_gguf_stage_fails_the_stage_not_the_run(tiny, tmp_path, monkeypatch):
+    """In-process run (the pytest process itself would die with a native crash before): the stage fails with the
+    message, the run ends with exit 1 and a manifest."""
+    monkeypatch.setenv("LLMFORGE_TEST_LLAMA_SIGNAL", "SIGILL")
+    result = _pipeline(tmp_path, f"""
+[[stages]]
+name = "export"
+uses = "gguf"
+model = "{tiny}"
+quantize = ["Q8_0"]
+""")
+    assert result.exit_code == 1
+    stage = result.stages["export"]
+    assert stage["status"] == "failed" and "llama.cpp crashed (SIGILL, illegal instruction) evaluating " in stage["error"]
+    assert "model-f16.gguf" in stage["error"]
+    assert not (result.run_dir / "stages" / "export" / "artifacts" / "gguf").exists()
+
+
+def test_the_tui_chat_survives_a_llama_cpp_crash(quantized, monkeypatch):
+    """The TUI's chat panel (the same engine): a crash shows as an error in the conversation, the app keeps running,
+    and the next message, with llama.cpp healthy again, gets its answer from a fresh child."""
+    import asyncio
+
+    from textual.app import App
+
+    from conftest import until
+    from llmforge.tui.widgets.chat import ChatPanel, Message
+
+    q8 = quantized["Q8_0"]
+
+    class Host(App):
+        def compose(self):
+            yield ChatPanel(max_new_tokens=6, temperature=0.0)
+
+    async def scenario():
+        app = Host()
+        async with app.run_test(size=(100, 30)) as pilot:
+            chat = app.query_one(ChatPanel)
+            chat.set_model(q8)
+            monkeypatch.setenv("LLMFORGE_TEST_LLAMA_SIGNAL", "SIGILL")
+            chat.send("hello")
+            errors = await until(pilot, lambda: [m for m in chat.query(Message) if "error" in m.classes],
+                                 timeout=90, what="the crash reported in the chat")
+            text = str(errors[0].content)
+            assert "llama.cpp crashed (SIGILL, illegal instruction) running" in text and str(q8) in text, text
+            assert not chat.answering and chat.history == []
+            monkeypatch.delenv("LLMFORGE_TEST_LLAMA_SIGNAL")
+            chat.send("hello")
+            await until(pilot, lambda: chat.last_reply is not None and not chat.answering, timeout=90,
+                        what="an answer after the crash")
+            assert chat.last_reply.token_ids
+            chat.on_unmount()
+
+    asyncio.run(scenario())
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_truncated_model_or_adapter_config_is_named_exit_2(tiny, f32, tmp_path):
+    """`gguf check` and `chat` on a model whose model.safetensors was cut short, and `chat` on an adapter whose
+    adapter_config.json was: one message naming the file, exit 2 (SafetensorError / JSONDecodeError, exit 1, before)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    cut = _copy_model(tiny, tmp_path / "cut")
+    _truncated(tiny / "model.safetensors", cut / "model.safetensors")
+    weights = cut / "model.safetensors"
+    _bad(run_cli("gguf", "check", str(cut), str(f32)), str(weights), "truncated")
+    _bad(run_cli("chat", str(cut), "-p", "hi"), str(weights), "truncated")
+
+    adapter = tmp_path / "adapter"
+    net = get_peft_model(LlamaForCausalLM.from_pretrained(str(tiny)),
+                         LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    net.save_pretrained(str(adapter))
+    config = adapter / "adapter_config.json"
+    text = config.read_text()
+    assert str(tiny) in text or json.loads(text)["base_model_name_or_path"]
+    config.write_text(text[: len(text) // 2])
+    _bad(run_cli("chat", str(adapter), "-p", "hi"), str(config), "adapter config")
+    _bad(run_cli("gguf", "check", str(adapter), str(f32)), str(config), "adapter config")

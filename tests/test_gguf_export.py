@@ -160,10 +160,14 @@ def export(model: Path, out: Path, outtype: str = "f32") -> dict:
 def llama(path: Path, n_ctx: int = 256):
     import llama_cpp
 
+    from llmforge.native import load_llama
+
     # An F32 KV cache: llama.cpp's default F16 cache alone costs ~1e-4 relative error, which would hide
     # what is being measured here (the export).
-    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, verbose=False, seed=0, n_threads=2,
-                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    # load_llama applies the machine's probe: where llama.cpp's AMX kernels fault, a q8_0 export evaluated in this
+    # process would otherwise kill pytest with SIGILL.
+    return load_llama(path, logits_all=True, n_ctx=n_ctx, seed=0, n_threads=2,
+                      type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
 def gguf_logits(llm, ids: list[int]) -> np.ndarray:

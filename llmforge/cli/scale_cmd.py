@@ -51,6 +51,8 @@ def doctor(
         system.add_row("torch", f"{t['version']}, CUDA {t['cuda_build'] or 'none (CPU build)'}"
                                 f"{', usable' if t['cuda_available'] else ''}{', MPS' if t['mps_available'] else ''}")
         system.add_row("collectives", ", ".join(f"{k} {'yes' if dist.get(k) else 'no'}" for k in ("nccl", "gloo")))
+    if "llama_cpp" in report:
+        system.add_row("llama.cpp AMX kernels", report["llama_cpp"]["line"])
     out.print(system)
 
     pk = Table(title="packages", title_justify="left")

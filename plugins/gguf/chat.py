@@ -114,8 +114,11 @@ class HFEngine:
         from llmforge.chat import ChatTemplateError, template_from_tokenizer
         from llmforge_plugins.training.models import load_model
 
+        from llmforge_plugins.gguf.export import check_model_folder
+
         hf_logging.set_verbosity_error()
         self.path = path
+        check_model_folder(path)  # a truncated safetensors or adapter config is named here, exit 2
         tok_dir = path if (path / "tokenizer_config.json").exists() else self._adapter_base(path)
         try:
             from transformers import AutoTokenizer
@@ -154,11 +157,11 @@ class HFEngine:
 
     @staticmethod
     def _adapter_base(path: Path) -> Path:
-        import json
+        from llmforge.runs import read_json_object
 
         cfg = path / "adapter_config.json"
         if cfg.exists():
-            base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+            base = read_json_object(cfg, "adapter config").get("base_model_name_or_path")
             if base:
                 return Path(base)
         return path

@@ -104,6 +104,27 @@ def _read_header(path: Path) -> dict[str, TensorRef]:
     return out
 
 
+def check_model_folder(path: Path) -> None:
+    """Check an HF model folder (or a LoRA adapter folder and its base model) before transformers or peft loads it:
+    its config and every safetensors file against the header's promises. A truncated or damaged file is a
+    UsageError naming it (transformers would raise SafetensorError or JSONDecodeError without naming the file).
+    The export, `gguf check` and `chat` all go through here."""
+    from llmforge.runs import read_json_object
+
+    path = Path(path)
+    adapter_cfg = path / "adapter_config.json"
+    if adapter_cfg.is_file():
+        config = read_json_object(adapter_cfg, "adapter config")
+        weights = sorted(path.glob("adapter_model*.safetensors"))
+        for file in weights:
+            _read_header(file)
+        base = config.get("base_model_name_or_path")
+        if base and Path(str(base)).expanduser().is_dir():
+            ModelFiles(Path(str(base)).expanduser())
+        return
+    ModelFiles(path)
+
+
 class ModelFiles:
     """A model directory: config.json and its safetensors tensors (one file, or shards and an index)."""
 
@@ -115,12 +136,9 @@ class ModelFiles:
         cfg = path / "config.json"
         if not cfg.is_file():
             raise UsageError(f"{path}: not a model directory (no config.json)")
-        try:
-            self.config = json.loads(cfg.read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{cfg}: cannot read the model config ({exc})") from None
-        if not isinstance(self.config, dict):
-            raise UsageError(f"{cfg}: not a JSON object")
+        from llmforge.runs import read_json_object
+
+        self.config = read_json_object(cfg, "model config")
         self.tensors = self._index()
 
     def _files(self) -> dict[Path, set[str]]:
@@ -518,10 +536,9 @@ def _export_adapter(adapter: Path, out: Path, outtype: str, log: Log) -> dict:
 
 def _precheck_adapter_base(adapter: Path) -> None:
     """Refuse an unsupported base before spending a merge on it."""
-    try:
-        base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{adapter / 'adapter_config.json'}: cannot read it ({exc})") from None
+    from llmforge.runs import read_json_object
+
+    base = read_json_object(adapter / "adapter_config.json", "adapter config").get("base_model_name_or_path")
     cfg = Path(str(base)).expanduser() / "config.json" if base else None
     if cfg is not None and cfg.is_file():
         try:

@@ -50,6 +50,9 @@ def load_hf(model: Path, log: Log | None = None):
         raise UsageError(f"{model}: model directory not found")
     if not is_adapter(model) and not (model / "config.json").exists():
         raise UsageError(f"{model}: not a Hugging Face model directory (no config.json)")
+    from llmforge_plugins.gguf.export import check_model_folder
+
+    check_model_folder(model)  # a truncated safetensors or adapter config is named here, not deep in transformers
     (log or _quiet)(f"loading {model}")
     net = load_model(model, dtype=torch.float32)
     net.eval()
