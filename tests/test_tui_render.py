@@ -72,3 +72,30 @@ def test_monitor_charts_are_readable_at_80x24(in_project):
             assert all(_plot_rows(c) >= 8 for c in charts if c.plotted)
 
     asyncio.run(scenario())
+
+
+def test_tokenizer_picker_offers_the_models_of_the_runs(in_project):
+    from textual.widgets import Input, OptionList
+
+    from llmforge.tui.screens.data import DataScreen, PathPicker
+
+    async def scenario():
+        app = fx.make_app("data")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, DataScreen), what="the Data area")
+            data = app.screen
+            await pilot.press("ctrl+t")
+            picker = await until(pilot, lambda: app.screen if isinstance(app.screen, PathPicker) else None,
+                                 what="the picker")
+            await until(pilot, lambda: picker.models_loaded, what="the models of the runs")
+            options = picker.query_one("#run-models", OptionList)
+            labels = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+            # the model that carries a tokenizer (the pretrain stage saves one), one key away
+            assert labels == [f"pretrain/model  (run {fx.DONE})"]
+            assert options.has_focus
+            await pilot.press("enter")
+            await until(pilot, lambda: app.screen is data, what="the picker to close")
+            assert data.query_one("#model-path", Input).value == f"runs/{fx.DONE}/stages/pretrain/artifacts/model"
+            assert not app.unexpected_errors
+
+    asyncio.run(scenario())

@@ -26,6 +26,7 @@ from textual.widgets import (
     Footer,
     Input,
     Label,
+    OptionList,
     Select,
     Static,
     TabbedContent,
@@ -159,26 +160,77 @@ def _is_tokenizer_dir(path: Path) -> bool:
     return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
+def run_tokenizers(runs_dir: Path | None) -> list[tuple[str, Path]]:
+    """The models of the runs that carry a tokenizer, newest run first, as the Models area lists them:
+    (label, folder). A run's model folders are six levels down (runs/<id>/stages/<stage>/artifacts/model):
+    the picker offers them directly."""
+    if runs_dir is None or not Path(runs_dir).is_dir():
+        return []
+    from llmforge.tui.screens.models import collect_models
+
+    out = []
+    for entry in collect_models(Path(runs_dir)):
+        if entry.kind in ("model", "adapter") and _is_tokenizer_dir(entry.path):
+            out.append((f"{entry.name}  (run {entry.run})", entry.path))
+    return out
+
+
 class PathPicker(ModalScreen):
-    """Choose a file (data) or a folder holding a tokenizer (model); escape cancels."""
+    """Choose a file (data) or a folder holding a tokenizer (model); escape cancels. For a tokenizer, the
+    models of the runs are offered first, then the folder tree for any other folder."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
     DEFAULT_CSS = """
     PathPicker { align: center middle; }
     PathPicker > Vertical { width: 80%; height: 80%; border: thick $primary; background: $surface; }
     PathPicker DirectoryTree { height: 1fr; }
+    PathPicker #run-models { height: auto; max-height: 40%; display: none; }
+    PathPicker #run-models.some { display: block; }
     """
 
-    def __init__(self, root: Path, want_dir: bool) -> None:
+    def __init__(self, root: Path, want_dir: bool, runs_dir: Path | None = None) -> None:
         super().__init__()
         self.root = root
         self.want_dir = want_dir
+        self.runs_dir = runs_dir
+        self.models: list[tuple[str, Path]] = []
+        self.models_loaded = False
 
     def compose(self):
         what = "a model or tokenizer folder (enter on it)" if self.want_dir else "a data file"
         with Vertical():
             yield Label(f"Choose {what}; escape cancels")
+            if self.want_dir:
+                yield OptionList(id="run-models")
             yield DirectoryTree(self.root)
+
+    def on_mount(self) -> None:
+        if self.want_dir:
+            self._find_models()
+
+    @work(thread=True, exclusive=True, group="picker-models", exit_on_error=False)
+    def _find_models(self) -> None:
+        try:
+            models = run_tokenizers(self.runs_dir)
+        except Exception:  # noqa: BLE001 - the tree below still works
+            models = []
+        self.app.call_from_thread(self._show_models, models)
+
+    def _show_models(self, models: list[tuple[str, Path]]) -> None:
+        self.models, self.models_loaded = models, True
+        if not models:
+            return
+        options = self.query_one("#run-models", OptionList)
+        options.add_options([label for label, _path in models])
+        options.add_class("some")
+        options.border_title = "models of your runs (enter picks one)"
+        options.highlighted = 0
+        options.focus()
+
+    @on(OptionList.OptionSelected, "#run-models")
+    def _model(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        self.dismiss(self.models[event.option_index][1])
 
     @on(DirectoryTree.FileSelected)
     def _file(self, event: DirectoryTree.FileSelected) -> None:
@@ -290,7 +342,8 @@ folder), then load. Trained tokens show in green, masked ones dimmed; lengths an
         def chosen(path: Path | None) -> None:
             if path is not None:
                 self.query_one("#model-path", Input).value = self._shown(path)
-        self.app.push_screen(PathPicker(self.base, want_dir=True), chosen)
+        self.app.push_screen(PathPicker(self.base, want_dir=True, runs_dir=getattr(self.state, "runs_dir", None)),
+                             chosen)
 
     @on(Button.Pressed, "#pick-data")
     def _pick_data(self) -> None:
