@@ -186,9 +186,9 @@ def test_mix_keeps_columns(tmp_path):
 
 
 def test_curate_stage_keeps_columns(project):
-    """`llmforge run` of curate stages: text rows from parquet (types kept), chat rows with a column
-    mapping (the dataset remembers it, so the rows read back as the stage read them), preference rows,
-    and a mix of two sources."""
+    """`llmforge run` of curate stages: text, chat and preference rows from parquet (types kept) and
+    from JSON Lines (chat with a column mapping: the dataset remembers it, so the rows read back as
+    the stage read them), and a mix of two sources."""
     data = project.root / "data"
     data.mkdir()
     pq.write_table(pa.Table.from_pylist(text_rows()), data / "text.parquet")
@@ -196,6 +196,10 @@ def test_curate_stage_keeps_columns(project):
     chats = [{"id": r["id"], "dialog": r["messages"], "meta": r["meta"]} for r in chat_rows()]
     _write_jsonl(data / "chat.jsonl", chats)
     _write_jsonl(data / "pref.jsonl", preference_rows())
+    parquet_in = {}
+    for kind in ("chat", "preference"):
+        pq.write_table(pa.Table.from_pylist(KINDS[kind]()), data / f"{kind}.parquet")
+        parquet_in[kind] = pq.read_table(data / f"{kind}.parquet").to_pylist()
     _write_jsonl(data / "more.jsonl", [{"id": "m1", "text": "More text\u00a0here.", "meta": {"k": [1]}}])
     steps = 'steps = ["normalize", "pii", "exact_dedup"]'
     project.write(f"""
@@ -215,6 +219,18 @@ def test_curate_stage_keeps_columns(project):
         name = "pref"
         uses = "curate"
         data = {{ path = "data/pref.jsonl" }}
+        {steps}
+
+        [[stages]]
+        name = "chat_pq"
+        uses = "curate"
+        data = {{ path = "data/chat.parquet" }}
+        {steps}
+
+        [[stages]]
+        name = "pref_pq"
+        uses = "curate"
+        data = {{ path = "data/preference.parquet" }}
         {steps}
 
         [[stages]]
@@ -239,6 +255,10 @@ def test_curate_stage_keeps_columns(project):
     assert json.loads((dataset("chat") / ".llmforge-data.json").read_text()) == \
         {"format": "messages", "columns": {"messages": "dialog"}}
     assert _read_jsonl(dataset("pref") / "data.jsonl") == expected("preference", preference_rows())
+    for stage, kind in (("chat_pq", "chat"), ("pref_pq", "preference")):
+        table = pq.read_table(dataset(stage) / "data.parquet")
+        assert table.schema.equals(pq.read_schema(data / f"{kind}.parquet").remove_metadata()), stage
+        assert table.to_pylist() == expected(kind, parquet_in[kind]), stage
     mixed = _read_jsonl(dataset("mixed") / "data.jsonl")
     assert sorted(mixed, key=lambda r: r["id"]) == [
         {"id": "a1", "text": CLEAN, "meta": _meta(1), "n": 1}, {"id": "a2", "text": PLAIN, "meta": _meta(2), "n": 2},
