@@ -99,3 +99,90 @@ def test_tokenizer_picker_offers_the_models_of_the_runs(in_project):
             assert not app.unexpected_errors
 
     asyncio.run(scenario())
+
+
+# A reply as a small model writes one: bytes that are not UTF-8 (U+FFFD once decoded), CJK and emoji
+# (two cells), an emoji with a skin tone and one with a variation selector, a zero-width joiner, a stray
+# combining accent, ESC colour codes, a carriage return, a tab and a bell.
+ODD_REPLY = ("ok \xff\xfe done. 中文字符 wide 👍🏽 ❤️ a\u200db \u0301x e\u0301 "
+             "\x1b[31mred\r\n\tnext\x07 end").encode("utf-8", "surrogateescape")
+ODD_REPLY = ODD_REPLY.replace(b"\xc3\xbf\xc3\xbe", b"\xff\xfe")  # the two raw bytes, not the characters
+
+
+class ByteEngine:
+    """A model whose tokens are bytes, answering ODD_REPLY whatever it is asked: the chat's real `reply()`
+    decodes and streams it (partial characters held back, broken bytes as U+FFFD) as for any model."""
+
+    kind, template, context, stop_strings = "gguf", None, 4096, ()
+
+    def __init__(self, path):
+        self.path = path
+
+    def encode(self, text, *, chat):
+        return list(text.encode("utf-8"))
+
+    def generate(self, ids, *, temperature, seed):
+        yield from ODD_REPLY
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def render_variables(self):
+        return {}
+
+    def is_stop(self, token):
+        return False
+
+    def close(self):
+        pass
+
+
+def _width(ch: str) -> int:
+    """A character's cells in a terminal, where terminals agree (wide: 2; the rest: 1)."""
+    import unicodedata
+
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def test_chat_panel_border_holds_with_broken_and_wide_characters(in_project, monkeypatch):
+    import unicodedata
+
+    from llmforge_plugins.gguf import chat as engine_module
+    from textual.widgets import Input
+
+    from llmforge.tui.widgets.chat import ChatPanel
+
+    monkeypatch.setattr(engine_module, "open_engine", lambda path, **kw: ByteEngine(path))
+
+    async def scenario():
+        app = fx.make_app("models")
+        async with app.run_test(size=(80, 24)) as pilot:
+            screen = app.screen
+            await until(pilot, lambda: len(getattr(screen, "entries", ())) == 8, what="the models")
+            await pilot.press("c")
+            panel = screen.query_one(ChatPanel)
+            field = screen.query_one("#chat-input", Input)
+            await until(pilot, lambda: field.has_focus, what="the chat")
+            await pilot.press(*"hi", "enter")
+            await until(pilot, lambda: panel.last_reply is not None, what="the reply")
+            assert "\ufffd" in panel.last_reply.text and "中文" in panel.last_reply.text  # what the model said
+            await pilot.pause(0.2)
+            region = panel.region
+            lines = [strip.text[region.x:] for strip in app.screen._compositor.render_strips()]
+            return [line for line in lines[region.y:region.bottom]], region.width
+
+    lines, width = asyncio.run(scenario())
+    text = "\n".join(lines)
+    assert "中文字符" in text and "red" in text and "next" in text  # the reply is on screen
+    for line in lines:
+        cells = 0
+        for ch in line:
+            cat = unicodedata.category(ch)
+            # nothing a terminal draws differently from how it was measured
+            assert ch != "\ufffd" and not cat.startswith(("C", "M")) and not 0xFE00 <= ord(ch) <= 0xFE0F \
+                and not 0x1F3FB <= ord(ch) <= 0x1F3FF, (repr(ch), line)
+            cells += _width(ch)
+            if cells >= width:
+                break
+        # the right border is in the panel's last cell, counted as a terminal counts
+        assert cells == width and line.rstrip() and ch in "│╮╯", (cells, width, line)

@@ -5,6 +5,10 @@ tokens, plain text completion for a model without a template. Opening a model im
 llama_cpp and generating keeps a core busy, so both happen in a worker thread; the tokens come back to the UI
 through `call_from_thread`, and the UI stays responsive. One engine is kept open (the last model used) and
 one answer runs at a time; escape stops it at the next token.
+
+Everything shown goes through `terminal_safe`: a small model writes control characters, broken UTF-8
+(U+FFFD) and zero-width characters, which terminals draw differently from how they are measured, and
+the panel's border would break.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Input, Static
+
+from llmforge.tui.widgets.text import terminal_safe
 
 
 class _Stopped(Exception):
@@ -79,7 +84,7 @@ class ChatPanel(Vertical):
             self.history = []
             self.query_one("#chat-log", VerticalScroll).remove_children()
             self._note(f"talking to {path}")
-        self.query_one("#chat-title", Static).update(Text(f"chat: {label or path.name}"))
+        self.query_one("#chat-title", Static).update(terminal_safe(f"chat: {label or path.name}"))
         self.query_one("#chat-input", Input).disabled = False
 
     def focus_input(self) -> None:
@@ -100,7 +105,7 @@ class ChatPanel(Vertical):
     def send(self, text: str) -> None:
         """Add a user message and start the answer."""
         self.history.append({"role": "user", "content": text})
-        self._add(Message(Text(f"> {text}"), classes="user"))
+        self._add(Message(terminal_safe(f"> {text}"), classes="user"))
         self._current = self._add(Message("…", classes="assistant"))
         self._streamed = ""
         self.answering = True
@@ -171,7 +176,7 @@ class ChatPanel(Vertical):
     def _set_streamed(self, text: str) -> None:
         self._streamed = text
         if self._current is not None:
-            self._current.update(Text(text or "…"))
+            self._current.update(terminal_safe(text or "…"))
             self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
 
     def _finished(self, result, chat: bool, error: str | None) -> None:
@@ -180,7 +185,7 @@ class ChatPanel(Vertical):
             self.history.pop()  # the message that could not be answered is not part of the conversation
             if self._current is not None:
                 self._current.remove()
-            self._add(Message(Text(f"error: {error}"), classes="error"))
+            self._add(Message(terminal_safe(f"error: {error}"), classes="error"))
             return
         if result is None:  # stopped: keep what was said so far, as the CLI keeps a partial answer on screen
             self._set_streamed(self._streamed)
@@ -204,7 +209,7 @@ class ChatPanel(Vertical):
         return message
 
     def _note(self, text: str) -> None:
-        self._add(Message(Text(text), classes="note"))
+        self._add(Message(terminal_safe(text), classes="note"))
 
     def on_unmount(self) -> None:
         self._stop.set()

@@ -25,3 +25,58 @@ def fmt_number(v: float | None) -> str:
     if a != 0 and (a < 1e-3 or a >= 1e6):
         return f"{v:.2e}"
     return f"{v:.4g}"
+
+
+# Shown in place of what cannot be drawn safely: an undecodable byte (U+FFFD), a control character.
+UNSAFE_STYLE = "reverse dim"
+
+
+def _zero_width(ch: str, cat: str) -> bool:
+    o = ord(ch)
+    return (cat in ("Cf", "Me") or 0xFE00 <= o <= 0xFE0F or 0xE0100 <= o <= 0xE01EF  # format, variation selectors
+            or 0x1F3FB <= o <= 0x1F3FF)  # emoji skin tones: Rich counts them as two more cells, terminals as none
+
+
+def terminal_safe(text: str, style: str = "") -> "Text":
+    """`text` (what a model wrote, say) as Rich Text that every terminal draws in the cells Rich measures,
+    so that the borders around it stay where they are drawn.
+
+    Terminals and Rich disagree on some characters: control characters move the cursor or switch colours
+    (ESC, CR, BS), zero-width ones (joiners, variation selectors, skin tones, a combining mark with no
+    letter before it) take one cell or none or join with the next, and U+FFFD (a byte that was not UTF-8:
+    a small model's partial character) is of ambiguous width, two cells in East Asian set-ups. Those are
+    dropped, or shown as a marked `?` (U+FFFD, unassigned or private characters) or `^X` (control
+    characters); tabs become spaces. Wide characters (CJK, emoji) stay: both count them as two cells."""
+    import unicodedata
+
+    from rich.text import Text
+
+    out = Text(style=style)
+    plain: list[str] = []
+    last_cat = "Zs"
+
+    def mark(s: str) -> None:
+        out.append("".join(plain))
+        plain.clear()
+        out.append(s, style=UNSAFE_STYLE)
+
+    for ch in unicodedata.normalize("NFC", text):
+        cat = unicodedata.category(ch)
+        if ch == "\n":
+            plain.append(ch)
+        elif ch == "\t":
+            plain.append("    ")
+        elif ch == "\r":
+            continue  # CRLF line ends: the LF makes the line
+        elif cat == "Cc":
+            o = ord(ch)
+            mark(f"^{chr(o + 64)}" if o < 32 else "^?" if o == 127 else "?")
+        elif ch == "\ufffd" or cat in ("Cs", "Co", "Cn"):
+            mark("?")
+        elif _zero_width(ch, cat) or (cat == "Mn" and not last_cat.startswith(("L", "M"))):
+            continue
+        else:
+            plain.append(ch)
+        last_cat = cat
+    out.append("".join(plain))
+    return out
