@@ -3,8 +3,10 @@
 Built-in plugins (entry points of the `llmforge` distribution itself) and third-party ones load
 through the same `llmforge` entry-point group. LLMFORGE_LOAD_PLUGINS chooses what loads:
 unset = everything installed; empty = only the built-ins; "a,b" = the built-ins plus the named
-distributions. A plugin that fails to import, to register with pluggy, or inside a registration
-hook is recorded in `Registry.errors`, never raised.
+distributions. A plugin that fails to import, implements an unknown (misspelt) hook, fails to
+register with pluggy, or raises inside a registration hook is recorded in `Registry.errors`, never
+raised; plugins handed over in process (`load_registry(extra=...)`, how tests add one) get the same
+checks.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class LoadError:
 
 @dataclass
 class Conflict:
-    kind: str  # "stage", "reader", "row format", "chat template", "tracker", "merge method", "backend"
+    kind: str  # "stage", "reader", "row format", "chat template", "tracker", "merge method", "backend",
+    # "curation step"
     name: str
     winner: str
     loser: str
