@@ -106,10 +106,23 @@ class RowFormat:
         reshapes texts (alpaca's instruction and input in one turn) overrides it; a text it cannot
         place is a RowError, never a silently dropped change."""
         out = copy_row(raw)
+        leaves = _string_leaves(out)
+        used: set[int] = set()
+        cursor = 0  # texts are found in the row's order, so that equal texts each find their own value
         for before, after in zip(texts_of(old), texts_of(new)):
-            if before != after and not _replace_string(out, before, after):
+            at = next((i for i in range(cursor, len(leaves)) if i not in used and leaves[i][2] == before), None)
+            if at is None:
+                at = next((i for i in range(len(leaves)) if i not in used and leaves[i][2] == before), None)
+            if at is None:
+                if before == after:
+                    continue
                 raise RowError("", f"cannot write a rewritten text back into the {self.name} columns "
                                    f"(it is not one of the row's values); the row format needs a restore method")
+            used.add(at)
+            cursor = at + 1
+            if before != after:
+                container, key, _ = leaves[at]
+                container[key] = after
         return out
 
 
@@ -139,17 +152,17 @@ def _shape(row: dict) -> list:
     return sorted(row)
 
 
-def _replace_string(container: Any, before: str, after: str) -> bool:
-    """Replace the first string value equal to ``before`` (depth first, in order) in place."""
+def _string_leaves(container: Any, out: list | None = None) -> list[tuple[Any, Any, str]]:
+    """(container, key, value) of every string in a row, depth first, in order."""
+    out = [] if out is None else out
     items = container.items() if isinstance(container, dict) else enumerate(container) \
         if isinstance(container, list) else ()
     for key, value in items:
-        if isinstance(value, str) and value == before:
-            container[key] = after
-            return True
-        if isinstance(value, (dict, list)) and _replace_string(value, before, after):
-            return True
-    return False
+        if isinstance(value, str):
+            out.append((container, key, value))
+        elif isinstance(value, (dict, list)):
+            _string_leaves(value, out)
+    return out
 
 
 class DataOptions(StageOptions):

@@ -763,3 +763,32 @@ def test_a_dataset_folder_is_read_with_the_format_it_records(data):
     # what the user sets wins over what the folder records
     with pytest.raises(DataError, match="text"):
         data.load("out", format="text")
+
+
+def test_the_default_restore_places_texts_by_value_in_order(registry):
+    """A third-party format without a restore method: texts copied from the row are found by value,
+    equal texts each in their own place; a text the format transformed cannot be placed (an error,
+    not a silent loss)."""
+    from llmforge.data import RowError, RowFormat
+
+    class Qa(RowFormat):
+        name, kind, columns = "qa", "chat", ("q", "a")
+
+        def normalize(self, row):
+            return {"messages": [{"role": "user", "content": row["q"]}, {"role": "assistant", "content": row["a"]}]}
+
+    raw = {"q": "same", "a": "same", "id": 1, "meta": {"note": "x"}}
+    old = Qa().normalize(raw)
+    new = {"messages": [old["messages"][0], {"role": "assistant", "content": "changed"}]}
+    assert Qa().restore(raw, old, new) == {"q": "same", "a": "changed", "id": 1, "meta": {"note": "x"}}
+    assert raw == {"q": "same", "a": "same", "id": 1, "meta": {"note": "x"}}  # not edited in place
+
+    class Upper(Qa):
+        def normalize(self, row):
+            return {"messages": [{"role": "user", "content": row["q"].upper()},
+                                 {"role": "assistant", "content": row["a"]}]}
+
+    raw = {"q": "x", "a": "y"}
+    old = Upper().normalize(raw)
+    with pytest.raises(RowError, match="restore method"):
+        Upper().restore(raw, old, {"messages": [{"role": "user", "content": "Z"}, old["messages"][1]]})
