@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -142,7 +142,7 @@ class Curator:
             _, kept, places = self._feed([r.where for r in batch], [r.row for r in batch], list(range(len(batch))))
             for row, place in zip(kept, places):
                 src = batch[place]
-                yield replace(src, row=row, raw=restore_row(src, row))
+                yield SourceRow(src.where, row, restore_row(src, row), src.fmt, src.columns)
 
         for rec in records:
             batch.append(rec)
