@@ -60,22 +60,36 @@ def read_events(path: Path, follow: bool = False, stop: Callable[[], bool] | Non
                 poll: float = 0.2) -> Iterator[dict]:
     """Yield the events of a file; with `follow`, keep waiting for new lines until `stop()` is true.
 
-    A last line without its newline is still being written: it is held back until complete.
+    A last line without its newline is still being written: it is held back until complete. A line
+    torn by a crash (not JSON) is skipped. A line that is not UTF-8 (a damaged file) is never fatal:
+    it becomes a warning log event naming the file and line, so every reader (`llmforge logs`, the
+    TUI) shows where the damage is and goes on with the next line.
     """
-    buf = ""
-    with open(path, encoding="utf-8") as fh:
+    buf = b""
+    lineno = 0
+    with open(path, "rb") as fh:
         while True:
             chunk = fh.readline()
             if chunk:
                 buf += chunk
-                if not buf.endswith("\n"):
+                if not buf.endswith(b"\n"):
                     continue
-                line, buf = buf.strip(), ""
+                raw, buf = buf, b""
+                lineno += 1
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    yield {"type": "log", "level": "warning", "time": None,
+                           "message": f"{path}:{lineno}: skipped a line that is not UTF-8 text ({exc.reason} "
+                                      f"at byte {exc.start})"}
+                    continue
                 if line:
                     try:
-                        yield json.loads(line)
+                        event = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line torn by a crash: skip it, never fail the reader
+                    if isinstance(event, dict):
+                        yield event
                 continue
             if not follow or (stop is not None and stop()):
                 return

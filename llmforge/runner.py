@@ -408,16 +408,21 @@ def _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resu
 
 @contextlib.contextmanager
 def _warnings_to_events(ctx):
-    """Python warnings raised inside a stage (libraries are chatty) become one log event each, once."""
+    """Python warnings raised inside a stage (libraries are chatty) become one log event each, once.
+    Library chatter (their deprecation warnings and routine log lines) becomes a debug event: in the
+    run's events, not in the user's face (see llmforge/chatter.py)."""
+    from llmforge.chatter import is_library_chatter, library_logs_to
+
     seen: set = set()
 
     def show(message, category, filename, lineno, file=None, line=None):
         key = (category, str(message))
         if key not in seen:
             seen.add(key)
-            ctx.log(f"{category.__name__}: {message}", level="warning")
+            level = "debug" if is_library_chatter(category, filename) else "warning"
+            ctx.log(f"{category.__name__}: {message}", level=level)
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), library_logs_to(lambda level, text: ctx.log(text, level=level)):
         warnings.simplefilter("default")
         warnings.showwarning = show
         yield

@@ -156,10 +156,15 @@ class RunInfo:
     id: str
     dir: Path
     manifest: dict
+    #: why the run's manifest cannot be read ("<path>: <error>"), for a damaged run folder; else None
+    damaged: str | None = None
 
     @property
     def status(self) -> str:
-        """The recorded status, or 'killed' when it says running but its writer is gone."""
+        """The recorded status, or 'killed' when it says running but its writer is gone; 'damaged'
+        when the manifest cannot be read."""
+        if self.damaged:
+            return "damaged"
         status = self.manifest.get("status", "unknown")
         if status in ("running", "starting") and not lock_is_live(read_lock(self.dir)):
             return "killed"
@@ -185,36 +190,44 @@ class RunStore:
     def __init__(self, runs_dir: Path):
         self.dir = Path(runs_dir)
 
-    def list(self) -> list[RunInfo]:
+    def list(self, include_damaged: bool = False) -> list[RunInfo]:
+        """The runs, oldest first. A run folder whose manifest cannot be read is left out, unless
+        `include_damaged` (listings: the user must see it, named, rather than have it vanish)."""
         runs = []
         if not self.dir.is_dir():
             return runs
         for d in self.dir.iterdir():
-            m = d / MANIFEST
-            if d.is_dir() and m.is_file():
-                try:
-                    runs.append(RunInfo(d.name, d, json.loads(m.read_text())))
-                except (OSError, ValueError):
-                    continue
-        runs.sort(key=lambda r: (r.manifest.get("created", 0), r.id))
+            if not d.is_dir():
+                continue
+            run = _read_run(d)
+            if run is not None and (include_damaged or not run.damaged):
+                runs.append(run)
+        runs.sort(key=lambda r: (r.manifest.get("created", 0) if not r.damaged else _mtime(r.dir), r.id))
         return runs
 
-    def get(self, ref: str | None = None) -> RunInfo:
-        """A run by id, unique id prefix or directory path; the latest run when `ref` is None."""
-        if ref and (Path(ref) / MANIFEST).is_file():
-            d = Path(ref).resolve()
-            return RunInfo(d.name, d, json.loads((d / MANIFEST).read_text()))
-        runs = self.list()
+    def get(self, ref: str | None = None, allow_damaged: bool = False) -> RunInfo:
+        """A run by id, unique id prefix or directory path; the latest run when `ref` is None.
+        A damaged run named by `ref` is a UsageError that names its unreadable file, unless
+        `allow_damaged` (`logs` reads the events, which do not need the manifest)."""
+        _readable = (lambda r: r) if allow_damaged else _whole
+        if ref and Path(ref).is_dir() and (Path(ref) / MANIFEST).exists():
+            run = _read_run(Path(ref).resolve())
+            if run is not None:
+                return _readable(run)
+        runs = self.list(include_damaged=True)
         if not runs:
             raise UsageError(f"no runs in {self.dir}", hint="start one with `llmforge run`")
         if ref is None:
-            return runs[-1]
+            whole = [r for r in runs if not r.damaged]
+            if not whole:
+                return _readable(runs[-1])
+            return whole[-1]
         matches = [r for r in runs if r.id == ref] or [r for r in runs if r.id.startswith(ref)]
         if not matches:
             raise UsageError(f"no run '{ref}' in {self.dir}", hint="`llmforge runs list` shows them")
         if len(matches) > 1:
             raise UsageError(f"'{ref}' matches {len(matches)} runs: {', '.join(r.id for r in matches[:5])}")
-        return matches[0]
+        return _readable(matches[0])
 
     def create(self, run_id: str | None = None) -> Path:
         run_id = run_id or new_run_id()
@@ -231,6 +244,37 @@ class RunStore:
             for p in arts.iterdir():
                 if p.name.startswith((".tmp-", ".old-")):
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _read_run(d: Path) -> RunInfo | None:
+    """The run in folder `d`; a damaged RunInfo when its manifest is unreadable, or missing while the
+    folder holds a run's other files; None for a folder that is no run at all."""
+    m = d / MANIFEST
+    if not m.exists():
+        if (d / EVENTS).exists() or (d / "stages").is_dir():
+            return RunInfo(d.name, d, {}, damaged=f"{m}: missing")
+        return None
+    try:
+        data = json.loads(m.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        return RunInfo(d.name, d, {}, damaged=f"{m}: cannot be read ({exc})")
+    if not isinstance(data, dict):
+        return RunInfo(d.name, d, {}, damaged=f"{m}: not a JSON object")
+    return RunInfo(d.name, d, data)
+
+
+def _whole(run: RunInfo) -> RunInfo:
+    if run.damaged:
+        raise UsageError(f"run {run.id} is damaged: {run.damaged}",
+                         hint="its stage folders may still hold artifacts; start a new run with `llmforge run`")
+    return run
+
+
+def _mtime(d: Path) -> float:
+    try:
+        return d.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def request(run_dir: Path, what: str) -> None:

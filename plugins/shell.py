@@ -53,8 +53,15 @@ class ShellStage(Stage):
                                     bufsize=1)
             reader = threading.Thread(target=self._pump, args=(proc, ctx), daemon=True)
             reader.start()
-            code = self._wait(proc, ctx, options.timeout)
-            reader.join(timeout=5)
+            try:
+                code = self._wait(proc, ctx, options.timeout)
+            finally:
+                reader.join(timeout=5)
+                # Our end of the command's output pipe: left open, the interpreter reports
+                # "ResourceWarning: unclosed file" for every shell stage. A grandchild that still holds
+                # the pipe open keeps the reader blocked; closing it ends the reader either way.
+                if not reader.is_alive():
+                    proc.stdout.close()
             # Ctrl-C in a terminal reaches the command too, which may die before we polled: ask again.
             if ctx.stop_seen or ctx.should_stop():
                 return  # the core discards the unfinished artifact and records the stage as stopped
@@ -75,6 +82,9 @@ class ShellStage(Stage):
             except subprocess.TimeoutExpired:
                 waited += 0.2
             if ctx.should_stop():
+                # A command has no checkpoint to save: say what a stop does here (training stages say
+                # they save one). On --resume the command runs again, with LLMFORGE_RESUME=1.
+                ctx.log("stop requested: ending the command (it runs again on --resume)")
                 proc.terminate()
                 try:
                     return proc.wait(timeout=10)

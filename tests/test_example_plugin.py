@@ -84,7 +84,7 @@ def test_pipeline_greets_the_names_a_shell_stage_wrote(hello, project):
     project.write(PIPELINE.format(times=2))
     valid = project.run("validate", plugins=[hello])
     assert valid.returncode == 0, valid.stderr
-    assert "people -> greet" in valid.stdout
+    assert "  greet (hello)   <- people" in valid.stdout  # validate shows each stage with its inputs
 
     first = project.run("run", plugins=[hello])
     assert first.returncode == 0, first.stdout + first.stderr

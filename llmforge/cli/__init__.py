@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("LLMFORGE_DEBUG") == "1"
     # --debug is accepted anywhere (`llmforge validate --debug`), not only before the command.
     args = [a for a in args if a != "--debug"]
+    if debug:
+        # also shows debug-level events (library chatter) in `run` and `logs`, here and in detached children
+        os.environ["LLMFORGE_DEBUG"] = "1"
     try:
         from llmforge.cli.app import build_app
 

@@ -28,9 +28,46 @@ def print_json(data: Any) -> None:
 
 
 def console(stderr: bool = False):
+    """A rich console. Into a pipe or a file it never wraps: `llmforge logs | grep` must see whole lines."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    out = Console(stderr=stderr, highlight=False)
+    if not out.is_terminal:
+        out.soft_wrap = True
+    return out
+
+
+def print_table(columns: list[str], rows: list[list[Any]], title: str | None = None,
+                styles: dict[int, Any] | None = None) -> None:
+    """A listing: a rich table on a terminal; elsewhere (a pipe, a file) plain text, one record per line.
+
+    Cells are plain text, never markup (a stage name or a message with [brackets] stays as it is).
+    `styles` maps a column index to a function value -> rich style, used on a terminal only.
+    Piped output is what people copy and grep, so nothing is truncated or wrapped: a header line, then
+    one line per row, columns aligned with two spaces; an empty cell is "-" so columns stay countable.
+    `--json` remains the format for programs.
+    """
+    cells = [["-" if v is None or str(v) == "" else str(v) for v in row] for row in rows]
+    out = console()
+    if out.is_terminal:
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=title, title_justify="left")
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for row in cells:
+            table.add_row(*(Text(v, style=(styles or {}).get(i, lambda _v: "")(v) or "")
+                            for i, v in enumerate(row)))
+        out.print(table)
+        return
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = [title] if title else []
+    for row in [list(columns), *cells]:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row[:-1], widths)) + ("  " if len(row) > 1 else "")
+                     + row[-1])
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
 
 
 def runs_dir(explicit: Path | None, config: Path | None = None) -> Path:
@@ -52,9 +89,21 @@ def runs_dir(explicit: Path | None, config: Path | None = None) -> Path:
 
 STATUS_STYLE = {
     "done": "green", "cached": "cyan", "running": "yellow", "failed": "red", "stopped": "magenta",
-    "killed": "red", "blocked": "dim", "skipped": "dim", "pending": "dim",
+    "killed": "red", "damaged": "red", "blocked": "dim", "skipped": "dim", "pending": "dim",
 }
 
 
 def styled(status: str) -> str:
     return f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]"
+
+
+def status_style(status: str) -> str:
+    return STATUS_STYLE.get(status, "white")
+
+
+#: the mark before a finished stage: a stop asked for by the user is not a failure
+STATUS_MARK = {"done": "✓", "cached": "↺", "stopped": "■", "skipped": "-"}
+
+
+def status_mark(status: str) -> str:
+    return STATUS_MARK.get(status, "✗")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from llmforge.cli.common import JSON_OPTION, sub_app, console, print_json
+from llmforge.cli.common import JSON_OPTION, console, print_json, print_table, sub_app
 from llmforge.errors import UsageError
 
 
@@ -24,27 +24,23 @@ def plugins_list(
         print_json({"plugins": [p.to_json() for p in reg.plugins], "errors": [e.to_json() for e in reg.errors],
                     "conflicts": [c.to_json() for c in reg.conflicts]})
         return
-    from rich.table import Table
+    from rich.markup import escape
 
+    rows = [[p.name, f"{p.dist} (built-in)" if p.builtin else p.dist, p.version, ", ".join(p.stages),
+             ", ".join(p.hooks)] for p in reg.plugins]
+    print_table(["name", "distribution", "version", "stages", "hooks"], rows, title="plugins")
     out = console()
-    table = Table(title="plugins", title_justify="left")
-    for col in ("name", "distribution", "version", "stages", "hooks"):
-        table.add_column(col)
-    for p in reg.plugins:
-        dist = f"{p.dist} [dim](built-in)[/]" if p.builtin else p.dist
-        table.add_row(p.name, dist, p.version, ", ".join(p.stages), ", ".join(p.hooks))
-    out.print(table)
     loaded = {p.name for p in reg.plugins}
     for e in reg.errors:
+        what = f"{escape(str(e.plugin))} ({escape(str(e.dist))}): {escape(str(e.error))}"
         if e.plugin in loaded:  # it imported, but one of its hooks failed: say what is missing
-            out.print(f"[red]plugin error[/] {e.plugin} ({e.dist}): {e.error}; what that hook adds is unavailable",
-                      highlight=False)
+            out.print(f"[red]plugin error[/] {what}; what that hook adds is unavailable")
         else:
-            out.print(f"[red]failed to load[/] {e.plugin} ({e.dist}): {e.error}", highlight=False)
+            out.print(f"[red]failed to load[/] {what}")
         if verbose and e.details:
             out.print(e.details, markup=False, highlight=False)
     for c in reg.conflicts:
-        out.print(f"[yellow]conflict[/]: {c}", highlight=False)
+        out.print(f"[yellow]conflict[/]: {escape(str(c))}")
 
 
 def _complete_kind(incomplete: str) -> list[str]:
@@ -59,14 +55,8 @@ def stages_list(as_json: bool = JSON_OPTION) -> None:
     if as_json:
         print_json(rows)
         return
-    from rich.table import Table
-
-    table = Table()
-    for col in ("kind", "produces", "plugin", "summary"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["kind"], ", ".join(r["produces"]), r["plugin"], r["summary"])
-    console().print(table)
+    print_table(["kind", "produces", "plugin", "summary"],
+                [[r["kind"], ", ".join(r["produces"]), r["plugin"], r["summary"]] for r in rows])
 
 
 def stages_show(
@@ -88,24 +78,21 @@ def stages_show(
                     "doc": _doc(cls), "options": [r.to_json() for r in rows]})
         return
     from rich.markup import escape
-    from rich.table import Table
 
     out = console()
-    out.print(f"[bold]{kind}[/]: {escape(cls.summary)}")
-    out.print(f"produces: {', '.join(cls.produces) or 'nothing'}   plugin: {entry.plugin}")
-    table = Table()
-    for col in ("option", "type", "default", "description"):
-        table.add_column(col)
+    out.print(f"[bold]{escape(kind)}[/]: {escape(cls.summary)}")
+    out.print(f"produces: {escape(', '.join(cls.produces) or 'nothing')}   plugin: {escape(entry.plugin)}")
+    table = []
     for r in rows:
-        desc = escape(r.description)
+        desc = r.description
         if r.constraints:
-            desc += f" [dim]({escape(r.constraints)})[/]"
+            desc += f" ({r.constraints})"
         if r.is_input:
             kinds = f" ({'/'.join(r.input_kinds)})" if r.input_kinds else ""
-            desc += f" [cyan]{escape(f'[input: path or @stage{kinds}]')}[/]"
-        default = "[red]required[/]" if r.required else escape(repr(r.default))
-        table.add_row(escape(r.name), escape(r.type), default, desc)
-    out.print(table)
+            desc += f" [input: path or @stage{kinds}]"
+        table.append([r.name, r.type, "required" if r.required else repr(r.default), desc])
+    print_table(["option", "type", "default", "description"], table,
+                styles={2: lambda v: "red" if v == "required" else ""})
 
 
 def _doc(cls) -> str:

@@ -56,11 +56,21 @@ def validate(
                         "problems": [{"where": p.where, "message": p.message} for p in exc.problems]})
             raise typer.Exit(exc.exit_code) from None
         raise
+    # The pipeline is a graph, not a chain: each stage is shown with the stages it takes inputs from.
+    needs = {s.name: sorted(pipe.deps.get(s.name, ()), key=pipe.names.index) for s in pipe.stages}
     if as_json:
-        print_json({"valid": True, "config": str(pipe.config.path), "stages": pipe.names})
+        print_json({"valid": True, "config": str(pipe.config.path), "stages": pipe.names, "needs": needs})
         return
+    from rich.markup import escape
+
     out = console()
-    out.print(f"[green]valid[/]: {pipe.config.path} ({len(pipe.stages)} stages: {' -> '.join(pipe.names)})")
+    out.print(f"[green]valid[/]: {escape(str(pipe.config.path))} ({len(pipe.stages)} "
+              f"stage{'s' if len(pipe.stages) != 1 else ''}, in run order; `<-` names a stage's inputs)")
+    width = max((len(f"{s.name} ({s.uses})") for s in pipe.stages), default=0)
+    for s in pipe.stages:
+        head = f"{s.name} ({s.uses})".ljust(width)
+        tail = f"  <- {', '.join(needs[s.name])}" if needs[s.name] else ""
+        out.print(escape(f"  {head}{tail}".rstrip()))
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from llmforge.cli.common import CONFIG_OPTION, SET_OPTION, console, fmt_duration, styled
+from llmforge.cli.common import CONFIG_OPTION, SET_OPTION, console, fmt_duration, print_table, status_style
 
 
 def run(
@@ -50,18 +50,14 @@ def run(
 
 
 def _summary(result) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"run {result.run_id}", title_justify="left")
-    for col in ("stage", "status", "time", "artifacts"):
-        table.add_column(col)
+    rows = []
     for name, st in result.stages.items():
         arts = ", ".join(a["path"] for a in st.get("artifacts", {}).values())
-        table.add_row(name, styled(st.get("status", "?")), fmt_duration(st.get("duration")), arts)
-    out = console()
-    out.print(table)
+        rows.append([name, st.get("status", "?"), fmt_duration(st.get("duration")), arts])
+    print_table(["stage", "status", "time", "artifacts"], rows, title=f"run {result.run_id}",
+                styles={1: status_style})
     if result.status == "stopped":
-        out.print(f"stopped; continue with [bold]llmforge run --resume --run {result.run_id}[/]")
+        console().print(f"stopped; continue with [bold]llmforge run --resume --run {result.run_id}[/]")
 
 
 def _detach(pipe, stages, from_stage, overrides, resume, run_ref, force) -> None:

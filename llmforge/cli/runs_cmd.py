@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from llmforge.cli.common import JSON_OPTION, sub_app, RUNS_DIR_OPTION, console, fmt_duration, print_json, runs_dir, styled
+from llmforge.cli.common import (JSON_OPTION, RUNS_DIR_OPTION, console, fmt_duration, print_json, print_table,
+                                 runs_dir, status_style, styled, sub_app)
 
 RUN_ARG = typer.Argument(None, help="Run id, unique prefix or folder (default: the latest run).")
 
@@ -20,23 +21,21 @@ def _store(dir_: Path | None):
 
 
 def runs_list(as_json: bool = JSON_OPTION, dir_: Optional[Path] = RUNS_DIR_OPTION) -> None:
-    """List the runs of this project, oldest first."""
-    runs = _store(dir_).list()
+    """List the runs of this project, newest first (as the TUI's Runs screen does)."""
+    # A run folder whose manifest cannot be read is listed as damaged (naming the file), never dropped.
+    runs = list(reversed(_store(dir_).list(include_damaged=True)))
     if as_json:
         print_json([_row(r) for r in runs])
         return
-    from rich.table import Table
-
     if not runs:
         console().print("no runs yet; start one with [bold]llmforge run[/]")
         return
-    table = Table()
-    for col in ("run", "started", "status", "stages", "duration"):
-        table.add_column(col)
+    rows = []
     for r in runs:
         row = _row(r)
-        table.add_row(r.id, row["started"], styled(r.status), row["summary"], fmt_duration(row["duration"]))
-    console().print(table)
+        summary = f"{r.damaged}" if r.damaged else row["summary"]
+        rows.append([r.id, row["started"], r.status, summary, fmt_duration(row["duration"])])
+    print_table(["run", "started", "status", "stages", "duration"], rows, styles={2: status_style})
 
 
 def _row(r) -> dict:
@@ -54,6 +53,7 @@ def _row(r) -> dict:
         "stages": {n: r.stage_status(n) for n in stages},
         "summary": ", ".join(f"{v} {k}" for k, v in counts.items()),
         "exit_code": r.manifest.get("exit_code"),
+        **({"damaged": r.damaged} if r.damaged else {}),
     }
 
 
@@ -63,20 +63,17 @@ def status(run: Optional[str] = RUN_ARG, as_json: bool = JSON_OPTION, dir_: Opti
     if as_json:
         print_json(r.to_json())
         return
-    from rich.table import Table
+    from rich.markup import escape
 
     out = console()
-    out.print(f"run [bold]{r.id}[/]  {styled(r.status)}  [dim]{r.dir}[/]")
-    table = Table()
-    for col in ("stage", "uses", "status", "time", "artifacts / error"):
-        table.add_column(col)
+    out.print(f"run [bold]{r.id}[/]  {styled(r.status)}  [dim]{escape(str(r.dir))}[/]")
+    rows = []
     for name, st in r.manifest.get("stages", {}).items():
         detail = st.get("error") or ", ".join(a["path"] for a in st.get("artifacts", {}).values())
         if st.get("cached_from"):
             detail = f"(cached from {st['cached_from']}) {detail}"
-        table.add_row(name, st.get("uses", ""), styled(r.stage_status(name)), fmt_duration(st.get("duration")),
-                      detail)
-    out.print(table)
+        rows.append([name, st.get("uses", ""), r.stage_status(name), fmt_duration(st.get("duration")), detail])
+    print_table(["stage", "uses", "status", "time", "artifacts / error"], rows, styles={2: status_style})
 
 
 def logs(
@@ -85,11 +82,12 @@ def logs(
     raw: bool = typer.Option(False, "--raw", help="Print the JSON lines as they are."),
     dir_: Optional[Path] = RUNS_DIR_OPTION,
 ) -> None:
-    """Print a run's events (from events.jsonl); -f follows a running one."""
+    """Print a run's events (from events.jsonl); -f follows a running one. --debug also shows the
+    libraries' chatter (debug-level events)."""
     from llmforge.events import read_events
     from llmforge.runs import EVENTS, RunInfo, read_lock, lock_is_live
 
-    r: RunInfo = _store(dir_).get(run)
+    r: RunInfo = _store(dir_).get(run, allow_damaged=True)  # the events do not need the manifest
     path = r.dir / EVENTS
     if not path.exists():
         raise typer.Exit(0)
@@ -120,7 +118,8 @@ def stop(
     timeout: float = typer.Option(600, "--timeout", help="Seconds to wait."),
     dir_: Optional[Path] = RUNS_DIR_OPTION,
 ) -> None:
-    """Ask a run to stop cleanly: the stage saves a checkpoint and the run exits with code 130."""
+    """Ask a run to stop cleanly: a training stage saves a checkpoint first, other stages just stop; the
+    run exits with code 130 and `llmforge run --resume` continues it."""
     from llmforge.errors import UsageError
     from llmforge.runs import STOP_REQUEST, RunStore, lock_is_live, read_lock, request
 
@@ -130,14 +129,20 @@ def stop(
         raise UsageError(f"run {r.id} is not running (status: {r.status})")
     request(r.dir, STOP_REQUEST)
     out = console()
-    out.print(f"stop requested for run {r.id}")
+    running = [n for n in r.manifest.get("stages", {}) if r.stage_status(n) == "running"]
+    # What a stop does depends on the stage: the stage itself says it (a training stage logs "saving a
+    # checkpoint at step N", a shell stage "ending the command"); here only which stage is asked.
+    out.print(f"stop requested for run {r.id}" + (f": stage {running[0]} is stopping" if running else ""),
+              markup=False)
     if not wait:
         return
     deadline = time.time() + timeout
     while time.time() < deadline and lock_is_live(read_lock(r.dir)):
         time.sleep(0.2)
     r = store.get(str(r.dir))
-    out.print(f"run {r.id}: {styled(r.status)} (exit code {r.manifest.get('exit_code')})")
+    from rich.markup import escape
+
+    out.print(f"run {escape(r.id)}: {styled(r.status)} (exit code {r.manifest.get('exit_code')})")
 
 
 def checkpoint(run: Optional[str] = RUN_ARG, dir_: Optional[Path] = RUNS_DIR_OPTION) -> None:

@@ -447,6 +447,13 @@ def quiet(trainer) -> None:
     hf_logging.disable_progress_bar()
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    # transformers added its stderr handler when first imported, inside the stage: extend the runner's
+    # diversion of library chatter (debug events, see llmforge/chatter.py) to it, so that the trainer's
+    # routine lines (`missing keys ... ['lm_head.weight']` on resuming a tied-embedding model, which is
+    # expected: the head is the embedding) stay in the run's events and out of the terminal.
+    from llmforge.chatter import cover_late_handlers
+
+    cover_late_handlers()
 
 
 def perplexity(model, rows: list[dict], batch_size: int = 4) -> float:

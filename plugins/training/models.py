@@ -62,6 +62,9 @@ def load_model(path: str | Path, trust_remote_code: bool = False, dtype=None, **
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # events report loading; the bar would only clutter logs
+    from llmforge.chatter import cover_late_handlers
+
+    cover_late_handlers()  # loading logs chatter through transformers' own handler (see llmforge/chatter.py)
 
     path = Path(path)
     if not path.exists():
