@@ -470,13 +470,121 @@ def encode_chat(tokenizer: Any, template: ChatTemplate, messages: Sequence[Mappi
                        n_trained=sum(1 for x in labels if x != IGNORE_INDEX), text=text, spans=spans)
 
 
+# Files that make a folder loadable by AutoTokenizer (one of them is enough).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def _looks_like_local_path(value: str, base: Path) -> bool:
+    """A value that can only be meant as a folder here: rooted (`/`, `.`, `~`), written with a Windows
+    separator, deeper than a Hub id's `namespace/name`, ending in a separator, or whose first component
+    exists here (`models/typo` when `models/` exists)."""
+    if value.startswith(("/", ".", "~")) or "\\" in value or value.endswith("/") or value.count("/") > 1:
+        return True
+    return "/" in value and (base / value.split("/", 1)[0]).exists()
+
+
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None when the Hugging Face Hub may be reachable, else why not (offline mode, no name resolution).
+    Checked before asking the Hub, whose client retries a missing network for most of a minute."""
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    found: list = []
+
+    def resolve() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, 443))
+        except OSError as exc:
+            found.append(exc)
+
+    worker = threading.Thread(target=resolve, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not found:
+        return f"no network: {host} did not resolve within {timeout:g}s"
+    if isinstance(found[0], OSError):
+        return f"no network: cannot resolve {host}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _damaged_json(folder: Path) -> str | None:
+    """Which of a tokenizer's JSON files does not parse, said with its position (after a failed load: the
+    loaders' own errors do not name the file)."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
+        file = folder / name
+        if file.is_file():
+            try:
+                json.loads(file.read_bytes())
+            except (ValueError, OSError) as exc:
+                return f"{file}: not valid JSON ({_first_line(exc)})"
+    return None
+
+
+def load_tokenizer(model: str | Path, base_dir: str | Path | None = None, *, what: str = "",
+                   trust_remote_code: bool = False) -> Any:
+    """AutoTokenizer for a model or tokenizer folder (relative to `base_dir`, default the current folder)
+    or a Hugging Face Hub model id, with every way of failing reported as a UsageError that names the value:
+    a missing folder, a folder that holds no tokenizer, a tokenizer that does not load, a Hub id that is
+    neither cached nor reachable. The one loader of `data inspect`, `data lint`, `data stats` and the TUI.
+    `what` names where the value came from (`--model`) at the start of each message."""
+    value = str(model)
+    name = f"{what} {value}" if what else value
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    if path.is_file():
+        raise UsageError(f"{name}: {path} is a file; give the model or tokenizer folder")
+    if path.is_dir():
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            what_it_is = "a model folder without a tokenizer" if (path / "config.json").is_file() else \
+                "not a model or tokenizer folder"
+            raise UsageError(f"{name}: {path} is {what_it_is} (none of tokenizer.json, "
+                             "tokenizer_config.json, tokenizer.model, vocab.json in it)")
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - a tokenizer fails to load in many ways; each is the input's fault
+            damaged = _damaged_json(path)
+            raise UsageError(f"{name}: cannot load the tokenizer in {path}: "
+                             f"{damaged or _first_line(exc)}") from None
+    if _looks_like_local_path(value, base):
+        raise UsageError(f"{name}: no such folder ({path})")
+    # No folder of that name here: a Hub model id, if anything. Out of the Hub's reach only its local cache
+    # is read (the Hub client would otherwise retry for most of a minute before failing).
+    from transformers import AutoTokenizer
+
+    offline = _hub_reachable()
+    try:
+        return AutoTokenizer.from_pretrained(value, trust_remote_code=trust_remote_code,
+                                             local_files_only=offline is not None)
+    except Exception as exc:  # noqa: BLE001 - not cached, not on the Hub, or not a tokenizer: said below
+        if offline is not None:
+            why = f"as a Hugging Face Hub model id it is not in the local cache, and the Hub is out of reach " \
+                  f"({offline})"
+        else:
+            why = f"no Hugging Face Hub model {value!r} could be loaded ({_first_line(exc)})"
+    raise UsageError(f"{name}: no such folder ({path}); {why}")
+
+
 def load_chat_tokenizer(model: str | Path, template: str | None, base_dir: str | Path | None,
                         kind: str = "chat") -> tuple[Any, ChatTemplate | None]:
     """A tokenizer from a model or tokenizer folder, with the chat template resolved and applied (no
     template for plain text): what `llmforge data inspect`, the TUI's Data screen and `data lint` use."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model))
+    tok = load_tokenizer(model, base_dir, what="--model")
     if kind == "text":
         return tok, None
     tpl = resolve_template(template or None, tok, base_dir=base_dir)

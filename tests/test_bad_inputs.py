@@ -62,3 +62,54 @@ def test_runs_dir_on_a_file_is_a_config_error(project, command):
     user_error(project.run(command, "--set", "project.runs_dir=out"),
                "project.runs_dir (from --set project.runs_dir):", f"{project.root / 'out'} is a file")
     assert (project.root / "out").read_text() == "not a folder\n"
+
+
+# ---- --model of the data commands: one loader, errors that name the value ---------------------------
+
+DATA_COMMANDS = ("inspect", "lint", "stats")
+
+
+def data_project(project):
+    project.write('{"text": "hello world"}\n', name="t.jsonl")
+    return project
+
+
+def test_missing_model_folder_is_missing_not_a_hub_id(project):
+    data_project(project)
+    (project.root / "models").mkdir()
+    for command in DATA_COMMANDS:
+        err = user_error(project.run("data", command, "t.jsonl", "--model", "models/no_such_dir"),
+                         f"models/no_such_dir: no such folder ({project.root / 'models' / 'no_such_dir'})")
+        assert "Repo id" not in err and "Hugging Face" not in err and "huggingface.co" not in err, err
+
+
+def test_hub_id_out_of_reach_is_said_naming_the_value(project, tmp_path_factory):
+    data_project(project)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path_factory.mktemp("hf-home"))}
+    for value in ("some-org/some-model", "gpt2"):
+        user_error(project.run("data", "inspect", "t.jsonl", "--model", value, env=env),
+                   f"--model {value}: no such folder ({project.root / value})",
+                   "as a Hugging Face Hub model id it is not in the local cache", "HF_HUB_OFFLINE is set")
+
+
+def test_folder_that_holds_no_tokenizer_is_named_by_every_data_command(project):
+    data_project(project)
+    (project.root / "notes").mkdir()
+    (project.root / "notes" / "readme.txt").write_text("not a model\n")
+    broken = project.root / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab"')
+    for command in DATA_COMMANDS:
+        err = user_error(project.run("data", command, "t.jsonl", "--model", "notes"),
+                         f"notes: {project.root / 'notes'} is not a model or tokenizer folder")
+        assert "Couldn't instantiate" not in err, err
+        user_error(project.run("data", command, "t.jsonl", "--model", "broken"),
+                   f"broken: cannot load the tokenizer in {broken}: {broken / 'tokenizer.json'}: not valid JSON")
+
+
+def test_data_commands_still_load_a_real_tokenizer_folder(project, tokenizer_dir):
+    data_project(project)
+    for command in DATA_COMMANDS:
+        extra = ["--template", "chatml"] if command == "lint" else []  # lint checks a chat template's round trip
+        res = project.run("data", command, "t.jsonl", "--model", str(tokenizer_dir), *extra, "--json")
+        assert res.returncode == 0, (command, res.stderr)
