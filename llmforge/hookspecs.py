@@ -170,10 +170,17 @@ def execute_stage(stage: Any, options: Any, ctx: Any) -> Any:
 
 
 @hookspec
-def on_event(event: dict) -> None:
+def on_event(event: dict, run_dir: Any) -> None:
     """Observe every event of a run as it is written to ``events.jsonl``.
 
-    ``event`` is a JSON-serialisable dict with at least ``type``, ``time`` and ``run``. Observers
+    ``event`` is a JSON-serialisable dict with at least ``type``, ``time`` and ``run`` (the run id).
+    ``run_dir`` is the run's folder (a :class:`pathlib.Path`: ``manifest.json``, ``events.jsonl``,
+    ``stages/<name>/``); an implementation that does not name it does not get it. Observers
     (trackers, notifiers) must be fast and must not raise: an exception is reported once and the
     observer is then skipped for the rest of the run; training never stops because of it.
+
+    An observer may steer the run it watches: ``llmforge.runs.request(run_dir, STOP_REQUEST)`` asks it
+    to stop and is honoured at the stage's next ``ctx.should_stop()`` (a training stage: the next
+    step's end, which saves a checkpoint), however soon it comes; ``CHECKPOINT_REQUEST`` asks for a
+    checkpoint.
     """

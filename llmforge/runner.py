@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -28,7 +28,7 @@ from llmforge.events import EventWriter
 from llmforge.hardware import snapshot
 from llmforge.pipeline import Pipeline, compute_keys, resolve_options
 from llmforge.runs import (CHECKPOINT_REQUEST, EVENTS, MANIFEST, STOP_REQUEST, RunInfo, RunLock, RunStore,
-                           atomic_write_json, lock_is_live, read_lock)
+                           atomic_write_json, lock_is_live, read_lock, watch_requests)
 from llmforge.schema import did_you_mean
 from llmforge.stage import Artifact, StageContext
 
@@ -46,6 +46,14 @@ class RunRequest:
     run_ref: str | None = None  # --run: the run to resume, or the id of the new run
     force: bool = False  # ignore caches (of the --stage stages when given)
     listeners: list[Callable[[dict], None]] = field(default_factory=list)
+
+    @property
+    def selection(self) -> dict:
+        """What the manifest records as this run's selection; a resume without one continues with it."""
+        return {"stages": list(self.only), "from": self.from_stage, "force": self.force}
+
+    def has_selection(self) -> bool:
+        return bool(self.only or self.from_stage or self.force)
 
 
 @dataclass
@@ -68,21 +76,29 @@ def versions() -> dict:
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM or by a stop.request file; polled by stages through ctx.should_stop()."""
+    """Set by SIGINT/SIGTERM, by a stop.request file, or at once by request() in this process (an on_event
+    observer: see llmforge.runs.watch_requests); polled by stages through ctx.should_stop()."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.signalled = False
         self.signals = 0
+        self.requested = False
         self._last = 0.0
         self._file = False
 
     def __call__(self) -> bool:
         now = time.monotonic()
-        if not self._file and now - self._last > 0.2:  # a stat at most 5 times a second
+        # The file comes from another process (`llmforge stop`, the TUI, another host): a stat at most 5
+        # times a second, as some stages ask per row. Requests made in this process do not wait for it.
+        if not self._file and now - self._last > 0.2:
             self._last = now
             self._file = (self.run_dir / STOP_REQUEST).exists()
-        return self.signalled or self._file
+        return self.signalled or self.requested or self._file
+
+    def on_request(self, what: str) -> None:
+        if what == STOP_REQUEST:
+            self.requested = True
 
     def on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self.signals += 1
@@ -190,10 +206,25 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
     registry = registry or get_registry()
     cfg = pipe.config
     store = RunStore(cfg.runs_dir)
-    selected, forced = _select(pipe, req)
+    selected, forced = _select(pipe, req)  # a bad --stage/--from is refused before any run folder exists
     notes: list[str] = []
     run_dir, lock, previous = _open_run(pipe, store, req, notes)
     run_id = run_dir.name
+    if req.resume and not req.has_selection() and previous.get("selection"):
+        # `--resume` alone continues the interrupted attempt as it was asked for: without its recorded
+        # --stage/--from/--force, a forced stage would be taken from the cache (the result it was forced
+        # to replace) and its checkpoint never used. A selection given with --resume replaces it.
+        rec = previous["selection"]
+        req = replace(req, only=list(rec.get("stages") or []), from_stage=rec.get("from"),
+                      force=bool(rec.get("force")))
+        try:
+            selected, forced = _select(pipe, req)
+        except UsageError as exc:
+            lock.release()
+            raise UsageError(f"run {run_id} was started with {_selection_args(req)}: {exc.message}",
+                             hint="resume it naming the stages to run (--stage/--from), or start a new run") \
+                from None
+        notes.append(f"resuming with the selection of run {run_id}: {_selection_args(req)}")
     keys = compute_keys(pipe, registry)
     for name in (STOP_REQUEST, CHECKPOINT_REQUEST):
         (run_dir / name).unlink(missing_ok=True)
@@ -210,6 +241,7 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
         "versions": versions(),
         "hardware": snapshot(cfg.runs_dir),
         "resumed": previous.get("resumed", []) + ([time.time()] if req.resume else []),
+        "selection": req.selection,
         "stages": {},
     }
     old_stages = previous.get("stages", {})
@@ -228,13 +260,14 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
     tracker_notes: list[str] = []
     trackers = _start_trackers(cfg, run_dir, registry, tracker_notes)
     events = EventWriter(run_dir / EVENTS, run_id,
-                         listeners=[*req.listeners, *_observers(registry), *(t.on_event for t in trackers)])
+                         listeners=[*req.listeners, *_observers(registry, run_dir), *(t.on_event for t in trackers)])
     stop = _StopFlag(run_dir)
     restore = _install_signals(stop)
+    unwatch = watch_requests(run_dir, stop.on_request)
     registry.pm.hook.configure.call_historic(kwargs={"config": cfg})
 
     events.emit("run_start", config=str(cfg.path), stages=pipe.names, resume=req.resume,
-                selected=[n for n in pipe.names if n in selected])
+                selected=[n for n in pipe.names if n in selected], selection=req.selection)
     for note in notes + tracker_notes:
         events.emit("log", level="warning", message=note)
     if not req.resume:
@@ -262,13 +295,17 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
                 events.emit("stage_end", stage=spec.name, status="blocked", reason=f"needs {', '.join(blocked)}")
                 continue
 
-            # 1. Finished in this very run (resume) or in an earlier one with the same key: reuse.
+            # 1. Finished in this very run before it was interrupted (only a resume has earlier statuses):
+            # reuse it. A forced stage too when it ran here ("done"): the attempt being continued already
+            # re-ran it; "cached" means it did not, so a forced one still runs.
+            reusable = ("done",) if spec.name in forced else FINISHED
+            if st["status"] in reusable and same_key and \
+                    all(Path(a["path"]).exists() for a in st.get("artifacts", {}).values()):
+                artifacts[spec.name] = _artifacts_of(st, spec.name)
+                events.emit("stage_cached", stage=spec.name, from_run=st.get("cached_from", run_id))
+                continue
+            # 2. Finished in an earlier run with the same key: reuse, unless forced.
             if spec.name not in forced:
-                if st["status"] in FINISHED and same_key and \
-                        all(Path(a["path"]).exists() for a in st.get("artifacts", {}).values()):
-                    artifacts[spec.name] = _artifacts_of(st, spec.name)
-                    events.emit("stage_cached", stage=spec.name, from_run=st.get("cached_from", run_id))
-                    continue
                 hit = _find_cached(store, spec.name, key, skip=run_id)
                 if hit is not None:
                     src_run, src = hit
@@ -280,7 +317,7 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
                     events.emit("stage_cached", stage=spec.name, from_run=st["cached_from"])
                     continue
 
-            # 2. Run it.
+            # 3. Run it: from its checkpoints when this run was interrupted in it with the same key.
             resume = req.resume and st.get("status") in INTERRUPTED and same_key
             if req.resume and st.get("status") in INTERRUPTED and not same_key:
                 events.emit("log", stage=spec.name, level="warning",
@@ -316,6 +353,7 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
             except Exception:  # noqa: BLE001 - a tracker never fails a finished run
                 pass
         restore()
+        unwatch()
         for name in (STOP_REQUEST, CHECKPOINT_REQUEST):
             (run_dir / name).unlink(missing_ok=True)
         lock.release()
@@ -333,12 +371,14 @@ def _start_trackers(cfg, run_dir: Path, registry, notes: list[str]) -> list:
     return out
 
 
-def _observers(registry) -> list[Callable[[dict], None]]:
-    """One listener per on_event implementation: a failing observer is disabled alone."""
+def _observers(registry, run_dir: Path) -> list[Callable[[dict], None]]:
+    """One listener per on_event implementation: a failing observer is disabled alone. Each gets the
+    arguments it names, so implementations written before `run_dir` existed keep working."""
     out = []
     for impl in reversed(registry.pm.hook.on_event.get_hookimpls()):
-        def listener(event: dict, _f=impl.function, _takes=("event" in impl.argnames)) -> None:
-            _f(event=event) if _takes else _f()
+        def listener(event: dict, _f=impl.function, _names=tuple(impl.argnames)) -> None:
+            offered = {"event": event, "run_dir": run_dir}
+            _f(**{k: v for k, v in offered.items() if k in _names})
 
         listener.__name__ = f"on_event of plugin {impl.plugin_name}"
         out.append(listener)
@@ -376,13 +416,16 @@ def _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resu
             handled = registry.pm.hook.execute_stage(stage=spec.cls(), options=options, ctx=ctx)
         if handled is None:
             raise ForgeError(f"no plugin executed stage kind '{spec.uses}'")
-        if ctx.stop_seen or stop():
+        missing = [k for k in spec.cls().outputs(options) if k not in ctx.published]
+        # A stage is stopped when it saw the stop (ctx.should_stop() said so and it returned early). A stop
+        # it never looked at, because it came while the outputs were being written, is deferred: the stage
+        # finished and published everything, so it is done, and the run stops before the next stage.
+        # A stage that returned without its outputs while a stop was pending was stopped, not broken.
+        if ctx.stop_seen or (missing and stop()):
             outcome, code = "stopped", EXIT_INTERRUPTED
-        else:
-            missing = [k for k in spec.cls().outputs(options) if k not in ctx.published]
-            if missing:
-                raise ForgeError(f"stage kind '{spec.uses}' declares it produces {', '.join(missing)} "
-                                 f"but did not write it")
+        elif missing:
+            raise ForgeError(f"stage kind '{spec.uses}' declares it produces {', '.join(missing)} "
+                             f"but did not write it")
     except KeyboardInterrupt:
         outcome, code, error = "stopped", EXIT_INTERRUPTED, "interrupted"
     except ForgeError as exc:
@@ -390,6 +433,12 @@ def _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resu
     except Exception as exc:  # noqa: BLE001 - the run records the failure; the CLI shows it
         outcome, code, error = "failed", EXIT_FAILED, f"{type(exc).__name__}: {exc}"
         (stage_dir / "error.log").write_text(traceback.format_exc())
+    if outcome != "done":
+        # Never a stopped or failed stage with a published artifact: what it did publish (the first of
+        # two, say) is removed, so nothing downstream, no cache lookup and no resume takes it for a result.
+        for art in ctx.published.values():
+            shutil.rmtree(art.path, ignore_errors=True)
+        ctx.published.clear()
     st.update(status=outcome, ended=time.time(), duration=round(time.time() - started, 3), error=error,
               artifacts={k: {"kind": a.kind, "path": str(a.path)} for k, a in ctx.published.items()})
     if ctx.info:
@@ -430,6 +479,12 @@ def _warnings_to_events(ctx):
 
 def _emit_in_stage(events: EventWriter, stage: str, type: str, **data) -> None:
     events.emit(type, stage=stage, **data)
+
+
+def _selection_args(req: RunRequest) -> str:
+    """The selection as the command line says it: `--stage sft --force`."""
+    parts = [f"--stage {s}" for s in req.only] + ([f"--from {req.from_stage}"] if req.from_stage else [])
+    return " ".join(parts + (["--force"] if req.force else [])) or "no selection"
 
 
 def _hint_interrupted(store: RunStore, cfg, run_id: str, events: EventWriter) -> None:

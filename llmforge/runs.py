@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from llmforge.errors import LockedError, UsageError
 
@@ -277,7 +278,26 @@ def _mtime(d: Path) -> float:
         return 0.0
 
 
+# Runs written by this process, by resolved folder: request() also tells their writer directly. The file
+# alone is polled (a stat at most a few times a second), so a request made in this very process (a plugin's
+# on_event observer, a test) could land between two polls and be missed by a stage that ends soon after.
+_IN_PROCESS: dict[Path, Callable[[str], None]] = {}
+
+
+def watch_requests(run_dir: Path, notify: Callable[[str], None]) -> Callable[[], None]:
+    """While a run is written by this process, `notify(what)` hears every request() made here for it at
+    once. Returns the function that stops listening."""
+    key = Path(run_dir).resolve()
+    _IN_PROCESS[key] = notify
+    return lambda: _IN_PROCESS.pop(key, None)
+
+
 def request(run_dir: Path, what: str) -> None:
     """Leave a request file the running stage polls (stop or checkpoint). Works across hosts
-    that share the run directory, and for detached runs with no terminal."""
+    that share the run directory, and for detached runs with no terminal. Made in the process that
+    writes the run (an on_event observer), it takes effect at once: the next ``ctx.should_stop()``
+    sees it."""
     atomic_write_text(run_dir / what, json.dumps({"time": time.time(), "pid": os.getpid()}))
+    notify = _IN_PROCESS.get(Path(run_dir).resolve())
+    if notify is not None:
+        notify(what)

@@ -169,6 +169,20 @@ class StageContext:
         ``stage_dir/artifacts/<kind>``. A crash inside the block leaves only a ``.tmp-*`` directory
         that nothing mistakes for a finished artifact (and that the next attempt removes); a block
         left early after ``should_stop()`` returned True is discarded too.
+
+        A stop and the artifact: a stage ends either ``done`` with every artifact published, or
+        ``stopped``/``failed`` with none, never both.
+
+        * A stop requested while the block runs (SIGTERM, Ctrl-C, ``llmforge stop``) does not interrupt
+          it: the signal only sets a flag. If the stage does not ask ``should_stop()`` (a training stage
+          saving its final model does not), the write finishes, the artifact is published, and when the
+          stage returns with all its outputs it ends ``done``; the run then stops before the next stage.
+          The stop was deferred until the artifact was in place.
+        * If the stage asks and gets True (inside the block, or before it), it is stopped: this block's
+          content is discarded, and the runner removes any artifact the stage had already published
+          (the first of two, say).
+        * A third Ctrl-C interrupts at once: the block's temporary folder is removed, the stage is
+          stopped, nothing is published.
         """
         final = self.stage_dir / "artifacts" / kind
         tmp = final.parent / f".tmp-{kind}-{os.getpid()}-{time.monotonic_ns()}"

@@ -86,6 +86,10 @@ def drop_incomplete_checkpoints(folder: Path) -> None:
 # callbacks
 
 
+class AlreadyTrained(Exception):
+    """Raised from on_train_begin when the checkpoint resumed from is at (or past) max_steps."""
+
+
 class ForgeCallback(TrainerCallback):
     """Turns the trainer's progress into llmforge events and honours stop/checkpoint requests."""
 
@@ -106,6 +110,13 @@ class ForgeCallback(TrainerCallback):
         self.watchdog = Watchdog(minutes_for(ctx), ctx.stage_dir, ctx.rank, ctx.emit, step=lambda: self.step)
 
     def on_train_begin(self, args, state, control, **kw):
+        if state.global_step and state.global_step >= state.max_steps:
+            # Resumed from the final checkpoint (stopped or killed while the outputs were written). The
+            # Trainer would run one more step before it looks at max_steps (step 61 of 60, a changed
+            # model); nothing is left to train. By now it has loaded the weights, the optimizer and the
+            # state from the checkpoint, so run_trainer goes straight to the outputs.
+            self.ctx.log(f"step {state.global_step} of {state.max_steps} already trained: writing the outputs")
+            raise AlreadyTrained()
         self.t0 = self.last_t = time.monotonic()
         self.last_step = state.global_step
         trainer = self.ref.get("trainer")
@@ -354,6 +365,9 @@ def run_trainer(trainer, ctx, callback: ForgeCallback, output_dir: Path) -> Trai
     t0 = time.monotonic()
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
+    except AlreadyTrained:
+        result = None
+        trainer.is_in_train = False  # what train() would have reset on its way out
     finally:
         callback.watchdog.stop()
     seconds = time.monotonic() - t0
