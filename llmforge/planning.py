@@ -248,13 +248,12 @@ class Training:
     merge: bool = False
 
 
-def resolve_precision(precision: str, device: str, gpu_bf16: bool, cpu_bf16: bool) -> str:
-    """What `precision = "auto"` becomes, as the training loop decides it (loop.resolve_precision)."""
-    if precision != "auto":
-        return precision
-    if device == "cuda":
-        return "bf16" if gpu_bf16 else "fp16"
-    return "bf16" if cpu_bf16 else "fp32"
+def resolve_precision(precision: str, device: str, gpu_bf16: bool, cpu_bf16: bool, params: int | None) -> str:
+    """What `precision = "auto"` becomes: the training loop's own decision (llmforge.precision), from
+    the machine as llmforge.hardware sees it and the model's parameter count."""
+    from llmforge.precision import choose_precision
+
+    return choose_precision(precision, device=device, gpu_bf16=gpu_bf16, cpu_bf16_fast=cpu_bf16, params=params).name
 
 
 @dataclass
@@ -566,13 +565,14 @@ def _tokenizer_vocab(pipe, use, seen) -> int | None:
         return None
 
 
-def training_of(spec, device: str, machine) -> Training:
+def training_of(spec, device: str, machine, shape: Shape | None = None) -> Training:
     o = spec.options
     lora = getattr(o, "lora", None)
     on = bool(lora is not None and lora.enabled)
     return Training(
         micro_batch=o.micro_batch_size, seq=o.max_length, grad_accum=o.gradient_accumulation,
-        precision=resolve_precision(o.precision, device, machine.gpu_bf16, machine.cpu_bf16_fast),
+        precision=resolve_precision(o.precision, device, machine.gpu_bf16, machine.cpu_bf16_fast,
+                                    shape.params() if shape is not None else None),
         checkpointing=bool(getattr(o, "gradient_checkpointing", False)), optimizer=getattr(o, "optimizer", "adamw"),
         lora=on, lora_r=lora.r if on else 16, lora_dropout=lora.dropout if on else 0.0,
         lora_targets=lora.target_modules if on else "all-linear", qlora=on and bool(getattr(lora, "qlora", False)),
@@ -593,7 +593,7 @@ def plan_stage(pipe, spec, backend: Backend, machine) -> StagePlan:
         return sp
     sp.shape = shape
     if spec.uses in TRAINING_KINDS:
-        sp.training, sp.backend = training_of(spec, device, machine), backend
+        sp.training, sp.backend = training_of(spec, device, machine, shape), backend
         sp.estimate = estimate_training(shape, sp.training, backend, device)
         if sp.training.qlora and device != "cuda":
             sp.estimate.notes.append("QLoRA needs a CUDA GPU (bitsandbytes); this estimate assumes one")

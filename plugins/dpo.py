@@ -65,7 +65,7 @@ class DpoStage(TemplateChecks, Stage):
         output_dir = ctx.work_dir / "checkpoints"
         if not ctx.resume and output_dir.exists():
             shutil.rmtree(output_dir)
-        args, precision = loop.common_args(o, ctx, output_dir, bool(eval_rows))
+        args, precision = loop.common_args(o, ctx, output_dir, bool(eval_rows), model=model)
         config = DPOConfig(**args, beta=o.beta, loss_type=[o.loss_type], max_length=o.max_length,
                            dataset_num_proc=None)
         ref: dict = {"precision": precision}

@@ -1,4 +1,4 @@
-"""Pieces of the training loop on their own: Lion, packing without leakage, precision, profiling."""
+"""Pieces of the training loop on their own: Lion, the SFT stage's packed batches, precision, profiling."""
 
 from __future__ import annotations
 
@@ -26,37 +26,129 @@ def test_lion_step_matches_its_definition():
     assert torch.allclose(opt.state[p]["exp_avg"], m)
 
 
-def test_packed_sequences_do_not_attend_across_samples():
-    """Position ids that restart per sample (what padding-free packing feeds the model) give each
-    sample exactly the logits it gets alone: no attention or position leakage. This holds without a
-    KV cache (transformers then builds per-sample masks), which is why training turns use_cache off."""
+def _sft_trainer_on_chat_rows(tmp_path, tokenizer_dir, packing: bool):
+    """llmforge's own SFT path, short of training: the stage's tokenization (chatml, loss on the
+    assistant turns), its options and `loop.build_sft_trainer`, on a tiny Llama. Returns the trainer,
+    the tokenized rows and the model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from llmforge.chat import resolve_template
+    from llmforge.data import DataOptions, load_data
+    from llmforge.stage import StageContext
+    from llmforge_plugins.sft import SftOptions
+    from llmforge_plugins.training import models, tokenized
+    from llmforge_plugins.training.loop import build_sft_trainer
+
+    words = "the capital of Land3 is Town3 and the flag is red while rivers run past old mills".split()
+    with open(tmp_path / "chat.jsonl", "w") as f:
+        for i in range(12):  # answers of very different lengths, so packing has something to do
+            answer = " ".join(words[: 2 + (5 * i) % len(words)])
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is the capital of Land{i}?"},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+    tok = models.load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                                          attn_implementation="sdpa"))
-    model.config.use_cache = False  # as build_sft_trainer does
-    a, b = torch.randint(0, 100, (1, 7)), torch.randint(0, 100, (1, 5))
-    packed = torch.cat([a, b], dim=1)
-    pos = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0)
-    with torch.no_grad():  # train mode, as in training (dropout is 0 in this config)
-        together = model(input_ids=packed, position_ids=pos).logits
-        alone_a = model(input_ids=a).logits
-        alone_b = model(input_ids=b).logits
-    assert torch.allclose(together[:, :7], alone_a, atol=1e-5)
-    assert torch.allclose(together[:, 7:], alone_b, atol=1e-5)
+    template = resolve_template("chatml", tok)
+    models.prepare_tokenizer(model, tok, template)
+    ds = load_data(DataOptions(path=str(tmp_path / "chat.jsonl")), expect=("chat",))
+    rows = tokenized.tokenize(ds.rows, "chat", tok, template, max_length=64, train_on="assistant").rows
+    opts = SftOptions(model=str(tokenizer_dir), data=DataOptions(path="chat.jsonl"), packing=packing,
+                      micro_batch_size=6, max_length=64, max_steps=1, precision="fp32", eval_split=0.0)
+    ctx = StageContext(stage_name="sft", run_id="t", run_dir=tmp_path / "run", stage_dir=tmp_path / "run" / "sft",
+                       inputs={}, emit=lambda *a, **k: None, stop_check=lambda: False,
+                       checkpoint_check=lambda: False, project_dir=tmp_path)
+    trainer, _, _ = build_sft_trainer(ctx=ctx, opts=opts, model=model, tokenizer=tok, train_rows=rows,
+                                      eval_rows=None)
+    return trainer, rows, model
 
 
-def test_auto_precision_follows_the_hardware():
-    from llmforge_plugins.training.loop import cpu_supports_bf16, resolve_precision
+def test_sft_stage_packs_each_sample_whole_with_its_own_positions_and_loss(tmp_path, tokenizer_dir):
+    """A batch as llmforge's SFT stage builds it (TRL's best-fit packing, padding-free): every packed
+    sample is one of the tokenized rows, whole, with position ids restarting at 0 and its own loss mask;
+    and the trainer's loss on the packed batch equals the loss of the same samples run one by one."""
+    trainer, rows, model = _sft_trainer_on_chat_rows(tmp_path, tokenizer_dir, packing=True)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # one row, no padding
+    pos, ids, labels = batch["position_ids"][0], batch["input_ids"][0], batch["labels"][0]
+    starts = (pos == 0).nonzero().flatten().tolist()
+    assert len(starts) == 6, starts  # micro_batch_size samples packed into one row
+    by_ids = {tuple(r["input_ids"]): r for r in rows}
+    ends = starts[1:] + [len(ids)]
+    samples = []
+    for a, b in zip(starts, ends):
+        seg = tuple(ids[a:b].tolist())
+        assert seg in by_ids, "a packed sample is not one whole tokenized row"
+        assert pos[a:b].tolist() == list(range(b - a))  # positions restart for every sample
+        row = by_ids[seg]
+        # the row's loss mask, except the first token, which must not be predicted from the previous sample
+        assert labels[a].item() == -100 and labels[a + 1:b].tolist() == row["labels"][1:]
+        samples.append(row)
+    assert len({len(r["input_ids"]) for r in samples}) > 1  # samples of different lengths were packed
 
-    got = resolve_precision("auto")
-    if torch.cuda.is_available():
-        assert got["bf16"] or got["fp16"]
-    else:
-        assert got["use_cpu"] and got["bf16"] == cpu_supports_bf16() and not got["fp16"]
-    assert resolve_precision("fp32")["bf16"] is False
+    model.eval()
+    with torch.no_grad():
+        packed_loss = trainer.compute_loss(model, {k: v for k, v in batch.items()})
+        total, count, per_sample = 0.0, 0, []
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        for (a, b), row in zip(zip(starts, ends), samples):
+            one = torch.tensor([row["input_ids"]])
+            out = model(input_ids=one, labels=torch.tensor([row["labels"]]))
+            n = sum(1 for x in row["labels"][1:] if x != -100)
+            total, count = total + float(out.loss) * n, count + n
+            # each sample's logits inside the packed row are the ones it gets alone: nothing leaks across
+            assert torch.allclose(logits[a:b], out.logits[0], atol=1e-4), (a, b)
+    assert float(packed_loss) == pytest.approx(total / count, rel=1e-4)
+
+
+@pytest.mark.parametrize("case, kw, expected", [
+    ("CPU without native bf16 (AMD EPYC, AVX2)", dict(device="cpu", cpu_bf16_fast=False, params=135_000_000), "fp32"),
+    ("CPU with AMX, the demo's 3 M model", dict(device="cpu", cpu_bf16_fast=True, params=3_200_000), "fp32"),
+    ("CPU with AMX, a tiny test model", dict(device="cpu", cpu_bf16_fast=True, params=200_000), "fp32"),
+    ("CPU with AMX, size unknown", dict(device="cpu", cpu_bf16_fast=True, params=None), "fp32"),
+    ("CPU with AMX, just below the threshold", dict(device="cpu", cpu_bf16_fast=True, params=19_999_999), "fp32"),
+    ("CPU with AMX, at the threshold", dict(device="cpu", cpu_bf16_fast=True, params=20_000_000), "bf16"),
+    ("CPU with AMX, a 135 M model", dict(device="cpu", cpu_bf16_fast=True, params=135_000_000), "bf16"),
+    ("CUDA with bf16", dict(device="cuda", gpu_bf16=True, params=1_000_000), "bf16"),
+    ("CUDA without bf16", dict(device="cuda", gpu_bf16=False, params=7_000_000_000), "fp16"),
+    ("Apple MPS", dict(device="mps", cpu_bf16_fast=True, params=135_000_000), "fp32"),
+])
+def test_auto_precision_decision(case, kw, expected):
+    from llmforge.precision import choose_precision
+
+    got = choose_precision("auto", **kw)
+    assert got.name == expected, case
+    assert got.reason.startswith("auto: ")
+
+
+@pytest.mark.parametrize("forced", ["bf16", "fp32", "fp16"])
+def test_forced_precision_is_kept_whatever_the_machine(forced):
+    from llmforge.precision import choose_precision
+
+    for kw in (dict(device="cpu", cpu_bf16_fast=False, params=1000), dict(device="cpu", cpu_bf16_fast=True,
+               params=10**9), dict(device="cuda", gpu_bf16=True, params=10**6)):
+        got = choose_precision(forced, **kw)
+        assert (got.name, got.reason) == (forced, "")
+
+
+def test_training_loop_and_plan_take_the_same_decision():
+    """loop.resolve_precision (what training uses) and planning.resolve_precision (what `llmforge plan`
+    shows) are both llmforge.precision's decision on this machine, for a small and a large model."""
+    from llmforge.hardware import cpu_features
+    from llmforge.planning import resolve_precision as plan_precision
+    from llmforge_plugins.training.loop import resolve_precision
+
+    bf16_fast = cpu_features()["bf16_fast"]
+    for params in (3_200_000, 135_000_000):
+        got = resolve_precision("auto", params)
+        if torch.cuda.is_available():
+            assert got["bf16"] or got["fp16"]
+            continue
+        assert got["use_cpu"] and not got["fp16"]
+        assert got["_name"] == plan_precision("auto", "cpu", False, bf16_fast, params)
+        assert got["bf16"] == (bf16_fast and params >= 20_000_000)
+    assert resolve_precision("fp32", 10**9)["bf16"] is False
     if not torch.cuda.is_available():
         from llmforge.errors import UsageError
 

@@ -39,29 +39,21 @@ ACTIVE: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 # precision
 
 
-def cpu_supports_bf16() -> bool:
-    """bf16 matmuls are fast on CPUs with AVX512-BF16 or AMX; elsewhere bf16 autocast is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def resolve_precision(precision: str, params: int | None = None) -> dict[str, Any]:
+    """TrainingArguments fields for a precision choice. `auto` is llmforge.precision's decision (the one
+    `llmforge plan` shows), from what torch says about the device and the model's parameter count."""
+    from llmforge.hardware import cpu_features
+    from llmforge.precision import choose_precision
 
-
-def resolve_precision(precision: str) -> dict[str, Any]:
-    """TrainingArguments fields for a precision choice. `auto` picks the fastest correct one."""
     cuda = torch.cuda.is_available()
-    if precision == "auto":
-        if cuda:
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif torch.backends.mps.is_available():
-            precision = "fp32"
-        else:
-            precision = "bf16" if cpu_supports_bf16() else "fp32"
-    if precision == "fp16" and not cuda:
-        raise UsageError("precision = \"fp16\" needs a CUDA GPU", hint="use precision = \"auto\", \"bf16\" or \"fp32\"")
     mps = torch.backends.mps.is_available()
-    return {"use_cpu": not (cuda or mps), "bf16": precision == "bf16", "fp16": precision == "fp16", "_name": precision}
+    device = "cuda" if cuda else ("mps" if mps else "cpu")
+    choice = choose_precision(precision, device=device, gpu_bf16=cuda and torch.cuda.is_bf16_supported(),
+                              cpu_bf16_fast=device == "cpu" and cpu_features()["bf16_fast"], params=params)
+    if choice.name == "fp16" and not cuda:
+        raise UsageError("precision = \"fp16\" needs a CUDA GPU", hint="use precision = \"auto\", \"bf16\" or \"fp32\"")
+    return {"use_cpu": not (cuda or mps), "bf16": choice.name == "bf16", "fp16": choice.name == "fp16",
+            "_name": choice.name, "_reason": choice.reason}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,8 +281,10 @@ class TrainOutcome:
                         trained_tokens=self.trained_tokens, train_seconds=round(self.train_seconds, 3))
 
 
-def common_args(opts, ctx, output_dir: Path, has_eval: bool) -> tuple[dict[str, Any], str]:
-    prec = resolve_precision(opts.precision)
+def common_args(opts, ctx, output_dir: Path, has_eval: bool, model=None) -> tuple[dict[str, Any], str]:
+    """The TrainingArguments every stage shares, and the precision as the training log names it (with
+    why, for "auto"). `model` (the one being trained) decides what "auto" becomes on a CPU."""
+    prec = resolve_precision(opts.precision, model.num_parameters() if model is not None else None)
     seed = opts.seed if opts.seed is not None else ctx.seed
     args = dict(
         output_dir=str(output_dir),
@@ -324,7 +318,7 @@ def common_args(opts, ctx, output_dir: Path, has_eval: bool) -> tuple[dict[str, 
     )
     if ctx.backend is not None:
         args.update(ctx.backend.trainer_args(ctx))  # e.g. deepspeed=<the launch's JSON>
-    return args, prec["_name"]
+    return args, prec["_name"] + (f" ({prec['_reason']})" if prec["_reason"] else "")
 
 
 def lora_config(lora):
@@ -432,7 +426,7 @@ def build_sft_trainer(*, ctx, opts, model, tokenizer, train_rows: list[dict], ev
     # With a KV cache in play, transformers does not derive per-sample masks from restarting position
     # ids, and packed samples would attend to each other. Training needs no cache: turn it off.
     model.config.use_cache = False
-    args, precision = common_args(opts, ctx, output_dir, bool(eval_rows))
+    args, precision = common_args(opts, ctx, output_dir, bool(eval_rows), model=model)
     config = SFTConfig(**args, max_length=opts.max_length, packing=opts.packing, packing_strategy="bfd",
                        padding_free=opts.packing, dataset_num_proc=None, assistant_only_loss=False,
                        completion_only_loss=None, shuffle_dataset=False)
