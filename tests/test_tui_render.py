@@ -186,3 +186,25 @@ def test_chat_panel_border_holds_with_broken_and_wide_characters(in_project, mon
                 break
         # the right border is in the panel's last cell, counted as a terminal counts
         assert cells == width and line.rstrip() and ch in "│╮╯", (cells, width, line)
+
+
+def test_runs_are_listed_newest_first_as_the_cli_lists_them(in_project):
+    import json
+
+    from conftest import run_cli
+
+    from llmforge.tui.screens.runs import RunsScreen
+
+    async def scenario():
+        app = fx.make_app("runs")
+        async with app.run_test(size=(100, 30)) as pilot:
+            screen = await until(pilot, lambda: app.screen if isinstance(app.screen, RunsScreen) else None,
+                                 what="the Runs area")
+            await until(pilot, lambda: screen.loaded and len(screen.rows) == 3, what="the runs")
+            return [r.id for r in screen.rows]
+
+    shown = asyncio.run(scenario())
+    assert shown == [fx.DONE, fx.STOPPED, fx.FAILED]  # the latest run first
+    out = run_cli("runs", "list", "--json", "--runs-dir", "runs", cwd=in_project)
+    assert out.returncode == 0, out.stderr
+    assert [r["id"] for r in json.loads(out.stdout)] == shown

@@ -101,7 +101,9 @@ def collect_models(runs_dir: Path) -> list[ModelEntry]:
     from llmforge.runs import RunStore
 
     out: list[ModelEntry] = []
-    for run in reversed(RunStore(runs_dir).list()):
+    from llmforge.tui.screens.runs import newest_first
+
+    for run in newest_first(RunStore(runs_dir).list()):
         m = run.manifest
         configs = {s.get("name"): s for s in (m.get("config") or {}).get("stages", []) if isinstance(s, dict)}
         for name, st in m.get("stages", {}).items():

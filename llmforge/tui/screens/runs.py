@@ -108,11 +108,17 @@ def run_row(run) -> RunRow:
     )
 
 
+def newest_first(runs: list) -> list:
+    """Runs newest first, by their start time (then id), as `llmforge runs list` lists them; said here
+    rather than assumed from the store's order."""
+    return sorted(runs, key=lambda r: (r.manifest.get("created") or 0, r.id), reverse=True)
+
+
 def load_rows(runs_dir: Path) -> list[RunRow]:
     """The runs of a folder, newest first (the latest run is the one you look for)."""
     from llmforge.runs import RunStore
 
-    return [run_row(r) for r in reversed(RunStore(runs_dir).list())]
+    return [run_row(r) for r in newest_first(RunStore(runs_dir).list())]
 
 
 @dataclass
