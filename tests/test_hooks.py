@@ -228,7 +228,7 @@ def test_validate_pipeline_problems_make_validate_fail(probe, project):
     # the same pipeline without the flag is valid (the hook answers [] then)
     good = project.run("validate", "--set", "probe1.fail_validation=false", plugins=[probe])
     assert good.returncode == 0, good.stderr
-    assert "probe1 -> after" in good.stdout
+    assert "  after (shell)   <- probe1" in good.stdout  # validate shows each stage with its inputs
 
 
 def test_register_commands_adds_a_cli_command(probe):
