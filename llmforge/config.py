@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmforge.errors import ConfigError, Problem
 from llmforge.schema import did_you_mean, validate_model
@@ -60,9 +60,34 @@ class BackendSection(_Section):
                                                             "its Python stacks into the stage folder (0 = off).")
     tp_size: int = Field(1, ge=1, description="Tensor-parallel size (transformers' tp_plan, under torchrun).")
 
+    @field_validator("main_process_ip")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        # It is written into every node's launch script and handed to the launcher: only an address.
+        if not is_host_address(value):
+            raise ValueError(f"must be an IP address or a host name (got {value!r})")
+        return value
+
     @property
     def world_size(self) -> int:
         return self.num_processes * self.num_nodes
+
+
+_HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+
+
+def is_host_address(value: str) -> bool:
+    """An IPv4 or IPv6 address, or a host name: dot-separated labels of letters, digits, '-' (inside) and
+    '_' (seen on cluster nodes), 253 characters at most."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    name = value[:-1] if value.endswith(".") else value
+    return 0 < len(name) <= 253 and all(_HOST_LABEL_RE.match(label) for label in name.split("."))
 
 
 TOP_LEVEL = {

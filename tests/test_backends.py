@@ -256,16 +256,71 @@ def test_node_scripts_and_slurm_file(tmp_path, base):
         text = script.read_text()
         assert "-m torch.distributed.run" in text and "--nnodes 2" in text and f"--node-rank {node}" in text
         assert "--nproc-per-node 2" in text and "-m llmforge_plugins.backends.worker" in text
-        assert 'MAIN_PROCESS_IP="${LLMFORGE_MAIN_PROCESS_IP:-10.0.0.5}"' in text
+        assert "MAIN_PROCESS_IP=10.0.0.5\n" in text
+        assert 'MAIN_PROCESS_IP="${LLMFORGE_MAIN_PROCESS_IP:-$MAIN_PROCESS_IP}"' in text
         # under torchrun, the FSDP settings travel as the environment accelerate launch would set
         assert "export ACCELERATE_USE_FSDP=true" in text and "export FSDP_VERSION=2" in text
     sbatch = (stage_dir / "slurm.sbatch").read_text()
     assert subprocess.run(["bash", "-n", str(stage_dir / "slurm.sbatch")]).returncode == 0
     assert "#SBATCH --nodes=2" in sbatch and "#SBATCH --ntasks-per-node=1" in sbatch
-    assert 'launch-node-"$SLURM_NODEID".sh' in sbatch and "scontrol show hostnames" in sbatch
+    assert "launch-node-$SLURM_NODEID.sh" in sbatch and "scontrol show hostnames" in sbatch
     spec = json.loads((stage_dir / "launch" / "stage.json").read_text())
     assert spec["stage_class"] == "llmforge_plugins.sft:SftStage" and spec["world_size"] == 4
     assert spec["options"]["micro_batch_size"] == 4
+
+
+def test_scripts_pass_a_run_folder_with_a_space_and_quotes_intact(tmp_path, base):
+    """Node scripts and the Slurm file carry paths with spaces and quotes through bash (and sbatch) intact,
+    and the configured address reaches the launcher as written, overridable by the environment."""
+    import shlex
+    import stat
+
+    root = tmp_path / "my \"team's\" $HOME `x` proj"
+    root.mkdir()
+    backend, stage_dir, _ = _prepared(root, base, {"type": "accelerate", "num_processes": 2,
+                                                   "main_process_ip": "fe80::1", "main_process_port": 29558},
+                                      nodes=2)
+    script = stage_dir / "launch-node-1.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    # the script with its launcher replaced by printing its arguments, one per line
+    text = script.read_text()
+    assert text.count("\nexec ") == 1
+    probe = text.replace("\nexec ", "\nprintf '%s\\n' \"$PWD\" ", 1)
+    env = {k: v for k, v in os.environ.items() if k != "LLMFORGE_MAIN_PROCESS_IP"}
+    args = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, env=env, check=True).stdout
+    args = args.splitlines()
+    assert args[0] == str(root)  # cd into the project folder worked
+    assert args[args.index("--config_file") + 1] == str(stage_dir / "accelerate.yaml")
+    assert args[args.index("--main_process_ip") + 1] == "fe80::1"
+    assert args[-1] == str(stage_dir / "launch" / "stage.json")
+    env["LLMFORGE_MAIN_PROCESS_IP"] = "node-7"
+    args = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, env=env, check=True).stdout
+    assert args.splitlines()[args.splitlines().index("--main_process_ip") + 1] == "node-7"
+
+    sbatch = stage_dir / "slurm.sbatch"
+    assert subprocess.run(["bash", "-n", str(sbatch)]).returncode == 0
+    # sbatch reads a directive's value with quotes and backslash escapes, as a POSIX shell word
+    output = next(line for line in sbatch.read_text().splitlines() if line.startswith("#SBATCH --output="))
+    assert shlex.split(output.removeprefix("#SBATCH ")) == [f"--output={stage_dir / 'logs'}/slurm-%j.out"]
+    # run the Slurm file with stand-ins for srun and scontrol: the node script it starts is the right one
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in (("srun", 'shift\nexec "$@"\n'), ("scontrol", "echo node-0\n")):
+        (fake / name).write_text("#!/usr/bin/env bash\n" + body)
+        (fake / name).chmod(stat.S_IRWXU)
+    (stage_dir / "launch-node-0.sh").write_text('echo "$0 on $LLMFORGE_MAIN_PROCESS_IP"\n')
+    res = subprocess.run(["bash", str(sbatch)], capture_output=True, text=True,
+                         env={**env, "PATH": f"{fake}:{env['PATH']}", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "n"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"{stage_dir / 'launch-node-0.sh'} on node-0"
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1\"; touch pwned; \"", "$(touch pwned)", "a b", ""])
+def test_main_process_ip_must_be_an_address(tmp_path, base, address):
+    problems = _problems(tmp_path, base, f"backend.main_process_ip={json.dumps(address)}")
+    assert any(p.startswith("backend.main_process_ip (from --set backend.main_process_ip): must be an IP address "
+                            "or a host name") for p in problems), problems
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_deepspeed_backend_stores_a_validated_config_for_the_trainer(tmp_path, base):

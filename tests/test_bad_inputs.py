@@ -113,3 +113,15 @@ def test_data_commands_still_load_a_real_tokenizer_folder(project, tokenizer_dir
         extra = ["--template", "chatml"] if command == "lint" else []  # lint checks a chat template's round trip
         res = project.run("data", command, "t.jsonl", "--model", str(tokenizer_dir), *extra, "--json")
         assert res.returncode == 0, (command, res.stderr)
+
+
+# ---- [backend] main_process_ip goes into shell scripts: an address only ------------------------------
+
+
+def test_main_process_ip_that_is_no_address_is_refused(project):
+    project.write(TWO_STAGES)
+    user_error(project.run("validate", "--set", 'backend.main_process_ip="10.0.0.1$(touch pwned)"'),
+               "backend.main_process_ip (from --set backend.main_process_ip): must be an IP address or a host name")
+    assert not (project.root / "pwned").exists()
+    for ok in ("10.0.0.1", "fe80::1", "node-01.cluster.local"):
+        assert project.run("validate", "--set", f'backend.main_process_ip="{ok}"').returncode == 0

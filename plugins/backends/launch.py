@@ -239,8 +239,12 @@ class LaunchingBackend(Backend):
             "set -euo pipefail",
             f"cd {shlex.quote(str(ctx.project_dir))}",
             *[f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())],
-            f'MAIN_PROCESS_IP="${{LLMFORGE_MAIN_PROCESS_IP:-{s.main_process_ip}}}"',
-            f'MAIN_PROCESS_PORT="${{LLMFORGE_MAIN_PROCESS_PORT:-{port}}}"',
+            # The configured address is assigned quoted on its own line, then used as a variable: the
+            # default of a ${...:-word} inside double quotes would be expanded by bash ($(...), `...`).
+            f"MAIN_PROCESS_IP={shlex.quote(str(s.main_process_ip))}",
+            f"MAIN_PROCESS_PORT={int(port)}",
+            'MAIN_PROCESS_IP="${LLMFORGE_MAIN_PROCESS_IP:-$MAIN_PROCESS_IP}"',
+            'MAIN_PROCESS_PORT="${LLMFORGE_MAIN_PROCESS_PORT:-$MAIN_PROCESS_PORT}"',
             "exec " + " \\\n    ".join(cmd),
         ]
         return "\n".join(lines) + "\n"
@@ -277,8 +281,21 @@ def base_accelerate_config(s: Any, distributed_type: str) -> dict:
     }
 
 
+def sbatch_quote(text: str) -> str:
+    """A value for an `#SBATCH` line, which sbatch (not bash) reads: double quotes group, a backslash
+    escapes the next character (Slurm's `_get_argument`)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def slurm_script(ctx: Any, launch: Launch, num_nodes: int, per_node: int) -> str:
-    logs = launch.logs / "slurm-%j.out"
+    folder = str(launch.logs)
+    if "\n" in folder:
+        # sbatch reads directives line by line: such a path cannot be written in one, so Slurm's default
+        # (slurm-<job>.out in the submit folder) is kept rather than splitting the directive.
+        output = "# --output left out: the logs folder's path holds a line break"
+    else:
+        # %j is Slurm's job id; a literal % in the folder's name is written %%.
+        output = f"#SBATCH --output={sbatch_quote(folder.replace('%', '%%') + '/slurm-%j.out')}"
     return "\n".join([
         "#!/usr/bin/env bash",
         f"# llmforge: stage {ctx.stage_name!r} of run {ctx.run_id} on {num_nodes} node(s) x {per_node} process(es).",
@@ -289,10 +306,13 @@ def slurm_script(ctx: Any, launch: Launch, num_nodes: int, per_node: int) -> str
         f"#SBATCH --nodes={num_nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --gpus-per-node={per_node}",
-        f"#SBATCH --output={logs}",
+        output,
         "set -euo pipefail",
         'export LLMFORGE_MAIN_PROCESS_IP="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-        f"srun --ntasks-per-node=1 bash -c 'exec bash {shlex.quote(str(ctx.stage_dir))}/launch-node-\"$SLURM_NODEID\".sh'",
+        # The stage folder reaches the inner shell as its $1, quoted once for this shell: no quoting
+        # nested inside another quoted string, so any path (spaces, quotes) arrives intact.
+        "srun --ntasks-per-node=1 bash -c 'exec bash \"$1/launch-node-$SLURM_NODEID.sh\"' llmforge-node "
+        + shlex.quote(str(ctx.stage_dir)),
         "",
     ])
 
