@@ -79,6 +79,13 @@ def test_text_in_square_brackets_is_printed_as_is(project):
     assert "fetch | [cache hit] reused [bold]data[/bold] [/]" in res.stdout
 
 
+def test_a_file_name_in_square_brackets_is_named_whole(project):
+    data = project.write('{"text": "hello"}\n', name="data/notes[red].jsonl")
+    res = project.run("data", "inspect", str(data))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0].startswith(f"{data}: 1 rows"), res.stdout
+
+
 def test_a_shell_stage_closes_the_command_output(project):
     project.write(shell_stage("hello", "echo hi"))
     res = project.run("run")

@@ -66,22 +66,24 @@ def _tokenized(ds, model: str, template: str | None, max_length: int, train_on: 
 
 
 def _print(summary: dict, shown: list[dict], masks: bool, plain: bool) -> None:
+    from rich.markup import escape
     from rich.text import Text
 
-    out = console()
-    out.print(f"[bold]{summary['file']}[/]: {summary['rows']} rows, format {summary['format']} ({summary['kind']})"
+    out = console()  # the file's name, the skip reasons and the rows are text, never markup: escaped
+    out.print(f"[bold]{escape(str(summary['file']))}[/]: {summary['rows']} rows, format {summary['format']} "
+              f"({summary['kind']})"
               + (f", {summary['skipped']} bad rows skipped" if summary["skipped"] else ""))
     for reason in summary["first_skipped"]:
-        out.print(f"  [yellow]skipped[/] {reason}", highlight=False)
+        out.print(f"  [yellow]skipped[/] {escape(str(reason))}", highlight=False)
     if "truncation_rate" in summary:
         out.print(f"tokens: mean {summary['mean_tokens']:.1f}, max {summary['max_tokens']}; truncated at "
                   f"{summary['max_length']}: {summary['truncated']} rows ({100 * summary['truncation_rate']:.1f}%); "
                   f"trained tokens {100 * summary['trained_fraction']:.1f}%"
-                  + (f"; template {summary['template']}" if summary.get("template") else ""))
+                  + (f"; template {escape(str(summary['template']))}" if summary.get("template") else ""))
     for sample in shown:
         out.rule(sample["where"])
         if "row" in sample:
-            out.print(sample["row"], highlight=False)
+            out.print(sample["row"], highlight=False, markup=False)
             continue
         text = Text()
         if masks:

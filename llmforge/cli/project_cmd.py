@@ -33,7 +33,7 @@ def init(
 
     atomic_write_text(target, text)
     out = console()
-    out.print(f"wrote {target} and {notes}")
+    out.print(f"wrote {target} and {notes}", markup=False)
     where = "" if directory.resolve() == Path.cwd() else f" -c {target}"
     out.print(f"next: [bold]llmforge validate{where}[/] then [bold]llmforge run{where}[/]")
 

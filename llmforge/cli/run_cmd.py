@@ -57,7 +57,7 @@ def _summary(result) -> None:
     print_table(["stage", "status", "time", "artifacts"], rows, title=f"run {result.run_id}",
                 styles={1: status_style})
     if result.status == "stopped":
-        console().print(f"stopped; continue with [bold]llmforge run --resume --run {result.run_id}[/]")
+        console().print(f"stopped; continue with llmforge run --resume --run {result.run_id}", markup=False)
 
 
 def _detach(pipe, stages, from_stage, overrides, resume, run_ref, force) -> None:
@@ -67,8 +67,8 @@ def _detach(pipe, stages, from_stage, overrides, resume, run_ref, force) -> None
     launch = Launch(pipe.config.path, list(stages), from_stage, list(overrides), resume, run_ref, force)
     started = start_detached(launch, pipe=pipe)
     typer.echo(started.run_id)
-    console(stderr=True).print(f"detached (pid {started.pid}); follow with [bold]llmforge logs {started.run_id} -f[/], "
-                               f"stop with [bold]llmforge stop {started.run_id}[/]")
+    console(stderr=True).print(f"detached (pid {started.pid}); follow with llmforge logs {started.run_id} -f, "
+                               f"stop with llmforge stop {started.run_id}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -154,7 +154,7 @@ def checkpoint(run: Optional[str] = RUN_ARG, dir_: Optional[Path] = RUNS_DIR_OPT
     if not lock_is_live(read_lock(r.dir)):
         raise UsageError(f"run {r.id} is not running (status: {r.status})")
     request(r.dir, CHECKPOINT_REQUEST)
-    console().print(f"checkpoint requested for run {r.id}")
+    console().print(f"checkpoint requested for run {r.id}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
