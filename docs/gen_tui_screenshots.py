@@ -3,12 +3,13 @@
     python docs/gen_tui_screenshots.py                 # rewrite docs/images/tui-*.svg (about 20 s)
     python docs/gen_tui_screenshots.py --out /tmp/x    # somewhere else
 
-The pictures are of the real app, exported by Textual (`App.export_screenshot`), over the demo's project
-(`llmforge demo` writes the same forge.toml and data) and three runs of it written by the snapshot tests'
-fixture (tests/test_tui_snapshots.py): one failed at once, one stopped at a checkpoint, one done with the
-models it made. The runs' numbers are made up, so the images are the same on every machine; so is the
-hardware panel (fixed figures) and the time zone (UTC). Each area is brought to the state its picture shows
-by the same code the snapshot tests use.
+The pictures are of the real app, exported by Textual (`App.export_screenshot`), over the snapshot tests'
+project (tests/test_tui_snapshots.py): the demo's pipeline with each stage played by a stand-in that reports
+and makes what the real stage would, at once, and three runs of it made by the real runner: one failed at
+once, one stopped at a checkpoint, one done with the models it made. The runs' numbers are fixed curves
+and their times pinned, so the images are the same on every machine; so is the hardware panel (fixed
+figures) and the time zone (UTC). Each area is brought to the state its picture shows by the same code the
+snapshot tests use.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ SIZE = (120, 34)  # wide enough for the Runs table's every column; the app works
 
 
 def build_demo(root: Path, fixture) -> None:
-    """The demo's forge.toml and data (full setting), and the fixture's runs over them."""
-    from llmforge_plugins.demo.project import FULL, write_project
+    """The snapshot project and its runs (made by the runner), with the demo's full vocabulary size."""
+    from llmforge_plugins.demo.project import FULL
 
-    write_project(root, quick=False)
+    fixture.write_shell_project(root)
     fixture.write_runs(root, vocab=FULL.vocab_size)
 
 

@@ -1,34 +1,44 @@
 """Snapshot tests of the TUI: one picture per area, at 100x30, over a fixed project and run store.
 
-The project is the shape of `llmforge demo` (pretrain -> sft -> dpo -> merge -> gguf -> eval) drawn with
-`shell` stages, so it validates in a moment. Its three runs (failed, stopped at a checkpoint, done) are
-written here: manifest.json and events.jsonl with fixed ids, times and metric values, model folders whose
-weights are sparse files of fixed sizes, a GGUF scorecard. The one real thing made is the tokenizer, trained
-by the pretrain stage's own function, so the Data area colours real tokens.
+The project is the shape of `llmforge demo` (curate -> pretrain -> sft -> dpo -> merge -> gguf -> eval), each
+stage played by a `stand-in` stage (defined here) that reports and makes, at once, what the real stage would:
+log lines, metrics on fixed curves, checkpoints, model folders whose weights are sparse files of fixed sizes,
+GGUF files with their scorecard, and the real tokenizer (trained by the pretrain stage's own function, so the
+Data area colours real tokens). Its three runs (failed, stopped at a checkpoint by a stop request, done) are
+made by the real runner (`run_pipeline`), so the run folders, manifest.json and events.jsonl are what the
+runner writes today: a change of their format shows here. Then `_pin_run` pins what differs between
+machines and moments: the run ids (given to the runner), the times (a clock driven by the events), the
+project folder in paths, the pid.
 
-What would differ between machines or moments is pinned (`pin_live_values`): the time zone (log stamps and
-dates are local time), the hardware panel's figures (psutil's readings are replaced by fixed ones), and
-the plugins (only the built-ins load, as with LLMFORGE_LOAD_PLUGINS=""). The built-ins' version is
-llmforge's own, so the Plugins picture changes with a release.
+What else would differ is pinned by `pin_live_values`: the time zone (log stamps and dates are local time),
+the hardware panel's figures (psutil's readings are replaced by fixed ones), and the plugins (the built-ins,
+as with LLMFORGE_LOAD_PLUGINS="", and the stand-in). The built-ins' version is llmforge's own, so the
+Plugins picture changes with a release.
 
 After an intended change of a screen, update and look at the pictures:
     python -m pytest tests/test_tui_snapshots.py --snapshot-update
     # then open tests/__snapshots__/test_tui_snapshots/*.svg in a browser
 
-docs/gen_tui_screenshots.py builds the same runs over the real demo project for the images in docs/tui.md.
+docs/gen_tui_screenshots.py builds the same project and runs for the images in docs/tui.md.
 """
 
 from __future__ import annotations
 
 import calendar
-import hashlib
 import json
 import math
 import time
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 from conftest import until
+from pydantic import Field
+
+from llmforge import hookimpl
+from llmforge.errors import DataError
+from llmforge.runs import STOP_REQUEST, request
+from llmforge.stage import Input, Stage, StageOptions
 
 SIZE = (100, 30)
 
@@ -42,8 +52,8 @@ FIXED_USAGE = dict(cpu_pct=37.5, cpu_count=8, ram_used_gb=9.6, ram_total_gb=31.2
                    gpu_note="GPU  none seen (no nvidia-ml-py)")
 
 SHELL_FORGE = """\
-# The TUI's snapshot project (tests/test_tui_snapshots.py): the demo's pipeline drawn with shell
-# stages, so that it validates in a moment. Its runs are written by the test, not run.
+# The TUI's snapshot project (tests/test_tui_snapshots.py): the demo's pipeline, each stage played by a
+# stand-in that reports and makes what the real one would, at once. Its runs are made by the real runner.
 
 [project]
 name = "tui-demo"
@@ -51,45 +61,44 @@ seed = 42
 
 [[stages]]
 name = "curate"
-uses = "shell"
-command = "echo cleaning the corpus"
+uses = "stand-in"
+act_as = "curate"
 inputs = { corpus = "data/corpus.txt" }
 
 [[stages]]
 name = "pretrain"
-uses = "shell"
-command = "echo training a tokenizer and a small Llama"
+uses = "stand-in"
+act_as = "pretrain"   # trains the real tokenizer
 inputs = { corpus = "@curate" }
-timeout = 3600   # seconds
 
 [[stages]]
 name = "sft"
-uses = "shell"
-command = "echo teaching it to answer"
+uses = "stand-in"
+act_as = "sft"
 inputs = { model = "@pretrain", data = "data/sft.jsonl" }
 
 [[stages]]
 name = "dpo"
-uses = "shell"
-command = "echo teaching it to prefer direct answers"
+uses = "stand-in"
+act_as = "dpo"
 inputs = { model = "@sft" }
 
 [[stages]]
 name = "merge"
-uses = "shell"
-command = "echo merging sft and dpo halfway"
+uses = "stand-in"
+act_as = "merge"
 inputs = { a = "@sft", b = "@dpo" }
 
 [[stages]]
 name = "gguf"
-uses = "shell"
-command = "echo exporting to GGUF"
+uses = "stand-in"
+act_as = "gguf"
 inputs = { model = "@merge" }
 
 [[stages]]
 name = "eval"
-uses = "shell"
-command = "echo evaluating"
+uses = "stand-in"
+act_as = "eval"
 inputs = { merged = "@merge", gguf = "@gguf", questions = "data/heldout.jsonl" }
 """
 
@@ -154,89 +163,6 @@ def _dpo_curve(step: int) -> dict:
             "rewards/margins": round(2.4 * (1 - math.exp(-step / 12)), 4)}
 
 
-class RunWriter:
-    """Writes one run as the runner would have: events.jsonl line by line, then manifest.json."""
-
-    def __init__(self, root: Path, run_id: str, created: float, config: dict, uses: dict[str, str]):
-        self.root, self.id, self.created, self.uses = root, run_id, created, uses
-        self.dir = root / "runs" / run_id
-        self.dir.mkdir(parents=True)
-        self.events: list[dict] = []
-        self.stages = {name: {"uses": uses[name], "key": hashlib.sha1(name.encode()).hexdigest()[:20],
-                              "status": "pending"} for name in STAGES}
-        self.manifest = {"id": run_id, "created": created, "config_path": str(root / "forge.toml"),
-                         "project": config.get("project", {}).get("name", ""), "config": config,
-                         "status": "running", "pid": 4242, "exit_code": None, "resumed": [], "stages": self.stages}
-        self.emit(created + 0.05, "run_start", config=str(root / "forge.toml"), stages=list(STAGES), resume=False,
-                  selected=list(STAGES))
-
-    def emit(self, t: float, type: str, stage: str | None = None, **data) -> None:
-        event = {"type": type, "time": round(t, 3), "run": self.id}
-        if stage is not None:
-            event["stage"] = stage
-        self.events.append({**event, **data})
-
-    def log(self, t: float, stage: str, message: str, level: str = "info") -> None:
-        self.emit(t, "log", stage, level=level, message=message)
-
-    def art_dir(self, stage: str, kind: str) -> Path:
-        # Relative to the project folder (the tests run there): the pictures must not show a temporary path.
-        return Path("runs") / self.id / "stages" / stage / "artifacts" / kind
-
-    def start(self, t: float, stage: str) -> None:
-        self.stages[stage].update(status="running", started=t, error=None, artifacts={})
-        self.emit(t, "stage_start", stage, uses=self.uses[stage], key=self.stages[stage]["key"], resume=False)
-
-    def end(self, t: float, stage: str, status: str, artifacts: tuple[str, ...] = (), info: dict | None = None,
-            error: str | None = None) -> None:
-        st = self.stages[stage]
-        for kind in artifacts:
-            path = self.art_dir(stage, kind)
-            (self.root / path).mkdir(parents=True, exist_ok=True)
-            self.emit(t - 0.2, "artifact", stage, kind=kind, path=str(path))
-        st.update(status=status, ended=t, duration=round(t - st["started"], 3), error=error,
-                  artifacts={k: {"kind": k, "path": str(self.art_dir(stage, k))} for k in artifacts})
-        if info:
-            st["info"] = info
-        extra = {"error": error} if error else {}
-        self.emit(t, "stage_end", stage, status=status, duration=st["duration"], **extra)
-
-    def train(self, t: float, stage: str, steps: int, curve, log_every: int = 10, stop_at: int | None = None,
-              save_every: int = 200, step_s: float = 0.3) -> tuple[float, dict]:
-        """A training stage's events up to `steps` (or a stop at `stop_at`); returns (end time, last values)."""
-        self.start(t, stage)
-        self.log(t + 1.2, stage, f"tokenized: {steps * 24} sequences, truncated 0 (0.0%) at max_length 128")
-        self.log(t + 1.5, stage, f"training: {steps} steps, precision fp32")
-        last = {}
-        for step in range(log_every, (stop_at or steps) + 1, log_every):
-            now = t + 2 + step * step_s
-            self.emit(now, "progress", stage, done=step, total=steps, unit="step",
-                      eta_s=round((steps - step) * step_s, 1))
-            last = curve(step)
-            self.emit(now, "metric", stage, step=step, values={**last, "epoch": round(step / steps * 3, 3)})
-            if step % save_every == 0 or step == stop_at:
-                if step == stop_at:
-                    self.log(now, stage, f"stop requested: saving a checkpoint at step {step}")
-                self.emit(now + 0.4, "checkpoint", stage, step=step,
-                          path=str(Path("runs") / self.id / "stages" / stage / "checkpoints" / f"checkpoint-{step}"))
-        end = t + 3 + (stop_at or steps) * step_s
-        return end, last
-
-    def curate(self, t: float) -> None:
-        """The corpus through `curate`, in a moment (a generated corpus has nothing to remove)."""
-        self.start(t, "curate")
-        self.log(t + 0.04, "curate", "curate: kept 3197 of 3197 rows (normalize: 0 rewritten)")
-        self.end(t + 0.08, "curate", "done", ("dataset",), {"rows_in": 3197, "rows_out": 3197})
-
-    def finish(self, t: float, status: str, exit_code: int) -> None:
-        self.manifest.update(status=status, exit_code=exit_code, finished=t)
-        self.emit(t, "run_end", status=status, exit_code=exit_code,
-                  stages={n: s["status"] for n, s in self.stages.items()})
-        events = sorted(self.events, key=lambda e: e["time"])  # in time order, as the runner appends them
-        (self.dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
-        (self.dir / "manifest.json").write_text(json.dumps(self.manifest, indent=2) + "\n", encoding="utf-8")
-
-
 def _sparse(path: Path, size: int) -> None:
     """A file of `size` bytes that takes no disk space: the Models area reads sizes, never weights."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +193,8 @@ def train_tokenizer(corpus: Path, vocab: int):
     return tok
 
 
-def _gguf_folder(folder: Path, vocab: int) -> None:
+def _gguf_folder(folder: Path, vocab: int, final: Path) -> None:
+    """The gguf stage's files and scorecard in `folder`, their paths written as `final` (where they end up)."""
     params = 3_162_368 + vocab * 256
     # Sizes as llama.cpp makes them for this shape: bits per weight 32, 8.5 and (Q6_K embeddings) 5.6.
     files = [("model-f32.gguf", "F32", 4 * params + 41_216, 3.5124, 2.1e-7, 1.0),
@@ -277,7 +204,7 @@ def _gguf_folder(folder: Path, vocab: int) -> None:
     for name, qtype, size, ppl, kld, top1 in files:
         _sparse(folder / name, size)
         (folder / name).with_suffix(".Modelfile").write_text(f"FROM ./{name}\n")
-        rows.append({"file": str(folder / name), "type": qtype, "bytes": size, "bpw": size * 8 / params,
+        rows.append({"file": str(final / name), "type": qtype, "bytes": size, "bpw": size * 8 / params,
                      "ppl": ppl, "delta_ppl": round(ppl - 3.5124, 4), "mean_kld": kld, "top1": top1,
                      "tokenization_ok": True})
     card = {"model": "@merge", "parameters": params, "tokens": 412, "windows": 4, "window": 128,
@@ -286,83 +213,202 @@ def _gguf_folder(folder: Path, vocab: int) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
+# ------------------------------------------------------------------------------------------------
+# the runs: made by the real runner, then their volatile parts pinned
+
+
+class StandInOptions(StageOptions):
+    act_as: str = Field(description="The demo stage this one stands in for: curate, pretrain, sft, dpo, merge, "
+                                    "gguf or eval.")
+    inputs: dict[str, Annotated[str, Input(must_exist=False)]] = Field(
+        default_factory=dict, description="What the real stage reads: paths or @stage references.")
+
+
+class StandInStage(Stage):
+    """What each of the demo's stages reports and makes, in a moment: its log lines, its metrics (the curves
+    above, through ctx.metric and ctx.progress, checkpoints as the training loop reports them) and its
+    artifacts (model folders of sparse files, the pretrain stage's real tokenizer, GGUF files and their
+    scorecard). The runner around it is the real one: run folder, manifest, events.jsonl, stop, failure."""
+
+    name = "stand-in"
+    summary = "Reports and makes what a demo stage would, at once (the TUI snapshots' runs)."
+    Options = StandInOptions
+    produces = ("model", "adapter", "gguf", "report", "dataset")
+
+    def outputs(self, options):
+        return PRODUCES[options.act_as]
+
+    def run(self, options, ctx) -> None:
+        getattr(self, "_" + options.act_as)(ctx)
+
+    # -- one method per demo stage -------------------------------------------------------------------
+    def _curate(self, ctx) -> None:
+        if SCENARIO["fail_curate"]:
+            ctx.log("reading data/corpus.txt")
+            raise DataError("data/corpus.txt: empty file (no rows)")
+        ctx.log("curate: kept 3197 of 3197 rows (normalize: 0 rewritten)")
+        ctx.info.update(rows_in=3197, rows_out=3197)
+        with ctx.artifact("dataset") as out:
+            (out / "corpus.txt").write_text("\n")
+
+    def _train(self, ctx, steps: int, curve, log_every: int = 10, stop_at: int | None = None) -> dict | None:
+        ctx.log(f"tokenized: {steps * 24} sequences, truncated 0 (0.0%) at max_length 128")
+        ctx.log(f"training: {steps} steps, precision fp32")
+        last: dict = {}
+        for step in range(log_every, steps + 1, log_every):
+            ctx.progress(step, steps, unit="step", eta_s=round((steps - step) * STEP_S, 1))
+            last = curve(step)
+            ctx.metric(step=step, **last, epoch=round(step / steps * 3, 3))
+            checkpoint = ctx.stage_dir / "checkpoints" / f"checkpoint-{step}"
+            if step == stop_at:
+                request(ctx.run_dir, STOP_REQUEST)  # what `s` in the Monitor does
+            if ctx.should_stop():
+                ctx.log(f"stop requested: saving a checkpoint at step {step}")
+                ctx.emit("checkpoint", step=step, path=str(checkpoint))
+                ctx.info["steps"] = step
+                return None
+            if step % 200 == 0:
+                ctx.emit("checkpoint", step=step, path=str(checkpoint))
+        ctx.info.update(final_loss=last["loss"], eval_loss=None, steps=steps, chat_template=TEMPLATE)
+        return last
+
+    def _pretrain(self, ctx) -> None:
+        stopped = SCENARIO["stop_pretrain"]
+        curve = (lambda s: _pretrain_curve(s, scale=85, jitter=0.06)) if stopped else _pretrain_curve
+        tokenizer = train_tokenizer(ctx.project_dir / "data" / "corpus.txt", SCENARIO["vocab"])
+        ctx.log(f"trained a byte-level BPE tokenizer: {len(tokenizer)} tokens")
+        if self._train(ctx, 500, curve, stop_at=240 if stopped else None) is None:
+            return
+        ctx.info["parameters"] = 3_162_368 + SCENARIO["vocab"] * 256
+        with ctx.artifact("model") as out:
+            _model_dir(out, SCENARIO["vocab"], tokenizer)
+
+    def _sft(self, ctx) -> None:
+        self._train(ctx, 200, _sft_curve)
+        with ctx.artifact("adapter") as out:
+            (out / "adapter_config.json").write_text(json.dumps(
+                {"peft_type": "LORA", "r": 16, "lora_alpha": 32,
+                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                 "base_model_name_or_path": str(Path("runs") / ctx.run_id / "stages/pretrain/artifacts/model")},
+                indent=2) + "\n")
+            _sparse(out / "adapter_model.safetensors", 458_752 + 1_024)
+        with ctx.artifact("model") as out:
+            _model_dir(out, SCENARIO["vocab"])
+
+    def _dpo(self, ctx) -> None:
+        last = self._train(ctx, 40, _dpo_curve, log_every=2)
+        ctx.info.update(reward_margin_first=0.19, reward_margin_last=last["rewards/margins"])
+        with ctx.artifact("model") as out:
+            _model_dir(out, SCENARIO["vocab"])
+
+    def _merge(self, ctx) -> None:
+        ctx.log("slerp of 2 models, t = 0.5: 39 tensors")
+        ctx.info.update(method="slerp", tensors=39)
+        with ctx.artifact("model") as out:
+            _model_dir(out, SCENARIO["vocab"])
+
+    def _gguf(self, ctx) -> None:
+        for i, message in enumerate(("exporting runs/.../merge/artifacts/model to model-f32.gguf",
+                                     "quantizing model-f32.gguf to Q8_0", "quantizing model-f32.gguf to Q4_K_M",
+                                     "checking 3 file(s) against the merged model")):
+            ctx.log(message)
+            ctx.progress(i + 1, 4, unit="step")
+        with ctx.artifact("gguf") as out:
+            _gguf_folder(out, SCENARIO["vocab"], Path("runs") / ctx.run_id / "stages/gguf/artifacts/gguf")
+
+    def _eval(self, ctx) -> None:
+        for message in ("accuracy on 12 held-out questions: pretrained 0%, SFT 58%, DPO 67%, merged 67%",
+                        "direct answers: SFT 42%, DPO 92%",
+                        "llama.cpp (model-f32.gguf) answers as transformers does: 12 of 12"):
+            ctx.log(message)
+        ctx.info["accuracy"] = {"sft": 0.58, "dpo": 0.67, "merged": 0.67}
+        with ctx.artifact("report") as out:
+            (out / "report.json").write_text("{}\n")
+
+
+PRODUCES = {"curate": ("dataset",), "pretrain": ("model",), "sft": ("adapter", "model"), "dpo": ("model",),
+            "merge": ("model",), "gguf": ("gguf",), "eval": ("report",)}
+TEMPLATE = {"name": "chatml", "hash": "4be0ac5d21f3", "eos": "<|im_end|>"}
+STEP_S = 0.3  # the pinned clock's seconds per training step
+# How the stand-ins behave in the run being made (the runs are made one after another, in this process).
+SCENARIO = {"fail_curate": False, "stop_pretrain": False, "vocab": 400}
+
+
+class StandInPlugin:
+    @hookimpl
+    def register_stages(self, register):
+        register(StandInStage)
+
+
+def registry():
+    """The built-in plugins (as with LLMFORGE_LOAD_PLUGINS="") and the stand-in stage."""
+    from llmforge.plugins import load_registry
+
+    return load_registry(env="", extra=[("tui-snapshot-stand-in", StandInPlugin())])
+
+
+def _pin_run(root: Path, run_id: str, created: float) -> None:
+    """Make a run made now look the same on every machine and at every moment: its times on a clock that
+    starts at `created` and advances by what happened (STEP_S a training step, a moment for anything else),
+    the project folder out of its paths (the pictures show them relative, as when opened in the project),
+    the pid fixed. Everything else is as the runner wrote it."""
+    run_dir = root / "runs" / run_id
+    prefix = str(root) + "/"
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    clock, done = created, {}
+    times = {}
+    for event in events:
+        kind, stage = event["type"], event.get("stage")
+        if kind == "progress" and event.get("unit") == "step":
+            clock += STEP_S * max(0, event.get("done", 0) - done.get(stage, 0)) if stage != "gguf" else 2.5
+            done[stage] = event.get("done", 0)
+        elif kind != "metric":  # a metric comes with its progress event
+            clock += 0.05
+        event["time"] = round(clock, 3)
+        if kind in ("stage_start", "stage_end"):
+            times[(stage, kind)] = event["time"]
+    for event in events:
+        if event["type"] == "stage_end" and "duration" in event:
+            event["duration"] = round(times[(event["stage"], "stage_end")] - times[(event["stage"], "stage_start")], 3)
+    text = "".join(json.dumps(e) + "\n" for e in events).replace(prefix, "")
+    (run_dir / "events.jsonl").write_text(text, encoding="utf-8")
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest.update(created=created, finished=events[-1]["time"], pid=4242)
+    for name, st in manifest.get("stages", {}).items():
+        if (name, "stage_start") in times:
+            st["started"] = times[(name, "stage_start")]
+        if (name, "stage_end") in times:
+            st["ended"] = times[(name, "stage_end")]
+            st["duration"] = round(st["ended"] - st["started"], 3)
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2).replace(prefix, "") + "\n",
+                                           encoding="utf-8")
+
+
 def write_runs(root: Path, vocab: int = 400) -> None:
-    """The three runs of the project at `root`: failed at once, stopped at step 240, done."""
-    from llmforge.config import read_toml
+    """The three runs of the project at `root`, made by the real runner with the stand-in stages: failed at
+    once, stopped at step 240 (a stop request, as the Monitor's `s` makes), done. Then pinned (_pin_run)."""
+    import os
 
-    config = read_toml(root / "forge.toml")
-    assert [s["name"] for s in config["stages"]] == list(STAGES), "the runs are of the demo's seven stages"
-    uses = {s["name"]: s["uses"] for s in config["stages"]}
-    template = {"name": "chatml", "hash": "4be0ac5d21f3", "eos": "<|im_end|>"}
+    from llmforge.pipeline import load_pipeline
+    from llmforge.runner import RunRequest, run_pipeline
 
-    # 1. failed in its first seconds
-    run = RunWriter(root, FAILED, T0, config, uses)
-    run.start(T0 + 0.2, "curate")
-    run.log(T0 + 1.1, "curate", "reading data/corpus.txt")
-    run.end(T0 + 2.4, "curate", "failed", error="DataError: data/corpus.txt: empty file (no rows)")
-    run.finish(T0 + 2.5, "failed", 1)
-
-    # 2. stopped from the monitor at step 240 of 500: a checkpoint, exit code 130
-    t = calendar.timegm((2026, 1, 5, 10, 22, 10))
-    run = RunWriter(root, STOPPED, t, config, uses)
-    run.curate(t + 0.1)
-    end, last = run.train(t + 0.2, "pretrain", 500, lambda s: _pretrain_curve(s, scale=85, jitter=0.06),
-                          stop_at=240)
-    run.end(end, "pretrain", "stopped", info={"steps": 240})
-    run.finish(end + 0.3, "stopped", 130)
-
-    # 3. done: every stage, with the models they made
-    t = calendar.timegm((2026, 1, 5, 10, 45, 30))
-    run = RunWriter(root, DONE, t, config, uses)
-    run.curate(t + 0.1)
-    end, last = run.train(t + 0.2, "pretrain", 500, _pretrain_curve)
-    tokenizer = train_tokenizer(root / "data" / "corpus.txt", vocab)
-    run.log(t + 1.0, "pretrain", f"trained a byte-level BPE tokenizer: {len(tokenizer)} tokens")
-    run.end(end, "pretrain", "done", ("model",),
-            {"final_loss": last["loss"], "eval_loss": None, "steps": 500, "parameters": 3_162_368 + vocab * 256,
-             "chat_template": template})
-    _model_dir(root / run.art_dir("pretrain", "model"), vocab, tokenizer)
-
-    end, last = run.train(end + 0.5, "sft", 200, _sft_curve, step_s=0.18)
-    run.end(end, "sft", "done", ("adapter", "model"),
-            {"final_loss": last["loss"], "eval_loss": None, "steps": 200, "chat_template": template})
-    adapter = root / run.art_dir("sft", "adapter")
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-         "base_model_name_or_path": str(run.art_dir("pretrain", "model"))}, indent=2) + "\n")
-    _sparse(adapter / "adapter_model.safetensors", 458_752 + 1_024)
-    _model_dir(root / run.art_dir("sft", "model"), vocab)
-
-    end, last = run.train(end + 0.5, "dpo", 40, _dpo_curve, log_every=2, step_s=0.45)
-    run.end(end, "dpo", "done", ("model",),
-            {"final_loss": last["loss"], "eval_loss": None, "steps": 40, "reward_margin_first": 0.19,
-             "reward_margin_last": last["rewards/margins"], "chat_template": template})
-    _model_dir(root / run.art_dir("dpo", "model"), vocab)
-
-    run.start(end + 0.5, "merge")
-    run.log(end + 1.0, "merge", "slerp of 2 models, t = 0.5: 39 tensors")
-    run.end(end + 3.6, "merge", "done", ("model",), {"method": "slerp", "tensors": 39})
-    _model_dir(root / run.art_dir("merge", "model"), vocab)
-
-    t = end + 4.0
-    run.start(t, "gguf")
-    for i, (message, dt) in enumerate((("exporting runs/.../merge/artifacts/model to model-f32.gguf", 2.1),
-                                       ("quantizing model-f32.gguf to Q8_0", 4.8),
-                                       ("quantizing model-f32.gguf to Q4_K_M", 9.3),
-                                       ("checking 3 file(s) against the merged model", 24.9))):
-        run.log(t + dt - 2, "gguf", message)
-        run.emit(t + dt, "progress", "gguf", done=i + 1, total=4, unit="step")
-    run.end(t + 25.2, "gguf", "done", ("gguf",))
-    _gguf_folder(root / run.art_dir("gguf", "gguf"), vocab)
-
-    t += 25.6
-    run.start(t, "eval")
-    for dt, message in ((4.0, "accuracy on 12 held-out questions: pretrained 0%, SFT 58%, DPO 67%, merged 67%"),
-                        (6.5, "direct answers: SFT 42%, DPO 92%"),
-                        (9.8, "llama.cpp (model-f32.gguf) answers as transformers does: 12 of 12")):
-        run.log(t + dt, "eval", message)
-    run.end(t + 10.2, "eval", "done", ("report",), {"accuracy": {"sft": 0.58, "dpo": 0.67, "merged": 0.67}})
-    run.finish(t + 10.5, "done", 0)
+    reg = registry()
+    pipe = load_pipeline(root / "forge.toml", registry=reg)
+    assert pipe.names == list(STAGES), "the runs are of the demo's seven stages"
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        for run_id, created, scenario in (
+                (FAILED, T0, dict(fail_curate=True, stop_pretrain=False)),
+                (STOPPED, calendar.timegm((2026, 1, 5, 10, 22, 10)), dict(fail_curate=False, stop_pretrain=True)),
+                (DONE, calendar.timegm((2026, 1, 5, 10, 45, 30)), dict(fail_curate=False, stop_pretrain=False))):
+            SCENARIO.update(scenario, vocab=vocab)
+            run_pipeline(pipe, RunRequest(run_ref=run_id, force=True), registry=reg)
+            _pin_run(root, run_id, created)
+    finally:
+        os.chdir(cwd)
+        SCENARIO.update(fail_curate=False, stop_pretrain=False)
 
 
 def build(root: Path) -> None:
@@ -379,7 +425,7 @@ def pin_live_values(setattr) -> None:
     from llmforge.tui import hardware
 
     setattr(hardware.HardwareMonitor, "sample", lambda self: hardware.Usage(**FIXED_USAGE))
-    setattr(plugins, "_registry", plugins.load_registry(env=""))
+    setattr(plugins, "_registry", registry())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -524,13 +570,13 @@ def test_area_snapshot(area, pinned, snap_compare):
 
 
 def test_fixed_runs_read_as_the_runner_writes_them(pinned):
-    """The hand-written runs say what the pictures claim: statuses, exit codes, a checkpoint, the models."""
+    """The runs the runner made say what the pictures claim: statuses, exit codes, a checkpoint, the models."""
     from llmforge.runs import RunStore
     from llmforge.tui.screens.models import collect_models
 
     runs = {r.id: r for r in RunStore(Path("runs")).list()}
     assert [(runs[i].status, runs[i].manifest["exit_code"]) for i in (FAILED, STOPPED, DONE)] == \
-        [("failed", 1), ("stopped", 130), ("done", 0)]
+        [("failed", 2), ("stopped", 130), ("done", 0)]  # a data error is bad input: exit code 2
     assert {runs[DONE].stage_status(n) for n in STAGES} == {"done"}
     events = [json.loads(line) for line in (runs[STOPPED].dir / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["type"] == "checkpoint"] == [200, 240]
