@@ -42,9 +42,10 @@ def is_library_chatter(category: type[Warning], filename: str) -> bool:
     path = os.path.realpath(filename or "")
     if any(path.startswith(d) for d in _library_dirs()):
         return True
-    # warnings attributed to a frame of a library's compiled or generated code carry its package path
+    # a library module not (or no longer) in sys.modules: an installed package's path names it right
+    # after site-packages (a user's own folder that happens to be called "torch" does not count)
     parts = path.replace("\\", "/").split("/")
-    return any(lib in parts for lib in LIBRARIES)
+    return any(a in ("site-packages", "dist-packages") and b in LIBRARIES for a, b in zip(parts, parts[1:]))
 
 
 class _Divert(logging.Filter):

@@ -54,8 +54,11 @@ def print_table(columns: list[str], rows: list[list[Any]], title: str | None = N
         from rich.text import Text
 
         table = Table(title=title, title_justify="left")
-        for col in columns:
-            table.add_column(col, overflow="fold")
+        for i, col in enumerate(columns):
+            if i == 0:  # the key users copy (a run id, a stage name): whole, on one line; the rest folds
+                table.add_column(col, no_wrap=True, min_width=max([len(col)] + [len(r[0]) for r in cells]))
+            else:
+                table.add_column(col, overflow="fold")
         for row in cells:
             table.add_row(*(Text(v, style=(styles or {}).get(i, lambda _v: "")(v) or "")
                             for i, v in enumerate(row)))
