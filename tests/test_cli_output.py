@@ -204,17 +204,20 @@ def resumed_training(tmp_path_factory):
     from conftest import Project
     from training_data import DPO, PRETRAIN, write_data
 
+    from llmforge.runs import STOP_REQUEST, request
+
     project = Project(tmp_path_factory.mktemp("noise"))
     write_data(project.root)
-    project.write(PRETRAIN.format(steps=60).replace("log_every = 2", "log_every = 5\nsave_every = 2")
+    project.write(PRETRAIN.format(steps=100).replace("log_every = 2", "log_every = 5\nsave_every = 2")
                   + DPO.replace("@sft", "@pretrain").format(steps=3))
     proc = subprocess.Popen([sys.executable, "-m", "llmforge", "run"], cwd=project.root, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            if list(project.runs.glob("*/stages/pretrain/work/checkpoints/checkpoint-*/llmforge-complete")):
-                project.run("stop", "--no-wait")
+            done = list(project.runs.glob("*/stages/pretrain/work/checkpoints/checkpoint-*/llmforge-complete"))
+            if done:  # the request file `llmforge stop` writes, written at once (pretrain must still be running)
+                request(done[0].parents[5], STOP_REQUEST)
                 break
             time.sleep(0.1)
         first_out, first_err = proc.communicate(timeout=300)
@@ -252,4 +255,4 @@ def test_every_metric_step_of_a_training_run_is_printed(resumed_training):
                   and e.get("step") is not None and "loss" in e["values"]]
         printed = [int(s) for s in re.findall(rf"^{stage} \| step (\d+) ", resumed.stdout, re.M)]
         assert logged and printed == logged, (stage, printed, logged)
-    assert "pretrain | step 60 " in resumed.stdout  # the last step, which the throttle used to drop
+    assert "pretrain | step 100 " in resumed.stdout  # the last step, which the throttle used to drop
