@@ -4,6 +4,7 @@ a branching pipeline, damaged run folders named, runs newest first, and no libra
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -230,6 +231,12 @@ def resumed_training(tmp_path_factory):
     return project, first_out + first_err, res, events_of(Path(st["dir"]))
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 CHATTER = ("Setting accelerator to CPU", "FutureWarning", "missing keys", "lm_head.weight")
 
 
@@ -240,7 +247,10 @@ def test_library_chatter_stays_in_the_debug_log(resumed_training):
         assert text not in first, (text, first[-3000:])
         assert text not in resumed.stdout + resumed.stderr, (text, resumed.stdout[-3000:])
     debug = "\n".join(e["message"] for e in events if e["type"] == "log" and e.get("level") == "debug")
-    for text in CHATTER:
+    expected = list(CHATTER)
+    if importlib.util.find_spec("deepspeed") is None or _cuda():
+        expected.remove("Setting accelerator to CPU")  # DeepSpeed says it only where it is installed, on a CPU
+    for text in expected:
         assert text in debug, (text, debug)
     assert "missing keys" not in project.run("logs").stdout
     assert "missing keys" in project.run("logs", "--debug").stdout
