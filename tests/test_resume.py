@@ -179,12 +179,11 @@ def test_run_from_stopped_and_resumed_detached_as_the_tui_does(project, site):
     {"type": "progress", "stage": "sft", "done": 7, "action": "stop"},  # stopped at the last step
 ], ids=["killed-after-last-checkpoint", "stopped-at-last-step"])
 def test_resume_from_the_final_checkpoint_trains_nothing_more(project, site, rule):
+    """Interrupted after its last checkpoint (checkpoint-8 of 8), sft resumes to write its outputs only:
+    no step 9, no checkpoint-9, the weights of an uninterrupted run."""
     write_data(project.root)
     project.write(PIPELINE.replace("max_steps = 10", "max_steps = 8"))
-    assert cli(project, site, "run").returncode == 0
-    reference = run_dirs(project)[-1]
-
-    interrupted = cli(project, site, "run", "--stage", "sft", "--force", rules=[rule])
+    interrupted = cli(project, site, "run", rules=[rule])
     assert interrupted.returncode in (-9, 130), interrupted.stdout[-2000:] + interrupted.stderr[-2000:]
     run_dir = run_dirs(project)[-1]
     checkpoints = run_dir / "stages/sft/work/checkpoints"
@@ -194,13 +193,16 @@ def test_resume_from_the_final_checkpoint_trains_nothing_more(project, site, rul
     resumed = cli(project, site, "run", "--resume")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     events = last_attempt(run_dir)
-    assert any(e["type"] == "log" and "step 8 of 8 already trained" in e.get("message", "") for e in events)
-    assert steps_of(events, "sft") == []
+    assert steps_of(events, "sft") == []  # no step 9 of 8
     assert not [e for e in events if e["type"] in ("progress", "checkpoint") and e.get("stage") == "sft"]
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert any(e["type"] == "log" and "step 8 of 8 already trained" in e.get("message", "") for e in events)
     m = manifest(run_dir)
     assert m["stages"]["sft"]["status"] == "done" and m["stages"]["sft"]["info"]["steps"] == 8
-    assert_same_weights(sft_model(run_dir), sft_model(reference))
+
+    reference = cli(project, site, "run", "--stage", "sft", "--force")  # the same stage, uninterrupted
+    assert reference.returncode == 0
+    assert_same_weights(sft_model(run_dir), sft_model(run_dirs(project)[-1]))
 
 
 def test_sigterm_while_the_artifacts_are_written_finishes_publishing(project, site):
