@@ -284,3 +284,29 @@ def test_logs_follow_reads_a_live_run_to_its_end(project):
     raw = project.run("logs", run_id, "--raw")
     types = [json.loads(line)["type"] for line in raw.stdout.splitlines()]
     assert types[0] == "run_start" and types[-1] == "run_end"
+
+
+def test_resume_keeps_the_selection_a_forced_run_was_started_with(project):
+    """`run --stage count --force`, stopped, then `run --resume`: the forced stage continues from what it
+    saved, with the recorded selection; it is not taken from the cache of the first run."""
+    project.write(COUNTER.replace("{n}", "100"))
+    assert project.run("run", timeout=60).returncode == 0
+    res = project.run("run", "--stage", "count", "--force", "--detach")
+    assert res.returncode == 0, res.stderr
+    run_id = res.stdout.strip().splitlines()[-1]
+    run_dir = project.runs / run_id
+    work = run_dir / "stages" / "count" / "work"
+    wait_for(lambda: (work / "count").exists() and int((work / "count").read_text() or 0) >= 3, what="progress")
+    assert project.run("stop", run_id, timeout=60).returncode == 0
+    saved = int((work / "count").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["selection"] == {"stages": ["count"], "from": None, "force": True}
+
+    resumed = project.run("run", "--resume", timeout=60)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "count cached" not in resumed.stdout
+    assert f"resume=1 start={saved}" in resumed.stdout
+    st = status(project, run_id)
+    assert st["stages"]["count"]["status"] == "done"
+    assert st["stages"]["bundle"]["status"] == "skipped"  # not selected by --stage count
+    assert Path(st["stages"]["count"]["artifacts"]["files"]["path"]).is_relative_to(run_dir)
