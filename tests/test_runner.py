@@ -299,13 +299,13 @@ def test_resume_keeps_the_selection_a_forced_run_was_started_with(project):
     wait_for(lambda: (work / "count").exists() and int((work / "count").read_text() or 0) >= 3, what="progress")
     assert project.run("stop", run_id, timeout=60).returncode == 0
     saved = int((work / "count").read_text())
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["selection"] == {"stages": ["count"], "from": None, "force": True}
 
     resumed = project.run("run", "--resume", timeout=60)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "count cached" not in resumed.stdout
     assert f"resume=1 start={saved}" in resumed.stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["selection"] == {"stages": ["count"], "from": None, "force": True}
     st = status(project, run_id)
     assert st["stages"]["count"]["status"] == "done"
     assert st["stages"]["bundle"]["status"] == "skipped"  # not selected by --stage count
