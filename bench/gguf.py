@@ -5,10 +5,12 @@ Usage: python bench/gguf.py [--dir /tmp/llmforge-bench-gguf] [--scale 1.0] [--ru
                             [--llama-cpp-src PATH] [--write docs/benchmarks.md]
 
 * llmforge: `llmforge gguf export MODEL OUT --outtype f16` (the command, start-up included);
-* llama.cpp: `convert_hf_to_gguf.py MODEL --outfile OUT --outtype f16` from llama.cpp's source
-  (--llama-cpp-src, else $LLMFORGE_LLAMA_CPP_SRC; the row is skipped without it). The converter names a
-  BPE pre-tokenizer by hashing token ids, which no generated tokenizer matches, so it runs through a
-  small wrapper that gives it the name llmforge chose (`gpt-2`); everything else is its own code;
+* llama.cpp: `convert_hf_to_gguf.py MODEL --outfile OUT --outtype f16`, unmodified, with its own gguf-py, from
+  --llama-cpp-src, else $LLMFORGE_LLAMA_CPP_SRC, else the source distribution of the installed llama-cpp-python
+  (downloaded once with pip; the row is skipped when that fails). The converter names a BPE pre-tokenizer by
+  hashing token ids, which only a real vocabulary matches, so the model carries GPT-2's real tokenizer, rebuilt
+  from the vocabulary-only GGUF llama.cpp ships (`models/ggml-vocab-gpt-2.gguf`); the model's vocabulary is
+  at least its 50,257 tokens (without the converter, a small trained tokenizer is used);
 * quantize: `quantize_gguf(F16, Q4_K_M)` from llmforge_plugins.gguf.quantize, when that module exists.
 
 Each runs in a child process of a small launcher that reports its wall time and peak RSS (`ru_maxrss`),
@@ -45,21 +47,11 @@ def _sibling(name: str):
     return module
 
 
-measure = _sibling("merge").measure  # the same launcher and ru_maxrss measurement as the merge bench
+measure = _sibling("measure").measure  # the launcher and ru_maxrss measurement every bench shares
 
 MB = 1e6
 BASE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=5,
             num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False)
-
-CONVERTER_WRAPPER = r"""
-import runpy, sys
-src, pre = sys.argv[1], sys.argv[2]
-sys.path[:0] = [src, src + "/gguf-py"]
-import conversion.base as base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
-sys.argv = [src + "/convert_hf_to_gguf.py", *sys.argv[3:]]
-runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
-"""
 
 QUANTIZE = r"""
 import sys
@@ -77,10 +69,13 @@ def shape(scale: float) -> dict:
             "vocab_size": width(32000, 64, 2048)}
 
 
-def generate(root: Path, scale: float) -> dict:
-    """A float32 Llama with a GPT-2-split byte-level BPE tokenizer, written once and reused."""
+def generate(root: Path, scale: float, src: Path | None) -> dict:
+    """A float32 Llama with GPT-2's tokenizer (from llama.cpp's source `src`; else a small trained GPT-2-split
+    byte-level BPE), written once and reused."""
+    tokenizer = "gpt-2" if src is not None else "trained"
     marker = root / "generated.json"
-    if marker.exists() and json.loads(marker.read_text()).get("scale") == scale:
+    if marker.exists() and json.loads(marker.read_text()).get("scale") == scale \
+            and json.loads(marker.read_text()).get("tokenizer") == tokenizer:
         return json.loads(marker.read_text())
     import torch
     from safetensors.torch import save_file
@@ -90,6 +85,14 @@ def generate(root: Path, scale: float) -> dict:
     model = root / "model"
     model.mkdir(parents=True)
     dims = shape(scale)
+    if src is not None:
+        from llmforge_plugins.gguf.converter import vocab_tokenizer
+
+        tok, _ = vocab_tokenizer(src, "gpt-2", root / "tokenizer")
+        tok.save_pretrained(str(model))
+        dims["vocab_size"] = max(dims["vocab_size"], -(-len(tok) // 64) * 64)
+    else:
+        _tokenizer(model)
     cfg = LlamaConfig(**dims, bos_token_id=1, eos_token_id=0, pad_token_id=2)
     cfg.architectures = ["LlamaForCausalLM"]
     with torch.device("meta"):
@@ -99,8 +102,7 @@ def generate(root: Path, scale: float) -> dict:
                for n, s in shapes.items()}
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
     cfg.save_pretrained(str(model))
-    _tokenizer(model)
-    info = {"scale": scale, "shape": dims, "params": sum(t.numel() for t in tensors.values()),
+    info = {"scale": scale, "tokenizer": tokenizer, "shape": dims, "params": sum(t.numel() for t in tensors.values()),
             "largest_tensor_bytes": max(t.numel() for t in tensors.values()) * 4,
             "model_bytes": (model / "model.safetensors").stat().st_size}
     marker.write_text(json.dumps(info))
@@ -127,7 +129,14 @@ def _tokenizer(path: Path) -> None:
 def find_converter(explicit: str | None) -> Path | None:
     src = explicit or os.environ.get("LLMFORGE_LLAMA_CPP_SRC")
     if not src:
-        return None
+        from llmforge.errors import UsageError
+        from llmforge_plugins.gguf.converter import llama_cpp_source
+
+        try:
+            return llama_cpp_source()
+        except UsageError as exc:
+            print(f"llama.cpp's converter: {exc.message}; its row is skipped", flush=True)
+            return None
     src = Path(src).expanduser()
     if not (src / "convert_hf_to_gguf.py").is_file():
         raise SystemExit(f"{src}: no convert_hf_to_gguf.py there")
@@ -144,20 +153,29 @@ def identical(a: Path, b: Path) -> bool:
         ta[n].tensor_type == tb[n].tensor_type and bytes(ta[n].data) == bytes(tb[n].data) for n in ta)
 
 
+def _cpu() -> str:
+    """The CPU model and the flags that change how fast these paths run (the machines differ: AMD without native
+    bf16, Intel with AMX)."""
+    from llmforge import hardware
+
+    flags = hardware.cpu_flags()
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{hardware.cpu_model()} ({', '.join(shown) or 'no AVX2'})"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", type=Path, default=Path("/tmp/llmforge-bench-gguf"))
     ap.add_argument("--scale", type=float, default=1.0, help="width factor of the generated model (1.0: ~0.5 GB)")
     ap.add_argument("--runs", type=int, default=1, help="runs of each, interleaved; the median is reported")
-    ap.add_argument("--llama-cpp-src", help="llama.cpp source folder (default: $LLMFORGE_LLAMA_CPP_SRC)")
+    ap.add_argument("--llama-cpp-src", help="llama.cpp source folder (default: $LLMFORGE_LLAMA_CPP_SRC, else "
+                                            "llama-cpp-python's source distribution, downloaded once)")
     ap.add_argument("--write", type=Path, help="update this markdown file's gguf section")
     args = ap.parse_args()
     root = args.dir.resolve()
-    info = generate(root, args.scale)
-    model = root / "model"
     src = find_converter(args.llama_cpp_src)
-    wrapper = root / "convert.py"
-    wrapper.write_text(CONVERTER_WRAPPER)
+    info = generate(root, args.scale, src)
+    model = root / "model"
     llmforge = shutil.which("llmforge", path=str(Path(sys.executable).parent))
     llmforge_cmd = [llmforge] if llmforge else [sys.executable, "-m", "llmforge"]
     ours, theirs, q4 = root / "llmforge-f16.gguf", root / "llama-cpp-f16.gguf", root / "llmforge-q4_k_m.gguf"
@@ -171,8 +189,10 @@ def main() -> int:
             elif name == "llama.cpp":
                 if src is None:
                     continue
-                cmd = [sys.executable, str(wrapper), str(src), "gpt-2", str(model), "--outfile", str(theirs),
-                       "--outtype", "f16"]
+                from llmforge_plugins.gguf.converter import converter_command
+
+                cmd, env = converter_command(src, model, theirs, "f16")
+                cmd = ["env", f"PYTHONPATH={env['PYTHONPATH']}", *cmd]  # the launcher passes its own environment on
             else:
                 if not has_quantize:
                     continue
@@ -189,7 +209,7 @@ def main() -> int:
     lf_wall, lf_rss = med("llmforge", 0), med("llmforge", 1)
     dims = info["shape"]
     lines = [
-        f"- date: {time.strftime('%Y-%m-%d')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"- date: {time.strftime('%Y-%m-%d')}, machine: {platform.machine()}, {_cpu()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, {args.runs} run(s) each, interleaved (median)",
         f"- input: Llama {dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}, vocab "
         f"{dims['vocab_size']}, {info['params'] / 1e6:.1f} M parameters, {info['model_bytes'] / 2**20:.0f} MiB in "
