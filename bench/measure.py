@@ -33,3 +33,60 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     if result["code"] != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({result['code']}):\n{head[-3000:]}")
     return result["wall"], result["maxrss"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Which machine a figure comes from. The same kind of machine has been an AMD EPYC without native bf16
+# and an Intel Xeon with AVX512-BF16 and AMX: what `precision = "auto"` picks, and how fast bf16 and
+# llama.cpp's kernels are, depend on it, so every section records it.
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """The CPU model, core count and the flags that decide training and llama.cpp speed (Linux
+    /proc/cpuinfo; elsewhere the model from `platform` and no flags)."""
+    import os
+    import platform
+    from pathlib import Path
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags],
+            "python": platform.python_version()}
+
+
+def machine_line() -> str:
+    """One line for a benchmark section: date, CPU model, cores, the relevant flags, Python."""
+    import time
+
+    c = cpu_info()
+    flags = " ".join(c["flags"]) or "none of " + " ".join(CPU_FLAGS)
+    return (f"date: {time.strftime('%Y-%m-%d')}, CPU: {c['model']}, {c['cores']} cores, flags: {flags}, "
+            f"Python {c['python']}")
+
+
+def load_line() -> str:
+    """The load average while a benchmark ran: figures from a machine shared with other jobs are not final."""
+    import os
+
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "load average: unknown"
+    cores = os.cpu_count() or 1
+    return (f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {cores} cores"
+            + (": the machine was shared, figures are not final" if five > cores * 0.75 else ""))
+
+
+if __name__ == "__main__":
+    print(machine_line())
+    print(load_line())
