@@ -70,19 +70,17 @@ def sft_model(run_dir: Path) -> Path:
 
 
 def test_forced_stage_stopped_then_resumed_continues_from_its_checkpoint(project, site):
-    """`run --stage sft --force`, stopped at step 5, then `run --resume`: the forced stage re-trains from
+    """`run --stage sft --force`, Ctrl-C at step 5, then `run --resume`: the forced stage re-trains from
     checkpoint-5 (not "cached" from the first run) and ends with the weights of an uninterrupted forced run."""
     write_data(project.root)
     project.write(PIPELINE)
     assert cli(project, site, "run").returncode == 0
 
     stopped = cli(project, site, "run", "--stage", "sft", "--force",
-                  rules=[{"type": "progress", "stage": "sft", "done": 4, "action": "stop"}])
+                  rules=[{"type": "progress", "stage": "sft", "done": 4, "action": "sigint"}])  # Ctrl-C
     assert stopped.returncode == 130, stopped.stdout[-2000:] + stopped.stderr[-2000:]
     forced_dir = run_dirs(project)[-1]
-    m = manifest(forced_dir)
-    assert m["selection"] == {"stages": ["sft"], "from": None, "force": True}
-    assert m["stages"]["sft"]["status"] == "stopped"
+    assert manifest(forced_dir)["stages"]["sft"]["status"] == "stopped"
     assert (forced_dir / "stages/sft/work/checkpoints/checkpoint-5/llmforge-complete").exists()
 
     resumed = cli(project, site, "run", "--resume")
@@ -95,6 +93,7 @@ def test_forced_stage_stopped_then_resumed_continues_from_its_checkpoint(project
     assert any(e["type"] == "log" and e.get("message") == "resuming from checkpoint-5" for e in events)
     assert steps_of(events, "sft") == [6, 7, 8, 9, 10]
     m = manifest(forced_dir)
+    assert m["selection"] == {"stages": ["sft"], "from": None, "force": True}
     assert m["status"] == "done" and m["stages"]["sft"]["status"] == "done"
     assert m["stages"]["pretrain"]["status"] == "cached"
     assert sft_model(forced_dir).is_relative_to(forced_dir)
@@ -120,7 +119,7 @@ def test_template_edit_forced_rerun_stopped_and_resumed_keeps_the_new_template(p
 
     source.write_text(body.replace("VERSION", "version two"))
     assert cli(project, site, "run", "--stage", "sft", "--force",
-               rules=[{"type": "progress", "stage": "sft", "done": 4, "action": "stop"}]).returncode == 130
+               rules=[{"type": "progress", "stage": "sft", "done": 4, "action": "sigint"}]).returncode == 130
     forced_dir = run_dirs(project)[-1]
     resumed = cli(project, site, "run", "--resume")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
@@ -137,8 +136,8 @@ def test_run_from_stopped_and_resumed_detached_as_the_tui_does(project, site):
     from llmforge.tui.launch import Launch, request_stop, start_detached
 
     write_data(project.root)
-    project.write(PRETRAIN.format(steps=8) + SFT.format(steps=300).replace("log_every = 2", "log_every = 1"))
-    assert cli(project, site, "run", "--set", "sft.max_steps=2").returncode == 0  # a finished run first
+    project.write(PRETRAIN.format(steps=8) + SFT.format(steps=150).replace("log_every = 2", "log_every = 1"))
+    assert cli(project, site, "run").returncode == 0  # a finished run, whose sft a resume must not reuse
 
     def wait(pred, what, timeout=240.0):
         deadline = time.time() + timeout
@@ -161,7 +160,6 @@ def test_run_from_stopped_and_resumed_detached_as_the_tui_does(project, site):
     wait(lambda: ended(run_dir), "the run to stop")
     m = manifest(run_dir)
     assert m["status"] == "stopped" and m["stages"]["sft"]["status"] == "stopped", m["stages"]
-    assert m["selection"] == {"stages": [], "from": "sft", "force": False}
     saved = [e["step"] for e in last_attempt(run_dir) if e["type"] == "checkpoint"][-1]
 
     again = start_detached(Launch(cfg, resume=True))
@@ -171,7 +169,8 @@ def test_run_from_stopped_and_resumed_detached_as_the_tui_does(project, site):
     assert manifest(run_dir)["status"] == "done", (run_dir / "process.log").read_text()[-2000:]
     assert not [e for e in events if e["type"] == "stage_cached" and e["stage"] == "sft"]
     assert any(e["type"] == "log" and e.get("message") == f"resuming from checkpoint-{saved}" for e in events)
-    assert steps_of(events, "sft")[0] == saved + 1 and steps_of(events, "sft")[-1] == 300
+    assert steps_of(events, "sft")[0] == saved + 1 and steps_of(events, "sft")[-1] == 150
+    assert manifest(run_dir)["selection"] == {"stages": [], "from": "sft", "force": False}
 
 
 @pytest.mark.parametrize("rule", [
