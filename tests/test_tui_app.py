@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli, until
+from rich.text import Text
 from training_data import PRETRAIN, write_data
 
 from llmforge.runs import STOP_REQUEST, RunStore, lock_is_live, read_lock, request
@@ -66,6 +67,11 @@ def chart_points(app, metric: str) -> tuple[list, list]:
     from llmforge.tui.widgets.charts import MetricChart
 
     return app.screen.query_one(f"#chart-{metric}", MetricChart).data
+
+
+def stages_text(monitor) -> str:
+    """The Monitor's stages line as it reads on the screen."""
+    return Text.from_markup(str(monitor.query_one("#mon-stages").content)).plain
 
 
 def log_text(app) -> str:
@@ -206,10 +212,19 @@ def test_stop_then_resume_then_run_from_a_selected_stage(tui_project):
             first = mon.model.run_id
             await until(pilot, lambda: "tick 5" in log_text(app), 30, "ticks")
             await pilot.press("s")
+            # what a stop does, said truly: a shell stage saves no checkpoint (it runs again on resume)
+            notice = await until(pilot, lambda: next((n.message for n in app._notifications
+                                                      if n.message.startswith("stop requested")), None), 5, "notice")
+            assert notice == (f"stop requested for run {first}: stage count stops at its next safe point "
+                              "(training stages save a checkpoint first)")
             await until(pilot, lambda: mon.model.ended, 60, "the stop")
             assert (mon.model.status, mon.model.exit_code) == ("stopped", 130)
+            # a stop is marked as the CLI marks it (■), apart from a failure (✗)
+            await until(pilot, lambda: "count ■ stopped" in stages_text(mon), 5, "the stages line")
+            assert "■ stopped  exit 130" in Text.from_markup(mon._texts["mon-title"]).plain
+            assert any(x.endswith("[count] ■ stopped") for x in mon.model.logs)
             await pilot.press("1")
-            await until(pilot, lambda: "stopped" in cell(app, "count"), 10, "the stopped stage")
+            await until(pilot, lambda: "■ stopped" in cell(app, "count"), 10, "the stopped stage")
             # resume: the same run goes on, and the monitor follows it on
             await pilot.press("e")
             await until(pilot, lambda: app.area == "monitor" and app.state.selected_run == first, 60, "resume")

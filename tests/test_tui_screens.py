@@ -72,6 +72,9 @@ class CurveOptions(StageOptions):
     steps: int = Field(10, ge=1)
     start: float = Field(2.0)
     delay: float = Field(0.0, ge=0, description="Seconds per step: a run that is seen running.")
+    chatter: str = Field("", description="A line logged through transformers' logger first, as the library "
+                                         "does while a training stage loads a model: the runner makes it a "
+                                         "debug event (llmforge/chatter.py).")
 
 
 class CurveStage(Stage):
@@ -83,6 +86,11 @@ class CurveStage(Stage):
     produces = ("files",)
 
     def run(self, o: CurveOptions, ctx) -> None:
+        if o.chatter:
+            import logging
+
+            logging.getLogger("transformers").warning(o.chatter)
+        ctx.log("curve: starting")
         for step in range(1, o.steps + 1):
             ctx.metric(step, loss=o.start / step, learning_rate=1e-3)
             if step % 5 == 0:
@@ -99,7 +107,7 @@ class CurvePlugin:
         register(CurveStage)
 
 
-def curve_run(root: Path, steps: int, start: float, delay: float = 0.0):
+def curve_run(root: Path, steps: int, start: float, delay: float = 0.0, chatter: str = ""):
     from llmforge.pipeline import load_pipeline
     from llmforge.plugins import load_registry
     from llmforge.runner import RunRequest, run_pipeline
@@ -119,6 +127,7 @@ uses = "curve"
 steps = {steps}
 start = {start}
 delay = {delay}
+chatter = {chatter!r}
 """)
     registry = load_registry(env="", extra=[("tui-test", CurvePlugin())])
     result = run_pipeline(load_pipeline(root / "forge.toml", registry=registry), RunRequest(), registry=registry)
@@ -148,7 +157,9 @@ def test_runs_screen_lists_runs_overlays_two_and_opens_one_in_the_monitor(projec
             assert short.losses == "train 0.2 (eval 0.7)"
             assert long.losses == f"train {2 / 1500:.4g} (eval {2 / 1500 + 0.5:.4g})"
             table = screen.query_one("#runs-table")
-            assert plain(table.get_row(newest.id)[3]).strip() == "failed"
+            # marked as the CLI marks it: a failure is ✗, a stop ■ (test_tui_app), a finished run ✓
+            assert plain(table.get_row(newest.id)[3]).strip() == "✗ failed"
+            assert plain(table.get_row(short.id)[3]).strip() == "✓ done"
 
             # The highlighted run is charted; a run without metrics says so.
             chart = screen.query_one(LossChart)
@@ -217,6 +228,98 @@ def test_runs_screen_follows_new_and_running_runs(project):
             assert screen.rows[0].losses == "train 0.15 (eval 0.65)"
             assert plain(table.get_row(screen.rows[0].id)[COLUMNS.index("losses")]).strip() == "train 0.15 (eval 0.65)"
             assert table.cursor_row == 1 and screen.highlighted == first.id
+            assert not app.unexpected_errors
+
+    asyncio.run(scenario())
+
+
+def test_a_damaged_run_is_listed_named_and_cannot_be_opened_by_mistake(project):
+    """A run folder whose manifest.json cannot be read is a row marked damaged, naming the file (as `llmforge
+    runs list` does), not a run that silently vanished; enter on it says why it cannot be followed, and the
+    app goes on."""
+    import json
+
+    whole = curve_run(project.root, steps=5, start=1.0)
+    broken = curve_run(project.root, steps=5, start=2.0)
+    manifest = project.runs / broken.run_id / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40], encoding="utf-8")  # torn: a disk that lost its end
+    listed = project.run("runs", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    cli_rows = json.loads(listed.stdout)
+    app = make_app(project.runs, "runs")
+
+    async def scenario():
+        from llmforge.tui.screens.runs import RunsScreen
+
+        async with app.run_test(size=(120, 30)) as pilot:
+            screen = await shown(pilot, app, RunsScreen)
+            await until(pilot, lambda: len(screen.rows) == 2, what="both runs, the damaged one too")
+            assert [r.id for r in screen.rows] == [r["id"] for r in cli_rows]  # the CLI's order
+            row = next(r for r in screen.rows if r.id == broken.run_id)
+            table = screen.query_one("#runs-table")
+            cells = [plain(c).strip() for c in table.get_row(row.id)]
+            assert cells[COLUMNS.index("status")] == "✗ damaged"
+            assert row.damaged.startswith(f"{manifest}: cannot be read")
+            assert cells[COLUMNS.index("losses")] == row.damaged  # the file named, as `llmforge runs list` names it
+            assert [r.get("damaged") for r in cli_rows if r["id"] == row.id] == [row.damaged]
+            # highlighted: the hint names the file; enter says why it is not opened, and stays here
+            table.move_cursor(row=[r.id for r in screen.rows].index(row.id))
+            hint = screen.query_one("#runs-hint")
+            await until(pilot, lambda: "is damaged" in plain(hint.content), what="the damage in the hint")
+            assert str(manifest) in plain(hint.content)
+            chart = screen.query_one("#runs-chart")  # the curves come from events.jsonl, which is whole
+            await until(pilot, lambda: chart.series and row.id in chart.chart_title, what="the damaged run's curves")
+            await pilot.press("enter")
+            await until(pilot, lambda: app.shown_errors, what="the refusal")
+            assert f"run {row.id} is damaged: {manifest}: cannot be read" in app.shown_errors[-1]
+            assert app.area == "runs" and app.state.selected_run is None
+            # the whole run still opens
+            table.move_cursor(row=[r.id for r in screen.rows].index(whole.run_id))
+            await pilot.press("enter")
+            await until(pilot, lambda: app.area == "monitor", what="the monitor")
+            await until(pilot, lambda: app.screen.model and app.screen.model.ended, what="the whole run followed")
+            assert app.screen.model.run_id == whole.run_id
+            assert not app.unexpected_errors
+
+    asyncio.run(scenario())
+
+
+def test_monitor_hides_library_chatter_until_asked(project):
+    """Library chatter (here transformers' logger, diverted by the runner into a `debug` log event) is in the
+    run's events but not in the Monitor's log; `d` shows it and hides it again, and the log's title says
+    how many lines are hidden."""
+    import json
+
+    from textual.widgets import Footer, Log
+
+    chatter = "`torch_dtype` is deprecated! Use `dtype` instead!"
+    run = curve_run(project.root, steps=5, start=1.0, chatter=chatter)
+    events = [json.loads(x) for x in (project.runs / run.run_id / "events.jsonl").read_text().splitlines()]
+    assert [e["level"] for e in events if e["type"] == "log" and chatter in e.get("message", "")] == ["debug"]
+    app = make_app(project.runs, "monitor")
+
+    async def scenario():
+        async with app.run_test(size=(110, 34)) as pilot:
+            mon = await until(pilot, lambda: app.area == "monitor" and app.screen.model and app.screen,
+                              what="the monitor")
+            log = mon.query_one("#mon-log", Log)
+            await until(pilot, lambda: any("run done" in x for x in log.lines), what="the whole log")
+            assert any("[train] curve: starting" in x for x in log.lines)  # info lines are shown
+            assert not any(chatter in x for x in log.lines)
+            assert log.border_title == "log (1 debug line hidden: d shows them)"
+            assert "Debug" in {k.description for k in mon.query_one(Footer).children}
+
+            await pilot.press("d")
+            shown_lines = list(log.lines)
+            assert [x.split(" ", 1)[1] for x in shown_lines if chatter in x] == \
+                [f"[train] debug: transformers: {chatter}"]
+            # in its place among the others, before the stage's own first line
+            assert [i for i, x in enumerate(shown_lines) if chatter in x][0] < \
+                [i for i, x in enumerate(shown_lines) if "curve: starting" in x][0]
+            assert log.border_title == "log, with 1 debug line (d hides them)"
+
+            await pilot.press("d")
+            assert not any(chatter in x for x in log.lines) and any("run done" in x for x in log.lines)
             assert not app.unexpected_errors
 
     asyncio.run(scenario())

@@ -445,11 +445,13 @@ async def _settle(pilot) -> None:
 async def ready_project(pilot) -> None:
     from textual.widgets import DataTable
 
+    from llmforge.tui.widgets.text import styled
+
     s = pilot.app.screen
     await until(pilot, lambda: s.view is not None and s.run_info is not None and s.run_info.id == DONE,
                 what="the pipeline and the latest run")
     await until(pilot, lambda: "RAM" in _text(s.query_one("#proj-hw-text")), what="the hardware panel")
-    await until(pilot, lambda: all(s._cells.get((n, "status")) == "[green]done[/]" for n in STAGES),
+    await until(pilot, lambda: all(s._cells.get((n, "status")) == styled("done") for n in STAGES),
                 what="every stage done")
     table = s.query_one(DataTable)
     # The screen updates the status and time cells without `update_width`, so those columns keep the width

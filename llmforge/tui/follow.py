@@ -6,7 +6,8 @@
 * `Series` keeps a metric's history for a chart in bounded memory: past `2 * cap` points it averages
   neighbouring pairs and doubles its stride, so 100k points cost as much to draw as 2k.
 * `RunModel` is what the Monitor shows: stages and their status, the current stage, progress and
-  ETA, the log tail and the metric series. `apply(events)` updates it; `version` changes whenever
+  ETA, the log tail (each line flagged when it is `debug`: library chatter, hidden unless asked for)
+  and the metric series. `apply(events)` updates it; `version` changes whenever
   something did, so the UI redraws only then.
 * `follow(run_dir, model, lock, cancelled)` is the worker's loop that feeds a model.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from llmforge.runs import EVENTS, MANIFEST
+from llmforge.tui.widgets.text import marked
 
 # The charts the Monitor draws: metric name -> title. Other metrics are kept too (`RunModel.series`).
 CHARTS = {"loss": "loss", "eval_loss": "eval loss", "learning_rate": "learning rate", "grad_norm": "grad norm",
@@ -142,6 +144,10 @@ class RunModel:
     progress: Progress = field(default_factory=Progress)
     logs: deque = field(default_factory=lambda: deque(maxlen=500))
     log_count: int = 0  # lines ever appended to `logs` (it keeps only the last 500)
+    # One flag per line of `logs`: a `debug` log event (library chatter, see llmforge/chatter.py). The
+    # Monitor hides those lines unless asked, as `llmforge logs` does without --debug.
+    log_debug: deque = field(default_factory=lambda: deque(maxlen=500))
+    debug_count: int = 0  # debug lines ever appended
     series: dict[tuple[str, str], Series] = field(default_factory=dict)  # (stage, metric) -> history
     metric_stage: str | None = None  # the stage whose metrics the charts show (the latest to report)
     checkpoints: list[dict] = field(default_factory=list)
@@ -218,7 +224,7 @@ class RunModel:
             level = e.get("level", "info")
             prefix = f"[{stage}] " if stage else ""
             tag = "" if level == "info" else f"{level}: "
-            self._log(e, f"{prefix}{tag}{e.get('message', '')}")
+            self._log(e, f"{prefix}{tag}{e.get('message', '')}", debug=level == "debug")
         elif t == "stage_start":
             st = self._stage(stage)
             st.status, st.uses, st.started = "running", e.get("uses", st.uses), e.get("time")
@@ -231,7 +237,7 @@ class RunModel:
         elif t == "stage_end":
             st = self._stage(stage)
             st.status, st.duration, st.error = e.get("status", "?"), e.get("duration"), e.get("error")
-            msg = f"[{stage}] {st.status}"
+            msg = f"[{stage}] {marked(st.status)}"  # "[sft] ■ stopped": a stop is not a failure
             if st.error:
                 msg += f": {st.error}"
             self._log(e, msg)
@@ -267,10 +273,12 @@ class RunModel:
             self.stages[name] = StageState(name)
         return self.stages[name]
 
-    def _log(self, e: dict, text: str) -> None:
+    def _log(self, e: dict, text: str, debug: bool = False) -> None:
         stamp = time.strftime("%H:%M:%S", time.localtime(e.get("time", 0)))
         self.logs.append(f"{stamp} {text}")
+        self.log_debug.append(debug)
         self.log_count += 1
+        self.debug_count += debug
 
     def apply_manifest(self, manifest: dict, status: str) -> None:
         """Facts only the manifest has: a run whose writer died (`killed`), stage timings, stage kinds."""

@@ -26,7 +26,8 @@ def _live_run(run_dir: Path):
 
 
 def request_stop(run_dir: Path) -> None:
-    """Ask a running run to stop cleanly (the stage saves a checkpoint, the run ends with exit 130)."""
+    """Ask a running run to stop cleanly: the running stage stops at its next safe point (a training stage
+    saves a checkpoint first; a shell or copy stage just stops and runs again on resume); exit code 130."""
     from llmforge.runs import STOP_REQUEST, request
 
     request(_live_run(Path(run_dir)).dir, STOP_REQUEST)

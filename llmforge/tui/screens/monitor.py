@@ -1,5 +1,9 @@
 """The run monitor: live charts, progress with ETA, stages, log tail; stop and checkpoint-now.
 
+The log tail hides `debug` lines (library chatter: deprecation warnings, transformers' and DeepSpeed's
+routine log lines, see llmforge/chatter.py) as `llmforge logs` does without --debug; `d` shows them, and
+the log's title says how many are hidden.
+
 It follows `state.selected_run` (set by the Runs screen, or by the Project screen after a launch), or
 else the latest run, running or finished. A worker thread tails the run's files into a `RunModel`
 (follow.py); a timer redraws from the model twice a second, and only what changed: text when any
@@ -37,8 +41,9 @@ FIXED_ROWS = 6
 
 
 class MonitorScreen(Screen):
-    """Follows one run: `s` asks it to stop (it checkpoints and ends with exit code 130), `c` asks for a
-    checkpoint now, `l` goes back to following the latest run."""
+    """Follows one run: `s` asks it to stop (the running stage stops at its next safe point, a training
+    stage saving a checkpoint first; the run ends with exit code 130), `c` asks for a checkpoint now, `l`
+    goes back to following the latest run, `d` shows or hides the debug lines of the log."""
 
     DEFAULT_CSS = """
     MonitorScreen { layout: vertical; }
@@ -57,10 +62,13 @@ Follows one run: the run picked in the Runs area, or the latest one. Charts of t
 the progress of the current stage with its ETA, and the log."""
 
     BINDINGS = [
-        Binding("s", "stop", "Stop run", tooltip="stop the run: it saves a checkpoint and ends (exit code 130)"),
+        Binding("s", "stop", "Stop run", tooltip="stop the run at the stage's next safe point (a training stage "
+                                                 "saves a checkpoint first); it ends stopped, exit code 130"),
         Binding("c", "checkpoint", "Checkpoint now", tooltip="ask the running stage to save a checkpoint now"),
         Binding("l", "latest", "Follow latest", tooltip="follow the latest run again"),
         Binding("m", "more_charts", "More charts", tooltip="show the next charts (when they are shown a few at a time)"),
+        Binding("d", "toggle_debug", "Debug", tooltip="show or hide the log's debug lines (library chatter: "
+                                                           "deprecation warnings, library log lines)"),
     ]
 
     def __init__(self, app_state: AppState) -> None:
@@ -73,6 +81,7 @@ the progress of the current stage with its ETA, and the log."""
         self._shown_series = -1
         self._chart_time = 0.0
         self._log_seen = 0  # log lines of the model already written to the Log widget
+        self.show_debug = False  # the log shows `debug` lines (library chatter) too
         self._texts: dict[str, str] = {}  # what each Static shows: update only on change
         self.paged = False  # charts shown a page at a time (a small terminal)
         self.page = 0
@@ -195,6 +204,7 @@ the progress of the current stage with its ETA, and the log."""
             p = m.progress
             done, total, unit, eta = p.done, p.total, p.unit, m.eta()
             new_logs = self._take_logs(m)
+            debug_count = m.debug_count
             points = {}
             if charts_due:
                 self._shown_series = m.series_version
@@ -215,6 +225,7 @@ the progress of the current stage with its ETA, and the log."""
             self._set_text("mon-eta", "")
         if new_logs:
             self.query_one("#mon-log", Log).write_lines(new_logs)
+        self._title_log(debug_count)
         for metric, (xs, ys) in points.items():
             self.query_one(f"#chart-{metric}", MetricChart).set_points(xs, ys)
 
@@ -229,7 +240,39 @@ the progress of the current stage with its ETA, and the log."""
         total = m.log_count
         fresh = min(total - self._log_seen, len(m.logs))
         self._log_seen = total
-        return list(m.logs)[-fresh:] if fresh > 0 else []
+        if fresh <= 0:
+            return []
+        lines = list(zip(m.logs, m.log_debug))[-fresh:]
+        return [text for text, debug in lines if self.show_debug or not debug]
+
+    def _title_log(self, debug_count: int) -> None:
+        log = self.query_one("#mon-log", Log)
+        if not debug_count:
+            title = "log"
+        elif self.show_debug:
+            title = f"log, with {debug_count} debug line{'s' * (debug_count != 1)} (d hides them)"
+        else:
+            title = f"log ({debug_count} debug line{'s' * (debug_count != 1)} hidden: d shows them)"
+        if log.border_title != title:
+            log.border_title = title
+
+    def action_toggle_debug(self) -> None:
+        """Show or hide the debug lines: the log is written again from the lines the model keeps."""
+        self.show_debug = not self.show_debug
+        log = self.query_one("#mon-log", Log)
+        log.clear()
+        m = self.model
+        if m is None:
+            self._title_log(0)
+            return
+        with self._lock:
+            self._log_seen = m.log_count - len(m.logs)
+            lines = self._take_logs(m)
+            debug_count = m.debug_count
+        if lines:
+            log.write_lines(lines)
+        self._title_log(debug_count)
+        self.notify("debug lines shown" if self.show_debug else "debug lines hidden")
 
     def _head_text(self, m: RunModel) -> str:
         parts = [f"run [b]{m.run_id}[/b]", styled(m.status)]
@@ -270,7 +313,12 @@ the progress of the current stage with its ETA, and the log."""
             self.notify("no run to stop")
             return
         request_stop(self.model.run_dir)  # UsageError when it is not running: shown by the app
-        self.notify(f"stop requested for run {self.model.run_id}: it saves a checkpoint and ends")
+        # What a stop does depends on the stage (as `llmforge stop` says): a training stage saves a
+        # checkpoint first, a shell or copy stage just stops and runs again on resume.
+        stage = self.model.current_stage
+        who = f"stage {stage}" if stage else "the running stage"
+        self.notify(f"stop requested for run {self.model.run_id}: {who} stops at its next safe point "
+                    "(training stages save a checkpoint first)", markup=False)
 
     def action_checkpoint(self) -> None:
         from llmforge.tui.launch import request_checkpoint

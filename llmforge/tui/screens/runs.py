@@ -27,12 +27,9 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from llmforge.tui.screens import read_runs_dir
+from llmforge.tui.widgets.text import STATUS_STYLE, marked
 from llmforge.formatting import fmt_duration
 
-STATUS_STYLE = {
-    "done": "green", "cached": "cyan", "running": "yellow", "failed": "red", "stopped": "magenta",
-    "killed": "red", "blocked": "dim", "skipped": "dim", "pending": "dim",
-}
 # The metrics the chart overlays: what every training stage logs (see docs/training.md).
 CURVE_METRICS = ("loss", "eval_loss")
 MAX_POINTS = 400  # per curve: a terminal chart has no more columns than that, however long the run
@@ -45,7 +42,7 @@ COMPARE = 2
 
 
 def styled_status(status: str) -> Text:
-    return Text(status, style=STATUS_STYLE.get(status, ""))
+    return Text(marked(status), style=STATUS_STYLE.get(status, ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,13 +55,16 @@ class RunRow:
     started: str
     status: str
     stages: str  # "3 done, 1 cached"
-    losses: str  # "sft 1.234 (eval 1.301)"
+    losses: str  # "sft 1.234 (eval 1.301)"; for a damaged run, what is wrong with its manifest
     duration: str
     dir: Path
+    damaged: str | None = None  # "<path>/manifest.json: cannot be read (...)", as `llmforge runs list` says
 
     def cells(self, marked: bool) -> tuple:
+        losses = Text(self.losses, style="red") if self.damaged else self.losses
         return ("●" if marked else " ", self.id, self.started, styled_status(self.status), self.duration,
-                self.stages, self.losses)
+                self.stages, losses)
+
 
 
 def final_losses(manifest: dict) -> str:
@@ -83,7 +83,12 @@ def final_losses(manifest: dict) -> str:
 
 
 def run_row(run) -> RunRow:
-    """One table row of a `llmforge.runs.RunInfo` (the columns of `llmforge runs list`, plus losses)."""
+    """One table row of a `llmforge.runs.RunInfo` (the columns of `llmforge runs list`, plus losses).
+    A damaged run (its manifest unreadable) is a row too, naming the file in the last column, as
+    `llmforge runs list` names it: a run that vanished from the list would look deleted."""
+    if run.damaged:
+        return RunRow(id=run.id, started="-", status="damaged", stages="-", losses=run.damaged, duration="-",
+                      dir=run.dir, damaged=run.damaged)
     m = run.manifest
     counts: dict[str, int] = {}
     for name in m.get("stages", {}):
@@ -110,15 +115,24 @@ def run_row(run) -> RunRow:
 
 def newest_first(runs: list) -> list:
     """Runs newest first, by their start time (then id), as `llmforge runs list` lists them; said here
-    rather than assumed from the store's order."""
-    return sorted(runs, key=lambda r: (r.manifest.get("created") or 0, r.id), reverse=True)
+    rather than assumed from the store's order. A damaged run has no start time: its folder's time
+    stands in, as in the store's own order."""
+    def started(r) -> float:
+        if getattr(r, "damaged", None):
+            try:
+                return r.dir.stat().st_mtime
+            except OSError:
+                return 0.0
+        return r.manifest.get("created") or 0
+
+    return sorted(runs, key=lambda r: (started(r), r.id), reverse=True)
 
 
 def load_rows(runs_dir: Path) -> list[RunRow]:
-    """The runs of a folder, newest first (the latest run is the one you look for)."""
+    """The runs of a folder, newest first (the latest run is the one you look for), damaged ones included."""
     from llmforge.runs import RunStore
 
-    return [run_row(r) for r in newest_first(RunStore(runs_dir).list())]
+    return [run_row(r) for r in newest_first(RunStore(runs_dir).list(include_damaged=True))]
 
 
 @dataclass
@@ -311,9 +325,16 @@ the highlighted run, or of the two marked runs on the same axes."""
             return None
         return self.rows[table.cursor_row].id
 
+    def _highlighted_row(self) -> RunRow | None:
+        run_id = self.highlighted
+        return next((r for r in self.rows if r.id == run_id), None)
+
     def _update_hint(self) -> None:
+        row = self._highlighted_row()
         if not self.rows:
             text = f"no runs in {self.state.runs_dir} yet: start one from the project screen or `llmforge run`"
+        elif row is not None and row.damaged:
+            text = f"run {row.id} is damaged: {row.damaged}"
         elif self.marked:
             text = "comparing " + " and ".join(self.marked) + " (space unmarks)"
         else:
@@ -322,6 +343,7 @@ the highlighted run, or of the two marked runs on the same axes."""
 
     # ---- actions -------------------------------------------------------------------------------
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._update_hint()
         if not self.marked:
             self._chart()
 
@@ -333,6 +355,21 @@ the highlighted run, or of the two marked runs on the same axes."""
         """Make the highlighted run the selected one and show it in the monitor."""
         run_id = self.highlighted
         if run_id is None:
+            return
+        row = self._highlighted_row()
+        if row is not None and row.damaged:
+            # The monitor follows a run through its manifest: given this one it would show another run
+            # without a word. Said as `llmforge runs status` says it.
+            from llmforge.errors import UsageError
+
+            error = UsageError(f"run {run_id} is damaged: {row.damaged}",
+                               hint=f"its events are still readable (`llmforge logs {run_id}`) and its stage "
+                                    "folders may still hold artifacts")
+            show = getattr(self.app, "show_error", None)
+            if callable(show):
+                show(error)
+            else:
+                self.notify(str(error), severity="error", markup=False)
             return
         self.state.selected_run = run_id
         switch = getattr(self.app, "switch_area", None)

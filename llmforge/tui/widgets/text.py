@@ -9,12 +9,22 @@ from llmforge.formatting import fmt_duration  # noqa: F401 - the screens import 
 # Statuses as the CLI colours them (cli/common.py), as textual markup styles.
 STATUS_STYLE = {
     "done": "green", "cached": "cyan", "running": "yellow", "failed": "red", "stopped": "magenta",
-    "killed": "red", "blocked": "dim", "skipped": "dim", "pending": "dim",
+    "killed": "red", "damaged": "red", "blocked": "dim", "skipped": "dim", "pending": "dim",
 }
+# The marks the CLI puts before an ended stage (cli/common.py::STATUS_MARK): a stop the user asked for is
+# not a failure, and the mark says so where colour is not seen (NO_COLOR, a monochrome terminal).
+# Statuses still going or never started get none.
+STATUS_MARK = {"done": "✓", "cached": "↺", "stopped": "■", "failed": "✗", "killed": "✗", "damaged": "✗"}
+
+
+def marked(status: str) -> str:
+    """The status with its mark, as plain text: "■ stopped", "✗ failed", "running"."""
+    mark = STATUS_MARK.get(status)
+    return f"{mark} {status}" if mark else status
 
 
 def styled(status: str) -> str:
-    return f"[{STATUS_STYLE.get(status, 'default')}]{status}[/]"
+    return f"[{STATUS_STYLE.get(status, 'default')}]{marked(status)}[/]"
 
 
 def fmt_number(v: float | None) -> str:
