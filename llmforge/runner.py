@@ -207,7 +207,8 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
     cfg = pipe.config
     store = RunStore(cfg.runs_dir)
     selected, forced = _select(pipe, req)  # a bad --stage/--from is refused before any run folder exists
-    notes: list[str] = []
+    notes: list[str] = []  # warnings for the run's first events
+    info_notes: list[str] = []
     run_dir, lock, previous = _open_run(pipe, store, req, notes)
     run_id = run_dir.name
     if req.resume and not req.has_selection() and previous.get("selection"):
@@ -224,7 +225,7 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
             raise UsageError(f"run {run_id} was started with {_selection_args(req)}: {exc.message}",
                              hint="resume it naming the stages to run (--stage/--from), or start a new run") \
                 from None
-        notes.append(f"resuming with the selection of run {run_id}: {_selection_args(req)}")
+        info_notes.append(f"resuming with the selection of run {run_id}: {_selection_args(req)}")
     keys = compute_keys(pipe, registry)
     for name in (STOP_REQUEST, CHECKPOINT_REQUEST):
         (run_dir / name).unlink(missing_ok=True)
@@ -270,6 +271,8 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
                 selected=[n for n in pipe.names if n in selected], selection=req.selection)
     for note in notes + tracker_notes:
         events.emit("log", level="warning", message=note)
+    for note in info_notes:
+        events.emit("log", level="info", message=note)
     if not req.resume:
         _hint_interrupted(store, cfg, run_id, events)
 
