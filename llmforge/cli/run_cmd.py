@@ -16,7 +16,8 @@ def run(
                                               help="Run only this stage (and what it needs). Repeatable."),
     from_stage: Optional[str] = typer.Option(None, "--from", help="Re-run this stage and everything after it."),
     overrides: Optional[List[str]] = SET_OPTION,
-    resume: bool = typer.Option(False, "--resume", help="Continue the last interrupted run from its checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the last interrupted run from its checkpoints, "
+                                                        "with the --stage/--from/--force it was started with."),
     run_ref: Optional[str] = typer.Option(None, "--run", help="With --resume: which run. Otherwise: the new run's id."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; print the run id and return."),
     force: bool = typer.Option(False, "--force", help="Ignore cached results and run every selected stage."),
