@@ -51,6 +51,7 @@ from llmforge.stage import Stage, StageOptions
 
 class CountOptions(StageOptions):
     n: int = Field(3, ge=1, description="How far to count.")
+    pause: float = Field(0.01, ge=0, description="Seconds after each step.")
 
 
 class Count(Stage):
@@ -65,7 +66,7 @@ class Count(Stage):
                 ctx.log(f"stopped at {i}")
                 return
             ctx.progress(i + 1, options.n)
-            time.sleep(0.01)
+            time.sleep(options.pause)
         with ctx.artifact("files") as out:
             (out / "n.txt").write_text(str(options.n))
         ctx.metric(step=options.n, n=float(options.n))
@@ -122,6 +123,16 @@ def test_stop_and_resume(llmforge_registry, llmforge_project):
     assert resumed.run_id == stopped.run_id and resumed.exit_code == 0
 
 
+def test_stop_is_seen_at_the_next_poll(llmforge_registry, llmforge_project):
+    # No pause between steps: the stage asks should_stop() right after the event that asked for the stop,
+    # far sooner than the stop file is polled; a stop made in the run's own process must still be seen.
+    registry = llmforge_registry(CountPlugin())
+    llmforge_project.write(PROJECT.format(n=50) + "pause = 0\\n")
+    run = llmforge_project.run(registry, stop_when=lambda e: e["type"] == "progress" and e["done"] == 1)
+    assert run.stages["c"]["status"] == "stopped" and run.exit_code == 130, run.failure()
+    assert run.messages("c") == ["stopped at 1"]
+
+
 def test_rows(llmforge_project):
     path = llmforge_project.write_rows("data/train.jsonl", [{"text": "a"}, {"text": "b"}])
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"text": "a"}, {"text": "b"}]
@@ -141,7 +152,7 @@ def test_a_plugin_authors_tests_use_the_fixtures(tmp_path):
     res = run_author_tests(tmp_path, AUTHOR_TESTS)
     out = res.stdout + res.stderr
     assert res.returncode == 1, out[-4000:]
-    assert "1 failed, 5 passed" in out, out[-4000:]
+    assert "1 failed, 6 passed" in out, out[-4000:]
     # the one failure is the misspelt hook, named with the plugin and a suggestion, without a traceback
     assert "FAILED test_author.py::test_misspelt_hook_fails_the_test" in out
     assert ("llmforge could not load the plugins under test:\n"
