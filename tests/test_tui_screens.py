@@ -320,6 +320,11 @@ def test_monitor_hides_library_chatter_until_asked(project):
 
             await pilot.press("d")
             assert not any(chatter in x for x in log.lines) and any("run done" in x for x in log.lines)
+            await pilot.press("question_mark")  # the help says it in words
+            help_text = str(app.screen.query_one("#help-text").content)
+            assert "hides debug lines (library chatter) until d shows them" in help_text
+            assert "  d          show or hide the log's debug lines" in help_text
+            await pilot.press("escape")
             assert not app.unexpected_errors
 
     asyncio.run(scenario())

@@ -59,7 +59,8 @@ class MonitorScreen(Screen):
     """
     HELP = """\
 Follows one run: the run picked in the Runs area, or the latest one. Charts of the training metrics,
-the progress of the current stage with its ETA, and the log."""
+the progress of the current stage with its ETA, and the log. The log hides debug lines (library chatter)
+until d shows them."""
 
     BINDINGS = [
         Binding("s", "stop", "Stop run", tooltip="stop the run at the stage's next safe point (a training stage "
