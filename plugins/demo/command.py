@@ -18,8 +18,9 @@ DIR_OPTION = typer.Option(Path("llmforge-demo"), "--dir", "-d", help="Folder to 
 
 def demo(
     dir: Path = DIR_OPTION,
-    quick: bool = typer.Option(False, "--quick", help="A much smaller setting that runs in seconds (for tests); "
-                                                      "too small to show the learning effect."),
+    quick: bool = typer.Option(False, "--quick", help="A smaller world and a shorter pretraining: about a "
+                                                      "minute on 2 cores (the tests run it); shows the learning "
+                                                      "effect less clearly."),
     force: bool = typer.Option(False, "--force", help="Run every stage again, ignoring cached results."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the generated world and of training."),
 ) -> None:

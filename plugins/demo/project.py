@@ -1,7 +1,9 @@
 """The demo project on disk: the generated data plus a documented forge.toml.
 
 Two settings: the full demo (sized to finish in minutes on a 2-core CPU and show the effect) and
-`--quick` (the same pipeline shrunk to seconds, for tests). Pure Python: imported at start-up.
+`--quick` (the same pipeline on a smaller world with a shorter pretraining: about a minute, for tests,
+and still enough to show the effect's direction: tests/test_demo.py asserts it). Pure Python: imported
+at start-up.
 """
 
 from __future__ import annotations
@@ -38,10 +40,13 @@ FULL = Setting(
     sft_steps=200, sft_lr=3e-3, dpo_steps=40, dpo_lr=2e-5, dpo_beta=0.1, log_every=10,
 )
 
+# Measured on an Intel Xeon (AMX), fp32, seed 42: held-out accuracy 0.06 -> 0.38 (SFT) -> 0.50 (DPO),
+# direct answers 0.19 -> 0.56, knowledge probe 0.88, 97 s of CPU time. With the earlier 30 pretraining
+# steps on a `tiny` model and each fact stated once, every figure was 0: the test could assert nothing.
 QUICK_SETTING = Setting(
-    name="quick", data=QUICK, model='{ size = "tiny" }', vocab_size=400,
-    pretrain_steps=30, pretrain_lr=3e-3, pretrain_batch=16, pretrain_length=128,
-    sft_steps=15, sft_lr=3e-3, dpo_steps=6, dpo_lr=1e-4, dpo_beta=0.1, log_every=5,
+    name="quick", data=QUICK, model='{ size = "mini" }', vocab_size=400,
+    pretrain_steps=250, pretrain_lr=2e-3, pretrain_batch=16, pretrain_length=128,
+    sft_steps=40, sft_lr=3e-3, dpo_steps=10, dpo_lr=2e-5, dpo_beta=0.1, log_every=5,
 )
 
 TEMPLATE = """\
