@@ -26,6 +26,8 @@ class Launch:
     stages: list[str] = field(default_factory=list)  # --stage
     from_stage: str | None = None  # --from
     overrides: list[str] = field(default_factory=list)  # --set
+    # A resume names no --stage/--from/--force (the TUI's `e`): the runner continues with the selection
+    # the run recorded in its manifest, exactly as `llmforge run --resume` does. Given, they replace it.
     resume: bool = False
     run_ref: str | None = None  # --run
     force: bool = False
