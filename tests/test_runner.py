@@ -310,3 +310,23 @@ def test_resume_keeps_the_selection_a_forced_run_was_started_with(project):
     assert st["stages"]["count"]["status"] == "done"
     assert st["stages"]["bundle"]["status"] == "skipped"  # not selected by --stage count
     assert Path(st["stages"]["count"]["artifacts"]["files"]["path"]).is_relative_to(run_dir)
+
+
+def test_resume_whose_recorded_stage_is_gone_says_so(project):
+    """The recorded --stage names a stage the edited forge.toml no longer has: exit 2, one message naming
+    the run and its selection, no traceback; the run stays resumable once the selection is given."""
+    project.write(COUNTER.replace("{n}", "400"))
+    res = project.run("run", "--stage", "count", "--detach")
+    run_id = res.stdout.strip().splitlines()[-1]
+    work = project.runs / run_id / "stages" / "count" / "work"
+    wait_for(lambda: (work / "count").exists(), what="progress")
+    assert project.run("stop", run_id, timeout=60).returncode == 0
+    project.write(COUNTER.replace("{n}", "400").replace('name = "count"', 'name = "tally"')
+                  .replace('"@count"', '"@tally"'))
+    bad = project.run("run", "--resume")
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert f"run {run_id} was started with --stage count: no stage named 'count'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert not (project.runs / run_id / "lock").exists()
+    ok = project.run("run", "--resume", "--stage", "tally", timeout=60)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
