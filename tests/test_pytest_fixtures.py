@@ -15,6 +15,8 @@ import textwrap
 from importlib import metadata
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, _env
 from llmforge.testing import (  # noqa: F401 - fixtures, used by name below
     llmforge_project,
@@ -203,6 +205,7 @@ def test_fixture_names_do_not_shadow_the_projects_own():
     assert not shipped & fixtures(ROOT / "tests" / "conftest.py")
 
 
+@pytest.mark.slow
 def test_tiny_model_trains_in_a_real_sft_stage(llmforge_project, llmforge_tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
