@@ -120,7 +120,12 @@ def check_model_folder(path: Path) -> None:
             _read_header(file)
         base = config.get("base_model_name_or_path")
         if base and Path(str(base)).expanduser().is_dir():
-            ModelFiles(Path(str(base)).expanduser())
+            check_model_folder(Path(str(base)).expanduser())
+        return
+    if not (path / "model.safetensors.index.json").is_file() and not any(path.glob("*.safetensors")):
+        # Weights in another format (pytorch_model.bin): transformers loads those; only the config is checked.
+        if (path / "config.json").is_file():
+            read_json_object(path / "config.json", "model config")
         return
     ModelFiles(path)
 
