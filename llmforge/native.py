@@ -506,6 +506,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["probe"]:
         return _probe_main(argv[1], argv[2])
     if argv[:1] == ["worker"]:
+        # Ctrl-C in a terminal reaches the whole process group: the parent decides what an interrupt means (a
+        # run saves and stops, chat ends); the child must not die under it and turn that into a "crash".
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         # The protocol owns the real stdout; anything native code prints goes to stderr instead.
         out = os.fdopen(os.dup(1), "wb")
         os.dup2(2, 1)

@@ -768,3 +768,20 @@ def test_a_truncated_model_or_adapter_config_is_named_exit_2(tiny, f32, tmp_path
     config.write_text(text[: len(text) // 2])
     _bad(run_cli("chat", str(adapter), "-p", "hi"), str(config), "adapter config")
     _bad(run_cli("gguf", "check", str(adapter), str(f32)), str(config), "adapter config")
+
+
+def test_the_llama_cpp_child_leaves_ctrl_c_to_its_parent(quantized):
+    """Ctrl-C in a terminal signals the whole process group: the child ignores it (the parent's run saves and stops,
+    or chat ends), so an interrupt is never reported as a llama.cpp crash, and the model keeps answering."""
+    import os
+    import signal
+    import time
+
+    from llmforge.native import LlamaModel
+
+    with LlamaModel(quantized["Q8_0"], n_ctx=64, logits_all=True) as llm:
+        before = llm.logits([1, 2, 3, 4])
+        os.kill(llm._proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert llm._proc.poll() is None
+        assert (llm.logits([1, 2, 3, 4]) == before).all()
