@@ -696,7 +696,8 @@ quantize = ["Q8_0"]
 """)
     assert result.exit_code == 1
     stage = result.stages["export"]
-    assert stage["status"] == "failed" and "llama.cpp crashed (SIGILL, illegal instruction) evaluating " in stage["error"]
+    assert stage["status"] == "failed"
+    assert "llama.cpp crashed (SIGILL, illegal instruction) evaluating " in stage["error"]
     assert "model-f16.gguf" in stage["error"]
     assert not (result.run_dir / "stages" / "export" / "artifacts" / "gguf").exists()
 
