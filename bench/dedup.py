@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -132,6 +131,7 @@ def _has_datasketch() -> str | None:
 
 
 def main() -> int:
+    from measure import load_line, machine_line  # CPU model, flags and load in every section
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=200_000)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/llmforge-bench-dedup"))
@@ -167,8 +167,8 @@ def main() -> int:
                      len(ds_removed)))
     sims = [v for k, v in truth["similarity"].items()]
     lines = [
-        f"- date: {time.strftime('%Y-%m-%d')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, one run each",
+        f"- {machine_line()}, one run each",
+        f"- {load_line()}",
         f"- corpus: {args.docs:,} generated documents of 100-300 words ({corpus.stat().st_size / MB:.0f} MB of "
         f"JSON Lines); {len(truth['near']):,} planted near duplicates and {len(truth['decoys']):,} decoys "
         f"(word 5-gram Jaccard similarity {min(sims):.2f}-{max(sims):.2f} with their source); "

@@ -30,14 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 from measure import load_line, machine_line, measure  # bench/ is the script's folder, first on sys.path

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ def timed(cmd: list[str], runs: int) -> list[float]:
 
 
 def main() -> int:
+    from measure import load_line, machine_line  # CPU model, flags and load in every section
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=21)
     ap.add_argument("--write", type=Path, help="update this markdown file's startup section")
@@ -51,8 +51,8 @@ def main() -> int:
     med_tool = statistics.median(tool)
     ok = med_tool < GOAL_S
     lines = [
-        f"- date: {time.strftime('%Y-%m-%d')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, {args.runs} runs each",
+        f"- {machine_line()}, {args.runs} runs each",
+        f"- {load_line()}",
         f"- `python -c pass`: median {med_base * 1000:.0f} ms",
         f"- `llmforge --help`: median {med_tool * 1000:.0f} ms (min {min(tool) * 1000:.0f}, "
         f"max {max(tool) * 1000:.0f}); llmforge's own share {1000 * (med_tool - med_base):.0f} ms",

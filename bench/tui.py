@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -204,6 +202,7 @@ def measure_follow(project: Path, run_id: str, rate: float, seconds: float, hist
 
 
 def main() -> int:
+    from measure import load_line, machine_line  # CPU model, flags and load in every section
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=20.0)
@@ -221,8 +220,8 @@ def main() -> int:
     paint_ok = med < PAINT_GOAL_S and not torch
     cpu_ok = follow["cpu_pct"] < CPU_GOAL_PCT
     lines = [
-        f"- date: {time.strftime('%Y-%m-%d')}, machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, {args.runs} runs, Textual's headless driver (no terminal output)",
+        f"- {machine_line()}, {args.runs} runs, Textual's headless driver (no terminal output)",
+        f"- {load_line()}",
         f"- `python -c pass`: median {statistics.median(base) * 1000:.0f} ms",
         f"- `llmforge tui`, spawn to the Project screen's first paint: median {med * 1000:.0f} ms "
         f"(min {min(paint) * 1000:.0f}, max {max(paint) * 1000:.0f}); torch imported: {'yes' if torch else 'no'}",
