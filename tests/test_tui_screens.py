@@ -89,7 +89,14 @@ class CurveStage(Stage):
         if o.chatter:
             import logging
 
-            logging.getLogger("transformers").warning(o.chatter)
+            # at WARNING whatever an earlier test in this process left (HFEngine sets transformers to ERROR)
+            lib = logging.getLogger("transformers")
+            old_level = lib.level
+            lib.setLevel(logging.WARNING)
+            try:
+                lib.warning(o.chatter)
+            finally:
+                lib.setLevel(old_level)
         ctx.log("curve: starting")
         for step in range(1, o.steps + 1):
             ctx.metric(step, loss=o.start / step, learning_rate=1e-3)
