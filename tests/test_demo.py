@@ -2,9 +2,9 @@
 
 The quick setting is the full pipeline on a smaller world and a shorter pretraining (about a minute
 on 2 cores), big enough to show the learning effect's direction, which a test asserts: SFT answers
-more held-out questions than the pretrained model by a clear margin, and DPO raises the share of
-direct answers. The other tests check that the whole pipeline runs and reports what it should
-(summary table, evaluation, report artifact, caching), and that the generated data keeps its promises
+more held-out questions than the pretrained model by a clear margin, and DPO raises the model's
+preference for direct answers on held-out pairs. The other tests check that the whole pipeline runs and
+reports what it should (summary table, evaluation, report artifact, caching), and that the generated data keeps its promises
 (deterministic by seed, held-out questions never in the SFT or DPO data). The full setting's figures,
 per CPU type, are in docs/benchmarks.md ("Demo").
 """
@@ -84,17 +84,25 @@ def test_report_artifact_has_the_numbers(demo):
 
 def test_quick_demo_shows_the_learning_effect(demo):
     """The README's promise, in the quick setting: SFT makes held-out questions (facts only read in the
-    pretraining corpus) answerable, by a clear margin over the pretrained model, and DPO raises the share
-    of direct answers over the SFT model. Seeded, in fp32 on every CPU (precision "auto" at this size)."""
+    pretraining corpus) answerable, by a clear margin over the pretrained model, and DPO raises the
+    preference for direct answers over the SFT model. Seeded, in fp32 on every CPU (precision "auto" at this
+    size).
+
+    DPO's effect is asserted on what it optimises, measured on the held-out pairs: the log-probability of the
+    direct answer over the hedging one rises for (nearly) every pair, and the mean margin clearly. The share of
+    direct *generations* is asserted not to fall: on 16 greedy answers it moves in steps of 1/16 and measured
+    0.44 -> 0.50 with 2 threads and 0.19 -> 0.56 with 1 thread on the same Intel machine, too coarse and
+    thread-dependent for a margin (the full setting's figures are in docs/benchmarks.md)."""
     root, res = demo
     st = _status(root)
     report_dir = Path(st["stages"]["eval"]["artifacts"]["report"]["path"])
     report = json.loads((report_dir / "report.json").read_text())
     r = report["results"]
     assert r["sft"]["accuracy"] >= r["pretrained"]["accuracy"] + 0.15, r
-    assert r["dpo"]["preferred_rate"] >= r["sft"]["preferred_rate"] + 0.15, r
+    assert r["dpo"]["preferred_rate"] >= r["sft"]["preferred_rate"], r
+    assert r["dpo"]["logp_margin"] >= r["sft"]["logp_margin"] + 0.2, r
     assert r["dpo"]["accuracy"] >= r["pretrained"]["accuracy"] + 0.15, r  # DPO keeps what SFT made answerable
-    assert report["dpo_reward_accuracy"] >= 0.75
+    assert report["dpo_reward_accuracy"] >= 0.9  # the margin rose over the SFT model's on that share of pairs
     import torch
 
     if not torch.cuda.is_available():  # the demo's 3 M model trains in fp32 on every CPU
