@@ -205,12 +205,18 @@ def main() -> int:
     def med(name: str, i: int) -> float:
         return statistics.median(r[i] for r in results[name])
 
+    def cell(name: str, i: int, scale: float, unit: str) -> str:
+        """median (min-max): the spread says how far one run can be trusted on this machine"""
+        vals = [r[i] / scale for r in results[name]]
+        return f"{statistics.median(vals):.{1 if unit == 's' else 0}f} {unit} ({min(vals):.{1 if unit == 's' else 0}f}-" \
+               f"{max(vals):.{1 if unit == 's' else 0}f})"
+
     budget = 1.5 * info["largest_tensor_bytes"] + 300 * MB
     lf_wall, lf_rss = med("llmforge", 0), med("llmforge", 1)
     dims = info["shape"]
     lines = [
         f"- date: {time.strftime('%Y-%m-%d')}, machine: {platform.machine()}, {_cpu()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, {args.runs} run(s) each, interleaved (median)",
+        f"Python {platform.python_version()}, {args.runs} run(s) each, interleaved: median (min-max)",
         f"- input: Llama {dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}, vocab "
         f"{dims['vocab_size']}, {info['params'] / 1e6:.1f} M parameters, {info['model_bytes'] / 2**20:.0f} MiB in "
         f"float32 (scale {args.scale}); largest tensor {info['largest_tensor_bytes'] / MB:.0f} MB; output F16 "
@@ -218,14 +224,15 @@ def main() -> int:
         "",
         "| | wall time | peak RSS |",
         "|---|---|---|",
-        f"| `llmforge gguf export --outtype f16` | {lf_wall:.1f} s | {lf_rss / MB:.0f} MB |",
+        f"| `llmforge gguf export --outtype f16` | {cell('llmforge', 0, 1, 's')} | {cell('llmforge', 1, MB, 'MB')} |",
     ]
     goals = [f"peak RSS under 1.5 × largest tensor + 300 MB = {budget / MB:.0f} MB: "
              f"{'met' if lf_rss <= budget else 'NOT met'} ({lf_rss / MB:.0f} MB)"]
     ok = lf_rss <= budget
     if results["llama.cpp"]:
         lc_wall, lc_rss = med("llama.cpp", 0), med("llama.cpp", 1)
-        lines.append(f"| llama.cpp `convert_hf_to_gguf.py --outtype f16` | {lc_wall:.1f} s | {lc_rss / MB:.0f} MB |")
+        lines.append(f"| llama.cpp `convert_hf_to_gguf.py --outtype f16` | {cell('llama.cpp', 0, 1, 's')} | "
+                     f"{cell('llama.cpp', 1, MB, 'MB')} |")
         goals.insert(0, f"no slower than llama.cpp's converter: {'met' if lf_wall <= lc_wall else 'NOT met'} "
                         f"({lf_wall / lc_wall:.2f} × its time, {lf_rss / lc_rss:.2f} × its peak RSS)")
         goals.append(f"the two F16 files hold byte-identical tensors: {'yes' if identical(ours, theirs) else 'NO'}")
@@ -233,8 +240,8 @@ def main() -> int:
     else:
         lines.append("| llama.cpp `convert_hf_to_gguf.py` | not run (no --llama-cpp-src) | |")
     if results["quantize"]:
-        lines.append(f"| quantize F16 -> Q4_K_M (`quantize_gguf`) | {med('quantize', 0):.1f} s | "
-                     f"{med('quantize', 1) / MB:.0f} MB |")
+        lines.append(f"| quantize F16 -> Q4_K_M (`quantize_gguf`) | {cell('quantize', 0, 1, 's')} | "
+                     f"{cell('quantize', 1, MB, 'MB')} |")
     else:
         lines.append("| quantize F16 -> Q4_K_M | not run (no llmforge_plugins.gguf.quantize) | |")
     lines += [""] + [f"- {g}" for g in goals]

@@ -1,8 +1,9 @@
 """SFT throughput: llmforge against a plain TRL SFTTrainer script, same model and data.
 
-Usage: python bench/train_throughput.py [--steps 40] [--size mini] [--write docs/benchmarks.md]
+Usage: python bench/train_throughput.py [--steps 40] [--size mini] [--runs 3] [--write docs/benchmarks.md]
 
-Three runs, one after the other, each in its own process (same start state, same machine):
+Three sides, run in turn (trl, same, auto, trl, same, auto, ...) `--runs` times, each run in its own process
+from the same start state; the figures are the median over the runs with their spread (min-max):
   trl       a plain SFTTrainer script with TRL's defaults; `use_cpu=True` on a CPU-only machine and
             nothing else (TRL then trains with bf16 autocast and gradient checkpointing, its defaults);
   same      llmforge's sft stage with every setting of that script spelled out (no packing, bf16, TRL's
@@ -193,19 +194,19 @@ def _dumped(work: Path, name: str) -> dict:
     return json.loads((work / f"args-{name}.json").read_text())
 
 
-def run_trl(model_dir: Path, data: Path, work: Path, steps: int, batch: int, max_len: int) -> dict:
+def run_trl(name: str, model_dir: Path, data: Path, work: Path, steps: int, batch: int, max_len: int) -> dict:
     script = work / "trl_sft.py"
     script.write_text("import argdump\n" + TRL_SCRIPT)
-    out = work / "trl-out"
+    out = work / f"{name}-out"
     t0 = time.monotonic()
     res = subprocess.run([sys.executable, str(script), str(model_dir), str(data / "train.jsonl"), str(out),
                           str(steps), str(batch), str(max_len)], capture_output=True, text=True,
-                         env=_env(work, "trl"))
+                         env=_env(work, name))
     if res.returncode != 0:
         raise SystemExit(f"TRL baseline failed:\n{res.stderr[-3000:]}")
     line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))
     return {**json.loads(line[7:]), "wall_seconds": time.monotonic() - t0, "model": str(out / "final"),
-            "dump": _dumped(work, "trl")}
+            "dump": _dumped(work, name)}
 
 
 def run_llmforge(name: str, model_dir: Path, data: Path, work: Path, steps: int, batch: int, max_len: int,
@@ -289,6 +290,7 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--rows", type=int, default=600)
     ap.add_argument("--size", default="mini", help="model preset: tiny, mini, small, base, smollm-135m")
+    ap.add_argument("--runs", type=int, default=3, help="runs of each side, interleaved; median and spread")
     ap.add_argument("--write", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
@@ -298,15 +300,24 @@ def main() -> int:
         make_data(data, args.rows, seed=0)
         make_model(model_dir, args.size, data)
         common = (args.batch, args.max_length)
-        runs = {"trl": run_trl(model_dir, data, work, args.steps, *common)}
-        runs["same"] = run_llmforge("same", model_dir, data, work, args.steps, *common, extra=SAME)
-        # The same token budget as trl: packed steps carry about batch x max_length useful tokens each.
-        auto_steps = max(1, round(runs["trl"]["trained_tokens"] / (args.batch * args.max_length)))
-        runs["auto"] = run_llmforge("auto", model_dir, data, work, auto_steps, *common, extra=AUTO)
-        runs["trl"]["steps"], runs["same"]["steps"], runs["auto"]["steps"] = args.steps, args.steps, auto_steps
-        for name, r in runs.items():
-            r["tokens_per_s"] = r["trained_tokens"] / r["train_seconds"]
+        every: dict[str, list[dict]] = {"trl": [], "same": [], "auto": []}
+        auto_steps = 0
+        for i in range(args.runs):  # interleaved, so that a slow patch of the machine hits every side
+            every["trl"].append(run_trl(f"trl-{i}", model_dir, data, work, args.steps, *common))
+            every["same"].append(run_llmforge(f"same-{i}", model_dir, data, work, args.steps, *common, extra=SAME))
+            # The same token budget as trl: packed steps carry about batch x max_length useful tokens each.
+            auto_steps = auto_steps or max(1, round(every["trl"][0]["trained_tokens"] / (args.batch * args.max_length)))
+            every["auto"].append(run_llmforge(f"auto-{i}", model_dir, data, work, auto_steps, *common, extra=AUTO))
+        runs = {}
+        for name, rs in every.items():
+            speeds = sorted(r["trained_tokens"] / r["train_seconds"] for r in rs)
+            r = dict(rs[0])  # tokens, settings and model of the first run (seeded: every run trains the same)
+            r["tokens_per_s"] = speeds[len(speeds) // 2]
+            r["spread"] = (speeds[0], speeds[-1])
+            r["train_seconds"] = sorted(x["train_seconds"] for x in rs)[len(rs) // 2]
+            r["steps"] = auto_steps if name == "auto" else args.steps
             r["heldout_loss"] = heldout_loss(r["model"], data, args.max_length)
+            runs[name] = r
         same_diff = args_diff(runs["trl"]["dump"], runs["same"]["dump"])
         auto_diff = args_diff(runs["trl"]["dump"], runs["auto"]["dump"])
         print("effective settings, trl (TrainingArguments as its trainer started, then the model):")
@@ -325,14 +336,15 @@ def main() -> int:
             f"- {machine_line()}; CPU only",
             f"- {load_line()}",
             f"- model preset `{args.size}` (Llama), micro-batch {args.batch}, max_length {args.max_length}, "
-            f"{args.rows} chat rows of widely varying length",
+            f"{args.rows} chat rows of widely varying length; {args.runs} runs of each side, interleaved: "
+            "median (min-max)",
             "",
             "| run | steps | useful tokens | train s | useful tokens/s | ratio vs TRL | held-out loss |",
             "|---|---|---|---|---|---|---|",
         ]
         for name, r in runs.items():
             lines.append(f"| {name} | {r['steps']} | {r['trained_tokens']} | {r['train_seconds']:.1f} | "
-                         f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {r['heldout_loss']:.3f} |")
+                         f"{r['tokens_per_s']:.0f} ({r['spread'][0]:.0f}-{r['spread'][1]:.0f}) | {r['tokens_per_s'] / base:.2f} | {r['heldout_loss']:.3f} |")
         lines += ["",
                   f"- `same` against `trl`, effective settings compared field by field: "
                   + ("identical" if not same_diff else "DIFFERENT: " + "; ".join(same_diff)),
