@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from llmforge.cli.common import CONFIG_OPTION, JSON_OPTION, SET_OPTION, console, print_json, runs_dir
+from llmforge.cli.common import CONFIG_OPTION, JSON_OPTION, SET_OPTION, console, print_json, print_table, runs_dir
 
 # Set by `llmforge run --no-fit-check` for the detached child it starts (the child runs the check again).
 NO_FIT_CHECK_ENV = "LLMFORGE_NO_FIT_CHECK"
@@ -28,48 +28,37 @@ def doctor(
     if as_json:
         print_json(report)
         return
-    from rich.table import Table
-
     out = console()
     o, c, m = report["os"], report["cpu"], report["memory"]
-    system = Table(title="system", title_justify="left", show_header=False)
-    system.add_column(style="bold")
-    system.add_column()
+    # print_table: rich tables on a terminal, whole lines one record each when piped (nothing folded)
     feats = c["features"]
-    flags = ", ".join(f"{k}" if v else f"[dim]no {k}[/]" for k, v in feats.items() if k != "bf16_fast")
-    system.add_row("llmforge", report["llmforge"])
-    system.add_row("OS", f"{o['system']} {o['release']} ({o['machine']})")
-    system.add_row("Python", f"{report['python']['version']} ({report['python']['executable']})")
-    system.add_row("CPU", f"{c['model']}, {c['physical_cores']} cores / {c['logical_cores']} threads")
-    system.add_row("CPU features", f"{flags}; bf16 {'fast' if feats['bf16_fast'] else 'emulated (slow)'}")
-    system.add_row("RAM", f"{m['total_gib']} GiB, {m['available_gib']} GiB available")
+    flags = ", ".join(f"{k}" if v else f"no {k}" for k, v in feats.items() if k != "bf16_fast")
+    system = [
+        ["llmforge", report["llmforge"]],
+        ["OS", f"{o['system']} {o['release']} ({o['machine']})"],
+        ["Python", f"{report['python']['version']} ({report['python']['executable']})"],
+        ["CPU", f"{c['model']}, {c['physical_cores']} cores / {c['logical_cores']} threads"],
+        ["CPU features", f"{flags}; bf16 {'fast' if feats['bf16_fast'] else 'emulated (slow)'}"],
+        ["RAM", f"{m['total_gib']} GiB, {m['available_gib']} GiB available"],
+    ]
     d = report["disk"]
-    system.add_row("disk", f"{d['free_gib']} GiB free in {d['path']}" if d["free_gib"] is not None else "unknown")
+    system.append(["disk", f"{d['free_gib']} GiB free in {d['path']}" if d["free_gib"] is not None else "unknown"])
     t = report["torch"]
     if "version" in t:
         dist = t.get("distributed", {})
-        system.add_row("torch", f"{t['version']}, CUDA {t['cuda_build'] or 'none (CPU build)'}"
-                                f"{', usable' if t['cuda_available'] else ''}{', MPS' if t['mps_available'] else ''}")
-        system.add_row("collectives", ", ".join(f"{k} {'yes' if dist.get(k) else 'no'}" for k in ("nccl", "gloo")))
+        system.append(["torch", f"{t['version']}, CUDA {t['cuda_build'] or 'none (CPU build)'}"
+                                f"{', usable' if t['cuda_available'] else ''}{', MPS' if t['mps_available'] else ''}"])
+        system.append(["collectives", ", ".join(f"{k} {'yes' if dist.get(k) else 'no'}" for k in ("nccl", "gloo"))])
     if "llama_cpp" in report:
-        system.add_row("llama.cpp AMX kernels", report["llama_cpp"]["line"])
-    out.print(system)
-
-    pk = Table(title="packages", title_justify="left")
-    pk.add_column("package")
-    pk.add_column("version")
-    for name, version in report["packages"].items():
-        pk.add_row(name, version if version != "not installed" else "[dim]not installed[/]")
-    out.print(pk)
+        system.append(["llama.cpp AMX kernels", report["llama_cpp"]["line"]])
+    print_table(["system", "value"], system)
+    print_table(["packages", "version"], [[name, version] for name, version in report["packages"].items()])
 
     if report["gpus"]:
-        gt = Table(title=f"GPUs (from {report['gpu_source']})", title_justify="left")
-        for col in ("#", "name", "memory", "compute", "bf16", "driver"):
-            gt.add_column(col)
-        for g in report["gpus"]:
-            gt.add_row(str(g["index"]), g["name"], f"{g['memory_total_gib']} GiB", g["compute_capability"] or "?",
-                       {True: "yes", False: "no", None: "?"}[g["bf16"]], g["driver"] or "?")
-        out.print(gt)
+        print_table(["#", "name", "memory", "compute", "bf16", "driver"],
+                    [[str(g["index"]), g["name"], f"{g['memory_total_gib']} GiB", g["compute_capability"] or "?",
+                      {True: "yes", False: "no", None: "?"}[g["bf16"]], g["driver"] or "?"] for g in report["gpus"]],
+                    title=f"GPUs (from {report['gpu_source']})")
     else:
         out.print("GPUs: none found")
     for w in report["warnings"]:
