@@ -374,12 +374,6 @@ def apply_template(tokenizer: Any, template: ChatTemplate) -> int:
     return len(tokenizer) - before
 
 
-def template_record(tokenizer: Any) -> dict | None:
-    """The {name, hash} that `apply_template` recorded in a (possibly reloaded) tokenizer, if any."""
-    rec = getattr(tokenizer, "init_kwargs", {}).get(TOKENIZER_CONFIG_KEY)
-    return dict(rec) if isinstance(rec, Mapping) else None
-
-
 def _check_tokens(tokenizer: Any, template: ChatTemplate) -> None:
     """Each required token must encode to exactly one id, or the template's markers would be learnt
     as fragments of text (and EOS would never be produced as one token)."""

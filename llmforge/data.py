@@ -302,16 +302,6 @@ def _detect_hint(formats: dict[str, RowFormat]) -> str:
             f"`columns = {{format_column = \"your_column\"}}` (columns each format looks for: {known})")
 
 
-def pick_format(columns: set[str], formats: dict[str, RowFormat], where: str,
-                expect: tuple[str, ...] = KINDS) -> RowFormat:
-    """The format of a row with these columns; DataError if none fits."""
-    fmt = _detect(columns, formats, expect)
-    if fmt is None:
-        raise DataError(f"{where}: cannot tell the row format from the columns {sorted(columns)}",
-                        hint=_detect_hint(formats))
-    return fmt
-
-
 def _check_kind(fmt: RowFormat, expect: tuple[str, ...], where: str) -> None:
     if fmt.kind not in expect:
         raise DataError(f"{where}: rows are in the {fmt.name} format ({fmt.kind} data), this stage needs "

@@ -74,6 +74,3 @@ class LockedError(ForgeError):
 class StageFailed(ForgeError):
     exit_code = EXIT_FAILED
 
-
-class Interrupted(ForgeError):
-    exit_code = EXIT_INTERRUPTED

@@ -20,13 +20,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from llmforge.chat import (  # noqa: E402
     DEFAULT_PAD,
     IGNORE_INDEX,
+    TOKENIZER_CONFIG_KEY,
     ChatTemplate,
     ChatTemplateError,
     apply_template,
     encode_chat,
     render,
     resolve_template,
-    template_record,
 )
 from llmforge.errors import UsageError  # noqa: E402
 from llmforge_plugins.chat_templates import BUILTIN_TEMPLATES  # noqa: E402
@@ -195,7 +195,8 @@ def test_render_matches_transformers_and_survives_save(make_tokenizer, name, tmp
     assert again.bos_token == template.bos or (template.bos is None and again.bos_token == tok.bos_token)
     assert again.eos_token_id == tok.eos_token_id and again.pad_token_id == tok.pad_token_id
     assert len(again) == len(tok)
-    assert template_record(again) == {"name": template.name, "hash": template.hash}
+    # the {name, hash} apply_template recorded survives save_pretrained
+    assert dict(again.init_kwargs[TOKENIZER_CONFIG_KEY]) == {"name": template.name, "hash": template.hash}
     assert apply_template(again, template) == 0  # already carries everything
     enc2 = encode_chat(again, template, CONVERSATION)
     assert (enc2.input_ids, enc2.labels) == (enc.input_ids, enc.labels)

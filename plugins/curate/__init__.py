@@ -8,7 +8,7 @@
 * a `validate_pipeline` check that the files a curate stage's steps name exist (paths are relative to
   forge.toml, which a stage's own `check()` does not know).
 
-The step API is in api.py; the engine (batches through the steps, the books, the reasons file) in
+The step API is in llmforge/curation.py (`CurationStep`); the engine (batches through the steps, the books, the reasons file) in
 engine.py; reading rows as a stream, by the training data's rules, in source.py. The `llmforge data
 stats|lint|dedup|filter|mix` commands (llmforge/cli/data_curate_cmd.py) call into this package.
 

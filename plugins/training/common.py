@@ -83,7 +83,7 @@ def qlora_kwargs(lora) -> dict:
                                                       bnb_4bit_use_double_quant=True)}
 
 
-def save_outputs(ctx, trainer_model, tokenizer, template, lora, merge: bool, base_path: str | None = None) -> None:
+def save_outputs(ctx, trainer_model, tokenizer, template, lora, merge: bool) -> None:
     """Write the stage's artifacts: the model (full training), or the adapter and, on request, the merged model."""
     from llmforge_plugins.training import loop
     from llmforge_plugins.training.models import save_model_dir

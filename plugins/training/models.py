@@ -11,10 +11,6 @@ import torch
 from llmforge.errors import DataError, UsageError
 from llmforge.presets import PRESETS  # noqa: F401 - the stage's sizes (llmforge plan reads the same table)
 
-# The GPT-2 split, as llama.cpp knows it: keeps GGUF export able to name the pre-tokenizer faithfully.
-GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
 def train_tokenizer(texts, vocab_size: int, template, min_frequency: int = 2):
     """A byte-level BPE tokenizer trained on `texts`, reserving the template's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
