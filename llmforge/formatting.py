@@ -1,4 +1,4 @@
-"""Formatting shared by the front ends (the CLI and the TUI). Imports nothing: it is loaded at start-up."""
+"""Formatting shared by the front ends (the CLI and the TUI) and the plugins. Imports nothing: it is loaded at start-up."""
 
 from __future__ import annotations
 
@@ -12,3 +12,13 @@ def fmt_duration(seconds: float | None) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def fmt_bytes(n: float | None, digits: int = 1) -> str:
+    """A size in binary units, as every front end and plugin shows one: 3.2 GiB, 12.0 MiB, 512 B; "?" for None."""
+    if n is None:
+        return "?"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f} {unit}"
+    return f"{int(n)} B"

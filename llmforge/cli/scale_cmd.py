@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from llmforge.cli.common import CONFIG_OPTION, JSON_OPTION, SET_OPTION, console, print_json, print_table, runs_dir
+from llmforge.formatting import fmt_bytes
 
 # Set by `llmforge run --no-fit-check` for the detached child it starts (the child runs the check again).
 NO_FIT_CHECK_ENV = "LLMFORGE_NO_FIT_CHECK"
@@ -85,12 +86,8 @@ def plan(
 
 
 def fmt_size(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+    """A size as the plan shows it: two decimals (3.25 GiB), to tell near estimates apart."""
+    return fmt_bytes(n, digits=2)
 
 
 def render_plan(result) -> None:

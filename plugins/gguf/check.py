@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from llmforge.errors import UsageError
+from llmforge.formatting import fmt_bytes
 
 Log = Callable[..., None]
 
@@ -252,13 +253,6 @@ def check_gguf(model: Path, ggufs: list[Path], *, text: str | None = None, refer
     }
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 def _small(x: float) -> str:
     """Fixed point where it reads well, scientific for the tiny values a float export gives."""
     return f"{x:.6f}" if x == 0 or abs(x) >= 1e-4 else f"{x:.1e}"
@@ -278,7 +272,7 @@ def scorecard_markdown(card: dict) -> str:
     ]
     for r in card["rows"]:
         tok = "ok" if r["tokenization_ok"] else f"differs at token {r['tokenization_diff']['at']}"
-        lines.append(f"| {Path(r['file']).name} | {r['type']} | {_size(r['bytes'])} | {r['bpw']:.2f} | "
+        lines.append(f"| {Path(r['file']).name} | {r['type']} | {fmt_bytes(r['bytes'])} | {r['bpw']:.2f} | "
                      f"{r['ppl']:.3f} | {r['delta_ppl']:+.3f} | {_small(r['mean_kld'])} | {r['top1']:.1%} | "
                      f"{r['max_rel_logit_error']:.2e} | {tok} |")
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from llmforge.errors import ForgeError, UsageError
+from llmforge.formatting import fmt_bytes
 
 
 def _log(stage: str = "gguf"):
@@ -29,13 +30,6 @@ def _log(stage: str = "gguf"):
         printer({"type": "log", "stage": stage, "level": level, "message": str(message)})
 
     return log
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def _new_gguf(out: Path, force: bool) -> None:
@@ -70,7 +64,7 @@ def export(
     _new_gguf(out, force)
     summary = export_gguf(model, out, outtype, log=_log())
     modelfile = write_modelfile(out)
-    typer.echo(f"wrote {out} ({summary['outtype']}, {summary['tensors']} tensors, {_size(out.stat().st_size)}, "
+    typer.echo(f"wrote {out} ({summary['outtype']}, {summary['tensors']} tensors, {fmt_bytes(out.stat().st_size)}, "
                f"{summary['seconds']:.1f} s) and {modelfile.name}")
 
 
@@ -127,7 +121,7 @@ def quantize(
             shutil.move(str(imatrix), keep)  # only once the quantization it was made for worked
     modelfile = write_modelfile(out)
     extra = f"; importance matrix kept as {keep.name}" if calibration is not None else ""
-    typer.echo(f"wrote {out} ({qtype}, {_size(summary['bytes'])}, {summary['seconds']:.1f} s) and "
+    typer.echo(f"wrote {out} ({qtype}, {fmt_bytes(summary['bytes'])}, {summary['seconds']:.1f} s) and "
                f"{modelfile.name}{extra}")
 
 

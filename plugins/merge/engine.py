@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmforge.errors import UsageError
+from llmforge.formatting import fmt_bytes
 from llmforge.merging import TensorInfo
-from llmforge_plugins.merge.plan import OutTensor, Plan, fmt_bytes, prepare
+from llmforge_plugins.merge.plan import OutTensor, Plan, prepare
 from llmforge_plugins.merge.sources import TOKENIZER_FILES, LoraSource, Source
 from llmforge_plugins.merge.writer import write_safetensors
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmforge.errors import ConfigError, Problem, UsageError
+from llmforge.formatting import fmt_bytes
 from llmforge.merging import MergeMethod, Param, TensorInfo, interpolate
 from llmforge.schema import did_you_mean
 from llmforge_plugins.merge.options import FilterValue, MergeOptions, parse_size
@@ -502,12 +503,3 @@ def check_disk(out: Path, needed: int) -> None:
     if free < want:
         raise UsageError(f"not enough free disk for the output: it needs {fmt_bytes(want)}, {probe} has "
                          f"{fmt_bytes(free)} free", hint="free some space, or write the output elsewhere")
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-

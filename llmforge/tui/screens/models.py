@@ -28,6 +28,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from llmforge.formatting import fmt_bytes
 from llmforge.tui.screens import read_runs_dir
 from llmforge.tui.widgets.chat import ChatPanel
 
@@ -54,13 +55,6 @@ class ModelEntry:
     @property
     def name(self) -> str:
         return self.path.name if self.kind == "gguf" else f"{self.stage}/{self.kind}"
-
-
-def human_size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def folder_size(path: Path) -> int:
@@ -176,7 +170,7 @@ def describe(entry: ModelEntry) -> Group:
     lines = Text()
     lines.append(f"{entry.name}\n", style="bold")
     made = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.created)) if entry.created else "?"
-    lines.append(f"{entry.kind}, {human_size(entry.size)}, made by stage {entry.stage} ({entry.uses}) of run "
+    lines.append(f"{entry.kind}, {fmt_bytes(entry.size)}, made by stage {entry.stage} ({entry.uses}) of run "
                  f"{entry.run}, {made}\n")
     if entry.sources:
         lines.append(f"from {', '.join(entry.sources)}\n")
@@ -274,7 +268,7 @@ escape stops an answer (or leaves the field), ctrl+r starts a new conversation."
         if [e.key for e in entries] != [e.key for e in self.entries]:
             table.clear()
             for e in entries:
-                table.add_row(e.kind, e.name, human_size(e.size), e.run, f"{e.stage} ({e.uses})",
+                table.add_row(e.kind, e.name, fmt_bytes(e.size), e.run, f"{e.stage} ({e.uses})",
                               ", ".join(e.sources) or "-", key=e.key)
         self.entries = entries
         if current is not None and any(e.key == current.key for e in entries):
