@@ -1,6 +1,14 @@
-"""Formatting shared by the front ends (the CLI and the TUI) and the plugins. Imports nothing: it is loaded at start-up."""
+"""Formatting shared by the front ends (the CLI and the TUI) and the plugins.
+
+Imports nothing: it is loaded at start-up."""
 
 from __future__ import annotations
+
+# The colour of each run and stage status, as a style string that rich (the CLI) and textual (the TUI) both read.
+STATUS_STYLE = {
+    "done": "green", "cached": "cyan", "running": "yellow", "failed": "red", "stopped": "magenta",
+    "killed": "red", "damaged": "red", "blocked": "dim", "skipped": "dim", "pending": "dim",
+}
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -54,6 +54,24 @@ def read_json_object(path: Path, what: str = "file", error: type = UsageError) -
     return data
 
 
+def resolve_runs_dir(explicit: Path | None, config: Path | None) -> Path:
+    """Where runs live, for every front end: `explicit` (--runs-dir) as given, else [project].runs_dir of
+    the forge.toml `config` (read, not validated; relative to its folder), else ./runs."""
+    if explicit is not None:
+        return Path(explicit)
+    if config is not None and Path(config).is_file():
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        try:
+            raw = tomllib.loads(Path(config).read_text(encoding="utf-8"))
+            return (Path(config).parent / str(raw.get("project", {}).get("runs_dir", "runs"))).resolve()
+        except Exception:  # noqa: BLE001 - a broken forge.toml still lets you look at runs
+            pass
+    return Path("runs").resolve()
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from llmforge.formatting import fmt_duration  # noqa: F401 - the CLI modules import it from here
+from llmforge.formatting import STATUS_STYLE, fmt_duration  # noqa: F401 - the CLI modules import them from here
 
 CONFIG_OPTION = typer.Option("forge.toml", "--config", "-c", help="Path to forge.toml.")
 SET_OPTION = typer.Option(None, "--set", help="Override a value: stage.option=VALUE or section.key=VALUE.")
@@ -74,26 +74,10 @@ def print_table(columns: list[str], rows: list[list[Any]], title: str | None = N
 
 
 def runs_dir(explicit: Path | None, config: Path | None = None) -> Path:
-    """Where runs live: --runs-dir, else [project].runs_dir of forge.toml (read, not validated), else ./runs."""
-    if explicit is not None:
-        return explicit
-    cfg = Path(config or "forge.toml")
-    if cfg.is_file():
-        from llmforge.config import read_toml
+    """Where runs live: --runs-dir, else [project].runs_dir of forge.toml (or of ./forge.toml), else ./runs."""
+    from llmforge.runs import resolve_runs_dir
 
-        try:
-            raw = read_toml(cfg)
-            sub = raw.get("project", {}).get("runs_dir", "runs")
-            return (cfg.parent / str(sub)).resolve()
-        except Exception:  # noqa: BLE001 - a broken forge.toml still lets you look at runs
-            pass
-    return Path("runs").resolve()
-
-
-STATUS_STYLE = {
-    "done": "green", "cached": "cyan", "running": "yellow", "failed": "red", "stopped": "magenta",
-    "killed": "red", "damaged": "red", "blocked": "dim", "skipped": "dim", "pending": "dim",
-}
+    return resolve_runs_dir(explicit, Path(config or "forge.toml"))
 
 
 def styled(status: str) -> str:

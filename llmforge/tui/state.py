@@ -9,35 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmforge.runs import MANIFEST, RunInfo, RunStore
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from llmforge.runs import MANIFEST, RunInfo, RunStore, resolve_runs_dir
 
 DEFAULT_CONFIG = "forge.toml"
-
-
-def resolve_runs_dir(explicit: Path | None, config: Path | None) -> Path:
-    """The runs folder by the CLI's rule (llmforge/cli/common.py::runs_dir): --runs-dir, else
-    [project].runs_dir of forge.toml (read, not validated), else ./runs.
-
-    Kept here rather than imported because the CLI module imports typer; the rule is three lines."""
-    if explicit is not None:
-        return Path(explicit).resolve()
-    if config is not None and Path(config).is_file():
-        try:
-            raw = tomllib.loads(Path(config).read_text(encoding="utf-8"))
-            sub = raw.get("project", {}).get("runs_dir", "runs")
-            return (Path(config).parent / str(sub)).resolve()
-        except (OSError, ValueError, AttributeError):  # a broken forge.toml still lets you look at runs
-            pass
-    return Path("runs").resolve()
 
 
 @dataclass
@@ -56,7 +33,7 @@ class AppState:
             cfg: Path | None = Path(config).absolute()  # absolute() as the runner records it, not resolve()
         else:
             cfg = Path(DEFAULT_CONFIG).absolute() if Path(DEFAULT_CONFIG).is_file() else None
-        return cls(cfg, resolve_runs_dir(Path(runs_dir) if runs_dir else None, cfg))
+        return cls(cfg, resolve_runs_dir(Path(runs_dir).resolve() if runs_dir else None, cfg))
 
     @property
     def store(self) -> RunStore:

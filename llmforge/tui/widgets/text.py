@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import math
 
-from llmforge.formatting import fmt_duration  # noqa: F401 - the screens import it from here
+from llmforge.formatting import STATUS_STYLE, fmt_duration  # noqa: F401 - the screens import them from here
 
-# Statuses as the CLI colours them (cli/common.py), as textual markup styles.
-STATUS_STYLE = {
-    "done": "green", "cached": "cyan", "running": "yellow", "failed": "red", "stopped": "magenta",
-    "killed": "red", "damaged": "red", "blocked": "dim", "skipped": "dim", "pending": "dim",
-}
 # The marks the CLI puts before an ended stage (cli/common.py::STATUS_MARK): a stop the user asked for is
 # not a failure, and the mark says so where colour is not seen (NO_COLOR, a monochrome terminal).
 # Statuses still going or never started get none.
