@@ -56,6 +56,24 @@ class EventWriter:
         self._fh.close()
 
 
+def decode_event(raw: bytes, where: str) -> dict | None:
+    """One line of an events.jsonl as every reader takes it (`read_events`, the TUI's tail): the event;
+    None for a blank line or one torn by a crash (not JSON, or not an object); for a line that is not
+    UTF-8 (a damaged file), a warning log event naming `where` (file:line), never an error."""
+    try:
+        line = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        return {"type": "log", "level": "warning", "time": None,
+                "message": f"{where}: skipped a line that is not UTF-8 text ({exc.reason} at byte {exc.start})"}
+    if not line:
+        return None
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None  # a line torn by a crash: skip it, never fail the reader
+    return event if isinstance(event, dict) else None
+
+
 def read_events(path: Path, follow: bool = False, stop: Callable[[], bool] | None = None,
                 poll: float = 0.2) -> Iterator[dict]:
     """Yield the events of a file; with `follow`, keep waiting for new lines until `stop()` is true.
@@ -76,20 +94,9 @@ def read_events(path: Path, follow: bool = False, stop: Callable[[], bool] | Non
                     continue
                 raw, buf = buf, b""
                 lineno += 1
-                try:
-                    line = raw.decode("utf-8").strip()
-                except UnicodeDecodeError as exc:
-                    yield {"type": "log", "level": "warning", "time": None,
-                           "message": f"{path}:{lineno}: skipped a line that is not UTF-8 text ({exc.reason} "
-                                      f"at byte {exc.start})"}
-                    continue
-                if line:
-                    try:
-                        event = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line torn by a crash: skip it, never fail the reader
-                    if isinstance(event, dict):
-                        yield event
+                event = decode_event(raw, f"{path}:{lineno}")
+                if event is not None:
+                    yield event
                 continue
             if not follow or (stop is not None and stop()):
                 return

@@ -1,8 +1,8 @@
 """Following a run through its files: events.jsonl tailed incrementally, the manifest re-read now and then.
 
 * `EventTail` reads whatever was appended since the last call (never the whole file again), holding
-  back a last line that is still being written and skipping a line torn by a crash, like
-  `events.read_events`, but without blocking, so one worker can poll it between other work.
+  back a last line that is still being written and decoding each line as `events.read_events` does
+  (`events.decode_event`), but without blocking, so one worker can poll it between other work.
 * `Series` keeps a metric's history for a chart in bounded memory: past `2 * cap` points it averages
   neighbouring pairs and doubles its stride, so 100k points cost as much to draw as 2k.
 * `RunModel` is what the Monitor shows: stages and their status, the current stage, progress and
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from llmforge.events import decode_event
 from llmforge.runs import EVENTS, MANIFEST
 from llmforge.tui.widgets.text import marked
 
@@ -39,6 +40,7 @@ class EventTail:
         self.offset = 0
         self.chunk = chunk
         self._partial = b""
+        self.lineno = 0  # complete lines read so far, for the file:line a damaged one is named by
 
     def read(self, max_bytes: int | None = None) -> list[dict]:
         """The complete events appended since the last call (up to about `max_bytes` of them)."""
@@ -55,12 +57,11 @@ class EventTail:
         cut = data.rfind(b"\n") + 1
         data, self._partial = data[:cut], data[cut:]
         out = []
-        for line in data.splitlines():
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    continue  # torn by a crash: skip it, as read_events does
+        for raw in data.split(b"\n")[:-1]:  # each line as read_events decodes it
+            self.lineno += 1
+            event = decode_event(raw, f"{self.path}:{self.lineno}")
+            if event is not None:
+                out.append(event)
         return out
 
 
