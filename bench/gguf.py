@@ -27,11 +27,9 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +45,9 @@ def _sibling(name: str):
     return module
 
 
-measure = _sibling("measure").measure  # the launcher and ru_maxrss measurement every bench shares
+_measure = _sibling("measure")
+# the launcher and ru_maxrss measurement every bench shares, and the CPU/load lines every section records
+measure, machine_line, load_line = _measure.measure, _measure.machine_line, _measure.load_line
 
 MB = 1e6
 BASE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=5,
@@ -153,16 +153,6 @@ def identical(a: Path, b: Path) -> bool:
         ta[n].tensor_type == tb[n].tensor_type and bytes(ta[n].data) == bytes(tb[n].data) for n in ta)
 
 
-def _cpu() -> str:
-    """The CPU model and the flags that change how fast these paths run (the machines differ: AMD without native
-    bf16, Intel with AMX)."""
-    from llmforge import hardware
-
-    flags = hardware.cpu_flags()
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{hardware.cpu_model()} ({', '.join(shown) or 'no AVX2'})"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", type=Path, default=Path("/tmp/llmforge-bench-gguf"))
@@ -215,8 +205,8 @@ def main() -> int:
     lf_wall, lf_rss = med("llmforge", 0), med("llmforge", 1)
     dims = info["shape"]
     lines = [
-        f"- date: {time.strftime('%Y-%m-%d')}, machine: {platform.machine()}, {_cpu()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, {args.runs} run(s) each, interleaved: median (min-max)",
+        f"- {machine_line()}; {args.runs} run(s) each, interleaved: median (min-max)",
+        f"- {load_line()}",
         f"- input: Llama {dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}, vocab "
         f"{dims['vocab_size']}, {info['params'] / 1e6:.1f} M parameters, {info['model_bytes'] / 2**20:.0f} MiB in "
         f"float32 (scale {args.scale}); largest tensor {info['largest_tensor_bytes'] / MB:.0f} MB; output F16 "

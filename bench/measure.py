@@ -44,23 +44,15 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8
 
 
 def cpu_info() -> dict:
-    """The CPU model, core count and the flags that decide training and llama.cpp speed (Linux
-    /proc/cpuinfo; elsewhere the model from `platform` and no flags)."""
+    """The CPU model, core count and the flags that decide training and llama.cpp speed, read the way
+    llmforge itself reads them (llmforge.hardware: /proc/cpuinfo on Linux, the platform's name elsewhere)."""
     import os
     import platform
-    from pathlib import Path
 
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags],
+    from llmforge import hardware
+
+    flags = hardware.cpu_flags()
+    return {"model": hardware.cpu_model(), "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags],
             "python": platform.python_version()}
 
 
