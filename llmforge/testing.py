@@ -239,15 +239,10 @@ def _builtins():
 
 
 def _read_events(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line of a killed run: readers skip it too
-            continue
-    return out
+    """The run's events as `llmforge logs` reads them (a torn last line skipped, a damaged one named)."""
+    from llmforge.events import read_events
+
+    return list(read_events(path)) if path.exists() else []
 
 
 @pytest.fixture
