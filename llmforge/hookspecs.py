@@ -36,6 +36,19 @@ hookimpl = pluggy.HookimplMarker("llmforge")
 
 
 @hookspec
+def extension_points() -> list:
+    """Declare extension points: return a list of :class:`llmforge.extension.ExtensionPoint`.
+
+    Called once, right after every plugin is loaded and before any registration hook runs. Each point
+    adds a registration hook (``point.hook``, taking ``register``) that any plugin may then implement,
+    and a registry table (``registry.table(point.table)``) its entries land in. The core declares its
+    own points this way (stages, readers, row formats, chat templates, trackers, backends); the merge
+    plugin declares merge methods, the curate plugin curation steps. Must be cheap: declarations only.
+    """
+
+
+
+@hookspec
 def register_stages(register: Callable[[type], None]) -> None:
     """Register stage classes.
 
