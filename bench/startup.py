@@ -1,6 +1,10 @@
 """Start-up time of `llmforge --help` against `python -c pass`, measured in the same run.
 
-Usage: python bench/startup.py [--runs 21] [--write docs/benchmarks.md]
+Usage: python bench/startup.py [--runs 21] [--write docs/benchmarks.md] [--baseline-python PY]
+
+With --baseline-python (an interpreter whose environment has another llmforge installed, e.g. the
+previous commit), that install's `llmforge --help` is timed in the same run, interleaved run by run with
+this one, so that a change can be shown to be no slower on the same machine at the same moment.
 
 Goal (issue 2): median of `llmforge --help` under 0.3 s on the 2-core reference machine. The
 interpreter's own start-up is measured alongside so the figure can be read on any machine.
@@ -40,7 +44,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=21)
     ap.add_argument("--write", type=Path, help="update this markdown file's startup section")
+    ap.add_argument("--baseline-python", type=Path, help="also time this interpreter's llmforge, interleaved")
     args = ap.parse_args()
+    if args.baseline_python:
+        return compare(args.baseline_python, args.runs)
     script = shutil.which("llmforge", path=str(Path(sys.executable).parent)) or shutil.which("llmforge")
     cli = [script, "--help"] if script else [sys.executable, "-m", "llmforge", "--help"]
     base = timed([sys.executable, "-c", "pass"], args.runs)
@@ -62,6 +69,36 @@ def main() -> int:
     if args.write:
         _update(args.write, "startup", "\n".join(lines))
     return 0 if ok else 1
+
+
+def _cli(python: Path) -> list[str]:
+    script = shutil.which("llmforge", path=str(Path(python).parent))
+    return [script, "--help"] if script else [str(python), "-m", "llmforge", "--help"]
+
+
+def compare(baseline: Path, runs: int) -> int:
+    """This install's `llmforge --help` against a baseline install's, run by run in turn (ABAB...): a
+    drift of the machine's load hits both sides alike."""
+    from measure import load_line, machine_line
+
+    sides = {"this": _cli(Path(sys.executable)), "baseline": _cli(baseline)}
+    for cmd in sides.values():
+        subprocess.run(cmd, capture_output=True, check=True, env=ENV)  # warm caches
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(runs):
+        for name, cmd in sides.items():
+            t = time.perf_counter()
+            subprocess.run(cmd, capture_output=True, check=True, env=ENV)
+            times[name].append(time.perf_counter() - t)
+    print(f"- {machine_line()}, {runs} interleaved runs each")
+    print(f"- {load_line()}")
+    for name, cmd in sides.items():
+        ts = times[name]
+        print(f"- {name} (`{' '.join(cmd)}`): median {statistics.median(ts) * 1000:.0f} ms "
+              f"(min {min(ts) * 1000:.0f}, max {max(ts) * 1000:.0f})")
+    ratio = statistics.median(times["this"]) / statistics.median(times["baseline"])
+    print(f"- this / baseline: {ratio:.2f}")
+    return 0
 
 
 def _update(path: Path, name: str, body: str) -> None:

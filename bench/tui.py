@@ -1,6 +1,10 @@
 """The TUI's start-up and its cost while following a busy run.
 
 Usage: python bench/tui.py [--runs 5] [--seconds 20] [--rate 100] [--history 100000] [--write docs/benchmarks.md]
+       python bench/tui.py --baseline-python PY --baseline-script OLD/bench/tui.py [--runs 7]
+
+The second form times only the first paint, of this install and of a baseline install (the baseline's own
+copy of this script drives it, as the app's internals may differ), interleaved run by run.
 
 1. Launch to first paint: `llmforge tui` through the real CLI entry (`llmforge.cli.main`: Typer, the
    plugin registry, the app), from process spawn until the Project screen has been drawn once, with
@@ -177,6 +181,30 @@ def measure_paint(project: Path, runs: int) -> tuple[list[float], bool]:
     return times[1:], torch
 
 
+def compare_paint(python: Path, script: Path, runs: int) -> int:
+    """First paint of this install and of a baseline one, in turn run by run, on the same project."""
+    from measure import load_line, machine_line
+
+    sides = {"this": [sys.executable, __file__], "baseline": [str(python), str(script)]}
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    with tempfile.TemporaryDirectory(prefix="llmforge-bench-tui-") as tmp:
+        make_project(Path(tmp), 1000)
+        for i in range(runs + 1):  # the first round warms the caches and is dropped
+            for name, cmd in sides.items():
+                t = time.time()
+                out = subprocess.run([*cmd, "--child-paint", tmp], capture_output=True, text=True, check=True,
+                                     timeout=120)
+                if i:
+                    times[name].append(json.loads(out.stdout.strip().splitlines()[-1])["painted"] - t)
+    print(f"- {machine_line()}, {runs} interleaved runs each, Textual's headless driver")
+    print(f"- {load_line()}")
+    for name, ts in times.items():
+        print(f"- {name}: first paint median {statistics.median(ts) * 1000:.0f} ms "
+              f"(min {min(ts) * 1000:.0f}, max {max(ts) * 1000:.0f})")
+    print(f"- this / baseline: {statistics.median(times['this']) / statistics.median(times['baseline']):.2f}")
+    return 0
+
+
 def timed(cmd: list[str], runs: int) -> list[float]:
     out = []
     for _ in range(runs):
@@ -209,7 +237,11 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=100.0)
     ap.add_argument("--history", type=int, default=100_000)
     ap.add_argument("--write", type=Path, help="update this markdown file's tui section")
+    ap.add_argument("--baseline-python", type=Path, help="compare the first paint with this interpreter's llmforge")
+    ap.add_argument("--baseline-script", type=Path, help="the baseline's bench/tui.py (drives its own app)")
     args = ap.parse_args()
+    if args.baseline_python:
+        return compare_paint(args.baseline_python, args.baseline_script, args.runs)
     with tempfile.TemporaryDirectory(prefix="llmforge-bench-tui-") as tmp:
         root = Path(tmp)
         run_id = make_project(root, args.history)
