@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from llmforge.errors import ForgeError
 
@@ -31,6 +32,9 @@ class Launch:
     resume: bool = False
     run_ref: str | None = None  # --run
     force: bool = False
+    # The fit check (RunRequest.fit): "check" refuses a stage that cannot fit this machine, here before
+    # the child starts and again in the child; "skip" (--no-fit-check) starts anyway.
+    fit: Literal["check", "skip"] = "check"
 
     def argv(self, run_id: str) -> list[str]:
         argv = [sys.executable, "-m", "llmforge", "run", "-c", str(Path(self.config).resolve()), "--run", run_id]
@@ -44,6 +48,8 @@ class Launch:
             argv.append("--resume")
         if self.force:
             argv.append("--force")
+        if self.fit == "skip":
+            argv.append("--no-fit-check")
         return argv
 
 
@@ -59,11 +65,16 @@ def start_detached(launch: Launch, wait_s: float = 30.0, pipe=None) -> Started:
     owns the run (its manifest exists). A configuration error is raised here, before any process.
     `pipe`: the pipeline already loaded from `launch.config` with `launch.overrides`, if the caller has it."""
     from llmforge.pipeline import load_pipeline
+    from llmforge.planning import fit_check
     from llmforge.runner import find_resumable
     from llmforge.runs import MANIFEST, RunStore, new_run_id
 
     if pipe is None:
         pipe = load_pipeline(launch.config, launch.overrides)  # ConfigError with every problem
+    if launch.fit == "check":
+        # A stage that cannot fit is refused here, with the check's own message, before a run folder or
+        # a process exists (the child, given the same decision, would refuse it only after both).
+        fit_check(pipe, launch.stages, launch.from_stage)
     store = RunStore(pipe.config.runs_dir)
     run_id = find_resumable(store, pipe.config, launch.run_ref).id if launch.resume else (launch.run_ref or new_run_id())
     run_dir = store.dir / run_id

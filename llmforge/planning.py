@@ -1,8 +1,18 @@
 """Memory and disk estimates for each stage of a pipeline, before anything runs: `llmforge plan`, and
-the fit check `llmforge run` does first.
+the fit check a run makes first (`fit_check`, asked for by `RunRequest.fit`).
 
-Pure arithmetic on the model's shape (its config.json, or the size preset of the pretrain stage that
-makes it) and the stage's options; no torch import, so it answers in milliseconds. docs/plan.md
+Each stage estimates itself (`Stage.estimate(options, env)`, llmforge/stage.py); this module knows no
+stage kind. It is the library those estimates use and the driver that asks them:
+
+* the model's shape: `Shape`, `shape_from_config`, `shape_from_dir`; a stage's model input through
+  `PlanEnv.shape_of`, which follows `@stage` references to the `Stage.output_shape` of the stage that
+  writes the model (the pretrain plugin answers from its size presets, merge from its first source);
+* the arithmetic of training with the HF Trainer: `Training`, `estimate_training`, `activation_bytes`
+  (weights, gradients, optimizer states, activations, LoRA/QLoRA, ZeRO/FSDP sharding and offload);
+* the driver: `plan()` asks every stage, judges each `Estimate` against the machine, and for a training
+  stage that does not fit suggests changes (`suggest`) re-estimated with the same arithmetic.
+
+Pure arithmetic on shapes and options; no torch import, so it answers in milliseconds. docs/plan.md
 explains every term and compares the figures with measured runs and with published numbers.
 
 The peak memory of one training process is modelled as
@@ -25,8 +35,6 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-from llmforge.presets import PRESETS  # the pretrain stage's sizes
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -60,18 +68,6 @@ BUFFERS_BYTES = int(0.1 * GIB)
 # step. glibc's heap keeps freed activation blocks (in the CPU runs of docs/plan.md it held 0.3-0.5x the
 # step's memory without gradient checkpointing, up to 2x with it); the CUDA caching allocator fragments less.
 SLACK = {"cpu": 0.6, "cuda": 0.1}
-
-# Bits per weight of llama.cpp's file types, from llama-quantize's own table (sizes of Llama-3-8B files,
-# which include the mixed-precision tensors each type keeps) or the type's nominal width.
-_LLAMA3_8B_PARAMS = 8.03e9
-_SIZES_GIB = {"Q2_K": 2.96, "Q2_K_S": 2.96, "Q3_K_S": 3.41, "Q3_K_M": 3.74, "Q3_K_L": 4.03, "Q4_0": 4.34,
-              "Q4_1": 4.78, "Q4_K_S": 4.37, "Q4_K_M": 4.58, "Q5_0": 5.21, "Q5_1": 5.65, "Q5_K_S": 5.21,
-              "Q5_K_M": 5.33, "Q6_K": 6.14, "Q8_0": 7.96}
-GGUF_BPW: dict[str, float] = {k: v * GIB * 8 / _LLAMA3_8B_PARAMS for k, v in _SIZES_GIB.items()}
-GGUF_BPW.update({"F32": 32.0, "F16": 16.0, "BF16": 16.0, "IQ1_S": 1.56, "IQ1_M": 1.75, "TQ1_0": 1.69,
-                 "TQ2_0": 2.06, "IQ2_XXS": 2.06, "IQ2_XS": 2.31, "IQ2_S": 2.5, "IQ2_M": 2.7, "IQ3_XXS": 3.06,
-                 "IQ3_XS": 3.3, "IQ3_S": 3.44, "IQ3_M": 3.66, "IQ4_XS": 4.25, "IQ4_NL": 4.5,
-                 "Q4_K": GGUF_BPW["Q4_K_M"], "Q5_K": GGUF_BPW["Q5_K_M"], "Q3_K": GGUF_BPW["Q3_K_M"]})
 
 
 def gib(n: int | float | None) -> float | None:
@@ -169,14 +165,6 @@ def shape_from_dir(path: Path) -> Shape:
     return shape_from_config(json.loads(cfg_path.read_text()), str(cfg_path))
 
 
-def shape_from_preset(size: str, vocab: int, overrides: dict | None = None, source: str = "") -> Shape:
-    dims = {**PRESETS[size], **{k: v for k, v in (overrides or {}).items() if v is not None and k in PRESETS["tiny"]}}
-    h, heads = dims["hidden_size"], dims["num_attention_heads"]
-    return Shape(vocab, h, dims["num_hidden_layers"], heads, dims["num_key_value_heads"] or heads,
-                 dims["intermediate_size"], h // heads, bool((overrides or {}).get("tie_embeddings", True)),
-                 "float32", "sdpa", False, source or f"preset {size}")
-
-
 # ----------------------------------------------------------------------------------------------
 # how a stage trains, and on what
 
@@ -200,7 +188,7 @@ class Backend:
         return max(1, self.procs_per_node) * max(1, self.nodes)
 
     @classmethod
-    def from_config(cls, section) -> "Backend":
+    def from_config(cls, section) -> Backend:
         """Read `[backend]` by attribute with defaults: the schema grows while this reads it."""
         ds = getattr(section, "deepspeed", None)
         fs = getattr(section, "fsdp", None)
@@ -258,6 +246,14 @@ def resolve_precision(precision: str, device: str, gpu_bf16: bool, cpu_bf16: boo
 
 @dataclass
 class Estimate:
+    """What one stage needs, as `Stage.estimate` returns it: peak memory of one process on its device,
+    host RAM beyond that, disk, each with the parts it is made of (the names `llmforge plan` prints).
+
+    `shape`, `training` and `backend` say what the figures were computed for: the plan shows the
+    model's parameter count and the training setup, and offers changes (smaller micro-batches, LoRA,
+    ZeRO, ...) re-estimated with `estimate_training` when `training` is given. `estimate_training`
+    fills all three; a stage that counts its own parts may leave them None."""
+
     device: str  # "cuda" or "cpu"
     peak: int  # bytes one process needs on its device at its peak
     parts: dict[str, int]  # what the peak is made of (see the module docstring for how they combine)
@@ -266,6 +262,9 @@ class Estimate:
     disk: int = 0
     disk_parts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    shape: Shape | None = None  # the model the stage works on
+    training: Training | None = None  # how it trains (a training stage)
+    backend: Backend | None = None  # the launch it trains under (a training stage)
 
     def to_json(self) -> dict:
         return {"device": self.device, "peak_bytes": self.peak, "peak_gib": gib(self.peak),
@@ -342,7 +341,7 @@ def estimate_training(shape: Shape, t: Training, backend: Backend = Backend(), d
         else:
             buckets = 2 * shape.hidden ** 2 * 4  # reduce buckets ("auto" = hidden² elements)
         if backend.offload_optimizer == "cpu":
-            host_parts["optimizer (offloaded)"] = int((master + optim + (T * 4 / world if ds16 else 0)))
+            host_parts["optimizer (offloaded)"] = int(master + optim + (T * 4 / world if ds16 else 0))
             master = optim = 0
         if backend.offload_params == "cpu" and z == 3:
             host_parts["weights (offloaded)"] = int(weights)
@@ -400,31 +399,91 @@ def estimate_training(shape: Shape, t: Training, backend: Backend = Backend(), d
             disk_parts["merged model"] = int(P * (2 if t.qlora else DTYPE_BYTES[shape.dtype]))
     else:
         disk_parts["model"] = int(P * base_b)
-    return Estimate(device, int(peak), parts, host, host_parts, sum(disk_parts.values()), disk_parts, notes)
+    return Estimate(device, int(peak), parts, host, host_parts, sum(disk_parts.values()), disk_parts, notes,
+                    shape=shape, training=t, backend=backend)
 
 
-def gguf_estimate(shape: Shape, outtype: str, quantize: list[str], check: bool, imatrix: bool) -> Estimate:
-    P = shape.params()
-    files = {f"export ({outtype.upper()})": P * GGUF_BPW.get(outtype.upper(), 16.0) / 8}
-    for q in quantize:
-        files[q.upper()] = P * GGUF_BPW.get(q.upper(), 8.0) / 8
-    parts = {"runtime": RUNTIME_BYTES["cpu"], "one tensor at a time (export)": shape.vocab * shape.hidden * 8}
-    if check or imatrix:  # the HF model in fp32 next to the largest GGUF file mapped by llama.cpp
-        parts["HF model (fp32, for check/imatrix)"] = P * 4
-        parts["largest GGUF (llama.cpp)"] = max(files.values())
-    parts = {k: int(v) for k, v in parts.items()}
-    disk = {k: int(v) for k, v in files.items()}
-    return Estimate("cpu", sum(parts.values()), parts, 0, {}, sum(disk.values()), disk)
+# ----------------------------------------------------------------------------------------------
+# what a stage's estimate may ask (Stage.estimate and Stage.output_shape get a PlanEnv)
 
 
-def merge_estimate(shape: Shape, n_inputs: int, out_dtype: str, compute_dtype: str) -> Estimate:
-    """Merging works tensor by tensor: every input's copy of the largest tensor, the result, a scratch."""
-    largest = max(shape.vocab * shape.hidden, shape.intermediate * shape.hidden)
-    parts = {"runtime": RUNTIME_BYTES["cpu"],
-             "tensors in flight": (n_inputs + 2) * largest * DTYPE_BYTES.get(compute_dtype, 8)}
-    disk = {"merged model": shape.params() * DTYPE_BYTES.get(out_dtype, 4)}
-    return Estimate("cpu", int(sum(parts.values())), {k: int(v) for k, v in parts.items()}, 0, {},
-                    int(sum(disk.values())), {k: int(v) for k, v in disk.items()})
+class ShapeUnknown(Exception):
+    """The shape of a model input cannot be known before the run (no config.json, a stage upstream that
+    does not say what it writes, ...). Raised by `PlanEnv.shape_of`; the plan shows the stage as "model
+    shape unknown: <the message>" instead of an estimate."""
+
+
+def tokenizer_vocab(folder: Path) -> int | None:
+    """The vocabulary size of a tokenizer folder's tokenizer.json (its model's entries plus the added
+    tokens outside it), or None when it cannot be read."""
+    try:
+        data = json.loads((Path(folder) / "tokenizer.json").read_text())
+        vocab = data["model"]["vocab"]
+        return len(vocab) + sum(1 for t in data.get("added_tokens", []) if t.get("content") not in vocab)
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class PlanEnv:
+    """What `plan()` tells a stage's `estimate` and `output_shape`: the machine, the device a training
+    process gets, the `[backend]` launch (its sharding summary), and the stage's model inputs.
+
+    `shape_of("model")` follows an `@stage` reference to the stage that writes the model (asking its
+    `output_shape`), and reads a path's config.json; it raises ShapeUnknown when neither says."""
+
+    machine: Any  # llmforge.hardware.Machine (or one described by a test)
+    backend: Backend
+    pipeline: Any  # llmforge.pipeline.Pipeline: the stage's inputs and the stages they refer to
+    stage: str  # the name of the stage asking
+    seen: frozenset[str] = frozenset()  # stages already asked on the way here (a reference cycle guard)
+
+    @property
+    def device(self) -> str:
+        """Where a training process runs: "cuda" on a machine with NVIDIA GPUs, else "cpu"."""
+        return "cuda" if self.machine.gpus else "cpu"
+
+    def precision(self, requested: str, params: int | None) -> str:
+        """What a training stage's `precision` becomes on this machine for a model of `params`
+        parameters: the same decision the training loop takes (llmforge.precision)."""
+        return resolve_precision(requested, self.device, self.machine.gpu_bf16, self.machine.cpu_bf16_fast, params)
+
+    def input(self, field: str) -> Any | None:
+        """The stage's input at this options field (`model`, `models[0].model`; llmforge.pipeline.InputUse:
+        `.ref_stage` for an @reference, else `.path`), or None when that field is not set."""
+        return next((u for u in self.pipeline.inputs.get(self.stage, []) if u.key == field), None)
+
+    def shape_of(self, *fields: str) -> Shape:
+        """The shape of the model at the first of these input fields that is set: for `@stage`, what that
+        stage says it writes (`Stage.output_shape`); for a path, its config.json (an adapter's: its base's)."""
+        use = next((u for u in map(self.input, fields) if u is not None), None)
+        if use is None:
+            raise ShapeUnknown("no model input")
+        if use.ref_stage is None:
+            try:
+                return shape_from_dir(use.path)
+            except (ValueError, OSError) as exc:
+                raise ShapeUnknown(str(exc)) from None
+        if use.ref_stage in self.seen or use.ref_stage == self.stage:
+            raise ShapeUnknown("reference cycle")
+        spec = self.pipeline.stage(use.ref_stage)
+        upstream = replace(self, stage=use.ref_stage, seen=self.seen | {self.stage})
+        shape = spec.cls().output_shape(spec.options, upstream)
+        if shape is None:
+            raise ShapeUnknown(f"stage '{spec.name}' ({spec.uses}) does not say what model it writes")
+        return shape
+
+    def vocab_of(self, field: str) -> int | None:
+        """The vocabulary size of the tokenizer (or model) at this input field, or None when unknown."""
+        use = self.input(field)
+        if use is None:
+            return None
+        if use.ref_stage is None:
+            return tokenizer_vocab(use.path)
+        try:
+            return self.shape_of(field).vocab
+        except ShapeUnknown:
+            return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,6 +501,18 @@ class Suggestion:
     def to_json(self) -> dict:
         return {"change": self.change, "text": self.text, "peak_gib": gib(self.peak), "host_gib": gib(self.host),
                 "fits": self.fits}
+
+    def set_args(self) -> str:
+        """The change as `llmforge run` arguments: `--set stage.key=value ...` (values in TOML syntax)."""
+        return " ".join(f"--set {k}={_toml(v)}" for k, v in self.change.items())
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
 
 
 @dataclass
@@ -495,115 +566,20 @@ class Plan:
                 "stages": [s.to_json() for s in self.stages], "disk_total_gib": gib(self.disk_total)}
 
 
-TRAINING_KINDS = ("pretrain", "continued_pretrain", "sft", "dpo")
-
-
-def _model_ref(pipe, name: str):
-    """The stage's model input: the InputUse named model (or base, config_from, the first model)."""
-    uses = {u.key: u for u in pipe.inputs.get(name, [])}
-    for key in ("model", "base", "config_from", "models[0].model", "slices[0].sources[0].model"):
-        if key in uses:
-            return uses[key]
-    return None
-
-
-def stage_shape(pipe, name: str, _seen: frozenset = frozenset()) -> tuple[Shape | None, str]:
-    """The shape of the model a stage works on (its input; for pretrain, the one it builds): (shape, why not)."""
-    if name in _seen:
-        return None, "reference cycle"
-    spec = pipe.stage(name)
-    o = spec.options
-    if spec.uses == "pretrain":
-        vocab = int(getattr(o, "vocab_size", 4096))
-        tok = next((u for u in pipe.inputs.get(name, []) if u.key == "tokenizer"), None)
-        if tok is not None:
-            vocab = _tokenizer_vocab(pipe, tok, _seen | {name}) or vocab
-        shape_opts = o.model.model_dump() if hasattr(o.model, "model_dump") else {}
-        size = shape_opts.pop("size", "mini")
-        if size not in PRESETS:
-            return None, f"unknown size preset {size!r}"
-        return shape_from_preset(size, vocab, shape_opts, f"{name}: preset {size}"), ""
-    use = _model_ref(pipe, name)
-    if use is None:
-        return None, "no model input"
-    if use.ref_stage is not None:
-        shape, why = stage_shape(pipe, use.ref_stage, _seen | {name})
-        if shape is None:
-            return None, why
-        return _output_shape(pipe.stage(use.ref_stage), shape), ""
-    try:
-        return shape_from_dir(use.path), ""
-    except (ValueError, OSError, json.JSONDecodeError) as exc:
-        return None, str(exc)
-
-
-def _output_shape(spec, shape: Shape) -> Shape:
-    """What a stage writes, given the shape it works on: same architecture, maybe another dtype or depth."""
-    o = spec.options
-    if spec.uses == "merge":
-        slices = getattr(o, "slices", None) or []
-        if slices:
-            layers = sum(abs(s.sources[0].layer_range[1] - s.sources[0].layer_range[0]) for s in slices)
-            shape = replace(shape, layers=layers)
-        dtype = getattr(o, "dtype", "auto")
-        return replace(shape, dtype=dtype) if dtype in DTYPE_BYTES else shape
-    lora = getattr(o, "lora", None)
-    if lora is not None and getattr(lora, "enabled", False) and getattr(lora, "qlora", False):
-        return replace(shape, dtype="bfloat16")  # merged onto the bf16 compute copy of the 4-bit base
-    return shape
-
-
-def _tokenizer_vocab(pipe, use, seen) -> int | None:
-    if use.ref_stage is not None:
-        shape, _ = stage_shape(pipe, use.ref_stage, seen)
-        return shape.vocab if shape else None
-    try:
-        data = json.loads((Path(use.path) / "tokenizer.json").read_text())
-        return len(data["model"]["vocab"]) + sum(1 for t in data.get("added_tokens", [])
-                                                 if t.get("content") not in data["model"]["vocab"])
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
-
-
-def training_of(spec, device: str, machine, shape: Shape | None = None) -> Training:
-    o = spec.options
-    lora = getattr(o, "lora", None)
-    on = bool(lora is not None and lora.enabled)
-    return Training(
-        micro_batch=o.micro_batch_size, seq=o.max_length, grad_accum=o.gradient_accumulation,
-        precision=resolve_precision(o.precision, device, machine.gpu_bf16, machine.cpu_bf16_fast,
-                                    shape.params() if shape is not None else None),
-        checkpointing=bool(getattr(o, "gradient_checkpointing", False)), optimizer=getattr(o, "optimizer", "adamw"),
-        lora=on, lora_r=lora.r if on else 16, lora_dropout=lora.dropout if on else 0.0,
-        lora_targets=lora.target_modules if on else "all-linear", qlora=on and bool(getattr(lora, "qlora", False)),
-        pairs=spec.uses == "dpo", reference_copy=spec.uses == "dpo" and not on,
-        keep_last=getattr(o, "keep_last", 2), merge=on and bool(getattr(o, "merge", False)))
-
-
-def plan_stage(pipe, spec, backend: Backend, machine) -> StagePlan:
+def plan_stage(pipe: Any, spec: Any, backend: Backend, machine: Any) -> StagePlan:
+    """One stage's plan: its own estimate (`Stage.estimate`), judged against the machine, with the changes
+    that would make a training stage fit."""
     sp = StagePlan(spec.name, spec.uses)
-    o = spec.options
-    device = "cuda" if machine.gpus else "cpu"
-    if spec.uses not in (*TRAINING_KINDS, "merge", "gguf"):
+    env = PlanEnv(machine, backend, pipe, spec.name)
+    try:
+        est = spec.cls().estimate(spec.options, env)
+    except ShapeUnknown as exc:
+        sp.note = f"model shape unknown: {exc}"
+        return sp
+    if est is None:
         sp.note = f"no estimate for stage kind '{spec.uses}'"
         return sp
-    shape, why = stage_shape(pipe, spec.name)
-    if shape is None:
-        sp.note = f"model shape unknown: {why}"
-        return sp
-    sp.shape = shape
-    if spec.uses in TRAINING_KINDS:
-        sp.training, sp.backend = training_of(spec, device, machine, shape), backend
-        sp.estimate = estimate_training(shape, sp.training, backend, device)
-        if sp.training.qlora and device != "cuda":
-            sp.estimate.notes.append("QLoRA needs a CUDA GPU (bitsandbytes); this estimate assumes one")
-    elif spec.uses == "gguf":
-        sp.estimate = gguf_estimate(shape, o.outtype, list(o.quantize), o.check, o.imatrix is not None)
-    else:
-        n = len(getattr(o, "models", []) or []) + (1 if getattr(o, "base", None) else 0)
-        n = max(n, len(getattr(o, "slices", []) or []), 1)
-        dtype = o.dtype if o.dtype in DTYPE_BYTES else shape.dtype
-        sp.estimate = merge_estimate(_output_shape(spec, shape), n, dtype, o.compute_dtype)
+    sp.estimate, sp.shape, sp.training, sp.backend = est, est.shape, est.training, est.backend
     _judge(sp, machine)
     if sp.training is not None and sp.verdict != "fits":
         sp.suggestions = suggest(sp, machine)
@@ -736,3 +712,28 @@ def plan(pipe, machine=None, only: list[str] | None = None) -> Plan:
                 s.verdict = "does not fit"
                 break
     return result
+
+
+def fit_check(pipe: Any, only: list[str], from_stage: str | None, machine: Any = None) -> None:
+    """The fit check a run makes before it starts (RunRequest.fit = "check"): refuse, with a UsageError
+    (exit code 2), a selected stage whose estimate clearly exceeds what this machine has, naming the changes
+    that would fit. Estimates near the limit pass: the check only stops runs that cannot succeed.
+
+    `only` (--stage) checks just those stages (their upstream is usually cached); `from_stage` (--from)
+    adds it and everything downstream; neither checks every stage."""
+    from llmforge.errors import UsageError
+    from llmforge.formatting import fmt_bytes
+
+    names = set(pipe.names)
+    chosen = set(only) & names if only else set(names)
+    if from_stage in names:
+        chosen |= pipe.downstream({from_stage})
+    bad = plan(pipe, machine, only=sorted(chosen)).refused
+    if not bad:
+        return
+    lines = []
+    for sp in bad:
+        lines.append(f"stage '{sp.name}' cannot fit on this machine: " + "; ".join(sp.problems))
+        lines += [f"  try {s.text}: about {fmt_bytes(s.peak, digits=2)}  ({s.set_args()})"
+                  for s in sp.suggestions if s.fits]
+    raise UsageError("\n".join(lines), hint="`llmforge plan` shows the whole estimate; run anyway with --no-fit-check")

@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from llmforge import __version__
 from llmforge.backend import build_backend
@@ -27,6 +27,7 @@ from llmforge.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT
 from llmforge.events import EventWriter
 from llmforge.hardware import snapshot
 from llmforge.pipeline import Pipeline, compute_keys, resolve_options
+from llmforge.planning import fit_check
 from llmforge.runs import (CHECKPOINT_REQUEST, EVENTS, MANIFEST, STOP_REQUEST, RunInfo, RunLock, RunStore,
                            atomic_write_json, lock_is_live, read_lock, watch_requests)
 from llmforge.schema import did_you_mean
@@ -45,6 +46,9 @@ class RunRequest:
     resume: bool = False
     run_ref: str | None = None  # --run: the run to resume, or the id of the new run
     force: bool = False  # ignore caches (of the --stage stages when given)
+    # The fit check (llmforge.planning.fit_check), made before any run folder exists: "check" refuses a
+    # selected stage whose estimate clearly exceeds this machine (exit code 2); "skip" (--no-fit-check) starts.
+    fit: Literal["check", "skip"] = "check"
     listeners: list[Callable[[dict], None]] = field(default_factory=list)
 
     @property
@@ -207,6 +211,8 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
     cfg = pipe.config
     store = RunStore(cfg.runs_dir)
     selected, forced = _select(pipe, req)  # a bad --stage/--from is refused before any run folder exists
+    if req.fit == "check":
+        fit_check(pipe, req.only, req.from_stage)  # so is a stage that cannot fit this machine
     notes: list[str] = []  # warnings for the run's first events
     info_notes: list[str] = []
     run_dir, lock, previous = _open_run(pipe, store, req, notes)

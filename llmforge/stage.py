@@ -12,6 +12,11 @@ Inputs are declared in the options schema itself, by marking a field with :func:
 A marked field accepts either a path (which must exist) or a reference ``"@stage"`` /
 ``"@stage.kind"`` to another stage's artifact. References order the pipeline; at run time they are
 replaced by the artifact's path.
+
+Planning (``llmforge plan``, the fit check of ``llmforge run``): ``estimate(options, env)`` returns the
+stage's memory and disk figures (an :class:`llmforge.planning.Estimate`, or None for "no estimate"),
+and ``output_shape(options, env)`` the shape of the model it writes, so that a stage reading it by
+``@reference`` can estimate too. Both are arithmetic on options and shapes, run on every plan.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from llmforge.errors import Problem
+    from llmforge.planning import Estimate, PlanEnv, Shape
 
 
 class StageOptions(BaseModel):
@@ -94,6 +100,24 @@ class Stage:
     def check(self, options: Any, inputs: dict[str, Artifact]) -> list["Problem"]:
         """Cheap preflight, run by ``validate`` and before ``run``: no heavy imports, no training."""
         return []
+
+    def estimate(self, options: Any, env: PlanEnv) -> Estimate | None:
+        """What the stage needs before it runs, for ``llmforge plan`` and the fit check of ``llmforge run``:
+        peak memory of one process, host RAM beyond it, disk, as an :class:`llmforge.planning.Estimate`.
+
+        ``env`` (:class:`llmforge.planning.PlanEnv`) gives the machine, ``env.device``, ``env.backend``
+        (the launch's sharding) and the shapes of the model inputs (``env.shape_of("model")`` follows
+        ``@stage`` references). llmforge.planning has the arithmetic: ``estimate_training`` for a stage
+        that trains with the HF Trainer, or an Estimate of parts the stage counts itself. Called on
+        every plan: arithmetic only, no torch, no model loaded. None (the default) shows "no estimate";
+        raising ``llmforge.planning.ShapeUnknown`` shows "model shape unknown" with its message."""
+        return None
+
+    def output_shape(self, options: Any, env: PlanEnv) -> Shape | None:
+        """The shape (:class:`llmforge.planning.Shape`) of the model this stage writes, for the estimates
+        of the stages that read it (``@this``). None (the default): the stage writes no model, or cannot
+        say before it runs."""
+        return None
 
     def run(self, options: Any, ctx: "StageContext") -> None:  # pragma: no cover - abstract
         raise NotImplementedError

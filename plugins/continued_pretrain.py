@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
 from llmforge.data import DataOptions
 from llmforge.stage import Input, Stage
 from llmforge_plugins.training.options import LoraOptions, TrainOptions, adapter_outputs
+
+if TYPE_CHECKING:
+    from llmforge.planning import Estimate, PlanEnv, Shape
 
 
 class ContinuedPretrainOptions(TrainOptions):
@@ -38,6 +41,17 @@ class ContinuedPretrainStage(Stage):
 
     def outputs(self, options) -> tuple[str, ...]:
         return adapter_outputs(options, "report")
+
+    def estimate(self, options: ContinuedPretrainOptions, env: PlanEnv) -> Estimate:
+        # Planning: the model input's shape (through @references), trained with these options.
+        from llmforge_plugins.training.estimate import training_estimate
+
+        return training_estimate(options, env, env.shape_of("model"))
+
+    def output_shape(self, options: ContinuedPretrainOptions, env: PlanEnv) -> Shape:
+        from llmforge_plugins.training.estimate import trained_shape
+
+        return trained_shape(options, env.shape_of("model"))
 
     def run(self, o: ContinuedPretrainOptions, ctx) -> None:
         from llmforge_plugins.training import common, loop, models, tokenized

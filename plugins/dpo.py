@@ -7,13 +7,16 @@ this when it gets a PEFT config and no ref_model), not a second copy in memory.
 from __future__ import annotations
 
 import shutil
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
 
 from llmforge.data import DataOptions
 from llmforge.stage import Input, Stage
 from llmforge_plugins.training.options import LoraOptions, TemplateChecks, TrainOptions, adapter_outputs
+
+if TYPE_CHECKING:
+    from llmforge.planning import Estimate, PlanEnv, Shape
 
 
 class DpoOptions(TrainOptions):
@@ -38,6 +41,17 @@ class DpoStage(TemplateChecks, Stage):
 
     def outputs(self, options) -> tuple[str, ...]:
         return adapter_outputs(options)
+
+    def estimate(self, options: DpoOptions, env: PlanEnv) -> Estimate:
+        # Planning: the model input's shape (through @references), trained with these options on chosen/rejected pairs.
+        from llmforge_plugins.training.estimate import training_estimate
+
+        return training_estimate(options, env, env.shape_of("model"), pairs=True)
+
+    def output_shape(self, options: DpoOptions, env: PlanEnv) -> Shape:
+        from llmforge_plugins.training.estimate import trained_shape
+
+        return trained_shape(options, env.shape_of("model"))
 
     def run(self, o: DpoOptions, ctx) -> None:
         import datasets

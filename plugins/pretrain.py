@@ -6,13 +6,16 @@ can go on to SFT, DPO and GGUF export.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
 
 from llmforge.data import DataOptions
 from llmforge.stage import Input, Stage, StageOptions
 from llmforge_plugins.training.options import TemplateChecks, TrainOptions
+
+if TYPE_CHECKING:
+    from llmforge.planning import Estimate, PlanEnv, Shape
 
 
 class ModelShape(StageOptions):
@@ -43,6 +46,17 @@ class PretrainStage(TemplateChecks, Stage):
     Options = PretrainOptions
     produces = ("model",)
     cache_libraries = ("torch", "transformers", "trl", "tokenizers")
+
+    def estimate(self, options: PretrainOptions, env: PlanEnv) -> Estimate:
+        # Planning: the model this stage builds (its size preset), trained with these options.
+        from llmforge_plugins.training.estimate import pretrain_shape, training_estimate
+
+        return training_estimate(options, env, pretrain_shape(options, env))
+
+    def output_shape(self, options: PretrainOptions, env: PlanEnv) -> Shape:
+        from llmforge_plugins.training.estimate import pretrain_shape
+
+        return pretrain_shape(options, env)
 
     def run(self, o: PretrainOptions, ctx) -> None:
         from llmforge.chat import resolve_template

@@ -7,13 +7,16 @@ the output model so export and chat use exactly it.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
 
 from llmforge.data import DataOptions
 from llmforge.stage import Input, Stage
 from llmforge_plugins.training.options import LoraOptions, TemplateChecks, TrainOptions, adapter_outputs
+
+if TYPE_CHECKING:
+    from llmforge.planning import Estimate, PlanEnv, Shape
 
 
 class SftOptions(TrainOptions):
@@ -36,6 +39,17 @@ class SftStage(TemplateChecks, Stage):
 
     def outputs(self, options) -> tuple[str, ...]:
         return adapter_outputs(options)
+
+    def estimate(self, options: SftOptions, env: PlanEnv) -> Estimate:
+        # Planning: the model input's shape (through @references), trained with these options.
+        from llmforge_plugins.training.estimate import training_estimate
+
+        return training_estimate(options, env, env.shape_of("model"))
+
+    def output_shape(self, options: SftOptions, env: PlanEnv) -> Shape:
+        from llmforge_plugins.training.estimate import trained_shape
+
+        return trained_shape(options, env.shape_of("model"))
 
     def run(self, o: SftOptions, ctx) -> None:
         from llmforge.chat import resolve_template

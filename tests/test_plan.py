@@ -188,7 +188,8 @@ def test_memory_terms_follow_the_training_setup():
 
 
 def test_gguf_sizes_follow_bits_per_weight():
-    from llmforge.planning import GGUF_BPW, gguf_estimate, shape_from_config
+    from llmforge.planning import shape_from_config
+    from llmforge_plugins.gguf.estimate import GGUF_BPW, gguf_estimate
 
     shape = shape_from_config({**LLAMA2_7B, "vocab_size": 128256, "num_key_value_heads": 8,
                                "intermediate_size": 14336})  # Llama-3-8B's shape
@@ -266,7 +267,7 @@ def test_plan_reads_a_model_folder_and_suggests_what_fits(project):
     assert combined["change"]["big.lora.enabled"] is True and combined["change"]["big.micro_batch_size"] == 1
 
 
-def test_plan_against_a_gpu_machine_suggests_qlora_zero_and_offload(project):
+def test_plan_against_a_gpu_machine_suggests_qlora_zero_and_offload(project, llmforge_registry):
     """The same stage planned for a machine with GPUs (described, not probed): per-GPU limits, host RAM."""
     from llmforge.hardware import Machine
     from llmforge.pipeline import load_pipeline
@@ -277,7 +278,8 @@ def test_plan_against_a_gpu_machine_suggests_qlora_zero_and_offload(project):
            "compute_capability": "8.9", "bf16": True, "driver": "x"}
     machine = Machine(ram_total=64 * 2**30, ram_available=60 * 2**30, disk_free=10**13, gpus=[gpu, {**gpu, "index": 1}])
     pipe = load_pipeline(project.config, ["backend.type=accelerate", "backend.num_processes=2",
-                                          "big.max_length=2048", "big.micro_batch_size=1"])
+                                          "big.max_length=2048", "big.micro_batch_size=1"],
+                         registry=llmforge_registry())
     sp = plan(pipe, machine=machine).stages[0]
     assert sp.estimate.device == "cuda" and sp.training.precision == "bf16"  # auto on a bf16 GPU
     assert sp.backend.describe() == "accelerate DDP x2" and "DDP gradient buckets" in sp.estimate.parts
@@ -299,7 +301,8 @@ def test_planning_imports_no_torch(project):
     write_data(project.root)
     project.write(PRETRAIN.format(steps=2) + SFT.format(steps=2))
     code = ("import sys; from llmforge.pipeline import load_pipeline; from llmforge.planning import plan; "
-            "p = plan(load_pipeline('forge.toml')); assert p.stages[1].estimate.peak > 0; "
+            "from llmforge.plugins import load_registry; "
+            "p = plan(load_pipeline('forge.toml', registry=load_registry())); assert p.stages[1].estimate.peak > 0; "
             "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], cwd=project.root, capture_output=True, text=True, env=_env())
     assert res.returncode == 0, res.stderr
@@ -380,14 +383,16 @@ import datasets, peft, torch, transformers, trl  # noqa: F401
 from llmforge_plugins.training import common, loop, models, tokenized  # noqa: F401
 from llmforge.pipeline import load_pipeline
 from llmforge.planning import plan
+from llmforge.plugins import load_registry
 from llmforge.runner import RunRequest, run_pipeline
 
-pipe = load_pipeline("forge.toml")
+registry = load_registry()
+pipe = load_pipeline("forge.toml", registry=registry)
 est = plan(pipe).stages[0].estimate
 gc.collect()
 base = psutil.Process().memory_info().rss
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-result = run_pipeline(pipe, RunRequest())
+result = run_pipeline(pipe, RunRequest(), registry=registry)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"status": result.status, "baseline": base, "peak_before": before, "measured": peak - base,
                   "estimate": est.peak - est.parts["runtime"], "parts": est.parts}))

@@ -26,25 +26,21 @@ def run(
 ) -> None:
     """Run the pipeline of forge.toml. Exit code: 0 done, 1 a stage failed, 2 bad input (or a stage that
     cannot fit this machine), 130 stopped."""
-    import os
-
-    from llmforge.cli.scale_cmd import NO_FIT_CHECK_ENV, fit_check
     from llmforge.pipeline import load_pipeline
 
     pipe = load_pipeline(config, overrides or [])
-    if no_fit_check:
-        # The detached child (and anything else this process starts) inherits the decision.
-        os.environ[NO_FIT_CHECK_ENV] = "1"
-    fit_check(pipe, stage or [], from_stage)
+    # The fit check is part of the run request: the runner makes it before any run folder exists (and a
+    # detached launch before it starts the child, which is given the same decision on its command line).
+    fit = "skip" if no_fit_check else "check"
     if detach:
-        _detach(pipe, stage or [], from_stage, overrides or [], resume, run_ref, force)
+        _detach(pipe, stage or [], from_stage, overrides or [], resume, run_ref, force, fit)
         return
 
     from llmforge.cli.render import EventPrinter
     from llmforge.runner import RunRequest, run_pipeline
 
     req = RunRequest(only=stage or [], from_stage=from_stage, resume=resume, run_ref=run_ref, force=force,
-                     listeners=[EventPrinter()])
+                     fit=fit, listeners=[EventPrinter()])
     result = run_pipeline(pipe, req)
     _summary(result)
     raise typer.Exit(result.exit_code)
@@ -61,11 +57,11 @@ def _summary(result) -> None:
         console().print(f"stopped; continue with llmforge run --resume --run {result.run_id}", markup=False)
 
 
-def _detach(pipe, stages, from_stage, overrides, resume, run_ref, force) -> None:
+def _detach(pipe, stages, from_stage, overrides, resume, run_ref, force, fit) -> None:
     """Start the same command in its own process session; the run outlives this terminal."""
     from llmforge.detach import Launch, start_detached
 
-    launch = Launch(pipe.config.path, list(stages), from_stage, list(overrides), resume, run_ref, force)
+    launch = Launch(pipe.config.path, list(stages), from_stage, list(overrides), resume, run_ref, force, fit=fit)
     started = start_detached(launch, pipe=pipe)
     typer.echo(started.run_id)
     console(stderr=True).print(f"detached (pid {started.pid}); follow with llmforge logs {started.run_id} -f, "

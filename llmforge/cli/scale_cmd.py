@@ -1,9 +1,8 @@
-"""`llmforge doctor` (this machine and its software) and `llmforge plan` (memory and disk per stage),
-plus the fit check `llmforge run` does before it starts anything."""
+"""`llmforge doctor` (this machine and its software) and `llmforge plan` (memory and disk per stage).
+The fit check `llmforge run` makes before it starts is the core's (llmforge.planning.fit_check)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,9 +10,6 @@ import typer
 
 from llmforge.cli.common import CONFIG_OPTION, JSON_OPTION, SET_OPTION, console, print_json, print_table, runs_dir
 from llmforge.formatting import fmt_bytes
-
-# Set by `llmforge run --no-fit-check` for the detached child it starts (the child runs the check again).
-NO_FIT_CHECK_ENV = "LLMFORGE_NO_FIT_CHECK"
 
 
 def doctor(
@@ -136,44 +132,8 @@ def render_plan(result) -> None:
             out.print(f"  note: {n}", highlight=False)
         for s in sp.suggestions:
             mark = "[green]fits[/]" if s.fits else "[red]still too big[/]"
-            out.print(f"  try {s.text}: {fmt_size(s.peak)} ({mark})  " + " ".join(
-                f"--set {k}={_toml(v)}" for k, v in s.change.items()), highlight=False)
+            out.print(f"  try {s.text}: {fmt_size(s.peak)} ({mark})  {s.set_args()}", highlight=False)
     out.print(f"\ndisk for the whole pipeline: about {fmt_size(result.disk_total)}")
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return str(value)
-
-
-def fit_check(pipe, only: list[str], from_stage: str | None) -> None:
-    """What `llmforge run` does first: refuse (exit 2) a selected stage whose estimate clearly exceeds
-    what this machine has. Estimates near the limit pass: the check only stops certain failures."""
-    if os.environ.get(NO_FIT_CHECK_ENV) == "1":
-        return
-    from llmforge.errors import UsageError
-    from llmforge.planning import plan as make_plan
-
-    names = set(pipe.names)
-    # --stage runs its upstream too, but that is usually cached: check only what was asked for.
-    chosen = set(only) & names if only else set(names)
-    if from_stage in names:
-        chosen |= pipe.downstream({from_stage})
-    result = make_plan(pipe, only=sorted(chosen))
-    bad = result.refused
-    if not bad:
-        return
-    lines = []
-    for sp in bad:
-        lines.append(f"stage '{sp.name}' cannot fit on this machine: " + "; ".join(sp.problems))
-        for s in sp.suggestions:
-            if s.fits:
-                lines.append(f"  try {s.text}: about {fmt_size(s.peak)}  ("
-                             + " ".join(f"--set {k}={_toml(v)}" for k, v in s.change.items()) + ")")
-    raise UsageError("\n".join(lines), hint="`llmforge plan` shows the whole estimate; run anyway with --no-fit-check")
 
 
 def register(app: typer.Typer) -> None:

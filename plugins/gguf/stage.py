@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator
 
 from llmforge.stage import Input, Stage, StageOptions
+
+if TYPE_CHECKING:
+    from llmforge.planning import Estimate, PlanEnv
 
 
 class ImatrixOptions(StageOptions):
@@ -127,6 +130,13 @@ class GgufStage(Stage):
         if dupes:
             problems.append(Problem("quantize", f"listed twice: {', '.join(dupes)}"))
         return problems
+
+    def estimate(self, options: GgufOptions, env: PlanEnv) -> Estimate:
+        # Planning: the files from bits per weight, the check's memory from the model input's shape.
+        from llmforge_plugins.gguf.estimate import gguf_estimate
+
+        o = options
+        return gguf_estimate(env.shape_of("model"), o.outtype, list(o.quantize), o.check, o.imatrix is not None)
 
     def run(self, o: GgufOptions, ctx) -> None:
         from llmforge_plugins.gguf.modelfile import write_modelfile

@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from llmforge.stage import Stage
 from llmforge_plugins.merge.options import MergeOptions
+
+if TYPE_CHECKING:
+    from llmforge.planning import Estimate, PlanEnv, Shape
 
 
 class MergeStage(Stage):
@@ -24,6 +29,17 @@ class MergeStage(Stage):
         from llmforge_plugins.merge.plan import static_problems
 
         return static_problems(options, get_registry().merge_methods)
+
+    def estimate(self, options: MergeOptions, env: PlanEnv) -> Estimate:
+        # Planning: arithmetic on the input model's shape (the base, else the first model or slice source).
+        from llmforge_plugins.merge.estimate import SHAPE_FIELDS, estimate_merge
+
+        return estimate_merge(options, env.shape_of(*SHAPE_FIELDS))
+
+    def output_shape(self, options: MergeOptions, env: PlanEnv) -> Shape:
+        from llmforge_plugins.merge.estimate import SHAPE_FIELDS, merged_shape
+
+        return merged_shape(options, env.shape_of(*SHAPE_FIELDS))
 
     def run(self, o: MergeOptions, ctx) -> None:
         from llmforge.plugins import get_registry

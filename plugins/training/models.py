@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from llmforge.errors import DataError, UsageError
-from llmforge.presets import PRESETS  # noqa: F401 - the stage's sizes (llmforge plan reads the same table)
+from llmforge_plugins.training.presets import PRESETS  # noqa: F401 - the stage's sizes (its plan reads them too)
 
 def train_tokenizer(texts, vocab_size: int, template, min_frequency: int = 2):
     """A byte-level BPE tokenizer trained on `texts`, reserving the template's special tokens."""

@@ -1,0 +1,66 @@
+"""The training stages' estimates for `llmforge plan` (pretrain, continued_pretrain, sft, dpo): their
+options read into llmforge.planning's `Training`, and the core's arithmetic (`estimate_training`) applied
+to the model they train. Light: no torch, so a plan answers in milliseconds.
+
+Each stage's `estimate` calls `training_estimate` with the shape of the model it trains (the pretrain
+stage's size preset, or the model input's shape through `env.shape_of("model")`), and its
+`output_shape` calls `trained_shape`, so a stage downstream plans with the model this one writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from llmforge.planning import Estimate, PlanEnv, Shape, ShapeUnknown, Training, estimate_training
+
+
+def training_setup(options: Any, env: PlanEnv, shape: Shape, pairs: bool = False) -> Training:
+    """How the stage trains, from its options: batch, sequence, precision as the training loop will choose
+    it on this machine, LoRA/QLoRA, optimizer, checkpoints kept. `pairs` (DPO): chosen and rejected go
+    through the model together, and without LoRA a frozen copy of the model is the reference."""
+    o = options
+    lora = getattr(o, "lora", None)  # pretrain has no LoRA table
+    on = bool(lora is not None and lora.enabled)
+    return Training(
+        micro_batch=o.micro_batch_size, seq=o.max_length, grad_accum=o.gradient_accumulation,
+        precision=env.precision(o.precision, shape.params()),
+        checkpointing=bool(getattr(o, "gradient_checkpointing", False)), optimizer=getattr(o, "optimizer", "adamw"),
+        lora=on, lora_r=lora.r if on else 16, lora_dropout=lora.dropout if on else 0.0,
+        lora_targets=lora.target_modules if on else "all-linear", qlora=on and bool(getattr(lora, "qlora", False)),
+        pairs=pairs, reference_copy=pairs and not on,
+        keep_last=getattr(o, "keep_last", 2), merge=on and bool(getattr(o, "merge", False)))
+
+
+def training_estimate(options: Any, env: PlanEnv, shape: Shape, pairs: bool = False) -> Estimate:
+    """Peak memory of one training process, host RAM and disk, for training `shape` with these options
+    under the run's backend on this machine's device."""
+    t = training_setup(options, env, shape, pairs)
+    est = estimate_training(shape, t, env.backend, env.device)
+    if t.qlora and env.device != "cuda":
+        est.notes.append("QLoRA needs a CUDA GPU (bitsandbytes); this estimate assumes one")
+    return est
+
+
+def trained_shape(options: Any, shape: Shape) -> Shape:
+    """The model a training stage writes, given the one it trains: the same, except that QLoRA's merged
+    model is written in bf16 (the adapter is merged onto the bf16 compute copy of the 4-bit base)."""
+    lora = getattr(options, "lora", None)
+    if lora is not None and getattr(lora, "enabled", False) and getattr(lora, "qlora", False):
+        return replace(shape, dtype="bfloat16")
+    return shape
+
+
+def pretrain_shape(options: Any, env: PlanEnv) -> Shape:
+    """The model the pretrain stage builds: its size preset with the `model` table's overrides, and the
+    vocabulary of its tokenizer (a given one's, else `vocab_size`, an upper bound for a trained BPE)."""
+    from llmforge_plugins.training.presets import PRESETS, preset_shape
+
+    vocab = int(options.vocab_size)
+    if options.tokenizer is not None:
+        vocab = env.vocab_of("tokenizer") or vocab
+    dims = options.model.model_dump()
+    size = dims.pop("size", "mini")
+    if size not in PRESETS:
+        raise ShapeUnknown(f"unknown size preset {size!r}")
+    return preset_shape(size, vocab, dims, f"{env.stage}: preset {size}")
