@@ -4,6 +4,7 @@ pieces underneath (MinHash estimates, the hash index)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import unicodedata
@@ -11,16 +12,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from llmforge_plugins.curate import minhash
+from llmforge_plugins.curate.api import Drop, StepEnv
 from llmforge_plugins.curate.engine import Curator
 from llmforge_plugins.curate.hashindex import HashIndex
 from llmforge_plugins.curate.registry import build_steps
 
-from llmforge.curation import Drop, StepEnv
+
+@functools.lru_cache(maxsize=1)
+def registry():
+    """The built-in plugins (the steps' table, and the readers decontaminate reads evaluation sets with)."""
+    from llmforge.plugins import load_registry
+
+    return load_registry(env="")
 
 
 def steps(*specs, base: Path | None = None):
-    return build_steps(list(specs), StepEnv(base_dir=base or Path.cwd()))
+    reg = registry()
+    return build_steps(list(specs), StepEnv(base_dir=base or Path.cwd(), registry=reg), reg)
 
 
 def run(specs, rows, base: Path | None = None) -> tuple[list[str], Curator]:
@@ -316,12 +326,12 @@ def test_lint_findings_and_the_lint_step():
 
 
 def test_a_step_registered_by_a_plugin_runs_like_a_builtin():
-    from llmforge_plugins.curate.registry import curation_steps
     from pydantic import Field
 
     from llmforge import hookimpl
-    from llmforge.curation import CurationStep, StepOptions, row_text
     from llmforge.plugins import load_registry
+    from llmforge_plugins.curate.api import CurationStep, StepOptions, row_text
+    from llmforge_plugins.curate.registry import curation_steps
 
     class NoWordOptions(StepOptions):
         word: str = Field("foo")
@@ -351,5 +361,5 @@ def test_a_step_registered_by_a_plugin_runs_like_a_builtin():
     assert [str(c) for c in reg.conflicts if c.kind == "curation step"] == [
         "curation step 'no_word' is registered by both words ((in-process)) and clash ((in-process)); using words "
         "((in-process))"]
-    built = build_steps([{"step": "no_word", "word": "bar"}], StepEnv(), registry=reg)
+    built = build_steps([{"step": "no_word", "word": "bar"}], StepEnv(), reg)
     assert isinstance(one(built[0], {"text": "a bar"}), Drop)

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
 
 from llmforge.errors import ConfigError, UsageError
@@ -109,7 +108,7 @@ def zoo(tmp_path_factory):
 def methods():
     from llmforge.plugins import load_registry
 
-    return load_registry(env="").merge_methods
+    return load_registry(env="").table("merge_methods")
 
 
 def merge(out: Path, **recipe):
@@ -228,7 +227,7 @@ def test_slerp_matches_the_formula_with_t_per_filter_and_per_layer(zoo, tmp_path
 
 
 def test_slerp_falls_back_to_lerp_for_colinear_tensors(zoo, tmp_path):
-    from llmforge.merging import TensorInfo
+    from llmforge_plugins.merge.api import TensorInfo
     from llmforge_plugins.merge.methods import Slerp
 
     a = torch.randn(10, 10, dtype=torch.float64)
@@ -737,7 +736,7 @@ def test_recipe_problems_are_located_by_key_path(zoo):
 
 
 def test_kth_largest_abs_is_exact_with_ties_and_zoom():
-    from llmforge.merging import kth_largest_abs
+    from llmforge_plugins.merge.api import kth_largest_abs
 
     gen = torch.Generator().manual_seed(0)
     for trial in range(30):

@@ -147,12 +147,12 @@ def _width(ch: str) -> int:
 def test_chat_panel_border_holds_with_broken_and_wide_characters(in_project, monkeypatch):
     import unicodedata
 
-    from llmforge_plugins.gguf import chat as engine_module
     from textual.widgets import Input
 
+    from llmforge import chat_engine
     from llmforge.tui.widgets.chat import ChatPanel
 
-    monkeypatch.setattr(engine_module, "open_engine", lambda path, **kw: ByteEngine(path))
+    monkeypatch.setattr(chat_engine, "open_engine", lambda path, engines, **kw: ByteEngine(path))
 
     async def scenario():
         app = fx.make_app("models")

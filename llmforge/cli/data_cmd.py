@@ -1,34 +1,43 @@
-"""`llmforge data inspect`: look at training data the way a stage will see it, masks included. The
-curation commands of the same group (stats, lint, dedup, filter, mix, steps) are in data_curate_cmd.py."""
+"""`llmforge data`: the command group, and its core command `inspect`, which shows training data the way a
+stage will see it, masks included. Plugins add more commands to the group through `register_commands`
+and `data_group(cli)` (the curate plugin adds stats, lint, dedup, filter, mix and steps)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 
-from llmforge.cli.common import JSON_OPTION, console, print_json, sub_app
+from llmforge.cli.common import JsonOption, console, print_json, registry, sub_app
 
 
 def inspect(
-    file: Path = typer.Argument(..., help="A data file or folder."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model or tokenizer directory: tokenize rows."),
-    masks: bool = typer.Option(False, "--masks", help="Show which tokens are trained and which are ignored."),
-    template: Optional[str] = typer.Option(None, "--template", "-t",
-                                           help="Chat template name or .jinja file (default: the model's own)."),
-    max_length: int = typer.Option(2048, "--max-length", help="Sequence length for the truncation rate."),
-    rows: int = typer.Option(2, "--rows", "-n", help="How many rows to show."),
-    fmt: str = typer.Option("auto", "--format", help="Row format (default: detected from the columns)."),
-    train_on: str = typer.Option("assistant", "--train-on", help="assistant, all or last_turn."),
-    plain: bool = typer.Option(False, "--plain", help="Mark trained tokens with [[ ]] instead of colour."),
-    as_json: bool = JSON_OPTION,
+    file: Annotated[Path, typer.Argument(help="A data file or folder.")],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model or tokenizer directory: tokenize rows.")
+    ] = None,
+    masks: Annotated[
+        bool, typer.Option("--masks", help="Show which tokens are trained and which are ignored.")
+    ] = False,
+    template: Annotated[
+        str | None,
+        typer.Option("--template", "-t", help="Chat template name or .jinja file (default: the model's own)."),
+    ] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Sequence length for the truncation rate.")] = 2048,
+    rows: Annotated[int, typer.Option("--rows", "-n", help="How many rows to show.")] = 2,
+    fmt: Annotated[str, typer.Option("--format", help="Row format (default: detected from the columns).")] = "auto",
+    train_on: Annotated[str, typer.Option("--train-on", help="assistant, all or last_turn.")] = "assistant",
+    plain: Annotated[bool, typer.Option("--plain", help="Mark trained tokens with [[ ]] instead of colour.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Rows as a stage reads them; with --model, rendered through the chat template, with --masks the
     trained tokens highlighted, and the truncation rate at --max-length."""
     from llmforge.data import DataOptions, load_data
 
-    ds = load_data(DataOptions(path=str(file), format=fmt, on_bad_row="skip"), base=Path.cwd())
+    reg = registry()
+    ds = load_data(DataOptions(path=str(file), format=fmt, on_bad_row="skip"), reg.readers, reg.row_formats,
+                   base=Path.cwd())
     summary = {"file": str(file), "format": ds.format, "kind": ds.kind, "rows": len(ds.rows),
                "skipped": len(ds.skipped), "first_skipped": [f"{w}: {r}" for w, r in ds.skipped[:5]]}
     shown: list[dict] = []
@@ -46,7 +55,7 @@ def _tokenized(ds, model: str, template: str | None, max_length: int, train_on: 
                shown: list[dict]) -> dict:
     from llmforge.chat import encode_row, load_chat_tokenizer
 
-    tok, tpl = load_chat_tokenizer(model, template, Path.cwd(), ds.kind)
+    tok, tpl = load_chat_tokenizer(model, template, Path.cwd(), registry().chat_templates, ds.kind)
     lengths, truncated, trained, total = [], 0, 0, 0
     for i, (where, row) in enumerate(zip(ds.wheres, ds.rows)):
         ids, labels, cut = encode_row(tok, tpl, ds.kind, row, max_length, train_on)
@@ -109,10 +118,20 @@ def _print(summary: dict, shown: list[dict], masks: bool, plain: bool) -> None:
         out.print("[bold green]trained[/] / [dim]ignored (label -100)[/]")
 
 
-def register(app: typer.Typer) -> None:
-    from llmforge.cli import data_curate_cmd
+GROUP = "data"
 
+
+def register(app: typer.Typer) -> None:
     data_app = sub_app("Look at, check and curate training data.")
     data_app.command("inspect")(inspect)
-    data_curate_cmd.register(data_app)
-    app.add_typer(data_app, name="data")
+    app.add_typer(data_app, name=GROUP)
+
+
+def data_group(cli: typer.Typer) -> typer.Typer:
+    """The `llmforge data` group of the root app ``cli``, for a plugin's ``register_commands(cli)`` to add
+    `llmforge data <command>` to. Typer builds the click group only when the app runs, so commands added
+    here after ``register`` appear in `llmforge data --help`, after the core's."""
+    for info in cli.registered_groups:
+        if info.name == GROUP and info.typer_instance is not None:
+            return info.typer_instance
+    raise LookupError(f"the command line has no `{GROUP}` group")

@@ -2,22 +2,64 @@
 
 * the stage kind `curate` (stage.py): one source or a mix, through curation steps, into a dataset
   artifact that training stages read with `data = { path = "@curate" }`, plus a report;
+* the extension point `register_curation_steps` (`CURATION_STEPS`, below), declared by this plugin, not
+  by the core; the step API a step is written against (`CurationStep`, `Drop`, `StepOptions`, `StepEnv`,
+  `row_text`, `map_text`) is in api.py;
 * the built-in curation steps, registered through `register_curation_steps` exactly as a third-party
   plugin's steps would be: `normalize`, `pii` (rewrites), `exact_dedup`, `near_dedup` (dedup),
   `quality`, `language`, `decontaminate`, `lint` (filters);
+* the `llmforge data stats|lint|dedup|filter|mix|steps` commands (command.py), added to the `data`
+  group through `register_commands`;
 * a `validate_pipeline` check that the files a curate stage's steps name exist (paths are relative to
   forge.toml, which a stage's own `check()` does not know).
 
-The step API is in llmforge/curation.py (`CurationStep`); the engine (batches through the steps, the books, the reasons file) in
-engine.py; reading rows as a stream, by the training data's rules, in source.py. The `llmforge data
-stats|lint|dedup|filter|mix` commands (llmforge/cli/data_curate_cmd.py) call into this package.
+The engine (batches through the steps, the books, the reasons file) is in engine.py; reading rows as a
+stream, by the training data's rules, in source.py.
 
-Imported at every `llmforge` start-up: nothing heavy here (no pydantic, numpy or xxhash at import).
+Imported at every `llmforge` start-up: nothing heavy here (no pydantic, numpy or xxhash at import). That
+is why the extension point is declared here and validates through a lazy import of api.py (which needs
+pydantic for `StepOptions`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from llmforge import hookimpl
+from llmforge.extension import ExtensionPoint
+
+
+def _validate_step(obj: Any) -> Any:
+    # Runs when steps are registered (on first use of the table), where pydantic is needed anyway.
+    from llmforge.extension import subclass_of
+    from llmforge_plugins.curate.api import CurationStep, step_rules
+
+    return subclass_of(CurationStep, check=step_rules)(obj)
+
+
+#: The extension point other plugins add curation steps through; the curate stage and the `data`
+#: commands read the table with ``registry.table(CURATION_STEPS)`` (name -> CurationStep subclass).
+CURATION_STEPS = ExtensionPoint(
+    hook="register_curation_steps",
+    table="curation_steps",
+    label="curation step",
+    doc="""Register data-curation steps: :class:`llmforge_plugins.curate.api.CurationStep` subclasses.
+
+    The name is what a ``curate`` stage's ``steps = [...]`` and ``llmforge data filter --step <name>``
+    select (``llmforge data steps`` lists them). A step has a ``kind`` (``filter``, ``dedup`` or
+    ``rewrite``), an ``Options`` model, and answers each row (streamed to it in small batches, in
+    order) with the row, a rewritten row, or ``Drop(reason, code=...)``; the reasons end up in the
+    per-row reasons file and the curation report. The built-in steps (``normalize``, ``pii``,
+    ``exact_dedup``, ``near_dedup``, ``quality``, ``language``, ``decontaminate``, ``lint``) are
+    registered through this hook too. (Declared by the curate plugin.)
+    """,
+    validate=_validate_step,
+)
+
+
+@hookimpl
+def extension_points():
+    return [CURATION_STEPS]
 
 
 @hookimpl
@@ -33,6 +75,13 @@ def register_curation_steps(register):
 
     for step in BUILTIN:
         register(step)
+
+
+@hookimpl
+def register_commands(cli):
+    from llmforge_plugins.curate.command import register
+
+    register(cli)
 
 
 @hookimpl

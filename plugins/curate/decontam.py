@@ -13,14 +13,15 @@ training data streams past it.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Iterator
+from collections.abc import Iterator
+from typing import Annotated, Any
 
 import numpy as np
-from llmforge_plugins.curate import minhash
 from pydantic import Field, field_validator
 
-from llmforge.curation import CurationStep, Drop, StepOptions, row_texts
 from llmforge.stage import Input
+from llmforge_plugins.curate import minhash
+from llmforge_plugins.curate.api import CurationStep, Drop, StepOptions, row_texts
 
 
 class DecontaminateOptions(StepOptions):
@@ -82,9 +83,11 @@ class Decontaminate(CurationStep):
     def _eval_texts(self) -> Iterator[tuple[str, str, str]]:
         from llmforge.data import DataOptions, iter_files
         from llmforge.errors import DataError
-        from llmforge.plugins import get_registry
 
-        registry = self.env.registry or get_registry()
+        registry = self.env.registry
+        if registry is None:  # a StepEnv built by hand (a unit test) without the registry it needs here
+            raise ValueError("decontaminate reads its evaluation sets with the registry's readers: "
+                             "give StepEnv(registry=...)")
         for name, value in self.options.eval_sets.items():
             for shown in _paths(value):
                 root = self.env.path(shown)

@@ -14,18 +14,18 @@ import re
 from typing import Literal
 
 import numpy as np
-from llmforge_plugins.curate import minhash
-from llmforge_plugins.curate.hashindex import HashIndex
-from llmforge_plugins.curate.source import WhereCodec
 from pydantic import Field, model_validator
 
-from llmforge.curation import (
+from llmforge_plugins.curate import minhash
+from llmforge_plugins.curate.api import (
     CurationStep,
     Drop,
     StepOptions,
     map_text,
     row_text,
 )
+from llmforge_plugins.curate.hashindex import HashIndex
+from llmforge_plugins.curate.source import WhereCodec
 
 _SPACES = re.compile(r"\s+")
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
-from llmforge_plugins.curate.source import JsonlWriter, batched
-
-from llmforge.curation import CurationStep, Drop, row_kind, row_text, snippet
 from llmforge.data import SourceRow, restore_row
+from llmforge_plugins.curate.api import CurationStep, Drop, row_kind, row_text, snippet
+from llmforge_plugins.curate.source import JsonlWriter, batched
 
 BATCH = 1024  # rows per batch: large enough for numpy to pay off, small enough to stay flat
 

@@ -7,22 +7,22 @@ and only the texts a rewrite step changed differ."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from llmforge.data import DataOptions, ReadState
 from llmforge_plugins.curate import engine
+from llmforge_plugins.curate.api import StepEnv
 from llmforge_plugins.curate.registry import build_steps
-from llmforge_plugins.curate.source import open_writer, parquet_schema
-
-from llmforge.curation import StepEnv
-from llmforge.data import DataOptions, ReadState, iter_records
+from llmforge_plugins.curate.source import open_writer, parquet_schema, records
 
 
-def curate_file(src: Path, out: Path, specs: list, fmt: str = "auto", skip_bad: bool = False,
+def curate_file(src: Path, out: Path, specs: list, registry: Any, fmt: str = "auto", skip_bad: bool = False,
                 reasons: Path | None = None, labels: list[str] | None = None, examples: int = 3,
                 base: Path | None = None) -> dict:
-    """Run ``src`` through the steps of ``specs`` into ``out``; return the report (engine.Curator's,
-    plus what was read and where it went)."""
+    """Run ``src`` through the steps of ``specs`` (from ``registry``'s curation steps) into ``out``; return
+    the report (engine.Curator's, plus what was read and where it went)."""
     base = base or Path.cwd()
-    steps = build_steps(specs, StepEnv(base_dir=base), labels=labels)
+    steps = build_steps(specs, StepEnv(base_dir=base, registry=registry), registry, labels=labels)
     book = engine.ReasonsFile(reasons) if reasons is not None else None
     state = ReadState()
 
@@ -32,10 +32,10 @@ def curate_file(src: Path, out: Path, specs: list, fmt: str = "auto", skip_bad: 
 
     curator = engine.Curator(steps, book, examples=examples)
     options = DataOptions(path=str(src), format=fmt, on_bad_row="skip" if skip_bad else "error")
-    schema = parquet_schema(options, base) if out.name.lower().endswith(".parquet") else None
+    schema = parquet_schema(options, registry.readers, base) if out.name.lower().endswith(".parquet") else None
     try:
         with open_writer(out, schema) as writer:
-            for src in curator.run_records(iter_records(options, base, state=state, on_skip=skipped)):
+            for src in curator.run_records(records(options, base, registry, state=state, on_skip=skipped)):
                 writer.write(src.raw)
             writer.commit()
         curator.finish()
@@ -53,7 +53,7 @@ def curate_file(src: Path, out: Path, specs: list, fmt: str = "auto", skip_bad: 
     return report
 
 
-def mix_file(recipe: Path, out: Path, seed: int | None = None) -> dict:
+def mix_file(recipe: Path, out: Path, registry: Any, seed: int | None = None) -> dict:
     """`llmforge data mix -c mix.toml OUT`: the recipe's sources mixed into ``out``."""
     from llmforge_plugins.curate.mix import mix, read_recipe
 
@@ -63,10 +63,10 @@ def mix_file(recipe: Path, out: Path, seed: int | None = None) -> dict:
     base = recipe.parent.resolve()
     schema = None
     if out.name.lower().endswith(".parquet"):
-        schemas = [parquet_schema(s.data, base) for s in options.sources]
+        schemas = [parquet_schema(s.data, registry.readers, base) for s in options.sources]
         schema = schemas[0] if all(x is not None and x.equals(schemas[0]) for x in schemas) else None
     with open_writer(out, schema) as writer:
-        report = mix(options, writer.write, base=base)
+        report = mix(options, writer.write, registry, base=base)
         writer.commit()
     report["output"] = str(out)
     return report

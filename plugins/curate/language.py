@@ -22,7 +22,7 @@ from collections import Counter
 
 from pydantic import Field
 
-from llmforge.curation import CurationStep, Drop, StepOptions, row_text
+from llmforge_plugins.curate.api import CurationStep, Drop, StepOptions, row_text
 
 _STOP = {
     "en": "the of and to in is that it for was on are as with his they at be this from have or by one had not "

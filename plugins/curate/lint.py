@@ -28,7 +28,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from llmforge.curation import CurationStep, Drop, StepOptions
+from llmforge_plugins.curate.api import CurationStep, Drop, StepOptions
 
 _SPACES = re.compile(r"\s+")
 
@@ -183,13 +183,15 @@ def _token_checks(tok, template, row: dict, max_length: int) -> tuple[list[Findi
     return findings, truncated
 
 
-def lint_file(src, fmt: str = "auto", skip_bad: bool = False, model=None, template: str | None = None,
+def lint_file(src, registry, fmt: str = "auto", skip_bad: bool = False, model=None, template: str | None = None,
               max_length: int = 2048, examples: int = 3, base=None) -> dict:
     """Every finding in a file, counted per code with a few examples; with ``model`` (a tokenizer or
-    model folder) also the truncation rate at ``max_length`` and the template checks."""
+    model folder) also the truncation rate at ``max_length`` and the template checks. Rows are read
+    with ``registry``'s readers and row formats."""
     from pathlib import Path
 
-    from llmforge.data import DataOptions, ReadState, iter_rows
+    from llmforge.data import DataOptions, ReadState
+    from llmforge_plugins.curate.source import records
 
     base = Path(base or Path.cwd())
     state = ReadState()
@@ -204,10 +206,11 @@ def lint_file(src, fmt: str = "auto", skip_bad: bool = False, model=None, templa
     if model is not None:
         from llmforge.chat import load_chat_tokenizer
 
-        tok, tpl = load_chat_tokenizer(model, template, base)
+        tok, tpl = load_chat_tokenizer(model, template, base, registry.chat_templates)
     options = DataOptions(path=str(src), format=fmt, on_bad_row="skip" if skip_bad else "error")
     truncated = checked = 0
-    for where, row in iter_rows(options, base, state=state, on_row_error=rejected):
+    for where, row in ((r.where, r.row) for r in records(options, base, registry, state=state,
+                                                          on_row_error=rejected)):
         row_no[0] += 1
         for f in lint_row(row):
             tally.add(row_no[0], where, f)

@@ -24,9 +24,10 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -200,9 +201,8 @@ def interleave(streams: list[Iterator[SourceRow]], expected: list[float]) -> Ite
 
 
 def weight_fn(options: MixOptions, base: Path | None) -> tuple[Callable[[dict], float], str]:
+    from llmforge_plugins.curate.api import row_text
     from llmforge_plugins.curate.tokens import count_words, token_counter
-
-    from llmforge.curation import row_text
 
     if options.by == "rows":
         return (lambda row: 1.0), "rows"
@@ -213,7 +213,7 @@ def weight_fn(options: MixOptions, base: Path | None) -> tuple[Callable[[dict], 
     return (lambda row: float(count_words(row_text(row)))), "words (no tokenizer given)"
 
 
-def mix(options: MixOptions, write: Callable[[dict], None], base: Path | None = None, registry=None,
+def mix(options: MixOptions, write: Callable[[dict], None], registry: Any, base: Path | None = None,
         seed: int = 0, readers: list[Callable[[], Iterator[SourceRow]]] | None = None) -> dict:
     """Mix the sources into ``write(row)``; return the report. ``readers`` replaces reading each
     source's ``data`` (the curate stage mixes its curated sources).
@@ -222,12 +222,13 @@ def mix(options: MixOptions, write: Callable[[dict], None], base: Path | None = 
     different row formats (an alpaca file and a sharegpt file), one file could not be read back with
     one format: then every row is written in its normalised shape, followed by its other columns
     (``llmforge.data.normalised_with_extras``)."""
-    from llmforge.curation import row_kind
-    from llmforge.data import iter_records, normalised_with_extras
+    from llmforge.data import normalised_with_extras
+    from llmforge_plugins.curate.api import row_kind
+    from llmforge_plugins.curate.source import records
 
     weight, unit_name = weight_fn(options, base)
     if readers is None:
-        readers = [(lambda d=s.data: iter_records(d, base, registry)) for s in options.sources]
+        readers = [(lambda d=s.data: records(d, base, registry)) for s in options.sources]
     sizes = []
     layouts = set()
     for read in readers:

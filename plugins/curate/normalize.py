@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from llmforge.curation import CurationStep, Drop, StepOptions, map_text
+from llmforge_plugins.curate.api import CurationStep, Drop, StepOptions, map_text
 
 # C0 and C1 control characters except tab and line feed, and invisible characters that only get in the
 # way (zero-width space, byte-order mark / zero-width no-break space, soft hyphen, word joiner).

@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from llmforge.curation import CurationStep, Drop, StepOptions, map_text
+from llmforge_plugins.curate.api import CurationStep, Drop, StepOptions, map_text
 
 PiiKind = Literal["email", "phone", "ip", "key"]
 

@@ -26,8 +26,8 @@ from typing import Annotated
 
 from pydantic import Field
 
-from llmforge.curation import CurationStep, Drop, StepOptions, row_text
 from llmforge.stage import Input
+from llmforge_plugins.curate.api import CurationStep, Drop, StepOptions, row_text
 
 _WORD = re.compile(r"\w+")
 _PUNCT = set(".,;:!?'\"()[]-–—/%&…‘’“”«»¿¡")

@@ -1,5 +1,7 @@
 """Turning step specs into steps, over the plugin registry's table of curation steps
-(``register_curation_steps``; a clash of names is a ``Conflict`` shown by ``llmforge plugins list``).
+(``registry.table(CURATION_STEPS)``, filled through ``register_curation_steps``; a clash of names is a
+``Conflict`` shown by ``llmforge plugins list``). The registry is always the caller's: the stage's
+``ctx.registry``, the pipeline's, or the command line's.
 
 A step spec, in forge.toml or on the command line, is a name (``"normalize"``) or a table with the
 name under ``step`` and the step's options beside it (``{ step = "near_dedup", threshold = 0.85 }``).
@@ -7,17 +9,18 @@ name under ``step`` and the step's options beside it (``{ step = "near_dedup", t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from llmforge.errors import ConfigError, Problem
 
 
-def curation_steps(registry=None) -> dict[str, type]:
-    """name -> step class, for every installed step (built-in ones first): the plugin registry's table."""
-    from llmforge.plugins import get_registry
+def curation_steps(registry: Any) -> dict[str, type]:
+    """name -> step class, for every installed step (built-in ones first): the registry's table."""
+    from llmforge_plugins.curate import CURATION_STEPS
 
-    return (registry or get_registry()).curation_steps
+    return registry.table(CURATION_STEPS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -34,7 +37,7 @@ def split_spec(spec: Any) -> tuple[str | None, dict]:
     return None, {}
 
 
-def parse_steps(specs: list, registry=None, where: str = "steps",
+def parse_steps(specs: list, registry: Any, where: str = "steps",
                 labels: list[str] | None = None) -> tuple[list[tuple[type, Any]], list[Problem]]:
     """Each spec's class and validated options; every problem located (``steps[2].threshold``, or
     under ``labels[i]`` when given: the command line names a step by its flag)."""
@@ -80,7 +83,8 @@ def check_files(parsed: list[tuple[type, Any]], env, where: str = "steps",
     return problems
 
 
-def build_steps(specs: list, env, registry=None, where: str = "steps", labels: list[str] | None = None) -> list:
+def build_steps(specs: list, env: Any, registry: Any, where: str = "steps",
+                labels: list[str] | None = None) -> list:
     """The step instances for these specs; a ConfigError with every problem when something is wrong."""
     parsed, problems = parse_steps(specs, registry, where, labels)
     if not problems:

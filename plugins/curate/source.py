@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 class Parking:
@@ -39,7 +40,7 @@ class Parking:
         os.replace(self.tmp, self.path)
         self._done = True
 
-    def __enter__(self) -> "Parking":
+    def __enter__(self) -> Parking:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -48,14 +49,13 @@ class Parking:
             self.tmp.unlink(missing_ok=True)
 
 
-def read_parked(path: Path, registry=None) -> Iterator:
-    """The SourceRows of a file ``Parking`` wrote."""
+def read_parked(path: Path, formats: dict[str, Any]) -> Iterator:
+    """The SourceRows of a file ``Parking`` wrote; ``formats`` is the registry's row formats (the rows
+    were parked with their format's name)."""
     import pickle
 
     from llmforge.data import SourceRow
-    from llmforge.plugins import get_registry
 
-    formats = (registry or get_registry()).row_formats
     with open(path, "rb") as fh:
         while True:
             try:
@@ -63,6 +63,14 @@ def read_parked(path: Path, registry=None) -> Iterator:
             except EOFError:
                 return
             yield SourceRow(where, row, raw, formats.get(fmt), columns)
+
+
+def records(options, base: Path | None, registry: Any, **kw: Any) -> Iterator:
+    """``llmforge.data.iter_records`` over the registry's readers and row formats: every read in this
+    plugin goes through here, so the rows come as a training stage reads them."""
+    from llmforge.data import iter_records
+
+    return iter_records(options, registry.readers, registry.row_formats, base, **kw)
 
 
 def batched(rows: Iterator[tuple[str, dict]], size: int) -> Iterator[tuple[list[str], list[dict]]]:
@@ -110,7 +118,7 @@ class JsonlWriter:
             self._fh.close()
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "JsonlWriter":
+    def __enter__(self) -> JsonlWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -204,7 +212,7 @@ class ParquetRowWriter:
         self._closed = True
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ParquetRowWriter":
+    def __enter__(self) -> ParquetRowWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -221,16 +229,15 @@ def open_writer(path: Path, schema=None):
     return ParquetRowWriter(path, schema) if is_parquet(path) else JsonlWriter(path)
 
 
-def parquet_schema(options, base: Path | None = None, registry=None):
+def parquet_schema(options, readers: dict[str, Any], base: Path | None = None):
     """The arrow schema the rows of ``options`` (a DataOptions) share when every file they name is a
-    parquet file with the same schema (so the output can keep the column types); else None."""
+    parquet file with the same schema (so the output can keep the column types); else None.
+    ``readers`` is the registry's readers table."""
     import pyarrow.parquet as pq
 
     from llmforge.data import _paths, iter_files
     from llmforge.errors import DataError
-    from llmforge.plugins import get_registry
 
-    readers = (registry or get_registry()).readers
     schemas = []
     try:
         for root, _ in _paths(options, base):

@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmforge_plugins.curate.mix import MixOptions
 from pydantic import Field, model_validator
 
 from llmforge.data import DataOptions
 from llmforge.errors import Problem
 from llmforge.stage import Stage, StageOptions
+from llmforge_plugins.curate.mix import MixOptions
 
 DEFAULT_STEPS = ["normalize", "exact_dedup", "near_dedup", "quality"]
 
@@ -60,31 +60,31 @@ class CurateStage(Stage):
     #: under a launching backend (accelerate, deepspeed) curation still runs once, in the run's process
     distributed = False
 
-    def check(self, options: CurateOptions, inputs) -> list[Problem]:
+    def check(self, options: CurateOptions, inputs, registry) -> list[Problem]:
         from llmforge_plugins.curate.registry import parse_steps
 
-        _, problems = parse_steps(options.steps)
+        _, problems = parse_steps(options.steps, registry)
         return problems
 
-    def cache_key_extra(self, options: CurateOptions, project_dir: Path) -> dict:
+    def cache_key_extra(self, options: CurateOptions, project_dir: Path, registry) -> dict:
         from llmforge_plugins.curate.registry import fingerprints, parse_steps
 
         # The sources and mix.tokenizer are inputs the pipeline fingerprints; files named inside step
         # options (evaluation sets, a tokenizer) are not, so they are fingerprinted here.
-        parsed, problems = parse_steps(options.steps)
+        parsed, problems = parse_steps(options.steps, registry)
         return {} if problems else fingerprints(parsed, project_dir)
 
     def run(self, options: CurateOptions, ctx) -> None:
+        from llmforge.data import ReadState, write_dataset_meta
         from llmforge_plugins.curate import engine
         from llmforge_plugins.curate import report as reports
+        from llmforge_plugins.curate.api import StepEnv
         from llmforge_plugins.curate.registry import build_steps
-        from llmforge_plugins.curate.source import Parking, open_writer, parquet_schema
+        from llmforge_plugins.curate.source import Parking, open_writer, parquet_schema, records
 
-        from llmforge.curation import StepEnv
-        from llmforge.data import ReadState, iter_records, write_dataset_meta
-
-        env = StepEnv(base_dir=ctx.project_dir, seed=ctx.seed, log=ctx.log)
-        steps = build_steps(options.steps, env)
+        registry = ctx.registry
+        env = StepEnv(base_dir=ctx.project_dir, registry=registry, seed=ctx.seed, log=ctx.log)
+        steps = build_steps(options.steps, env, registry)
         ctx.log("steps: " + (" -> ".join(s.name for s in steps) or "none"))
         reasons_tmp = ctx.work_dir / "reasons.jsonl"
         reasons = engine.ReasonsFile(reasons_tmp)
@@ -110,8 +110,9 @@ class CurateStage(Stage):
             schemas = []
             for label, data in sources:
                 state = ReadState()
-                rows = iter_records(data, None, expect=("text", "chat", "preference"), state=state, on_skip=skipped)
-                schemas.append(parquet_schema(data))
+                rows = records(data, None, registry, expect=("text", "chat", "preference"), state=state,
+                               on_skip=skipped)
+                schemas.append(parquet_schema(data, registry.readers))
                 target = ctx.work_dir / f"source-{len(curated)}.rows" if options.mix is not None else None
                 if target is None:
                     schema = schemas[0]
@@ -169,19 +170,20 @@ class CurateStage(Stage):
                  removed={st["step"]: st["removed"] for st in report["steps"]})
 
     def _mix(self, options: MixOptions, curated: list[Path], ctx, schema) -> dict:
+        from llmforge.data import write_dataset_meta
         from llmforge_plugins.curate import mix as mixing
         from llmforge_plugins.curate.source import open_writer, read_parked
 
-        from llmforge.data import write_dataset_meta
-
-        readers = [(lambda p=p: read_parked(p)) for p in curated]
+        formats = ctx.registry.row_formats
+        readers = [(lambda p=p: read_parked(p, formats)) for p in curated]
         layouts = {(src.fmt.name, tuple(sorted(src.columns.items())))
-                   for p in curated for src in _first(read_parked(p))}
+                   for p in curated for src in _first(read_parked(p, formats))}
         if len(layouts) != 1:
             schema = None  # the rows are written in their normalised shapes (see mix.mix)
         with ctx.artifact("dataset") as out:
             with open_writer(out / ("data.parquet" if schema is not None else "data.jsonl"), schema) as writer:
-                report = mixing.mix(options, writer.write, base=ctx.project_dir, seed=ctx.seed, readers=readers)
+                report = mixing.mix(options, writer.write, ctx.registry, base=ctx.project_dir, seed=ctx.seed,
+                                    readers=readers)
                 writer.commit()
             fmt, columns = next(iter(layouts)) if len(layouts) == 1 else ("auto", ())
             write_dataset_meta(out, fmt, dict(columns))

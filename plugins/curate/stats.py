@@ -7,8 +7,12 @@ from __future__ import annotations
 from array import array
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from llmforge.data import DataOptions, ReadState
+from llmforge_plugins.curate.api import StepEnv, row_text
 from llmforge_plugins.curate.dedup import (
     ExactDedup,
     ExactDedupOptions,
@@ -16,11 +20,8 @@ from llmforge_plugins.curate.dedup import (
     NearDedupOptions,
 )
 from llmforge_plugins.curate.language import guess
-from llmforge_plugins.curate.source import batched
+from llmforge_plugins.curate.source import batched, records
 from llmforge_plugins.curate.tokens import count_words
-
-from llmforge.curation import StepEnv, row_text
-from llmforge.data import DataOptions, ReadState, iter_rows
 
 
 def histogram(values: np.ndarray) -> list[dict]:
@@ -49,12 +50,14 @@ def summary(values: np.ndarray) -> dict:
             "histogram": histogram(values)}
 
 
-def compute(src: Path, fmt: str = "auto", skip_bad: bool = False, tokenizer: Path | None = None,
+def compute(src: Path, registry: Any, fmt: str = "auto", skip_bad: bool = False, tokenizer: Path | None = None,
             near: bool = True, threshold: float = 0.8, base: Path | None = None) -> dict:
+    """The figures of `llmforge data stats` for one file or folder, read with ``registry``'s readers and
+    row formats."""
     base = base or Path.cwd()
     state = ReadState()
     options = DataOptions(path=str(src), format=fmt, on_bad_row="skip" if skip_bad else "error")
-    env = StepEnv(base_dir=base)
+    env = StepEnv(base_dir=base, registry=registry)
     exact = ExactDedup(ExactDedupOptions(), env)
     near_step = NearDedup(NearDedupOptions(threshold=threshold), env) if near else None
     count_tokens = None
@@ -65,7 +68,8 @@ def compute(src: Path, fmt: str = "auto", skip_bad: bool = False, tokenizer: Pat
     chars, words, tokens, turns = array("I"), array("I"), array("I"), Counter()
     languages: Counter = Counter()
     exact_dups = near_dups = 0
-    for wheres, rows in batched(iter_rows(options, base, state=state), 512):
+    for wheres, rows in batched(((src.where, src.row) for src in records(options, base, registry, state=state)),
+                                512):
         for row in rows:
             text = row_text(row)
             chars.append(len(text))

@@ -4,8 +4,8 @@ and token budgets fall back to, and say so)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 _WORD = re.compile(r"\w+")
 

@@ -4,7 +4,10 @@
 * the commands `llmforge gguf export|quantize|check`, `llmforge import` and `llmforge chat` (command.py);
 * the engine: export.py and vocab.py (HF -> GGUF, streamed), quantize.py (llama.cpp's quantizer) and
   imatrix.py (importance matrices from calibration text), check.py (tokenization, logits parity, perplexity:
-  the scorecard), importer.py (GGUF -> HF), modelfile.py (Ollama), chat.py.
+  the scorecard), importer.py (GGUF -> HF), modelfile.py (Ollama);
+* the chat engines `hf` (transformers) and `gguf` (llama.cpp) in chat.py, registered through the core's
+  `register_chat_engines`: `llmforge chat`, the TUI's chat panel and the demo's evaluation open models
+  with them.
 
 Imported at every `llmforge` start-up: nothing heavy here. torch, transformers, gguf and llama_cpp are
 imported inside the functions that need them.
@@ -20,6 +23,15 @@ def register_stages(register):
     from llmforge_plugins.gguf.stage import GgufStage
 
     register(GgufStage)
+
+
+@hookimpl
+def register_chat_engines(register):
+    # chat.py imports nothing heavy at import (torch and llama.cpp load when an engine opens a model).
+    from llmforge_plugins.gguf.chat import ENGINES
+
+    for engine in ENGINES.values():
+        register(engine)
 
 
 @hookimpl

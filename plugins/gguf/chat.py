@@ -1,5 +1,10 @@
 """`llmforge chat`: talk to an HF model directory (transformers) or a GGUF file (llama.cpp).
 
+The two chat engines this plugin registers (``register_chat_engines``, the core's extension point in
+llmforge.chat_engine): ``hf`` and ``gguf``. The conversation loop they run under (`reply`, the prompt
+fitted to the context, streaming, stop strings) is the core's, shared with the TUI's chat panel; the
+session here (one prompt, or a prompt loop on stdin) is the `llmforge chat` command's.
+
 Both engines format the conversation the same way: the model's own chat template (the tokenizer's, or
 the one the GGUF carries) rendered by `llmforge.chat.render`, the renderer training masks were computed
 with; the text is tokenized with special tokens parsed and no BOS added (the template writes it), as
@@ -19,46 +24,23 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, TextIO
+from typing import TextIO
 
+from llmforge.chat_engine import ChatEngine, Reply, render_prompt, reply
+from llmforge.chat_engine import open_engine as open_with
 from llmforge.errors import UsageError
+
+__all__ = ["ENGINES", "GGUFEngine", "HFEngine", "Reply", "ChatSettings", "chat_main", "interactive", "one_shot",
+           "open_engine", "render_prompt", "reply"]
 
 # Tokens that end generation by their name, whatever the model's EOS is (llama.cpp treats these as
 # end-of-generation too, so both engines stop at the same place).
 END_TOKENS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|end|>",
               "<end_of_turn>", "<EOT>", "<|return|>")
 DEFAULT_N_CTX = 4096
-
-
-@dataclass
-class Reply:
-    text: str
-    token_ids: list[int] = field(default_factory=list)
-    stop: str = "length"  # "token", "string" or "length"
-    prompt_tokens: int = 0
-    dropped: int = 0  # oldest messages left out so that the prompt fits the context
-
-
-class Engine(Protocol):
-    kind: str
-    path: Path
-    template: str | None  # None: plain text completion
-    context: int  # tokens the prompt and the answer may take together
-    stop_strings: tuple[str, ...]  # plain text that ends an answer (cut before it)
-
-    def encode(self, text: str, *, chat: bool) -> list[int]: ...
-
-    def generate(self, ids: list[int], *, temperature: float, seed: int) -> Iterator[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-    def render_variables(self) -> dict: ...
-
-    def is_stop(self, token: int) -> bool: ...
-
-    def close(self) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,21 +55,10 @@ def is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def open_engine(path: Path, *, n_ctx: int | None = None, log: Callable | None = None) -> Engine:
-    """An engine for an HF model or adapter directory, or a .gguf file; UsageError for anything else."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"{path}: no such file or directory",
-                         hint="give an HF model directory (config.json, *.safetensors) or a .gguf file")
-    if path.is_dir():
-        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-            raise UsageError(f"{path}: not a model directory (no config.json or adapter_config.json)",
-                             hint="give an HF model directory or a .gguf file")
-        return HFEngine(path, log=log)
-    if not is_gguf(path):
-        raise UsageError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)",
-                         hint="give an HF model directory or a .gguf file")
-    return GGUFEngine(path, n_ctx=n_ctx, log=log)
+def open_engine(path: Path, *, n_ctx: int | None = None, log: Callable | None = None) -> ChatEngine:
+    """An engine of this plugin's for an HF model or adapter directory, or a .gguf file; UsageError for
+    anything else. (The front ends open through the registry's engines: ``llmforge.chat_engine.open_engine``.)"""
+    return open_with(path, ENGINES, n_ctx=n_ctx, log=log)
 
 
 def _stop_strings(template: str | None) -> tuple[str, ...]:
@@ -104,17 +75,26 @@ def _stop_strings(template: str | None) -> tuple[str, ...]:
     return ()
 
 
-class HFEngine:
-    kind = "hf"
+class HFEngine(ChatEngine):
+    name = kind = "hf"
+    summary = "An HF model or LoRA adapter folder, run with transformers (float32 on the CPU)."
+    opens = "an HF model or adapter directory"
 
-    def __init__(self, path: Path, log: Callable | None = None):
+    @classmethod
+    def refuse(cls, path: Path) -> str | None:
+        if not path.is_dir():
+            return "not a model directory"
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            return "not a model directory (no config.json or adapter_config.json)"
+        return None
+
+    def __init__(self, path: Path, *, n_ctx: int | None = None, log: Callable | None = None):
         import torch
         from transformers.utils import logging as hf_logging
 
         from llmforge.chat import ChatTemplateError, template_from_tokenizer
-        from llmforge_plugins.training.models import load_model
-
         from llmforge_plugins.gguf.export import check_model_folder
+        from llmforge_plugins.training.models import load_model
 
         hf_logging.set_verbosity_error()
         self.path = path
@@ -202,13 +182,23 @@ class HFEngine:
         pass
 
 
-class GGUFEngine:
+class GGUFEngine(ChatEngine):
     """llama.cpp in a child process (llmforge.native): a native crash ends this engine with an error naming the
     file and the signal, and the CLI, the TUI or the demo that asked goes on."""
 
-    kind = "gguf"
+    name = kind = "gguf"
+    summary = "A GGUF file, run with llama.cpp in a child process."
+    opens = "a .gguf file"
 
-    def __init__(self, path: Path, n_ctx: int | None = None, log: Callable | None = None):
+    @classmethod
+    def refuse(cls, path: Path) -> str | None:
+        if not path.is_file():
+            return "not a GGUF file (a folder)"
+        if not is_gguf(path):
+            return "not a GGUF file (it does not start with the GGUF magic bytes)"
+        return None
+
+    def __init__(self, path: Path, *, n_ctx: int | None = None, log: Callable | None = None):
         from llmforge.native import LlamaModel
         from llmforge_plugins.gguf.quantize import gguf_field, read_gguf
 
@@ -254,95 +244,8 @@ class GGUFEngine:
         return token in self.stops
 
 
-# ------------------------------------------------------------------------------------------------
-# one reply
-
-
-def render_prompt(engine: Engine, messages: list[dict]) -> str:
-    from llmforge.chat import render
-
-    return render(engine.template, messages, add_generation_prompt=True, **engine.render_variables())
-
-
-def _prompt_ids(engine: Engine, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
-    """The prompt's token ids, dropping the oldest messages (never the system message or the last one) until
-    the prompt and at least a few answer tokens fit in the context; and how many were dropped."""
-    messages = list(messages)
-    dropped = 0
-    while True:
-        if engine.template:
-            ids = engine.encode(render_prompt(engine, messages), chat=True)
-        else:
-            ids = engine.encode(messages[-1]["content"], chat=False)
-        if len(ids) + min(max_new_tokens, 16) <= engine.context:
-            return ids, dropped
-        first = 1 if messages[0]["role"] == "system" else 0
-        if len(messages) - first <= 1:
-            grow = getattr(engine, "trained", 0) > engine.context  # a GGUF opened with less than it can take
-            raise UsageError(f"the prompt takes {len(ids)} tokens; the model's context is {engine.context}",
-                             hint="shorten the prompt" + (" or raise --n-ctx" if grow else ""))
-        del messages[first]
-        dropped += 1
-
-
-class _Stream:
-    """Turns token ids into printable text as they come: holds back an unfinished UTF-8 character and
-    any tail that could be the start of a stop string."""
-
-    def __init__(self, engine: Engine, on_text: Callable[[str], None] | None):
-        self.engine, self.on_text = engine, on_text
-        self.ids: list[int] = []
-        self.shown = 0
-        self.text = ""
-
-    def add(self, token: int) -> bool:
-        """Add a token; True when a stop string has appeared (the text is then cut before it)."""
-        self.ids.append(token)
-        text = self.engine.decode(self.ids)
-        for stop in self.engine.stop_strings:
-            at = text.find(stop)
-            if at >= 0:
-                self.text = text[:at]
-                return True
-        self.text = text
-        safe = len(text.rstrip("\ufffd"))
-        for stop in self.engine.stop_strings:
-            for k in range(min(len(stop) - 1, safe), 0, -1):
-                if text[:safe].endswith(stop[:k]):
-                    safe -= k
-                    break
-        self._emit(safe)
-        return False
-
-    def _emit(self, upto: int) -> None:
-        if upto > self.shown and self.on_text:
-            self.on_text(self.text[self.shown:upto])
-        self.shown = max(self.shown, upto)
-
-    def finish(self) -> str:
-        self._emit(len(self.text))
-        return self.text
-
-
-def reply(engine: Engine, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.7,
-          seed: int = 0, on_text: Callable[[str], None] | None = None) -> Reply:
-    """Generate the answer to `messages` (a chat), or a continuation of the last message's text (no template)."""
-    ids, dropped = _prompt_ids(engine, messages, max_new_tokens)
-    budget = min(max_new_tokens, engine.context - len(ids))
-    stream = _Stream(engine, on_text)
-    out = Reply(text="", prompt_tokens=len(ids), dropped=dropped)
-    for n, token in enumerate(engine.generate(ids, temperature=temperature, seed=seed)):
-        if n >= budget:
-            break
-        if engine.is_stop(token):
-            out.stop = "token"
-            break
-        out.token_ids.append(token)
-        if stream.add(token):
-            out.stop = "string"
-            break
-    out.text = stream.finish()
-    return out
+#: this plugin's engines, in the order they are tried (registered in this order too)
+ENGINES: dict[str, type[ChatEngine]] = {HFEngine.name: HFEngine, GGUFEngine.name: GGUFEngine}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -357,7 +260,7 @@ class ChatSettings:
     system: str | None = None
 
 
-def one_shot(engine: Engine, prompt: str, settings: ChatSettings, out: TextIO = sys.stdout) -> Reply:
+def one_shot(engine: ChatEngine, prompt: str, settings: ChatSettings, out: TextIO = sys.stdout) -> Reply:
     """Answer one prompt, printing only the answer (for scripts)."""
     messages = ([{"role": "system", "content": settings.system}] if settings.system and engine.template else [])
     messages.append({"role": "user", "content": prompt})
@@ -368,7 +271,7 @@ def one_shot(engine: Engine, prompt: str, settings: ChatSettings, out: TextIO = 
     return result
 
 
-def interactive(engine: Engine, settings: ChatSettings, inp: TextIO = sys.stdin, out: TextIO = sys.stdout,
+def interactive(engine: ChatEngine, settings: ChatSettings, inp: TextIO = sys.stdin, out: TextIO = sys.stdout,
                 err: TextIO = sys.stderr) -> int:
     """Read prompts line by line until EOF or /exit; the conversation is kept (/reset clears it). Returns
     the number of answers given."""
@@ -413,9 +316,11 @@ def interactive(engine: Engine, settings: ChatSettings, inp: TextIO = sys.stdin,
     return answers
 
 
-def chat_main(model: Path, *, prompt: str | None, settings: ChatSettings, n_ctx: int | None = None,
-              log: Callable | None = None) -> None:
-    engine = open_engine(model, n_ctx=n_ctx, log=log)
+def chat_main(model: Path, *, prompt: str | None, settings: ChatSettings, engines: dict[str, type[ChatEngine]],
+              n_ctx: int | None = None, log: Callable | None = None) -> None:
+    """`llmforge chat MODEL`: open ``model`` with the first of ``engines`` (the registry's) that accepts it,
+    then answer ``prompt`` or hold a session on stdin."""
+    engine = open_with(model, engines, n_ctx=n_ctx, log=log)
     try:
         if prompt is not None:
             one_shot(engine, prompt, settings)

@@ -2,8 +2,10 @@
 
 * the stage kind `merge` (plugins/merge/stage.py), whose options are the merge recipe (options.py);
 * the command `llmforge merge OUT ...` and `llmforge merge-lora ADAPTER OUT` (command.py);
-* the built-in merge methods (methods.py), registered through `register_merge_methods` exactly as a
-  third-party plugin's method would be.
+* the extension point `register_merge_methods` (api.py: `MERGE_METHODS`, with the `MergeMethod` and
+  `Param` a method is written against): the merge plugin declares it, so the core knows nothing of
+  merging; the built-in merge methods (methods.py) are registered through it exactly as a third-party
+  plugin's method would be.
 
 The engine: plan.py checks a recipe and its inputs and plans every output tensor; sources.py reads
 model directories and LoRA adapters tensor by tensor; writer.py streams safetensors shards; engine.py
@@ -16,6 +18,14 @@ the functions that merge.
 from __future__ import annotations
 
 from llmforge import hookimpl
+
+
+@hookimpl
+def extension_points():
+    # api.py imports nothing heavy (no torch): declaring the point costs nothing at start-up.
+    from llmforge_plugins.merge.api import MERGE_METHODS
+
+    return [MERGE_METHODS]
 
 
 @hookimpl

@@ -12,13 +12,14 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llmforge.errors import UsageError
 from llmforge.formatting import fmt_bytes
-from llmforge.merging import TensorInfo
+from llmforge_plugins.merge.api import TensorInfo
 from llmforge_plugins.merge.plan import OutTensor, Plan, prepare
 from llmforge_plugins.merge.sources import TOKENIZER_FILES, LoraSource, Source
 from llmforge_plugins.merge.writer import write_safetensors

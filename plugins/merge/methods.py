@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from llmforge.merging import CHUNK, MergeMethod, Param, chunks, dot, flat, kth_largest_abs
+from llmforge_plugins.merge.api import CHUNK, MergeMethod, Param, chunks, dot, flat, kth_largest_abs
 
 WEIGHT = Param("weight", 1.0, "Weight of the model.", per_model=True)
 DENSITY = Param("density", 1.0, "Fraction of each task vector's entries kept (1 keeps all).", per_model=True,

@@ -22,7 +22,7 @@ Scalar = Union[float, bool]
 class FilterValue(StageOptions):
     filter: str | None = Field(None, description="Substring of the tensor name (self_attn, mlp, "
                                                   "embed_tokens, ...); unset matches every tensor.")
-    value: Union[Scalar, list[float]] = Field(description="A number, or a list interpolated across layers.")
+    value: Scalar | list[float] = Field(description="A number, or a list interpolated across layers.")
 
 
 ParamValue = Union[Scalar, list[float], list[FilterValue]]

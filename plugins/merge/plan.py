@@ -17,11 +17,10 @@ from typing import Any
 
 from llmforge.errors import ConfigError, Problem, UsageError
 from llmforge.formatting import fmt_bytes
-from llmforge.merging import MergeMethod, Param, TensorInfo, interpolate
 from llmforge.schema import did_you_mean
+from llmforge_plugins.merge.api import MergeMethod, Param, TensorInfo, interpolate
 from llmforge_plugins.merge.options import FilterValue, MergeOptions, parse_size
-from llmforge_plugins.merge.sources import (FLOAT_DTYPES, LAYER_RE, Source, is_embedding, layer_of,
-                                            open_source)
+from llmforge_plugins.merge.sources import FLOAT_DTYPES, LAYER_RE, Source, is_embedding, layer_of, open_source
 from llmforge_plugins.merge.writer import nbytes
 
 # ------------------------------------------------------------------------------------------------

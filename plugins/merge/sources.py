@@ -314,7 +314,6 @@ class LoraSource(Source):
 
     def load(self, name: str, dtype: Any = None) -> Any:
         import torch
-
         from safetensors import safe_open
 
         if name in self.replaced:

@@ -1,8 +1,10 @@
 """A chat panel: talk to an HF model folder, a LoRA adapter or a GGUF file, the answer streamed as it comes.
 
-The engine is `llmforge chat`'s (llmforge_plugins.gguf.chat): the model's own chat template, the same stop
-tokens, plain text completion for a model without a template. Opening a model imports torch/transformers or
-llama_cpp and generating keeps a core busy, so both happen in a worker thread; the tokens come back to the UI
+The conversation loop is `llmforge chat`'s (llmforge.chat_engine.reply): the model's own chat template, the
+same stop tokens, plain text completion for a model without a template. The engine that opens the model is
+the first of the registry's chat engines that accepts it (plugins register them: the gguf plugin's open HF
+folders and GGUF files), so the panel names none. Opening a model imports torch/transformers or llama_cpp
+and generating keeps a core busy, so both happen in a worker thread; the tokens come back to the UI
 through `call_from_thread`, and the UI stays responsive. One engine is kept open (the last model used) and
 one answer runs at a time; escape stops it at the next token.
 
@@ -66,6 +68,7 @@ class ChatPanel(Vertical):
         self._lock = threading.Lock()
         self._current: Message | None = None
         self._streamed = ""
+        self._registry = None  # only when the hosting app has no registry of its own (see _engines)
 
     def compose(self) -> ComposeResult:
         yield Static("chat: pick a model (enter)", id="chat-title")
@@ -135,7 +138,7 @@ class ChatPanel(Vertical):
         try:
             with self._lock:
                 engine = self._open(model)
-                from llmforge_plugins.gguf.chat import reply
+                from llmforge.chat_engine import reply
 
                 result = reply(engine, messages, max_new_tokens=self.max_new_tokens,
                                temperature=self.temperature, seed=seed, on_text=self._stream_from_thread)
@@ -147,15 +150,29 @@ class ChatPanel(Vertical):
         except Exception as exc:  # noqa: BLE001 - a model that cannot run must not take the app down
             self.app.call_from_thread(self._finished, None, True, f"{type(exc).__name__}: {exc}")
 
+    def _engines(self) -> dict:
+        """The registry's chat engines: the llmforge app's registry (AppState.registry), or, hosted by
+        another app, one the panel loads for itself. Worker thread: loading the plugins takes a moment."""
+        from llmforge.chat_engine import CHAT_ENGINES
+
+        state = getattr(self.app, "state", None)
+        if state is not None and callable(getattr(state, "registry", None)):
+            return state.registry().table(CHAT_ENGINES)
+        if self._registry is None:
+            from llmforge.plugins import load_registry
+
+            self._registry = load_registry()
+        return self._registry.table(CHAT_ENGINES)
+
     def _open(self, model: Path):
         """The engine for `model`, opening it (and closing the previous one) when it changed. Worker thread."""
-        from llmforge_plugins.gguf.chat import open_engine
+        from llmforge import chat_engine
 
         if self._engine is not None and self._engine_path == model:
             return self._engine
         self._close_engine()
         self.app.call_from_thread(self._set_streamed, f"loading {model.name}…")
-        self._engine = open_engine(model)
+        self._engine = chat_engine.open_engine(model, self._engines())
         self._engine_path = model
         self.app.call_from_thread(self._set_streamed, "")
         return self._engine

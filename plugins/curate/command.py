@@ -1,22 +1,32 @@
-"""`llmforge data stats|lint|dedup|filter|mix|steps`: curation commands, thin over the `curate` plugin
-(llmforge_plugins.curate), which does the work. Paths are relative to the current folder; outputs
-keep every column of the rows as they came in and are written under a temporary name and renamed
-into place: parquet for an OUT named *.parquet, else JSON Lines."""
+"""`llmforge data stats|lint|dedup|filter|mix|steps`: the curate plugin's commands, added to the core's
+`llmforge data` group through `register_commands` (see `register` at the end). Thin over this package,
+which does the work. Paths are relative to the current folder; outputs keep every column of the rows
+as they came in and are written under a temporary name and renamed into place: parquet for an OUT named
+*.parquet, else JSON Lines.
+
+Imported at start-up (when the commands are added): typer only; the work is imported inside each command.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Annotated
 
 import typer
 
-from llmforge.cli.common import JSON_OPTION, console, print_json
+from llmforge.cli.common import console, print_json, registry
 
-FORMAT_OPTION = typer.Option("auto", "--format", help="Row format (default: detected from the columns).")
-SKIP_OPTION = typer.Option(False, "--skip-bad", help="Skip unreadable rows (listed) instead of stopping at the first.")
-REASONS_OPTION = typer.Option(None, "--reasons", help="Also write every removed row's source and reason to this "
-                                                      "JSON Lines file.")
+# The options several commands share, declared once.
+Fmt = Annotated[str, typer.Option("--format", help="Row format (default: detected from the columns).")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable rows (listed) instead of stopping at "
+                                                          "the first.")]
+Reasons = Annotated[Path | None, typer.Option("--reasons", help="Also write every removed row's source and "
+                                                                   "reason to this JSON Lines file.")]
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+Out = Annotated[Path, typer.Argument(help="Where to write the kept rows, every column kept (parquet for *.parquet, "
+                                          "else JSON Lines).")]
 
 
 @contextmanager
@@ -35,19 +45,21 @@ def _flag_hints() -> Iterator[None]:
 
 
 def stats(
-    file: Path = typer.Argument(..., help="A data file or folder."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Tokenizer or model folder: token lengths too."),
-    threshold: float = typer.Option(0.8, "--threshold", help="Jaccard similarity for the near-duplicate rate."),
-    no_near: bool = typer.Option(False, "--no-near", help="Skip the near-duplicate rate (MinHash)."),
-    fmt: str = FORMAT_OPTION,
-    skip_bad: bool = SKIP_OPTION,
-    as_json: bool = JSON_OPTION,
+    file: Annotated[Path, typer.Argument(help="A data file or folder.")],
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Tokenizer or model folder: token lengths "
+                                                                        "too.")] = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="Jaccard similarity for the near-duplicate "
+                                                                 "rate.")] = 0.8,
+    no_near: Annotated[bool, typer.Option("--no-near", help="Skip the near-duplicate rate (MinHash).")] = False,
+    fmt: Fmt = "auto",
+    skip_bad: SkipBad = False,
+    as_json: Json = False,
 ) -> None:
     """Counts, length histograms, duplicate rates and languages of a data file, at a glance."""
     from llmforge_plugins.curate.stats import compute
 
     with _flag_hints():
-        data = compute(file, fmt, skip_bad, model, near=not no_near, threshold=threshold)
+        data = compute(file, registry(), fmt, skip_bad, model, near=not no_near, threshold=threshold)
     if as_json:
         print_json(data)
         return
@@ -84,16 +96,17 @@ def _histogram(out, name: str, s: dict) -> None:
 
 
 def lint(
-    file: Path = typer.Argument(..., help="A chat or preference data file or folder."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Tokenizer or model folder: truncation and "
-                                                                     "template checks too."),
-    template: Optional[str] = typer.Option(None, "--template", "-t", help="Chat template name or .jinja file "
-                                                                          "(default: the model's own)."),
-    max_length: int = typer.Option(2048, "--max-length", help="Sequence length for the truncation rate."),
-    examples: int = typer.Option(3, "--examples", "-n", help="Examples shown per finding."),
-    fmt: str = FORMAT_OPTION,
-    skip_bad: bool = SKIP_OPTION,
-    as_json: bool = JSON_OPTION,
+    file: Annotated[Path, typer.Argument(help="A chat or preference data file or folder.")],
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Tokenizer or model folder: truncation "
+                                                                        "and template checks too.")] = None,
+    template: Annotated[str | None, typer.Option("--template", "-t", help="Chat template name or .jinja file "
+                                                                             "(default: the model's own).")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Sequence length for the truncation "
+                                                                 "rate.")] = 2048,
+    examples: Annotated[int, typer.Option("--examples", "-n", help="Examples shown per finding.")] = 3,
+    fmt: Fmt = "auto",
+    skip_bad: SkipBad = False,
+    as_json: Json = False,
 ) -> None:
     """Check chat and preference rows: role order, empty turns, missing assistant turns, identical
     chosen/rejected; with --model, truncation at --max-length and the chat template's round trip.
@@ -101,7 +114,7 @@ def lint(
     from llmforge_plugins.curate.lint import lint_file
 
     with _flag_hints():
-        data = lint_file(file, fmt, skip_bad, model, template, max_length, examples)
+        data = lint_file(file, registry(), fmt, skip_bad, model, template, max_length, examples)
     if as_json:
         print_json(data)
     else:
@@ -144,24 +157,23 @@ def _print_report(report: dict, out_path: Path, as_json: bool) -> None:
 
 
 def dedup(
-    src: Path = typer.Argument(..., help="A data file or folder."),
-    out: Path = typer.Argument(..., help="Where to write the kept rows, every column kept (parquet for *.parquet, "
-                                         "else JSON Lines)."),
-    threshold: float = typer.Option(0.8, "--threshold", help="Jaccard similarity at or above which a row is a near "
-                                                             "duplicate."),
-    exact_only: bool = typer.Option(False, "--exact-only", help="Only exact duplicates (no MinHash)."),
-    ngram: int = typer.Option(5, "--ngram", help="Shingle length in words (or characters with --unit char)."),
-    unit: str = typer.Option("word", "--unit", help="Shingles of words or of characters: word or char."),
-    num_perm: int = typer.Option(128, "--num-perm", help="Hash functions per MinHash signature."),
-    reasons: Optional[Path] = REASONS_OPTION,
-    fmt: str = FORMAT_OPTION,
-    skip_bad: bool = SKIP_OPTION,
-    as_json: bool = JSON_OPTION,
+    src: Annotated[Path, typer.Argument(help="A data file or folder.")],
+    out: Out,
+    threshold: Annotated[float, typer.Option("--threshold", help="Jaccard similarity at or above which a row is a "
+                                                                 "near duplicate.")] = 0.8,
+    exact_only: Annotated[bool, typer.Option("--exact-only", help="Only exact duplicates (no MinHash).")] = False,
+    ngram: Annotated[int, typer.Option("--ngram", help="Shingle length in words (or characters with --unit "
+                                                       "char).")] = 5,
+    unit: Annotated[str, typer.Option("--unit", help="Shingles of words or of characters: word or char.")] = "word",
+    num_perm: Annotated[int, typer.Option("--num-perm", help="Hash functions per MinHash signature.")] = 128,
+    reasons: Reasons = None,
+    fmt: Fmt = "auto",
+    skip_bad: SkipBad = False,
+    as_json: Json = False,
 ) -> None:
     """Remove exact duplicates (content hash) and near duplicates (MinHash + LSH); keeps the first."""
-    from llmforge_plugins.curate.files import curate_file
-
     from llmforge.errors import ConfigError, Problem
+    from llmforge_plugins.curate.files import curate_file
 
     specs: list = [{"step": "exact_dedup"}]
     if not exact_only:
@@ -169,7 +181,7 @@ def dedup(
                       "num_perm": num_perm})
     try:
         with _flag_hints():
-            report = curate_file(src, out, specs, fmt, skip_bad, reasons, labels=["exact_dedup", "near"])
+            report = curate_file(src, out, specs, registry(), fmt, skip_bad, reasons, labels=["exact_dedup", "near"])
     except ConfigError as exc:
         # name the flag a bad value came from: `near.num_perm` -> `--num-perm`
         raise ConfigError([Problem("--" + p.where.removeprefix("near.").replace("_", "-"), p.message)
@@ -185,7 +197,7 @@ def _filter_specs(step: list[str], sets: list[str]) -> tuple[list, list[str]]:
     from llmforge.schema import did_you_mean
     from llmforge_plugins.curate.registry import curation_steps
 
-    table = curation_steps()
+    table = curation_steps(registry())
     names = list(dict.fromkeys(step or ["quality"]))
     options: dict[str, dict] = {n: {} for n in names}
     problems = []
@@ -218,41 +230,41 @@ def _filter_specs(step: list[str], sets: list[str]) -> tuple[list, list[str]]:
 
 
 def filter_cmd(
-    src: Path = typer.Argument(..., help="A data file or folder."),
-    out: Path = typer.Argument(..., help="Where to write the kept rows, every column kept (parquet for *.parquet, "
-                                         "else JSON Lines)."),
-    step: Optional[List[str]] = typer.Option(None, "--step", help="A curation step to run (repeat for several, in "
-                                                                  "order; default: quality). `llmforge data steps` "
-                                                                  "lists them."),
-    sets: Optional[List[str]] = typer.Option(None, "--set", help="A step option: OPTION=VALUE or STEP.OPTION=VALUE "
-                                                                 "(naming a step adds it)."),
-    reasons: Optional[Path] = REASONS_OPTION,
-    fmt: str = FORMAT_OPTION,
-    skip_bad: bool = SKIP_OPTION,
-    as_json: bool = JSON_OPTION,
+    src: Annotated[Path, typer.Argument(help="A data file or folder.")],
+    out: Out,
+    step: Annotated[list[str] | None, typer.Option("--step", help="A curation step to run (repeat for several, "
+                                                                     "in order; default: quality). `llmforge data "
+                                                                     "steps` lists them.")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="A step option: OPTION=VALUE or "
+                                                                    "STEP.OPTION=VALUE (naming a step adds "
+                                                                    "it).")] = None,
+    reasons: Reasons = None,
+    fmt: Fmt = "auto",
+    skip_bad: SkipBad = False,
+    as_json: Json = False,
 ) -> None:
     """Run rows through curation steps (quality filters by default) and keep what they keep."""
     from llmforge_plugins.curate.files import curate_file
 
     specs, labels = _filter_specs(step or [], sets or [])
     with _flag_hints():
-        report = curate_file(src, out, specs, fmt, skip_bad, reasons, labels=labels)
+        report = curate_file(src, out, specs, registry(), fmt, skip_bad, reasons, labels=labels)
     _print_report(report, out, as_json)
 
 
 def mix(
-    out: Path = typer.Argument(..., help="Where to write the mixed rows, every column kept (parquet for *.parquet, "
-                                         "else JSON Lines)."),
-    config: Path = typer.Option(..., "--config", "-c", help="The mix recipe (mix.toml): sources with ratio, budget "
-                                                            "or epochs."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (overrides the recipe's)."),
-    as_json: bool = JSON_OPTION,
+    out: Annotated[Path, typer.Argument(help="Where to write the mixed rows, every column kept (parquet for "
+                                             "*.parquet, else JSON Lines).")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="The mix recipe (mix.toml): sources with ratio, "
+                                                                "budget or epochs.")],
+    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (overrides the recipe's).")] = None,
+    as_json: Json = False,
 ) -> None:
     """Mix several sources by ratios, budgets or epochs (rows or tokens), deterministically by seed."""
     from llmforge_plugins.curate.files import mix_file
 
     with _flag_hints():
-        report = mix_file(config, out, seed)
+        report = mix_file(config, out, registry(), seed)
     if as_json:
         print_json(report)
         return
@@ -267,18 +279,18 @@ def mix(
 
 
 def steps(
-    name: Optional[str] = typer.Argument(None, help="Show this step's options."),
-    as_json: bool = JSON_OPTION,
+    name: Annotated[str | None, typer.Argument(help="Show this step's options.")] = None,
+    as_json: Json = False,
 ) -> None:
     """List the curation steps (from every installed plugin), or one step's options."""
     from llmforge.errors import UsageError
-    from llmforge.plugins import get_registry
     from llmforge.schema import describe_options, did_you_mean
+    from llmforge_plugins.curate import CURATION_STEPS
     from llmforge_plugins.curate.registry import curation_steps
 
-    reg = get_registry()
+    reg = registry()
     table = curation_steps(reg)
-    owner = {n: reg.owners.get(("curation_steps", n), "?") for n in table}
+    owner = {n: reg.owner(CURATION_STEPS, n) or "?" for n in table}
     if name is None:
         rows = [{"step": n, "kind": cls.kind, "plugin": owner[n], "summary": cls.summary} for n, cls in table.items()]
         if as_json:
@@ -316,7 +328,12 @@ def steps(
     out.print(t)
 
 
-def register(data_app: typer.Typer) -> None:
+def register(cli: typer.Typer) -> None:
+    """Add the commands to the `llmforge data` group of the root app ``cli`` (what `register_commands`
+    receives), after the core's own `data inspect`."""
+    from llmforge.cli.data_cmd import data_group
+
+    data_app = data_group(cli)
     data_app.command("stats")(stats)
     data_app.command("lint")(lint)
     data_app.command("dedup")(dedup)

@@ -1,5 +1,11 @@
 """The curation-step API: what a step declares, what it sees, and how it answers.
 
+This module belongs to the curate plugin, which also declares the extension point a step is registered
+through (``llmforge_plugins.curate.CURATION_STEPS``, hook ``register_curation_steps``): the core knows
+nothing of curation. A third-party step imports its base class and helpers from here::
+
+    from llmforge_plugins.curate.api import CurationStep, Drop, StepOptions, row_text
+
 A step is a class registered through the ``register_curation_steps`` hook::
 
     class NoFoo(CurationStep):
@@ -18,23 +24,36 @@ Rows are the normalised shapes of ``llmforge.data`` (``{"text"}``, ``{"messages"
 a new dict (kept, rewritten), or a :class:`Drop` with a reason, which ends up in the per-row reasons
 file and the report. A rewrite changes texts only (``map_text``): the row is then written back as it
 came in, every column kept, with the new texts in the columns they were read from
-(``llmforge.data.restore_row``); a rewrite that adds or removes turns is an error naming the row. Rows flow through in small batches (``process_batch``), so a step that is
-faster on many rows at once (MinHash) can override that instead; everything else is one row at a
-time, and nothing holds the dataset in memory.
+(``llmforge.data.restore_row``); a rewrite that adds or removes turns is an error naming the row.
+Rows flow through in small batches (``process_batch``), so a step that is faster on many rows at once
+(MinHash) can override that instead; everything else is one row at a time, and nothing holds the
+dataset in memory.
 
-pydantic is imported here, so only import this module where steps are built (not at start-up).
+pydantic is imported here, so only import this module where steps are built (not at start-up): that is
+why the extension point is declared in the package's ``__init__``, not here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, ClassVar
 
 from llmforge.stage import StageOptions
 
 STEP_KINDS = ("filter", "dedup", "rewrite")
 ROW_KINDS = ("text", "chat", "preference")
+
+
+def step_rules(cls: type) -> None:
+    """What the engine relies on beyond the base class (checked when a step is registered): a known
+    ``kind`` and a pydantic ``Options`` model."""
+    from llmforge.extension import pydantic_options
+
+    pydantic_options(cls)
+    if cls.kind not in STEP_KINDS:
+        raise TypeError(f"{cls.__qualname__}.kind must be one of {STEP_KINDS}, not {cls.kind!r}")
 
 
 class StepOptions(StageOptions):

@@ -1,5 +1,8 @@
 """Merge methods: the API a plugin implements to add a way of merging models (`register_merge_methods`).
 
+This module belongs to the merge plugin, which also declares the extension point (``MERGE_METHODS``,
+below): the core knows nothing of merging. A third-party method imports its base class from here.
+
 A merge method combines, one tensor at a time, the same tensor of several models (and of a base model,
 for the methods that work on task vectors δᵢ = θᵢ − b). The merge engine (the first-party `merge`
 plugin) does everything around it: it reads the inputs tensor by tensor from safetensors files,
@@ -7,7 +10,7 @@ resolves the method's parameters for each tensor (a scalar, a list interpolated 
 values chosen by a tensor-name filter), calls :meth:`MergeMethod.merge`, and writes the result. So a
 method is only the formula::
 
-    from llmforge.merging import MergeMethod, Param
+    from llmforge_plugins.merge.api import MergeMethod, Param
 
     class Mean(MergeMethod):
         name = "mean"
@@ -30,8 +33,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Literal
+
+from llmforge.extension import ExtensionPoint, subclass_of
 
 #: Elements per chunk for the chunked elementwise helpers: bounds the temporaries of a merge to a few
 #: times this many elements, whatever the tensor's size. Also fixes the random streams of DARE (a
@@ -164,6 +170,34 @@ class MergeMethod:
         name -> list of values (one per model) for ``per_model`` ones. ``info``: a :class:`TensorInfo`.
         """
         raise NotImplementedError
+
+
+def _method_rules(cls: type) -> None:
+    """What the engine relies on beyond the base class: a known ``base`` policy and ``Param`` entries
+    (checked at registration, so a bad method is a load error naming it, not a crash mid-merge)."""
+    if cls.base not in ("required", "optional", "none"):
+        raise TypeError(f"{cls.__qualname__}.base must be 'required', 'optional' or 'none', not {cls.base!r}")
+    if not all(isinstance(p, Param) for p in cls.params):
+        raise TypeError(f"{cls.__qualname__}.params must be a tuple of llmforge_plugins.merge.api.Param")
+
+
+#: The extension point other plugins add merge methods through; the merge stage and commands read the
+#: table with ``registry.table(MERGE_METHODS)`` (name -> MergeMethod instance, built-ins first).
+MERGE_METHODS = ExtensionPoint(
+    hook="register_merge_methods",
+    table="merge_methods",
+    label="merge method",
+    doc="""Register model-merging methods: :class:`llmforge_plugins.merge.api.MergeMethod` subclasses.
+
+    The name is what ``method = "<name>"`` (the ``merge`` stage, a merge recipe) and
+    ``llmforge merge --method <name>`` select. A method only computes one merged tensor from the
+    same tensor of each model (and of the base); reading, parameters per layer or per tensor-name
+    filter, and writing are the merge engine's. The built-in methods (``linear``, ``slerp``,
+    ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``model_stock``, ``passthrough``)
+    are registered through this hook too. (Declared by the merge plugin.)
+    """,
+    validate=subclass_of(MergeMethod, instantiate=True, check=_method_rules),
+)
 
 
 # ------------------------------------------------------------------------------------------------
