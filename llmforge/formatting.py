@@ -1,13 +1,17 @@
 """Formatting shared by the front ends (the CLI and the TUI) and the plugins.
 
-Imports nothing: it is loaded at start-up."""
+Imports nothing but the status vocabulary: it is loaded at start-up."""
 
 from __future__ import annotations
 
-# The colour of each run and stage status, as a style string that rich (the CLI) and textual (the TUI) both read.
-STATUS_STYLE = {
-    "done": "green", "cached": "cyan", "running": "yellow", "failed": "red", "stopped": "magenta",
-    "killed": "red", "damaged": "red", "blocked": "dim", "skipped": "dim", "pending": "dim",
+from llmforge.status import Status
+
+# The colour of each run and stage status, as a style string that rich (the CLI) and textual (the TUI) both
+# read. Keyed by Status, so a plain status string ("done", read from a file) finds its style too.
+STATUS_STYLE: dict[str, str] = {
+    Status.DONE: "green", Status.CACHED: "cyan", Status.RUNNING: "yellow", Status.STARTING: "yellow",
+    Status.FAILED: "red", Status.STOPPED: "magenta", Status.KILLED: "red", Status.DAMAGED: "red",
+    Status.BLOCKED: "dim", Status.SKIPPED: "dim", Status.PENDING: "dim",
 }
 
 

@@ -15,11 +15,14 @@ import secrets
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from llmforge.errors import LockedError, UsageError
+from llmforge.status import LIVE, Status
 
 MANIFEST = "manifest.json"
 EVENTS = "events.jsonl"
@@ -142,7 +145,7 @@ class RunLock:
                 if lock_is_live(info):
                     raise LockedError(
                         f"run {self.path.parent.name} is being written by pid {info.get('pid')} on {info.get('host')}",
-                        hint=f"wait for it, or stop it with `llmforge stop {self.path.parent.name}`")
+                        hint=f"wait for it, or stop it with `llmforge stop {self.path.parent.name}`") from None
                 # Stale: move it aside under a unique name; only one contender's rename succeeds.
                 try:
                     os.replace(self.path, self.path.with_name(f".{LOCK}.stale-{os.getpid()}"))
@@ -167,37 +170,155 @@ class RunLock:
 
 
 # ----------------------------------------------------------------------------------------------
+# the manifest
+
+#: the manifest format this version writes. 1: the first with a `version` key (older manifests have
+#: none and read the same way). Bump it when a key changes meaning; a reader keeps reading older ones.
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class StageRecord:
+    """One stage in the manifest: what it is, its cache key, where it stands and what it produced.
+
+    `artifacts` maps an artifact kind to ``{"kind", "path"}`` (JSON, as on disk); `cached_from` names the
+    run whose result a cached stage reuses; `info` holds the facts the stage recorded (``ctx.info``).
+    Keys this version does not know are kept in `extra` and written back unchanged.
+    """
+
+    uses: str | None = None
+    key: str | None = None
+    status: Status | str = Status.PENDING
+    started: float | None = None
+    ended: float | None = None
+    duration: float | None = None
+    error: str | None = None
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cached_from: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> StageRecord:
+        known = _names(cls)
+        rec = cls(**{k: v for k, v in raw.items() if k in known},
+                  extra={k: v for k, v in raw.items() if k not in known})
+        rec.status = Status.of(rec.status)
+        return rec
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"uses": self.uses, "key": self.key, "status": self.status}
+        # What a stage never got to (a pending stage has no start, a stage without facts no info) is left
+        # out, as the runner always wrote it; `error` stays once the stage ran: None says "no error".
+        for name in ("started", "ended", "duration", "cached_from"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.started is not None or self.error is not None:
+            out["error"] = self.error
+        if self.artifacts or self.started is not None or self.status == Status.CACHED:
+            out["artifacts"] = self.artifacts
+        if self.info:
+            out["info"] = self.info
+        return {**self.extra, **out}
+
+
+@dataclass
+class Manifest:
+    """`manifest.json`: what a run is (its config, versions, hardware), where it stands, and its stages.
+
+    The runner writes it atomically after every change; readers never lock. `version` is
+    `MANIFEST_VERSION` when written by this version, None for a manifest written before versions existed.
+    Unknown keys (a newer writer's) are kept in `extra` and written back.
+    """
+
+    id: str = ""
+    created: float | None = None
+    config_path: str | None = None
+    project: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    status: Status | str = Status.UNKNOWN
+    pid: int | None = None
+    exit_code: int | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    hardware: dict[str, Any] = field(default_factory=dict)
+    resumed: list[float] = field(default_factory=list)  # when each --resume began
+    selection: dict[str, Any] | None = None  # --stage/--from/--force of the attempt (see RunRequest)
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+    finished: float | None = None
+    version: int | None = MANIFEST_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Manifest:
+        """The model of a manifest as read from disk, of any version; a missing key keeps its default."""
+        known = _names(cls)
+        values = {k: v for k, v in raw.items() if k in known}
+        values.setdefault("version", None)  # written before manifests had a version
+        stages = values.pop("stages", None)
+        stages = stages if isinstance(stages, dict) else {}
+        m = cls(**values, extra={k: v for k, v in raw.items() if k not in known})
+        m.status = Status.of(m.status)
+        m.stages = {n: StageRecord.from_dict(s if isinstance(s, dict) else {}) for n, s in stages.items()}
+        return m
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("stages", "extra")}
+        if self.finished is None:
+            del out["finished"]  # a run that has not finished has no such key (as before versions)
+        if self.version is None:
+            del out["version"]  # an old manifest written back (marked killed) stays as it was
+        out["stages"] = {n: s.to_dict() for n, s in self.stages.items()}
+        return {**self.extra, **out}
+
+    def save(self, run_dir: Path) -> None:
+        """Replace `run_dir/manifest.json` atomically with this manifest."""
+        atomic_write_json(Path(run_dir) / MANIFEST, self.to_dict())
+
+
+def _names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)} - {"extra"}
+
+
+# ----------------------------------------------------------------------------------------------
 # reading runs
 
 
 @dataclass
 class RunInfo:
+    """A run folder as readers see it. `manifest` is the JSON as on disk (what `status --json` prints),
+    `record` the same read through the typed `Manifest`."""
+
     id: str
     dir: Path
     manifest: dict
     #: why the run's manifest cannot be read ("<path>: <error>"), for a damaged run folder; else None
     damaged: str | None = None
 
+    @cached_property
+    def record(self) -> Manifest:
+        return Manifest.from_dict(self.manifest)
+
     @property
-    def status(self) -> str:
+    def status(self) -> Status | str:
         """The recorded status, or 'killed' when it says running but its writer is gone; 'damaged'
-        when the manifest cannot be read."""
+        when the manifest cannot be read; 'unknown' when it records none."""
         if self.damaged:
-            return "damaged"
-        status = self.manifest.get("status", "unknown")
-        if status in ("running", "starting") and not lock_is_live(read_lock(self.dir)):
-            return "killed"
+            return Status.DAMAGED
+        status = self.record.status
+        if status in LIVE and not lock_is_live(read_lock(self.dir)):
+            return Status.KILLED
         return status
 
     @property
     def config_path(self) -> str | None:
-        return self.manifest.get("config_path")
+        return self.record.config_path
 
-    def stage_status(self, name: str) -> str:
-        st = self.manifest.get("stages", {}).get(name, {}).get("status", "pending")
-        if st == "running" and self.status == "killed":
-            return "killed"
-        return st
+    def stage_status(self, name: str) -> Status | str:
+        st = self.record.stages.get(name)
+        status = st.status if st is not None else Status.PENDING
+        if status == Status.RUNNING and self.status == Status.KILLED:
+            return Status.KILLED
+        return status
 
     def to_json(self) -> dict:
         return {**self.manifest, "id": self.id, "dir": str(self.dir), "status": self.status,

@@ -78,10 +78,10 @@ def test_lock_refuses_live_writer_and_takes_over_dead_one(tmp_path):
 def test_event_reader_holds_back_a_partial_line_and_skips_torn_ones(tmp_path):
     path = tmp_path / "events.jsonl"
     path.write_text('{"type": "a"}\n{"type": "torn\n{"type": "b"}\n{"type": "c"')
-    assert [e["type"] for e in read_events(path)] == ["a", "b"]
+    assert [e.type for e in read_events(path)] == ["a", "b"]
     with open(path, "a") as fh:
         fh.write("}\n")
-    assert [e["type"] for e in read_events(path)] == ["a", "b", "c"]
+    assert [e.type for e in read_events(path)] == ["a", "b", "c"]
 
 
 def test_failing_observer_is_disabled_and_reported_not_raised(tmp_path):

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from rich.markup import escape
 
 from llmforge.cli.common import console, fmt_duration, status_mark, styled
+from llmforge.events import (
+    ArtifactEvent,
+    Event,
+    Log,
+    Metric,
+    Progress,
+    RunEnd,
+    RunStart,
+    StageCached,
+    StageEnd,
+    StageStart,
+    from_dict,
+)
 
 
 class EventPrinter:
@@ -31,7 +45,7 @@ class EventPrinter:
         self._info: dict[str, str] = {}
         self._eta: float | None = None
 
-    def _bar(self, ev: dict) -> None:
+    def _bar(self, ev: Progress) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         if self._progress is None:
@@ -40,9 +54,9 @@ class EventPrinter:
                                       MofNCompleteColumn(), TextColumn("{task.fields[info]}", markup=False),
                                       console=self.out)
             self._progress.start()
-            self._task = self._progress.add_task(ev.get("stage", ""), total=ev.get("total"), info="")
-        self._eta = ev.get("eta_s")
-        self._progress.update(self._task, completed=ev.get("done", 0), total=ev.get("total"), info=self._bar_info())
+            self._task = self._progress.add_task(ev.stage or "", total=ev.total, info="")
+        self._eta = ev.eta_s
+        self._progress.update(self._task, completed=ev.done or 0, total=ev.total, info=self._bar_info())
 
     def _bar_info(self) -> str:
         eta = self._eta
@@ -63,38 +77,41 @@ class EventPrinter:
             return True
         return False
 
-    def __call__(self, ev: dict) -> None:
-        t = ev.get("type")
-        stage = escape(str(ev.get("stage", "")))
+    def __call__(self, ev: Event | dict[str, Any]) -> None:
+        """Print one event: a typed one (`llmforge logs`), or the dict a run's listener gets (`llmforge run`)."""
+        self.show(ev if isinstance(ev, Event) else from_dict(ev))
+
+    def show(self, ev: Event) -> None:
+        stage = escape(str(ev.stage or ""))
         p = self.out.print
-        if t == "run_start":
-            p(f"[bold]run {escape(str(ev['run']))}[/]  stages: {escape(', '.join(ev.get('stages', [])))}")
-        elif t == "stage_start":
-            extra = " (resuming)" if ev.get("resume") else ""
-            p(f"[bold]▶ {stage}[/] [dim]({escape(str(ev.get('uses')))})[/]{extra}")
-        elif t == "stage_cached":
-            p(f"[cyan]↺ {stage}[/] cached [dim](from run {escape(str(ev.get('from_run')))})[/]")
-        elif t == "stage_end":
+        if isinstance(ev, RunStart):
+            p(f"[bold]run {escape(str(ev.run))}[/]  stages: {escape(', '.join(map(str, ev.stages or [])))}")
+        elif isinstance(ev, StageStart):
+            extra = " (resuming)" if ev.resume else ""
+            p(f"[bold]▶ {stage}[/] [dim]({escape(str(ev.uses))})[/]{extra}")
+        elif isinstance(ev, StageCached):
+            p(f"[cyan]↺ {stage}[/] cached [dim](from run {escape(str(ev.from_run))})[/]")
+        elif isinstance(ev, StageEnd):
             self._end_bar()
-            status = str(ev.get("status"))
+            status = str(ev.status)
             line = f"{status_mark(status)} {stage} {styled(escape(status))}"
-            if ev.get("duration") is not None:
-                line += f" in {fmt_duration(ev['duration'])}"
+            if ev.duration is not None:
+                line += f" in {fmt_duration(ev.duration)}"
             p(line)
-            if ev.get("error"):
-                p(f"  [red]{escape(str(ev['error']))}[/]")  # relayed rank logs hold [brackets]
-            if ev.get("reason"):
-                p(f"  [dim]{escape(str(ev['reason']))}[/]")
-        elif t == "log":
-            level = ev.get("level", "info")
+            if ev.error:
+                p(f"  [red]{escape(str(ev.error))}[/]")  # relayed rank logs hold [brackets]
+            if ev.reason:
+                p(f"  [dim]{escape(str(ev.reason))}[/]")
+        elif isinstance(ev, Log):
+            level = ev.level or "info"
             if level == "debug" and not self.debug:
                 return  # library chatter: in events.jsonl, shown with --debug
             style = {"warning": "yellow", "error": "red", "debug": "dim"}.get(level, "")
             prefix = f"[dim]{stage} |[/] " if stage else ""
-            msg = escape(str(ev.get("message", "")))
+            msg = escape(str(ev.message if ev.message is not None else ""))
             p(f"{prefix}[{style}]{msg}[/]" if style else f"{prefix}{msg}")
-        elif t == "metric":
-            vals = ev.get("values") or {}
+        elif isinstance(ev, Metric):
+            vals = ev.values or {}
             if "loss" in vals:
                 self._info["loss"] = f"loss {_num(vals['loss'])}"
             if "tokens_per_s" in vals:
@@ -103,25 +120,26 @@ class EventPrinter:
                 # the metric of a step arrives after its progress event: show its loss now, not at the next one
                 self._progress.update(self._task, info=self._bar_info())
             text = "  ".join(f"{k}={_num(v)}" for k, v in vals.items())
-            step = f"step {ev['step']}  " if ev.get("step") is not None else ""
+            step = f"step {ev.step}  " if ev.step is not None else ""
             p(f"[dim]{stage} |[/] {escape(step + text)}")
-        elif t == "progress":
-            total = ev.get("total")
-            done = ev.get("done")
+        elif isinstance(ev, Progress):
+            total, done = ev.total, ev.done
             if self.live and total:
                 self._bar(ev)
             elif self._due(f"progress:{stage}", final=total is not None and done >= total):
                 frac = f" ({100 * done / total:.0f}%)" if total else ""
-                unit = escape(str(ev.get("unit", "")))
+                unit = escape(str(ev.unit or ""))
                 p(f"[dim]{stage} |[/] {_num(done)}/{_num(total) if total else '?'} {unit}{frac}")
-        elif t == "artifact":
-            p(f"[dim]{stage} | artifact {escape(str(ev.get('kind')))}: {escape(str(ev.get('path')))}[/]")
-        elif t == "run_end":
+        elif isinstance(ev, ArtifactEvent):
+            p(f"[dim]{stage} | artifact {escape(str(ev.kind))}: {escape(str(ev.path))}[/]")
+        elif isinstance(ev, RunEnd):
             self._end_bar()
-            p(f"[bold]run {escape(str(ev['run']))}[/] {styled(escape(str(ev.get('status', '?'))))}")
+            p(f"[bold]run {escape(str(ev.run))}[/] {styled(escape(str(ev.status or '?')))}")
+        # Any other type (a plugin's own: dataset, launch, checkpoint, ...; or a newer writer's) is in
+        # events.jsonl and `logs --raw`; the stage reports what a person needs through log events.
 
 
-def _num(v) -> str:
+def _num(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)

@@ -10,6 +10,9 @@
   and the metric series. `apply(events)` updates it; `version` changes whenever
   something did, so the UI redraws only then.
 * `follow(run_dir, model, lock, cancelled)` is the worker's loop that feeds a model.
+
+Events arrive typed (`llmforge.events`): the one decoder `llmforge logs` uses too, so the TUI and the CLI
+cannot read a line differently. A type the Monitor does not show (a plugin's own) only counts as seen.
 """
 
 from __future__ import annotations
@@ -18,18 +21,33 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
-from llmforge.events import decode_event
-from llmforge.runs import EVENTS, MANIFEST
+from llmforge.events import (
+    ArtifactEvent,
+    Checkpoint,
+    Event,
+    Log,
+    Metric,
+    RunEnd,
+    RunStart,
+    StageCached,
+    StageEnd,
+    StageStart,
+    decode_event,
+    from_dict,
+)
+from llmforge.events import Progress as ProgressEvent
+from llmforge.runs import EVENTS, MANIFEST, Manifest
+from llmforge.status import ENDED, Status
 from llmforge.tui.widgets.text import marked
 
 # The charts the Monitor draws: metric name -> title. Other metrics are kept too (`RunModel.series`).
 CHARTS = {"loss": "loss", "eval_loss": "eval loss", "learning_rate": "learning rate", "grad_norm": "grad norm",
           "tokens_per_s": "tokens/s"}
-ENDED = ("done", "failed", "stopped", "killed")
 
 
 class EventTail:
@@ -42,7 +60,7 @@ class EventTail:
         self._partial = b""
         self.lineno = 0  # complete lines read so far, for the file:line a damaged one is named by
 
-    def read(self, max_bytes: int | None = None) -> list[dict]:
+    def read(self, max_bytes: int | None = None) -> list[Event]:
         """The complete events appended since the last call (up to about `max_bytes` of them)."""
         try:
             with open(self.path, "rb") as fh:
@@ -114,7 +132,7 @@ class Series:
 @dataclass
 class StageState:
     name: str
-    status: str = "pending"
+    status: Status | str = Status.PENDING
     uses: str = ""
     started: float | None = None
     duration: float | None = None
@@ -137,7 +155,7 @@ class Progress:
 class RunModel:
     run_id: str
     run_dir: Path
-    status: str = "unknown"
+    status: Status | str = Status.UNKNOWN
     exit_code: int | None = None
     stages: dict[str, StageState] = field(default_factory=dict)
     current_stage: str | None = None
@@ -166,7 +184,7 @@ class RunModel:
         """The series a chart shows: that metric of the stage that reported metrics last."""
         if self.metric_stage is not None and (self.metric_stage, metric) in self.series:
             return self.series[(self.metric_stage, metric)]
-        for (stage, name), s in reversed(list(self.series.items())):
+        for (_stage, name), s in reversed(list(self.series.items())):
             if name == metric:
                 return s
         return None
@@ -185,20 +203,21 @@ class RunModel:
 
     # -- updates -----------------------------------------------------------------------------------
 
-    def apply(self, events: list[dict]) -> None:
+    def apply(self, events: Iterable[Event | dict[str, Any]]) -> None:
+        """Update from events: typed ones (`EventTail.read`), or dicts as events.jsonl holds them."""
+        n = 0
         for e in events:
-            self._apply(e)
-        if events:
-            self.events_seen += len(events)
+            self._apply(e if isinstance(e, Event) else from_dict(e))
+            n += 1
+        if n:
+            self.events_seen += n
             self.version += 1
 
-    def _apply(self, e: dict) -> None:
-        t = e.get("type")
-        stage = e.get("stage")
-        if t == "metric":
-            values = e.get("values") or {}
-            step = e.get("step")
-            for name, v in values.items():
+    def _apply(self, e: Event) -> None:
+        stage = e.stage
+        if isinstance(e, Metric):
+            step = e.step
+            for name, v in (e.values or {}).items():
                 if isinstance(v, (int, float)) and v == v:  # skip NaN: it breaks the plot's scale
                     key = (stage or "", name)
                     if key not in self.series:
@@ -210,61 +229,62 @@ class RunModel:
                 self.step = step
             self.metric_stage = stage or ""
             self.series_version += 1
-        elif t == "progress":
+        elif isinstance(e, ProgressEvent):
             p = self.progress
             if p.stage != stage:
-                self.progress = p = Progress(stage=stage, started=e.get("time", 0.0), first_done=e.get("done", 0))
-            p.done = e.get("done", 0) or 0
-            p.total = e.get("total")
-            p.unit = e.get("unit", "") or ""
-            p.eta_s = e.get("eta_s")
-            p.time = e.get("time", 0.0)
+                self.progress = p = Progress(stage=stage, started=e.time or 0.0, first_done=e.done or 0)
+            p.done = e.done or 0
+            p.total = e.total
+            p.unit = e.unit or ""
+            p.eta_s = e.eta_s
+            p.time = e.time or 0.0
             if p.unit == "step" and isinstance(p.done, int):
                 self.step = p.done
-        elif t == "log":
-            level = e.get("level", "info")
+        elif isinstance(e, Log):
+            level = e.level or "info"
             prefix = f"[{stage}] " if stage else ""
             tag = "" if level == "info" else f"{level}: "
-            self._log(e, f"{prefix}{tag}{e.get('message', '')}", debug=level == "debug")
-        elif t == "stage_start":
+            self._log(e, f"{prefix}{tag}{e.message}", debug=level == "debug")
+        elif isinstance(e, StageStart):
             st = self._stage(stage)
-            st.status, st.uses, st.started = "running", e.get("uses", st.uses), e.get("time")
+            st.status, st.uses, st.started = Status.RUNNING, e.uses or st.uses, e.time
             self.current_stage = stage
             self.step = None
             self._log(e, f"[{stage}] started ({st.uses})")
-        elif t == "stage_cached":
-            self._stage(stage).status = "cached"
-            self._log(e, f"[{stage}] cached (from run {e.get('from_run')})")
-        elif t == "stage_end":
+        elif isinstance(e, StageCached):
+            self._stage(stage).status = Status.CACHED
+            self._log(e, f"[{stage}] cached (from run {e.from_run})")
+        elif isinstance(e, StageEnd):
             st = self._stage(stage)
-            st.status, st.duration, st.error = e.get("status", "?"), e.get("duration"), e.get("error")
+            st.status, st.duration, st.error = Status.of(e.status), e.duration, e.error
             msg = f"[{stage}] {marked(st.status)}"  # "[sft] ■ stopped": a stop is not a failure
             if st.error:
                 msg += f": {st.error}"
             self._log(e, msg)
-        elif t == "checkpoint":
-            self.checkpoints.append({"stage": stage, "step": e.get("step"), "path": e.get("path")})
-            self._log(e, f"[{stage}] checkpoint at step {e.get('step')}")
-        elif t == "artifact":
-            self._log(e, f"[{stage}] artifact {e.get('kind')}: {e.get('path')}")
-        elif t == "run_start":
-            self.status = "running"
+        elif isinstance(e, Checkpoint):
+            self.checkpoints.append({"stage": stage, "step": e.step, "path": e.path})
+            self._log(e, f"[{stage}] checkpoint at step {e.step}")
+        elif isinstance(e, ArtifactEvent):
+            self._log(e, f"[{stage}] artifact {e.kind}: {e.path}")
+        elif isinstance(e, RunStart):
+            self.status = Status.RUNNING
             self.exit_code = None
             self.finished = None
-            self.started = self.started or e.get("time")
-            for name in e.get("stages", []):
+            self.started = self.started or e.time
+            for name in e.stages or []:
                 self._stage(name)
-            selected = set(e.get("selected") or e.get("stages") or [])
+            # `selected` is absent from runs written before selections existed: every stage was.
+            selected = set(e.selected or e.stages or [])
             for name, st in self.stages.items():
-                if name not in selected and st.status == "pending":
-                    st.status = "skipped"
-            self._log(e, "run started" + (" (resumed)" if e.get("resume") else ""))
-        elif t == "run_end":
-            self.status = e.get("status", "?")
-            self.exit_code = e.get("exit_code")
-            self.finished = e.get("time")
-            for name, status in (e.get("stages") or {}).items():
-                self._stage(name).status = status
+                if name not in selected and st.status == Status.PENDING:
+                    st.status = Status.SKIPPED
+            self._log(e, "run started" + (" (resumed)" if e.resume else ""))
+        elif isinstance(e, RunEnd):
+            self.status = Status.of(e.status)
+            self.exit_code = e.exit_code
+            self.finished = e.time
+            for name, status in (e.stages or {}).items():
+                self._stage(name).status = Status.of(status)
             self.current_stage = None
             self._log(e, f"run {self.status} (exit code {self.exit_code})")
 
@@ -274,28 +294,28 @@ class RunModel:
             self.stages[name] = StageState(name)
         return self.stages[name]
 
-    def _log(self, e: dict, text: str, debug: bool = False) -> None:
-        stamp = time.strftime("%H:%M:%S", time.localtime(e.get("time", 0)))
+    def _log(self, e: Event, text: str, debug: bool = False) -> None:
+        stamp = time.strftime("%H:%M:%S", time.localtime(e.time or 0))
         self.logs.append(f"{stamp} {text}")
         self.log_debug.append(debug)
         self.log_count += 1
         self.debug_count += debug
 
-    def apply_manifest(self, manifest: dict, status: str) -> None:
+    def apply_manifest(self, manifest: Manifest, status: Status | str) -> None:
         """Facts only the manifest has: a run whose writer died (`killed`), stage timings, stage kinds."""
         changed = False
-        if status != self.status and (status in ENDED or self.status == "unknown"):
+        if status != self.status and (status in ENDED or self.status == Status.UNKNOWN):
             self.status, changed = status, True
-            if manifest.get("exit_code") is not None:
-                self.exit_code = manifest.get("exit_code")
-        for name, st in (manifest.get("stages") or {}).items():
+            if manifest.exit_code is not None:
+                self.exit_code = manifest.exit_code
+        for name, st in manifest.stages.items():
             mine = self._stage(name)
-            if not mine.uses and st.get("uses"):
-                mine.uses, changed = st["uses"], True
-            if mine.duration is None and st.get("duration") is not None:
-                mine.duration, changed = st["duration"], True
-            if status == "killed" and mine.status == "running":
-                mine.status, changed = "killed", True
+            if not mine.uses and st.uses:
+                mine.uses, changed = st.uses, True
+            if mine.duration is None and st.duration is not None:
+                mine.duration, changed = st.duration, True
+            if status == Status.KILLED and mine.status == Status.RUNNING:
+                mine.status, changed = Status.KILLED, True
         if changed:
             self.version += 1
 
@@ -318,12 +338,14 @@ def follow(run_dir: Path, model: RunModel, lock: threading.Lock, cancelled: Call
             next_manifest = now + manifest_every
             try:
                 manifest = json.loads((Path(run_dir) / MANIFEST).read_text())
+                if not isinstance(manifest, dict):
+                    raise ValueError("not a JSON object")
                 info = RunInfo(model.run_id, Path(run_dir), manifest)
                 status = info.status
                 with lock:
-                    model.apply_manifest(manifest, status)
+                    model.apply_manifest(info.record, status)
             except (OSError, ValueError):
-                pass
+                pass  # being replaced right now, or damaged: the events still tell the story
         if not events:
             # Idle: poll less often once the run has ended (a resume appends to the same file).
             time.sleep(poll if not model.ended else max(poll, 0.5))
