@@ -5,16 +5,22 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from llmforge.formatting import STATUS_STYLE, fmt_duration  # noqa: F401 - the CLI modules import them from here
 
-CONFIG_OPTION = typer.Option("forge.toml", "--config", "-c", help="Path to forge.toml.")
-SET_OPTION = typer.Option(None, "--set", help="Override a value: stage.option=VALUE or section.key=VALUE.")
-JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON.")
-RUNS_DIR_OPTION = typer.Option(None, "--runs-dir", help="Runs folder (default: from ./forge.toml, else ./runs).")
+# Options several commands share, as Annotated types; each command gives the default:
+# `config: ConfigOption = Path("forge.toml")`.
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Path to forge.toml.")]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a value: stage.option=VALUE or section.key=VALUE.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+RunsDirOption = Annotated[
+    Path | None, typer.Option("--runs-dir", help="Runs folder (default: from ./forge.toml, else ./runs).")
+]
 
 
 def sub_app(help: str) -> typer.Typer:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from llmforge.cli.common import JSON_OPTION, console, print_json, print_table, sub_app
+from llmforge.cli.common import JsonOption, console, print_json, print_table, sub_app
 from llmforge.errors import UsageError
 
 
@@ -15,8 +17,8 @@ def _registry():
 
 
 def plugins_list(
-    as_json: bool = JSON_OPTION,
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show load errors' tracebacks."),
+    as_json: JsonOption = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show load errors' tracebacks.")] = False,
 ) -> None:
     """Installed plugins with their hooks and stages, load errors and name clashes."""
     reg = _registry()
@@ -47,7 +49,7 @@ def _complete_kind(incomplete: str) -> list[str]:
     return [k for k in sorted(_registry().stages) if k.startswith(incomplete)]
 
 
-def stages_list(as_json: bool = JSON_OPTION) -> None:
+def stages_list(as_json: JsonOption = False) -> None:
     """Stage kinds you can `uses =` in forge.toml."""
     reg = _registry()
     rows = [{"kind": name, "summary": e.cls.summary, "plugin": e.plugin, "produces": list(e.cls.produces)}
@@ -60,8 +62,8 @@ def stages_list(as_json: bool = JSON_OPTION) -> None:
 
 
 def stages_show(
-    kind: str = typer.Argument(..., help="A stage kind.", autocompletion=_complete_kind),
-    as_json: bool = JSON_OPTION,
+    kind: Annotated[str, typer.Argument(help="A stage kind.", autocompletion=_complete_kind)],
+    as_json: JsonOption = False,
 ) -> None:
     """A stage kind's options: types, defaults, constraints and which are inputs."""
     from llmforge.schema import describe_options, did_you_mean

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated
 
 import typer
 
-from llmforge.cli.common import CONFIG_OPTION, JSON_OPTION, SET_OPTION, console, print_json
+from llmforge.cli.common import ConfigOption, JsonOption, SetOption, console, print_json
 from llmforge.errors import ConfigError, UsageError
 
 
 def init(
-    directory: Path = typer.Argument(Path("."), help="Folder for the new project (created if missing)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing forge.toml."),
+    directory: Annotated[Path, typer.Argument(help="Folder for the new project (created if missing).")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing forge.toml.")] = False,
 ) -> None:
     """Write a forge.toml and the sample data it uses; it validates and runs as is."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -39,10 +39,10 @@ def init(
 
 
 def validate(
-    path: Optional[Path] = typer.Argument(None, help="The forge.toml to check (same as -c)."),
-    config: Path = CONFIG_OPTION,
-    overrides: Optional[List[str]] = SET_OPTION,
-    as_json: bool = JSON_OPTION,
+    path: Annotated[Path | None, typer.Argument(help="The forge.toml to check (same as -c).")] = None,
+    config: ConfigOption = Path("forge.toml"),
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Check forge.toml: keys, types, ranges, stage kinds, references, files, preflight checks."""
     from llmforge.pipeline import load_pipeline

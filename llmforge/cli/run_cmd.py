@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated
 
 import typer
 
-from llmforge.cli.common import CONFIG_OPTION, SET_OPTION, console, fmt_duration, print_table, status_style
+from llmforge.cli.common import ConfigOption, SetOption, console, fmt_duration, print_table, status_style
 
 
 def run(
-    config: Path = CONFIG_OPTION,
-    stage: Optional[List[str]] = typer.Option(None, "--stage", "-s",
-                                              help="Run only this stage (and what it needs). Repeatable."),
-    from_stage: Optional[str] = typer.Option(None, "--from", help="Re-run this stage and everything after it."),
-    overrides: Optional[List[str]] = SET_OPTION,
-    resume: bool = typer.Option(False, "--resume", help="Continue the last interrupted run from its checkpoints, "
-                                                        "with the --stage/--from/--force it was started with."),
-    run_ref: Optional[str] = typer.Option(None, "--run", help="With --resume: which run. Otherwise: the new run's id."),
-    detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; print the run id and return."),
-    force: bool = typer.Option(False, "--force", help="Ignore cached results and run every selected stage."),
-    no_fit_check: bool = typer.Option(False, "--no-fit-check",
-                                      help="Start even when `llmforge plan` says a stage cannot fit this machine."),
+    config: ConfigOption = Path("forge.toml"),
+    stage: Annotated[
+        list[str] | None, typer.Option("--stage", "-s", help="Run only this stage (and what it needs). Repeatable.")
+    ] = None,
+    from_stage: Annotated[str | None, typer.Option("--from", help="Re-run this stage and everything after it.")] = None,
+    overrides: SetOption = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the last interrupted run from its checkpoints, with the --stage/--from/--force it was "
+                 "started with.",
+        ),
+    ] = False,
+    run_ref: Annotated[
+        str | None, typer.Option("--run", help="With --resume: which run. Otherwise: the new run's id.")
+    ] = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="Run in the background; print the run id and return.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Ignore cached results and run every selected stage.")] = False,
+    no_fit_check: Annotated[
+        bool,
+        typer.Option("--no-fit-check", help="Start even when `llmforge plan` says a stage cannot fit this machine."),
+    ] = False,
 ) -> None:
     """Run the pipeline of forge.toml. Exit code: 0 done, 1 a stage failed, 2 bad input (or a stage that
     cannot fit this machine), 130 stopped."""

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 
-from llmforge.cli.common import (JSON_OPTION, RUNS_DIR_OPTION, console, fmt_duration, print_json, print_table,
+from llmforge.cli.common import (JsonOption, RunsDirOption, console, fmt_duration, print_json, print_table,
                                  runs_dir, status_style, styled, sub_app)
 
-RUN_ARG = typer.Argument(None, help="Run id, unique prefix or folder (default: the latest run).")
+RunArg = Annotated[str | None, typer.Argument(help="Run id, unique prefix or folder (default: the latest run).")]
 
 
 def _store(dir_: Path | None):
@@ -20,7 +20,7 @@ def _store(dir_: Path | None):
     return RunStore(runs_dir(dir_))
 
 
-def runs_list(as_json: bool = JSON_OPTION, dir_: Optional[Path] = RUNS_DIR_OPTION) -> None:
+def runs_list(as_json: JsonOption = False, dir_: RunsDirOption = None) -> None:
     """List the runs of this project, newest first (as the TUI's Runs screen does)."""
     # A run folder whose manifest cannot be read is listed as damaged (naming the file), never dropped.
     runs = list(reversed(_store(dir_).list(include_damaged=True)))
@@ -57,7 +57,7 @@ def _row(r) -> dict:
     }
 
 
-def status(run: Optional[str] = RUN_ARG, as_json: bool = JSON_OPTION, dir_: Optional[Path] = RUNS_DIR_OPTION) -> None:
+def status(run: RunArg = None, as_json: JsonOption = False, dir_: RunsDirOption = None) -> None:
     """Show a run: its status and each stage's status, time and artifacts."""
     r = _store(dir_).get(run)
     if as_json:
@@ -77,10 +77,12 @@ def status(run: Optional[str] = RUN_ARG, as_json: bool = JSON_OPTION, dir_: Opti
 
 
 def logs(
-    run: Optional[str] = RUN_ARG,
-    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events until the run ends."),
-    raw: bool = typer.Option(False, "--raw", help="Print the JSON lines as they are."),
-    dir_: Optional[Path] = RUNS_DIR_OPTION,
+    run: RunArg = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events until the run ends.")
+    ] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Print the JSON lines as they are.")] = False,
+    dir_: RunsDirOption = None,
 ) -> None:
     """Print a run's events (from events.jsonl); -f follows a running one. --debug also shows the
     libraries' chatter (debug-level events)."""
@@ -113,10 +115,10 @@ def logs(
 
 
 def stop(
-    run: Optional[str] = RUN_ARG,
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the run has stopped."),
-    timeout: float = typer.Option(600, "--timeout", help="Seconds to wait."),
-    dir_: Optional[Path] = RUNS_DIR_OPTION,
+    run: RunArg = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the run has stopped.")] = True,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 600,
+    dir_: RunsDirOption = None,
 ) -> None:
     """Ask a run to stop cleanly: a training stage saves a checkpoint first, other stages just stop; the
     run exits with code 130 and `llmforge run --resume` continues it."""
@@ -145,7 +147,7 @@ def stop(
     out.print(f"run {escape(r.id)}: {styled(r.status)} (exit code {r.manifest.get('exit_code')})")
 
 
-def checkpoint(run: Optional[str] = RUN_ARG, dir_: Optional[Path] = RUNS_DIR_OPTION) -> None:
+def checkpoint(run: RunArg = None, dir_: RunsDirOption = None) -> None:
     """Ask a running training stage to save a checkpoint now, and go on."""
     from llmforge.errors import UsageError
     from llmforge.runs import CHECKPOINT_REQUEST, lock_is_live, read_lock, request

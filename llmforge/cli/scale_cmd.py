@@ -4,18 +4,20 @@ The fit check `llmforge run` makes before it starts is the core's (llmforge.plan
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated
 
 import typer
 
-from llmforge.cli.common import CONFIG_OPTION, JSON_OPTION, SET_OPTION, console, print_json, print_table, runs_dir
+from llmforge.cli.common import ConfigOption, JsonOption, SetOption, console, print_json, print_table, runs_dir
 from llmforge.formatting import fmt_bytes
 
 
 def doctor(
-    as_json: bool = JSON_OPTION,
-    runs: Optional[Path] = typer.Option(None, "--runs-dir", help="Where runs go (for free disk); default from "
-                                                                 "./forge.toml, else ./runs."),
+    as_json: JsonOption = False,
+    runs: Annotated[
+        Path | None,
+        typer.Option("--runs-dir", help="Where runs go (for free disk); default from ./forge.toml, else ./runs."),
+    ] = None,
 ) -> None:
     """What this machine and its Python environment can do: versions, known conflicts, CPU, RAM, disk,
     GPUs, NCCL/gloo. Problems are listed as warnings; the exit code is 0."""
@@ -65,9 +67,9 @@ def doctor(
 
 
 def plan(
-    config: Path = CONFIG_OPTION,
-    overrides: Optional[List[str]] = SET_OPTION,
-    as_json: bool = JSON_OPTION,
+    config: ConfigOption = Path("forge.toml"),
+    overrides: SetOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Estimated peak memory (per process) and disk of each stage of forge.toml, against this machine,
     with what to change when a stage does not fit. Exit code 0 (the estimate is advice)."""

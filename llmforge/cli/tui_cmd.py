@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 
-from llmforge.cli.common import RUNS_DIR_OPTION, runs_dir
+from llmforge.cli.common import RunsDirOption, runs_dir
 
 AREAS = ("project", "monitor", "runs", "data", "models", "plugins", "config")
 
 
 def tui(
-    config: Optional[Path] = typer.Option(None, "--config", "-c",
-                                          help="Path to forge.toml (default: ./forge.toml when there is one)."),
-    dir_: Optional[Path] = RUNS_DIR_OPTION,
-    screen: str = typer.Option("project", "--screen", help=f"Area to open first: {', '.join(AREAS)}."),
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Path to forge.toml (default: ./forge.toml when there is one)."),
+    ] = None,
+    dir_: RunsDirOption = None,
+    screen: Annotated[str, typer.Option("--screen", help=f"Area to open first: {', '.join(AREAS)}.")] = "project",
 ) -> None:
     """Open the terminal UI: pipeline and hardware, live run monitor, runs, data, models, plugins, config.
 

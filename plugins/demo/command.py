@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 
-DIR_OPTION = typer.Option(Path("llmforge-demo"), "--dir", "-d", help="Folder to write the project into.")
-
 
 def demo(
-    dir: Path = DIR_OPTION,
-    quick: bool = typer.Option(False, "--quick", help="A smaller world and a shorter pretraining: about a "
-                                                      "minute on 2 cores (the tests run it); shows the learning "
-                                                      "effect less clearly."),
-    force: bool = typer.Option(False, "--force", help="Run every stage again, ignoring cached results."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the generated world and of training."),
+    dir: Annotated[Path, typer.Option("--dir", "-d", help="Folder to write the project into.")] = Path("llmforge-demo"),
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick",
+            help="A smaller world and a shorter pretraining: about a minute on 2 cores (the tests run it); shows the "
+                 "learning effect less clearly.",
+        ),
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Run every stage again, ignoring cached results.")] = False,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the generated world and of training.")] = None,
 ) -> None:
     """Train a tiny model end to end on CPU: curate -> pretrain -> SFT -> DPO -> merge -> GGUF on a
     generated world, then evaluate.

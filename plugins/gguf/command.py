@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 
@@ -46,11 +46,12 @@ def _new_gguf(out: Path, force: bool) -> None:
 
 
 def export(
-    model: Path = typer.Argument(..., help="An HF model directory, or a LoRA adapter directory (merged into its "
-                                           "base first)."),
-    out: Path = typer.Argument(..., help="The .gguf file to write (a .Modelfile is written next to it)."),
-    outtype: str = typer.Option("f16", "--outtype", help="Weight type: f32, f16, bf16 or q8_0."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    model: Annotated[
+        Path, typer.Argument(help="An HF model directory, or a LoRA adapter directory (merged into its base first).")
+    ],
+    out: Annotated[Path, typer.Argument(help="The .gguf file to write (a .Modelfile is written next to it).")],
+    outtype: Annotated[str, typer.Option("--outtype", help="Weight type: f32, f16, bf16 or q8_0.")] = "f16",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Export MODEL to one GGUF file for llama.cpp, Ollama and LM Studio, and write OUT's Ollama Modelfile.
     Exit code: 0 done, 2 bad input."""
@@ -69,19 +70,22 @@ def export(
 
 
 def quantize(
-    src: Path = typer.Argument(..., help="The F32/F16/BF16 .gguf to quantize."),
-    out: Path = typer.Argument(..., help="The .gguf file to write (a .Modelfile is written next to it)."),
-    qtype: str = typer.Option(..., "--type", "-t", help="llama.cpp type: Q4_K_M, Q5_K_M, Q6_K, Q8_0, IQ4_XS, ..."),
-    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="An importance matrix (safetensors) to steer "
-                                                                   "the quantizer."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration text: compute the "
-                                                                           "importance matrix from it (needs "
-                                                                           "--model)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="The HF model SRC was exported from (for "
-                                                               "--calibration)."),
-    max_tokens: int = typer.Option(20000, "--max-tokens", min=2, help="Calibration tokens used at most."),
-    threads: int = typer.Option(0, "--threads", min=0, help="Quantizer threads (0: all cores)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    src: Annotated[Path, typer.Argument(help="The F32/F16/BF16 .gguf to quantize.")],
+    out: Annotated[Path, typer.Argument(help="The .gguf file to write (a .Modelfile is written next to it).")],
+    qtype: Annotated[str, typer.Option("--type", "-t", help="llama.cpp type: Q4_K_M, Q5_K_M, Q6_K, Q8_0, IQ4_XS, ...")],
+    imatrix: Annotated[
+        Path | None, typer.Option("--imatrix", help="An importance matrix (safetensors) to steer the quantizer.")
+    ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option("--calibration", help="Calibration text: compute the importance matrix from it (needs --model)."),
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="The HF model SRC was exported from (for --calibration).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=2, help="Calibration tokens used at most.")] = 20000,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="Quantizer threads (0: all cores).")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Quantize SRC to OUT with llama.cpp's quantizer: --type Q4_K_M [--imatrix FILE | --calibration TEXT
     --model HFDIR]. IQ1/IQ2/IQ3_XXS and Q2_K_S need an importance matrix. With --calibration, the matrix is
@@ -126,17 +130,26 @@ def quantize(
 
 
 def check(
-    model: Path = typer.Argument(..., help="The HF model (or adapter) the files were exported from."),
-    files: list[Path] = typer.Argument(..., help="One or more .gguf files."),
-    text: Optional[Path] = typer.Option(None, "--text", help="Text file to measure logits and perplexity on "
-                                                             "(default: a built-in text)."),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="A GGUF (e.g. the f16 export) that ΔPPL is "
-                                                                       "measured against instead of the HF model."),
-    max_kld: Optional[float] = typer.Option(None, "--max-kld", min=0, help="Exit 1 when a file's mean KL "
-                                                                           "divergence is larger."),
-    min_top1: Optional[float] = typer.Option(None, "--min-top1", min=0, max=1, help="Exit 1 when a file's top-1 "
-                                                                                     "agreement is lower."),
-    as_json: bool = typer.Option(False, "--json", help="Print the scorecard as JSON."),
+    model: Annotated[Path, typer.Argument(help="The HF model (or adapter) the files were exported from.")],
+    files: Annotated[list[Path], typer.Argument(help="One or more .gguf files.")],
+    text: Annotated[
+        Path | None,
+        typer.Option("--text", help="Text file to measure logits and perplexity on (default: a built-in text)."),
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference",
+            help="A GGUF (e.g. the f16 export) that ΔPPL is measured against instead of the HF model.",
+        ),
+    ] = None,
+    max_kld: Annotated[
+        float | None, typer.Option("--max-kld", min=0, help="Exit 1 when a file's mean KL divergence is larger.")
+    ] = None,
+    min_top1: Annotated[
+        float | None, typer.Option("--min-top1", min=0, max=1, help="Exit 1 when a file's top-1 agreement is lower.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the scorecard as JSON.")] = False,
 ) -> None:
     """Score GGUF files against the HF model: tokenization, logits on the same token ids (mean KL divergence,
     top-1 agreement), perplexity, size. Prints the scorecard table. With --max-kld/--min-top1 (which also
@@ -165,10 +178,12 @@ def check(
 
 
 def import_gguf(
-    gguf: Path = typer.Argument(..., help="The .gguf file to import."),
-    out: Path = typer.Argument(..., help="The HF model directory to write (new, or empty)."),
-    dtype: str = typer.Option("float32", "--dtype", help="Weight dtype: float32, float16 or bfloat16 "
-                                                         "(quantized tensors are dequantized)."),
+    gguf: Annotated[Path, typer.Argument(help="The .gguf file to import.")],
+    out: Annotated[Path, typer.Argument(help="The HF model directory to write (new, or empty).")],
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help="Weight dtype: float32, float16 or bfloat16 (quantized tensors are dequantized)."),
+    ] = "float32",
 ) -> None:
     """Import a GGUF file as a Hugging Face model directory (config, safetensors, tokenizer and chat template),
     to fine-tune, merge or evaluate it. Exit code: 0 done, 2 bad input."""
@@ -179,15 +194,22 @@ def import_gguf(
 
 
 def chat(
-    model: Path = typer.Argument(..., help="An HF model directory (or LoRA adapter) or a .gguf file."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one prompt, print only the "
-                                                                      "answer, and exit."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
-    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="Sampling temperature; 0 is greedy."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sampling."),
-    system: Optional[str] = typer.Option(None, "--system", help="A system message in front of the conversation."),
-    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=16, help="Context size for a GGUF (default 4096, at "
-                                                                      "most the model's own)."),
+    model: Annotated[Path, typer.Argument(help="An HF model directory (or LoRA adapter) or a .gguf file.")],
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="Answer this one prompt, print only the answer, and exit.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 256,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")
+    ] = 0.7,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling.")] = 0,
+    system: Annotated[
+        str | None, typer.Option("--system", help="A system message in front of the conversation.")
+    ] = None,
+    n_ctx: Annotated[
+        int | None,
+        typer.Option("--n-ctx", min=16, help="Context size for a GGUF (default 4096, at most the model's own)."),
+    ] = None,
 ) -> None:
     """Chat with MODEL using its own chat template: an HF directory through transformers, a .gguf through
     llama.cpp. Reads prompts from stdin until end of input or /exit (/reset forgets the conversation); with

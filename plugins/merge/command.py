@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 
@@ -105,29 +105,56 @@ def _list_methods() -> None:
 
 
 def merge(
-    out: Optional[Path] = typer.Argument(None, help="Output model directory (new, or empty; --force replaces it)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A merge recipe (merge.toml): slices, "
-                                                                       "per-layer lists, filters."),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help="Merge method (--list-methods shows them)."),
-    model: Optional[list[str]] = typer.Option(None, "--model", help="An input model directory or LoRA adapter "
-                                                                    "(repeat for each)."),
-    weight: Optional[list[float]] = typer.Option(None, "--weight", "-w", help="Weight of each --model, in order "
-                                                                              "(repeat)."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base model: task vectors are taken against it."),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help="A method parameter, NAME=VALUE: t=0.5, "
-                                                                 "density=0.5, lambda=1.0, t=[0,0.5,1]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random drops (dare_*); default 0."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: auto, float32, float16, bfloat16."),
-    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype", help="Arithmetic dtype (default float32)."),
-    config_from: Optional[str] = typer.Option(None, "--config-from", help="Model whose config, tokenizer and chat "
-                                                                          "template the output gets (default: the "
-                                                                          "base, else the first model)."),
-    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest output file (default 2GB)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT when it holds an earlier merge's output "
-                                                      "(and none of the inputs)."),
-    replace: Optional[Path] = typer.Option(None, "--replace", metavar="OUT",
-                                           help="Replace OUT whatever it holds: name the same folder again."),
-    list_methods: bool = typer.Option(False, "--list-methods", help="List the merge methods and their parameters."),
+    out: Annotated[
+        Path | None, typer.Argument(help="Output model directory (new, or empty; --force replaces it).")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="A merge recipe (merge.toml): slices, per-layer lists, filters."),
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", "-m", help="Merge method (--list-methods shows them).")
+    ] = None,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="An input model directory or LoRA adapter (repeat for each).")
+    ] = None,
+    weight: Annotated[
+        list[float] | None, typer.Option("--weight", "-w", help="Weight of each --model, in order (repeat).")
+    ] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Base model: task vectors are taken against it.")] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="A method parameter, NAME=VALUE: t=0.5, density=0.5, lambda=1.0, t=[0,0.5,1]."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the random drops (dare_*); default 0.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="Output dtype: auto, float32, float16, bfloat16.")
+    ] = None,
+    compute_dtype: Annotated[
+        str | None, typer.Option("--compute-dtype", help="Arithmetic dtype (default float32).")
+    ] = None,
+    config_from: Annotated[
+        str | None,
+        typer.Option(
+            "--config-from",
+            help="Model whose config, tokenizer and chat template the output gets (default: the base, else the first "
+                 "model).",
+        ),
+    ] = None,
+    max_shard_size: Annotated[
+        str | None, typer.Option("--max-shard-size", help="Largest output file (default 2GB).")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace OUT when it holds an earlier merge's output (and none of the inputs)."),
+    ] = False,
+    replace: Annotated[
+        Path | None,
+        typer.Option("--replace", metavar="OUT", help="Replace OUT whatever it holds: name the same folder again."),
+    ] = None,
+    list_methods: Annotated[
+        bool, typer.Option("--list-methods", help="List the merge methods and their parameters.")
+    ] = False,
 ) -> None:
     """Merge models into OUT, tensor by tensor: --method M --model A --model B [--weight 0.7 --weight 0.3]
     [--base BASE] [--set t=0.5], or -c merge.toml. Everything is checked before anything is written.
@@ -190,16 +217,28 @@ def merge(
 
 
 def merge_lora(
-    adapter: Path = typer.Argument(..., help="A LoRA adapter directory (adapter_config.json, "
-                                             "adapter_model.safetensors)."),
-    out: Path = typer.Argument(..., help="Output model directory."),
-    base: Optional[Path] = typer.Option(None, "--base", help="The adapter's base model (default: the one named in "
-                                                             "adapter_config.json)."),
-    dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the base's), float32, float16, bfloat16."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT when it holds an earlier merge's output "
-                                                      "(and not the adapter or its base)."),
-    replace: Optional[Path] = typer.Option(None, "--replace", metavar="OUT",
-                                           help="Replace OUT whatever it holds: name the same folder again."),
+    adapter: Annotated[
+        Path, typer.Argument(help="A LoRA adapter directory (adapter_config.json, adapter_model.safetensors).")
+    ],
+    out: Annotated[Path, typer.Argument(help="Output model directory.")],
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="The adapter's base model (default: the one named in adapter_config.json)."),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Output dtype: auto (the base's), float32, float16, bfloat16.")
+    ] = "auto",
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace OUT when it holds an earlier merge's output (and not the adapter or its base).",
+        ),
+    ] = False,
+    replace: Annotated[
+        Path | None,
+        typer.Option("--replace", metavar="OUT", help="Replace OUT whatever it holds: name the same folder again."),
+    ] = None,
 ) -> None:
     """Merge a LoRA adapter into its base: every adapted weight becomes W + scale·B·A. Writes a complete
     model directory (config, tokenizer and chat template, generation config, model card)."""
