@@ -85,6 +85,12 @@ def test_pipeline_greets_the_names_a_shell_stage_wrote(hello, project):
     valid = project.run("validate", plugins=[hello])
     assert valid.returncode == 0, valid.stderr
     assert "  greet (hello)   <- people" in valid.stdout  # validate shows each stage with its inputs
+    # `llmforge plan` shows a third-party stage's own estimate next to the built-ins ("no estimate" for shell)
+    plan = project.run("plan", plugins=[hello])
+    assert plan.returncode == 0, plan.stderr
+    assert "greet (hello)" in plan.stdout and "disk: greetings.txt" in plan.stdout
+    assert "names read at run time: counted as 1,000" in plan.stdout
+    assert "people (shell): no estimate" in plan.stdout
 
     first = project.run("run", plugins=[hello])
     assert first.returncode == 0, first.stdout + first.stderr
@@ -176,4 +182,4 @@ def test_the_example_plugins_own_tests_pass_against_the_installed_copy(hello, tm
                           str(EXAMPLE_PLUGIN / "tests")],
                          cwd=tmp_path, env=_env([hello]), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert "5 passed" in res.stdout
+    assert "6 passed" in res.stdout

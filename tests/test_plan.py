@@ -297,6 +297,94 @@ def test_plan_against_a_gpu_machine_suggests_qlora_zero_and_offload(project, llm
     assert sp.suggestions[-1].fits and sp.suggestions[-1].text.startswith("all of")
 
 
+def test_a_third_party_stage_estimates_itself(project, plugin_site):
+    """A plugin's stage with `Stage.estimate` shows its figures in `llmforge plan` (its model's shape read
+    through @pretrain), one without shows "no estimate", and `llmforge run` refuses one that cannot fit."""
+    site = plugin_site("estimate-plugin")
+    write_data(project.root)
+    _fake_model(project.root / "huge", {**LLAMA2_7B, "num_hidden_layers": 640})  # ~130B parameters
+    project.write(PRETRAIN.format(steps=2) + """
+[[stages]]
+name = "score"
+uses = "score"
+model = "@pretrain"
+batch = 16
+
+[[stages]]
+name = "quiet"
+uses = "quiet"
+
+[[stages]]
+name = "huge"
+uses = "score"
+model = "huge"
+""")
+    res = project.run("plan", "--json", plugins=[site])
+    assert res.returncode == 0, res.stderr
+    stages = {s["stage"]: s for s in json.loads(res.stdout)["stages"]}
+    score, pretrain = stages["score"], stages["pretrain"]
+    assert score["model"] == pretrain["model"]  # the shape the pretrain stage's preset gives, through @pretrain
+    est = score["estimate"]
+    assert est["peak_bytes"] == 2**29 + 4 * pretrain["model"]["parameters"] + 16 * 2**20  # the stage's own sum
+    assert list(est["parts_gib"]) == ["runtime", "model (fp32)", "score buffer"]
+    assert est["disk_bytes"] == 4096 and est["notes"] == ["scored one batch at a time"]
+    assert score["verdict"] == "fits" and "training" not in score
+    assert stages["quiet"]["estimate"] is None and stages["quiet"]["note"] == "no estimate for stage kind 'quiet'"
+    assert stages["huge"]["verdict"] == "does not fit" and "GiB of RAM" in stages["huge"]["problems"][0]
+
+    text = project.run("plan", plugins=[site])
+    assert text.returncode == 0, text.stderr
+    params = f"{pretrain['model']['parameters'] / 1e6:,.1f}M parameters (float32)"
+    for line in (f"score (score): {params}", "  model (fp32)", "  score buffer", "disk: report",
+                 "note: scored one batch at a time", "quiet (quiet): no estimate for stage kind 'quiet'"):
+        assert line in text.stdout, line
+
+    # The fit check of `llmforge run` holds a third-party stage to its own estimate, as it does a built-in
+    res = project.run("run", "--stage", "huge", plugins=[site])
+    assert res.returncode == 2 and "stage 'huge' cannot fit on this machine" in res.stderr, res.stderr
+    assert not project.runs.exists()
+
+
+@pytest.mark.parametrize("device, bf16", [("cpu", False), ("cpu", True), ("cuda", True), ("cuda", False)])
+def test_plan_and_training_choose_the_same_precision(project, llmforge_registry, monkeypatch, device, bf16):
+    """`precision = "auto"` as `llmforge plan` shows it (the stage's estimate, on a described machine) and as
+    the training plugin sets up the Trainer (on the same device facts), for models below and above the size
+    where bf16 pays off on a CPU: the one decision, llmforge.precision.choose_precision."""
+    import torch
+
+    import llmforge.hardware
+    from llmforge.hardware import Machine
+    from llmforge.pipeline import load_pipeline
+    from llmforge.planning import plan
+    from llmforge_plugins.training.precision import resolve_precision
+
+    write_data(project.root)
+    project.write("".join(PRETRAIN.format(steps=1).replace('name = "pretrain"', f'name = "{size}"')
+                          .replace('size = "tiny"', f'size = "{size}"') for size in ("tiny", "small", "smollm-135m")))
+    gpu = {"index": 0, "name": "test GPU", "memory_total_bytes": 80 * 2**30, "memory_free_bytes": 80 * 2**30,
+           "compute_capability": "8.0" if bf16 else "7.0", "bf16": bf16, "driver": "x"}
+    machine = Machine(ram_total=64 * 2**30, ram_available=60 * 2**30, disk_free=10**13,
+                      gpus=[gpu] if device == "cuda" else [], cpu_bf16_fast=device == "cpu" and bf16)
+    planned = plan(load_pipeline(project.config, registry=llmforge_registry()), machine=machine)
+
+    # The same facts as torch and the CPU probe would report them to the training plugin.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    real = llmforge.hardware.cpu_features
+    monkeypatch.setattr(llmforge.hardware, "cpu_features", lambda *a: {**real(*a), "bf16_fast": bf16})
+    chosen = set()
+    for sp in planned.stages:
+        trainer = resolve_precision("auto", sp.shape.params())
+        assert sp.training.precision == trainer["_name"], (sp.name, sp.shape.params())
+        assert trainer["bf16"] == (trainer["_name"] == "bf16") and trainer["fp16"] == (trainer["_name"] == "fp16")
+        chosen.add(trainer["_name"])
+    # the cases cover each answer: fp32 and bf16 by size on a fast-bf16 CPU, bf16/fp16 by GPU
+    expected = {("cpu", False): {"fp32"}, ("cpu", True): {"fp32", "bf16"}, ("cuda", True): {"bf16"},
+                ("cuda", False): {"fp16"}}[(device, bf16)]
+    assert chosen == expected
+
+
 def test_planning_imports_no_torch(project):
     write_data(project.root)
     project.write(PRETRAIN.format(steps=2) + SFT.format(steps=2))

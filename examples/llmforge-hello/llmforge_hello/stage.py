@@ -1,23 +1,29 @@
 """The `hello` stage kind: writes greetings into a `files` artifact.
 
 Small on purpose, but it does what a real stage has to do: declare its options once, take an
-input that may be a path or another stage's artifact, report progress, stop when asked, keep a
-checkpoint that `llmforge run --resume` continues from, and publish its output atomically.
+input that may be a path or another stage's artifact, estimate what it needs for `llmforge plan`,
+report progress, stop when asked, keep a checkpoint that `llmforge run --resume` continues from,
+and publish its output atomically.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
 from llmforge.errors import DataError, Problem
 from llmforge.stage import Input, Stage, StageOptions
 
+if TYPE_CHECKING:
+    from llmforge.planning import Estimate, PlanEnv
+
 OUTPUT_FILE = "greetings.txt"
 CHECKPOINT_FILE = "greetings.partial"
+# What the plan assumes for names it cannot see before the run (bytes of a long name; a long names file).
+NAME_BYTES, NAMES_GUESS = 32, 1000
 
 
 class HelloOptions(StageOptions):
@@ -79,6 +85,21 @@ class HelloStage(Stage):
             except DataError as exc:
                 return [Problem("names", exc.message)]
         return []
+
+    def estimate(self, options: HelloOptions, env: PlanEnv) -> Estimate:
+        # `llmforge plan` prints this next to the built-in stages' figures, and `llmforge run` refuses
+        # a stage whose estimate exceeds the machine. Arithmetic only: it runs on every plan, before any
+        # input exists (names from another stage are not written yet), so no file is read here.
+        from llmforge.planning import Estimate
+
+        names = NAMES_GUESS if options.names else 1
+        line = len(options.greeting) + NAME_BYTES + 4  # "<greeting>, <name>!\n"
+        text = names * options.times * line
+        # The lines are held as Python strings (~50 bytes of overhead each), then joined into the file's text.
+        memory = {"greetings (strings and the joined text)": 2 * text + names * options.times * 50}
+        notes = [f"names read at run time: counted as {NAMES_GUESS:,}"] if options.names else []
+        return Estimate("cpu", sum(memory.values()), memory, disk=text, disk_parts={OUTPUT_FILE: text},
+                        notes=notes)
 
     def run(self, options: HelloOptions, ctx) -> None:
         # `options.names` arrives resolved: an @reference has become the artifact's folder.

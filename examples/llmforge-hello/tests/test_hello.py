@@ -67,6 +67,23 @@ def test_bad_option_names_its_key(llmforge_project, registry):
     assert "did you mean 'greeting'" in problems["stages[0].greting"]
 
 
+def test_plan_shows_what_the_stage_needs(llmforge_project, registry):
+    # `llmforge plan` asks each stage for its estimate; llmforge.planning.plan is what it calls.
+    from llmforge.planning import plan
+
+    llmforge_project.write("""
+        [[stages]]
+        name = "greet"
+        uses = "hello"
+        greeting = "Hi"
+        times = 3
+    """)
+    (stage,) = plan(llmforge_project.pipeline(registry)).stages
+    assert stage.verdict == "fits" and stage.estimate.device == "cpu"
+    assert stage.estimate.disk_parts == {"greetings.txt": 3 * (len("Hi") + 32 + 4)}  # one name, 3 lines
+    assert 0 < stage.estimate.peak < 2**20
+
+
 def test_empty_names_file_fails_validation(llmforge_project, registry):
     llmforge_project.write("# nobody yet\n", name="names.txt")
     llmforge_project.write("""
