@@ -54,7 +54,7 @@ class ContinuedPretrainStage(Stage):
         return trained_shape(options, env.shape_of("model"))
 
     def run(self, o: ContinuedPretrainOptions, ctx) -> None:
-        from llmforge_plugins.training import common, loop, models, tokenized
+        from llmforge_plugins.training import common, evaluation, factory, loop, models, tokenized
 
         seed = common.seed_of(o, ctx)
         models.set_seed(seed)
@@ -89,17 +89,16 @@ class ContinuedPretrainStage(Stage):
         rng.shuffle(mixed)
         held_tok = tokenized.tokenize(heldout, "text", tokenizer, None, max_length=o.max_length).rows if heldout else []
 
-        before = loop.perplexity(model, held_tok) if held_tok else None
+        before = evaluation.perplexity(model, held_tok) if held_tok else None
         if before is not None:
             ctx.metric(step=0, heldout_ppl=before)
         train, evals = tokenized.split_eval(mixed, o.eval_split, seed)
-        trainer, callback, outdir = loop.build_sft_trainer(ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
-                                                           train_rows=train, eval_rows=evals or None, lora=o.lora,
-                                                           stage_kind="continued_pretrain")
-        outcome = loop.run_trainer(trainer, ctx, callback, outdir)
+        training = factory.build_trainer(factory.SFT, ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
+                                         train_rows=train, eval_rows=evals or None, lora=o.lora)
+        outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:
             return
-        after = loop.perplexity(trainer.model, held_tok) if held_tok else None
+        after = evaluation.perplexity(training.trainer.model, held_tok) if held_tok else None
         report = {"heldout_rows": len(held_tok), "ppl_before": before, "ppl_after": after,
                   "relative_change": (after - before) / before if before and after else None,
                   "new_sequences": len(new_tok), "replay_ratio": o.replay_ratio, "final_loss": outcome.final_loss}
@@ -111,4 +110,4 @@ class ContinuedPretrainStage(Stage):
         ctx.info.update({k: v for k, v in report.items() if isinstance(v, (int, float)) or v is None})
         with ctx.artifact("report") as out:
             (out / "forgetting.json").write_text(json.dumps(report, indent=2))
-        common.save_outputs(ctx, trainer.model, tokenizer, None, o.lora, o.merge)
+        common.save_outputs(ctx, training.trainer, tokenizer, None, o.lora, o.merge)

@@ -6,7 +6,6 @@ this when it gets a PEFT config and no ref_model), not a second copy in memory.
 
 from __future__ import annotations
 
-import shutil
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
@@ -54,14 +53,8 @@ class DpoStage(TemplateChecks, Stage):
         return trained_shape(options, env.shape_of("model"))
 
     def run(self, o: DpoOptions, ctx) -> None:
-        import datasets
-        from datasets import Dataset
-        from trl import DPOConfig, DPOTrainer
-
-        datasets.disable_progress_bars()
-
         from llmforge.chat import resolve_template
-        from llmforge_plugins.training import common, loop, models
+        from llmforge_plugins.training import common, factory, loop, models
 
         common.check_qlora(o.lora)
         seed = common.seed_of(o, ctx)
@@ -75,33 +68,16 @@ class DpoStage(TemplateChecks, Stage):
 
         from llmforge_plugins.training.tokenized import split_eval
 
+        # Preference rows go to DPOTrainer as they are (prompt, chosen, rejected): TRL tokenizes the pairs.
         train_rows, eval_rows = split_eval(ds.rows, o.eval_split, seed)
-        output_dir = ctx.work_dir / "checkpoints"
-        if not ctx.resume and output_dir.exists():
-            shutil.rmtree(output_dir)
-        args, precision = loop.common_args(o, ctx, output_dir, bool(eval_rows), model=model)
-        config = DPOConfig(**args, beta=o.beta, loss_type=[o.loss_type], max_length=o.max_length,
-                           dataset_num_proc=None)
-        ref: dict = {"precision": precision}
-        callback = loop.ForgeCallback(ctx, ref, "dpo", o.save_minutes)
-        callbacks = [callback] + ([loop.ProfileCallback(ctx, ctx.stage_dir / "profile")] if o.profile else [])
-        trainer = loop._counting(DPOTrainer)(
-            model=model, ref_model=None, args=config, processing_class=tokenizer,
-            train_dataset=Dataset.from_list(train_rows),
-            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-            peft_config=loop.lora_config(o.lora) if o.lora.enabled else None,
-            callbacks=callbacks,
-        )
-        # DPOTrainer does not take optimizer_cls_and_kwargs; the base Trainer reads it when it
-        # creates the optimizer at the start of training, so setting it here is enough.
-        trainer.optimizer_cls_and_kwargs = loop.optimizer_spec(o)
-        ref["trainer"] = trainer
-        loop.quiet(trainer)
-        outcome = loop.run_trainer(trainer, ctx, callback, output_dir)
+        training = factory.build_trainer(factory.DPO, ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
+                                         train_rows=train_rows, eval_rows=eval_rows, lora=o.lora)
+        trainer = training.trainer
+        outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:
             return
         margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
         outcome.record(ctx)
         if margins:
             ctx.info["reward_margin_first"], ctx.info["reward_margin_last"] = margins[0], margins[-1]
-        common.save_outputs(ctx, trainer.model, tokenizer, template, o.lora, o.merge)
+        common.save_outputs(ctx, trainer, tokenizer, template, o.lora, o.merge)

@@ -60,7 +60,7 @@ class PretrainStage(TemplateChecks, Stage):
 
     def run(self, o: PretrainOptions, ctx) -> None:
         from llmforge.chat import resolve_template
-        from llmforge_plugins.training import common, loop, models
+        from llmforge_plugins.training import common, factory, loop, models
 
         seed = common.seed_of(o, ctx)
         models.set_seed(seed)
@@ -84,11 +84,10 @@ class PretrainStage(TemplateChecks, Stage):
         ctx.log(f"model: Llama {preset}, {n_params / 1e6:.2f}M parameters, vocab {config.vocab_size}")
         ctx.info["parameters"] = n_params
         train, evals = common.tokenize_split(ctx, ds.rows, "text", tokenizer, template, o)
-        trainer, callback, outdir = loop.build_sft_trainer(ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
-                                                           train_rows=train, eval_rows=evals,
-                                                           stage_kind="pretrain")
-        outcome = loop.run_trainer(trainer, ctx, callback, outdir)
+        training = factory.build_trainer(factory.SFT, ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
+                                         train_rows=train, eval_rows=evals)
+        outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:
             return
-        common.save_outputs(ctx, trainer.model, tokenizer, template, None, False)
+        common.save_outputs(ctx, training.trainer, tokenizer, template, None, False)
         outcome.record(ctx)

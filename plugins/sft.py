@@ -53,7 +53,7 @@ class SftStage(TemplateChecks, Stage):
 
     def run(self, o: SftOptions, ctx) -> None:
         from llmforge.chat import resolve_template
-        from llmforge_plugins.training import common, loop, models
+        from llmforge_plugins.training import common, factory, loop, models
 
         common.check_qlora(o.lora)
         models.set_seed(common.seed_of(o, ctx))
@@ -64,10 +64,10 @@ class SftStage(TemplateChecks, Stage):
         models.prepare_tokenizer(model, tokenizer, template)
         common.record_template(ctx, template)
         train, evals = common.tokenize_split(ctx, ds.rows, "chat", tokenizer, template, o, train_on=o.train_on)
-        trainer, callback, outdir = loop.build_sft_trainer(ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
-                                                           train_rows=train, eval_rows=evals, lora=o.lora)
-        outcome = loop.run_trainer(trainer, ctx, callback, outdir)
+        training = factory.build_trainer(factory.SFT, ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
+                                         train_rows=train, eval_rows=evals, lora=o.lora)
+        outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:
             return
-        common.save_outputs(ctx, trainer.model, tokenizer, template, o.lora, o.merge)
+        common.save_outputs(ctx, training.trainer, tokenizer, template, o.lora, o.merge)
         outcome.record(ctx)

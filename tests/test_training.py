@@ -67,7 +67,7 @@ def test_auto_precision_is_one_decision_for_training_and_plan(trained, tmp_path)
     for s in plan["stages"]:
         name = s["stage"]
         assert s["training"]["precision"] == "fp32", name
-        assert f"precision fp32 (auto: " in logged[name], logged[name]
+        assert "precision fp32 (auto: " in logged[name], logged[name]
     assert "below the 20 M where bf16 pays off" in logged["pretrain"] or "CPU without native bf16" in logged["pretrain"]
     big = tmp_path / "big"
     write_data(big)
@@ -230,13 +230,16 @@ def test_stop_and_resume_reproduce_the_uninterrupted_loss_curve(tmp_path):
     from llmforge.pipeline import load_pipeline
     from llmforge.runner import RunRequest, run_pipeline
     from llmforge.runs import STOP_REQUEST, request
+    from llmforge.testing import load_test_registry
+
+    registry = load_test_registry()
 
     def project(root: Path) -> Path:
         write_data(root)
         (root / "forge.toml").write_text(PRETRAIN.format(steps=16).replace("log_every = 2", "log_every = 1"))
         return root / "forge.toml"
 
-    full = run_pipeline(load_pipeline(project(tmp_path / "a")))
+    full = run_pipeline(load_pipeline(project(tmp_path / "a"), registry=registry), registry=registry)
     assert full.status == "done"
     reference = dict(losses(events_of(full.run_dir), "pretrain"))
     assert len(reference) == 16
@@ -248,13 +251,13 @@ def test_stop_and_resume_reproduce_the_uninterrupted_loss_curve(tmp_path):
             request(event_run_dir[0], STOP_REQUEST)
 
     event_run_dir: list[Path] = []
-    pipe = load_pipeline(cfg)
+    pipe = load_pipeline(cfg, registry=registry)
     req = RunRequest(listeners=[lambda e: (event_run_dir.append(cfg.parent / "runs" / e["run"])
                                            if not event_run_dir else None), stop_at_step_6])
-    first = run_pipeline(pipe, req)
+    first = run_pipeline(pipe, req, registry=registry)
     assert first.status == "stopped" and first.exit_code == 130
     assert not (first.run_dir / "stages" / "pretrain" / "artifacts" / "model").exists()
-    second = run_pipeline(load_pipeline(cfg), RunRequest(resume=True))
+    second = run_pipeline(load_pipeline(cfg, registry=registry), RunRequest(resume=True), registry=registry)
     assert second.status == "done" and second.run_id == first.run_id
     resumed = losses(events_of(second.run_dir), "pretrain")
     steps = [s for s, _ in resumed]

@@ -28,18 +28,19 @@ def test_lion_step_matches_its_definition():
 
 def _sft_trainer_on_chat_rows(tmp_path, tokenizer_dir, packing: bool):
     """llmforge's own SFT path, short of training: the stage's tokenization (chatml, loss on the
-    assistant turns), its options and `loop.build_sft_trainer`, on a tiny Llama. Returns the trainer,
-    the tokenized rows and the model."""
+    assistant turns), its options and `factory.build_trainer(factory.SFT, ...)`, on a tiny Llama. Returns
+    the trainer, the tokenized rows and the model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmforge.chat import resolve_template
     from llmforge.data import DataOptions, load_data
     from llmforge.stage import StageContext
+    from llmforge.testing import load_test_registry
     from llmforge_plugins.sft import SftOptions
-    from llmforge_plugins.training import models, tokenized
-    from llmforge_plugins.training.loop import build_sft_trainer
+    from llmforge_plugins.training import factory, models, tokenized
 
-    words = "the capital of Land3 is Town3 and the flag is red while rivers run past old mills".split()
+    words = ["the", "capital", "of", "Land3", "is", "Town3", "and", "the", "flag", "is", "red", "while", "rivers",
+             "run", "past", "old", "mills"]
     with open(tmp_path / "chat.jsonl", "w") as f:
         for i in range(12):  # answers of very different lengths, so packing has something to do
             answer = " ".join(words[: 2 + (5 * i) % len(words)])
@@ -50,18 +51,20 @@ def _sft_trainer_on_chat_rows(tmp_path, tokenizer_dir, packing: bool):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                                          attn_implementation="sdpa"))
-    template = resolve_template("chatml", tok)
+    registry = load_test_registry()
+    template = resolve_template("chatml", registry.chat_templates, tok)
     models.prepare_tokenizer(model, tok, template)
-    ds = load_data(DataOptions(path=str(tmp_path / "chat.jsonl")), expect=("chat",))
+    ds = load_data(DataOptions(path=str(tmp_path / "chat.jsonl")), registry.readers, registry.row_formats,
+                   expect=("chat",))
     rows = tokenized.tokenize(ds.rows, "chat", tok, template, max_length=64, train_on="assistant").rows
     opts = SftOptions(model=str(tokenizer_dir), data=DataOptions(path="chat.jsonl"), packing=packing,
                       micro_batch_size=6, max_length=64, max_steps=1, precision="fp32", eval_split=0.0)
     ctx = StageContext(stage_name="sft", run_id="t", run_dir=tmp_path / "run", stage_dir=tmp_path / "run" / "sft",
                        inputs={}, emit=lambda *a, **k: None, stop_check=lambda: False,
                        checkpoint_check=lambda: False, project_dir=tmp_path)
-    trainer, _, _ = build_sft_trainer(ctx=ctx, opts=opts, model=model, tokenizer=tok, train_rows=rows,
-                                      eval_rows=None)
-    return trainer, rows, model
+    training = factory.build_trainer(factory.SFT, ctx=ctx, opts=opts, model=model, tokenizer=tok, train_rows=rows,
+                                     eval_rows=None)
+    return training.trainer, rows, model
 
 
 def test_sft_stage_packs_each_sample_whole_with_its_own_positions_and_loss(tmp_path, tokenizer_dir):
@@ -90,7 +93,7 @@ def test_sft_stage_packs_each_sample_whole_with_its_own_positions_and_loss(tmp_p
     model.eval()
     with torch.no_grad():
         packed_loss = trainer.compute_loss(model, {k: v for k, v in batch.items()})
-        total, count, per_sample = 0.0, 0, []
+        total, count = 0.0, 0
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
         for (a, b), row in zip(zip(starts, ends), samples):
             one = torch.tensor([row["input_ids"]])
@@ -133,11 +136,12 @@ def test_forced_precision_is_kept_whatever_the_machine(forced):
 
 
 def test_training_loop_and_plan_take_the_same_decision():
-    """loop.resolve_precision (what training uses) and planning.resolve_precision (what `llmforge plan`
-    shows) are both llmforge.precision's decision on this machine, for a small and a large model."""
+    """The training plugin's precision.resolve_precision (what training uses) and planning.resolve_precision
+    (what `llmforge plan` shows) are both llmforge.precision's decision on this machine, for a small and a
+    large model."""
     from llmforge.hardware import cpu_features
     from llmforge.planning import resolve_precision as plan_precision
-    from llmforge_plugins.training.loop import resolve_precision
+    from llmforge_plugins.training.precision import resolve_precision
 
     bf16_fast = cpu_features()["bf16_fast"]
     for params in (3_200_000, 135_000_000):
@@ -162,11 +166,13 @@ def test_lion_and_profiling_in_a_real_stage(project):
 
     from llmforge.pipeline import load_pipeline
     from llmforge.runner import RunRequest, run_pipeline
+    from llmforge.testing import load_test_registry
 
     write_data(project.root)
     project.write(PRETRAIN.format(steps=12) + 'optimizer = "lion"\nprofile = true\nlearning_rate = 3e-3\n'
                   'precision = "fp32"\n')
-    result = run_pipeline(load_pipeline(project.config), RunRequest())
+    registry = load_test_registry()
+    result = run_pipeline(load_pipeline(project.config, registry=registry), RunRequest(), registry=registry)
     assert result.status == "done", result.stages
     events = [json.loads(x) for x in (result.run_dir / "events.jsonl").read_text().splitlines()]
     loss = [e["values"]["loss"] for e in events if e["type"] == "metric" and "loss" in e["values"]]
@@ -216,10 +222,12 @@ def test_unknown_template_name_is_a_validation_error(project):
 
 def test_editing_a_jinja_template_file_changes_the_cache_key(tmp_path):
     from llmforge.pipeline import compute_keys, load_pipeline
+    from llmforge.testing import load_test_registry
 
     cfg = _sft_project(tmp_path, 'template = "my.jinja"')
     (tmp_path / "my.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
-    before = compute_keys(load_pipeline(cfg))["sft"]
-    assert compute_keys(load_pipeline(cfg))["sft"] == before
+    registry = load_test_registry()
+    before = compute_keys(load_pipeline(cfg, registry=registry), registry)["sft"]
+    assert compute_keys(load_pipeline(cfg, registry=registry), registry)["sft"] == before
     (tmp_path / "my.jinja").write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}")
-    assert compute_keys(load_pipeline(cfg))["sft"] != before
+    assert compute_keys(load_pipeline(cfg, registry=registry), registry)["sft"] != before

@@ -51,19 +51,18 @@ class StallingSft(Stage):
 
     def run(self, o, ctx):
         from llmforge.chat import resolve_template
-        from llmforge_plugins.training import common, loop, models
+        from llmforge_plugins.training import common, factory, loop, models
 
         tokenizer = models.load_tokenizer(o.model)
         model = models.load_model(o.model)
         template = resolve_template(o.template, tokenizer, base_dir=ctx.project_dir)
         rows = common.load_rows(o.data, ctx, expect=("chat",)).rows
         train, _ = common.tokenize_split(ctx, rows, "chat", tokenizer, template, o)
-        trainer, callback, outdir = loop.build_sft_trainer(ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
-                                                           train_rows=train, eval_rows=None,
-                                                           extra_callbacks=[Stall()])
-        outcome = loop.run_trainer(trainer, ctx, callback, outdir)
+        training = factory.build_trainer(factory.SFT, ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
+                                         train_rows=train, eval_rows=None, extra_callbacks=[Stall()])
+        outcome = loop.run_trainer(training, ctx)
         if not outcome.stopped:
-            common.save_outputs(ctx, trainer.model, tokenizer, template, None, False)
+            common.save_outputs(ctx, training.trainer, tokenizer, template, None, False)
 
 
 @hookimpl

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmforge.chat import ChatTemplate
+    from llmforge.stage import StageContext
+    from llmforge_plugins.training.options import LoraOptions
 
 
 def seed_of(opts, ctx) -> int:
@@ -83,19 +89,19 @@ def qlora_kwargs(lora) -> dict:
                                                       bnb_4bit_use_double_quant=True)}
 
 
-def save_outputs(ctx, trainer_model, tokenizer, template, lora, merge: bool) -> None:
-    """Write the stage's artifacts: the model (full training), or the adapter and, on request, the merged model."""
-    from llmforge_plugins.training import loop
+def save_outputs(ctx: StageContext, trainer: Any, tokenizer: Any, template: ChatTemplate | None,
+                 lora: LoraOptions | None, merge: bool) -> None:
+    """Write the stage's artifacts from the trainer that trained the model: the model (full training), or
+    the adapter and, on request, the merged model."""
     from llmforge_plugins.training.models import save_model_dir
 
-    trainer = loop.current_trainer()
     # Sharded weights (DeepSpeed ZeRO-3, FSDP) must be gathered even in one process: rank 0's own
     # tensors are empty shells there.
-    sharded = trainer is not None and (getattr(trainer, "is_deepspeed_enabled", False)
-                                       or getattr(trainer, "is_fsdp_enabled", False))
-    if trainer is not None and (ctx.world_size > 1 or sharded):
+    sharded = getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)
+    if ctx.world_size > 1 or sharded:
         save_outputs_distributed(ctx, trainer, tokenizer, template, lora, merge)
         return
+    trainer_model = trainer.model
     if lora is not None and lora.enabled:
         with ctx.artifact("adapter") as out:
             trainer_model.save_pretrained(str(out), safe_serialization=True)

@@ -14,8 +14,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 DEFAULT_MINUTES = 10.0
 
@@ -50,7 +50,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         if self.seconds > 0 and self._thread is None:
             self.last = time.monotonic()
             self._thread = threading.Thread(target=self._watch, name="llmforge-watchdog", daemon=True)
