@@ -79,11 +79,10 @@ def make_model(folder: Path, size: str, data: Path) -> None:
     from transformers import LlamaForCausalLM
 
     from llmforge.chat import resolve_template
-    from llmforge.plugins import get_registry
+    from llmforge.plugins import load_registry
     from llmforge_plugins.training.models import model_config, prepare_tokenizer, train_tokenizer
 
-    get_registry()
-    template = resolve_template("chatml")
+    template = resolve_template("chatml", load_registry().chat_templates)
     texts = [m["content"] for line in open(data / "train.jsonl") for m in json.loads(line)["messages"]]
     tok = train_tokenizer(texts, 2048, template)
     torch.manual_seed(0)

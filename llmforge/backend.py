@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from llmforge.config import BackendSection
+from llmforge.extension import ExtensionPoint, subclass_of
 
 if TYPE_CHECKING:
     from llmforge.errors import Problem
@@ -76,3 +77,24 @@ def build_backend(cfg: Any, registry: Any) -> Backend | None:
     the default `local` when its plugin failed to load: stages then run in this process)."""
     cls = registry.backends.get(getattr(cfg.backend, "type", "local"))
     return cls(cfg.backend) if cls is not None else None
+
+
+def _backend_rules(cls: type) -> None:
+    if not (isinstance(getattr(cls, "Options", None), type) and issubclass(cls.Options, BackendSection)):
+        raise TypeError(f"{cls.__qualname__}.Options must subclass llmforge.config.BackendSection")
+
+
+# The extension point backends are registered through (declared by the core in llmforge.execution).
+BACKENDS = ExtensionPoint(
+    hook="register_backends", table="backends", label="backend",
+    doc="""Register backends: :class:`llmforge.backend.Backend` subclasses, how stages' processes are launched.
+
+    ``[backend] type = "<name>"`` in forge.toml selects one; its ``Options`` (a subclass of
+    :class:`llmforge.config.BackendSection`, the shared keys plus the backend's own tables) validate the
+    whole ``[backend]`` table with key paths, and its ``check(cfg)`` runs with ``llmforge validate``.
+    During a run the core's ``execute_stage`` hands each stage the backend ``handles()`` to its
+    ``launch()``; the others run in the ``llmforge run`` process. The built-in backends (``local``,
+    ``accelerate``, ``deepspeed``) are registered through this hook too.
+    """,
+    validate=subclass_of(Backend, check=_backend_rules),
+)

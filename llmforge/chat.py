@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from llmforge.errors import UsageError
+from llmforge.extension import ExtensionPoint
 
 IGNORE_INDEX = -100  # what PyTorch's cross-entropy (and every HF model) skips
 TRAIN_ON = ("assistant", "all", "last_turn")
@@ -82,6 +83,22 @@ class ChatTemplate:
         return {"name": self.name, "hash": self.hash, "eos": self.eos, "bos": self.bos, "pad": self.pad,
                 "special_tokens": list(self.special_tokens), "stop": list(self.stop)}
 
+
+def _template(obj: Any) -> ChatTemplate:
+    if not isinstance(obj, ChatTemplate):
+        raise TypeError(f"register() expects a ChatTemplate, got {obj!r}")
+    return obj
+
+
+# The extension point of named templates (declared by the core in llmforge.execution).
+CHAT_TEMPLATES = ExtensionPoint(
+    hook="register_chat_templates", table="chat_templates", label="chat template",
+    doc="""Register named chat templates: :class:`llmforge.chat.ChatTemplate` instances.
+
+    The name is what ``template = "<name>"`` selects in a training stage.
+    """,
+    validate=_template,
+)
 
 @dataclass
 class EncodedChat:
@@ -295,15 +312,13 @@ def _looks_like_path(value: str) -> bool:
     return value.endswith((".jinja", ".j2", ".jinja2")) or "/" in value or "\\" in value
 
 
-def resolve_template(value: str | ChatTemplate | None, tokenizer: Any = None, base_dir: str | Path | None = None,
-                     registry: Any = None) -> ChatTemplate:
+def resolve_template(value: str | ChatTemplate | None, templates: Mapping[str, ChatTemplate],
+                     tokenizer: Any = None, base_dir: str | Path | None = None) -> ChatTemplate:
     """Turn a stage's `template` option into a ChatTemplate.
 
     * None or "auto": the tokenizer's own template;
-    * a name registered by a plugin (`chatml`, `llama3`, ...);
+    * a name in `templates` (the registry's ``chat_templates``: `chatml`, `llama3`, ...);
     * a path to a .jinja file, relative to `base_dir` (the folder of forge.toml).
-
-    `registry` is a plugin Registry or a plain name -> ChatTemplate mapping (default: the installed plugins).
     """
     if isinstance(value, ChatTemplate):
         return value
@@ -320,16 +335,11 @@ def resolve_template(value: str | ChatTemplate | None, tokenizer: Any = None, ba
         if not path.is_file():
             raise ChatTemplateError(f"chat template file not found: {path}")
         return load_template_file(path, tokenizer)
-    if registry is None:
-        from llmforge.plugins import get_registry
-
-        registry = get_registry()
-    table = getattr(registry, "chat_templates", registry)
-    if value in table:
-        return table[value]
+    if value in templates:
+        return templates[value]
     from llmforge.schema import did_you_mean
 
-    names = sorted(table)
+    names = sorted(templates)
     raise ChatTemplateError(
         f"unknown chat template '{value}'{did_you_mean(value, names)}",
         hint=f"installed templates: {', '.join(names) or '(none)'}; or \"auto\" for the tokenizer's own, "
@@ -575,13 +585,14 @@ def load_tokenizer(model: str | Path, base_dir: str | Path | None = None, *, wha
 
 
 def load_chat_tokenizer(model: str | Path, template: str | None, base_dir: str | Path | None,
-                        kind: str = "chat") -> tuple[Any, ChatTemplate | None]:
-    """A tokenizer from a model or tokenizer folder, with the chat template resolved and applied (no
-    template for plain text): what `llmforge data inspect`, the TUI's Data screen and `data lint` use."""
+                        templates: Mapping[str, ChatTemplate], kind: str = "chat") -> tuple[Any, ChatTemplate | None]:
+    """A tokenizer from a model or tokenizer folder, with the chat template resolved (among `templates`,
+    the registry's ``chat_templates``) and applied (no template for plain text): what `llmforge data
+    inspect`, the TUI's Data screen and `data lint` use."""
     tok = load_tokenizer(model, base_dir, what="--model")
     if kind == "text":
         return tok, None
-    tpl = resolve_template(template or None, tok, base_dir=base_dir)
+    tpl = resolve_template(template or None, templates, tok, base_dir=base_dir)
     apply_template(tok, tpl)
     return tok, tpl
 

@@ -34,6 +34,7 @@ from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal
 from pydantic import Field
 
 from llmforge.errors import DataError
+from llmforge.extension import ExtensionPoint, subclass_of
 from llmforge.stage import Input, StageOptions
 
 KINDS = ("text", "chat", "preference")
@@ -125,6 +126,34 @@ class RowFormat:
                 container[key] = after
         return out
 
+
+
+def _row_format_rules(cls: type) -> None:
+    if cls.kind not in KINDS:
+        raise TypeError(f"{cls.__qualname__}.kind must be one of {KINDS}, not {cls.kind!r}")
+
+
+# The extension points of this module's two base classes (declared by the core in llmforge.execution).
+READERS = ExtensionPoint(
+    hook="register_readers", table="readers", label="reader",
+    doc="""Register data readers: :class:`llmforge.data.Reader` subclasses, one per file type.
+
+    A reader turns a file (``.jsonl``, ``.parquet``, ...) or a folder it recognises (a saved
+    Hugging Face dataset) into raw records, each located by ``file:line`` or ``file:row N``.
+    """,
+    validate=subclass_of(Reader, instantiate=True),
+)
+
+ROW_FORMATS = ExtensionPoint(
+    hook="register_row_formats", table="row_formats", label="row format",
+    doc="""Register row formats: :class:`llmforge.data.RowFormat` subclasses.
+
+    A row format recognises its columns (for ``format = "auto"``) and normalises a raw row into one
+    of the shapes training stages consume (text, chat messages, preference pairs), raising
+    :class:`llmforge.data.RowError` with the field that is wrong.
+    """,
+    validate=subclass_of(RowFormat, instantiate=True, check=_row_format_rules),
+)
 
 def copy_row(value: Any) -> Any:
     """A copy of a row's lists and dicts (not of the values in them), so that a restore can edit it."""
@@ -450,10 +479,14 @@ def normalised_with_extras(src: SourceRow) -> dict:
     return {**src.row, **{k: v for k, v in src.raw.items() if k not in used and k not in src.row}}
 
 
-def iter_rows(options: DataOptions, base: Path | None = None, registry=None, expect: tuple[str, ...] = KINDS,
+def iter_rows(options: DataOptions, readers: dict[str, Reader], formats: dict[str, RowFormat],
+              base: Path | None = None, expect: tuple[str, ...] = KINDS,
               state: ReadState | None = None, on_skip: Callable[[str, str], None] | None = None,
               on_row_error: Callable[[str, str], None] | None = None) -> Iterator[tuple[str, dict]]:
     """Yield ``(where, normalised row)`` for every row of the data, in file order.
+
+    ``readers`` and ``formats`` are the registry's tables (``registry.readers``, ``registry.row_formats``);
+    ``base`` is the folder relative paths are read from (forge.toml's).
 
     Bad rows stop the stream with a DataError naming file, line and field (``on_bad_row = "error"``),
     or are counted in ``state`` and passed to ``on_skip(where, reason)`` (``"skip"``). With
@@ -461,22 +494,17 @@ def iter_rows(options: DataOptions, base: Path | None = None, registry=None, exp
     rejected) go there instead, whatever the policy: that is how `data lint` reports them. Finding
     no usable row at all is an error, as for a training stage.
     """
-    for src in iter_records(options, base, registry, expect, state, on_skip, on_row_error):
+    for src in iter_records(options, readers, formats, base, expect, state, on_skip, on_row_error):
         yield src.where, src.row
 
 
-def iter_records(options: DataOptions, base: Path | None = None, registry=None, expect: tuple[str, ...] = KINDS,
+def iter_records(options: DataOptions, readers: dict[str, Reader], formats: dict[str, RowFormat],
+                 base: Path | None = None, expect: tuple[str, ...] = KINDS,
                  state: ReadState | None = None, on_skip: Callable[[str, str], None] | None = None,
                  on_row_error: Callable[[str, str], None] | None = None) -> Iterator[SourceRow]:
     """:func:`iter_rows`, each row as a :class:`SourceRow`: with the raw row it was read as, so that
     curation can write rows back with all their columns."""
-    from llmforge.plugins import get_registry
-
     options = _dataset_meta(options, base)
-
-    registry = registry or get_registry()
-    readers: dict[str, Reader] = registry.readers
-    formats: dict[str, RowFormat] = registry.row_formats
     state = state if state is not None else ReadState()
     fmt: RowFormat | None = None
     detected_at = ""
@@ -575,8 +603,8 @@ def iter_records(options: DataOptions, base: Path | None = None, registry=None, 
         raise DataError(f"{where}: no usable rows")
 
 
-def load_data(options: DataOptions, base: Path | None = None, registry=None,
-              expect: tuple[str, ...] = KINDS) -> Dataset:
+def load_data(options: DataOptions, readers: dict[str, Reader], formats: dict[str, RowFormat],
+              base: Path | None = None, expect: tuple[str, ...] = KINDS) -> Dataset:
     """Read and normalise every row into memory; raise DataError (exit 2) naming file, line and field.
 
     `expect` lists the kinds the caller can train on (SFT: chat; DPO: preference; pretraining: text);
@@ -588,7 +616,8 @@ def load_data(options: DataOptions, base: Path | None = None, registry=None,
     rows: list[dict] = []
     wheres: list[str] = []
     skipped: list[tuple[str, str]] = []
-    for where, row in iter_rows(options, base, registry, expect, state, on_skip=lambda w, r: skipped.append((w, r))):
+    for where, row in iter_rows(options, readers, formats, base, expect, state,
+                                on_skip=lambda w, r: skipped.append((w, r))):
         rows.append(row)
         wheres.append(where)
     return Dataset(kind=state.kind, format=state.format, rows=rows, wheres=wheres, skipped=skipped,

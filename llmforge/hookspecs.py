@@ -15,16 +15,29 @@ arguments without breaking existing plugins.
 Two families of hooks exist:
 
 * **Registration hooks** take a ``register`` callback (or, for commands, the CLI app) and hand over
-  objects. They run once per process, when the plugin registry is built. They must be cheap: no
+  objects. They run once per registry, on the first read of their table. They must be cheap: no
   torch or transformers import, no I/O. The work happens later, in the registered object's methods.
+  Except ``register_commands``, they are not listed here: each is declared by an extension point
+  next to the base class it registers (``register_stages``: ``llmforge.stage.STAGES``;
+  ``register_readers`` / ``register_row_formats``: ``llmforge.data``; ``register_chat_templates``:
+  ``llmforge.chat``; ``register_trackers``: ``llmforge.trackers``; ``register_backends``:
+  ``llmforge.backend``), and plugins declare more (``register_merge_methods``, by the merge plugin).
 * **Lifecycle hooks** run while a pipeline is validated and executed.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:  # the lifecycle hooks' real types, for type checkers; nothing imported at run time
+    from pathlib import Path
+
+    from llmforge.config import ForgeConfig
+    from llmforge.errors import Problem
+    from llmforge.pipeline import Pipeline
+    from llmforge.stage import Produced, Stage, StageContext
 
 hookspec = pluggy.HookspecMarker("llmforge")
 hookimpl = pluggy.HookimplMarker("llmforge")
@@ -39,99 +52,12 @@ hookimpl = pluggy.HookimplMarker("llmforge")
 def extension_points() -> list:
     """Declare extension points: return a list of :class:`llmforge.extension.ExtensionPoint`.
 
-    Called once, right after every plugin is loaded and before any registration hook runs. Each point
+    Called once per registry, one plugin at a time (the core first, then load order), on first use of
+    anything but the commands, before hook names are checked and before any registration hook runs. Each point
     adds a registration hook (``point.hook``, taking ``register``) that any plugin may then implement,
     and a registry table (``registry.table(point.table)``) its entries land in. The core declares its
     own points this way (stages, readers, row formats, chat templates, trackers, backends); the merge
     plugin declares merge methods, the curate plugin curation steps. Must be cheap: declarations only.
-    """
-
-
-
-@hookspec
-def register_stages(register: Callable[[type], None]) -> None:
-    """Register stage classes.
-
-    Call ``register(StageClass)`` for each :class:`llmforge.stage.Stage` subclass the plugin
-    provides. The class's ``name`` is the kind used in ``uses = "<name>"`` in forge.toml. When two
-    plugins register the same name, the first in load order wins (built-in plugins first, then
-    third-party distributions sorted by name) and the clash is reported by ``llmforge plugins list``.
-    """
-
-
-@hookspec
-def register_readers(register: Callable[[type], None]) -> None:
-    """Register data readers: :class:`llmforge.data.Reader` subclasses, one per file type.
-
-    A reader turns a file (``.jsonl``, ``.parquet``, ...) or a folder it recognises (a saved
-    Hugging Face dataset) into raw records, each located by ``file:line`` or ``file:row N``.
-    """
-
-
-@hookspec
-def register_row_formats(register: Callable[[type], None]) -> None:
-    """Register row formats: :class:`llmforge.data.RowFormat` subclasses.
-
-    A row format recognises its columns (for ``format = "auto"``) and normalises a raw row into one
-    of the shapes training stages consume (text, chat messages, preference pairs), raising
-    :class:`llmforge.data.RowError` with the field that is wrong.
-    """
-
-
-@hookspec
-def register_chat_templates(register: Callable[[Any], None]) -> None:
-    """Register named chat templates: :class:`llmforge.chat.ChatTemplate` instances.
-
-    The name is what ``template = "<name>"`` selects in a training stage.
-    """
-
-
-@hookspec
-def register_trackers(register: Callable[[type], None]) -> None:
-    """Register experiment trackers: :class:`llmforge.trackers.Tracker` subclasses.
-
-    A tracker enabled in ``[trackers]`` receives every event of a run (metrics, logs, stage
-    boundaries) and forwards them to its backend (TensorBoard files, an MLflow store, ...).
-    """
-
-
-@hookspec
-def register_merge_methods(register: Callable[[type], None]) -> None:
-    """Register model-merging methods: :class:`llmforge.merging.MergeMethod` subclasses.
-
-    The name is what ``method = "<name>"`` (the ``merge`` stage, a merge recipe) and
-    ``llmforge merge --method <name>`` select. A method only computes one merged tensor from the
-    same tensor of each model (and of the base); reading, parameters per layer or per tensor-name
-    filter, and writing are the merge engine's. The built-in methods (``linear``, ``slerp``,
-    ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``model_stock``, ``passthrough``)
-    are registered through this hook too.
-    """
-
-
-@hookspec
-def register_backends(register: Callable[[type], None]) -> None:
-    """Register backends: :class:`llmforge.backend.Backend` subclasses, how stages' processes are launched.
-
-    ``[backend] type = "<name>"`` in forge.toml selects one; its ``Options`` (a subclass of
-    :class:`llmforge.config.BackendSection`, the shared keys plus the backend's own tables) validate the
-    whole ``[backend]`` table with key paths, and its ``check(cfg)`` runs with ``llmforge validate``.
-    During a run the core's ``execute_stage`` hands each stage the backend ``handles()`` to its
-    ``launch()``; the others run in the ``llmforge run`` process. The built-in backends (``local``,
-    ``accelerate``, ``deepspeed``) are registered through this hook too.
-    """
-
-
-@hookspec
-def register_curation_steps(register: Callable[[type], None]) -> None:
-    """Register data-curation steps: ``llmforge.curation.CurationStep`` subclasses.
-
-    The name is what a ``curate`` stage's ``steps = [...]`` and ``llmforge data filter --step <name>``
-    select (``llmforge data steps`` lists them). A step has a ``kind`` (``filter``, ``dedup`` or
-    ``rewrite``), an ``Options`` model, and answers each row (streamed to it in small batches, in
-    order) with the row, a rewritten row, or ``Drop(reason, code=...)``; the reasons end up in the
-    per-row reasons file and the curation report. The built-in steps (``normalize``, ``pii``,
-    ``exact_dedup``, ``near_dedup``, ``quality``, ``language``, ``decontaminate``, ``lint``) are
-    registered through this hook too.
     """
 
 
@@ -150,7 +76,7 @@ def register_commands(cli: Any) -> None:
 
 
 @hookspec(historic=True)
-def configure(config: Any) -> None:
+def configure(config: ForgeConfig) -> None:
     """Receive the validated project configuration before any stage runs.
 
     ``config`` is a :class:`llmforge.config.ForgeConfig`. The hook is *historic*: a plugin
@@ -160,7 +86,7 @@ def configure(config: Any) -> None:
 
 
 @hookspec
-def validate_pipeline(pipeline: Any) -> list | None:
+def validate_pipeline(pipeline: Pipeline) -> list[Problem | str] | None:
     """Check a whole pipeline and return problems, or None.
 
     ``pipeline`` is a :class:`llmforge.pipeline.Pipeline` whose stages are already individually
@@ -171,22 +97,27 @@ def validate_pipeline(pipeline: Any) -> list | None:
 
 
 @hookspec(firstresult=True)
-def execute_stage(stage: Any, options: Any, ctx: Any) -> Any:
+def execute_stage(stage: Stage[Any], options: Any, ctx: StageContext) -> Produced | bool | None:
     """Execute one stage.
 
-    ``stage`` is the stage instance, ``options`` its validated options with ``@references``
-    resolved to artifact paths, ``ctx`` its :class:`llmforge.stage.StageContext`. The first
-    implementation that returns a value other than None handles the stage; the built-in
-    implementation calls ``stage.run(options, ctx)`` and returns True. Implement it as a
-    ``wrapper=True`` hook to wrap every stage (seeding, timing, profiling, tracking).
+    ``stage`` is the stage instance, ``options`` its validated options (an instance of
+    ``stage.Options``) with ``@references`` resolved to artifact paths, ``ctx`` its
+    :class:`llmforge.stage.StageContext`. The first implementation that returns a value other than
+    None handles the stage: what the stage produced (``Stage.run``'s mapping of kind to artifact,
+    which the runner checks against ``ctx.published``), or True when it cannot say (a launch in other
+    processes). The built-in implementation calls ``stage.run(options, ctx)`` (or the backend's
+    launch) and returns that. Implement it as a ``wrapper=True`` hook to wrap every stage (seeding,
+    timing, profiling, tracking).
     """
 
 
 @hookspec
-def on_event(event: dict, run_dir: Any) -> None:
+def on_event(event: dict[str, Any], run_dir: Path) -> None:
     """Observe every event of a run as it is written to ``events.jsonl``.
 
-    ``event`` is a JSON-serialisable dict with at least ``type``, ``time`` and ``run`` (the run id).
+    ``event`` is a JSON-serialisable dict with at least ``type``, ``time`` and ``run`` (the run id):
+    the line as written. ``llmforge.events.from_dict(event)`` gives the typed event
+    (:class:`llmforge.events.Metric`, ``Log``, ...; a generic ``Event`` for other types).
     ``run_dir`` is the run's folder (a :class:`pathlib.Path`: ``manifest.json``, ``events.jsonl``,
     ``stages/<name>/``); an implementation that does not name it does not get it. Observers
     (trackers, notifiers) must be fast and must not raise: an exception is reported once and the

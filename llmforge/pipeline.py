@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from pydantic import BaseModel
 
@@ -22,7 +23,10 @@ from llmforge import __version__
 from llmforge.config import ForgeConfig, StageSpec, parse_config
 from llmforge.errors import ConfigError, Problem
 from llmforge.schema import did_you_mean, join_path
-from llmforge.stage import Artifact, Input, input_marker
+from llmforge.stage import Artifact, Input, Stage, input_marker
+
+if TYPE_CHECKING:
+    from llmforge.plugins import Registry
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,9 @@ class Pipeline:
     stages: list[StageSpec]  # in execution order
     inputs: dict[str, list[InputUse]] = field(default_factory=dict)
     deps: dict[str, set[str]] = field(default_factory=dict)
+    #: the plugins the pipeline was built against: a ``validate_pipeline`` hook looks names up in its
+    #: tables (the curate plugin: the steps a stage names)
+    registry: Registry | None = None
 
     def stage(self, name: str) -> StageSpec:
         for s in self.stages:
@@ -110,7 +117,7 @@ def parse_ref(value: str) -> tuple[str, str | None]:
     return name, (kind or None)
 
 
-def build_pipeline(cfg: ForgeConfig, registry) -> tuple[Pipeline, list[Problem]]:
+def build_pipeline(cfg: ForgeConfig, registry: Registry) -> tuple[Pipeline, list[Problem]]:
     problems: list[Problem] = []
     by_name = {s.name: s for s in cfg.stages}
     # Names of every [[stages]] entry, also those whose options are invalid (already reported):
@@ -169,7 +176,7 @@ def build_pipeline(cfg: ForgeConfig, registry) -> tuple[Pipeline, list[Problem]]
     if cycle:
         problems.append(Problem("stages", "cycle in references: " + " -> ".join(cycle)))
         order = [s.name for s in cfg.stages]
-    pipe = Pipeline(cfg, [by_name[n] for n in order], inputs, deps)
+    pipe = Pipeline(cfg, [by_name[n] for n in order], inputs, deps, registry)
     return pipe, problems
 
 
@@ -202,11 +209,21 @@ def _topo_order(names: list[str], deps: dict[str, set[str]]) -> tuple[list[str],
     return order, None
 
 
-def load_pipeline(path: str | Path | None = None, overrides: list[str] | None = None, registry=None) -> Pipeline:
-    """Read and check everything; raise one ConfigError with every problem (exit code 2)."""
-    from llmforge.plugins import get_registry
+def run_check(stage: Stage, options: Any, inputs: dict[str, Artifact], registry: Registry) -> list:
+    """``stage.check(...)``, with the registry when the stage's ``check`` names a ``registry`` parameter
+    (a stage written before it existed takes two arguments and still works)."""
+    try:
+        takes_registry = "registry" in inspect.signature(stage.check).parameters
+    except (TypeError, ValueError):  # a callable without a readable signature
+        takes_registry = False
+    found = stage.check(options, inputs, registry) if takes_registry else stage.check(options, inputs)
+    return list(found or [])
 
-    registry = registry or get_registry()
+
+def load_pipeline(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                  registry: Registry) -> Pipeline:
+    """Read and check everything against the plugins of ``registry``; raise one ConfigError with every
+    problem (exit code 2)."""
     cfg, problems = parse_config(path, overrides, registry)
     pipe, more = build_pipeline(cfg, registry)
     problems += more
@@ -215,7 +232,7 @@ def load_pipeline(path: str | Path | None = None, overrides: list[str] | None = 
             arts = {u.key: Artifact(kind=u.ref_kind or "path", path=u.path or Path(), stage=u.ref_stage)
                     for u in pipe.inputs[spec.name]}
             try:
-                found = spec.cls().check(spec.options, arts) or []
+                found = run_check(spec.cls(), spec.options, arts, registry)
             except Exception as exc:  # noqa: BLE001 - a buggy check is a problem to show, not a crash
                 found = [Problem("", f"check() of stage kind '{spec.uses}' failed: {exc}")]
             # A stage does not know its index: its problems are located under `stages[i]` here.
@@ -225,7 +242,7 @@ def load_pipeline(path: str | Path | None = None, overrides: list[str] | None = 
                     where = join_path(spec.where, where.split(".")) if where else spec.where
                 problems.append(Problem(where, message))
         # Each plugin's answer on its own, so that one crashing plugin is named and the others still speak.
-        for impl in reversed(registry.pm.hook.validate_pipeline.get_hookimpls()):
+        for impl in reversed(registry.hook.validate_pipeline.get_hookimpls()):
             try:
                 answer = impl.function(pipeline=pipe) if "pipeline" in impl.argnames else impl.function()
             except Exception as exc:  # noqa: BLE001
@@ -270,14 +287,12 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def stage_key(spec: StageSpec, uses: list[InputUse], upstream_keys: dict[str, str], registry=None,
+def stage_key(spec: StageSpec, uses: list[InputUse], upstream_keys: dict[str, str], registry: Registry,
               seed: int | None = None, project_dir: Path | None = None) -> str:
     """Hash of what determines a stage's result: kind, its version, options, inputs, library versions."""
-    entry = registry.stages.get(spec.uses) if registry else None
-    plugin_version = None
-    if entry is not None:
-        info = next((p for p in registry.plugins if p.name == entry.plugin), None)
-        plugin_version = info.version if info else None
+    owner = registry.owner("stages", spec.uses)
+    info = next((p for p in registry.plugins if p.name == owner), None)
+    plugin_version = info.version if info else None
     payload = {
         "uses": spec.uses,
         "stage_version": spec.cls.version,
@@ -288,13 +303,26 @@ def stage_key(spec: StageSpec, uses: list[InputUse], upstream_keys: dict[str, st
                            else fingerprint(u.path)) for u in uses},
         "libraries": {name: _dist_version(name) for name in spec.cls.cache_libraries},
         "seed": seed,  # every stage gets [project].seed as ctx.seed: another seed is another result
-        "extra": spec.cls().cache_key_extra(spec.options, project_dir) if project_dir else {},
+        "extra": _cache_key_extra(spec, project_dir, registry) if project_dir else {},
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
-def compute_keys(pipe: Pipeline, registry=None) -> dict[str, str]:
+def _cache_key_extra(spec: StageSpec, project_dir: Path, registry: Registry) -> dict:
+    """``cache_key_extra(...)``, with the registry when the stage's method names a ``registry`` parameter
+    (the curate stage fingerprints the files its steps name: which options are files, the steps say)."""
+    stage = spec.cls()
+    try:
+        takes_registry = "registry" in inspect.signature(stage.cache_key_extra).parameters
+    except (TypeError, ValueError):
+        takes_registry = False
+    if takes_registry:
+        return stage.cache_key_extra(spec.options, project_dir, registry)
+    return stage.cache_key_extra(spec.options, project_dir)
+
+
+def compute_keys(pipe: Pipeline, registry: Registry) -> dict[str, str]:
     keys: dict[str, str] = {}
     for spec in pipe.stages:
         keys[spec.name] = stage_key(spec, pipe.inputs[spec.name], keys, registry, seed=pipe.config.project.seed,

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+from llmforge.extension import ExtensionPoint, pydantic_options, subclass_of
+
     from llmforge.errors import Problem
     from llmforge.planning import Estimate, PlanEnv, Shape
 
@@ -254,3 +256,17 @@ def input_marker(annotation: Any) -> Input | None:
         if found is not None:
             return found
     return None
+
+
+# The extension point stages are registered through (declared by the core in llmforge.execution).
+STAGES = ExtensionPoint(
+    hook="register_stages", table="stages", label="stage",
+    doc="""Register stage classes.
+
+    Call ``register(StageClass)`` for each :class:`llmforge.stage.Stage` subclass the plugin
+    provides. The class's ``name`` is the kind used in ``uses = "<name>"`` in forge.toml. When two
+    plugins register the same name, the first in load order wins (built-in plugins first, then
+    third-party distributions sorted by name) and the clash is reported by ``llmforge plugins list``.
+    """,
+    validate=subclass_of(Stage, check=pydantic_options),
+)

@@ -37,9 +37,12 @@ import json
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import pytest
+
+if TYPE_CHECKING:
+    from llmforge.plugins import Registry
 
 __all__ = ["ForgeProject", "RunOutcome", "load_test_registry"]
 
@@ -56,7 +59,7 @@ def _named(plugin: Any) -> tuple[str, Any]:
     return (name or type(plugin).__name__), plugin
 
 
-def load_test_registry(*plugins: Any, env: str | None = "", check: bool = True):
+def load_test_registry(*plugins: Any, env: str | None = "", check: bool = True) -> Registry:
     """A fresh registry with the built-in plugins plus ``plugins`` (modules, objects, or (name, object)
     pairs), registered in process exactly as installed ones are (``load_registry(extra=...)``).
 
@@ -72,7 +75,8 @@ def load_test_registry(*plugins: Any, env: str | None = "", check: bool = True):
     registry = load_registry(env=env, extra=named)
     if check:
         ours = {name for name, _ in named}
-        # (reading `errors` runs the registration hooks, so a register() that refused an object shows too)
+        # Every table filled first: a register() that refused an object, or a hook that raised, shows too.
+        registry.collect()
         problems = [f"{e.plugin}: {e.error}" if e.dist == "(in-process)" else f"{e.plugin} ({e.dist}): {e.error}"
                     for e in registry.errors]
         problems += [str(c) for c in registry.conflicts if c.loser.split(" ")[0] in ours]
@@ -232,7 +236,7 @@ class ForgeProject:
         return RunOutcome(result, _read_events(result.run_dir / "events.jsonl"))
 
 
-def _builtins():
+def _builtins() -> Registry:
     from llmforge.plugins import load_registry
 
     return load_registry(env="")
@@ -240,9 +244,9 @@ def _builtins():
 
 def _read_events(path: Path) -> list[dict]:
     """The run's events as `llmforge logs` reads them (a torn last line skipped, a damaged one named)."""
-    from llmforge.events import read_events
+    from llmforge.events import read_records  # the dicts as written, which tests index
 
-    return list(read_events(path)) if path.exists() else []
+    return list(read_records(path)) if path.exists() else []
 
 
 @pytest.fixture
@@ -264,7 +268,8 @@ def llmforge_tokenizer_dir(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from llmforge_plugins.chat_templates import CHATML
+    # The template as installed (the built-in chat templates plugin registers `chatml`): the core names no plugin.
+    CHATML = load_test_registry().chat_templates["chatml"]
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

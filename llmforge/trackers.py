@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+from llmforge.extension import ExtensionPoint, pydantic_options, subclass_of
 from llmforge.stage import StageOptions
 
 
@@ -29,3 +30,15 @@ class Tracker:
 
     def close(self) -> None:
         """Called once at the end of the run (also after a failure or a stop)."""
+
+
+# The extension point trackers are registered through (declared by the core in llmforge.execution).
+TRACKERS = ExtensionPoint(
+    hook="register_trackers", table="trackers", label="tracker",
+    doc="""Register experiment trackers: :class:`llmforge.trackers.Tracker` subclasses.
+
+    A tracker enabled in ``[trackers]`` receives every event of a run (metrics, logs, stage
+    boundaries) and forwards them to its backend (TensorBoard files, an MLflow store, ...).
+    """,
+    validate=subclass_of(Tracker, check=pydantic_options),
+)

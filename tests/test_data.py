@@ -56,7 +56,8 @@ class Data:
         return self.write(name, "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
 
     def load(self, path: str | list[str], expect: tuple[str, ...] = KINDS, **options) -> Dataset:
-        return load_data(DataOptions(path=path, **options), base=self.root, registry=self.registry, expect=expect)
+        return load_data(DataOptions(path=path, **options), self.registry.readers, self.registry.row_formats,
+                         base=self.root, expect=expect)
 
     def error(self, path: str | list[str], expect: tuple[str, ...] = KINDS, **options) -> DataError:
         with pytest.raises(DataError) as info:
@@ -91,8 +92,8 @@ def test_startup_imports_neither_pyarrow_nor_datasets():
             "sys.argv = ['llmforge', '--help']\n"
             "from llmforge.cli import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "from llmforge.plugins import get_registry\n"
-            "get_registry().readers\n"
+            "from llmforge.cli.common import registry\n"
+            "registry().readers\n"
             "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     loaded = set(json.loads(res.stderr.strip().splitlines()[-1]))
@@ -697,12 +698,13 @@ def test_csv_reader_stops_at_the_limit(data):
 
 def _restored(data: Data, name: str, rows: list, fn, **options) -> list[dict]:
     """Each row of the file rewritten with ``fn`` applied to every text, written back as curation does."""
-    from llmforge.curation import map_text
+    from llmforge_plugins.curate.api import map_text
     from llmforge.data import iter_records, restore_row
 
     data.jsonl(name, rows)
     return [restore_row(src, map_text(src.row, fn))
-            for src in iter_records(DataOptions(path=name, **options), base=data.root, registry=data.registry)]
+            for src in iter_records(DataOptions(path=name, **options), data.registry.readers,
+                                    data.registry.row_formats, base=data.root)]
 
 
 def test_restore_writes_texts_back_where_each_format_read_them(data):
@@ -745,7 +747,8 @@ def test_restore_refuses_a_rewrite_that_changes_turns(data):
     from llmforge.data import iter_records, restore_row
 
     data.jsonl("c.jsonl", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
-    (src,) = iter_records(DataOptions(path="c.jsonl"), base=data.root, registry=data.registry)
+    (src,) = iter_records(DataOptions(path="c.jsonl"), data.registry.readers, data.registry.row_formats,
+                          base=data.root)
     with pytest.raises(DataError, match=r"c.jsonl:1: a rewrite step changed the row's turns"):
         restore_row(src, {"messages": src.row["messages"][1:]})
 

@@ -25,10 +25,17 @@ DOC = ROOT / "docs" / "plugins.md"
 EVENT_TYPES = {"run_start", "stage_start", "log", "artifact", "stage_end", "run_end", "progress", "metric"}
 
 
-def all_hookspecs() -> dict:
-    """name -> function for every function in llmforge.hookspecs marked as a hookspec."""
-    return {name: fn for name, fn in vars(hookspecs).items()
-            if inspect.isfunction(fn) and hasattr(fn, "llmforge_spec")}
+def all_hookspecs() -> dict[str, str]:
+    """name -> documentation of every hook a plugin may implement: the functions of llmforge.hookspecs
+    marked as hookspecs, and the registration hooks of the extension points that the core and the
+    built-in plugins declare (``register_stages`` next to ``Stage``, ``register_merge_methods`` in the
+    merge plugin, ...)."""
+    from llmforge.plugins import load_registry
+
+    specs = {name: inspect.getdoc(fn) or "" for name, fn in vars(hookspecs).items()
+             if inspect.isfunction(fn) and hasattr(fn, "llmforge_spec")}
+    specs.update({p.hook: inspect.cleandoc(p.doc) for p in load_registry(env="").points().values()})
+    return specs
 
 
 SPECS = all_hookspecs()
@@ -49,6 +56,7 @@ HOOK_TESTS = {
     "register_merge_methods": ["test_register_merge_methods_adds_a_merge_method"],
     "register_backends": ["test_register_backends_backend_launches_its_stages"],
     "register_curation_steps": ["test_register_curation_steps_adds_a_step"],
+    "extension_points": ["test_extension_points_adds_a_table_that_plugins_fill"],
 }
 
 
@@ -58,12 +66,12 @@ HOOK_TESTS = {
 
 def test_hookspecs_are_found():
     # guard against a vacuous pass (e.g. the marker attribute renamed)
-    assert {"register_stages", "execute_stage", "on_event"} <= set(SPECS), sorted(SPECS)
+    assert {"register_stages", "execute_stage", "on_event", "extension_points"} <= set(SPECS), sorted(SPECS)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_hookspec_has_a_docstring(name):
-    doc = inspect.getdoc(SPECS[name]) or ""
+    doc = SPECS[name]
     assert len(doc.split()) >= 5, f"hookspec {name} needs a docstring (it is the plugin API reference)"
 
 
@@ -343,11 +351,25 @@ def test_a_crashing_validate_pipeline_is_reported_as_a_problem(project):
     assert "crashing" in str(info.value) and "validator exploded" in str(info.value)
 
 
+def test_extension_points_adds_a_table_that_plugins_fill(probe_registry, probe):
+    # In process: the probe's own point is declared, its hook known, its table filled on first read.
+    assert "probe_gadgets" in probe_registry.points()
+    gadgets = probe_registry.table("probe_gadgets")
+    assert list(gadgets) == ["spring"] and probe_registry.owner("probe_gadgets", "spring") == "probe"
+    # Through the real CLI: `plugins list` fills every table, the probe's included.
+    res = run_cli("plugins", "list", "--json", plugins=[probe])
+    assert res.returncode == 0, res.stderr
+    info = next(p for p in json.loads(res.stdout)["plugins"] if p["name"] == "probe")
+    assert info["provides"]["probe_gadgets"] == ["spring"]
+    assert "extension_points" in info["hooks"] and "register_probe_gadgets" in info["hooks"]
+
+
 def test_register_readers_and_row_formats_read_probe_files(probe_registry, tmp_path):
     from llmforge.data import DataOptions, load_data
 
     (tmp_path / "a.probe").write_text("hello\n\nworld\n")
-    ds = load_data(DataOptions(path=str(tmp_path / "a.probe")), registry=probe_registry, expect=("text",))
+    ds = load_data(DataOptions(path=str(tmp_path / "a.probe")), probe_registry.readers, probe_registry.row_formats,
+                   expect=("text",))
     assert ds.format == "probe" and ds.kind == "text"
     assert ds.rows == [{"text": "HELLO"}, {"text": "WORLD"}]
     assert ds.wheres == [f"{tmp_path / 'a.probe'}:1", f"{tmp_path / 'a.probe'}:3"]
@@ -356,7 +378,7 @@ def test_register_readers_and_row_formats_read_probe_files(probe_registry, tmp_p
 def test_register_chat_templates_makes_the_template_resolvable(probe_registry):
     from llmforge.chat import render, resolve_template
 
-    template = resolve_template("probe", registry=probe_registry)
+    template = resolve_template("probe", probe_registry.chat_templates)
     assert template.name == "probe" and template.eos == "<|probe_end|>"
     text = render(template, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert text == "[user] hi<|probe_end|>\n[assistant] "

@@ -56,6 +56,6 @@ def test_help_with_all_plugins_loaded_imports_no_torch():
 
 
 def test_plugins_list_imports_no_torch():
-    loaded = _modules_after("from llmforge.plugins import get_registry\nget_registry()")
+    loaded = _modules_after("from llmforge.plugins import load_registry\nload_registry().collect()")
     assert "pluggy" in loaded
     assert not loaded & set(HEAVY)

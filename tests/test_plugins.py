@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import run_cli
+from llmforge import hookimpl
 
 BUILTINS = {"shell", "copy"}
 ENV_VAR = "LLMFORGE_LOAD_PLUGINS"
@@ -236,8 +237,8 @@ def test_collision_winner_does_not_depend_on_path_order(collide, order, monkeypa
     for p in reversed(paths):  # syspath_prepend puts each in front: prepend in reverse order
         monkeypatch.syspath_prepend(str(p))
     reg = load_registry(env="collide-a,collide-b")
-    assert reg.stages["twin"].cls.summary == "twin stage from collide-a"
-    assert reg.stages["twin"].plugin == "zeta"
+    assert reg.stages["twin"].summary == "twin stage from collide-a"
+    assert reg.owner("stages", "twin") == "zeta"
     assert [str(c) for c in reg.conflicts] == [
         "stage 'twin' is registered by both zeta (collide-a) and alpha (collide-b); using zeta (collide-a)"]
     assert [p.name for p in reg.plugins if not p.builtin] == ["zeta", "alpha"]
@@ -337,4 +338,144 @@ def test_in_process_plugin_with_a_taken_name_is_reported_not_raised():
     reg = load_registry(env="", extra=[("shell", Stageless()), ("mine", Stageless())])
     assert [(e.plugin, e.error) for e in reg.errors] == [("shell", "a plugin named 'shell' is already loaded")]
     assert [p.name for p in reg.plugins if not p.builtin] == ["mine"]
-    assert reg.stages["shell"].plugin == "shell"  # the built-in is untouched
+    assert reg.owner("stages", "shell") == "shell"  # the built-in is untouched
+
+
+# ------------------------------------------------------------------------------------------------
+# extension points: declared by plugins, filled lazily, one table at a time
+
+
+class _Widget:
+    """The base class of a third-party extension point (what a plugin offers other plugins)."""
+
+    name = ""
+
+
+def _widgets_point():
+    from llmforge.extension import ExtensionPoint, subclass_of
+
+    return ExtensionPoint(hook="register_widgets", table="widgets", label="widget",
+                          doc="Register widgets: _Widget subclasses, by name.",
+                          validate=subclass_of(_Widget, instantiate=True))
+
+
+class _Declarer:
+    """Declares the `widgets` point and registers one widget into it itself."""
+
+    @hookimpl
+    def extension_points(self):
+        return [_widgets_point()]
+
+    @hookimpl
+    def register_widgets(self, register):
+        class Cog(_Widget):
+            name = "cog"
+
+        register(Cog)
+
+
+class _Filler:
+    """Another plugin: registers into the point the first one declared."""
+
+    @hookimpl
+    def register_widgets(self, register):
+        class Gear(_Widget):
+            name = "gear"
+
+        register(Gear)
+
+
+def test_a_plugin_declares_an_extension_point_that_another_plugin_fills(monkeypatch):
+    from typer.testing import CliRunner
+
+    from llmforge.cli import common
+    from llmforge.cli.app import build_app
+    from llmforge.plugins import load_registry
+
+    reg = load_registry(env="", extra=[("declarer", _Declarer()), ("filler", _Filler())])
+    assert not reg.errors, reg.errors
+    widgets = reg.table("widgets")
+    assert sorted(widgets) == ["cog", "gear"] and isinstance(widgets["gear"], _Widget)  # instantiated
+    assert reg.owner("widgets", "gear") == "filler" and reg.owner("widgets", "cog") == "declarer"
+    assert reg.point("register_widgets").label == "widget"  # found by hook name too
+    # `plugins list --json` fills every table, the plugin-declared one included
+    monkeypatch.setattr(common, "_REGISTRY", reg)
+    res = CliRunner().invoke(build_app(), ["plugins", "list", "--json"])
+    assert res.exit_code == 0, res.output
+    provides = {p["name"]: p["provides"] for p in json.loads(res.output)["plugins"]}
+    assert provides["filler"] == {"widgets": ["gear"]} and provides["declarer"] == {"widgets": ["cog"]}
+    assert "stages" in provides["shell"]
+
+
+def test_a_hook_of_an_undeclared_point_is_refused_with_did_you_mean():
+    from llmforge import hookimpl
+    from llmforge.plugins import load_registry
+
+    class Misspelt:
+        @hookimpl
+        def register_widget(self, register):  # the point's hook is register_widgets
+            pass
+
+    class Orphan:
+        @hookimpl
+        def register_gizmos(self, register):  # no plugin declares a gizmos point
+            pass
+
+    reg = load_registry(env="", extra=[("declarer", _Declarer()), ("misspelt", Misspelt()), ("orphan", Orphan())])
+    errors = {e.plugin: e.error for e in reg.errors}
+    assert errors["misspelt"] == ("ValueError: implements unknown hook 'register_widget'; "
+                                  "did you mean 'register_widgets'?")
+    assert errors["orphan"].startswith("ValueError: implements unknown hook 'register_gizmos'")
+    assert not {"misspelt", "orphan"} & {p.name for p in reg.plugins}
+    assert list(reg.table("widgets")) == ["cog"]  # the declarer itself is fine
+
+
+def test_a_table_is_filled_on_first_read_only_by_its_own_point():
+    from llmforge import hookimpl
+    from llmforge.plugins import load_registry
+
+    calls: list[str] = []
+
+    class Recorder:
+        @hookimpl
+        def register_readers(self, register):
+            calls.append("register_readers")
+
+        @hookimpl
+        def register_stages(self, register):
+            calls.append("register_stages")
+
+    reg = load_registry(env="", extra=[("recorder", Recorder())])
+    assert calls == []  # loading calls no registration hook
+    assert "shell" in reg.table("stages")
+    assert calls == ["register_stages"]  # reading the stages ran no reader registration
+    reg.table("stages")
+    assert calls == ["register_stages"]  # once per registry
+    assert "jsonl" in reg.readers
+    assert calls == ["register_stages", "register_readers"]
+
+
+def test_extension_point_clashes_and_failures_are_the_declaring_plugins_errors():
+    from llmforge import hookimpl
+    from llmforge.extension import ExtensionPoint
+    from llmforge.plugins import load_registry
+
+    class Rival:  # declares `widgets` again, and a point with a core table's name
+        @hookimpl
+        def extension_points(self):
+            return [_widgets_point(),
+                    ExtensionPoint(hook="register_more_stages", table="stages", label="stage", doc="x",
+                                   validate=lambda o: o)]
+
+    class Crashing:
+        @hookimpl
+        def extension_points(self):
+            raise RuntimeError("no points today")
+
+    reg = load_registry(env="", extra=[("declarer", _Declarer()), ("rival", Rival()), ("crashing", Crashing())])
+    errors = [(e.plugin, e.error) for e in reg.errors]
+    assert ("rival", "extension point 'widgets' is already declared (hook register_widgets)") in errors
+    assert ("rival", "extension point 'stages' is already declared (hook register_stages)") in errors
+    assert ("crashing", "extension_points failed: RuntimeError: no points today") in errors
+    assert list(reg.table("widgets")) == ["cog"]  # the first declaration wins
+    assert "shell" in reg.stages

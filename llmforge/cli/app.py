@@ -57,9 +57,11 @@ def build_app() -> typer.Typer:
     scale_cmd.register(app)
     tui_cmd.register(app)
 
-    from llmforge.plugins import get_registry
+    from llmforge.cli.common import registry
 
-    reg = get_registry()
+    # Only the commands: the raw manager, so that the extension points (pydantic models) are not
+    # declared for the help screen. A plugin refused later for an unknown hook may have added a command.
+    reg = registry()
     for impl in reg.pm.hook.register_commands.get_hookimpls():
         try:
             impl.function(cli=app) if "cli" in impl.argnames else impl.function()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from llmforge.formatting import STATUS_STYLE, fmt_duration  # noqa: F401 - the CLI modules import them from here
+
+if TYPE_CHECKING:
+    from llmforge.plugins import Registry
 
 # Options several commands share, as Annotated types; each command gives the default:
 # `config: ConfigOption = Path("forge.toml")`.
@@ -21,6 +24,20 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 RunsDirOption = Annotated[
     Path | None, typer.Option("--runs-dir", help="Runs folder (default: from ./forge.toml, else ./runs).")
 ]
+
+
+_REGISTRY: Registry | None = None
+
+
+def registry() -> Registry:
+    """The plugin registry of this command-line process, built on first use (the CLI is an edge: the
+    registry is built here and passed down to the core, which never looks it up by itself)."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        from llmforge.plugins import load_registry
+
+        _REGISTRY = load_registry()
+    return _REGISTRY
 
 
 def sub_app(help: str) -> typer.Typer:

@@ -11,9 +11,9 @@ from llmforge.errors import UsageError
 
 
 def _registry():
-    from llmforge.plugins import get_registry
+    from llmforge.cli.common import registry
 
-    return get_registry()
+    return registry()
 
 
 def plugins_list(
@@ -21,7 +21,7 @@ def plugins_list(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show load errors' tracebacks.")] = False,
 ) -> None:
     """Installed plugins with their hooks and stages, load errors and name clashes."""
-    reg = _registry()
+    reg = _registry().collect()  # every table: what each plugin provides, and every clash
     if as_json:
         print_json({"plugins": [p.to_json() for p in reg.plugins], "errors": [e.to_json() for e in reg.errors],
                     "conflicts": [c.to_json() for c in reg.conflicts]})
@@ -52,8 +52,8 @@ def _complete_kind(incomplete: str) -> list[str]:
 def stages_list(as_json: JsonOption = False) -> None:
     """Stage kinds you can `uses =` in forge.toml."""
     reg = _registry()
-    rows = [{"kind": name, "summary": e.cls.summary, "plugin": e.plugin, "produces": list(e.cls.produces)}
-            for name, e in sorted(reg.stages.items())]
+    rows = [{"kind": name, "summary": cls.summary, "plugin": reg.owner("stages", name), "produces": list(cls.produces)}
+            for name, cls in sorted(reg.stages.items())]
     if as_json:
         print_json(rows)
         return
@@ -69,21 +69,21 @@ def stages_show(
     from llmforge.schema import describe_options, did_you_mean
 
     reg = _registry()
-    entry = reg.stages.get(kind)
-    if entry is None:
+    cls = reg.stages.get(kind)
+    if cls is None:
         raise UsageError(f"unknown stage kind '{kind}'{did_you_mean(kind, reg.stages)}",
                          hint=f"installed: {', '.join(sorted(reg.stages)) or 'none'}")
-    cls = entry.cls
+    plugin = reg.owner("stages", kind) or "?"
     rows = describe_options(cls.Options)
     if as_json:
-        print_json({"kind": kind, "summary": cls.summary, "plugin": entry.plugin, "produces": list(cls.produces),
+        print_json({"kind": kind, "summary": cls.summary, "plugin": plugin, "produces": list(cls.produces),
                     "doc": _doc(cls), "options": [r.to_json() for r in rows]})
         return
     from rich.markup import escape
 
     out = console()
     out.print(f"[bold]{escape(kind)}[/]: {escape(cls.summary)}")
-    out.print(f"produces: {escape(', '.join(cls.produces) or 'nothing')}   plugin: {escape(entry.plugin)}")
+    out.print(f"produces: {escape(', '.join(cls.produces) or 'nothing')}   plugin: {escape(plugin)}")
     table = []
     for r in rows:
         desc = r.description

@@ -132,6 +132,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from llmforge.errors import ForgeError
+    from llmforge.plugins import load_registry
     from llmforge.runner import _warnings_to_events
     from llmforge.stage import Artifact, StageContext
 
@@ -149,7 +150,9 @@ def main(argv: list[str]) -> int:
         ctx = StageContext(stage_name=spec["stage_name"], run_id=spec["run_id"], run_dir=Path(spec["run_dir"]),
                            stage_dir=stage_dir, inputs=inputs, emit=emit, stop_check=files.stop,
                            checkpoint_check=files.checkpoint, resume=bool(spec["resume"]), seed=int(spec["seed"]),
-                           project_dir=Path(spec["project_dir"]), rank=rank, world_size=world, backend=backend)
+                           project_dir=Path(spec["project_dir"]), rank=rank, world_size=world, backend=backend,
+                           # this process is an edge: it loads the installed plugins itself, as the parent did
+                           registry=load_registry())
         if world != spec["world_size"]:
             ctx.log(f"launched as {world} processes, expected {spec['world_size']}", level="warning")
         options = stage_cls.Options.model_validate(spec["options"])

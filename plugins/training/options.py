@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -66,15 +67,15 @@ def _is_template_path(value: str) -> bool:
     return value.endswith((".jinja", ".j2")) or "/" in value
 
 
-def template_problems(value: str | None) -> list:
-    """Preflight for a `template` option: a name must be an installed template (a path is read at run time)."""
+def template_problems(value: str | None, templates: Mapping[str, Any]) -> list:
+    """Preflight for a `template` option: a name must be one of `templates` (the registry's installed
+    chat templates); a path is read at run time."""
     from llmforge.errors import Problem
-    from llmforge.plugins import get_registry
     from llmforge.schema import did_you_mean
 
     if value is None or value == "auto" or _is_template_path(value):
         return []
-    names = get_registry().chat_templates
+    names = templates
     if value in names:
         return []
     return [Problem("template", f"unknown chat template '{value}'{did_you_mean(value, names)} "
@@ -98,8 +99,8 @@ def template_cache_extra(value: str | None, project_dir) -> dict:
 class TemplateChecks:
     """Mixed into stages with a `template` option: validate checks the name, the cache sees file edits."""
 
-    def check(self, options, inputs):
-        return template_problems(options.template)
+    def check(self, options, inputs, registry):
+        return template_problems(options.template, registry.chat_templates)
 
     def cache_key_extra(self, options, project_dir) -> dict:
         return template_cache_extra(options.template, project_dir)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from textual import on, work
 from textual.binding import Binding
@@ -27,16 +27,19 @@ from llmforge.errors import ConfigError, ForgeError, Problem
 from llmforge.tui import tomledit
 from llmforge.tui.widgets.form import OptionsForm, fields_for
 
+if TYPE_CHECKING:
+    from llmforge.plugins import Registry
+
 # How long typing must pause before the whole file is validated again (the schema check is instant).
 FULL_CHECK_DELAY = 0.3
 
 
-def check_file(path: Path) -> list[Problem]:
+def check_file(path: Path, registry: Registry) -> list[Problem]:
     """Every problem `llmforge validate` reports for this file (none: it is valid)."""
     from llmforge.pipeline import load_pipeline
 
     try:
-        load_pipeline(path)
+        load_pipeline(path, registry=registry)
     except ConfigError as exc:
         return exc.problems
     except ForgeError as exc:
@@ -44,12 +47,12 @@ def check_file(path: Path) -> list[Problem]:
     return []
 
 
-def check_text(path: Path, text: str) -> list[Problem]:
+def check_text(path: Path, text: str, registry: Registry) -> list[Problem]:
     """Validate `text` as if it were `path`: written next to it (relative paths and the project
     folder resolve alike), checked, and removed."""
     tmp = tomledit.write_temp(path, text, "check")
     try:
-        return check_file(tmp)
+        return check_file(tmp, registry)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -166,15 +169,13 @@ Saving keeps your comments and layout."""
             text = tomledit.read_text(path)
             doc = tomledit.parse(text, str(path))
             entries = tomledit.stages(doc)
-            from llmforge.plugins import get_registry
-
-            registry = get_registry()
+            registry = self.state.registry()
             classes = {}
             for entry in entries:
                 uses = entry.get("uses")
                 if isinstance(uses, str) and uses not in classes:
                     classes[uses] = registry.stage_class(uses)
-            problems = check_file(path)
+            problems = check_file(path, registry)
         except ForgeError as exc:
             self.app.call_from_thread(self._failed, exc)
             return
@@ -347,7 +348,7 @@ Saving keeps your comments and layout."""
         if get_current_worker().is_cancelled or revision != self.revision or self.path is None:
             return
         try:
-            problems = check_text(self.path, text)
+            problems = check_text(self.path, text, self.state.registry())
         except Exception as exc:  # noqa: BLE001
             problems = [Problem("", f"validation failed: {type(exc).__name__}: {exc}")]
         if not get_current_worker().is_cancelled:
@@ -420,7 +421,7 @@ Saving keeps your comments and layout."""
             text = tomledit.apply_edits(original, edits, str(path))
             tmp = tomledit.write_temp(path, text, "save")
             try:
-                problems = check_file(tmp)
+                problems = check_file(tmp, self.state.registry())
                 blocking = [p for p in problems if _under(p.where, f"stages[{index}]")]
                 if blocking:
                     self.app.call_from_thread(self._not_saved, problems, blocking)

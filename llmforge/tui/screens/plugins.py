@@ -1,6 +1,6 @@
 """The Plugins screen: what is installed, what each plugin adds, and what failed to load.
 
-The same registry `llmforge plugins list` shows (llmforge.plugins.get_registry()): plugins with their
+The same registry `llmforge plugins list` shows (the app's, `AppState.registry()`): plugins with their
 distribution, version, stage kinds and hooks; load errors (a plugin that failed to import, or whose
 registration hook raised) with the one-line error and, on the highlighted row, the traceback; and name
 conflicts. Building the registry runs every plugin's registration hooks (pydantic, the plugins' modules), so
@@ -25,11 +25,9 @@ PROVIDES = {"readers": "readers", "row_formats": "row formats", "chat_templates"
             "curation_steps": "curation steps"}
 
 
-def load_registry_view():
-    """The process-wide registry with its lazy tables filled (the registration hooks run here)."""
-    from llmforge.plugins import get_registry
-
-    reg = get_registry()
+def load_registry_view(state):
+    """The app's registry with every table filled (the registration hooks run here)."""
+    reg = state.registry().collect()
     return reg.plugins, reg.errors, reg.conflicts
 
 
@@ -82,7 +80,7 @@ load with their error. Highlight a row to see its details."""
 
     @work(exclusive=True, group="plugins")
     async def _load(self) -> None:
-        plugins, errors, conflicts = await asyncio.to_thread(load_registry_view)
+        plugins, errors, conflicts = await asyncio.to_thread(load_registry_view, self.state)
         self.plugins, self.errors, self.conflicts = list(plugins), list(errors), list(conflicts)
         self._fill()
         self.loaded = True
