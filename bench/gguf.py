@@ -198,8 +198,8 @@ def main() -> int:
     def cell(name: str, i: int, scale: float, unit: str) -> str:
         """median (min-max): the spread says how far one run can be trusted on this machine"""
         vals = [r[i] / scale for r in results[name]]
-        return f"{statistics.median(vals):.{1 if unit == 's' else 0}f} {unit} ({min(vals):.{1 if unit == 's' else 0}f}-" \
-               f"{max(vals):.{1 if unit == 's' else 0}f})"
+        digits = 1 if unit == "s" else 0
+        return f"{statistics.median(vals):.{digits}f} {unit} ({min(vals):.{digits}f}-{max(vals):.{digits}f})"
 
     budget = 1.5 * info["largest_tensor_bytes"] + 300 * MB
     lf_wall, lf_rss = med("llmforge", 0), med("llmforge", 1)

@@ -167,7 +167,7 @@ def compare(a: Path, b: Path) -> tuple[float, float]:
         out = {}
         for f in d.glob("*.safetensors"):
             with safe_open(str(f), "pt") as fh:
-                out.update({k: f for k in fh.keys()})
+                out.update({k: f for k in fh.keys()})  # noqa: SIM118 - a safetensors handle: keys() but no iteration
         return out
 
     ia, ib = index(a), index(b)
@@ -225,7 +225,9 @@ def main() -> int:
 
     def cell(name):
         walls, rss = [r[0] for r in results[name]], [r[1] / MB for r in results[name]]
-        spread = (lambda xs, f: f" ({f(min(xs))}-{f(max(xs))})" if len(xs) > 1 else "")
+        def spread(xs, f):
+            return f" ({f(min(xs))}-{f(max(xs))})" if len(xs) > 1 else ""
+
         return (f"{statistics.median(walls):.1f} s{spread(walls, lambda x: f'{x:.1f}')} | "
                 f"{statistics.median(rss):.0f} MB{spread(rss, lambda x: f'{x:.0f}')}")
 
@@ -255,7 +257,8 @@ def main() -> int:
     ok = lf_rss <= budget
     if results["mergekit"]:
         version = _version(mergekit)
-        lines.append(f"| `mergekit-yaml` (mergekit {version}, defaults: 5B parameters per shard) | {cell('mergekit')} |")
+        lines.append(f"| `mergekit-yaml` (mergekit {version}, defaults: 5B parameters per shard) "
+                     f"| {cell('mergekit')} |")
         lines.append(f"| `mergekit-yaml --out-shard-size {SMALL_SHARD}` | {cell('mergekit-shards')} |")
         mk_wall, mk_rss = med("mergekit", 0), med("mergekit", 1)
         sh_wall, sh_rss = med("mergekit-shards", 0), med("mergekit-shards", 1)

@@ -119,7 +119,8 @@ def _options_table(model: type[BaseModel]) -> list[str]:
             inp = f"path or `@stage` ({kinds})"
         else:
             inp = ""
-        rows.append([_code(opt.name), _code(opt.type), default, _code(opt.constraints) if opt.constraints else "", _text(opt.description), inp])
+        constraints = _code(opt.constraints) if opt.constraints else ""
+        rows.append([_code(opt.name), _code(opt.type), default, constraints, _text(opt.description), inp])
     return _table(["option", "type", "default", "constraints", "description", "input"], rows)
 
 

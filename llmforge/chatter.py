@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 #: top-level packages whose routine output is chatter (their logger names match their package names,
 #: except DeepSpeed's, which is "DeepSpeed")

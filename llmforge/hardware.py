@@ -137,7 +137,8 @@ def _gpus_nvml() -> list[dict] | None:
                 cc = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h))
             except Exception:  # noqa: BLE001 - old drivers lack the call
                 cc = None
-            out.append(_gpu(i, name.decode() if isinstance(name, bytes) else str(name), mem.total, mem.free, cc, driver))
+            label = name.decode() if isinstance(name, bytes) else str(name)
+            out.append(_gpu(i, label, mem.total, mem.free, cc, driver))
         return out
     except Exception:  # noqa: BLE001
         return None

@@ -41,8 +41,8 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from llmforge.errors import ForgeError, UsageError
 
@@ -322,7 +322,7 @@ class LlamaModel:
     def _start(self) -> None:
         """Start the child and load the model in it (again after a crash: the next request gets a fresh one)."""
         kwargs, vocab_texts = self._load
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - the child's stderr while it lives; _reap closes it
         env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
         extra = self._extra = extra_bufts()  # probed (once per machine) before the child starts
         self._proc = subprocess.Popen([sys.executable, "-m", "llmforge.native", "worker"], env=env,

@@ -33,11 +33,21 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any
 
-from llmforge.data import (DataOptions, Reader, Record, RowError, RowFormat, check_messages, content_text,
-                           describe, require_assistant)
+from llmforge.data import (
+    DataOptions,
+    Reader,
+    Record,
+    RowError,
+    RowFormat,
+    check_messages,
+    content_text,
+    describe,
+    require_assistant,
+)
 from llmforge.errors import DataError
 
 # ------------------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field
@@ -509,8 +510,9 @@ _PIP_NAMES = {"mlflow": "mlflow-skinny"}
 
 
 def missing_libraries(pipeline):
-    """(The trackers plugin's validate_pipeline.) A tracker whose library is missing would only be noticed as a warning once the run has
-    started; say it at validation instead, at the tracker's key, with the command that fixes it."""
+    """(The trackers plugin's validate_pipeline.) A tracker whose library is missing would only be noticed as a
+    warning once the run has started; say it at validation instead, at the tracker's key, with the command that
+    fixes it."""
     cfg = pipeline.config
     problems = []
     for name, options in cfg.trackers.items():

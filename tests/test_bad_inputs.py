@@ -6,9 +6,6 @@ message that names the file, key or value at fault, and no traceback.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 TWO_STAGES = """

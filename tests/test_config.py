@@ -124,8 +124,10 @@ CASES = {
     "set-unknown-stage": (HELLO, ["--set", "helo.command=x"],
                           ["--set helo.command: no section or stage named 'helo'; did you mean 'hello'?"]),
     "set-unknown-option": (HELLO, ["--set", "hello.comand=x"],
-                           ["stages[0].comand (from --set hello.comand): unknown key 'comand'; did you mean 'command'?"]),
-    "set-bad-value": (HELLO, ["--set", "hello.timeout=-5"], ["stages[0].timeout (from --set hello.timeout): must be > 0", "(got -5)"]),
+                           ["stages[0].comand (from --set hello.comand): unknown key 'comand'; "
+                            "did you mean 'command'?"]),
+    "set-bad-value": (HELLO, ["--set", "hello.timeout=-5"],
+                      ["stages[0].timeout (from --set hello.timeout): must be > 0", "(got -5)"]),
     "set-no-equals": (HELLO, ["--set", "hello.timeout"], ["--set hello.timeout: expected KEY=VALUE"]),
 }
 
@@ -138,7 +140,8 @@ def validate_and_run(project, *args, **kw):
 
 def assert_user_error(result, *needles):
     cmd = result.args[3]
-    assert result.returncode == 2, f"{cmd}: exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 2, (f"{cmd}: exit {result.returncode}\nstdout:\n{result.stdout}\n"
+                                    f"stderr:\n{result.stderr}")
     assert "Traceback" not in result.stderr, f"{cmd}: traceback without --debug:\n{result.stderr}"
     assert result.stderr.startswith("error: "), result.stderr
     for needle in needles:

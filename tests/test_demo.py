@@ -4,8 +4,8 @@ The quick setting is the full pipeline on a smaller world and a shorter pretrain
 on 2 cores), big enough to show the learning effect's direction, which a test asserts: SFT answers
 more held-out questions than the pretrained model by a clear margin, and DPO raises the model's
 preference for direct answers on held-out pairs. The other tests check that the whole pipeline runs and
-reports what it should (summary table, evaluation, report artifact, caching), and that the generated data keeps its promises
-(deterministic by seed, held-out questions never in the SFT or DPO data). The full setting's figures,
+reports what it should (summary table, evaluation, report artifact, caching), and that the generated data keeps
+its promises (deterministic by seed, held-out questions never in the SFT or DPO data). The full setting's figures,
 per CPU type, are in docs/benchmarks.md ("Demo").
 """
 
@@ -205,7 +205,8 @@ def test_generated_data_is_deterministic_by_seed(tmp_path):
         b, _, _ = write_project(tmp_path / f"b{quick}", quick=quick, seed=7)
         c, _, _ = write_project(tmp_path / f"c{quick}", quick=quick, seed=8)
         assert _files(a.parent) == _files(b.parent)
-        assert set(_files(a.parent)) == {"corpus.txt", "sft.jsonl", "dpo.jsonl", "heldout.jsonl", "heldout.txt", "world.json"}
+        assert set(_files(a.parent)) == {"corpus.txt", "sft.jsonl", "dpo.jsonl", "heldout.jsonl", "heldout.txt",
+                                         "world.json"}
         assert _files(a.parent)["corpus.txt"] != _files(c.parent)["corpus.txt"]
         # forge.toml differs only by the path in its header
         assert a.read_text().replace(str(a), "X") == b.read_text().replace(str(b), "X")

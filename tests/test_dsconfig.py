@@ -11,14 +11,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from llmforge.errors import UsageError
 from llmforge_plugins.backends.dsconfig import (
     build_deepspeed_config,
     load_user_config,
     parse_deepspeed_config,
     validate_deepspeed_config,
 )
-
-from llmforge.errors import UsageError
 
 # The real parser is the point of these tests (deepspeed is in the `test` extra).
 pytest.importorskip("deepspeed")

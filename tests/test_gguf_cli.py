@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-
 from llmforge.chat import render
 from llmforge.native import load_llama
 from llmforge_plugins.chat_templates import BUILTIN_TEMPLATES

@@ -77,7 +77,8 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 
 def pre_tokenizer(kind: str):
     """The pre-tokenizers (and normalizer) of the published tokenizer.json files of each family."""
-    from tokenizers import Regex, normalizers, pre_tokenizers as pt
+    from tokenizers import Regex, normalizers
+    from tokenizers import pre_tokenizers as pt
 
     if kind == "gpt-2":
         return pt.ByteLevel(add_prefix_space=False, use_regex=True), None
@@ -576,7 +577,7 @@ def test_import_rejects_corrupt_and_truncated_gguf(zoo, tmp_path):
     for name, blob in (("cut.gguf", data[: len(data) // 2]), ("tail.gguf", data[:-64]),
                        ("junk.gguf", b"not a gguf file at all" * 10)):
         (tmp_path / name).write_bytes(blob)
-        expect_usage_error(lambda: import_gguf(tmp_path / name, tmp_path / "out", log=quiet_log), name,
+        expect_usage_error(lambda name=name: import_gguf(tmp_path / name, tmp_path / "out", log=quiet_log), name,
                            "not a valid GGUF", folder=tmp_path)
     expect_usage_error(lambda: import_gguf(tmp_path / "nope.gguf", tmp_path / "out"), "not found", folder=tmp_path)
 

@@ -206,7 +206,7 @@ def test_fixture_names_do_not_shadow_the_projects_own():
 
 
 @pytest.mark.slow
-def test_tiny_model_trains_in_a_real_sft_stage(llmforge_project, llmforge_tiny_model_dir):
+def test_tiny_model_trains_in_a_real_sft_stage(llmforge_project, llmforge_tiny_model_dir):  # noqa: F811 - fixtures
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(llmforge_tiny_model_dir)

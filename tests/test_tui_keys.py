@@ -217,7 +217,7 @@ def test_help_is_words_per_area(project):
         app = _app(project, "project")
         texts = {}
         async with app.run_test(size=(100, 40)) as pilot:
-            for i, area in enumerate(("project", "monitor", "runs", "data", "models", "plugins", "config"), 1):
+            for area in ("project", "monitor", "runs", "data", "models", "plugins", "config"):
                 await app.action_show(area)
                 app.screen.set_focus(None)
                 await pilot.pause()

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
-from conftest import until
 
 import test_tui_snapshots as fx
+from conftest import until
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +191,6 @@ def test_runs_are_listed_newest_first_as_the_cli_lists_them(in_project):
     import json
 
     from conftest import run_cli
-
     from llmforge.tui.screens.runs import RunsScreen
 
     async def scenario():

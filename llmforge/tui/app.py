@@ -203,9 +203,8 @@ class LlmforgeApp(App):
         return isinstance(widget, (Input, TextArea))
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        if action in ("area", "leave") and self.editing():
-            return False  # the key goes nowhere (an Input has already taken printable keys)
-        return True
+        # area and leave keys go nowhere while a field is edited (an Input has already taken printable keys)
+        return not (action in ("area", "leave") and self.editing())
 
     async def action_area(self, area: str) -> None:
         await self.action_show(area)

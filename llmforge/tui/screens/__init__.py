@@ -18,8 +18,9 @@ Contract for a screen module (`llmforge/tui/screens/<area>.py`):
 from __future__ import annotations  # noqa: E402 - after the docstring, before the helpers
 
 import asyncio  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any
 
 
 async def read_runs_dir(screen: Any, read: Callable[[Path], Any], runs_dir: Path) -> Any | None:

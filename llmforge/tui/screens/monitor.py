@@ -67,7 +67,8 @@ until d shows them."""
                                                  "saves a checkpoint first); it ends stopped, exit code 130"),
         Binding("c", "checkpoint", "Checkpoint now", tooltip="ask the running stage to save a checkpoint now"),
         Binding("l", "latest", "Follow latest", tooltip="follow the latest run again"),
-        Binding("m", "more_charts", "More charts", tooltip="show the next charts (when they are shown a few at a time)"),
+        Binding("m", "more_charts", "More charts",
+                tooltip="show the next charts (when they are shown a few at a time)"),
         Binding("d", "toggle_debug", "Debug", tooltip="show or hide the log's debug lines (library chatter: "
                                                            "deprecation warnings, library log lines)"),
     ]

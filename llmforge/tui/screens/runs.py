@@ -26,9 +26,9 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from llmforge.formatting import fmt_duration
 from llmforge.tui.screens import read_runs_dir
 from llmforge.tui.widgets.text import STATUS_STYLE, marked
-from llmforge.formatting import fmt_duration
 
 # The metrics the chart overlays: what every training stage logs (see docs/training.md).
 CURVE_METRICS = ("loss", "eval_loss")
@@ -248,7 +248,8 @@ the highlighted run, or of the two marked runs on the same axes."""
 
     BINDINGS = [
         # priority: shown in the footer and taken before the table's own enter (which would do the same).
-        Binding("enter", "open_run", "Open in monitor", priority=True, tooltip="follow the highlighted run in the Monitor"),
+        Binding("enter", "open_run", "Open in monitor", priority=True,
+                tooltip="follow the highlighted run in the Monitor"),
         Binding("space", "mark", "Mark to compare", tooltip="mark the run to compare its curves (two at most)"),
         Binding("r", "reload", "Refresh", tooltip="read the runs folder again now"),
     ]

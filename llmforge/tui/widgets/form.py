@@ -131,12 +131,12 @@ class OptionsForm(Vertical):
     """
 
     class Changed(Message):
-        def __init__(self, form: "OptionsForm") -> None:
+        def __init__(self, form: OptionsForm) -> None:
             super().__init__()
             self.form = form
 
         @property
-        def control(self) -> "OptionsForm":
+        def control(self) -> OptionsForm:
             return self.form
 
     def __init__(self, fields: list[FieldSpec], values: dict[str, Any], sources: dict[str, str | None],

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from llmforge.formatting import STATUS_STYLE, fmt_duration  # noqa: F401 - the screens import them from here
+
+if TYPE_CHECKING:  # rich is imported where it is used: the TUI's start-up does not need it yet
+    from rich.text import Text
 
 # The marks the CLI puts before an ended stage (cli/common.py::STATUS_MARK): a stop the user asked for is
 # not a failure, and the mark says so where colour is not seen (NO_COLOR, a monochrome terminal).
@@ -42,7 +46,7 @@ def _zero_width(ch: str, cat: str) -> bool:
             or 0x1F3FB <= o <= 0x1F3FF)  # emoji skin tones: Rich counts them as two more cells, terminals as none
 
 
-def terminal_safe(text: str, style: str = "") -> "Text":
+def terminal_safe(text: str, style: str = "") -> Text:
     """`text` (what a model wrote, say) as Rich Text that every terminal draws in the cells Rich measures,
     so that the borders around it stay where they are drawn.
 
