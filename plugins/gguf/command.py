@@ -214,10 +214,14 @@ def chat(
     """Chat with MODEL using its own chat template: an HF directory through transformers, a .gguf through
     llama.cpp. Reads prompts from stdin until end of input or /exit (/reset forgets the conversation); with
     --prompt, answers once. A model without a chat template continues each prompt as plain text."""
+    from llmforge.chat_engine import CHAT_ENGINES
+    from llmforge.cli.common import registry
     from llmforge_plugins.gguf.chat import ChatSettings, chat_main
 
     settings = ChatSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, system=system)
-    chat_main(model, prompt=prompt, settings=settings, n_ctx=n_ctx, log=None if prompt is not None else _log("chat"))
+    # Any installed engine may open MODEL (the registry's, in load order), not only this plugin's two.
+    chat_main(model, prompt=prompt, settings=settings, engines=registry().table(CHAT_ENGINES), n_ctx=n_ctx,
+              log=None if prompt is not None else _log("chat"))
 
 
 def register(cli) -> None:

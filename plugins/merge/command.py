@@ -89,13 +89,13 @@ def _printer():
 
 
 def _list_methods() -> None:
-    from llmforge.cli.common import console
-    from llmforge.plugins import get_registry
+    from llmforge.cli.common import console, registry
+    from llmforge_plugins.merge.api import MERGE_METHODS
 
     out = console()
-    reg = get_registry()
-    for name, m in sorted(reg.merge_methods.items()):
-        owner = reg.owners.get(("merge_methods", name), "?")
+    reg = registry()
+    for name, m in sorted(reg.table(MERGE_METHODS).items()):
+        owner = reg.owner(MERGE_METHODS, name) or "?"
         out.print(f"[bold]{name}[/] [dim]({owner}; base {m.base})[/]: {m.summary}", highlight=False)
         for p in m.params:
             default = "required" if p.default is None else f"default {str(p.default).lower()}"
@@ -162,9 +162,10 @@ def merge(
     if list_methods:
         _list_methods()
         return
+    from llmforge.cli.common import registry
     from llmforge.config import parse_value, read_toml
-    from llmforge.plugins import get_registry
     from llmforge.schema import validate_model
+    from llmforge_plugins.merge.api import MERGE_METHODS
     from llmforge_plugins.merge.engine import merge_to
     from llmforge_plugins.merge.options import MergeOptions
 
@@ -208,7 +209,7 @@ def merge(
             raise ConfigError(problems, source=source if config else None,
                               hint="llmforge merge --list-methods lists the methods" if "method" not in raw else None)
         printer, report = _printer()
-        summary = merge_to(options, out, get_registry().merge_methods, force=force, report=report,
+        summary = merge_to(options, out, registry().table(MERGE_METHODS), force=force, report=report,
                            seed=0 if seed is None else seed, replace=replace)
     except ConfigError as exc:
         raise (exc if config is not None else _as_flags(exc)) from None
