@@ -24,11 +24,11 @@ class MergeStage(Stage):
     version = "1"
     cache_libraries = ("torch", "safetensors")
 
-    def check(self, options, inputs):
-        from llmforge.plugins import get_registry
+    def check(self, options, inputs, registry):
+        from llmforge_plugins.merge.api import MERGE_METHODS
         from llmforge_plugins.merge.plan import static_problems
 
-        return static_problems(options, get_registry().merge_methods)
+        return static_problems(options, registry.table(MERGE_METHODS))
 
     def estimate(self, options: MergeOptions, env: PlanEnv) -> Estimate:
         # Planning: arithmetic on the input model's shape (the base, else the first model or slice source).
@@ -42,11 +42,11 @@ class MergeStage(Stage):
         return merged_shape(options, env.shape_of(*SHAPE_FIELDS))
 
     def run(self, o: MergeOptions, ctx) -> None:
-        from llmforge.plugins import get_registry
+        from llmforge_plugins.merge.api import MERGE_METHODS
         from llmforge_plugins.merge.engine import Reporter, execute
         from llmforge_plugins.merge.plan import prepare
 
-        plan = prepare(o, get_registry().merge_methods, out=ctx.stage_dir, seed=ctx.seed)
+        plan = prepare(o, ctx.registry.table(MERGE_METHODS), out=ctx.stage_dir, seed=ctx.seed)
         report = Reporter(log=ctx.log, progress=ctx.progress, should_stop=ctx.should_stop)
         with ctx.artifact("model") as out:
             summary = execute(plan, out, report)
