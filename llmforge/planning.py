@@ -133,7 +133,7 @@ class Shape:
 
 def shape_from_config(cfg: dict, source: str = "") -> Shape:
     """A Shape from a transformers config.json dict."""
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg  # multimodal wrappers
+    text: dict = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg  # multimodal wrappers
     try:
         h = int(text.get("hidden_size") or text["n_embd"])
         layers = int(text.get("num_hidden_layers") or text["n_layer"])
@@ -171,6 +171,10 @@ def shape_from_dir(path: Path) -> Shape:
 
 @dataclass(frozen=True)
 class Backend:
+    """What the estimate needs to know of the `[backend]` launch: processes and how they shard weights,
+    gradients and optimizer states (ZeRO, FSDP, tensor parallel), and what they offload. A summary read
+    from the configuration, not the llmforge.backend.Backend that launches the processes."""
+
     kind: str = "local"
     procs_per_node: int = 1
     nodes: int = 1
@@ -188,7 +192,7 @@ class Backend:
         return max(1, self.procs_per_node) * max(1, self.nodes)
 
     @classmethod
-    def from_config(cls, section) -> Backend:
+    def from_config(cls, section: Any) -> Backend:
         """Read `[backend]` by attribute with defaults: the schema grows while this reads it."""
         ds = getattr(section, "deepspeed", None)
         fs = getattr(section, "fsdp", None)
@@ -219,6 +223,8 @@ class Backend:
 
 @dataclass(frozen=True)
 class Training:
+    """How a stage trains, as `estimate_training` needs it (a training stage reads its options into this)."""
+
     micro_batch: int
     seq: int
     grad_accum: int = 1
@@ -309,22 +315,27 @@ def estimate_training(shape: Shape, t: Training, backend: Backend = Backend(), d
     base_w = lin * NF4_BYTES + (P - lin) * 2 if t.qlora else P * base_b
     T = shape.lora_params(t.lora_r, t.lora_targets) if t.lora else P
     train_b = (2 if ds16 else 4) if t.lora else base_b  # PEFT keeps adapters in fp32
-    weights = base_w + (T * train_b if t.lora else 0)
+    # Byte counts below are floats: sharding divides them; the parts are rounded to ints at the end.
+    weights: float = base_w + (T * train_b if t.lora else 0)
     mode = "pure16" if (base_b == 2 or t.qlora) else ("autocast" if t.precision in ("bf16", "fp16") else "fp32")
     n_states, state_b = OPTIMIZERS.get(t.optimizer, (2, None))
-    grads = T * train_b
+    grads: float = T * train_b
+    master: float
+    optim: float
     if ds16:
         master, optim = T * 4, T * n_states * 4
     else:
         master, optim = 0, T * n_states * (state_b or train_b)
-    ref = P * base_b if t.reference_copy else 0
+    ref: float = P * base_b if t.reference_copy else 0
 
     checkpointing = t.checkpointing or (backend.fsdp and backend.fsdp_checkpointing)
+    acts: float
     acts, loss = activation_bytes(shape, replace(t, checkpointing=checkpointing), mode)
     casts = 2 * (lin + shape.vocab * shape.hidden) if mode == "autocast" else 0
 
     # sharding and offload: which persistent terms each process holds, and which go to host RAM
-    world, host, host_parts, work, buckets = backend.world, 0, {}, 0, 0
+    world, host, work, buckets = backend.world, 0, 0, 0
+    host_parts: dict[str, int] = {}
     # accelerate shards with FSDP on GPUs only; on CPUs its processes train as plain data parallel
     sharded_fsdp = backend.kind == "accelerate" and backend.fsdp and backend.fsdp_strategy != "NO_SHARD" \
         and device == "cuda"
@@ -376,12 +387,12 @@ def estimate_training(shape: Shape, t: Training, backend: Backend = Backend(), d
     step = grads  # the Trainer's default AdamW is torch's fused one: no full-size scratch
     slack = SLACK[device] * max(forward, step)
     peak = runtime + buffers + persistent + max(forward, step) + slack
-    parts = {"runtime": runtime, "data and buffers": buffers, "weights": weights, "gradients": grads,
+    terms = {"runtime": runtime, "data and buffers": buffers, "weights": weights, "gradients": grads,
              "optimizer states": optim, "master weights (fp32)": master, "activations": acts,
              "loss (fused LM head)": loss, "bf16 weight copies (autocast)": casts, "reference model": ref,
              "DDP gradient buckets": ddp, "ZeRO buckets": buckets, "gathered layers": work,
              "offloaded (same RAM on CPU)": offloaded, "allocator slack": slack}
-    parts = {k: int(v) for k, v in parts.items() if v}
+    parts = {k: int(v) for k, v in terms.items() if v}
 
     if device == "cuda":
         # Loading happens in host RAM before the model moves to the GPU; each process also has its runtime.
@@ -580,15 +591,14 @@ def plan_stage(pipe: Any, spec: Any, backend: Backend, machine: Any) -> StagePla
         sp.note = f"no estimate for stage kind '{spec.uses}'"
         return sp
     sp.estimate, sp.shape, sp.training, sp.backend = est, est.shape, est.training, est.backend
-    _judge(sp, machine)
+    _judge(sp, est, machine)
     if sp.training is not None and sp.verdict != "fits":
         sp.suggestions = suggest(sp, machine)
     return sp
 
 
-def _limits(sp: StagePlan, machine) -> tuple[int, int | None, int]:
-    """(what one process may use at most, what it may use now, the node's RAM) for this stage."""
-    est, procs = sp.estimate, (sp.backend.procs_per_node if sp.backend else 1)
+def _limits(est: Estimate, procs: int, machine: Any) -> tuple[int, int | None, int]:
+    """(what one process may use at most, what it may use now, the node's RAM) for this estimate."""
     if est.device == "cuda" and machine.gpus:
         free = min((g["memory_free_bytes"] for g in machine.gpus if g["memory_free_bytes"] is not None),
                    default=None)
@@ -597,10 +607,10 @@ def _limits(sp: StagePlan, machine) -> tuple[int, int | None, int]:
     return machine.ram_total // procs, machine.ram_available // procs, machine.ram_total
 
 
-def _judge(sp: StagePlan, machine) -> None:
-    est = sp.estimate
-    sp.device_limit, sp.device_free, sp.host_limit = _limits(sp, machine)
+def _judge(sp: StagePlan, est: Estimate, machine: Any) -> None:
+    """Set the stage's limits, problems and verdict for its estimate `est` on this machine."""
     procs = sp.backend.procs_per_node if sp.backend else 1
+    sp.device_limit, sp.device_free, sp.host_limit = _limits(est, procs, machine)
     if est.peak > sp.device_limit:
         if est.device == "cuda":
             sp.problems.append(f"needs about {gib(est.peak)} GiB of GPU memory per process; the smallest GPU here "
@@ -620,56 +630,57 @@ def _judge(sp: StagePlan, machine) -> None:
         sp.verdict = "fits"
 
 
-def _variant(sp: StagePlan, machine, change: dict, text: str, t: Training | None = None,
-             b: Backend | None = None) -> Suggestion:
-    t, b = t or sp.training, b or sp.backend
-    device = sp.estimate.device
-    est = estimate_training(sp.shape, t, b, device)
-    probe = StagePlan(sp.name, sp.kind, est, sp.shape, t, b)
-    _judge(probe, machine)
-    return Suggestion(change, text, est.peak, est.host, not probe.problems)
+def suggest(sp: StagePlan, machine: Any) -> list[Suggestion]:
+    """Changes that lower the peak of a training stage (one whose estimate came with its `Training`),
+    each with its new estimate: the gentlest first."""
+    t, b, est, shape, n = sp.training, sp.backend, sp.estimate, sp.shape, sp.name
+    if t is None or b is None or est is None or shape is None:
+        return []
+    out: list[Suggestion] = []
 
+    def variant(change: dict[str, Any], text: str, t2: Training = t, b2: Backend = b) -> Suggestion:
+        new = estimate_training(shape, t2, b2, est.device)
+        probe = StagePlan(sp.name, sp.kind, new, shape, t2, b2)
+        _judge(probe, new, machine)
+        return Suggestion(change, text, new.peak, new.host, not probe.problems)
 
-def suggest(sp: StagePlan, machine) -> list[Suggestion]:
-    """Changes that lower the peak, each with its new estimate: the gentlest first."""
-    t, b, n, out = sp.training, sp.backend, sp.name, []
     if t.micro_batch > 1:
         mb = t.micro_batch
         while mb > 1:
             mb //= 2
             acc = math.ceil(t.grad_accum * t.micro_batch / mb)
-            s = _variant(sp, machine, {f"{n}.micro_batch_size": mb, f"{n}.gradient_accumulation": acc},
-                         f"micro_batch_size {mb} with gradient_accumulation {acc} (same batch per step)",
-                         replace(t, micro_batch=mb, grad_accum=acc))
+            s = variant({f"{n}.micro_batch_size": mb, f"{n}.gradient_accumulation": acc},
+                        f"micro_batch_size {mb} with gradient_accumulation {acc} (same batch per step)",
+                        replace(t, micro_batch=mb, grad_accum=acc))
             if s.fits or mb == 1:
                 out.append(s)
                 break
     if not t.checkpointing:
-        out.append(_variant(sp, machine, {f"{n}.gradient_checkpointing": True},
-                            "gradient_checkpointing (recompute activations; ~30% slower)",
-                            replace(t, checkpointing=True)))
+        out.append(variant({f"{n}.gradient_checkpointing": True},
+                           "gradient_checkpointing (recompute activations; ~30% slower)",
+                           replace(t, checkpointing=True)))
     if not t.lora:
-        out.append(_variant(sp, machine, {f"{n}.lora.enabled": True}, "LoRA r=16 instead of training every weight",
-                            replace(t, lora=True, lora_r=16, lora_dropout=0.05, reference_copy=False)))
-    if sp.estimate.device == "cuda" and not t.qlora:
-        out.append(_variant(sp, machine, {f"{n}.lora.enabled": True, f"{n}.lora.qlora": True},
-                            "QLoRA: the base in 4 bit, LoRA on top",
-                            replace(t, lora=True, qlora=True, lora_r=t.lora_r if t.lora else 16,
-                                    lora_dropout=0.05, reference_copy=False)))
-    if sp.estimate.device == "cuda":
+        out.append(variant({f"{n}.lora.enabled": True}, "LoRA r=16 instead of training every weight",
+                           replace(t, lora=True, lora_r=16, lora_dropout=0.05, reference_copy=False)))
+    if est.device == "cuda" and not t.qlora:
+        out.append(variant({f"{n}.lora.enabled": True, f"{n}.lora.qlora": True},
+                           "QLoRA: the base in 4 bit, LoRA on top",
+                           replace(t, lora=True, qlora=True, lora_r=t.lora_r if t.lora else 16,
+                                   lora_dropout=0.05, reference_copy=False)))
+    if est.device == "cuda":
         if b.world > 1 and not (b.kind == "deepspeed" and b.zero_stage >= 3):
-            out.append(_variant(sp, machine, {"backend.type": "deepspeed", "backend.deepspeed.zero_stage": 3},
-                                f"DeepSpeed ZeRO-3 over the {b.world} processes (weights, gradients and "
-                                f"optimizer states sharded)", b=replace(b, kind="deepspeed", zero_stage=3, fsdp=False)))
+            out.append(variant({"backend.type": "deepspeed", "backend.deepspeed.zero_stage": 3},
+                               f"DeepSpeed ZeRO-3 over the {b.world} processes (weights, gradients and "
+                               f"optimizer states sharded)", b2=replace(b, kind="deepspeed", zero_stage=3, fsdp=False)))
         if not (b.kind == "deepspeed" and b.offload_optimizer == "cpu"):
             stage = max(b.zero_stage if b.kind == "deepspeed" else 2, 2)
-            out.append(_variant(sp, machine, {"backend.type": "deepspeed", "backend.deepspeed.zero_stage": stage,
-                                              "backend.deepspeed.offload_optimizer": "cpu"},
-                                f"DeepSpeed ZeRO-{stage} with the optimizer offloaded to CPU RAM",
-                                b=replace(b, kind="deepspeed", zero_stage=stage, offload_optimizer="cpu", fsdp=False,
+            out.append(variant({"backend.type": "deepspeed", "backend.deepspeed.zero_stage": stage,
+                                "backend.deepspeed.offload_optimizer": "cpu"},
+                               f"DeepSpeed ZeRO-{stage} with the optimizer offloaded to CPU RAM",
+                               b2=replace(b, kind="deepspeed", zero_stage=stage, offload_optimizer="cpu", fsdp=False,
                                           procs_per_node=b.procs_per_node, nodes=b.nodes)))
     # LoRA's dropout copies can outweigh the gradients and optimizer states it saves: keep what helps.
-    out = [s for s in out if s.peak < sp.estimate.peak]
+    out = [s for s in out if s.peak < est.peak]
     # Everything gentle at once, when no single change is enough.
     if not any(s.fits for s in out) and (t.micro_batch > 1 or not t.checkpointing or not t.lora):
         both = replace(t, micro_batch=1, grad_accum=t.grad_accum * t.micro_batch, checkpointing=True,
@@ -677,14 +688,14 @@ def suggest(sp: StagePlan, machine) -> list[Suggestion]:
                        lora_dropout=t.lora_dropout if t.lora else 0.05)
         change = {f"{n}.micro_batch_size": 1, f"{n}.gradient_accumulation": both.grad_accum,
                   f"{n}.gradient_checkpointing": True, f"{n}.lora.enabled": True}
-        out.append(_variant(sp, machine, change, "all of: micro_batch_size 1, gradient checkpointing, LoRA", both))
-        if not out[-1].fits and sp.estimate.device == "cuda" and not t.qlora:
-            out.append(_variant(sp, machine, {**change, f"{n}.lora.qlora": True},
-                                "all of: micro_batch_size 1, gradient checkpointing, QLoRA", replace(both, qlora=True)))
+        out.append(variant(change, "all of: micro_batch_size 1, gradient checkpointing, LoRA", both))
+        if not out[-1].fits and est.device == "cuda" and not t.qlora:
+            out.append(variant({**change, f"{n}.lora.qlora": True},
+                               "all of: micro_batch_size 1, gradient checkpointing, QLoRA", replace(both, qlora=True)))
     return out
 
 
-def plan(pipe, machine=None, only: list[str] | None = None) -> Plan:
+def plan(pipe: Any, machine: Any = None, only: list[str] | None = None) -> Plan:
     """Estimate every stage of a validated pipeline (or those named in `only`) against this machine."""
     from llmforge.hardware import machine as probe
 
