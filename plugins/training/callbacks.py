@@ -74,7 +74,7 @@ class ForgeCallback(TrainerCallback):
         stop = self.ctx.should_stop()
         checkpoint = not stop and self.ctx.checkpoint_requested()
         # Rank 0's clock decides time-based saves, so that the ranks never disagree by a step.
-        timed = bool(self.save_seconds) and self.ctx.rank == 0 and \
+        timed = self.save_seconds is not None and self.ctx.rank == 0 and \
             time.monotonic() - self.last_save >= self.save_seconds
         stop, checkpoint, timed = dist.agree([stop, checkpoint, timed])
         if stop:

@@ -204,7 +204,8 @@ def lora_config(lora: LoraOptions) -> Any:
     """PEFT's LoraConfig for the stage's `lora` options."""
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    # PEFT annotates lora_alpha as int but computes the scale as alpha / r: a float alpha works as given.
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,  # type: ignore[arg-type]
                       target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
 
@@ -221,7 +222,7 @@ def counting(base: type) -> type:
     """A subclass of trainer class `base` that counts useful tokens (those with a label) and samples per
     step, for the throughput metrics ForgeCallback reports."""
 
-    class Counting(base):  # type: ignore[valid-type,misc]
+    class Counting(base):
         useful_tokens = 0
         samples_seen = 0
 

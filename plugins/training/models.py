@@ -11,6 +11,7 @@ import torch
 from llmforge.errors import DataError, UsageError
 from llmforge_plugins.training.presets import PRESETS  # noqa: F401 - the stage's sizes (its plan reads them too)
 
+
 def train_tokenizer(texts, vocab_size: int, template, min_frequency: int = 2):
     """A byte-level BPE tokenizer trained on `texts`, reserving the template's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
