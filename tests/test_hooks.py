@@ -56,6 +56,7 @@ HOOK_TESTS = {
     "register_merge_methods": ["test_register_merge_methods_adds_a_merge_method"],
     "register_backends": ["test_register_backends_backend_launches_its_stages"],
     "register_curation_steps": ["test_register_curation_steps_adds_a_step"],
+    "register_chat_engines": ["test_register_chat_engines_adds_an_engine_to_llmforge_chat"],
     "extension_points": ["test_extension_points_adds_a_table_that_plugins_fill"],
 }
 
@@ -440,6 +441,18 @@ def test_register_merge_methods_adds_a_merge_method(probe, tmp_path):
     # without the plugin, the method does not exist
     missing = run_cli("merge", str(tmp_path / "none"), "--method", "probe_max", "--model", str(tmp_path / "a"))
     assert missing.returncode == 2 and "unknown merge method 'probe_max'" in missing.stderr
+
+
+def test_register_chat_engines_adds_an_engine_to_llmforge_chat(probe, tmp_path):
+    model = tmp_path / "m.probe"
+    model.write_text("probe model")
+    said = run_cli("chat", str(model), "-p", "hello there", plugins=[probe])
+    assert said.returncode == 0, said.stderr
+    assert said.stdout.strip() == "echo: hello there"  # the core's loop ran the plugin's engine to its stop token
+    # without the plugin, no engine opens the file; the installed ones say what they open
+    missing = run_cli("chat", str(model), "-p", "hello")
+    assert missing.returncode == 2 and "m.probe: not a model directory; not a GGUF file" in missing.stderr
+    assert "give an HF model or adapter directory or a .gguf file" in missing.stderr, missing.stderr
 
 
 def test_register_backends_backend_launches_its_stages(probe, project):
