@@ -1,6 +1,22 @@
 """Executes a pipeline into the run store: cache checks, one stage after another, events, resume.
 
 The runner is UI-free: the CLI passes listeners that render events, the TUI reads events.jsonl.
+
+One call of `run_pipeline` is one *attempt* of a run: a new run, or `--resume` continuing an interrupted
+one in the same folder. The attempt opens the run (taking its lock), writes the manifest, then walks the
+stages in pipeline order; for each it decides, in this order (see the loop for why):
+
+1. not selected (--stage): keep its earlier result if there is one, else mark it skipped;
+2. an input stage has no result: blocked;
+3. finished in this very run before the interruption, with the same key: reused;
+4. finished in an earlier run with the same cache key, artifacts still on disk: reused (cached), unless
+   forced (--force, --from);
+5. else run it, from its checkpoints when this run was interrupted in it with the same key.
+
+A stop (Ctrl-C, SIGTERM, `llmforge stop`, a stop.request) never kills a stage: it sets a flag the stage
+polls (`ctx.should_stop()`); the stage saves and returns, is recorded `stopped`, and the run ends with
+exit code 130 before the next stage. The manifest is rewritten atomically after each change, so a
+killed writer leaves a manifest that says where it was (`running`, read as `killed`).
 """
 
 from __future__ import annotations
@@ -15,26 +31,42 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from llmforge import __version__
 from llmforge.backend import build_backend
-from llmforge.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ForgeError, LockedError,
-                             UsageError)
-from llmforge.events import EventWriter
+from llmforge.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ForgeError, LockedError, UsageError
+from llmforge.events import EventWriter, Listener
 from llmforge.hardware import snapshot
 from llmforge.pipeline import Pipeline, compute_keys, resolve_options
 from llmforge.planning import fit_check
-from llmforge.runs import (CHECKPOINT_REQUEST, EVENTS, MANIFEST, STOP_REQUEST, RunInfo, RunLock, RunStore,
-                           atomic_write_json, lock_is_live, read_lock, watch_requests)
+from llmforge.runs import (
+    CHECKPOINT_REQUEST,
+    EVENTS,
+    STOP_REQUEST,
+    Manifest,
+    RunInfo,
+    RunLock,
+    RunStore,
+    StageRecord,
+    lock_is_live,
+    read_lock,
+    watch_requests,
+)
 from llmforge.schema import did_you_mean
 from llmforge.stage import Artifact, StageContext
+from llmforge.status import FINISHED, INTERRUPTED, LIVE, Status
 
-FINISHED = ("done", "cached")
-INTERRUPTED = ("stopped", "failed", "killed", "running")
+if TYPE_CHECKING:
+    from llmforge.backend import Backend
+    from llmforge.config import ForgeConfig
+    from llmforge.pipeline import StageSpec
+    from llmforge.plugins import Registry
+
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "llama_cpp_python", "gguf",
              "pluggy", "pydantic")
 
@@ -49,7 +81,7 @@ class RunRequest:
     # The fit check (llmforge.planning.fit_check), made before any run folder exists: "check" refuses a
     # selected stage whose estimate clearly exceeds this machine (exit code 2); "skip" (--no-fit-check) starts.
     fit: Literal["check", "skip"] = "check"
-    listeners: list[Callable[[dict], None]] = field(default_factory=list)
+    listeners: list[Listener] = field(default_factory=list)  # each gets every event dict as it is written
 
     @property
     def selection(self) -> dict:
@@ -64,12 +96,43 @@ class RunRequest:
 class RunResult:
     run_id: str
     run_dir: Path
-    status: str
+    status: Status
     exit_code: int
-    stages: dict
+    stages: dict[str, dict[str, Any]]  # the manifest's stages, as manifest.json holds them
 
 
-def versions() -> dict:
+@dataclass
+class RunSession:
+    """One attempt of a run, as each of its stages is run in it: what `_run_stage` needs besides the
+    stage itself. `artifacts` grows as stages finish (stage name -> kind -> Artifact): a stage's inputs
+    are looked up there, so only results of this attempt (run, reused or cached) feed later stages."""
+
+    pipe: Pipeline
+    registry: Registry
+    store: RunStore
+    run_dir: Path
+    manifest: Manifest
+    events: EventWriter
+    stop: _StopFlag
+    backend: Backend | None = None
+    artifacts: dict[str, dict[str, Artifact]] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.name
+
+    @property
+    def config(self) -> ForgeConfig:
+        return self.pipe.config
+
+    def save(self) -> None:
+        """Write the manifest now: after every status change, so a killed writer leaves it accurate."""
+        self.manifest.save(self.run_dir)
+
+
+def versions() -> dict[str, str]:
+    """The versions the manifest records: Python, llmforge and the libraries a result may depend on
+    (read from package metadata, never imported: torch costs seconds)."""
     out = {"python": sys.version.split()[0], "llmforge": __version__}
     for name in LIBRARIES:
         try:
@@ -104,7 +167,9 @@ class _StopFlag:
         if what == STOP_REQUEST:
             self.requested = True
 
-    def on_signal(self, signum, frame) -> None:  # noqa: ARG002
+    def on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        # A signal only sets the flag: raising here would land anywhere in the stage (half-way through a
+        # checkpoint save, say). The stage sees it at its next should_stop() and saves before returning.
         self.signals += 1
         self.signalled = True
         if self.signals >= 3:  # third time: the user really wants out now
@@ -112,6 +177,8 @@ class _StopFlag:
 
 
 def _checkpoint_check(run_dir: Path) -> Callable[[], bool]:
+    """ctx.checkpoint_requested(): True once per `llmforge checkpoint` (the request file is consumed)."""
+
     def check() -> bool:
         req = run_dir / CHECKPOINT_REQUEST
         if req.exists():
@@ -123,7 +190,10 @@ def _checkpoint_check(run_dir: Path) -> Callable[[], bool]:
 
 
 def _select(pipe: Pipeline, req: RunRequest) -> tuple[set[str], set[str]]:
-    """(stages to consider, stages forced to re-run)."""
+    """(stages to consider, stages forced to re-run).
+
+    --stage X selects X and what it needs (upstream): those run only if their result is not cached.
+    --from X forces X and everything downstream of it, since their inputs change with it."""
     names = pipe.names
     for n in [*req.only, *([req.from_stage] if req.from_stage else [])]:
         if n not in names:
@@ -139,20 +209,26 @@ def _select(pipe: Pipeline, req: RunRequest) -> tuple[set[str], set[str]]:
     return selected, forced
 
 
-def _find_cached(store: RunStore, name: str, key: str, skip: str) -> tuple[RunInfo, dict] | None:
-    """The most recent finished stage with this key whose artifacts still exist."""
+def _find_cached(store: RunStore, name: str, key: str, skip: str) -> tuple[RunInfo, StageRecord] | None:
+    """The most recent finished stage with this key whose artifacts still exist.
+
+    The key covers the stage's kind and version, its options, its inputs' keys and the libraries it
+    names, so an equal key means the same result; any run of any config in the runs folder may supply
+    it. Artifacts deleted since (a user cleaning up) make that run no source."""
     for run in reversed(store.list()):
         if run.id == skip:
             continue
-        st = run.manifest.get("stages", {}).get(name)
-        if st and st.get("key") == key and st.get("status") in FINISHED:
-            arts = st.get("artifacts", {})
-            if all(Path(a["path"]).exists() for a in arts.values()):
-                return run, st
+        st = run.record.stages.get(name)
+        if st and st.key == key and st.status in FINISHED and _artifacts_exist(st):
+            return run, st
     return None
 
 
-def find_resumable(store: RunStore, cfg, ref: str | None) -> RunInfo:
+def _artifacts_exist(st: StageRecord) -> bool:
+    return all(Path(a["path"]).exists() for a in st.artifacts.values())
+
+
+def find_resumable(store: RunStore, cfg: ForgeConfig, ref: str | None) -> RunInfo:
     """The run `--resume` continues: the named one, else the last interrupted run of this config."""
     if ref:
         run = store.get(ref)
@@ -162,12 +238,15 @@ def find_resumable(store: RunStore, cfg, ref: str | None) -> RunInfo:
             raise UsageError("nothing to resume: no interrupted run of this forge.toml",
                              hint="start a new one with `llmforge run`")
         run = candidates[-1]
-    if run.status == "done":
+    if run.status == Status.DONE:
         raise UsageError(f"run {run.id} has finished; nothing to resume")
     return run
 
 
-def _open_run(pipe: Pipeline, store: RunStore, req: RunRequest, emit_note: list[str]) -> tuple[Path, RunLock, dict]:
+def _open_run(pipe: Pipeline, store: RunStore, req: RunRequest,
+              emit_note: list[str]) -> tuple[Path, RunLock, Manifest | None]:
+    """The run folder this attempt writes, its lock (held), and the manifest of the attempt it
+    continues (None for a new run)."""
     cfg_path = str(pipe.config.path)
     same_config = [r for r in store.list() if r.config_path == cfg_path]
     if req.resume:
@@ -175,7 +254,7 @@ def _open_run(pipe: Pipeline, store: RunStore, req: RunRequest, emit_note: list[
         lock = RunLock(run.dir)
         if lock.acquire():
             emit_note.append(f"took over the stale lock of run {run.id}")
-        return run.dir, lock, dict(run.manifest)
+        return run.dir, lock, run.record
 
     for run in same_config:
         info = read_lock(run.dir)
@@ -183,16 +262,17 @@ def _open_run(pipe: Pipeline, store: RunStore, req: RunRequest, emit_note: list[
             raise LockedError(f"run {run.id} of this forge.toml is still running (pid {info.get('pid')})",
                               hint=f"follow it with `llmforge logs {run.id} -f` or stop it with "
                                    f"`llmforge stop {run.id}`")
-        if run.manifest.get("status") in ("running", "starting"):
-            # Its writer died (SIGKILL, power loss): take its stale lock and record that.
+        if run.record.status in LIVE:
+            # Its writer died (SIGKILL, power loss): take its stale lock and record that, so the manifest
+            # no longer claims a live run and `--resume` finds it as an interrupted one.
             lock = RunLock(run.dir)
             try:
                 lock.acquire()
             except LockedError:
                 continue
             try:
-                run.manifest["status"] = "killed"
-                atomic_write_json(run.dir / MANIFEST, run.manifest)
+                run.record.status = Status.KILLED
+                run.record.save(run.dir)
                 emit_note.append(f"run {run.id} was killed; took over its stale lock and marked it killed "
                                  f"(`llmforge run --resume` continues it)")
             finally:
@@ -200,14 +280,15 @@ def _open_run(pipe: Pipeline, store: RunStore, req: RunRequest, emit_note: list[
     run_dir = store.create(req.run_ref)
     lock = RunLock(run_dir)
     lock.acquire()
-    return run_dir, lock, {}
+    return run_dir, lock, None
 
 
-def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -> RunResult:
-    from llmforge.plugins import get_registry
-
+def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, *, registry: Registry) -> RunResult:
+    """Run one attempt of `pipe` into its runs folder (a new run, or `req.resume` continuing one) and say
+    how it ended. A stage's failure or a stop is recorded and returned, not raised; a bad request (an
+    unknown --stage, nothing to resume, a live run of this config, a stage that cannot fit this machine)
+    raises a ForgeError before any stage runs."""
     req = req or RunRequest()
-    registry = registry or get_registry()
     cfg = pipe.config
     store = RunStore(cfg.runs_dir)
     selected, forced = _select(pipe, req)  # a bad --stage/--from is refused before any run folder exists
@@ -217,11 +298,11 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
     info_notes: list[str] = []
     run_dir, lock, previous = _open_run(pipe, store, req, notes)
     run_id = run_dir.name
-    if req.resume and not req.has_selection() and previous.get("selection"):
+    if req.resume and not req.has_selection() and previous is not None and previous.selection:
         # `--resume` alone continues the interrupted attempt as it was asked for: without its recorded
         # --stage/--from/--force, a forced stage would be taken from the cache (the result it was forced
         # to replace) and its checkpoint never used. A selection given with --resume replaces it.
-        rec = previous["selection"]
+        rec = previous.selection
         req = replace(req, only=list(rec.get("stages") or []), from_stage=rec.get("from"),
                       force=bool(rec.get("force")))
         try:
@@ -233,42 +314,33 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
                 from None
         info_notes.append(f"resuming with the selection of run {run_id}: {_selection_args(req)}")
     keys = compute_keys(pipe, registry)
+    # Requests left by an earlier attempt (a stop that came after it ended) must not stop this one.
     for name in (STOP_REQUEST, CHECKPOINT_REQUEST):
         (run_dir / name).unlink(missing_ok=True)
 
-    manifest = {
-        "id": run_id,
-        "created": previous.get("created", time.time()),
-        "config_path": str(cfg.path),
-        "project": cfg.name,
-        "config": cfg.raw,
-        "status": "running",
-        "pid": os.getpid(),
-        "exit_code": None,
-        "versions": versions(),
-        "hardware": snapshot(cfg.runs_dir),
-        "resumed": previous.get("resumed", []) + ([time.time()] if req.resume else []),
-        "selection": req.selection,
-        "stages": {},
-    }
-    old_stages = previous.get("stages", {})
+    old_stages = previous.stages if previous is not None else {}
+    manifest = Manifest(
+        id=run_id, created=previous.created if previous is not None and previous.created else time.time(),
+        config_path=str(cfg.path), project=cfg.name, config=cfg.raw, status=Status.RUNNING, pid=os.getpid(),
+        versions=versions(), hardware=snapshot(cfg.runs_dir),
+        resumed=(previous.resumed if previous is not None else []) + ([time.time()] if req.resume else []),
+        selection=req.selection,
+        # A resumed run keeps what its stages recorded (status, artifacts, info): the loop below decides,
+        # stage by stage, whether that still holds.
+        stages={spec.name: replace(old_stages.get(spec.name) or StageRecord(), uses=spec.uses, key=keys[spec.name])
+                for spec in pipe.stages},
+    )
     # What this run's stages were computed from before (on --resume): a changed key invalidates them.
-    prev_keys = {name: st.get("key") for name, st in old_stages.items()}
-    for spec in pipe.stages:
-        old = old_stages.get(spec.name, {})
-        manifest["stages"][spec.name] = {**old, "uses": spec.uses, "key": keys[spec.name],
-                                         "status": old.get("status", "pending")}
-
-    def save() -> None:
-        atomic_write_json(run_dir / MANIFEST, manifest)
-
-    save()
+    prev_keys = {name: st.key for name, st in old_stages.items()}
+    manifest.save(run_dir)
     backend = build_backend(cfg, registry)
     tracker_notes: list[str] = []
     trackers = _start_trackers(cfg, run_dir, registry, tracker_notes)
     events = EventWriter(run_dir / EVENTS, run_id,
                          listeners=[*req.listeners, *_observers(registry, run_dir), *(t.on_event for t in trackers)])
     stop = _StopFlag(run_dir)
+    session = RunSession(pipe=pipe, registry=registry, store=store, run_dir=run_dir, manifest=manifest,
+                         events=events, stop=stop, backend=backend)
     restore = _install_signals(stop)
     unwatch = watch_requests(run_dir, stop.on_request)
     registry.pm.hook.configure.call_historic(kwargs={"config": cfg})
@@ -282,53 +354,57 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
     if not req.resume:
         _hint_interrupted(store, cfg, run_id, events)
 
-    artifacts: dict[str, dict[str, Artifact]] = {}
-    status, exit_code = "done", EXIT_OK
+    artifacts = session.artifacts
+    status, exit_code = Status.DONE, EXIT_OK
     try:
         for spec in pipe.stages:
-            st = manifest["stages"][spec.name]
+            st = manifest.stages[spec.name]
             key = keys[spec.name]
             same_key = prev_keys.get(spec.name) == key
             if spec.name not in selected:
-                if st["status"] in FINISHED and same_key:
+                # Not asked for (--stage): a result it has from before in this run still feeds the selected
+                # stages downstream; without one it is skipped, and what needs it is blocked.
+                if st.status in FINISHED and same_key:
                     artifacts[spec.name] = _artifacts_of(st, spec.name)
                 else:
-                    st["status"] = "skipped"
+                    st.status = Status.SKIPPED
                 continue
+            # A stop is honoured between stages too: the next stage does not start.
             if stop():
-                status, exit_code = "stopped", EXIT_INTERRUPTED
+                status, exit_code = Status.STOPPED, EXIT_INTERRUPTED
                 break
             blocked = [d for d in pipe.deps[spec.name] if d not in artifacts]
             if blocked:
-                st["status"] = "blocked"
-                events.emit("stage_end", stage=spec.name, status="blocked", reason=f"needs {', '.join(blocked)}")
+                st.status = Status.BLOCKED
+                events.emit("stage_end", stage=spec.name, status=Status.BLOCKED, reason=f"needs {', '.join(blocked)}")
                 continue
 
             # 1. Finished in this very run before it was interrupted (only a resume has earlier statuses):
             # reuse it. A forced stage too when it ran here ("done"): the attempt being continued already
             # re-ran it; "cached" means it did not, so a forced one still runs.
-            reusable = ("done",) if spec.name in forced else FINISHED
-            if st["status"] in reusable and same_key and \
-                    all(Path(a["path"]).exists() for a in st.get("artifacts", {}).values()):
+            reusable = {Status.DONE} if spec.name in forced else FINISHED
+            if st.status in reusable and same_key and _artifacts_exist(st):
                 artifacts[spec.name] = _artifacts_of(st, spec.name)
-                events.emit("stage_cached", stage=spec.name, from_run=st.get("cached_from", run_id))
+                events.emit("stage_cached", stage=spec.name, from_run=st.cached_from or run_id)
                 continue
             # 2. Finished in an earlier run with the same key: reuse, unless forced.
             if spec.name not in forced:
                 hit = _find_cached(store, spec.name, key, skip=run_id)
                 if hit is not None:
                     src_run, src = hit
-                    st.update(status="cached", cached_from=src.get("cached_from", src_run.id),
-                              artifacts=src.get("artifacts", {}), duration=0.0, error=None,
-                              info=src.get("info", {}))
+                    # `cached_from` names the run that computed it, never a run that itself took it from
+                    # the cache, so following it leads to the stage's logs and checkpoints.
+                    st.status, st.cached_from = Status.CACHED, src.cached_from or src_run.id
+                    st.artifacts, st.duration, st.error, st.info = dict(src.artifacts), 0.0, None, dict(src.info)
                     artifacts[spec.name] = _artifacts_of(st, spec.name)
-                    save()
-                    events.emit("stage_cached", stage=spec.name, from_run=st["cached_from"])
+                    session.save()
+                    events.emit("stage_cached", stage=spec.name, from_run=st.cached_from)
                     continue
 
             # 3. Run it: from its checkpoints when this run was interrupted in it with the same key.
-            resume = req.resume and st.get("status") in INTERRUPTED and same_key
-            if req.resume and st.get("status") in INTERRUPTED and not same_key:
+            # "running" counts as interrupted: a writer that died mid-stage could not record anything else.
+            resume = req.resume and st.status in INTERRUPTED and same_key
+            if req.resume and st.status in INTERRUPTED and not same_key:
                 events.emit("log", stage=spec.name, level="warning",
                             message=f"stage {spec.name} changed since it was interrupted (options or inputs): "
                                     f"its checkpoints do not apply, it starts afresh")
@@ -337,24 +413,27 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
                 shutil.rmtree(stage_dir)  # a different key or a forced re-run: old checkpoints don't apply
             stage_dir.mkdir(parents=True, exist_ok=True)
             store.clean_tmp(stage_dir)
-            outcome, code = _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resume,
-                                       st, events, stop, cfg, save, backend)
-            if outcome == "done":
+            outcome, code = _run_stage(session, spec, stage_dir, resume)
+            if outcome == Status.DONE:
                 continue
+            # A stopped or failed stage ends the run: what follows would need its result, and a stop
+            # means "stop now, resume later", not "skip this one".
             status, exit_code = outcome, code
             break
     except KeyboardInterrupt:
-        status, exit_code = "stopped", EXIT_INTERRUPTED
+        status, exit_code = Status.STOPPED, EXIT_INTERRUPTED
     finally:
-        for spec in pipe.stages:
-            if manifest["stages"][spec.name]["status"] == "running":
-                manifest["stages"][spec.name]["status"] = "stopped"
-        manifest["status"] = status
-        manifest["exit_code"] = exit_code
-        manifest["finished"] = time.time()
-        save()
+        # Whatever happened, the manifest and the events end consistent: no stage left "running", a
+        # run_end event, the lock and any pending request removed.
+        for st in manifest.stages.values():
+            if st.status == Status.RUNNING:
+                st.status = Status.STOPPED
+        manifest.status = status
+        manifest.exit_code = exit_code
+        manifest.finished = time.time()
+        session.save()
         events.emit("run_end", status=status, exit_code=exit_code,
-                    stages={n: s["status"] for n, s in manifest["stages"].items()})
+                    stages={n: s.status for n, s in manifest.stages.items()})
         events.close()
         for tracker in trackers:
             try:
@@ -366,10 +445,10 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, registry=None) -
         for name in (STOP_REQUEST, CHECKPOINT_REQUEST):
             (run_dir / name).unlink(missing_ok=True)
         lock.release()
-    return RunResult(run_id, run_dir, status, exit_code, manifest["stages"])
+    return RunResult(run_id, run_dir, status, exit_code, manifest.to_dict()["stages"])
 
 
-def _start_trackers(cfg, run_dir: Path, registry, notes: list[str]) -> list:
+def _start_trackers(cfg: ForgeConfig, run_dir: Path, registry: Registry, notes: list[str]) -> list[Any]:
     """The trackers enabled in [trackers]; one that cannot start is skipped, with a warning event."""
     out = []
     for name, options in cfg.trackers.items():
@@ -380,92 +459,108 @@ def _start_trackers(cfg, run_dir: Path, registry, notes: list[str]) -> list:
     return out
 
 
-def _observers(registry, run_dir: Path) -> list[Callable[[dict], None]]:
+def _observers(registry: Registry, run_dir: Path) -> list[Listener]:
     """One listener per on_event implementation: a failing observer is disabled alone. Each gets the
     arguments it names, so implementations written before `run_dir` existed keep working."""
-    out = []
-    for impl in reversed(registry.pm.hook.on_event.get_hookimpls()):
-        def listener(event: dict, _f=impl.function, _names=tuple(impl.argnames)) -> None:
-            offered = {"event": event, "run_dir": run_dir}
-            _f(**{k: v for k, v in offered.items() if k in _names})
-
-        listener.__name__ = f"on_event of plugin {impl.plugin_name}"
-        out.append(listener)
-    return out
+    return [_observer(impl, run_dir) for impl in reversed(registry.pm.hook.on_event.get_hookimpls())]
 
 
-def _artifacts_of(st: dict, stage: str) -> dict[str, Artifact]:
-    return {k: Artifact(kind=k, path=Path(a["path"]), stage=stage, key=st.get("key"))
-            for k, a in st.get("artifacts", {}).items()}
+def _observer(impl: Any, run_dir: Path) -> Listener:
+    function, names = impl.function, tuple(impl.argnames)
+
+    def listener(event: dict) -> None:
+        offered = {"event": event, "run_dir": run_dir}
+        function(**{k: v for k, v in offered.items() if k in names})
+
+    listener.__name__ = f"on_event of plugin {impl.plugin_name}"
+    return listener
 
 
-def _run_stage(spec, pipe, registry, artifacts, run_id, run_dir, stage_dir, resume, st, events, stop, cfg, save,
-               backend=None):
-    inputs = {}
+def _artifacts_of(st: StageRecord, stage: str) -> dict[str, Artifact]:
+    return {k: Artifact(kind=k, path=Path(a["path"]), stage=stage, key=st.key) for k, a in st.artifacts.items()}
+
+
+def _run_stage(session: RunSession, spec: StageSpec, stage_dir: Path, resume: bool) -> tuple[Status, int]:
+    """Run one stage to its end and record it: (its status, the run's exit code if it ends the run).
+
+    The stage's inputs come from `session.artifacts`; what it publishes through ``ctx.artifact`` is
+    recorded in the manifest and added there when it ends `done`."""
+    pipe, events, stop, st = session.pipe, session.events, session.stop, session.manifest.stages[spec.name]
+    inputs: dict[str, Artifact] = {}
     for u in pipe.inputs[spec.name]:
-        if u.ref_stage:
-            inputs[u.key] = artifacts[u.ref_stage][u.ref_kind]
-        else:
+        if u.ref_stage and u.ref_kind:  # the pipeline resolved "@stage" to the kind it reads
+            inputs[u.key] = session.artifacts[u.ref_stage][u.ref_kind]
+        elif u.path is not None:
             inputs[u.key] = Artifact(kind="path", path=u.path)
     options = resolve_options(spec, pipe.inputs[spec.name], inputs)
+    cfg = session.config
     ctx = StageContext(
-        stage_name=spec.name, run_id=run_id, run_dir=run_dir, stage_dir=stage_dir, inputs=inputs,
+        stage_name=spec.name, run_id=session.run_id, run_dir=session.run_dir, stage_dir=stage_dir, inputs=inputs,
         emit=functools.partial(_emit_in_stage, events, spec.name), stop_check=stop,
-        checkpoint_check=_checkpoint_check(run_dir), resume=resume, seed=cfg.project.seed,
-        project_dir=cfg.project_dir, backend=backend,
+        checkpoint_check=_checkpoint_check(session.run_dir), resume=resume, seed=cfg.project.seed,
+        project_dir=cfg.project_dir, backend=session.backend, registry=session.registry,
     )
     started = time.time()
-    st.update(status="running", started=started, error=None, artifacts={})
-    st.pop("cached_from", None)
-    save()
-    events.emit("stage_start", stage=spec.name, uses=spec.uses, key=st["key"], resume=resume)
-    outcome, code, error = "done", EXIT_OK, None
+    st.status, st.started, st.error, st.artifacts, st.cached_from = Status.RUNNING, started, None, {}, None
+    session.save()  # "running" on disk first: a writer killed from here on is seen as killed in this stage
+    events.emit("stage_start", stage=spec.name, uses=spec.uses, key=st.key, resume=resume)
+    outcome, code, error = Status.DONE, EXIT_OK, None
     try:
         with _warnings_to_events(ctx):
-            handled = registry.pm.hook.execute_stage(stage=spec.cls(), options=options, ctx=ctx)
+            handled = session.registry.pm.hook.execute_stage(stage=spec.cls(), options=options, ctx=ctx)
         if handled is None:
             raise ForgeError(f"no plugin executed stage kind '{spec.uses}'")
+        # What the stage says it produced (Stage.run's return, passed on by execute_stage) must be what
+        # it published: an artifact written anywhere but through ctx.artifact() is not atomic, and
+        # nothing would clean it up after a crash.
+        if isinstance(handled, Mapping):
+            stray = [k for k in handled if k not in ctx.published]
+            if stray:
+                raise ForgeError(f"stage kind '{spec.uses}' returned {', '.join(map(str, stray))} "
+                                 f"without publishing it through ctx.artifact()")
         missing = [k for k in spec.cls().outputs(options) if k not in ctx.published]
         # A stage is stopped when it saw the stop (ctx.should_stop() said so and it returned early). A stop
         # it never looked at, because it came while the outputs were being written, is deferred: the stage
         # finished and published everything, so it is done, and the run stops before the next stage.
         # A stage that returned without its outputs while a stop was pending was stopped, not broken.
         if ctx.stop_seen or (missing and stop()):
-            outcome, code = "stopped", EXIT_INTERRUPTED
+            outcome, code = Status.STOPPED, EXIT_INTERRUPTED
         elif missing:
             raise ForgeError(f"stage kind '{spec.uses}' declares it produces {', '.join(missing)} "
                              f"but did not write it")
     except KeyboardInterrupt:
-        outcome, code, error = "stopped", EXIT_INTERRUPTED, "interrupted"
+        outcome, code, error = Status.STOPPED, EXIT_INTERRUPTED, "interrupted"
     except ForgeError as exc:
-        outcome, code, error = "failed", exc.exit_code, exc.render()
+        outcome, code, error = Status.FAILED, exc.exit_code, exc.render()
     except Exception as exc:  # noqa: BLE001 - the run records the failure; the CLI shows it
-        outcome, code, error = "failed", EXIT_FAILED, f"{type(exc).__name__}: {exc}"
+        outcome, code, error = Status.FAILED, EXIT_FAILED, f"{type(exc).__name__}: {exc}"
         (stage_dir / "error.log").write_text(traceback.format_exc())
-    if outcome != "done":
+    if outcome != Status.DONE:
         # Never a stopped or failed stage with a published artifact: what it did publish (the first of
         # two, say) is removed, so nothing downstream, no cache lookup and no resume takes it for a result.
         for art in ctx.published.values():
             shutil.rmtree(art.path, ignore_errors=True)
         ctx.published.clear()
-    st.update(status=outcome, ended=time.time(), duration=round(time.time() - started, 3), error=error,
-              artifacts={k: {"kind": a.kind, "path": str(a.path)} for k, a in ctx.published.items()})
+    st.status, st.ended, st.duration, st.error = outcome, time.time(), round(time.time() - started, 3), error
+    st.artifacts = {k: {"kind": a.kind, "path": str(a.path)} for k, a in ctx.published.items()}
     if ctx.info:
-        st["info"] = ctx.info
-    if outcome == "done":
-        artifacts[spec.name] = {k: Artifact(k, a.path, spec.name, st["key"]) for k, a in ctx.published.items()}
-    save()
+        st.info = ctx.info
+    if outcome == Status.DONE:
+        session.artifacts[spec.name] = {k: Artifact(k, a.path, spec.name, st.key) for k, a in ctx.published.items()}
+    session.save()
     extra = {"error": error} if error else {}
-    if outcome == "failed" and code == EXIT_FAILED and (stage_dir / "error.log").exists():
+    if outcome == Status.FAILED and code == EXIT_FAILED and (stage_dir / "error.log").exists():
         extra["traceback_file"] = str(stage_dir / "error.log")
-    events.emit("stage_end", stage=spec.name, status=outcome, duration=st["duration"], **extra)
-    if outcome == "failed" and code not in (EXIT_FAILED, EXIT_BAD_INPUT):
+    events.emit("stage_end", stage=spec.name, status=outcome, duration=st.duration, **extra)
+    # A failure is exit code 1, or 2 when the stage found its input bad; any other code a ForgeError
+    # carries (a stop's 130, say) would misreport a failed run.
+    if outcome == Status.FAILED and code not in (EXIT_FAILED, EXIT_BAD_INPUT):
         code = EXIT_FAILED
     return outcome, code
 
 
 @contextlib.contextmanager
-def _warnings_to_events(ctx):
+def _warnings_to_events(ctx: StageContext) -> Iterator[None]:
     """Python warnings raised inside a stage (libraries are chatty) become one log event each, once.
     Library chatter (their deprecation warnings and routine log lines) becomes a debug event: in the
     run's events, not in the user's face (see llmforge/chatter.py)."""
@@ -496,13 +591,13 @@ def _selection_args(req: RunRequest) -> str:
     return " ".join(parts + (["--force"] if req.force else [])) or "no selection"
 
 
-def _hint_interrupted(store: RunStore, cfg, run_id: str, events: EventWriter) -> None:
+def _hint_interrupted(store: RunStore, cfg: ForgeConfig, run_id: str, events: EventWriter) -> None:
     """Never restart silently: say when an earlier run of this config could be resumed instead."""
     for run in reversed(store.list()):
         if run.id == run_id or run.config_path != str(cfg.path):
             continue
-        if run.status in ("stopped", "killed", "failed"):
-            stuck = [n for n, s in run.manifest.get("stages", {}).items() if s.get("status") in INTERRUPTED]
+        if run.status in (Status.STOPPED, Status.KILLED, Status.FAILED):
+            stuck = [n for n, s in run.record.stages.items() if s.status in INTERRUPTED]
             if stuck:
                 events.emit("log", level="warning",
                             message=f"run {run.id} was {run.status} in stage {stuck[0]}; this new run starts "

@@ -142,7 +142,7 @@ class RunLock:
                     # Half-written by a writer that is starting right now, or garbage from a crash.
                     time.sleep(0.1)
                     info = read_lock(self.path.parent)
-                if lock_is_live(info):
+                if info is not None and lock_is_live(info):
                     raise LockedError(
                         f"run {self.path.parent.name} is being written by pid {info.get('pid')} on {info.get('host')}",
                         hint=f"wait for it, or stop it with `llmforge stop {self.path.parent.name}`") from None
@@ -213,7 +213,7 @@ class StageRecord:
         for name in ("started", "ended", "duration", "cached_from"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
-        if self.started is not None or self.error is not None:
+        if self.started is not None or self.status == Status.CACHED or self.error is not None:
             out["error"] = self.error
         if self.artifacts or self.started is not None or self.status == Status.CACHED:
             out["artifacts"] = self.artifacts
@@ -333,7 +333,7 @@ class RunStore:
     def list(self, include_damaged: bool = False) -> list[RunInfo]:
         """The runs, oldest first. A run folder whose manifest cannot be read is left out, unless
         `include_damaged` (listings: the user must see it, named, rather than have it vanish)."""
-        runs = []
+        runs: list[RunInfo] = []
         if not self.dir.is_dir():
             return runs
         for d in self.dir.iterdir():
@@ -428,7 +428,11 @@ def watch_requests(run_dir: Path, notify: Callable[[str], None]) -> Callable[[],
     once. Returns the function that stops listening."""
     key = Path(run_dir).resolve()
     _IN_PROCESS[key] = notify
-    return lambda: _IN_PROCESS.pop(key, None)
+
+    def unwatch() -> None:
+        _IN_PROCESS.pop(key, None)
+
+    return unwatch
 
 
 def request(run_dir: Path, what: str) -> None:

@@ -2,7 +2,14 @@
 
 A stage is a class with a ``name`` (the kind used in ``uses = ...``), a one-line ``summary``, an
 ``Options`` pydantic model (the one schema behind forge.toml validation, ``stages show``, ``--set``
-and the TUI form), the artifact kinds it ``produces``, a cheap ``check()`` and ``run()``.
+and the TUI form), the artifact kinds it ``produces``, a cheap ``check()`` and ``run()``, which
+publishes each artifact through ``ctx.artifact(kind)`` and returns them (``return ctx.published``)::
+
+    class Greet(Stage[GreetOptions]):           # the type parameter types `options` for a checker
+        def run(self, options: GreetOptions, ctx: StageContext) -> Produced | None:
+            with ctx.artifact("files") as out:
+                (out / "hello.txt").write_text(options.greeting)
+            return ctx.published
 
 Inputs are declared in the options schema itself, by marking a field with :func:`Input`::
 
@@ -25,17 +32,20 @@ import contextlib
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-if TYPE_CHECKING:
 from llmforge.extension import ExtensionPoint, pydantic_options, subclass_of
 
+if TYPE_CHECKING:
+    from llmforge.backend import Backend
     from llmforge.errors import Problem
     from llmforge.planning import Estimate, PlanEnv, Shape
+    from llmforge.plugins import Registry
 
 
 class StageOptions(BaseModel):
@@ -70,12 +80,23 @@ class Artifact:
     stage: str | None = None  # None for plain user paths
     key: str | None = None  # cache key of the producing stage
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": str(self.path), "stage": self.stage, "key": self.key}
 
 
-class Stage:
-    """Base class of every stage. Subclasses set the class attributes and implement ``run``."""
+OptionsT = TypeVar("OptionsT", bound=StageOptions)
+
+#: What ``Stage.run`` returns: the artifacts it produced, by kind (normally ``ctx.published``).
+Produced = Mapping[str, Artifact]
+
+
+class Stage(Generic[OptionsT]):
+    """Base class of every stage. Subclasses set the class attributes and implement ``run``.
+
+    Name the options class as the type parameter, ``class Greet(Stage[GreetOptions])``, and a type
+    checker knows what ``options`` holds in ``run``, ``check`` and ``outputs``; a plain ``Stage``
+    subclass gets ``Any`` options, as before.
+    """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -90,17 +111,20 @@ class Stage:
     #: ``llmforge run`` process; None lets the backend decide (the built-in ones launch training stages)
     distributed: ClassVar[bool | None] = None
 
-    def outputs(self, options: Any) -> tuple[str, ...]:
+    def outputs(self, options: OptionsT) -> tuple[str, ...]:
         """The artifact kinds this configuration writes (a subset of ``produces``; e.g. LoRA: adapter)."""
         return self.produces
 
-    def cache_key_extra(self, options: Any, project_dir: "Path") -> dict:
+    def cache_key_extra(self, options: OptionsT, project_dir: Path) -> dict[str, Any]:
         """Anything else the result depends on that the options don't show (e.g. the content of a
         file named by a plain option); it enters the stage's cache key."""
         return {}
 
-    def check(self, options: Any, inputs: dict[str, Artifact]) -> list["Problem"]:
-        """Cheap preflight, run by ``validate`` and before ``run``: no heavy imports, no training."""
+    def check(self, options: OptionsT, inputs: dict[str, Artifact], registry: Registry | None = None) -> list[Problem]:
+        """Cheap preflight, run by ``validate`` and before ``run``: no heavy imports, no training.
+
+        ``registry`` is the run's plugin :class:`llmforge.plugins.Registry` (to look a name up in a table,
+        e.g. a chat template); an override that does not name the parameter is called without it."""
         return []
 
     def estimate(self, options: Any, env: PlanEnv) -> Estimate | None:
@@ -121,7 +145,16 @@ class Stage:
         say before it runs."""
         return None
 
-    def run(self, options: Any, ctx: "StageContext") -> None:  # pragma: no cover - abstract
+    def run(self, options: OptionsT, ctx: StageContext) -> Produced | None:  # pragma: no cover - abstract
+        """Do the work; return what was produced: ``return ctx.published``.
+
+        Publish each output through ``with ctx.artifact(kind) as folder:`` (atomic; see there what a crash
+        or a stop leaves). The return value is the stage's account of its outputs: the runner checks that
+        every kind it names was published through ``ctx.artifact`` (a folder written anywhere else is
+        not atomic and nothing cleans it up) and that every kind of ``outputs(options)`` was. Return early
+        after ``ctx.should_stop()`` said True: the stage is then recorded stopped, whatever it returns.
+        None (stages written before this contract) is accepted: ``ctx.published`` alone counts then.
+        """
         raise NotImplementedError
 
 
@@ -153,10 +186,12 @@ class StageContext:
     published: dict[str, Artifact] = field(default_factory=dict)
     stop_seen: bool = False
     #: facts the stage records in the run manifest (e.g. the chat template's name and hash)
-    info: dict = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
-    backend: Any = None
+    backend: Backend | None = None
+    #: the run's plugin registry (:class:`llmforge.plugins.Registry`): tables such as chat templates
+    registry: Any = None
 
     @property
     def work_dir(self) -> Path:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import Field
 
 from llmforge.data import DataOptions
-from llmforge.stage import Input, Stage
+from llmforge.stage import Input, Produced, Stage, StageContext
 from llmforge_plugins.training.options import LoraOptions, TrainOptions, adapter_outputs
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class ContinuedPretrainStage(Stage):
 
         return trained_shape(options, env.shape_of("model"))
 
-    def run(self, o: ContinuedPretrainOptions, ctx) -> None:
+    def run(self, o: ContinuedPretrainOptions, ctx: StageContext) -> Produced | None:
         from llmforge_plugins.training import common, evaluation, factory, loop, models, tokenized
 
         seed = common.seed_of(o, ctx)
@@ -111,3 +111,4 @@ class ContinuedPretrainStage(Stage):
         with ctx.artifact("report") as out:
             (out / "forgetting.json").write_text(json.dumps(report, indent=2))
         common.save_outputs(ctx, training.trainer, tokenizer, None, o.lora, o.merge)
+        return ctx.published

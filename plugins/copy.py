@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from llmforge.stage import Input, Stage, StageOptions
+from llmforge.stage import Input, Produced, Stage, StageContext, StageOptions
 
 
 class CopyOptions(StageOptions):
@@ -27,7 +27,7 @@ class CopyStage(Stage):
     Options = CopyOptions
     produces = ("files",)
 
-    def run(self, options: CopyOptions, ctx) -> None:
+    def run(self, options: CopyOptions, ctx: StageContext) -> Produced | None:
         with ctx.artifact("files") as out:
             total = len(options.sources)
             for i, src in enumerate(options.sources):
@@ -43,6 +43,7 @@ class CopyStage(Stage):
                     shutil.copy2(src_path, out / src_path.name)
                 ctx.progress(i + 1, total, unit="source")
                 ctx.log(f"copied {src_path}")
+        return ctx.published
 
 
 def _name_for(path: Path, ctx) -> str:

@@ -23,7 +23,7 @@ from typing import Annotated
 from pydantic import Field
 
 from llmforge.errors import StageFailed
-from llmforge.stage import Input, Stage, StageOptions
+from llmforge.stage import Input, Produced, Stage, StageContext, StageOptions
 
 
 class ShellOptions(StageOptions):
@@ -41,7 +41,7 @@ class ShellStage(Stage):
     Options = ShellOptions
     produces = ("files",)
 
-    def run(self, options: ShellOptions, ctx) -> None:
+    def run(self, options: ShellOptions, ctx: StageContext) -> Produced | None:
         with ctx.artifact("files") as out:
             env = {**os.environ, **options.env, "LLMFORGE_OUT": str(out), "LLMFORGE_RUN_DIR": str(ctx.run_dir),
                    "LLMFORGE_STAGE_DIR": str(ctx.stage_dir), "LLMFORGE_RESUME": "1" if ctx.resume else "0"}
@@ -67,6 +67,7 @@ class ShellStage(Stage):
                 return  # the core discards the unfinished artifact and records the stage as stopped
             if code != 0:
                 raise StageFailed(f"command exited with code {code}: {options.command}")
+        return ctx.published
 
     @staticmethod
     def _pump(proc: subprocess.Popen, ctx) -> None:

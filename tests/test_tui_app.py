@@ -341,16 +341,16 @@ def test_event_tail_reads_incrementally_and_holds_back_a_partial_line(tmp_path):
     with open(path, "w") as fh:
         fh.write('{"type": "log", "message": "a"}\n{"type": "log", "mess')
         fh.flush()
-        assert [e["message"] for e in tail.read()] == ["a"]
+        assert [e.message for e in tail.read()] == ["a"]
         fh.write('age": "b"}\nnot json\n')
         fh.flush()
-        assert [e["message"] for e in tail.read()] == ["b"]
+        assert [e.message for e in tail.read()] == ["b"]
     # decoded as read_events decodes (events.decode_event): a line that is not UTF-8 is named by file:line
     with open(path, "ab") as fh:
         fh.write(b'{"type": "log", "message": "\xff"}\n5\n{"type": "log", "message": "c"}\n')
     got = tail.read()
-    assert [e["message"] for e in got][1:] == ["c"]
-    assert f"{path}:4: skipped a line that is not UTF-8" in got[0]["message"]
+    assert [e.message for e in got][1:] == ["c"]
+    assert f"{path}:4: skipped a line that is not UTF-8" in got[0].message
     model = RunModel("r", tmp_path)
     model.apply([{"type": "metric", "stage": "s", "step": 1, "values": {"loss": 2.0, "lr": float("nan")}},
                  {"type": "metric", "stage": "s", "step": 2, "values": {"loss": 1.5}}])

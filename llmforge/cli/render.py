@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
@@ -23,6 +23,10 @@ from llmforge.events import (
     from_dict,
 )
 
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
+
 
 class EventPrinter:
     """Turns events into short lines. Every metric event is printed (the last step's included); only
@@ -40,19 +44,20 @@ class EventPrinter:
         # On a terminal, progress is a live bar (with loss, tokens/s and ETA); in logs and pipes, lines.
         self.live = self.out.is_terminal if live is None else live
         self.debug = os.environ.get("LLMFORGE_DEBUG") == "1" if debug is None else debug
-        self._progress = None
-        self._task = None
+        self._progress: RichProgress | None = None
+        self._task: TaskID | None = None
         self._info: dict[str, str] = {}
         self._eta: float | None = None
 
     def _bar(self, ev: Progress) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+        from rich.progress import Progress as RichProgress
 
-        if self._progress is None:
+        if self._progress is None or self._task is None:
             # markup=False: a stage name is text
-            self._progress = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
-                                      MofNCompleteColumn(), TextColumn("{task.fields[info]}", markup=False),
-                                      console=self.out)
+            self._progress = RichProgress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+                                          MofNCompleteColumn(), TextColumn("{task.fields[info]}", markup=False),
+                                          console=self.out)
             self._progress.start()
             self._task = self._progress.add_task(ev.stage or "", total=ev.total, info="")
         self._eta = ev.eta_s
@@ -116,7 +121,7 @@ class EventPrinter:
                 self._info["loss"] = f"loss {_num(vals['loss'])}"
             if "tokens_per_s" in vals:
                 self._info["tok"] = f"{vals['tokens_per_s']:,.0f} tok/s"
-            if self._progress is not None:
+            if self._progress is not None and self._task is not None:
                 # the metric of a step arrives after its progress event: show its loss now, not at the next one
                 self._progress.update(self._task, info=self._bar_info())
             text = "  ".join(f"{k}={_num(v)}" for k, v in vals.items())

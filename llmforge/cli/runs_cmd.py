@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from llmforge.cli.common import (JsonOption, RunsDirOption, console, fmt_duration, print_json, print_table,
-                                 runs_dir, status_style, styled, sub_app)
+from llmforge.cli.common import (
+    JsonOption,
+    RunsDirOption,
+    console,
+    fmt_duration,
+    print_json,
+    print_table,
+    runs_dir,
+    status_style,
+    styled,
+    sub_app,
+)
+
+if TYPE_CHECKING:
+    from llmforge.runs import RunInfo
 
 RunArg = Annotated[str | None, typer.Argument(help="Run id, unique prefix or folder (default: the latest run).")]
 
@@ -38,21 +51,21 @@ def runs_list(as_json: JsonOption = False, dir_: RunsDirOption = None) -> None:
     print_table(["run", "started", "status", "stages", "duration"], rows, styles={2: status_style})
 
 
-def _row(r) -> dict:
-    stages = r.manifest.get("stages", {})
+def _row(r: RunInfo) -> dict:
+    stages = r.record.stages
     counts: dict[str, int] = {}
     for name in stages:
         s = r.stage_status(name)
         counts[s] = counts.get(s, 0) + 1
-    created = r.manifest.get("created")
-    end = r.manifest.get("finished")
+    created = r.record.created
+    end = r.record.finished
     return {
         "id": r.id, "status": r.status, "config": r.config_path, "dir": str(r.dir),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "-",
         "duration": (end - created) if (end and created) else None,
         "stages": {n: r.stage_status(n) for n in stages},
         "summary": ", ".join(f"{v} {k}" for k, v in counts.items()),
-        "exit_code": r.manifest.get("exit_code"),
+        "exit_code": r.record.exit_code,
         **({"damaged": r.damaged} if r.damaged else {}),
     }
 
@@ -68,11 +81,11 @@ def status(run: RunArg = None, as_json: JsonOption = False, dir_: RunsDirOption 
     out = console()
     out.print(f"run [bold]{r.id}[/]  {styled(r.status)}  [dim]{escape(str(r.dir))}[/]")
     rows = []
-    for name, st in r.manifest.get("stages", {}).items():
-        detail = st.get("error") or ", ".join(a["path"] for a in st.get("artifacts", {}).values())
-        if st.get("cached_from"):
-            detail = f"(cached from {st['cached_from']}) {detail}"
-        rows.append([name, st.get("uses", ""), r.stage_status(name), fmt_duration(st.get("duration")), detail])
+    for name, st in r.record.stages.items():
+        detail = st.error or ", ".join(str(a.get("path")) for a in st.artifacts.values())
+        if st.cached_from:
+            detail = f"(cached from {st.cached_from}) {detail}"
+        rows.append([name, st.uses or "", r.stage_status(name), fmt_duration(st.duration), detail])
     print_table(["stage", "uses", "status", "time", "artifacts / error"], rows, styles={2: status_style})
 
 
@@ -86,8 +99,8 @@ def logs(
 ) -> None:
     """Print a run's events (from events.jsonl); -f follows a running one. --debug also shows the
     libraries' chatter (debug-level events)."""
-    from llmforge.events import read_events
-    from llmforge.runs import EVENTS, RunInfo, read_lock, lock_is_live
+    from llmforge.events import RunEnd, read_events, read_records
+    from llmforge.runs import EVENTS, lock_is_live, read_lock
 
     r: RunInfo = _store(dir_).get(run, allow_damaged=True)  # the events do not need the manifest
     path = r.dir / EVENTS
@@ -101,14 +114,19 @@ def logs(
     def finished() -> bool:
         return ended or not lock_is_live(read_lock(r.dir))
 
-    for ev in read_events(path, follow=follow, stop=finished):
-        if raw:
-            import json
+    if raw:  # the lines as written, not as this version understands them
+        import json
 
-            typer.echo(json.dumps(ev))
-        else:
-            printer(ev)
-        if ev.get("type") == "run_end":
+        for record in read_records(path, follow=follow, stop=finished):
+            typer.echo(json.dumps(record))
+            if record.get("type") == "run_end":
+                ended = True
+                if follow:
+                    break
+        return
+    for ev in read_events(path, follow=follow, stop=finished):
+        printer.show(ev)
+        if isinstance(ev, RunEnd):
             ended = True
             if follow:
                 break
@@ -124,6 +142,7 @@ def stop(
     run exits with code 130 and `llmforge run --resume` continues it."""
     from llmforge.errors import UsageError
     from llmforge.runs import STOP_REQUEST, RunStore, lock_is_live, read_lock, request
+    from llmforge.status import Status
 
     store: RunStore = _store(dir_)
     r = store.get(run)
@@ -131,7 +150,7 @@ def stop(
         raise UsageError(f"run {r.id} is not running (status: {r.status})")
     request(r.dir, STOP_REQUEST)
     out = console()
-    running = [n for n in r.manifest.get("stages", {}) if r.stage_status(n) == "running"]
+    running = [n for n in r.record.stages if r.stage_status(n) == Status.RUNNING]
     # What a stop does depends on the stage: the stage itself says it (a training stage logs "saving a
     # checkpoint at step N", a shell stage "ending the command"); here only which stage is asked.
     out.print(f"stop requested for run {r.id}" + (f": stage {running[0]} is stopping" if running else ""),
@@ -144,7 +163,7 @@ def stop(
     r = store.get(str(r.dir))
     from rich.markup import escape
 
-    out.print(f"run {escape(r.id)}: {styled(r.status)} (exit code {r.manifest.get('exit_code')})")
+    out.print(f"run {escape(r.id)}: {styled(r.status)} (exit code {r.record.exit_code})")
 
 
 def checkpoint(run: RunArg = None, dir_: RunsDirOption = None) -> None:

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 
 from llmforge.data import DataOptions
 from llmforge.errors import Problem
-from llmforge.stage import Stage, StageOptions
+from llmforge.stage import Produced, Stage, StageContext, StageOptions
 from llmforge_plugins.curate.mix import MixOptions
 
 DEFAULT_STEPS = ["normalize", "exact_dedup", "near_dedup", "quality"]
@@ -74,7 +74,7 @@ class CurateStage(Stage):
         parsed, problems = parse_steps(options.steps, registry)
         return {} if problems else fingerprints(parsed, project_dir)
 
-    def run(self, options: CurateOptions, ctx) -> None:
+    def run(self, options: CurateOptions, ctx: StageContext) -> Produced | None:
         from llmforge.data import ReadState, write_dataset_meta
         from llmforge_plugins.curate import engine
         from llmforge_plugins.curate import report as reports
@@ -168,6 +168,7 @@ class CurateStage(Stage):
                               "changed": {st["step"]: st["changed"] for st in report["steps"] if st["changed"]}}
         ctx.emit("curated", rows_in=report["rows_in"], rows_out=report["rows_out"],
                  removed={st["step"]: st["removed"] for st in report["steps"]})
+        return ctx.published
 
     def _mix(self, options: MixOptions, curated: list[Path], ctx, schema) -> dict:
         from llmforge.data import write_dataset_meta

@@ -31,7 +31,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from llmforge.stage import Input, Stage, StageOptions
+from llmforge.stage import Input, Produced, Stage, StageContext, StageOptions
 
 # Markers of the dispreferred, hedging style (the demo's data hedges with these words).
 HEDGING = re.compile(r"\b(hmm|not sure|i think|i believe|perhaps|maybe|could be wrong|not certain|let me think|"
@@ -68,7 +68,7 @@ class DemoEvalStage(Stage):
     version = "1"
     cache_libraries = ("torch", "transformers")
 
-    def run(self, o: DemoEvalOptions, ctx) -> None:
+    def run(self, o: DemoEvalOptions, ctx: StageContext) -> Produced | None:
         import torch
 
         from llmforge.errors import DataError
@@ -175,6 +175,7 @@ class DemoEvalStage(Stage):
         if "dpo_reward_accuracy" in report:
             ctx.info["dpo_reward_accuracy"] = extra["dpo_reward_accuracy"] = report["dpo_reward_accuracy"]
         ctx.metric(**{f"{name}/{label}": v for name, by in headline.items() for label, v in by.items()}, **extra)
+        return ctx.published
 
 
 # ----------------------------------------------------------------------------------------------

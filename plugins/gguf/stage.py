@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from llmforge.stage import Input, Stage, StageOptions
+from llmforge.stage import Input, Produced, Stage, StageContext, StageOptions
 
 if TYPE_CHECKING:
     from llmforge.planning import Estimate, PlanEnv
@@ -138,7 +138,7 @@ class GgufStage(Stage):
         o = options
         return gguf_estimate(env.shape_of("model"), o.outtype, list(o.quantize), o.check, o.imatrix is not None)
 
-    def run(self, o: GgufOptions, ctx) -> None:
+    def run(self, o: GgufOptions, ctx: StageContext) -> Produced | None:
         from llmforge_plugins.gguf.modelfile import write_modelfile
 
         model = Path(o.model)
@@ -178,6 +178,7 @@ class GgufStage(Stage):
         ctx.info["files"] = {p.name: (final / p.name).stat().st_size for p in files}
         if quantized:
             ctx.info["quantized"] = quantized
+        return ctx.published
 
     # ---- steps -------------------------------------------------------------------------------
     @staticmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from llmforge.stage import Stage
+from llmforge.stage import Produced, Stage, StageContext
 from llmforge_plugins.merge.options import MergeOptions
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class MergeStage(Stage):
 
         return merged_shape(options, env.shape_of(*SHAPE_FIELDS))
 
-    def run(self, o: MergeOptions, ctx) -> None:
+    def run(self, o: MergeOptions, ctx: StageContext) -> Produced | None:
         from llmforge_plugins.merge.api import MERGE_METHODS
         from llmforge_plugins.merge.engine import Reporter, execute
         from llmforge_plugins.merge.plan import prepare
@@ -54,3 +54,4 @@ class MergeStage(Stage):
                 ctx.log("merge stopped before it finished; nothing was written")
                 return
         ctx.info.update(summary)
+        return ctx.published

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import Field
 
 from llmforge.errors import DataError, Problem
-from llmforge.stage import Input, Stage, StageOptions
+from llmforge.stage import Input, Produced, Stage, StageContext, StageOptions
 
 if TYPE_CHECKING:
     from llmforge.planning import Estimate, PlanEnv
@@ -101,7 +101,7 @@ class HelloStage(Stage):
         return Estimate("cpu", sum(memory.values()), memory, disk=text, disk_parts={OUTPUT_FILE: text},
                         notes=notes)
 
-    def run(self, options: HelloOptions, ctx) -> None:
+    def run(self, options: HelloOptions, ctx: StageContext) -> Produced | None:
         # `options.names` arrives resolved: an @reference has become the artifact's folder.
         names = read_names(Path(options.names)) if options.names else [options.name]
         lines = greetings(options.greeting, names, options.times)
@@ -134,6 +134,7 @@ class HelloStage(Stage):
             (out / OUTPUT_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         ctx.metric(step=len(lines), greetings=float(len(lines)), names=float(len(names)))
         ctx.log(f"wrote {len(lines)} greetings for {len(names)} name{'s' if len(names) != 1 else ''}")
+        return ctx.published
 
 
 def _saved_prefix(checkpoint: Path, lines: list[str]) -> list[str]:
