@@ -141,6 +141,8 @@ def render_prompt(engine: ChatEngine, messages: list[dict]) -> str:
     """The conversation rendered by the engine's chat template, ready for the assistant's answer."""
     from llmforge.chat import render
 
+    if not engine.template:  # plain text completion has nothing to render (reply() sends the text as it is)
+        raise ValueError(f"{engine.path}: the model has no chat template")
     return render(engine.template, messages, add_generation_prompt=True, **engine.render_variables())
 
 

@@ -46,7 +46,7 @@ STEP_KINDS = ("filter", "dedup", "rewrite")
 ROW_KINDS = ("text", "chat", "preference")
 
 
-def step_rules(cls: type) -> None:
+def step_rules(cls: Any) -> None:
     """What the engine relies on beyond the base class (checked when a step is registered): a known
     ``kind`` and a pydantic ``Options`` model."""
     from llmforge.extension import pydantic_options

@@ -119,7 +119,7 @@ def fingerprints(parsed: list[tuple[type, Any]], base: Path) -> dict[str, str]:
     from llmforge.pipeline import fingerprint
 
     out = {}
-    for i, (cls, opts) in enumerate(parsed):
+    for i, (_cls, opts) in enumerate(parsed):
         for loc, value in step_inputs(opts):
             path = Path(value).expanduser()
             path = path if path.is_absolute() else base / path

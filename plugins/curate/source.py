@@ -26,7 +26,7 @@ class Parking:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-        self._fh = open(self.tmp, "wb")
+        self._fh = open(self.tmp, "wb")  # noqa: SIM115 - held across writes; closed by commit() or __exit__
         self._done = False
 
     def write(self, src) -> None:
@@ -99,7 +99,7 @@ class JsonlWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-        self._fh = open(self.tmp, "w", encoding="utf-8")
+        self._fh = open(self.tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed by commit() or discard()
         self.rows = 0
 
     def write(self, row: dict) -> None:
@@ -241,7 +241,7 @@ def parquet_schema(options, readers: dict[str, Any], base: Path | None = None):
     schemas = []
     try:
         for root, _ in _paths(options, base):
-            for path, reader in iter_files([root], readers):
+            for path, _reader in iter_files([root], readers):
                 if not is_parquet(path):
                     return None
                 schemas.append(pq.read_schema(path))

@@ -172,7 +172,7 @@ class MergeMethod:
         raise NotImplementedError
 
 
-def _method_rules(cls: type) -> None:
+def _method_rules(cls: Any) -> None:
     """What the engine relies on beyond the base class: a known ``base`` policy and ``Param`` entries
     (checked at registration, so a bad method is a load error naming it, not a crash mid-merge)."""
     if cls.base not in ("required", "optional", "none"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 from textual import work
 from textual.app import ComposeResult
@@ -63,12 +64,12 @@ class ChatPanel(Vertical):
         self.answering = False
         self.last_reply = None  # the last `Reply` (text, token ids, why it stopped): for tests and status
         self._stop = threading.Event()
-        self._engine = None  # opened in a worker, used only there (under _lock)
+        self._engine: Any = None  # opened in a worker, used only there (under _lock)
         self._engine_path: Path | None = None
         self._lock = threading.Lock()
         self._current: Message | None = None
         self._streamed = ""
-        self._registry = None  # only when the hosting app has no registry of its own (see _engines)
+        self._registry: Any = None  # only when the hosting app has no registry of its own (see _engines)
 
     def compose(self) -> ComposeResult:
         yield Static("chat: pick a model (enter)", id="chat-title")
