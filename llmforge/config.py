@@ -7,12 +7,15 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmforge.errors import ConfigError, Problem
 from llmforge.schema import did_you_mean, validate_model
+
+if TYPE_CHECKING:
+    from llmforge.plugins import Registry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -262,7 +265,8 @@ def _note_origins(problems: list[Problem], origins: dict[str, str]) -> list[Prob
 # validation
 
 
-def parse_config(path: str | Path | None, overrides: list[str] | None, registry) -> tuple[ForgeConfig, list[Problem]]:
+def parse_config(path: str | Path | None, overrides: list[str] | None,
+                 registry: Registry) -> tuple[ForgeConfig, list[Problem]]:
     """Read, override and validate forge.toml section by section.
 
     Returns the config (with the stages that validated) and every problem found, so that callers can
@@ -338,7 +342,7 @@ def _check_runs_dir(cfg: ForgeConfig) -> list[Problem]:
     return []
 
 
-def _validate_backend(value: Any, registry) -> tuple[BackendSection, list[Problem]]:
+def _validate_backend(value: Any, registry: Registry) -> tuple[BackendSection, list[Problem]]:
     """`[backend]` against the Options of the backend its `type` names.
 
     A table that belongs to another installed backend (`[backend.fsdp]` while `type = "deepspeed"`) is
@@ -376,7 +380,7 @@ def _validate_backend(value: Any, registry) -> tuple[BackendSection, list[Proble
     return inst or cls.Options.model_construct(type=name), problems + probs
 
 
-def _check_backend(cfg: ForgeConfig, registry) -> list[Problem]:
+def _check_backend(cfg: ForgeConfig, registry: Registry) -> list[Problem]:
     """The selected backend's own preflight over the whole configuration (cheap; no launch)."""
     cls = registry.backends.get(cfg.backend.type)
     if cls is None:
@@ -392,7 +396,7 @@ def _check_backend(cfg: ForgeConfig, registry) -> list[Problem]:
 RESERVED_NAMES = set(TOP_LEVEL)
 
 
-def _validate_stages(stages: Any, registry) -> tuple[list[StageSpec], list[Problem]]:
+def _validate_stages(stages: Any, registry: Registry) -> tuple[list[StageSpec], list[Problem]]:
     problems: list[Problem] = []
     if not isinstance(stages, list):
         return [], [Problem("stages", "expected an array of tables ([[stages]])")]

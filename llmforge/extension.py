@@ -85,7 +85,8 @@ def pydantic_options(cls: type) -> None:
     """A rule shared by the points whose entries carry an ``Options`` model (stages, trackers, steps)."""
     from pydantic import BaseModel
 
-    if not (isinstance(getattr(cls, "Options", None), type) and issubclass(cls.Options, BaseModel)):
+    options = getattr(cls, "Options", None)
+    if not (isinstance(options, type) and issubclass(options, BaseModel)):
         raise TypeError(f"{cls.__qualname__}.Options must be a pydantic model (StageOptions subclass)")
 
 

@@ -340,7 +340,8 @@ def _declare(reg: Registry) -> None:
         if impl is None:
             continue
         try:
-            points = list(impl.function() or [])
+            declared: Any = impl.function()
+            points: list[Any] = list(declared or [])
             for p in points:
                 if not isinstance(p, ExtensionPoint):
                     raise TypeError(f"extension_points() must return ExtensionPoint values, got {p!r}")
