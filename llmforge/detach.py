@@ -60,17 +60,23 @@ class Started:
     pid: int
 
 
-def start_detached(launch: Launch, wait_s: float = 30.0, pipe=None) -> Started:
+def start_detached(launch: Launch, wait_s: float = 30.0, pipe=None, registry=None) -> Started:
     """Validate, choose the run id, start `python -m llmforge run ...` detached; return once the child
     owns the run (its manifest exists). A configuration error is raised here, before any process.
-    `pipe`: the pipeline already loaded from `launch.config` with `launch.overrides`, if the caller has it."""
+    `pipe`: the pipeline already loaded from `launch.config` with `launch.overrides`, if the caller has it;
+    else it is loaded here with `registry` (the caller's plugins; default: a fresh registry, as the child
+    process loads its own)."""
     from llmforge.pipeline import load_pipeline
     from llmforge.planning import fit_check
     from llmforge.runner import find_resumable
     from llmforge.runs import MANIFEST, RunStore, new_run_id
 
     if pipe is None:
-        pipe = load_pipeline(launch.config, launch.overrides)  # ConfigError with every problem
+        if registry is None:
+            from llmforge.plugins import load_registry
+
+            registry = load_registry()
+        pipe = load_pipeline(launch.config, launch.overrides, registry=registry)  # ConfigError with every problem
     if launch.fit == "check":
         # A stage that cannot fit is refused here, with the check's own message, before a run folder or
         # a process exists (the child, given the same decision, would refuse it only after both).

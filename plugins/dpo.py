@@ -62,7 +62,7 @@ class DpoStage(TemplateChecks, Stage):
         ds = common.load_rows(o.data, ctx, expect=("preference",))
         tokenizer = models.load_tokenizer(o.model, o.trust_remote_code)
         model = models.load_model(o.model, o.trust_remote_code, **common.qlora_kwargs(o.lora))
-        template = resolve_template(o.template, tokenizer, base_dir=ctx.project_dir)
+        template = resolve_template(o.template, ctx.registry.chat_templates, tokenizer, base_dir=ctx.project_dir)
         models.prepare_tokenizer(model, tokenizer, template)
         common.record_template(ctx, template)
 

@@ -67,9 +67,9 @@ class PretrainStage(TemplateChecks, Stage):
         ds = common.load_rows(o.data, ctx, expect=("text",))
         if o.tokenizer:
             tokenizer = models.load_tokenizer(o.tokenizer, o.trust_remote_code)
-            template = resolve_template(o.template, tokenizer, base_dir=ctx.project_dir)
+            template = resolve_template(o.template, ctx.registry.chat_templates, tokenizer, base_dir=ctx.project_dir)
         else:
-            template = resolve_template(o.template, None, base_dir=ctx.project_dir)
+            template = resolve_template(o.template, ctx.registry.chat_templates, None, base_dir=ctx.project_dir)
             tokenizer = models.train_tokenizer((r["text"] for r in ds.rows), o.vocab_size, template)
             ctx.log(f"trained a byte-level BPE tokenizer: {len(tokenizer)} tokens")
         shape = o.model.model_dump()

@@ -60,7 +60,7 @@ class SftStage(TemplateChecks, Stage):
         ds = common.load_rows(o.data, ctx, expect=("chat",))
         tokenizer = models.load_tokenizer(o.model, o.trust_remote_code)
         model = models.load_model(o.model, o.trust_remote_code, **common.qlora_kwargs(o.lora))
-        template = resolve_template(o.template, tokenizer, base_dir=ctx.project_dir)
+        template = resolve_template(o.template, ctx.registry.chat_templates, tokenizer, base_dir=ctx.project_dir)
         models.prepare_tokenizer(model, tokenizer, template)
         common.record_template(ctx, template)
         train, evals = common.tokenize_split(ctx, ds.rows, "chat", tokenizer, template, o, train_on=o.train_on)

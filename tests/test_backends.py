@@ -55,10 +55,11 @@ def tiny_base(root: Path) -> Path:
     from transformers import LlamaForCausalLM
 
     from llmforge.chat import resolve_template
+    from llmforge.plugins import load_registry
     from llmforge_plugins.training import models
 
     write_data(root)
-    template = resolve_template("chatml", None)
+    template = resolve_template("chatml", load_registry(env="").chat_templates)
     texts = [t for t in (root / "data" / "corpus.txt").read_text().split("\n\n") if t.strip()]
     tok = models.train_tokenizer(texts, 400, template)
     cfg = models.model_config("tiny", len(tok), 128, {"hidden_size": 32, "intermediate_size": 64}, tok)

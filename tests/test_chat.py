@@ -29,6 +29,7 @@ from llmforge.chat import (  # noqa: E402
     resolve_template,
 )
 from llmforge.errors import UsageError  # noqa: E402
+from llmforge.plugins import load_registry  # noqa: E402
 from llmforge_plugins.chat_templates import BUILTIN_TEMPLATES  # noqa: E402
 
 TEMPLATES = {t.name: t for t in BUILTIN_TEMPLATES}
@@ -201,7 +202,7 @@ def test_render_matches_transformers_and_survives_save(make_tokenizer, name, tmp
     enc2 = encode_chat(again, template, CONVERSATION)
     assert (enc2.input_ids, enc2.labels) == (enc.input_ids, enc.labels)
     # "auto" now finds the same template in the saved tokenizer
-    auto = resolve_template("auto", tokenizer=again)
+    auto = resolve_template("auto", {}, tokenizer=again)
     assert auto.source == template.source and auto.eos == template.eos and auto.pad == template.pad
 
 
@@ -273,10 +274,10 @@ def test_hash_follows_the_template():
 
 
 def test_resolve_by_name_and_unknown_name():
-    assert resolve_template("llama3", registry=TEMPLATES) is TEMPLATES["llama3"]
-    assert resolve_template("chatml").name == "chatml"  # the installed plugins
+    assert resolve_template("llama3", templates=TEMPLATES) is TEMPLATES["llama3"]
+    assert resolve_template("chatml", load_registry(env="").chat_templates).name == "chatml"  # the built-in plugins
     with pytest.raises(ChatTemplateError) as err:
-        resolve_template("chatlm", registry=TEMPLATES)
+        resolve_template("chatlm", templates=TEMPLATES)
     assert "did you mean 'chatml'" in err.value.message
     assert "alpaca, chatml, llama3, mistral" in err.value.hint
     assert isinstance(err.value, UsageError) and err.value.exit_code == 2
@@ -284,10 +285,10 @@ def test_resolve_by_name_and_unknown_name():
 
 def test_resolve_auto_needs_a_tokenizer_template(make_tokenizer):
     with pytest.raises(ChatTemplateError) as err:
-        resolve_template("auto", tokenizer=make_tokenizer(), registry=TEMPLATES)
+        resolve_template("auto", tokenizer=make_tokenizer(), templates=TEMPLATES)
     assert "no chat template" in err.value.message and 'template = "chatml"' in err.value.hint
     with pytest.raises(ChatTemplateError, match="needs a tokenizer"):
-        resolve_template(None, registry=TEMPLATES)
+        resolve_template(None, templates=TEMPLATES)
 
 
 def test_auto_takes_the_turn_end_token_as_eos(make_tokenizer):
@@ -295,7 +296,7 @@ def test_auto_takes_the_turn_end_token_as_eos(make_tokenizer):
     tok = make_tokenizer()
     tok.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = TEMPLATES["chatml"].source
-    auto = resolve_template("auto", tokenizer=tok, registry=TEMPLATES)
+    auto = resolve_template("auto", tokenizer=tok, templates=TEMPLATES)
     assert auto.eos == "<|im_end|>" and auto.name == "auto"
     assert auto.special_tokens == ("<|im_start|>",) and auto.pad is None
     assert auto.hash != TEMPLATES["chatml"].hash  # no pad yet: apply_template will add one
@@ -309,7 +310,7 @@ def test_resolve_jinja_file(make_tokenizer, tmp_path):
     body = TEMPLATES["chatml"].source
     header = '{#- llmforge: {"eos": "<|im_end|>", "pad": "<|endoftext|>", "stop": ["<|im_start|>"]} -#}\n'
     (tmp_path / "templates" / "mine.jinja").write_text(header + body)
-    t = resolve_template("templates/mine.jinja", base_dir=tmp_path, registry=TEMPLATES)
+    t = resolve_template("templates/mine.jinja", base_dir=tmp_path, templates=TEMPLATES)
     assert (t.name, t.eos, t.pad, t.stop) == ("mine", "<|im_end|>", "<|endoftext|>", ("<|im_start|>",))
     assert "<|im_start|>" in t.special_tokens  # found in the source
     assert render(t, CONVERSATION) == render(TEMPLATES["chatml"], CONVERSATION)  # the header renders nothing
@@ -320,14 +321,14 @@ def test_resolve_jinja_file(make_tokenizer, tmp_path):
 
     (tmp_path / "plain.jinja").write_text(body)
     with pytest.raises(ChatTemplateError, match="ends an assistant turn"):
-        resolve_template("plain.jinja", base_dir=tmp_path, registry=TEMPLATES)
-    plain = resolve_template("plain.jinja", tokenizer=make_tokenizer(), base_dir=tmp_path, registry=TEMPLATES)
+        resolve_template("plain.jinja", base_dir=tmp_path, templates=TEMPLATES)
+    plain = resolve_template("plain.jinja", tokenizer=make_tokenizer(), base_dir=tmp_path, templates=TEMPLATES)
     assert plain.eos == "<|endoftext|>"  # the tokenizer's
     with pytest.raises(ChatTemplateError, match="not found"):
-        resolve_template("missing.jinja", base_dir=tmp_path, registry=TEMPLATES)
+        resolve_template("missing.jinja", base_dir=tmp_path, templates=TEMPLATES)
     (tmp_path / "bad.jinja").write_text('{#- llmforge: {"eos": "x", "colour": 1} -#}')
     with pytest.raises(ChatTemplateError, match="colour"):
-        resolve_template("bad.jinja", base_dir=tmp_path, registry=TEMPLATES)
+        resolve_template("bad.jinja", base_dir=tmp_path, templates=TEMPLATES)
     (tmp_path / "bad2.jinja").write_text('{#- llmforge: {"eos": "x", "special_tokens": "<|a|>"} -#}')
     with pytest.raises(ChatTemplateError, match="special_tokens must be a list"):
-        resolve_template("bad2.jinja", base_dir=tmp_path, registry=TEMPLATES)
+        resolve_template("bad2.jinja", base_dir=tmp_path, templates=TEMPLATES)

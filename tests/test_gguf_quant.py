@@ -69,11 +69,13 @@ def tiny(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmforge.chat import resolve_template
+    from llmforge.plugins import load_registry
     from llmforge_plugins.gguf.check import TOKENIZER_PROBE
     from llmforge_plugins.training.models import train_tokenizer
 
     root = tmp_path_factory.mktemp("gguf_quant")
-    tokenizer = train_tokenizer(CORPUS * 20 + [TOKENIZER_PROBE] * 5, VOCAB, resolve_template("chatml"))
+    tokenizer = train_tokenizer(CORPUS * 20 + [TOKENIZER_PROBE] * 5, VOCAB,
+                                 resolve_template("chatml", load_registry(env="").chat_templates))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTER,
                          num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
                          max_position_embeddings=512, tie_word_embeddings=False,

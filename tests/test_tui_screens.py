@@ -491,15 +491,10 @@ def test_models_screen_shows_lineage_the_scorecard_and_chats_with_hf_and_gguf(mo
 
 @pytest.fixture
 def broken_plugins(plugin_site, monkeypatch):
-    """The broken fixture plugins installed and visible to this process's registry."""
-    from llmforge.plugins import reset_registry
-
+    """The broken fixture plugins installed and visible to the registry an app loads (each app loads its own)."""
     for name in ("broken-plugin", "bad-register-plugin"):
         monkeypatch.syspath_prepend(str(plugin_site(name)))
     monkeypatch.delenv("LLMFORGE_LOAD_PLUGINS", raising=False)
-    reset_registry()
-    yield
-    reset_registry()
 
 
 def test_plugins_screen_lists_plugins_and_the_broken_ones_with_their_errors(broken_plugins, tmp_path):

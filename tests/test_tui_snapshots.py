@@ -186,7 +186,7 @@ def train_tokenizer(corpus: Path, vocab: int):
 
     from llmforge.chat import apply_template, resolve_template
 
-    template = resolve_template("chatml")
+    template = resolve_template("chatml", registry().chat_templates)
     docs = [d for d in corpus.read_text(encoding="utf-8").split("\n\n") if d.strip()]
     tok = pretrain_tokenizer(docs, vocab, template)
     apply_template(tok, template)
@@ -421,11 +421,9 @@ def pin_live_values(setattr) -> None:
     """Fix what differs between machines and moments; `setattr` is pytest's monkeypatch.setattr (undone
     after the test) or the builtin. Dates and log stamps are local time: set TZ=UTC (and time.tzset())
     too."""
-    from llmforge import plugins
     from llmforge.tui import hardware
 
     setattr(hardware.HardwareMonitor, "sample", lambda self: hardware.Usage(**FIXED_USAGE))
-    setattr(plugins, "_registry", registry())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -537,7 +535,7 @@ def make_app(area: str):
     from llmforge.tui.state import AppState
 
     state = AppState(config_path=Path("forge.toml"), runs_dir=Path("runs"),
-                     selected_run=STOPPED if area == "monitor" else None)
+                     selected_run=STOPPED if area == "monitor" else None, plugin_registry=registry())
     return LlmforgeApp(state, area=area)
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from llmforge.cli.common import ConfigOption, JsonOption, SetOption, console, print_json
+from llmforge.cli.common import ConfigOption, JsonOption, SetOption, console, print_json, registry
 from llmforge.errors import ConfigError, UsageError
 
 
@@ -49,7 +49,7 @@ def validate(
 
     config = path or config
     try:
-        pipe = load_pipeline(config, overrides or [])
+        pipe = load_pipeline(config, overrides or [], registry=registry())
     except ConfigError as exc:
         if as_json:
             print_json({"valid": False, "config": str(config.absolute()),

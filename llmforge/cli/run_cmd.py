@@ -41,7 +41,9 @@ def run(
     cannot fit this machine), 130 stopped."""
     from llmforge.pipeline import load_pipeline
 
-    pipe = load_pipeline(config, overrides or [])
+    from llmforge.cli.common import registry
+
+    pipe = load_pipeline(config, overrides or [], registry=registry())
     # The fit check is part of the run request: the runner makes it before any run folder exists (and a
     # detached launch before it starts the child, which is given the same decision on its command line).
     fit = "skip" if no_fit_check else "check"
@@ -54,7 +56,7 @@ def run(
 
     req = RunRequest(only=stage or [], from_stage=from_stage, resume=resume, run_ref=run_ref, force=force,
                      fit=fit, listeners=[EventPrinter()])
-    result = run_pipeline(pipe, req)
+    result = run_pipeline(pipe, req, registry=registry())
     _summary(result)
     raise typer.Exit(result.exit_code)
 

@@ -76,7 +76,9 @@ def plan(
     from llmforge.pipeline import load_pipeline
     from llmforge.planning import plan as make_plan
 
-    result = make_plan(load_pipeline(config, overrides or []))
+    from llmforge.cli.common import registry
+
+    result = make_plan(load_pipeline(config, overrides or [], registry=registry()))
     if as_json:
         print_json(result.to_json())
         return

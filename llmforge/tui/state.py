@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from llmforge.runs import MANIFEST, RunInfo, RunStore, resolve_runs_dir
+
+if TYPE_CHECKING:
+    from llmforge.plugins import Registry
 
 DEFAULT_CONFIG = "forge.toml"
 
@@ -22,6 +27,10 @@ class AppState:
     config_path: Path | None  # the forge.toml, absolute; None when there is none
     runs_dir: Path
     selected_run: str | None = None  # a run id, set by the Runs screen, read by the Monitor
+    #: the app's plugin registry (the TUI is an edge: it builds one and hands it down); None: built on
+    #: first use by registry(), in a screen's worker thread, never while the app paints its first frame
+    plugin_registry: Any = field(default=None, repr=False, compare=False)
+    _plugins_lock: Any = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
     # manifest path -> (mtime_ns, size, parsed): see runs()
     _manifests: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -34,6 +43,15 @@ class AppState:
         else:
             cfg = Path(DEFAULT_CONFIG).absolute() if Path(DEFAULT_CONFIG).is_file() else None
         return cls(cfg, resolve_runs_dir(Path(runs_dir).resolve() if runs_dir else None, cfg))
+
+    def registry(self) -> Registry:
+        """The plugin registry every screen shares, loaded on first call (call it from a worker thread)."""
+        with self._plugins_lock:  # two screens' workers may ask at once: one registry per app
+            if self.plugin_registry is None:
+                from llmforge.plugins import load_registry
+
+                self.plugin_registry = load_registry()
+            return self.plugin_registry
 
     @property
     def store(self) -> RunStore:

@@ -33,7 +33,7 @@ def demo(
     Writes a self-contained project (generated data and a documented forge.toml) into --dir and runs it.
     The full setting takes a few minutes on a 2-core CPU. Exit code: 0 done, 1 a stage failed, 130 stopped.
     """
-    from llmforge.cli.common import console
+    from llmforge.cli.common import console, registry
     from llmforge.cli.render import EventPrinter
     from llmforge.pipeline import load_pipeline
     from llmforge.runner import RunRequest, run_pipeline
@@ -51,8 +51,8 @@ def demo(
         out.print(f"  [yellow]{note}[/]")
     out.print(f"  pipeline: {config}  (rerun with [bold]llmforge run -c {config}[/])")
 
-    pipe = load_pipeline(config)
-    result = run_pipeline(pipe, RunRequest(force=force, listeners=[EventPrinter()]))
+    pipe = load_pipeline(config, registry=registry())
+    result = run_pipeline(pipe, RunRequest(force=force, listeners=[EventPrinter()]), registry=registry())
     print_summary(result, root, out)
     raise typer.Exit(result.exit_code)
 

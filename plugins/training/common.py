@@ -20,7 +20,7 @@ def load_rows(data_opts, ctx, expect: tuple[str, ...], name: str = "data"):
     The main data's report is stage_dir/data-report.json; others (replay, heldout) get a folder each."""
     from llmforge.data import load_data, write_report
 
-    ds = load_data(data_opts, base=ctx.project_dir, expect=expect)
+    ds = load_data(data_opts, ctx.registry.readers, ctx.registry.row_formats, base=ctx.project_dir, expect=expect)
     if ctx.rank == 0:  # every process of a launch reads the same data; one report is enough
         write_report(ds, ctx.stage_dir if name == "data" else ctx.stage_dir / name)
     msg = f"{name}: {len(ds.rows)} rows in the {ds.format} format from {len(ds.files)} file(s)"

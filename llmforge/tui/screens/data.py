@@ -85,13 +85,14 @@ class Inspection:
 
 
 def inspect_data(data: str, model: Path | None, template: str | None, max_length: int, train_on: str,
-                 base: Path, progress=None, cancelled=lambda: False) -> Inspection | None:
+                 base: Path, progress=None, cancelled=lambda: False, *, registry) -> Inspection | None:
     """Read the data like a stage (bad rows skipped; `data` relative to `base`, and shown as written)
     and, with a model folder, tokenize every row. `progress(done, total)` is called now and then;
-    returns None when `cancelled()` turns true."""
+    returns None when `cancelled()` turns true. `registry`: the app's plugins (readers, formats, templates)."""
     from llmforge.data import DataOptions, load_data
 
-    ds = load_data(DataOptions(path=data, format="auto", on_bad_row="skip"), base=base)
+    ds = load_data(DataOptions(path=data, format="auto", on_bad_row="skip"), registry.readers, registry.row_formats,
+                   base=base)
     out = Inspection(data, ds.kind, ds.format, ds.rows, ds.wheres, ds.skipped, max_length=max_length,
                      train_on=train_on)
     if model is None:
@@ -99,7 +100,7 @@ def inspect_data(data: str, model: Path | None, template: str | None, max_length
         return out
     from llmforge.chat import encode_row, load_chat_tokenizer
 
-    tok, out.template = load_chat_tokenizer(model, template, base, ds.kind)
+    tok, out.template = load_chat_tokenizer(model, template, base, registry.chat_templates, ds.kind)
     out.tokenizer = tok
     for i, row in enumerate(ds.rows):
         if i % 200 == 0:
@@ -385,7 +386,7 @@ folder), then load. Trained tokens show in green, masked ones dimmed; lengths an
 
         try:
             result = inspect_data(data, self._resolve(model) if model else None, template, max_length, train_on,
-                                  self.base, progress, lambda: worker.is_cancelled)
+                                  self.base, progress, lambda: worker.is_cancelled, registry=self.state.registry())
         except ForgeError as exc:
             self.app.call_from_thread(self._failed, exc.message, exc.hint)
             return

@@ -43,13 +43,14 @@ class PipelineView:
     error: str | None = None  # the file itself could not be read
 
 
-def load_view(config) -> PipelineView:
-    """Validate forge.toml like `llmforge validate`; on problems, list the stages as written."""
+def load_view(config, registry) -> PipelineView:
+    """Validate forge.toml like `llmforge validate` (with the app's plugin registry); on problems, list the
+    stages as written."""
     from llmforge.errors import ConfigError, ForgeError
     from llmforge.pipeline import load_pipeline
 
     try:
-        pipe = load_pipeline(config)
+        pipe = load_pipeline(config, registry=registry)
     except ConfigError as exc:
         return PipelineView(_raw_stages(config), exc.problems)
     except ForgeError as exc:
@@ -145,7 +146,7 @@ Runs start in the background: they go on when you quit."""
                         exclusive=True, name="validate forge.toml")
 
     def _validate_worker(self, quiet: bool) -> None:
-        view = load_view(self.state.config_path)
+        view = load_view(self.state.config_path, self.state.registry())
         self.app.call_from_thread(self._show_view, view, quiet)
 
     def _show_view(self, view: PipelineView, quiet: bool = False) -> None:
@@ -290,7 +291,7 @@ Runs start in the background: they go on when you quit."""
         from llmforge.tui.launch import start_detached
 
         try:
-            started = start_detached(launch)
+            started = start_detached(launch, registry=self.state.registry())
         except ConfigError as exc:
             # Show the problems in place; the app's handler still notifies the message.
             view = PipelineView(self.view.stages if self.view else [], exc.problems)
