@@ -19,10 +19,16 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-# What a plugin may register besides stage kinds, as the registry names its tables.
-PROVIDES = {"readers": "readers", "row_formats": "row formats", "chat_templates": "chat templates",
-            "trackers": "trackers", "merge_methods": "merge methods", "backends": "backends",
-            "curation_steps": "curation steps"}
+# The order of the tables a plugin provides entries to, besides stage kinds; any other table (an extension
+# point a plugin declared) follows, by name. A table is shown by its name in words ("row formats").
+PROVIDES = ("readers", "row_formats", "chat_templates", "trackers", "merge_methods", "backends", "curation_steps")
+
+
+def provided(p) -> list[tuple[str, list[str]]]:
+    """(table in words, names) for every table but the stages a plugin registered entries in."""
+    tables = [t for t in PROVIDES if t in p.provides]
+    tables += sorted(t for t in p.provides if t not in PROVIDES and t != "stages")
+    return [(t.replace("_", " "), p.provides[t]) for t in tables if p.provides[t]]
 
 
 def load_registry_view(state):
@@ -108,7 +114,7 @@ load with their error. Highlight a row to see its details."""
     def provides(p) -> str:
         """Its stage kinds by name (what forge.toml's `uses` takes), then how many of anything else it adds."""
         parts = list(p.stages)
-        parts += [f"{len(p.provides[attr])} {label}" for attr, label in PROVIDES.items() if p.provides.get(attr)]
+        parts += [f"{len(names)} {label}" for label, names in provided(p)]
         return ", ".join(parts) or "-"
 
     def error_line(self, e) -> str:
@@ -143,10 +149,8 @@ load with their error. Highlight a row to see its details."""
         text.append(f"  {p.dist} {p.version}{'  built-in' if p.builtin else ''}\n")
         text.append(f"module {p.module}\n")
         text.append(f"stages: {', '.join(p.stages) or '-'}\n")
-        for attr, label in PROVIDES.items():
-            names = p.provides.get(attr)
-            if names:
-                text.append(f"{label}: {', '.join(names)}\n")
+        for label, names in provided(p):
+            text.append(f"{label}: {', '.join(names)}\n")
         text.append(f"hooks: {', '.join(p.hooks) or '-'}\n")
         for e in self.errors:
             if e.plugin == p.name:
