@@ -14,6 +14,7 @@ import platform
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 # What the report lists; the first seven are the ones training depends on.
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "llama-cpp-python",
@@ -99,8 +100,10 @@ def _torch_facts() -> dict:
         import torch.distributed as dist
     except Exception as exc:  # noqa: BLE001 - a broken torch install is a finding, not a crash
         return {"error": f"{type(exc).__name__}: {exc}"}
-    facts = {"version": torch.__version__, "cuda_build": torch.version.cuda, "cuda_available": False,
-             "mps_available": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    facts: dict[str, Any] = {
+        "version": torch.__version__, "cuda_build": torch.version.cuda, "cuda_available": False,
+        "mps_available": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+    }
     try:
         facts["cuda_available"] = bool(torch.cuda.is_available())
     except Exception:  # noqa: BLE001
@@ -145,7 +148,7 @@ def collect(runs_dir: Path | None = None) -> dict:
     torch_facts = _torch_facts() if _version("torch") else {"error": "not installed"}
     gpus, source = hardware.gpus(allow_torch=bool(torch_facts.get("cuda_available")))
     free = hardware.disk_free(runs_dir)
-    report = {
+    report: dict[str, Any] = {
         "llmforge": __version__,
         "os": {"system": platform.system(), "release": platform.release(), "machine": platform.machine(),
                "platform": platform.platform()},

@@ -43,6 +43,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from llmforge.errors import ForgeError, UsageError
 
@@ -343,6 +344,7 @@ class LlamaModel:
                     raise ForgeError(f"{self.path}: the llama.cpp process was closed")
                 self._start()  # the last one crashed: the error was reported then; this is a new attempt
             proc = self._proc
+            assert proc is not None and proc.stdin is not None and proc.stdout is not None  # _start made them
             try:
                 _send(proc.stdin, (op, args))
                 status, value = _recv(proc.stdout)
@@ -358,6 +360,7 @@ class LlamaModel:
 
     def _crashed(self, doing: str) -> LlamaCrashed:
         proc, self._proc = self._proc, None
+        assert proc is not None  # called by the request that saw the child die, which held it
         try:
             rc = proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -409,7 +412,8 @@ def _reap(proc: subprocess.Popen | None, stderr) -> None:
     if proc is not None:
         for stream in (proc.stdin, proc.stdout):
             try:
-                stream.close()
+                if stream is not None:
+                    stream.close()
             except OSError:
                 pass
         try:
@@ -433,8 +437,10 @@ def _crash_hook() -> None:
 def _worker(inp, out) -> None:
     import numpy as np
 
-    llm = None
-    gen = None
+    # untyped on purpose: llama_cpp ships no types, and the reply is whatever the request asked for
+    llm: Any = None
+    gen: Any = None
+    value: Any
     while True:
         try:
             op, args = _recv(inp)

@@ -35,7 +35,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from llmforge.data import (
     DataOptions,
@@ -59,7 +59,7 @@ def _open_bytes(path: Path) -> IO[bytes]:
     if path.name.lower().endswith(".gz"):
         import gzip
 
-        return gzip.open(path, "rb")
+        return cast("IO[bytes]", gzip.open(path, "rb"))  # a GzipFile reads like a binary file
     return open(path, "rb")
 
 
@@ -121,6 +121,7 @@ class TextReader(Reader):
                 if reason is not None:
                     error = error or (lineno, reason)
                 else:
+                    assert text is not None  # _decode_line gives the text or the reason it has none
                     block.append(text)
             yield from flush()
 
@@ -153,6 +154,7 @@ def _jsonl_records(lines: Iterator[tuple[int, str | None, str | None]], path: Pa
         if reason is not None:
             yield Record({}, where, reason)
             continue
+        assert text is not None  # no reason: the line decoded
         if not text.strip():
             continue
         try:
@@ -194,6 +196,14 @@ class _Lines:
 _WS = re.compile(r"[ \t\r\n]*")
 
 
+def _skip_ws(text: str, pos: int) -> int:
+    """The first position at or after `pos` that is not JSON whitespace (the pattern matches the empty
+    string, so there is always a match)."""
+    match = _WS.match(text, pos)
+    assert match is not None
+    return match.end()
+
+
 class JsonReader(Reader):
     name = "json"
     suffixes = (".json", ".json.gz")
@@ -221,7 +231,7 @@ class JsonReader(Reader):
                                 hint="a .json file must be one JSON document; use .jsonl for one object per "
                                      "line") from None
 
-        i = _WS.match(text).end()
+        i = _skip_ws(text, 0)
         if i == len(text):
             return  # empty file
         if text[i] == "[":
@@ -231,7 +241,7 @@ class JsonReader(Reader):
             raise DataError(f"{path}:{lines.at(i)}: expected a list of objects, or an object holding one list; "
                             f"got {describe(value_at(i)[0])}")
         obj, end = value_at(i)
-        if _WS.match(text, end).end() < len(text):
+        if _skip_ws(text, end) < len(text):
             # More after the first object: this is JSON Lines under a .json name (a common export).
             split = text.split("\n")
             yield from _jsonl_records(((n, s.rstrip("\r"), None) for n, s in enumerate(split, 1)), path)
@@ -244,21 +254,21 @@ class JsonReader(Reader):
             raise DataError(f"{path}: expected a list of objects, or an object holding one list; this object holds "
                             f"{what}", hint="keep one list of rows per file (or one named train)")
         # Find where that list starts, then walk it like a top-level list.
-        pos = _WS.match(text, i + 1).end()
+        pos = _skip_ws(text, i + 1)
         while True:
             key, pos = value_at(pos)
-            pos = _WS.match(text, pos).end() + 1  # the colon
-            pos = _WS.match(text, pos).end()
+            pos = _skip_ws(text, pos) + 1  # the colon
+            pos = _skip_ws(text, pos)
             if key == lists[0]:
                 break
             _, pos = value_at(pos)
-            pos = _WS.match(text, pos).end() + 1  # the comma
-            pos = _WS.match(text, pos).end()
+            pos = _skip_ws(text, pos) + 1  # the comma
+            pos = _skip_ws(text, pos)
         yield from self._array(text, pos, path, lines, value_at)
 
     @staticmethod
     def _array(text, i, path, lines, value_at) -> Iterator[Record]:
-        i = _WS.match(text, i + 1).end()
+        i = _skip_ws(text, i + 1)
         if i < len(text) and text[i] == "]":
             return
         while True:
@@ -268,9 +278,9 @@ class JsonReader(Reader):
                 yield Record(obj, where)
             else:
                 yield Record({}, where, f"expected a JSON object ({{...}}), got {describe(obj)}")
-            i = _WS.match(text, end).end()
+            i = _skip_ws(text, end)
             if i < len(text) and text[i] == ",":
-                i = _WS.match(text, i + 1).end()
+                i = _skip_ws(text, i + 1)
                 continue
             if i < len(text) and text[i] == "]":
                 return

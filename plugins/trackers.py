@@ -388,7 +388,7 @@ class MlflowTracker(Tracker):
             client.update_run(run.info.run_id, status="RUNNING")
             params = {k: v for k, v in params.items() if k not in run.data.params}
         self.run_id = run.info.run_id
-        self._client = client
+        self._client: MlflowClient | None = client  # None once finished: later calls are no-ops
         self._steps = _Steps()
         self._metrics: list = []
         self._tags: dict[str, str] = {}
@@ -466,10 +466,12 @@ class MlflowTracker(Tracker):
             for name, st in (event.get("stages") or {}).items():
                 self._tags[_key(f"llmforge.stage.{name}")] = str(st)
             self._flush()
+            assert self._client is not None  # on_event checked it, under the lock
             self._client.set_terminated(self.run_id, status=_STATUS.get(status, "FAILED"), end_time=millis)
             self._final_status = status
 
     def _flush(self) -> None:
+        assert self._client is not None  # its callers check it, under the lock
         metrics, self._metrics = self._metrics, []
         tags, self._tags = [self._RunTag(k, _cut(v, _MAX_TAG_VALUE)) for k, v in self._tags.items()], {}
         self._last_flush = time.monotonic()
@@ -517,7 +519,7 @@ def missing_libraries(pipeline):
     problems = []
     for name, options in cfg.trackers.items():
         if isinstance(options, TensorBoardOptions):
-            modules = TensorBoardTracker.requires
+            modules: tuple[str, ...] = TensorBoardTracker.requires
         elif isinstance(options, MlflowOptions):
             modules = _modules_for(tracking_uri(options.tracking_uri, cfg.project_dir))
         else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import traceback
+from typing import TYPE_CHECKING, cast
 
 from textual.actions import SkipAction
 from textual.app import App, ComposeResult
@@ -35,6 +36,9 @@ from textual.widgets import Button, Footer, Static
 
 from llmforge.tui.state import AppState
 from llmforge.tui.widgets.tabs import AreaTabs
+
+if TYPE_CHECKING:  # the screens load on first visit (a broken one shows a placeholder)
+    from llmforge.tui.screens.config import ConfigScreen
 
 # Area -> "module:Class" of its screen. The order is the order of the keys 1..7.
 SCREENS = {
@@ -105,7 +109,7 @@ def _help_text(screen: Screen, area: str | None = None) -> str:
     """Plain words: each key and what it does, the app's first, then the area's (its `HELP` text and the
     descriptions of its bindings). No class names, no docstrings: those are written for programmers."""
     lines: list[str] = []
-    title = LABELS.get(area or getattr(screen, "area", ""), "")
+    title = LABELS.get(str(area or getattr(screen, "area", "")), "")
     own = [b for b in getattr(screen, "BINDINGS", []) if isinstance(b, Binding)]
     own += [Binding(*b) for b in getattr(screen, "BINDINGS", []) if isinstance(b, tuple)]
     about = getattr(screen, "HELP", "")
@@ -240,7 +244,7 @@ class LlmforgeApp(App):
                 self.exit()
             elif choice == "save":
                 # Saved: the Config screen quits (its `quit_after_save`); refused: it stays, and says why.
-                config = self.get_screen("area-config")
+                config = cast("ConfigScreen", self.get_screen("area-config"))
                 await self.action_show("config")
                 config.action_save(quit_after=True)
 

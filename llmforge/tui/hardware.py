@@ -76,6 +76,7 @@ class HardwareMonitor:
 
     def _gpus(self) -> list[Gpu]:
         nv = self._nvml
+        assert nv is not None  # sample() asks for GPUs only when NVML loaded
         out = []
         try:
             for i in range(nv.nvmlDeviceGetCount()):

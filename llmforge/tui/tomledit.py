@@ -163,7 +163,9 @@ def _set(table: Any, key: str, value: Any, typed: str | None) -> None:
         if found is not None and found[1] in found[0]:
             del found[0][found[1]]
         return
-    parent, last = _walk(table, key, create=True)
+    found = _walk(table, key, create=True)
+    assert found is not None  # with create, missing tables are added: there is always a place
+    parent, last = found
     # Assigning to an existing key keeps its line, indentation and trailing comment (tomlkit copies
     # the old item's trivia); a new key is added after the table's last key.
     parent[last] = _item(value, typed)

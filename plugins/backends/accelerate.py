@@ -44,6 +44,7 @@ class AccelerateBackend(LaunchingBackend):
     name = "accelerate"
     summary = "N processes per node on M nodes with accelerate (or torchrun): DDP, or FSDP from [backend.fsdp]."
     Options = AccelerateBackendOptions
+    settings: AccelerateBackendOptions  # Backend(settings) is handed its own Options (the type narrowed)
 
     @property
     def fsdp(self):

@@ -26,6 +26,7 @@ class DeepSpeedBackend(LaunchingBackend):
     name = "deepspeed"
     summary = "Like accelerate, with DeepSpeed ZeRO 1/2/3, offload and ZeRO++ from [backend.deepspeed]."
     Options = DeepSpeedBackendOptions
+    settings: DeepSpeedBackendOptions  # Backend(settings) is handed its own Options (the type narrowed)
 
     @property
     def ds(self):

@@ -138,7 +138,8 @@ def _precision_sections(precision: str) -> dict:
         return {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
     # Both sections are written, one on and one off, so that the stored JSON says which precision ran.
     # The HF Trainer checks them against its own bf16/fp16 arguments and refuses a mismatch.
-    out = {"bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"}}
+    out: dict[str, dict[str, Any]] = {"bf16": {"enabled": precision == "bf16"},
+                                      "fp16": {"enabled": precision == "fp16"}}
     if precision == "fp16":
         # fp16 overflows without loss scaling; 0 is DeepSpeed's dynamic scaler (written out to be plain).
         out["fp16"]["loss_scale"] = 0
@@ -374,8 +375,8 @@ def parse_deepspeed_config(config: dict, *, micro_batch: int, grad_accum: int, w
                          hint="DeepSpeed's config reference: https://www.deepspeed.ai/docs/config-json/") from None
     except (AssertionError, ValueError, TypeError, KeyError) as exc:
         message = str(exc) or type(exc).__name__
-        key = _key_in_message(filled, message)
-        raise UsageError(f"{where}{key + ': ' if key else ''}DeepSpeed rejects the config: {message}") from None
+        named = _key_in_message(filled, message)
+        raise UsageError(f"{where}{named + ': ' if named else ''}DeepSpeed rejects the config: {message}") from None
 
 
 def validate_deepspeed_config(config: dict, *, micro_batch: int, grad_accum: int, world_size: int,

@@ -38,7 +38,7 @@ def launcher_exit_codes(launch: Launch) -> dict[int, int]:
         text = (launch.logs / "launcher.log").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return {}
-    found = {}
+    found: dict[int, int] = {}  # rank -> exit code
     for m in re.finditer(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", text):
         found.setdefault(int(m.group(1)), int(m.group(2)))
     return found

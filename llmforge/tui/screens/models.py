@@ -235,7 +235,7 @@ escape stops an answer (or leaves the field), ctrl+r starts a new conversation."
         self.entries: list[ModelEntry] = []
 
     def compose(self) -> ComposeResult:
-        table = DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
+        table: DataTable[str] = DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
         for label, key in (("kind", "kind"), ("name", "name"), ("size", "size"), ("run", "run"),
                            ("stage", "stage"), ("from", "from")):
             table.add_column(label, key=key)

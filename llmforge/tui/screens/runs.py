@@ -17,6 +17,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.text import Text
 from textual import work
@@ -206,7 +207,7 @@ class LossChart(Vertical):
         super().__init__(**kw)
         self.series: list[Series] = []
         self.chart_title = "loss"
-        self._plot = None
+        self._plot: Any = None  # a PlotextPlot, or a Static without the plot extra (hasattr "plt" tells)
 
     def compose(self) -> ComposeResult:
         self.border_title = self.chart_title
@@ -263,7 +264,7 @@ the highlighted run, or of the two marked runs on the same axes."""
         self._charted: tuple[str, ...] = ()
 
     def compose(self) -> ComposeResult:
-        table = DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
+        table: DataTable[str | Text] = DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
         for label, key in zip(LABELS, COLUMNS):
             table.add_column(label, key=key)
         yield table

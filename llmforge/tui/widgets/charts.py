@@ -8,6 +8,8 @@ Without textual-plotext installed it falls back to textual's Sparkline.
 
 from __future__ import annotations
 
+from typing import Any
+
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Static
@@ -40,7 +42,8 @@ class MetricChart(Vertical):
         self.title = title
         self.data: tuple[list[float], list[float]] = ([], [])
         self.plotted = False  # whether the plot holds data (else the "waiting" text shows)
-        self._plot = None
+        # a PlotextPlot, or a Sparkline without the plot extra: duck-typed below (hasattr "plt")
+        self._plot: Any = None
 
     def compose(self) -> ComposeResult:
         self.border_title = self.title

@@ -70,7 +70,9 @@ def _annotation(model: type[BaseModel], dotted: str) -> Any:
     """The annotation of a flattened option (`lora.r`: the field `r` of the model behind `lora`)."""
     *parents, last = dotted.split(".")
     for part in parents:
-        model = _submodel(model.model_fields[part].annotation)
+        sub = _submodel(model.model_fields[part].annotation)
+        assert sub is not None, dotted  # options are flattened only through nested models
+        model = sub
     return model.model_fields[last].annotation
 
 
@@ -205,11 +207,12 @@ class OptionsForm(Vertical):
         for spec in self.fields:
             widget = self.editor(spec.name)
             if isinstance(widget, Select):
-                index = widget.value
-                out[spec.name] = (UNSET if index is Select.NULL else spec.choices[index], None)
+                index = widget.selection  # the chosen option's index, None when blank
+                out[spec.name] = (UNSET if index is None else spec.choices[index], None)
             elif isinstance(widget, TextArea):
                 out[spec.name] = (widget.text if widget.text.strip() else UNSET, None)
             else:
+                assert isinstance(widget, Input), spec.name  # editor() makes one of the three
                 text = widget.value
                 kind = spec.kind
                 value = parse_text(text, kind)
