@@ -83,7 +83,8 @@ def make_model(folder: Path, size: str, data: Path) -> None:
     from llmforge_plugins.training.models import model_config, prepare_tokenizer, train_tokenizer
 
     template = resolve_template("chatml", load_registry().chat_templates)
-    texts = [m["content"] for line in open(data / "train.jsonl") for m in json.loads(line)["messages"]]
+    with open(data / "train.jsonl") as fh:
+        texts = [m["content"] for line in fh for m in json.loads(line)["messages"]]
     tok = train_tokenizer(texts, 2048, template)
     torch.manual_seed(0)
     model = LlamaForCausalLM(model_config(size, len(tok), 1024, {}, tok))
@@ -249,7 +250,7 @@ def heldout_loss(model_path: str, data: Path, max_len: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for line in open(data / "heldout.jsonl"):
+        for line in (data / "heldout.jsonl").read_text().splitlines():
             msgs = json.loads(line)["messages"]
             ids = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"][:max_len]
             t = torch.tensor([ids])
@@ -343,9 +344,10 @@ def main() -> int:
         ]
         for name, r in runs.items():
             lines.append(f"| {name} | {r['steps']} | {r['trained_tokens']} | {r['train_seconds']:.1f} | "
-                         f"{r['tokens_per_s']:.0f} ({r['spread'][0]:.0f}-{r['spread'][1]:.0f}) | {r['tokens_per_s'] / base:.2f} | {r['heldout_loss']:.3f} |")
+                         f"{r['tokens_per_s']:.0f} ({r['spread'][0]:.0f}-{r['spread'][1]:.0f}) | "
+                         f"{r['tokens_per_s'] / base:.2f} | {r['heldout_loss']:.3f} |")
         lines += ["",
-                  f"- `same` against `trl`, effective settings compared field by field: "
+                  "- `same` against `trl`, effective settings compared field by field: "
                   + ("identical" if not same_diff else "DIFFERENT: " + "; ".join(same_diff)),
                   f"- identical settings: ratio {same_ratio:.2f} (goal >= 0.98): "
                   f"{'met' if same_ratio >= 0.98 and not same_diff else 'NOT met'}",

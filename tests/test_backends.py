@@ -1,8 +1,8 @@
 """Backends on CPU: a tiny SFT under `accelerate` on 2 real gloo processes follows the 1-process loss curve
 (same global batch), stops at the same step on every rank and resumes in one process; two "nodes" of one
-process each on localhost complete a run; and the generated files (accelerate YAML, DeepSpeed JSON, node scripts, Slurm file) are what accelerate,
-DeepSpeed and bash accept. `[backend]` errors name their key. (A killed rank is tested in test_watchdog.py, together with the
-watchdog: it kills the rank the watchdog caught hanging.)
+process each on localhost complete a run; and the generated files (accelerate YAML, DeepSpeed JSON, node
+scripts, Slurm file) are what accelerate, DeepSpeed and bash accept. `[backend]` errors name their key. (A killed
+rank is tested in test_watchdog.py, together with the watchdog: it kills the rank the watchdog caught hanging.)
 
 Everything runs for real: `llmforge run` in a subprocess, accelerate launch / torchrun, the HF Trainer.
 """
@@ -236,7 +236,8 @@ def test_accelerate_yaml_is_read_by_accelerate_with_the_fsdp_settings(tmp_path, 
 
     _, stage_dir, files = _prepared(tmp_path, base, {
         "type": "accelerate", "num_processes": 2, "main_process_port": 29555,
-        "fsdp": {"enabled": True, "sharding_strategy": strategy, "cpu_offload": True, "activation_checkpointing": True}},
+        "fsdp": {"enabled": True, "sharding_strategy": strategy, "cpu_offload": True,
+                 "activation_checkpointing": True}},
         nodes=2)
     config = load_config_from_file(str(stage_dir / "accelerate.yaml"))
     assert config.distributed_type.value == "FSDP"
@@ -245,7 +246,8 @@ def test_accelerate_yaml_is_read_by_accelerate_with_the_fsdp_settings(tmp_path, 
     assert fsdp["fsdp_version"] == version and fsdp["fsdp_reshard_after_forward"] == reshard
     assert fsdp["fsdp_offload_params"] is True and fsdp["fsdp_activation_checkpointing"] is True
     # auto-wrap without a class list: accelerate wraps the model's own decoder layers (_no_split_modules)
-    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and "fsdp_transformer_layer_cls_to_wrap" not in fsdp
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp
     assert [p.name for p in files] == ["accelerate.yaml", "launch-node-0.sh", "launch-node-1.sh", "slurm.sbatch"]
 
 
@@ -339,7 +341,8 @@ def test_deepspeed_backend_stores_a_validated_config_for_the_trainer(tmp_path, b
     assert stored["zero_optimization"]["offload_param"] == {"device": "cpu"}
     assert stage_dir / "deepspeed.json" in files
     # each process's Trainer gets it through TrainingArguments(deepspeed=...)
-    assert backend.trainer_args(type("C", (), {"stage_dir": stage_dir})()) == {"deepspeed": str(stage_dir / "deepspeed.json")}
+    context = type("C", (), {"stage_dir": stage_dir})()
+    assert backend.trainer_args(context) == {"deepspeed": str(stage_dir / "deepspeed.json")}
 
 
 def _failed_launch(tmp_path: Path, records: dict[int, dict], launcher_log: str = ""):

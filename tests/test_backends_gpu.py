@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 import pytest
+
 from training_data import PRETRAIN, SFT, write_data
 
 pytestmark = pytest.mark.gpu

@@ -166,7 +166,7 @@ def _check(root, line: str) -> str | None:
         tokens = line.split()[1:]
     tokens = [t.strip("[]") for t in tokens]
     cmd, path = root, []
-    for i, tok in enumerate(tokens):
+    for tok in tokens:
         if not tok:
             continue
         if tok.startswith("-"):

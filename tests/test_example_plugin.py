@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -115,7 +116,7 @@ def test_pipeline_greets_the_names_a_shell_stage_wrote(hello, project):
     latest = json.loads(project.run("status", "--json").stdout)
     greeted = latest["stages"]["greet"]["artifacts"]["files"]["path"]
     assert (run_dir.parent / latest["id"]).is_dir()
-    assert open(f"{greeted}/greetings.txt").read() == "Hi, Ada!\nHi, Grace!\n"
+    assert Path(greeted, "greetings.txt").read_text() == "Hi, Ada!\nHi, Grace!\n"
 
 
 def test_help_with_it_installed_stays_light(hello):

@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, until
 from rich.text import Text
-from training_data import PRETRAIN, write_data
 
+from conftest import run_cli, until
 from llmforge.runs import STOP_REQUEST, RunStore, lock_is_live, read_lock, request
 from llmforge.tui.app import SCREENS, LlmforgeApp, PlaceholderScreen
 from llmforge.tui.follow import EventTail, RunModel, Series
 from llmforge.tui.state import AppState
+from training_data import PRETRAIN, write_data
 
 SIZE = (110, 34)
 

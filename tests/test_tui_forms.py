@@ -10,8 +10,8 @@ import asyncio
 import json
 
 import pytest
-from conftest import until
 
+from conftest import until
 from llmforge.tui import tomledit
 from llmforge.tui.tomledit import UNSET, Edit
 

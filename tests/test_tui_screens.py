@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import _env, until
 from pydantic import Field
 from rich.console import Console
 
+from conftest import _env, until
 from llmforge import hookimpl
 from llmforge.stage import Stage, StageOptions
 from llmforge.tui.screens.runs import COLUMNS
@@ -346,13 +346,13 @@ def model_runs(tmp_path_factory):
     """A run that merges a tiny Llama (passthrough of its two layers: the same weights) and exports the
     merge to an F32 GGUF with the parity check: one HF model and one GGUF with its scorecard."""
     import torch
-    from llmforge_plugins.chat_templates import BUILTIN_TEMPLATES
-    from llmforge_plugins.training.models import model_config, train_tokenizer
     from transformers import LlamaForCausalLM
 
     from llmforge.pipeline import load_pipeline
     from llmforge.plugins import load_registry
     from llmforge.runner import RunRequest, run_pipeline
+    from llmforge_plugins.chat_templates import BUILTIN_TEMPLATES
+    from llmforge_plugins.training.models import model_config, train_tokenizer
 
     root = tmp_path_factory.mktemp("models")
     chatml = next(t for t in BUILTIN_TEMPLATES if t.name == "chatml")
@@ -390,7 +390,6 @@ outtype = "f32"
 
 def test_models_screen_shows_lineage_the_scorecard_and_chats_with_hf_and_gguf(model_runs):
     from llmforge.tui.widgets.text import terminal_safe
-
     from llmforge_plugins.gguf.chat import open_engine, reply
 
     root, run, tiny = model_runs

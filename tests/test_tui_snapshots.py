@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Annotated
 
 import pytest
-from conftest import until
 from pydantic import Field
 
+from conftest import until
 from llmforge import hookimpl
 from llmforge.errors import DataError
 from llmforge.runs import STOP_REQUEST, request
@@ -182,9 +182,8 @@ def _model_dir(folder: Path, vocab: int, tokenizer=None) -> None:
 
 def train_tokenizer(corpus: Path, vocab: int):
     """A tokenizer exactly as the pretrain stage trains one (byte-level BPE reserving chatml's tokens)."""
-    from llmforge_plugins.training.models import train_tokenizer as pretrain_tokenizer
-
     from llmforge.chat import apply_template, resolve_template
+    from llmforge_plugins.training.models import train_tokenizer as pretrain_tokenizer
 
     template = resolve_template("chatml", registry().chat_templates)
     docs = [d for d in corpus.read_text(encoding="utf-8").split("\n\n") if d.strip()]
