@@ -162,11 +162,10 @@ def test_training_loop_and_plan_take_the_same_decision():
 
 def test_lion_and_profiling_in_a_real_stage(project):
     """An in-process pretrain stage with optimizer = lion and profile = true: loss falls, trace written."""
-    from training_data import PRETRAIN, write_data
-
     from llmforge.pipeline import load_pipeline
     from llmforge.runner import RunRequest, run_pipeline
     from llmforge.testing import load_test_registry
+    from training_data import PRETRAIN, write_data
 
     write_data(project.root)
     project.write(PRETRAIN.format(steps=12) + 'optimizer = "lion"\nprofile = true\nlearning_rate = 3e-3\n'
