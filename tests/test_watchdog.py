@@ -55,7 +55,7 @@ class StallingSft(Stage):
 
         tokenizer = models.load_tokenizer(o.model)
         model = models.load_model(o.model)
-        template = resolve_template(o.template, tokenizer, base_dir=ctx.project_dir)
+        template = resolve_template(o.template, ctx.registry.chat_templates, tokenizer, base_dir=ctx.project_dir)
         rows = common.load_rows(o.data, ctx, expect=("chat",)).rows
         train, _ = common.tokenize_split(ctx, rows, "chat", tokenizer, template, o)
         training = factory.build_trainer(factory.SFT, ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
