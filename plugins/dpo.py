@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field
 
 from llmforge.data import DataOptions
-from llmforge.stage import Input, Stage
+from llmforge.stage import Input, Produced, Stage, StageContext
 from llmforge_plugins.training.options import LoraOptions, TemplateChecks, TrainOptions, adapter_outputs
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class DpoStage(TemplateChecks, Stage):
 
         return trained_shape(options, env.shape_of("model"))
 
-    def run(self, o: DpoOptions, ctx) -> None:
+    def run(self, o: DpoOptions, ctx: StageContext) -> Produced | None:
         from llmforge.chat import resolve_template
         from llmforge_plugins.training import common, factory, loop, models
 
@@ -81,3 +81,4 @@ class DpoStage(TemplateChecks, Stage):
         if margins:
             ctx.info["reward_margin_first"], ctx.info["reward_margin_last"] = margins[0], margins[-1]
         common.save_outputs(ctx, trainer, tokenizer, template, o.lora, o.merge)
+        return ctx.published

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field
 
 from llmforge.data import DataOptions
-from llmforge.stage import Input, Stage, StageOptions
+from llmforge.stage import Input, Produced, Stage, StageContext, StageOptions
 from llmforge_plugins.training.options import TemplateChecks, TrainOptions
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ class PretrainStage(TemplateChecks, Stage):
 
         return pretrain_shape(options, env)
 
-    def run(self, o: PretrainOptions, ctx) -> None:
+    def run(self, o: PretrainOptions, ctx: StageContext) -> Produced | None:
         from llmforge.chat import resolve_template
         from llmforge_plugins.training import common, factory, loop, models
 
@@ -91,3 +91,4 @@ class PretrainStage(TemplateChecks, Stage):
             return
         common.save_outputs(ctx, training.trainer, tokenizer, template, None, False)
         outcome.record(ctx)
+        return ctx.published

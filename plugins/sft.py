@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field
 
 from llmforge.data import DataOptions
-from llmforge.stage import Input, Stage
+from llmforge.stage import Input, Produced, Stage, StageContext
 from llmforge_plugins.training.options import LoraOptions, TemplateChecks, TrainOptions, adapter_outputs
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class SftStage(TemplateChecks, Stage):
 
         return trained_shape(options, env.shape_of("model"))
 
-    def run(self, o: SftOptions, ctx) -> None:
+    def run(self, o: SftOptions, ctx: StageContext) -> Produced | None:
         from llmforge.chat import resolve_template
         from llmforge_plugins.training import common, factory, loop, models
 
@@ -71,3 +71,4 @@ class SftStage(TemplateChecks, Stage):
             return
         common.save_outputs(ctx, training.trainer, tokenizer, template, o.lora, o.merge)
         outcome.record(ctx)
+        return ctx.published

@@ -80,11 +80,13 @@ class AppState:
                         cached = (st.st_mtime_ns, st.st_size, json.load(fh))
                 except (OSError, ValueError):
                     continue  # being replaced right now: next time
+                if not isinstance(cached[2], dict):
+                    continue  # not a manifest (`llmforge runs list` names it damaged)
                 self._manifests[path] = cached
             out.append(RunInfo(entry.name, Path(entry.path), cached[2]))
         for gone in set(self._manifests) - seen:
             del self._manifests[gone]
-        out.sort(key=lambda r: (r.manifest.get("created", 0), r.id))
+        out.sort(key=lambda r: (r.record.created or 0, r.id))
         return out
 
     def latest_run(self, of_config: bool = False) -> RunInfo | None:
