@@ -102,7 +102,7 @@ steps = 2
 def run(path: Path, **request):
     registry = load_registry(extra=[("emit-plugin", EmitPlugin())])
     pipe = load_pipeline(path, registry=registry)
-    return run_pipeline(pipe, RunRequest(**request), registry)
+    return run_pipeline(pipe, RunRequest(**request), registry=registry)
 
 
 def accumulator(log_dir: Path):
