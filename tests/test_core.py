@@ -33,10 +33,9 @@ def make_ctx(tmp_path: Path, events: list) -> StageContext:
 def test_artifact_is_published_only_when_complete(tmp_path):
     events: list = []
     ctx = make_ctx(tmp_path, events)
-    with pytest.raises(RuntimeError):
-        with ctx.artifact("model") as out:
-            (out / "half.bin").write_bytes(b"x")
-            raise RuntimeError("crash while writing")
+    with pytest.raises(RuntimeError), ctx.artifact("model") as out:
+        (out / "half.bin").write_bytes(b"x")
+        raise RuntimeError("crash while writing")
     arts = tmp_path / "stages" / "s" / "artifacts"
     assert not (arts / "model").exists() and list(arts.iterdir()) == []
 
