@@ -139,8 +139,8 @@ def print_evaluation(report: dict, path: Path, out) -> None:
                       f"{g['same_greedy']}/{g['questions']} held-out questions")
         for row in g.get("scorecard", []):
             out.print(f"gguf: {row['file']}: {row['bytes'] / 1e6:.1f} MB, {row['bpw']:.1f} bits/weight, top-1 token "
-                      f"agreement with the model {row['top1']:.1%} of held-out positions, mean KL {row['mean_kld']:.4f}",
-                      highlight=False)
+                      f"agreement with the model {row['top1']:.1%} of held-out positions, "
+                      f"mean KL {row['mean_kld']:.4f}", highlight=False)
         if g.get("chat"):
             out.print(f"gguf: chat with {g['chat']['file']}: {g['chat']['question']!r} -> {g['chat']['answer']!r}",
                       highlight=False)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -91,7 +91,7 @@ class DemoEvalStage(Stage):
         probe: dict | None = None
         for i, (label, path) in enumerate(models):
             if ctx.should_stop():
-                return
+                return ctx.published  # stopped: recorded as such, nothing published yet
             model, tok, stops = _load(path)
             prompts = [_chat_prompt(tok, it["question"]) for it in items]
             answers[label], ended = _generate(model, tok, prompts, stops, o.max_new_tokens, o.batch_size)
@@ -120,7 +120,7 @@ class DemoEvalStage(Stage):
             ctx.progress(i + 1, len(models), unit="model")
             del model
 
-        report = {
+        report: dict[str, Any] = {
             "items": len(items),
             "models": {label: str(path) for label, path in models},
             "results": results,

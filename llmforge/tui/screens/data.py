@@ -137,8 +137,8 @@ def histogram(lengths: list[int], limit: int | None = None, bins: int = 10, widt
         over = "  > max_length" if limit is not None and lo > limit else ""
         lines.append(f"{lo:>{label_w}}-{hi:<{label_w}} │{bar} {count}{over}")
     if limit is not None:
-        over = sum(1 for n in lengths if n > limit)
-        lines.append(f"longer than {limit}: {over} rows ({100 * over / len(lengths):.1f}%)")
+        longer = sum(1 for n in lengths if n > limit)
+        lines.append(f"longer than {limit}: {longer} rows ({100 * longer / len(lengths):.1f}%)")
     return "\n".join(lines)
 
 
@@ -264,7 +264,8 @@ folder), then load. Trained tokens show in green, masked ones dimmed; lengths an
     BINDINGS = [
         Binding("ctrl+l", "load", "Load", tooltip="read (and tokenize) the data"),
         Binding("ctrl+o", "pick_data", "Pick data", tooltip="choose the data file"),
-        Binding("ctrl+t", "pick_model", "Pick tokenizer", tooltip="choose a model of your runs, or a folder, for the tokenizer"),
+        Binding("ctrl+t", "pick_model", "Pick tokenizer",
+                tooltip="choose a model of your runs, or a folder, for the tokenizer"),
     ]
 
     DEFAULT_CSS = """

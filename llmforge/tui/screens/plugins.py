@@ -66,13 +66,13 @@ load with their error. Highlight a row to see its details."""
         self.loaded = False
 
     def compose(self) -> ComposeResult:
-        plugins = DataTable(id="plugins-table", cursor_type="row", zebra_stripes=True)
+        plugins: DataTable[str] = DataTable(id="plugins-table", cursor_type="row", zebra_stripes=True)
         for label, key in (("plugin", "name"), ("distribution", "dist"), ("version", "version"),
                            ("provides", "provides"), ("hooks", "hooks")):
             plugins.add_column(label, key=key)
         yield plugins
         yield Static("load errors", id="plugins-errors-title")
-        errors = DataTable(id="plugins-errors", cursor_type="row")
+        errors: DataTable[str | Text] = DataTable(id="plugins-errors", cursor_type="row")
         for label, key in (("plugin", "plugin"), ("distribution", "dist"), ("error", "error")):
             errors.add_column(label, key=key)
         yield errors

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -21,6 +22,9 @@ from textual.widgets import DataTable, Static
 
 from llmforge.tui.state import AppState
 from llmforge.tui.widgets.text import fmt_duration, styled
+
+if TYPE_CHECKING:
+    from llmforge.tui.app import LlmforgeApp
 
 STATUS_EVERY_S = 1.0
 HARDWARE_EVERY_S = 2.0
@@ -65,7 +69,8 @@ def _raw_stages(config) -> list[StageRow]:
         raw = read_toml(config)
     except Exception:  # noqa: BLE001 - unreadable: the problem is already reported
         return []
-    entries = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    stages = raw.get("stages")
+    entries = stages if isinstance(stages, list) else []
     return [StageRow(str(e.get("name", f"#{i}")), str(e.get("uses", "?")), i)
             for i, e in enumerate(entries) if isinstance(e, dict)]
 
@@ -91,7 +96,8 @@ Runs start in the background: they go on when you quit."""
         Binding("v", "validate", "Validate", tooltip="check forge.toml again, as llmforge validate does"),
         Binding("r", "run", "Run", tooltip="start a run and follow it in the Monitor"),
         Binding("e", "resume", "Resume", tooltip="resume the last interrupted run"),
-        Binding("f", "run_from", "Run from stage", tooltip="run again from the highlighted stage (it and the stages after it)"),
+        Binding("f", "run_from", "Run from stage",
+                tooltip="run again from the highlighted stage (it and the stages after it)"),
     ]
 
     def __init__(self, app_state: AppState) -> None:
@@ -107,7 +113,7 @@ Runs start in the background: they go on when you quit."""
     def compose(self) -> ComposeResult:
         yield Static(self._head_text(), id="proj-head")
         with Horizontal(id="proj-body"):
-            table = DataTable(id="proj-stages", cursor_type="row", zebra_stripes=True)
+            table: DataTable[str] = DataTable(id="proj-stages", cursor_type="row", zebra_stripes=True)
             for col in ("stage", "kind", "status", "time", "needs", "problems"):
                 table.add_column(col, key=col)
             yield table
@@ -174,7 +180,8 @@ Runs start in the background: they go on when you quit."""
         else:
             panel.display = False
             if not quiet:
-                self.notify(f"{self.state.config_path.name}: valid, {len(view.stages)} stages")
+                name = self.state.config_path.name if self.state.config_path else "forge.toml"
+                self.notify(f"{name}: valid, {len(view.stages)} stages")
         self._update_head()
 
     # -- status and hardware ---------------------------------------------------------------------------
@@ -226,7 +233,7 @@ Runs start in the background: they go on when you quit."""
                 continue
             st = stages.get(row.name)
             status = info.stage_status(row.name) if st else "pending"
-            if status == "running" and st.get("started"):
+            if st and status == "running" and st.get("started"):
                 took = fmt_duration(now - st["started"])
             else:
                 took = fmt_duration(st.get("duration")) if st else "-"
@@ -299,7 +306,8 @@ Runs start in the background: they go on when you quit."""
             raise
         finally:
             self.app.call_from_thread(self._launch_done)
-        self.app.call_from_thread(self._launched, started)
+        # mypy cannot solve textual's `T | Awaitable[T]` for a coroutine function; textual awaits it
+        self.app.call_from_thread(self._launched, started)  # type: ignore[arg-type]
 
     def _launch_done(self) -> None:
         self.launching = False
@@ -308,7 +316,7 @@ Runs start in the background: they go on when you quit."""
     async def _launched(self, started) -> None:
         self.state.selected_run = started.run_id
         self.notify(f"run {started.run_id} started (pid {started.pid}); it goes on if the TUI closes")
-        await self.app.action_show("monitor")
+        await cast("LlmforgeApp", self.app).action_show("monitor")
 
 
 def _stage_index(where: str) -> int | None:
