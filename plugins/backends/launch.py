@@ -298,7 +298,8 @@ def slurm_script(ctx: Any, launch: Launch, num_nodes: int, per_node: int) -> str
         output = f"#SBATCH --output={sbatch_quote(folder.replace('%', '%%') + '/slurm-%j.out')}"
     return "\n".join([
         "#!/usr/bin/env bash",
-        f"# llmforge: stage {ctx.stage_name!r} of run {ctx.run_id} on {num_nodes} node(s) x {per_node} process(es).",
+        f"# llmforge: stage {ctx.stage_name!r} of run {ctx.run_id} "
+        f"on {num_nodes} node(s) x {per_node} process(es).",
         "# Submit with `sbatch` from a login node that sees the run folder at the same path as the compute nodes.",
         "# It starts the stage's processes only: rank 0 writes the artifacts, the checkpoints and",
         "# launch/events.jsonl; the run's manifest is written by `llmforge run` (see docs/scaling.md).",
