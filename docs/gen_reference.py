@@ -136,13 +136,12 @@ def _stages(reg) -> list[str]:
     out.append("| kind | summary | produces | plugin |")
     out.append("|---|---|---|---|")
     for kind in kinds:
-        entry = reg.stages[kind]
-        out.append(f"| [`{kind}`](#{kind}) | {_text(entry.cls.summary)} | "
-                   f"{', '.join(f'`{k}`' for k in entry.cls.produces)} | {entry.plugin} |")
+        cls = reg.stages[kind]  # the table holds the Stage subclass; the plugin that registered it is its owner
+        out.append(f"| [`{kind}`](#{kind}) | {_text(cls.summary)} | "
+                   f"{', '.join(f'`{k}`' for k in cls.produces)} | {reg.owner('stages', kind)} |")
     out.append("")
     for kind in kinds:
-        entry = reg.stages[kind]
-        cls = entry.cls
+        cls = reg.stages[kind]
         out += [f"### `{kind}`", "", f"**{_text(cls.summary)}**", ""]
         own_doc = cls.__dict__.get("__doc__")
         doc = own_doc or sys.modules[cls.__module__].__doc__
@@ -152,7 +151,7 @@ def _stages(reg) -> list[str]:
         if cls.outputs is not Stage.outputs:
             para.append("Which of these it writes depends on its options (the stage's `outputs()`; "
                         "[training.md](../training.md) lists them for the training stages).")
-        para.append(f"Plugin: `{entry.plugin}`. Stage version: `{cls.version}`.")
+        para.append(f"Plugin: `{reg.owner('stages', kind)}`. Stage version: `{cls.version}`.")
         if cls.cache_libraries:
             para.append(f"Library versions in the cache key: {', '.join(f'`{n}`' for n in cls.cache_libraries)}.")
         out += [" ".join(para), ""]

@@ -57,9 +57,9 @@ def test_reference_covers_every_builtin_stage_template_format_and_tracker():
 
     text = (DOCS / "reference" / "stages.md").read_text(encoding="utf-8")
     reg = load_registry(env="")
-    for kind, entry in reg.stages.items():
+    for kind, cls in reg.stages.items():
         assert f"### `{kind}`" in text
-        for opt in describe_options(entry.cls.Options):
+        for opt in describe_options(cls.Options):
             assert f"| `{opt.name}` |" in text, f"{kind}: option {opt.name} is not in the reference"
     for table in ("chat_templates", "readers", "row_formats", "trackers"):
         for name in getattr(reg, table):
