@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
@@ -37,9 +38,10 @@ def build_app() -> typer.Typer:
     @app.callback(invoke_without_command=True)
     def root(
         ctx: typer.Context,
-        version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                     help="Print the version and exit."),
-        debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+        version: Annotated[
+            bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        ] = False,
+        debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
     ) -> None:
         """llmforge: a local-first workbench for training language models."""
         if ctx.invoked_subcommand is None:  # no arguments, in a terminal
