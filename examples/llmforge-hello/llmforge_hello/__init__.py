@@ -23,13 +23,16 @@ def register_stages(register):
 def register_commands(cli):
     # typer is imported here, not at the top: llmforge's core must stay importable without any UI
     # library, and this module is imported whenever plugins load, CLI or not.
+    from typing import Annotated
+
     import typer
 
+    # Parameters as Annotated[type, typer.Option(...)] = default, as llmforge's own commands declare them.
     @cli.command("hello")
     def hello(
-        name: str = typer.Argument("world", help="Who to greet."),
-        greeting: str = typer.Option("Hello", "--greeting", "-g", help="The word to greet with."),
-        times: int = typer.Option(1, "--times", "-n", min=1, help="How many times."),
+        name: Annotated[str, typer.Argument(help="Who to greet.")] = "world",
+        greeting: Annotated[str, typer.Option("--greeting", "-g", help="The word to greet with.")] = "Hello",
+        times: Annotated[int, typer.Option("--times", "-n", min=1, help="How many times.")] = 1,
     ) -> None:
         """Print greetings, exactly as the hello stage would write them."""
         from llmforge_hello.stage import greetings
