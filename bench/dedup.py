@@ -42,7 +42,7 @@ NGRAM = 5
 
 
 def _grams(ids) -> set:
-    return {tuple(ids[i:i + NGRAM]) for i in range(len(ids) - NGRAM + 1)}
+    return {tuple(ids[i : i + NGRAM]) for i in range(len(ids) - NGRAM + 1)}
 
 
 def generate(path: Path, n: int, seed: int = 0) -> dict:
@@ -114,6 +114,7 @@ with open(src, encoding="utf-8") as fh, open(out, "w", encoding="utf-8") as kept
         kept.write(json.dumps(row) + "\n")
 """
 
+
 def scores(removed: set[int], truth: dict) -> tuple[float, float, int]:
     """(recall, precision, true duplicates) of a set of removed line numbers."""
     dups = {line for line, _ in truth["near"] + truth["decoys"] if truth["similarity"][str(line)] >= THRESHOLD}
@@ -132,6 +133,7 @@ def _has_datasketch() -> str | None:
 
 def main() -> int:
     from measure import load_line, machine_line  # CPU model, flags and load in every section
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=200_000)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/llmforge-bench-dedup"))
@@ -147,12 +149,28 @@ def main() -> int:
     llmforge = shutil.which("llmforge", path=str(Path(sys.executable).parent))
     lf_cmd = [llmforge] if llmforge else [sys.executable, "-m", "llmforge"]
     out, reasons = root / "out-llmforge.jsonl", root / "removed-llmforge.jsonl"
-    lf_wall, lf_rss = measure([*lf_cmd, "data", "filter", str(corpus), str(out), "--step", "near_dedup",
-                               "--set", f"threshold={THRESHOLD}", "--reasons", str(reasons)])
+    lf_wall, lf_rss = measure(
+        [
+            *lf_cmd,
+            "data",
+            "filter",
+            str(corpus),
+            str(out),
+            "--step",
+            "near_dedup",
+            "--set",
+            f"threshold={THRESHOLD}",
+            "--reasons",
+            str(reasons),
+        ]
+    )
     lf_removed = {int(json.loads(x)["source"].rsplit(":", 1)[1]) for x in reasons.read_text().splitlines()}
     lf_recall, lf_precision, n_dups = scores(lf_removed, truth)
-    print(f"llmforge: {lf_wall:.1f} s, {args.docs / lf_wall:,.0f} docs/s, peak RSS {lf_rss / MB:.0f} MB, "
-          f"recall {lf_recall:.3f}, precision {lf_precision:.3f}", flush=True)
+    print(
+        f"llmforge: {lf_wall:.1f} s, {args.docs / lf_wall:,.0f} docs/s, peak RSS {lf_rss / MB:.0f} MB, "
+        f"recall {lf_recall:.3f}, precision {lf_precision:.3f}",
+        flush=True,
+    )
 
     ds_version = _has_datasketch()
     rows = [("`llmforge data filter --step near_dedup`", lf_wall, lf_rss, lf_recall, lf_precision, len(lf_removed))]
@@ -161,10 +179,21 @@ def main() -> int:
         ds_wall, ds_rss = measure([sys.executable, "-c", BASELINE, str(corpus), str(ds_out), str(ds_removed_file)])
         ds_removed = {int(x) for x in ds_removed_file.read_text().split()}
         ds_recall, ds_precision, _ = scores(ds_removed, truth)
-        print(f"datasketch: {ds_wall:.1f} s, {args.docs / ds_wall:,.0f} docs/s, peak RSS {ds_rss / MB:.0f} MB, "
-              f"recall {ds_recall:.3f}, precision {ds_precision:.3f}", flush=True)
-        rows.append((f"datasketch {ds_version} `MinHashLSH` (baseline)", ds_wall, ds_rss, ds_recall, ds_precision,
-                     len(ds_removed)))
+        print(
+            f"datasketch: {ds_wall:.1f} s, {args.docs / ds_wall:,.0f} docs/s, peak RSS {ds_rss / MB:.0f} MB, "
+            f"recall {ds_recall:.3f}, precision {ds_precision:.3f}",
+            flush=True,
+        )
+        rows.append(
+            (
+                f"datasketch {ds_version} `MinHashLSH` (baseline)",
+                ds_wall,
+                ds_rss,
+                ds_recall,
+                ds_precision,
+                len(ds_removed),
+            )
+        )
     sims = [v for k, v in truth["similarity"].items()]
     lines = [
         f"- {machine_line()}, one run each",
@@ -180,18 +209,22 @@ def main() -> int:
         "|---|---|---|---|---|---|---|",
     ]
     for name, wall, rss, recall, precision, removed in rows:
-        lines.append(f"| {name} | {wall:.1f} s | {args.docs / wall:,.0f} | {rss / MB:.0f} MB | {removed:,} | "
-                     f"{recall:.3f} | {precision:.3f} |")
+        lines.append(
+            f"| {name} | {wall:.1f} s | {args.docs / wall:,.0f} | {rss / MB:.0f} MB | {removed:,} | "
+            f"{recall:.3f} | {precision:.3f} |"
+        )
     ok = True
     if ds_version:
         fast = lf_wall <= ds_wall
         same_recall = lf_recall >= ds_recall - 0.005
         ok = fast and same_recall
-        lines += ["", f"- at least as fast as the baseline: {'met' if fast else 'NOT met'} "
-                      f"({ds_wall / lf_wall:.1f} × its docs/s)",
-                  f"- with the same recall: {'met' if same_recall else 'NOT met'} "
-                  f"({lf_recall:.3f} against {ds_recall:.3f})",
-                  f"- peak RSS: {lf_rss / ds_rss:.2f} × the baseline's"]
+        lines += [
+            "",
+            f"- at least as fast as the baseline: {'met' if fast else 'NOT met'} "
+            f"({ds_wall / lf_wall:.1f} × its docs/s)",
+            f"- with the same recall: {'met' if same_recall else 'NOT met'} ({lf_recall:.3f} against {ds_recall:.3f})",
+            f"- peak RSS: {lf_rss / ds_rss:.2f} × the baseline's",
+        ]
     else:
         lines += ["", "- datasketch is not installed (`pip install datasketch`): no baseline"]
     print("\n".join(lines))
@@ -208,8 +241,9 @@ def _write(path: Path, body: str) -> None:
     if "<!-- bench:dedup -->" not in text:
         # _update appends unknown sections under the start-up heading: give this one its own first
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(text.rstrip() + "\n\n## Deduplication (bench/dedup.py)\n\n<!-- bench:dedup -->\n"
-                                       "<!-- /bench:dedup -->\n")
+        tmp.write_text(
+            text.rstrip() + "\n\n## Deduplication (bench/dedup.py)\n\n<!-- bench:dedup -->\n<!-- /bench:dedup -->\n"
+        )
         os.replace(tmp, path)
     _update(path, "dedup", body)
 

@@ -50,8 +50,16 @@ _measure = _sibling("measure")
 measure, machine_line, load_line = _measure.measure, _measure.machine_line, _measure.load_line
 
 MB = 1e6
-BASE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=5,
-            num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False)
+BASE = dict(
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=5,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
 
 QUANTIZE = r"""
 import sys
@@ -65,8 +73,12 @@ def shape(scale: float) -> dict:
     def width(value: int, step: int, least: int) -> int:
         return max(least, int(round(value * scale / step)) * step)
 
-    return {**BASE, "hidden_size": width(1024, 64, 64), "intermediate_size": width(2816, 32, 128),
-            "vocab_size": width(32000, 64, 2048)}
+    return {
+        **BASE,
+        "hidden_size": width(1024, 64, 64),
+        "intermediate_size": width(2816, 32, 128),
+        "vocab_size": width(32000, 64, 2048),
+    }
 
 
 def generate(root: Path, scale: float, src: Path | None) -> dict:
@@ -74,8 +86,11 @@ def generate(root: Path, scale: float, src: Path | None) -> dict:
     byte-level BPE), written once and reused."""
     tokenizer = "gpt-2" if src is not None else "trained"
     marker = root / "generated.json"
-    if marker.exists() and json.loads(marker.read_text()).get("scale") == scale \
-            and json.loads(marker.read_text()).get("tokenizer") == tokenizer:
+    if (
+        marker.exists()
+        and json.loads(marker.read_text()).get("scale") == scale
+        and json.loads(marker.read_text()).get("tokenizer") == tokenizer
+    ):
         return json.loads(marker.read_text())
     import torch
     from safetensors.torch import save_file
@@ -98,13 +113,20 @@ def generate(root: Path, scale: float, src: Path | None) -> dict:
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in LlamaForCausalLM(cfg).state_dict().items()}
     gen = torch.Generator().manual_seed(0)
-    tensors = {n: (torch.ones(s) if n.endswith("norm.weight") else torch.randn(s, generator=gen) * 0.02)
-               for n, s in shapes.items()}
+    tensors = {
+        n: (torch.ones(s) if n.endswith("norm.weight") else torch.randn(s, generator=gen) * 0.02)
+        for n, s in shapes.items()
+    }
     save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
     cfg.save_pretrained(str(model))
-    info = {"scale": scale, "tokenizer": tokenizer, "shape": dims, "params": sum(t.numel() for t in tensors.values()),
-            "largest_tensor_bytes": max(t.numel() for t in tensors.values()) * 4,
-            "model_bytes": (model / "model.safetensors").stat().st_size}
+    info = {
+        "scale": scale,
+        "tokenizer": tokenizer,
+        "shape": dims,
+        "params": sum(t.numel() for t in tensors.values()),
+        "largest_tensor_bytes": max(t.numel() for t in tensors.values()) * 4,
+        "model_bytes": (model / "model.safetensors").stat().st_size,
+    }
     marker.write_text(json.dumps(info))
     return info
 
@@ -119,11 +141,18 @@ def _tokenizer(path: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<|im_end|>", "<|im_start|>", "<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
-                            pad_token="<|endoftext|>").save_pretrained(str(path))
+    tok.train_from_iterator(
+        texts,
+        trainer=trainers.BpeTrainer(
+            vocab_size=1000,
+            special_tokens=["<|im_end|>", "<|im_start|>", "<|endoftext|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|endoftext|>"
+    ).save_pretrained(str(path))
 
 
 def find_converter(explicit: str | None) -> Path | None:
@@ -150,7 +179,8 @@ def identical(a: Path, b: Path) -> bool:
     ta = {t.name: t for t in gguf.GGUFReader(str(a)).tensors}
     tb = {t.name: t for t in gguf.GGUFReader(str(b)).tensors}
     return sorted(ta) == sorted(tb) and all(
-        ta[n].tensor_type == tb[n].tensor_type and bytes(ta[n].data) == bytes(tb[n].data) for n in ta)
+        ta[n].tensor_type == tb[n].tensor_type and bytes(ta[n].data) == bytes(tb[n].data) for n in ta
+    )
 
 
 def main() -> int:
@@ -158,8 +188,11 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/llmforge-bench-gguf"))
     ap.add_argument("--scale", type=float, default=1.0, help="width factor of the generated model (1.0: ~0.5 GB)")
     ap.add_argument("--runs", type=int, default=1, help="runs of each, interleaved; the median is reported")
-    ap.add_argument("--llama-cpp-src", help="llama.cpp source folder (default: $LLMFORGE_LLAMA_CPP_SRC, else "
-                                            "llama-cpp-python's source distribution, downloaded once)")
+    ap.add_argument(
+        "--llama-cpp-src",
+        help="llama.cpp source folder (default: $LLMFORGE_LLAMA_CPP_SRC, else "
+        "llama-cpp-python's source distribution, downloaded once)",
+    )
     ap.add_argument("--write", type=Path, help="update this markdown file's gguf section")
     args = ap.parse_args()
     root = args.dir.resolve()
@@ -216,22 +249,31 @@ def main() -> int:
         "|---|---|---|",
         f"| `llmforge gguf export --outtype f16` | {cell('llmforge', 0, 1, 's')} | {cell('llmforge', 1, MB, 'MB')} |",
     ]
-    goals = [f"peak RSS under 1.5 × largest tensor + 300 MB = {budget / MB:.0f} MB: "
-             f"{'met' if lf_rss <= budget else 'NOT met'} ({lf_rss / MB:.0f} MB)"]
+    goals = [
+        f"peak RSS under 1.5 × largest tensor + 300 MB = {budget / MB:.0f} MB: "
+        f"{'met' if lf_rss <= budget else 'NOT met'} ({lf_rss / MB:.0f} MB)"
+    ]
     ok = lf_rss <= budget
     if results["llama.cpp"]:
         lc_wall, lc_rss = med("llama.cpp", 0), med("llama.cpp", 1)
-        lines.append(f"| llama.cpp `convert_hf_to_gguf.py --outtype f16` | {cell('llama.cpp', 0, 1, 's')} | "
-                     f"{cell('llama.cpp', 1, MB, 'MB')} |")
-        goals.insert(0, f"no slower than llama.cpp's converter: {'met' if lf_wall <= lc_wall else 'NOT met'} "
-                        f"({lf_wall / lc_wall:.2f} × its time, {lf_rss / lc_rss:.2f} × its peak RSS)")
+        lines.append(
+            f"| llama.cpp `convert_hf_to_gguf.py --outtype f16` | {cell('llama.cpp', 0, 1, 's')} | "
+            f"{cell('llama.cpp', 1, MB, 'MB')} |"
+        )
+        goals.insert(
+            0,
+            f"no slower than llama.cpp's converter: {'met' if lf_wall <= lc_wall else 'NOT met'} "
+            f"({lf_wall / lc_wall:.2f} × its time, {lf_rss / lc_rss:.2f} × its peak RSS)",
+        )
         goals.append(f"the two F16 files hold byte-identical tensors: {'yes' if identical(ours, theirs) else 'NO'}")
         ok = ok and lf_wall <= lc_wall
     else:
         lines.append("| llama.cpp `convert_hf_to_gguf.py` | not run (no --llama-cpp-src) | |")
     if results["quantize"]:
-        lines.append(f"| quantize F16 -> Q4_K_M (`quantize_gguf`) | {cell('quantize', 0, 1, 's')} | "
-                     f"{cell('quantize', 1, MB, 'MB')} |")
+        lines.append(
+            f"| quantize F16 -> Q4_K_M (`quantize_gguf`) | {cell('quantize', 0, 1, 's')} | "
+            f"{cell('quantize', 1, MB, 'MB')} |"
+        )
     else:
         lines.append("| quantize F16 -> Q4_K_M | not run (no llmforge_plugins.gguf.quantize) | |")
     lines += [""] + [f"- {g}" for g in goals]

@@ -24,8 +24,9 @@ sys.stderr.write("\n@@measured " + json.dumps({"wall": wall, "maxrss": usage.ru_
 
 def measure(cmd: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in bytes) of one command, as the OS reports them for its process."""
-    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     head, _, tail = proc.stderr.rpartition("@@measured ")
     if not tail:
         raise SystemExit(f"{' '.join(cmd)}: no measurement\n{proc.stderr[-3000:]}")
@@ -52,8 +53,12 @@ def cpu_info() -> dict:
     from llmforge import hardware
 
     flags = hardware.cpu_flags()
-    return {"model": hardware.cpu_model(), "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags],
-            "python": platform.python_version()}
+    return {
+        "model": hardware.cpu_model(),
+        "cores": os.cpu_count(),
+        "flags": [f for f in CPU_FLAGS if f in flags],
+        "python": platform.python_version(),
+    }
 
 
 def machine_line() -> str:
@@ -62,8 +67,10 @@ def machine_line() -> str:
 
     c = cpu_info()
     flags = " ".join(c["flags"]) or "none of " + " ".join(CPU_FLAGS)
-    return (f"date: {time.strftime('%Y-%m-%d')}, CPU: {c['model']}, {c['cores']} cores, flags: {flags}, "
-            f"Python {c['python']}")
+    return (
+        f"date: {time.strftime('%Y-%m-%d')}, CPU: {c['model']}, {c['cores']} cores, flags: {flags}, "
+        f"Python {c['python']}"
+    )
 
 
 def load_line() -> str:
@@ -75,8 +82,9 @@ def load_line() -> str:
     except OSError:
         return "load average: unknown"
     cores = os.cpu_count() or 1
-    return (f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {cores} cores"
-            + (": the machine was shared, figures are not final" if five > cores * 0.75 else ""))
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {cores} cores" + (
+        ": the machine was shared, figures are not final" if five > cores * 0.75 else ""
+    )
 
 
 if __name__ == "__main__":

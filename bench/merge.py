@@ -40,10 +40,25 @@ from pathlib import Path
 from measure import load_line, machine_line, measure  # bench/ is the script's folder, first on sys.path
 
 MB = 1e6
-SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=5,
-             num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)
-SMALL = dict(SHAPE, vocab_size=4000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=4)
+SHAPE = dict(
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=5,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+SMALL = dict(
+    SHAPE,
+    vocab_size=4000,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+)
 SMALL_SHARD = "20M"  # parameters per output shard for the second mergekit baseline (80 MB in float32)
 
 
@@ -62,20 +77,25 @@ def generate(root: Path, shape: dict = SHAPE) -> dict:
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in LlamaForCausalLM(cfg).state_dict().items()}
     gen = torch.Generator().manual_seed(0)
-    base = {n: (torch.ones(s) if n.endswith("norm.weight") else torch.randn(s, generator=gen) * 0.02)
-            for n, s in shapes.items()}
+    base = {
+        n: (torch.ones(s) if n.endswith("norm.weight") else torch.randn(s, generator=gen) * 0.02)
+        for n, s in shapes.items()
+    }
     for name, noise in (("base", 0.0), ("ft1", 0.002), ("ft2", 0.002)):
         d = root / name
         d.mkdir(exist_ok=True)
-        tensors = {n: (t + torch.randn(t.shape, generator=gen) * noise).contiguous() if noise else t
-                   for n, t in base.items()}
+        tensors = {
+            n: (t + torch.randn(t.shape, generator=gen) * noise).contiguous() if noise else t for n, t in base.items()
+        }
         save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
         cfg.save_pretrained(str(d))
         _tokenizer(d)
         del tensors
-    info = {"params": sum(_numel(s) for s in shapes.values()),
-            "largest_tensor_bytes": max(_numel(s) for s in shapes.values()) * 4,
-            "model_bytes": (root / "base" / "model.safetensors").stat().st_size}
+    info = {
+        "params": sum(_numel(s) for s in shapes.values()),
+        "largest_tensor_bytes": max(_numel(s) for s in shapes.values()) * 4,
+        "model_bytes": (root / "base" / "model.safetensors").stat().st_size,
+    }
     marker.write_text(json.dumps(info))
     return info
 
@@ -95,14 +115,16 @@ def _tokenizer(path: Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
-        str(path))
+        str(path)
+    )
 
 
 def recipes(root: Path) -> tuple[Path, Path]:
     toml = root / "ties.toml"
-    toml.write_text(textwrap.dedent(f"""\
+    toml.write_text(
+        textwrap.dedent(f"""\
         method = "ties"
-        base = "{root / 'base'}"
+        base = "{root / "base"}"
         dtype = "float32"
 
         [parameters]
@@ -110,26 +132,29 @@ def recipes(root: Path) -> tuple[Path, Path]:
         normalize = true
 
         [[models]]
-        model = "{root / 'ft1'}"
+        model = "{root / "ft1"}"
         parameters = {{ weight = 1.0 }}
 
         [[models]]
-        model = "{root / 'ft2'}"
+        model = "{root / "ft2"}"
         parameters = {{ weight = 1.0 }}
-        """))
+        """)
+    )
     yml = root / "ties.yml"
-    yml.write_text(textwrap.dedent(f"""\
+    yml.write_text(
+        textwrap.dedent(f"""\
         merge_method: ties
-        base_model: {root / 'base'}
+        base_model: {root / "base"}
         models:
-          - model: {root / 'ft1'}
+          - model: {root / "ft1"}
             parameters: {{density: 0.5, weight: 1.0}}
-          - model: {root / 'ft2'}
+          - model: {root / "ft2"}
             parameters: {{density: 0.5, weight: 1.0}}
         parameters:
           normalize: true
         dtype: float32
-        """))
+        """)
+    )
     return toml, yml
 
 
@@ -225,11 +250,14 @@ def main() -> int:
 
     def cell(name):
         walls, rss = [r[0] for r in results[name]], [r[1] / MB for r in results[name]]
+
         def spread(xs, f):
             return f" ({f(min(xs))}-{f(max(xs))})" if len(xs) > 1 else ""
 
-        return (f"{statistics.median(walls):.1f} s{spread(walls, lambda x: f'{x:.1f}')} | "
-                f"{statistics.median(rss):.0f} MB{spread(rss, lambda x: f'{x:.0f}')}")
+        return (
+            f"{statistics.median(walls):.1f} s{spread(walls, lambda x: f'{x:.1f}')} | "
+            f"{statistics.median(rss):.0f} MB{spread(rss, lambda x: f'{x:.0f}')}"
+        )
 
     out_bytes = sum(p.stat().st_size for p in (root / "out-llmforge").glob("*.safetensors"))
     shard = max(p.stat().st_size for p in (root / "out-llmforge").glob("*.safetensors"))
@@ -250,28 +278,34 @@ def main() -> int:
         f"| I/O floor (read the 3 inputs, write 1 model) | {cell('io')} |",
         f"| `llmforge merge` | {cell('llmforge')} |",
     ]
-    goals = [f"peak RSS within 3 × largest tensor + output shard + 300 MB = {budget / MB:.0f} MB: "
-             f"{'met' if lf_rss <= budget else 'NOT met'} ({lf_rss / MB:.0f} MB; without the shard, which "
-             f"llmforge never holds, the bound is {(budget - shard) / MB:.0f} MB: "
-             f"{'met' if lf_rss <= budget - shard else 'not met'})"]
+    goals = [
+        f"peak RSS within 3 × largest tensor + output shard + 300 MB = {budget / MB:.0f} MB: "
+        f"{'met' if lf_rss <= budget else 'NOT met'} ({lf_rss / MB:.0f} MB; without the shard, which "
+        f"llmforge never holds, the bound is {(budget - shard) / MB:.0f} MB: "
+        f"{'met' if lf_rss <= budget - shard else 'not met'})"
+    ]
     ok = lf_rss <= budget
     if results["mergekit"]:
         version = _version(mergekit)
-        lines.append(f"| `mergekit-yaml` (mergekit {version}, defaults: 5B parameters per shard) "
-                     f"| {cell('mergekit')} |")
+        lines.append(
+            f"| `mergekit-yaml` (mergekit {version}, defaults: 5B parameters per shard) | {cell('mergekit')} |"
+        )
         lines.append(f"| `mergekit-yaml --out-shard-size {SMALL_SHARD}` | {cell('mergekit-shards')} |")
         mk_wall, mk_rss = med("mergekit", 0), med("mergekit", 1)
         sh_wall, sh_rss = med("mergekit-shards", 0), med("mergekit-shards", 1)
         diff, share = compare(root / "out-llmforge", root / "out-mergekit")
-        goals = [f"no slower than mergekit: {'met' if lf_wall <= min(mk_wall, sh_wall) else 'NOT met'} "
-                 f"({lf_wall / mk_wall:.2f} × its time with its defaults, {lf_wall / sh_wall:.2f} × with small shards)",
-                 f"at most half of mergekit's peak RSS: {'met' if lf_rss <= min(mk_rss, sh_rss) / 2 else 'NOT met'} "
-                 f"({lf_rss / mk_rss:.2f} × its RSS with its defaults, {lf_rss / sh_rss:.2f} × with small shards)",
-                 *goals,
-                 "llmforge's and mergekit's outputs are identical" if share == 0 else
-                 f"the two outputs differ in {share:.1e} of the elements (largest difference {diff:.2e}): "
-                 f"entries at the trim threshold, and entries whose task vectors cancel exactly (no elected "
-                 f"sign: llmforge keeps the base, mergekit one of the two)"]
+        goals = [
+            f"no slower than mergekit: {'met' if lf_wall <= min(mk_wall, sh_wall) else 'NOT met'} "
+            f"({lf_wall / mk_wall:.2f} × its time with its defaults, {lf_wall / sh_wall:.2f} × with small shards)",
+            f"at most half of mergekit's peak RSS: {'met' if lf_rss <= min(mk_rss, sh_rss) / 2 else 'NOT met'} "
+            f"({lf_rss / mk_rss:.2f} × its RSS with its defaults, {lf_rss / sh_rss:.2f} × with small shards)",
+            *goals,
+            "llmforge's and mergekit's outputs are identical"
+            if share == 0
+            else f"the two outputs differ in {share:.1e} of the elements (largest difference {diff:.2e}): "
+            f"entries at the trim threshold, and entries whose task vectors cancel exactly (no elected "
+            f"sign: llmforge keeps the base, mergekit one of the two)",
+        ]
         ok = ok and lf_wall <= min(mk_wall, sh_wall) and lf_rss <= min(mk_rss, sh_rss) / 2
     else:
         lines.append("| `mergekit-yaml` | not installed | |")
@@ -289,9 +323,16 @@ def _version(mergekit_yaml: str) -> str:
     """mergekit's version, asked of the Python that runs mergekit-yaml (it may live in another venv)."""
     python = Path(mergekit_yaml).parent / "python"
     try:
-        out = subprocess.run([str(python) if python.exists() else sys.executable, "-c",
-                              "from importlib.metadata import version; print(version('mergekit'))"],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [
+                str(python) if python.exists() else sys.executable,
+                "-c",
+                "from importlib.metadata import version; print(version('mergekit'))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return out.stdout.strip() or "?"
     except (OSError, subprocess.TimeoutExpired):
         return "?"

@@ -41,6 +41,7 @@ def timed(cmd: list[str], runs: int) -> list[float]:
 
 def main() -> int:
     from measure import load_line, machine_line  # CPU model, flags and load in every section
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=21)
     ap.add_argument("--write", type=Path, help="update this markdown file's startup section")
@@ -94,8 +95,10 @@ def compare(baseline: Path, runs: int) -> int:
     print(f"- {load_line()}")
     for name, cmd in sides.items():
         ts = times[name]
-        print(f"- {name} (`{' '.join(cmd)}`): median {statistics.median(ts) * 1000:.0f} ms "
-              f"(min {min(ts) * 1000:.0f}, max {max(ts) * 1000:.0f})")
+        print(
+            f"- {name} (`{' '.join(cmd)}`): median {statistics.median(ts) * 1000:.0f} ms "
+            f"(min {min(ts) * 1000:.0f}, max {max(ts) * 1000:.0f})"
+        )
     ratio = statistics.median(times["this"]) / statistics.median(times["baseline"])
     print(f"- this / baseline: {ratio:.2f}")
     return 0
@@ -107,7 +110,7 @@ def _update(path: Path, name: str, body: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{start}\n{body}\n{end}"
     if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + f"\n\n## Start-up (`bench/startup.py`)\n\n{block}\n"
     tmp = path.with_suffix(".tmp")

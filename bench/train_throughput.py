@@ -39,11 +39,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-WORDS = [w for w in textwrap.dedent("""
+WORDS = [
+    w
+    for w in textwrap.dedent("""
     river stone market lantern orchard harbor signal copper meadow winter garden bridge thread
     canyon ledger pepper island engine silver forest candle window summer planet rocket violet
     shadow marble button feather kettle pocket ribbon saddle tunnel wagon anchor basket cellar
-    """).split()]
+    """).split()
+]
 
 
 def make_data(folder: Path, n_rows: int, seed: int) -> None:
@@ -61,8 +64,12 @@ def make_data(folder: Path, n_rows: int, seed: int) -> None:
             q_len = max(3, int(rng.lognormvariate(2.3, 0.6)))
             a_len = max(3, int(rng.lognormvariate(3.4, 0.9)))  # answers from a few words to a few hundred
             msgs.append({"role": "user", "content": sentence(q_len)})
-            msgs.append({"role": "assistant", "content": " ".join(sentence(rng.randint(5, 14))
-                                                                  for _ in range(max(1, a_len // 10)))})
+            msgs.append(
+                {
+                    "role": "assistant",
+                    "content": " ".join(sentence(rng.randint(5, 14)) for _ in range(max(1, a_len // 10))),
+                }
+            )
         return {"messages": msgs}
 
     with open(folder / "train.jsonl", "w") as f:
@@ -95,7 +102,7 @@ def make_model(folder: Path, size: str, data: Path) -> None:
 
 # Imported (through PYTHONPATH) by both sides' processes: when a trainer starts training, write its
 # effective TrainingArguments, and once its first step ran, whether the model recomputes activations.
-ARGDUMP = r'''
+ARGDUMP = r"""
 import json, os
 import transformers
 
@@ -124,16 +131,32 @@ def training_step(self, model, *a, **k):
 
 
 transformers.Trainer.train, transformers.Trainer.training_step = train, training_step
-'''
+"""
 
 # Fields that name places or logging, not how training runs.
-IGNORED_ARGS = {"output_dir", "logging_dir", "logging_steps", "logging_strategy", "logging_first_step",
-                "report_to", "disable_tqdm", "save_strategy", "save_steps", "save_total_limit", "run_name",
-                "eval_steps", "eval_strategy", "per_device_eval_batch_size", "hub_token", "push_to_hub_token"}
+IGNORED_ARGS = {
+    "output_dir",
+    "logging_dir",
+    "logging_steps",
+    "logging_strategy",
+    "logging_first_step",
+    "report_to",
+    "disable_tqdm",
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "run_name",
+    "eval_steps",
+    "eval_strategy",
+    "per_device_eval_batch_size",
+    "hub_token",
+    "push_to_hub_token",
+}
 
 
 def args_diff(a: dict, b: dict) -> list[str]:
     """The settings that differ between two dumps (TrainingArguments fields, then the model's state)."""
+
     def normal(d: dict) -> dict:
         d = dict(d)
         if d.get("data_seed") is None:  # None means "the seed"
@@ -156,7 +179,7 @@ def args_diff(a: dict, b: dict) -> list[str]:
     return out
 
 
-TRL_SCRIPT = r'''
+TRL_SCRIPT = r"""
 import json, sys, time
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -181,13 +204,16 @@ trainer.train()
 secs = time.monotonic() - t0
 trainer.save_model(out + "/final")
 print("RESULT " + json.dumps({"trained_tokens": trainer.useful, "train_seconds": secs}))
-'''
+"""
 
 
 def _env(work: Path, name: str) -> dict:
     (work / "argdump.py").write_text(ARGDUMP)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(work), os.environ.get("PYTHONPATH")])),
-            "BENCH_ARGS_DUMP": str(work / f"args-{name}.json")}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(work), os.environ.get("PYTHONPATH")])),
+        "BENCH_ARGS_DUMP": str(work / f"args-{name}.json"),
+    }
 
 
 def _dumped(work: Path, name: str) -> dict:
@@ -199,26 +225,44 @@ def run_trl(name: str, model_dir: Path, data: Path, work: Path, steps: int, batc
     script.write_text("import argdump\n" + TRL_SCRIPT)
     out = work / f"{name}-out"
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, str(script), str(model_dir), str(data / "train.jsonl"), str(out),
-                          str(steps), str(batch), str(max_len)], capture_output=True, text=True,
-                         env=_env(work, name))
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(model_dir),
+            str(data / "train.jsonl"),
+            str(out),
+            str(steps),
+            str(batch),
+            str(max_len),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(work, name),
+    )
     if res.returncode != 0:
         raise SystemExit(f"TRL baseline failed:\n{res.stderr[-3000:]}")
     line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))
-    return {**json.loads(line[7:]), "wall_seconds": time.monotonic() - t0, "model": str(out / "final"),
-            "dump": _dumped(work, name)}
+    return {
+        **json.loads(line[7:]),
+        "wall_seconds": time.monotonic() - t0,
+        "model": str(out / "final"),
+        "dump": _dumped(work, name),
+    }
 
 
-def run_llmforge(name: str, model_dir: Path, data: Path, work: Path, steps: int, batch: int, max_len: int,
-                 extra: str) -> dict:
+def run_llmforge(
+    name: str, model_dir: Path, data: Path, work: Path, steps: int, batch: int, max_len: int, extra: str
+) -> dict:
     project = work / name
     project.mkdir()
-    (project / "forge.toml").write_text(textwrap.dedent(f"""
+    (project / "forge.toml").write_text(
+        textwrap.dedent(f"""
         [[stages]]
         name = "sft"
         uses = "sft"
         model = "{model_dir}"
-        data = {{ path = "{data / 'train.jsonl'}" }}
+        data = {{ path = "{data / "train.jsonl"}" }}
         template = "chatml"
         train_on = "all"
         max_steps = {steps}
@@ -226,19 +270,40 @@ def run_llmforge(name: str, model_dir: Path, data: Path, work: Path, steps: int,
         max_length = {max_len}
         log_every = 10
         seed = 0
-    """) + textwrap.dedent(extra))
+    """)
+        + textwrap.dedent(extra)
+    )
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, "-c", "import argdump, runpy; runpy.run_module('llmforge', "
-                          "run_name='__main__')", "run", "-c", str(project / "forge.toml")],
-                         capture_output=True, text=True, env=_env(work, name))
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import argdump, runpy; runpy.run_module('llmforge', run_name='__main__')",
+            "run",
+            "-c",
+            str(project / "forge.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(work, name),
+    )
     if res.returncode != 0:
         raise SystemExit(f"llmforge run ({name}) failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    status = json.loads(subprocess.run([sys.executable, "-m", "llmforge", "status", "--json", "--runs-dir",
-                                        str(project / "runs")], capture_output=True, text=True).stdout)
+    status = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "llmforge", "status", "--json", "--runs-dir", str(project / "runs")],
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     info = status["stages"]["sft"]["info"]
-    return {"trained_tokens": info["trained_tokens"], "train_seconds": info["train_seconds"],
-            "wall_seconds": time.monotonic() - t0, "model": status["stages"]["sft"]["artifacts"]["model"]["path"],
-            "dump": _dumped(work, name)}
+    return {
+        "trained_tokens": info["trained_tokens"],
+        "train_seconds": info["train_seconds"],
+        "wall_seconds": time.monotonic() - t0,
+        "model": status["stages"]["sft"]["artifacts"]["model"]["path"],
+        "dump": _dumped(work, name),
+    }
 
 
 def heldout_loss(model_path: str, data: Path, max_len: int) -> float:
@@ -343,19 +408,23 @@ def main() -> int:
             "|---|---|---|---|---|---|---|",
         ]
         for name, r in runs.items():
-            lines.append(f"| {name} | {r['steps']} | {r['trained_tokens']} | {r['train_seconds']:.1f} | "
-                         f"{r['tokens_per_s']:.0f} ({r['spread'][0]:.0f}-{r['spread'][1]:.0f}) | "
-                         f"{r['tokens_per_s'] / base:.2f} | {r['heldout_loss']:.3f} |")
-        lines += ["",
-                  "- `same` against `trl`, effective settings compared field by field: "
-                  + ("identical" if not same_diff else "DIFFERENT: " + "; ".join(same_diff)),
-                  f"- identical settings: ratio {same_ratio:.2f} (goal >= 0.98): "
-                  f"{'met' if same_ratio >= 0.98 and not same_diff else 'NOT met'}",
-                  f"- `auto` against `trl`: {budget:.2f} x its useful tokens, same learning rate schedule; "
-                  f"what differs: " + ("; ".join(auto_diff) or "nothing"),
-                  f"- llmforge auto vs TRL defaults: ratio {auto_ratio:.2f} (goal >= 1.5): "
-                  f"{'met' if auto_ratio >= 1.5 else 'NOT met'}; held-out loss {runs['auto']['heldout_loss']:.3f} vs "
-                  f"{runs['trl']['heldout_loss']:.3f}: {'no worse' if loss_ok else 'WORSE'}"]
+            lines.append(
+                f"| {name} | {r['steps']} | {r['trained_tokens']} | {r['train_seconds']:.1f} | "
+                f"{r['tokens_per_s']:.0f} ({r['spread'][0]:.0f}-{r['spread'][1]:.0f}) | "
+                f"{r['tokens_per_s'] / base:.2f} | {r['heldout_loss']:.3f} |"
+            )
+        lines += [
+            "",
+            "- `same` against `trl`, effective settings compared field by field: "
+            + ("identical" if not same_diff else "DIFFERENT: " + "; ".join(same_diff)),
+            f"- identical settings: ratio {same_ratio:.2f} (goal >= 0.98): "
+            f"{'met' if same_ratio >= 0.98 and not same_diff else 'NOT met'}",
+            f"- `auto` against `trl`: {budget:.2f} x its useful tokens, same learning rate schedule; "
+            f"what differs: " + ("; ".join(auto_diff) or "nothing"),
+            f"- llmforge auto vs TRL defaults: ratio {auto_ratio:.2f} (goal >= 1.5): "
+            f"{'met' if auto_ratio >= 1.5 else 'NOT met'}; held-out loss {runs['auto']['heldout_loss']:.3f} vs "
+            f"{runs['trl']['heldout_loss']:.3f}: {'no worse' if loss_ok else 'WORSE'}",
+        ]
         print("\n".join(lines))
         if args.write:
             from startup import _update

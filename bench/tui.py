@@ -93,9 +93,12 @@ def child_follow(project: str, run_id: str, seconds: float, history: int) -> Non
                 return
             if time.monotonic() - self.wall0 >= seconds:
                 wall = time.monotonic() - self.wall0
-                result.update(cpu_pct=100 * (_cpu() - self.cpu0) / wall, wall_s=wall,
-                              events=model.events_seen - self.seen0,
-                              points=len(mon.query_one("#chart-loss").data[0]))
+                result.update(
+                    cpu_pct=100 * (_cpu() - self.cpu0) / wall,
+                    wall_s=wall,
+                    events=model.events_seen - self.seen0,
+                    points=len(mon.query_one("#chart-loss").data[0]),
+                )
                 self.exit()
 
     Following(state, "monitor").run(headless=True, size=(120, 40))
@@ -133,8 +136,12 @@ def child_write(run_dir: str, rate: float, seconds: float) -> None:
 
 
 def _values(step: int) -> dict:
-    return {"loss": 4.0 / (1 + step / 500), "learning_rate": 3e-4, "grad_norm": 1.0 + (step % 7) / 10,
-            "tokens_per_s": 1000.0 + step % 50}
+    return {
+        "loss": 4.0 / (1 + step / 500),
+        "learning_rate": 3e-4,
+        "grad_norm": 1.0 + (step % 7) / 10,
+        "tokens_per_s": 1000.0 + step % 50,
+    }
 
 
 def _cpu() -> float:
@@ -154,17 +161,48 @@ def make_project(root: Path, history: int) -> str:
     run_id = "bench-run"
     d = root / "runs" / run_id
     d.mkdir(parents=True)
-    atomic_write_json(d / MANIFEST, {"id": run_id, "created": time.time(), "config_path": str(root / "forge.toml"),
-                                     "status": "running", "stages": {"train": {"uses": "shell", "status": "running"}}})
+    atomic_write_json(
+        d / MANIFEST,
+        {
+            "id": run_id,
+            "created": time.time(),
+            "config_path": str(root / "forge.toml"),
+            "status": "running",
+            "stages": {"train": {"uses": "shell", "status": "running"}},
+        },
+    )
     now = time.time()
     with open(d / EVENTS, "w") as fh:
-        fh.write(json.dumps({"type": "run_start", "time": now, "run": run_id, "stages": ["train"],
-                             "resume": False, "selected": ["train"]}) + "\n")
-        fh.write(json.dumps({"type": "stage_start", "time": now, "run": run_id, "stage": "train",
-                             "uses": "shell"}) + "\n")
+        fh.write(
+            json.dumps(
+                {
+                    "type": "run_start",
+                    "time": now,
+                    "run": run_id,
+                    "stages": ["train"],
+                    "resume": False,
+                    "selected": ["train"],
+                }
+            )
+            + "\n"
+        )
+        fh.write(
+            json.dumps({"type": "stage_start", "time": now, "run": run_id, "stage": "train", "uses": "shell"}) + "\n"
+        )
         for step in range(1, history - 1):
-            fh.write(json.dumps({"type": "metric", "time": now, "run": run_id, "stage": "train", "step": step,
-                                 "values": _values(step)}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "type": "metric",
+                        "time": now,
+                        "run": run_id,
+                        "stage": "train",
+                        "step": step,
+                        "values": _values(step),
+                    }
+                )
+                + "\n"
+            )
     (d / "bench.json").write_text(json.dumps({"step": history}))
     return run_id
 
@@ -173,8 +211,13 @@ def measure_paint(project: Path, runs: int) -> tuple[list[float], bool]:
     times, torch = [], False
     for _ in range(runs + 1):  # the first run warms the file cache and is dropped
         t = time.time()
-        out = subprocess.run([sys.executable, __file__, "--child-paint", str(project)], capture_output=True,
-                             text=True, check=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child-paint", str(project)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
         rec = json.loads(out.stdout.strip().splitlines()[-1])
         times.append(rec["painted"] - t)
         torch |= rec["torch"]
@@ -192,15 +235,18 @@ def compare_paint(python: Path, script: Path, runs: int) -> int:
         for i in range(runs + 1):  # the first round warms the caches and is dropped
             for name, cmd in sides.items():
                 t = time.time()
-                out = subprocess.run([*cmd, "--child-paint", tmp], capture_output=True, text=True, check=True,
-                                     timeout=120)
+                out = subprocess.run(
+                    [*cmd, "--child-paint", tmp], capture_output=True, text=True, check=True, timeout=120
+                )
                 if i:
                     times[name].append(json.loads(out.stdout.strip().splitlines()[-1])["painted"] - t)
     print(f"- {machine_line()}, {runs} interleaved runs each, Textual's headless driver")
     print(f"- {load_line()}")
     for name, ts in times.items():
-        print(f"- {name}: first paint median {statistics.median(ts) * 1000:.0f} ms "
-              f"(min {min(ts) * 1000:.0f}, max {max(ts) * 1000:.0f})")
+        print(
+            f"- {name}: first paint median {statistics.median(ts) * 1000:.0f} ms "
+            f"(min {min(ts) * 1000:.0f}, max {max(ts) * 1000:.0f})"
+        )
     print(f"- this / baseline: {statistics.median(times['this']) / statistics.median(times['baseline']):.2f}")
     return 0
 
@@ -217,12 +263,20 @@ def timed(cmd: list[str], runs: int) -> list[float]:
 def measure_follow(project: Path, run_id: str, rate: float, seconds: float, history: int) -> dict:
     run_dir = project / "runs" / run_id
     # The writer runs a little longer than the app follows: the app must see a live run throughout.
-    writer = subprocess.Popen([sys.executable, __file__, "--child-write", str(run_dir), str(rate),
-                               str(seconds + 60)], stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, __file__, "--child-write", str(run_dir), str(rate), str(seconds + 60)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert writer.stdout.readline().strip() == "writing"
-        out = subprocess.run([sys.executable, __file__, "--child-follow", str(project), run_id, str(seconds),
-                              str(history)], capture_output=True, text=True, check=True, timeout=seconds + 300)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child-follow", str(project), run_id, str(seconds), str(history)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 300,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         writer.terminate()
@@ -231,6 +285,7 @@ def measure_follow(project: Path, run_id: str, rate: float, seconds: float, hist
 
 def main() -> int:
     from measure import load_line, machine_line  # CPU model, flags and load in every section
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=20.0)
@@ -268,8 +323,10 @@ def main() -> int:
         if "<!-- bench:tui -->" not in (args.write.read_text() if args.write.exists() else ""):
             # _update appends missing sections under the start-up heading: give this one its own.
             with open(args.write, "a") as fh:
-                fh.write("\n## TUI (`bench/tui.py`)\n\nStart-up to first paint and CPU use while following a busy"
-                         " run. Goals: under 1 s, under 15 % of one core.\n\n<!-- bench:tui -->\n<!-- /bench:tui -->\n")
+                fh.write(
+                    "\n## TUI (`bench/tui.py`)\n\nStart-up to first paint and CPU use while following a busy"
+                    " run. Goals: under 1 s, under 15 % of one core.\n\n<!-- bench:tui -->\n<!-- /bench:tui -->\n"
+                )
         _update(args.write, "tui", "\n".join(lines))
     return 0 if paint_ok and cpu_ok else 1
 

@@ -137,8 +137,10 @@ def _stages(reg) -> list[str]:
     out.append("|---|---|---|---|")
     for kind in kinds:
         cls = reg.stages[kind]  # the table holds the Stage subclass; the plugin that registered it is its owner
-        out.append(f"| [`{kind}`](#{kind}) | {_text(cls.summary)} | "
-                   f"{', '.join(f'`{k}`' for k in cls.produces)} | {reg.owner('stages', kind)} |")
+        out.append(
+            f"| [`{kind}`](#{kind}) | {_text(cls.summary)} | "
+            f"{', '.join(f'`{k}`' for k in cls.produces)} | {reg.owner('stages', kind)} |"
+        )
     out.append("")
     for kind in kinds:
         cls = reg.stages[kind]
@@ -149,8 +151,10 @@ def _stages(reg) -> list[str]:
             out += [_doc(doc), ""]
         para = [f"Produces: {', '.join(f'`{k}`' for k in cls.produces) or 'nothing'}."]
         if cls.outputs is not Stage.outputs:
-            para.append("Which of these it writes depends on its options (the stage's `outputs()`; "
-                        "[training.md](../training.md) lists them for the training stages).")
+            para.append(
+                "Which of these it writes depends on its options (the stage's `outputs()`; "
+                "[training.md](../training.md) lists them for the training stages)."
+            )
         para.append(f"Plugin: `{reg.owner('stages', kind)}`. Stage version: `{cls.version}`.")
         if cls.cache_libraries:
             para.append(f"Library versions in the cache key: {', '.join(f'`{n}`' for n in cls.cache_libraries)}.")
@@ -161,50 +165,89 @@ def _stages(reg) -> list[str]:
 
 
 def _templates(reg) -> list[str]:
-    out = ["## Chat templates", "",
-           "Names for the `template` option of the training stages (and `--template` of "
-           "`llmforge data inspect`). `hash` is what run manifests record as `info.chat_template.hash`.", ""]
+    out = [
+        "## Chat templates",
+        "",
+        "Names for the `template` option of the training stages (and `--template` of "
+        "`llmforge data inspect`). `hash` is what run manifests record as `info.chat_template.hash`.",
+        "",
+    ]
     rows = []
     for name, t in reg.chat_templates.items():
-        rows.append([_code(name), _text(t.summary), _code(t.eos), _code(t.bos) if t.bos else "none",
-                     _code(t.pad) if t.pad else "none",
-                     ", ".join(_code(s) for s in t.special_tokens) or "none",
-                     ", ".join(_code(s) for s in t.stop) or "none", _code(t.hash)])
+        rows.append(
+            [
+                _code(name),
+                _text(t.summary),
+                _code(t.eos),
+                _code(t.bos) if t.bos else "none",
+                _code(t.pad) if t.pad else "none",
+                ", ".join(_code(s) for s in t.special_tokens) or "none",
+                ", ".join(_code(s) for s in t.stop) or "none",
+                _code(t.hash),
+            ]
+        )
     out += _table(["name", "summary", "eos", "bos", "pad", "special tokens", "extra stop strings", "hash"], rows)
     out.append("")
     for name, t in reg.chat_templates.items():
-        out += [f"<details><summary><code>{name}</code> source</summary>", "", "```jinja", t.source.rstrip("\n"),
-                "```", "", "</details>", ""]
+        out += [
+            f"<details><summary><code>{name}</code> source</summary>",
+            "",
+            "```jinja",
+            t.source.rstrip("\n"),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     return out
 
 
 def _data(reg) -> list[str]:
-    out = ["## Data readers", "",
-           "Tried in this order; the first reader that claims a path reads it "
-           "(see [data.md](../data.md)).", ""]
+    out = [
+        "## Data readers",
+        "",
+        "Tried in this order; the first reader that claims a path reads it (see [data.md](../data.md)).",
+        "",
+    ]
     rows = []
     for name, reader in reg.readers.items():
         cls = type(reader)
         suffixes = ", ".join(_code(s) for s in cls.suffixes) or "(a folder it recognises)"
         rows.append([_code(name), suffixes, _text(_doc(cls.__dict__.get("__doc__")).split("\n\n")[0])])
     out += _table(["reader", "file endings", "notes"], rows)
-    out += ["", "## Row formats", "",
-            "With `format = \"auto\"` the format is detected from the first row's columns: among the formats "
-            "whose columns are all present, one whose kind the stage can use wins, then the higher priority.", ""]
+    out += [
+        "",
+        "## Row formats",
+        "",
+        'With `format = "auto"` the format is detected from the first row\'s columns: among the formats '
+        "whose columns are all present, one whose kind the stage can use wins, then the higher priority.",
+        "",
+    ]
     rows = []
     for name, fmt in reg.row_formats.items():
         cls = type(fmt)
-        rows.append([_code(name), _code(cls.kind), ", ".join(_code(c) for c in cls.columns) or "none",
-                     str(cls.priority), _text(_doc(cls.__dict__.get("__doc__")))])
+        rows.append(
+            [
+                _code(name),
+                _code(cls.kind),
+                ", ".join(_code(c) for c in cls.columns) or "none",
+                str(cls.priority),
+                _text(_doc(cls.__dict__.get("__doc__"))),
+            ]
+        )
     out += _table(["format", "kind", "detected by the columns", "priority", "notes"], rows)
     out.append("")
     return out
 
 
 def _trackers(reg) -> list[str]:
-    out = ["## Trackers", "",
-           "Enabled in forge.toml's `[trackers]` table: `name = true` for the defaults, or `[trackers.name]` "
-           "with options (see [configuration.md](../configuration.md#trackers)).", ""]
+    out = [
+        "## Trackers",
+        "",
+        "Enabled in forge.toml's `[trackers]` table: `name = true` for the defaults, or `[trackers.name]` "
+        "with options (see [configuration.md](../configuration.md#trackers)).",
+        "",
+    ]
     for name, cls in reg.trackers.items():
         out += [f"### `{name}`", "", f"**{_text(cls.summary)}**", ""]
         doc = cls.__dict__.get("__doc__")
@@ -250,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = OUTPUT.read_text(encoding="utf-8") if OUTPUT.exists() else None
         if current != text:
-            print(f"{OUTPUT} is {'missing' if current is None else 'stale'}; run: python docs/gen_reference.py",
-                  file=sys.stderr)
+            print(
+                f"{OUTPUT} is {'missing' if current is None else 'stale'}; run: python docs/gen_reference.py",
+                file=sys.stderr,
+            )
             return 1
         print(f"{OUTPUT} is up to date")
         return 0

@@ -40,7 +40,7 @@ class Backend:
     def world_size(self) -> int:
         return self.settings.num_processes * self.settings.num_nodes
 
-    def check(self, cfg: Any) -> list["Problem"]:
+    def check(self, cfg: Any) -> list[Problem]:
         """Cheap preflight of the whole configuration (``llmforge validate`` and ``run``): settings that
         cannot work together, stages this backend cannot run as configured. No heavy imports, no launch.
         Problems carry key paths (``backend.num_processes``, ``stages[1].lora.merge``)."""
@@ -50,7 +50,7 @@ class Backend:
         """True when this backend starts the stage's processes itself; False runs it in this process."""
         return False
 
-    def launch(self, stage: Any, options: Any, ctx: "StageContext") -> None:
+    def launch(self, stage: Any, options: Any, ctx: StageContext) -> None:
         """Run one stage to its end (only called when ``handles`` said True).
 
         Relay the stage's events through ``ctx.emit`` (``artifact`` events mark what was published:
@@ -60,7 +60,7 @@ class Backend:
         """
         raise NotImplementedError(f"backend {self.name!r} does not launch stages")
 
-    def trainer_args(self, ctx: "StageContext") -> dict[str, Any]:
+    def trainer_args(self, ctx: StageContext) -> dict[str, Any]:
         """Extra ``TrainingArguments`` for a training stage running under this backend (for example
         ``deepspeed=<path to the JSON>``). Read by the built-in training loop in every process."""
         return {}
@@ -86,7 +86,9 @@ def _backend_rules(cls: type) -> None:
 
 # The extension point backends are registered through (declared by the core in llmforge.execution).
 BACKENDS = ExtensionPoint(
-    hook="register_backends", table="backends", label="backend",
+    hook="register_backends",
+    table="backends",
+    label="backend",
     doc="""Register backends: :class:`llmforge.backend.Backend` subclasses, how stages' processes are launched.
 
     ``[backend] type = "<name>"`` in forge.toml selects one; its ``Options`` (a subclass of

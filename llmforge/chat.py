@@ -21,9 +21,10 @@ import functools
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from llmforge.errors import UsageError
 from llmforge.extension import ExtensionPoint
@@ -80,8 +81,15 @@ class ChatTemplate:
 
     def to_json(self) -> dict:
         """The record kept in manifests and dataset cache keys (the source itself is in the artifact)."""
-        return {"name": self.name, "hash": self.hash, "eos": self.eos, "bos": self.bos, "pad": self.pad,
-                "special_tokens": list(self.special_tokens), "stop": list(self.stop)}
+        return {
+            "name": self.name,
+            "hash": self.hash,
+            "eos": self.eos,
+            "bos": self.bos,
+            "pad": self.pad,
+            "special_tokens": list(self.special_tokens),
+            "stop": list(self.stop),
+        }
 
 
 def _template(obj: Any) -> ChatTemplate:
@@ -92,13 +100,16 @@ def _template(obj: Any) -> ChatTemplate:
 
 # The extension point of named templates (declared by the core in llmforge.execution).
 CHAT_TEMPLATES = ExtensionPoint(
-    hook="register_chat_templates", table="chat_templates", label="chat template",
+    hook="register_chat_templates",
+    table="chat_templates",
+    label="chat template",
     doc="""Register named chat templates: :class:`llmforge.chat.ChatTemplate` instances.
 
     The name is what ``template = "<name>"`` selects in a training stage.
     """,
     validate=_template,
 )
+
 
 @dataclass
 class EncodedChat:
@@ -150,8 +161,9 @@ def _environment():
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationBlock, loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -169,8 +181,12 @@ def _source_of(template: ChatTemplate | str) -> tuple[str, str]:
     return str(template), "(inline)"
 
 
-def render(template: ChatTemplate | str, messages: Sequence[Mapping[str, Any]],
-           add_generation_prompt: bool = False, **kwargs: Any) -> str:
+def render(
+    template: ChatTemplate | str,
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = False,
+    **kwargs: Any,
+) -> str:
     """Render a conversation with a chat template, as `tokenizer.apply_chat_template(tokenize=False)`
     would with a tokenizer that carries the template (see `apply_template`).
 
@@ -192,7 +208,8 @@ def render(template: ChatTemplate | str, messages: Sequence[Mapping[str, Any]],
         compiled = _compile(source)
     except jinja2.TemplateSyntaxError as exc:
         raise ChatTemplateError(
-            f"chat template '{name}' has a syntax error at line {exc.lineno}: {exc.message}") from exc
+            f"chat template '{name}' has a syntax error at line {exc.lineno}: {exc.message}"
+        ) from exc
     try:
         return compiled.render(messages=msgs, add_generation_prompt=add_generation_prompt, **variables)
     except (jinja2.TemplateError, TypeError) as exc:  # TypeError: e.g. a str + list inside the template
@@ -217,21 +234,31 @@ def template_from_tokenizer(tokenizer: Any, name: str = "auto") -> ChatTemplate:
     where = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     if source is None:
         raise ChatTemplateError(
-            f"the tokenizer ({where}) has no chat template of its own, so template = \"auto\" cannot be used",
+            f'the tokenizer ({where}) has no chat template of its own, so template = "auto" cannot be used',
             hint='name one, e.g. template = "chatml" (see `llmforge plugins list` for the installed templates) '
-                 'or a .jinja file')
+            "or a .jinja file",
+        )
     eos = getattr(tokenizer, "eos_token", None)
     if not eos:
-        raise ChatTemplateError(f"the tokenizer ({where}) has a chat template but no EOS token",
-                                hint='use a named template such as template = "chatml", which brings its own')
+        raise ChatTemplateError(
+            f"the tokenizer ({where}) has a chat template but no EOS token",
+            hint='use a named template such as template = "chatml", which brings its own',
+        )
     eos = _turn_end(tokenizer, source) or str(eos)
     bos = getattr(tokenizer, "bos_token", None)
     pad = getattr(tokenizer, "pad_token", None)
     pad = str(pad) if pad and str(pad) != eos else None  # a pad equal to EOS would mask the EOS
     specials = [str(t) for t in getattr(tokenizer, "all_special_tokens", []) or []]
     used = tuple(t for t in specials if t in source and t not in (eos, bos, pad))
-    return ChatTemplate(name=name, source=source, eos=eos, bos=str(bos) if bos else None, pad=pad,
-                        special_tokens=used, summary=f"the chat template of {where}")
+    return ChatTemplate(
+        name=name,
+        source=source,
+        eos=eos,
+        bos=str(bos) if bos else None,
+        pad=pad,
+        special_tokens=used,
+        summary=f"the chat template of {where}",
+    )
 
 
 def _turn_end(tokenizer: Any, source: str) -> str | None:
@@ -250,7 +277,7 @@ def _turn_end(tokenizer: Any, source: str) -> str | None:
         return None  # a template that needs more than this probe: keep the tokenizer's EOS
     if not whole.startswith(prompt) or (at := whole.find("Hello there", len(prompt))) < 0:
         return None
-    after = whole[at + len("Hello there"):].lstrip(" ")
+    after = whole[at + len("Hello there") :].lstrip(" ")
     return next((t for t in specials if t and after.startswith(t)), None)
 
 
@@ -271,19 +298,26 @@ def load_template_file(path: str | Path, tokenizer: Any = None) -> ChatTemplate:
             raise ChatTemplateError(f"{path}: the llmforge header is not valid JSON: {exc}") from exc
         if not isinstance(meta, dict) or (unknown := set(meta) - _HEADER_KEYS):
             bad = sorted(unknown) if isinstance(meta, dict) else meta
-            raise ChatTemplateError(f"{path}: unknown keys in the llmforge header: {bad}",
-                                    hint=f"known keys: {', '.join(sorted(_HEADER_KEYS))}")
+            raise ChatTemplateError(
+                f"{path}: unknown keys in the llmforge header: {bad}",
+                hint=f"known keys: {', '.join(sorted(_HEADER_KEYS))}",
+            )
         for key, value in meta.items():
-            ok = (all(isinstance(v, str) for v in value) if isinstance(value, list) else False) \
-                if key in ("special_tokens", "stop") else isinstance(value, str)
+            ok = (
+                (all(isinstance(v, str) for v in value) if isinstance(value, list) else False)
+                if key in ("special_tokens", "stop")
+                else isinstance(value, str)
+            )
             if not ok:
                 want = "a list of strings" if key in ("special_tokens", "stop") else "a string"
                 raise ChatTemplateError(f"{path}: llmforge header: {key} must be {want}, not {value!r}")
     _compile_or_raise(source, str(path))
     eos = meta.get("eos") or (str(tokenizer.eos_token) if tokenizer is not None and tokenizer.eos_token else None)
     if not eos:
-        raise ChatTemplateError(f"{path}: cannot tell which token ends an assistant turn",
-                                hint='add a first line such as {#- llmforge: {"eos": "<|im_end|>"} -#}')
+        raise ChatTemplateError(
+            f"{path}: cannot tell which token ends an assistant turn",
+            hint='add a first line such as {#- llmforge: {"eos": "<|im_end|>"} -#}',
+        )
     bos = meta.get("bos")
     pad = meta.get("pad")
     if tokenizer is not None and "bos" not in meta and tokenizer.bos_token and str(tokenizer.bos_token) in source:
@@ -294,9 +328,16 @@ def load_template_file(path: str | Path, tokenizer: Any = None) -> ChatTemplate:
         if tokenizer is not None:
             specials += [str(t) for t in tokenizer.all_special_tokens if str(t) in source]
     specials = tuple(t for t in dict.fromkeys(specials) if t not in (eos, bos, pad))
-    return ChatTemplate(name=meta.get("name") or path.stem, source=source, eos=eos, bos=bos, pad=pad,
-                        special_tokens=specials, stop=tuple(meta.get("stop", ())),
-                        summary=meta.get("summary") or f"from {path}")
+    return ChatTemplate(
+        name=meta.get("name") or path.stem,
+        source=source,
+        eos=eos,
+        bos=bos,
+        pad=pad,
+        special_tokens=specials,
+        stop=tuple(meta.get("stop", ())),
+        summary=meta.get("summary") or f"from {path}",
+    )
 
 
 def _compile_or_raise(source: str, name: str) -> None:
@@ -312,8 +353,12 @@ def _looks_like_path(value: str) -> bool:
     return value.endswith((".jinja", ".j2", ".jinja2")) or "/" in value or "\\" in value
 
 
-def resolve_template(value: str | ChatTemplate | None, templates: Mapping[str, ChatTemplate],
-                     tokenizer: Any = None, base_dir: str | Path | None = None) -> ChatTemplate:
+def resolve_template(
+    value: str | ChatTemplate | None,
+    templates: Mapping[str, ChatTemplate],
+    tokenizer: Any = None,
+    base_dir: str | Path | None = None,
+) -> ChatTemplate:
     """Turn a stage's `template` option into a ChatTemplate.
 
     * None or "auto": the tokenizer's own template;
@@ -324,8 +369,10 @@ def resolve_template(value: str | ChatTemplate | None, templates: Mapping[str, C
         return value
     if value is None or value == "auto":
         if tokenizer is None:
-            raise ChatTemplateError('template = "auto" needs a tokenizer to take the template from',
-                                    hint='name one instead, e.g. template = "chatml"')
+            raise ChatTemplateError(
+                'template = "auto" needs a tokenizer to take the template from',
+                hint='name one instead, e.g. template = "chatml"',
+            )
         return template_from_tokenizer(tokenizer)
     value = str(value)
     if _looks_like_path(value):
@@ -342,8 +389,9 @@ def resolve_template(value: str | ChatTemplate | None, templates: Mapping[str, C
     names = sorted(templates)
     raise ChatTemplateError(
         f"unknown chat template '{value}'{did_you_mean(value, names)}",
-        hint=f"installed templates: {', '.join(names) or '(none)'}; or \"auto\" for the tokenizer's own, "
-             "or a path to a .jinja file")
+        hint=f'installed templates: {", ".join(names) or "(none)"}; or "auto" for the tokenizer\'s own, '
+        "or a path to a .jinja file",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,8 +416,10 @@ def apply_template(tokenizer: Any, template: ChatTemplate) -> int:
         current = getattr(tokenizer, "pad_token", None)
         pad = str(current) if current and str(current) != eos else DEFAULT_PAD
     if pad == eos:
-        raise ChatTemplateError(f"chat template '{template.name}' uses its EOS {eos!r} as pad token",
-                                hint="give the template a distinct pad token; padding is masked from the loss")
+        raise ChatTemplateError(
+            f"chat template '{template.name}' uses its EOS {eos!r} as pad token",
+            hint="give the template a distinct pad token; padding is masked from the loss",
+        )
     before = len(tokenizer)
     named: dict[str, str] = {"eos_token": eos, "pad_token": pad}
     if template.bos:
@@ -390,12 +440,12 @@ def _check_tokens(tokenizer: Any, template: ChatTemplate) -> None:
     stamp = (template.hash, len(tokenizer))
     if getattr(tokenizer, "_llmforge_checked", None) == stamp:
         return
-    broken = [t for t in template.required_tokens
-              if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
+    broken = [t for t in template.required_tokens if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
     if broken:
         raise ChatTemplateError(
-            f"the tokenizer does not hold the special tokens of chat template '{template.name}': "
-            f"{', '.join(broken)}", hint="call llmforge.chat.apply_template(tokenizer, template) first")
+            f"the tokenizer does not hold the special tokens of chat template '{template.name}': {', '.join(broken)}",
+            hint="call llmforge.chat.apply_template(tokenizer, template) first",
+        )
     tokenizer._llmforge_checked = stamp
 
 
@@ -404,8 +454,9 @@ def _check_tokens(tokenizer: Any, template: ChatTemplate) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def assistant_spans(template: ChatTemplate, messages: Sequence[Mapping[str, Any]], text: str | None = None,
-                    train_on: str = "assistant") -> list[tuple[int, int]]:
+def assistant_spans(
+    template: ChatTemplate, messages: Sequence[Mapping[str, Any]], text: str | None = None, train_on: str = "assistant"
+) -> list[tuple[int, int]]:
     """Character spans of `text` (the rendered conversation) that are trained.
 
     For an assistant message i the span starts where the rendering of messages[:i] with the
@@ -434,7 +485,8 @@ def assistant_spans(template: ChatTemplate, messages: Sequence[Mapping[str, Any]
                 f"chat template '{template.name}' renders {which} differently from the same turns inside the "
                 f"whole conversation (message {i}), so the assistant tokens cannot be located",
                 hint='use train_on = "all", or a template whose rendering of a conversation extends its '
-                     'rendering of every prefix (the built-in ones do)')
+                "rendering of every prefix (the built-in ones do)",
+            )
         start, end = len(prompt), len(through)
         turn = text[start:end]
         cut = turn.rfind(template.eos)
@@ -444,8 +496,13 @@ def assistant_spans(template: ChatTemplate, messages: Sequence[Mapping[str, Any]
     return spans
 
 
-def encode_chat(tokenizer: Any, template: ChatTemplate, messages: Sequence[Mapping[str, Any]],
-                max_length: int | None = None, train_on: str = "assistant") -> EncodedChat:
+def encode_chat(
+    tokenizer: Any,
+    template: ChatTemplate,
+    messages: Sequence[Mapping[str, Any]],
+    max_length: int | None = None,
+    train_on: str = "assistant",
+) -> EncodedChat:
     """Tokenize a conversation and label it for causal-LM training.
 
     `train_on`: "assistant" trains every assistant turn (its content and its end-of-turn token),
@@ -455,28 +512,45 @@ def encode_chat(tokenizer: Any, template: ChatTemplate, messages: Sequence[Mappi
     the tokenizer adds nothing. Longer sequences are cut on the right to `max_length`.
     """
     if not getattr(tokenizer, "is_fast", True):
-        raise ChatTemplateError("loss masking needs a fast tokenizer (character offsets); this one is slow",
-                                hint="load it with use_fast=True")
+        raise ChatTemplateError(
+            "loss masking needs a fast tokenizer (character offsets); this one is slow",
+            hint="load it with use_fast=True",
+        )
     _check_tokens(tokenizer, template)
     text = render(template, messages)
     spans = assistant_spans(template, messages, text, train_on)
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as exc:  # python-backend tokenizers have no character offsets
-        raise ChatTemplateError(f"loss masking needs character offsets, which {type(tokenizer).__name__} "
-                                "does not provide", hint="load a fast (tokenizers-backed) tokenizer") from exc
+        raise ChatTemplateError(
+            f"loss masking needs character offsets, which {type(tokenizer).__name__} does not provide",
+            hint="load a fast (tokenizers-backed) tokenizer",
+        ) from exc
     ids = list(enc["input_ids"])
     labels = _label(ids, enc["offset_mapping"], spans)
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
-    return EncodedChat(input_ids=ids, labels=labels, truncated=truncated,
-                       n_trained=sum(1 for x in labels if x != IGNORE_INDEX), text=text, spans=spans)
+    return EncodedChat(
+        input_ids=ids,
+        labels=labels,
+        truncated=truncated,
+        n_trained=sum(1 for x in labels if x != IGNORE_INDEX),
+        text=text,
+        spans=spans,
+    )
 
 
 # Files that make a folder loadable by AutoTokenizer (one of them is enough).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def _looks_like_local_path(value: str, base: Path) -> bool:
@@ -536,8 +610,9 @@ def _damaged_json(folder: Path) -> str | None:
     return None
 
 
-def load_tokenizer(model: str | Path, base_dir: str | Path | None = None, *, what: str = "",
-                   trust_remote_code: bool = False) -> Any:
+def load_tokenizer(
+    model: str | Path, base_dir: str | Path | None = None, *, what: str = "", trust_remote_code: bool = False
+) -> Any:
     """AutoTokenizer for a model or tokenizer folder (relative to `base_dir`, default the current folder)
     or a Hugging Face Hub model id, with every way of failing reported as a UsageError that names the value:
     a missing folder, a folder that holds no tokenizer, a tokenizer that does not load, a Hub id that is
@@ -553,18 +628,22 @@ def load_tokenizer(model: str | Path, base_dir: str | Path | None = None, *, wha
         raise UsageError(f"{name}: {path} is a file; give the model or tokenizer folder")
     if path.is_dir():
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
-            what_it_is = "a model folder without a tokenizer" if (path / "config.json").is_file() else \
-                "not a model or tokenizer folder"
-            raise UsageError(f"{name}: {path} is {what_it_is} (none of tokenizer.json, "
-                             "tokenizer_config.json, tokenizer.model, vocab.json in it)")
+            what_it_is = (
+                "a model folder without a tokenizer"
+                if (path / "config.json").is_file()
+                else "not a model or tokenizer folder"
+            )
+            raise UsageError(
+                f"{name}: {path} is {what_it_is} (none of tokenizer.json, "
+                "tokenizer_config.json, tokenizer.model, vocab.json in it)"
+            )
         try:
             from transformers import AutoTokenizer
 
             return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except Exception as exc:  # noqa: BLE001 - a tokenizer fails to load in many ways; each is the input's fault
             damaged = _damaged_json(path)
-            raise UsageError(f"{name}: cannot load the tokenizer in {path}: "
-                             f"{damaged or _first_line(exc)}") from None
+            raise UsageError(f"{name}: cannot load the tokenizer in {path}: {damaged or _first_line(exc)}") from None
     if _looks_like_local_path(value, base):
         raise UsageError(f"{name}: no such folder ({path})")
     # No folder of that name here: a Hub model id, if anything. Out of the Hub's reach only its local cache
@@ -573,19 +652,26 @@ def load_tokenizer(model: str | Path, base_dir: str | Path | None = None, *, wha
 
     offline = _hub_reachable()
     try:
-        return AutoTokenizer.from_pretrained(value, trust_remote_code=trust_remote_code,
-                                             local_files_only=offline is not None)
+        return AutoTokenizer.from_pretrained(
+            value, trust_remote_code=trust_remote_code, local_files_only=offline is not None
+        )
     except Exception as exc:  # noqa: BLE001 - not cached, not on the Hub, or not a tokenizer: said below
         if offline is not None:
-            why = f"as a Hugging Face Hub model id it is not in the local cache, and the Hub is out of reach " \
-                  f"({offline})"
+            why = (
+                f"as a Hugging Face Hub model id it is not in the local cache, and the Hub is out of reach ({offline})"
+            )
         else:
             why = f"no Hugging Face Hub model {value!r} could be loaded ({_first_line(exc)})"
     raise UsageError(f"{name}: no such folder ({path}); {why}")
 
 
-def load_chat_tokenizer(model: str | Path, template: str | None, base_dir: str | Path | None,
-                        templates: Mapping[str, ChatTemplate], kind: str = "chat") -> tuple[Any, ChatTemplate | None]:
+def load_chat_tokenizer(
+    model: str | Path,
+    template: str | None,
+    base_dir: str | Path | None,
+    templates: Mapping[str, ChatTemplate],
+    kind: str = "chat",
+) -> tuple[Any, ChatTemplate | None]:
     """A tokenizer from a model or tokenizer folder, with the chat template resolved (among `templates`,
     the registry's ``chat_templates``) and applied (no template for plain text): what `llmforge data
     inspect`, the TUI's Data screen and `data lint` use."""
@@ -597,8 +683,14 @@ def load_chat_tokenizer(model: str | Path, template: str | None, base_dir: str |
     return tok, tpl
 
 
-def encode_row(tokenizer: Any, template: ChatTemplate | None, kind: str, row: Mapping[str, Any],
-               max_length: int, train_on: str = "assistant") -> tuple[list[int], list[int], bool]:
+def encode_row(
+    tokenizer: Any,
+    template: ChatTemplate | None,
+    kind: str,
+    row: Mapping[str, Any],
+    max_length: int,
+    train_on: str = "assistant",
+) -> tuple[list[int], list[int], bool]:
     """(input ids, labels, truncated) of one normalised data row, as a training stage would see it:
     chat rows through `encode_chat`, text rows as plain tokens (all trained), preference rows as the
     prompt with the chosen answer (what is trained towards)."""
@@ -608,8 +700,9 @@ def encode_row(tokenizer: Any, template: ChatTemplate | None, kind: str, row: Ma
     if kind == "chat":
         enc = encode_chat(tokenizer, template, row["messages"], max_length=max_length, train_on=train_on)
     else:
-        enc = encode_chat(tokenizer, template, list(row["prompt"]) + list(row["chosen"]), max_length=max_length,
-                          train_on="last_turn")
+        enc = encode_chat(
+            tokenizer, template, list(row["prompt"]) + list(row["chosen"]), max_length=max_length, train_on="last_turn"
+        )
     return enc.input_ids, enc.labels, enc.truncated
 
 

@@ -113,8 +113,13 @@ CHAT_ENGINES = ExtensionPoint(
 )
 
 
-def open_engine(path: Path, engines: dict[str, type[ChatEngine]], *, n_ctx: int | None = None,
-                log: Callable[[str], Any] | None = None) -> ChatEngine:
+def open_engine(
+    path: Path,
+    engines: dict[str, type[ChatEngine]],
+    *,
+    n_ctx: int | None = None,
+    log: Callable[[str], Any] | None = None,
+) -> ChatEngine:
     """Open ``path`` with the first of ``engines`` (the registry's table, in load order) that accepts it;
     a UsageError naming the path and what each engine wanted when none does."""
     path = Path(path)
@@ -128,8 +133,10 @@ def open_engine(path: Path, engines: dict[str, type[ChatEngine]], *, n_ctx: int 
             return cls(path, n_ctx=n_ctx, log=log)
         why.append(reason)
     if not engines:
-        raise UsageError(f"{path}: no chat engine is installed", hint="the gguf plugin provides them; "
-                                                                      "`llmforge plugins list` shows what loaded")
+        raise UsageError(
+            f"{path}: no chat engine is installed",
+            hint="the gguf plugin provides them; `llmforge plugins list` shows what loaded",
+        )
     raise UsageError(f"{path}: " + "; ".join(why), hint=f"give {kinds}")
 
 
@@ -161,8 +168,10 @@ def _prompt_ids(engine: ChatEngine, messages: list[dict], max_new_tokens: int) -
         first = 1 if messages[0]["role"] == "system" else 0
         if len(messages) - first <= 1:
             grow = getattr(engine, "trained", 0) > engine.context  # a GGUF opened with less than it can take
-            raise UsageError(f"the prompt takes {len(ids)} tokens; the model's context is {engine.context}",
-                             hint="shorten the prompt" + (" or raise --n-ctx" if grow else ""))
+            raise UsageError(
+                f"the prompt takes {len(ids)} tokens; the model's context is {engine.context}",
+                hint="shorten the prompt" + (" or raise --n-ctx" if grow else ""),
+            )
         del messages[first]
         dropped += 1
 
@@ -198,7 +207,7 @@ class _Stream:
 
     def _emit(self, upto: int) -> None:
         if upto > self.shown and self.on_text:
-            self.on_text(self.text[self.shown:upto])
+            self.on_text(self.text[self.shown : upto])
         self.shown = max(self.shown, upto)
 
     def finish(self) -> str:
@@ -206,8 +215,15 @@ class _Stream:
         return self.text
 
 
-def reply(engine: ChatEngine, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.7,
-          seed: int = 0, on_text: Callable[[str], None] | None = None) -> Reply:
+def reply(
+    engine: ChatEngine,
+    messages: list[dict],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    seed: int = 0,
+    on_text: Callable[[str], None] | None = None,
+) -> Reply:
     """Generate the answer to ``messages`` (a chat), or a continuation of the last message's text (no
     template). ``on_text`` receives the answer as it grows (only text that can no longer turn into a stop
     string); an exception it raises leaves the loop (how the TUI stops an answer)."""

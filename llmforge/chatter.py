@@ -18,8 +18,19 @@ from collections.abc import Callable, Iterator
 
 #: top-level packages whose routine output is chatter (their logger names match their package names,
 #: except DeepSpeed's, which is "DeepSpeed")
-LIBRARIES = ("transformers", "torch", "deepspeed", "accelerate", "trl", "peft", "datasets", "tokenizers",
-             "huggingface_hub", "safetensors", "bitsandbytes")
+LIBRARIES = (
+    "transformers",
+    "torch",
+    "deepspeed",
+    "accelerate",
+    "trl",
+    "peft",
+    "datasets",
+    "tokenizers",
+    "huggingface_hub",
+    "safetensors",
+    "bitsandbytes",
+)
 LOGGERS = ("DeepSpeed", *LIBRARIES)
 #: warning categories that are about a library's own future, not about the user's run
 CHATTY_WARNINGS = (FutureWarning, DeprecationWarning, PendingDeprecationWarning)

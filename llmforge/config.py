@@ -48,19 +48,28 @@ class BackendSection(_Section):
     tables (`fsdp` for accelerate, `deepspeed` for deepspeed); `ForgeConfig.backend` is an instance of the
     selected backend's `Options`."""
 
-    type: str = Field("local", description="The backend that launches training stages: local, accelerate, "
-                                           "deepspeed, or one a plugin registers.")
+    type: str = Field(
+        "local",
+        description="The backend that launches training stages: local, accelerate, "
+        "deepspeed, or one a plugin registers.",
+    )
     num_processes: int = Field(1, ge=1, description="Processes per node (usually one per GPU).")
     num_nodes: int = Field(1, ge=1, description="Machines taking part in the launch.")
     node_rank: int = Field(0, ge=0, description="This machine's node rank (0 runs `llmforge run`).")
     main_process_ip: str = Field("127.0.0.1", description="Address of node 0, reachable from every node.")
     main_process_port: int = Field(29500, ge=1, le=65535, description="A free TCP port on node 0 for the rendezvous.")
-    rdzv_backend: Literal["static", "c10d"] = Field("static", description="Rendezvous: static (fixed node ranks) "
-                                                                          "or c10d (torch's elastic store).")
-    launcher: Literal["accelerate", "torchrun"] = Field("accelerate", description="The program that starts the "
-                                                                                  "processes of a launch.")
-    watchdog_minutes: float = Field(10.0, ge=0, description="No training step for this long: every process dumps "
-                                                            "its Python stacks into the stage folder (0 = off).")
+    rdzv_backend: Literal["static", "c10d"] = Field(
+        "static", description="Rendezvous: static (fixed node ranks) or c10d (torch's elastic store)."
+    )
+    launcher: Literal["accelerate", "torchrun"] = Field(
+        "accelerate", description="The program that starts the processes of a launch."
+    )
+    watchdog_minutes: float = Field(
+        10.0,
+        ge=0,
+        description="No training step for this long: every process dumps "
+        "its Python stacks into the stage folder (0 = off).",
+    )
     tp_size: int = Field(1, ge=1, description="Tensor-parallel size (transformers' tp_plan, under torchrun).")
 
     @field_validator("main_process_ip")
@@ -151,8 +160,9 @@ class ForgeConfig:
 def read_toml(path: Path) -> dict:
     """Parse a TOML file; a syntax error names file, line and column."""
     if not path.exists():
-        raise ConfigError([Problem(str(path), "file not found")],
-                          hint="create one with `llmforge init`, or pass -c PATH")
+        raise ConfigError(
+            [Problem(str(path), "file not found")], hint="create one with `llmforge init`, or pass -c PATH"
+        )
     if path.is_dir():
         raise ConfigError([Problem(str(path), "is a directory, expected a forge.toml file")])
     try:
@@ -210,12 +220,20 @@ def apply_overrides(raw: dict, overrides: list[str], origins: dict[str, str] | N
             problems.append(Problem(f"--set {key}", _by_name_hint(head, rest_of(key), value, names)))
             continue
         else:
-            problems.append(Problem(f"--set {key}", f"no section or stage named '{head}'"
-                                    f"{did_you_mean(head, [*TOP_LEVEL, *filter(None, names)])}"))
+            problems.append(
+                Problem(
+                    f"--set {key}",
+                    f"no section or stage named '{head}'{did_you_mean(head, [*TOP_LEVEL, *filter(None, names)])}",
+                )
+            )
             continue
         if not rest:
-            problems.append(Problem(f"--set {key}", "name an option, for example "
-                                    f"{head}.{'seed' if head == 'project' else 'option'}=VALUE"))
+            problems.append(
+                Problem(
+                    f"--set {key}",
+                    f"name an option, for example {head}.{'seed' if head == 'project' else 'option'}=VALUE",
+                )
+            )
             continue
         for part in rest[:-1]:
             nxt = target.setdefault(part, {})
@@ -246,8 +264,10 @@ def _by_name_hint(head: str, rest: str, value: str, names: list) -> str:
         name = names[i] if -len(names) <= i < len(names) else None
         if isinstance(name, str) and name:
             option = rest or "option"
-            return (f"stages are addressed by name, not by index: {head} is '{name}', so write "
-                    f"--set {name}.{option}={value.strip() or 'VALUE'} (stages: {listed})")
+            return (
+                f"stages are addressed by name, not by index: {head} is '{name}', so write "
+                f"--set {name}.{option}={value.strip() or 'VALUE'} (stages: {listed})"
+            )
         return f"stages are addressed by name, not by index; there is no {head} (stages: {listed})"
     return f"address a stage by its name: NAME.option=VALUE (stages: {listed})"
 
@@ -265,8 +285,9 @@ def _note_origins(problems: list[Problem], origins: dict[str, str]) -> list[Prob
 # validation
 
 
-def parse_config(path: str | Path | None, overrides: list[str] | None,
-                 registry: Registry) -> tuple[ForgeConfig, list[Problem]]:
+def parse_config(
+    path: str | Path | None, overrides: list[str] | None, registry: Registry
+) -> tuple[ForgeConfig, list[Problem]]:
     """Read, override and validate forge.toml section by section.
 
     Returns the config (with the stages that validated) and every problem found, so that callers can
@@ -302,9 +323,14 @@ def parse_config(path: str | Path | None, overrides: list[str] | None,
     for name, value in trackers.items():
         cls = registry.trackers.get(name)
         if cls is None:
-            problems.append(Problem(f"trackers.{name}", f"unknown tracker '{name}'"
-                                    f"{did_you_mean(name, registry.trackers)} (installed: "
-                                    f"{', '.join(sorted(registry.trackers)) or 'none'})"))
+            problems.append(
+                Problem(
+                    f"trackers.{name}",
+                    f"unknown tracker '{name}'"
+                    f"{did_you_mean(name, registry.trackers)} (installed: "
+                    f"{', '.join(sorted(registry.trackers)) or 'none'})",
+                )
+            )
         elif value is False:
             continue
         elif value is True or isinstance(value, dict):
@@ -313,8 +339,12 @@ def parse_config(path: str | Path | None, overrides: list[str] | None,
             if opts is not None:
                 enabled[name] = opts
         else:
-            problems.append(Problem(f"trackers.{name}", f"expected true, false or a table of options, "
-                                    f"got {type(value).__name__} {value!r}"))
+            problems.append(
+                Problem(
+                    f"trackers.{name}",
+                    f"expected true, false or a table of options, got {type(value).__name__} {value!r}",
+                )
+            )
 
     backend, backend_problems = _validate_backend(raw.get("backend", {}), registry)
     problems += backend_problems
@@ -337,8 +367,11 @@ def _check_runs_dir(cfg: ForgeConfig) -> list[Problem]:
             if path.is_dir():
                 return []
             where = "is a file" if path == target else f"cannot be created: {path} is a file"
-            return [Problem("project.runs_dir", f"{target} {where}; runs_dir must be a folder "
-                                                f"(got {cfg.project.runs_dir!r})")]
+            return [
+                Problem(
+                    "project.runs_dir", f"{target} {where}; runs_dir must be a folder (got {cfg.project.runs_dir!r})"
+                )
+            ]
     return []
 
 
@@ -363,8 +396,11 @@ def _validate_backend(value: Any, registry: Registry) -> tuple[BackendSection, l
         broken = ""
         if registry.errors:
             broken = f"; plugins with errors: {', '.join(sorted({e.plugin for e in registry.errors}))}"
-        problem = Problem("backend.type", f"unknown backend {name!r}{did_you_mean(str(name), backends)} "
-                                          f"(installed: {', '.join(sorted(backends)) or 'none'}{broken})")
+        problem = Problem(
+            "backend.type",
+            f"unknown backend {name!r}{did_you_mean(str(name), backends)} "
+            f"(installed: {', '.join(sorted(backends)) or 'none'}{broken})",
+        )
         common = {k: v for k, v in value.items() if k in BackendSection.model_fields and k != "type"}
         inst, probs = validate_model(BackendSection, common, "backend")
         return inst or BackendSection(), [problem, *probs]
@@ -388,8 +424,12 @@ def _check_backend(cfg: ForgeConfig, registry: Registry) -> list[Problem]:
     try:
         found = cls(cfg.backend).check(cfg) or []
     except Exception as exc:  # noqa: BLE001 - a broken backend is a problem to show, not a crash
-        return [Problem("backend", f"backend {cfg.backend.type!r} failed to check the configuration: "
-                                   f"{type(exc).__name__}: {exc}")]
+        return [
+            Problem(
+                "backend",
+                f"backend {cfg.backend.type!r} failed to check the configuration: {type(exc).__name__}: {exc}",
+            )
+        ]
     return [p if isinstance(p, Problem) else Problem("backend", str(p)) for p in found]
 
 
@@ -425,8 +465,11 @@ def _validate_stages(stages: Any, registry: Registry) -> tuple[list[StageSpec], 
         else:
             seen[name] = i
         if uses is None:
-            problems.append(Problem(f"{where}.uses", "required key is missing; installed stage kinds: "
-                                    + (", ".join(kinds) or "none")))
+            problems.append(
+                Problem(
+                    f"{where}.uses", "required key is missing; installed stage kinds: " + (", ".join(kinds) or "none")
+                )
+            )
             continue
         cls = registry.stage_class(uses) if isinstance(uses, str) else None
         if cls is None:
@@ -434,8 +477,13 @@ def _validate_stages(stages: Any, registry: Registry) -> tuple[list[StageSpec], 
             if registry.errors:
                 names = ", ".join(sorted({e.plugin for e in registry.errors}))
                 broken = f"; plugins with errors: {names} (see `llmforge plugins list`)"
-            problems.append(Problem(f"{where}.uses", f"unknown stage kind {uses!r}{did_you_mean(str(uses), kinds)}"
-                                    f" (installed: {', '.join(kinds) or 'none'}{broken})"))
+            problems.append(
+                Problem(
+                    f"{where}.uses",
+                    f"unknown stage kind {uses!r}{did_you_mean(str(uses), kinds)}"
+                    f" (installed: {', '.join(kinds) or 'none'}{broken})",
+                )
+            )
             continue
         inst, probs = validate_model(cls.Options, opts, where)
         problems += probs

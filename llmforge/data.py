@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -40,7 +41,7 @@ from llmforge.stage import Input, StageOptions
 KINDS = ("text", "chat", "preference")
 ROLES = ("system", "user", "assistant", "tool")
 
-_SKIP_HINT = "fix the row, or set on_bad_row = \"skip\" to skip bad rows and get a report"
+_SKIP_HINT = 'fix the row, or set on_bad_row = "skip" to skip bad rows and get a report'
 
 
 class RowError(Exception):
@@ -76,7 +77,7 @@ class Reader:
     def matches(self, path: Path) -> bool:
         return path.is_file() and path.name.lower().endswith(self.suffixes)
 
-    def read(self, path: Path, options: "DataOptions") -> Iterator[Record]:  # pragma: no cover - abstract
+    def read(self, path: Path, options: DataOptions) -> Iterator[Record]:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -117,15 +118,17 @@ class RowFormat:
             if at is None:
                 if before == after:
                     continue
-                raise RowError("", f"cannot write a rewritten text back into the {self.name} columns "
-                                   f"(it is not one of the row's values); the row format needs a restore method")
+                raise RowError(
+                    "",
+                    f"cannot write a rewritten text back into the {self.name} columns "
+                    f"(it is not one of the row's values); the row format needs a restore method",
+                )
             used.add(at)
             cursor = at + 1
             if before != after:
                 container, key, _ = leaves[at]
                 container[key] = after
         return out
-
 
 
 def _row_format_rules(cls: type) -> None:
@@ -135,7 +138,9 @@ def _row_format_rules(cls: type) -> None:
 
 # The extension points of this module's two base classes (declared by the core in llmforge.execution).
 READERS = ExtensionPoint(
-    hook="register_readers", table="readers", label="reader",
+    hook="register_readers",
+    table="readers",
+    label="reader",
     doc="""Register data readers: :class:`llmforge.data.Reader` subclasses, one per file type.
 
     A reader turns a file (``.jsonl``, ``.parquet``, ...) or a folder it recognises (a saved
@@ -145,7 +150,9 @@ READERS = ExtensionPoint(
 )
 
 ROW_FORMATS = ExtensionPoint(
-    hook="register_row_formats", table="row_formats", label="row format",
+    hook="register_row_formats",
+    table="row_formats",
+    label="row format",
     doc="""Register row formats: :class:`llmforge.data.RowFormat` subclasses.
 
     A row format recognises its columns (for ``format = "auto"``) and normalises a raw row into one
@@ -154,6 +161,7 @@ ROW_FORMATS = ExtensionPoint(
     """,
     validate=subclass_of(RowFormat, instantiate=True, check=_row_format_rules),
 )
+
 
 def copy_row(value: Any) -> Any:
     """A copy of a row's lists and dicts (not of the values in them), so that a restore can edit it."""
@@ -184,8 +192,13 @@ def _shape(row: dict) -> list:
 def _string_leaves(container: Any, out: list | None = None) -> list[tuple[Any, Any, str]]:
     """(container, key, value) of every string in a row, depth first, in order."""
     out = [] if out is None else out
-    items = container.items() if isinstance(container, dict) else enumerate(container) \
-        if isinstance(container, list) else ()
+    items = (
+        container.items()
+        if isinstance(container, dict)
+        else enumerate(container)
+        if isinstance(container, list)
+        else ()
+    )
     for key, value in items:
         if isinstance(value, str):
             out.append((container, key, value))
@@ -198,15 +211,22 @@ class DataOptions(StageOptions):
     """Where training data comes from and how to read it; embedded as `data` in training stages."""
 
     path: Annotated[str | list[str], Input("dataset", "files")] = Field(
-        description="A file, a folder, or a list of them (relative to forge.toml), or an @stage reference.")
-    format: str = Field("auto", description="Row format (text, alpaca, sharegpt, messages, preference, ...) "
-                                            "or auto to detect it from the columns.")
-    columns: dict[str, str] = Field(default_factory=dict,
-                                    description="Column mapping for odd names: {format_column = your_column}.")
-    on_bad_row: Literal["error", "skip"] = Field("error", description="Stop at the first bad row, or skip and "
-                                                                      "report bad rows.")
+        description="A file, a folder, or a list of them (relative to forge.toml), or an @stage reference."
+    )
+    format: str = Field(
+        "auto",
+        description="Row format (text, alpaca, sharegpt, messages, preference, ...) "
+        "or auto to detect it from the columns.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Column mapping for odd names: {format_column = your_column}."
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="Stop at the first bad row, or skip and report bad rows."
+    )
     text_split: Literal["file", "blank_line", "line"] = Field(
-        "blank_line", description=".txt files: one document per file, per blank-line block, or per line.")
+        "blank_line", description=".txt files: one document per file, per blank-line block, or per line."
+    )
     limit: int | None = Field(None, ge=1, description="Read at most this many rows (quick experiments).")
 
 
@@ -223,14 +243,21 @@ class Dataset:
         return len(self.rows)
 
     def report(self) -> dict:
-        return {"kind": self.kind, "format": self.format, "rows": len(self.rows), "files": self.files,
-                "skipped": len(self.skipped), "first_skipped": [f"{w}: {r}" for w, r in self.skipped[:20]]}
+        return {
+            "kind": self.kind,
+            "format": self.format,
+            "rows": len(self.rows),
+            "files": self.files,
+            "skipped": len(self.skipped),
+            "first_skipped": [f"{w}: {r}" for w, r in self.skipped[:20]],
+        }
 
     def summary(self) -> str:
         """One line for a stage's log: what was read, and what was skipped (with the first reason)."""
         n_files = len(self.files)
-        text = (f"{len(self.rows)} {self.kind} rows ({self.format} format) from {n_files} "
-                f"file{'s' if n_files != 1 else ''}")
+        text = (
+            f"{len(self.rows)} {self.kind} rows ({self.format} format) from {n_files} file{'s' if n_files != 1 else ''}"
+        )
         if self.skipped:
             w, r = self.skipped[0]
             text += f"; {len(self.skipped)} bad row{'s' if len(self.skipped) != 1 else ''} skipped, first: {w}: {r}"
@@ -305,8 +332,9 @@ def iter_files(paths: list[Path], readers: dict[str, Reader]) -> Iterator[tuple[
                 found = True
                 yield item
             if not found:
-                raise DataError(f"{path}: no readable data files (known: {_known(readers)}, "
-                                f"or a saved Hugging Face dataset folder)")
+                raise DataError(
+                    f"{path}: no readable data files (known: {_known(readers)}, or a saved Hugging Face dataset folder)"
+                )
             continue
         raise DataError(f"{path}: no reader for this file type (known: {_known(readers)})")
 
@@ -327,15 +355,19 @@ def _detect(columns: set[str], formats: dict[str, RowFormat], expect: tuple[str,
 
 def _detect_hint(formats: dict[str, RowFormat]) -> str:
     known = "; ".join(f"{f.name}: {', '.join(f.columns)}" for f in formats.values() if f.columns)
-    return (f"set `format =` to one of {', '.join(sorted(formats))} and, for odd column names, "
-            f"`columns = {{format_column = \"your_column\"}}` (columns each format looks for: {known})")
+    return (
+        f"set `format =` to one of {', '.join(sorted(formats))} and, for odd column names, "
+        f'`columns = {{format_column = "your_column"}}` (columns each format looks for: {known})'
+    )
 
 
 def _check_kind(fmt: RowFormat, expect: tuple[str, ...], where: str) -> None:
     if fmt.kind not in expect:
-        raise DataError(f"{where}: rows are in the {fmt.name} format ({fmt.kind} data), this stage needs "
-                        f"{' or '.join(expect)} data",
-                        hint="point `path` at data of the right kind, or set `format =` if the detection is wrong")
+        raise DataError(
+            f"{where}: rows are in the {fmt.name} format ({fmt.kind} data), this stage needs "
+            f"{' or '.join(expect)} data",
+            hint="point `path` at data of the right kind, or set `format =` if the detection is wrong",
+        )
 
 
 def _renamer(columns: dict[str, str]) -> Callable[[dict], dict]:
@@ -362,7 +394,7 @@ def _user_field(field_path: str, columns: dict[str, str]) -> str:
     must name the column as it is in the user's file."""
     m = re.match(r"[^.\[]+", field_path)
     if m and m.group(0) in columns:
-        return columns[m.group(0)] + field_path[m.end():]
+        return columns[m.group(0)] + field_path[m.end() :]
     return field_path
 
 
@@ -387,8 +419,14 @@ class ReadState:
     first_skipped: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "format": self.format, "files": self.files, "rows": self.rows,
-                "skipped": self.skipped, "first_skipped": self.first_skipped}
+        return {
+            "kind": self.kind,
+            "format": self.format,
+            "files": self.files,
+            "rows": self.rows,
+            "skipped": self.skipped,
+            "first_skipped": self.first_skipped,
+        }
 
 
 @dataclass(slots=True)  # one per row read: slots, not frozen (frozen dataclasses are slower to build)
@@ -447,9 +485,11 @@ def restore_row(src: SourceRow, new: dict) -> dict:
     if new == src.row:
         return src.raw
     if _shape(new) != _shape(src.row):
-        raise DataError(f"{src.where}: a rewrite step changed the row's turns or keys, not only its texts; "
-                        f"the row cannot be written back in its own columns",
-                        hint="rewrite steps may change texts (a text, the turns' contents), not the structure")
+        raise DataError(
+            f"{src.where}: a rewrite step changed the row's turns or keys, not only its texts; "
+            f"the row cannot be written back in its own columns",
+            hint="rewrite steps may change texts (a text, the turns' contents), not the structure",
+        )
     inverse = {theirs: ours for ours, theirs in src.columns.items()}
     # The row under our column names, in the file's order; a column that carries one of our names but
     # was mapped away is not the format's (the reader of the file did not use it), so it stays aside.
@@ -479,10 +519,16 @@ def normalised_with_extras(src: SourceRow) -> dict:
     return {**src.row, **{k: v for k, v in src.raw.items() if k not in used and k not in src.row}}
 
 
-def iter_rows(options: DataOptions, readers: dict[str, Reader], formats: dict[str, RowFormat],
-              base: Path | None = None, expect: tuple[str, ...] = KINDS,
-              state: ReadState | None = None, on_skip: Callable[[str, str], None] | None = None,
-              on_row_error: Callable[[str, str], None] | None = None) -> Iterator[tuple[str, dict]]:
+def iter_rows(
+    options: DataOptions,
+    readers: dict[str, Reader],
+    formats: dict[str, RowFormat],
+    base: Path | None = None,
+    expect: tuple[str, ...] = KINDS,
+    state: ReadState | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
+    on_row_error: Callable[[str, str], None] | None = None,
+) -> Iterator[tuple[str, dict]]:
     """Yield ``(where, normalised row)`` for every row of the data, in file order.
 
     ``readers`` and ``formats`` are the registry's tables (``registry.readers``, ``registry.row_formats``);
@@ -498,10 +544,16 @@ def iter_rows(options: DataOptions, readers: dict[str, Reader], formats: dict[st
         yield src.where, src.row
 
 
-def iter_records(options: DataOptions, readers: dict[str, Reader], formats: dict[str, RowFormat],
-                 base: Path | None = None, expect: tuple[str, ...] = KINDS,
-                 state: ReadState | None = None, on_skip: Callable[[str, str], None] | None = None,
-                 on_row_error: Callable[[str, str], None] | None = None) -> Iterator[SourceRow]:
+def iter_records(
+    options: DataOptions,
+    readers: dict[str, Reader],
+    formats: dict[str, RowFormat],
+    base: Path | None = None,
+    expect: tuple[str, ...] = KINDS,
+    state: ReadState | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
+    on_row_error: Callable[[str, str], None] | None = None,
+) -> Iterator[SourceRow]:
     """:func:`iter_rows`, each row as a :class:`SourceRow`: with the raw row it was read as, so that
     curation can write rows back with all their columns."""
     options = _dataset_meta(options, base)
@@ -513,9 +565,11 @@ def iter_records(options: DataOptions, readers: dict[str, Reader], formats: dict
         if fmt is None:
             from llmforge.schema import did_you_mean
 
-            raise DataError(f"unknown data format '{options.format}'{did_you_mean(options.format, formats)}",
-                            hint=f"installed: {', '.join(sorted(formats))}")
-        _check_kind(fmt, expect, f"format = \"{fmt.name}\"")
+            raise DataError(
+                f"unknown data format '{options.format}'{did_you_mean(options.format, formats)}",
+                hint=f"installed: {', '.join(sorted(formats))}",
+            )
+        _check_kind(fmt, expect, f'format = "{fmt.name}"')
         state.kind, state.format = fmt.kind, fmt.name
     rename = _renamer(options.columns)
     first_reason: list[tuple[str, str]] = []
@@ -542,8 +596,9 @@ def iter_records(options: DataOptions, readers: dict[str, Reader], formats: dict
             real = str(path)
             shown = shown_root if path == root else str(Path(shown_root) / path.relative_to(root))
 
+            # Used only while this file is read, inside this loop turn: the loop variables are the right ones.
             def here(where: str) -> str:
-                return shown + where[len(real):] if where.startswith(real) else where
+                return shown + where[len(real) :] if where.startswith(real) else where  # noqa: B023
 
             state.files.append(shown)
             seen_in_file = 0
@@ -559,8 +614,11 @@ def iter_records(options: DataOptions, readers: dict[str, Reader], formats: dict
                     if fmt is None:
                         fmt = _detect(set(data), formats, expect)
                         if fmt is None:
-                            bad(where, f"cannot tell the row format from the columns {sorted(data)}",
-                                _detect_hint(formats))
+                            bad(
+                                where,
+                                f"cannot tell the row format from the columns {sorted(data)}",
+                                _detect_hint(formats),
+                            )
                             continue
                         detected_at = where
                         _check_kind(fmt, expect, where)
@@ -572,8 +630,10 @@ def iter_records(options: DataOptions, readers: dict[str, Reader], formats: dict
                         if options.format == "auto" and not fmt.detect(set(data)):
                             other = _detect(set(data), formats, expect)
                             if other is not None and other is not fmt:
-                                reason += (f" (this row looks like the {other.name} format, but the data's format "
-                                           f"is {fmt.name}, detected at {detected_at}; one dataset has one format)")
+                                reason += (
+                                    f" (this row looks like the {other.name} format, but the data's format "
+                                    f"is {fmt.name}, detected at {detected_at}; one dataset has one format)"
+                                )
                         if on_row_error is not None:
                             on_row_error(where, reason)
                         else:
@@ -597,14 +657,21 @@ def iter_records(options: DataOptions, readers: dict[str, Reader], formats: dict
         where = ", ".join(state.files) or str(options.path)
         if first_reason:
             w, r = first_reason[0]
-            raise DataError(f"{where}: no usable rows ({state.skipped} bad row{'s' if state.skipped != 1 else ''} "
-                            f"skipped; first: {w}: {r})",
-                            hint="see the reasons above; `on_bad_row = \"error\"` stops at the first bad row")
+            raise DataError(
+                f"{where}: no usable rows ({state.skipped} bad row{'s' if state.skipped != 1 else ''} "
+                f"skipped; first: {w}: {r})",
+                hint='see the reasons above; `on_bad_row = "error"` stops at the first bad row',
+            )
         raise DataError(f"{where}: no usable rows")
 
 
-def load_data(options: DataOptions, readers: dict[str, Reader], formats: dict[str, RowFormat],
-              base: Path | None = None, expect: tuple[str, ...] = KINDS) -> Dataset:
+def load_data(
+    options: DataOptions,
+    readers: dict[str, Reader],
+    formats: dict[str, RowFormat],
+    base: Path | None = None,
+    expect: tuple[str, ...] = KINDS,
+) -> Dataset:
     """Read and normalise every row into memory; raise DataError (exit 2) naming file, line and field.
 
     `expect` lists the kinds the caller can train on (SFT: chat; DPO: preference; pretraining: text);
@@ -616,12 +683,12 @@ def load_data(options: DataOptions, readers: dict[str, Reader], formats: dict[st
     rows: list[dict] = []
     wheres: list[str] = []
     skipped: list[tuple[str, str]] = []
-    for where, row in iter_rows(options, readers, formats, base, expect, state,
-                                on_skip=lambda w, r: skipped.append((w, r))):
+    for where, row in iter_rows(
+        options, readers, formats, base, expect, state, on_skip=lambda w, r: skipped.append((w, r))
+    ):
         rows.append(row)
         wheres.append(where)
-    return Dataset(kind=state.kind, format=state.format, rows=rows, wheres=wheres, skipped=skipped,
-                   files=state.files)
+    return Dataset(kind=state.kind, format=state.format, rows=rows, wheres=wheres, skipped=skipped, files=state.files)
 
 
 def write_report(dataset: Dataset, directory: Path) -> Path:
@@ -648,7 +715,7 @@ def describe(value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, str):
         text = json.dumps(value, ensure_ascii=False)
-        return text if len(text) <= 42 else text[:40] + "…\""
+        return text if len(text) <= 42 else text[:40] + '…"'
     if isinstance(value, (list, tuple)):
         return "a list"
     if isinstance(value, dict):
@@ -666,8 +733,7 @@ def content_text(value: Any, field: str) -> str:
         for i, part in enumerate(value):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 got = describe(part.get("type")) + " part" if isinstance(part, dict) else describe(part)
-                raise RowError(f"{field}[{i}]", f"expected a text part ({{\"type\": \"text\", \"text\": ...}}), "
-                                                f"got {got}")
+                raise RowError(f"{field}[{i}]", f'expected a text part ({{"type": "text", "text": ...}}), got {got}')
             texts.append(part["text"])
         return "".join(texts)
     raise RowError(field, f"expected a string, got {describe(value)}")

@@ -82,12 +82,20 @@ def start_detached(launch: Launch, wait_s: float = 30.0, pipe=None, registry=Non
         # a process exists (the child, given the same decision, would refuse it only after both).
         fit_check(pipe, launch.stages, launch.from_stage)
     store = RunStore(pipe.config.runs_dir)
-    run_id = find_resumable(store, pipe.config, launch.run_ref).id if launch.resume else (launch.run_ref or new_run_id())
+    run_id = (
+        find_resumable(store, pipe.config, launch.run_ref).id if launch.resume else (launch.run_ref or new_run_id())
+    )
     run_dir = store.dir / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "process.log", "ab") as log:
-        proc = subprocess.Popen(launch.argv(run_id), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=Path.cwd())
+        proc = subprocess.Popen(
+            launch.argv(run_id),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=Path.cwd(),
+        )
     # The TUI outlives many runs: reap each child when it ends so that none lingers as a zombie.
     threading.Thread(target=proc.wait, name=f"reap-{run_id}", daemon=True).start()
     manifest = run_dir / MANIFEST
@@ -100,8 +108,10 @@ def start_detached(launch: Launch, wait_s: float = 30.0, pipe=None, registry=Non
         if code is not None:  # ended before owning the run: a bad --stage, a live lock, ...
             if code != 0:
                 tail = (run_dir / "process.log").read_text(errors="replace").strip().splitlines()[-5:]
-                raise ForgeError(f"the detached run exited with code {code}:\n" + "\n".join(tail),
-                                 hint=f"see {run_dir / 'process.log'}")
+                raise ForgeError(
+                    f"the detached run exited with code {code}:\n" + "\n".join(tail),
+                    hint=f"see {run_dir / 'process.log'}",
+                )
             break
         time.sleep(0.05)
     return Started(run_id, run_dir, proc.pid)

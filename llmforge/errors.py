@@ -73,4 +73,3 @@ class LockedError(ForgeError):
 
 class StageFailed(ForgeError):
     exit_code = EXIT_FAILED
-

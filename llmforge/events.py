@@ -49,10 +49,19 @@ class EventWriter:
                 listener(event)
             except Exception as exc:  # noqa: BLE001 - an observer never stops training
                 self._broken.add(i)
-                self._fh.write(json.dumps({"type": "log", "time": round(time.time(), 3), "run": self.run_id,
-                                           "level": "warning",
-                                           "message": f"{getattr(listener, '__name__', 'event observer')} "
-                                                      f"failed and is disabled for this run: {exc!r}"}) + "\n")
+                self._fh.write(
+                    json.dumps(
+                        {
+                            "type": "log",
+                            "time": round(time.time(), 3),
+                            "run": self.run_id,
+                            "level": "warning",
+                            "message": f"{getattr(listener, '__name__', 'event observer')} "
+                            f"failed and is disabled for this run: {exc!r}",
+                        }
+                    )
+                    + "\n"
+                )
                 self._fh.flush()
         return event
 
@@ -242,8 +251,14 @@ def from_dict(raw: Mapping[str, Any]) -> Event:
             kwargs[k] = v
         elif k not in _COMMON or k == "data":
             data[k] = v
-    ev = cls(type=kind if isinstance(kind, str) else "", time=raw.get("time"), run=raw.get("run"),
-             stage=raw.get("stage"), data=data, **kwargs)
+    ev = cls(
+        type=kind if isinstance(kind, str) else "",
+        time=raw.get("time"),
+        run=raw.get("run"),
+        stage=raw.get("stage"),
+        data=data,
+        **kwargs,
+    )
     return ev
 
 
@@ -251,8 +266,12 @@ def _decode_json(raw: bytes, where: str) -> dict | None:
     try:
         line = raw.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
-        return {"type": "log", "level": "warning", "time": None,
-                "message": f"{where}: skipped a line that is not UTF-8 text ({exc.reason} at byte {exc.start})"}
+        return {
+            "type": "log",
+            "level": "warning",
+            "time": None,
+            "message": f"{where}: skipped a line that is not UTF-8 text ({exc.reason} at byte {exc.start})",
+        }
     if not line:
         return None
     try:
@@ -270,16 +289,18 @@ def decode_event(raw: bytes, where: str) -> Event | None:
     return None if obj is None else from_dict(obj)
 
 
-def read_records(path: Path, follow: bool = False, stop: Callable[[], bool] | None = None,
-                 poll: float = 0.2) -> Iterator[dict]:
+def read_records(
+    path: Path, follow: bool = False, stop: Callable[[], bool] | None = None, poll: float = 0.2
+) -> Iterator[dict]:
     """The JSON objects of an events.jsonl as written (`llmforge logs --raw`, tools, the test fixtures);
     lines are read as `read_events` reads them."""
     for _where, obj in _lines(path, follow, stop, poll):
         yield obj
 
 
-def read_events(path: Path, follow: bool = False, stop: Callable[[], bool] | None = None,
-                poll: float = 0.2) -> Iterator[Event]:
+def read_events(
+    path: Path, follow: bool = False, stop: Callable[[], bool] | None = None, poll: float = 0.2
+) -> Iterator[Event]:
     """Yield the typed events of a file; with `follow`, keep waiting for new lines until `stop()` is true.
 
     A last line without its newline is still being written: it is held back until complete. A line

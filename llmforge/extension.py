@@ -21,8 +21,9 @@ plus an ``extension_points()`` hook implementation that returns it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -65,8 +66,9 @@ class ExtensionPoint:
         return type(f"{self.hook}_spec", (), {self.hook: staticmethod(hookspec(spec))})
 
 
-def subclass_of(base: type, *, instantiate: bool = False,
-                check: Callable[[type], None] | None = None) -> Callable[[Any], Any]:
+def subclass_of(
+    base: type, *, instantiate: bool = False, check: Callable[[type], None] | None = None
+) -> Callable[[Any], Any]:
     """The usual validator: ``register()`` must get a named subclass of ``base``. ``check`` adds the point's
     own rules (raise TypeError); ``instantiate`` stores an instance instead of the class."""
 

@@ -9,9 +9,17 @@ from llmforge.status import Status
 # The colour of each run and stage status, as a style string that rich (the CLI) and textual (the TUI) both
 # read. Keyed by Status, so a plain status string ("done", read from a file) finds its style too.
 STATUS_STYLE: dict[str, str] = {
-    Status.DONE: "green", Status.CACHED: "cyan", Status.RUNNING: "yellow", Status.STARTING: "yellow",
-    Status.FAILED: "red", Status.STOPPED: "magenta", Status.KILLED: "red", Status.DAMAGED: "red",
-    Status.BLOCKED: "dim", Status.SKIPPED: "dim", Status.PENDING: "dim",
+    Status.DONE: "green",
+    Status.CACHED: "cyan",
+    Status.RUNNING: "yellow",
+    Status.STARTING: "yellow",
+    Status.FAILED: "red",
+    Status.STOPPED: "magenta",
+    Status.KILLED: "red",
+    Status.DAMAGED: "red",
+    Status.BLOCKED: "dim",
+    Status.SKIPPED: "dim",
+    Status.PENDING: "dim",
 }
 
 

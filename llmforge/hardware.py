@@ -68,8 +68,7 @@ def cpu_features(flags: set[str] | None = None) -> dict:
     products (AVX512-BF16) or AMX tiles; elsewhere it is emulated, and training uses fp32."""
     flags = cpu_flags() if flags is None else flags
     amx = any(f.startswith("amx") for f in flags)
-    feats = {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
-             "amx": amx}
+    feats = {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx": amx}
     feats["bf16_fast"] = feats["avx512_bf16"] or "amx_bf16" in flags
     return feats
 
@@ -157,8 +156,16 @@ def _gpus_smi() -> list[dict] | None:
     if exe is None:
         return None
     try:
-        res = subprocess.run([exe, "--query-gpu=index,name,memory.total,memory.free,compute_cap,driver_version",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+        res = subprocess.run(
+            [
+                exe,
+                "--query-gpu=index,name,memory.total,memory.free,compute_cap,driver_version",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if res.returncode != 0:
@@ -174,8 +181,9 @@ def _gpus_smi() -> list[dict] | None:
         except ValueError:
             cc = None
         try:
-            out.append(_gpu(int(parts[0]), parts[1], int(float(parts[2])) * 2**20, int(float(parts[3])) * 2**20,
-                            cc, parts[5]))
+            out.append(
+                _gpu(int(parts[0]), parts[1], int(float(parts[2])) * 2**20, int(float(parts[3])) * 2**20, cc, parts[5])
+            )
         except ValueError:
             continue
     return out
@@ -200,9 +208,15 @@ def _gpus_torch() -> list[dict] | None:
 
 
 def _gpu(index: int, name: str, total: int, free: int | None, cc: tuple[int, int] | None, driver: str | None) -> dict:
-    return {"index": index, "name": name, "memory_total_bytes": int(total),
-            "memory_free_bytes": None if free is None else int(free),
-            "compute_capability": f"{cc[0]}.{cc[1]}" if cc else None, "bf16": _bf16_capable(cc), "driver": driver}
+    return {
+        "index": index,
+        "name": name,
+        "memory_total_bytes": int(total),
+        "memory_free_bytes": None if free is None else int(free),
+        "compute_capability": f"{cc[0]}.{cc[1]}" if cc else None,
+        "bf16": _bf16_capable(cc),
+        "driver": driver,
+    }
 
 
 @dataclass
@@ -228,6 +242,10 @@ class Machine:
 def machine(runs_dir: Path | None = None, allow_torch: bool = False) -> Machine:
     mem = memory()
     found, _ = gpus(allow_torch=allow_torch)
-    return Machine(ram_total=mem["total_bytes"], ram_available=mem["available_bytes"],
-                   disk_free=disk_free(runs_dir) if runs_dir is not None else None, gpus=found,
-                   cpu_bf16_fast=cpu_features()["bf16_fast"])
+    return Machine(
+        ram_total=mem["total_bytes"],
+        ram_available=mem["available_bytes"],
+        disk_free=disk_free(runs_dir) if runs_dir is not None else None,
+        gpus=found,
+        cpu_bf16_fast=cpu_features()["bf16_fast"],
+    )

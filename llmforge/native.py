@@ -56,15 +56,18 @@ PROBE_VERSION = 1  # bump when the probe changes, so old cached answers are not 
 class LlamaCrashed(ForgeError):
     """The child running llama.cpp died from a signal (or vanished) while working on a GGUF."""
 
-    def __init__(self, path: Path | str, doing: str, returncode: int | None, detail: str = "",
-                 extra_bufts: bool | None = None):
+    def __init__(
+        self, path: Path | str, doing: str, returncode: int | None, detail: str = "", extra_bufts: bool | None = None
+    ):
         self.path, self.returncode, self.detail = Path(path), returncode, detail
         self.signal = _signal_name(returncode)
         how = f"crashed ({self.signal})" if self.signal else f"exited unexpectedly (exit code {returncode})"
         hint = "only the child process running llama.cpp died; `llmforge doctor` shows what llama.cpp can run here"
         if extra_bufts and returncode is not None and returncode < 0 and -returncode == signal.SIGILL:
-            hint = (f"this CPU may advertise instructions it cannot run (AMX): {EXTRA_BUFTS_ENV}=off loads models "
-                    f"without llama.cpp's extra buffer types; " + hint)
+            hint = (
+                f"this CPU may advertise instructions it cannot run (AMX): {EXTRA_BUFTS_ENV}=off loads models "
+                f"without llama.cpp's extra buffer types; " + hint
+            )
         super().__init__(f"llama.cpp {how} {doing} {path}", hint=hint)
 
 
@@ -103,16 +106,19 @@ def _llama_build() -> dict:
     libs = []
     if spec is not None and spec.origin:
         lib_dir = Path(spec.origin).parent / "lib"
-        libs = sorted(f"{p.name}:{p.stat().st_size}" for p in lib_dir.glob("*") if p.is_file()) \
-            if lib_dir.is_dir() else []
+        libs = (
+            sorted(f"{p.name}:{p.stat().st_size}" for p in lib_dir.glob("*") if p.is_file()) if lib_dir.is_dir() else []
+        )
     return {"version": version, "libs": libs}
 
 
 def _probe_key(build: dict) -> str:
     from llmforge import hardware
 
-    blob = json.dumps({"probe": PROBE_VERSION, "build": build, "cpu": hardware.cpu_model(),
-                       "flags": sorted(hardware.cpu_flags())}, sort_keys=True)
+    blob = json.dumps(
+        {"probe": PROBE_VERSION, "build": build, "cpu": hardware.cpu_model(), "flags": sorted(hardware.cpu_flags())},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -165,8 +171,9 @@ def _probe_child(path: Path, extra_bufts: bool) -> int:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONFAULTHANDLER", CRASH_ENV)}
     cmd = [sys.executable, "-m", "llmforge.native", "probe", str(path), "on" if extra_bufts else "off"]
     try:
-        return subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=300).returncode
+        return subprocess.run(
+            cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300
+        ).returncode
     except subprocess.TimeoutExpired:
         return 124
 
@@ -182,18 +189,31 @@ def run_probe() -> dict:
         _write_probe_gguf(path)
         on = _probe_child(path, True)
         if on == 0:
-            return {"result": "ok", "extra_bufts": True,
-                    "message": "ok: llama.cpp's extra buffer types (AMX and repacked kernels) run here"}
+            return {
+                "result": "ok",
+                "extra_bufts": True,
+                "message": "ok: llama.cpp's extra buffer types (AMX and repacked kernels) run here",
+            }
         off = _probe_child(path, False)
     if on < 0 and off == 0:
-        return {"result": "fault", "extra_bufts": False, "signal": _signal_name(on),
-                "message": f"fault here ({_signal_name(on)} in llama.cpp's AMX/repacked kernels), "
-                           f"extra buffer types off"}
+        return {
+            "result": "fault",
+            "extra_bufts": False,
+            "signal": _signal_name(on),
+            "message": f"fault here ({_signal_name(on)} in llama.cpp's AMX/repacked kernels), extra buffer types off",
+        }
     if on < 0 and off < 0:
-        return {"result": "broken", "extra_bufts": False, "signal": _signal_name(off),
-                "message": f"llama.cpp crashes here even with extra buffer types off ({_signal_name(off)})"}
-    return {"result": "unavailable", "extra_bufts": True,
-            "message": f"the probe could not run llama.cpp (exit codes {on}, {off}); extra buffer types left on"}
+        return {
+            "result": "broken",
+            "extra_bufts": False,
+            "signal": _signal_name(off),
+            "message": f"llama.cpp crashes here even with extra buffer types off ({_signal_name(off)})",
+        }
+    return {
+        "result": "unavailable",
+        "extra_bufts": True,
+        "message": f"the probe could not run llama.cpp (exit codes {on}, {off}); extra buffer types left on",
+    }
 
 
 _decided: dict | None = None
@@ -207,8 +227,12 @@ def probe(*, refresh: bool = False) -> dict:
     forced = os.environ.get(EXTRA_BUFTS_ENV, "auto").strip().lower()
     if forced in ("on", "off"):
         on = forced == "on"
-        return {"result": "forced", "extra_bufts": on, "source": "env",
-                "message": f"forced by {EXTRA_BUFTS_ENV}={forced}: extra buffer types {forced}"}
+        return {
+            "result": "forced",
+            "extra_bufts": on,
+            "source": "env",
+            "message": f"forced by {EXTRA_BUFTS_ENV}={forced}: extra buffer types {forced}",
+        }
     if forced not in ("", "auto"):
         raise UsageError(f"{EXTRA_BUFTS_ENV}={forced!r}: expected on, off or auto")
     with _decided_lock:
@@ -225,8 +249,12 @@ def probe(*, refresh: bool = False) -> dict:
                     return _decided
             except (OSError, ValueError):
                 pass  # a damaged cache entry is probed again and rewritten
-        answer = {**run_probe(), "key": key, "llama_cpp": build.get("version"),
-                  "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        answer = {
+            **run_probe(),
+            "key": key,
+            "llama_cpp": build.get("version"),
+            "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         if answer["result"] in ("ok", "fault", "broken"):
             try:
                 file.parent.mkdir(parents=True, exist_ok=True)
@@ -326,8 +354,13 @@ class LlamaModel:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - the child's stderr while it lives; _reap closes it
         env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
         extra = self._extra = extra_bufts()  # probed (once per machine) before the child starts
-        self._proc = subprocess.Popen([sys.executable, "-m", "llmforge.native", "worker"], env=env,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "llmforge.native", "worker"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
         self._finalizer = weakref.finalize(self, _reap, self._proc, self._stderr)
         try:
             info = self._call("load", str(self.path), kwargs, extra, vocab_texts, doing="loading")
@@ -354,8 +387,10 @@ class LlamaModel:
             return value
         kind, message = value
         if kind == "load":
-            raise UsageError(f"{self.path}: llama.cpp cannot load this GGUF ({message})",
-                             hint="the file may be truncated or written for another llama.cpp version")
+            raise UsageError(
+                f"{self.path}: llama.cpp cannot load this GGUF ({message})",
+                hint="the file may be truncated or written for another llama.cpp version",
+            )
         raise ForgeError(f"llama.cpp failed {doing or self.doing} {self.path}: {message}")
 
     def _crashed(self, doing: str) -> LlamaCrashed:
@@ -463,9 +498,16 @@ def _worker(inp, out) -> None:
                         eog.add(i)
                     if vocab_texts:
                         texts.append(llm._model.token_get_text(i))
-                value = {"n_vocab": llm.n_vocab(), "n_ctx": llm.n_ctx(), "metadata": dict(llm.metadata),
-                         "token_bos": llm.token_bos(), "token_eos": llm.token_eos(), "eog": eog,
-                         "token_texts": texts, "extra_bufts": extra}
+                value = {
+                    "n_vocab": llm.n_vocab(),
+                    "n_ctx": llm.n_ctx(),
+                    "metadata": dict(llm.metadata),
+                    "token_bos": llm.token_bos(),
+                    "token_eos": llm.token_eos(),
+                    "eog": eog,
+                    "token_texts": texts,
+                    "extra_bufts": extra,
+                }
             elif op == "tokenize":
                 data, add_bos, special = args
                 value = list(llm.tokenize(data, add_bos=add_bos, special=special))
@@ -476,7 +518,7 @@ def _worker(inp, out) -> None:
                 ids = args[0]
                 llm.reset()
                 llm.eval(ids)
-                value = np.array(llm.scores[:len(ids)], dtype=np.float32)
+                value = np.array(llm.scores[: len(ids)], dtype=np.float32)
             elif op == "generate":
                 _crash_hook()
                 ids, temp, seed, sampling = args

@@ -12,10 +12,11 @@ import hashlib
 import inspect
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -136,8 +137,14 @@ def build_pipeline(cfg: ForgeConfig, registry: Registry) -> tuple[Pipeline, list
                 if target not in by_name:
                     if target not in all_names:
                         others = [n for n in all_names if n != spec.name]
-                        problems.append(Problem(where, f"'{value}' refers to no stage"
-                                                f"{did_you_mean(target, others)}".replace("mean '", "mean '@")))
+                        problems.append(
+                            Problem(
+                                where,
+                                f"'{value}' refers to no stage{did_you_mean(target, others)}".replace(
+                                    "mean '", "mean '@"
+                                ),
+                            )
+                        )
                     continue
                 if target == spec.name:
                     problems.append(Problem(where, f"'{value}': a stage cannot use its own output"))
@@ -145,20 +152,30 @@ def build_pipeline(cfg: ForgeConfig, registry: Registry) -> tuple[Pipeline, list
                 target_spec = by_name[target]
                 produced = target_spec.cls().outputs(target_spec.options)
                 if kind is not None and kind not in produced:
-                    problems.append(Problem(where, f"'{value}': stage '{target}' produces "
-                                            f"{', '.join(produced) or 'nothing'}, not '{kind}'"))
+                    problems.append(
+                        Problem(
+                            where,
+                            f"'{value}': stage '{target}' produces {', '.join(produced) or 'nothing'}, not '{kind}'",
+                        )
+                    )
                     continue
                 if kind is None:
                     wanted = [k for k in produced if not marker.kinds or k in marker.kinds]
                     if not wanted:
-                        problems.append(Problem(where, f"'{value}': stage '{target}' produces "
-                                                f"{', '.join(produced) or 'nothing'}; this option needs "
-                                                f"{' or '.join(marker.kinds)}"))
+                        problems.append(
+                            Problem(
+                                where,
+                                f"'{value}': stage '{target}' produces "
+                                f"{', '.join(produced) or 'nothing'}; this option needs "
+                                f"{' or '.join(marker.kinds)}",
+                            )
+                        )
                         continue
                     kind = wanted[0]
                 elif marker.kinds and kind not in marker.kinds:
-                    problems.append(Problem(where, f"'{value}': this option needs {' or '.join(marker.kinds)}, "
-                                            f"not '{kind}'"))
+                    problems.append(
+                        Problem(where, f"'{value}': this option needs {' or '.join(marker.kinds)}, not '{kind}'")
+                    )
                     continue
                 uses.append(InputUse(loc, value, marker, ref_stage=target, ref_kind=kind))
                 deps[spec.name].add(target)
@@ -190,7 +207,7 @@ def _topo_order(names: list[str], deps: dict[str, set[str]]) -> tuple[list[str],
         if state.get(n) == 2:
             return None
         if state.get(n) == 1:
-            return stack[stack.index(n):] + [n]
+            return stack[stack.index(n) :] + [n]
         state[n] = 1
         stack.append(n)
         for d in sorted(deps.get(n, ()), key=names.index):
@@ -220,8 +237,9 @@ def run_check(stage: Stage, options: Any, inputs: dict[str, Artifact], registry:
     return list(found or [])
 
 
-def load_pipeline(path: str | Path | None = None, overrides: list[str] | None = None, *,
-                  registry: Registry) -> Pipeline:
+def load_pipeline(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, registry: Registry
+) -> Pipeline:
     """Read and check everything against the plugins of ``registry``; raise one ConfigError with every
     problem (exit code 2)."""
     cfg, problems = parse_config(path, overrides, registry)
@@ -229,8 +247,10 @@ def load_pipeline(path: str | Path | None = None, overrides: list[str] | None = 
     problems += more
     if not problems:
         for spec in pipe.stages:
-            arts = {u.key: Artifact(kind=u.ref_kind or "path", path=u.path or Path(), stage=u.ref_stage)
-                    for u in pipe.inputs[spec.name]}
+            arts = {
+                u.key: Artifact(kind=u.ref_kind or "path", path=u.path or Path(), stage=u.ref_stage)
+                for u in pipe.inputs[spec.name]
+            }
             try:
                 found = run_check(spec.cls(), spec.options, arts, registry)
             except Exception as exc:  # noqa: BLE001 - a buggy check is a problem to show, not a crash
@@ -246,8 +266,9 @@ def load_pipeline(path: str | Path | None = None, overrides: list[str] | None = 
             try:
                 answer = impl.function(pipeline=pipe) if "pipeline" in impl.argnames else impl.function()
             except Exception as exc:  # noqa: BLE001
-                problems.append(Problem("", f"plugin {impl.plugin_name}: validate_pipeline failed: "
-                                            f"{type(exc).__name__}: {exc}"))
+                problems.append(
+                    Problem("", f"plugin {impl.plugin_name}: validate_pipeline failed: {type(exc).__name__}: {exc}")
+                )
                 continue
             for p in answer or []:
                 problems.append(p if isinstance(p, Problem) else Problem("", str(p)))
@@ -287,8 +308,14 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def stage_key(spec: StageSpec, uses: list[InputUse], upstream_keys: dict[str, str], registry: Registry,
-              seed: int | None = None, project_dir: Path | None = None) -> str:
+def stage_key(
+    spec: StageSpec,
+    uses: list[InputUse],
+    upstream_keys: dict[str, str],
+    registry: Registry,
+    seed: int | None = None,
+    project_dir: Path | None = None,
+) -> str:
     """Hash of what determines a stage's result: kind, its version, options, inputs, library versions."""
     owner = registry.owner("stages", spec.uses)
     info = next((p for p in registry.plugins if p.name == owner), None)
@@ -299,8 +326,10 @@ def stage_key(spec: StageSpec, uses: list[InputUse], upstream_keys: dict[str, st
         "plugin_version": plugin_version,
         "llmforge": __version__,
         "options": spec.options.model_dump(mode="json"),
-        "inputs": {u.key: (f"{u.ref_stage}.{u.ref_kind}:{upstream_keys[u.ref_stage]}" if u.ref_stage
-                           else fingerprint(u.path)) for u in uses},
+        "inputs": {
+            u.key: (f"{u.ref_stage}.{u.ref_kind}:{upstream_keys[u.ref_stage]}" if u.ref_stage else fingerprint(u.path))
+            for u in uses
+        },
         "libraries": {name: _dist_version(name) for name in spec.cls.cache_libraries},
         "seed": seed,  # every stage gets [project].seed as ctx.seed: another seed is another result
         "extra": _cache_key_extra(spec, project_dir, registry) if project_dir else {},
@@ -325,8 +354,14 @@ def _cache_key_extra(spec: StageSpec, project_dir: Path, registry: Registry) -> 
 def compute_keys(pipe: Pipeline, registry: Registry) -> dict[str, str]:
     keys: dict[str, str] = {}
     for spec in pipe.stages:
-        keys[spec.name] = stage_key(spec, pipe.inputs[spec.name], keys, registry, seed=pipe.config.project.seed,
-                                    project_dir=pipe.config.project_dir)
+        keys[spec.name] = stage_key(
+            spec,
+            pipe.inputs[spec.name],
+            keys,
+            registry,
+            seed=pipe.config.project.seed,
+            project_dir=pipe.config.project_dir,
+        )
     return keys
 
 

@@ -44,8 +44,12 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # attention, as (per hidden unit, per KV unit, per MLP unit). Counted with torch's saved-tensor hooks over
 # models of several widths (docs/plan.md): fp32 training; bf16 autocast over fp32 weights; 16-bit weights.
 ACT_COEF = {
-    ("fp32", False): (32, 8, 16), ("autocast", False): (30, 4, 8), ("pure16", False): (20, 4, 8),
-    ("fp32", True): (24, 8, 16), ("autocast", True): (24, 4, 8), ("pure16", True): (25, 4, 8),
+    ("fp32", False): (32, 8, 16),
+    ("autocast", False): (30, 4, 8),
+    ("pure16", False): (20, 4, 8),
+    ("fp32", True): (24, 8, 16),
+    ("autocast", True): (24, 4, 8),
+    ("pure16", True): (25, 4, 8),
 }
 # LoRA dropout > 0 keeps a dropped-out copy of each adapted layer's input.
 LORA_DROPOUT_COEF = {"fp32": (40, 0, 4), "autocast": (24, 0, 4), "pure16": (24, 0, 4)}
@@ -106,8 +110,15 @@ class Shape:
     def linears(self) -> dict[str, tuple[int, int]]:
         """Each decoder layer's linear layers: (in, out) features, keyed by their module names."""
         h, i = self.hidden, self.intermediate
-        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
-                "o_proj": (self.q_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     def layer_params(self) -> int:
         n = sum(a * b for a, b in self.linears().values()) + 2 * self.hidden
@@ -147,8 +158,20 @@ def shape_from_config(cfg: dict, source: str = "") -> Shape:
     dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or "float32")
     attn = str(cfg.get("_attn_implementation") or cfg.get("attn_implementation") or "sdpa")
     bias = bool(text.get("attention_bias", False)) or text.get("model_type") in ("qwen2", "qwen2_moe")
-    return Shape(vocab, h, layers, heads, kv, inter, head_dim, bool(cfg.get("tie_word_embeddings", True)),
-                 dtype if dtype in DTYPE_BYTES else "float32", attn, bias, source)
+    return Shape(
+        vocab,
+        h,
+        layers,
+        heads,
+        kv,
+        inter,
+        head_dim,
+        bool(cfg.get("tie_word_embeddings", True)),
+        dtype if dtype in DTYPE_BYTES else "float32",
+        attn,
+        bias,
+        source,
+    )
 
 
 def shape_from_dir(path: Path) -> Shape:
@@ -197,26 +220,34 @@ class Backend:
         ds = getattr(section, "deepspeed", None)
         fs = getattr(section, "fsdp", None)
         kind = str(getattr(section, "type", "local"))
-        return cls(kind=kind,
-                   procs_per_node=int(getattr(section, "num_processes", 1) or 1) if kind != "local" else 1,
-                   nodes=int(getattr(section, "num_nodes", 1) or 1) if kind != "local" else 1,
-                   zero_stage=int(getattr(ds, "zero_stage", 2)),
-                   offload_optimizer=str(getattr(ds, "offload_optimizer", "none")),
-                   offload_params=str(getattr(ds, "offload_params", "none")),
-                   fsdp=kind == "accelerate" and bool(getattr(fs, "enabled", False)),
-                   fsdp_strategy=str(getattr(fs, "sharding_strategy", "FULL_SHARD")),
-                   fsdp_cpu_offload=bool(getattr(fs, "cpu_offload", False)),
-                   fsdp_checkpointing=bool(getattr(fs, "activation_checkpointing", False)),
-                   tp=int(getattr(section, "tp_size", 1) or 1))
+        return cls(
+            kind=kind,
+            procs_per_node=int(getattr(section, "num_processes", 1) or 1) if kind != "local" else 1,
+            nodes=int(getattr(section, "num_nodes", 1) or 1) if kind != "local" else 1,
+            zero_stage=int(getattr(ds, "zero_stage", 2)),
+            offload_optimizer=str(getattr(ds, "offload_optimizer", "none")),
+            offload_params=str(getattr(ds, "offload_params", "none")),
+            fsdp=kind == "accelerate" and bool(getattr(fs, "enabled", False)),
+            fsdp_strategy=str(getattr(fs, "sharding_strategy", "FULL_SHARD")),
+            fsdp_cpu_offload=bool(getattr(fs, "cpu_offload", False)),
+            fsdp_checkpointing=bool(getattr(fs, "activation_checkpointing", False)),
+            tp=int(getattr(section, "tp_size", 1) or 1),
+        )
 
     def describe(self) -> str:
         if self.kind == "deepspeed":
-            extra = "".join(f", offload {k} {v}" for k, v in (("optimizer", self.offload_optimizer),
-                                                              ("params", self.offload_params)) if v != "none")
+            extra = "".join(
+                f", offload {k} {v}"
+                for k, v in (("optimizer", self.offload_optimizer), ("params", self.offload_params))
+                if v != "none"
+            )
             return f"deepspeed ZeRO-{self.zero_stage} x{self.world}{extra}"
         if self.kind == "accelerate":
-            how = f"FSDP {self.fsdp_strategy}" + (" + CPU offload" if self.fsdp_cpu_offload else "") \
-                if self.fsdp and self.fsdp_strategy != "NO_SHARD" else "DDP"
+            how = (
+                f"FSDP {self.fsdp_strategy}" + (" + CPU offload" if self.fsdp_cpu_offload else "")
+                if self.fsdp and self.fsdp_strategy != "NO_SHARD"
+                else "DDP"
+            )
             return f"accelerate {how} x{self.world}"
         return self.kind
 
@@ -273,11 +304,19 @@ class Estimate:
     backend: Backend | None = None  # the launch it trains under (a training stage)
 
     def to_json(self) -> dict:
-        return {"device": self.device, "peak_bytes": self.peak, "peak_gib": gib(self.peak),
-                "parts_gib": {k: gib(v) for k, v in self.parts.items()}, "host_bytes": self.host,
-                "host_gib": gib(self.host), "host_parts_gib": {k: gib(v) for k, v in self.host_parts.items()},
-                "disk_bytes": self.disk, "disk_gib": gib(self.disk),
-                "disk_parts_gib": {k: gib(v) for k, v in self.disk_parts.items()}, "notes": self.notes}
+        return {
+            "device": self.device,
+            "peak_bytes": self.peak,
+            "peak_gib": gib(self.peak),
+            "parts_gib": {k: gib(v) for k, v in self.parts.items()},
+            "host_bytes": self.host,
+            "host_gib": gib(self.host),
+            "host_parts_gib": {k: gib(v) for k, v in self.host_parts.items()},
+            "disk_bytes": self.disk,
+            "disk_gib": gib(self.disk),
+            "disk_parts_gib": {k: gib(v) for k, v in self.disk_parts.items()},
+            "notes": self.notes,
+        }
 
 
 def activation_bytes(shape: Shape, t: Training, mode: str) -> tuple[int, int]:
@@ -337,8 +376,9 @@ def estimate_training(shape: Shape, t: Training, backend: Backend = Backend(), d
     world, host, work, buckets = backend.world, 0, 0, 0
     host_parts: dict[str, int] = {}
     # accelerate shards with FSDP on GPUs only; on CPUs its processes train as plain data parallel
-    sharded_fsdp = backend.kind == "accelerate" and backend.fsdp and backend.fsdp_strategy != "NO_SHARD" \
-        and device == "cuda"
+    sharded_fsdp = (
+        backend.kind == "accelerate" and backend.fsdp and backend.fsdp_strategy != "NO_SHARD" and device == "cuda"
+    )
     largest_unit = max(shape.layer_params(), shape.vocab * shape.hidden)
     if ds:
         z = backend.zero_stage
@@ -350,7 +390,7 @@ def estimate_training(shape: Shape, t: Training, backend: Backend = Backend(), d
             weights, ref = weights / world, ref / world
             work = 2 * largest_unit * base_b  # the layer being gathered and the prefetched next one
         else:
-            buckets = 2 * shape.hidden ** 2 * 4  # reduce buckets ("auto" = hidden² elements)
+            buckets = 2 * shape.hidden**2 * 4  # reduce buckets ("auto" = hidden² elements)
         if backend.offload_optimizer == "cpu":
             host_parts["optimizer (offloaded)"] = int(master + optim + (T * 4 / world if ds16 else 0))
             master = optim = 0
@@ -387,11 +427,23 @@ def estimate_training(shape: Shape, t: Training, backend: Backend = Backend(), d
     step = grads  # the Trainer's default AdamW is torch's fused one: no full-size scratch
     slack = SLACK[device] * max(forward, step)
     peak = runtime + buffers + persistent + max(forward, step) + slack
-    terms = {"runtime": runtime, "data and buffers": buffers, "weights": weights, "gradients": grads,
-             "optimizer states": optim, "master weights (fp32)": master, "activations": acts,
-             "loss (fused LM head)": loss, "bf16 weight copies (autocast)": casts, "reference model": ref,
-             "DDP gradient buckets": ddp, "ZeRO buckets": buckets, "gathered layers": work,
-             "offloaded (same RAM on CPU)": offloaded, "allocator slack": slack}
+    terms = {
+        "runtime": runtime,
+        "data and buffers": buffers,
+        "weights": weights,
+        "gradients": grads,
+        "optimizer states": optim,
+        "master weights (fp32)": master,
+        "activations": acts,
+        "loss (fused LM head)": loss,
+        "bf16 weight copies (autocast)": casts,
+        "reference model": ref,
+        "DDP gradient buckets": ddp,
+        "ZeRO buckets": buckets,
+        "gathered layers": work,
+        "offloaded (same RAM on CPU)": offloaded,
+        "allocator slack": slack,
+    }
     parts = {k: int(v) for k, v in terms.items() if v}
 
     if device == "cuda":
@@ -410,8 +462,19 @@ def estimate_training(shape: Shape, t: Training, backend: Backend = Backend(), d
             disk_parts["merged model"] = int(P * (2 if t.qlora else DTYPE_BYTES[shape.dtype]))
     else:
         disk_parts["model"] = int(P * base_b)
-    return Estimate(device, int(peak), parts, host, host_parts, sum(disk_parts.values()), disk_parts, notes,
-                    shape=shape, training=t, backend=backend)
+    return Estimate(
+        device,
+        int(peak),
+        parts,
+        host,
+        host_parts,
+        sum(disk_parts.values()),
+        disk_parts,
+        notes,
+        shape=shape,
+        training=t,
+        backend=backend,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,8 +573,13 @@ class Suggestion:
     fits: bool
 
     def to_json(self) -> dict:
-        return {"change": self.change, "text": self.text, "peak_gib": gib(self.peak), "host_gib": gib(self.host),
-                "fits": self.fits}
+        return {
+            "change": self.change,
+            "text": self.text,
+            "peak_gib": gib(self.peak),
+            "host_gib": gib(self.host),
+            "fits": self.fits,
+        }
 
     def set_args(self) -> str:
         """The change as `llmforge run` arguments: `--set stage.key=value ...` (values in TOML syntax)."""
@@ -543,15 +611,27 @@ class StagePlan:
     note: str = ""
 
     def to_json(self) -> dict:
-        out = {"stage": self.name, "kind": self.kind, "verdict": self.verdict, "note": self.note,
-               "problems": self.problems, "device_limit_gib": gib(self.device_limit),
-               "device_free_gib": gib(self.device_free), "host_limit_gib": gib(self.host_limit),
-               "estimate": self.estimate.to_json() if self.estimate else None,
-               "suggestions": [s.to_json() for s in self.suggestions]}
+        out = {
+            "stage": self.name,
+            "kind": self.kind,
+            "verdict": self.verdict,
+            "note": self.note,
+            "problems": self.problems,
+            "device_limit_gib": gib(self.device_limit),
+            "device_free_gib": gib(self.device_free),
+            "host_limit_gib": gib(self.host_limit),
+            "estimate": self.estimate.to_json() if self.estimate else None,
+            "suggestions": [s.to_json() for s in self.suggestions],
+        }
         if self.shape is not None:
-            out["model"] = {"parameters": self.shape.params(), "hidden": self.shape.hidden,
-                            "layers": self.shape.layers, "vocab": self.shape.vocab, "dtype": self.shape.dtype,
-                            "source": self.shape.source}
+            out["model"] = {
+                "parameters": self.shape.params(),
+                "hidden": self.shape.hidden,
+                "layers": self.shape.layers,
+                "vocab": self.shape.vocab,
+                "dtype": self.shape.dtype,
+                "source": self.shape.source,
+            }
         if self.training is not None:
             out["training"] = {k: v for k, v in self.training.__dict__.items()}
         if self.backend is not None:
@@ -571,10 +651,16 @@ class Plan:
 
     def to_json(self) -> dict:
         m = self.machine
-        return {"machine": {"ram_total_gib": gib(m.ram_total), "ram_available_gib": gib(m.ram_available),
-                            "disk_free_gib": gib(m.disk_free), "gpus": [
-                                {"name": g["name"], "memory_gib": gib(g["memory_total_bytes"])} for g in m.gpus]},
-                "stages": [s.to_json() for s in self.stages], "disk_total_gib": gib(self.disk_total)}
+        return {
+            "machine": {
+                "ram_total_gib": gib(m.ram_total),
+                "ram_available_gib": gib(m.ram_available),
+                "disk_free_gib": gib(m.disk_free),
+                "gpus": [{"name": g["name"], "memory_gib": gib(g["memory_total_bytes"])} for g in m.gpus],
+            },
+            "stages": [s.to_json() for s in self.stages],
+            "disk_total_gib": gib(self.disk_total),
+        }
 
 
 def plan_stage(pipe: Any, spec: Any, backend: Backend, machine: Any) -> StagePlan:
@@ -600,8 +686,7 @@ def plan_stage(pipe: Any, spec: Any, backend: Backend, machine: Any) -> StagePla
 def _limits(est: Estimate, procs: int, machine: Any) -> tuple[int, int | None, int]:
     """(what one process may use at most, what it may use now, the node's RAM) for this estimate."""
     if est.device == "cuda" and machine.gpus:
-        free = min((g["memory_free_bytes"] for g in machine.gpus if g["memory_free_bytes"] is not None),
-                   default=None)
+        free = min((g["memory_free_bytes"] for g in machine.gpus if g["memory_free_bytes"] is not None), default=None)
         return machine.vram_per_gpu, free, machine.ram_total
     # On CPU every process of the node shares the RAM.
     return machine.ram_total // procs, machine.ram_available // procs, machine.ram_total
@@ -613,15 +698,20 @@ def _judge(sp: StagePlan, est: Estimate, machine: Any) -> None:
     sp.device_limit, sp.device_free, sp.host_limit = _limits(est, procs, machine)
     if est.peak > sp.device_limit:
         if est.device == "cuda":
-            sp.problems.append(f"needs about {gib(est.peak)} GiB of GPU memory per process; the smallest GPU here "
-                               f"has {gib(sp.device_limit)} GiB")
+            sp.problems.append(
+                f"needs about {gib(est.peak)} GiB of GPU memory per process; the smallest GPU here "
+                f"has {gib(sp.device_limit)} GiB"
+            )
         else:
             per = f" per process ({procs} share this node's RAM)" if procs > 1 else ""
-            sp.problems.append(f"needs about {gib(est.peak)} GiB of RAM{per}; this machine has "
-                               f"{gib(sp.device_limit)} GiB{per and ' per process'}")
+            sp.problems.append(
+                f"needs about {gib(est.peak)} GiB of RAM{per}; this machine has "
+                f"{gib(sp.device_limit)} GiB{per and ' per process'}"
+            )
     if est.device == "cuda" and est.host > sp.host_limit:
-        sp.problems.append(f"needs about {gib(est.host)} GiB of host RAM (offload, loading); this machine has "
-                           f"{gib(sp.host_limit)} GiB")
+        sp.problems.append(
+            f"needs about {gib(est.host)} GiB of host RAM (offload, loading); this machine has {gib(sp.host_limit)} GiB"
+        )
     if sp.problems:
         sp.verdict = "does not fit"
     elif sp.device_free is not None and est.peak > sp.device_free:
@@ -649,49 +739,99 @@ def suggest(sp: StagePlan, machine: Any) -> list[Suggestion]:
         while mb > 1:
             mb //= 2
             acc = math.ceil(t.grad_accum * t.micro_batch / mb)
-            s = variant({f"{n}.micro_batch_size": mb, f"{n}.gradient_accumulation": acc},
-                        f"micro_batch_size {mb} with gradient_accumulation {acc} (same batch per step)",
-                        replace(t, micro_batch=mb, grad_accum=acc))
+            s = variant(
+                {f"{n}.micro_batch_size": mb, f"{n}.gradient_accumulation": acc},
+                f"micro_batch_size {mb} with gradient_accumulation {acc} (same batch per step)",
+                replace(t, micro_batch=mb, grad_accum=acc),
+            )
             if s.fits or mb == 1:
                 out.append(s)
                 break
     if not t.checkpointing:
-        out.append(variant({f"{n}.gradient_checkpointing": True},
-                           "gradient_checkpointing (recompute activations; ~30% slower)",
-                           replace(t, checkpointing=True)))
+        out.append(
+            variant(
+                {f"{n}.gradient_checkpointing": True},
+                "gradient_checkpointing (recompute activations; ~30% slower)",
+                replace(t, checkpointing=True),
+            )
+        )
     if not t.lora:
-        out.append(variant({f"{n}.lora.enabled": True}, "LoRA r=16 instead of training every weight",
-                           replace(t, lora=True, lora_r=16, lora_dropout=0.05, reference_copy=False)))
+        out.append(
+            variant(
+                {f"{n}.lora.enabled": True},
+                "LoRA r=16 instead of training every weight",
+                replace(t, lora=True, lora_r=16, lora_dropout=0.05, reference_copy=False),
+            )
+        )
     if est.device == "cuda" and not t.qlora:
-        out.append(variant({f"{n}.lora.enabled": True, f"{n}.lora.qlora": True},
-                           "QLoRA: the base in 4 bit, LoRA on top",
-                           replace(t, lora=True, qlora=True, lora_r=t.lora_r if t.lora else 16,
-                                   lora_dropout=0.05, reference_copy=False)))
+        out.append(
+            variant(
+                {f"{n}.lora.enabled": True, f"{n}.lora.qlora": True},
+                "QLoRA: the base in 4 bit, LoRA on top",
+                replace(
+                    t, lora=True, qlora=True, lora_r=t.lora_r if t.lora else 16, lora_dropout=0.05, reference_copy=False
+                ),
+            )
+        )
     if est.device == "cuda":
         if b.world > 1 and not (b.kind == "deepspeed" and b.zero_stage >= 3):
-            out.append(variant({"backend.type": "deepspeed", "backend.deepspeed.zero_stage": 3},
-                               f"DeepSpeed ZeRO-3 over the {b.world} processes (weights, gradients and "
-                               f"optimizer states sharded)", b2=replace(b, kind="deepspeed", zero_stage=3, fsdp=False)))
+            out.append(
+                variant(
+                    {"backend.type": "deepspeed", "backend.deepspeed.zero_stage": 3},
+                    f"DeepSpeed ZeRO-3 over the {b.world} processes (weights, gradients and optimizer states sharded)",
+                    b2=replace(b, kind="deepspeed", zero_stage=3, fsdp=False),
+                )
+            )
         if not (b.kind == "deepspeed" and b.offload_optimizer == "cpu"):
             stage = max(b.zero_stage if b.kind == "deepspeed" else 2, 2)
-            out.append(variant({"backend.type": "deepspeed", "backend.deepspeed.zero_stage": stage,
-                                "backend.deepspeed.offload_optimizer": "cpu"},
-                               f"DeepSpeed ZeRO-{stage} with the optimizer offloaded to CPU RAM",
-                               b2=replace(b, kind="deepspeed", zero_stage=stage, offload_optimizer="cpu", fsdp=False,
-                                          procs_per_node=b.procs_per_node, nodes=b.nodes)))
+            out.append(
+                variant(
+                    {
+                        "backend.type": "deepspeed",
+                        "backend.deepspeed.zero_stage": stage,
+                        "backend.deepspeed.offload_optimizer": "cpu",
+                    },
+                    f"DeepSpeed ZeRO-{stage} with the optimizer offloaded to CPU RAM",
+                    b2=replace(
+                        b,
+                        kind="deepspeed",
+                        zero_stage=stage,
+                        offload_optimizer="cpu",
+                        fsdp=False,
+                        procs_per_node=b.procs_per_node,
+                        nodes=b.nodes,
+                    ),
+                )
+            )
     # LoRA's dropout copies can outweigh the gradients and optimizer states it saves: keep what helps.
     out = [s for s in out if s.peak < est.peak]
     # Everything gentle at once, when no single change is enough.
     if not any(s.fits for s in out) and (t.micro_batch > 1 or not t.checkpointing or not t.lora):
-        both = replace(t, micro_batch=1, grad_accum=t.grad_accum * t.micro_batch, checkpointing=True,
-                       lora=True, lora_r=t.lora_r if t.lora else 16, reference_copy=False,
-                       lora_dropout=t.lora_dropout if t.lora else 0.05)
-        change = {f"{n}.micro_batch_size": 1, f"{n}.gradient_accumulation": both.grad_accum,
-                  f"{n}.gradient_checkpointing": True, f"{n}.lora.enabled": True}
+        both = replace(
+            t,
+            micro_batch=1,
+            grad_accum=t.grad_accum * t.micro_batch,
+            checkpointing=True,
+            lora=True,
+            lora_r=t.lora_r if t.lora else 16,
+            reference_copy=False,
+            lora_dropout=t.lora_dropout if t.lora else 0.05,
+        )
+        change = {
+            f"{n}.micro_batch_size": 1,
+            f"{n}.gradient_accumulation": both.grad_accum,
+            f"{n}.gradient_checkpointing": True,
+            f"{n}.lora.enabled": True,
+        }
         out.append(variant(change, "all of: micro_batch_size 1, gradient checkpointing, LoRA", both))
         if not out[-1].fits and est.device == "cuda" and not t.qlora:
-            out.append(variant({**change, f"{n}.lora.qlora": True},
-                               "all of: micro_batch_size 1, gradient checkpointing, QLoRA", replace(both, qlora=True)))
+            out.append(
+                variant(
+                    {**change, f"{n}.lora.qlora": True},
+                    "all of: micro_batch_size 1, gradient checkpointing, QLoRA",
+                    replace(both, qlora=True),
+                )
+            )
     return out
 
 
@@ -718,8 +858,10 @@ def plan(pipe: Any, machine: Any = None, only: list[str] | None = None) -> Plan:
         for s in stages:
             running += s.estimate.disk if s.estimate else 0
             if running > machine.disk_free:
-                s.problems.append(f"the run's files reach about {gib(running)} GiB by the end of this stage "
-                                  f"(checkpoints and outputs); {gib(machine.disk_free)} GiB free in {cfg.runs_dir}")
+                s.problems.append(
+                    f"the run's files reach about {gib(running)} GiB by the end of this stage "
+                    f"(checkpoints and outputs); {gib(machine.disk_free)} GiB free in {cfg.runs_dir}"
+                )
                 s.verdict = "does not fit"
                 break
     return result
@@ -745,6 +887,7 @@ def fit_check(pipe: Any, only: list[str], from_stage: str | None, machine: Any =
     lines = []
     for sp in bad:
         lines.append(f"stage '{sp.name}' cannot fit on this machine: " + "; ".join(sp.problems))
-        lines += [f"  try {s.text}: about {fmt_bytes(s.peak, digits=2)}  ({s.set_args()})"
-                  for s in sp.suggestions if s.fits]
+        lines += [
+            f"  try {s.text}: about {fmt_bytes(s.peak, digits=2)}  ({s.set_args()})" for s in sp.suggestions if s.fits
+        ]
     raise UsageError("\n".join(lines), hint="`llmforge plan` shows the whole estimate; run anyway with --no-fit-check")

@@ -346,8 +346,14 @@ def _declare(reg: Registry) -> None:
                 if not isinstance(p, ExtensionPoint):
                     raise TypeError(f"extension_points() must return ExtensionPoint values, got {p!r}")
         except Exception as exc:  # noqa: BLE001 - one plugin's failure stays its own
-            reg._errors.append(LoadError(plugin_name, _where(reg, plugin_name),
-                                         f"extension_points failed: {_short_error(exc)}", traceback.format_exc()))
+            reg._errors.append(
+                LoadError(
+                    plugin_name,
+                    _where(reg, plugin_name),
+                    f"extension_points failed: {_short_error(exc)}",
+                    traceback.format_exc(),
+                )
+            )
             continue
         for p in points:
             problem = _clash(reg, p)
@@ -360,14 +366,22 @@ def _declare(reg: Registry) -> None:
             for hi in list(caller.get_hookimpls()) if caller is not None else []:
                 extra_args = set(hi.argnames) - {"register"}
                 if extra_args:
-                    _refuse(reg, hi.plugin_name, f"{p.hook}() takes {', '.join(sorted(extra_args))}, "
-                                                 "but the hook only passes 'register'")
+                    _refuse(
+                        reg,
+                        hi.plugin_name,
+                        f"{p.hook}() takes {', '.join(sorted(extra_args))}, but the hook only passes 'register'",
+                    )
             try:
                 pm.add_hookspecs(p.hookspec())
             except Exception as exc:  # noqa: BLE001
-                reg._errors.append(LoadError(plugin_name, _where(reg, plugin_name),
-                                             f"extension point '{p.table}': {_short_error(exc)}",
-                                             traceback.format_exc()))
+                reg._errors.append(
+                    LoadError(
+                        plugin_name,
+                        _where(reg, plugin_name),
+                        f"extension point '{p.table}': {_short_error(exc)}",
+                        traceback.format_exc(),
+                    )
+                )
                 continue
             reg._points[p.table] = p
     known = hook_names(pm)
@@ -413,8 +427,10 @@ def _fill(reg: Registry, point: ExtensionPoint, table: dict[str, Any]) -> None:
     infos = {p.name: p for p in reg._plugins}
     order = [CORE] + [p.name for p in reg._plugins]
     # pluggy lists implementations last-registered first; we want load order.
-    impls = sorted(getattr(reg.pm.hook, point.hook).get_hookimpls(),
-                   key=lambda i: order.index(i.plugin_name) if i.plugin_name in order else len(order))
+    impls = sorted(
+        getattr(reg.pm.hook, point.hook).get_hookimpls(),
+        key=lambda i: order.index(i.plugin_name) if i.plugin_name in order else len(order),
+    )
     for impl in impls:
         plugin = impl.plugin_name
 
@@ -436,8 +452,11 @@ def _fill(reg: Registry, point: ExtensionPoint, table: dict[str, Any]) -> None:
         try:
             impl.function(register=register) if "register" in impl.argnames else impl.function()
         except Exception as exc:  # noqa: BLE001
-            reg._errors.append(LoadError(plugin, _where(reg, plugin), f"{point.hook} failed: {_short_error(exc)}",
-                                         traceback.format_exc()))
+            reg._errors.append(
+                LoadError(
+                    plugin, _where(reg, plugin), f"{point.hook} failed: {_short_error(exc)}", traceback.format_exc()
+                )
+            )
 
 
 def _label(reg: Registry, plugin_name: str) -> str:

@@ -40,8 +40,9 @@ class Precision:
     reason: str  # why, for the training log and the plan: "" when the user asked for it
 
 
-def choose_precision(requested: str, *, device: str, gpu_bf16: bool = False, cpu_bf16_fast: bool = False,
-                     params: int | None = None) -> Precision:
+def choose_precision(
+    requested: str, *, device: str, gpu_bf16: bool = False, cpu_bf16_fast: bool = False, params: int | None = None
+) -> Precision:
     """The precision a training stage runs in.
 
     `device`: "cuda", "mps" or "cpu"; `gpu_bf16`: every GPU has bf16; `cpu_bf16_fast`: the CPU has
@@ -57,6 +58,7 @@ def choose_precision(requested: str, *, device: str, gpu_bf16: bool = False, cpu
         return Precision("fp32", "auto: CPU without native bf16")
     if params is None or params < CPU_BF16_MIN_PARAMS:
         size = "model size unknown" if params is None else f"{params / 1e6:.1f} M parameters"
-        return Precision("fp32", f"auto: {size}, below the {CPU_BF16_MIN_PARAMS // 10**6} M where bf16 pays off "
-                                 "on a CPU")
+        return Precision(
+            "fp32", f"auto: {size}, below the {CPU_BF16_MIN_PARAMS // 10**6} M where bf16 pays off on a CPU"
+        )
     return Precision("bf16", f"auto: {params / 1e6:.0f} M parameters, CPU with native bf16")

@@ -67,8 +67,18 @@ if TYPE_CHECKING:
     from llmforge.pipeline import StageSpec
     from llmforge.plugins import Registry
 
-LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "llama_cpp_python", "gguf",
-             "pluggy", "pydantic")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "deepspeed",
+    "llama_cpp_python",
+    "gguf",
+    "pluggy",
+    "pydantic",
+)
 
 
 @dataclass
@@ -235,16 +245,18 @@ def find_resumable(store: RunStore, cfg: ForgeConfig, ref: str | None) -> RunInf
     else:
         candidates = [r for r in store.list() if r.config_path == str(cfg.path) and r.status in INTERRUPTED]
         if not candidates:
-            raise UsageError("nothing to resume: no interrupted run of this forge.toml",
-                             hint="start a new one with `llmforge run`")
+            raise UsageError(
+                "nothing to resume: no interrupted run of this forge.toml", hint="start a new one with `llmforge run`"
+            )
         run = candidates[-1]
     if run.status == Status.DONE:
         raise UsageError(f"run {run.id} has finished; nothing to resume")
     return run
 
 
-def _open_run(pipe: Pipeline, store: RunStore, req: RunRequest,
-              emit_note: list[str]) -> tuple[Path, RunLock, Manifest | None]:
+def _open_run(
+    pipe: Pipeline, store: RunStore, req: RunRequest, emit_note: list[str]
+) -> tuple[Path, RunLock, Manifest | None]:
     """The run folder this attempt writes, its lock (held), and the manifest of the attempt it
     continues (None for a new run)."""
     cfg_path = str(pipe.config.path)
@@ -259,9 +271,10 @@ def _open_run(pipe: Pipeline, store: RunStore, req: RunRequest,
     for run in same_config:
         info = read_lock(run.dir)
         if info and lock_is_live(info):
-            raise LockedError(f"run {run.id} of this forge.toml is still running (pid {info.get('pid')})",
-                              hint=f"follow it with `llmforge logs {run.id} -f` or stop it with "
-                                   f"`llmforge stop {run.id}`")
+            raise LockedError(
+                f"run {run.id} of this forge.toml is still running (pid {info.get('pid')})",
+                hint=f"follow it with `llmforge logs {run.id} -f` or stop it with `llmforge stop {run.id}`",
+            )
         if run.record.status in LIVE:
             # Its writer died (SIGKILL, power loss): take its stale lock and record that, so the manifest
             # no longer claims a live run and `--resume` finds it as an interrupted one.
@@ -273,8 +286,10 @@ def _open_run(pipe: Pipeline, store: RunStore, req: RunRequest,
             try:
                 run.record.status = Status.KILLED
                 run.record.save(run.dir)
-                emit_note.append(f"run {run.id} was killed; took over its stale lock and marked it killed "
-                                 f"(`llmforge run --resume` continues it)")
+                emit_note.append(
+                    f"run {run.id} was killed; took over its stale lock and marked it killed "
+                    f"(`llmforge run --resume` continues it)"
+                )
             finally:
                 lock.release()
     run_dir = store.create(req.run_ref)
@@ -303,15 +318,15 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, *, registry: Reg
         # --stage/--from/--force, a forced stage would be taken from the cache (the result it was forced
         # to replace) and its checkpoint never used. A selection given with --resume replaces it.
         rec = previous.selection
-        req = replace(req, only=list(rec.get("stages") or []), from_stage=rec.get("from"),
-                      force=bool(rec.get("force")))
+        req = replace(req, only=list(rec.get("stages") or []), from_stage=rec.get("from"), force=bool(rec.get("force")))
         try:
             selected, forced = _select(pipe, req)
         except UsageError as exc:
             lock.release()
-            raise UsageError(f"run {run_id} was started with {_selection_args(req)}: {exc.message}",
-                             hint="resume it naming the stages to run (--stage/--from), or start a new run") \
-                from None
+            raise UsageError(
+                f"run {run_id} was started with {_selection_args(req)}: {exc.message}",
+                hint="resume it naming the stages to run (--stage/--from), or start a new run",
+            ) from None
         info_notes.append(f"resuming with the selection of run {run_id}: {_selection_args(req)}")
     keys = compute_keys(pipe, registry)
     # Requests left by an earlier attempt (a stop that came after it ended) must not stop this one.
@@ -320,15 +335,23 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, *, registry: Reg
 
     old_stages = previous.stages if previous is not None else {}
     manifest = Manifest(
-        id=run_id, created=previous.created if previous is not None and previous.created else time.time(),
-        config_path=str(cfg.path), project=cfg.name, config=cfg.raw, status=Status.RUNNING, pid=os.getpid(),
-        versions=versions(), hardware=snapshot(cfg.runs_dir),
+        id=run_id,
+        created=previous.created if previous is not None and previous.created else time.time(),
+        config_path=str(cfg.path),
+        project=cfg.name,
+        config=cfg.raw,
+        status=Status.RUNNING,
+        pid=os.getpid(),
+        versions=versions(),
+        hardware=snapshot(cfg.runs_dir),
         resumed=(previous.resumed if previous is not None else []) + ([time.time()] if req.resume else []),
         selection=req.selection,
         # A resumed run keeps what its stages recorded (status, artifacts, info): the loop below decides,
         # stage by stage, whether that still holds.
-        stages={spec.name: replace(old_stages.get(spec.name) or StageRecord(), uses=spec.uses, key=keys[spec.name])
-                for spec in pipe.stages},
+        stages={
+            spec.name: replace(old_stages.get(spec.name) or StageRecord(), uses=spec.uses, key=keys[spec.name])
+            for spec in pipe.stages
+        },
     )
     # What this run's stages were computed from before (on --resume): a changed key invalidates them.
     prev_keys = {name: st.key for name, st in old_stages.items()}
@@ -336,17 +359,34 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, *, registry: Reg
     backend = build_backend(cfg, registry)
     tracker_notes: list[str] = []
     trackers = _start_trackers(cfg, run_dir, registry, tracker_notes)
-    events = EventWriter(run_dir / EVENTS, run_id,
-                         listeners=[*req.listeners, *_observers(registry, run_dir), *(t.on_event for t in trackers)])
+    events = EventWriter(
+        run_dir / EVENTS,
+        run_id,
+        listeners=[*req.listeners, *_observers(registry, run_dir), *(t.on_event for t in trackers)],
+    )
     stop = _StopFlag(run_dir)
-    session = RunSession(pipe=pipe, registry=registry, store=store, run_dir=run_dir, manifest=manifest,
-                         events=events, stop=stop, backend=backend)
+    session = RunSession(
+        pipe=pipe,
+        registry=registry,
+        store=store,
+        run_dir=run_dir,
+        manifest=manifest,
+        events=events,
+        stop=stop,
+        backend=backend,
+    )
     restore = _install_signals(stop)
     unwatch = watch_requests(run_dir, stop.on_request)
     registry.pm.hook.configure.call_historic(kwargs={"config": cfg})
 
-    events.emit("run_start", config=str(cfg.path), stages=pipe.names, resume=req.resume,
-                selected=[n for n in pipe.names if n in selected], selection=req.selection)
+    events.emit(
+        "run_start",
+        config=str(cfg.path),
+        stages=pipe.names,
+        resume=req.resume,
+        selected=[n for n in pipe.names if n in selected],
+        selection=req.selection,
+    )
     for note in notes + tracker_notes:
         events.emit("log", level="warning", message=note)
     for note in info_notes:
@@ -405,9 +445,13 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, *, registry: Reg
             # "running" counts as interrupted: a writer that died mid-stage could not record anything else.
             resume = req.resume and st.status in INTERRUPTED and same_key
             if req.resume and st.status in INTERRUPTED and not same_key:
-                events.emit("log", stage=spec.name, level="warning",
-                            message=f"stage {spec.name} changed since it was interrupted (options or inputs): "
-                                    f"its checkpoints do not apply, it starts afresh")
+                events.emit(
+                    "log",
+                    stage=spec.name,
+                    level="warning",
+                    message=f"stage {spec.name} changed since it was interrupted (options or inputs): "
+                    f"its checkpoints do not apply, it starts afresh",
+                )
             stage_dir = run_dir / "stages" / spec.name
             if not resume and stage_dir.exists():
                 shutil.rmtree(stage_dir)  # a different key or a forced re-run: old checkpoints don't apply
@@ -432,8 +476,9 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, *, registry: Reg
         manifest.exit_code = exit_code
         manifest.finished = time.time()
         session.save()
-        events.emit("run_end", status=status, exit_code=exit_code,
-                    stages={n: s.status for n, s in manifest.stages.items()})
+        events.emit(
+            "run_end", status=status, exit_code=exit_code, stages={n: s.status for n, s in manifest.stages.items()}
+        )
         events.close()
         for tracker in trackers:
             try:
@@ -495,10 +540,19 @@ def _run_stage(session: RunSession, spec: StageSpec, stage_dir: Path, resume: bo
     options = resolve_options(spec, pipe.inputs[spec.name], inputs)
     cfg = session.config
     ctx = StageContext(
-        stage_name=spec.name, run_id=session.run_id, run_dir=session.run_dir, stage_dir=stage_dir, inputs=inputs,
-        emit=functools.partial(_emit_in_stage, events, spec.name), stop_check=stop,
-        checkpoint_check=_checkpoint_check(session.run_dir), resume=resume, seed=cfg.project.seed,
-        project_dir=cfg.project_dir, backend=session.backend, registry=session.registry,
+        stage_name=spec.name,
+        run_id=session.run_id,
+        run_dir=session.run_dir,
+        stage_dir=stage_dir,
+        inputs=inputs,
+        emit=functools.partial(_emit_in_stage, events, spec.name),
+        stop_check=stop,
+        checkpoint_check=_checkpoint_check(session.run_dir),
+        resume=resume,
+        seed=cfg.project.seed,
+        project_dir=cfg.project_dir,
+        backend=session.backend,
+        registry=session.registry,
     )
     started = time.time()
     st.status, st.started, st.error, st.artifacts, st.cached_from = Status.RUNNING, started, None, {}, None
@@ -516,8 +570,10 @@ def _run_stage(session: RunSession, spec: StageSpec, stage_dir: Path, resume: bo
         if isinstance(handled, Mapping):
             stray = [k for k in handled if k not in ctx.published]
             if stray:
-                raise ForgeError(f"stage kind '{spec.uses}' returned {', '.join(map(str, stray))} "
-                                 f"without publishing it through ctx.artifact()")
+                raise ForgeError(
+                    f"stage kind '{spec.uses}' returned {', '.join(map(str, stray))} "
+                    f"without publishing it through ctx.artifact()"
+                )
         missing = [k for k in spec.cls().outputs(options) if k not in ctx.published]
         # A stage is stopped when it saw the stop (ctx.should_stop() said so and it returned early). A stop
         # it never looked at, because it came while the outputs were being written, is deferred: the stage
@@ -526,8 +582,7 @@ def _run_stage(session: RunSession, spec: StageSpec, stage_dir: Path, resume: bo
         if ctx.stop_seen or (missing and stop()):
             outcome, code = Status.STOPPED, EXIT_INTERRUPTED
         elif missing:
-            raise ForgeError(f"stage kind '{spec.uses}' declares it produces {', '.join(missing)} "
-                             f"but did not write it")
+            raise ForgeError(f"stage kind '{spec.uses}' declares it produces {', '.join(missing)} but did not write it")
     except KeyboardInterrupt:
         outcome, code, error = Status.STOPPED, EXIT_INTERRUPTED, "interrupted"
     except ForgeError as exc:
@@ -599,9 +654,12 @@ def _hint_interrupted(store: RunStore, cfg: ForgeConfig, run_id: str, events: Ev
         if run.status in (Status.STOPPED, Status.KILLED, Status.FAILED):
             stuck = [n for n, s in run.record.stages.items() if s.status in INTERRUPTED]
             if stuck:
-                events.emit("log", level="warning",
-                            message=f"run {run.id} was {run.status} in stage {stuck[0]}; this new run starts "
-                                    f"that stage afresh (`llmforge run --resume` would continue the old one)")
+                events.emit(
+                    "log",
+                    level="warning",
+                    message=f"run {run.id} was {run.status} in stage {stuck[0]}; this new run starts "
+                    f"that stage afresh (`llmforge run --resume` would continue the old one)",
+                )
         break
 
 

@@ -131,8 +131,7 @@ class RunLock:
     def acquire(self) -> bool:
         """Take the lock; returns True when a stale lock was taken over. Raises LockedError when live."""
         took_over = False
-        me = {"pid": os.getpid(), "host": platform.node(), "started": _process_start(os.getpid()),
-              "argv": sys.argv}
+        me = {"pid": os.getpid(), "host": platform.node(), "started": _process_start(os.getpid()), "argv": sys.argv}
         for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -145,7 +144,8 @@ class RunLock:
                 if info is not None and lock_is_live(info):
                     raise LockedError(
                         f"run {self.path.parent.name} is being written by pid {info.get('pid')} on {info.get('host')}",
-                        hint=f"wait for it, or stop it with `llmforge stop {self.path.parent.name}`") from None
+                        hint=f"wait for it, or stop it with `llmforge stop {self.path.parent.name}`",
+                    ) from None
                 # Stale: move it aside under a unique name; only one contender's rename succeeds.
                 try:
                     os.replace(self.path, self.path.with_name(f".{LOCK}.stale-{os.getpid()}"))
@@ -201,8 +201,9 @@ class StageRecord:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> StageRecord:
         known = _names(cls)
-        rec = cls(**{k: v for k, v in raw.items() if k in known},
-                  extra={k: v for k, v in raw.items() if k not in known})
+        rec = cls(
+            **{k: v for k, v in raw.items() if k in known}, extra={k: v for k, v in raw.items() if k not in known}
+        )
         rec.status = Status.of(rec.status)
         return rec
 
@@ -321,9 +322,13 @@ class RunInfo:
         return status
 
     def to_json(self) -> dict:
-        return {**self.manifest, "id": self.id, "dir": str(self.dir), "status": self.status,
-                "stages": {n: {**s, "status": self.stage_status(n)}
-                           for n, s in self.manifest.get("stages", {}).items()}}
+        return {
+            **self.manifest,
+            "id": self.id,
+            "dir": str(self.dir),
+            "status": self.status,
+            "stages": {n: {**s, "status": self.stage_status(n)} for n, s in self.manifest.get("stages", {}).items()},
+        }
 
 
 class RunStore:
@@ -405,8 +410,10 @@ def _read_run(d: Path) -> RunInfo | None:
 
 def _whole(run: RunInfo) -> RunInfo:
     if run.damaged:
-        raise UsageError(f"run {run.id} is damaged: {run.damaged}",
-                         hint="its stage folders may still hold artifacts; start a new run with `llmforge run`")
+        raise UsageError(
+            f"run {run.id} is damaged: {run.damaged}",
+            hint="its stage folders may still hold artifacts; start a new run with `llmforge run`",
+        )
     return run
 
 

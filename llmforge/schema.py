@@ -92,10 +92,18 @@ def _message(err: Mapping[str, Any], model: type[BaseModel]) -> str:
     if kind == "string_too_long":
         return f"must be at most {ctx.get('max_length')} characters long"
     type_names = {
-        "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "a whole number",
-        "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
-        "bool_parsing": "true or false", "string_type": "a string", "list_type": "a list",
-        "dict_type": "a table", "model_type": "a table", "model_attributes_type": "a table",
+        "int_type": "an integer",
+        "int_parsing": "an integer",
+        "int_from_float": "a whole number",
+        "float_type": "a number",
+        "float_parsing": "a number",
+        "bool_type": "true or false",
+        "bool_parsing": "true or false",
+        "string_type": "a string",
+        "list_type": "a list",
+        "dict_type": "a table",
+        "model_type": "a table",
+        "model_attributes_type": "a table",
     }
     if kind in type_names:
         return f"expected {type_names[kind]}, got {type(got).__name__} {_short(got)}"
@@ -119,7 +127,7 @@ def _clean_loc(model: type[BaseModel], loc: tuple) -> tuple[tuple, Any]:
             field = current.model_fields.get(part) if isinstance(part, str) else None
             out.append(part)
             if field is None:  # an unknown key (extra_forbidden): keep the rest as it is
-                return tuple(out) + tuple(loc[i + 1:]), None
+                return tuple(out) + tuple(loc[i + 1 :]), None
             current = field.annotation
             i += 1
             continue
@@ -144,8 +152,14 @@ def _clean_loc(model: type[BaseModel], loc: tuple) -> tuple[tuple, Any]:
     return tuple(out), None
 
 
-_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-               "list": "a list", "dict": "a table"}
+_TYPE_WORDS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "list": "a list",
+    "dict": "a table",
+}
 
 
 def _union_words(annotation: Any) -> str:
@@ -158,8 +172,9 @@ def _union_words(annotation: Any) -> str:
         word = _TYPE_WORDS.get(name, name)
         if origin in (list, tuple) and typing.get_args(arg):
             inner = getattr(typing.get_args(arg)[0], "__name__", "")
-            word = f"a list of {_TYPE_WORDS.get(inner, inner).removeprefix('a ').removeprefix('an ')}s" if inner \
-                else word
+            word = (
+                f"a list of {_TYPE_WORDS.get(inner, inner).removeprefix('a ').removeprefix('an ')}s" if inner else word
+            )
         words.append(word)
     return " or ".join(words)
 
@@ -200,9 +215,14 @@ class OptionInfo:
 
     def to_json(self) -> dict:
         return {
-            "name": self.name, "type": self.type, "default": self.default, "required": self.required,
-            "description": self.description, "constraints": self.constraints,
-            "input": self.is_input, "input_kinds": list(self.input_kinds),
+            "name": self.name,
+            "type": self.type,
+            "default": self.default,
+            "required": self.required,
+            "description": self.description,
+            "constraints": self.constraints,
+            "input": self.is_input,
+            "input_kinds": list(self.input_kinds),
         }
 
 
@@ -226,8 +246,14 @@ def _type_name(annotation: Any) -> str:
 def _constraints(field: Any) -> str:
     parts = []
     for meta in field.metadata:
-        for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="),
-                          ("min_length", "min length"), ("max_length", "max length")):
+        for attr, sym in (
+            ("gt", ">"),
+            ("ge", ">="),
+            ("lt", "<"),
+            ("le", "<="),
+            ("min_length", "min length"),
+            ("max_length", "max length"),
+        ):
             value = getattr(meta, attr, None)
             if value is not None:
                 parts.append(f"{sym} {value}")
@@ -252,14 +278,16 @@ def describe_options(model: type[BaseModel], prefix: str = "", optional: bool = 
         default = None if field.is_required() else field.get_default(call_default_factory=True)
         if isinstance(default, BaseModel):
             default = default.model_dump()
-        rows.append(OptionInfo(
-            name=full,
-            type=_type_name(field.annotation),
-            default=default,
-            required=field.is_required() and not optional,
-            description=field.description or "",
-            constraints=_constraints(field),
-            is_input=marker is not None,
-            input_kinds=marker.kinds if marker else (),
-        ))
+        rows.append(
+            OptionInfo(
+                name=full,
+                type=_type_name(field.annotation),
+                default=default,
+                required=field.is_required() and not optional,
+                description=field.description or "",
+                constraints=_constraints(field),
+                is_input=marker is not None,
+                input_kinds=marker.kinds if marker else (),
+            )
+        )
     return rows

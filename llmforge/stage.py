@@ -295,7 +295,9 @@ def input_marker(annotation: Any) -> Input | None:
 
 # The extension point stages are registered through (declared by the core in llmforge.execution).
 STAGES = ExtensionPoint(
-    hook="register_stages", table="stages", label="stage",
+    hook="register_stages",
+    table="stages",
+    label="stage",
     doc="""Register stage classes.
 
     Call ``register(StageClass)`` for each :class:`llmforge.stage.Stage` subclass the plugin

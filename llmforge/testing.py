@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -77,8 +78,10 @@ def load_test_registry(*plugins: Any, env: str | None = "", check: bool = True) 
         ours = {name for name, _ in named}
         # Every table filled first: a register() that refused an object, or a hook that raised, shows too.
         registry.collect()
-        problems = [f"{e.plugin}: {e.error}" if e.dist == "(in-process)" else f"{e.plugin} ({e.dist}): {e.error}"
-                    for e in registry.errors]
+        problems = [
+            f"{e.plugin}: {e.error}" if e.dist == "(in-process)" else f"{e.plugin} ({e.dist}): {e.error}"
+            for e in registry.errors
+        ]
         problems += [str(c) for c in registry.conflicts if c.loser.split(" ")[0] in ours]
         if problems:
             pytest.fail("llmforge could not load the plugins under test:\n  " + "\n  ".join(problems), pytrace=False)
@@ -132,12 +135,15 @@ class RunOutcome:
             raise KeyError(f"no stage '{stage}' in this run (stages: {', '.join(self.stages)})")
         found = (record.get("artifacts") or {}).get(kind)
         if found is None:
-            raise KeyError(f"stage '{stage}' ({record.get('status')}) published no '{kind}' artifact "
-                           f"(published: {', '.join(record.get('artifacts') or {}) or 'nothing'})")
+            raise KeyError(
+                f"stage '{stage}' ({record.get('status')}) published no '{kind}' artifact "
+                f"(published: {', '.join(record.get('artifacts') or {}) or 'nothing'})"
+            )
         return Path(found["path"])
 
     def of_type(self, type_: str, stage: str | None = None) -> list[dict]:
-        """The events of one type (``log``, ``metric``, ``progress``, ``artifact``, your own), optionally of one stage."""
+        """The events of one type (``log``, ``metric``, ``progress``, ``artifact``, your own), optionally of one
+        stage."""
         return [e for e in self.events if e.get("type") == type_ and (stage is None or e.get("stage") == stage)]
 
     def messages(self, stage: str | None = None, level: str | None = None) -> list[str]:
@@ -150,8 +156,14 @@ class RunOutcome:
 
     def failure(self) -> str:
         """The errors of failed stages, one per line (for an assertion's message)."""
-        return "\n".join(f"{name}: {rec.get('status')}: {rec.get('error')}" for name, rec in self.stages.items()
-                         if rec.get("error")) or f"run {self.status} (exit {self.exit_code})"
+        return (
+            "\n".join(
+                f"{name}: {rec.get('status')}: {rec.get('error')}"
+                for name, rec in self.stages.items()
+                if rec.get("error")
+            )
+            or f"run {self.status} (exit {self.exit_code})"
+        )
 
 
 class ForgeProject:
@@ -204,10 +216,18 @@ class ForgeProject:
             return out
         return {}
 
-    def run(self, registry=None, *, overrides: Iterable[str] = (), stages: Iterable[str] = (),
-            from_stage: str | None = None, force: bool = False, resume: bool = False,
-            stop_when: Callable[[dict], bool] | None = None,
-            listeners: Iterable[Callable[[dict], None]] = ()) -> RunOutcome:
+    def run(
+        self,
+        registry=None,
+        *,
+        overrides: Iterable[str] = (),
+        stages: Iterable[str] = (),
+        from_stage: str | None = None,
+        force: bool = False,
+        resume: bool = False,
+        stop_when: Callable[[dict], bool] | None = None,
+        listeners: Iterable[Callable[[dict], None]] = (),
+    ) -> RunOutcome:
         """Run the pipeline as ``llmforge run`` would (``stages``: ``--stage``; ``from_stage``: ``--from``;
         ``force``, ``resume``, ``overrides``: ``--set``), in this process, and return what it left.
 
@@ -274,9 +294,15 @@ def llmforge_tokenizer_dir(tmp_path_factory) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_CORPUS, trainers.BpeTrainer(
-        vocab_size=500, special_tokens=list(CHATML.special_tokens), show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        _CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=500,
+            special_tokens=list(CHATML.special_tokens),
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=CHATML.eos, pad_token=CHATML.pad)
     fast.chat_template = CHATML.source
     out = tmp_path_factory.mktemp("llmforge-tokenizer")
@@ -292,10 +318,18 @@ def llmforge_tiny_model_dir(tmp_path_factory, llmforge_tokenizer_dir) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(llmforge_tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     # The same weights in every session (results a test can compare), without reseeding the tests' RNG.
     with torch.random.fork_rng():
         torch.manual_seed(0)

@@ -34,7 +34,9 @@ class Tracker:
 
 # The extension point trackers are registered through (declared by the core in llmforge.execution).
 TRACKERS = ExtensionPoint(
-    hook="register_trackers", table="trackers", label="tracker",
+    hook="register_trackers",
+    table="trackers",
+    label="tracker",
     doc="""Register experiment trackers: :class:`llmforge.trackers.Tracker` subclasses.
 
     A tracker enabled in ``[trackers]`` receives every event of a run (metrics, logs, stage

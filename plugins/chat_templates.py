@@ -50,8 +50,7 @@ LLAMA3 = ChatTemplate(
     eos="<|eot_id|>",  # ends a turn; <|end_of_text|> ends a document in pretraining
     bos="<|begin_of_text|>",
     pad="<|finetune_right_pad_id|>",  # the pad Llama 3.1 tokenizers already reserve
-    special_tokens=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                    "<|eot_id|>"),
+    special_tokens=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     stop=("<|end_of_text|>",),
     summary="Llama 3: <|start_header_id|>role<|end_header_id|> ... <|eot_id|>",
 )

@@ -25,7 +25,8 @@ class ContinuedPretrainOptions(TrainOptions):
     replay: DataOptions | None = Field(None, description="General text mixed back in against forgetting.")
     replay_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of training sequences taken from replay.")
     heldout: DataOptions | None = Field(
-        None, description="General text for the forgetting report (default: a held-out slice of replay).")
+        None, description="General text for the forgetting report (default: a held-out slice of replay)."
+    )
     heldout_rows: int = Field(64, ge=1, description="Rows of held-out text used for perplexity.")
     lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA settings.")
     merge: bool = Field(True, description="With LoRA: also write the merged model.")
@@ -75,12 +76,14 @@ class ContinuedPretrainStage(Stage):
         common.check_qlora(o.lora)
         tokenizer = models.load_tokenizer(o.model, o.trust_remote_code)
         model = models.load_model(o.model, o.trust_remote_code, **common.qlora_kwargs(o.lora))
-        new_tok = tokenized.tokenize(new, "text", tokenizer, None, max_length=o.max_length,
-                                     cache_dir=common.cache_dir(ctx)).rows
+        new_tok = tokenized.tokenize(
+            new, "text", tokenizer, None, max_length=o.max_length, cache_dir=common.cache_dir(ctx)
+        ).rows
         mixed = list(new_tok)
         if replay and o.replay_ratio > 0:
-            rep_tok = tokenized.tokenize(replay, "text", tokenizer, None, max_length=o.max_length,
-                                         cache_dir=common.cache_dir(ctx)).rows
+            rep_tok = tokenized.tokenize(
+                replay, "text", tokenizer, None, max_length=o.max_length, cache_dir=common.cache_dir(ctx)
+            ).rows
             # replay_ratio of the final mix comes from replay: n_rep / (n_new + n_rep) = ratio
             want = int(round(len(new_tok) * o.replay_ratio / (1 - o.replay_ratio)))
             picks = [rep_tok[i % len(rep_tok)] for i in range(want)] if rep_tok else []
@@ -93,19 +96,34 @@ class ContinuedPretrainStage(Stage):
         if before is not None:
             ctx.metric(step=0, heldout_ppl=before)
         train, evals = tokenized.split_eval(mixed, o.eval_split, seed)
-        training = factory.build_trainer(factory.SFT, ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
-                                         train_rows=train, eval_rows=evals or None, lora=o.lora)
+        training = factory.build_trainer(
+            factory.SFT,
+            ctx=ctx,
+            opts=o,
+            model=model,
+            tokenizer=tokenizer,
+            train_rows=train,
+            eval_rows=evals or None,
+            lora=o.lora,
+        )
         outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:
             return
         after = evaluation.perplexity(training.trainer.model, held_tok) if held_tok else None
-        report = {"heldout_rows": len(held_tok), "ppl_before": before, "ppl_after": after,
-                  "relative_change": (after - before) / before if before and after else None,
-                  "new_sequences": len(new_tok), "replay_ratio": o.replay_ratio, "final_loss": outcome.final_loss}
+        report = {
+            "heldout_rows": len(held_tok),
+            "ppl_before": before,
+            "ppl_after": after,
+            "relative_change": (after - before) / before if before and after else None,
+            "new_sequences": len(new_tok),
+            "replay_ratio": o.replay_ratio,
+            "final_loss": outcome.final_loss,
+        }
         if after is not None:
             ctx.metric(step=outcome.steps, heldout_ppl=after, forgetting=report["relative_change"])
-            ctx.log(f"forgetting: held-out perplexity {before:.3f} -> {after:.3f} "
-                    f"({100 * report['relative_change']:+.1f}%)")
+            ctx.log(
+                f"forgetting: held-out perplexity {before:.3f} -> {after:.3f} ({100 * report['relative_change']:+.1f}%)"
+            )
         outcome.record(ctx)
         ctx.info.update({k: v for k, v in report.items() if isinstance(v, (int, float)) or v is None})
         with ctx.artifact("report") as out:

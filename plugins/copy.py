@@ -17,7 +17,8 @@ from llmforge.stage import Input, Produced, Stage, StageContext, StageOptions
 
 class CopyOptions(StageOptions):
     sources: list[Annotated[str, Input()]] = Field(
-        min_length=1, description="Files or folders to copy: paths (relative to forge.toml) or @stage references.")
+        min_length=1, description="Files or folders to copy: paths (relative to forge.toml) or @stage references."
+    )
     flatten: bool = Field(False, description="Copy the contents of folders rather than the folders themselves.")
 
 

@@ -66,8 +66,10 @@ def _open_bytes(path: Path) -> IO[bytes]:
 def _bad_utf8(exc: UnicodeDecodeError, line: bytes) -> str:
     # Name the byte and where it is: a file saved as Latin-1 or cp1252 shows up here.
     col = exc.start + 1
-    return (f"not valid UTF-8: byte 0x{line[exc.start]:02x} at column {col} "
-            f"(the file must be UTF-8; re-save or convert it, e.g. iconv -f latin1 -t utf-8)")
+    return (
+        f"not valid UTF-8: byte 0x{line[exc.start]:02x} at column {col} "
+        f"(the file must be UTF-8; re-save or convert it, e.g. iconv -f latin1 -t utf-8)"
+    )
 
 
 def _decode_line(raw: bytes, lineno: int) -> tuple[str | None, str | None]:
@@ -134,7 +136,7 @@ class TextReader(Reader):
         except UnicodeDecodeError as exc:
             line_start = data.rfind(b"\n", 0, exc.start) + 1
             line_end = data.find(b"\n", exc.start)
-            line = data[line_start:line_end if line_end >= 0 else len(data)]
+            line = data[line_start : line_end if line_end >= 0 else len(data)]
             lineno = data.count(b"\n", 0, exc.start) + 1
             exc.start -= line_start
             yield Record({}, f"{path}:{lineno}", _bad_utf8(exc, line))
@@ -145,7 +147,7 @@ class TextReader(Reader):
         if first is None:
             return
         last = max(i for i, s in enumerate(lines) if s.strip())
-        yield Record({"text": "\n".join(lines[first:last + 1])}, f"{path}:{first + 1}")
+        yield Record({"text": "\n".join(lines[first : last + 1])}, f"{path}:{first + 1}")
 
 
 def _jsonl_records(lines: Iterator[tuple[int, str | None, str | None]], path: Path) -> Iterator[Record]:
@@ -217,7 +219,7 @@ class JsonReader(Reader):
             text = data.decode("utf-8").removeprefix("\ufeff")
         except UnicodeDecodeError as exc:
             lineno = data.count(b"\n", 0, exc.start) + 1
-            line = data[data.rfind(b"\n", 0, exc.start) + 1:]
+            line = data[data.rfind(b"\n", 0, exc.start) + 1 :]
             exc.start -= len(data) - len(line)
             raise DataError(f"{path}:{lineno}: {_bad_utf8(exc, line)}") from None
         lines = _Lines(text)
@@ -227,9 +229,10 @@ class JsonReader(Reader):
             try:
                 return dec.raw_decode(text, pos)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})",
-                                hint="a .json file must be one JSON document; use .jsonl for one object per "
-                                     "line") from None
+                raise DataError(
+                    f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})",
+                    hint="a .json file must be one JSON document; use .jsonl for one object per line",
+                ) from None
 
         i = _skip_ws(text, 0)
         if i == len(text):
@@ -238,8 +241,10 @@ class JsonReader(Reader):
             yield from self._array(text, i, path, lines, value_at)
             return
         if text[i] != "{":
-            raise DataError(f"{path}:{lines.at(i)}: expected a list of objects, or an object holding one list; "
-                            f"got {describe(value_at(i)[0])}")
+            raise DataError(
+                f"{path}:{lines.at(i)}: expected a list of objects, or an object holding one list; "
+                f"got {describe(value_at(i)[0])}"
+            )
         obj, end = value_at(i)
         if _skip_ws(text, end) < len(text):
             # More after the first object: this is JSON Lines under a .json name (a common export).
@@ -251,8 +256,10 @@ class JsonReader(Reader):
             lists = ["train"]
         if len(lists) != 1:
             what = f"lists under {', '.join(repr(k) for k in lists)}" if lists else "no list"
-            raise DataError(f"{path}: expected a list of objects, or an object holding one list; this object holds "
-                            f"{what}", hint="keep one list of rows per file (or one named train)")
+            raise DataError(
+                f"{path}: expected a list of objects, or an object holding one list; this object holds {what}",
+                hint="keep one list of rows per file (or one named train)",
+            )
         # Find where that list starts, then walk it like a top-level list.
         pos = _skip_ws(text, i + 1)
         while True:
@@ -284,8 +291,9 @@ class JsonReader(Reader):
                 continue
             if i < len(text) and text[i] == "]":
                 return
-            raise DataError(f"{path}:{lines.at(min(i, len(text)))}: invalid JSON: expected ',' or ']' after a "
-                            f"list element")
+            raise DataError(
+                f"{path}:{lines.at(min(i, len(text)))}: invalid JSON: expected ',' or ']' after a list element"
+            )
 
 
 class CsvReader(Reader):
@@ -342,9 +350,11 @@ class CsvReader(Reader):
                 yield Record(dict(zip(header, row)), where)
         except csv.Error as exc:
             # Name the line where the broken record starts: for an unclosed quote, line_num is the file's end.
-            raise DataError(f"{path}:{end + 1}: cannot parse CSV: {exc}",
-                            hint="check the quoting of this record: a field with a quote, comma or line break "
-                                 "must be quoted, and quotes inside it doubled (\"\")") from None
+            raise DataError(
+                f"{path}:{end + 1}: cannot parse CSV: {exc}",
+                hint="check the quoting of this record: a field with a quote, comma or line break "
+                'must be quoted, and quotes inside it doubled ("")',
+            ) from None
 
 
 class ParquetReader(Reader):
@@ -390,8 +400,10 @@ class HfDatasetReader(Reader):
             elif len(splits) == 1:
                 folder = path / splits[0]
             else:
-                raise DataError(f"{path}: a dataset with the splits {', '.join(splits)} and no train split",
-                                hint=f"point `path` at the split to train on, e.g. {path / splits[0]}")
+                raise DataError(
+                    f"{path}: a dataset with the splits {', '.join(splits)} and no train split",
+                    hint=f"point `path` at the split to train on, e.g. {path / splits[0]}",
+                )
         try:
             state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -521,8 +533,7 @@ class AlpacaFormat(RowFormat):
                 if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                     raise RowError(f"history[{i}]", f"expected an [instruction, answer] pair, got {describe(pair)}")
                 messages.append({"role": "user", "content": _string(pair[0], f"history[{i}][0]", required=False)})
-                messages.append({"role": "assistant", "content": _string(pair[1], f"history[{i}][1]",
-                                                                         required=False)})
+                messages.append({"role": "assistant", "content": _string(pair[1], f"history[{i}][1]", required=False)})
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
         return {"messages": messages}
 
@@ -537,13 +548,18 @@ class AlpacaFormat(RowFormat):
         pairs = len(olds) - i - 2
         if pairs:
             history = _as_list(raw["history"])
-            changed = [[olds[i + 2 * n + j]["content"] != news[i + 2 * n + j]["content"] for j in (0, 1)]
-                       for n in range(pairs // 2)]
+            changed = [
+                [olds[i + 2 * n + j]["content"] != news[i + 2 * n + j]["content"] for j in (0, 1)]
+                for n in range(pairs // 2)
+            ]
             if any(a or b for a, b in changed):
-                new_history = [[news[i + 2 * n + j]["content"] if changed[n][j] else pair[j] for j in (0, 1)]
-                               for n, pair in enumerate(history)]
-                out["history"] = (json.dumps(new_history, ensure_ascii=False) if isinstance(raw["history"], str)
-                                  else new_history)
+                new_history = [
+                    [news[i + 2 * n + j]["content"] if changed[n][j] else pair[j] for j in (0, 1)]
+                    for n, pair in enumerate(history)
+                ]
+                out["history"] = (
+                    json.dumps(new_history, ensure_ascii=False) if isinstance(raw["history"], str) else new_history
+                )
         user_old, user_new = olds[-2]["content"], news[-2]["content"]
         if user_old != user_new:
             out.update(self._split_user(raw, user_new))
@@ -572,11 +588,20 @@ class AlpacaFormat(RowFormat):
 # ShareGPT speaker names as found in the wild, lower-cased. function_call is the assistant asking for
 # a tool (its value is the call); observation/function_response are what the tool returned.
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
     "function_call": "assistant",
     "system": "system",
-    "tool": "tool", "function": "tool", "observation": "tool", "function_response": "tool", "ipython": "tool",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+    "function_response": "tool",
+    "ipython": "tool",
 }
 
 
@@ -605,8 +630,11 @@ class ShareGptFormat(RowFormat):
             speaker = turn[role_key]
             role = SHAREGPT_ROLES.get(speaker.strip().lower()) if isinstance(speaker, str) else None
             if role is None:
-                raise RowError(f"{here}.{role_key}", "expected one of human/gpt/system/tool (or user/assistant/"
-                                                     f"function_call/observation/...), got {describe(speaker)}")
+                raise RowError(
+                    f"{here}.{role_key}",
+                    "expected one of human/gpt/system/tool (or user/assistant/"
+                    f"function_call/observation/...), got {describe(speaker)}",
+                )
             if text_key not in turn:
                 raise RowError(f"{here}.{text_key}", "missing")
             messages.append({"role": role, "content": content_text(turn[text_key], f"{here}.{text_key}")})
@@ -625,8 +653,10 @@ class ShareGptFormat(RowFormat):
                 out["system"] = news[0]["content"]
             olds, news = olds[1:], news[1:]
         out["conversations"] = _set_turns(
-            raw["conversations"], _changed(olds, news),
-            key=lambda turn: "content" if "from" not in turn and "role" in turn else "value")
+            raw["conversations"],
+            _changed(olds, news),
+            key=lambda turn: "content" if "from" not in turn and "role" in turn else "value",
+        )
         return out
 
 
@@ -640,8 +670,9 @@ class MessagesFormat(RowFormat):
         messages = _as_list(_get(row, "messages"))
         if isinstance(messages, list):
             # OpenAI's newer name for the system role.
-            messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
-                        for m in messages]
+            messages = [
+                {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in messages
+            ]
         return {"messages": check_messages(messages, "messages", assistant=True)}
 
     def restore(self, raw: dict, old: dict, new: dict) -> dict:
@@ -671,8 +702,11 @@ class PreferenceFormat(RowFormat):
                 raise RowError("prompt", "missing (chosen has no turns before the answer to use as the prompt)")
             prompt = self._prompt(chosen_all[:k])
             if rejected_all[:k] != prompt:
-                raise RowError("rejected", "does not start with the same turns as chosen (with no prompt column, "
-                                           "the shared opening turns are the prompt)")
+                raise RowError(
+                    "rejected",
+                    "does not start with the same turns as chosen (with no prompt column, "
+                    "the shared opening turns are the prompt)",
+                )
             chosen, rejected = self._answer(chosen_all, k, "chosen"), self._answer(rejected_all, k, "rejected")
         else:
             if isinstance(prompt_raw, str):
@@ -715,8 +749,10 @@ class PreferenceFormat(RowFormat):
         # The answers continue the prompt, so it must end where the assistant speaks next:
         # after a user turn (or a tool result the assistant is to act on).
         if prompt[-1]["role"] not in ("user", "tool"):
-            raise RowError(f"prompt[{len(prompt) - 1}].role",
-                           f"the prompt must end with a user turn, got {describe(prompt[-1]['role'])}")
+            raise RowError(
+                f"prompt[{len(prompt) - 1}].role",
+                f"the prompt must end with a user turn, got {describe(prompt[-1]['role'])}",
+            )
         return prompt
 
     def _side(self, raw: Any, field: str, prompt: list[dict]) -> list[dict]:
@@ -724,7 +760,7 @@ class PreferenceFormat(RowFormat):
             return [{"role": "assistant", "content": _string(raw, field)}]
         messages = check_messages(raw, field)
         # Some exports repeat the prompt at the start of each answer; drop it rather than fail.
-        skip = len(prompt) if len(messages) > len(prompt) and messages[:len(prompt)] == prompt else 0
+        skip = len(prompt) if len(messages) > len(prompt) and messages[: len(prompt)] == prompt else 0
         return self._answer(messages, skip, field)
 
     @staticmethod
@@ -734,8 +770,9 @@ class PreferenceFormat(RowFormat):
             raise RowError(field, "no answer after the prompt")
         for i, m in enumerate(answer, start):
             if m["role"] != "assistant":
-                raise RowError(f"{field}[{i}].role", f"expected assistant (the answer to the prompt), "
-                                                     f"got {describe(m['role'])}")
+                raise RowError(
+                    f"{field}[{i}].role", f"expected assistant (the answer to the prompt), got {describe(m['role'])}"
+                )
         require_assistant(answer, field)
         return answer
 

@@ -24,7 +24,8 @@ class DpoOptions(TrainOptions):
     template: str | None = Field(None, description="Chat template (default: the model's own).")
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference model.")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "apo_zero", "apo_down"] = Field(
-        "sigmoid", description="DPO loss variant (sigmoid is the original).")
+        "sigmoid", description="DPO loss variant (sigmoid is the original)."
+    )
     lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA settings.")
     merge: bool = Field(False, description="With LoRA: also write the merged model.")
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate (DPO wants it small).")
@@ -70,8 +71,16 @@ class DpoStage(TemplateChecks, Stage):
 
         # Preference rows go to DPOTrainer as they are (prompt, chosen, rejected): TRL tokenizes the pairs.
         train_rows, eval_rows = split_eval(ds.rows, o.eval_split, seed)
-        training = factory.build_trainer(factory.DPO, ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
-                                         train_rows=train_rows, eval_rows=eval_rows, lora=o.lora)
+        training = factory.build_trainer(
+            factory.DPO,
+            ctx=ctx,
+            opts=o,
+            model=model,
+            tokenizer=tokenizer,
+            train_rows=train_rows,
+            eval_rows=eval_rows,
+            lora=o.lora,
+        )
         trainer = training.trainer
         outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:

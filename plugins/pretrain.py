@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 class ModelShape(StageOptions):
     size: Literal["tiny", "mini", "small", "base", "smollm-135m"] = Field(
-        "mini", description="Size preset (tiny ~0.1M params for tests, mini ~5M, small ~30M, base ~100M).")
+        "mini", description="Size preset (tiny ~0.1M params for tests, mini ~5M, small ~30M, base ~100M)."
+    )
     hidden_size: int | None = Field(None, gt=0, description="Override the preset's hidden size.")
     num_hidden_layers: int | None = Field(None, gt=0, description="Override the number of layers.")
     num_attention_heads: int | None = Field(None, gt=0, description="Override the number of attention heads.")
@@ -33,7 +34,8 @@ class ModelShape(StageOptions):
 class PretrainOptions(TrainOptions):
     data: DataOptions = Field(description="Text data (text rows, .txt files).")
     tokenizer: Annotated[str | None, Input("model", "tokenizer")] = Field(
-        None, description="Use this tokenizer (a HF dir) instead of training one.")
+        None, description="Use this tokenizer (a HF dir) instead of training one."
+    )
     vocab_size: int = Field(4096, ge=300, description="Vocabulary size of the trained tokenizer.")
     template: str = Field("chatml", description="Chat template whose special tokens the tokenizer reserves.")
     model: ModelShape = Field(default_factory=ModelShape, description="Architecture (Llama).")
@@ -84,8 +86,9 @@ class PretrainStage(TemplateChecks, Stage):
         ctx.log(f"model: Llama {preset}, {n_params / 1e6:.2f}M parameters, vocab {config.vocab_size}")
         ctx.info["parameters"] = n_params
         train, evals = common.tokenize_split(ctx, ds.rows, "text", tokenizer, template, o)
-        training = factory.build_trainer(factory.SFT, ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
-                                         train_rows=train, eval_rows=evals)
+        training = factory.build_trainer(
+            factory.SFT, ctx=ctx, opts=o, model=model, tokenizer=tokenizer, train_rows=train, eval_rows=evals
+        )
         outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:
             return

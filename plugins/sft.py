@@ -22,8 +22,11 @@ if TYPE_CHECKING:
 class SftOptions(TrainOptions):
     model: Annotated[str, Input("model", "adapter")] = Field(description="Base model: a HF directory or @stage.")
     data: DataOptions = Field(description="Chat data (messages, sharegpt or alpaca rows).")
-    template: str | None = Field(None, description="Chat template: a name (chatml, llama3, alpaca, mistral), "
-                                                   "a .jinja file, or unset for the tokenizer's own.")
+    template: str | None = Field(
+        None,
+        description="Chat template: a name (chatml, llama3, alpaca, mistral), "
+        "a .jinja file, or unset for the tokenizer's own.",
+    )
     train_on: Literal["assistant", "all", "last_turn"] = Field("assistant", description="Which tokens carry loss.")
     lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA / QLoRA settings.")
     merge: bool = Field(False, description="With LoRA: also write the base with the adapter merged in.")
@@ -64,8 +67,16 @@ class SftStage(TemplateChecks, Stage):
         models.prepare_tokenizer(model, tokenizer, template)
         common.record_template(ctx, template)
         train, evals = common.tokenize_split(ctx, ds.rows, "chat", tokenizer, template, o, train_on=o.train_on)
-        training = factory.build_trainer(factory.SFT, ctx=ctx, opts=o, model=model, tokenizer=tokenizer,
-                                         train_rows=train, eval_rows=evals, lora=o.lora)
+        training = factory.build_trainer(
+            factory.SFT,
+            ctx=ctx,
+            opts=o,
+            model=model,
+            tokenizer=tokenizer,
+            train_rows=train,
+            eval_rows=evals,
+            lora=o.lora,
+        )
         outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:
             return

@@ -28,9 +28,11 @@ from llmforge.stage import Input, Produced, Stage, StageContext, StageOptions
 
 class ShellOptions(StageOptions):
     command: str | list[str] = Field(
-        description="A shell command line (run with sh -c), or an argument list run without a shell.")
+        description="A shell command line (run with sh -c), or an argument list run without a shell."
+    )
     inputs: dict[str, Annotated[str, Input()]] = Field(
-        default_factory=dict, description="Named inputs: paths or @stage references, given as LLMFORGE_INPUT_<NAME>.")
+        default_factory=dict, description="Named inputs: paths or @stage references, given as LLMFORGE_INPUT_<NAME>."
+    )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
     timeout: float | None = Field(None, gt=0, description="Seconds before the command is killed.")
 
@@ -43,14 +45,28 @@ class ShellStage(Stage):
 
     def run(self, options: ShellOptions, ctx: StageContext) -> Produced | None:
         with ctx.artifact("files") as out:
-            env = {**os.environ, **options.env, "LLMFORGE_OUT": str(out), "LLMFORGE_RUN_DIR": str(ctx.run_dir),
-                   "LLMFORGE_STAGE_DIR": str(ctx.stage_dir), "LLMFORGE_RESUME": "1" if ctx.resume else "0"}
+            env = {
+                **os.environ,
+                **options.env,
+                "LLMFORGE_OUT": str(out),
+                "LLMFORGE_RUN_DIR": str(ctx.run_dir),
+                "LLMFORGE_STAGE_DIR": str(ctx.stage_dir),
+                "LLMFORGE_RESUME": "1" if ctx.resume else "0",
+            }
             for name, path in options.inputs.items():
                 env[f"LLMFORGE_INPUT_{name.upper().replace('-', '_')}"] = path
             shell = isinstance(options.command, str)
-            proc = subprocess.Popen(options.command, shell=shell, cwd=ctx.work_dir, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    bufsize=1)
+            proc = subprocess.Popen(
+                options.command,
+                shell=shell,
+                cwd=ctx.work_dir,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                bufsize=1,
+            )
             reader = threading.Thread(target=self._pump, args=(proc, ctx), daemon=True)
             reader.start()
             try:

@@ -125,14 +125,21 @@ def _installed(module: str) -> bool:
 
 class TensorBoardOptions(StageOptions):
     log_dir: str | None = Field(
-        None, description="Folder for the event files, relative to forge.toml; each run writes to "
-                          "<log_dir>/<run id>. Default: inside the run, <run_dir>/tensorboard.")
+        None,
+        description="Folder for the event files, relative to forge.toml; each run writes to "
+        "<log_dir>/<run id>. Default: inside the run, <run_dir>/tensorboard.",
+    )
     logs: Literal["none", "warnings", "all"] = Field(
-        "warnings", description="Which log events are also written as text (TensorBoard's Text tab); "
-                                "failed or stopped stages count as warnings.")
+        "warnings",
+        description="Which log events are also written as text (TensorBoard's Text tab); "
+        "failed or stopped stages count as warnings.",
+    )
     flush_secs: float = Field(
-        10.0, gt=0, description="Longest time, in seconds, that written points wait before they reach "
-                                "the file (the writer also flushes at the end of every stage).")
+        10.0,
+        gt=0,
+        description="Longest time, in seconds, that written points wait before they reach "
+        "the file (the writer also flushes at the end of every stage).",
+    )
 
 
 class TensorBoardTracker(Tracker):
@@ -174,8 +181,9 @@ class TensorBoardTracker(Tracker):
             wall = _wall_time(event)
             if kind == "metric":
                 step = self._steps(stage, event.get("step"))
-                self._scalars(wall, step, [(self._tag(stage, name), value)
-                                           for name, value in _numbers(event.get("values"))])
+                self._scalars(
+                    wall, step, [(self._tag(stage, name), value) for name, value in _numbers(event.get("values"))]
+                )
             elif kind == "log":
                 level = str(event.get("level") or "info").lower()
                 if self.options.logs == "all" or (self.options.logs == "warnings" and level in _WARNING_LEVELS):
@@ -188,8 +196,9 @@ class TensorBoardTracker(Tracker):
                 status = event.get("status")
                 if status != "done" and self.options.logs != "none":
                     why = event.get("error") or event.get("reason") or ""
-                    self._text(wall, self._tag(stage, "logs"),
-                               f"**stage {stage} {status}**" + (f": {why}" if why else ""))
+                    self._text(
+                        wall, self._tag(stage, "logs"), f"**stage {stage} {status}**" + (f": {why}" if why else "")
+                    )
                 # A stage boundary is where someone looks at the curves: make them visible now.
                 self._writer.flush()
             elif kind == "run_start":
@@ -200,8 +209,11 @@ class TensorBoardTracker(Tracker):
                     self._text(wall, "config", "```\n" + text + "\n```")
             elif kind == "run_end":
                 if self.options.logs != "none":
-                    self._text(wall, "logs", f"run {event.get('run')} {event.get('status')} "
-                                             f"(exit code {event.get('exit_code')})")
+                    self._text(
+                        wall,
+                        "logs",
+                        f"run {event.get('run')} {event.get('status')} (exit code {event.get('exit_code')})",
+                    )
                 self._writer.flush()
 
     def close(self) -> None:
@@ -225,7 +237,8 @@ class TensorBoardTracker(Tracker):
         # simple_value is the classic scalar encoding (what torch's SummaryWriter writes): every
         # TensorBoard version and EventAccumulator.Scalars() read it. It is a float32.
         summary = self._summary_pb2.Summary(
-            value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=v) for tag, v in values])
+            value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=v) for tag, v in values]
+        )
         self._writer.add_event(self._event_pb2.Event(wall_time=wall, step=step, summary=summary))
 
     def _text(self, wall: float, tag: str, text: str) -> None:
@@ -253,13 +266,17 @@ _STATUS = {"done": "FINISHED", "failed": "FAILED", "stopped": "KILLED", "killed"
 
 class MlflowOptions(StageOptions):
     tracking_uri: str | None = Field(
-        None, description="Where runs are stored: an MLflow tracking URI (sqlite:///mlflow.db, "
-                          "http://host:5000, databricks, ...); relative sqlite or file paths are relative to "
-                          "forge.toml. Default: $MLFLOW_TRACKING_URI if set, else sqlite:///<project>/mlflow.db.")
+        None,
+        description="Where runs are stored: an MLflow tracking URI (sqlite:///mlflow.db, "
+        "http://host:5000, databricks, ...); relative sqlite or file paths are relative to "
+        "forge.toml. Default: $MLFLOW_TRACKING_URI if set, else sqlite:///<project>/mlflow.db.",
+    )
     experiment: str | None = Field(
-        None, min_length=1, description="MLflow experiment that receives the runs (default: the project name).")
+        None, min_length=1, description="MLflow experiment that receives the runs (default: the project name)."
+    )
     tags: dict[str, str] = Field(
-        default_factory=dict, description="Extra tags set on every MLflow run of this project.")
+        default_factory=dict, description="Extra tags set on every MLflow run of this project."
+    )
 
 
 def tracking_uri(option: str | None, project_dir: Path) -> str:
@@ -277,7 +294,7 @@ def tracking_uri(option: str | None, project_dir: Path) -> str:
         return _resolve(option, project_dir).as_uri()
     scheme = m.group(1).lower()
     if scheme == "sqlite" and option.startswith("sqlite:///"):
-        rest = option[len("sqlite:///"):]
+        rest = option[len("sqlite:///") :]
         if rest and rest != ":memory:" and not rest.startswith("/") and not re.match(r"^[A-Za-z]:", rest):
             return "sqlite:///" + _resolve(rest, project_dir).as_posix()
     elif scheme == "file":
@@ -293,7 +310,7 @@ def _check_sqlite(uri: str) -> None:
     file only delays the run before the same error."""
     if not uri.startswith("sqlite:///"):
         return
-    db = uri[len("sqlite:///"):].split("?", 1)[0]
+    db = uri[len("sqlite:///") :].split("?", 1)[0]
     if not db or db == ":memory:":
         return
     import sqlite3
@@ -321,7 +338,7 @@ def _key(text: str) -> str:
 
 
 def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -377,11 +394,19 @@ class MlflowTracker(Tracker):
         run = self._find_run(client, experiment_id)
         params = config_params(config)
         if run is None:
-            tags = {"llmforge.run_id": self.llmforge_run, "llmforge.project": config.name,
-                    "llmforge.config": str(config.path), "mlflow.source.name": str(config.path),
-                    "mlflow.source.type": "LOCAL", **options.tags}
-            run = client.create_run(experiment_id, run_name=self.llmforge_run,
-                                    tags={_key(k): _cut(str(v), _MAX_TAG_VALUE) for k, v in tags.items()})
+            tags = {
+                "llmforge.run_id": self.llmforge_run,
+                "llmforge.project": config.name,
+                "llmforge.config": str(config.path),
+                "mlflow.source.name": str(config.path),
+                "mlflow.source.type": "LOCAL",
+                **options.tags,
+            }
+            run = client.create_run(
+                experiment_id,
+                run_name=self.llmforge_run,
+                tags={_key(k): _cut(str(v), _MAX_TAG_VALUE) for k, v in tags.items()},
+            )
         else:
             # `llmforge run --resume`: continue the same MLflow run. Params cannot change in MLflow,
             # so only the ones it does not have yet are added.
@@ -398,7 +423,7 @@ class MlflowTracker(Tracker):
         self._failed = False
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), _MAX_PARAMS_OR_TAGS):
-            client.log_batch(self.run_id, params=items[i:i + _MAX_PARAMS_OR_TAGS])
+            client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS_OR_TAGS])
 
     def _experiment(self, client: Any, name: str) -> str:
         exp = client.get_experiment_by_name(name)
@@ -410,7 +435,7 @@ class MlflowTracker(Tracker):
         if self.uri.startswith("sqlite:///"):
             # Without a location MLflow would put artifacts in ./mlruns of whatever the current
             # directory is; keep them next to the database instead.
-            db = self.uri[len("sqlite:///"):]
+            db = self.uri[len("sqlite:///") :]
             if db and db != ":memory:":
                 location = (Path(db).parent / "mlartifacts").as_uri()
         try:
@@ -425,8 +450,9 @@ class MlflowTracker(Tracker):
     def _find_run(self, client: Any, experiment_id: str) -> Any:
         if "'" in self.llmforge_run or "\\" in self.llmforge_run:
             return None  # not expressible in a filter string; a resumed run then gets a new MLflow run
-        found = client.search_runs([experiment_id], max_results=1,
-                                   filter_string=f"tags.`llmforge.run_id` = '{self.llmforge_run}'")
+        found = client.search_runs(
+            [experiment_id], max_results=1, filter_string=f"tags.`llmforge.run_id` = '{self.llmforge_run}'"
+        )
         return found[0] if found else None
 
     # -- events --------------------------------------------------------------------------------
@@ -476,9 +502,9 @@ class MlflowTracker(Tracker):
         tags, self._tags = [self._RunTag(k, _cut(v, _MAX_TAG_VALUE)) for k, v in self._tags.items()], {}
         self._last_flush = time.monotonic()
         for i in range(0, len(metrics), _MAX_METRICS):
-            self._client.log_batch(self.run_id, metrics=metrics[i:i + _MAX_METRICS])
+            self._client.log_batch(self.run_id, metrics=metrics[i : i + _MAX_METRICS])
         for i in range(0, len(tags), _MAX_PARAMS_OR_TAGS):
-            self._client.log_batch(self.run_id, tags=tags[i:i + _MAX_PARAMS_OR_TAGS])
+            self._client.log_batch(self.run_id, tags=tags[i : i + _MAX_PARAMS_OR_TAGS])
 
     def close(self) -> None:
         with self._lock:
@@ -527,7 +553,12 @@ def missing_libraries(pipeline):
         missing = [m for m in modules if not _installed(m)]
         if missing:
             pkgs = " ".join(_PIP_NAMES.get(m, m) for m in missing)
-            problems.append(Problem(f"trackers.{name}", f"needs {', '.join(missing)}, which "
-                                    f"{'is' if len(missing) == 1 else 'are'} not installed: pip install {pkgs} "
-                                    f"(or pip install 'llmforge[trackers]')"))
+            problems.append(
+                Problem(
+                    f"trackers.{name}",
+                    f"needs {', '.join(missing)}, which "
+                    f"{'is' if len(missing) == 1 else 'are'} not installed: pip install {pkgs} "
+                    f"(or pip install 'llmforge[trackers]')",
+                )
+            )
     return problems

@@ -35,11 +35,24 @@ def _env(extra_paths: list[Path] | None = None, env: dict | None = None) -> dict
     return out
 
 
-def run_cli(*args: str, cwd: Path | None = None, plugins: list[Path] | None = None, env: dict | None = None,
-            timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    plugins: list[Path] | None = None,
+    env: dict | None = None,
+    timeout: float = 120,
+    input: str | None = None,
+) -> subprocess.CompletedProcess:
     """Run `python -m llmforge ARGS` the way a user would, and capture its output."""
-    return subprocess.run([sys.executable, "-m", "llmforge", *args], cwd=cwd, env=_env(plugins, env),
-                          capture_output=True, text=True, timeout=timeout, input=input)
+    return subprocess.run(
+        [sys.executable, "-m", "llmforge", *args],
+        cwd=cwd,
+        env=_env(plugins, env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+    )
 
 
 @pytest.fixture
@@ -84,9 +97,24 @@ def install_package(src: Path, base: Path) -> Path:
     src = src.resolve()
     if src not in _installed:
         target = base / src.name
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                        "--no-index", "--target", str(target), str(src)], check=True, timeout=300,
-                       capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "--target",
+                str(target),
+                str(src),
+            ],
+            check=True,
+            timeout=300,
+            capture_output=True,
+        )
         _installed[src] = target
     return _installed[src]
 
@@ -127,9 +155,14 @@ def tokenizer_dir(tmp_path_factory):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     texts = [f"What is the capital of Land{i}? The capital of Land{i} is Town{i}." for i in range(200)]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=500,
+            special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     out = tmp_path_factory.mktemp("tok")
     fast.save_pretrained(out)

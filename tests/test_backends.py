@@ -99,8 +99,14 @@ def the_run(project: Project) -> Path:
 def start(project: Project, *args: str) -> subprocess.Popen:
     import sys
 
-    return subprocess.Popen([sys.executable, "-m", "llmforge", "run", *args], cwd=project.root, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmforge", "run", *args],
+        cwd=project.root,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -134,8 +140,9 @@ def test_two_processes_follow_one_process_stop_together_and_resume_in_one(base, 
     project = project_with(tmp_path / "multi", base, steps)
     proc = start(project)
     run_dir = wait_for(lambda: next(project.runs.glob("2*"), None) if project.runs.exists() else None, 60, "the run")
-    wait_for(lambda: (run_dir / "events.jsonl").exists() and max(losses(events_of(run_dir)), default=0) >= 4,
-             240, "step 4")
+    wait_for(
+        lambda: (run_dir / "events.jsonl").exists() and max(losses(events_of(run_dir)), default=0) >= 4, 240, "step 4"
+    )
     (run_dir / "stop.request").write_text("")  # what `llmforge stop` writes
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:] + err[-3000:]
@@ -180,8 +187,11 @@ def test_two_processes_follow_one_process_stop_together_and_resume_in_one(base, 
 def test_two_nodes_of_one_process_each_complete_a_run(base, tmp_path):
     project = project_with(tmp_path, base, steps=6)
     proc = start(project, "--set", "backend.num_nodes=2", "--set", "backend.num_processes=1")
-    script = wait_for(lambda: next(project.runs.glob("*/stages/sft/launch-node-1.sh"), None)
-                      if project.runs.exists() else None, 60, "launch-node-1.sh")
+    script = wait_for(
+        lambda: next(project.runs.glob("*/stages/sft/launch-node-1.sh"), None) if project.runs.exists() else None,
+        60,
+        "launch-node-1.sh",
+    )
     assert "--machine_rank 1" in script.read_text()
     # "node 1": the script llmforge wrote, started on its own, as a user would on the second machine
     node1 = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=240, env=_env())
@@ -210,8 +220,11 @@ def _prepared(tmp_path: Path, base: Path, backend: dict, nodes: int = 1):
 
     write_data(tmp_path)
     table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in backend.items() if not isinstance(v, dict))
-    subs = "\n".join(f"[backend.{k}]\n" + "\n".join(f"{a} = {json.dumps(b)}" for a, b in v.items())
-                     for k, v in backend.items() if isinstance(v, dict))
+    subs = "\n".join(
+        f"[backend.{k}]\n" + "\n".join(f"{a} = {json.dumps(b)}" for a, b in v.items())
+        for k, v in backend.items()
+        if isinstance(v, dict)
+    )
     body = FORGE.split("[[stages]]")[1].format(base=base, steps=4)
     (tmp_path / "forge.toml").write_text(f"[backend]\n{table}\nnum_nodes = {nodes}\n{subs}\n\n[[stages]]{body}")
     registry = load_registry(env="")
@@ -221,24 +234,46 @@ def _prepared(tmp_path: Path, base: Path, backend: dict, nodes: int = 1):
     stage_dir = tmp_path / "runs" / "r1" / "stages" / "sft"
     stage_dir.mkdir(parents=True)
     logs: list[str] = []
-    ctx = StageContext(stage_name="sft", run_id="r1", run_dir=stage_dir.parent.parent, stage_dir=stage_dir,
-                       inputs={}, emit=lambda t, **d: logs.append(d.get("message", "")), stop_check=lambda: False,
-                       checkpoint_check=lambda: False, project_dir=tmp_path, backend=backend_obj)
+    ctx = StageContext(
+        stage_name="sft",
+        run_id="r1",
+        run_dir=stage_dir.parent.parent,
+        stage_dir=stage_dir,
+        inputs={},
+        emit=lambda t, **d: logs.append(d.get("message", "")),
+        stop_check=lambda: False,
+        checkpoint_check=lambda: False,
+        project_dir=tmp_path,
+        backend=backend_obj,
+    )
     assert backend_obj.handles(spec.cls(), spec.options)
     files = backend_obj.prepare(spec.cls(), spec.options, ctx, Launch(stage_dir))
     return backend_obj, stage_dir, files
 
 
-@pytest.mark.parametrize("strategy,version,reshard", [("FULL_SHARD", 2, True), ("SHARD_GRAD_OP", 2, False),
-                                                      ("HYBRID_SHARD", 1, "HYBRID_SHARD")])
+@pytest.mark.parametrize(
+    "strategy,version,reshard",
+    [("FULL_SHARD", 2, True), ("SHARD_GRAD_OP", 2, False), ("HYBRID_SHARD", 1, "HYBRID_SHARD")],
+)
 def test_accelerate_yaml_is_read_by_accelerate_with_the_fsdp_settings(tmp_path, base, strategy, version, reshard):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    _, stage_dir, files = _prepared(tmp_path, base, {
-        "type": "accelerate", "num_processes": 2, "main_process_port": 29555,
-        "fsdp": {"enabled": True, "sharding_strategy": strategy, "cpu_offload": True,
-                 "activation_checkpointing": True}},
-        nodes=2)
+    _, stage_dir, files = _prepared(
+        tmp_path,
+        base,
+        {
+            "type": "accelerate",
+            "num_processes": 2,
+            "main_process_port": 29555,
+            "fsdp": {
+                "enabled": True,
+                "sharding_strategy": strategy,
+                "cpu_offload": True,
+                "activation_checkpointing": True,
+            },
+        },
+        nodes=2,
+    )
     config = load_config_from_file(str(stage_dir / "accelerate.yaml"))
     assert config.distributed_type.value == "FSDP"
     assert (config.num_processes, config.num_machines) == (4, 2)  # all machines together
@@ -252,9 +287,19 @@ def test_accelerate_yaml_is_read_by_accelerate_with_the_fsdp_settings(tmp_path, 
 
 
 def test_node_scripts_and_slurm_file(tmp_path, base):
-    backend, stage_dir, _ = _prepared(tmp_path, base, {"type": "accelerate", "num_processes": 2,
-                                                       "main_process_ip": "10.0.0.5", "main_process_port": 29556,
-                                                       "launcher": "torchrun", "fsdp": {"enabled": True}}, nodes=2)
+    backend, stage_dir, _ = _prepared(
+        tmp_path,
+        base,
+        {
+            "type": "accelerate",
+            "num_processes": 2,
+            "main_process_ip": "10.0.0.5",
+            "main_process_port": 29556,
+            "launcher": "torchrun",
+            "fsdp": {"enabled": True},
+        },
+        nodes=2,
+    )
     for node in (0, 1):
         script = stage_dir / f"launch-node-{node}.sh"
         assert os.access(script, os.X_OK)
@@ -281,11 +326,14 @@ def test_scripts_pass_a_run_folder_with_a_space_and_quotes_intact(tmp_path, base
     import shlex
     import stat
 
-    root = tmp_path / "my \"team's\" $HOME `x` proj"
+    root = tmp_path / 'my "team\'s" $HOME `x` proj'
     root.mkdir()
-    backend, stage_dir, _ = _prepared(root, base, {"type": "accelerate", "num_processes": 2,
-                                                   "main_process_ip": "fe80::1", "main_process_port": 29558},
-                                      nodes=2)
+    backend, stage_dir, _ = _prepared(
+        root,
+        base,
+        {"type": "accelerate", "num_processes": 2, "main_process_ip": "fe80::1", "main_process_port": 29558},
+        nodes=2,
+    )
     script = stage_dir / "launch-node-1.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     # the script with its launcher replaced by printing its arguments, one per line
@@ -315,17 +363,25 @@ def test_scripts_pass_a_run_folder_with_a_space_and_quotes_intact(tmp_path, base
         (fake / name).write_text("#!/usr/bin/env bash\n" + body)
         (fake / name).chmod(stat.S_IRWXU)
     (stage_dir / "launch-node-0.sh").write_text('echo "$0 on $LLMFORGE_MAIN_PROCESS_IP"\n')
-    res = subprocess.run(["bash", str(sbatch)], capture_output=True, text=True,
-                         env={**env, "PATH": f"{fake}:{env['PATH']}", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "n"})
+    res = subprocess.run(
+        ["bash", str(sbatch)],
+        capture_output=True,
+        text=True,
+        env={**env, "PATH": f"{fake}:{env['PATH']}", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "n"},
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == f"{stage_dir / 'launch-node-0.sh'} on node-0"
 
 
-@pytest.mark.parametrize("address", ["10.0.0.1\"; touch pwned; \"", "$(touch pwned)", "a b", ""])
+@pytest.mark.parametrize("address", ['10.0.0.1"; touch pwned; "', "$(touch pwned)", "a b", ""])
 def test_main_process_ip_must_be_an_address(tmp_path, base, address):
     problems = _problems(tmp_path, base, f"backend.main_process_ip={json.dumps(address)}")
-    assert any(p.startswith("backend.main_process_ip (from --set backend.main_process_ip): must be an IP address "
-                            "or a host name") for p in problems), problems
+    assert any(
+        p.startswith(
+            "backend.main_process_ip (from --set backend.main_process_ip): must be an IP address or a host name"
+        )
+        for p in problems
+    ), problems
     assert not (tmp_path / "pwned").exists()
 
 
@@ -333,9 +389,16 @@ def test_deepspeed_backend_stores_a_validated_config_for_the_trainer(tmp_path, b
     pytest.importorskip("deepspeed")
     from llmforge_plugins.backends.dsconfig import build_deepspeed_config
 
-    backend, stage_dir, files = _prepared(tmp_path, base, {
-        "type": "deepspeed", "num_processes": 2, "main_process_port": 29557,
-        "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"}})
+    backend, stage_dir, files = _prepared(
+        tmp_path,
+        base,
+        {
+            "type": "deepspeed",
+            "num_processes": 2,
+            "main_process_port": 29557,
+            "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"},
+        },
+    )
     stored = json.loads((stage_dir / "deepspeed.json").read_text())
     assert stored == build_deepspeed_config(backend.settings.deepspeed, precision="fp32")
     assert stored["zero_optimization"]["offload_param"] == {"device": "cpu"}
@@ -354,8 +417,9 @@ def _failed_launch(tmp_path: Path, records: dict[int, dict], launcher_log: str =
     launch.ranks.mkdir(parents=True)
     launch.logs.mkdir()
     for rank, rec in records.items():
-        (launch.ranks / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "pid": 100 + rank, "host": "h",
-                                                                     "node": rank // 2, **rec}))
+        (launch.ranks / f"rank-{rank}.json").write_text(
+            json.dumps({"rank": rank, "pid": 100 + rank, "host": "h", "node": rank // 2, **rec})
+        )
         (launch.logs / f"rank-{rank}.log").write_text(f"rank {rank} started\nrank {rank} last words\n")
     (launch.logs / "launcher.log").write_text(launcher_log)
     emitted: list = []
@@ -366,27 +430,41 @@ def _failed_launch(tmp_path: Path, records: dict[int, dict], launcher_log: str =
 def test_a_failed_launch_names_the_rank_that_failed_first(tmp_path):
     # rank 2 raised first (bad data: exit code 2 like the same error in one process); rank 0 then lost its
     # peer; rank 1 and 3 were stopped by the launcher
-    err, emitted = _failed_launch(tmp_path / "a", {
-        0: {"state": "failed", "error": "RuntimeError: Connection closed by peer", "exit_code": 1, "ended": 20.0},
-        1: {"state": "terminated"},
-        2: {"state": "failed", "error": "data.jsonl:3: messages: expected a list", "exit_code": 2, "ended": 10.0},
-        3: {"state": "terminated"}})
+    err, emitted = _failed_launch(
+        tmp_path / "a",
+        {
+            0: {"state": "failed", "error": "RuntimeError: Connection closed by peer", "exit_code": 1, "ended": 20.0},
+            1: {"state": "terminated"},
+            2: {"state": "failed", "error": "data.jsonl:3: messages: expected a list", "exit_code": 2, "ended": 10.0},
+            3: {"state": "terminated"},
+        },
+    )
     assert err.exit_code == 2
     assert err.message.startswith("rank 2 (node 1, pid 102 on h) failed: data.jsonl:3: messages: expected a list")
     assert "rank 2 last words" in err.message and "rank-2.log" in err.message
     assert emitted[0][0] == "rank_failed" and emitted[0][1]["rank"] == 2
     # a rank that vanished without a word is the cause, whatever the others said; the launcher's summary
     # gives its exit status
-    summary = ("Root Cause (first observed failure):\n[0]:\n  time      : 2026-11-30_10:00:00\n  host      : h\n"
-               "  rank      : 3 (local_rank: 1)\n  exitcode  : -9 (pid: 103)\n  error_file: <N/A>\n")
-    err, _ = _failed_launch(tmp_path / "b", {
-        0: {"state": "failed", "error": "RuntimeError: Connection reset", "exit_code": 1, "ended": 5.0},
-        1: {"state": "terminated"}, 2: {"state": "terminated"}, 3: {"state": "running"}}, summary)
+    summary = (
+        "Root Cause (first observed failure):\n[0]:\n  time      : 2026-11-30_10:00:00\n  host      : h\n"
+        "  rank      : 3 (local_rank: 1)\n  exitcode  : -9 (pid: 103)\n  error_file: <N/A>\n"
+    )
+    err, _ = _failed_launch(
+        tmp_path / "b",
+        {
+            0: {"state": "failed", "error": "RuntimeError: Connection reset", "exit_code": 1, "ended": 5.0},
+            1: {"state": "terminated"},
+            2: {"state": "terminated"},
+            3: {"state": "running"},
+        },
+        summary,
+    )
     assert err.exit_code == 1
     assert err.message.startswith("rank 3 (node 1, pid 103 on h) was killed (exit code -9, SIGKILL;")
     # a node that never joined
-    err, _ = _failed_launch(tmp_path / "c", {0: {"state": "terminated"}, 1: {"state": "terminated"}},
-                            "rendezvous timed out\n")
+    err, _ = _failed_launch(
+        tmp_path / "c", {0: {"state": "terminated"}, 1: {"state": "terminated"}}, "rendezvous timed out\n"
+    )
     assert err.message.startswith("rank 2 never started") and "rendezvous timed out" in err.message
 
 
@@ -407,24 +485,41 @@ def _problems(tmp_path: Path, base: Path, *overrides: str) -> list[str]:
     return []
 
 
-@pytest.mark.parametrize("overrides,expected", [
-    (["backend.type=accelerat"], "backend.type (from --set backend.type): unknown backend 'accelerat'; did you mean "
-                                 "'accelerate'? (installed: accelerate, deepspeed, local)"),
-    (["backend.num_processes=0"], "backend.num_processes (from --set backend.num_processes): must be >= 1 (got 0)"),
-    (["backend.fsdp.sharding_strategy=ZERO"], "backend.fsdp.sharding_strategy (from --set "
-                                              "backend.fsdp.sharding_strategy): must be one of"),
-    (["backend.type=deepspeed", "backend.deepspeed.zero_stage=4"],
-     "backend.deepspeed.zero_stage (from --set backend.deepspeed.zero_stage): must be <= 3 (got 4)"),
-    (["backend.type=deepspeed", "backend.deepspeed.offload_params=cpu"],
-     "backend.deepspeed.offload_params (from --set backend.deepspeed.offload_params): parameter offload needs "
-     "zero_stage = 3"),
-    (["backend.type=local"], "backend.num_processes: the local backend runs one process"),
-    (["backend.node_rank=1", "backend.num_nodes=2"], "backend.node_rank (from --set backend.node_rank): "
-                                                     "`llmforge run` drives node 0"),
-    (["backend.tp_size=2"], "backend.tp_size (from --set backend.tp_size): tensor parallelism runs under torchrun"),
-    (["backend.fsdp.enabled=true", "sft.lora.enabled=true", "sft.merge=true"],
-     "stages[0].merge (from --set sft.merge): merging the LoRA adapter needs the whole base model"),
-], ids=["type", "num_processes", "fsdp", "zero_stage", "offload", "local", "node_rank", "tp", "fsdp-merge"])
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (
+            ["backend.type=accelerat"],
+            "backend.type (from --set backend.type): unknown backend 'accelerat'; did you mean "
+            "'accelerate'? (installed: accelerate, deepspeed, local)",
+        ),
+        (["backend.num_processes=0"], "backend.num_processes (from --set backend.num_processes): must be >= 1 (got 0)"),
+        (
+            ["backend.fsdp.sharding_strategy=ZERO"],
+            "backend.fsdp.sharding_strategy (from --set backend.fsdp.sharding_strategy): must be one of",
+        ),
+        (
+            ["backend.type=deepspeed", "backend.deepspeed.zero_stage=4"],
+            "backend.deepspeed.zero_stage (from --set backend.deepspeed.zero_stage): must be <= 3 (got 4)",
+        ),
+        (
+            ["backend.type=deepspeed", "backend.deepspeed.offload_params=cpu"],
+            "backend.deepspeed.offload_params (from --set backend.deepspeed.offload_params): parameter offload needs "
+            "zero_stage = 3",
+        ),
+        (["backend.type=local"], "backend.num_processes: the local backend runs one process"),
+        (
+            ["backend.node_rank=1", "backend.num_nodes=2"],
+            "backend.node_rank (from --set backend.node_rank): `llmforge run` drives node 0",
+        ),
+        (["backend.tp_size=2"], "backend.tp_size (from --set backend.tp_size): tensor parallelism runs under torchrun"),
+        (
+            ["backend.fsdp.enabled=true", "sft.lora.enabled=true", "sft.merge=true"],
+            "stages[0].merge (from --set sft.merge): merging the LoRA adapter needs the whole base model",
+        ),
+    ],
+    ids=["type", "num_processes", "fsdp", "zero_stage", "offload", "local", "node_rank", "tp", "fsdp-merge"],
+)
 def test_backend_problems_name_their_key(tmp_path, base, overrides, expected):
     problems = _problems(tmp_path, base, *overrides)
     assert any(p.startswith(expected) for p in problems), problems

@@ -45,8 +45,11 @@ def events_of(run_dir: Path) -> list[dict]:
 
 
 def losses(events: list[dict], stage: str) -> list[float]:
-    return [e["values"]["loss"] for e in events
-            if e["type"] == "metric" and e.get("stage") == stage and "loss" in e.get("values", {})]
+    return [
+        e["values"]["loss"]
+        for e in events
+        if e["type"] == "metric" and e.get("stage") == stage and "loss" in e.get("values", {})
+    ]
 
 
 def stored_deepspeed_configs(run_dir: Path) -> list[dict]:
@@ -80,8 +83,11 @@ def probe_loss(model_dir: str) -> tuple[float, int]:
 
 
 @pytest.mark.timeout(1500)
-@pytest.mark.parametrize("zero_stage,nproc", [(2, 1), (3, 1), (2, 2), (3, 2)],
-                         ids=["zero2-1proc", "zero3-1proc", "zero2-2proc", "zero3-2proc"])
+@pytest.mark.parametrize(
+    "zero_stage,nproc",
+    [(2, 1), (3, 1), (2, 2), (3, 2)],
+    ids=["zero2-1proc", "zero3-1proc", "zero2-2proc", "zero3-2proc"],
+)
 def test_deepspeed_zero_pipeline_trains_and_saves_loadable_models(project, zero_stage, nproc):
     pytest.importorskip("deepspeed")
     import torch
@@ -89,8 +95,11 @@ def test_deepspeed_zero_pipeline_trains_and_saves_loadable_models(project, zero_
     if torch.cuda.device_count() < nproc:
         pytest.skip(f"needs {nproc} GPUs, {torch.cuda.device_count()} visible")
     write_data(project.root)
-    project.write(BACKEND.format(nproc=nproc, port=free_port(), zero_stage=zero_stage)
-                  + PRETRAIN.format(steps=40) + SFT.format(steps=30))
+    project.write(
+        BACKEND.format(nproc=nproc, port=free_port(), zero_stage=zero_stage)
+        + PRETRAIN.format(steps=40)
+        + SFT.format(steps=30)
+    )
     res = project.run("run", timeout=1400)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
 

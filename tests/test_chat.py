@@ -48,16 +48,46 @@ ANSWERS = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
 @pytest.fixture(scope="module")
 def base_tokenizer_json() -> str:
     """A small byte-level BPE trained on synthetic sentences, serialised once for the module."""
-    words = ("the a cat dog sat on mat what is two plus three five answer hello world please tell me "
-             "about yes no you are helpful assistant really").split()
+    words = [
+        "the",
+        "a",
+        "cat",
+        "dog",
+        "sat",
+        "on",
+        "mat",
+        "what",
+        "is",
+        "two",
+        "plus",
+        "three",
+        "five",
+        "answer",
+        "hello",
+        "world",
+        "please",
+        "tell",
+        "me",
+        "about",
+        "yes",
+        "no",
+        "you",
+        "are",
+        "helpful",
+        "assistant",
+        "really",
+    ]
     rng = random.Random(0)
-    sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + rng.choice(".?!")
-                 for _ in range(400)]
+    sentences = [
+        " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + rng.choice(".?!")
+        for _ in range(400)
+    ]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(sentences, trainer)
     return tok.to_str()
 
@@ -68,8 +98,9 @@ def make_tokenizer(base_tokenizer_json):
     from transformers import PreTrainedTokenizerFast
 
     def make():
-        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(base_tokenizer_json),
-                                       eos_token="<|endoftext|>")
+        return PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer.from_str(base_tokenizer_json), eos_token="<|endoftext|>"
+        )
 
     return make
 
@@ -184,8 +215,9 @@ def test_render_matches_transformers_and_survives_save(make_tokenizer, name, tmp
 
     tok, template = _prepared(make_tokenizer, name)
     for msgs, gen in ((CONVERSATION, False), (CONVERSATION[:4], True)):
-        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == \
-            render(template, msgs, add_generation_prompt=gen)
+        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == render(
+            template, msgs, add_generation_prompt=gen
+        )
     enc = encode_chat(tok, template, CONVERSATION)
     assert tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=False) == enc.input_ids
 
@@ -208,8 +240,9 @@ def test_render_matches_transformers_and_survives_save(make_tokenizer, name, tmp
 
 def test_apply_template_adds_a_pad_distinct_from_eos(make_tokenizer):
     tok = make_tokenizer()
-    bare = ChatTemplate(name="bare", source=TEMPLATES["chatml"].source, eos="<|im_end|>",
-                        special_tokens=("<|im_start|>",))
+    bare = ChatTemplate(
+        name="bare", source=TEMPLATES["chatml"].source, eos="<|im_end|>", special_tokens=("<|im_start|>",)
+    )
     added = apply_template(tok, bare)
     assert added == 3  # <|im_start|>, <|im_end|>, <|pad|>
     assert tok.pad_token == DEFAULT_PAD and tok.pad_token_id != tok.eos_token_id
@@ -228,11 +261,14 @@ def test_encode_needs_the_template_tokens(make_tokenizer):
 
 def test_template_that_rewrites_history_is_refused_not_mislabelled(make_tokenizer):
     # Renders the final message differently from the same message inside a longer conversation.
-    source = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
-              "{% if loop.last %} (final){% endif %}<|im_end|>\n{% endfor %}"
-              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    odd = ChatTemplate(name="odd", source=source, eos="<|im_end|>", pad="<|endoftext|>",
-                       special_tokens=("<|im_start|>",))
+    source = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+        "{% if loop.last %} (final){% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    odd = ChatTemplate(
+        name="odd", source=source, eos="<|im_end|>", pad="<|endoftext|>", special_tokens=("<|im_start|>",)
+    )
     tok = make_tokenizer()
     apply_template(tok, odd)
     with pytest.raises(ChatTemplateError, match="'odd'"):
@@ -251,10 +287,12 @@ def test_template_errors_name_the_template(make_tokenizer):
 
 def test_render_environment_matches_transformers(make_tokenizer):
     # {% generation %} blocks, strftime_now, tojson and loop controls are part of the HF dialect.
-    source = ("{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
-              "{{ m.role }}: {% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
-              "{% else %}{{ m.content | tojson }}{% endif %}{{ '\\n' }}{% endfor %}"
-              "{{ strftime_now('%Y') | length }}{{ eos_token }}")
+    source = (
+        "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+        "{{ m.role }}: {% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
+        "{% else %}{{ m.content | tojson }}{% endif %}{{ '\\n' }}{% endfor %}"
+        "{{ strftime_now('%Y') | length }}{{ eos_token }}"
+    )
     t = ChatTemplate(name="dialect", source=source, eos="<|endoftext|>")
     tok = make_tokenizer()
     tok.chat_template = source

@@ -27,7 +27,7 @@ def test_init_writes_a_project_that_validates_and_runs(project):
     status = json.loads(project.run("status", "--json", "--runs-dir", "demo/runs").stdout)
     assert status["status"] == "done"
     bundle = status["stages"]["bundle"]["artifacts"]["files"]["path"]
-    words = (demo / "runs" / status["id"] / "stages" / "prepare" / "artifacts" / "files" / "word-count.txt")
+    words = demo / "runs" / status["id"] / "stages" / "prepare" / "artifacts" / "files" / "word-count.txt"
     assert int(words.read_text()) == len((demo / "data" / "notes.txt").read_text().split())
     assert bundle.endswith("stages/bundle/artifacts/files")
 

@@ -53,8 +53,9 @@ def test_piped_listings_print_whole_values_one_record_per_line(project):
     kinds = [ln.split()[0] for ln in res.stdout.splitlines()[1:]]
     assert "continued_pretrain" in kinds and "shell" in kinds and "…" not in res.stdout
     summaries = {ln.split()[0]: ln for ln in res.stdout.splitlines()[1:]}
-    assert summaries["shell"].endswith("Run a command; what it writes to $LLMFORGE_OUT becomes the stage's "
-                                       "files artifact.")
+    assert summaries["shell"].endswith(
+        "Run a command; what it writes to $LLMFORGE_OUT becomes the stage's files artifact."
+    )
 
     res = project.run("plugins", "list", env=NARROW)
     assert "…" not in res.stdout and any(ln.startswith("continued_pretrain ") for ln in res.stdout.splitlines())
@@ -64,8 +65,14 @@ def test_piped_listings_print_whole_values_one_record_per_line(project):
     assert any(ln.endswith(long_line) and len(ln) > 80 for ln in res.stdout.splitlines()), res.stdout
 
     # every listing keeps --json
-    for args in (["runs", "list"], ["status", run_id], ["stages", "list"], ["plugins", "list"],
-                 ["stages", "show", "shell"], ["validate"]):
+    for args in (
+        ["runs", "list"],
+        ["status", run_id],
+        ["stages", "list"],
+        ["plugins", "list"],
+        ["stages", "show", "shell"],
+        ["validate"],
+    ):
         res = project.run(*args, "--json")
         assert res.returncode == 0, (args, res.stderr)
         json.loads(res.stdout)
@@ -98,8 +105,14 @@ def test_a_shell_stage_closes_the_command_output(project):
 
 def test_a_stopped_stage_is_marked_stopped_not_failed_and_no_checkpoint_is_promised(project):
     project.write(shell_stage("wait", "echo started; sleep 60"))
-    proc = subprocess.Popen([sys.executable, "-m", "llmforge", "run"], cwd=project.root, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmforge", "run"],
+        cwd=project.root,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -120,13 +133,19 @@ def test_a_stopped_stage_is_marked_stopped_not_failed_and_no_checkpoint_is_promi
 
 
 def test_validate_shows_the_graph_of_a_branching_pipeline(project):
-    project.write(shell_stage("pretrain", "true") + shell_stage("sft", "true", {"base": "@pretrain"})
-                  + shell_stage("dpo", "true", {"base": "@sft"}) + shell_stage("domain", "true", {"base": "@pretrain"}))
+    project.write(
+        shell_stage("pretrain", "true")
+        + shell_stage("sft", "true", {"base": "@pretrain"})
+        + shell_stage("dpo", "true", {"base": "@sft"})
+        + shell_stage("domain", "true", {"base": "@pretrain"})
+    )
     res = project.run("validate")
     assert res.returncode == 0, res.stderr
     assert "pretrain -> sft -> dpo -> domain" not in res.stdout
-    graph = {m.group(1): (m.group(2) or "").strip()
-             for m in re.finditer(r"^  (\w+) \(shell\)\s*(?:<- (.+))?$", res.stdout, re.M)}
+    graph = {
+        m.group(1): (m.group(2) or "").strip()
+        for m in re.finditer(r"^  (\w+) \(shell\)\s*(?:<- (.+))?$", res.stdout, re.M)
+    }
     assert graph == {"pretrain": "", "sft": "pretrain", "dpo": "sft", "domain": "pretrain"}, res.stdout
     needs = json.loads(project.run("validate", "--json").stdout)["needs"]
     assert needs == {"pretrain": [], "sft": ["pretrain"], "dpo": ["sft"], "domain": ["pretrain"]}
@@ -154,11 +173,12 @@ def test_a_damaged_run_folder_is_listed_and_named_never_dropped(project):
 
     # events.jsonl with a line that is not UTF-8: logs names file:line and prints the rest
     events = (run_dir / "events.jsonl").read_bytes().splitlines(keepends=True)
-    (run_dir / "events.jsonl").write_bytes(b"".join(events[:2]) + b'{"type": "log", "message": "\xff\xfe"}\n'
-                                           + b"".join(events[2:]))
+    (run_dir / "events.jsonl").write_bytes(
+        b"".join(events[:2]) + b'{"type": "log", "message": "\xff\xfe"}\n' + b"".join(events[2:])
+    )
     res = project.run("logs", run_id)
     assert res.returncode == 0, res.stderr
-    assert f"events.jsonl:3: skipped a line that is not UTF-8" in res.stdout
+    assert "events.jsonl:3: skipped a line that is not UTF-8" in res.stdout
     assert "hello | bye" in res.stdout and "run " + run_id in res.stdout.splitlines()[-1]
 
     manifest.write_text(manifest.read_text()[:40])  # torn
@@ -203,16 +223,23 @@ def resumed_training(tmp_path_factory):
     """A tiny pretrain -> LoRA DPO run through the CLI, stopped after pretrain's first checkpoint and
     resumed (the tied-embedding resume that makes transformers log `missing keys ['lm_head.weight']`)."""
     from conftest import Project
-    from training_data import DPO, PRETRAIN, write_data
-
     from llmforge.runs import STOP_REQUEST, request
+    from training_data import DPO, PRETRAIN, write_data
 
     project = Project(tmp_path_factory.mktemp("noise"))
     write_data(project.root)
-    project.write(PRETRAIN.format(steps=100).replace("log_every = 2", "log_every = 5\nsave_every = 2")
-                  + DPO.replace("@sft", "@pretrain").format(steps=3))
-    proc = subprocess.Popen([sys.executable, "-m", "llmforge", "run"], cwd=project.root, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    project.write(
+        PRETRAIN.format(steps=100).replace("log_every = 2", "log_every = 5\nsave_every = 2")
+        + DPO.replace("@sft", "@pretrain").format(steps=3)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmforge", "run"],
+        cwd=project.root,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
@@ -259,10 +286,13 @@ def test_library_chatter_stays_in_the_debug_log(resumed_training):
 def test_every_metric_step_of_a_training_run_is_printed(resumed_training):
     _, _, resumed, events = resumed_training
     starts = [i for i, e in enumerate(events) if e["type"] == "run_start"]
-    events = events[starts[-1]:]  # the resumed invocation's events (the file holds both)
+    events = events[starts[-1] :]  # the resumed invocation's events (the file holds both)
     for stage in ("pretrain", "dpo"):
-        logged = [e["step"] for e in events if e["type"] == "metric" and e.get("stage") == stage
-                  and e.get("step") is not None and "loss" in e["values"]]
+        logged = [
+            e["step"]
+            for e in events
+            if e["type"] == "metric" and e.get("stage") == stage and e.get("step") is not None and "loss" in e["values"]
+        ]
         printed = [int(s) for s in re.findall(rf"^{stage} \| step (\d+) ", resumed.stdout, re.M)]
         assert logged and printed == logged, (stage, printed, logged)
     assert "pretrain | step 100 " in resumed.stdout  # the last step, which the throttle used to drop

@@ -37,41 +37,72 @@ env = {GREETING = "one"}
 
 # id -> (forge.toml text or None for no file, extra CLI args, strings that stderr must contain)
 CASES = {
-    "unknown-key": (OK_STAGE + """
+    "unknown-key": (
+        OK_STAGE
+        + """
         [[stages]]
         name = "second"
         uses = "shell"
         comand = "echo hi"
-        """, [], ["stages[1].comand: unknown key 'comand'; did you mean 'command'?"]),
-    "unknown-nested-key": ("""
+        """,
+        [],
+        ["stages[1].comand: unknown key 'comand'; did you mean 'command'?"],
+    ),
+    "unknown-nested-key": (
+        """
         [project]
         nme = "x"
-        """ + OK_STAGE, [], ["project.nme: unknown key 'nme'; did you mean 'name'?"]),
-    "unknown-section": ("""
+        """
+        + OK_STAGE,
+        [],
+        ["project.nme: unknown key 'nme'; did you mean 'name'?"],
+    ),
+    "unknown-section": (
+        """
         [projcet]
         name = "x"
-        """ + OK_STAGE, [], ["projcet: unknown section 'projcet'; did you mean 'project'?"]),
-    "wrong-type": (OK_STAGE + """
+        """
+        + OK_STAGE,
+        [],
+        ["projcet: unknown section 'projcet'; did you mean 'project'?"],
+    ),
+    "wrong-type": (
+        OK_STAGE
+        + """
         [[stages]]
         name = "second"
         uses = "shell"
         command = "true"
         timeout = "soon"
-        """, [], ["stages[1].timeout: expected a number, got str 'soon'"]),
-    "out-of-range": (OK_STAGE + """
+        """,
+        [],
+        ["stages[1].timeout: expected a number, got str 'soon'"],
+    ),
+    "out-of-range": (
+        OK_STAGE
+        + """
         [[stages]]
         name = "second"
         uses = "shell"
         command = "true"
         timeout = -1
-        """, [], ["stages[1].timeout: must be > 0", "(got -1)"]),
-    "unknown-stage-kind": (OK_STAGE + """
+        """,
+        [],
+        ["stages[1].timeout: must be > 0", "(got -1)"],
+    ),
+    "unknown-stage-kind": (
+        OK_STAGE
+        + """
         [[stages]]
         name = "second"
         uses = "shel"
         command = "true"
-        """, [], ["stages[1].uses: unknown stage kind 'shel'; did you mean 'shell'?", "installed:", "copy"]),
-    "dangling-ref": ("""
+        """,
+        [],
+        ["stages[1].uses: unknown stage kind 'shel'; did you mean 'shell'?", "installed:", "copy"],
+    ),
+    "dangling-ref": (
+        """
         [[stages]]
         name = "prep"
         uses = "shell"
@@ -81,8 +112,12 @@ CASES = {
         name = "bundle"
         uses = "copy"
         sources = ["@prepp"]
-        """, [], ["stages[1].sources[0]: '@prepp' refers to no stage; did you mean '@prep'?"]),
-    "cycle": ("""
+        """,
+        [],
+        ["stages[1].sources[0]: '@prepp' refers to no stage; did you mean '@prep'?"],
+    ),
+    "cycle": (
+        """
         [[stages]]
         name = "a"
         uses = "copy"
@@ -92,14 +127,23 @@ CASES = {
         name = "b"
         uses = "copy"
         sources = ["@a"]
-        """, [], ["stages: cycle in references: a -> b -> a"]),
-    "missing-input-file": (OK_STAGE + """
+        """,
+        [],
+        ["stages: cycle in references: a -> b -> a"],
+    ),
+    "missing-input-file": (
+        OK_STAGE
+        + """
         [[stages]]
         name = "bundle"
         uses = "copy"
         sources = ["data/missing.txt"]
-        """, [], ["stages[1].sources[0]: file not found:", "data/missing.txt"]),
-    "malformed-toml": ("""
+        """,
+        [],
+        ["stages[1].sources[0]: file not found:", "data/missing.txt"],
+    ),
+    "malformed-toml": (
+        """
         [project]
         name = "p"
 
@@ -107,27 +151,51 @@ CASES = {
         name = "a"
         uses = "shell"
         command = = "echo"
-        """, [], ["forge.toml:7:11: invalid TOML: Invalid value"]),
-    "missing-uses": (OK_STAGE + """
+        """,
+        [],
+        ["forge.toml:7:11: invalid TOML: Invalid value"],
+    ),
+    "missing-uses": (
+        OK_STAGE
+        + """
         [[stages]]
         name = "second"
         command = "true"
-        """, [], ["stages[1].uses: required key is missing; installed stage kinds:", "shell"]),
-    "missing-required-option": (OK_STAGE + """
+        """,
+        [],
+        ["stages[1].uses: required key is missing; installed stage kinds:", "shell"],
+    ),
+    "missing-required-option": (
+        OK_STAGE
+        + """
         [[stages]]
         name = "second"
         uses = "shell"
-        """, [], ["stages[1].command: required key is missing"]),
-    "duplicate-stage-names": (OK_STAGE + OK_STAGE, [],
-                              ["stages[1].name: duplicate stage name 'first' (also stages[0])"]),
+        """,
+        [],
+        ["stages[1].command: required key is missing"],
+    ),
+    "duplicate-stage-names": (
+        OK_STAGE + OK_STAGE,
+        [],
+        ["stages[1].name: duplicate stage name 'first' (also stages[0])"],
+    ),
     "missing-forge-toml": (None, [], ["forge.toml: file not found", "llmforge init"]),
-    "set-unknown-stage": (HELLO, ["--set", "helo.command=x"],
-                          ["--set helo.command: no section or stage named 'helo'; did you mean 'hello'?"]),
-    "set-unknown-option": (HELLO, ["--set", "hello.comand=x"],
-                           ["stages[0].comand (from --set hello.comand): unknown key 'comand'; "
-                            "did you mean 'command'?"]),
-    "set-bad-value": (HELLO, ["--set", "hello.timeout=-5"],
-                      ["stages[0].timeout (from --set hello.timeout): must be > 0", "(got -5)"]),
+    "set-unknown-stage": (
+        HELLO,
+        ["--set", "helo.command=x"],
+        ["--set helo.command: no section or stage named 'helo'; did you mean 'hello'?"],
+    ),
+    "set-unknown-option": (
+        HELLO,
+        ["--set", "hello.comand=x"],
+        ["stages[0].comand (from --set hello.comand): unknown key 'comand'; did you mean 'command'?"],
+    ),
+    "set-bad-value": (
+        HELLO,
+        ["--set", "hello.timeout=-5"],
+        ["stages[0].timeout (from --set hello.timeout): must be > 0", "(got -5)"],
+    ),
     "set-no-equals": (HELLO, ["--set", "hello.timeout"], ["--set hello.timeout: expected KEY=VALUE"]),
 }
 
@@ -140,8 +208,9 @@ def validate_and_run(project, *args, **kw):
 
 def assert_user_error(result, *needles):
     cmd = result.args[3]
-    assert result.returncode == 2, (f"{cmd}: exit {result.returncode}\nstdout:\n{result.stdout}\n"
-                                    f"stderr:\n{result.stderr}")
+    assert result.returncode == 2, (
+        f"{cmd}: exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
     assert "Traceback" not in result.stderr, f"{cmd}: traceback without --debug:\n{result.stderr}"
     assert result.stderr.startswith("error: "), result.stderr
     for needle in needles:
@@ -195,8 +264,14 @@ name = "a"
 uses = "nope"
 """
 
-MANY_WHERES = ["project.seed", "project.nme", "stages[0].timeout", "stages[1].flatten", "stages[2].name",
-               "stages[2].uses"]
+MANY_WHERES = [
+    "project.seed",
+    "project.nme",
+    "stages[0].timeout",
+    "stages[1].flatten",
+    "stages[2].name",
+    "stages[2].uses",
+]
 
 
 def test_every_problem_is_reported_in_one_go(project):
@@ -212,8 +287,7 @@ def test_validate_json_gives_problems_as_data(project):
     valid_elsewhere.mkdir()
     (valid_elsewhere / "forge.toml").write_text(HELLO)
     with ThreadPoolExecutor(max_workers=2) as ex:
-        bad, good = ex.map(lambda cfg: project.run("validate", "--json", "-c", cfg),
-                           ["forge.toml", "ok/forge.toml"])
+        bad, good = ex.map(lambda cfg: project.run("validate", "--json", "-c", cfg), ["forge.toml", "ok/forge.toml"])
     assert bad.returncode == 2, bad.stderr
     assert "Traceback" not in bad.stderr
     data = json.loads(bad.stdout)
@@ -242,11 +316,14 @@ def test_validate_json_reports_unreadable_files_as_data(project):
 def test_set_overrides_change_validation(project):
     project.write(HELLO.replace('env = {GREETING = "one"}', 'env = {GREETING = "one"}\ntimeout = -1'))
     with ThreadPoolExecutor(max_workers=2) as ex:
-        fixed, broken, seed = ex.map(lambda args: project.run("validate", *args), [
-            ["--set", "hello.timeout=5"],  # an override replaces the bad value: valid
-            ["--set", "hello.timeout=2", "--set", "hello.timeout=-3"],  # the last --set wins
-            ["--set", "hello.timeout=5", "--set", "project.seed=-1"],  # a section key
-        ])
+        fixed, broken, seed = ex.map(
+            lambda args: project.run("validate", *args),
+            [
+                ["--set", "hello.timeout=5"],  # an override replaces the bad value: valid
+                ["--set", "hello.timeout=2", "--set", "hello.timeout=-3"],  # the last --set wins
+                ["--set", "hello.timeout=5", "--set", "project.seed=-1"],  # a section key
+            ],
+        )
     assert fixed.returncode == 0, fixed.stderr
     assert "valid" in fixed.stdout
     assert_user_error(broken, "stages[0].timeout (from --set hello.timeout): must be > 0 (got -3)")
@@ -269,10 +346,13 @@ def test_set_overrides_change_the_run(project):
 def test_debug_shows_the_traceback(project):
     project.write(HELLO.replace('env = {GREETING = "one"}', "timeout = -1"))
     with ThreadPoolExecutor(max_workers=2) as ex:
-        flag, env = ex.map(lambda kw: project.run(*kw["args"], env=kw.get("env")), [
-            {"args": ["--debug", "validate"]},
-            {"args": ["validate"], "env": {"LLMFORGE_DEBUG": "1"}},
-        ])
+        flag, env = ex.map(
+            lambda kw: project.run(*kw["args"], env=kw.get("env")),
+            [
+                {"args": ["--debug", "validate"]},
+                {"args": ["validate"], "env": {"LLMFORGE_DEBUG": "1"}},
+            ],
+        )
     for result in (flag, env):
         assert result.returncode == 2
         assert "Traceback (most recent call last)" in result.stderr
@@ -299,30 +379,54 @@ def problems(project, text: str, registry, overrides=()) -> dict[str, str]:
     return {p.where: p.message for p in info.value.problems}
 
 
-@pytest.mark.parametrize("text, where, message", [
-    ("project = 3\n" + OK_STAGE, "project", "expected a table [project], got int"),
-    ('stages = "x"\n', "stages", "expected an array of tables ([[stages]])"),
-    ("[project]\nname = 'x'\n", "stages", "no stages: add at least one [[stages]] table"),
-    ('[[stages]]\nname = "model"\nuses = "shell"\ncommand = "x"\n', "stages[0].name",
-     "'model' is reserved for a section; choose another"),
-    ('[[stages]]\nname = "2x"\nuses = "shell"\ncommand = "x"\n', "stages[0].name",
-     "must be a word of letters, digits, '-' or '_' (got '2x')"),
-    ('[[stages]]\nuses = "shell"\ncommand = "x"\n', "stages[0].name", "required key is missing"),
-    ('[model]\ndtype = "fp8"\n' + OK_STAGE, "model.dtype",
-     "must be one of 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp8')"),
-    ("[trackers.wandb]\nproject = 'x'\n" + OK_STAGE, "trackers.wandb", "unknown tracker 'wandb'"),
-    ('[[stages]]\nname = "c"\nuses = "copy"\nsources = ["@c"]\n', "stages[0].sources[0]",
-     "'@c': a stage cannot use its own output"),
-    (OK_STAGE + '[[stages]]\nname = "c"\nuses = "copy"\nsources = ["@first.model"]\n', "stages[1].sources[0]",
-     "'@first.model': stage 'first' produces files, not 'model'"),
-    ('[[stages]]\nname = "c"\nuses = "copy"\nsources = []\n', "stages[0].sources", "must have at least 1"),
-    ('[[stages]]\nname = "c"\nuses = "shell"\ncommand = "x"\nenv = {A = 1}\n', "stages[0].env.A",
-     "expected a string, got int 1"),
-    ('[[stages]]\nname = "c"\nuses = "shell"\ncommand = "x"\nenv = 3\n', "stages[0].env", "expected a table"),
-    ('[[stages]]\nname = "c"\nuses = "copy"\nsources = ["x"]\nflatten = 3\n', "stages[0].flatten",
-     "expected true or false, got int 3"),
-    ("[[stages]]\n" + 'name = "a"\nuses = 5\n', "stages[0].uses", "unknown stage kind 5"),
-])
+@pytest.mark.parametrize(
+    "text, where, message",
+    [
+        ("project = 3\n" + OK_STAGE, "project", "expected a table [project], got int"),
+        ('stages = "x"\n', "stages", "expected an array of tables ([[stages]])"),
+        ("[project]\nname = 'x'\n", "stages", "no stages: add at least one [[stages]] table"),
+        (
+            '[[stages]]\nname = "model"\nuses = "shell"\ncommand = "x"\n',
+            "stages[0].name",
+            "'model' is reserved for a section; choose another",
+        ),
+        (
+            '[[stages]]\nname = "2x"\nuses = "shell"\ncommand = "x"\n',
+            "stages[0].name",
+            "must be a word of letters, digits, '-' or '_' (got '2x')",
+        ),
+        ('[[stages]]\nuses = "shell"\ncommand = "x"\n', "stages[0].name", "required key is missing"),
+        (
+            '[model]\ndtype = "fp8"\n' + OK_STAGE,
+            "model.dtype",
+            "must be one of 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp8')",
+        ),
+        ("[trackers.wandb]\nproject = 'x'\n" + OK_STAGE, "trackers.wandb", "unknown tracker 'wandb'"),
+        (
+            '[[stages]]\nname = "c"\nuses = "copy"\nsources = ["@c"]\n',
+            "stages[0].sources[0]",
+            "'@c': a stage cannot use its own output",
+        ),
+        (
+            OK_STAGE + '[[stages]]\nname = "c"\nuses = "copy"\nsources = ["@first.model"]\n',
+            "stages[1].sources[0]",
+            "'@first.model': stage 'first' produces files, not 'model'",
+        ),
+        ('[[stages]]\nname = "c"\nuses = "copy"\nsources = []\n', "stages[0].sources", "must have at least 1"),
+        (
+            '[[stages]]\nname = "c"\nuses = "shell"\ncommand = "x"\nenv = {A = 1}\n',
+            "stages[0].env.A",
+            "expected a string, got int 1",
+        ),
+        ('[[stages]]\nname = "c"\nuses = "shell"\ncommand = "x"\nenv = 3\n', "stages[0].env", "expected a table"),
+        (
+            '[[stages]]\nname = "c"\nuses = "copy"\nsources = ["x"]\nflatten = 3\n',
+            "stages[0].flatten",
+            "expected true or false, got int 3",
+        ),
+        ("[[stages]]\n" + 'name = "a"\nuses = 5\n', "stages[0].uses", "unknown stage kind 5"),
+    ],
+)
 def test_problem_shapes(project, builtins, text, where, message):
     found = problems(project, text, builtins)
     assert where in found, found
@@ -357,10 +461,18 @@ def test_file_order_is_kept_but_references_come_first(project, builtins):
     assert load_pipeline(project.config, registry=builtins).names == ["make", "bundle"]
 
 
-@pytest.mark.parametrize("text, value", [
-    ("1e-4", 1e-4), ("8", 8), ("true", True), ("[1, 2]", [1, 2]), ('"quoted"', "quoted"),
-    ("echo hi there", "echo hi there"), ("{a = 1}", {"a": 1}),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("1e-4", 1e-4),
+        ("8", 8),
+        ("true", True),
+        ("[1, 2]", [1, 2]),
+        ('"quoted"', "quoted"),
+        ("echo hi there", "echo hi there"),
+        ("{a = 1}", {"a": 1}),
+    ],
+)
 def test_set_values_are_toml_or_bare_strings(text, value):
     assert parse_value(text) == value
 
@@ -388,7 +500,9 @@ def test_wrong_type_on_a_union_option_names_the_option(project, builtins):
 
 
 def test_reference_to_an_invalid_stage_is_not_called_missing(project, builtins):
-    found = problems(project, """
+    found = problems(
+        project,
+        """
         [[stages]]
         name = "a"
         uses = "shell"
@@ -399,7 +513,9 @@ def test_reference_to_an_invalid_stage_is_not_called_missing(project, builtins):
         name = "b"
         uses = "copy"
         sources = ["@a"]
-    """, builtins)
+    """,
+        builtins,
+    )
     assert "stages[0].timeout" in found
     assert not any("refers to no stage" in m for m in found.values()), found
 

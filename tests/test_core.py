@@ -25,9 +25,16 @@ from llmforge.stage import Input, Stage, StageContext, StageOptions
 
 
 def make_ctx(tmp_path: Path, events: list) -> StageContext:
-    return StageContext(stage_name="s", run_id="r", run_dir=tmp_path, stage_dir=tmp_path / "stages" / "s",
-                        inputs={}, emit=lambda t, **d: events.append((t, d)), stop_check=lambda: False,
-                        checkpoint_check=lambda: False)
+    return StageContext(
+        stage_name="s",
+        run_id="r",
+        run_dir=tmp_path,
+        stage_dir=tmp_path / "stages" / "s",
+        inputs={},
+        emit=lambda t, **d: events.append((t, d)),
+        stop_check=lambda: False,
+        checkpoint_check=lambda: False,
+    )
 
 
 def test_artifact_is_published_only_when_complete(tmp_path):
@@ -185,8 +192,17 @@ WRITTEN = [
     {"type": "run_start", "time": 1.0, "run": "r1", "config": "/p/forge.toml", "stages": ["a", "b"], "resume": False},
     {"type": "stage_start", "time": 1.1, "run": "r1", "stage": "a", "uses": "shell", "key": "k1", "resume": False},
     {"type": "log", "time": 1.2, "run": "r1", "stage": "a", "level": "warning", "message": "careful [red]x[/]"},
-    {"type": "progress", "time": 1.3, "run": "r1", "stage": "a", "done": 3, "total": 10, "unit": "step",
-     "eta_s": 4.0, "tokens": 99},
+    {
+        "type": "progress",
+        "time": 1.3,
+        "run": "r1",
+        "stage": "a",
+        "done": 3,
+        "total": 10,
+        "unit": "step",
+        "eta_s": 4.0,
+        "tokens": 99,
+    },
     {"type": "metric", "time": 1.4, "run": "r1", "stage": "a", "step": 3, "values": {"loss": 1.5}},
     {"type": "checkpoint", "time": 1.5, "run": "r1", "stage": "a", "step": 3, "path": "/p/ckpt"},
     {"type": "artifact", "time": 1.6, "run": "r1", "stage": "a", "kind": "files", "path": "/p/a/files"},
@@ -194,8 +210,14 @@ WRITTEN = [
     {"type": "stage_cached", "time": 1.8, "run": "r1", "stage": "b", "from_run": "r0"},
     {"type": "dataset", "time": 1.85, "run": "r1", "stage": "b", "rows": 12, "format": "chat"},  # a plugin's own
     {"type": "from_a_newer_llmforge", "time": 1.9, "run": "r1", "payload": {"x": [1, 2]}},
-    {"type": "run_end", "time": 2.0, "run": "r1", "status": "done", "exit_code": 0,
-     "stages": {"a": "done", "b": "cached"}},
+    {
+        "type": "run_end",
+        "time": 2.0,
+        "run": "r1",
+        "status": "done",
+        "exit_code": 0,
+        "stages": {"a": "done", "b": "cached"},
+    },
 ]
 
 
@@ -255,18 +277,49 @@ def test_an_unknown_event_type_breaks_neither_the_printer_nor_the_tui_follower(t
 
 # A manifest as the runner wrote it before manifests had a version.
 OLD_MANIFEST = {
-    "id": "20240101-000000-abcd", "created": 1700000000.0, "config_path": "/p/forge.toml", "project": "p",
-    "config": {"stages": [{"name": "a", "uses": "shell"}]}, "status": "stopped", "pid": 1, "exit_code": 130,
-    "versions": {"python": "3.11"}, "hardware": {}, "resumed": [], "selection": {"stages": [], "from": None,
-                                                                                 "force": False},
+    "id": "20240101-000000-abcd",
+    "created": 1700000000.0,
+    "config_path": "/p/forge.toml",
+    "project": "p",
+    "config": {"stages": [{"name": "a", "uses": "shell"}]},
+    "status": "stopped",
+    "pid": 1,
+    "exit_code": 130,
+    "versions": {"python": "3.11"},
+    "hardware": {},
+    "resumed": [],
+    "selection": {"stages": [], "from": None, "force": False},
     "stages": {
-        "a": {"uses": "shell", "key": "k1", "status": "done", "started": 1.0, "error": None,
-              "artifacts": {"files": {"kind": "files", "path": "/p/a"}}, "ended": 2.0, "duration": 1.0,
-              "info": {"shell": {"exit_code": 0}}},
-        "b": {"uses": "copy", "key": "k2", "status": "cached", "cached_from": "r0", "artifacts": {},
-              "duration": 0.0, "error": None},
-        "c": {"uses": "copy", "key": "k3", "status": "stopped", "started": 3.0, "error": "interrupted",
-              "artifacts": {}, "ended": 4.0, "duration": 1.0},
+        "a": {
+            "uses": "shell",
+            "key": "k1",
+            "status": "done",
+            "started": 1.0,
+            "error": None,
+            "artifacts": {"files": {"kind": "files", "path": "/p/a"}},
+            "ended": 2.0,
+            "duration": 1.0,
+            "info": {"shell": {"exit_code": 0}},
+        },
+        "b": {
+            "uses": "copy",
+            "key": "k2",
+            "status": "cached",
+            "cached_from": "r0",
+            "artifacts": {},
+            "duration": 0.0,
+            "error": None,
+        },
+        "c": {
+            "uses": "copy",
+            "key": "k3",
+            "status": "stopped",
+            "started": 3.0,
+            "error": "interrupted",
+            "artifacts": {},
+            "ended": 4.0,
+            "duration": 1.0,
+        },
         "d": {"uses": "copy", "key": "k4", "status": "pending"},
     },
     "finished": 5.0,
@@ -281,8 +334,12 @@ def test_a_manifest_written_before_versions_reads_and_writes_back_unchanged(tmp_
     assert m.version is None and m.status == Status.STOPPED and m.exit_code == 130
     assert m.stages["a"].info == {"shell": {"exit_code": 0}} and m.stages["b"].cached_from == "r0"
     assert m.to_dict() == OLD_MANIFEST  # a rewrite (a new run marking it killed) changes nothing else
-    newer = {**OLD_MANIFEST, "version": 99, "from_the_future": {"x": 1},
-             "stages": {"a": {**OLD_MANIFEST["stages"]["a"], "status": "quarantined", "extra": 1}}}
+    newer = {
+        **OLD_MANIFEST,
+        "version": 99,
+        "from_the_future": {"x": 1},
+        "stages": {"a": {**OLD_MANIFEST["stages"]["a"], "status": "quarantined", "extra": 1}},
+    }
     back = Manifest.from_dict(newer)
     assert back.to_dict() == newer and back.stages["a"].status == "quarantined"  # kept, not refused
 

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
 from conftest import run_cli
 
 
@@ -47,10 +48,14 @@ def test_dedup_command_removes_exact_and_near_duplicates(dupes, tmp_path):
     src, planted = dupes
     out, reasons = tmp_path / "out.jsonl", tmp_path / "removed.jsonl"
     with ThreadPoolExecutor(2) as ex:
-        full, exact, bad = ex.map(lambda args: run_cli(*args), [
-            ("data", "dedup", str(src), str(out), "--reasons", str(reasons)),
-            ("data", "dedup", str(src), str(tmp_path / "exact.jsonl"), "--exact-only", "--json"),
-            ("data", "dedup", str(src), str(tmp_path / "bad.jsonl"), "--threshold", "1.5", "--num-perm", "8")])
+        full, exact, bad = ex.map(
+            lambda args: run_cli(*args),
+            [
+                ("data", "dedup", str(src), str(out), "--reasons", str(reasons)),
+                ("data", "dedup", str(src), str(tmp_path / "exact.jsonl"), "--exact-only", "--json"),
+                ("data", "dedup", str(src), str(tmp_path / "bad.jsonl"), "--threshold", "1.5", "--num-perm", "8"),
+            ],
+        )
     assert bad.returncode == 2 and "--threshold: must be < 1 (got 1.5)" in bad.stderr, bad.stderr
     assert "--num-perm: must be >= 16 (got 8)" in bad.stderr and not (tmp_path / "bad.jsonl").exists()
     assert full.returncode == 0, full.stderr
@@ -60,8 +65,12 @@ def test_dedup_command_removes_exact_and_near_duplicates(dupes, tmp_path):
     assert len(_rows(out)) == 200
     lines = _rows(reasons)
     assert {int(r["source"].rsplit(":", 1)[1]) for r in lines} == planted
-    assert lines[0] == {"source": f"{src}:201", "step": "exact_dedup", "code": "exact",
-                        "reason": f"exact duplicate of {src}:1"}
+    assert lines[0] == {
+        "source": f"{src}:201",
+        "step": "exact_dedup",
+        "code": "exact",
+        "reason": f"exact duplicate of {src}:1",
+    }
     assert lines[-1]["step"] == "near_dedup" and lines[-1]["reason"].endswith(f"of {src}:40")
     report = json.loads(exact.stdout)
     assert exact.returncode == 0 and report["rows_out"] == 220
@@ -70,14 +79,29 @@ def test_dedup_command_removes_exact_and_near_duplicates(dupes, tmp_path):
 
 
 def test_filter_command_sets_step_options(tmp_path):
-    rows = [{"text": "The old mill by the river has been closed for years, and the town is quiet now."},
-            {"text": "Too short."},
-            {"text": "Die alte Mühle am Fluss ist seit Jahren geschlossen, und die Stadt ist jetzt ruhig."},
-            {"text": "Write to me at someone@example.com about the old mill by the river and the town."}]
+    rows = [
+        {"text": "The old mill by the river has been closed for years, and the town is quiet now."},
+        {"text": "Too short."},
+        {"text": "Die alte Mühle am Fluss ist seit Jahren geschlossen, und die Stadt ist jetzt ruhig."},
+        {"text": "Write to me at someone@example.com about the old mill by the river and the town."},
+    ]
     src = _jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
-    res = run_cli("data", "filter", str(src), str(out), "--step", "normalize", "--set", "min_chars=20",
-                  "--set", "language.languages=[\"en\"]", "--set", "pii.kinds=[\"email\"]", "--json")
+    res = run_cli(
+        "data",
+        "filter",
+        str(src),
+        str(out),
+        "--step",
+        "normalize",
+        "--set",
+        "min_chars=20",
+        "--set",
+        'language.languages=["en"]',
+        "--set",
+        'pii.kinds=["email"]',
+        "--json",
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert [s["step"] for s in report["steps"]] == ["normalize", "quality", "language", "pii"]
@@ -86,8 +110,10 @@ def test_filter_command_sets_step_options(tmp_path):
     assert kept == [rows[0]["text"], rows[3]["text"].replace("someone@example.com", "<EMAIL>")]
     # a misspelt option is named, with a suggestion, before anything is written
     bad = run_cli("data", "filter", str(src), str(tmp_path / "bad.jsonl"), "--set", "min_char=20")
-    assert bad.returncode == 2 and "--set min_char: no curation step has an option 'min_char'; did you mean " \
-                                   "'min_chars'?" in bad.stderr, bad.stderr
+    assert (
+        bad.returncode == 2
+        and "--set min_char: no curation step has an option 'min_char'; did you mean 'min_chars'?" in bad.stderr
+    ), bad.stderr
     wrong = run_cli("data", "filter", str(src), str(tmp_path / "bad.jsonl"), "--set", "quality.min_chars=-1")
     assert wrong.returncode == 2 and "--set quality.min_chars: must be >= 0 (got -1)" in wrong.stderr, wrong.stderr
     assert not (tmp_path / "bad.jsonl").exists() and "Traceback" not in bad.stderr + wrong.stderr
@@ -110,17 +136,33 @@ def test_lint_command_reports_findings_truncation_and_exit_codes(tmp_path, token
     def chat(*turns):
         return {"messages": [{"role": r, "content": c} for r, c in turns]}
 
-    rows = [chat(("user", "What is the capital of Land1?"), ("assistant", "The capital of Land1 is Town1.")),
-            chat(("user", "hi"), ("user", "again"), ("assistant", "ok")),
-            chat(("user", "hi"), ("assistant", " ")),
-            chat(("user", "What is the capital of Land2? " * 20), ("assistant", "Town2."))]
+    rows = [
+        chat(("user", "What is the capital of Land1?"), ("assistant", "The capital of Land1 is Town1.")),
+        chat(("user", "hi"), ("user", "again"), ("assistant", "ok")),
+        chat(("user", "hi"), ("assistant", " ")),
+        chat(("user", "What is the capital of Land2? " * 20), ("assistant", "Town2.")),
+    ]
     src = _jsonl(tmp_path / "chat.jsonl", rows)
     clean = _jsonl(tmp_path / "clean.jsonl", rows[:1])
     with ThreadPoolExecutor(2) as ex:
-        res, ok = ex.map(lambda args: run_cli(*args), [
-            ("data", "lint", str(src), "--model", str(tokenizer_dir), "--template", "chatml", "--max-length", "64",
-             "--json"),
-            ("data", "lint", str(clean), "--model", str(tokenizer_dir), "--template", "chatml")])
+        res, ok = ex.map(
+            lambda args: run_cli(*args),
+            [
+                (
+                    "data",
+                    "lint",
+                    str(src),
+                    "--model",
+                    str(tokenizer_dir),
+                    "--template",
+                    "chatml",
+                    "--max-length",
+                    "64",
+                    "--json",
+                ),
+                ("data", "lint", str(clean), "--model", str(tokenizer_dir), "--template", "chatml"),
+            ],
+        )
     assert res.returncode == 1, res.stderr
     data = json.loads(res.stdout)
     assert data["rows"] == 3 and data["rejected_rows"] == 1 and data["rows_with_errors"] == 2
@@ -134,19 +176,29 @@ def test_lint_command_reports_findings_truncation_and_exit_codes(tmp_path, token
 
 def test_malformed_inputs_exit_2_naming_file_and_line(tmp_path):
     good = json.dumps({"text": "a fine row of text"})
-    (tmp_path / "bad.jsonl").write_text(f"{good}\n{{\"text\": oops}}\n{good}\n")
+    (tmp_path / "bad.jsonl").write_text(f'{good}\n{{"text": oops}}\n{good}\n')
     (tmp_path / "latin1.jsonl").write_bytes(f"{good}\n".encode() + '{"text": "caf\xe9"}\n'.encode("latin-1"))
     (tmp_path / "empty.jsonl").write_text("")
-    cases = [("bad.jsonl", "bad.jsonl:2: invalid JSON"), ("latin1.jsonl", "latin1.jsonl:2: not valid UTF-8: byte 0xe9"),
-             ("empty.jsonl", "empty.jsonl: empty file (no rows)")]
-    commands = [("dedup", "{src}", "out.jsonl"), ("filter", "{src}", "out.jsonl"), ("stats", "{src}"),
-                ("lint", "{src}")]
+    cases = [
+        ("bad.jsonl", "bad.jsonl:2: invalid JSON"),
+        ("latin1.jsonl", "latin1.jsonl:2: not valid UTF-8: byte 0xe9"),
+        ("empty.jsonl", "empty.jsonl: empty file (no rows)"),
+    ]
+    commands = [
+        ("dedup", "{src}", "out.jsonl"),
+        ("filter", "{src}", "out.jsonl"),
+        ("stats", "{src}"),
+        ("lint", "{src}"),
+    ]
     # every case through dedup, and each through one other command
-    jobs = [(name, expect, [a.format(src=name) for a in cmd]) for k, (name, expect) in enumerate(cases)
-            for cmd in (commands[0], commands[k + 1])]
+    jobs = [
+        (name, expect, [a.format(src=name) for a in cmd])
+        for k, (name, expect) in enumerate(cases)
+        for cmd in (commands[0], commands[k + 1])
+    ]
     with ThreadPoolExecutor(2) as ex:
         results = list(ex.map(lambda job: run_cli("data", *job[2], cwd=tmp_path), jobs))
-    for (name, expect, args), res in zip(jobs, results):
+    for (_name, expect, args), res in zip(jobs, results):
         assert res.returncode == 2, (args, res.stdout, res.stderr)
         assert expect in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
     assert not (tmp_path / "out.jsonl").exists()
@@ -163,24 +215,30 @@ def test_mix_hits_its_ratios_and_is_deterministic(tmp_path):
     _jsonl(tmp_path / "books.jsonl", [{"text": "a long book passage " * 10 + str(i)} for i in range(100)])
     (tmp_path / "rows.toml").write_text(
         'seed = 1\n[[sources]]\npath = "web.jsonl"\nratio = 0.6\n[[sources]]\npath = "code.jsonl"\nratio = 0.3\n'
-        '[[sources]]\nname = "books"\npath = "books.jsonl"\nratio = 0.1\nmax_epochs = 2\n')
+        '[[sources]]\nname = "books"\npath = "books.jsonl"\nratio = 0.1\nmax_epochs = 2\n'
+    )
     (tmp_path / "tokens.toml").write_text(
         'by = "tokens"\ntotal = 20000\n[[sources]]\npath = "web.jsonl"\nratio = 0.5\n'
         '[[sources]]\npath = "books.jsonl"\nratio = 0.25\nmax_epochs = 5\n[[sources]]\npath = "code.jsonl"\n'
-        'ratio = 0.25\nmax_epochs = 2\n')
+        "ratio = 0.25\nmax_epochs = 2\n"
+    )
     with ThreadPoolExecutor(2) as ex:
-        a, b, c, t = ex.map(lambda args: run_cli(*args, cwd=tmp_path), [
-            ("data", "mix", "-c", "rows.toml", "a.jsonl", "--json"), ("data", "mix", "-c", "rows.toml", "b.jsonl"),
-            ("data", "mix", "-c", "rows.toml", "c.jsonl", "--seed", "2"), ("data", "mix", "-c", "tokens.toml",
-                                                                             "t.jsonl", "--json")])
+        a, b, c, t = ex.map(
+            lambda args: run_cli(*args, cwd=tmp_path),
+            [
+                ("data", "mix", "-c", "rows.toml", "a.jsonl", "--json"),
+                ("data", "mix", "-c", "rows.toml", "b.jsonl"),
+                ("data", "mix", "-c", "rows.toml", "c.jsonl", "--seed", "2"),
+                ("data", "mix", "-c", "tokens.toml", "t.jsonl", "--json"),
+            ],
+        )
     assert a.returncode == b.returncode == c.returncode == t.returncode == 0, a.stderr + t.stderr
     report = json.loads(a.stdout)
     # books is scarcest (100 rows for 10%, up to 2 epochs): the total is 2000 rows
     assert report["rows"] == 2000
     for src in report["sources"]:
         assert abs(src["share"] - src["target_share"]) <= 0.01, src
-    assert {s["name"]: s["epochs"] for s in report["sources"]} == {"web.jsonl": 0.6, "code.jsonl": 0.8571,
-                                                                   "books": 2.0}
+    assert {s["name"]: s["epochs"] for s in report["sources"]} == {"web.jsonl": 0.6, "code.jsonl": 0.8571, "books": 2.0}
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()  # same seed, same rows
     assert (tmp_path / "a.jsonl").read_bytes() != (tmp_path / "c.jsonl").read_bytes()
     assert "books: 200 of 100 rows, 2 epochs, 10.0% of the output (target 10.0%)" in b.stdout
@@ -191,19 +249,23 @@ def test_mix_hits_its_ratios_and_is_deterministic(tmp_path):
     for src in tokens["sources"]:
         assert abs(src["share"] - src["target_share"]) <= 0.01, src
     # a share that needs more passes than allowed is refused, naming the source
-    (tmp_path / "short.toml").write_text('total = 5000\n[[sources]]\npath = "web.jsonl"\nratio = 0.5\n'
-                                         '[[sources]]\npath = "code.jsonl"\nratio = 0.5\n')
+    (tmp_path / "short.toml").write_text(
+        'total = 5000\n[[sources]]\npath = "web.jsonl"\nratio = 0.5\n[[sources]]\npath = "code.jsonl"\nratio = 0.5\n'
+    )
     short = run_cli("data", "mix", "-c", "short.toml", "s.jsonl", cwd=tmp_path)
-    assert short.returncode == 2 and "sources[1]: code.jsonl: its share (0.5 of 5000 rows = 2500) needs 3.57 passes" \
-        in short.stderr, short.stderr
+    assert (
+        short.returncode == 2
+        and "sources[1]: code.jsonl: its share (0.5 of 5000 rows = 2500) needs 3.57 passes" in short.stderr
+    ), short.stderr
     sums = run_cli("data", "mix", "-c", "bad.toml", "s.jsonl", cwd=tmp_path)
     assert sums.returncode == 2 and "bad.toml: file not found" in sums.stderr
 
 
 def test_steps_command_lists_and_shows_steps():
     with ThreadPoolExecutor(2) as ex:
-        listed, shown = ex.map(lambda args: run_cli(*args), [("data", "steps", "--json"),
-                                                             ("data", "steps", "near_dedup", "--json")])
+        listed, shown = ex.map(
+            lambda args: run_cli(*args), [("data", "steps", "--json"), ("data", "steps", "near_dedup", "--json")]
+        )
     rows = {r["step"]: r for r in json.loads(listed.stdout)}
     builtin = {"normalize", "pii", "exact_dedup", "near_dedup", "quality", "language", "decontaminate", "lint"}
     assert builtin <= set(rows)
@@ -250,8 +312,13 @@ def test_curate_stage_feeds_a_training_stage(project):
     st = json.loads(project.run("status", "--json").stdout)
     cur = st["stages"]["curate"]
     assert cur["info"]["curate"]["rows_in"] == 47 and cur["info"]["curate"]["rows_out"] == 40
-    assert cur["info"]["curate"]["removed"] == {"normalize": 0, "exact_dedup": 5, "near_dedup": 0, "quality": 1,
-                                                "decontaminate": 1}
+    assert cur["info"]["curate"]["removed"] == {
+        "normalize": 0,
+        "exact_dedup": 5,
+        "near_dedup": 0,
+        "quality": 1,
+        "decontaminate": 1,
+    }
     dataset = Path(cur["artifacts"]["dataset"]["path"])
     # the kept rows, and (hidden, so no reader takes it for data) how the training stage is to read them
     assert sorted(p.name for p in dataset.iterdir()) == [".llmforge-data.json", "data.jsonl"]
@@ -279,8 +346,10 @@ def test_curate_stage_feeds_a_training_stage(project):
 def test_curate_stage_mixes_sources_and_validates_steps(project):
     (project.root / "data").mkdir()
     _jsonl(project.root / "data" / "a.jsonl", [{"text": f"source a row {i} " * 3} for i in range(300)])
-    _jsonl(project.root / "data" / "b.jsonl", [{"text": f"source b row {i} " * 3} for i in range(300)]
-           + [{"text": "source b row 0 " * 3}] * 50)
+    _jsonl(
+        project.root / "data" / "b.jsonl",
+        [{"text": f"source b row {i} " * 3} for i in range(300)] + [{"text": "source b row 0 " * 3}] * 50,
+    )
     project.write("""
         [[stages]]
         name = "mixed"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from conftest import run_cli
 
 # A text that both rewrite steps change: `normalize` composes the accent (NFC) and turns the no-break
@@ -30,26 +31,36 @@ def _meta(i: int) -> dict:
 
 def text_rows() -> list[dict]:
     # columns in an order no writer would choose by itself: the id first, the text in the middle
-    return [{"id": "a1", "text": RAW, "meta": _meta(1), "n": 1},
-            {"id": "a2", "text": PLAIN, "meta": _meta(2), "n": 2},
-            {"id": "a3", "text": RAW, "meta": _meta(3), "n": 3}]  # the same text as a1 once cleaned
+    return [
+        {"id": "a1", "text": RAW, "meta": _meta(1), "n": 1},
+        {"id": "a2", "text": PLAIN, "meta": _meta(2), "n": 2},
+        {"id": "a3", "text": RAW, "meta": _meta(3), "n": 3},
+    ]  # the same text as a1 once cleaned
 
 
 def chat_rows() -> list[dict]:
     def conv(answer: str) -> list[dict]:
-        return [{"role": "user", "content": "Where is the café?", "name": "ann"},
-                {"role": "assistant", "content": answer, "name": "bot"}]
-    return [{"id": "c1", "messages": conv(RAW), "meta": _meta(1)},
-            {"id": "c2", "messages": conv(PLAIN), "meta": _meta(2)},
-            {"id": "c3", "messages": conv(RAW), "meta": _meta(3)}]
+        return [
+            {"role": "user", "content": "Where is the café?", "name": "ann"},
+            {"role": "assistant", "content": answer, "name": "bot"},
+        ]
+
+    return [
+        {"id": "c1", "messages": conv(RAW), "meta": _meta(1)},
+        {"id": "c2", "messages": conv(PLAIN), "meta": _meta(2)},
+        {"id": "c3", "messages": conv(RAW), "meta": _meta(3)},
+    ]
 
 
 def preference_rows() -> list[dict]:
     def pair(prompt: str, chosen: str) -> dict:
         return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}], "rejected": "No idea."}
-    return [{"id": "p1", **pair(RAW, RAW), "meta": _meta(1)},
-            {"id": "p2", **pair(PLAIN, PLAIN), "meta": _meta(2)},
-            {"id": "p3", **pair(RAW, RAW), "meta": _meta(3)}]
+
+    return [
+        {"id": "p1", **pair(RAW, RAW), "meta": _meta(1)},
+        {"id": "p2", **pair(PLAIN, PLAIN), "meta": _meta(2)},
+        {"id": "p3", **pair(RAW, RAW), "meta": _meta(3)},
+    ]
 
 
 def expected(kind: str, rows: list[dict]) -> list[dict]:
@@ -107,13 +118,17 @@ def test_filter_keeps_every_column_and_changes_only_the_owned_texts(kind, suffix
 
 
 def test_dedup_of_parquet_keeps_column_types_to_parquet_and_values_to_jsonl(tmp_path):
-    table = pa.table({
-        "id": pa.array([7, 8, 9], pa.int32()),
-        "text": ["the same words", "the same words", "other words"],
-        "at": pa.array([datetime.datetime(2024, 5, 1, 12, 30), None, datetime.datetime(2025, 1, 2)], pa.timestamp("ms")),
-        "price": pa.array([decimal.Decimal("1.50"), decimal.Decimal("2.00"), None], pa.decimal128(6, 2)),
-        "meta": [{"lang": "fr", "tags": ["été"]}, {"lang": "de", "tags": []}, {"lang": None, "tags": ["x"]}],
-    })
+    table = pa.table(
+        {
+            "id": pa.array([7, 8, 9], pa.int32()),
+            "text": ["the same words", "the same words", "other words"],
+            "at": pa.array(
+                [datetime.datetime(2024, 5, 1, 12, 30), None, datetime.datetime(2025, 1, 2)], pa.timestamp("ms")
+            ),
+            "price": pa.array([decimal.Decimal("1.50"), decimal.Decimal("2.00"), None], pa.decimal128(6, 2)),
+            "meta": [{"lang": "fr", "tags": ["été"]}, {"lang": "de", "tags": []}, {"lang": None, "tags": ["x"]}],
+        }
+    )
     src = tmp_path / "in.parquet"
     pq.write_table(table, src)
     to_parquet = run_cli("data", "dedup", str(src), str(tmp_path / "out.parquet"), "--exact-only")
@@ -123,19 +138,44 @@ def test_dedup_of_parquet_keeps_column_types_to_parquet_and_values_to_jsonl(tmp_
     assert out.schema.equals(table.schema)
     assert out.to_pylist() == [table.to_pylist()[0], table.to_pylist()[2]]
     assert _read_jsonl(tmp_path / "out.jsonl") == [
-        {"id": 7, "text": "the same words", "at": "2024-05-01T12:30:00", "price": "1.50",
-         "meta": {"lang": "fr", "tags": ["été"]}},
-        {"id": 9, "text": "other words", "at": "2025-01-02T00:00:00", "price": None,
-         "meta": {"lang": None, "tags": ["x"]}}]
+        {
+            "id": 7,
+            "text": "the same words",
+            "at": "2024-05-01T12:30:00",
+            "price": "1.50",
+            "meta": {"lang": "fr", "tags": ["été"]},
+        },
+        {
+            "id": 9,
+            "text": "other words",
+            "at": "2025-01-02T00:00:00",
+            "price": None,
+            "meta": {"lang": None, "tags": ["x"]},
+        },
+    ]
 
 
 def test_rewrites_go_back_into_the_columns_of_every_row_format(tmp_path):
     """alpaca (instruction and input joined into one turn), sharegpt (a system column), and CSV (a
     JSON-encoded message list): the rewritten texts land where they were read from."""
-    alpaca = [{"id": 1, "instruction": "Translate\u00a0this.", "input": "Cafe\u0301 noir", "output": "Black coffee ",
-               "history": [["Hi\u00a0there", "Hello"]], "system": "Be brief.", "extra": [1, 2]}]
-    sharegpt = [{"conversations": [{"from": "human", "value": "Mail bob@example.com"}, {"from": "gpt", "value": "Done."}],
-                 "system": "Cafe\u0301", "id": "s1"}]
+    alpaca = [
+        {
+            "id": 1,
+            "instruction": "Translate\u00a0this.",
+            "input": "Cafe\u0301 noir",
+            "output": "Black coffee ",
+            "history": [["Hi\u00a0there", "Hello"]],
+            "system": "Be brief.",
+            "extra": [1, 2],
+        }
+    ]
+    sharegpt = [
+        {
+            "conversations": [{"from": "human", "value": "Mail bob@example.com"}, {"from": "gpt", "value": "Done."}],
+            "system": "Cafe\u0301",
+            "id": "s1",
+        }
+    ]
     messages = [{"role": "user", "content": "Call 555-123-4567 today"}, {"role": "assistant", "content": "OK"}]
     _write_jsonl(tmp_path / "alpaca.jsonl", alpaca)
     _write_jsonl(tmp_path / "sharegpt.jsonl", sharegpt)
@@ -144,19 +184,41 @@ def test_rewrites_go_back_into_the_columns_of_every_row_format(tmp_path):
         w.writerow(["id", "messages", "note"])
         w.writerow(["r1", json.dumps(messages), "café"])
     for name in ("alpaca.jsonl", "sharegpt.jsonl", "chat.csv"):
-        res = run_cli("data", "filter", str(tmp_path / name), str(tmp_path / f"out-{name.split('.')[0]}.jsonl"),
-                      "--step", "normalize", "--step", "pii")
+        res = run_cli(
+            "data",
+            "filter",
+            str(tmp_path / name),
+            str(tmp_path / f"out-{name.split('.')[0]}.jsonl"),
+            "--step",
+            "normalize",
+            "--step",
+            "pii",
+        )
         assert res.returncode == 0, res.stderr
     assert _read_jsonl(tmp_path / "out-alpaca.jsonl") == [
-        {"id": 1, "instruction": "Translate this.", "input": "Café noir", "output": "Black coffee",
-         "history": [["Hi there", "Hello"]], "system": "Be brief.", "extra": [1, 2]}]
+        {
+            "id": 1,
+            "instruction": "Translate this.",
+            "input": "Café noir",
+            "output": "Black coffee",
+            "history": [["Hi there", "Hello"]],
+            "system": "Be brief.",
+            "extra": [1, 2],
+        }
+    ]
     assert _read_jsonl(tmp_path / "out-sharegpt.jsonl") == [
-        {"conversations": [{"from": "human", "value": "Mail <EMAIL>"}, {"from": "gpt", "value": "Done."}],
-         "system": "Café", "id": "s1"}]
+        {
+            "conversations": [{"from": "human", "value": "Mail <EMAIL>"}, {"from": "gpt", "value": "Done."}],
+            "system": "Café",
+            "id": "s1",
+        }
+    ]
     (row,) = _read_jsonl(tmp_path / "out-chat.jsonl")
     assert list(row) == ["id", "messages", "note"] and row["note"] == "café"
-    assert json.loads(row["messages"]) == [{"role": "user", "content": "Call <PHONE> today"},
-                                           {"role": "assistant", "content": "OK"}]
+    assert json.loads(row["messages"]) == [
+        {"role": "user", "content": "Call <PHONE> today"},
+        {"role": "assistant", "content": "OK"},
+    ]
 
 
 def test_mix_keeps_columns(tmp_path):
@@ -166,12 +228,16 @@ def test_mix_keeps_columns(tmp_path):
     _write_jsonl(tmp_path / "a.jsonl", a)
     _write_jsonl(tmp_path / "b.jsonl", b)
     _write_jsonl(tmp_path / "c.jsonl", c)
-    _write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "q"},
-                                                      {"role": "assistant", "content": "a"}], "id": "d0"}])
-    (tmp_path / "mix.toml").write_text('[[sources]]\npath = "a.jsonl"\nratio = 0.5\n\n'
-                                       '[[sources]]\npath = "b.jsonl"\nratio = 0.5\n', encoding="utf-8")
-    (tmp_path / "mix2.toml").write_text('[[sources]]\npath = "c.jsonl"\nepochs = 1\n\n'
-                                        '[[sources]]\npath = "d.jsonl"\nepochs = 1\n', encoding="utf-8")
+    _write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "id": "d0"}],
+    )
+    (tmp_path / "mix.toml").write_text(
+        '[[sources]]\npath = "a.jsonl"\nratio = 0.5\n\n[[sources]]\npath = "b.jsonl"\nratio = 0.5\n', encoding="utf-8"
+    )
+    (tmp_path / "mix2.toml").write_text(
+        '[[sources]]\npath = "c.jsonl"\nepochs = 1\n\n[[sources]]\npath = "d.jsonl"\nepochs = 1\n', encoding="utf-8"
+    )
     res = run_cli("data", "mix", "-c", str(tmp_path / "mix.toml"), str(tmp_path / "out.jsonl"))
     res2 = run_cli("data", "mix", "-c", str(tmp_path / "mix2.toml"), str(tmp_path / "out2.jsonl"))
     assert res.returncode == 0 and res2.returncode == 0, res.stderr + res2.stderr
@@ -182,7 +248,8 @@ def test_mix_keeps_columns(tmp_path):
     # with the other columns kept
     assert sorted(_read_jsonl(tmp_path / "out2.jsonl"), key=lambda r: r["id"]) == [
         {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi"}], "id": "c0"},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "id": "d0"}]
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "id": "d0"},
+    ]
 
 
 def test_curate_stage_keeps_columns(project):
@@ -252,8 +319,10 @@ def test_curate_stage_keeps_columns(project):
     want_chat = [{"id": r["id"], "dialog": r["messages"], "meta": r["meta"]} for r in expected("chat", chat_rows())]
     got_chat = _read_jsonl(dataset("chat") / "data.jsonl")
     assert got_chat == want_chat and [list(r) for r in got_chat] == [["id", "dialog", "meta"]] * 2
-    assert json.loads((dataset("chat") / ".llmforge-data.json").read_text()) == \
-        {"format": "messages", "columns": {"messages": "dialog"}}
+    assert json.loads((dataset("chat") / ".llmforge-data.json").read_text()) == {
+        "format": "messages",
+        "columns": {"messages": "dialog"},
+    }
     assert _read_jsonl(dataset("pref") / "data.jsonl") == expected("preference", preference_rows())
     for stage, kind in (("chat_pq", "chat"), ("pref_pq", "preference")):
         table = pq.read_table(dataset(stage) / "data.parquet")
@@ -261,8 +330,10 @@ def test_curate_stage_keeps_columns(project):
         assert table.to_pylist() == expected(kind, parquet_in[kind]), stage
     mixed = _read_jsonl(dataset("mixed") / "data.jsonl")
     assert sorted(mixed, key=lambda r: r["id"]) == [
-        {"id": "a1", "text": CLEAN, "meta": _meta(1), "n": 1}, {"id": "a2", "text": PLAIN, "meta": _meta(2), "n": 2},
-        {"id": "m1", "text": "More text here.", "meta": {"k": [1]}}]
+        {"id": "a1", "text": CLEAN, "meta": _meta(1), "n": 1},
+        {"id": "a2", "text": PLAIN, "meta": _meta(2), "n": 2},
+        {"id": "m1", "text": "More text here.", "meta": {"k": [1]}},
+    ]
     # a stage reading the chat dataset reads it as the curate stage read its source (the mapping kept)
     stats = run_cli("data", "stats", str(dataset("chat")), "--no-near", "--json")
     assert stats.returncode == 0, stats.stderr

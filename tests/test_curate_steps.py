@@ -53,7 +53,8 @@ def one(step, row):
 def _jaccard(a: str, b: str, n: int = 5) -> float:
     def grams(text):
         w = [x.lower() for x in minhash.split_words(text)]
-        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+        return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
+
     sa, sb = grams(a), grams(b)
     return len(sa & sb) / len(sa | sb)
 
@@ -81,8 +82,7 @@ def planted():
     """300 distinct documents, then 30 exact copies, 60 copies at Jaccard ~0.9 (duplicates) and 60 at
     ~0.5 (not duplicates), shuffled in after their originals."""
     rng = random.Random(42)
-    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
-             for _ in range(20000)]
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(20000)]
     docs = [[rng.choice(vocab) for _ in range(rng.randint(120, 200))] for _ in range(300)]
     rows = [{"text": " ".join(d)} for d in docs]
     dup, far = set(), set()
@@ -124,8 +124,10 @@ def test_planted_duplicates_recall_and_precision_at_the_default_threshold(plante
 
 def test_near_dedup_on_chat_rows_compares_the_concatenated_turns(planted):
     rows, dup, _, _ = planted
-    chats = [{"messages": [{"role": "user", "content": "Tell me something."},
-                           {"role": "assistant", "content": r["text"]}]} for r in rows]
+    chats = [
+        {"messages": [{"role": "user", "content": "Tell me something."}, {"role": "assistant", "content": r["text"]}]}
+        for r in rows
+    ]
     kept, _ = run(["near_dedup"], chats)
     removed = set(range(len(rows))) - {int(w.split(":")[1]) for w in kept}
     assert len(removed & dup) / len(dup) >= 0.95 and len(removed & dup) / len(removed) >= 0.95
@@ -170,12 +172,32 @@ def test_hash_index_keeps_the_first_value_and_grows():
 
 
 def test_quality_filter_codes_on_crafted_rows():
-    (q,) = steps({"step": "quality", "min_chars": 20, "max_chars": 2000, "min_words": 3, "max_words": 300,
-                  "stats_min_words": 10})
+    (q,) = steps(
+        {"step": "quality", "min_chars": 20, "max_chars": 2000, "min_words": 3, "max_words": 300, "stats_min_words": 10}
+    )
     rng = random.Random(1)
-    prose = " ".join(rng.choice(["river", "stone", "garden", "morning", "quiet", "window", "letter", "bread",
-                                 "travel", "music", "winter", "orange", "paper", "silver", "forest"])
-                     for _ in range(60))
+    prose = " ".join(
+        rng.choice(
+            [
+                "river",
+                "stone",
+                "garden",
+                "morning",
+                "quiet",
+                "window",
+                "letter",
+                "bread",
+                "travel",
+                "music",
+                "winter",
+                "orange",
+                "paper",
+                "silver",
+                "forest",
+            ]
+        )
+        for _ in range(60)
+    )
     cases = {
         "min_chars": "too short",
         "max_chars": "word " * 500,
@@ -224,8 +246,10 @@ def test_language_guess_and_filter():
     for lang, text in texts.items():
         assert guess(text)[0] == lang, (lang, guess(text))
     assert guess("x = f(y) + 3 * z")[0] != "en" or guess("x = f(y) + 3 * z")[1] < 0.1
-    kept, curator = run([{"step": "language", "languages": ["en", "de"], "keep_unknown": False}],
-                        [{"text": t} for t in texts.values()] + [{"text": "1 2 3"}])
+    kept, curator = run(
+        [{"step": "language", "languages": ["en", "de"], "keep_unknown": False}],
+        [{"text": t} for t in texts.values()] + [{"text": "1 2 3"}],
+    )
     assert kept == ["row:0", "row:1"]
     (book,) = curator.books
     assert book.by_code["fr"] == 1 and book.by_code["unknown"] == 1
@@ -243,16 +267,21 @@ def test_normalize_rewrites_and_drops_empty_rows():
     assert one(n, {"text": "\u200b \x00"}).code == "empty"
     chat = {"messages": [{"role": "user", "content": "hi\x00"}, {"role": "assistant", "content": "\u200b"}]}
     assert one(n, chat).reason == "no assistant content left after normalisation"
-    pair = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a "}],
-            "rejected": [{"role": "assistant", "content": "a"}]}
+    pair = {
+        "prompt": [{"role": "user", "content": "q"}],
+        "chosen": [{"role": "assistant", "content": "a "}],
+        "rejected": [{"role": "assistant", "content": "a"}],
+    }
     assert one(n, pair).code == "empty"
 
 
 def test_pii_placeholders_and_drop():
     (p,) = steps("pii")
-    text = ("Mail jane.doe@example.org or call +1 (555) 123-4567 / 06 12 34 56 78. Server 10.0.0.12 and "
-            "2001:db8::8a2e:370:7334. Key sk-abcdefghijklmnopqrstuvwx123 and AKIAIOSFODNN7EXAMPLE and "
-            "ghp_" + "a1" * 18 + ". Not these: 2024-05-01, 1,000,000, years 2023 2024 2025, time 12:30:45, x :: Int.")
+    text = (
+        "Mail jane.doe@example.org or call +1 (555) 123-4567 / 06 12 34 56 78. Server 10.0.0.12 and "
+        "2001:db8::8a2e:370:7334. Key sk-abcdefghijklmnopqrstuvwx123 and AKIAIOSFODNN7EXAMPLE and "
+        "ghp_" + "a1" * 18 + ". Not these: 2024-05-01, 1,000,000, years 2023 2024 2025, time 12:30:45, x :: Int."
+    )
     out = one(p, {"text": text})["text"]
     for placeholder, n in (("<EMAIL>", 1), ("<PHONE>", 2), ("<IP_ADDRESS>", 2), ("<API_KEY>", 3)):
         assert out.count(placeholder) == n, (placeholder, out)
@@ -264,23 +293,30 @@ def test_pii_placeholders_and_drop():
 
 
 def test_decontamination_removes_exactly_the_rows_sharing_an_ngram(tmp_path):
-    long_item = ("what is the boiling point of water at sea level in degrees celsius when the pressure is "
-                 "normal and the water is pure")
+    long_item = (
+        "what is the boiling point of water at sea level in degrees celsius when the pressure is "
+        "normal and the water is pure"
+    )
     short_item = "name the largest planet of the solar system by its mass"  # 11 words: counts whole
     tiny_item = "what is two plus"  # 4 words: too short to count
     (tmp_path / "evals").mkdir()
     (tmp_path / "evals" / "qa.jsonl").write_text(
-        "\n".join(json.dumps({"question": q, "id": 1}) for q in (long_item, short_item, tiny_item)) + "\n")
+        "\n".join(json.dumps({"question": q, "id": 1}) for q in (long_item, short_item, tiny_item)) + "\n"
+    )
     (tmp_path / "other.csv").write_text("prompt,answer\nan unrelated question,an unrelated answer\n")
     words = long_item.split()
     rows = [
-        {"text": "notes: " + " ".join(words[3:16]) + " and more"},              # 0: a 13-gram -> drop
-        {"text": "Notes: " + " ".join(words[3:15]).upper() + " and more"},      # 1: only 12 words -> keep
+        {"text": "notes: " + " ".join(words[3:16]) + " and more"},  # 0: a 13-gram -> drop
+        {"text": "Notes: " + " ".join(words[3:15]).upper() + " and more"},  # 1: only 12 words -> keep
         {"text": "Quiz: Name the largest planet of the solar system by its mass, please."},  # 2: whole short item
-        {"text": "what is two plus two"},                                       # 3: tiny item ignored -> keep
-        {"text": "a text about something else entirely"},                      # 4: keep
-        {"messages": [{"role": "user", "content": "q"},                         # 5: n-gram across two turns -> keep
-                      {"role": "assistant", "content": " ".join(words[:7])}]},
+        {"text": "what is two plus two"},  # 3: tiny item ignored -> keep
+        {"text": "a text about something else entirely"},  # 4: keep
+        {
+            "messages": [
+                {"role": "user", "content": "q"},  # 5: n-gram across two turns -> keep
+                {"role": "assistant", "content": " ".join(words[:7])},
+            ]
+        },
     ]
     specs = [{"step": "decontaminate", "eval_sets": {"qa": "evals/qa.jsonl", "other": "other.csv"}}]
     text_rows = rows[:5]
@@ -291,9 +327,14 @@ def test_decontamination_removes_exactly_the_rows_sharing_an_ngram(tmp_path):
     reasons = {ex["source"]: ex["reason"] for ex in book.examples}
     assert 'shares the 13-gram "boiling point of water' in reasons["row:0"] and "evals/qa.jsonl:1" in reasons["row:0"]
     assert "11-gram" in reasons["row:2"] and "evals/qa.jsonl:2" in reasons["row:2"]
-    chat_kept, _ = run(specs, [rows[5], {"messages": [{"role": "user", "content": "x"},
-                                                       {"role": "assistant", "content": " ".join(words[:13])}]}],
-                       base=tmp_path)
+    chat_kept, _ = run(
+        specs,
+        [
+            rows[5],
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " ".join(words[:13])}]},
+        ],
+        base=tmp_path,
+    )
     assert chat_kept == ["row:0"]
     # a missing evaluation set is named before any work
     from llmforge.errors import ConfigError
@@ -314,14 +355,20 @@ def test_lint_findings_and_the_lint_step():
     codes = lambda row: sorted(f.code for f in lint_row(row))  # noqa: E731
     assert codes({"messages": [m("user", "q"), m("user", "q2"), m("assistant", "a")]}) == ["role_order"]
     assert codes({"messages": [m("user", "q"), m("assistant", " ")]}) == ["empty_turn"]
-    assert codes({"messages": [m("user", "q"), m("assistant", "a"), m("system", "s")]}) == ["last_turn",
-                                                                                               "system_not_first"]
+    assert codes({"messages": [m("user", "q"), m("assistant", "a"), m("system", "s")]}) == [
+        "last_turn",
+        "system_not_first",
+    ]
     assert codes({"messages": [m("user", "q"), m("tool", "r"), m("assistant", "a")]}) == ["role_order"]
     assert codes({"messages": [m("assistant", "hi"), m("user", "q"), m("assistant", "a")]}) == ["first_turn"]
     pair = {"prompt": [m("user", "q")], "chosen": [m("assistant", "Yes.")], "rejected": [m("assistant", "yes. ")]}
     assert codes(pair) == ["near_identical_pair"]
-    kept, curator = run(["lint"], [good, {"messages": [m("user", "q"), m("user", "q"), m("assistant", "a")]},
-                                   {"text": "text rows pass through"}][:2])
+    kept, curator = run(
+        ["lint"],
+        [good, {"messages": [m("user", "q"), m("user", "q"), m("assistant", "a")]}, {"text": "text rows pass through"}][
+            :2
+        ],
+    )
     assert kept == ["row:0"] and curator.books[0].by_code == {"role_order": 1}
 
 
@@ -360,6 +407,7 @@ def test_a_step_registered_by_a_plugin_runs_like_a_builtin():
     assert table["no_word"] is NoWord and "normalize" in table
     assert [str(c) for c in reg.conflicts if c.kind == "curation step"] == [
         "curation step 'no_word' is registered by both words ((in-process)) and clash ((in-process)); using words "
-        "((in-process))"]
+        "((in-process))"
+    ]
     built = build_steps([{"step": "no_word", "word": "bar"}], StepEnv(), reg)
     assert isinstance(one(built[0], {"text": "a bar"}), Drop)

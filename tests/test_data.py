@@ -56,8 +56,13 @@ class Data:
         return self.write(name, "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
 
     def load(self, path: str | list[str], expect: tuple[str, ...] = KINDS, **options) -> Dataset:
-        return load_data(DataOptions(path=path, **options), self.registry.readers, self.registry.row_formats,
-                         base=self.root, expect=expect)
+        return load_data(
+            DataOptions(path=path, **options),
+            self.registry.readers,
+            self.registry.row_formats,
+            base=self.root,
+            expect=expect,
+        )
 
     def error(self, path: str | list[str], expect: tuple[str, ...] = KINDS, **options) -> DataError:
         with pytest.raises(DataError) as info:
@@ -88,13 +93,15 @@ def test_builtin_readers_and_formats_are_registered(registry):
 def test_startup_imports_neither_pyarrow_nor_datasets():
     # `llmforge --help` in a fresh interpreter, then the module list. (-X importtime would not do: it
     # does not list modules loaded by importlib.import_module, which is how entry points load.)
-    code = ("import json, sys\n"
-            "sys.argv = ['llmforge', '--help']\n"
-            "from llmforge.cli import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "from llmforge.cli.common import registry\n"
-            "registry().readers\n"
-            "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n")
+    code = (
+        "import json, sys\n"
+        "sys.argv = ['llmforge', '--help']\n"
+        "from llmforge.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "from llmforge.cli.common import registry\n"
+        "registry().readers\n"
+        "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     loaded = set(json.loads(res.stderr.strip().splitlines()[-1]))
     assert "llmforge_plugins.data_formats" in loaded  # the plugin itself was loaded
@@ -107,13 +114,21 @@ def test_startup_imports_neither_pyarrow_nor_datasets():
 
 
 def test_messages_jsonl_is_normalised_and_located_by_line(data):
-    data.jsonl("data/chat.jsonl", [
-        chat(),
-        "",  # blank lines are skipped but still counted
-        {"messages": [{"role": "developer", "content": "Be brief."}, {"role": " User ", "content": "2+2?", "name": "x"},
-                      {"role": "assistant", "content": [{"type": "text", "text": "4"}, {"type": "text", "text": "."}]}],
-         "id": 7},
-    ])
+    data.jsonl(
+        "data/chat.jsonl",
+        [
+            chat(),
+            "",  # blank lines are skipped but still counted
+            {
+                "messages": [
+                    {"role": "developer", "content": "Be brief."},
+                    {"role": " User ", "content": "2+2?", "name": "x"},
+                    {"role": "assistant", "content": [{"type": "text", "text": "4"}, {"type": "text", "text": "."}]},
+                ],
+                "id": 7,
+            },
+        ],
+    )
     ds = data.load("data/chat.jsonl")
     assert (ds.kind, ds.format, ds.files) == ("chat", "messages", ["data/chat.jsonl"])
     assert ds.wheres == ["data/chat.jsonl:1", "data/chat.jsonl:3"]
@@ -125,34 +140,49 @@ def test_messages_jsonl_is_normalised_and_located_by_line(data):
 
 
 def test_bad_role_is_reported_with_file_line_and_field(data):
-    data.jsonl("data/chat.jsonl", [chat()] * 16 + [
-        {"messages": msgs(("system", "s"), ("user", "u"), ("usr", "a"))}])
+    data.jsonl("data/chat.jsonl", [chat()] * 16 + [{"messages": msgs(("system", "s"), ("user", "u"), ("usr", "a"))}])
     err = data.error("data/chat.jsonl")
     assert err.message == 'data/chat.jsonl:17: messages[2].role: expected one of system/user/assistant/tool, got "usr"'
     assert 'on_bad_row = "skip"' in err.hint
     assert err.exit_code == 2
 
 
-@pytest.mark.parametrize("messages, reason", [
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": 42}],
-     "messages[1].content: expected a string, got 42"),
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": None}],
-     "messages[1].content: expected a string, got null"),
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": {"text": "a"}}],
-     "messages[1].content: expected a string, got an object"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}, {"role": "assistant", "content": "a"}],
-     'messages[0].content[0]: expected a text part ({"type": "text", "text": ...}), got "image_url" part'),
-    ([{"role": "user"}, {"role": "assistant", "content": "a"}], "messages[0].content: missing"),
-    ([{"content": "q"}, {"role": "assistant", "content": "a"}], "messages[0].role: missing"),
-    ([{"role": 1, "content": "q"}], "messages[0].role: expected one of system/user/assistant/tool, got 1"),
-    (["hi"], 'messages[0]: expected an object with role and content, got "hi"'),
-    ("hello", 'messages: expected a list of messages, got "hello"'),
-    ({"role": "user"}, "messages: expected a list of messages, got an object"),
-    ([], "messages: empty list of messages"),
-    ([{"role": "user", "content": "q"}], "messages: no assistant turn to train on"),
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}],
-     "messages: no assistant turn to train on"),
-])
+@pytest.mark.parametrize(
+    "messages, reason",
+    [
+        (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": 42}],
+            "messages[1].content: expected a string, got 42",
+        ),
+        (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}],
+            "messages[1].content: expected a string, got null",
+        ),
+        (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": {"text": "a"}}],
+            "messages[1].content: expected a string, got an object",
+        ),
+        (
+            [
+                {"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
+                {"role": "assistant", "content": "a"},
+            ],
+            'messages[0].content[0]: expected a text part ({"type": "text", "text": ...}), got "image_url" part',
+        ),
+        ([{"role": "user"}, {"role": "assistant", "content": "a"}], "messages[0].content: missing"),
+        ([{"content": "q"}, {"role": "assistant", "content": "a"}], "messages[0].role: missing"),
+        ([{"role": 1, "content": "q"}], "messages[0].role: expected one of system/user/assistant/tool, got 1"),
+        (["hi"], 'messages[0]: expected an object with role and content, got "hi"'),
+        ("hello", 'messages: expected a list of messages, got "hello"'),
+        ({"role": "user"}, "messages: expected a list of messages, got an object"),
+        ([], "messages: empty list of messages"),
+        ([{"role": "user", "content": "q"}], "messages: no assistant turn to train on"),
+        (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}],
+            "messages: no assistant turn to train on",
+        ),
+    ],
+)
 def test_messages_errors(data, messages, reason):
     data.jsonl("data/c.jsonl", [chat(), {"messages": messages}])
     assert data.error("data/c.jsonl").message == f"data/c.jsonl:2: {reason}"
@@ -170,12 +200,15 @@ def test_check_messages_returns_clean_copies():
 
 
 def test_alpaca_rows_become_chat(data):
-    data.jsonl("data/a.jsonl", [
-        {"instruction": "Translate.", "input": "Bonjour", "output": "Hello"},
-        {"instruction": "Say hi.", "output": "Hi"},  # input is optional
-        {"instruction": "Say hi.", "input": "", "output": "Hi", "system": "You are terse."},
-        {"instruction": "And now?", "input": None, "output": "Bye", "history": [["Hello", "Hi there"]]},
-    ])
+    data.jsonl(
+        "data/a.jsonl",
+        [
+            {"instruction": "Translate.", "input": "Bonjour", "output": "Hello"},
+            {"instruction": "Say hi.", "output": "Hi"},  # input is optional
+            {"instruction": "Say hi.", "input": "", "output": "Hi", "system": "You are terse."},
+            {"instruction": "And now?", "input": None, "output": "Bye", "history": [["Hello", "Hi there"]]},
+        ],
+    )
     ds = data.load("data/a.jsonl")
     assert (ds.kind, ds.format) == ("chat", "alpaca")
     assert [r["messages"] for r in ds.rows] == [
@@ -186,15 +219,20 @@ def test_alpaca_rows_become_chat(data):
     ]
 
 
-@pytest.mark.parametrize("row, reason", [
-    ({"instruction": "x"}, "output: missing"),
-    ({"instruction": "x", "output": 3}, "output: expected a string, got 3"),
-    ({"instruction": "x", "output": ""}, "output: empty"),
-    ({"instruction": "", "input": "", "output": "y"}, "instruction: empty"),
-    ({"instruction": "x", "input": ["a"], "output": "y"}, "input: expected a string, got a list"),
-    ({"instruction": "x", "output": "y", "history": ["q"]}, 'history[0]: expected an [instruction, answer] pair, '
-                                                            'got "q"'),
-])
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"instruction": "x"}, "output: missing"),
+        ({"instruction": "x", "output": 3}, "output: expected a string, got 3"),
+        ({"instruction": "x", "output": ""}, "output: empty"),
+        ({"instruction": "", "input": "", "output": "y"}, "instruction: empty"),
+        ({"instruction": "x", "input": ["a"], "output": "y"}, "input: expected a string, got a list"),
+        (
+            {"instruction": "x", "output": "y", "history": ["q"]},
+            'history[0]: expected an [instruction, answer] pair, got "q"',
+        ),
+    ],
+)
 def test_alpaca_errors(data, row, reason):
     data.jsonl("data/a.jsonl", [{"instruction": "i", "output": "o"}, row])
     assert data.error("data/a.jsonl", format="alpaca").message == f"data/a.jsonl:2: {reason}"
@@ -206,35 +244,62 @@ def test_alpaca_errors(data, row, reason):
 
 
 def test_sharegpt_roles_and_aliases(data):
-    data.jsonl("data/s.jsonl", [
-        {"conversations": [{"from": "system", "value": "sys"}, {"from": "human", "value": "q"},
-                           {"from": "gpt", "value": "a"}]},
-        {"conversations": [{"from": "User", "value": "q"}, {"from": "function_call", "value": "{\"name\": \"f\"}"},
-                           {"from": "observation", "value": "42"}, {"from": "assistant", "value": "It is 42."}],
-         "system": "Use tools."},
-        {"conversations": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
-    ])
+    data.jsonl(
+        "data/s.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "system", "value": "sys"},
+                    {"from": "human", "value": "q"},
+                    {"from": "gpt", "value": "a"},
+                ]
+            },
+            {
+                "conversations": [
+                    {"from": "User", "value": "q"},
+                    {"from": "function_call", "value": '{"name": "f"}'},
+                    {"from": "observation", "value": "42"},
+                    {"from": "assistant", "value": "It is 42."},
+                ],
+                "system": "Use tools.",
+            },
+            {"conversations": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
+        ],
+    )
     ds = data.load("data/s.jsonl")
     assert (ds.kind, ds.format) == ("chat", "sharegpt")
     assert [r["messages"] for r in ds.rows] == [
         msgs(("system", "sys"), ("user", "q"), ("assistant", "a")),
-        msgs(("system", "Use tools."), ("user", "q"), ("assistant", "{\"name\": \"f\"}"), ("tool", "42"),
-             ("assistant", "It is 42.")),
+        msgs(
+            ("system", "Use tools."),
+            ("user", "q"),
+            ("assistant", '{"name": "f"}'),
+            ("tool", "42"),
+            ("assistant", "It is 42."),
+        ),
         msgs(("user", "q"), ("assistant", "a")),
     ]
 
 
-@pytest.mark.parametrize("conversations, reason", [
-    ([{"from": "human", "value": "q"}, {"from": "usr", "value": "a"}],
-     'conversations[1].from: expected one of human/gpt/system/tool (or user/assistant/function_call/observation/...), '
-     'got "usr"'),
-    ([{"from": "human", "value": "q"}, {"from": "gpt"}], "conversations[1].value: missing"),
-    ([{"from": "human", "value": "q"}, {"from": "gpt", "value": 5}],
-     "conversations[1].value: expected a string, got 5"),
-    ([{"value": "q"}], "conversations[0].from: missing"),
-    ([{"from": "human", "value": "q"}], "conversations: no assistant turn to train on"),
-    ([], "conversations: empty list of turns"),
-])
+@pytest.mark.parametrize(
+    "conversations, reason",
+    [
+        (
+            [{"from": "human", "value": "q"}, {"from": "usr", "value": "a"}],
+            "conversations[1].from: expected one of human/gpt/system/tool "
+            "(or user/assistant/function_call/observation/...), "
+            'got "usr"',
+        ),
+        ([{"from": "human", "value": "q"}, {"from": "gpt"}], "conversations[1].value: missing"),
+        (
+            [{"from": "human", "value": "q"}, {"from": "gpt", "value": 5}],
+            "conversations[1].value: expected a string, got 5",
+        ),
+        ([{"value": "q"}], "conversations[0].from: missing"),
+        ([{"from": "human", "value": "q"}], "conversations: no assistant turn to train on"),
+        ([], "conversations: empty list of turns"),
+    ],
+)
 def test_sharegpt_errors(data, conversations, reason):
     data.jsonl("data/s.jsonl", [{"conversations": conversations}])
     assert data.error("data/s.jsonl").message == f"data/s.jsonl:1: {reason}"
@@ -246,17 +311,28 @@ def test_sharegpt_errors(data, conversations, reason):
 
 
 def test_preference_strings_lists_and_implicit_prompt(data):
-    data.jsonl("data/p.jsonl", [
-        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
-        {"prompt": msgs(("system", "s"), ("user", "2+2?")), "chosen": msgs(("assistant", "4")),
-         "rejected": msgs(("assistant", "5"))},
-        # the prompt repeated at the start of each answer is dropped
-        {"prompt": "2+2?", "chosen": msgs(("user", "2+2?"), ("assistant", "4")),
-         "rejected": msgs(("user", "2+2?"), ("assistant", "5"))},
-        # no prompt column: the shared opening turns are the prompt
-        {"chosen": msgs(("user", "hi"), ("assistant", "hello"), ("user", "2+2?"), ("assistant", "4")),
-         "rejected": msgs(("user", "hi"), ("assistant", "hello"), ("user", "2+2?"), ("assistant", "5"))},
-    ])
+    data.jsonl(
+        "data/p.jsonl",
+        [
+            {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+            {
+                "prompt": msgs(("system", "s"), ("user", "2+2?")),
+                "chosen": msgs(("assistant", "4")),
+                "rejected": msgs(("assistant", "5")),
+            },
+            # the prompt repeated at the start of each answer is dropped
+            {
+                "prompt": "2+2?",
+                "chosen": msgs(("user", "2+2?"), ("assistant", "4")),
+                "rejected": msgs(("user", "2+2?"), ("assistant", "5")),
+            },
+            # no prompt column: the shared opening turns are the prompt
+            {
+                "chosen": msgs(("user", "hi"), ("assistant", "hello"), ("user", "2+2?"), ("assistant", "4")),
+                "rejected": msgs(("user", "hi"), ("assistant", "hello"), ("user", "2+2?"), ("assistant", "5")),
+            },
+        ],
+    )
     ds = data.load("data/p.jsonl", expect=("preference",))
     assert (ds.kind, ds.format) == ("preference", "preference")
     four, five = msgs(("assistant", "4")), msgs(("assistant", "5"))
@@ -268,22 +344,33 @@ def test_preference_strings_lists_and_implicit_prompt(data):
     ]
 
 
-@pytest.mark.parametrize("row, reason", [
-    ({"prompt": "q", "chosen": "a"}, "rejected: missing"),
-    ({"prompt": msgs(("user", "q"), ("assistant", "a")), "chosen": "b", "rejected": "c"},
-     'prompt[1].role: the prompt must end with a user turn, got "assistant"'),
-    ({"prompt": "q", "chosen": msgs(("user", "other"), ("assistant", "a")), "rejected": "b"},
-     'chosen[0].role: expected assistant (the answer to the prompt), got "user"'),
-    ({"prompt": "q", "chosen": "a", "rejected": "a"}, "rejected: same as chosen: the pair teaches nothing"),
-    ({"prompt": "q", "chosen": "a", "rejected": 1}, "rejected: expected a list of messages, got 1"),
-    ({"prompt": "q", "chosen": "", "rejected": "b"}, "chosen: empty"),
-    ({"chosen": "a", "rejected": "b"}, "prompt: missing (needed when chosen and rejected are plain strings)"),
-    ({"chosen": msgs(("user", "q"), ("assistant", "a")), "rejected": msgs(("user", "r"), ("assistant", "b"))},
-     "rejected: does not start with the same turns as chosen (with no prompt column, the shared opening turns are "
-     "the prompt)"),
-    ({"prompt": "q", "chosen": msgs(("assistant", "a")), "rejected": msgs(("assistant", "b"), ("usr", "c"))},
-     'rejected[1].role: expected one of system/user/assistant/tool, got "usr"'),
-])
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"prompt": "q", "chosen": "a"}, "rejected: missing"),
+        (
+            {"prompt": msgs(("user", "q"), ("assistant", "a")), "chosen": "b", "rejected": "c"},
+            'prompt[1].role: the prompt must end with a user turn, got "assistant"',
+        ),
+        (
+            {"prompt": "q", "chosen": msgs(("user", "other"), ("assistant", "a")), "rejected": "b"},
+            'chosen[0].role: expected assistant (the answer to the prompt), got "user"',
+        ),
+        ({"prompt": "q", "chosen": "a", "rejected": "a"}, "rejected: same as chosen: the pair teaches nothing"),
+        ({"prompt": "q", "chosen": "a", "rejected": 1}, "rejected: expected a list of messages, got 1"),
+        ({"prompt": "q", "chosen": "", "rejected": "b"}, "chosen: empty"),
+        ({"chosen": "a", "rejected": "b"}, "prompt: missing (needed when chosen and rejected are plain strings)"),
+        (
+            {"chosen": msgs(("user", "q"), ("assistant", "a")), "rejected": msgs(("user", "r"), ("assistant", "b"))},
+            "rejected: does not start with the same turns as chosen "
+            "(with no prompt column, the shared opening turns are the prompt)",
+        ),
+        (
+            {"prompt": "q", "chosen": msgs(("assistant", "a")), "rejected": msgs(("assistant", "b"), ("usr", "c"))},
+            'rejected[1].role: expected one of system/user/assistant/tool, got "usr"',
+        ),
+    ],
+)
 def test_preference_errors(data, row, reason):
     data.jsonl("data/p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, row])
     assert data.error("data/p.jsonl").message == f"data/p.jsonl:2: {reason}"
@@ -296,11 +383,14 @@ def test_preference_errors(data, row, reason):
 TXT = "\ufeffFirst doc, line 1\r\n    indented line 2\r\n\n\n   \nSecond doc\n\nThird doc\n\n"
 
 
-@pytest.mark.parametrize("split, texts, lines", [
-    ("blank_line", ["First doc, line 1\n    indented line 2", "Second doc", "Third doc"], [1, 6, 8]),
-    ("line", ["First doc, line 1", "    indented line 2", "Second doc", "Third doc"], [1, 2, 6, 8]),
-    ("file", ["First doc, line 1\n    indented line 2\n\n\n   \nSecond doc\n\nThird doc"], [1]),
-])
+@pytest.mark.parametrize(
+    "split, texts, lines",
+    [
+        ("blank_line", ["First doc, line 1\n    indented line 2", "Second doc", "Third doc"], [1, 6, 8]),
+        ("line", ["First doc, line 1", "    indented line 2", "Second doc", "Third doc"], [1, 2, 6, 8]),
+        ("file", ["First doc, line 1\n    indented line 2\n\n\n   \nSecond doc\n\nThird doc"], [1]),
+    ],
+)
 def test_txt_split_modes(data, split, texts, lines):
     data.write("data/notes.txt", TXT.encode("utf-8"))
     ds = data.load("data/notes.txt", text_split=split)
@@ -314,8 +404,11 @@ def test_text_rows_from_jsonl_and_empty_text(data):
     assert data.load("data/t.jsonl", limit=1).rows == [{"text": "one"}]
     assert data.error("data/t.jsonl").message == "data/t.jsonl:2: text: empty"
     ds = data.load("data/t.jsonl", on_bad_row="skip")
-    assert ds.skipped == [("data/t.jsonl:2", "text: empty"), ("data/t.jsonl:3", "text: expected a string, got null"),
-                          ("data/t.jsonl:4", "text: missing")]
+    assert ds.skipped == [
+        ("data/t.jsonl:2", "text: empty"),
+        ("data/t.jsonl:3", "text: expected a string, got null"),
+        ("data/t.jsonl:4", "text: missing"),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,8 +422,10 @@ def test_bad_json_lines_are_located_and_skippable(data):
     assert err.message == "data/x.jsonl:2: invalid JSON: Expecting ',' delimiter (column 16)"
     ds = data.load("data/x.jsonl", on_bad_row="skip")
     assert ds.wheres == ["data/x.jsonl:1", "data/x.jsonl:4"]
-    assert ds.skipped == [("data/x.jsonl:2", "invalid JSON: Expecting ',' delimiter (column 16)"),
-                          ("data/x.jsonl:3", "expected a JSON object ({...}), got a list")]
+    assert ds.skipped == [
+        ("data/x.jsonl:2", "invalid JSON: Expecting ',' delimiter (column 16)"),
+        ("data/x.jsonl:3", "expected a JSON object ({...}), got a list"),
+    ]
 
 
 def test_gzipped_jsonl(data):
@@ -362,16 +457,27 @@ def test_json_that_is_really_json_lines(data):
     assert ds.rows == [{"text": "a"}, {"text": "b"}] and ds.wheres == ["data/lines.json:1", "data/lines.json:2"]
 
 
-@pytest.mark.parametrize("content, message", [
-    ('[\n  {"text": "a"},\n  {"text": "b"\n  {"text": "c"}\n]', "data/x.json:4: invalid JSON: Expecting ',' "
-                                                                 "delimiter (column 3)"),
-    ('{"a": [], "b": []}', "data/x.json: expected a list of objects, or an object holding one list; this object "
-                           "holds lists under 'a', 'b'"),
-    ('{"a": 1}', "data/x.json: expected a list of objects, or an object holding one list; this object holds no list"),
-    ('\n"text"', 'data/x.json:2: expected a list of objects, or an object holding one list; got "text"'),
-    ("[]", "data/x.json: empty file (no rows)"),
-    ("  \n", "data/x.json: empty file (no rows)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            '[\n  {"text": "a"},\n  {"text": "b"\n  {"text": "c"}\n]',
+            "data/x.json:4: invalid JSON: Expecting ',' delimiter (column 3)",
+        ),
+        (
+            '{"a": [], "b": []}',
+            "data/x.json: expected a list of objects, or an object holding one list; this object "
+            "holds lists under 'a', 'b'",
+        ),
+        (
+            '{"a": 1}',
+            "data/x.json: expected a list of objects, or an object holding one list; this object holds no list",
+        ),
+        ('\n"text"', 'data/x.json:2: expected a list of objects, or an object holding one list; got "text"'),
+        ("[]", "data/x.json: empty file (no rows)"),
+        ("  \n", "data/x.json: empty file (no rows)"),
+    ],
+)
 def test_json_file_errors(data, content, message):
     data.write("data/x.json", content)
     # a broken document cannot be skipped past: these fail even with on_bad_row = "skip" (except empty files)
@@ -390,11 +496,10 @@ def test_json_list_of_non_objects(data):
 
 
 def test_csv_rows_with_multiline_fields(data):
-    data.write("data/a.csv", 'instruction,input,output\r\n'
-                             'Greet,,Hello\r\n'
-                             '"Write, please","a\r\nb","two\r\nlines"\r\n'
-                             '\r\n'
-                             'Last,x,y\r\n')
+    data.write(
+        "data/a.csv",
+        'instruction,input,output\r\nGreet,,Hello\r\n"Write, please","a\r\nb","two\r\nlines"\r\n\r\nLast,x,y\r\n',
+    )
     ds = data.load("data/a.csv")
     assert ds.format == "alpaca"
     assert ds.wheres == ["data/a.csv:2", "data/a.csv:3", "data/a.csv:7"]  # the quoted row spans 3-5
@@ -440,8 +545,10 @@ def test_csv_missing_column(data):
 # ------------------------------------------------------------------------------------------------
 
 LATIN1 = "caf\xe9".encode("latin-1")  # b"caf\xe9": not UTF-8
-BAD_BYTE = "not valid UTF-8: byte 0xe9 at column {col} (the file must be UTF-8; re-save or convert it, " \
-           "e.g. iconv -f latin1 -t utf-8)"
+BAD_BYTE = (
+    "not valid UTF-8: byte 0xe9 at column {col} (the file must be UTF-8; re-save or convert it, "
+    "e.g. iconv -f latin1 -t utf-8)"
+)
 
 
 def test_bad_encoding_in_jsonl_names_the_line_and_is_skippable(data):
@@ -459,7 +566,7 @@ def test_bad_encoding_in_txt(data):
 
 
 def test_bad_encoding_in_csv_and_json(data):
-    data.write("data/x.csv", b"text\nok\n\"multi\n" + LATIN1 + b"\"\nfine\n")
+    data.write("data/x.csv", b'text\nok\n"multi\n' + LATIN1 + b'"\nfine\n')
     assert data.error("data/x.csv").message == "data/x.csv:4: " + BAD_BYTE.format(col=4)
     assert data.load("data/x.csv", on_bad_row="skip").rows == [{"text": "ok"}, {"text": "fine"}]
     data.write("data/x.json", b'[\n{"text": "ok"},\n{"text": "' + LATIN1 + b'"}\n]')
@@ -480,11 +587,17 @@ def test_parquet_by_record_batches(data):
     path = data.root / "data" / "chat.parquet"
     path.parent.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)
-    assert data.error("data/chat.parquet").message == \
-        "data/chat.parquet:row 3: messages[1].content: expected a string, got null"
+    assert (
+        data.error("data/chat.parquet").message
+        == "data/chat.parquet:row 3: messages[1].content: expected a string, got null"
+    )
     ds = data.load("data/chat.parquet", on_bad_row="skip")
-    assert ds.wheres == ["data/chat.parquet:row 0", "data/chat.parquet:row 1", "data/chat.parquet:row 2",
-                         "data/chat.parquet:row 4"]
+    assert ds.wheres == [
+        "data/chat.parquet:row 0",
+        "data/chat.parquet:row 1",
+        "data/chat.parquet:row 2",
+        "data/chat.parquet:row 4",
+    ]
     assert ds.rows[4 - 1] == chat("q4", "a4")
     assert data.load("data/chat.parquet", limit=2).rows == [chat("q0", "a0"), chat("q1", "a1")]
 
@@ -498,8 +611,7 @@ def test_parquet_that_is_not_parquet_or_empty_or_mistyped(data):
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), data.root / "data" / "empty.parquet")
     assert data.error("data/empty.parquet").message == "data/empty.parquet: empty file (no rows)"
     pq.write_table(pa.table({"prompt": ["q"], "chosen": ["a"], "rejected": [7]}), data.root / "data" / "p.parquet")
-    assert data.error("data/p.parquet").message == \
-        "data/p.parquet:row 0: rejected: expected a list of messages, got 7"
+    assert data.error("data/p.parquet").message == "data/p.parquet:row 0: rejected: expected a list of messages, got 7"
 
 
 def test_saved_hf_dataset_and_dataset_dict(data):
@@ -522,8 +634,7 @@ def test_saved_hf_dataset_and_dataset_dict(data):
     err = data.error("nosplit")
     assert err.message == "nosplit: a dataset with the splits a, b and no train split"
 
-    datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "q"}]}]).save_to_disk(
-        str(data.root / "bad"))
+    datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "q"}]}]).save_to_disk(str(data.root / "bad"))
     assert data.error("bad").message == "bad:row 0: messages: no assistant turn to train on"
 
     datasets.Dataset.from_dict({"text": []}).save_to_disk(str(data.root / "empty"))
@@ -546,8 +657,14 @@ def test_folder_reading_order(data):
     data.write("data/README.md", "# about this data")  # no reader: ignored
     datasets.Dataset.from_list([{"text": "hf"}]).save_to_disk(str(data.root / "data" / "sub" / "hf"))
     ds = data.load("data")
-    assert ds.files == ["data/part1.jsonl", "data/part2.jsonl", "data/part10.jsonl", "data/sub/a.jsonl",
-                        "data/sub/hf", "data/z.json"]
+    assert ds.files == [
+        "data/part1.jsonl",
+        "data/part2.jsonl",
+        "data/part10.jsonl",
+        "data/sub/a.jsonl",
+        "data/sub/hf",
+        "data/z.json",
+    ]
     assert [r["text"] for r in ds.rows] == ["part1", "part2", "part10", "sub/a", "hf", "z"]
     # a list of paths is read in the order given
     assert data.load(["data/z.json", "data/part1.jsonl"]).files == ["data/z.json", "data/part1.jsonl"]
@@ -564,9 +681,11 @@ def test_limit_stops_across_files(data):
 def test_missing_paths_and_unknown_files(data):
     assert data.error("nope.jsonl").message == "nope.jsonl: file not found"
     data.write("data/x.xml", "<a/>")
-    assert data.error("data/x.xml").message == ("data/x.xml: no reader for this file type (known: .jsonl, "
-                                                     ".ndjson, .jsonl.gz, .ndjson.gz, .json, .json.gz, .csv, .tsv, "
-                                                     ".csv.gz, .tsv.gz, .parquet, .txt, .txt.gz)")
+    assert data.error("data/x.xml").message == (
+        "data/x.xml: no reader for this file type (known: .jsonl, "
+        ".ndjson, .jsonl.gz, .ndjson.gz, .json, .json.gz, .csv, .tsv, "
+        ".csv.gz, .tsv.gz, .parquet, .txt, .txt.gz)"
+    )
     assert data.error("data").message.startswith("data: no readable data files")
 
 
@@ -596,10 +715,14 @@ def test_detection_and_override(data):
 
 def test_kind_the_stage_cannot_use(data):
     data.jsonl("data/t.jsonl", [{"text": "a"}])
-    assert data.error("data/t.jsonl", expect=("chat",)).message == \
-        "data/t.jsonl:1: rows are in the text format (text data), this stage needs chat data"
-    assert data.error("data/t.jsonl", expect=("preference",), format="messages").message == \
-        'format = "messages": rows are in the messages format (chat data), this stage needs preference data'
+    assert (
+        data.error("data/t.jsonl", expect=("chat",)).message
+        == "data/t.jsonl:1: rows are in the text format (text data), this stage needs chat data"
+    )
+    assert (
+        data.error("data/t.jsonl", expect=("preference",), format="messages").message
+        == 'format = "messages": rows are in the messages format (chat data), this stage needs preference data'
+    )
 
 
 def test_undetectable_rows(data):
@@ -616,7 +739,8 @@ def test_mixed_formats_in_one_folder(data):
     data.jsonl("data/b.jsonl", [{"instruction": "i", "output": "o"}])
     assert data.error("data").message == (
         "data/b.jsonl:1: messages: missing (this row looks like the alpaca format, but the data's format is "
-        "messages, detected at data/a.jsonl:1; one dataset has one format)")
+        "messages, detected at data/a.jsonl:1; one dataset has one format)"
+    )
 
 
 def test_column_mapping(data):
@@ -625,8 +749,10 @@ def test_column_mapping(data):
     assert ds.format == "alpaca" and ds.rows == [{"messages": msgs(("user", "q"), ("assistant", "a"))}]
     assert ds.skipped == [("data/qa.jsonl:2", "answer: missing")]  # the user's column name, not ours
     data.jsonl("data/d.jsonl", [{"dialog": [{"role": "usr", "content": "q"}]}])
-    assert data.error("data/d.jsonl", columns={"messages": "dialog"}).message == \
-        'data/d.jsonl:1: dialog[0].role: expected one of system/user/assistant/tool, got "usr"'
+    assert (
+        data.error("data/d.jsonl", columns={"messages": "dialog"}).message
+        == 'data/d.jsonl:1: dialog[0].role: expected one of system/user/assistant/tool, got "usr"'
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -638,22 +764,28 @@ def test_skip_policy_counts_and_report(data, tmp_path):
     data.jsonl("data/chat.jsonl", [chat(), "{oops", {"messages": msgs(("user", "only"))}, chat("q", "a")])
     ds = data.load("data/chat.jsonl", on_bad_row="skip")
     assert len(ds.rows) == 2 and len(ds.skipped) == 2
-    assert ds.summary() == ("2 chat rows (messages format) from 1 file; 2 bad rows skipped, first: data/chat.jsonl:2: "
-                            "invalid JSON: Expecting property name enclosed in double quotes (column 2)")
+    assert ds.summary() == (
+        "2 chat rows (messages format) from 1 file; 2 bad rows skipped, first: data/chat.jsonl:2: "
+        "invalid JSON: Expecting property name enclosed in double quotes (column 2)"
+    )
     report = json.loads(write_report(ds, tmp_path / "out").read_text())
     assert report["rows"] == 2 and report["skipped"] == 2 and report["files"] == ["data/chat.jsonl"]
     assert report["first_skipped"][1] == "data/chat.jsonl:3: messages: no assistant turn to train on"
     assert report["skipped_rows"] == [
-        {"where": "data/chat.jsonl:2",
-         "reason": "invalid JSON: Expecting property name enclosed in double quotes (column 2)"},
-        {"where": "data/chat.jsonl:3", "reason": "messages: no assistant turn to train on"}]
+        {
+            "where": "data/chat.jsonl:2",
+            "reason": "invalid JSON: Expecting property name enclosed in double quotes (column 2)",
+        },
+        {"where": "data/chat.jsonl:3", "reason": "messages: no assistant turn to train on"},
+    ]
 
 
 def test_nothing_left_after_skipping_is_an_error(data):
     data.jsonl("data/chat.jsonl", [{"messages": msgs(("user", "a"))}, {"messages": msgs(("user", "b"))}])
     assert data.error("data/chat.jsonl", on_bad_row="skip").message == (
         "data/chat.jsonl: no usable rows (2 bad rows skipped; first: data/chat.jsonl:1: messages: no assistant "
-        "turn to train on)")
+        "turn to train on)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -698,57 +830,86 @@ def test_csv_reader_stops_at_the_limit(data):
 
 def _restored(data: Data, name: str, rows: list, fn, **options) -> list[dict]:
     """Each row of the file rewritten with ``fn`` applied to every text, written back as curation does."""
-    from llmforge_plugins.curate.api import map_text
     from llmforge.data import iter_records, restore_row
+    from llmforge_plugins.curate.api import map_text
 
     data.jsonl(name, rows)
-    return [restore_row(src, map_text(src.row, fn))
-            for src in iter_records(DataOptions(path=name, **options), data.registry.readers,
-                                    data.registry.row_formats, base=data.root)]
+    return [
+        restore_row(src, map_text(src.row, fn))
+        for src in iter_records(
+            DataOptions(path=name, **options), data.registry.readers, data.registry.row_formats, base=data.root
+        )
+    ]
 
 
 def test_restore_writes_texts_back_where_each_format_read_them(data):
     up = str.upper
     # content parts (joined when read) go back as one part; other keys of a turn stay
-    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
-                           "name": "x"}, {"role": "assistant", "content": "c"}], "id": 1}
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "x"},
+            {"role": "assistant", "content": "c"},
+        ],
+        "id": 1,
+    }
     assert _restored(data, "p.jsonl", [parts], up) == [
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "AB"}], "name": "x"},
-                      {"role": "assistant", "content": "C"}], "id": 1}]
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "AB"}], "name": "x"},
+                {"role": "assistant", "content": "C"},
+            ],
+            "id": 1,
+        }
+    ]
     # preference without a prompt column: the shared opening turns are the prompt, in both sides
-    implicit = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
-                "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}], "k": "v"}
+    implicit = {
+        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}],
+        "k": "v",
+    }
     assert _restored(data, "i.jsonl", [implicit], up) == [
-        {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "GOOD"}],
-         "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "BAD"}], "k": "v"}]
+        {
+            "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "GOOD"}],
+            "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "BAD"}],
+            "k": "v",
+        }
+    ]
     # an answer list that repeats the prompt keeps repeating it, rewritten alike
-    repeated = {"prompt": [{"role": "user", "content": "q"}],
-                "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
-                "rejected": "bad"}
+    repeated = {
+        "prompt": [{"role": "user", "content": "q"}],
+        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+        "rejected": "bad",
+    }
     assert _restored(data, "r.jsonl", [repeated], up) == [
-        {"prompt": [{"role": "user", "content": "Q"}],
-         "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "GOOD"}], "rejected": "BAD"}]
+        {
+            "prompt": [{"role": "user", "content": "Q"}],
+            "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "GOOD"}],
+            "rejected": "BAD",
+        }
+    ]
     # alpaca: instruction and input (one user turn) split again at the blank line that joined them
     alpaca = {"instruction": "one\n\ntwo", "input": "three", "output": "four"}
     assert _restored(data, "a.jsonl", [alpaca], up) == [
-        {"instruction": "ONE\n\nTWO", "input": "THREE", "output": "FOUR"}]
+        {"instruction": "ONE\n\nTWO", "input": "THREE", "output": "FOUR"}
+    ]
     # a rewrite that changes the blank lines: the whole turn in instruction, nothing lost
     assert _restored(data, "b.jsonl", [alpaca], lambda t: t.replace("\n\n", " ")) == [
-        {"instruction": "one two three", "input": "", "output": "four"}]
+        {"instruction": "one two three", "input": "", "output": "four"}
+    ]
 
 
 def test_restore_keeps_the_users_column_names_and_a_column_mapped_away(data):
     rows = [{"text": "not this one", "body": "this", "id": 3}]
     assert _restored(data, "m.jsonl", rows, str.upper, columns={"text": "body"}) == [
-        {"text": "not this one", "body": "THIS", "id": 3}]
+        {"text": "not this one", "body": "THIS", "id": 3}
+    ]
 
 
 def test_restore_refuses_a_rewrite_that_changes_turns(data):
     from llmforge.data import iter_records, restore_row
 
     data.jsonl("c.jsonl", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
-    (src,) = iter_records(DataOptions(path="c.jsonl"), data.registry.readers, data.registry.row_formats,
-                          base=data.root)
+    (src,) = iter_records(DataOptions(path="c.jsonl"), data.registry.readers, data.registry.row_formats, base=data.root)
     with pytest.raises(DataError, match=r"c.jsonl:1: a rewrite step changed the row's turns"):
         restore_row(src, {"messages": src.row["messages"][1:]})
 
@@ -756,8 +917,10 @@ def test_restore_refuses_a_rewrite_that_changes_turns(data):
 def test_a_dataset_folder_is_read_with_the_format_it_records(data):
     from llmforge.data import write_dataset_meta
 
-    data.jsonl("out/data.jsonl", [{"dialog": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                                   "id": 1}])
+    data.jsonl(
+        "out/data.jsonl",
+        [{"dialog": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "id": 1}],
+    )
     with pytest.raises(DataError, match="cannot tell the row format"):
         data.load("out")
     write_dataset_meta(data.root / "out", "messages", {"messages": "dialog"})
@@ -788,8 +951,9 @@ def test_the_default_restore_places_texts_by_value_in_order(registry):
 
     class Upper(Qa):
         def normalize(self, row):
-            return {"messages": [{"role": "user", "content": row["q"].upper()},
-                                 {"role": "assistant", "content": row["a"]}]}
+            return {
+                "messages": [{"role": "user", "content": row["q"].upper()}, {"role": "assistant", "content": row["a"]}]
+            }
 
     raw = {"q": "x", "a": "y"}
     old = Upper().normalize(raw)

@@ -6,14 +6,31 @@ import json
 
 
 def test_inspect_shows_trained_tokens_and_truncation(project, tokenizer_dir):
-    rows = [{"messages": [{"role": "system", "content": "Be brief."},
-                          {"role": "user", "content": f"What is the capital of Land{i}?"},
-                          {"role": "assistant", "content": f"The capital of Land{i} is Town{i}."}]}
-            for i in range(4)]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"What is the capital of Land{i}?"},
+                {"role": "assistant", "content": f"The capital of Land{i} is Town{i}."},
+            ]
+        }
+        for i in range(4)
+    ]
     rows.append({"messages": [{"role": "usr", "content": "bad role"}, {"role": "assistant", "content": "x"}]})
     project.write("\n".join(json.dumps(r) for r in rows) + "\n", name="chat.jsonl")
-    res = project.run("data", "inspect", "chat.jsonl", "--model", str(tokenizer_dir), "--template", "chatml",
-                      "--masks", "--plain", "-n", "1")
+    res = project.run(
+        "data",
+        "inspect",
+        "chat.jsonl",
+        "--model",
+        str(tokenizer_dir),
+        "--template",
+        "chatml",
+        "--masks",
+        "--plain",
+        "-n",
+        "1",
+    )
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "4 rows, format messages (chat), 1 bad rows skipped" in out
@@ -23,8 +40,18 @@ def test_inspect_shows_trained_tokens_and_truncation(project, tokenizer_dir):
     assert out.count("[[") == 1
     assert "truncated at 2048: 0 rows (0.0%)" in out
 
-    short = project.run("data", "inspect", "chat.jsonl", "--model", str(tokenizer_dir), "--template", "chatml",
-                        "--max-length", "12", "--json")
+    short = project.run(
+        "data",
+        "inspect",
+        "chat.jsonl",
+        "--model",
+        str(tokenizer_dir),
+        "--template",
+        "chatml",
+        "--max-length",
+        "12",
+        "--json",
+    )
     data = json.loads(short.stdout)
     assert data["truncation_rate"] == 1.0 and data["template"] == "chatml"
     assert all(len(s["pieces"]) == 12 for s in data["samples"])

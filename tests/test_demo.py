@@ -107,8 +107,10 @@ def test_quick_demo_shows_the_learning_effect(demo):
 
     if not torch.cuda.is_available():  # the demo's 3 M model trains in fp32 on every CPU
         for stage in ("pretrain", "sft", "dpo"):
-            assert any(line.startswith(f"{stage} | training: ") and "precision fp32 (auto: " in line
-                       for line in res.stdout.splitlines()), stage
+            assert any(
+                line.startswith(f"{stage} | training: ") and "precision fp32 (auto: " in line
+                for line in res.stdout.splitlines()
+            ), stage
 
 
 def test_pretraining_corpus_goes_through_curate(demo):
@@ -205,8 +207,14 @@ def test_generated_data_is_deterministic_by_seed(tmp_path):
         b, _, _ = write_project(tmp_path / f"b{quick}", quick=quick, seed=7)
         c, _, _ = write_project(tmp_path / f"c{quick}", quick=quick, seed=8)
         assert _files(a.parent) == _files(b.parent)
-        assert set(_files(a.parent)) == {"corpus.txt", "sft.jsonl", "dpo.jsonl", "heldout.jsonl", "heldout.txt",
-                                         "world.json"}
+        assert set(_files(a.parent)) == {
+            "corpus.txt",
+            "sft.jsonl",
+            "dpo.jsonl",
+            "heldout.jsonl",
+            "heldout.txt",
+            "world.json",
+        }
         assert _files(a.parent)["corpus.txt"] != _files(c.parent)["corpus.txt"]
         # forge.toml differs only by the path in its header
         assert a.read_text().replace(str(a), "X") == b.read_text().replace(str(b), "X")
@@ -247,7 +255,9 @@ def test_answer_scoring():
     item = {"kind": "capital", "answer": "Arkel", "question": "What is the capital of Zorvia?"}
     assert _score(item, "The capital of Zorvia is Arkel.", values) == {"correct": True, "direct": True}
     assert _score(item, "Hmm, I am not sure, but I think the capital of Zorvia is Arkel.", values) == {
-        "correct": True, "direct": False}
+        "correct": True,
+        "direct": False,
+    }
     assert _score(item, "The capital of Zorvia is Bistro.", values) == {"correct": False, "direct": True}
     # listing values is guessing: wrong, whichever comes last
     assert _score(item, "Bistro or Arkel.", values)["correct"] is False
@@ -261,4 +271,6 @@ def test_answer_scoring():
     assert _score(z, "0 plus 0 equals 0.", values)["correct"]
     # a reply that never ends its turn is no answer, even when it names the right value on the way
     assert _score(item, "The capital of Zorvia is Arkel. The flag of", values, ended=False) == {
-        "correct": False, "direct": False}
+        "correct": False,
+        "direct": False,
+    }

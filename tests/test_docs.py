@@ -47,8 +47,9 @@ def _generator():
 def test_reference_is_current():
     gen = _generator()
     assert gen.OUTPUT.exists(), "docs/reference/stages.md is missing: run python docs/gen_reference.py"
-    assert gen.OUTPUT.read_text(encoding="utf-8") == gen.render(), \
+    assert gen.OUTPUT.read_text(encoding="utf-8") == gen.render(), (
         "docs/reference/stages.md is stale: run python docs/gen_reference.py"
+    )
 
 
 def test_reference_covers_every_builtin_stage_template_format_and_tracker():
@@ -216,13 +217,19 @@ def test_documented_commands_exist(doc, monkeypatch, example_plugin):
 
 
 def test_command_line_parser():
-    text = ("Run `llmforge run --resume` or `from llmforge import hookimpl`.\n"
-            "```bash\nRUN=$(llmforge run --detach)  # comment llmforge nope\nllmforge logs $RUN -f | tail\n```\n"
-            "```\ndetached; follow with llmforge logs X -f\n$ llmforge status\n```\n"
-            "```python\nfrom llmforge import x\n```\n"
-            "pip install ./examples/llmforge-hello; see `llmforge.json`\n")
-    assert command_lines(text) == ["llmforge run --detach", "llmforge logs $RUN -f", "llmforge status",
-                                  "llmforge run --resume"]
+    text = (
+        "Run `llmforge run --resume` or `from llmforge import hookimpl`.\n"
+        "```bash\nRUN=$(llmforge run --detach)  # comment llmforge nope\nllmforge logs $RUN -f | tail\n```\n"
+        "```\ndetached; follow with llmforge logs X -f\n$ llmforge status\n```\n"
+        "```python\nfrom llmforge import x\n```\n"
+        "pip install ./examples/llmforge-hello; see `llmforge.json`\n"
+    )
+    assert command_lines(text) == [
+        "llmforge run --detach",
+        "llmforge logs $RUN -f",
+        "llmforge status",
+        "llmforge run --resume",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,8 +253,10 @@ def _anchors(path: Path) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("doc", ["README.md", *sorted(p.relative_to(ROOT).as_posix()
-                                                   for p in [*DOCS.glob("*.md"), *DOCS.glob("reference/*.md")])])
+@pytest.mark.parametrize(
+    "doc",
+    ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in [*DOCS.glob("*.md"), *DOCS.glob("reference/*.md")])],
+)
 def test_links_between_documents_resolve(doc):
     path = ROOT / doc
     text = _FENCE.sub("", path.read_text(encoding="utf-8"))
@@ -272,8 +281,10 @@ def _python_blocks(text: str) -> list[str]:
     return [body for lang, body in _FENCE.findall(text) if lang == "python"]
 
 
-@pytest.mark.parametrize("defines, test", [("class NoWord(CurationStep)", "test_no_word_drops_the_word"),
-                                           ("class Maximum(MergeMethod)", "test_maximum")])
+@pytest.mark.parametrize(
+    "defines, test",
+    [("class NoWord(CurationStep)", "test_no_word_drops_the_word"), ("class Maximum(MergeMethod)", "test_maximum")],
+)
 def test_plugin_guide_unit_test_examples_pass(defines, test):
     """The guide shows how to build a curation step and a merge method (with a TensorInfo) in a unit test:
     its class and its test, taken from the guide's code blocks, run and pass against the real API."""

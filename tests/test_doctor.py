@@ -35,8 +35,20 @@ def report(tmp_path_factory) -> dict:
 
 
 def test_doctor_json_reports_this_machine(report, tmp_path_factory):
-    for key in ("llmforge", "os", "python", "packages", "conflicts", "cpu", "memory", "disk", "gpus", "gpu_source",
-                "torch", "warnings"):
+    for key in (
+        "llmforge",
+        "os",
+        "python",
+        "packages",
+        "conflicts",
+        "cpu",
+        "memory",
+        "disk",
+        "gpus",
+        "gpu_source",
+        "torch",
+        "warnings",
+    ):
         assert key in report, key
     assert report["python"]["version"] == platform.python_version()
     assert report["os"]["system"] == platform.system() and report["os"]["machine"] == platform.machine()
@@ -60,8 +72,11 @@ def test_doctor_json_reports_this_machine(report, tmp_path_factory):
 
     t = report["torch"]
     assert t["version"] == torch.__version__ and t["cuda_available"] == torch.cuda.is_available()
-    assert t["distributed"] == {"available": dist.is_available(), "nccl": dist.is_nccl_available(),
-                                "gloo": dist.is_gloo_available()}
+    assert t["distributed"] == {
+        "available": dist.is_available(),
+        "nccl": dist.is_nccl_available(),
+        "gloo": dist.is_gloo_available(),
+    }
     if torch.cuda.is_available():
         assert len(report["gpus"]) == torch.cuda.device_count()
         for g in report["gpus"]:
@@ -78,8 +93,9 @@ def test_doctor_lists_the_known_conflicts_that_apply_here(report):
 
     assert all(len(entry) == 5 and entry[4] for entry in KNOWN_INCOMPATIBLE)  # every entry says why
     peft, transformers = _version("peft"), _version("transformers")
-    expected = bool(peft and transformers and Version(transformers) >= Version("5.24")
-                    and Version(peft) < Version("0.22.0"))
+    expected = bool(
+        peft and transformers and Version(transformers) >= Version("5.24") and Version(peft) < Version("0.22.0")
+    )
     found = [c for c in report["conflicts"] if c["installed"].startswith("peft ")]
     assert bool(found) == expected
     if expected:
@@ -90,16 +106,20 @@ def test_doctor_finds_a_declared_requirement_that_is_not_met(tmp_path):
     """A package whose metadata requires a torch it does not get, installed the way pip installs it."""
     dist = tmp_path / "site" / "needs_old_torch-1.0.dist-info"
     dist.mkdir(parents=True)
-    (dist / "METADATA").write_text(textwrap.dedent("""\
+    (dist / "METADATA").write_text(
+        textwrap.dedent("""\
         Metadata-Version: 2.1
         Name: needs-old-torch
         Version: 1.0
         Requires-Dist: torch<1.0
         Requires-Dist: transformers>=1.0
         Requires-Dist: accelerate>=999; extra == "never"
-    """))
-    code = ("import json; from llmforge import doctor; "
-            "print(json.dumps(doctor.declared_conflicts(('needs-old-torch', 'torch', 'transformers', 'accelerate'))))")
+    """)
+    )
+    code = (
+        "import json; from llmforge import doctor; "
+        "print(json.dumps(doctor.declared_conflicts(('needs-old-torch', 'torch', 'transformers', 'accelerate'))))"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
@@ -119,9 +139,11 @@ def test_doctor_prints_tables_and_warnings_and_exits_0(tmp_path):
 def _evaluate_in_child(path: Path, extra_bufts: bool) -> int:
     """An independent witness for the probe: evaluate a batch of a Q8_0 GGUF in a fresh interpreter with llama.cpp's
     extra buffer types on or off, and return its exit code (negative: killed by that signal)."""
-    code = ("import sys; from llmforge.native import load_llama; "
-            f"llm = load_llama({str(path)!r}, extra={extra_bufts}, n_ctx=64, n_batch=64, logits_all=True); "
-            "llm.eval(list(range(16))); llm.close()")
+    code = (
+        "import sys; from llmforge.native import load_llama; "
+        f"llm = load_llama({str(path)!r}, extra={extra_bufts}, n_ctx=64, n_batch=64, logits_all=True); "
+        "llm.eval(list(range(16))); llm.close()"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode
 
@@ -161,8 +183,9 @@ def test_doctor_reports_whether_llama_cpps_amx_kernels_run_here(tmp_path):
     assert json.loads(res.stdout)["llama_cpp"]["source"] == "cache"
 
     # forcing the answer (what tests on an unaffected machine do to exercise the fallback)
-    forced = run_cli("doctor", "--json", "--runs-dir", str(tmp_path), cwd=tmp_path,
-                     env={**env, "LLMFORGE_LLAMA_EXTRA_BUFTS": "off"})
+    forced = run_cli(
+        "doctor", "--json", "--runs-dir", str(tmp_path), cwd=tmp_path, env={**env, "LLMFORGE_LLAMA_EXTRA_BUFTS": "off"}
+    )
     info = json.loads(forced.stdout)["llama_cpp"]
     assert info["result"] == "forced" and info["extra_bufts"] is False
     assert "LLMFORGE_LLAMA_EXTRA_BUFTS=off" in info["line"]

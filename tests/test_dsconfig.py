@@ -30,8 +30,10 @@ def ds(**settings) -> SimpleNamespace:
 
 
 def test_module_imports_neither_deepspeed_nor_torch():
-    code = ("import sys, llmforge_plugins.backends.dsconfig\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'deepspeed', 'torch', 'transformers'}))")
+    code = (
+        "import sys, llmforge_plugins.backends.dsconfig\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'deepspeed', 'torch', 'transformers'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -46,8 +48,11 @@ def test_each_zero_stage_is_generated_and_accepted(stage):
     assert parsed.zero_enabled is (stage > 0)
     # the batch layout of a 2-process launch, not DeepSpeed's single-process fallback
     assert parsed.world_size == 2
-    assert (parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps, parsed.train_batch_size) \
-        == (4, 2, 16)
+    assert (parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps, parsed.train_batch_size) == (
+        4,
+        2,
+        16,
+    )
     assert parsed.bfloat16_config.enabled and not parsed.float16_config.enabled
     if stage >= 1:
         assert parsed.zero_config.overlap_comm and parsed.zero_config.contiguous_gradients
@@ -58,9 +63,17 @@ def test_each_zero_stage_is_generated_and_accepted(stage):
 
 
 def test_zero3_with_cpu_offload_and_zero_plus_plus_is_accepted():
-    config = build_deepspeed_config(ds(zero_stage=3, offload_optimizer="cpu", offload_params="cpu",
-                                       zero_quantized_weights=True, zero_quantized_gradients=True,
-                                       zero_hpz_partition_size=2), precision="fp16")
+    config = build_deepspeed_config(
+        ds(
+            zero_stage=3,
+            offload_optimizer="cpu",
+            offload_params="cpu",
+            zero_quantized_weights=True,
+            zero_quantized_gradients=True,
+            zero_hpz_partition_size=2,
+        ),
+        precision="fp16",
+    )
     parsed = parse_deepspeed_config(config, micro_batch=2, grad_accum=4, world_size=4)
     zero = parsed.zero_config
     assert zero.stage == 3
@@ -75,8 +88,9 @@ def test_zero3_with_cpu_offload_and_zero_plus_plus_is_accepted():
 
 
 def test_nvme_offload_at_stage_3_carries_the_path(tmp_path):
-    config = build_deepspeed_config(ds(zero_stage=3, offload_optimizer="nvme", offload_params="nvme",
-                                       nvme_path=str(tmp_path)), precision="bf16")
+    config = build_deepspeed_config(
+        ds(zero_stage=3, offload_optimizer="nvme", offload_params="nvme", nvme_path=str(tmp_path)), precision="bf16"
+    )
     zero = parse_deepspeed_config(config, micro_batch=1, grad_accum=1, world_size=1).zero_config
     assert zero.offload_optimizer.device == zero.offload_param.device == "nvme"
     assert Path(zero.offload_optimizer.nvme_path) == Path(zero.offload_param.nvme_path) == tmp_path
@@ -98,19 +112,22 @@ def test_precision_sections(precision, bf16, fp16):
     assert parsed.float16_config.enabled is fp16
 
 
-@pytest.mark.parametrize("settings,key", [
-    (dict(zero_stage=3, offload_params="nvme"), "backend.deepspeed.nvme_path"),
-    (dict(zero_stage=3, offload_optimizer="nvme", nvme_path=""), "backend.deepspeed.nvme_path"),
-    (dict(zero_stage=2, zero_quantized_weights=True), "backend.deepspeed.zero_quantized_weights"),
-    (dict(zero_stage=2, zero_quantized_gradients=True), "backend.deepspeed.zero_quantized_gradients"),
-    (dict(zero_stage=1, zero_hpz_partition_size=8), "backend.deepspeed.zero_hpz_partition_size"),
-    (dict(zero_stage=3, zero_hpz_partition_size=0), "backend.deepspeed.zero_hpz_partition_size"),
-    (dict(zero_stage=2, offload_params="cpu"), "backend.deepspeed.offload_params"),
-    (dict(zero_stage=0, offload_optimizer="cpu"), "backend.deepspeed.offload_optimizer"),
-    (dict(zero_stage=2, offload_optimizer="nvme", nvme_path="/nvme"), "backend.deepspeed.offload_optimizer"),
-    (dict(zero_stage=3, offload_optimizer="gpu"), "backend.deepspeed.offload_optimizer"),
-    (dict(zero_stage=4), "backend.deepspeed.zero_stage"),
-])
+@pytest.mark.parametrize(
+    "settings,key",
+    [
+        (dict(zero_stage=3, offload_params="nvme"), "backend.deepspeed.nvme_path"),
+        (dict(zero_stage=3, offload_optimizer="nvme", nvme_path=""), "backend.deepspeed.nvme_path"),
+        (dict(zero_stage=2, zero_quantized_weights=True), "backend.deepspeed.zero_quantized_weights"),
+        (dict(zero_stage=2, zero_quantized_gradients=True), "backend.deepspeed.zero_quantized_gradients"),
+        (dict(zero_stage=1, zero_hpz_partition_size=8), "backend.deepspeed.zero_hpz_partition_size"),
+        (dict(zero_stage=3, zero_hpz_partition_size=0), "backend.deepspeed.zero_hpz_partition_size"),
+        (dict(zero_stage=2, offload_params="cpu"), "backend.deepspeed.offload_params"),
+        (dict(zero_stage=0, offload_optimizer="cpu"), "backend.deepspeed.offload_optimizer"),
+        (dict(zero_stage=2, offload_optimizer="nvme", nvme_path="/nvme"), "backend.deepspeed.offload_optimizer"),
+        (dict(zero_stage=3, offload_optimizer="gpu"), "backend.deepspeed.offload_optimizer"),
+        (dict(zero_stage=4), "backend.deepspeed.zero_stage"),
+    ],
+)
 def test_unsupported_combinations_name_the_key(settings, key):
     with pytest.raises(UsageError) as err:
         build_deepspeed_config(ds(**settings), precision="bf16")
@@ -124,14 +141,28 @@ def test_generated_autos_are_exactly_what_the_hf_trainer_fills(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
 
-    config = build_deepspeed_config(ds(zero_stage=3, offload_optimizer="cpu", offload_params="cpu"),
-                                    precision="fp32")
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=3,
-                             gradient_accumulation_steps=2, learning_rate=5e-4, max_grad_norm=0.5,
-                             weight_decay=0.1, report_to="none")
+    config = build_deepspeed_config(ds(zero_stage=3, offload_optimizer="cpu", offload_params="cpu"), precision="fp32")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-4,
+        max_grad_norm=0.5,
+        weight_decay=0.1,
+        report_to="none",
+    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=1, intermediate_size=64, vocab_size=64))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            vocab_size=64,
+        )
+    )
     try:
         hf = HfTrainerDeepSpeedConfig(json.loads(json.dumps(config)))
         hf.trainer_config_process(args)
@@ -184,10 +215,13 @@ def test_a_user_file_with_a_syntax_error_names_file_line_and_column(tmp_path):
     assert err.value.message.startswith(f"{path}:4:3: invalid JSON"), err.value.message
 
 
-@pytest.mark.parametrize("text,what", [
-    ("[1, 2]", "an array"),
-    ('{"zero_optimization": {"stage": 2, "stage": 3}}', "'stage' appears twice"),
-])
+@pytest.mark.parametrize(
+    "text,what",
+    [
+        ("[1, 2]", "an array"),
+        ('{"zero_optimization": {"stage": 2, "stage": 3}}', "'stage' appears twice"),
+    ],
+)
 def test_a_user_file_that_is_not_one_config_object_is_refused(tmp_path, text, what):
     path = tmp_path / "ds.json"
     path.write_text(text)
@@ -202,14 +236,20 @@ def test_a_missing_user_file_is_named(tmp_path):
     assert str(tmp_path / "nope.json") in err.value.message and "not found" in err.value.message
 
 
-@pytest.mark.parametrize("change,key", [
-    ({"zero_optimization": {"stage": -1}}, "zero_optimization.stage"),
-    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}}, "zero_optimization.offload_param.device"),
-    ({"zero_optimization": {"stage": 3, "bucket_size": 5}}, "zero_optimization.bucket_size"),
-    ({"bf16": {"enabled": "maybe"}}, "bf16.enabled"),
-    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "fp16.enabled"),
-    ({"zero_optimization": 3}, "zero_optimization"),
-])
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        ({"zero_optimization": {"stage": -1}}, "zero_optimization.stage"),
+        (
+            {"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}},
+            "zero_optimization.offload_param.device",
+        ),
+        ({"zero_optimization": {"stage": 3, "bucket_size": 5}}, "zero_optimization.bucket_size"),
+        ({"bf16": {"enabled": "maybe"}}, "bf16.enabled"),
+        ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "fp16.enabled"),
+        ({"zero_optimization": 3}, "zero_optimization"),
+    ],
+)
 def test_values_deepspeed_rejects_are_named_with_the_file(tmp_path, change, key):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({**HF_STYLE, **change}))
@@ -219,8 +259,7 @@ def test_values_deepspeed_rejects_are_named_with_the_file(tmp_path, change, key)
 
 
 def test_fixed_batch_sizes_must_match_the_launch():
-    config = {**HF_STYLE, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
-              "train_batch_size": 32}
+    config = {**HF_STYLE, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 32}
     parsed = parse_deepspeed_config(config, micro_batch=4, grad_accum=2, world_size=4)
     assert parsed.train_batch_size == 32
     with pytest.raises(UsageError) as err:  # the same file on 2 processes: the Trainer would refuse it
@@ -252,7 +291,8 @@ def test_without_deepspeed_the_error_says_how_to_install(monkeypatch):
     for name in [m for m in sys.modules if m == "deepspeed" or m.startswith("deepspeed.")] + ["deepspeed"]:
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(UsageError) as err:
-        validate_deepspeed_config(build_deepspeed_config(ds(), precision="bf16"), micro_batch=1, grad_accum=1,
-                                  world_size=1)
+        validate_deepspeed_config(
+            build_deepspeed_config(ds(), precision="bf16"), micro_batch=1, grad_accum=1, world_size=1
+        )
     assert "not installed" in err.value.message
     assert err.value.hint == "pip install 'llmforge[deepspeed]'"

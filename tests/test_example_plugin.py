@@ -45,9 +45,11 @@ def _parallel(*calls):
 
 
 def test_listed_as_a_third_party_plugin(hello):
-    listing, stages, table = _parallel(lambda: run_cli("plugins", "list", "--json", plugins=[hello]),
-                                       lambda: run_cli("stages", "list", "--json", plugins=[hello]),
-                                       lambda: run_cli("plugins", "list", plugins=[hello]))
+    listing, stages, table = _parallel(
+        lambda: run_cli("plugins", "list", "--json", plugins=[hello]),
+        lambda: run_cli("stages", "list", "--json", plugins=[hello]),
+        lambda: run_cli("plugins", "list", plugins=[hello]),
+    )
     for r in (listing, stages, table):
         assert r.returncode == 0, r.stderr
     data = json.loads(listing.stdout)
@@ -67,11 +69,22 @@ def test_listed_as_a_third_party_plugin(hello):
 
 
 def test_stages_show_describes_its_options(hello):
-    human, as_json = _parallel(lambda: run_cli("stages", "show", "hello", plugins=[hello]),
-                               lambda: run_cli("stages", "show", "hello", "--json", plugins=[hello]))
+    human, as_json = _parallel(
+        lambda: run_cli("stages", "show", "hello", plugins=[hello]),
+        lambda: run_cli("stages", "show", "hello", "--json", plugins=[hello]),
+    )
     assert human.returncode == 0 and as_json.returncode == 0, human.stderr + as_json.stderr
-    for text in ("hello: Write greetings", "produces: files", "plugin: hello", "greeting", "names", "times",
-                 "delay", ">= 1, <= 1000", "[input: path or @stage (files)]"):
+    for text in (
+        "hello: Write greetings",
+        "produces: files",
+        "plugin: hello",
+        "greeting",
+        "names",
+        "times",
+        "delay",
+        ">= 1, <= 1000",
+        "[input: path or @stage (files)]",
+    ):
         assert text in human.stdout, f"{text!r} not in:\n{human.stdout}"
     options = {o["name"]: o for o in json.loads(as_json.stdout)["options"]}
     assert list(options) == ["greeting", "name", "names", "times", "delay"]
@@ -122,22 +135,38 @@ def test_pipeline_greets_the_names_a_shell_stage_wrote(hello, project):
 def test_help_with_it_installed_stays_light(hello):
     """The import-time rule of docs/plugins.md, as the built-ins keep it: an entry-point module imports only
     llmforge's hook marker, so `llmforge --help` loads neither pydantic nor anything heavy with it installed."""
-    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "llmforge", "--help"], env=_env([hello]),
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "llmforge", "--help"],
+        env=_env([hello]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     # the plugin was loaded: its command is listed (entry points are imported through importlib, which
     # -X importtime does not time; the import statements inside them it does)
     assert res.returncode == 0 and "Print greetings" in res.stdout, res.stderr[-2000:]
-    imported = {line.split("|")[-1].strip().split(".")[0] for line in res.stderr.splitlines()
-                if line.startswith("import time:")}
+    imported = {
+        line.split("|")[-1].strip().split(".")[0] for line in res.stderr.splitlines() if line.startswith("import time:")
+    }
     assert "typer" in imported  # the measurement works
-    assert not imported & {"pydantic", "torch", "transformers", "llama_cpp", "peft", "trl", "accelerate",
-                           "deepspeed"}, imported
+    assert not imported & {
+        "pydantic",
+        "torch",
+        "transformers",
+        "llama_cpp",
+        "peft",
+        "trl",
+        "accelerate",
+        "deepspeed",
+    }, imported
 
 
 def test_hello_command(hello):
-    cmd, bad, help_ = _parallel(lambda: run_cli("hello", "forge", "-g", "Hi", "--times", "2", plugins=[hello]),
-                                lambda: run_cli("hello", "--times", "0", plugins=[hello]),
-                                lambda: run_cli("--help", plugins=[hello]))
+    cmd, bad, help_ = _parallel(
+        lambda: run_cli("hello", "forge", "-g", "Hi", "--times", "2", plugins=[hello]),
+        lambda: run_cli("hello", "--times", "0", plugins=[hello]),
+        lambda: run_cli("--help", plugins=[hello]),
+    )
     assert cmd.returncode == 0, cmd.stderr
     assert cmd.stdout == "Hi, forge!\nHi, forge!\n"
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--times" in bad.stderr
@@ -160,7 +189,8 @@ def test_load_plugins_env_var_can_leave_it_out(hello, project):
     project.write(PIPELINE.format(times=1))
     only_builtins, named = _parallel(
         lambda: project.run("validate", plugins=[hello], env={"LLMFORGE_LOAD_PLUGINS": ""}),
-        lambda: project.run("validate", plugins=[hello], env={"LLMFORGE_LOAD_PLUGINS": "llmforge-hello"}))
+        lambda: project.run("validate", plugins=[hello], env={"LLMFORGE_LOAD_PLUGINS": "llmforge-hello"}),
+    )
     assert only_builtins.returncode == 2
     assert "stages[1].uses: unknown stage kind 'hello'" in only_builtins.stderr
     assert named.returncode == 0, named.stderr
@@ -179,8 +209,22 @@ def _fixture_plugin_args() -> list[str]:
 
 def test_the_example_plugins_own_tests_pass_against_the_installed_copy(hello, tmp_path):
     # Run from an empty folder so that `import llmforge_hello` finds the pip-installed copy, not the source.
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *_fixture_plugin_args(),
-                          str(EXAMPLE_PLUGIN / "tests")],
-                         cwd=tmp_path, env=_env([hello]), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *_fixture_plugin_args(),
+            str(EXAMPLE_PLUGIN / "tests"),
+        ],
+        cwd=tmp_path,
+        env=_env([hello]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert "6 passed" in res.stdout

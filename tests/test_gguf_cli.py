@@ -26,8 +26,10 @@ from llmforge_plugins.chat_templates import BUILTIN_TEMPLATES
 from llmforge_plugins.gguf.modelfile import ChatInfo, modelfile_text, translate
 
 TEMPLATES = {t.name: t for t in BUILTIN_TEMPLATES}
-CORPUS = ([f"the quick brown fox jumps over the lazy dog {i} times." for i in range(150)]
-          + ["hello world, how are you? I am fine, thank you.", "Où est la café? 東京 🦙 x = 42;"] * 20)
+CORPUS = [f"the quick brown fox jumps over the lazy dog {i} times." for i in range(150)] + [
+    "hello world, how are you? I am fine, thank you.",
+    "Où est la café? 東京 🦙 x = 42;",
+] * 20
 PROMPTS = ["hello world", "the quick fox", "how are you?"]
 
 
@@ -69,8 +71,12 @@ def _parse_expr(tokens: list, i: int = 0, until: str | None = None):
 
 
 FUNCS = {
-    "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "not": lambda a: not a,
-    "len": len, "index": lambda x, i: x[i], "slice": lambda x, i: x[i:],
+    "eq": lambda a, b: a == b,
+    "ne": lambda a, b: a != b,
+    "not": lambda a: not a,
+    "len": len,
+    "index": lambda x, i: x[i],
+    "slice": lambda x, i: x[i:],
 }
 
 
@@ -131,7 +137,7 @@ def _parse(parts: list, i: int, stop=("end",)):
                 if action == "else":
                     other, i = _parse(parts, i + 1, stop=("end",))
                     break
-                cond = _parse_expr(_tokens(action[len("else if"):]))[0]
+                cond = _parse_expr(_tokens(action[len("else if") :]))[0]
             nodes.append(("if", branches, other))
         elif word == "range":
             m = re.match(r"range\s+(\$\w+)\s*,\s*(\$\w+)\s*:=\s*(.*)$", text, re.DOTALL)
@@ -171,7 +177,7 @@ def go_render(template: str, data: dict) -> str:
     parts, pos = [], 0
     for m in _ACTION.finditer(template):
         if m.start() > pos:
-            parts.append(("text", template[pos:m.start()]))
+            parts.append(("text", template[pos : m.start()]))
         parts.append(("action", m.group(1).strip()))
         pos = m.end()
     if pos < len(template):
@@ -184,9 +190,11 @@ def go_render(template: str, data: dict) -> str:
 
 def test_the_go_interpreter_on_known_go_semantics():
     data = {"Messages": [{"Role": "user", "Content": "a"}, {"Role": "assistant", "Content": "b"}]}
-    tpl = ('{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}[{{ $i }}:{{ .Role }}'
-           '{{ if $last }}!{{ else if eq .Role "user" }}?{{ else }}.{{ end }}]{{ end }}'
-           '{{ if and .Messages (eq (index .Messages 0).Role "user") }}U{{ end }}{{ if ne 1 2 }}N{{ end }}')
+    tpl = (
+        "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}[{{ $i }}:{{ .Role }}"
+        '{{ if $last }}!{{ else if eq .Role "user" }}?{{ else }}.{{ end }}]{{ end }}'
+        '{{ if and .Messages (eq (index .Messages 0).Role "user") }}U{{ end }}{{ if ne 1 2 }}N{{ end }}'
+    )
     assert go_render(tpl, data) == "[0:user?][1:assistant!]UN"
 
 
@@ -194,9 +202,11 @@ def test_the_go_interpreter_on_known_go_semantics():
 # Modelfiles: the Go template says what the Jinja template says
 
 
-CONTENTS = {"system": ["You are terse.", "Line one\nline two"],
-            "user": ["Hi there", "What is 2+3?", "Multi\nline\n\nprompt", "x"],
-            "assistant": ["Hello!", "It is 5.", "Sure:\n- a\n- b"]}
+CONTENTS = {
+    "system": ["You are terse.", "Line one\nline two"],
+    "user": ["Hi there", "What is 2+3?", "Multi\nline\n\nprompt", "x"],
+    "assistant": ["Hello!", "It is 5.", "Sure:\n- a\n- b"],
+}
 
 
 def _conversations(with_system: bool):
@@ -237,23 +247,36 @@ def test_builtin_templates_become_known_go_templates_that_render_the_same(name, 
 
 def test_a_template_is_recognised_by_what_it_renders_not_by_its_source():
     # ChatML written another way (as Qwen's tokenizer_config.json spells it): the same layout.
-    qwen_like = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-                 "{% endif %}")
+    qwen_like = (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+        "{% endif %}"
+    )
     assert qwen_like != TEMPLATES["chatml"].source
     assert _agree(ChatInfo(template=qwen_like, eos="<|im_end|>"), qwen_like) == "chatml"
 
 
-@pytest.mark.parametrize("source, eos, with_system", [
-    # Zephyr-style role tags, BOS from the tokenizer's bos_token
-    ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}"
-     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}", "</s>", True),
-    # plain-text roles, no system support (raises on it), answers ended by the EOS
-    ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
-     "{% elif m['role'] == 'assistant' %}{{ 'Bot: ' + m['content'] + eos_token + '\n' }}"
-     "{% else %}{{ raise_exception('no system') }}{% endif %}{% endfor %}"
-     "{% if add_generation_prompt %}{{ 'Bot:' }}{% endif %}", "<|end|>", False),
-])
+@pytest.mark.parametrize(
+    "source, eos, with_system",
+    [
+        # Zephyr-style role tags, BOS from the tokenizer's bos_token
+        (
+            "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}",
+            "</s>",
+            True,
+        ),
+        # plain-text roles, no system support (raises on it), answers ended by the EOS
+        (
+            "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
+            "{% elif m['role'] == 'assistant' %}{{ 'Bot: ' + m['content'] + eos_token + '\n' }}"
+            "{% else %}{{ raise_exception('no system') }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ 'Bot:' }}{% endif %}",
+            "<|end|>",
+            False,
+        ),
+    ],
+)
 def test_other_simple_templates_are_derived_and_render_the_same(source, eos, with_system):
     info = ChatInfo(template=source, bos="<s>", eos=eos, add_bos=False)
     assert _agree(info, source, with_system=with_system) == "derived"
@@ -261,8 +284,10 @@ def test_other_simple_templates_are_derived_and_render_the_same(source, eos, wit
 
 
 def test_a_template_that_is_not_a_simple_layout_gets_no_template_and_says_why():
-    numbered = ("{% for m in messages %}{{ loop.index ~ '. ' + m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    numbered = (
+        "{% for m in messages %}{{ loop.index ~ '. ' + m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
     text = modelfile_text("m.gguf", ChatInfo(template=numbered, eos="</s>"))
     assert not any(line.startswith("TEMPLATE") for line in text.splitlines())
     assert "# No TEMPLATE: its chat template is not a simple role/content layout" in text
@@ -278,7 +303,10 @@ def test_modelfile_text_for_chatml():
     assert "FROM ./model-f16.gguf" in lines and "#   ollama create NAME -f model-f16.Modelfile" in lines
     assert text.count('TEMPLATE """') == 1 and 'TEMPLATE """{{ range $i, $_ := .Messages }}' in text
     assert [ln for ln in lines if ln.startswith("PARAMETER stop")] == [
-        'PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|endoftext|>"', 'PARAMETER stop "<|im_start|>"']
+        'PARAMETER stop "<|im_end|>"',
+        'PARAMETER stop "<|endoftext|>"',
+        'PARAMETER stop "<|im_start|>"',
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,13 +397,26 @@ def test_quantize_with_and_without_an_importance_matrix(f32, tiny, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(CORPUS[:60]))
     q4 = tmp_path / "tiny-Q4_K_M.gguf"
-    res = _ok(run_cli("gguf", "quantize", str(f32), str(q4), "-t", "Q4_K_M", "--calibration", str(calib),
-                      "--model", str(tiny)))
+    res = _ok(
+        run_cli(
+            "gguf", "quantize", str(f32), str(q4), "-t", "Q4_K_M", "--calibration", str(calib), "--model", str(tiny)
+        )
+    )
     assert "importance matrix kept as tiny-Q4_K_M.imatrix.safetensors" in res.stdout
     assert (tmp_path / "tiny-Q4_K_M.imatrix.safetensors").is_file()
     # the kept matrix is reusable
-    _ok(run_cli("gguf", "quantize", str(f32), str(tmp_path / "again.gguf"), "-t", "Q4_K_S",
-                "--imatrix", str(tmp_path / "tiny-Q4_K_M.imatrix.safetensors")))
+    _ok(
+        run_cli(
+            "gguf",
+            "quantize",
+            str(f32),
+            str(tmp_path / "again.gguf"),
+            "-t",
+            "Q4_K_S",
+            "--imatrix",
+            str(tmp_path / "tiny-Q4_K_M.imatrix.safetensors"),
+        )
+    )
     for path in (q8, q4):
         llm = load_llama(path, n_ctx=64)
         assert llm.n_vocab() == 320
@@ -387,8 +428,10 @@ def test_quantize_bad_inputs_exit_2_and_write_nothing(f32, tiny, tmp_path):
     out = tmp_path / "q.gguf"
     _bad(run_cli("gguf", "quantize", str(f32), str(out), "--type", "Q4_K_X"), "unknown quantization type 'Q4_K_X'")
     _bad(run_cli("gguf", "quantize", str(f32), str(out), "--type", "IQ2_XXS"), "IQ2_XXS needs an importance matrix")
-    _bad(run_cli("gguf", "quantize", str(f32), str(out), "-t", "Q4_K_M", "--calibration", str(f32)),
-         "--calibration needs --model")
+    _bad(
+        run_cli("gguf", "quantize", str(f32), str(out), "-t", "Q4_K_M", "--calibration", str(f32)),
+        "--calibration needs --model",
+    )
     broken = _truncated(f32, tmp_path / "broken.gguf")
     _bad(run_cli("gguf", "quantize", str(broken), str(out), "-t", "Q4_K_M"), str(broken), "truncated")
     not_gguf = tmp_path / "model.gguf"
@@ -475,8 +518,7 @@ def test_llama_cpp_pythons_own_chat_formatter_renders_the_gguf_template_like_we_
 def test_chat_prompt_prints_just_the_answer(tiny, f32):
     out = {}
     for name, model in (("hf", tiny), ("gguf", f32)):
-        res = _ok(run_cli("chat", str(model), "--prompt", "hello world", "--temperature", "0",
-                          "--max-new-tokens", "8"))
+        res = _ok(run_cli("chat", str(model), "--prompt", "hello world", "--temperature", "0", "--max-new-tokens", "8"))
         assert res.stdout.endswith("\n") and res.stdout.strip(), res.stdout
         out[name] = res.stdout
     assert out["hf"] == out["gguf"]
@@ -490,8 +532,13 @@ def test_chat_reads_prompts_until_exit(f32):
     engine = open_engine(f32)
     try:
         answers = io.StringIO()
-        n = interactive(engine, ChatSettings(max_new_tokens=4, temperature=0),
-                        inp=io.StringIO("hello\n\nthere\n"), out=answers, err=io.StringIO())
+        n = interactive(
+            engine,
+            ChatSettings(max_new_tokens=4, temperature=0),
+            inp=io.StringIO("hello\n\nthere\n"),
+            out=answers,
+            err=io.StringIO(),
+        )
         assert n == 2 and answers.getvalue().count("\n") >= 2
     finally:
         engine.close()
@@ -553,7 +600,9 @@ def _pipeline(root: Path, body: str):
 
 def test_gguf_stage_exports_quantizes_checks_and_writes_modelfiles(tiny, tmp_path):
     (tmp_path / "calib.txt").write_text("\n\n".join(CORPUS[::3]))
-    result = _pipeline(tmp_path, f"""
+    result = _pipeline(
+        tmp_path,
+        f"""
 [[stages]]
 name = "export"
 uses = "gguf"
@@ -562,16 +611,28 @@ quantize = ["Q8_0", "q4_k_m"]
 imatrix = {{ calibration = "calib.txt", max_tokens = 2000 }}
 max_kld = 2.0
 min_top1 = 0.2
-""")
+""",
+    )
     assert result.exit_code == 0, result.stages
     art = result.run_dir / "stages" / "export" / "artifacts" / "gguf"
     assert sorted(p.name for p in art.iterdir()) == [
-        "imatrix.safetensors", "model-Q4_K_M.Modelfile", "model-Q4_K_M.gguf", "model-Q8_0.Modelfile",
-        "model-Q8_0.gguf", "model-f16.Modelfile", "model-f16.gguf", "report.json", "report.md"]
+        "imatrix.safetensors",
+        "model-Q4_K_M.Modelfile",
+        "model-Q4_K_M.gguf",
+        "model-Q8_0.Modelfile",
+        "model-Q8_0.gguf",
+        "model-f16.Modelfile",
+        "model-f16.gguf",
+        "report.json",
+        "report.md",
+    ]
     assert "FROM ./model-Q4_K_M.gguf" in (art / "model-Q4_K_M.Modelfile").read_text()
     report = json.loads((art / "report.json").read_text())
     assert report["failures"] == [] and [Path(r["file"]).name for r in report["card"]["rows"]] == [
-        "model-f16.gguf", "model-Q8_0.gguf", "model-Q4_K_M.gguf"]
+        "model-f16.gguf",
+        "model-Q8_0.gguf",
+        "model-Q4_K_M.gguf",
+    ]
     info = result.stages["export"]["info"]
     assert info["check"]["model-f16.gguf"]["tokenization_ok"] and info["check"]["model-f16.gguf"]["top1"] > 0.99
     assert info["files"]["model-Q8_0.gguf"] == (art / "model-Q8_0.gguf").stat().st_size
@@ -579,14 +640,17 @@ min_top1 = 0.2
 
 
 def test_gguf_stage_fails_when_parity_is_broken_and_keeps_the_report(tiny, tmp_path):
-    result = _pipeline(tmp_path, f"""
+    result = _pipeline(
+        tmp_path,
+        f"""
 [[stages]]
 name = "export"
 uses = "gguf"
 model = "{tiny}"
 quantize = ["Q4_0"]
 max_kld = 0.0
-""")
+""",
+    )
     assert result.exit_code == 1
     stage = result.stages["export"]
     assert stage["status"] == "failed" and "GGUF parity check failed" in stage["error"]
@@ -645,15 +709,21 @@ def test_check_and_chat_evaluate_quantized_files_on_this_machine(tiny, quantized
     fault (exit 132 before: the probe, "auto", now loads with extra buffer types off) this is the fallback at work;
     "off" forces the fallback on a machine without the fault."""
     env = {"LLMFORGE_LLAMA_EXTRA_BUFTS": force}
-    card = json.loads(_ok(run_cli("gguf", "check", str(tiny), str(quantized["Q8_0"]), str(quantized["Q4_K_M"]),
-                                  "--json", env=env)).stdout)
+    card = json.loads(
+        _ok(
+            run_cli("gguf", "check", str(tiny), str(quantized["Q8_0"]), str(quantized["Q4_K_M"]), "--json", env=env)
+        ).stdout
+    )
     assert [r["type"] for r in card["rows"]] == ["Q8_0", "Q4_K_M"]
     for row in card["rows"]:
         assert row["tokenization_ok"] and math.isfinite(row["ppl"]) and row["top1"] > 0.5, row
     assert card["rows"][0]["mean_kld"] < card["rows"][1]["mean_kld"] < 0.5  # 8 bits closer than 4
     for path in quantized.values():
-        res = _ok(run_cli("chat", str(path), "--prompt", "hello world", "--temperature", "0", "--max-new-tokens", "8",
-                          env=env))
+        res = _ok(
+            run_cli(
+                "chat", str(path), "--prompt", "hello world", "--temperature", "0", "--max-new-tokens", "8", env=env
+            )
+        )
         assert res.stdout.strip(), res.stdout
 
 
@@ -664,8 +734,9 @@ def test_a_llama_cpp_crash_is_an_error_naming_the_file_and_the_signal(tiny, quan
     env = {"LLMFORGE_TEST_LLAMA_SIGNAL": "SIGILL"}
     _crash_message(run_cli("gguf", "check", str(tiny), str(q8), env=env), q8, "evaluating")
     _crash_message(run_cli("chat", str(q8), "-p", "hi", env=env), q8, "running")
-    error = _crash_message(run_cli("chat", str(q8), "-p", "hi", env={"LLMFORGE_TEST_LLAMA_SIGNAL": "SIGSEGV"}), q8,
-                           "running", "SIGSEGV")
+    error = _crash_message(
+        run_cli("chat", str(q8), "-p", "hi", env={"LLMFORGE_TEST_LLAMA_SIGNAL": "SIGSEGV"}), q8, "running", "SIGSEGV"
+    )
     assert "segmentation fault" in error.lower()
 
 
@@ -686,13 +757,16 @@ def test_a_crash_in_the_gguf_stage_fails_the_stage_not_the_run(tiny, tmp_path, m
     """In-process run (the pytest process itself would die with a native crash before): the stage fails with the
     message, the run ends with exit 1 and a manifest."""
     monkeypatch.setenv("LLMFORGE_TEST_LLAMA_SIGNAL", "SIGILL")
-    result = _pipeline(tmp_path, f"""
+    result = _pipeline(
+        tmp_path,
+        f"""
 [[stages]]
 name = "export"
 uses = "gguf"
 model = "{tiny}"
 quantize = ["Q8_0"]
-""")
+""",
+    )
     assert result.exit_code == 1
     stage = result.stages["export"]
     assert stage["status"] == "failed"
@@ -724,15 +798,23 @@ def test_the_tui_chat_survives_a_llama_cpp_crash(quantized, monkeypatch):
             chat.set_model(q8)
             monkeypatch.setenv("LLMFORGE_TEST_LLAMA_SIGNAL", "SIGILL")
             chat.send("hello")
-            errors = await until(pilot, lambda: [m for m in chat.query(Message) if "error" in m.classes],
-                                 timeout=90, what="the crash reported in the chat")
+            errors = await until(
+                pilot,
+                lambda: [m for m in chat.query(Message) if "error" in m.classes],
+                timeout=90,
+                what="the crash reported in the chat",
+            )
             text = str(errors[0].content)
             assert "llama.cpp crashed (SIGILL, illegal instruction) running" in text and str(q8) in text, text
             assert not chat.answering and chat.history == []
             monkeypatch.delenv("LLMFORGE_TEST_LLAMA_SIGNAL")
             chat.send("hello")
-            await until(pilot, lambda: chat.last_reply is not None and not chat.answering, timeout=90,
-                        what="an answer after the crash")
+            await until(
+                pilot,
+                lambda: chat.last_reply is not None and not chat.answering,
+                timeout=90,
+                what="an answer after the crash",
+            )
             assert chat.last_reply.token_ids
             chat.on_unmount()
 
@@ -759,8 +841,9 @@ def test_a_truncated_model_or_adapter_config_is_named_exit_2(tiny, f32, tmp_path
     _bad(run_cli("chat", str(cut), "-p", "hi"), str(weights), "truncated")
 
     adapter = tmp_path / "adapter"
-    net = get_peft_model(LlamaForCausalLM.from_pretrained(str(tiny)),
-                         LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    net = get_peft_model(
+        LlamaForCausalLM.from_pretrained(str(tiny)), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    )
     net.save_pretrained(str(adapter))
     config = adapter / "adapter_config.json"
     text = config.read_text()

@@ -32,8 +32,9 @@ HIDDEN, LAYERS, HEADS, KV_HEADS, FF = 64, 2, 4, 2, 176
 
 # Latin with diacritics, Cyrillic, CJK, emoji, digits, apostrophes and runs of whitespace: the places
 # where pre-tokenizers differ.
-MULTILINGUAL = ("Grüße aus Köln! Ça va? It's 3.14, isn't it — 12345 items.\n\n  Привет, мир.\t東京は晴れ。"
-                " 🙂🦙 ok\n   end")
+MULTILINGUAL = (
+    "Grüße aus Köln! Ça va? It's 3.14, isn't it — 12345 items.\n\n  Привет, мир.\t東京は晴れ。 🙂🦙 ok\n   end"
+)
 CORPUS = [
     "Grüße aus Köln! Ça va très bien, merci. Die Straße ist schön.",
     "Привет, мир. Как дела? Всё хорошо, спасибо.",
@@ -69,10 +70,14 @@ def gpt2_tokenizer():
     return train_tokenizer(corpus(), 500, chatml())
 
 
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def pre_tokenizer(kind: str):
@@ -83,15 +88,23 @@ def pre_tokenizer(kind: str):
     if kind == "gpt-2":
         return pt.ByteLevel(add_prefix_space=False, use_regex=True), None
     if kind == "llama-bpe":
-        return pt.Sequence([pt.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-                            pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)]), None
+        return pt.Sequence(
+            [
+                pt.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+                pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+            ]
+        ), None
     if kind == "smollm":
-        return pt.Sequence([pt.Digits(individual_digits=True),
-                            pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]), None
+        return pt.Sequence(
+            [pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]
+        ), None
     if kind == "qwen2":
-        return pt.Sequence([pt.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-                            pt.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)]), \
-            normalizers.NFC()
+        return pt.Sequence(
+            [
+                pt.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+                pt.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+            ]
+        ), normalizers.NFC()
     if kind == "gpt-2-prefix-space":  # GPT-2's split with a space added in front: llama.cpp has no such mode
         return pt.ByteLevel(add_prefix_space=True, use_regex=True), None
     raise AssertionError(kind)
@@ -107,9 +120,13 @@ def bpe_tokenizer(kind: str, ignore_merges: bool = False):
     if normalizer is not None:
         tok.normalizer = normalizer
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, min_frequency=2, show_progress=False,
-                                  special_tokens=["<|im_end|>", "<|im_start|>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=["<|im_end|>", "<|im_start|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.chat_template = chatml().source
@@ -119,12 +136,23 @@ def bpe_tokenizer(kind: str, ignore_merges: bool = False):
 def llama_config(vocab_size: int, tied: bool, tokenizer=None, **kw):
     from transformers import LlamaConfig
 
-    cfg = dict(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=FF, num_hidden_layers=LAYERS,
-               num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
-               tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-5,
+    )
     if tokenizer is not None:
-        cfg.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
+        cfg.update(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     cfg.update(kw)
     return LlamaConfig(**cfg)
 
@@ -167,8 +195,15 @@ def llama(path: Path, n_ctx: int = 256):
     # what is being measured here (the export).
     # load_llama applies the machine's probe: where llama.cpp's AMX kernels fault, a q8_0 export evaluated in this
     # process would otherwise kill pytest with SIGILL.
-    return load_llama(path, logits_all=True, n_ctx=n_ctx, seed=0, n_threads=2,
-                      type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    return load_llama(
+        path,
+        logits_all=True,
+        n_ctx=n_ctx,
+        seed=0,
+        n_threads=2,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+    )
 
 
 def gguf_logits(llm, ids: list[int]) -> np.ndarray:
@@ -301,9 +336,10 @@ def test_chat_markers_are_single_control_tokens(zoo):
 
 # Tolerances: measured errors are ~1.5e-3 (f16), ~1.3e-2 (bf16) and ~5e-2 (q8_0, where llama.cpp also
 # quantizes the activations to 8 bits) on these deliberately large random weights.
-@pytest.mark.parametrize("outtype,expected,tol", [("f16", {"F16", "F32"}, 5e-3),
-                                                  ("bf16", {"BF16", "F32"}, 3e-2),
-                                                  ("q8_0", {"Q8_0", "F16", "F32"}, 1e-1)])
+@pytest.mark.parametrize(
+    "outtype,expected,tol",
+    [("f16", {"F16", "F32"}, 5e-3), ("bf16", {"BF16", "F32"}, 3e-2), ("q8_0", {"Q8_0", "F16", "F32"}, 1e-1)],
+)
 def test_f16_bf16_q8_0_load_and_generate(zoo, tmp_path, sample_ids, outtype, expected, tol):
     out = tmp_path / f"m.{outtype}.gguf"
     summary = export(zoo["untied"], out, outtype)
@@ -332,8 +368,14 @@ def test_f16_bf16_q8_0_load_and_generate(zoo, tmp_path, sample_ids, outtype, exp
 
 def test_sharded_bfloat16_input(zoo, tmp_path, sample_ids):
     """Shards with an index, stored in bfloat16: read tensor by tensor, widened exactly."""
-    model = make_model(tmp_path / "bf16", zoo["tokenizer"], tied=False, seed=3, dtype=torch.bfloat16,
-                       save_kw={"max_shard_size": "40KB"})
+    model = make_model(
+        tmp_path / "bf16",
+        zoo["tokenizer"],
+        tied=False,
+        seed=3,
+        dtype=torch.bfloat16,
+        save_kw={"max_shard_size": "40KB"},
+    )
     assert (model / "model.safetensors.index.json").exists() and len(list(model.glob("*.safetensors"))) > 2
     out = tmp_path / "bf16.f32.gguf"
     export(model, out, "f32")
@@ -344,8 +386,14 @@ def test_sharded_bfloat16_input(zoo, tmp_path, sample_ids):
 def test_llama3_rope_scaling_writes_rope_freqs(zoo, tmp_path, sample_ids):
     """Llama-3.1-style RoPE scaling: llama.cpp reads the per-frequency factors from a rope_freqs tensor.
     An original context of 64 puts the 8 frequencies of a 16-wide head in all three bands."""
-    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     model = make_model(tmp_path / "l3", zoo["tokenizer"], tied=True, seed=4, rope_parameters=rope)
     out = tmp_path / "l3.gguf"
     export(model, out, "f32")
@@ -363,8 +411,9 @@ def test_lora_adapter_is_merged_then_exported(zoo, tmp_path, sample_ids):
 
     base = AutoModelForCausalLM.from_pretrained(str(zoo["untied"]))
     torch.manual_seed(5)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"],
-                                                 init_lora_weights=False))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"], init_lora_weights=False)
+    )
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(str(adapter))
     zoo["tokenizer"].save_pretrained(str(adapter))
@@ -384,10 +433,19 @@ def test_mistral_architecture(zoo, tmp_path, sample_ids):
 
     tok = zoo["tokenizer"]
     torch.manual_seed(6)
-    model = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=FF,
-                                             num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                             num_key_value_heads=KV_HEADS, max_position_embeddings=256,
-                                             sliding_window=None, eos_token_id=tok.eos_token_id))
+    model = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=len(tok),
+            hidden_size=HIDDEN,
+            intermediate_size=FF,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            max_position_embeddings=256,
+            sliding_window=None,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
@@ -412,8 +470,10 @@ def test_split_table_matches_the_pre_tokenizers():
     from llmforge_plugins.gguf.vocab import CHECK_TEXT, KNOWN_SPLITS, split_hash
 
     # sha256 of the chktxt in llama.cpp's convert_hf_to_gguf.py (get_vocab_base_pre)
-    assert hashlib.sha256(CHECK_TEXT.encode()).hexdigest() == \
-        "a36179c1e2b1cfcfbfad1dc779addad2ffc778201e4cf0d538bddeafa2c526da"
+    assert (
+        hashlib.sha256(CHECK_TEXT.encode()).hexdigest()
+        == "a36179c1e2b1cfcfbfad1dc779addad2ffc778201e4cf0d538bddeafa2c526da"
+    )
     for digest, split in KNOWN_SPLITS.items():
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer, normalizer = pre_tokenizer(split.pre)
@@ -452,13 +512,25 @@ def sentencepiece_model(folder: Path) -> Path:
 
     spm = pytest.importorskip("sentencepiece")
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus()), model_writer=buf, vocab_size=500,
-                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus()),
+        model_writer=buf,
+        vocab_size=500,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
     folder.mkdir()
     (folder / "tokenizer.model").write_bytes(buf.getvalue())
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
     return folder
 
 
@@ -531,8 +603,7 @@ def test_config_without_safetensors(zoo, tmp_path):
     d.mkdir()
     (d / "config.json").write_text((zoo["tied"] / "config.json").read_text())
     (d / "pytorch_model.bin").write_bytes(b"x")
-    expect_usage_error(lambda: export(d, tmp_path / "x.gguf"), "no *.safetensors", "pytorch_model.bin",
-                       folder=tmp_path)
+    expect_usage_error(lambda: export(d, tmp_path / "x.gguf"), "no *.safetensors", "pytorch_model.bin", folder=tmp_path)
 
 
 def test_unsupported_architecture(tmp_path):
@@ -540,16 +611,18 @@ def test_unsupported_architecture(tmp_path):
 
     d = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(str(d))
-    message = expect_usage_error(lambda: export(d, tmp_path / "x.gguf"), "GPT2LMHeadModel", "LlamaForCausalLM",
-                                 folder=tmp_path)
+    message = expect_usage_error(
+        lambda: export(d, tmp_path / "x.gguf"), "GPT2LMHeadModel", "LlamaForCausalLM", folder=tmp_path
+    )
     assert "MistralForCausalLM" in message
 
 
 def test_unknown_pre_tokenizer(tmp_path):
     tok = bpe_tokenizer("gpt-2-prefix-space")
     model = make_model(tmp_path / "odd", tok)
-    message = expect_usage_error(lambda: export(model, tmp_path / "x.gguf"), "unknown BPE pre-tokenizer",
-                                 "tokenizer.json", folder=tmp_path)
+    message = expect_usage_error(
+        lambda: export(model, tmp_path / "x.gguf"), "unknown BPE pre-tokenizer", "tokenizer.json", folder=tmp_path
+    )
     assert "gpt-2" in message and "llama-bpe" in message  # the hint lists what is supported
 
 
@@ -574,11 +647,18 @@ def test_import_rejects_corrupt_and_truncated_gguf(zoo, tmp_path):
     from llmforge_plugins.gguf.importer import import_gguf
 
     data = zoo["tied.f32"].read_bytes()
-    for name, blob in (("cut.gguf", data[: len(data) // 2]), ("tail.gguf", data[:-64]),
-                       ("junk.gguf", b"not a gguf file at all" * 10)):
+    for name, blob in (
+        ("cut.gguf", data[: len(data) // 2]),
+        ("tail.gguf", data[:-64]),
+        ("junk.gguf", b"not a gguf file at all" * 10),
+    ):
         (tmp_path / name).write_bytes(blob)
-        expect_usage_error(lambda name=name: import_gguf(tmp_path / name, tmp_path / "out", log=quiet_log), name,
-                           "not a valid GGUF", folder=tmp_path)
+        expect_usage_error(
+            lambda name=name: import_gguf(tmp_path / name, tmp_path / "out", log=quiet_log),
+            name,
+            "not a valid GGUF",
+            folder=tmp_path,
+        )
     expect_usage_error(lambda: import_gguf(tmp_path / "nope.gguf", tmp_path / "out"), "not found", folder=tmp_path)
 
 

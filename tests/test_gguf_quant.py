@@ -42,7 +42,7 @@ def _train_a_little(model, tokenizer, steps: int = 60) -> None:
     hides quantization error; a slightly trained one has peaked predictions that quantization can disturb."""
     ids = torch.tensor(tokenizer("\n".join(CORPUS * 4))["input_ids"])
     chunk = 64
-    batch = torch.stack([ids[i:i + chunk] for i in range(0, len(ids) - chunk, chunk)][:4])
+    batch = torch.stack([ids[i : i + chunk] for i in range(0, len(ids) - chunk, chunk)][:4])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # ops this small run many times faster on one thread than on contended cores
@@ -74,13 +74,22 @@ def tiny(tmp_path_factory):
     from llmforge_plugins.training.models import train_tokenizer
 
     root = tmp_path_factory.mktemp("gguf_quant")
-    tokenizer = train_tokenizer(CORPUS * 20 + [TOKENIZER_PROBE] * 5, VOCAB,
-                                 resolve_template("chatml", load_registry(env="").chat_templates))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTER,
-                         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                         max_position_embeddings=512, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    tokenizer = train_tokenizer(
+        CORPUS * 20 + [TOKENIZER_PROBE] * 5, VOCAB, resolve_template("chatml", load_registry(env="").chat_templates)
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     _train_a_little(model, tokenizer)
@@ -131,7 +140,7 @@ def test_quant_types_are_llama_cpps_own():
     for name, value in QUANT_TYPES.items():
         constant = "LLAMA_FTYPE_ALL_F32" if name == "F32" else f"LLAMA_FTYPE_MOSTLY_{name}"
         assert getattr(llama_cpp, constant) == value, name
-    offered = {n[len("LLAMA_FTYPE_MOSTLY_"):] for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_")}
+    offered = {n[len("LLAMA_FTYPE_MOSTLY_") :] for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_")}
     assert offered - set(QUANT_TYPES) == {"NVFP4"}  # the one this quantizer refuses (no default tensor type)
 
     assert needs_imatrix("iq2_xxs") and needs_imatrix("IQ1_S") and needs_imatrix("q2_k_s")
@@ -178,8 +187,11 @@ def test_importance_matrix_is_the_mean_squared_input_of_each_weight(tiny, imatri
     from llmforge_plugins.gguf.imatrix import load_imatrix
 
     matrix = load_imatrix(imatrix_file)
-    expected = {f"blk.{i}.{n}.weight" for i in range(LAYERS)
-                for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    expected = {
+        f"blk.{i}.{n}.weight"
+        for i in range(LAYERS)
+        for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    }
     assert set(matrix) == expected | {"output.weight"}
     assert matrix["blk.1.ffn_down.weight"].shape == (INTER,) and matrix["blk.0.attn_q.weight"].shape == (HIDDEN,)
     assert all(v.dtype == np.float32 and (v > 0).all() for v in matrix.values())
@@ -192,13 +204,12 @@ def test_importance_matrix_is_the_mean_squared_input_of_each_weight(tiny, imatri
         if len(ids) >= 2000:
             break
     ids = ids[:2000]
-    windows = [ids[i:i + 512] for i in range(0, len(ids), 512)]
+    windows = [ids[i : i + 512] for i in range(0, len(ids), 512)]
     with torch.no_grad():
         xs = [net.model.layers[0].input_layernorm(net.model.embed_tokens(torch.tensor(w))) for w in windows]
         x = torch.cat(xs).double()
         # LlamaModel's output is already through the final norm: it is what lm_head reads
-        normed_last = torch.cat([net.model(input_ids=torch.tensor([w])).last_hidden_state[0]
-                                 for w in windows]).double()
+        normed_last = torch.cat([net.model(input_ids=torch.tensor([w])).last_hidden_state[0] for w in windows]).double()
     np.testing.assert_allclose(matrix["blk.0.attn_k.weight"], (x * x).mean(0).numpy(), rtol=1e-4)
     np.testing.assert_allclose(matrix["output.weight"], (normed_last * normed_last).mean(0).numpy(), rtol=1e-3)
 
@@ -341,8 +352,10 @@ def test_scorecard_refuses_a_bad_file_first(tiny):
 
 
 def test_modules_import_nothing_heavy():
-    code = ("import sys; import llmforge_plugins.gguf.quantize, llmforge_plugins.gguf.imatrix, "
-            "llmforge_plugins.gguf.check; "
-            "print(sorted(m for m in ('torch', 'transformers', 'llama_cpp', 'gguf', 'numpy') if m in sys.modules))")
+    code = (
+        "import sys; import llmforge_plugins.gguf.quantize, llmforge_plugins.gguf.imatrix, "
+        "llmforge_plugins.gguf.check; "
+        "print(sorted(m for m in ('torch', 'transformers', 'llama_cpp', 'gguf', 'numpy') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -14,8 +14,12 @@ UI = ("typer", "textual", "rich", "click")
 
 
 def _modules_after(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return {m.split(".")[0] for m in json.loads(out.stdout.strip().splitlines()[-1])}
 
 
@@ -37,17 +41,21 @@ def test_core_imports_no_ui_library():
 
 
 def test_core_and_cli_import_no_torch():
-    loaded = _modules_after("import llmforge.cli, llmforge.cli.app\n" + "\n".join(f"import {m}" for m in core_modules()))
+    loaded = _modules_after(
+        "import llmforge.cli, llmforge.cli.app\n" + "\n".join(f"import {m}" for m in core_modules())
+    )
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
 
 
 def test_help_with_all_plugins_loaded_imports_no_torch():
     # -X importtime lists every module the real `llmforge --help` imports, plugins included.
-    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "llmforge", "--help"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "llmforge", "--help"], capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr[-2000:]
-    imported = {line.split("|")[-1].strip().split(".")[0] for line in res.stderr.splitlines()
-                if line.startswith("import time:")}
+    imported = {
+        line.split("|")[-1].strip().split(".")[0] for line in res.stderr.splitlines() if line.startswith("import time:")
+    }
     assert "typer" in imported  # the measurement works
     assert not imported & set(HEAVY), imported & set(HEAVY)
     # pydantic alone costs ~0.1 s: the built-in entry modules (plugins/hooks/) leave it to the first

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
 
+from conftest import run_cli
 from llmforge.errors import ConfigError, UsageError
 
 HIDDEN, LAYERS, VOCAB = 32, 4, 96
@@ -32,9 +32,19 @@ CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|e
 def llama_config(**kw):
     from transformers import LlamaConfig
 
-    base = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     base.update(kw)
     return LlamaConfig(**base)
 
@@ -182,8 +192,13 @@ def slerp_formula(a, b, t):
 def model_stock_formula(b, thetas):
     deltas = [(t - b).ravel() for t in thetas]
     n = len(deltas)
-    cos = np.mean([deltas[i] @ deltas[j] / (np.linalg.norm(deltas[i]) * np.linalg.norm(deltas[j]))
-                   for i in range(n) for j in range(i + 1, n)])
+    cos = np.mean(
+        [
+            deltas[i] @ deltas[j] / (np.linalg.norm(deltas[i]) * np.linalg.norm(deltas[j]))
+            for i in range(n)
+            for j in range(i + 1, n)
+        ]
+    )
     t = np.clip(n * cos / (1 + (n - 1) * cos), 0, 1)
     return t * np.mean(thetas, axis=0) + (1 - t) * b, t
 
@@ -195,8 +210,11 @@ def model_stock_formula(b, thetas):
 def test_linear_matches_the_weighted_average_and_runs(zoo, tmp_path):
     a, b, c = zoo["models"][:3]
     w = [0.5, 0.3, 0.2]
-    got = merge(tmp_path / "out", method="linear",
-                models=[{"model": str(m), "parameters": {"weight": x}} for m, x in zip((a, b, c), w)])
+    got = merge(
+        tmp_path / "out",
+        method="linear",
+        models=[{"model": str(m), "parameters": {"weight": x}} for m, x in zip((a, b, c), w)],
+    )
     ins = [read(m) for m in (a, b, c)]
     assert set(got) == set(ins[0])
     for name in got:
@@ -237,9 +255,13 @@ def test_slerp_falls_back_to_lerp_for_colinear_tensors(zoo, tmp_path):
 
 def test_task_arithmetic_matches_the_formula(zoo, tmp_path):
     base, (a, b) = zoo["base"], zoo["models"][:2]
-    got = merge(tmp_path / "out", method="task_arithmetic", base=base,
-                models=[{"model": str(a), "parameters": {"weight": 1.0}}, {"model": str(b), "parameters": {"weight": 0.5}}],
-                parameters={"lambda": [{"filter": "mlp", "value": 0.5}, {"value": [0.0, 1.0]}]})
+    got = merge(
+        tmp_path / "out",
+        method="task_arithmetic",
+        base=base,
+        models=[{"model": str(a), "parameters": {"weight": 1.0}}, {"model": str(b), "parameters": {"weight": 0.5}}],
+        parameters={"lambda": [{"filter": "mlp", "value": 0.5}, {"value": [0.0, 1.0]}]},
+    )
     tb, ta, tt = read(base), read(a), read(b)
     for name, value in got.items():
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
@@ -256,9 +278,15 @@ def test_task_arithmetic_matches_the_formula(zoo, tmp_path):
 def test_ties_matches_the_formula(zoo, tmp_path):
     base, models = zoo["base"], zoo["models"][:3]
     weights, densities = [1.0, 0.6, 0.8], [0.5, 0.3, 0.7]
-    got = merge(tmp_path / "out", method="ties", base=base, parameters={"lambda": 0.9},
-                models=[{"model": str(m), "parameters": {"weight": w, "density": d}}
-                        for m, w, d in zip(models, weights, densities)])
+    got = merge(
+        tmp_path / "out",
+        method="ties",
+        base=base,
+        parameters={"lambda": 0.9},
+        models=[
+            {"model": str(m), "parameters": {"weight": w, "density": d}} for m, w, d in zip(models, weights, densities)
+        ],
+    )
     tb, ins = read(base), [read(m) for m in models]
     for name, value in got.items():
         close(value, ties_formula(tb[name], [t[name] for t in ins], weights, densities, lam=0.9))
@@ -267,8 +295,9 @@ def test_ties_matches_the_formula(zoo, tmp_path):
 
 def test_ties_without_normalize(zoo, tmp_path):
     base, models = zoo["base"], zoo["models"][:2]
-    got = merge(tmp_path / "out", method="ties", base=base, models=models,
-                parameters={"density": 0.4, "normalize": False})
+    got = merge(
+        tmp_path / "out", method="ties", base=base, models=models, parameters={"density": 0.4, "normalize": False}
+    )
     tb, ins = read(base), [read(m) for m in models]
     for name, value in got.items():
         close(value, ties_formula(tb[name], [t[name] for t in ins], [1, 1], [0.4, 0.4], normalize=False))
@@ -312,8 +341,9 @@ def test_dare_ties_keeps_density_and_elects_signs(zoo, tmp_path):
         assert np.min(np.abs(candidates - change), axis=0).max() < 1e-5, name
         same = np.sign(d1) == np.sign(d2)
         changed += (change != 0).sum()
-        both += (np.isclose(change, (d1 + d2) / 0.5 / 2, rtol=0, atol=1e-7) & same
-                 & ~np.isclose(d1, d2, rtol=0, atol=1e-7)).sum()
+        both += (
+            np.isclose(change, (d1 + d2) / 0.5 / 2, rtol=0, atol=1e-7) & same & ~np.isclose(d1, d2, rtol=0, atol=1e-7)
+        ).sum()
         agree += (same & ~np.isclose(d1, d2, rtol=0, atol=1e-7)).sum()
         total += change.size
     # an entry survives unless both models dropped it (1 − (1 − p)² = 0.75); agreeing entries are averaged
@@ -337,9 +367,14 @@ def test_model_stock_matches_the_formula(zoo, tmp_path):
 
 def test_passthrough_stacks_layer_slices_into_a_deeper_model(zoo, tmp_path):
     a, b = zoo["models"][:2]
-    got = merge(tmp_path / "out", method="passthrough",
-                slices=[{"sources": [{"model": str(a), "layer_range": [0, 4]}]},
-                        {"sources": [{"model": str(b), "layer_range": [0, 4]}]}])
+    got = merge(
+        tmp_path / "out",
+        method="passthrough",
+        slices=[
+            {"sources": [{"model": str(a), "layer_range": [0, 4]}]},
+            {"sources": [{"model": str(b), "layer_range": [0, 4]}]},
+        ],
+    )
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["num_hidden_layers"] == 8
     ta, tb = read(a), read(b)
@@ -356,13 +391,19 @@ def test_passthrough_stacks_layer_slices_into_a_deeper_model(zoo, tmp_path):
 
 def test_depth_upscaling_with_overlapping_slices_and_scale_filter(zoo, tmp_path):
     a = zoo["models"][0]
-    got = merge(tmp_path / "out", method="passthrough",
-                parameters={"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]},
-                slices=[{"sources": [{"model": str(a), "layer_range": [0, 3]}]},
-                        {"sources": [{"model": str(a), "layer_range": [1, 4]}]}])
+    got = merge(
+        tmp_path / "out",
+        method="passthrough",
+        parameters={"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]},
+        slices=[
+            {"sources": [{"model": str(a), "layer_range": [0, 3]}]},
+            {"sources": [{"model": str(a), "layer_range": [1, 4]}]},
+        ],
+    )
     ta = read(a)
-    np.testing.assert_allclose(got["model.layers.3.self_attn.o_proj.weight"],
-                               0.5 * ta["model.layers.1.self_attn.o_proj.weight"])
+    np.testing.assert_allclose(
+        got["model.layers.3.self_attn.o_proj.weight"], 0.5 * ta["model.layers.1.self_attn.o_proj.weight"]
+    )
     np.testing.assert_array_equal(got["model.layers.5.mlp.up_proj.weight"], ta["model.layers.3.mlp.up_proj.weight"])
     runs(tmp_path / "out", n_layers=6)
 
@@ -370,12 +411,16 @@ def test_depth_upscaling_with_overlapping_slices_and_scale_filter(zoo, tmp_path)
 def test_slices_merge_layer_ranges_of_several_models(zoo, tmp_path):
     """A slice with two sources merges their layers with the method (here linear)."""
     a, b = zoo["models"][:2]
-    got = merge(tmp_path / "out", method="linear",
-                slices=[{"sources": [{"model": str(a), "layer_range": [0, 2]},
-                                     {"model": str(b), "layer_range": [2, 4]}]}])
+    got = merge(
+        tmp_path / "out",
+        method="linear",
+        slices=[{"sources": [{"model": str(a), "layer_range": [0, 2]}, {"model": str(b), "layer_range": [2, 4]}]}],
+    )
     ta, tb = read(a), read(b)
-    close(got["model.layers.1.mlp.down_proj.weight"],
-          (ta["model.layers.1.mlp.down_proj.weight"] + tb["model.layers.3.mlp.down_proj.weight"]) / 2)
+    close(
+        got["model.layers.1.mlp.down_proj.weight"],
+        (ta["model.layers.1.mlp.down_proj.weight"] + tb["model.layers.3.mlp.down_proj.weight"]) / 2,
+    )
     close(got["model.norm.weight"], (ta["model.norm.weight"] + tb["model.norm.weight"]) / 2)
     runs(tmp_path / "out", n_layers=2)
 
@@ -453,8 +498,15 @@ def test_output_is_a_complete_model_directory(zoo, tmp_path):
     finally:
         (base / "llmforge.json").unlink()
     names = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
-            "model.safetensors", "llmforge.json"} <= names, names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "model.safetensors",
+        "llmforge.json",
+    } <= names, names
     assert not [n for n in names if n.startswith(".")]
     card = (tmp_path / "out" / "README.md").read_text()
     assert card.startswith("---\n") and "base_model:" in card and str(base) in card and "task_arithmetic" in card
@@ -490,8 +542,9 @@ def lora(zoo, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     torch.manual_seed(5)
     model = AutoModelForCausalLM.from_pretrained(str(zoo["base"]))
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=12, target_modules="all-linear",
-                                                  init_lora_weights=False, lora_dropout=0.0))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=12, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.0)
+    )
     peft_model.save_pretrained(str(root / "adapter"))
     tokenizer().save_pretrained(str(root / "adapter"))
     return root / "adapter"
@@ -534,8 +587,11 @@ def read_adapter(path: Path) -> dict:
 def test_adapters_are_merged_into_their_base_before_merging(zoo, lora, tmp_path):
     merged_adapter = tmp_path / "merged-adapter"
     merge(merged_adapter, method="passthrough", models=[{"model": str(lora), "lora_base": str(zoo["base"])}])
-    got = merge(tmp_path / "out", method="linear",
-                models=[{"model": str(lora), "lora_base": str(zoo["base"])}, str(zoo["models"][0])])
+    got = merge(
+        tmp_path / "out",
+        method="linear",
+        models=[{"model": str(lora), "lora_base": str(zoo["base"])}, str(zoo["models"][0])],
+    )
     tl, tm = read(merged_adapter), read(zoo["models"][0])
     for name, value in got.items():
         close(value, (tl[name] + tm[name]) / 2)
@@ -548,8 +604,26 @@ def test_adapters_are_merged_into_their_base_before_merging(zoo, lora, tmp_path)
 def test_cli_merge_with_weights_and_set(zoo, tmp_path):
     a, b = zoo["models"][:2]
     out = tmp_path / "out"
-    res = run_cli("merge", str(out), "--method", "task_arithmetic", "--base", str(zoo["base"]), "--model", str(a),
-                  "--model", str(b), "--weight", "0.7", "--weight", "0.3", "--set", "lambda=0.5", "--dtype", "float32")
+    res = run_cli(
+        "merge",
+        str(out),
+        "--method",
+        "task_arithmetic",
+        "--base",
+        str(zoo["base"]),
+        "--model",
+        str(a),
+        "--model",
+        str(b),
+        "--weight",
+        "0.7",
+        "--weight",
+        "0.3",
+        "--set",
+        "lambda=0.5",
+        "--dtype",
+        "float32",
+    )
     assert res.returncode == 0, res.stderr
     assert "merged model written to" in res.stdout
     got, tb, ta, tt = read(out), read(zoo["base"]), read(a), read(b)
@@ -585,9 +659,16 @@ def bad_inputs(zoo, tmp_path_factory):
     wide = make_base(root / "wide", seed=11, intermediate_size=80)
     from transformers import MistralConfig, MistralForCausalLM
 
-    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                        tie_word_embeddings=False)
+    cfg = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(12)
     mistral = save(MistralForCausalLM(cfg), root / "mistral")
     corrupt = root / "corrupt"
@@ -605,28 +686,46 @@ def bad_inputs(zoo, tmp_path_factory):
 
 BAD_CASES = {
     # case: (arguments after OUT, what the message must say)
-    "shape mismatch": (lambda z, b: ["--method", "linear", "--model", z["models"][0], "--model", b["wide"]],
-                       ["tensor shapes differ", "model.layers.0.mlp.down_proj.weight", "[32, 64]", "[32, 80]"]),
-    "different architectures": (lambda z, b: ["--method", "linear", "--model", z["models"][0], "--model", b["mistral"]],
-                                ["different architectures", "LlamaForCausalLM", "MistralForCausalLM"]),
-    "missing model dir": (lambda z, b: ["--method", "linear", "--model", z["models"][0], "--model", "/nonexistent/m"],
-                          ["model directory not found: /nonexistent/m"]),
-    "corrupt safetensors": (lambda z, b: ["--method", "linear", "--model", z["models"][0], "--model", b["corrupt"]],
-                            ["model.safetensors: not a valid safetensors file"]),
-    "unknown method": (lambda z, b: ["--method", "tie", "--model", z["models"][0], "--model", z["models"][1]],
-                       ["--method: unknown merge method 'tie'", "did you mean 'ties'"]),
-    "bad parameter": (lambda z, b: ["--method", "ties", "--base", z["base"], "--model", z["models"][0],
-                                    "--set", "density=1.5"],
-                      ["--set density: must be <= 1 (got 1.5)"]),
-    "vocab mismatch": (lambda z, b: ["--method", "linear", "--model", z["models"][0], "--model", b["vocab"]],
-                       ["vocabulary sizes differ", "96", "104"]),
-    "quantized input": (lambda z, b: ["--method", "linear", "--model", z["models"][0], "--model", b["quantized"]],
-                        ["is quantized (bitsandbytes)", "full-precision"]),
-    "weights without models": (lambda z, b: ["--method", "linear", "--model", z["models"][0], "--weight", "1",
-                                             "--weight", "2"],
-                               ["2 --weight for 1 --model"]),
-    "slerp needs two": (lambda z, b: ["--method", "slerp", "--model", z["models"][0], "--set", "t=0.5"],
-                        ["exactly two models"]),
+    "shape mismatch": (
+        lambda z, b: ["--method", "linear", "--model", z["models"][0], "--model", b["wide"]],
+        ["tensor shapes differ", "model.layers.0.mlp.down_proj.weight", "[32, 64]", "[32, 80]"],
+    ),
+    "different architectures": (
+        lambda z, b: ["--method", "linear", "--model", z["models"][0], "--model", b["mistral"]],
+        ["different architectures", "LlamaForCausalLM", "MistralForCausalLM"],
+    ),
+    "missing model dir": (
+        lambda z, b: ["--method", "linear", "--model", z["models"][0], "--model", "/nonexistent/m"],
+        ["model directory not found: /nonexistent/m"],
+    ),
+    "corrupt safetensors": (
+        lambda z, b: ["--method", "linear", "--model", z["models"][0], "--model", b["corrupt"]],
+        ["model.safetensors: not a valid safetensors file"],
+    ),
+    "unknown method": (
+        lambda z, b: ["--method", "tie", "--model", z["models"][0], "--model", z["models"][1]],
+        ["--method: unknown merge method 'tie'", "did you mean 'ties'"],
+    ),
+    "bad parameter": (
+        lambda z, b: ["--method", "ties", "--base", z["base"], "--model", z["models"][0], "--set", "density=1.5"],
+        ["--set density: must be <= 1 (got 1.5)"],
+    ),
+    "vocab mismatch": (
+        lambda z, b: ["--method", "linear", "--model", z["models"][0], "--model", b["vocab"]],
+        ["vocabulary sizes differ", "96", "104"],
+    ),
+    "quantized input": (
+        lambda z, b: ["--method", "linear", "--model", z["models"][0], "--model", b["quantized"]],
+        ["is quantized (bitsandbytes)", "full-precision"],
+    ),
+    "weights without models": (
+        lambda z, b: ["--method", "linear", "--model", z["models"][0], "--weight", "1", "--weight", "2"],
+        ["2 --weight for 1 --model"],
+    ),
+    "slerp needs two": (
+        lambda z, b: ["--method", "slerp", "--model", z["models"][0], "--set", "t=0.5"],
+        ["exactly two models"],
+    ),
 }
 
 
@@ -684,8 +783,9 @@ def test_force_replaces_only_an_earlier_merge_output_and_replace_names_the_folde
     src = tmp_path / "models"
     shutil.copytree(out, src / "merged")
     for target, what in ((src / "merged", "is an input"), (src, "holds an input")):
-        res = run_cli("merge", str(target), "--method", "linear", "--model", str(src / "merged"), "--model", str(a),
-                      "--force")
+        res = run_cli(
+            "merge", str(target), "--method", "linear", "--model", str(src / "merged"), "--model", str(a), "--force"
+        )
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert f"{target} {what} of this merge ({src / 'merged'}): --force would delete it" in res.stderr
     assert (src / "merged" / "model.safetensors").is_file()
@@ -722,9 +822,14 @@ def test_recipe_problems_are_located_by_key_path(zoo):
     from llmforge_plugins.merge.options import MergeOptions
     from llmforge_plugins.merge.plan import static_problems
 
-    o = MergeOptions.model_validate({
-        "method": "ties", "base": "b", "parameters": {"densty": 0.5, "lambda": [1.0, 2.0]},
-        "models": [{"model": "a", "parameters": {"normalize": True, "density": [{"filter": "mlp", "value": 0}]}}]})
+    o = MergeOptions.model_validate(
+        {
+            "method": "ties",
+            "base": "b",
+            "parameters": {"densty": 0.5, "lambda": [1.0, 2.0]},
+            "models": [{"model": "a", "parameters": {"normalize": True, "density": [{"filter": "mlp", "value": 0}]}}],
+        }
+    )
     problems = {p.where: p.message for p in static_problems(o, methods())}
     assert "did you mean 'density'" in problems["parameters.densty"]
     assert "whole merge" in problems["models[0].parameters.normalize"]
@@ -771,7 +876,7 @@ seed = 4
 name = "merged"
 uses = "merge"
 method = "dare_ties"
-base = "{zoo['base']}"
+base = "{zoo["base"]}"
 models = [{{ model = "{a}", parameters = {{ weight = 0.6 }} }}, {{ model = "{b}" }}]
 parameters = {{ density = 0.5 }}
 dtype = "bfloat16"
@@ -793,8 +898,15 @@ slices = [{{ sources = [{{ model = "@merged", layer_range = [0, 4] }}] }},
     info = result.stages["merged"]["info"]
     assert info["method"] == "dare_ties" and info["tensors"] == len(read(zoo["base"]))
     # the seed came from [project].seed: the same merge by hand with seed 4 is identical
-    by_hand = merge(tmp_path / "by-hand", method="dare_ties", base=zoo["base"], dtype="bfloat16", seed=4,
-                    models=[{"model": str(a), "parameters": {"weight": 0.6}}, str(b)], parameters={"density": 0.5})
+    by_hand = merge(
+        tmp_path / "by-hand",
+        method="dare_ties",
+        base=zoo["base"],
+        dtype="bfloat16",
+        seed=4,
+        models=[{"model": str(a), "parameters": {"weight": 0.6}}, str(b)],
+        parameters={"density": 0.5},
+    )
     staged = read(result.run_dir / "stages" / "merged" / "artifacts" / "model")
     assert all(np.array_equal(staged[n], by_hand[n]) for n in by_hand)
 
@@ -805,8 +917,8 @@ def test_merge_stage_bad_parameter_is_a_validation_problem(zoo, project):
 name = "m"
 uses = "merge"
 method = "ties"
-base = "{zoo['base']}"
-models = [{{ model = "{zoo['models'][0]}" }}]
+base = "{zoo["base"]}"
+models = [{{ model = "{zoo["models"][0]}" }}]
 parameters = {{ density = 1.5 }}
 """)
     res = project.run("validate")

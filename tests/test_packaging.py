@@ -14,8 +14,23 @@ from conftest import ROOT, run_cli
 
 def test_wheel_contents_and_entry_points_work_when_installed(tmp_path: Path):
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(wheels), str(ROOT)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next(wheels.glob("llmforge-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "llmforge_plugins/shell.py" in names
@@ -26,20 +41,44 @@ def test_wheel_contents_and_entry_points_work_when_installed(tmp_path: Path):
     assert "[llmforge]" in text and "llmforge_plugins.hooks.shell" in text
 
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
-                    str(target), str(wheel)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     res = run_cli("plugins", "list", "--json", plugins=[target])
     assert res.returncode == 0, res.stderr
     plugins = {p["name"]: p for p in json.loads(res.stdout)["plugins"]}
     assert plugins["shell"]["builtin"] and plugins["copy"]["builtin"]
-    where = subprocess.run([sys.executable, "-c", "import llmforge_plugins.shell as m; print(m.__file__)"],
-                           capture_output=True, text=True, env={"PYTHONPATH": str(target)}, check=True)
+    where = subprocess.run(
+        [sys.executable, "-c", "import llmforge_plugins.shell as m; print(m.__file__)"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(target)},
+        check=True,
+    )
     assert where.stdout.strip().startswith(str(target)), "the wheel's copy must be the one imported"
 
 
 def test_editable_install_imports_plugins_from_the_source_tree():
-    res = subprocess.run([sys.executable, "-c", "import llmforge_plugins.shell as m; print(m.__file__)"],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", "import llmforge_plugins.shell as m; print(m.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     path = Path(res.stdout.strip())
     # Installed editable (development) or from a wheel (CI variants): either way the module is there.
     assert path.name == "shell.py"

@@ -12,14 +12,24 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import _env
 from training_data import DPO, PRETRAIN, SFT, write_data
 
 # Llama-2-7B's config.json (the fields the estimate reads); its weights are not needed to plan.
-LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-             "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,
-             "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False,
-             "torch_dtype": "float16", "rms_norm_eps": 1e-5}
+LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "rms_norm_eps": 1e-5,
+}
 
 
 def _fake_model(root: Path, config: dict = LLAMA2_7B) -> Path:
@@ -46,16 +56,52 @@ def _big_sft_project(project) -> None:
 # the arithmetic, against the real libraries
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(model_type="llama", vocab_size=1000, hidden_size=256, num_hidden_layers=3, num_attention_heads=8,
-         num_key_value_heads=2, intermediate_size=688, tie_word_embeddings=True),
-    dict(model_type="llama", vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
-         num_key_value_heads=4, intermediate_size=512, tie_word_embeddings=False),
-    dict(model_type="qwen2", vocab_size=1200, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-         num_key_value_heads=2, intermediate_size=320, tie_word_embeddings=True),
-    dict(model_type="mistral", vocab_size=900, hidden_size=192, num_hidden_layers=2, num_attention_heads=6,
-         num_key_value_heads=2, intermediate_size=400, head_dim=48, tie_word_embeddings=False),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(
+            model_type="llama",
+            vocab_size=1000,
+            hidden_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=688,
+            tie_word_embeddings=True,
+        ),
+        dict(
+            model_type="llama",
+            vocab_size=1000,
+            hidden_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=512,
+            tie_word_embeddings=False,
+        ),
+        dict(
+            model_type="qwen2",
+            vocab_size=1200,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=320,
+            tie_word_embeddings=True,
+        ),
+        dict(
+            model_type="mistral",
+            vocab_size=900,
+            hidden_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            intermediate_size=400,
+            head_dim=48,
+            tie_word_embeddings=False,
+        ),
+    ],
+)
 def test_parameter_counts_match_transformers_models(cfg):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -75,8 +121,14 @@ def test_lora_parameter_count_matches_peft():
 
     from llmforge.planning import shape_from_config
 
-    config = LlamaConfig(vocab_size=500, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=352)
+    config = LlamaConfig(
+        vocab_size=500,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=352,
+    )
     shape = shape_from_config(config.to_dict())
     for targets in ("all-linear", ["q_proj", "v_proj"]):
         model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"))
@@ -97,14 +149,21 @@ def test_activation_bytes_match_what_autograd_keeps(mode, lora):
 
     def saved(layers: int) -> tuple[int, int]:
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=512, hidden_size=192, num_hidden_layers=layers, num_attention_heads=6,
-                             num_key_value_heads=2, intermediate_size=512)
+        config = LlamaConfig(
+            vocab_size=512,
+            hidden_size=192,
+            num_hidden_layers=layers,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            intermediate_size=512,
+        )
         model = LlamaForCausalLM(config)
         if mode == "pure16":
             model = model.to(torch.bfloat16)
         if lora:
-            model = get_peft_model(model, LoraConfig(r=8, lora_dropout=0.05, target_modules="all-linear",
-                                                     task_type="CAUSAL_LM"))
+            model = get_peft_model(
+                model, LoraConfig(r=8, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+            )
         model.train()
         params = {p.data_ptr() for p in model.parameters()}
         kept: dict[int, int] = {}
@@ -116,8 +175,10 @@ def test_activation_bytes_match_what_autograd_keeps(mode, lora):
             return t
 
         ids = torch.randint(0, 512, (2, 96))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "pure16"):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "pure16"),
+        ):
             model(input_ids=ids, labels=ids)
         t = Training(2, 96, lora=lora, lora_r=8, lora_dropout=0.05)
         return sum(kept.values()), activation_bytes(shape_from_config(config.to_dict()), t, mode)[0]
@@ -156,14 +217,14 @@ def test_memory_terms_follow_the_training_setup():
     lora = estimate_training(shape, Training(1, 2048, precision="bf16", lora=True, lora_r=16), device="cuda")
     T = shape.lora_params(16)
     assert lora.parts["gradients"] == 4 * T and lora.parts["optimizer states"] == 8 * T  # fp32 adapters
-    qlora = estimate_training(shape, Training(1, 2048, precision="bf16", lora=True, lora_r=16, qlora=True),
-                              device="cuda")
+    qlora = estimate_training(
+        shape, Training(1, 2048, precision="bf16", lora=True, lora_r=16, qlora=True), device="cuda"
+    )
     lin = shape.linear_params()
     assert qlora.parts["weights"] == pytest.approx(lin * 0.516 + (P - lin) * 2 + 4 * T, rel=0.01)
     assert qlora.peak < lora.peak < full.peak
 
-    dpo = estimate_training(shape, Training(1, 2048, precision="bf16", pairs=True, reference_copy=True),
-                            device="cuda")
+    dpo = estimate_training(shape, Training(1, 2048, precision="bf16", pairs=True, reference_copy=True), device="cuda")
     assert dpo.parts["reference model"] == 2 * P
     assert dpo.parts["activations"] == pytest.approx(2 * full.parts["activations"], rel=0.01)
 
@@ -173,8 +234,12 @@ def test_memory_terms_follow_the_training_setup():
     assert z3.parts["master weights (fp32)"] + z3.parts["optimizer states"] == pytest.approx(12 * P / 8)
     z1 = estimate_training(shape, bf16, Backend("deepspeed", procs_per_node=8, zero_stage=1), device="cuda")
     assert z1.parts["weights"] == 2 * P and z1.parts["gradients"] == 2 * P
-    off = estimate_training(shape, bf16, Backend("deepspeed", procs_per_node=8, zero_stage=3,
-                                                 offload_optimizer="cpu", offload_params="cpu"), device="cuda")
+    off = estimate_training(
+        shape,
+        bf16,
+        Backend("deepspeed", procs_per_node=8, zero_stage=3, offload_optimizer="cpu", offload_params="cpu"),
+        device="cuda",
+    )
     assert "optimizer states" not in off.parts and "weights" not in off.parts
     assert off.host_parts["optimizer (offloaded)"] > 12 * P / 8
     assert off.host > 8 * (off.host_parts["optimizer (offloaded)"] + off.host_parts["weights (offloaded)"])
@@ -191,8 +256,9 @@ def test_gguf_sizes_follow_bits_per_weight():
     from llmforge.planning import shape_from_config
     from llmforge_plugins.gguf.estimate import GGUF_BPW, gguf_estimate
 
-    shape = shape_from_config({**LLAMA2_7B, "vocab_size": 128256, "num_key_value_heads": 8,
-                               "intermediate_size": 14336})  # Llama-3-8B's shape
+    shape = shape_from_config(
+        {**LLAMA2_7B, "vocab_size": 128256, "num_key_value_heads": 8, "intermediate_size": 14336}
+    )  # Llama-3-8B's shape
     est = gguf_estimate(shape, "f16", ["Q4_K_M", "Q8_0"], check=False, imatrix=False)
     # llama-quantize's own table: Llama-3-8B is 4.58 GiB in Q4_K_M and 7.96 GiB in Q8_0
     assert est.disk_parts["Q4_K_M"] / 2**30 == pytest.approx(4.58, rel=0.01)
@@ -207,8 +273,11 @@ def test_gguf_sizes_follow_bits_per_weight():
 
 def test_plan_estimates_every_stage_of_a_pipeline(project):
     write_data(project.root)
-    project.write(PRETRAIN.format(steps=2) + SFT.format(steps=2).replace(
-        'log_every = 2', 'log_every = 2\nlora = { enabled = true, r = 8 }\nmerge = true') + DPO.format(steps=2) + """
+    project.write(
+        PRETRAIN.format(steps=2)
+        + SFT.format(steps=2).replace("log_every = 2", "log_every = 2\nlora = { enabled = true, r = 8 }\nmerge = true")
+        + DPO.format(steps=2)
+        + """
 [[stages]]
 name = "gguf"
 uses = "gguf"
@@ -219,7 +288,8 @@ quantize = ["Q4_K_M"]
 name = "note"
 uses = "shell"
 command = "echo done"
-""")
+"""
+    )
     res = project.run("plan", "--json")
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
@@ -243,8 +313,15 @@ command = "echo done"
 
     pretty = project.run("plan")
     assert pretty.returncode == 0, pretty.stderr
-    for text in ("pretrain (pretrain)", "sft (sft)", "LoRA r=8", "peak per process (RAM)", "disk: Q4_K_M",
-                 "note (shell): no estimate", "disk for the whole pipeline"):
+    for text in (
+        "pretrain (pretrain)",
+        "sft (sft)",
+        "LoRA r=8",
+        "peak per process (RAM)",
+        "disk: Q4_K_M",
+        "note (shell): no estimate",
+        "disk for the whole pipeline",
+    ):
         assert text in pretty.stdout, text
 
 
@@ -274,12 +351,21 @@ def test_plan_against_a_gpu_machine_suggests_qlora_zero_and_offload(project, llm
     from llmforge.planning import plan
 
     _big_sft_project(project)
-    gpu = {"index": 0, "name": "test GPU", "memory_total_bytes": 24 * 2**30, "memory_free_bytes": 23 * 2**30,
-           "compute_capability": "8.9", "bf16": True, "driver": "x"}
+    gpu = {
+        "index": 0,
+        "name": "test GPU",
+        "memory_total_bytes": 24 * 2**30,
+        "memory_free_bytes": 23 * 2**30,
+        "compute_capability": "8.9",
+        "bf16": True,
+        "driver": "x",
+    }
     machine = Machine(ram_total=64 * 2**30, ram_available=60 * 2**30, disk_free=10**13, gpus=[gpu, {**gpu, "index": 1}])
-    pipe = load_pipeline(project.config, ["backend.type=accelerate", "backend.num_processes=2",
-                                          "big.max_length=2048", "big.micro_batch_size=1"],
-                         registry=llmforge_registry())
+    pipe = load_pipeline(
+        project.config,
+        ["backend.type=accelerate", "backend.num_processes=2", "big.max_length=2048", "big.micro_batch_size=1"],
+        registry=llmforge_registry(),
+    )
     sp = plan(pipe, machine=machine).stages[0]
     assert sp.estimate.device == "cuda" and sp.training.precision == "bf16"  # auto on a bf16 GPU
     assert sp.backend.describe() == "accelerate DDP x2" and "DDP gradient buckets" in sp.estimate.parts
@@ -303,7 +389,9 @@ def test_a_third_party_stage_estimates_itself(project, plugin_site):
     site = plugin_site("estimate-plugin")
     write_data(project.root)
     _fake_model(project.root / "huge", {**LLAMA2_7B, "num_hidden_layers": 640})  # ~130B parameters
-    project.write(PRETRAIN.format(steps=2) + """
+    project.write(
+        PRETRAIN.format(steps=2)
+        + """
 [[stages]]
 name = "score"
 uses = "score"
@@ -318,7 +406,8 @@ uses = "quiet"
 name = "huge"
 uses = "score"
 model = "huge"
-""")
+"""
+    )
     res = project.run("plan", "--json", plugins=[site])
     assert res.returncode == 0, res.stderr
     stages = {s["stage"]: s for s in json.loads(res.stdout)["stages"]}
@@ -335,8 +424,14 @@ model = "huge"
     text = project.run("plan", plugins=[site])
     assert text.returncode == 0, text.stderr
     params = f"{pretrain['model']['parameters'] / 1e6:,.1f}M parameters (float32)"
-    for line in (f"score (score): {params}", "  model (fp32)", "  score buffer", "disk: report",
-                 "note: scored one batch at a time", "quiet (quiet): no estimate for stage kind 'quiet'"):
+    for line in (
+        f"score (score): {params}",
+        "  model (fp32)",
+        "  score buffer",
+        "disk: report",
+        "note: scored one batch at a time",
+        "quiet (quiet): no estimate for stage kind 'quiet'",
+    ):
         assert line in text.stdout, line
 
     # The fit check of `llmforge run` holds a third-party stage to its own estimate, as it does a built-in
@@ -359,12 +454,30 @@ def test_plan_and_training_choose_the_same_precision(project, llmforge_registry,
     from llmforge_plugins.training.precision import resolve_precision
 
     write_data(project.root)
-    project.write("".join(PRETRAIN.format(steps=1).replace('name = "pretrain"', f'name = "{size}"')
-                          .replace('size = "tiny"', f'size = "{size}"') for size in ("tiny", "small", "smollm-135m")))
-    gpu = {"index": 0, "name": "test GPU", "memory_total_bytes": 80 * 2**30, "memory_free_bytes": 80 * 2**30,
-           "compute_capability": "8.0" if bf16 else "7.0", "bf16": bf16, "driver": "x"}
-    machine = Machine(ram_total=64 * 2**30, ram_available=60 * 2**30, disk_free=10**13,
-                      gpus=[gpu] if device == "cuda" else [], cpu_bf16_fast=device == "cpu" and bf16)
+    project.write(
+        "".join(
+            PRETRAIN.format(steps=1)
+            .replace('name = "pretrain"', f'name = "{size}"')
+            .replace('size = "tiny"', f'size = "{size}"')
+            for size in ("tiny", "small", "smollm-135m")
+        )
+    )
+    gpu = {
+        "index": 0,
+        "name": "test GPU",
+        "memory_total_bytes": 80 * 2**30,
+        "memory_free_bytes": 80 * 2**30,
+        "compute_capability": "8.0" if bf16 else "7.0",
+        "bf16": bf16,
+        "driver": "x",
+    }
+    machine = Machine(
+        ram_total=64 * 2**30,
+        ram_available=60 * 2**30,
+        disk_free=10**13,
+        gpus=[gpu] if device == "cuda" else [],
+        cpu_bf16_fast=device == "cpu" and bf16,
+    )
     planned = plan(load_pipeline(project.config, registry=llmforge_registry()), machine=machine)
 
     # The same facts as torch and the CPU probe would report them to the training plugin.
@@ -380,18 +493,24 @@ def test_plan_and_training_choose_the_same_precision(project, llmforge_registry,
         assert trainer["bf16"] == (trainer["_name"] == "bf16") and trainer["fp16"] == (trainer["_name"] == "fp16")
         chosen.add(trainer["_name"])
     # the cases cover each answer: fp32 and bf16 by size on a fast-bf16 CPU, bf16/fp16 by GPU
-    expected = {("cpu", False): {"fp32"}, ("cpu", True): {"fp32", "bf16"}, ("cuda", True): {"bf16"},
-                ("cuda", False): {"fp16"}}[(device, bf16)]
+    expected = {
+        ("cpu", False): {"fp32"},
+        ("cpu", True): {"fp32", "bf16"},
+        ("cuda", True): {"bf16"},
+        ("cuda", False): {"fp16"},
+    }[(device, bf16)]
     assert chosen == expected
 
 
 def test_planning_imports_no_torch(project):
     write_data(project.root)
     project.write(PRETRAIN.format(steps=2) + SFT.format(steps=2))
-    code = ("import sys; from llmforge.pipeline import load_pipeline; from llmforge.planning import plan; "
-            "from llmforge.plugins import load_registry; "
-            "p = plan(load_pipeline('forge.toml', registry=load_registry())); assert p.stages[1].estimate.peak > 0; "
-            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules))")
+    code = (
+        "import sys; from llmforge.pipeline import load_pipeline; from llmforge.planning import plan; "
+        "from llmforge.plugins import load_registry; "
+        "p = plan(load_pipeline('forge.toml', registry=load_registry())); assert p.stages[1].estimate.peak > 0; "
+        "print(sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules))"
+    )
     res = subprocess.run([sys.executable, "-c", code], cwd=project.root, capture_output=True, text=True, env=_env())
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
@@ -412,12 +531,15 @@ def test_run_refuses_a_stage_that_cannot_fit_and_the_flag_overrides(project):
     assert not project.runs.exists()  # refused before any run folder
 
     # Selecting only another stage does not check this one
-    project.write(project.config.read_text() + """
+    project.write(
+        project.config.read_text()
+        + """
 [[stages]]
 name = "hello"
 uses = "shell"
 command = "echo hello"
-""")
+"""
+    )
     assert project.run("run", "--stage", "hello").returncode == 0
 
     # With the override the stage starts, and fails for what it really lacks: the weights
@@ -488,8 +610,9 @@ print(json.dumps({"status": result.status, "baseline": base, "peak_before": befo
 
 
 def _measure(root: Path) -> dict:
-    res = subprocess.run([sys.executable, "-c", MEASURE], cwd=root, capture_output=True, text=True, env=_env(),
-                         timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", MEASURE], cwd=root, capture_output=True, text=True, env=_env(), timeout=600
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["status"] == "done", out
@@ -501,8 +624,36 @@ def _measure(root: Path) -> dict:
 def _synthetic_text(root: Path) -> None:
     """Text made of a few thousand made-up words: enough distinct words for a 4096-token vocabulary."""
     rng = random.Random(0)
-    syl = ["ka", "lo", "mi", "ren", "tor", "vas", "pel", "qui", "zan", "dor", "fe", "gu", "hal", "jin", "nor",
-           "ost", "pra", "sel", "tu", "wex", "yil", "bra", "cle", "dro", "esk", "fin", "gra", "hum"]
+    syl = [
+        "ka",
+        "lo",
+        "mi",
+        "ren",
+        "tor",
+        "vas",
+        "pel",
+        "qui",
+        "zan",
+        "dor",
+        "fe",
+        "gu",
+        "hal",
+        "jin",
+        "nor",
+        "ost",
+        "pra",
+        "sel",
+        "tu",
+        "wex",
+        "yil",
+        "bra",
+        "cle",
+        "dro",
+        "esk",
+        "fin",
+        "gra",
+        "hum",
+    ]
     words = ["".join(rng.choice(syl) for _ in range(rng.randint(1, 4))) for _ in range(6000)]
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -513,8 +664,9 @@ def _synthetic_text(root: Path) -> None:
         for _ in range(600):
             q = " ".join(rng.choice(words) for _ in range(rng.randint(5, 30)))
             a = " ".join(rng.choice(words) for _ in range(rng.randint(20, 80)))
-            f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                             {"role": "assistant", "content": a}]}) + "\n")
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            )
 
 
 @pytest.mark.slow

@@ -114,8 +114,10 @@ def test_builtins_load_through_the_entry_point_group():
 
 
 def test_broken_plugin_is_listed_with_its_error(broken):
-    text, js = parallel((run_cli, ("plugins", "list"), {"plugins": [broken]}),
-                        (run_cli, ("plugins", "list", "--json"), {"plugins": [broken]}))
+    text, js = parallel(
+        (run_cli, ("plugins", "list"), {"plugins": [broken]}),
+        (run_cli, ("plugins", "list", "--json"), {"plugins": [broken]}),
+    )
     ok(text)
     out = flat(text.stdout)
     assert "failed to load broken (broken-plugin)" in out
@@ -125,7 +127,7 @@ def test_broken_plugin_is_listed_with_its_error(broken):
 
     data = json.loads(ok(js).stdout)
     assert "broken" not in by_name(data)
-    assert BUILTINS <= set(by_name(data))
+    assert set(by_name(data)) >= BUILTINS
     errors = [e for e in data["errors"] if e["plugin"] == "broken"]
     assert len(errors) == 1, data["errors"]
     err = errors[0]
@@ -148,8 +150,10 @@ def test_plugins_list_verbose_shows_the_traceback(broken):
 
 
 def test_bad_register_plugin_is_listed_with_its_error(bad_register):
-    text, js = parallel((run_cli, ("plugins", "list"), {"plugins": [bad_register]}),
-                        (run_cli, ("plugins", "list", "--json"), {"plugins": [bad_register]}))
+    text, js = parallel(
+        (run_cli, ("plugins", "list"), {"plugins": [bad_register]}),
+        (run_cli, ("plugins", "list", "--json"), {"plugins": [bad_register]}),
+    )
     out = flat(ok(text).stdout)
     assert "bad_register (bad-register-plugin)" in out
     assert "register_stages failed: RuntimeError: bad-register-plugin cannot register its stages" in out
@@ -169,21 +173,29 @@ def test_bad_register_plugin_is_listed_with_its_error(bad_register):
 
 def test_register_commands_failure_is_reported_not_raised(bad_register):
     env = {"BAD_REGISTER_COMMANDS": "1"}
-    js, stages = parallel((run_cli, ("plugins", "list", "--json"), {"plugins": [bad_register], "env": env}),
-                          (run_cli, ("stages", "list", "--json"), {"plugins": [bad_register], "env": env}))
+    js, stages = parallel(
+        (run_cli, ("plugins", "list", "--json"), {"plugins": [bad_register], "env": env}),
+        (run_cli, ("stages", "list", "--json"), {"plugins": [bad_register], "env": env}),
+    )
     errors = json.loads(ok(js).stdout)["errors"]
-    assert any(e["plugin"] == "bad_register" and "register_commands failed" in e["error"]
-               and "cannot register its commands" in e["error"] for e in errors), errors
+    assert any(
+        e["plugin"] == "bad_register"
+        and "register_commands failed" in e["error"]
+        and "cannot register its commands" in e["error"]
+        for e in errors
+    ), errors
     assert {"shell", "copy"} <= {row["kind"] for row in json.loads(ok(stages).stdout)}
 
 
 def test_other_commands_work_with_bad_plugins_installed(broken, bad_register, project):
     project.write(SHELL_PROJECT)
     plugins = [broken, bad_register]
-    stages, validate = parallel((project.run, ("stages", "list", "--json"), {"plugins": plugins}),
-                                (project.run, ("validate",), {"plugins": plugins}))
+    stages, validate = parallel(
+        (project.run, ("stages", "list", "--json"), {"plugins": plugins}),
+        (project.run, ("validate",), {"plugins": plugins}),
+    )
     kinds = {row["kind"] for row in json.loads(ok(stages).stdout)}
-    assert BUILTINS <= kinds
+    assert kinds >= BUILTINS
     assert "valid" in ok(validate).stdout
 
     run = ok(project.run("run", plugins=plugins))
@@ -202,8 +214,10 @@ def test_colliding_stage_kinds_first_distribution_wins(collide, project):
         name = "t"
         uses = "twin"
     """)
-    js, text = parallel((project.run, ("plugins", "list", "--json"), {"plugins": collide}),
-                        (project.run, ("plugins", "list"), {"plugins": collide}))
+    js, text = parallel(
+        (project.run, ("plugins", "list", "--json"), {"plugins": collide}),
+        (project.run, ("plugins", "list"), {"plugins": collide}),
+    )
     data = json.loads(ok(js).stdout)
     plugins = by_name(data)
     assert plugins["zeta"]["dist"] == "collide-a" and plugins["zeta"]["stages"] == ["twin"]
@@ -215,11 +229,14 @@ def test_colliding_stage_kinds_first_distribution_wins(collide, project):
     assert "twin" in c["message"] and "collide-a" in c["message"] and "collide-b" in c["message"]
     assert data["errors"] == []
     out = flat(ok(text).stdout)
-    assert "conflict: stage 'twin' is registered by both zeta (collide-a) and alpha (collide-b); using zeta (collide-a)" \
+    assert (
+        "conflict: stage 'twin' is registered by both zeta (collide-a) and alpha (collide-b); using zeta (collide-a)"
         in out
+    )
 
-    stages, run = parallel((project.run, ("stages", "list", "--json"), {"plugins": collide}),
-                           (project.run, ("run",), {"plugins": collide}))
+    stages, run = parallel(
+        (project.run, ("stages", "list", "--json"), {"plugins": collide}), (project.run, ("run",), {"plugins": collide})
+    )
     twin = next(row for row in json.loads(ok(stages).stdout) if row["kind"] == "twin")
     assert twin["summary"] == "twin stage from collide-a"
     assert twin["plugin"] == "zeta"
@@ -240,7 +257,8 @@ def test_collision_winner_does_not_depend_on_path_order(collide, order, monkeypa
     assert reg.stages["twin"].summary == "twin stage from collide-a"
     assert reg.owner("stages", "twin") == "zeta"
     assert [str(c) for c in reg.conflicts] == [
-        "stage 'twin' is registered by both zeta (collide-a) and alpha (collide-b); using zeta (collide-a)"]
+        "stage 'twin' is registered by both zeta (collide-a) and alpha (collide-b); using zeta (collide-a)"
+    ]
     assert [p.name for p in reg.plugins if not p.builtin] == ["zeta", "alpha"]
 
 
@@ -257,7 +275,7 @@ def test_load_plugins_empty_loads_only_builtins(many):
     data = plugins_json(many, env={ENV_VAR: ""})
     assert data["plugins"], "built-ins must still load"
     assert all(p["builtin"] for p in data["plugins"]), data["plugins"]
-    assert BUILTINS <= set(by_name(data))
+    assert set(by_name(data)) >= BUILTINS
     # nothing third-party was even imported: no load error from broken-plugin, no conflict
     assert data["errors"] == [] and data["conflicts"] == []
 
@@ -267,15 +285,17 @@ def test_load_plugins_names_one_distribution(many):
     third_party = [p for p in data["plugins"] if not p["builtin"]]
     assert [(p["name"], p["dist"]) for p in third_party] == [("alpha", "collide-b")]
     assert third_party[0]["stages"] == ["twin"]  # no rival now: collide-b's twin is used
-    assert BUILTINS <= set(by_name(data))
+    assert set(by_name(data)) >= BUILTINS
     assert data["errors"] == [] and data["conflicts"] == []
 
 
 def test_load_plugins_reports_a_name_that_is_not_installed(many):
     # Names are matched like distribution names: case and '-' vs '_' do not matter.
     env = {ENV_VAR: "Collide_B, not-installed-xyz"}
-    js, text = parallel((run_cli, ("plugins", "list", "--json"), {"plugins": many, "env": env}),
-                        (run_cli, ("plugins", "list"), {"plugins": many, "env": env}))
+    js, text = parallel(
+        (run_cli, ("plugins", "list", "--json"), {"plugins": many, "env": env}),
+        (run_cli, ("plugins", "list"), {"plugins": many, "env": env}),
+    )
     data = json.loads(ok(js).stdout)
     assert [p["dist"] for p in data["plugins"] if not p["builtin"]] == ["collide-b"]
     assert len(data["errors"]) == 1, data["errors"]
@@ -317,8 +337,9 @@ def test_in_process_plugin_with_a_misspelt_hook_is_reported_and_left_out():
     errors = {e.plugin: e for e in reg.errors}
     assert set(errors) == {"observer", "typo_module"}, reg.errors
     assert errors["observer"].error == "ValueError: implements unknown hook 'on_evnt'; did you mean 'on_event'?"
-    assert errors["typo_module"].error == ("ValueError: implements unknown hook 'register_stage'; "
-                                           "did you mean 'register_stages'?")
+    assert errors["typo_module"].error == (
+        "ValueError: implements unknown hook 'register_stage'; did you mean 'register_stages'?"
+    )
     assert errors["observer"].dist == "(in-process)" and "Traceback" in errors["observer"].details
     # left out like a failing entry point: none of its hooks is called, so the error cannot go unnoticed
     assert not {"observer", "typo_module"} & {p.name for p in reg.plugins}
@@ -354,9 +375,13 @@ class _Widget:
 def _widgets_point():
     from llmforge.extension import ExtensionPoint, subclass_of
 
-    return ExtensionPoint(hook="register_widgets", table="widgets", label="widget",
-                          doc="Register widgets: _Widget subclasses, by name.",
-                          validate=subclass_of(_Widget, instantiate=True))
+    return ExtensionPoint(
+        hook="register_widgets",
+        table="widgets",
+        label="widget",
+        doc="Register widgets: _Widget subclasses, by name.",
+        validate=subclass_of(_Widget, instantiate=True),
+    )
 
 
 class _Declarer:
@@ -423,8 +448,9 @@ def test_a_hook_of_an_undeclared_point_is_refused_with_did_you_mean():
 
     reg = load_registry(env="", extra=[("declarer", _Declarer()), ("misspelt", Misspelt()), ("orphan", Orphan())])
     errors = {e.plugin: e.error for e in reg.errors}
-    assert errors["misspelt"] == ("ValueError: implements unknown hook 'register_widget'; "
-                                  "did you mean 'register_widgets'?")
+    assert errors["misspelt"] == (
+        "ValueError: implements unknown hook 'register_widget'; did you mean 'register_widgets'?"
+    )
     assert errors["orphan"].startswith("ValueError: implements unknown hook 'register_gizmos'")
     assert not {"misspelt", "orphan"} & {p.name for p in reg.plugins}
     assert list(reg.table("widgets")) == ["cog"]  # the declarer itself is fine
@@ -463,9 +489,12 @@ def test_extension_point_clashes_and_failures_are_the_declaring_plugins_errors()
     class Rival:  # declares `widgets` again, and a point with a core table's name
         @hookimpl
         def extension_points(self):
-            return [_widgets_point(),
-                    ExtensionPoint(hook="register_more_stages", table="stages", label="stage", doc="x",
-                                   validate=lambda o: o)]
+            return [
+                _widgets_point(),
+                ExtensionPoint(
+                    hook="register_more_stages", table="stages", label="stage", doc="x", validate=lambda o: o
+                ),
+            ]
 
     class Crashing:
         @hookimpl

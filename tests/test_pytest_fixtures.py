@@ -36,8 +36,14 @@ def _plugin_args() -> list[str]:
 
 def run_author_tests(folder: Path, text: str) -> subprocess.CompletedProcess:
     (folder / "test_author.py").write_text(textwrap.dedent(text), encoding="utf-8")
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *_plugin_args(),
-                           "test_author.py"], cwd=folder, env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *_plugin_args(), "test_author.py"],
+        cwd=folder,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 AUTHOR_TESTS = '''
@@ -157,13 +163,16 @@ def test_a_plugin_authors_tests_use_the_fixtures(tmp_path):
     assert "1 failed, 6 passed" in out, out[-4000:]
     # the one failure is the misspelt hook, named with the plugin and a suggestion, without a traceback
     assert "FAILED test_author.py::test_misspelt_hook_fails_the_test" in out
-    assert ("llmforge could not load the plugins under test:\n"
-            "  Misspelt: ValueError: implements unknown hook 'on_evnt'; did you mean 'on_event'?") in out
+    assert (
+        "llmforge could not load the plugins under test:\n"
+        "  Misspelt: ValueError: implements unknown hook 'on_evnt'; did you mean 'on_event'?"
+    ) in out
     assert "Traceback" not in out
 
 
 def test_the_fixtures_plugin_loads_nothing_heavy_at_pytest_start(tmp_path):
-    (tmp_path / "test_author.py").write_text(textwrap.dedent('''
+    (tmp_path / "test_author.py").write_text(
+        textwrap.dedent("""
         import json, sys
         import pytest
 
@@ -174,11 +183,19 @@ def test_the_fixtures_plugin_loads_nothing_heavy_at_pytest_start(tmp_path):
                 print("FIXTURE True")
             except pytest.FixtureLookupError:
                 print("FIXTURE False")
-    '''), encoding="utf-8")
+    """),
+        encoding="utf-8",
+    )
 
     def modules(*plugin_args: str) -> tuple[set[str], bool]:
-        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *plugin_args,
-                              "test_author.py"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *plugin_args, "test_author.py"],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
         lines = dict(x.split(" ", 1) for x in res.stdout.splitlines() if x.startswith(("MODULES ", "FIXTURE ")))
         return set(json.loads(lines["MODULES"])), lines["FIXTURE"].strip() == "True"
@@ -196,8 +213,11 @@ def test_the_fixtures_plugin_loads_nothing_heavy_at_pytest_start(tmp_path):
 def test_fixture_names_do_not_shadow_the_projects_own():
     def fixtures(path: Path) -> set[str]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        return {node.name for node in tree.body if isinstance(node, ast.FunctionDef)
-                and any("fixture" in ast.unparse(d) for d in node.decorator_list)}
+        return {
+            node.name
+            for node in tree.body
+            if isinstance(node, ast.FunctionDef) and any("fixture" in ast.unparse(d) for d in node.decorator_list)
+        }
 
     shipped = fixtures(ROOT / "llmforge" / "testing.py")
     assert {"llmforge_registry", "llmforge_project", "llmforge_tokenizer_dir", "llmforge_tiny_model_dir"} <= shipped
@@ -210,14 +230,25 @@ def test_tiny_model_trains_in_a_real_sft_stage(llmforge_project, llmforge_tiny_m
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(llmforge_tiny_model_dir)
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
-        "<|im_start|>user\nhi<|im_end|>\n"
+    assert (
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        == "<|im_start|>user\nhi<|im_end|>\n"
+    )
     before = AutoModelForCausalLM.from_pretrained(llmforge_tiny_model_dir)
     assert before.num_parameters() < 50_000
 
-    llmforge_project.write_rows("data/chat.jsonl", [
-        {"messages": [{"role": "user", "content": f"What is the capital of Land{i}?"},
-                      {"role": "assistant", "content": f"The capital of Land{i} is Town{i}."}]} for i in range(16)])
+    llmforge_project.write_rows(
+        "data/chat.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is the capital of Land{i}?"},
+                    {"role": "assistant", "content": f"The capital of Land{i} is Town{i}."},
+                ]
+            }
+            for i in range(16)
+        ],
+    )
     llmforge_project.write(f"""
         [[stages]]
         name = "sft"

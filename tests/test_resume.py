@@ -35,15 +35,16 @@ def manifest(run_dir: Path) -> dict:
 
 def run_dirs(project) -> list[Path]:
     """The project's runs, oldest first."""
-    return sorted((p for p in project.runs.iterdir() if (p / "manifest.json").exists()),
-                  key=lambda p: manifest(p)["created"])
+    return sorted(
+        (p for p in project.runs.iterdir() if (p / "manifest.json").exists()), key=lambda p: manifest(p)["created"]
+    )
 
 
 def last_attempt(run_dir: Path) -> list[dict]:
     """The events of the run's latest attempt (after its last run_start)."""
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines() if x.strip()]
     starts = [i for i, e in enumerate(events) if e["type"] == "run_start"]
-    return events[starts[-1]:]
+    return events[starts[-1] :]
 
 
 def steps_of(events: list[dict], stage: str) -> list[int]:
@@ -76,8 +77,15 @@ def test_forced_stage_stopped_then_resumed_continues_from_its_checkpoint(project
     project.write(PIPELINE)
     assert cli(project, site, "run").returncode == 0
 
-    stopped = cli(project, site, "run", "--stage", "sft", "--force",
-                  rules=[{"type": "progress", "stage": "sft", "done": 4, "action": "sigint"}])  # Ctrl-C
+    stopped = cli(
+        project,
+        site,
+        "run",
+        "--stage",
+        "sft",
+        "--force",
+        rules=[{"type": "progress", "stage": "sft", "done": 4, "action": "sigint"}],
+    )  # Ctrl-C
     assert stopped.returncode == 130, stopped.stdout[-2000:] + stopped.stderr[-2000:]
     forced_dir = run_dirs(project)[-1]
     assert manifest(forced_dir)["stages"]["sft"]["status"] == "stopped"
@@ -107,19 +115,34 @@ def test_template_edit_forced_rerun_stopped_and_resumed_keeps_the_new_template(p
     """After a `.jinja` template edit, a forced re-run stopped and resumed ends with a model carrying the
     edited template, trained in that run, never the result built with the old one."""
     write_data(project.root)
-    source = (project.root / "t.jinja")
-    body = ("{#- llmforge: {\"eos\": \"<|im_end|>\"} -#}\n{#- VERSION -#}\n{%- for m in messages %}\n"
-            "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}\n{%- endfor %}\n"
-            "{%- if add_generation_prompt %}\n{{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n")
+    source = project.root / "t.jinja"
+    body = (
+        '{#- llmforge: {"eos": "<|im_end|>"} -#}\n{#- VERSION -#}\n{%- for m in messages %}\n'
+        "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}\n{%- endfor %}\n"
+        "{%- if add_generation_prompt %}\n{{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
+    )
     source.write_text(body.replace("VERSION", "version one"))
-    project.write(PIPELINE.replace('data = { path = "data/chat.jsonl" }',
-                                   'data = { path = "data/chat.jsonl" }\ntemplate = "t.jinja"'))
+    project.write(
+        PIPELINE.replace(
+            'data = { path = "data/chat.jsonl" }', 'data = { path = "data/chat.jsonl" }\ntemplate = "t.jinja"'
+        )
+    )
     assert cli(project, site, "run").returncode == 0
     first = run_dirs(project)[-1]
 
     source.write_text(body.replace("VERSION", "version two"))
-    assert cli(project, site, "run", "--stage", "sft", "--force",
-               rules=[{"type": "progress", "stage": "sft", "done": 4, "action": "sigint"}]).returncode == 130
+    assert (
+        cli(
+            project,
+            site,
+            "run",
+            "--stage",
+            "sft",
+            "--force",
+            rules=[{"type": "progress", "stage": "sft", "done": 4, "action": "sigint"}],
+        ).returncode
+        == 130
+    )
     forced_dir = run_dirs(project)[-1]
     resumed = cli(project, site, "run", "--resume")
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
@@ -148,14 +171,19 @@ def test_run_from_stopped_and_resumed_detached_as_the_tui_does(project, site):
         raise AssertionError(f"timed out waiting for {what}")
 
     def ended(run_dir: Path) -> bool:
-        return (run_dir / "manifest.json").exists() and manifest(run_dir)["status"] not in ("running", "starting") \
+        return (
+            (run_dir / "manifest.json").exists()
+            and manifest(run_dir)["status"] not in ("running", "starting")
             and not (run_dir / "lock").exists()
+        )
 
     cfg = project.config
     started = start_detached(Launch(cfg, from_stage="sft"))
     run_dir = started.run_dir
-    wait(lambda: (run_dir / "events.jsonl").exists() and any(
-        s >= 3 for s in steps_of(last_attempt(run_dir), "sft")), "sft to train a few steps")
+    wait(
+        lambda: (run_dir / "events.jsonl").exists() and any(s >= 3 for s in steps_of(last_attempt(run_dir), "sft")),
+        "sft to train a few steps",
+    )
     request_stop(run_dir)
     wait(lambda: ended(run_dir), "the run to stop")
     m = manifest(run_dir)
@@ -173,10 +201,14 @@ def test_run_from_stopped_and_resumed_detached_as_the_tui_does(project, site):
     assert manifest(run_dir)["selection"] == {"stages": [], "from": "sft", "force": False}
 
 
-@pytest.mark.parametrize("rule", [
-    {"type": "checkpoint", "stage": "sft", "step": 8, "action": "sigkill"},  # killed while writing outputs
-    {"type": "progress", "stage": "sft", "done": 7, "action": "stop"},  # stopped at the last step
-], ids=["killed-after-last-checkpoint", "stopped-at-last-step"])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"type": "checkpoint", "stage": "sft", "step": 8, "action": "sigkill"},  # killed while writing outputs
+        {"type": "progress", "stage": "sft", "done": 7, "action": "stop"},  # stopped at the last step
+    ],
+    ids=["killed-after-last-checkpoint", "stopped-at-last-step"],
+)
 def test_resume_from_the_final_checkpoint_trains_nothing_more(project, site, rule):
     """Interrupted after its last checkpoint (checkpoint-8 of 8), sft resumes to write its outputs only:
     no step 9, no checkpoint-9, the weights of an uninterrupted run."""
@@ -208,14 +240,19 @@ def test_sigterm_while_the_artifacts_are_written_finishes_publishing(project, si
     """SIGTERM after sft's adapter is published and before its merged model is: the stop waits for the
     artifacts, the stage ends done with both, and the run stops before the next stage; resume runs only it."""
     write_data(project.root)
-    project.write(PIPELINE + 'lora = { enabled = true, r = 4, alpha = 8 }\nmerge = true\n' + """
+    project.write(
+        PIPELINE
+        + "lora = { enabled = true, r = 4, alpha = 8 }\nmerge = true\n"
+        + """
 [[stages]]
 name = "after"
 uses = "copy"
 sources = ["@sft.model"]
-""")
-    res = cli(project, site, "run", rules=[{"type": "artifact", "stage": "sft", "kind": "adapter",
-                                            "action": "sigterm"}])
+"""
+    )
+    res = cli(
+        project, site, "run", rules=[{"type": "artifact", "stage": "sft", "kind": "adapter", "action": "sigterm"}]
+    )
     assert res.returncode == 130, res.stdout[-2000:] + res.stderr[-2000:]
     run_dir = run_dirs(project)[-1]
     events = last_attempt(run_dir)

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from conftest import _env
 
 # A stage that counts to N, saving its count in its work folder (its checkpoint) and continuing from
@@ -138,8 +137,15 @@ def test_failed_stage_blocks_downstream_and_exits_1(project):
 
 
 def _start_run(project, *args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "llmforge", "run", *args], cwd=project.root, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmforge", "run", *args],
+        cwd=project.root,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _latest_run_dir(project) -> Path:
@@ -152,8 +158,9 @@ def _latest_run_dir(project) -> Path:
 def test_sigkill_leaves_no_half_artifact_and_next_runs_take_over(project):
     project.write(COUNTER.replace("{n}", "60"))
     proc = _start_run(project)
-    run_dir = wait_for(lambda: project.runs.exists() and any(project.runs.iterdir()) and _latest_run_dir(project),
-                       what="run dir")
+    run_dir = wait_for(
+        lambda: project.runs.exists() and any(project.runs.iterdir()) and _latest_run_dir(project), what="run dir"
+    )
     work = run_dir / "stages" / "count" / "work"
     wait_for(lambda: (work / "count").exists() and int((work / "count").read_text() or 0) >= 5, what="progress")
     os.killpg(proc.pid, signal.SIGKILL)
@@ -183,8 +190,9 @@ def test_sigkill_leaves_no_half_artifact_and_next_runs_take_over(project):
 def test_new_run_takes_over_stale_lock_of_killed_run(project):
     project.write(COUNTER.replace("{n}", "60"))
     proc = _start_run(project)
-    run_dir = wait_for(lambda: project.runs.exists() and any(project.runs.iterdir()) and _latest_run_dir(project),
-                       what="run dir")
+    run_dir = wait_for(
+        lambda: project.runs.exists() and any(project.runs.iterdir()) and _latest_run_dir(project), what="run dir"
+    )
     wait_for(lambda: (run_dir / "stages" / "count" / "work" / "count").exists(), what="progress")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
@@ -237,7 +245,10 @@ def test_detach_status_stop_resume(project):
 
 
 def _fast_counter(n: int) -> str:
-    return f'n=$(cat count 2>/dev/null || echo 0); echo "resume=$LLMFORGE_RESUME start=$n"; echo {n} > "$LLMFORGE_OUT/final.txt"'
+    return (
+        'n=$(cat count 2>/dev/null || echo 0); echo "resume=$LLMFORGE_RESUME start=$n"; '
+        f'echo {n} > "$LLMFORGE_OUT/final.txt"'
+    )
 
 
 def test_stop_then_resume_continues_from_checkpoint(project):
@@ -263,8 +274,9 @@ def test_stop_then_resume_continues_from_checkpoint(project):
 def test_sigint_stops_foreground_run_with_130(project):
     project.write(COUNTER.replace("{n}", "400"))
     proc = _start_run(project)
-    run_dir = wait_for(lambda: project.runs.exists() and any(project.runs.iterdir()) and _latest_run_dir(project),
-                       what="run dir")
+    run_dir = wait_for(
+        lambda: project.runs.exists() and any(project.runs.iterdir()) and _latest_run_dir(project), what="run dir"
+    )
     wait_for(lambda: (run_dir / "stages" / "count" / "work" / "count").exists(), what="progress")
     os.kill(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=30)
@@ -321,8 +333,9 @@ def test_resume_whose_recorded_stage_is_gone_says_so(project):
     work = project.runs / run_id / "stages" / "count" / "work"
     wait_for(lambda: (work / "count").exists(), what="progress")
     assert project.run("stop", run_id, timeout=60).returncode == 0
-    project.write(COUNTER.replace("{n}", "400").replace('name = "count"', 'name = "tally"')
-                  .replace('"@count"', '"@tally"'))
+    project.write(
+        COUNTER.replace("{n}", "400").replace('name = "count"', 'name = "tally"').replace('"@count"', '"@tally"')
+    )
     bad = project.run("run", "--resume")
     assert bad.returncode == 2, bad.stdout + bad.stderr
     assert f"run {run_id} was started with --stage count: no stage named 'count'" in bad.stderr

@@ -45,7 +45,7 @@ def loss_at(step: int) -> float:
 
 
 def lr_at(step: int) -> float:
-    return 0.5 ** step
+    return 0.5**step
 
 
 class EmitOptions(StageOptions):
@@ -166,7 +166,7 @@ def test_metrics_reach_tensorboard_and_mlflow_with_their_steps(tmp_path):
     assert scalars(ea, "train/lr") == [(s, lr_at(s)) for s in range(4)]
     assert scalars(ea, "eval/loss") == [(s, loss_at(s)) for s in range(2)]
     assert "train/note" not in ea.Tags()["scalars"], "a string value is not a scalar"
-    (step, duration), = scalars(ea, "train/duration_s")
+    ((step, duration),) = scalars(ea, "train/duration_s")
     assert step == 0 and duration == pytest.approx(res.stages["train"]["duration"], rel=1e-6, abs=1e-6)
     # Text: the warnings (not the info line), the config as given, and the outcome.
     assert texts(ea, "train/logs") == ["**warning**: warming up without a scheduler"]
@@ -203,13 +203,17 @@ def test_metrics_reach_tensorboard_and_mlflow_with_their_steps(tmp_path):
 def test_failed_run_is_recorded_and_resume_continues_the_same_runs(tmp_path):
     need_tensorboard()
     need_mlflow()
-    path = write_config(tmp_path, "[trackers]\ntensorboard = true\nmlflow = true\n", """
+    path = write_config(
+        tmp_path,
+        "[trackers]\ntensorboard = true\nmlflow = true\n",
+        """
 [[stages]]
 name = "train"
 uses = "emit-metrics"
 steps = 5
 fail_after = 2
-""")
+""",
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = run(path)
     assert first.status == "failed" and first.exit_code == 1
@@ -283,7 +287,7 @@ def test_long_and_nested_options_become_bounded_params(tmp_path):
 [[stages]]
 name = "s"
 uses = "shell"
-command = "echo {'x' * 2000}"
+command = "echo {"x" * 2000}"
 env = {{ A = "1", "B C" = "2" }}
 """)
     cfg = load_pipeline(path, registry=load_registry()).config
@@ -301,18 +305,25 @@ def test_a_tracker_that_cannot_start_does_not_stop_the_run(tmp_path, capsys):
     need_tensorboard()
     need_mlflow()
     (tmp_path / "store.db").mkdir()  # a folder where the SQLite file should be: MLflow cannot open it
-    path = write_config(tmp_path, """
+    path = write_config(
+        tmp_path,
+        """
 [trackers]
 tensorboard = true
 
 [trackers.mlflow]
 tracking_uri = "sqlite:///store.db"
-""", TWO_STAGES)
+""",
+        TWO_STAGES,
+    )
     res = run(path)
     assert res.status == "done"
     # The runner reports it as a warning event (older runners printed it on stderr).
-    logged = [e["message"] for e in map(json.loads, (res.run_dir / "events.jsonl").read_text().splitlines())
-              if e["type"] == "log"]
+    logged = [
+        e["message"]
+        for e in map(json.loads, (res.run_dir / "events.jsonl").read_text().splitlines())
+        if e["type"] == "log"
+    ]
     said = "\n".join(logged) + capsys.readouterr().err
     assert "tracker mlflow could not start and is disabled" in said and "cannot open the MLflow database" in said
     ea = accumulator(res.run_dir / "tensorboard")  # the other tracker is unaffected
@@ -332,14 +343,15 @@ def test_close_is_idempotent_and_events_after_close_are_ignored(tmp_path):
     tb = TensorBoardTracker(TensorBoardOptions(), run_dir, cfg)
     ml = MlflowTracker(MlflowOptions(), run_dir, cfg)
     for tracker in (tb, ml):
-        tracker.on_event({"type": "metric", "time": 1.0, "run": "manual", "stage": "train", "step": None,
-                          "values": {"loss": 3.0}})
-        tracker.on_event({"type": "metric", "time": 2.0, "run": "manual", "stage": "train",
-                          "values": {"loss": 2.5}})
+        tracker.on_event(
+            {"type": "metric", "time": 1.0, "run": "manual", "stage": "train", "step": None, "values": {"loss": 3.0}}
+        )
+        tracker.on_event({"type": "metric", "time": 2.0, "run": "manual", "stage": "train", "values": {"loss": 2.5}})
         tracker.close()
         tracker.close()
-        tracker.on_event({"type": "metric", "time": 3.0, "run": "manual", "stage": "train", "step": 9,
-                          "values": {"loss": 1.0}})
+        tracker.on_event(
+            {"type": "metric", "time": 3.0, "run": "manual", "stage": "train", "step": 9, "values": {"loss": 1.0}}
+        )
         tracker.close()
     # Steps missing from the events are counted per stage; nothing after close() was written.
     assert scalars(accumulator(run_dir / "tensorboard"), "train/loss") == [(0, 3.0), (1, 2.5)]
@@ -395,11 +407,14 @@ def test_bad_tracker_options_name_their_key_path(project):
     assert not project.runs.exists(), "nothing ran"
 
 
-@pytest.mark.parametrize("tracker, module", [
-    ("tensorboard = true", "tensorboard"),
-    ("mlflow = true", "mlflow"),
-    ("mlflow = true", "sqlalchemy"),  # the default SQLite store needs SQLAlchemy
-])
+@pytest.mark.parametrize(
+    "tracker, module",
+    [
+        ("tensorboard = true", "tensorboard"),
+        ("mlflow = true", "mlflow"),
+        ("mlflow = true", "sqlalchemy"),  # the default SQLite store needs SQLAlchemy
+    ],
+)
 def test_missing_tracker_library_is_reported_at_validation(tmp_path, monkeypatch, tracker, module):
     # None in sys.modules is how Python itself marks a module as unimportable: find_spec() then
     # answers None and `import` raises ImportError, as when the package is not installed.
@@ -431,11 +446,13 @@ def test_mlflow_uri_resolution(tmp_path, monkeypatch):
 def test_startup_imports_no_tracker_library():
     # The plugin module is imported at every start-up; its libraries only when a run uses them.
     # `llmforge --help` runs inside a fresh interpreter, which then lists what it imported.
-    code = ("import json, runpy, sys\n"
-            "sys.argv = ['llmforge', '--help']\n"
-            "try:\n    runpy.run_module('llmforge', run_name='__main__')\n"
-            "except SystemExit:\n    pass\n"
-            "print(json.dumps(sorted(sys.modules)))\n")
+    code = (
+        "import json, runpy, sys\n"
+        "sys.argv = ['llmforge', '--help']\n"
+        "try:\n    runpy.run_module('llmforge', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     modules = set(json.loads(res.stdout.strip().splitlines()[-1]))

@@ -22,8 +22,11 @@ def events_of(run_dir: Path) -> list[dict]:
 
 
 def losses(events: list[dict], stage: str, key: str = "loss") -> list[tuple[int, float]]:
-    return [(e["step"], e["values"][key]) for e in events
-            if e["type"] == "metric" and e.get("stage") == stage and key in e["values"]]
+    return [
+        (e["step"], e["values"][key])
+        for e in events
+        if e["type"] == "metric" and e.get("stage") == stage and key in e["values"]
+    ]
 
 
 def status(project) -> dict:
@@ -61,8 +64,7 @@ def test_auto_precision_is_one_decision_for_training_and_plan(trained, tmp_path)
     if torch.cuda.is_available():
         pytest.skip("checks the CPU decision")
     project, st, events = trained
-    logged = {e["stage"]: e["message"] for e in events
-              if e["type"] == "log" and e["message"].startswith("training: ")}
+    logged = {e["stage"]: e["message"] for e in events if e["type"] == "log" and e["message"].startswith("training: ")}
     plan = json.loads(project.run("plan", "--json").stdout)
     for s in plan["stages"]:
         name = s["stage"]
@@ -72,8 +74,14 @@ def test_auto_precision_is_one_decision_for_training_and_plan(trained, tmp_path)
     big = tmp_path / "big"
     write_data(big)
     (big / "forge.toml").write_text(PRETRAIN.format(steps=2).replace('"tiny"', '"smollm-135m"'))
-    res = subprocess.run([sys.executable, "-m", "llmforge", "plan", "--json"], cwd=big, env=_env(),
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "llmforge", "plan", "--json"],
+        cwd=big,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout)["stages"][0]["training"]["precision"]
     assert got == ("bf16" if cpu_features()["bf16_fast"] else "fp32")
@@ -110,8 +118,7 @@ def test_sft_loss_falls_and_model_carries_the_template(trained):
     assert recorded["hash"] and recorded["eos"] == tok.eos_token == "<|im_end|>"
     assert json.loads((Path(path) / "llmforge.json").read_text())["chat_template"]["hash"] == recorded["hash"]
     msgs = [{"role": "user", "content": "What is the capital of Zorvia?"}]
-    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).endswith(
-        "<|im_start|>assistant\n")
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).endswith("<|im_start|>assistant\n")
 
 
 def test_dpo_margin_rises_and_adapter_and_merged_model_load(trained):
@@ -173,8 +180,18 @@ def test_lora_sft_trains_an_adapter_that_peft_loads(trained, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     project, st, _ = trained
-    res = project.run("run", "--stage", "sft", "--set", "sft.lora.enabled=true", "--set", "sft.max_steps=24",
-                      "--set", "sft.learning_rate=5e-3", timeout=600)  # LoRA wants a higher rate than full SFT
+    res = project.run(
+        "run",
+        "--stage",
+        "sft",
+        "--set",
+        "sft.lora.enabled=true",
+        "--set",
+        "sft.max_steps=24",
+        "--set",
+        "sft.learning_rate=5e-3",
+        timeout=600,
+    )  # LoRA wants a higher rate than full SFT
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     st2 = status(project)
     sft = st2["stages"]["sft"]
@@ -198,7 +215,9 @@ def test_lora_sft_trains_an_adapter_that_peft_loads(trained, tmp_path):
 
 def test_continued_pretrain_reports_forgetting(trained):
     project, st, _ = trained
-    cfg = project.config.read_text() + """
+    cfg = (
+        project.config.read_text()
+        + """
 [[stages]]
 name = "more"
 uses = "continued_pretrain"
@@ -211,16 +230,19 @@ learning_rate = 2e-3
 replay = { path = "data/general.txt" }
 replay_ratio = 0.3
 """
-    project.write(cfg.replace('data = { path = "data/chat.jsonl", format = "messages" }',
-                              'data = { path = "data/corpus.txt" }'))
+    )
+    project.write(
+        cfg.replace('data = { path = "data/chat.jsonl", format = "messages" }', 'data = { path = "data/corpus.txt" }')
+    )
     res = project.run("run", "--stage", "more", timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     s = status(project)
     more = s["stages"]["more"]
     report = json.loads((Path(more["artifacts"]["report"]["path"]) / "forgetting.json").read_text())
     assert report["ppl_before"] > 1 and report["ppl_after"] > 1
-    assert report["relative_change"] == pytest.approx((report["ppl_after"] - report["ppl_before"])
-                                                      / report["ppl_before"])
+    assert report["relative_change"] == pytest.approx(
+        (report["ppl_after"] - report["ppl_before"]) / report["ppl_before"]
+    )
     _falls(losses(events_of(Path(s["dir"])), "more"))
     assert "forgetting: held-out perplexity" in res.stdout
 
@@ -252,8 +274,12 @@ def test_stop_and_resume_reproduce_the_uninterrupted_loss_curve(tmp_path):
 
     event_run_dir: list[Path] = []
     pipe = load_pipeline(cfg, registry=registry)
-    req = RunRequest(listeners=[lambda e: (event_run_dir.append(cfg.parent / "runs" / e["run"])
-                                           if not event_run_dir else None), stop_at_step_6])
+    req = RunRequest(
+        listeners=[
+            lambda e: event_run_dir.append(cfg.parent / "runs" / e["run"]) if not event_run_dir else None,
+            stop_at_step_6,
+        ]
+    )
     first = run_pipeline(pipe, req, registry=registry)
     assert first.status == "stopped" and first.exit_code == 130
     assert not (first.run_dir / "stages" / "pretrain" / "artifacts" / "model").exists()
@@ -270,8 +296,14 @@ def test_stop_and_resume_reproduce_the_uninterrupted_loss_curve(tmp_path):
 def test_sigkill_mid_training_resumes_from_the_last_complete_checkpoint(project):
     write_data(project.root)
     project.write(PRETRAIN.format(steps=400).replace("log_every = 2", "log_every = 1\nsave_every = 10"))
-    proc = subprocess.Popen([sys.executable, "-m", "llmforge", "run"], cwd=project.root, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmforge", "run"],
+        cwd=project.root,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     ckpts: list[Path] = []
     while time.time() < deadline:

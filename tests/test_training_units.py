@@ -39,31 +39,83 @@ def _sft_trainer_on_chat_rows(tmp_path, tokenizer_dir, packing: bool):
     from llmforge_plugins.sft import SftOptions
     from llmforge_plugins.training import factory, models, tokenized
 
-    words = ["the", "capital", "of", "Land3", "is", "Town3", "and", "the", "flag", "is", "red", "while", "rivers",
-             "run", "past", "old", "mills"]
+    words = [
+        "the",
+        "capital",
+        "of",
+        "Land3",
+        "is",
+        "Town3",
+        "and",
+        "the",
+        "flag",
+        "is",
+        "red",
+        "while",
+        "rivers",
+        "run",
+        "past",
+        "old",
+        "mills",
+    ]
     with open(tmp_path / "chat.jsonl", "w") as f:
         for i in range(12):  # answers of very different lengths, so packing has something to do
             answer = " ".join(words[: 2 + (5 * i) % len(words)])
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is the capital of Land{i}?"},
-                                             {"role": "assistant", "content": answer}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"What is the capital of Land{i}?"},
+                            {"role": "assistant", "content": answer},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     tok = models.load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                         attn_implementation="sdpa"))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            attn_implementation="sdpa",
+        )
+    )
     registry = load_test_registry()
     template = resolve_template("chatml", registry.chat_templates, tok)
     models.prepare_tokenizer(model, tok, template)
-    ds = load_data(DataOptions(path=str(tmp_path / "chat.jsonl")), registry.readers, registry.row_formats,
-                   expect=("chat",))
+    ds = load_data(
+        DataOptions(path=str(tmp_path / "chat.jsonl")), registry.readers, registry.row_formats, expect=("chat",)
+    )
     rows = tokenized.tokenize(ds.rows, "chat", tok, template, max_length=64, train_on="assistant").rows
-    opts = SftOptions(model=str(tokenizer_dir), data=DataOptions(path="chat.jsonl"), packing=packing,
-                      micro_batch_size=6, max_length=64, max_steps=1, precision="fp32", eval_split=0.0)
-    ctx = StageContext(stage_name="sft", run_id="t", run_dir=tmp_path / "run", stage_dir=tmp_path / "run" / "sft",
-                       inputs={}, emit=lambda *a, **k: None, stop_check=lambda: False,
-                       checkpoint_check=lambda: False, project_dir=tmp_path)
-    training = factory.build_trainer(factory.SFT, ctx=ctx, opts=opts, model=model, tokenizer=tok, train_rows=rows,
-                                     eval_rows=None)
+    opts = SftOptions(
+        model=str(tokenizer_dir),
+        data=DataOptions(path="chat.jsonl"),
+        packing=packing,
+        micro_batch_size=6,
+        max_length=64,
+        max_steps=1,
+        precision="fp32",
+        eval_split=0.0,
+    )
+    ctx = StageContext(
+        stage_name="sft",
+        run_id="t",
+        run_dir=tmp_path / "run",
+        stage_dir=tmp_path / "run" / "sft",
+        inputs={},
+        emit=lambda *a, **k: None,
+        stop_check=lambda: False,
+        checkpoint_check=lambda: False,
+        project_dir=tmp_path,
+    )
+    training = factory.build_trainer(
+        factory.SFT, ctx=ctx, opts=opts, model=model, tokenizer=tok, train_rows=rows, eval_rows=None
+    )
     return training.trainer, rows, model
 
 
@@ -86,7 +138,7 @@ def test_sft_stage_packs_each_sample_whole_with_its_own_positions_and_loss(tmp_p
         assert pos[a:b].tolist() == list(range(b - a))  # positions restart for every sample
         row = by_ids[seg]
         # the row's loss mask, except the first token, which must not be predicted from the previous sample
-        assert labels[a].item() == -100 and labels[a + 1:b].tolist() == row["labels"][1:]
+        assert labels[a].item() == -100 and labels[a + 1 : b].tolist() == row["labels"][1:]
         samples.append(row)
     assert len({len(r["input_ids"]) for r in samples}) > 1  # samples of different lengths were packed
 
@@ -105,18 +157,25 @@ def test_sft_stage_packs_each_sample_whole_with_its_own_positions_and_loss(tmp_p
     assert float(packed_loss) == pytest.approx(total / count, rel=1e-4)
 
 
-@pytest.mark.parametrize("case, kw, expected", [
-    ("CPU without native bf16 (AMD EPYC, AVX2)", dict(device="cpu", cpu_bf16_fast=False, params=135_000_000), "fp32"),
-    ("CPU with AMX, the demo's 3 M model", dict(device="cpu", cpu_bf16_fast=True, params=3_200_000), "fp32"),
-    ("CPU with AMX, a tiny test model", dict(device="cpu", cpu_bf16_fast=True, params=200_000), "fp32"),
-    ("CPU with AMX, size unknown", dict(device="cpu", cpu_bf16_fast=True, params=None), "fp32"),
-    ("CPU with AMX, just below the threshold", dict(device="cpu", cpu_bf16_fast=True, params=19_999_999), "fp32"),
-    ("CPU with AMX, at the threshold", dict(device="cpu", cpu_bf16_fast=True, params=20_000_000), "bf16"),
-    ("CPU with AMX, a 135 M model", dict(device="cpu", cpu_bf16_fast=True, params=135_000_000), "bf16"),
-    ("CUDA with bf16", dict(device="cuda", gpu_bf16=True, params=1_000_000), "bf16"),
-    ("CUDA without bf16", dict(device="cuda", gpu_bf16=False, params=7_000_000_000), "fp16"),
-    ("Apple MPS", dict(device="mps", cpu_bf16_fast=True, params=135_000_000), "fp32"),
-])
+@pytest.mark.parametrize(
+    "case, kw, expected",
+    [
+        (
+            "CPU without native bf16 (AMD EPYC, AVX2)",
+            dict(device="cpu", cpu_bf16_fast=False, params=135_000_000),
+            "fp32",
+        ),
+        ("CPU with AMX, the demo's 3 M model", dict(device="cpu", cpu_bf16_fast=True, params=3_200_000), "fp32"),
+        ("CPU with AMX, a tiny test model", dict(device="cpu", cpu_bf16_fast=True, params=200_000), "fp32"),
+        ("CPU with AMX, size unknown", dict(device="cpu", cpu_bf16_fast=True, params=None), "fp32"),
+        ("CPU with AMX, just below the threshold", dict(device="cpu", cpu_bf16_fast=True, params=19_999_999), "fp32"),
+        ("CPU with AMX, at the threshold", dict(device="cpu", cpu_bf16_fast=True, params=20_000_000), "bf16"),
+        ("CPU with AMX, a 135 M model", dict(device="cpu", cpu_bf16_fast=True, params=135_000_000), "bf16"),
+        ("CUDA with bf16", dict(device="cuda", gpu_bf16=True, params=1_000_000), "bf16"),
+        ("CUDA without bf16", dict(device="cuda", gpu_bf16=False, params=7_000_000_000), "fp16"),
+        ("Apple MPS", dict(device="mps", cpu_bf16_fast=True, params=135_000_000), "fp32"),
+    ],
+)
 def test_auto_precision_decision(case, kw, expected):
     from llmforge.precision import choose_precision
 
@@ -129,8 +188,11 @@ def test_auto_precision_decision(case, kw, expected):
 def test_forced_precision_is_kept_whatever_the_machine(forced):
     from llmforge.precision import choose_precision
 
-    for kw in (dict(device="cpu", cpu_bf16_fast=False, params=1000), dict(device="cpu", cpu_bf16_fast=True,
-               params=10**9), dict(device="cuda", gpu_bf16=True, params=10**6)):
+    for kw in (
+        dict(device="cpu", cpu_bf16_fast=False, params=1000),
+        dict(device="cpu", cpu_bf16_fast=True, params=10**9),
+        dict(device="cuda", gpu_bf16=True, params=10**6),
+    ):
         got = choose_precision(forced, **kw)
         assert (got.name, got.reason) == (forced, "")
 
@@ -168,8 +230,9 @@ def test_lion_and_profiling_in_a_real_stage(project):
     from training_data import PRETRAIN, write_data
 
     write_data(project.root)
-    project.write(PRETRAIN.format(steps=12) + 'optimizer = "lion"\nprofile = true\nlearning_rate = 3e-3\n'
-                  'precision = "fp32"\n')
+    project.write(
+        PRETRAIN.format(steps=12) + 'optimizer = "lion"\nprofile = true\nlearning_rate = 3e-3\nprecision = "fp32"\n'
+    )
     registry = load_test_registry()
     result = run_pipeline(load_pipeline(project.config, registry=registry), RunRequest(), registry=registry)
     assert result.status == "done", result.stages

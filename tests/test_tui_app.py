@@ -93,8 +93,14 @@ def test_run_from_project_screen_is_followed_to_completion_with_charts(tui_proje
         async with app.run_test(size=SIZE) as pilot:
             from textual.widgets import DataTable
 
-            table = await until(pilot, lambda: app.screen.query("#proj-stages") and
-                                app.screen.query_one("#proj-stages", DataTable).row_count == 1, 30, "stages")
+            table = await until(
+                pilot,
+                lambda: (
+                    app.screen.query("#proj-stages") and app.screen.query_one("#proj-stages", DataTable).row_count == 1
+                ),
+                30,
+                "stages",
+            )
             assert table
             await pilot.press("r")
             await until(pilot, lambda: app.area == "monitor", 60, "the monitor after launch")
@@ -113,8 +119,12 @@ def test_run_from_project_screen_is_followed_to_completion_with_charts(tui_proje
             assert mon.model.stages["pretrain"].status == "done"
             # the Project screen shows the run's result for the stage
             await pilot.press("1")
-            await until(pilot, lambda: "done" in str(app.screen.query_one("#proj-stages", DataTable)
-                                                       .get_cell("pretrain", "status")), 10, "stage status")
+            await until(
+                pilot,
+                lambda: "done" in str(app.screen.query_one("#proj-stages", DataTable).get_cell("pretrain", "status")),
+                10,
+                "stage status",
+            )
             assert app.unexpected_errors == []
         return run_id
 
@@ -204,8 +214,14 @@ def test_stop_then_resume_then_run_from_a_selected_stage(tui_project):
     async def scenario():
         app = LlmforgeApp(state_of(tui_project))
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.screen.query("#proj-stages") and
-                        app.screen.query_one("#proj-stages", DataTable).row_count == 2, 30, "the stages")
+            await until(
+                pilot,
+                lambda: (
+                    app.screen.query("#proj-stages") and app.screen.query_one("#proj-stages", DataTable).row_count == 2
+                ),
+                30,
+                "the stages",
+            )
             await pilot.press("r")
             await until(pilot, lambda: app.area == "monitor" and app.screen.model, 60, "the monitor")
             mon = app.screen
@@ -213,10 +229,16 @@ def test_stop_then_resume_then_run_from_a_selected_stage(tui_project):
             await until(pilot, lambda: "tick 5" in log_text(app), 30, "ticks")
             await pilot.press("s")
             # what a stop does, said truly: a shell stage saves no checkpoint (it runs again on resume)
-            notice = await until(pilot, lambda: next((n.message for n in app._notifications
-                                                      if n.message.startswith("stop requested")), None), 5, "notice")
-            assert notice == (f"stop requested for run {first}: stage count stops at its next safe point "
-                              "(training stages save a checkpoint first)")
+            notice = await until(
+                pilot,
+                lambda: next((n.message for n in app._notifications if n.message.startswith("stop requested")), None),
+                5,
+                "notice",
+            )
+            assert notice == (
+                f"stop requested for run {first}: stage count stops at its next safe point "
+                "(training stages save a checkpoint first)"
+            )
             await until(pilot, lambda: mon.model.ended, 60, "the stop")
             assert (mon.model.status, mon.model.exit_code) == ("stopped", 130)
             # a stop is marked as the CLI marks it (■), apart from a failure (✗)
@@ -234,10 +256,15 @@ def test_stop_then_resume_then_run_from_a_selected_stage(tui_project):
             await pilot.press("1")
             await pilot.press("down")
             await pilot.press("f")
-            await until(pilot, lambda: app.area == "monitor" and app.state.selected_run not in (None, first),
-                        60, "the new run")
-            await until(pilot, lambda: mon.model.run_id == app.state.selected_run and mon.model.status == "done",
-                        60, "the new run to finish")
+            await until(
+                pilot, lambda: app.area == "monitor" and app.state.selected_run not in (None, first), 60, "the new run"
+            )
+            await until(
+                pilot,
+                lambda: mon.model.run_id == app.state.selected_run and mon.model.status == "done",
+                60,
+                "the new run to finish",
+            )
             assert {n: s.status for n, s in mon.model.stages.items()} == {"count": "cached", "bundle": "done"}
             assert app.unexpected_errors == [] and app.shown_errors == []
 
@@ -266,8 +293,15 @@ def test_validation_problems_are_shown_in_place_with_key_paths(tui_project):
 
         app = LlmforgeApp(state_of(tui_project))
         async with app.run_test(size=SIZE) as pilot:
-            panel = await until(pilot, lambda: app.screen.query_one("#proj-problems", Static).display and
-                                app.screen.query_one("#proj-problems", Static), 30, "the problems panel")
+            panel = await until(
+                pilot,
+                lambda: (
+                    app.screen.query_one("#proj-problems", Static).display
+                    and app.screen.query_one("#proj-problems", Static)
+                ),
+                30,
+                "the problems panel",
+            )
             text = str(panel.content)
             assert "stages[0].timeout" in text and "stages[1].sources" in text
             table = app.screen.query_one("#proj-stages", DataTable)
@@ -352,8 +386,12 @@ def test_event_tail_reads_incrementally_and_holds_back_a_partial_line(tmp_path):
     assert [e.message for e in got][1:] == ["c"]
     assert f"{path}:4: skipped a line that is not UTF-8" in got[0].message
     model = RunModel("r", tmp_path)
-    model.apply([{"type": "metric", "stage": "s", "step": 1, "values": {"loss": 2.0, "lr": float("nan")}},
-                 {"type": "metric", "stage": "s", "step": 2, "values": {"loss": 1.5}}])
+    model.apply(
+        [
+            {"type": "metric", "stage": "s", "step": 1, "values": {"loss": 2.0, "lr": float("nan")}},
+            {"type": "metric", "stage": "s", "step": 2, "values": {"loss": 1.5}},
+        ]
+    )
     assert model.chart("loss").points() == ([1.0, 2.0], [2.0, 1.5]) and model.chart("lr") is None
 
 
@@ -361,8 +399,10 @@ def test_tui_help_and_light_import():
     res = run_cli("tui", "--help")
     assert res.returncode == 0, res.stderr
     assert "--runs-dir" in res.stdout and "--config" in res.stdout
-    code = ("import sys, json, llmforge.tui.app, llmforge.tui.screens.project, llmforge.tui.screens.monitor\n"
-            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    code = (
+        "import sys, json, llmforge.tui.app, llmforge.tui.screens.project, llmforge.tui.screens.monitor\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = set(json.loads(out.stdout))
     assert "textual" in loaded

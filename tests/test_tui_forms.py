@@ -15,7 +15,7 @@ from conftest import until
 from llmforge.tui import tomledit
 from llmforge.tui.tomledit import UNSET, Edit
 
-FORGE = '''\
+FORGE = """\
 # A project file with comments everywhere: the Config screen must keep every one of them.
 [project]
 name = "forms"  # the name
@@ -33,7 +33,7 @@ env = { A = "1" }   # extra variables
 name = "bundle"
 uses = "copy"
 sources = ["@count"]  # the first stage's files
-'''
+"""
 
 
 def _lines_except(text: str, changed: str) -> list[str]:
@@ -67,8 +67,10 @@ def test_edits_keep_every_other_byte():
     out = tomledit.apply_edits(FORGE, [Edit(0, "command", "a\nb\n"), Edit(1, "extra.deep", 1)])
     assert "command = '''\na\nb\n'''\n" in out and "extra = {deep = 1}" in out
     tricky = "it's '''quoted'''\n"
-    assert tomledit.tomllib.loads(tomledit.apply_edits(FORGE, [Edit(0, "command", tricky)]))["stages"][0][
-        "command"] == tricky
+    assert (
+        tomledit.tomllib.loads(tomledit.apply_edits(FORGE, [Edit(0, "command", tricky)]))["stages"][0]["command"]
+        == tricky
+    )
     assert tomledit.tomllib.loads(out)["stages"][1]["extra"] == {"deep": 1}
 
 
@@ -98,9 +100,11 @@ def _app(project, area: str):
 
 async def _screen(pilot, cls):
     """The area screen once the app shows it (the app switches to it after start-up)."""
+
     def shown():
         stack = pilot.app.screen_stack
         return stack[-1] if stack and isinstance(stack[-1], cls) else None
+
     return await until(pilot, shown, what=cls.__name__)
 
 
@@ -137,14 +141,16 @@ def test_config_form_rejects_a_bad_value_and_saves_a_good_one(project):
             assert bad in _text(error)  # and under its field
 
             await pilot.press("ctrl+s")
-            await until(pilot, lambda: any("not saved" in (n.title or "") for n in app._notifications),
-                         what="the refusal")
+            await until(
+                pilot, lambda: any("not saved" in (n.title or "") for n in app._notifications), what="the refusal"
+            )
             assert project.config.read_bytes() == before
 
             stages = screen.query_one("#stage-select", Select)
             stages.value = 1  # another stage while edits are pending: refused, the edits stay
-            await until(pilot, lambda: any("unsaved changes" in n.message for n in app._notifications),
-                         what="the warning")
+            await until(
+                pilot, lambda: any("unsaved changes" in n.message for n in app._notifications), what="the warning"
+            )
             assert screen.current == 0 and stages.value == 0 and timeout.value == "0"
 
             await pilot.press("backspace", "3", "0")
@@ -156,8 +162,11 @@ def test_config_form_rejects_a_bad_value_and_saves_a_good_one(project):
 
             # a choice (a bool) on the second stage: a key the file did not have is added to that stage
             stages.value = 1
-            form = await until(pilot, lambda: screen.form if screen.form and screen.form.fields[0].name == "sources"
-                                else None, what="the second stage")
+            form = await until(
+                pilot,
+                lambda: screen.form if screen.form and screen.form.fields[0].name == "sources" else None,
+                what="the second stage",
+            )
             flatten = form.editor("flatten")
             assert flatten.value is Select.NULL  # not set: the default applies
             flatten.value = 0  # true
@@ -170,7 +179,8 @@ def test_config_form_rejects_a_bad_value_and_saves_a_good_one(project):
     asyncio.run(scenario())
     # every byte as it was but the two edits (the comment on the edited line included)
     assert project.config.read_text() == FORGE.replace("timeout = 60  #", "timeout = 30  #").replace(
-        "first stage's files\n", "first stage's files\nflatten = true\n")
+        "first stage's files\n", "first stage's files\nflatten = true\n"
+    )
     # the checks and the save wrote their temporary files beside forge.toml, and removed them
     assert sorted(p.name for p in project.root.iterdir()) == ["forge.toml"]
 
@@ -197,10 +207,16 @@ def test_data_screen_shows_masks_lengths_and_bad_rows(project, tokenizer_dir):
     from llmforge.tui.screens.data import MASKED_STYLE, TRAINED_STYLE, DataScreen
 
     project.write(FORGE)
-    rows = [{"messages": [{"role": "system", "content": "Be brief."},
-                          {"role": "user", "content": f"What is the capital of Land{i}?"},
-                          {"role": "assistant", "content": f"The capital of Land{i} is Town{i}."}]}
-            for i in range(4)]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"What is the capital of Land{i}?"},
+                {"role": "assistant", "content": f"The capital of Land{i} is Town{i}."},
+            ]
+        }
+        for i in range(4)
+    ]
     rows.append({"messages": [{"role": "usr", "content": "bad role"}, {"role": "assistant", "content": "x"}]})
     project.write("\n".join(json.dumps(r) for r in rows) + "\n", name="data/chat.jsonl")
 
@@ -219,8 +235,8 @@ def test_data_screen_shows_masks_lengths_and_bad_rows(project, tokenizer_dir):
 
             # the first row, trained tokens apart from masked ones: exactly the answer and its end marker
             view = screen.query_one("#row-text").content
-            trained = "".join(view.plain[s.start:s.end] for s in view.spans if s.style == TRAINED_STYLE)
-            masked = "".join(view.plain[s.start:s.end] for s in view.spans if s.style == MASKED_STYLE)
+            trained = "".join(view.plain[s.start : s.end] for s in view.spans if s.style == TRAINED_STYLE)
+            masked = "".join(view.plain[s.start : s.end] for s in view.spans if s.style == MASKED_STYLE)
             assert trained.startswith("The capital of Land0 is Town0.<|im_end|>")
             assert "What is the capital of Land0?" in masked and "Land0 is" not in masked
 
@@ -228,8 +244,9 @@ def test_data_screen_shows_masks_lengths_and_bad_rows(project, tokenizer_dir):
             assert table.row_count == 4
             table.focus()
             await pilot.press("down")
-            await until(pilot, lambda: "chat.jsonl:2" in screen.query_one("#row-text").content.plain,
-                         what="the second row")
+            await until(
+                pilot, lambda: "chat.jsonl:2" in screen.query_one("#row-text").content.plain, what="the second row"
+            )
 
             hist = _text(screen.query_one("#histogram"))
             assert "tokens per row (4 rows)" in hist and "longer than 2048: 0 rows (0.0%)" in hist
@@ -240,8 +257,9 @@ def test_data_screen_shows_masks_lengths_and_bad_rows(project, tokenizer_dir):
             # a folder that holds no tokenizer: an error notification, the app goes on
             screen.query_one("#model-path", Input).value = str(project.root / "data")
             await pilot.press("ctrl+l")
-            await until(pilot, lambda: any(n.severity == "error" for n in app._notifications),
-                         timeout=60, what="the error")
+            await until(
+                pilot, lambda: any(n.severity == "error" for n in app._notifications), timeout=60, what="the error"
+            )
             assert not app.unexpected_errors
 
     asyncio.run(scenario())
@@ -253,7 +271,11 @@ def test_histogram_marks_rows_longer_than_max_length():
     text = histogram([1, 5, 9, 30, 31], limit=10, bins=4, width=8)
     lines = text.splitlines()
     assert lines[0] == "tokens per row (5 rows): mean 15.2, median 9, min 1, max 31"
-    assert lines[1:5] == [" 1-8  │████████ 2", " 9-16 │████ 1", "17-24 │ 0  > max_length",
-                          "25-32 │████████ 2  > max_length"]
+    assert lines[1:5] == [
+        " 1-8  │████████ 2",
+        " 9-16 │████ 1",
+        "17-24 │ 0  > max_length",
+        "25-32 │████████ 2  > max_length",
+    ]
     assert lines[-1] == "longer than 10: 2 rows (40.0%)"
     assert histogram([7, 7], bins=10).splitlines()[1:] == ["7-7 │████████████████████████████████████████ 2"]

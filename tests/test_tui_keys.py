@@ -11,7 +11,7 @@ import asyncio
 
 from conftest import until
 
-FORGE = '''\
+FORGE = """\
 # keep this comment
 [project]
 name = "keys"  # the name
@@ -27,7 +27,7 @@ flaten = true   # a typo: the shell stage has no such option
 name = "bundle"
 uses = "copy"
 sources = ["@count"]  # the first stage's files
-'''
+"""
 
 
 MULTILINE = 'command = """\necho counted\necho > $LLMFORGE_OUT/n.txt\n"""'
@@ -43,8 +43,11 @@ def _app(project, area: str = "config"):
 async def _config(pilot):
     from llmforge.tui.screens.config import ConfigScreen
 
-    screen = await until(pilot, lambda: pilot.app.screen if isinstance(pilot.app.screen, ConfigScreen) else None,
-                         what="the Config screen")
+    screen = await until(
+        pilot,
+        lambda: pilot.app.screen if isinstance(pilot.app.screen, ConfigScreen) else None,
+        what="the Config screen",
+    )
     await until(pilot, lambda: screen.form, what="the form")
     return screen
 
@@ -167,8 +170,11 @@ def test_an_unknown_key_can_be_removed_and_then_the_stage_saves(project):
             await until(pilot, lambda: "flaten" in str(problems.content), what="the unknown key listed")
             assert screen.unknown == ["flaten"]
             await _type_into(pilot, screen.form.editor("timeout"), "ctrl+a", "ctrl+k", "3", "0", "ctrl+s")
-            await until(pilot, lambda: any("not saved" in (n.title or "") for n in app._notifications),
-                        what="the refusal (the unknown key blocks the save)")
+            await until(
+                pilot,
+                lambda: any("not saved" in (n.title or "") for n in app._notifications),
+                what="the refusal (the unknown key blocks the save)",
+            )
             assert project.config.read_text() == FORGE
 
             remove = screen.query_one("#unknown-0 Button", Button)
@@ -183,7 +189,8 @@ def test_an_unknown_key_can_be_removed_and_then_the_stage_saves(project):
     asyncio.run(scenario())
     # the typo's line is gone, the edit made, every comment kept
     assert project.config.read_text() == FORGE.replace(
-        "flaten = true   # a typo: the shell stage has no such option\n", "").replace("timeout = 60", "timeout = 30")
+        "flaten = true   # a typo: the shell stage has no such option\n", ""
+    ).replace("timeout = 60", "timeout = 30")
 
 
 def test_a_key_opens_the_stage_picker(project):
@@ -202,8 +209,11 @@ def test_a_key_opens_the_stage_picker(project):
             select = screen.query_one("#stage-select", Select)
             await until(pilot, lambda: select.expanded, what="the picker open")
             await pilot.press("down", "enter")
-            await until(pilot, lambda: screen.current == 1 and screen.form is not None
-                        and screen.form.fields[0].name == "sources", what="the second stage")
+            await until(
+                pilot,
+                lambda: screen.current == 1 and screen.form is not None and screen.form.fields[0].name == "sources",
+                what="the second stage",
+            )
 
     asyncio.run(scenario())
 

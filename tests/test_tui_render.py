@@ -57,8 +57,11 @@ def test_monitor_charts_are_readable_at_80x24(in_project):
             lines = [strip.text for strip in plot.render_lines(plot.region.reset_offset)]
             assert sum(any("\u2800" < ch <= "\u28ff" for ch in line) for line in lines) >= 4, "\n".join(lines)
             await pilot.press("m")
-            await until(pilot, lambda: [m for m, c in charts.items() if _plot_rows(c)] == ["grad_norm", "tokens_per_s"],
-                        what="the next page")
+            await until(
+                pilot,
+                lambda: [m for m, c in charts.items() if _plot_rows(c)] == ["grad_norm", "tokens_per_s"],
+                what="the next page",
+            )
             await pilot.press("m", "m")
             await until(pilot, lambda: _plot_rows(charts["loss"]) >= 8, what="back to the first page")
 
@@ -84,8 +87,9 @@ def test_tokenizer_picker_offers_the_models_of_the_runs(in_project):
             await until(pilot, lambda: isinstance(app.screen, DataScreen), what="the Data area")
             data = app.screen
             await pilot.press("ctrl+t")
-            picker = await until(pilot, lambda: app.screen if isinstance(app.screen, PathPicker) else None,
-                                 what="the picker")
+            picker = await until(
+                pilot, lambda: app.screen if isinstance(app.screen, PathPicker) else None, what="the picker"
+            )
             await until(pilot, lambda: picker.models_loaded, what="the models of the runs")
             options = picker.query_one("#run-models", OptionList)
             labels = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
@@ -103,8 +107,9 @@ def test_tokenizer_picker_offers_the_models_of_the_runs(in_project):
 # A reply as a small model writes one: bytes that are not UTF-8 (U+FFFD once decoded), CJK and emoji
 # (two cells), an emoji with a skin tone and one with a variation selector, a zero-width joiner, a stray
 # combining accent, ESC colour codes, a carriage return, a tab and a bell.
-ODD_REPLY = ("ok \xff\xfe done. 中文字符 wide 👍🏽 ❤️ a\u200db \u0301x e\u0301 "
-             "\x1b[31mred\r\n\tnext\x07 end").encode("utf-8", "surrogateescape")
+ODD_REPLY = ("ok \xff\xfe done. 中文字符 wide 👍🏽 ❤️ a\u200db \u0301x e\u0301 \x1b[31mred\r\n\tnext\x07 end").encode(
+    "utf-8", "surrogateescape"
+)
 ODD_REPLY = ODD_REPLY.replace(b"\xc3\xbf\xc3\xbe", b"\xff\xfe")  # the two raw bytes, not the characters
 
 
@@ -167,8 +172,8 @@ def test_chat_panel_border_holds_with_broken_and_wide_characters(in_project, mon
             assert "\ufffd" in panel.last_reply.text and "中文" in panel.last_reply.text  # what the model said
             await pilot.pause(0.2)
             region = panel.region
-            lines = [strip.text[region.x:] for strip in app.screen._compositor.render_strips()]
-            return [line for line in lines[region.y:region.bottom]], region.width
+            lines = [strip.text[region.x :] for strip in app.screen._compositor.render_strips()]
+            return [line for line in lines[region.y : region.bottom]], region.width
 
     lines, width = asyncio.run(scenario())
     text = "\n".join(lines)
@@ -178,8 +183,12 @@ def test_chat_panel_border_holds_with_broken_and_wide_characters(in_project, mon
         for ch in line:
             cat = unicodedata.category(ch)
             # nothing a terminal draws differently from how it was measured
-            assert ch != "\ufffd" and not cat.startswith(("C", "M")) and not 0xFE00 <= ord(ch) <= 0xFE0F \
-                and not 0x1F3FB <= ord(ch) <= 0x1F3FF, (repr(ch), line)
+            assert (
+                ch != "\ufffd"
+                and not cat.startswith(("C", "M"))
+                and not 0xFE00 <= ord(ch) <= 0xFE0F
+                and not 0x1F3FB <= ord(ch) <= 0x1F3FF
+            ), (repr(ch), line)
             cells += _width(ch)
             if cells >= width:
                 break
@@ -196,8 +205,9 @@ def test_runs_are_listed_newest_first_as_the_cli_lists_them(in_project):
     async def scenario():
         app = fx.make_app("runs")
         async with app.run_test(size=(100, 30)) as pilot:
-            screen = await until(pilot, lambda: app.screen if isinstance(app.screen, RunsScreen) else None,
-                                 what="the Runs area")
+            screen = await until(
+                pilot, lambda: app.screen if isinstance(app.screen, RunsScreen) else None, what="the Runs area"
+            )
             await until(pilot, lambda: screen.loaded and len(screen.rows) == 3, what="the runs")
             return [r.id for r in screen.rows]
 

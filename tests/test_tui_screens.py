@@ -56,9 +56,11 @@ def make_app(runs_dir: Path, area: str):
 
 
 def test_the_screens_import_nothing_heavy():
-    code = ("import sys, llmforge.tui.screens.runs, llmforge.tui.screens.models, llmforge.tui.screens.plugins, "
-            "llmforge.tui.widgets.chat; print(sorted(m for m in ('torch', 'transformers', 'llama_cpp', 'pydantic') "
-            "if m in sys.modules))")
+    code = (
+        "import sys, llmforge.tui.screens.runs, llmforge.tui.screens.models, llmforge.tui.screens.plugins, "
+        "llmforge.tui.widgets.chat; print(sorted(m for m in ('torch', 'transformers', 'llama_cpp', 'pydantic') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -72,9 +74,12 @@ class CurveOptions(StageOptions):
     steps: int = Field(10, ge=1)
     start: float = Field(2.0)
     delay: float = Field(0.0, ge=0, description="Seconds per step: a run that is seen running.")
-    chatter: str = Field("", description="A line logged through transformers' logger first, as the library "
-                                         "does while a training stage loads a model: the runner makes it a "
-                                         "debug event (llmforge/chatter.py).")
+    chatter: str = Field(
+        "",
+        description="A line logged through transformers' logger first, as the library "
+        "does while a training stage loads a model: the runner makes it a "
+        "debug event (llmforge/chatter.py).",
+    )
 
 
 class CurveStage(Stage):
@@ -145,8 +150,10 @@ chatter = {chatter!r}
 def test_runs_screen_lists_runs_overlays_two_and_opens_one_in_the_monitor(project):
     long_run = curve_run(project.root, steps=1500, start=2.0)
     short_run = curve_run(project.root, steps=20, start=4.0)
-    project.write('[project]\nruns_dir = "../runs"\n\n[[stages]]\nname = "boom"\nuses = "shell"\ncommand = "exit 3"\n',
-                  name="fail/forge.toml")
+    project.write(
+        '[project]\nruns_dir = "../runs"\n\n[[stages]]\nname = "boom"\nuses = "shell"\ncommand = "exit 3"\n',
+        name="fail/forge.toml",
+    )
     failed = project.run("run", "-c", "fail/forge.toml")
     assert failed.returncode == 1, failed.stderr
     app = make_app(project.runs, "runs")
@@ -225,8 +232,12 @@ def test_runs_screen_follows_new_and_running_runs(project):
             # A run going on while you look: it shows as running, and its row updates in place when it ends,
             # leaving the cursor where it was (here on the older run).
             running = asyncio.create_task(asyncio.to_thread(curve_run, project.root, 20, 3.0, 0.15))
-            await until(pilot, lambda: len(screen.rows) == 2 and screen.rows[0].status == "running", timeout=10,
-                        what="the running run")
+            await until(
+                pilot,
+                lambda: len(screen.rows) == 2 and screen.rows[0].status == "running",
+                timeout=10,
+                what="the running run",
+            )
             table = screen.query_one("#runs-table")
             await pilot.press("down")
             assert screen.highlighted == first.id
@@ -307,8 +318,9 @@ def test_monitor_hides_library_chatter_until_asked(project):
 
     async def scenario():
         async with app.run_test(size=(110, 34)) as pilot:
-            mon = await until(pilot, lambda: app.area == "monitor" and app.screen.model and app.screen,
-                              what="the monitor")
+            mon = await until(
+                pilot, lambda: app.area == "monitor" and app.screen.model and app.screen, what="the monitor"
+            )
             log = mon.query_one("#mon-log", Log)
             await until(pilot, lambda: any("run done" in x for x in log.lines), what="the whole log")
             assert any("[train] curve: starting" in x for x in log.lines)  # info lines are shown
@@ -318,11 +330,13 @@ def test_monitor_hides_library_chatter_until_asked(project):
 
             await pilot.press("d")
             shown_lines = list(log.lines)
-            assert [x.split(" ", 1)[1] for x in shown_lines if chatter in x] == \
-                [f"[train] debug: transformers: {chatter}"]
+            assert [x.split(" ", 1)[1] for x in shown_lines if chatter in x] == [
+                f"[train] debug: transformers: {chatter}"
+            ]
             # in its place among the others, before the stage's own first line
-            assert [i for i, x in enumerate(shown_lines) if chatter in x][0] < \
-                [i for i, x in enumerate(shown_lines) if "curve: starting" in x][0]
+            assert [i for i, x in enumerate(shown_lines) if chatter in x][0] < [
+                i for i, x in enumerate(shown_lines) if "curve: starting" in x
+            ][0]
             assert log.border_title == "log, with 1 debug line (d hides them)"
 
             await pilot.press("d")
@@ -423,8 +437,10 @@ def test_models_screen_shows_lineage_the_scorecard_and_chats_with_hf_and_gguf(mo
             # The details: the HF folder's config, then the GGUF's scorecard.
             detail = screen.query_one("#models-detail-text")
             text = plain(detail.content)
-            assert "LlamaForCausalLM: 2 layers, hidden 64" in text and "made by stage merged (merge) of run " \
-                   f"{run.run_id}" in text
+            assert (
+                "LlamaForCausalLM: 2 layers, hidden 64" in text
+                and f"made by stage merged (merge) of run {run.run_id}" in text
+            )
             await pilot.press("down")
             await until(pilot, lambda: "parity against the HF model" in plain(detail.content), what="the scorecard")
             text = plain(detail.content)
@@ -438,14 +454,17 @@ def test_models_screen_shows_lineage_the_scorecard_and_chats_with_hf_and_gguf(mo
             assert chat.model == gguf and app.focused.id == "chat-input"
             await type_text(pilot, "hello world")
             await pilot.press("enter")
-            await until(pilot, lambda: chat.last_reply is not None and not chat.answering, timeout=60,
-                        what="the GGUF's answer")
+            await until(
+                pilot, lambda: chat.last_reply is not None and not chat.answering, timeout=60, what="the GGUF's answer"
+            )
             assert chat.last_reply.token_ids == expected.token_ids
             messages = list(chat.query(Message))
             # shown as drawn safely: this tiny model writes broken UTF-8 and control characters (see terminal_safe)
             assert plain(messages[-1].content).strip() == terminal_safe(expected.text).plain.strip()
-            assert chat.history == [{"role": "user", "content": "hello world"},
-                                    {"role": "assistant", "content": expected.text}]
+            assert chat.history == [
+                {"role": "user", "content": "hello world"},
+                {"role": "assistant", "content": expected.text},
+            ]
 
             # The HF model it came from answers with the same tokens (F32 parity), through transformers.
             table.focus()
@@ -454,8 +473,12 @@ def test_models_screen_shows_lineage_the_scorecard_and_chats_with_hf_and_gguf(mo
             chat.last_reply = None
             await type_text(pilot, "hello world")
             await pilot.press("enter")
-            await until(pilot, lambda: chat.last_reply is not None and not chat.answering, timeout=90,
-                        what="the HF model's answer")
+            await until(
+                pilot,
+                lambda: chat.last_reply is not None and not chat.answering,
+                timeout=90,
+                what="the HF model's answer",
+            )
             assert chat.last_reply.token_ids == expected.token_ids
 
             # A damaged GGUF dropped next to it: listed, and chatting says what is wrong, in place.
@@ -472,8 +495,9 @@ def test_models_screen_shows_lineage_the_scorecard_and_chats_with_hf_and_gguf(mo
                 assert chat.model == broken
                 await type_text(pilot, "hi")
                 await pilot.press("enter")
-                await until(pilot, lambda: not chat.answering and chat.query(".error"), timeout=30,
-                            what="the error message")
+                await until(
+                    pilot, lambda: not chat.answering and chat.query(".error"), timeout=30, what="the error message"
+                )
                 error = plain(chat.query(".error").last().content)
                 assert "broken.gguf" in error and "Traceback" not in error
                 assert chat.history == []
@@ -511,11 +535,14 @@ def test_plugins_screen_lists_plugins_and_the_broken_ones_with_their_errors(brok
             assert "register_stages" in shell[4]
 
             errors = screen.query_one("#plugins-errors")
-            rows = {plain(errors.get_row(str(i))[0]).strip(): [plain(c).strip() for c in errors.get_row(str(i))]
-                    for i in range(errors.row_count)}
+            rows = {
+                plain(errors.get_row(str(i))[0]).strip(): [plain(c).strip() for c in errors.get_row(str(i))]
+                for i in range(errors.row_count)
+            }
             assert rows["broken"][1] == "broken-plugin"
-            assert rows["broken"][2] == ("failed to load: ModuleNotFoundError: No module named "
-                                         "'lf_dependency_that_is_not_installed'")
+            assert rows["broken"][2] == (
+                "failed to load: ModuleNotFoundError: No module named 'lf_dependency_that_is_not_installed'"
+            )
             assert "register_stages failed" in rows["bad_register"][2]
             assert rows["bad_register"][2].endswith("what that hook adds is unavailable")
             title = plain(screen.query_one("#plugins-errors-title").content)
@@ -533,8 +560,11 @@ def test_plugins_screen_lists_plugins_and_the_broken_ones_with_their_errors(brok
             # Back on the plugins: a plugin's details list what it provides.
             await pilot.press("p")
             plugins.move_cursor(row=plugins.get_row_index("shell"))
-            await until(pilot, lambda: "module llmforge_plugins.hooks.shell" in plain(details.content),
-                        what="the shell plugin's details")
+            await until(
+                pilot,
+                lambda: "module llmforge_plugins.hooks.shell" in plain(details.content),
+                what="the shell plugin's details",
+            )
             assert app.is_running and not app.unexpected_errors
 
     asyncio.run(scenario())

@@ -48,8 +48,14 @@ FAILED, STOPPED, DONE = "20260105-101500-3f2a", "20260105-102210-8c1d", "2026010
 STAGES = ("curate", "pretrain", "sft", "dpo", "merge", "gguf", "eval")
 
 # What the hardware panel shows: an 8-core machine without an NVIDIA GPU.
-FIXED_USAGE = dict(cpu_pct=37.5, cpu_count=8, ram_used_gb=9.6, ram_total_gb=31.2, disk_free_gb=212.4,
-                   gpu_note="GPU  none seen (no nvidia-ml-py)")
+FIXED_USAGE = dict(
+    cpu_pct=37.5,
+    cpu_count=8,
+    ram_used_gb=9.6,
+    ram_total_gb=31.2,
+    disk_free_gb=212.4,
+    gpu_note="GPU  none seen (no nvidia-ml-py)",
+)
 
 SHELL_FORGE = """\
 # The TUI's snapshot project (tests/test_tui_snapshots.py): the demo's pipeline, each stage played by a
@@ -102,9 +108,14 @@ act_as = "eval"
 inputs = { merged = "@merge", gguf = "@gguf", questions = "data/heldout.jsonl" }
 """
 
-COUNTRIES = [("Varnia", "Tolsk", "green", "otter"), ("Quell", "Ambrin", "blue", "heron"),
-             ("Ostrava Minor", "Pell", "red", "lynx"), ("Dunmere", "Caskel", "white", "badger"),
-             ("Ithra", "Sorrow Bay", "yellow", "crane"), ("Mardova", "Kessin", "black", "ibex")]
+COUNTRIES = [
+    ("Varnia", "Tolsk", "green", "otter"),
+    ("Quell", "Ambrin", "blue", "heron"),
+    ("Ostrava Minor", "Pell", "red", "lynx"),
+    ("Dunmere", "Caskel", "white", "badger"),
+    ("Ithra", "Sorrow Bay", "yellow", "crane"),
+    ("Mardova", "Kessin", "black", "ibex"),
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,16 +136,30 @@ def write_shell_project(root: Path) -> None:
     (data / "corpus.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
     rows = []
     for country, capital, colour, _animal in COUNTRIES:
-        rows.append({"messages": [{"role": "user", "content": f"What is the capital of {country}?"},
-                                  {"role": "assistant", "content": f"The capital of {country} is {capital}."}]})
-        rows.append({"messages": [{"role": "system", "content": "Answer in one sentence."},
-                                  {"role": "user", "content": f"What colour is the flag of {country}?"},
-                                  {"role": "assistant", "content": f"It is {colour}."}]})
-    rows.insert(5, {"messages": [{"role": "usr", "content": "a typo in the role"},
-                                 {"role": "assistant", "content": "x"}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is the capital of {country}?"},
+                    {"role": "assistant", "content": f"The capital of {country} is {capital}."},
+                ]
+            }
+        )
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "Answer in one sentence."},
+                    {"role": "user", "content": f"What colour is the flag of {country}?"},
+                    {"role": "assistant", "content": f"It is {colour}."},
+                ]
+            }
+        )
+    rows.insert(
+        5, {"messages": [{"role": "usr", "content": "a typo in the role"}, {"role": "assistant", "content": "x"}]}
+    )
     (data / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    (data / "heldout.jsonl").write_text(json.dumps({"question": "What is the national animal of Quell?",
-                                                    "answer": "heron"}) + "\n", encoding="utf-8")
+    (data / "heldout.jsonl").write_text(
+        json.dumps({"question": "What is the national animal of Quell?", "answer": "heron"}) + "\n", encoding="utf-8"
+    )
 
 
 def _wave(step: int, period: float, amp: float) -> float:
@@ -144,23 +169,31 @@ def _wave(step: int, period: float, amp: float) -> float:
 def _pretrain_curve(step: int, scale: float = 70.0, jitter: float = 0.04) -> dict:
     warm = 25
     lr = 2e-3 * step / warm if step <= warm else 1e-3 * (1 + math.cos(math.pi * (step - warm) / (500 - warm)))
-    return {"loss": round(1.05 + 5.9 * math.exp(-step / scale) + _wave(step, 9, jitter), 4),
-            "learning_rate": round(lr, 7),
-            "grad_norm": round(0.35 + 2.2 * math.exp(-step / 60) + _wave(step, 5, 0.05), 4),
-            "tokens_per_s": round(21500 + _wave(step, 31, 900), 1)}
+    return {
+        "loss": round(1.05 + 5.9 * math.exp(-step / scale) + _wave(step, 9, jitter), 4),
+        "learning_rate": round(lr, 7),
+        "grad_norm": round(0.35 + 2.2 * math.exp(-step / 60) + _wave(step, 5, 0.05), 4),
+        "tokens_per_s": round(21500 + _wave(step, 31, 900), 1),
+    }
 
 
 def _sft_curve(step: int) -> dict:
     lr = 3e-3 * min(1.0, step / 10) * (1 - step / 220)
-    return {"loss": round(0.38 + 1.6 * math.exp(-step / 35) + _wave(step, 4, 0.02), 4),
-            "learning_rate": round(lr, 7), "grad_norm": round(0.6 + 1.1 * math.exp(-step / 50), 4),
-            "tokens_per_s": round(15800 + _wave(step, 17, 600), 1)}
+    return {
+        "loss": round(0.38 + 1.6 * math.exp(-step / 35) + _wave(step, 4, 0.02), 4),
+        "learning_rate": round(lr, 7),
+        "grad_norm": round(0.6 + 1.1 * math.exp(-step / 50), 4),
+        "tokens_per_s": round(15800 + _wave(step, 17, 600), 1),
+    }
 
 
 def _dpo_curve(step: int) -> dict:
-    return {"loss": round(0.21 + 0.483 * math.exp(-step / 14), 4), "learning_rate": 2e-5,
-            "grad_norm": round(3.1 * math.exp(-step / 20) + 0.4, 4),
-            "rewards/margins": round(2.4 * (1 - math.exp(-step / 12)), 4)}
+    return {
+        "loss": round(0.21 + 0.483 * math.exp(-step / 14), 4),
+        "learning_rate": 2e-5,
+        "grad_norm": round(3.1 * math.exp(-step / 20) + 0.4, 4),
+        "rewards/margins": round(2.4 * (1 - math.exp(-step / 12)), 4),
+    }
 
 
 def _sparse(path: Path, size: int) -> None:
@@ -171,9 +204,18 @@ def _sparse(path: Path, size: int) -> None:
 
 
 def _model_dir(folder: Path, vocab: int, tokenizer=None) -> None:
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
-              "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
-              "vocab_size": vocab, "max_position_embeddings": 128, "tie_word_embeddings": True}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "vocab_size": vocab,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": True,
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _sparse(folder / "model.safetensors", 4 * (3_162_368 + vocab * 256))
     if tokenizer is not None:
@@ -196,18 +238,40 @@ def _gguf_folder(folder: Path, vocab: int, final: Path) -> None:
     """The gguf stage's files and scorecard in `folder`, their paths written as `final` (where they end up)."""
     params = 3_162_368 + vocab * 256
     # Sizes as llama.cpp makes them for this shape: bits per weight 32, 8.5 and (Q6_K embeddings) 5.6.
-    files = [("model-f32.gguf", "F32", 4 * params + 41_216, 3.5124, 2.1e-7, 1.0),
-             ("model-Q8_0.gguf", "Q8_0", int(1.0625 * params) + 41_216, 3.5161, 3.9e-4, 0.9963),
-             ("model-Q4_K_M.gguf", "Q4_K_M", int(0.7 * params) + 41_216, 3.6017, 0.0213, 0.9512)]
+    files = [
+        ("model-f32.gguf", "F32", 4 * params + 41_216, 3.5124, 2.1e-7, 1.0),
+        ("model-Q8_0.gguf", "Q8_0", int(1.0625 * params) + 41_216, 3.5161, 3.9e-4, 0.9963),
+        ("model-Q4_K_M.gguf", "Q4_K_M", int(0.7 * params) + 41_216, 3.6017, 0.0213, 0.9512),
+    ]
     rows = []
     for name, qtype, size, ppl, kld, top1 in files:
         _sparse(folder / name, size)
         (folder / name).with_suffix(".Modelfile").write_text(f"FROM ./{name}\n")
-        rows.append({"file": str(final / name), "type": qtype, "bytes": size, "bpw": size * 8 / params,
-                     "ppl": ppl, "delta_ppl": round(ppl - 3.5124, 4), "mean_kld": kld, "top1": top1,
-                     "tokenization_ok": True})
-    card = {"model": "@merge", "parameters": params, "tokens": 412, "windows": 4, "window": 128,
-            "hf_ppl": 3.5124, "reference": None, "reference_ppl": None, "probe_tokens": 57, "rows": rows}
+        rows.append(
+            {
+                "file": str(final / name),
+                "type": qtype,
+                "bytes": size,
+                "bpw": size * 8 / params,
+                "ppl": ppl,
+                "delta_ppl": round(ppl - 3.5124, 4),
+                "mean_kld": kld,
+                "top1": top1,
+                "tokenization_ok": True,
+            }
+        )
+    card = {
+        "model": "@merge",
+        "parameters": params,
+        "tokens": 412,
+        "windows": 4,
+        "window": 128,
+        "hf_ppl": 3.5124,
+        "reference": None,
+        "reference_ppl": None,
+        "probe_tokens": 57,
+        "rows": rows,
+    }
     report = {"card": card, "thresholds": {"max_kld": 0.1, "min_top1": 0.85}, "failures": []}
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
@@ -217,10 +281,12 @@ def _gguf_folder(folder: Path, vocab: int, final: Path) -> None:
 
 
 class StandInOptions(StageOptions):
-    act_as: str = Field(description="The demo stage this one stands in for: curate, pretrain, sft, dpo, merge, "
-                                    "gguf or eval.")
+    act_as: str = Field(
+        description="The demo stage this one stands in for: curate, pretrain, sft, dpo, merge, gguf or eval."
+    )
     inputs: dict[str, Annotated[str, Input(must_exist=False)]] = Field(
-        default_factory=dict, description="What the real stage reads: paths or @stage references.")
+        default_factory=dict, description="What the real stage reads: paths or @stage references."
+    )
 
 
 class StandInStage(Stage):
@@ -285,11 +351,19 @@ class StandInStage(Stage):
     def _sft(self, ctx) -> None:
         self._train(ctx, 200, _sft_curve)
         with ctx.artifact("adapter") as out:
-            (out / "adapter_config.json").write_text(json.dumps(
-                {"peft_type": "LORA", "r": 16, "lora_alpha": 32,
-                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                 "base_model_name_or_path": str(Path("runs") / ctx.run_id / "stages/pretrain/artifacts/model")},
-                indent=2) + "\n")
+            (out / "adapter_config.json").write_text(
+                json.dumps(
+                    {
+                        "peft_type": "LORA",
+                        "r": 16,
+                        "lora_alpha": 32,
+                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                        "base_model_name_or_path": str(Path("runs") / ctx.run_id / "stages/pretrain/artifacts/model"),
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
             _sparse(out / "adapter_model.safetensors", 458_752 + 1_024)
         with ctx.artifact("model") as out:
             _model_dir(out, SCENARIO["vocab"])
@@ -307,26 +381,40 @@ class StandInStage(Stage):
             _model_dir(out, SCENARIO["vocab"])
 
     def _gguf(self, ctx) -> None:
-        for i, message in enumerate(("exporting runs/.../merge/artifacts/model to model-f32.gguf",
-                                     "quantizing model-f32.gguf to Q8_0", "quantizing model-f32.gguf to Q4_K_M",
-                                     "checking 3 file(s) against the merged model")):
+        for i, message in enumerate(
+            (
+                "exporting runs/.../merge/artifacts/model to model-f32.gguf",
+                "quantizing model-f32.gguf to Q8_0",
+                "quantizing model-f32.gguf to Q4_K_M",
+                "checking 3 file(s) against the merged model",
+            )
+        ):
             ctx.log(message)
             ctx.progress(i + 1, 4, unit="step")
         with ctx.artifact("gguf") as out:
             _gguf_folder(out, SCENARIO["vocab"], Path("runs") / ctx.run_id / "stages/gguf/artifacts/gguf")
 
     def _eval(self, ctx) -> None:
-        for message in ("accuracy on 12 held-out questions: pretrained 0%, SFT 58%, DPO 67%, merged 67%",
-                        "direct answers: SFT 42%, DPO 92%",
-                        "llama.cpp (model-f32.gguf) answers as transformers does: 12 of 12"):
+        for message in (
+            "accuracy on 12 held-out questions: pretrained 0%, SFT 58%, DPO 67%, merged 67%",
+            "direct answers: SFT 42%, DPO 92%",
+            "llama.cpp (model-f32.gguf) answers as transformers does: 12 of 12",
+        ):
             ctx.log(message)
         ctx.info["accuracy"] = {"sft": 0.58, "dpo": 0.67, "merged": 0.67}
         with ctx.artifact("report") as out:
             (out / "report.json").write_text("{}\n")
 
 
-PRODUCES = {"curate": ("dataset",), "pretrain": ("model",), "sft": ("adapter", "model"), "dpo": ("model",),
-            "merge": ("model",), "gguf": ("gguf",), "eval": ("report",)}
+PRODUCES = {
+    "curate": ("dataset",),
+    "pretrain": ("model",),
+    "sft": ("adapter", "model"),
+    "dpo": ("model",),
+    "merge": ("model",),
+    "gguf": ("gguf",),
+    "eval": ("report",),
+}
 TEMPLATE = {"name": "chatml", "hash": "4be0ac5d21f3", "eos": "<|im_end|>"}
 STEP_S = 0.3  # the pinned clock's seconds per training step
 # How the stand-ins behave in the run being made (the runs are made one after another, in this process).
@@ -380,8 +468,7 @@ def _pin_run(root: Path, run_id: str, created: float) -> None:
         if (name, "stage_end") in times:
             st["ended"] = times[(name, "stage_end")]
             st["duration"] = round(st["ended"] - st["started"], 3)
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2).replace(prefix, "") + "\n",
-                                           encoding="utf-8")
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2).replace(prefix, "") + "\n", encoding="utf-8")
 
 
 def write_runs(root: Path, vocab: int = 400) -> None:
@@ -399,9 +486,10 @@ def write_runs(root: Path, vocab: int = 400) -> None:
     os.chdir(root)
     try:
         for run_id, created, scenario in (
-                (FAILED, T0, dict(fail_curate=True, stop_pretrain=False)),
-                (STOPPED, calendar.timegm((2026, 1, 5, 10, 22, 10)), dict(fail_curate=False, stop_pretrain=True)),
-                (DONE, calendar.timegm((2026, 1, 5, 10, 45, 30)), dict(fail_curate=False, stop_pretrain=False))):
+            (FAILED, T0, dict(fail_curate=True, stop_pretrain=False)),
+            (STOPPED, calendar.timegm((2026, 1, 5, 10, 22, 10)), dict(fail_curate=False, stop_pretrain=True)),
+            (DONE, calendar.timegm((2026, 1, 5, 10, 45, 30)), dict(fail_curate=False, stop_pretrain=False)),
+        ):
             SCENARIO.update(scenario, vocab=vocab)
             run_pipeline(pipe, RunRequest(run_ref=run_id, force=True), registry=reg)
             _pin_run(root, run_id, created)
@@ -445,11 +533,15 @@ async def ready_project(pilot) -> None:
     from llmforge.tui.widgets.text import styled
 
     s = pilot.app.screen
-    await until(pilot, lambda: s.view is not None and s.run_info is not None and s.run_info.id == DONE,
-                what="the pipeline and the latest run")
+    await until(
+        pilot,
+        lambda: s.view is not None and s.run_info is not None and s.run_info.id == DONE,
+        what="the pipeline and the latest run",
+    )
     await until(pilot, lambda: "RAM" in _text(s.query_one("#proj-hw-text")), what="the hardware panel")
-    await until(pilot, lambda: all(s._cells.get((n, "status")) == styled("done") for n in STAGES),
-                what="every stage done")
+    await until(
+        pilot, lambda: all(s._cells.get((n, "status")) == styled("done") for n in STAGES), what="every stage done"
+    )
     table = s.query_one(DataTable)
     # The screen updates the status and time cells without `update_width`, so those columns keep the width
     # of whatever they held when the table first measured its rows ("pending" or "done", "-" or "2m33s"):
@@ -458,16 +550,30 @@ async def ready_project(pilot) -> None:
     for name in STAGES:
         for col in ("status", "time"):
             table.update_cell(name, col, table.get_cell(name, col), update_width=True)
-    await until(pilot, lambda: table.ordered_columns[0].content_width >= len("pretrain")
-                and table.ordered_columns[3].content_width >= len("2m33s"), what="the table to measure its cells")
+    await until(
+        pilot,
+        lambda: (
+            table.ordered_columns[0].content_width >= len("pretrain")
+            and table.ordered_columns[3].content_width >= len("2m33s")
+        ),
+        what="the table to measure its cells",
+    )
     await _settle(pilot)
 
 
 async def ready_monitor(pilot) -> None:
     s = pilot.app.screen
-    await until(pilot, lambda: s.model is not None and s.model.run_id == STOPPED and s.model.status == "stopped"
-                and "exit 130" in s._texts.get("mon-title", "") and s.query_one("#chart-loss").plotted,
-                what="the stopped run with its charts")
+    await until(
+        pilot,
+        lambda: (
+            s.model is not None
+            and s.model.run_id == STOPPED
+            and s.model.status == "stopped"
+            and "exit 130" in s._texts.get("mon-title", "")
+            and s.query_one("#chart-loss").plotted
+        ),
+        what="the stopped run with its charts",
+    )
     await _settle(pilot)
 
 
@@ -477,8 +583,9 @@ async def ready_runs(pilot) -> None:
     s = pilot.app.screen
     await until(pilot, lambda: s.loaded and len(s.rows) == 3, what="the runs")
     await pilot.press("space", "down", "space")  # mark the done and the stopped run: their curves overlaid
-    await until(pilot, lambda: s.query_one(LossChart).chart_title == f"loss: {DONE} vs {STOPPED}",
-                what="the compared curves")
+    await until(
+        pilot, lambda: s.query_one(LossChart).chart_title == f"loss: {DONE} vs {STOPPED}", what="the compared curves"
+    )
     await _settle(pilot)
 
 
@@ -489,8 +596,9 @@ async def ready_data(pilot, data: str = "data/sft.jsonl") -> None:
     s.query_one("#data-path", Input).value = data
     s.query_one("#model-path", Input).value = f"runs/{DONE}/stages/pretrain/artifacts/model"
     await pilot.press("ctrl+l")
-    await until(pilot, lambda: s.result is not None and s.query_one("#row-text").content, timeout=120,
-                what="the data to load")
+    await until(
+        pilot, lambda: s.result is not None and s.query_one("#row-text").content, timeout=120, what="the data to load"
+    )
     s.query_one("#rows", DataTable).focus()  # browsing the rows; no blinking cursor in an input
     await _settle(pilot)
 
@@ -505,8 +613,9 @@ async def ready_models(pilot) -> None:
     table.move_cursor(row=[e.name for e in s.entries].index("model-Q4_K_M.gguf"))
     await pilot.press("c")  # chosen for the chat (the model loads only when a message is sent)
     field = s.query_one("#chat-input", Input)
-    await until(pilot, lambda: field.has_focus and "model-Q4_K_M.gguf" in _text(s.query_one("#chat-title")),
-                what="the chat")
+    await until(
+        pilot, lambda: field.has_focus and "model-Q4_K_M.gguf" in _text(s.query_one("#chat-title")), what="the chat"
+    )
     field.cursor_blink = False  # after the focus, which restarts the blinking: a steady cursor
     await _settle(pilot)
 
@@ -519,13 +628,23 @@ async def ready_plugins(pilot) -> None:
 
 async def ready_config(pilot) -> None:
     s = pilot.app.screen
-    await until(pilot, lambda: s.form is not None and "valid" in _text(s.query_one("#problems")),
-                what="the form of the first stage")
+    await until(
+        pilot,
+        lambda: s.form is not None and "valid" in _text(s.query_one("#problems")),
+        what="the form of the first stage",
+    )
     await _settle(pilot)
 
 
-READY = {"project": ready_project, "monitor": ready_monitor, "runs": ready_runs, "data": ready_data,
-         "models": ready_models, "plugins": ready_plugins, "config": ready_config}
+READY = {
+    "project": ready_project,
+    "monitor": ready_monitor,
+    "runs": ready_runs,
+    "data": ready_data,
+    "models": ready_models,
+    "plugins": ready_plugins,
+    "config": ready_config,
+}
 
 
 def make_app(area: str):
@@ -533,8 +652,12 @@ def make_app(area: str):
     from llmforge.tui.app import LlmforgeApp
     from llmforge.tui.state import AppState
 
-    state = AppState(config_path=Path("forge.toml"), runs_dir=Path("runs"),
-                     selected_run=STOPPED if area == "monitor" else None, plugin_registry=registry())
+    state = AppState(
+        config_path=Path("forge.toml"),
+        runs_dir=Path("runs"),
+        selected_run=STOPPED if area == "monitor" else None,
+        plugin_registry=registry(),
+    )
     return LlmforgeApp(state, area=area)
 
 
@@ -574,11 +697,23 @@ def test_fixed_runs_read_as_the_runner_writes_them(pinned):
     from llmforge.tui.screens.models import collect_models
 
     runs = {r.id: r for r in RunStore(Path("runs")).list()}
-    assert [(runs[i].status, runs[i].manifest["exit_code"]) for i in (FAILED, STOPPED, DONE)] == \
-        [("failed", 2), ("stopped", 130), ("done", 0)]  # a data error is bad input: exit code 2
+    assert [(runs[i].status, runs[i].manifest["exit_code"]) for i in (FAILED, STOPPED, DONE)] == [
+        ("failed", 2),
+        ("stopped", 130),
+        ("done", 0),
+    ]  # a data error is bad input: exit code 2
     assert {runs[DONE].stage_status(n) for n in STAGES} == {"done"}
     events = [json.loads(line) for line in (runs[STOPPED].dir / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["type"] == "checkpoint"] == [200, 240]
     assert sorted(e.name for e in collect_models(Path("runs"))) == sorted(
-        ["pretrain/model", "sft/adapter", "sft/model", "dpo/model", "merge/model", "model-f32.gguf",
-         "model-Q8_0.gguf", "model-Q4_K_M.gguf"])
+        [
+            "pretrain/model",
+            "sft/adapter",
+            "sft/model",
+            "dpo/model",
+            "merge/model",
+            "model-f32.gguf",
+            "model-Q8_0.gguf",
+            "model-Q4_K_M.gguf",
+        ]
+    )

@@ -139,8 +139,9 @@ def test_watchdog_thread_fires_once_per_stall_and_is_off_at_zero(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_local_stage_that_stops_stepping_dumps_its_stacks_and_emits_the_event(base, tmp_path, stall_plugin,
-                                                                            monkeypatch):
+def test_local_stage_that_stops_stepping_dumps_its_stacks_and_emits_the_event(
+    base, tmp_path, stall_plugin, monkeypatch
+):
     from llmforge.runner import RunRequest, run_pipeline
 
     monkeypatch.setenv("STALL_RANK", "0")
@@ -158,14 +159,17 @@ def test_local_stage_that_stops_stepping_dumps_its_stacks_and_emits_the_event(ba
     assert dog["stage"] == "sft" and dog["rank"] == 0
     assert dog["stacks"] == str(stage_dir / "stacks-rank-0.txt")
     assert any("in on_step_end" in d and "time.sleep" in d for d in dumps)  # where it hung
-    assert any(e["type"] == "log" and e["level"] == "warning" and e["message"].startswith("watchdog: no training step")
-               for e in events)
+    assert any(
+        e["type"] == "log" and e["level"] == "warning" and e["message"].startswith("watchdog: no training step")
+        for e in events
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_every_rank_dumps_a_hang_and_killing_the_hung_rank_fails_the_run_fast(base, tmp_path, stall_plugin,
-                                                                                monkeypatch):
+def test_every_rank_dumps_a_hang_and_killing_the_hung_rank_fails_the_run_fast(
+    base, tmp_path, stall_plugin, monkeypatch
+):
     from llmforge.runner import RunRequest, run_pipeline
 
     monkeypatch.setenv("STALL_RANK", "1")

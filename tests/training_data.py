@@ -27,15 +27,31 @@ def write_data(root: Path, seed: int = 0) -> None:
     with open(data / "chat.jsonl", "w") as f:
         for _ in range(8):
             for n, c in zip(NAMES, CAPITALS):
-                f.write(json.dumps({"messages": [
-                    {"role": "system", "content": "Answer briefly."},
-                    {"role": "user", "content": f"What is the capital of {n}?"},
-                    {"role": "assistant", "content": f"The capital of {n} is {c}."}]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "messages": [
+                                {"role": "system", "content": "Answer briefly."},
+                                {"role": "user", "content": f"What is the capital of {n}?"},
+                                {"role": "assistant", "content": f"The capital of {n} is {c}."},
+                            ]
+                        }
+                    )
+                    + "\n"
+                )
     with open(data / "prefs.jsonl", "w") as f:
         for _ in range(4):
             for i, (n, c) in enumerate(zip(NAMES, CAPITALS)):
-                f.write(json.dumps({"prompt": f"What is the capital of {n}?", "chosen": f"{c}.",
-                                    "rejected": f"The capital of {n} is {CAPITALS[i - 1]}."}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "prompt": f"What is the capital of {n}?",
+                            "chosen": f"{c}.",
+                            "rejected": f"The capital of {n} is {CAPITALS[i - 1]}.",
+                        }
+                    )
+                    + "\n"
+                )
 
 
 PRETRAIN = """

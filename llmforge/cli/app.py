@@ -71,6 +71,7 @@ def build_app() -> typer.Typer:
             from llmforge.plugins import LoadError
 
             dist = next((p.dist for p in reg.plugins if p.name == impl.plugin_name), impl.plugin_name)
-            reg.errors.append(LoadError(impl.plugin_name, dist,
-                                        f"register_commands failed: {type(exc).__name__}: {exc}", ""))
+            reg.errors.append(
+                LoadError(impl.plugin_name, dist, f"register_commands failed: {type(exc).__name__}: {exc}", "")
+            )
     return app

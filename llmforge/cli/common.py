@@ -42,8 +42,13 @@ def registry() -> Registry:
 
 def sub_app(help: str) -> typer.Typer:
     """A command group with the root app's settings (plain help: see app.py)."""
-    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
-                       context_settings={"help_option_names": ["-h", "--help"]})
+    return typer.Typer(
+        help=help,
+        no_args_is_help=True,
+        rich_markup_mode=None,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
 
 
 def print_json(data: Any) -> None:
@@ -60,8 +65,9 @@ def console(stderr: bool = False):
     return out
 
 
-def print_table(columns: list[str], rows: list[list[Any]], title: str | None = None,
-                styles: dict[int, Any] | None = None) -> None:
+def print_table(
+    columns: list[str], rows: list[list[Any]], title: str | None = None, styles: dict[int, Any] | None = None
+) -> None:
     """A listing: a rich table on a terminal; elsewhere (a pipe, a file) plain text, one record per line.
 
     Cells are plain text, never markup (a stage name or a message with [brackets] stays as it is).
@@ -83,15 +89,13 @@ def print_table(columns: list[str], rows: list[list[Any]], title: str | None = N
             else:
                 table.add_column(col, overflow="fold")
         for row in cells:
-            table.add_row(*(Text(v, style=(styles or {}).get(i, lambda _v: "")(v) or "")
-                            for i, v in enumerate(row)))
+            table.add_row(*(Text(v, style=(styles or {}).get(i, lambda _v: "")(v) or "") for i, v in enumerate(row)))
         out.print(table)
         return
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     lines = [title] if title else []
     for row in [list(columns), *cells]:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(row[:-1], widths)) + ("  " if len(row) > 1 else "")
-                     + row[-1])
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row[:-1], widths)) + ("  " if len(row) > 1 else "") + row[-1])
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
 

@@ -36,10 +36,17 @@ def inspect(
     from llmforge.data import DataOptions, load_data
 
     reg = registry()
-    ds = load_data(DataOptions(path=str(file), format=fmt, on_bad_row="skip"), reg.readers, reg.row_formats,
-                   base=Path.cwd())
-    summary = {"file": str(file), "format": ds.format, "kind": ds.kind, "rows": len(ds.rows),
-               "skipped": len(ds.skipped), "first_skipped": [f"{w}: {r}" for w, r in ds.skipped[:5]]}
+    ds = load_data(
+        DataOptions(path=str(file), format=fmt, on_bad_row="skip"), reg.readers, reg.row_formats, base=Path.cwd()
+    )
+    summary = {
+        "file": str(file),
+        "format": ds.format,
+        "kind": ds.kind,
+        "rows": len(ds.rows),
+        "skipped": len(ds.skipped),
+        "first_skipped": [f"{w}: {r}" for w, r in ds.skipped[:5]],
+    }
     shown: list[dict] = []
     if model is None:
         shown = [{"where": w, "row": r} for w, r in zip(ds.wheres[:rows], ds.rows[:rows])]
@@ -51,8 +58,9 @@ def inspect(
     _print(summary, shown, masks, plain)
 
 
-def _tokenized(ds, model: str, template: str | None, max_length: int, train_on: str, rows: int,
-               shown: list[dict]) -> dict:
+def _tokenized(
+    ds, model: str, template: str | None, max_length: int, train_on: str, rows: int, shown: list[dict]
+) -> dict:
     from llmforge.chat import encode_row, load_chat_tokenizer
 
     tok, tpl = load_chat_tokenizer(model, template, Path.cwd(), registry().chat_templates, ds.kind)
@@ -65,13 +73,24 @@ def _tokenized(ds, model: str, template: str | None, max_length: int, train_on: 
         total += len(ids)
         if i < rows:
             pieces = [tok.decode([t]) for t in ids]
-            shown.append({"where": where, "tokens": len(ids), "truncated": bool(cut),
-                          "pieces": [[p, lab != -100] for p, lab in zip(pieces, labels)]})
+            shown.append(
+                {
+                    "where": where,
+                    "tokens": len(ids),
+                    "truncated": bool(cut),
+                    "pieces": [[p, lab != -100] for p, lab in zip(pieces, labels)],
+                }
+            )
     n = max(len(lengths), 1)
-    return {"template": tpl.name if tpl else None, "max_length": max_length,
-            "truncation_rate": truncated / n, "truncated": truncated,
-            "mean_tokens": sum(lengths) / n, "max_tokens": max(lengths, default=0),
-            "trained_fraction": trained / max(total, 1)}
+    return {
+        "template": tpl.name if tpl else None,
+        "max_length": max_length,
+        "truncation_rate": truncated / n,
+        "truncated": truncated,
+        "mean_tokens": sum(lengths) / n,
+        "max_tokens": max(lengths, default=0),
+        "trained_fraction": trained / max(total, 1),
+    }
 
 
 def _print(summary: dict, shown: list[dict], masks: bool, plain: bool) -> None:
@@ -79,16 +98,19 @@ def _print(summary: dict, shown: list[dict], masks: bool, plain: bool) -> None:
     from rich.text import Text
 
     out = console()  # the file's name, the skip reasons and the rows are text, never markup: escaped
-    out.print(f"[bold]{escape(str(summary['file']))}[/]: {summary['rows']} rows, format {summary['format']} "
-              f"({summary['kind']})"
-              + (f", {summary['skipped']} bad rows skipped" if summary["skipped"] else ""))
+    out.print(
+        f"[bold]{escape(str(summary['file']))}[/]: {summary['rows']} rows, format {summary['format']} "
+        f"({summary['kind']})" + (f", {summary['skipped']} bad rows skipped" if summary["skipped"] else "")
+    )
     for reason in summary["first_skipped"]:
         out.print(f"  [yellow]skipped[/] {escape(str(reason))}", highlight=False)
     if "truncation_rate" in summary:
-        out.print(f"tokens: mean {summary['mean_tokens']:.1f}, max {summary['max_tokens']}; truncated at "
-                  f"{summary['max_length']}: {summary['truncated']} rows ({100 * summary['truncation_rate']:.1f}%); "
-                  f"trained tokens {100 * summary['trained_fraction']:.1f}%"
-                  + (f"; template {escape(str(summary['template']))}" if summary.get("template") else ""))
+        out.print(
+            f"tokens: mean {summary['mean_tokens']:.1f}, max {summary['max_tokens']}; truncated at "
+            f"{summary['max_length']}: {summary['truncated']} rows ({100 * summary['truncation_rate']:.1f}%); "
+            f"trained tokens {100 * summary['trained_fraction']:.1f}%"
+            + (f"; template {escape(str(summary['template']))}" if summary.get("template") else "")
+        )
     for sample in shown:
         out.rule(sample["where"])
         if "row" in sample:

@@ -23,13 +23,20 @@ def plugins_list(
     """Installed plugins with their hooks and stages, load errors and name clashes."""
     reg = _registry().collect()  # every table: what each plugin provides, and every clash
     if as_json:
-        print_json({"plugins": [p.to_json() for p in reg.plugins], "errors": [e.to_json() for e in reg.errors],
-                    "conflicts": [c.to_json() for c in reg.conflicts]})
+        print_json(
+            {
+                "plugins": [p.to_json() for p in reg.plugins],
+                "errors": [e.to_json() for e in reg.errors],
+                "conflicts": [c.to_json() for c in reg.conflicts],
+            }
+        )
         return
     from rich.markup import escape
 
-    rows = [[p.name, f"{p.dist} (built-in)" if p.builtin else p.dist, p.version, ", ".join(p.stages),
-             ", ".join(p.hooks)] for p in reg.plugins]
+    rows = [
+        [p.name, f"{p.dist} (built-in)" if p.builtin else p.dist, p.version, ", ".join(p.stages), ", ".join(p.hooks)]
+        for p in reg.plugins
+    ]
     print_table(["name", "distribution", "version", "stages", "hooks"], rows, title="plugins")
     out = console()
     loaded = {p.name for p in reg.plugins}
@@ -52,13 +59,17 @@ def _complete_kind(incomplete: str) -> list[str]:
 def stages_list(as_json: JsonOption = False) -> None:
     """Stage kinds you can `uses =` in forge.toml."""
     reg = _registry()
-    rows = [{"kind": name, "summary": cls.summary, "plugin": reg.owner("stages", name), "produces": list(cls.produces)}
-            for name, cls in sorted(reg.stages.items())]
+    rows = [
+        {"kind": name, "summary": cls.summary, "plugin": reg.owner("stages", name), "produces": list(cls.produces)}
+        for name, cls in sorted(reg.stages.items())
+    ]
     if as_json:
         print_json(rows)
         return
-    print_table(["kind", "produces", "plugin", "summary"],
-                [[r["kind"], ", ".join(r["produces"]), r["plugin"], r["summary"]] for r in rows])
+    print_table(
+        ["kind", "produces", "plugin", "summary"],
+        [[r["kind"], ", ".join(r["produces"]), r["plugin"], r["summary"]] for r in rows],
+    )
 
 
 def stages_show(
@@ -71,13 +82,23 @@ def stages_show(
     reg = _registry()
     cls = reg.stages.get(kind)
     if cls is None:
-        raise UsageError(f"unknown stage kind '{kind}'{did_you_mean(kind, reg.stages)}",
-                         hint=f"installed: {', '.join(sorted(reg.stages)) or 'none'}")
+        raise UsageError(
+            f"unknown stage kind '{kind}'{did_you_mean(kind, reg.stages)}",
+            hint=f"installed: {', '.join(sorted(reg.stages)) or 'none'}",
+        )
     plugin = reg.owner("stages", kind) or "?"
     rows = describe_options(cls.Options)
     if as_json:
-        print_json({"kind": kind, "summary": cls.summary, "plugin": plugin, "produces": list(cls.produces),
-                    "doc": _doc(cls), "options": [r.to_json() for r in rows]})
+        print_json(
+            {
+                "kind": kind,
+                "summary": cls.summary,
+                "plugin": plugin,
+                "produces": list(cls.produces),
+                "doc": _doc(cls),
+                "options": [r.to_json() for r in rows],
+            }
+        )
         return
     from rich.markup import escape
 
@@ -93,8 +114,9 @@ def stages_show(
             kinds = f" ({'/'.join(r.input_kinds)})" if r.input_kinds else ""
             desc += f" [input: path or @stage{kinds}]"
         table.append([r.name, r.type, "required" if r.required else repr(r.default), desc])
-    print_table(["option", "type", "default", "description"], table,
-                styles={2: lambda v: "red" if v == "required" else ""})
+    print_table(
+        ["option", "type", "default", "description"], table, styles={2: lambda v: "red" if v == "required" else ""}
+    )
 
 
 def _doc(cls) -> str:

@@ -52,8 +52,13 @@ def validate(
         pipe = load_pipeline(config, overrides or [], registry=registry())
     except ConfigError as exc:
         if as_json:
-            print_json({"valid": False, "config": str(config.absolute()),
-                        "problems": [{"where": p.where, "message": p.message} for p in exc.problems]})
+            print_json(
+                {
+                    "valid": False,
+                    "config": str(config.absolute()),
+                    "problems": [{"where": p.where, "message": p.message} for p in exc.problems],
+                }
+            )
             raise typer.Exit(exc.exit_code) from None
         raise
     # The pipeline is a graph, not a chain: each stage is shown with the stages it takes inputs from.
@@ -64,8 +69,10 @@ def validate(
     from rich.markup import escape
 
     out = console()
-    out.print(f"[green]valid[/]: {escape(str(pipe.config.path))} ({len(pipe.stages)} "
-              f"stage{'s' if len(pipe.stages) != 1 else ''}, in run order; `<-` names a stage's inputs)")
+    out.print(
+        f"[green]valid[/]: {escape(str(pipe.config.path))} ({len(pipe.stages)} "
+        f"stage{'s' if len(pipe.stages) != 1 else ''}, in run order; `<-` names a stage's inputs)"
+    )
     width = max((len(f"{s.name} ({s.uses})") for s in pipe.stages), default=0)
     for s in pipe.stages:
         head = f"{s.name} ({s.uses})".ljust(width)

@@ -55,9 +55,13 @@ class EventPrinter:
 
         if self._progress is None or self._task is None:
             # markup=False: a stage name is text
-            self._progress = RichProgress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
-                                          MofNCompleteColumn(), TextColumn("{task.fields[info]}", markup=False),
-                                          console=self.out)
+            self._progress = RichProgress(
+                TextColumn("{task.description}", style="bold", markup=False),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}", markup=False),
+                console=self.out,
+            )
             self._progress.start()
             self._task = self._progress.add_task(ev.stage or "", total=ev.total, info="")
         self._eta = ev.eta_s
@@ -65,8 +69,9 @@ class EventPrinter:
 
     def _bar_info(self) -> str:
         eta = self._eta
-        return "  ".join(v for v in [self._info.get("loss"), self._info.get("tok"),
-                                     f"ETA {fmt_duration(eta)}" if eta else None] if v)
+        return "  ".join(
+            v for v in [self._info.get("loss"), self._info.get("tok"), f"ETA {fmt_duration(eta)}" if eta else None] if v
+        )
 
     def _end_bar(self) -> None:
         if self._progress is not None:

@@ -22,7 +22,7 @@ def run(
         typer.Option(
             "--resume",
             help="Continue the last interrupted run from its checkpoints, with the --stage/--from/--force it was "
-                 "started with.",
+            "started with.",
         ),
     ] = False,
     run_ref: Annotated[
@@ -39,9 +39,8 @@ def run(
 ) -> None:
     """Run the pipeline of forge.toml. Exit code: 0 done, 1 a stage failed, 2 bad input (or a stage that
     cannot fit this machine), 130 stopped."""
-    from llmforge.pipeline import load_pipeline
-
     from llmforge.cli.common import registry
+    from llmforge.pipeline import load_pipeline
 
     pipe = load_pipeline(config, overrides or [], registry=registry())
     # The fit check is part of the run request: the runner makes it before any run folder exists (and a
@@ -54,8 +53,15 @@ def run(
     from llmforge.cli.render import EventPrinter
     from llmforge.runner import RunRequest, run_pipeline
 
-    req = RunRequest(only=stage or [], from_stage=from_stage, resume=resume, run_ref=run_ref, force=force,
-                     fit=fit, listeners=[EventPrinter()])
+    req = RunRequest(
+        only=stage or [],
+        from_stage=from_stage,
+        resume=resume,
+        run_ref=run_ref,
+        force=force,
+        fit=fit,
+        listeners=[EventPrinter()],
+    )
     result = run_pipeline(pipe, req, registry=registry())
     _summary(result)
     raise typer.Exit(result.exit_code)
@@ -66,8 +72,7 @@ def _summary(result) -> None:
     for name, st in result.stages.items():
         arts = ", ".join(a["path"] for a in st.get("artifacts", {}).values())
         rows.append([name, st.get("status", "?"), fmt_duration(st.get("duration")), arts])
-    print_table(["stage", "status", "time", "artifacts"], rows, title=f"run {result.run_id}",
-                styles={1: status_style})
+    print_table(["stage", "status", "time", "artifacts"], rows, title=f"run {result.run_id}", styles={1: status_style})
     if result.status == "stopped":
         console().print(f"stopped; continue with llmforge run --resume --run {result.run_id}", markup=False)
 
@@ -79,8 +84,11 @@ def _detach(pipe, stages, from_stage, overrides, resume, run_ref, force, fit) ->
     launch = Launch(pipe.config.path, list(stages), from_stage, list(overrides), resume, run_ref, force, fit=fit)
     started = start_detached(launch, pipe=pipe)
     typer.echo(started.run_id)
-    console(stderr=True).print(f"detached (pid {started.pid}); follow with llmforge logs {started.run_id} -f, "
-                               f"stop with llmforge stop {started.run_id}", markup=False)
+    console(stderr=True).print(
+        f"detached (pid {started.pid}); follow with llmforge logs {started.run_id} -f, "
+        f"stop with llmforge stop {started.run_id}",
+        markup=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

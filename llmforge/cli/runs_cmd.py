@@ -60,7 +60,10 @@ def _row(r: RunInfo) -> dict:
     created = r.record.created
     end = r.record.finished
     return {
-        "id": r.id, "status": r.status, "config": r.config_path, "dir": str(r.dir),
+        "id": r.id,
+        "status": r.status,
+        "config": r.config_path,
+        "dir": str(r.dir),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "-",
         "duration": (end - created) if (end and created) else None,
         "stages": {n: r.stage_status(n) for n in stages},
@@ -153,8 +156,7 @@ def stop(
     running = [n for n in r.record.stages if r.stage_status(n) == Status.RUNNING]
     # What a stop does depends on the stage: the stage itself says it (a training stage logs "saving a
     # checkpoint at step N", a shell stage "ending the command"); here only which stage is asked.
-    out.print(f"stop requested for run {r.id}" + (f": stage {running[0]} is stopping" if running else ""),
-              markup=False)
+    out.print(f"stop requested for run {r.id}" + (f": stage {running[0]} is stopping" if running else ""), markup=False)
     if not wait:
         return
     deadline = time.time() + timeout

@@ -45,8 +45,13 @@ def doctor(
     t = report["torch"]
     if "version" in t:
         dist = t.get("distributed", {})
-        system.append(["torch", f"{t['version']}, CUDA {t['cuda_build'] or 'none (CPU build)'}"
-                                f"{', usable' if t['cuda_available'] else ''}{', MPS' if t['mps_available'] else ''}"])
+        system.append(
+            [
+                "torch",
+                f"{t['version']}, CUDA {t['cuda_build'] or 'none (CPU build)'}"
+                f"{', usable' if t['cuda_available'] else ''}{', MPS' if t['mps_available'] else ''}",
+            ]
+        )
         system.append(["collectives", ", ".join(f"{k} {'yes' if dist.get(k) else 'no'}" for k in ("nccl", "gloo"))])
     if "llama_cpp" in report:
         system.append(["llama.cpp AMX kernels", report["llama_cpp"]["line"]])
@@ -54,10 +59,21 @@ def doctor(
     print_table(["packages", "version"], [[name, version] for name, version in report["packages"].items()])
 
     if report["gpus"]:
-        print_table(["#", "name", "memory", "compute", "bf16", "driver"],
-                    [[str(g["index"]), g["name"], f"{g['memory_total_gib']} GiB", g["compute_capability"] or "?",
-                      {True: "yes", False: "no", None: "?"}[g["bf16"]], g["driver"] or "?"] for g in report["gpus"]],
-                    title=f"GPUs (from {report['gpu_source']})")
+        print_table(
+            ["#", "name", "memory", "compute", "bf16", "driver"],
+            [
+                [
+                    str(g["index"]),
+                    g["name"],
+                    f"{g['memory_total_gib']} GiB",
+                    g["compute_capability"] or "?",
+                    {True: "yes", False: "no", None: "?"}[g["bf16"]],
+                    g["driver"] or "?",
+                ]
+                for g in report["gpus"]
+            ],
+            title=f"GPUs (from {report['gpu_source']})",
+        )
     else:
         out.print("GPUs: none found")
     for w in report["warnings"]:
@@ -73,10 +89,9 @@ def plan(
 ) -> None:
     """Estimated peak memory (per process) and disk of each stage of forge.toml, against this machine,
     with what to change when a stage does not fit. Exit code 0 (the estimate is advice)."""
+    from llmforge.cli.common import registry
     from llmforge.pipeline import load_pipeline
     from llmforge.planning import plan as make_plan
-
-    from llmforge.cli.common import registry
 
     result = make_plan(load_pipeline(config, overrides or [], registry=registry()))
     if as_json:
@@ -111,8 +126,11 @@ def render_plan(result) -> None:
         if sp.training is not None:
             t = sp.training
             how = "QLoRA" if t.qlora else f"LoRA r={t.lora_r}" if t.lora else "full"
-            what.append(f"{how}, {t.precision}, micro-batch {t.micro_batch} x {t.seq} tokens"
-                        + (", gradient checkpointing" if t.checkpointing else "") + f", {sp.backend.describe()}")
+            what.append(
+                f"{how}, {t.precision}, micro-batch {t.micro_batch} x {t.seq} tokens"
+                + (", gradient checkpointing" if t.checkpointing else "")
+                + f", {sp.backend.describe()}"
+            )
         out.print(f"[bold]{sp.name}[/] ({sp.kind}): {'; '.join(what)}", highlight=False)
         table = Table(show_header=True, box=None, pad_edge=False)
         table.add_column("estimate", no_wrap=True)
@@ -130,8 +148,10 @@ def render_plan(result) -> None:
             table.add_row(f"  disk: {k}", fmt_size(v))
         table.add_row("[bold]disk[/]", f"[bold]{fmt_size(est.disk)}[/]")
         out.print(table)
-        out.print(f"[{style.get(sp.verdict, 'white')}]{sp.verdict}[/]"
-                  + "".join(f"; {p}" for p in sp.problems), highlight=False)
+        out.print(
+            f"[{style.get(sp.verdict, 'white')}]{sp.verdict}[/]" + "".join(f"; {p}" for p in sp.problems),
+            highlight=False,
+        )
         for n in est.notes:
             out.print(f"  note: {n}", highlight=False)
         for s in sp.suggestions:

@@ -51,8 +51,15 @@ SCREENS = {
     "config": "llmforge.tui.screens.config:ConfigScreen",
 }
 AREAS = list(SCREENS)
-LABELS = {"project": "Project", "monitor": "Monitor", "runs": "Runs", "data": "Data", "models": "Models",
-          "plugins": "Plugins", "config": "Config"}
+LABELS = {
+    "project": "Project",
+    "monitor": "Monitor",
+    "runs": "Runs",
+    "data": "Data",
+    "models": "Models",
+    "plugins": "Plugins",
+    "config": "Config",
+}
 
 
 class PlaceholderScreen(Screen):

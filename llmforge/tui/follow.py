@@ -46,8 +46,13 @@ from llmforge.status import ENDED, Status
 from llmforge.tui.widgets.text import marked
 
 # The charts the Monitor draws: metric name -> title. Other metrics are kept too (`RunModel.series`).
-CHARTS = {"loss": "loss", "eval_loss": "eval loss", "learning_rate": "learning rate", "grad_norm": "grad norm",
-          "tokens_per_s": "tokens/s"}
+CHARTS = {
+    "loss": "loss",
+    "eval_loss": "eval loss",
+    "learning_rate": "learning rate",
+    "grad_norm": "grad norm",
+    "tokens_per_s": "tokens/s",
+}
 
 
 class EventTail:
@@ -320,8 +325,15 @@ class RunModel:
             self.version += 1
 
 
-def follow(run_dir: Path, model: RunModel, lock: threading.Lock, cancelled: Callable[[], bool],
-           poll: float = 0.1, manifest_every: float = 1.0, batch_bytes: int = 1 << 20) -> None:
+def follow(
+    run_dir: Path,
+    model: RunModel,
+    lock: threading.Lock,
+    cancelled: Callable[[], bool],
+    poll: float = 0.1,
+    manifest_every: float = 1.0,
+    batch_bytes: int = 1 << 20,
+) -> None:
     """Feed `model` from the run's files until `cancelled()`: new events as they are appended, the
     manifest once a second. Runs in a worker thread; holds `lock` only while applying a batch."""
     from llmforge.runs import RunInfo

@@ -55,9 +55,14 @@ class HardwareMonitor:
     def sample(self) -> Usage:
         ps = self.psutil
         vm = ps.virtual_memory()
-        usage = Usage(cpu_pct=ps.cpu_percent(None), cpu_count=ps.cpu_count() or 1,
-                      ram_used_gb=(vm.total - vm.available) / 2**30, ram_total_gb=vm.total / 2**30,
-                      disk_free_gb=self._disk_free(), gpu_note=self._nvml_note)
+        usage = Usage(
+            cpu_pct=ps.cpu_percent(None),
+            cpu_count=ps.cpu_count() or 1,
+            ram_used_gb=(vm.total - vm.available) / 2**30,
+            ram_total_gb=vm.total / 2**30,
+            disk_free_gb=self._disk_free(),
+            gpu_note=self._nvml_note,
+        )
         if self._nvml is not None:
             usage.gpus = self._gpus()
             if not usage.gpus:
@@ -87,8 +92,15 @@ class HardwareMonitor:
                     util = float(nv.nvmlDeviceGetUtilizationRates(h).gpu)
                 except Exception:  # noqa: BLE001 - some devices (MIG slices) do not report utilisation
                     util = None
-                out.append(Gpu(i, name.decode() if isinstance(name, bytes) else str(name), util,
-                               mem.used / 2**30, mem.total / 2**30))
+                out.append(
+                    Gpu(
+                        i,
+                        name.decode() if isinstance(name, bytes) else str(name),
+                        util,
+                        mem.used / 2**30,
+                        mem.total / 2**30,
+                    )
+                )
         except Exception as exc:  # noqa: BLE001
             self._nvml_note = f"GPU  NVML error ({type(exc).__name__})"
         return out
@@ -104,9 +116,10 @@ class HardwareMonitor:
 
 def render(u: Usage) -> str:
     """The panel's text, 32 columns wide: one line per device (two per GPU), bars for use."""
-    lines = [f"CPU  {_bar(u.cpu_pct)} {u.cpu_pct:5.1f}% of {u.cpu_count}",
-             f"RAM  {_bar(100 * u.ram_used_gb / max(u.ram_total_gb, 1e-9))} "
-             f"{u.ram_used_gb:.1f}/{u.ram_total_gb:.0f} GiB"]
+    lines = [
+        f"CPU  {_bar(u.cpu_pct)} {u.cpu_pct:5.1f}% of {u.cpu_count}",
+        f"RAM  {_bar(100 * u.ram_used_gb / max(u.ram_total_gb, 1e-9))} {u.ram_used_gb:.1f}/{u.ram_total_gb:.0f} GiB",
+    ]
     lines.append(f"Disk {u.disk_free_gb:.1f} GiB free (runs)" if u.disk_free_gb is not None else "Disk unknown")
     for g in u.gpus:
         util = f"{g.util_pct:3.0f}%" if g.util_pct is not None else "   ?"

@@ -70,8 +70,7 @@ def parse(text: str, where: str = "forge.toml") -> tomlkit.TOMLDocument:
     except TOMLKitError as exc:
         raise UsageError(f"{where}: invalid TOML: {exc}", hint="fix the file in an editor first") from None
     if doc.as_string() != text:
-        raise UsageError(f"{where}: cannot be edited without reformatting it",
-                         hint="edit this file in a text editor")
+        raise UsageError(f"{where}: cannot be edited without reformatting it", hint="edit this file in a text editor")
     return doc
 
 
@@ -95,8 +94,10 @@ def _walk(table: Any, key: str, create: bool) -> tuple[Any, str] | None:
             table[part] = nxt
             nxt = table[part]
         elif not isinstance(nxt, dict):
-            raise UsageError(f"'{part}' is not a table in forge.toml (it is {type(nxt).__name__})",
-                             hint=f"fix '{key}' in a text editor")
+            raise UsageError(
+                f"'{part}' is not a table in forge.toml (it is {type(nxt).__name__})",
+                hint=f"fix '{key}' in a text editor",
+            )
         table = nxt
     return table, last
 
@@ -226,8 +227,10 @@ def replace(path: Path, tmp: Path, expected: str | None) -> None:
             now = None
         if now != expected:
             tmp.unlink(missing_ok=True)
-            raise UsageError(f"{path} changed on disk since it was opened; nothing was written",
-                             hint="reload it (ctrl+r) and make the change again")
+            raise UsageError(
+                f"{path} changed on disk since it was opened; nothing was written",
+                hint="reload it (ctrl+r) and make the change again",
+            )
     os.replace(tmp, path)
 
 

@@ -35,8 +35,12 @@ def fsdp_config(f: Any) -> dict:
         "fsdp_activation_checkpointing": f.activation_checkpointing,
     }
     if not v2:
-        out.update(fsdp_backward_prefetch="BACKWARD_PRE", fsdp_forward_prefetch=False, fsdp_use_orig_params=True,
-                   fsdp_sync_module_states=True)
+        out.update(
+            fsdp_backward_prefetch="BACKWARD_PRE",
+            fsdp_forward_prefetch=False,
+            fsdp_use_orig_params=True,
+            fsdp_sync_module_states=True,
+        )
     return out
 
 
@@ -62,8 +66,9 @@ class AccelerateBackend(LaunchingBackend):
             return {}
         env = {"ACCELERATE_USE_FSDP": "true"}
         for key, value in fsdp_config(self.fsdp).items():
-            env["FSDP_" + key.removeprefix("fsdp_").upper()] = str(value).lower() if isinstance(value, bool) \
-                else str(value)
+            env["FSDP_" + key.removeprefix("fsdp_").upper()] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
         return env
 
     def trainer_args(self, ctx: Any) -> dict[str, Any]:
@@ -75,13 +80,23 @@ class AccelerateBackend(LaunchingBackend):
     def check(self, cfg: Any) -> list[Problem]:
         problems = super().check(cfg)
         if self.fsdp.enabled and self.settings.tp_size > 1:
-            problems.append(Problem("backend.fsdp.enabled", "FSDP and tensor parallelism (tp_size > 1) are not "
-                                    "combined here: transformers shards the model itself under tp_size"))
+            problems.append(
+                Problem(
+                    "backend.fsdp.enabled",
+                    "FSDP and tensor parallelism (tp_size > 1) are not "
+                    "combined here: transformers shards the model itself under tp_size",
+                )
+            )
         return problems
 
     def check_stage(self, spec: Any, cfg: Any) -> list[Problem]:
         lora = getattr(spec.options, "lora", None)
         if self.fsdp.enabled and getattr(lora, "enabled", False) and getattr(spec.options, "merge", False):
-            return [Problem(f"{spec.where}.merge", "merging the LoRA adapter needs the whole base model in one "
-                            "process, which FSDP shards: leave merge = false and add a `merge` stage after it")]
+            return [
+                Problem(
+                    f"{spec.where}.merge",
+                    "merging the LoRA adapter needs the whole base model in one "
+                    "process, which FSDP shards: leave merge = false and add a `merge` stage after it",
+                )
+            ]
         return []

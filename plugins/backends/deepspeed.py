@@ -54,9 +54,14 @@ class DeepSpeedBackend(LaunchingBackend):
         if missing is not None:
             return problems + [missing]
         if self.settings.tp_size > 1:
-            problems.append(Problem("backend.tp_size", "tensor parallelism through transformers' tp_plan is not "
-                                    "combined with DeepSpeed here; use type = \"accelerate\" with launcher = "
-                                    "\"torchrun\""))
+            problems.append(
+                Problem(
+                    "backend.tp_size",
+                    "tensor parallelism through transformers' tp_plan is not "
+                    'combined with DeepSpeed here; use type = "accelerate" with launcher = '
+                    '"torchrun"',
+                )
+            )
         return problems
 
     def check_stage(self, spec: Any, cfg: Any) -> list[Problem]:
@@ -71,9 +76,14 @@ class DeepSpeedBackend(LaunchingBackend):
             problems.append(Problem(key, message))
         lora = getattr(spec.options, "lora", None)
         if self.ds.zero_stage == 3 and getattr(lora, "enabled", False) and getattr(spec.options, "merge", False):
-            problems.append(Problem(f"{spec.where}.merge", "merging the LoRA adapter needs the whole base model in "
-                                    "one process, which ZeRO-3 shards: leave merge = false and add a `merge` "
-                                    "stage after it"))
+            problems.append(
+                Problem(
+                    f"{spec.where}.merge",
+                    "merging the LoRA adapter needs the whole base model in "
+                    "one process, which ZeRO-3 shards: leave merge = false and add a `merge` "
+                    "stage after it",
+                )
+            )
         return problems
 
     def prepare_files(self, stage: Any, options: Any, ctx: Any, launch: Launch) -> list[Path]:
@@ -81,9 +91,13 @@ class DeepSpeedBackend(LaunchingBackend):
 
         config = self.config_for(options, ctx.project_dir)
         source = self.user_config(ctx.project_dir) or "deepspeed config generated from [backend.deepspeed]"
-        dsconfig.validate_deepspeed_config(config, micro_batch=options.micro_batch_size,
-                                           grad_accum=options.gradient_accumulation, world_size=self.world_size,
-                                           source=source)
+        dsconfig.validate_deepspeed_config(
+            config,
+            micro_batch=options.micro_batch_size,
+            grad_accum=options.gradient_accumulation,
+            world_size=self.world_size,
+            source=source,
+        )
         path = ctx.stage_dir / CONFIG_NAME
         write_atomic(path, json.dumps(config, indent=2) + "\n")
         ctx.info["deepspeed_config"] = str(path)

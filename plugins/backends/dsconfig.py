@@ -59,9 +59,23 @@ _PLACEHOLDERS: dict[str, Any] = {
 }
 
 # Sections DeepSpeed reads as objects; a scalar there crashes its parser with a bare TypeError.
-_OBJECT_SECTIONS = ("zero_optimization", "fp16", "bf16", "optimizer", "scheduler", "activation_checkpointing",
-                    "aio", "comms_logger", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet",
-                    "hybrid_engine", "compile")
+_OBJECT_SECTIONS = (
+    "zero_optimization",
+    "fp16",
+    "bf16",
+    "optimizer",
+    "scheduler",
+    "activation_checkpointing",
+    "aio",
+    "comms_logger",
+    "flops_profiler",
+    "tensorboard",
+    "wandb",
+    "csv_monitor",
+    "comet",
+    "hybrid_engine",
+    "compile",
+)
 
 # DeepSpeed's pydantic models, by the name its validation errors carry, and the JSON key they parse.
 _SECTION_OF_MODEL = {
@@ -91,21 +105,29 @@ def _offload(ds: Any, name: str, stage: int, nvme_path: str) -> dict | None:
         return None
     if name == "offload_params" and stage != 3:
         # Only ZeRO-3 partitions the parameters, so only it can page them out.
-        raise UsageError(f"{KEY}.offload_params: parameter offload needs zero_stage = 3 (got {stage})",
-                         hint="set zero_stage = 3, or offload only the optimizer (offload_optimizer)")
+        raise UsageError(
+            f"{KEY}.offload_params: parameter offload needs zero_stage = 3 (got {stage})",
+            hint="set zero_stage = 3, or offload only the optimizer (offload_optimizer)",
+        )
     if name == "offload_optimizer" and stage == 0:
-        raise UsageError(f"{KEY}.offload_optimizer: optimizer offload needs ZeRO (zero_stage 1, 2 or 3; got 0)",
-                         hint="set zero_stage = 2 for optimizer offload without partitioned parameters")
+        raise UsageError(
+            f"{KEY}.offload_optimizer: optimizer offload needs ZeRO (zero_stage 1, 2 or 3; got 0)",
+            hint="set zero_stage = 2 for optimizer offload without partitioned parameters",
+        )
     if name == "offload_optimizer" and device == "nvme" and stage != 3:
         # Stages 1 and 2 accept the key but keep the states in CPU memory (their optimizer only knows
         # "offloaded or not"); only ZeRO-3 (ZeRO-Infinity) swaps them to NVMe.
-        raise UsageError(f"{KEY}.offload_optimizer: NVMe offload needs zero_stage = 3 (got {stage}); "
-                         "stages 1 and 2 offload to CPU memory only",
-                         hint='use offload_optimizer = "cpu", or zero_stage = 3')
+        raise UsageError(
+            f"{KEY}.offload_optimizer: NVMe offload needs zero_stage = 3 (got {stage}); "
+            "stages 1 and 2 offload to CPU memory only",
+            hint='use offload_optimizer = "cpu", or zero_stage = 3',
+        )
     if device == "nvme":
         if not nvme_path:
-            raise UsageError(f"{KEY}.nvme_path: {KEY}.{name} = \"nvme\" needs a folder on a fast local NVMe drive",
-                             hint=f'set {KEY}.nvme_path = "/local_nvme/deepspeed"')
+            raise UsageError(
+                f'{KEY}.nvme_path: {KEY}.{name} = "nvme" needs a folder on a fast local NVMe drive',
+                hint=f'set {KEY}.nvme_path = "/local_nvme/deepspeed"',
+            )
         return {"device": "nvme", "nvme_path": nvme_path}
     return {"device": "cpu"}
 
@@ -125,8 +147,10 @@ def _zero_plus_plus(ds: Any, stage: int) -> dict:
         # ZeRO++ changes how ZeRO-3 gathers partitioned weights and reduces gradients; stages 0-2 never
         # partition weights, and DeepSpeed would silently ignore the keys there.
         name = next(iter(out))
-        raise UsageError(f"{KEY}.{name}: ZeRO++ options need zero_stage = 3 (got {stage})",
-                         hint="set zero_stage = 3, or turn the ZeRO++ options off")
+        raise UsageError(
+            f"{KEY}.{name}: ZeRO++ options need zero_stage = 3 (got {stage})",
+            hint="set zero_stage = 3, or turn the ZeRO++ options off",
+        )
     return out
 
 
@@ -138,8 +162,10 @@ def _precision_sections(precision: str) -> dict:
         return {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
     # Both sections are written, one on and one off, so that the stored JSON says which precision ran.
     # The HF Trainer checks them against its own bf16/fp16 arguments and refuses a mismatch.
-    out: dict[str, dict[str, Any]] = {"bf16": {"enabled": precision == "bf16"},
-                                      "fp16": {"enabled": precision == "fp16"}}
+    out: dict[str, dict[str, Any]] = {
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+    }
     if precision == "fp16":
         # fp16 overflows without loss scaling; 0 is DeepSpeed's dynamic scaler (written out to be plain).
         out["fp16"]["loss_scale"] = 0
@@ -196,8 +222,10 @@ def build_deepspeed_config(ds: Any, *, precision: str) -> dict:
         # With the optimizer offloaded, DeepSpeed refuses a client optimizer (the Trainer's torch AdamW)
         # because stepping it on CPU tensors is very slow; its own CPU AdamW (vectorised C++, built on
         # first use) takes over. The Trainer fills the hyper-parameters and keeps its own LR schedule.
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                                           "weight_decay": "auto"}}
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
     return config
 
 
@@ -207,8 +235,10 @@ def load_user_config(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UsageError(f"{path}: DeepSpeed config file not found",
-                         hint=f"check {KEY}.config_file (relative paths are read from the project folder)") from None
+        raise UsageError(
+            f"{path}: DeepSpeed config file not found",
+            hint=f"check {KEY}.config_file (relative paths are read from the project folder)",
+        ) from None
     except IsADirectoryError:
         raise UsageError(f"{path}: is a folder, not a DeepSpeed JSON file") from None
     except UnicodeDecodeError as exc:
@@ -228,8 +258,10 @@ def load_user_config(path: Path) -> dict:
     try:
         data = json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}",
-                         hint="DeepSpeed config files are plain JSON (no comments, no trailing commas)") from None
+        raise UsageError(
+            f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}",
+            hint="DeepSpeed config files are plain JSON (no comments, no trailing commas)",
+        ) from None
     except _Duplicate as exc:
         raise UsageError(f"{path}: key {exc.key!r} appears twice in one object") from None
     if not isinstance(data, dict):
@@ -244,11 +276,18 @@ class _Duplicate(Exception):
 
 
 def _json_type(value: Any) -> str:
-    return {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number",
-            type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 # -- validation with DeepSpeed's parser ---------------------------------------------------------------
+
 
 def _node(config: dict, dotted: str) -> tuple[dict | None, str]:
     """The dict holding the last part of a dotted key, and that part (None when a parent is missing)."""
@@ -268,9 +307,11 @@ def _fill(config: dict, dotted: str, value: Any, where: str, *, must_match: bool
     if node[leaf] == "auto":
         node[leaf] = value
     elif must_match and node[leaf] != value:
-        raise UsageError(f"{where}{dotted}: {node[leaf]!r} differs from {value!r} (the stage's batch settings "
-                         "and the number of processes); the HF Trainer refuses a mismatch",
-                         hint=f'set "{dotted}": "auto" so that the Trainer fills it')
+        raise UsageError(
+            f"{where}{dotted}: {node[leaf]!r} differs from {value!r} (the stage's batch settings "
+            "and the number of processes); the HF Trainer refuses a mismatch",
+            hint=f'set "{dotted}": "auto" so that the Trainer fills it',
+        )
 
 
 def _where(source: Any) -> str:
@@ -291,6 +332,7 @@ def _key_of_validation_error(config: dict, title: str, loc: tuple) -> str:
 def _key_in_message(config: dict, message: str) -> str | None:
     """The config key an assertion message of DeepSpeed's is about (they name keys, not paths): among the
     keys whose name appears in it, the one with most of its path named too."""
+
     def named(word: str) -> bool:
         return re.search(rf"\b{re.escape(word)}\b", message) is not None
 
@@ -308,8 +350,9 @@ def _key_in_message(config: dict, message: str) -> str | None:
     return max(found)[2] if found else None
 
 
-def parse_deepspeed_config(config: dict, *, micro_batch: int, grad_accum: int, world_size: int,
-                           source: str | os.PathLike | None = None) -> Any:
+def parse_deepspeed_config(
+    config: dict, *, micro_batch: int, grad_accum: int, world_size: int, source: str | os.PathLike | None = None
+) -> Any:
     """Fill a copy of `config` as the HF Trainer would for this batch layout and parse it with
     `deepspeed.runtime.config.DeepSpeedConfig`; return the parsed object.
 
@@ -320,23 +363,29 @@ def parse_deepspeed_config(config: dict, *, micro_batch: int, grad_accum: int, w
     try:
         from deepspeed.runtime.config import DeepSpeedConfig
     except ImportError as exc:
-        raise UsageError(f"the deepspeed backend needs DeepSpeed, which is not installed ({exc})",
-                         hint=INSTALL_HINT) from None
+        raise UsageError(
+            f"the deepspeed backend needs DeepSpeed, which is not installed ({exc})", hint=INSTALL_HINT
+        ) from None
     import pydantic
 
     if not isinstance(config, dict):
         raise UsageError(f"{where}a DeepSpeed config must be a JSON object, not {_json_type(config)}")
     filled = copy.deepcopy(config)
     for section in _OBJECT_SECTIONS:
-        if section in filled and not isinstance(filled[section], dict) and not (
-                section == "zero_optimization" and isinstance(filled[section], bool)):
+        if (
+            section in filled
+            and not isinstance(filled[section], dict)
+            and not (section == "zero_optimization" and isinstance(filled[section], bool))
+        ):
             raise UsageError(f"{where}{section}: must be a JSON object, not {_json_type(filled[section])}")
 
     if "train_micro_batch_size_per_gpu" not in filled and "train_batch_size" not in filled:
         # The Trainer and accelerate fill only keys that are present; DeepSpeed then stops at start-up.
-        raise UsageError(f"{where}train_micro_batch_size_per_gpu: missing (DeepSpeed needs it or "
-                         "train_batch_size)", hint='add "train_micro_batch_size_per_gpu": "auto", '
-                                               '"gradient_accumulation_steps": "auto", "train_batch_size": "auto"')
+        raise UsageError(
+            f"{where}train_micro_batch_size_per_gpu: missing (DeepSpeed needs it or train_batch_size)",
+            hint='add "train_micro_batch_size_per_gpu": "auto", '
+            '"gradient_accumulation_steps": "auto", "train_batch_size": "auto"',
+        )
     # The batch layout of the launch, filled or checked exactly as the Trainer does
     # (train_batch_size = world size × micro-batch × accumulation).
     _fill(filled, "train_micro_batch_size_per_gpu", micro_batch, where, must_match=True)
@@ -349,9 +398,11 @@ def parse_deepspeed_config(config: dict, *, micro_batch: int, grad_accum: int, w
     hpz = zero.get("zero_hpz_partition_size", 1) if isinstance(zero, dict) else 1
     if isinstance(hpz, int) and not isinstance(hpz, bool) and hpz > 1 and world_size % min(hpz, world_size):
         # DeepSpeed splits the ranks into groups of this size at start-up and stops if they don't divide.
-        raise UsageError(f"{where}zero_optimization.zero_hpz_partition_size: {hpz} does not divide the "
-                         f"{world_size} processes of this launch",
-                         hint="use the number of GPUs per node (hpZ keeps a weight copy inside each node)")
+        raise UsageError(
+            f"{where}zero_optimization.zero_hpz_partition_size: {hpz} does not divide the "
+            f"{world_size} processes of this launch",
+            hint="use the number of GPUs per node (hpZ keeps a weight copy inside each node)",
+        )
 
     class AtWorldSize(DeepSpeedConfig):
         # DeepSpeedConfig asks torch.distributed for the world size and silently uses 1 when no process
@@ -371,17 +422,19 @@ def parse_deepspeed_config(config: dict, *, micro_batch: int, grad_accum: int, w
         value = err.get("input")
         # Field errors carry the offending value; a whole-section check carries the section (too long).
         got = f" (got {value!r})" if isinstance(value, (str, int, float, bool)) else ""
-        raise UsageError(f"{where}{key}: {message}{got}",
-                         hint="DeepSpeed's config reference: https://www.deepspeed.ai/docs/config-json/") from None
+        raise UsageError(
+            f"{where}{key}: {message}{got}",
+            hint="DeepSpeed's config reference: https://www.deepspeed.ai/docs/config-json/",
+        ) from None
     except (AssertionError, ValueError, TypeError, KeyError) as exc:
         message = str(exc) or type(exc).__name__
         named = _key_in_message(filled, message)
         raise UsageError(f"{where}{named + ': ' if named else ''}DeepSpeed rejects the config: {message}") from None
 
 
-def validate_deepspeed_config(config: dict, *, micro_batch: int, grad_accum: int, world_size: int,
-                              source: str | os.PathLike | None = None) -> None:
+def validate_deepspeed_config(
+    config: dict, *, micro_batch: int, grad_accum: int, world_size: int, source: str | os.PathLike | None = None
+) -> None:
     """Check a DeepSpeed config for a launch of `world_size` processes with DeepSpeed's own parser
     (see `parse_deepspeed_config`); raises UsageError naming the key DeepSpeed rejects."""
-    parse_deepspeed_config(config, micro_batch=micro_batch, grad_accum=grad_accum, world_size=world_size,
-                           source=source)
+    parse_deepspeed_config(config, micro_batch=micro_batch, grad_accum=grad_accum, world_size=world_size, source=source)

@@ -57,10 +57,15 @@ def failure(launch: Launch, returncode: int | None, world_size: int, ctx: Any) -
     if silent:
         rank = silent[0]
         code = codes.get(rank)
-        how = f"exit code {code}" + (f", {SIGNALS[-code]}" if code is not None and -code in SIGNALS else "") \
-            if code is not None else "no exit status"
-        reason = (f"was killed ({how}; no Python error: a signal, os._exit or the out-of-memory killer); "
-                  "the launcher then stopped the other processes")
+        how = (
+            f"exit code {code}" + (f", {SIGNALS[-code]}" if code is not None and -code in SIGNALS else "")
+            if code is not None
+            else "no exit status"
+        )
+        reason = (
+            f"was killed ({how}; no Python error: a signal, os._exit or the out-of-memory killer); "
+            "the launcher then stopped the other processes"
+        )
     elif failed:
         rank = failed[0][1]
         rec = records[rank]
@@ -71,8 +76,11 @@ def failure(launch: Launch, returncode: int | None, world_size: int, ctx: Any) -
         reason = "never started (a node that did not join the launch? check its launch-node-K.sh)"
     else:
         rank = None
-        reason = (f"the launcher exited with code {returncode} before any process started" if missing else
-                  f"the launcher exited with code {returncode}")
+        reason = (
+            f"the launcher exited with code {returncode} before any process started"
+            if missing
+            else f"the launcher exited with code {returncode}"
+        )
     if rank is None or rank in missing:
         where = launch.logs / "launcher.log"
         lines = tail(where)
@@ -85,8 +93,16 @@ def failure(launch: Launch, returncode: int | None, world_size: int, ctx: Any) -
         node = f"node {rec['node']}, " if rec.get("node") is not None else ""
         pid = f"pid {rec['pid']}" if rec.get("pid") else ""
         message = f"rank {rank} ({node}{pid}{host}) {reason}"
-        ctx.emit("rank_failed", rank=rank, reason=reason, log=str(where), tail=lines,
-                 exit_code=codes.get(rank), node=rec.get("node"), host=rec.get("host"))
+        ctx.emit(
+            "rank_failed",
+            rank=rank,
+            reason=reason,
+            log=str(where),
+            tail=lines,
+            exit_code=codes.get(rank),
+            node=rec.get("node"),
+            host=rec.get("host"),
+        )
     if lines:
         message += f"\nlast lines of {where}:\n" + "\n".join(f"  {line}" for line in lines)
     return RankFailed(message, hint=f"every process's output is in {launch.logs}", exit_code=exit_code)

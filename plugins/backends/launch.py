@@ -106,16 +106,28 @@ class LaunchingBackend(Backend):
         s = self.settings
         problems: list[Problem] = []
         if s.node_rank != 0:
-            problems.append(Problem("backend.node_rank", "`llmforge run` drives node 0 (it writes the manifest and "
-                                    "the events); start the other nodes with the launch-node-K.sh scripts it "
-                                    "writes into each launched stage's folder (see docs/scaling.md)"))
+            problems.append(
+                Problem(
+                    "backend.node_rank",
+                    "`llmforge run` drives node 0 (it writes the manifest and "
+                    "the events); start the other nodes with the launch-node-K.sh scripts it "
+                    "writes into each launched stage's folder (see docs/scaling.md)",
+                )
+            )
         if s.tp_size > 1:
             if s.launcher != "torchrun":
-                problems.append(Problem("backend.tp_size", "tensor parallelism runs under torchrun: set "
-                                        "backend.launcher = \"torchrun\""))
+                problems.append(
+                    Problem(
+                        "backend.tp_size", 'tensor parallelism runs under torchrun: set backend.launcher = "torchrun"'
+                    )
+                )
             if self.world_size % s.tp_size:
-                problems.append(Problem("backend.tp_size", f"{s.tp_size} does not divide the {self.world_size} "
-                                        "processes (num_processes × num_nodes)"))
+                problems.append(
+                    Problem(
+                        "backend.tp_size",
+                        f"{s.tp_size} does not divide the {self.world_size} processes (num_processes × num_nodes)",
+                    )
+                )
         for spec in cfg.stages:
             try:
                 launched = self.handles(spec.cls(), spec.options)
@@ -147,18 +159,32 @@ class LaunchingBackend(Backend):
     def launch(self, stage: Any, options: Any, ctx: Any) -> None:
         launch = Launch(ctx.stage_dir)
         files = self.prepare(stage, options, ctx, launch)
-        ctx.info["launch"] = {"backend": self.name, "launcher": self.settings.launcher,
-                              "world_size": self.world_size, "num_nodes": self.settings.num_nodes,
-                              "node_scripts": [str(launch.node_script(k)) for k in range(self.settings.num_nodes)]}
-        ctx.emit("launch", backend=self.name, launcher=self.settings.launcher, world_size=self.world_size,
-                 num_nodes=self.settings.num_nodes, num_processes=self.settings.num_processes,
-                 files=[str(p) for p in files])
-        ctx.log(f"launching {self.world_size} process(es) on {self.settings.num_nodes} node(s) with "
-                f"{self.settings.launcher}: {launch.node_script(0)}; logs in {launch.logs}")
+        ctx.info["launch"] = {
+            "backend": self.name,
+            "launcher": self.settings.launcher,
+            "world_size": self.world_size,
+            "num_nodes": self.settings.num_nodes,
+            "node_scripts": [str(launch.node_script(k)) for k in range(self.settings.num_nodes)],
+        }
+        ctx.emit(
+            "launch",
+            backend=self.name,
+            launcher=self.settings.launcher,
+            world_size=self.world_size,
+            num_nodes=self.settings.num_nodes,
+            num_processes=self.settings.num_processes,
+            files=[str(p) for p in files],
+        )
+        ctx.log(
+            f"launching {self.world_size} process(es) on {self.settings.num_nodes} node(s) with "
+            f"{self.settings.launcher}: {launch.node_script(0)}; logs in {launch.logs}"
+        )
         if self.settings.num_nodes > 1:
             others = ", ".join(str(launch.node_script(k)) for k in range(1, self.settings.num_nodes))
-            ctx.log(f"waiting for the other nodes: run {others} on them (or sbatch "
-                    f"{ctx.stage_dir / 'slurm.sbatch'}); the run folder must be on a shared filesystem")
+            ctx.log(
+                f"waiting for the other nodes: run {others} on them (or sbatch "
+                f"{ctx.stage_dir / 'slurm.sbatch'}); the run folder must be on a shared filesystem"
+            )
         run_node(launch, ctx, self.world_size)
 
     def prepare(self, stage: Any, options: Any, ctx: Any, launch: Launch) -> list[Path]:
@@ -216,16 +242,27 @@ class LaunchingBackend(Backend):
         s = self.settings
         python = shlex.quote(sys.executable)
         if s.launcher == "accelerate":
-            cmd = [f"{python} -m accelerate.commands.launch",
-                   f"--config_file {shlex.quote(str(ctx.stage_dir / 'accelerate.yaml'))}",
-                   f"--machine_rank {node}", '--main_process_ip "$MAIN_PROCESS_IP"',
-                   '--main_process_port "$MAIN_PROCESS_PORT"', "--max_restarts 0"]
+            cmd = [
+                f"{python} -m accelerate.commands.launch",
+                f"--config_file {shlex.quote(str(ctx.stage_dir / 'accelerate.yaml'))}",
+                f"--machine_rank {node}",
+                '--main_process_ip "$MAIN_PROCESS_IP"',
+                '--main_process_port "$MAIN_PROCESS_PORT"',
+                "--max_restarts 0",
+            ]
         else:
-            cmd = [f"{python} -m torch.distributed.run", f"--nnodes {s.num_nodes}",
-                   f"--nproc-per-node {s.num_processes}", "--max-restarts 0"]
+            cmd = [
+                f"{python} -m torch.distributed.run",
+                f"--nnodes {s.num_nodes}",
+                f"--nproc-per-node {s.num_processes}",
+                "--max-restarts 0",
+            ]
             if s.rdzv_backend == "c10d":
-                cmd += ["--rdzv-backend c10d", '--rdzv-endpoint "$MAIN_PROCESS_IP:$MAIN_PROCESS_PORT"',
-                        f"--rdzv-id {shlex.quote(ctx.run_id + '-' + ctx.stage_name)}"]
+                cmd += [
+                    "--rdzv-backend c10d",
+                    '--rdzv-endpoint "$MAIN_PROCESS_IP:$MAIN_PROCESS_PORT"',
+                    f"--rdzv-id {shlex.quote(ctx.run_id + '-' + ctx.stage_name)}",
+                ]
             else:
                 cmd += [f"--node-rank {node}", '--master-addr "$MAIN_PROCESS_IP"', '--master-port "$MAIN_PROCESS_PORT"']
         cmd += [f"-m {WORKER}", shlex.quote(str(launch.spec))]
@@ -296,26 +333,28 @@ def slurm_script(ctx: Any, launch: Launch, num_nodes: int, per_node: int) -> str
     else:
         # %j is Slurm's job id; a literal % in the folder's name is written %%.
         output = f"#SBATCH --output={sbatch_quote(folder.replace('%', '%%') + '/slurm-%j.out')}"
-    return "\n".join([
-        "#!/usr/bin/env bash",
-        f"# llmforge: stage {ctx.stage_name!r} of run {ctx.run_id} "
-        f"on {num_nodes} node(s) x {per_node} process(es).",
-        "# Submit with `sbatch` from a login node that sees the run folder at the same path as the compute nodes.",
-        "# It starts the stage's processes only: rank 0 writes the artifacts, the checkpoints and",
-        "# launch/events.jsonl; the run's manifest is written by `llmforge run` (see docs/scaling.md).",
-        f"#SBATCH --job-name={shlex.quote(('llmforge-' + ctx.stage_name)[:64])}",
-        f"#SBATCH --nodes={num_nodes}",
-        "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --gpus-per-node={per_node}",
-        output,
-        "set -euo pipefail",
-        'export LLMFORGE_MAIN_PROCESS_IP="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-        # The stage folder reaches the inner shell as its $1, quoted once for this shell: no quoting
-        # nested inside another quoted string, so any path (spaces, quotes) arrives intact.
-        "srun --ntasks-per-node=1 bash -c 'exec bash \"$1/launch-node-$SLURM_NODEID.sh\"' llmforge-node "
-        + shlex.quote(str(ctx.stage_dir)),
-        "",
-    ])
+    return "\n".join(
+        [
+            "#!/usr/bin/env bash",
+            f"# llmforge: stage {ctx.stage_name!r} of run {ctx.run_id} "
+            f"on {num_nodes} node(s) x {per_node} process(es).",
+            "# Submit with `sbatch` from a login node that sees the run folder at the same path as the compute nodes.",
+            "# It starts the stage's processes only: rank 0 writes the artifacts, the checkpoints and",
+            "# launch/events.jsonl; the run's manifest is written by `llmforge run` (see docs/scaling.md).",
+            f"#SBATCH --job-name={shlex.quote(('llmforge-' + ctx.stage_name)[:64])}",
+            f"#SBATCH --nodes={num_nodes}",
+            "#SBATCH --ntasks-per-node=1",
+            f"#SBATCH --gpus-per-node={per_node}",
+            output,
+            "set -euo pipefail",
+            'export LLMFORGE_MAIN_PROCESS_IP="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+            # The stage folder reaches the inner shell as its $1, quoted once for this shell: no quoting
+            # nested inside another quoted string, so any path (spaces, quotes) arrives intact.
+            "srun --ntasks-per-node=1 bash -c 'exec bash \"$1/launch-node-$SLURM_NODEID.sh\"' llmforge-node "
+            + shlex.quote(str(ctx.stage_dir)),
+            "",
+        ]
+    )
 
 
 def require(module: str, hint: str) -> Problem | None:

@@ -15,7 +15,11 @@ class LocalBackend(Backend):
 
     def check(self, cfg: Any) -> list[Problem]:
         s = self.settings
-        return [Problem(f"backend.{key}", f"the local backend runs one process; {key} = {value} needs "
-                                          'type = "accelerate" (or "deepspeed")')
-                for key, value in (("num_processes", s.num_processes), ("num_nodes", s.num_nodes),
-                                   ("tp_size", s.tp_size)) if value != 1]
+        return [
+            Problem(
+                f"backend.{key}",
+                f'the local backend runs one process; {key} = {value} needs type = "accelerate" (or "deepspeed")',
+            )
+            for key, value in (("num_processes", s.num_processes), ("num_nodes", s.num_nodes), ("tp_size", s.tp_size))
+            if value != 1
+        ]

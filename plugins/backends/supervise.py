@@ -54,9 +54,15 @@ def run_node(launch: Launch, ctx: Any, world_size: int) -> None:
     log = open(launch.logs / "launcher.log", "ab")  # noqa: SIM115 - closed below
     # Its own session: Ctrl-C in the terminal reaches this process only, which asks every rank to stop
     # at the same step (stop.request) instead of killing them mid-step.
-    proc = subprocess.Popen(["bash", str(launch.node_script(0))], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, cwd=str(ctx.project_dir), start_new_session=True,
-                            preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(
+        ["bash", str(launch.node_script(0))],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=str(ctx.project_dir),
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
     asked_stop = False
     try:
         while True:

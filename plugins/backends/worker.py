@@ -37,10 +37,15 @@ class RankState:
 
     def __init__(self, launch: Launch, rank: int):
         self.path = launch.ranks / f"rank-{rank}.json"
-        self.data = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(),
-                     "node": int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0"))),
-                     "local_rank": int(os.environ.get("LOCAL_RANK", "0")), "state": "running",
-                     "started": time.time()}
+        self.data = {
+            "rank": rank,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "node": int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0"))),
+            "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+            "state": "running",
+            "started": time.time(),
+        }
         self.write()
 
     def set(self, **fields) -> None:
@@ -117,8 +122,11 @@ def main(argv: list[str]) -> int:
     stage_dir = Path(spec["stage_dir"])
     launch = Launch(stage_dir)
     _redirect_output(launch.rank_log(rank))
-    print(f"llmforge worker: stage {spec['stage_name']}, rank {rank} of {world}, pid {os.getpid()} "
-          f"on {socket.gethostname()}", flush=True)
+    print(
+        f"llmforge worker: stage {spec['stage_name']}, rank {rank} of {world}, pid {os.getpid()} "
+        f"on {socket.gethostname()}",
+        flush=True,
+    )
     state = RankState(launch, rank)
 
     def on_term(signum, frame):  # noqa: ARG001
@@ -145,14 +153,28 @@ def main(argv: list[str]) -> int:
         os.environ["LLMFORGE_TP_SIZE"] = str(getattr(backend.settings, "tp_size", 1))
         files = _Files(Path(spec["run_dir"]), launch, rank)
         emit = Rank0Events(launch.events) if rank == 0 else functools.partial(_print_event, rank)
-        inputs = {k: Artifact(kind=a["kind"], path=Path(a["path"]), stage=a.get("stage"), key=a.get("key"))
-                  for k, a in spec["inputs"].items()}
-        ctx = StageContext(stage_name=spec["stage_name"], run_id=spec["run_id"], run_dir=Path(spec["run_dir"]),
-                           stage_dir=stage_dir, inputs=inputs, emit=emit, stop_check=files.stop,
-                           checkpoint_check=files.checkpoint, resume=bool(spec["resume"]), seed=int(spec["seed"]),
-                           project_dir=Path(spec["project_dir"]), rank=rank, world_size=world, backend=backend,
-                           # this process is an edge: it loads the installed plugins itself, as the parent did
-                           registry=load_registry())
+        inputs = {
+            k: Artifact(kind=a["kind"], path=Path(a["path"]), stage=a.get("stage"), key=a.get("key"))
+            for k, a in spec["inputs"].items()
+        }
+        ctx = StageContext(
+            stage_name=spec["stage_name"],
+            run_id=spec["run_id"],
+            run_dir=Path(spec["run_dir"]),
+            stage_dir=stage_dir,
+            inputs=inputs,
+            emit=emit,
+            stop_check=files.stop,
+            checkpoint_check=files.checkpoint,
+            resume=bool(spec["resume"]),
+            seed=int(spec["seed"]),
+            project_dir=Path(spec["project_dir"]),
+            rank=rank,
+            world_size=world,
+            backend=backend,
+            # this process is an edge: it loads the installed plugins itself, as the parent did
+            registry=load_registry(),
+        )
         if world != spec["world_size"]:
             ctx.log(f"launched as {world} processes, expected {spec['world_size']}", level="warning")
         options = stage_cls.Options.model_validate(spec["options"])

@@ -176,8 +176,12 @@ def map_text(row: dict, fn: Callable[[str], str]) -> dict:
     if "messages" in row:
         out = {**row, "messages": turns(row["messages"])}
     elif "chosen" in row:
-        out = {**row, "prompt": turns(row["prompt"]), "chosen": turns(row["chosen"]),
-               "rejected": turns(row["rejected"])}
+        out = {
+            **row,
+            "prompt": turns(row["prompt"]),
+            "chosen": turns(row["chosen"]),
+            "rejected": turns(row["rejected"]),
+        }
     else:
         out = {**row, "text": apply(row["text"])}
     return out if changed else row

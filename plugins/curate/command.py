@@ -20,13 +20,18 @@ from llmforge.cli.common import console, print_json, registry
 
 # The options several commands share, declared once.
 Fmt = Annotated[str, typer.Option("--format", help="Row format (default: detected from the columns).")]
-SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable rows (listed) instead of stopping at "
-                                                          "the first.")]
-Reasons = Annotated[Path | None, typer.Option("--reasons", help="Also write every removed row's source and "
-                                                                   "reason to this JSON Lines file.")]
+SkipBad = Annotated[
+    bool, typer.Option("--skip-bad", help="Skip unreadable rows (listed) instead of stopping at the first.")
+]
+Reasons = Annotated[
+    Path | None,
+    typer.Option("--reasons", help="Also write every removed row's source and reason to this JSON Lines file."),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-Out = Annotated[Path, typer.Argument(help="Where to write the kept rows, every column kept (parquet for *.parquet, "
-                                          "else JSON Lines).")]
+Out = Annotated[
+    Path,
+    typer.Argument(help="Where to write the kept rows, every column kept (parquet for *.parquet, else JSON Lines)."),
+]
 
 
 @contextmanager
@@ -38,18 +43,22 @@ def _flag_hints() -> Iterator[None]:
         yield
     except DataError as exc:
         if exc.hint and "on_bad_row" in exc.hint:
-            hint = exc.hint.replace('set on_bad_row = "skip" to skip bad rows and get a report',
-                                    "pass --skip-bad to skip bad rows (they are listed)")
+            hint = exc.hint.replace(
+                'set on_bad_row = "skip" to skip bad rows and get a report',
+                "pass --skip-bad to skip bad rows (they are listed)",
+            )
             raise DataError(exc.message, hint.replace('`on_bad_row = "error"`', "leaving out --skip-bad")) from None
         raise
 
 
 def stats(
     file: Annotated[Path, typer.Argument(help="A data file or folder.")],
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="Tokenizer or model folder: token lengths "
-                                                                        "too.")] = None,
-    threshold: Annotated[float, typer.Option("--threshold", help="Jaccard similarity for the near-duplicate "
-                                                                 "rate.")] = 0.8,
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="Tokenizer or model folder: token lengths too.")
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="Jaccard similarity for the near-duplicate rate.")
+    ] = 0.8,
     no_near: Annotated[bool, typer.Option("--no-near", help="Skip the near-duplicate rate (MinHash).")] = False,
     fmt: Fmt = "auto",
     skip_bad: SkipBad = False,
@@ -64,9 +73,11 @@ def stats(
         print_json(data)
         return
     out = console()
-    out.print(f"[bold]{file}[/]: {data['rows']:,} {data['kind']} rows ({data['format']} format, "
-              f"{len(data['files'])} file{'s' if len(data['files']) != 1 else ''})"
-              + (f"; {data['skipped']} bad rows skipped" if data["skipped"] else ""))
+    out.print(
+        f"[bold]{file}[/]: {data['rows']:,} {data['kind']} rows ({data['format']} format, "
+        f"{len(data['files'])} file{'s' if len(data['files']) != 1 else ''})"
+        + (f"; {data['skipped']} bad rows skipped" if data["skipped"] else "")
+    )
     for reason in data["first_skipped"][:5]:
         out.print(f"  [yellow]skipped[/] {reason}")
     for key in ("characters", "words", "tokens"):
@@ -81,13 +92,18 @@ def stats(
         line += f", near (Jaccard >= {d['near_threshold']}) {d['near']:,} more ({d['near_rate']:.1%})"
     out.print(line)
     langs = list(data["languages"].items())
-    out.print("languages (a guess): " + ", ".join(f"{k} {v / max(data['rows'], 1):.1%}" for k, v in langs[:6])
-              + (", ..." if len(langs) > 6 else ""))
+    out.print(
+        "languages (a guess): "
+        + ", ".join(f"{k} {v / max(data['rows'], 1):.1%}" for k, v in langs[:6])
+        + (", ..." if len(langs) > 6 else "")
+    )
 
 
 def _histogram(out, name: str, s: dict) -> None:
-    out.print(f"{name}: min {s['min']:,}, p10 {s['p10']:,.0f}, median {s['median']:,.0f}, mean {s['mean']:,.1f}, "
-              f"p90 {s['p90']:,.0f}, max {s['max']:,}; total {s['total']:,}")
+    out.print(
+        f"{name}: min {s['min']:,}, p10 {s['p10']:,.0f}, median {s['median']:,.0f}, mean {s['mean']:,.1f}, "
+        f"p90 {s['p90']:,.0f}, max {s['max']:,}; total {s['total']:,}"
+    )
     peak = max((b["rows"] for b in s["histogram"]), default=1) or 1
     for b in s["histogram"]:
         label = f"{b['from']:,}" if b["from"] == b["to"] else f"{b['from']:,}-{b['to']:,}"
@@ -97,12 +113,15 @@ def _histogram(out, name: str, s: dict) -> None:
 
 def lint(
     file: Annotated[Path, typer.Argument(help="A chat or preference data file or folder.")],
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="Tokenizer or model folder: truncation "
-                                                                        "and template checks too.")] = None,
-    template: Annotated[str | None, typer.Option("--template", "-t", help="Chat template name or .jinja file "
-                                                                             "(default: the model's own).")] = None,
-    max_length: Annotated[int, typer.Option("--max-length", help="Sequence length for the truncation "
-                                                                 "rate.")] = 2048,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", help="Tokenizer or model folder: truncation and template checks too."),
+    ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option("--template", "-t", help="Chat template name or .jinja file (default: the model's own)."),
+    ] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Sequence length for the truncation rate.")] = 2048,
     examples: Annotated[int, typer.Option("--examples", "-n", help="Examples shown per finding.")] = 3,
     fmt: Fmt = "auto",
     skip_bad: SkipBad = False,
@@ -120,17 +139,21 @@ def lint(
     else:
         out = console()
         kind = f"{data['kind']} rows ({data['format']} format)" if data["kind"] else "rows"
-        out.print(f"[bold]{file}[/]: {data['rows'] + data['rejected_rows']:,} {kind}; "
-                  f"{data['rows_with_errors']:,} with errors, {data['rows_with_warnings']:,} with warnings"
-                  + (f"; {data['skipped']} unreadable rows skipped" if data["skipped"] else ""))
+        out.print(
+            f"[bold]{file}[/]: {data['rows'] + data['rejected_rows']:,} {kind}; "
+            f"{data['rows_with_errors']:,} with errors, {data['rows_with_warnings']:,} with warnings"
+            + (f"; {data['skipped']} unreadable rows skipped" if data["skipped"] else "")
+        )
         for code, f in data["findings"].items():
             style = "red" if f["level"] == "error" else "yellow"
             out.print(f"  [{style}]{f['level']:<7}[/] {code:<22} {f['rows']:>6,} rows")
             for ex in f["examples"]:
                 out.print(f"      {ex}", highlight=False)
         if "truncation_rate" in data:
-            out.print(f"truncated at {data['max_length']} tokens: {data['truncated']:,} rows "
-                      f"({data['truncation_rate']:.1%}); template {data['template']}")
+            out.print(
+                f"truncated at {data['max_length']} tokens: {data['truncated']:,} rows "
+                f"({data['truncation_rate']:.1%}); template {data['template']}"
+            )
         if not data["findings"]:
             out.print("[green]no problems found[/]")
     if data["rows_with_errors"]:
@@ -145,25 +168,31 @@ def _print_report(report: dict, out_path: Path, as_json: bool) -> None:
         return
     out = console()
     read = report["read"][0]
-    out.print(f"read {read['rows']:,} {read['kind']} rows ({read['format']} format)"
-              + (f"; {read['skipped']} bad rows skipped" if read["skipped"] else ""))
+    out.print(
+        f"read {read['rows']:,} {read['kind']} rows ({read['format']} format)"
+        + (f"; {read['skipped']} bad rows skipped" if read["skipped"] else "")
+    )
     for line in summary_lines(report):
         out.print(line, highlight=False)
     for st in report["steps"]:
         for ex in st["examples"]:
             out.print(f"  [dim]{st['step']}:[/] {ex['source']}: {ex['reason']}", highlight=False)
-    out.print(f"wrote {report['rows_out']:,} rows to {out_path}"
-              + (f"; reasons in {report['reasons']}" if report.get("reasons") else ""))
+    out.print(
+        f"wrote {report['rows_out']:,} rows to {out_path}"
+        + (f"; reasons in {report['reasons']}" if report.get("reasons") else "")
+    )
 
 
 def dedup(
     src: Annotated[Path, typer.Argument(help="A data file or folder.")],
     out: Out,
-    threshold: Annotated[float, typer.Option("--threshold", help="Jaccard similarity at or above which a row is a "
-                                                                 "near duplicate.")] = 0.8,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="Jaccard similarity at or above which a row is a near duplicate.")
+    ] = 0.8,
     exact_only: Annotated[bool, typer.Option("--exact-only", help="Only exact duplicates (no MinHash).")] = False,
-    ngram: Annotated[int, typer.Option("--ngram", help="Shingle length in words (or characters with --unit "
-                                                       "char).")] = 5,
+    ngram: Annotated[
+        int, typer.Option("--ngram", help="Shingle length in words (or characters with --unit char).")
+    ] = 5,
     unit: Annotated[str, typer.Option("--unit", help="Shingles of words or of characters: word or char.")] = "word",
     num_perm: Annotated[int, typer.Option("--num-perm", help="Hash functions per MinHash signature.")] = 128,
     reasons: Reasons = None,
@@ -177,15 +206,21 @@ def dedup(
 
     specs: list = [{"step": "exact_dedup"}]
     if not exact_only:
-        specs.append({"step": "near_dedup", "threshold": threshold, "ngram": ngram, "unit": unit,
-                      "num_perm": num_perm})
+        specs.append({"step": "near_dedup", "threshold": threshold, "ngram": ngram, "unit": unit, "num_perm": num_perm})
     try:
         with _flag_hints():
             report = curate_file(src, out, specs, registry(), fmt, skip_bad, reasons, labels=["exact_dedup", "near"])
     except ConfigError as exc:
         # name the flag a bad value came from: `near.num_perm` -> `--num-perm`
-        raise ConfigError([Problem("--" + p.where.removeprefix("near.").replace("_", "-"), p.message)
-                           if p.where.startswith("near.") else p for p in exc.problems], hint=exc.hint) from None
+        raise ConfigError(
+            [
+                Problem("--" + p.where.removeprefix("near.").replace("_", "-"), p.message)
+                if p.where.startswith("near.")
+                else p
+                for p in exc.problems
+            ],
+            hint=exc.hint,
+        ) from None
     _print_report(report, out, as_json)
 
 
@@ -205,8 +240,9 @@ def _filter_specs(step: list[str], sets: list[str]) -> tuple[list, list[str]]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            problems.append(Problem(f"--set {item}", "expected KEY=VALUE, for example min_chars=200 or "
-                                                     "language.languages=[\"en\"]"))
+            problems.append(
+                Problem(f"--set {item}", 'expected KEY=VALUE, for example min_chars=200 or language.languages=["en"]')
+            )
             continue
         head, dot, rest = key.partition(".")
         if dot and head in table:
@@ -217,8 +253,11 @@ def _filter_specs(step: list[str], sets: list[str]) -> tuple[list, list[str]]:
             owners = [n for n, cls in table.items() if key in cls.Options.model_fields]
         if len(owners) != 1:
             known = sorted({f for n in options if n in table for f in table[n].Options.model_fields})
-            why = (f"several steps have an option '{key}' ({', '.join(owners)}): write STEP.{key}=VALUE" if owners
-                   else f"no curation step has an option '{key}'{did_you_mean(key, known)}")
+            why = (
+                f"several steps have an option '{key}' ({', '.join(owners)}): write STEP.{key}=VALUE"
+                if owners
+                else f"no curation step has an option '{key}'{did_you_mean(key, known)}"
+            )
             problems.append(Problem(f"--set {key}", why))
             continue
         options.setdefault(owners[0], {})[key] = parse_value(value.strip())
@@ -232,12 +271,19 @@ def _filter_specs(step: list[str], sets: list[str]) -> tuple[list, list[str]]:
 def filter_cmd(
     src: Annotated[Path, typer.Argument(help="A data file or folder.")],
     out: Out,
-    step: Annotated[list[str] | None, typer.Option("--step", help="A curation step to run (repeat for several, "
-                                                                     "in order; default: quality). `llmforge data "
-                                                                     "steps` lists them.")] = None,
-    sets: Annotated[list[str] | None, typer.Option("--set", help="A step option: OPTION=VALUE or "
-                                                                    "STEP.OPTION=VALUE (naming a step adds "
-                                                                    "it).")] = None,
+    step: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--step",
+            help="A curation step to run (repeat for several, "
+            "in order; default: quality). `llmforge data "
+            "steps` lists them.",
+        ),
+    ] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="A step option: OPTION=VALUE or STEP.OPTION=VALUE (naming a step adds it)."),
+    ] = None,
     reasons: Reasons = None,
     fmt: Fmt = "auto",
     skip_bad: SkipBad = False,
@@ -253,10 +299,15 @@ def filter_cmd(
 
 
 def mix(
-    out: Annotated[Path, typer.Argument(help="Where to write the mixed rows, every column kept (parquet for "
-                                             "*.parquet, else JSON Lines).")],
-    config: Annotated[Path, typer.Option("--config", "-c", help="The mix recipe (mix.toml): sources with ratio, "
-                                                                "budget or epochs.")],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            help="Where to write the mixed rows, every column kept (parquet for *.parquet, else JSON Lines)."
+        ),
+    ],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="The mix recipe (mix.toml): sources with ratio, budget or epochs.")
+    ],
     seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (overrides the recipe's).")] = None,
     as_json: Json = False,
 ) -> None:
@@ -272,8 +323,11 @@ def mix(
     for s in report["sources"]:
         target = f" (target {s['target_share']:.1%})" if s["target_share"] is not None else ""
         units = "" if report["by"] == "rows" else f", {s['units']:,.0f} {report['unit']}"
-        c.print(f"  {s['name']}: {s['rows']:,} of {s['available_rows']:,} rows{units}, {s['epochs']:g} epochs, "
-                f"{s['share']:.1%} of the output{target}", highlight=False)
+        c.print(
+            f"  {s['name']}: {s['rows']:,} of {s['available_rows']:,} rows{units}, {s['epochs']:g} epochs, "
+            f"{s['share']:.1%} of the output{target}",
+            highlight=False,
+        )
     units = "" if report["by"] == "rows" else f"{report['units']:,.0f} {report['unit']}, "
     c.print(f"wrote {report['rows']:,} rows ({units}seed {report['seed']}) to {out}")
 
@@ -307,12 +361,20 @@ def steps(
         return
     cls = table.get(name)
     if cls is None:
-        raise UsageError(f"unknown curation step '{name}'{did_you_mean(name, table)}",
-                         hint=f"installed: {', '.join(table)}")
+        raise UsageError(
+            f"unknown curation step '{name}'{did_you_mean(name, table)}", hint=f"installed: {', '.join(table)}"
+        )
     opts = describe_options(cls.Options)
     if as_json:
-        print_json({"step": name, "kind": cls.kind, "plugin": owner[name], "summary": cls.summary,
-                    "options": [o.to_json() for o in opts]})
+        print_json(
+            {
+                "step": name,
+                "kind": cls.kind,
+                "plugin": owner[name],
+                "summary": cls.summary,
+                "options": [o.to_json() for o in opts],
+            }
+        )
         return
     from rich.markup import escape
     from rich.table import Table

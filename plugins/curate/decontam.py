@@ -26,19 +26,25 @@ from llmforge_plugins.curate.api import CurationStep, Drop, StepOptions, row_tex
 
 class DecontaminateOptions(StepOptions):
     eval_sets: dict[str, Annotated[str | list[str], Input()]] = Field(
-        description="Evaluation sets by name: {name = \"path\"} (a file, a folder, or a list of them).")
+        description='Evaluation sets by name: {name = "path"} (a file, a folder, or a list of them).'
+    )
     ngram: int = Field(13, ge=3, le=64, description="N-gram length in words.")
-    min_words: int = Field(8, ge=1, description="Evaluation texts shorter than ngram count as a whole when they "
-                                                "have at least this many words (shorter ones are ignored).")
-    fields: list[str] = Field(default_factory=list, description="Columns of the evaluation rows to read (default: "
-                                                                "every string in the row).")
+    min_words: int = Field(
+        8,
+        ge=1,
+        description="Evaluation texts shorter than ngram count as a whole when they "
+        "have at least this many words (shorter ones are ignored).",
+    )
+    fields: list[str] = Field(
+        default_factory=list, description="Columns of the evaluation rows to read (default: every string in the row)."
+    )
     lowercase: bool = Field(True, description="Compare words case-insensitively.")
 
     @field_validator("eval_sets")
     @classmethod
     def _some(cls, value: dict) -> dict:
         if not value:
-            raise ValueError("name at least one evaluation set: {name = \"path\"}")
+            raise ValueError('name at least one evaluation set: {name = "path"}')
         return value
 
 
@@ -70,8 +76,12 @@ class Decontaminate(CurationStep):
 
     @classmethod
     def check(cls, options: DecontaminateOptions, env) -> list[str]:
-        return [f"eval_sets.{name}: not found: {p}" for name, value in options.eval_sets.items()
-                for p in _paths(value) if not env.path(p).exists()]
+        return [
+            f"eval_sets.{name}: not found: {p}"
+            for name, value in options.eval_sets.items()
+            for p in _paths(value)
+            if not env.path(p).exists()
+        ]
 
     def __init__(self, options: DecontaminateOptions, env):
         super().__init__(options, env)
@@ -86,8 +96,9 @@ class Decontaminate(CurationStep):
 
         registry = self.env.registry
         if registry is None:  # a StepEnv built by hand (a unit test) without the registry it needs here
-            raise ValueError("decontaminate reads its evaluation sets with the registry's readers: "
-                             "give StepEnv(registry=...)")
+            raise ValueError(
+                "decontaminate reads its evaluation sets with the registry's readers: give StepEnv(registry=...)"
+            )
         for name, value in self.options.eval_sets.items():
             for shown in _paths(value):
                 root = self.env.path(shown)
@@ -157,8 +168,8 @@ class Decontaminate(CurationStep):
                 name, where = self.items[int(who[at[pos]])]
                 words = minhash.split_words(pieces[piece])
                 start = int(pos - offsets[piece])
-                shown = " ".join(words[start:start + n])
-                out[i] = Drop(f"shares the {n}-gram \"{shown}\" with eval set {name} ({where})", code=name)
+                shown = " ".join(words[start : start + n])
+                out[i] = Drop(f'shares the {n}-gram "{shown}" with eval set {name} ({where})', code=name)
         return out
 
     def finish(self) -> dict:

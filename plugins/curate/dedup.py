@@ -40,7 +40,7 @@ class _Store:
     def append(self, value) -> int:
         if self.size == self.data.shape[0]:
             grown = np.zeros((self.size * 2, *self.data.shape[1:]), dtype=self.dtype)
-            grown[:self.size] = self.data
+            grown[: self.size] = self.data
             self.data = grown
         self.data[self.size] = value
         self.size += 1
@@ -118,17 +118,26 @@ class ExactDedup(CurationStep):
 
 
 class NearDedupOptions(StepOptions):
-    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity of the shingle sets at or above "
-                                                           "which a row is a near duplicate of an earlier one.")
-    ngram: int = Field(5, ge=1, le=64, description="Shingle length, in words (or characters with unit = \"char\").")
+    threshold: float = Field(
+        0.8,
+        gt=0,
+        lt=1,
+        description="Jaccard similarity of the shingle sets at or above "
+        "which a row is a near duplicate of an earlier one.",
+    )
+    ngram: int = Field(5, ge=1, le=64, description='Shingle length, in words (or characters with unit = "char").')
     unit: Literal["word", "char"] = Field("word", description="Shingles of words or of characters.")
-    num_perm: int = Field(128, ge=16, le=1024, description="Hash functions per MinHash signature (more: a closer "
-                                                           "estimate, slower).")
+    num_perm: int = Field(
+        128, ge=16, le=1024, description="Hash functions per MinHash signature (more: a closer estimate, slower)."
+    )
     bands: int | None = Field(None, ge=1, description="LSH bands (with rows); default: chosen from the threshold.")
     rows: int | None = Field(None, ge=1, description="Signature values per band (with bands).")
     lowercase: bool = Field(True, description="Compare case-insensitively.")
-    verify: bool = Field(True, description="Check each LSH candidate's estimated similarity against the threshold "
-                                           "(false: any candidate is a duplicate, as plain LSH does).")
+    verify: bool = Field(
+        True,
+        description="Check each LSH candidate's estimated similarity against the threshold "
+        "(false: any candidate is a duplicate, as plain LSH does).",
+    )
     seed: int = Field(1, description="Seed of the hash functions.")
 
     @model_validator(mode="after")
@@ -223,7 +232,12 @@ class NearDedup(CurationStep):
 
     def finish(self) -> dict:
         o = self.options
-        return {"bands": self.bands, "rows_per_band": self.rows, "kept_signatures": self.kept,
-                "candidate_probability_at_threshold": round(
-                    minhash.candidate_probability(o.threshold, self.bands, self.rows), 4),
-                "index_bytes": self.index.nbytes + self.where.nbytes + (self.sigs.nbytes if self.sigs else 0)}
+        return {
+            "bands": self.bands,
+            "rows_per_band": self.rows,
+            "kept_signatures": self.kept,
+            "candidate_probability_at_threshold": round(
+                minhash.candidate_probability(o.threshold, self.bands, self.rows), 4
+            ),
+            "index_bytes": self.index.nbytes + self.where.nbytes + (self.sigs.nbytes if self.sigs else 0),
+        }

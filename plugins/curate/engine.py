@@ -36,9 +36,19 @@ class StepBook:
     facts: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"step": self.name, "kind": self.kind, "options": self.options, "seen": self.seen, "kept": self.kept,
-                "removed": self.removed, "changed": self.changed, "passed_through": self.skipped,
-                "removed_by": dict(self.by_code.most_common()), "examples": self.examples, **self.facts}
+        return {
+            "step": self.name,
+            "kind": self.kind,
+            "options": self.options,
+            "seen": self.seen,
+            "kept": self.kept,
+            "removed": self.removed,
+            "changed": self.changed,
+            "passed_through": self.skipped,
+            "removed_by": dict(self.by_code.most_common()),
+            "examples": self.examples,
+            **self.facts,
+        }
 
 
 class ReasonsFile:
@@ -60,8 +70,9 @@ class ReasonsFile:
 
 
 class Curator:
-    def __init__(self, steps: list[CurationStep], reasons: ReasonsFile | None = None, examples: int = 5,
-                 batch_size: int = BATCH):
+    def __init__(
+        self, steps: list[CurationStep], reasons: ReasonsFile | None = None, examples: int = 5, batch_size: int = BATCH
+    ):
         self.steps = steps
         self.reasons = reasons
         self.max_examples = examples
@@ -97,13 +108,16 @@ class Curator:
                     book.removed += 1
                     book.by_code[code] += 1
                     if len(book.examples) < self.max_examples:
-                        book.examples.append({"source": where, "code": code, "reason": answer.reason,
-                                              "text": snippet(row_text(row))})
+                        book.examples.append(
+                            {"source": where, "code": code, "reason": answer.reason, "text": snippet(row_text(row))}
+                        )
                     removed.append((place, where, step.name, code, answer.reason))
                     continue
                 if not isinstance(answer, dict):
-                    raise RuntimeError(f"curation step '{step.name}' answered {type(answer).__name__}; expected "
-                                       f"the row (a dict) or Drop(reason)")
+                    raise RuntimeError(
+                        f"curation step '{step.name}' answered {type(answer).__name__}; expected "
+                        f"the row (a dict) or Drop(reason)"
+                    )
                 if answer is not row:
                     book.changed += 1
                 kept_w.append(where)
@@ -118,8 +132,12 @@ class Curator:
         self.rows_out += len(rows)
         return wheres, rows, order
 
-    def run(self, rows: Iterator[tuple[str, dict]], should_stop: Callable[[], bool] | None = None,
-            progress: Callable[[int, int], None] | None = None) -> Iterator[tuple[str, dict]]:
+    def run(
+        self,
+        rows: Iterator[tuple[str, dict]],
+        should_stop: Callable[[], bool] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Iterator[tuple[str, dict]]:
         """Every kept row, in input order. Stops early (without an error) when ``should_stop()`` says so."""
         for wheres, batch in batched(rows, self.batch_size):
             if should_stop is not None and should_stop():
@@ -129,8 +147,12 @@ class Curator:
             if progress is not None:
                 progress(self.rows_in, self.rows_out)
 
-    def run_records(self, records: Iterator[SourceRow], should_stop: Callable[[], bool] | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> Iterator[SourceRow]:
+    def run_records(
+        self,
+        records: Iterator[SourceRow],
+        should_stop: Callable[[], bool] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Iterator[SourceRow]:
         """``run`` over ``llmforge.data.iter_records``: every kept row, as a SourceRow whose ``row`` is
         what the steps made of it and whose ``raw`` is what to write: the row as it came in (every
         column, in its order), with only the texts a rewrite step changed replaced
@@ -162,8 +184,12 @@ class Curator:
             book.facts = step.finish() or {}
 
     def report(self) -> dict:
-        return {"rows_in": self.rows_in, "rows_out": self.rows_out, "removed": self.rows_in - self.rows_out,
-                "steps": [b.to_json() for b in self.books]}
+        return {
+            "rows_in": self.rows_in,
+            "rows_out": self.rows_out,
+            "removed": self.rows_in - self.rows_out,
+            "steps": [b.to_json() for b in self.books],
+        }
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -16,9 +16,18 @@ from llmforge_plugins.curate.registry import build_steps
 from llmforge_plugins.curate.source import open_writer, parquet_schema, records
 
 
-def curate_file(src: Path, out: Path, specs: list, registry: Any, fmt: str = "auto", skip_bad: bool = False,
-                reasons: Path | None = None, labels: list[str] | None = None, examples: int = 3,
-                base: Path | None = None) -> dict:
+def curate_file(
+    src: Path,
+    out: Path,
+    specs: list,
+    registry: Any,
+    fmt: str = "auto",
+    skip_bad: bool = False,
+    reasons: Path | None = None,
+    labels: list[str] | None = None,
+    examples: int = 3,
+    base: Path | None = None,
+) -> dict:
     """Run ``src`` through the steps of ``specs`` (from ``registry``'s curation steps) into ``out``; return
     the report (engine.Curator's, plus what was read and where it went)."""
     base = base or Path.cwd()

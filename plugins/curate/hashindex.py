@@ -73,7 +73,7 @@ class HashIndex:
         if (self.count + keys.size) * 2 > self._keys.size:
             self._grow(self.count + keys.size)
         for lo in range(0, keys.size, _CHUNK):
-            self._place(keys[lo:lo + _CHUNK], values[lo:lo + _CHUNK])
+            self._place(keys[lo : lo + _CHUNK], values[lo : lo + _CHUNK])
 
     def _place(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Insert distinct keys (room is made already)."""
@@ -111,7 +111,7 @@ class HashIndex:
         self.count = 0
         # the old keys are distinct: rehash them chunk by chunk, without sorting them all at once
         for lo in range(0, old_keys.size, _CHUNK):
-            k = old_keys[lo:lo + _CHUNK]
+            k = old_keys[lo : lo + _CHUNK]
             used = k != _EMPTY
             if used.any():
-                self._place(k[used], old_values[lo:lo + _CHUNK][used])
+                self._place(k[used], old_values[lo : lo + _CHUNK][used])

@@ -26,36 +26,36 @@ from llmforge_plugins.curate.api import CurationStep, Drop, StepOptions, row_tex
 
 _STOP = {
     "en": "the of and to in is that it for was on are as with his they at be this from have or by one had not "
-          "but what all were when we there can an your which their if do will each about how up out them then "
-          "she many some so these would has more her two like him see could no than been who its now my over "
-          "did down only way just",
+    "but what all were when we there can an your which their if do will each about how up out them then "
+    "she many some so these would has more her two like him see could no than been who its now my over "
+    "did down only way just",
     "de": "der die und in den von zu das mit sich des auf für ist im dem nicht ein eine als auch es an werden "
-          "aus er hat dass sie nach wird bei einer um am sind noch wie einem über einen so zum war haben nur oder "
-          "aber vor zur bis mehr durch man sein wurde sei",
+    "aus er hat dass sie nach wird bei einer um am sind noch wie einem über einen so zum war haben nur oder "
+    "aber vor zur bis mehr durch man sein wurde sei",
     "fr": "le de la et les des en un du une que est pour qui dans par pas au sur ne se ce il sont elle avec "
-          "son aux ou leur cette mais nous comme été ont sa ses tout fait lui bien aussi très deux entre dont",
+    "son aux ou leur cette mais nous comme été ont sa ses tout fait lui bien aussi très deux entre dont",
     "es": "el la de que y en los del se las por un para con no una su al lo como más pero sus le ya o este sí "
-          "porque esta entre cuando muy sin sobre también me hasta hay donde quien desde todo nos durante todos "
-          "uno les ni contra otros ese eso",
+    "porque esta entre cuando muy sin sobre también me hasta hay donde quien desde todo nos durante todos "
+    "uno les ni contra otros ese eso",
     "it": "il di che e la per un in è a non una sono del della le da si con i dei gli come al ma anche più lo ha "
-          "nel questo alla se delle ci nella mi cosa suo sua essere stato molto quando tutto fatto",
+    "nel questo alla se delle ci nella mi cosa suo sua essere stato molto quando tutto fatto",
     "pt": "o de a que e do da em um para com não uma os no se na por mais as dos como mas ao ele das à seu sua "
-          "ou quando muito nos já eu também só pelo pela até isso ela entre depois sem mesmo aos ter seus quem "
-          "nas esse",
+    "ou quando muito nos já eu também só pelo pela até isso ela entre depois sem mesmo aos ter seus quem "
+    "nas esse",
     "nl": "de het een van en in is dat op te zijn voor met die niet aan er maar om ook als dan bij of uit nog "
-          "wat door naar deze kan wel worden zo heeft hij werd al was zij wordt tot hun meer onder",
+    "wat door naar deze kan wel worden zo heeft hij werd al was zij wordt tot hun meer onder",
     "sv": "och i att det som en på är av för med till den har de inte om ett han men var jag sig från vi så kan "
-          "man när år säger hon under också efter eller nu sin där vid mot ska skulle kommer ut får finns",
+    "man när år säger hon under också efter eller nu sin där vid mot ska skulle kommer ut får finns",
     "pl": "i w na z do że się nie to jest o jak ale po co tak od za przez jego są tylko który może już dla ich "
-          "jej przy tym ten oraz czy być był była było także przed gdy",
+    "jej przy tym ten oraz czy być był była było także przed gdy",
     "tr": "ve bir bu da de için ile çok olarak daha gibi en ne o ama kadar sonra olan var ki her şey mi değil "
-          "ya veya bu olduğu göre ise aynı üzere",
+    "ya veya bu olduğu göre ise aynı üzere",
     "ru": "и в не на что я с он как а то все она так его но да ты к у же вы за бы по только ее мне было вот от "
-          "меня еще нет о из ему теперь когда даже ну ли если уже или быть был него до вас нибудь опять уж вам "
-          "ведь там потом себя ничего ей может они тут где есть надо ней для мы тебя их чем была сам чтоб без",
+    "меня еще нет о из ему теперь когда даже ну ли если уже или быть был него до вас нибудь опять уж вам "
+    "ведь там потом себя ничего ей может они тут где есть надо ней для мы тебя их чем была сам чтоб без",
     "uk": "і в не на що я з він як а то все вона так його але та ти до у же ви за би по тільки її мені було ось "
-          "від мене ще немає про із йому тепер коли навіть чи якщо вже або бути був нього вас там потім себе "
-          "нічого їй може вони тут де є треба ній для ми тебе їх ніж була сам без це",
+    "від мене ще немає про із йому тепер коли навіть чи якщо вже або бути був нього вас там потім себе "
+    "нічого їй може вони тут де є треба ній для ми тебе їх ніж була сам без це",
 }
 STOP_WORDS = {lang: frozenset(words.split()) for lang, words in _STOP.items()}
 _LATIN = ("en", "de", "fr", "es", "it", "pt", "nl", "sv", "pl", "tr")
@@ -108,12 +108,16 @@ def _guess(text: str, min_words: int) -> tuple[str, float]:
 
 
 class LanguageOptions(StepOptions):
-    languages: list[str] = Field(default_factory=list, description=f"Keep rows in these languages "
-                                                                   f"({', '.join(LANGUAGES)}); empty: keep every "
-                                                                   f"row and only count the languages.")
+    languages: list[str] = Field(
+        default_factory=list,
+        description=f"Keep rows in these languages "
+        f"({', '.join(LANGUAGES)}); empty: keep every "
+        f"row and only count the languages.",
+    )
     min_score: float = Field(0.1, ge=0, le=1, description="Below this score the language is unknown.")
-    keep_unknown: bool = Field(True, description="Keep rows whose language is unknown (short texts, lists, code): "
-                                                 "when in doubt, keep.")
+    keep_unknown: bool = Field(
+        True, description="Keep rows whose language is unknown (short texts, lists, code): when in doubt, keep."
+    )
     min_words: int = Field(5, ge=1, description="Texts with fewer words are unknown.")
 
 
@@ -139,8 +143,9 @@ class LanguageFilter(CurationStep):
     @classmethod
     def check(cls, options, env) -> list[str]:
         unknown = [lang for lang in options.languages if lang not in LANGUAGES]
-        return [f"languages: cannot recognise {', '.join(unknown)} (it knows {', '.join(LANGUAGES)})"] if unknown \
-            else []
+        return (
+            [f"languages: cannot recognise {', '.join(unknown)} (it knows {', '.join(LANGUAGES)})"] if unknown else []
+        )
 
     def process(self, row: dict):
         o = self.options
@@ -149,8 +154,9 @@ class LanguageFilter(CurationStep):
         if not self.keep:
             return row
         if lang == "unknown":
-            return row if o.keep_unknown else Drop(f"language unknown (score {score:.2f} < {o.min_score})",
-                                                   code="unknown")
+            return (
+                row if o.keep_unknown else Drop(f"language unknown (score {score:.2f} < {o.min_score})", code="unknown")
+            )
         if lang not in self.keep:
             return Drop(f"language {lang} (score {score:.2f}), not one of {', '.join(sorted(self.keep))}", code=lang)
         return row

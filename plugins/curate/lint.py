@@ -50,21 +50,38 @@ def _turns(messages: list[dict], field: str, chat_row: bool) -> list[Finding]:
         if not m["content"].strip():
             out.append(Finding("error", "empty_turn", f"{here}.content", f"empty {role} turn"))
         if role == "system" and i > 0:
-            out.append(Finding("error", "system_not_first", f"{here}.role",
-                               "a system turn after the first turn (only the first turn may set the system prompt)"))
+            out.append(
+                Finding(
+                    "error",
+                    "system_not_first",
+                    f"{here}.role",
+                    "a system turn after the first turn (only the first turn may set the system prompt)",
+                )
+            )
         elif role in ("user", "assistant") and prev == role:
             out.append(Finding("error", "role_order", f"{here}.role", f"two {role} turns in a row"))
         elif role == "tool" and prev not in ("assistant", "tool"):
-            out.append(Finding("error", "role_order", f"{here}.role",
-                               f"a tool result after a {prev or 'nothing'} turn (tool results follow an assistant "
-                               f"turn)"))
+            out.append(
+                Finding(
+                    "error",
+                    "role_order",
+                    f"{here}.role",
+                    f"a tool result after a {prev or 'nothing'} turn (tool results follow an assistant turn)",
+                )
+            )
         prev = role
     first = next((m["role"] for m in messages if m["role"] != "system"), None)
     if first == "assistant":
         out.append(Finding("warning", "first_turn", field, "the conversation starts with an assistant turn"))
     if chat_row and messages and messages[-1]["role"] != "assistant":
-        out.append(Finding("warning", "last_turn", f"{field}[{len(messages) - 1}].role",
-                           f"ends with a {messages[-1]['role']} turn: nothing after it is trained"))
+        out.append(
+            Finding(
+                "warning",
+                "last_turn",
+                f"{field}[{len(messages) - 1}].role",
+                f"ends with a {messages[-1]['role']} turn: nothing after it is trained",
+            )
+        )
     return out
 
 
@@ -81,8 +98,14 @@ def lint_row(row: dict) -> list[Finding]:
         for side in ("chosen", "rejected"):
             out += [f for f in _turns(row[side], side, chat_row=False) if f.code != "first_turn"]
         if _fold(row["chosen"]) == _fold(row["rejected"]):
-            out.append(Finding("warning", "near_identical_pair", "rejected",
-                               "chosen and rejected differ only in case or whitespace"))
+            out.append(
+                Finding(
+                    "warning",
+                    "near_identical_pair",
+                    "rejected",
+                    "chosen and rejected differ only in case or whitespace",
+                )
+            )
         return out
     if not row["text"].strip():
         return [Finding("error", "empty_text", "text", "empty text")]
@@ -103,8 +126,9 @@ def format_finding(reason: str) -> Finding:
 
 
 class LintOptions(StepOptions):
-    drop: Literal["errors", "warnings"] = Field("errors", description="Drop rows with errors, or with errors and "
-                                                                     "warnings.")
+    drop: Literal["errors", "warnings"] = Field(
+        "errors", description="Drop rows with errors, or with errors and warnings."
+    )
 
 
 class LintStep(CurationStep):
@@ -153,38 +177,66 @@ def _token_checks(tok, template, row: dict, max_length: int) -> tuple[list[Findi
     if "text" in row and "messages" not in row and "chosen" not in row:
         n = len(tok(row["text"], add_special_tokens=False)["input_ids"])
         return [], n > max_length
-    conversations = [row["messages"]] if "messages" in row else \
-        [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
+    conversations = (
+        [row["messages"]] if "messages" in row else [row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]]
+    )
     truncated = False
     for messages in conversations:
         enc = encode_chat(tok, template, messages, max_length=max_length)
         if enc.truncated:
             truncated = True
             if enc.n_trained == 0:
-                findings.append(Finding("warning", "answer_truncated", "",
-                                        f"nothing of the answer is left after cutting to {max_length} tokens"))
+                findings.append(
+                    Finding(
+                        "warning",
+                        "answer_truncated",
+                        "",
+                        f"nothing of the answer is left after cutting to {max_length} tokens",
+                    )
+                )
         pos = 0
         for i, m in enumerate(messages):
             content = m["content"].strip()
             at = enc.text.find(content, pos) if content else pos
             if at < 0:
-                findings.append(Finding("error", "template_drops_turn", f"turn {i} ({m['role']})",
-                                        f"the chat template {template.name} does not render this turn's content"))
+                findings.append(
+                    Finding(
+                        "error",
+                        "template_drops_turn",
+                        f"turn {i} ({m['role']})",
+                        f"the chat template {template.name} does not render this turn's content",
+                    )
+                )
                 break
             pos = at + len(content)
         ids = tok(enc.text, add_special_tokens=False)["input_ids"]
         back = tok.decode(ids)
         if back != enc.text:
             k = next((j for j, (a, b) in enumerate(zip(back, enc.text)) if a != b), min(len(back), len(enc.text)))
-            findings.append(Finding("error", "template_roundtrip", "",
-                                    f"the rendered conversation does not survive tokenizing and decoding (first "
-                                    f"difference at character {k}: {enc.text[k:k + 20]!r} came back as "
-                                    f"{back[k:k + 20]!r})"))
+            findings.append(
+                Finding(
+                    "error",
+                    "template_roundtrip",
+                    "",
+                    f"the rendered conversation does not survive tokenizing and decoding (first "
+                    f"difference at character {k}: {enc.text[k : k + 20]!r} came back as "
+                    f"{back[k : k + 20]!r})",
+                )
+            )
     return findings, truncated
 
 
-def lint_file(src, registry, fmt: str = "auto", skip_bad: bool = False, model=None, template: str | None = None,
-              max_length: int = 2048, examples: int = 3, base=None) -> dict:
+def lint_file(
+    src,
+    registry,
+    fmt: str = "auto",
+    skip_bad: bool = False,
+    model=None,
+    template: str | None = None,
+    max_length: int = 2048,
+    examples: int = 3,
+    base=None,
+) -> dict:
     """Every finding in a file, counted per code with a few examples; with ``model`` (a tokenizer or
     model folder) also the truncation rate at ``max_length`` and the template checks. Rows are read
     with ``registry``'s readers and row formats."""
@@ -209,8 +261,7 @@ def lint_file(src, registry, fmt: str = "auto", skip_bad: bool = False, model=No
         tok, tpl = load_chat_tokenizer(model, template, base, registry.chat_templates)
     options = DataOptions(path=str(src), format=fmt, on_bad_row="skip" if skip_bad else "error")
     truncated = checked = 0
-    for where, row in ((r.where, r.row) for r in records(options, base, registry, state=state,
-                                                          on_row_error=rejected)):
+    for where, row in ((r.where, r.row) for r in records(options, base, registry, state=state, on_row_error=rejected)):
         row_no[0] += 1
         for f in lint_row(row):
             tally.add(row_no[0], where, f)
@@ -227,10 +278,21 @@ def lint_file(src, registry, fmt: str = "auto", skip_bad: bool = False, model=No
 
         raise DataError(f"{src}: no usable rows")
     order = sorted(tally.codes.items(), key=lambda kv: (kv[1]["level"] != "error", -kv[1]["rows"], kv[0]))
-    out = {"file": str(src), **state.to_json(), "rejected_rows": row_no[0] - state.rows,
-           "rows_with_errors": len(tally.rows_with["error"]), "rows_with_warnings": len(tally.rows_with["warning"]),
-           "findings": {code: entry for code, entry in order}}
+    out = {
+        "file": str(src),
+        **state.to_json(),
+        "rejected_rows": row_no[0] - state.rows,
+        "rows_with_errors": len(tally.rows_with["error"]),
+        "rows_with_warnings": len(tally.rows_with["warning"]),
+        "findings": {code: entry for code, entry in order},
+    }
     if tok is not None:
-        out.update({"max_length": max_length, "template": tpl.name, "truncated": truncated,
-                    "truncation_rate": truncated / checked if checked else 0.0})
+        out.update(
+            {
+                "max_length": max_length,
+                "template": tpl.name,
+                "truncated": truncated,
+                "truncation_rate": truncated / checked if checked else 0.0,
+            }
+        )
     return out

@@ -127,8 +127,9 @@ def units(texts: list[str], unit: str = "word", lowercase: bool = True, seed: in
     return _word_units(texts, seed)
 
 
-def shingles(texts: list[str], unit: str = "word", n: int = 5, lowercase: bool = True,
-             seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def shingles(
+    texts: list[str], unit: str = "word", n: int = 5, lowercase: bool = True, seed: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """(hashes, offsets): the n-gram hashes of every text, concatenated; text i's are
     ``hashes[offsets[i]:offsets[i + 1]]``. A text shorter than n units is one shingle (all of it); an
     empty text has none."""
@@ -146,7 +147,7 @@ def grams(unit_hashes: np.ndarray, counts: np.ndarray, n: int, seed: int = 1) ->
     m = max(unit_hashes.size - n + 1, 0)
     every = np.zeros(m, dtype=np.uint64)
     for j in range(n):
-        every += unit_hashes[j:j + m] * p[j]
+        every += unit_hashes[j : j + m] * p[j]
     valid = np.zeros(m, dtype=bool)
     if m:
         text_of = np.repeat(np.arange(n_texts), counts)[:m]
@@ -162,8 +163,8 @@ def grams(unit_hashes: np.ndarray, counts: np.ndarray, n: int, seed: int = 1) ->
     is_long[offsets[short]] = False
     out[is_long] = every[valid]
     for i in short:
-        u = unit_hashes[starts[i]:starts[i + 1]]
-        out[offsets[i]] = np.sum(u * p[:u.size], dtype=np.uint64) + np.uint64(u.size)
+        u = unit_hashes[starts[i] : starts[i + 1]]
+        out[offsets[i]] = np.sum(u * p[: u.size], dtype=np.uint64) + np.uint64(u.size)
     return mix64(out), offsets
 
 
@@ -199,7 +200,7 @@ def band_keys(sig: np.ndarray, bands: int, rows: int, seed: int = 1) -> np.ndarr
     rng = np.random.default_rng([seed, bands, rows, 0xBA4D])
     mult = rng.integers(0, 2**63, size=rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
     salt = rng.integers(0, 2**63, size=bands, dtype=np.uint64)
-    cut = sig[:, :bands * rows].astype(np.uint64).reshape(sig.shape[0], bands, rows)
+    cut = sig[:, : bands * rows].astype(np.uint64).reshape(sig.shape[0], bands, rows)
     keys = (cut * mult).sum(axis=2, dtype=np.uint64) + salt
     return mix64(keys)
 
@@ -213,7 +214,7 @@ _integrate = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only th
 
 def _probability(s: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """Chance that two documents of Jaccard similarity s share at least one band."""
-    return 1.0 - (1.0 - s ** rows) ** bands
+    return 1.0 - (1.0 - s**rows) ** bands
 
 
 @lru_cache(maxsize=64)

@@ -40,8 +40,10 @@ _DATA_KEYS = ("path", "format", "columns", "on_bad_row", "text_split", "limit")
 
 class MixSource(StageOptions):
     name: str | None = Field(None, description="Name in the report (default: the file name).")
-    data: DataOptions = Field(description="Where the rows come from (as a training stage's `data`); `path = ...` "
-                                          "beside the other keys works too.")
+    data: DataOptions = Field(
+        description="Where the rows come from (as a training stage's `data`); `path = ...` "
+        "beside the other keys works too."
+    )
     ratio: float | None = Field(None, gt=0, le=1, description="Share of the output (rows or tokens, see `by`).")
     budget: float | None = Field(None, gt=0, description="Amount to take, in rows or tokens.")
     epochs: float | None = Field(None, gt=0, description="Passes over the source (2 = up-sample twice, 0.5 = half).")
@@ -59,8 +61,9 @@ class MixSource(StageOptions):
     def _one_amount(self):
         given = [k for k in ("ratio", "budget", "epochs") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of ratio, budget or epochs" + (f" (got {', '.join(given)})" if given
-                                                                             else ""))
+            raise ValueError(
+                "give exactly one of ratio, budget or epochs" + (f" (got {', '.join(given)})" if given else "")
+            )
         return self
 
     def label(self, i: int) -> str:
@@ -76,7 +79,8 @@ class MixOptions(StageOptions):
     total: float | None = Field(None, gt=0, description="Size of the output in rows or tokens (for ratios).")
     seed: int | None = Field(None, description="Seed of the sampling (default: the project's seed, else 0).")
     tokenizer: Annotated[str | None, Input("model", "tokenizer")] = Field(
-        None, description="Tokenizer folder that counts tokens (default: words count as tokens).")
+        None, description="Tokenizer folder that counts tokens (default: words count as tokens)."
+    )
 
     @model_validator(mode="after")
     def _ratios(self):
@@ -86,8 +90,10 @@ class MixOptions(StageOptions):
         if ratios and not fixed and self.total is None and abs(total - 1) > 1e-6:
             raise ValueError(f"the ratios add up to {total:g}, not 1")
         if ratios and fixed and self.total is None and total >= 1:
-            raise ValueError(f"the ratios add up to {total:g}; next to sources with budget or epochs they must "
-                             f"leave room for them (< 1), or set total")
+            raise ValueError(
+                f"the ratios add up to {total:g}; next to sources with budget or epochs they must "
+                f"leave room for them (< 1), or set total"
+            )
         names = [s.label(i) for i, s in enumerate(self.sources)]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -137,16 +143,22 @@ def plan(options: MixOptions, sizes: list[SourceSize]) -> list[Plan]:
             fixed = sum(a for a in amounts if a is not None)
             total = fixed / (1 - sum(options.sources[i].ratio for i in ratio_sources))
         else:
-            total = min(options.sources[i].max_epochs * sizes[i].units / options.sources[i].ratio
-                        for i in ratio_sources)
+            total = min(
+                options.sources[i].max_epochs * sizes[i].units / options.sources[i].ratio for i in ratio_sources
+            )
         for i in ratio_sources:
             s = options.sources[i]
             need = s.ratio * total
             if sizes[i].units and need > s.max_epochs * sizes[i].units * (1 + 1e-9):
-                problems.append(Problem(f"sources[{i}]", f"{s.label(i)}: its share ({s.ratio:g} of {total:g} "
-                                                         f"{options.by} = {need:g}) needs {need / sizes[i].units:.2f} "
-                                                         f"passes over its {sizes[i].units:g} {options.by}; "
-                                                         f"max_epochs is {s.max_epochs:g}"))
+                problems.append(
+                    Problem(
+                        f"sources[{i}]",
+                        f"{s.label(i)}: its share ({s.ratio:g} of {total:g} "
+                        f"{options.by} = {need:g}) needs {need / sizes[i].units:.2f} "
+                        f"passes over its {sizes[i].units:g} {options.by}; "
+                        f"max_epochs is {s.max_epochs:g}",
+                    )
+                )
             amounts[i] = need
     if problems:
         raise ConfigError(problems, hint="lower the total or the ratio, or raise max_epochs to up-sample")
@@ -164,8 +176,13 @@ def plan(options: MixOptions, sizes: list[SourceSize]) -> list[Plan]:
 # taking
 
 
-def take(rows: Callable[[], Iterator[SourceRow]], amount: float, size: SourceSize,
-         weight: Callable[[dict], float], rng: random.Random) -> Iterator[SourceRow]:
+def take(
+    rows: Callable[[], Iterator[SourceRow]],
+    amount: float,
+    size: SourceSize,
+    weight: Callable[[dict], float],
+    rng: random.Random,
+) -> Iterator[SourceRow]:
     """``amount`` units of a source: whole passes, then selection sampling over one more pass."""
     if size.units <= 0 or amount <= 0:
         return
@@ -213,8 +230,14 @@ def weight_fn(options: MixOptions, base: Path | None) -> tuple[Callable[[dict], 
     return (lambda row: float(count_words(row_text(row)))), "words (no tokenizer given)"
 
 
-def mix(options: MixOptions, write: Callable[[dict], None], registry: Any, base: Path | None = None,
-        seed: int = 0, readers: list[Callable[[], Iterator[SourceRow]]] | None = None) -> dict:
+def mix(
+    options: MixOptions,
+    write: Callable[[dict], None],
+    registry: Any,
+    base: Path | None = None,
+    seed: int = 0,
+    readers: list[Callable[[], Iterator[SourceRow]]] | None = None,
+) -> dict:
     """Mix the sources into ``write(row)``; return the report. ``readers`` replaces reading each
     source's ``data`` (the curate stage mixes its curated sources).
 
@@ -244,8 +267,10 @@ def mix(options: MixOptions, write: Callable[[dict], None], registry: Any, base:
     kinds = {s.kind for s in sizes if s.kind}
     if len(kinds) > 1:
         found = ", ".join(f"{s.label(i)}: {sz.kind}" for i, (s, sz) in enumerate(zip(options.sources, sizes)))
-        raise DataError(f"the sources hold different kinds of rows ({found}); one dataset has one kind",
-                        hint="mix text with text, chat with chat, preference pairs with preference pairs")
+        raise DataError(
+            f"the sources hold different kinds of rows ({found}); one dataset has one kind",
+            hint="mix text with text, chat with chat, preference pairs with preference pairs",
+        )
     plans = plan(options, sizes)
     base_seed = options.seed if options.seed is not None else seed
     streams, expected = [], []
@@ -263,14 +288,28 @@ def mix(options: MixOptions, write: Callable[[dict], None], registry: Any, base:
         write(as_written(src))
     total_units = sum(taken_units) or 1.0
     return {
-        "by": options.by, "unit": unit_name, "seed": base_seed, "columns": "as read" if len(layouts) <= 1 else
-        "normalised (the sources are in different row formats), other columns kept",
-        "rows": sum(taken_rows), "units": sum(taken_units),
-        "sources": [{"name": p.name, "available_rows": p.size.rows, "available_units": p.size.units,
-                     "planned_units": p.amount, "rows": taken_rows[i], "units": taken_units[i],
-                     "epochs": round(taken_units[i] / p.size.units, 4) if p.size.units else 0.0,
-                     "target_share": round(p.target_share, 6) if p.target_share is not None else None,
-                     "share": round(taken_units[i] / total_units, 6)} for i, p in enumerate(plans)],
+        "by": options.by,
+        "unit": unit_name,
+        "seed": base_seed,
+        "columns": "as read"
+        if len(layouts) <= 1
+        else "normalised (the sources are in different row formats), other columns kept",
+        "rows": sum(taken_rows),
+        "units": sum(taken_units),
+        "sources": [
+            {
+                "name": p.name,
+                "available_rows": p.size.rows,
+                "available_units": p.size.units,
+                "planned_units": p.amount,
+                "rows": taken_rows[i],
+                "units": taken_units[i],
+                "epochs": round(taken_units[i] / p.size.units, 4) if p.size.units else 0.0,
+                "target_share": round(p.target_share, 6) if p.target_share is not None else None,
+                "share": round(taken_units[i] / total_units, 6),
+            }
+            for i, p in enumerate(plans)
+        ],
     }
 
 
@@ -283,10 +322,14 @@ def read_recipe(path: Path) -> MixOptions:
     options, problems = validate_model(MixOptions, raw, "")
     if problems:
         raise ConfigError(problems, source=str(path))
-    refs = [Problem(f"sources[{i}].data.path", f"'{p}': references to stages only work in forge.toml (the curate "
-                                               f"stage's mix)")
-            for i, s in enumerate(options.sources)
-            for p in ([s.data.path] if isinstance(s.data.path, str) else s.data.path) if p.startswith("@")]
+    refs = [
+        Problem(
+            f"sources[{i}].data.path", f"'{p}': references to stages only work in forge.toml (the curate stage's mix)"
+        )
+        for i, s in enumerate(options.sources)
+        for p in ([s.data.path] if isinstance(s.data.path, str) else s.data.path)
+        if p.startswith("@")
+    ]
     if refs:
         raise ConfigError(refs, source=str(path))
     return options

@@ -25,15 +25,22 @@ _INNER_RUN = re.compile(r"(?<=\S)[ \t]{2,}(?=\S)")
 
 
 class NormalizeOptions(StepOptions):
-    form: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode normal form (NFKC also folds "
-                                                                    "compatibility characters: ligatures, full-width "
-                                                                    "letters).")
-    whitespace: bool = Field(True, description="Line endings to \\n, odd spaces to plain ones, no trailing spaces, "
-                                               "at most one blank line in a row, no blank lines around the text.")
+    form: Literal["NFC", "NFKC", "none"] = Field(
+        "NFC",
+        description="Unicode normal form (NFKC also folds compatibility characters: ligatures, full-width letters).",
+    )
+    whitespace: bool = Field(
+        True,
+        description="Line endings to \\n, odd spaces to plain ones, no trailing spaces, "
+        "at most one blank line in a row, no blank lines around the text.",
+    )
     collapse_spaces: bool = Field(False, description="Also fold runs of spaces inside a line (indentation is kept).")
     control_chars: bool = Field(True, description="Remove control and zero-width characters (tab and newline stay).")
-    drop_empty: bool = Field(True, description="Drop rows left with nothing to train on (an empty text, no "
-                                               "assistant content, chosen equal to rejected).")
+    drop_empty: bool = Field(
+        True,
+        description="Drop rows left with nothing to train on (an empty text, no "
+        "assistant content, chosen equal to rejected).",
+    )
 
 
 class Normalize(CurationStep):

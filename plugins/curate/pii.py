@@ -28,25 +28,33 @@ from llmforge_plugins.curate.api import CurationStep, Drop, StepOptions, map_tex
 
 PiiKind = Literal["email", "phone", "ip", "key"]
 
-_KEY = re.compile("|".join([
-    r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
-    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",                      # AWS access key id
-    r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b",                    # GitHub tokens
-    r"\bgithub_pat_[A-Za-z0-9_]{22,255}\b",
-    r"\bglpat-[A-Za-z0-9_-]{20,}\b",                         # GitLab
-    r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b",                    # Slack
-    r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{16,}\b",      # Stripe
-    r"\bAIza[0-9A-Za-z_-]{35}\b",                            # Google API key
-    r"\bhf_[A-Za-z0-9]{30,}\b",                              # Hugging Face
-    r"\bsk-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_-]{20,}\b",          # OpenAI, Anthropic and similar
-    r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b",  # JSON Web Token
-]))
+_KEY = re.compile(
+    "|".join(
+        [
+            r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
+            r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key id
+            r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b",  # GitHub tokens
+            r"\bgithub_pat_[A-Za-z0-9_]{22,255}\b",
+            r"\bglpat-[A-Za-z0-9_-]{20,}\b",  # GitLab
+            r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b",  # Slack
+            r"\b(?:sk|pk|rk)_(?:live|test)_[A-Za-z0-9]{16,}\b",  # Stripe
+            r"\bAIza[0-9A-Za-z_-]{35}\b",  # Google API key
+            r"\bhf_[A-Za-z0-9]{30,}\b",  # Hugging Face
+            r"\bsk-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_-]{20,}\b",  # OpenAI, Anthropic and similar
+            r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\b",  # JSON Web Token
+        ]
+    )
+)
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
-_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-                   r"(?![\w]|\.\d)")
+_IPV4 = re.compile(
+    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+    r"(?![\w]|\.\d)"
+)
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{0,4}|(?:\d{1,3}\.){3}\d{1,3})(?![\w:]|\.\w)")
-_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,5}){1,4}(?![\w-]|\.\d)"
-                    r"|(?<![\w+])\+\d{9,15}(?!\w)")
+_PHONE = re.compile(
+    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]\d{2,5}){1,4}(?![\w-]|\.\d)"
+    r"|(?<![\w+])\+\d{9,15}(?!\w)"
+)
 _THOUSANDS = re.compile(r"\d{1,3}(?:([ .,])\d{3})(?:\1\d{3})*")
 _DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
 
@@ -78,11 +86,13 @@ def _is_phone(text: str) -> bool:
 
 
 class PiiOptions(StepOptions):
-    kinds: list[PiiKind] = Field(default_factory=lambda: ["email", "phone", "ip", "key"],
-                                 description="What to look for: email, phone, ip, key.")
-    placeholders: dict[PiiKind, str] = Field(default_factory=dict,
-                                             description="Replacement text per kind (default: <EMAIL>, <PHONE>, "
-                                                         "<IP_ADDRESS>, <API_KEY>).")
+    kinds: list[PiiKind] = Field(
+        default_factory=lambda: ["email", "phone", "ip", "key"], description="What to look for: email, phone, ip, key."
+    )
+    placeholders: dict[PiiKind, str] = Field(
+        default_factory=dict,
+        description="Replacement text per kind (default: <EMAIL>, <PHONE>, <IP_ADDRESS>, <API_KEY>).",
+    )
     drop: bool = Field(False, description="Drop rows that contain any of them instead of replacing.")
 
 

@@ -41,27 +41,41 @@ class QualityOptions(StepOptions):
     min_tokens: int | None = Field(None, ge=0, description="Drop texts with fewer tokens (needs tokenizer).")
     max_tokens: int | None = Field(None, ge=1, description="Drop texts with more tokens (needs tokenizer).")
     tokenizer: Annotated[str | None, Input("model", "tokenizer")] = Field(
-        None, description="Tokenizer (or model) folder that counts tokens for min_tokens / max_tokens.")
-    max_duplicate_lines: float | None = Field(0.3, ge=0, le=1, description="Largest share of non-empty lines that "
-                                                                            "repeat an earlier line.")
-    max_duplicate_line_chars: float | None = Field(0.2, ge=0, le=1, description="Largest share of characters in "
-                                                                                 "repeated lines.")
-    max_top_ngram: dict[int, float] = Field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16},
-                                            description="n -> largest share of characters covered by the most "
-                                                        "frequent n-gram of words (n from 2 to 4).")
+        None, description="Tokenizer (or model) folder that counts tokens for min_tokens / max_tokens."
+    )
+    max_duplicate_lines: float | None = Field(
+        0.3, ge=0, le=1, description="Largest share of non-empty lines that repeat an earlier line."
+    )
+    max_duplicate_line_chars: float | None = Field(
+        0.2, ge=0, le=1, description="Largest share of characters in repeated lines."
+    )
+    max_top_ngram: dict[int, float] = Field(
+        default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16},
+        description="n -> largest share of characters covered by the most frequent n-gram of words (n from 2 to 4).",
+    )
     max_duplicate_ngrams: dict[int, float] = Field(
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
-        description="n -> largest share of characters covered by repeated n-grams of words (n from 5 to 10).")
-    max_symbol_ratio: float | None = Field(0.3, ge=0, le=1, description="Largest share of non-space characters that "
-                                                                         "are neither letters, digits nor common "
-                                                                         "punctuation.")
-    max_digit_ratio: float | None = Field(0.4, ge=0, le=1, description="Largest share of non-space characters that "
-                                                                        "are digits.")
+        description="n -> largest share of characters covered by repeated n-grams of words (n from 5 to 10).",
+    )
+    max_symbol_ratio: float | None = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Largest share of non-space characters that are neither letters, digits nor common punctuation.",
+    )
+    max_digit_ratio: float | None = Field(
+        0.4, ge=0, le=1, description="Largest share of non-space characters that are digits."
+    )
     min_mean_word_length: float | None = Field(2.0, ge=0, description="Smallest mean word length (characters).")
-    max_mean_word_length: float | None = Field(15.0, gt=0, description="Largest mean word length (base64, URLs and "
-                                                                        "hashes are long 'words').")
-    stats_min_words: int = Field(50, ge=0, description="Ratios (repetition, symbols, digits, word length) apply "
-                                                       "only to texts with at least this many words.")
+    max_mean_word_length: float | None = Field(
+        15.0, gt=0, description="Largest mean word length (base64, URLs and hashes are long 'words')."
+    )
+    stats_min_words: int = Field(
+        50,
+        ge=0,
+        description="Ratios (repetition, symbols, digits, word length) apply "
+        "only to texts with at least this many words.",
+    )
 
 
 def _ngram_checks(words: list[str], o: QualityOptions) -> Drop | None:
@@ -71,25 +85,27 @@ def _ngram_checks(words: list[str], o: QualityOptions) -> Drop | None:
     for n, limit in sorted(o.max_top_ngram.items()):
         if len(words) < n:
             continue
-        counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
         gram, count = counts.most_common(1)[0]
         if count > 1:
             # characters covered by its occurrences, each word once (occurrences of "ok ok" overlap)
             covered = [False] * len(words)
             for i in range(len(words) - n + 1):
-                if tuple(words[i:i + n]) == gram:
-                    covered[i:i + n] = [True] * n
+                if tuple(words[i : i + n]) == gram:
+                    covered[i : i + n] = [True] * n
             share = sum(len(w) for w, c in zip(words, covered) if c) / total
             if share > limit:
-                return Drop(f"the {n}-gram \"{' '.join(gram)}\" covers {share:.0%} of the text "
-                            f"(max_top_ngram {n} = {limit})", code=f"top_{n}gram")
+                return Drop(
+                    f'the {n}-gram "{" ".join(gram)}" covers {share:.0%} of the text (max_top_ngram {n} = {limit})',
+                    code=f"top_{n}gram",
+                )
     for n, limit in sorted(o.max_duplicate_ngrams.items()):
         if len(words) < n:
             continue
         seen: dict[tuple, int] = {}
         covered = [False] * len(words)
         for i in range(len(words) - n + 1):
-            gram = tuple(words[i:i + n])
+            gram = tuple(words[i : i + n])
             if gram in seen:
                 for j in (seen[gram], i):
                     for k in range(j, j + n):
@@ -98,8 +114,10 @@ def _ngram_checks(words: list[str], o: QualityOptions) -> Drop | None:
                 seen[gram] = i
         share = sum(len(w) for w, c in zip(words, covered) if c) / total
         if share > limit:
-            return Drop(f"repeated {n}-grams cover {share:.0%} of the text (max_duplicate_ngrams {n} = {limit})",
-                        code=f"duplicate_{n}grams")
+            return Drop(
+                f"repeated {n}-grams cover {share:.0%} of the text (max_duplicate_ngrams {n} = {limit})",
+                code=f"duplicate_{n}grams",
+            )
     return None
 
 
@@ -173,12 +191,18 @@ class QualityFilter(CurationStep):
             seen.add(line)
         share = dup_lines / len(lines)
         if o.max_duplicate_lines is not None and share > o.max_duplicate_lines:
-            return Drop(f"{dup_lines} of {len(lines)} lines repeat an earlier line ({share:.0%} > "
-                        f"max_duplicate_lines {o.max_duplicate_lines})", code="duplicate_lines")
+            return Drop(
+                f"{dup_lines} of {len(lines)} lines repeat an earlier line ({share:.0%} > "
+                f"max_duplicate_lines {o.max_duplicate_lines})",
+                code="duplicate_lines",
+            )
         char_share = dup_chars / max(sum(len(line) for line in lines), 1)
         if o.max_duplicate_line_chars is not None and char_share > o.max_duplicate_line_chars:
-            return Drop(f"repeated lines hold {char_share:.0%} of the characters (> max_duplicate_line_chars "
-                        f"{o.max_duplicate_line_chars})", code="duplicate_line_chars")
+            return Drop(
+                f"repeated lines hold {char_share:.0%} of the characters (> max_duplicate_line_chars "
+                f"{o.max_duplicate_line_chars})",
+                code="duplicate_line_chars",
+            )
         return None
 
     def _characters(self, text: str, words: list[str]) -> Drop | None:
@@ -189,16 +213,22 @@ class QualityFilter(CurationStep):
         digits = sum(c.isdigit() for c in visible)
         symbols = sum(1 for c in visible if not (c.isalnum() or c in _PUNCT))
         if o.max_symbol_ratio is not None and symbols / len(visible) > o.max_symbol_ratio:
-            return Drop(f"{symbols / len(visible):.0%} of the characters are symbols (> max_symbol_ratio "
-                        f"{o.max_symbol_ratio})", code="symbol_ratio")
+            return Drop(
+                f"{symbols / len(visible):.0%} of the characters are symbols (> max_symbol_ratio {o.max_symbol_ratio})",
+                code="symbol_ratio",
+            )
         if o.max_digit_ratio is not None and digits / len(visible) > o.max_digit_ratio:
-            return Drop(f"{digits / len(visible):.0%} of the characters are digits (> max_digit_ratio "
-                        f"{o.max_digit_ratio})", code="digit_ratio")
+            return Drop(
+                f"{digits / len(visible):.0%} of the characters are digits (> max_digit_ratio {o.max_digit_ratio})",
+                code="digit_ratio",
+            )
         mean = sum(len(w) for w in words) / len(words)
         if o.min_mean_word_length is not None and mean < o.min_mean_word_length:
-            return Drop(f"mean word length {mean:.1f} < min_mean_word_length {o.min_mean_word_length}",
-                        code="mean_word_length")
+            return Drop(
+                f"mean word length {mean:.1f} < min_mean_word_length {o.min_mean_word_length}", code="mean_word_length"
+            )
         if o.max_mean_word_length is not None and mean > o.max_mean_word_length:
-            return Drop(f"mean word length {mean:.1f} > max_mean_word_length {o.max_mean_word_length}",
-                        code="mean_word_length")
+            return Drop(
+                f"mean word length {mean:.1f} > max_mean_word_length {o.max_mean_word_length}", code="mean_word_length"
+            )
         return None

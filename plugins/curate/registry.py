@@ -37,8 +37,9 @@ def split_spec(spec: Any) -> tuple[str | None, dict]:
     return None, {}
 
 
-def parse_steps(specs: list, registry: Any, where: str = "steps",
-                labels: list[str] | None = None) -> tuple[list[tuple[type, Any]], list[Problem]]:
+def parse_steps(
+    specs: list, registry: Any, where: str = "steps", labels: list[str] | None = None
+) -> tuple[list[tuple[type, Any]], list[Problem]]:
     """Each spec's class and validated options; every problem located (``steps[2].threshold``, or
     under ``labels[i]`` when given: the command line names a step by its flag)."""
     from llmforge.schema import did_you_mean, validate_model
@@ -50,27 +51,39 @@ def parse_steps(specs: list, registry: Any, where: str = "steps",
         here = labels[i] if labels else f"{where}[{i}]"
         name, options = split_spec(spec)
         if name is None:
-            problems.append(Problem(here, "expected a step name, or a table with `step = \"name\"` and the step's "
-                                          f"options (steps: {', '.join(table)})"))
+            problems.append(
+                Problem(
+                    here,
+                    'expected a step name, or a table with `step = "name"` and the step\'s '
+                    f"options (steps: {', '.join(table)})",
+                )
+            )
             continue
         cls = table.get(name)
         if cls is None:
-            problems.append(Problem(here, f"unknown curation step '{name}'{did_you_mean(name, table)} "
-                                          f"(installed: {', '.join(table)})"))
+            problems.append(
+                Problem(
+                    here, f"unknown curation step '{name}'{did_you_mean(name, table)} (installed: {', '.join(table)})"
+                )
+            )
             continue
         opts, found = validate_model(cls.Options, options, here)
         problems += found
         if opts is not None:
             for loc, value in step_inputs(opts):
                 if value.startswith("@"):
-                    problems.append(Problem(f"{here}.{loc}", f"'{value}': references to stages are not read inside "
-                                                             f"steps; give a path"))
+                    problems.append(
+                        Problem(
+                            f"{here}.{loc}", f"'{value}': references to stages are not read inside steps; give a path"
+                        )
+                    )
             out.append((cls, opts))
     return out, problems
 
 
-def check_files(parsed: list[tuple[type, Any]], env, where: str = "steps",
-                labels: list[str] | None = None) -> list[Problem]:
+def check_files(
+    parsed: list[tuple[type, Any]], env, where: str = "steps", labels: list[str] | None = None
+) -> list[Problem]:
     """Each step's own ``check`` (files it names exist, ...), located under ``where[i]``."""
     problems = []
     for i, (cls, opts) in enumerate(parsed):
@@ -83,8 +96,7 @@ def check_files(parsed: list[tuple[type, Any]], env, where: str = "steps",
     return problems
 
 
-def build_steps(specs: list, env: Any, registry: Any, where: str = "steps",
-                labels: list[str] | None = None) -> list:
+def build_steps(specs: list, env: Any, registry: Any, where: str = "steps", labels: list[str] | None = None) -> list:
     """The step instances for these specs; a ConfigError with every problem when something is wrong."""
     parsed, problems = parse_steps(specs, registry, where, labels)
     if not problems:
@@ -104,11 +116,16 @@ def step_inputs(options) -> Iterator[tuple[str, str]]:
         if marker is None:
             continue
         value = getattr(options, name)
-        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) \
+        items = (
+            value.items()
+            if isinstance(value, dict)
+            else enumerate(value)
+            if isinstance(value, list)
             else [(None, value)]
+        )
         for key, v in items:
             loc = name if key is None else f"{name}.{key}" if isinstance(key, str) else f"{name}[{key}]"
-            for p in ([v] if isinstance(v, str) else v if isinstance(v, list) else []):
+            for p in [v] if isinstance(v, str) else v if isinstance(v, list) else []:
                 if isinstance(p, str):
                     yield loc, p
 

@@ -8,20 +8,31 @@ def _cell(text) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = ["# Curation report", "",
-             f"Kept **{report['rows_out']}** of {report['rows_in']} rows "
-             f"(removed {report['rows_in'] - report['rows_out'] if 'mix' not in report else report['removed']})."]
+    lines = [
+        "# Curation report",
+        "",
+        f"Kept **{report['rows_out']}** of {report['rows_in']} rows "
+        f"(removed {report['rows_in'] - report['rows_out'] if 'mix' not in report else report['removed']}).",
+    ]
     for read in report.get("read", []):
         src = f" ({read['source']})" if read.get("source") else ""
-        lines.append(f"Read{src}: {read['rows']} {read['kind']} rows in the {read['format']} format from "
-                     f"{', '.join(read['files'])}"
-                     + (f"; {read['skipped']} bad rows skipped" if read["skipped"] else "") + ".")
-    lines += ["", "## Steps", "", "| step | kind | seen | kept | removed | rewritten | removed by |",
-              "|---|---|---:|---:|---:|---:|---|"]
+        lines.append(
+            f"Read{src}: {read['rows']} {read['kind']} rows in the {read['format']} format from "
+            f"{', '.join(read['files'])}" + (f"; {read['skipped']} bad rows skipped" if read["skipped"] else "") + "."
+        )
+    lines += [
+        "",
+        "## Steps",
+        "",
+        "| step | kind | seen | kept | removed | rewritten | removed by |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     for st in report["steps"]:
         why = ", ".join(f"{code} {n}" for code, n in st["removed_by"].items()) or "-"
-        lines.append(f"| `{st['step']}` | {st['kind']} | {st['seen']} | {st['kept']} | {st['removed']} | "
-                     f"{st['changed']} | {_cell(why)} |")
+        lines.append(
+            f"| `{st['step']}` | {st['kind']} | {st['seen']} | {st['kept']} | {st['removed']} | "
+            f"{st['changed']} | {_cell(why)} |"
+        )
     for st in report["steps"]:
         if not st["examples"]:
             continue
@@ -31,13 +42,24 @@ def markdown(report: dict) -> str:
             lines.append(f"  > {_cell(ex['text'])}")
     mix = report.get("mix")
     if mix:
-        lines += ["", "## Mix", "", f"By {mix['by']} ({mix['unit']}), seed {mix['seed']}: {mix['rows']} rows.", "",
-                  "| source | available rows | rows | units | epochs | share | target |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Mix",
+            "",
+            f"By {mix['by']} ({mix['unit']}), seed {mix['seed']}: {mix['rows']} rows.",
+            "",
+            "| source | available rows | rows | units | epochs | share | target |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for s in mix["sources"]:
             target = f"{s['target_share']:.1%}" if s["target_share"] is not None else "-"
-            lines.append(f"| {_cell(s['name'])} | {s['available_rows']} | {s['rows']} | {s['units']:g} | "
-                         f"{s['epochs']:g} | {s['share']:.1%} | {target} |")
-    lines += ["", "Every removed row, with its reason: `reasons.jsonl` (one JSON object per line: source, step, "
-                  "code, reason).", ""]
+            lines.append(
+                f"| {_cell(s['name'])} | {s['available_rows']} | {s['rows']} | {s['units']:g} | "
+                f"{s['epochs']:g} | {s['share']:.1%} | {target} |"
+            )
+    lines += [
+        "",
+        "Every removed row, with its reason: `reasons.jsonl` (one JSON object per line: source, step, code, reason).",
+        "",
+    ]
     return "\n".join(lines)

@@ -32,8 +32,9 @@ class Parking:
     def write(self, src) -> None:
         import pickle
 
-        pickle.dump((src.where, src.row, src.raw, src.fmt.name, src.columns), self._fh,
-                    protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(
+            (src.where, src.row, src.raw, src.fmt.name, src.columns), self._fh, protocol=pickle.HIGHEST_PROTOCOL
+        )
 
     def commit(self) -> None:
         self._fh.close()
@@ -185,9 +186,11 @@ class ParquetRowWriter:
                 self._writer = pq.ParquetWriter(self.tmp, table.schema)
             self._writer.write_table(table)
         except (pa.ArrowException, ValueError, TypeError) as exc:
-            raise DataError(f"{self.path}: cannot write these rows as parquet: {exc}",
-                            hint="rows whose columns differ in type cannot share one parquet file; write "
-                                 "JSON Lines instead (an output name ending in .jsonl)") from None
+            raise DataError(
+                f"{self.path}: cannot write these rows as parquet: {exc}",
+                hint="rows whose columns differ in type cannot share one parquet file; write "
+                "JSON Lines instead (an output name ending in .jsonl)",
+            ) from None
         self._pending = []
 
     def commit(self) -> None:

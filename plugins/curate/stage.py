@@ -34,19 +34,24 @@ DEFAULT_STEPS = ["normalize", "exact_dedup", "near_dedup", "quality"]
 
 class CurateOptions(StageOptions):
     data: DataOptions | None = Field(None, description="The rows to curate (as a training stage's `data`).")
-    mix: MixOptions | None = Field(None, description="Several sources, each curated, then mixed by ratio, budget "
-                                                     "or epochs (instead of `data`).")
+    mix: MixOptions | None = Field(
+        None, description="Several sources, each curated, then mixed by ratio, budget or epochs (instead of `data`)."
+    )
     steps: list[str | dict[str, Any]] = Field(
         default_factory=lambda: list(DEFAULT_STEPS),
-        description="Curation steps in order: names, or tables {step = \"name\", option = value}. "
-                    "`llmforge data steps` lists them.")
+        description='Curation steps in order: names, or tables {step = "name", option = value}. '
+        "`llmforge data steps` lists them.",
+    )
     examples: int = Field(5, ge=0, le=1000, description="Examples of removed rows kept per step in the report.")
 
     @model_validator(mode="after")
     def _one_source(self):
         if (self.data is None) == (self.mix is None):
-            raise ValueError("give `data` (one source) or `mix` (several), not both" if self.data else
-                             "give `data` (one source) or `mix` (several sources)")
+            raise ValueError(
+                "give `data` (one source) or `mix` (several), not both"
+                if self.data
+                else "give `data` (one source) or `mix` (several sources)"
+            )
         return self
 
 
@@ -101,8 +106,11 @@ class CurateStage(Stage):
         def skipped(where: str, reason: str) -> None:
             reasons.add(where, "read", "bad_row", reason)
 
-        sources = [(None, options.data)] if options.data is not None else \
-            [(s.label(i), s.data) for i, s in enumerate(options.mix.sources)]
+        sources = (
+            [(None, options.data)]
+            if options.data is not None
+            else [(s.label(i), s.data) for i, s in enumerate(options.mix.sources)]
+        )
         reads: list[dict] = []
         committed = False
         try:
@@ -110,15 +118,17 @@ class CurateStage(Stage):
             schemas = []
             for label, data in sources:
                 state = ReadState()
-                rows = records(data, None, registry, expect=("text", "chat", "preference"), state=state,
-                               on_skip=skipped)
+                rows = records(
+                    data, None, registry, expect=("text", "chat", "preference"), state=state, on_skip=skipped
+                )
                 schemas.append(parquet_schema(data, registry.readers))
                 target = ctx.work_dir / f"source-{len(curated)}.rows" if options.mix is not None else None
                 if target is None:
                     schema = schemas[0]
                     with ctx.artifact("dataset") as out:
-                        with open_writer(out / ("data.parquet" if schema is not None else "data.jsonl"),
-                                         schema) as writer:
+                        with open_writer(
+                            out / ("data.parquet" if schema is not None else "data.jsonl"), schema
+                        ) as writer:
                             layout = None
                             for src in curator.run_records(rows, ctx.should_stop, progress):
                                 writer.write(src.raw)
@@ -137,9 +147,12 @@ class CurateStage(Stage):
                         parked.commit()
                     curated.append(target)
                 reads.append({"source": label, **state.to_json()})
-                ctx.log(f"read {state.rows} {state.kind} rows ({state.format} format) from "
-                        f"{', '.join(state.files)}" + (f" for source {label}" if label else "")
-                        + (f"; {state.skipped} bad rows skipped" if state.skipped else ""))
+                ctx.log(
+                    f"read {state.rows} {state.kind} rows ({state.format} format) from "
+                    f"{', '.join(state.files)}"
+                    + (f" for source {label}" if label else "")
+                    + (f"; {state.skipped} bad rows skipped" if state.skipped else "")
+                )
             curator.finish()
             mixed = None
             if options.mix is not None:
@@ -163,11 +176,18 @@ class CurateStage(Stage):
             reasons_tmp.replace(out / "reasons.jsonl")
             engine.write_json(out / "report.json", report)
             (out / "report.md").write_text(reports.markdown(report), encoding="utf-8")
-        ctx.info["curate"] = {"rows_in": report["rows_in"], "rows_out": report["rows_out"],
-                              "removed": {st["step"]: st["removed"] for st in report["steps"]},
-                              "changed": {st["step"]: st["changed"] for st in report["steps"] if st["changed"]}}
-        ctx.emit("curated", rows_in=report["rows_in"], rows_out=report["rows_out"],
-                 removed={st["step"]: st["removed"] for st in report["steps"]})
+        ctx.info["curate"] = {
+            "rows_in": report["rows_in"],
+            "rows_out": report["rows_out"],
+            "removed": {st["step"]: st["removed"] for st in report["steps"]},
+            "changed": {st["step"]: st["changed"] for st in report["steps"] if st["changed"]},
+        }
+        ctx.emit(
+            "curated",
+            rows_in=report["rows_in"],
+            rows_out=report["rows_out"],
+            removed={st["step"]: st["removed"] for st in report["steps"]},
+        )
         return ctx.published
 
     def _mix(self, options: MixOptions, curated: list[Path], ctx, schema) -> dict:
@@ -177,20 +197,26 @@ class CurateStage(Stage):
 
         formats = ctx.registry.row_formats
         readers = [(lambda p=p: read_parked(p, formats)) for p in curated]
-        layouts = {(src.fmt.name, tuple(sorted(src.columns.items())))
-                   for p in curated for src in _first(read_parked(p, formats))}
+        layouts = {
+            (src.fmt.name, tuple(sorted(src.columns.items())))
+            for p in curated
+            for src in _first(read_parked(p, formats))
+        }
         if len(layouts) != 1:
             schema = None  # the rows are written in their normalised shapes (see mix.mix)
         with ctx.artifact("dataset") as out:
             with open_writer(out / ("data.parquet" if schema is not None else "data.jsonl"), schema) as writer:
-                report = mixing.mix(options, writer.write, ctx.registry, base=ctx.project_dir, seed=ctx.seed,
-                                    readers=readers)
+                report = mixing.mix(
+                    options, writer.write, ctx.registry, base=ctx.project_dir, seed=ctx.seed, readers=readers
+                )
                 writer.commit()
             fmt, columns = next(iter(layouts)) if len(layouts) == 1 else ("auto", ())
             write_dataset_meta(out, fmt, dict(columns))
         for src in report["sources"]:
-            ctx.log(f"mix: {src['name']}: {src['rows']} rows, {src['units']:g} {report['unit']} "
-                    f"({src['share']:.1%} of the output, {src['epochs']:g} epochs)")
+            ctx.log(
+                f"mix: {src['name']}: {src['rows']} rows, {src['units']:g} {report['unit']} "
+                f"({src['share']:.1%} of the output, {src['epochs']:g} epochs)"
+            )
         return report
 
 
@@ -206,7 +232,13 @@ def _nothing_kept(curator) -> None:
         return
     from llmforge.errors import DataError
 
-    why = "; ".join(f"{b.name} removed {b.removed}" + (f" ({', '.join(f'{c} {n}' for c, n in b.by_code.most_common())})"
-                                                       if b.by_code else "") for b in curator.books if b.removed)
-    raise DataError(f"curate kept none of the {curator.rows_in} rows: {why}",
-                    hint="loosen the steps' options; the report of a run with fewer steps shows what each removes")
+    why = "; ".join(
+        f"{b.name} removed {b.removed}"
+        + (f" ({', '.join(f'{c} {n}' for c, n in b.by_code.most_common())})" if b.by_code else "")
+        for b in curator.books
+        if b.removed
+    )
+    raise DataError(
+        f"curate kept none of the {curator.rows_in} rows: {why}",
+        hint="loosen the steps' options; the report of a run with fewer steps shows what each removes",
+    )

@@ -45,13 +45,28 @@ def summary(values: np.ndarray) -> dict:
     if not values.size:
         return {}
     p = np.percentile(values, [10, 50, 90])
-    return {"min": int(values.min()), "p10": float(p[0]), "median": float(p[1]), "mean": float(values.mean()),
-            "p90": float(p[2]), "max": int(values.max()), "total": int(values.sum()),
-            "histogram": histogram(values)}
+    return {
+        "min": int(values.min()),
+        "p10": float(p[0]),
+        "median": float(p[1]),
+        "mean": float(values.mean()),
+        "p90": float(p[2]),
+        "max": int(values.max()),
+        "total": int(values.sum()),
+        "histogram": histogram(values),
+    }
 
 
-def compute(src: Path, registry: Any, fmt: str = "auto", skip_bad: bool = False, tokenizer: Path | None = None,
-            near: bool = True, threshold: float = 0.8, base: Path | None = None) -> dict:
+def compute(
+    src: Path,
+    registry: Any,
+    fmt: str = "auto",
+    skip_bad: bool = False,
+    tokenizer: Path | None = None,
+    near: bool = True,
+    threshold: float = 0.8,
+    base: Path | None = None,
+) -> dict:
     """The figures of `llmforge data stats` for one file or folder, read with ``registry``'s readers and
     row formats."""
     base = base or Path.cwd()
@@ -68,8 +83,7 @@ def compute(src: Path, registry: Any, fmt: str = "auto", skip_bad: bool = False,
     chars, words, tokens, turns = array("I"), array("I"), array("I"), Counter()
     languages: Counter = Counter()
     exact_dups = near_dups = 0
-    for wheres, rows in batched(((src.where, src.row) for src in records(options, base, registry, state=state)),
-                                512):
+    for wheres, rows in batched(((src.where, src.row) for src in records(options, base, registry, state=state)), 512):
         for row in rows:
             text = row_text(row)
             chars.append(len(text))
@@ -88,13 +102,17 @@ def compute(src: Path, registry: Any, fmt: str = "auto", skip_bad: bool = False,
             answers = near_step.process_batch([r for _, r in kept], [w for w, _ in kept])
             near_dups += sum(1 for a in answers if not isinstance(a, dict))
     n = state.rows
-    out = {"file": str(src), **state.to_json(),
-           "characters": summary(np.frombuffer(chars, dtype=np.uint32)),
-           "words": summary(np.frombuffer(words, dtype=np.uint32)),
-           "duplicates": {"exact": exact_dups, "exact_rate": exact_dups / n if n else 0.0}}
+    out = {
+        "file": str(src),
+        **state.to_json(),
+        "characters": summary(np.frombuffer(chars, dtype=np.uint32)),
+        "words": summary(np.frombuffer(words, dtype=np.uint32)),
+        "duplicates": {"exact": exact_dups, "exact_rate": exact_dups / n if n else 0.0},
+    }
     if near:
-        out["duplicates"].update({"near": near_dups, "near_rate": near_dups / n if n else 0.0,
-                                  "near_threshold": threshold})
+        out["duplicates"].update(
+            {"near": near_dups, "near_rate": near_dups / n if n else 0.0, "near_threshold": threshold}
+        )
     if count_tokens is not None:
         out["tokens"] = summary(np.frombuffer(tokens, dtype=np.uint32))
     if turns:

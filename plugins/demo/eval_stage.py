@@ -34,27 +34,37 @@ from pydantic import Field
 from llmforge.stage import Input, Produced, Stage, StageContext, StageOptions
 
 # Markers of the dispreferred, hedging style (the demo's data hedges with these words).
-HEDGING = re.compile(r"\b(hmm|not sure|i think|i believe|perhaps|maybe|could be wrong|not certain|let me think|"
-                     r"hard one)\b", re.IGNORECASE)
+HEDGING = re.compile(
+    r"\b(hmm|not sure|i think|i believe|perhaps|maybe|could be wrong|not certain|let me think|"
+    r"hard one)\b",
+    re.IGNORECASE,
+)
 
 
 class DemoEvalOptions(StageOptions):
     pretrained: Annotated[str, Input("model", "adapter")] = Field(
-        description="The pretrained model (before any chat training): @stage or a HF directory.")
+        description="The pretrained model (before any chat training): @stage or a HF directory."
+    )
     sft: Annotated[str, Input("model", "adapter")] = Field(description="The model after SFT.")
     dpo: Annotated[str | None, Input("model", "adapter")] = Field(None, description="The model after DPO.")
     merged: Annotated[str | None, Input("model", "adapter")] = Field(
-        None, description="A merged model (the demo merges the SFT and DPO models), evaluated like the others.")
-    data: Annotated[str, Input()] = Field(description="Held-out items (JSON Lines: question, answer, kind, "
-                                                      "chosen, rejected, probe).")
+        None, description="A merged model (the demo merges the SFT and DPO models), evaluated like the others."
+    )
+    data: Annotated[str, Input()] = Field(
+        description="Held-out items (JSON Lines: question, answer, kind, chosen, rejected, probe)."
+    )
     gguf: Annotated[str | None, Input("gguf")] = Field(
-        None, description="The gguf stage's folder (of the merged model, else the DPO or SFT one): its F32 file's "
-                          "greedy answers in llama.cpp are compared with transformers' on the held-out questions, "
-                          "and a quantized file answers one question as a chat.")
+        None,
+        description="The gguf stage's folder (of the merged model, else the DPO or SFT one): its F32 file's "
+        "greedy answers in llama.cpp are compared with transformers' on the held-out questions, "
+        "and a quantized file answers one question as a chat.",
+    )
     gguf_questions: int = Field(8, gt=0, description="Held-out questions both runtimes answer for the comparison.")
     answers: Annotated[str | None, Input()] = Field(
-        None, description="JSON file with the known answer values per kind ({\"answers\": {kind: [...]}}); "
-                          "without it, an answer is right when the expected value is the last value it names.")
+        None,
+        description='JSON file with the known answer values per kind ({"answers": {kind: [...]}}); '
+        "without it, an answer is right when the expected value is the last value it names.",
+    )
     max_new_tokens: int = Field(40, gt=0, le=512, description="Longest generated answer, in tokens.")
     limit: int | None = Field(None, gt=0, description="Use at most this many held-out items.")
     batch_size: int = Field(16, gt=0, description="Prompts generated together.")
@@ -75,15 +85,20 @@ class DemoEvalStage(Stage):
 
         items = _read_items(Path(o.data))
         if o.limit:
-            items = items[:o.limit]
+            items = items[: o.limit]
         if not items:
             raise DataError(f"{o.data}: no held-out items")
         values = _read_answers(Path(o.answers)) if o.answers else {}
         torch.manual_seed(ctx.seed)
-        models = [("pretrained", o.pretrained), ("sft", o.sft)] + ([("dpo", o.dpo)] if o.dpo else []) \
+        models = (
+            [("pretrained", o.pretrained), ("sft", o.sft)]
+            + ([("dpo", o.dpo)] if o.dpo else [])
             + ([("merged", o.merged)] if o.merged else [])
-        ctx.log(f"evaluating {len(models)} models on {len(items)} held-out questions "
-                f"(greedy, at most {o.max_new_tokens} new tokens)")
+        )
+        ctx.log(
+            f"evaluating {len(models)} models on {len(items)} held-out questions "
+            f"(greedy, at most {o.max_new_tokens} new tokens)"
+        )
 
         results: dict[str, dict] = {}
         answers: dict[str, list[str]] = {}
@@ -108,15 +123,21 @@ class DemoEvalStage(Stage):
                 res["pair_win_rate"] = _mean(m > 0 for m in margins[label])
                 res["logp_margin"] = round(sum(margins[label]) / len(margins[label]), 4)
             if label == "pretrained" and all(it.get("probe") for it in items):
-                probe_answers, _ = _generate(model, tok, [it["probe"] for it in items], stops, 8, o.batch_size,
-                                             plain=True)
+                probe_answers, _ = _generate(
+                    model, tok, [it["probe"] for it in items], stops, 8, o.batch_size, plain=True
+                )
                 # the first sentence of the continuation completes the probe; later ones are new text
-                probe = {"accuracy": _mean(_score(it, a.split(". ")[0], values)["correct"]
-                                           for it, a in zip(items, probe_answers)),
-                         "answers": probe_answers}
+                probe = {
+                    "accuracy": _mean(
+                        _score(it, a.split(". ")[0], values)["correct"] for it, a in zip(items, probe_answers)
+                    ),
+                    "answers": probe_answers,
+                }
             results[label] = res
-            ctx.log(f"{label}: accuracy {res['accuracy']:.2f}, preferred style {res['preferred_rate']:.2f}"
-                    + (f", log-prob margin {res['logp_margin']:+.2f}" if "logp_margin" in res else ""))
+            ctx.log(
+                f"{label}: accuracy {res['accuracy']:.2f}, preferred style {res['preferred_rate']:.2f}"
+                + (f", log-prob margin {res['logp_margin']:+.2f}" if "logp_margin" in res else "")
+            )
             ctx.progress(i + 1, len(models), unit="model")
             del model
 
@@ -127,28 +148,29 @@ class DemoEvalStage(Stage):
             "knowledge_probe": {"accuracy": probe["accuracy"]} if probe else None,
             "method": {
                 "accuracy": "greedy answer to the chat-formatted question; right when the model ends its turn "
-                            "(end-of-turn token within max_new_tokens), the last known answer value it names is "
-                            "the expected one, and it names no other value absent from the question",
+                "(end-of-turn token within max_new_tokens), the last known answer value it names is "
+                "the expected one, and it names no other value absent from the question",
                 "ended_turn": "share of answers that end with the end-of-turn token within max_new_tokens",
                 "preferred_rate": "share of greedy answers in the direct style: one sentence naming an answer "
-                                  "value, with no hedging words",
+                "value, with no hedging words",
                 "preferred_and_correct": "share of greedy answers that are both direct and right",
                 "logp_margin": "mean over held-out pairs of log p(direct answer) - log p(hedging answer), each "
-                               "summed over the answer tokens and the end-of-turn token (favours the shorter "
-                               "direct answer even before training; compare models)",
+                "summed over the answer tokens and the end-of-turn token (favours the shorter "
+                "direct answer even before training; compare models)",
                 "pair_win_rate": "share of held-out pairs with a positive logp_margin",
-                "dpo_reward_accuracy": "share of held-out pairs whose logp_margin is larger after DPO than "
-                                       "after SFT",
+                "dpo_reward_accuracy": "share of held-out pairs whose logp_margin is larger after DPO than after SFT",
                 "knowledge_probe": "pretrained model completing the start of a corpus-style sentence",
             },
         }
         if o.gguf and not ctx.should_stop():
             exported = o.merged or o.dpo or o.sft
-            report["gguf"] = _gguf_section(Path(o.gguf), Path(exported), items[:o.gguf_questions], o.max_new_tokens)
+            report["gguf"] = _gguf_section(Path(o.gguf), Path(exported), items[: o.gguf_questions], o.max_new_tokens)
             g = report["gguf"]
-            ctx.log(f"gguf: the F32 file answers {g['same_greedy']}/{g['questions']} held-out questions with exactly "
-                    f"transformers' greedy tokens" + (f"; {g['chat']['file']}: {g['chat']['answer']!r}"
-                                                      if g.get("chat") else ""))
+            ctx.log(
+                f"gguf: the F32 file answers {g['same_greedy']}/{g['questions']} held-out questions with exactly "
+                f"transformers' greedy tokens"
+                + (f"; {g['chat']['file']}: {g['chat']['answer']!r}" if g.get("chat") else "")
+            )
         headline = {
             "accuracy": {k: r["accuracy"] for k, r in results.items()},
             "preferred_rate": {k: r["preferred_rate"] for k, r in results.items()},
@@ -163,8 +185,12 @@ class DemoEvalStage(Stage):
             (out / "report.md").write_text(_markdown(report))
             with open(out / "answers.jsonl", "w", encoding="utf-8") as fh:
                 for n, it in enumerate(items):
-                    row = {"question": it["question"], "expected": it["answer"], "kind": it.get("kind"),
-                           **{label: answers[label][n] for label in answers}}
+                    row = {
+                        "question": it["question"],
+                        "expected": it["answer"],
+                        "kind": it.get("kind"),
+                        **{label: answers[label][n] for label in answers},
+                    }
                     if probe:
                         row["probe"] = f"{it['probe']} {probe['answers'][n]}"
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -228,8 +254,13 @@ def _score(item: dict, answer: str, values: dict[str, list[str]], ended: bool = 
     correct = ended and value is not None and value.lower() == expected.lower()
     text = answer.strip()
     # Direct: an answer (it names a value), in one sentence, without hedging.
-    direct = (ended and value is not None and text.endswith(".") and not re.search(r"[.?!]\s", text)
-              and not HEDGING.search(text))
+    direct = (
+        ended
+        and value is not None
+        and text.endswith(".")
+        and not re.search(r"[.?!]\s", text)
+        and not HEDGING.search(text)
+    )
     return {"correct": correct, "direct": direct}
 
 
@@ -273,25 +304,26 @@ def _load(path: str):
 
 
 def _chat_prompt(tok, question: str) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                   add_generation_prompt=True)
+    return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
 
 
-def _generate(model, tok, prompts: list[str], stops: list[int], max_new: int, batch: int,
-              plain: bool = False) -> tuple[list[str], list[bool]]:
+def _generate(
+    model, tok, prompts: list[str], stops: list[int], max_new: int, batch: int, plain: bool = False
+) -> tuple[list[str], list[bool]]:
     """Greedy continuations of `prompts`, and for each whether it stopped on a stop token."""
     import torch
 
     texts: list[str] = []
     ended: list[bool] = []
     for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
+        chunk = prompts[i : i + batch]
         # Chat prompts carry their own markers; a plain probe starts like a corpus document (BOS if any).
         enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=plain)
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False, eos_token_id=stops,
-                                 pad_token_id=tok.pad_token_id)
-        for row in gen[:, enc["input_ids"].shape[1]:]:
+            gen = model.generate(
+                **enc, max_new_tokens=max_new, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id
+            )
+        for row in gen[:, enc["input_ids"].shape[1] :]:
             ids = row.tolist()
             ended.append(any(t in stops for t in ids))
             text = tok.decode(row, skip_special_tokens=True)
@@ -305,7 +337,7 @@ def _answer_logp(model, tok, prompt_ids: list[int], answer: str) -> float:
     ids = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
     full = torch.tensor([prompt_ids + ids])
     with torch.no_grad():
-        logits = model(full).logits[0, len(prompt_ids) - 1:-1].float()
+        logits = model(full).logits[0, len(prompt_ids) - 1 : -1].float()
     logp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids)[:, None])
     return float(logp.sum())
 
@@ -326,25 +358,42 @@ def _pair_margins(model, tok, prompts: list[str], items: list[dict]) -> list[flo
 def _markdown(report: dict) -> str:
     res = report["results"]
     labels = list(res)
-    lines = [f"# Demo evaluation ({report['items']} held-out questions)", "",
-             "| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    rows = [("answers that end their turn", "ended_turn"),
-            ("QA accuracy", "accuracy"), ("preferred style (generation)", "preferred_rate"),
-            ("preferred and correct", "preferred_and_correct"),
-            ("log p(direct) - log p(hedging)", "logp_margin"), ("pairs with a positive margin", "pair_win_rate")]
+    lines = [
+        f"# Demo evaluation ({report['items']} held-out questions)",
+        "",
+        "| metric | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    rows = [
+        ("answers that end their turn", "ended_turn"),
+        ("QA accuracy", "accuracy"),
+        ("preferred style (generation)", "preferred_rate"),
+        ("preferred and correct", "preferred_and_correct"),
+        ("log p(direct) - log p(hedging)", "logp_margin"),
+        ("pairs with a positive margin", "pair_win_rate"),
+    ]
     for title, key in rows:
         if all(key in res[label] for label in labels):
             lines.append(f"| {title} | " + " | ".join(f"{res[label][key]:.2f}" for label in labels) + " |")
     kinds = sorted({k for r in res.values() for k in r["accuracy_by_kind"]})
     for kind in kinds:
-        lines.append(f"| accuracy: {kind} | " + " | ".join(
-            f"{res[label]['accuracy_by_kind'].get(kind, 0.0):.2f}" for label in labels) + " |")
+        lines.append(
+            f"| accuracy: {kind} | "
+            + " | ".join(f"{res[label]['accuracy_by_kind'].get(kind, 0.0):.2f}" for label in labels)
+            + " |"
+        )
     if report.get("dpo_reward_accuracy") is not None:
-        lines += ["", f"DPO reward accuracy on held-out pairs (margin raised over the SFT model): "
-                      f"{report['dpo_reward_accuracy']:.2f}"]
+        lines += [
+            "",
+            f"DPO reward accuracy on held-out pairs (margin raised over the SFT model): "
+            f"{report['dpo_reward_accuracy']:.2f}",
+        ]
     if report.get("knowledge_probe"):
-        lines += ["", f"Knowledge probe (pretrained model completing corpus-style sentences): "
-                      f"{report['knowledge_probe']['accuracy']:.2f}"]
+        lines += [
+            "",
+            f"Knowledge probe (pretrained model completing corpus-style sentences): "
+            f"{report['knowledge_probe']['accuracy']:.2f}",
+        ]
     lines += ["", "How each number is measured:", ""]
     lines += [f"- {k}: {v}" for k, v in report["method"].items()]
     return "\n".join(lines) + "\n"
@@ -375,15 +424,17 @@ def _gguf_section(folder: Path, exported: Path, items: list[dict], max_new: int)
     if chat_file is not None and items:
         engine = open_engine(chat_file)
         try:
-            answer = reply(engine, [{"role": "user", "content": items[0]["question"]}], max_new_tokens=max_new,
-                           temperature=0)
+            answer = reply(
+                engine, [{"role": "user", "content": items[0]["question"]}], max_new_tokens=max_new, temperature=0
+            )
         finally:
             engine.close()
         section["chat"] = {"file": chat_file.name, "question": items[0]["question"], "answer": answer.text.strip()}
     card = folder / "report.json"
     if card.exists():
         rows = json.loads(card.read_text(encoding="utf-8"))["card"]["rows"]
-        section["scorecard"] = [{"file": Path(r["file"]).name, **{k: r.get(k) for k in ("type", "top1", "mean_kld",
-                                                                                         "ppl", "bytes", "bpw")}}
-                                for r in rows]
+        section["scorecard"] = [
+            {"file": Path(r["file"]).name, **{k: r.get(k) for k in ("type", "top1", "mean_kld", "ppl", "bytes", "bpw")}}
+            for r in rows
+        ]
     return section

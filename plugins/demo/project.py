@@ -35,18 +35,40 @@ class Setting:
 
 
 FULL = Setting(
-    name="full", data=DemoSize(), model='{ size = "mini" }', vocab_size=1024,
-    pretrain_steps=500, pretrain_lr=2e-3, pretrain_batch=32, pretrain_length=128,
-    sft_steps=200, sft_lr=3e-3, dpo_steps=40, dpo_lr=2e-5, dpo_beta=0.1, log_every=10,
+    name="full",
+    data=DemoSize(),
+    model='{ size = "mini" }',
+    vocab_size=1024,
+    pretrain_steps=500,
+    pretrain_lr=2e-3,
+    pretrain_batch=32,
+    pretrain_length=128,
+    sft_steps=200,
+    sft_lr=3e-3,
+    dpo_steps=40,
+    dpo_lr=2e-5,
+    dpo_beta=0.1,
+    log_every=10,
 )
 
 # Measured on an Intel Xeon (AMX), fp32, seed 42: held-out accuracy 0.06 -> 0.38 (SFT) -> 0.50 (DPO),
 # direct answers 0.19 -> 0.56, knowledge probe 0.88, 97 s of CPU time. With the earlier 30 pretraining
 # steps on a `tiny` model and each fact stated once, every figure was 0: the test could assert nothing.
 QUICK_SETTING = Setting(
-    name="quick", data=QUICK, model='{ size = "mini" }', vocab_size=400,
-    pretrain_steps=250, pretrain_lr=2e-3, pretrain_batch=16, pretrain_length=128,
-    sft_steps=40, sft_lr=3e-3, dpo_steps=10, dpo_lr=2e-5, dpo_beta=0.1, log_every=5,
+    name="quick",
+    data=QUICK,
+    model='{ size = "mini" }',
+    vocab_size=400,
+    pretrain_steps=250,
+    pretrain_lr=2e-3,
+    pretrain_batch=16,
+    pretrain_length=128,
+    sft_steps=40,
+    sft_lr=3e-3,
+    dpo_steps=10,
+    dpo_lr=2e-5,
+    dpo_beta=0.1,
+    log_every=5,
 )
 
 TEMPLATE = """\
@@ -167,11 +189,23 @@ max_new_tokens = 40
 def render_config(config_path: Path, setting: Setting, seed: int) -> str:
     d = setting.data
     return TEMPLATE.format(
-        marker=MARKER, setting=setting.name, seed=seed, config=config_path, countries=d.countries,
-        train_share=1 - d.heldout_fraction, vocab_size=setting.vocab_size, model=setting.model,
-        pretrain_length=setting.pretrain_length, pretrain_batch=setting.pretrain_batch,
-        pretrain_steps=setting.pretrain_steps, pretrain_lr=setting.pretrain_lr, log_every=setting.log_every,
-        sft_steps=setting.sft_steps, sft_lr=setting.sft_lr, dpo_steps=setting.dpo_steps, dpo_lr=setting.dpo_lr,
+        marker=MARKER,
+        setting=setting.name,
+        seed=seed,
+        config=config_path,
+        countries=d.countries,
+        train_share=1 - d.heldout_fraction,
+        vocab_size=setting.vocab_size,
+        model=setting.model,
+        pretrain_length=setting.pretrain_length,
+        pretrain_batch=setting.pretrain_batch,
+        pretrain_steps=setting.pretrain_steps,
+        pretrain_lr=setting.pretrain_lr,
+        log_every=setting.log_every,
+        sft_steps=setting.sft_steps,
+        sft_lr=setting.sft_lr,
+        dpo_steps=setting.dpo_steps,
+        dpo_lr=setting.dpo_lr,
         dpo_beta=setting.dpo_beta,
     )
 

@@ -95,10 +95,14 @@ ATTRIBUTES = ("capital", "colour", "animal")
 # words of both answer styles (hedges included), so SFT spends its steps on answering, not on
 # learning a vocabulary. Each is (thing, what is said about it); {c} is a country.
 CHATTER = (
-    ("the market in {c}", "opens early"), ("the old bridge in {c}", "is closed in winter"),
-    ("the trains in {c}", "are often late"), ("the harbour of {c}", "is busy at night"),
-    ("the museum in {c}", "is free on holidays"), ("the river in {c}", "freezes every year"),
-    ("the roads of {c}", "are narrow"), ("the bakers of {c}", "start before dawn"),
+    ("the market in {c}", "opens early"),
+    ("the old bridge in {c}", "is closed in winter"),
+    ("the trains in {c}", "are often late"),
+    ("the harbour of {c}", "is busy at night"),
+    ("the museum in {c}", "is free on holidays"),
+    ("the river in {c}", "freezes every year"),
+    ("the roads of {c}", "are narrow"),
+    ("the bakers of {c}", "start before dawn"),
 )
 
 
@@ -139,16 +143,40 @@ class DemoSize:
 
 # The quick setting's world: fewer countries, but each fact still repeated in the corpus (a fact stated
 # once is not learnt, and then SFT has nothing to make answerable).
-QUICK = DemoSize(countries=16, max_addend=4, corpus_repeats=8, sum_repeats=6, sft_per_fact=2, dpo_per_fact=2,
-                 eval_items=16)
+QUICK = DemoSize(
+    countries=16, max_addend=4, corpus_repeats=8, sum_repeats=6, sft_per_fact=2, dpo_per_fact=2, eval_items=16
+)
 
 
 # ----------------------------------------------------------------------------------------------
 # the world
 
 
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "pl",
-           "st", "tr", "sh", "th")
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kr",
+    "pl",
+    "st",
+    "tr",
+    "sh",
+    "th",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "io", "ou")
 _COUNTRY_ENDS = ("ia", "land", "ar", "esh", "ova", "istan", "or", "une")
 _CITY_ENDS = ("ton", "burg", "mar", "vik", "ssa", "del", "ora", "grad", "holm", "ix")
@@ -260,15 +288,14 @@ def corpus_documents(facts: list[Fact], seed: int, size: DemoSize) -> list[str]:
                 lines.append(chatter(rng, country))
             rng.shuffle(lines)
             docs.append(" ".join(lines))
-    sums = [f.statement(p) for f in facts if f.kind == "sum" for p in PHRASINGS["sum"]
-            for _ in range(size.sum_repeats)]
+    sums = [f.statement(p) for f in facts if f.kind == "sum" for p in PHRASINGS["sum"] for _ in range(size.sum_repeats)]
     rng.shuffle(sums)
     i = 0
     while i < len(sums):
         # as long as a profile, about: a batch is padded to its longest document, so documents of
         # similar length waste the least compute
         n = rng.randint(2, 3)
-        docs.append(" ".join(sums[i:i + n]))
+        docs.append(" ".join(sums[i : i + n]))
         i += n
     rng.shuffle(docs)
     return docs
@@ -298,10 +325,14 @@ def dpo_rows(train: list[Fact], facts: list[Fact], seed: int, size: DemoSize) ->
     for f in train:
         for k in range(size.dpo_per_fact):
             q = f.question(QUESTIONS[f.kind][(k + 1) % len(QUESTIONS[f.kind])])
-            rejected = (direct(_wrong(rng, f, facts)) if rng.random() < size.dpo_wrong_share
-                        else hedged(rng, f))
-            rows.append({"prompt": _user(q), "chosen": [{"role": "assistant", "content": direct(f)}],
-                         "rejected": [{"role": "assistant", "content": rejected}]})
+            rejected = direct(_wrong(rng, f, facts)) if rng.random() < size.dpo_wrong_share else hedged(rng, f)
+            rows.append(
+                {
+                    "prompt": _user(q),
+                    "chosen": [{"role": "assistant", "content": direct(f)}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
     rng.shuffle(rows)
     return rows
 
@@ -322,8 +353,17 @@ def eval_rows(held: list[Fact], seed: int, size: DemoSize) -> list[dict]:
         q = f.question(rng.choice(QUESTIONS[f.kind]))
         # The probe is the start of the answer's corpus phrasing, to be completed by the pretrained model.
         probe = PHRASINGS[f.kind][ANSWER_FORM[f.kind]].split("{v}")[0].format(**f.args).rstrip()
-        rows.append({"id": f.id, "kind": f.kind, "question": q, "answer": f.value,
-                     "chosen": direct(f), "rejected": hedged(rng, f), "probe": probe})
+        rows.append(
+            {
+                "id": f.id,
+                "kind": f.kind,
+                "question": q,
+                "answer": f.value,
+                "chosen": direct(f),
+                "rejected": hedged(rng, f),
+                "probe": probe,
+            }
+        )
     return rows
 
 
@@ -341,16 +381,29 @@ def write_project_data(root: Path, seed: int, size: DemoSize) -> dict:
         "heldout.jsonl": _jsonl(eval_rows(held, seed, size)),
         # the held-out facts as plain statements: text no training stage saw, for the GGUF scorecard
         "heldout.txt": "\n".join(direct(f) for f in held) + "\n",
-        "world.json": json.dumps({"seed": seed, "answers": answer_values(facts),
-                                  "train": [f.id for f in train], "heldout": [f.id for f in held],
-                                  "facts": [{"id": f.id, "kind": f.kind, "value": f.value} for f in facts]},
-                                 indent=1) + "\n",
+        "world.json": json.dumps(
+            {
+                "seed": seed,
+                "answers": answer_values(facts),
+                "train": [f.id for f in train],
+                "heldout": [f.id for f in held],
+                "facts": [{"id": f.id, "kind": f.kind, "value": f.value} for f in facts],
+            },
+            indent=1,
+        )
+        + "\n",
     }
     for name, text in files.items():
         _write_if_changed(data / name, text)
-    return {"facts": len(facts), "train_facts": len(train), "heldout_facts": len(held), "documents": len(docs),
-            "sft_rows": files["sft.jsonl"].count("\n"), "dpo_rows": files["dpo.jsonl"].count("\n"),
-            "eval_items": files["heldout.jsonl"].count("\n")}
+    return {
+        "facts": len(facts),
+        "train_facts": len(train),
+        "heldout_facts": len(held),
+        "documents": len(docs),
+        "sft_rows": files["sft.jsonl"].count("\n"),
+        "dpo_rows": files["dpo.jsonl"].count("\n"),
+        "eval_items": files["heldout.jsonl"].count("\n"),
+    }
 
 
 def _jsonl(rows: list[dict]) -> str:

@@ -33,13 +33,34 @@ from llmforge.chat_engine import ChatEngine, Reply, render_prompt, reply
 from llmforge.chat_engine import open_engine as open_with
 from llmforge.errors import UsageError
 
-__all__ = ["ENGINES", "GGUFEngine", "HFEngine", "Reply", "ChatSettings", "chat_main", "interactive", "one_shot",
-           "open_engine", "render_prompt", "reply"]
+__all__ = [
+    "ENGINES",
+    "GGUFEngine",
+    "HFEngine",
+    "Reply",
+    "ChatSettings",
+    "chat_main",
+    "interactive",
+    "one_shot",
+    "open_engine",
+    "render_prompt",
+    "reply",
+]
 
 # Tokens that end generation by their name, whatever the model's EOS is (llama.cpp treats these as
 # end-of-generation too, so both engines stop at the same place).
-END_TOKENS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|end|>",
-              "<end_of_turn>", "<EOT>", "<|return|>")
+END_TOKENS = (
+    "</s>",
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<EOT>",
+    "<|return|>",
+)
 DEFAULT_N_CTX = 4096
 
 
@@ -117,8 +138,11 @@ class HFEngine(ChatEngine):
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or DEFAULT_N_CTX)
         vocab = self.tokenizer.get_vocab()
         stops = {vocab[t] for t in END_TOKENS if t in vocab}
-        for ids in (self.model.config.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None),
-                    self.tokenizer.eos_token_id):
+        for ids in (
+            self.model.config.eos_token_id,
+            getattr(self.model.generation_config, "eos_token_id", None),
+            self.tokenizer.eos_token_id,
+        ):
             stops.update(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
         if self.template:
             try:  # the token the template ends an answer with, when it is not the EOS (<|im_end|> vs <|endoftext|>)
@@ -231,8 +255,9 @@ class GGUFEngine(ChatEngine):
 
     def generate(self, ids: list[int], *, temperature: float, seed: int) -> Iterator[int]:
         # top_k 0, top_p 1 and min_p 0 switch those samplers off: plain temperature sampling, as on the HF side.
-        yield from self.llm.generate(ids, temp=max(temperature, 0.0), seed=seed, top_k=0, top_p=1.0, min_p=0.0,
-                                     repeat_penalty=1.0)
+        yield from self.llm.generate(
+            ids, temp=max(temperature, 0.0), seed=seed, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0
+        )
 
     def decode(self, ids: list[int]) -> str:
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")
@@ -262,17 +287,28 @@ class ChatSettings:
 
 def one_shot(engine: ChatEngine, prompt: str, settings: ChatSettings, out: TextIO = sys.stdout) -> Reply:
     """Answer one prompt, printing only the answer (for scripts)."""
-    messages = ([{"role": "system", "content": settings.system}] if settings.system and engine.template else [])
+    messages = [{"role": "system", "content": settings.system}] if settings.system and engine.template else []
     messages.append({"role": "user", "content": prompt})
-    result = reply(engine, messages, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                   seed=settings.seed, on_text=lambda s: (out.write(s), out.flush()))
+    result = reply(
+        engine,
+        messages,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        seed=settings.seed,
+        on_text=lambda s: (out.write(s), out.flush()),
+    )
     out.write("\n")
     out.flush()
     return result
 
 
-def interactive(engine: ChatEngine, settings: ChatSettings, inp: TextIO = sys.stdin, out: TextIO = sys.stdout,
-                err: TextIO = sys.stderr) -> int:
+def interactive(
+    engine: ChatEngine,
+    settings: ChatSettings,
+    inp: TextIO = sys.stdin,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
     """Read prompts line by line until EOF or /exit; the conversation is kept (/reset clears it). Returns
     the number of answers given."""
     tty = inp.isatty()
@@ -299,16 +335,21 @@ def interactive(engine: ChatEngine, settings: ChatSettings, inp: TextIO = sys.st
             continue
         history.append({"role": "user", "content": text})
         try:
-            result = reply(engine, history, max_new_tokens=settings.max_new_tokens,
-                           temperature=settings.temperature, seed=settings.seed + answers,
-                           on_text=lambda s: (out.write(s), out.flush()))
+            result = reply(
+                engine,
+                history,
+                max_new_tokens=settings.max_new_tokens,
+                temperature=settings.temperature,
+                seed=settings.seed + answers,
+                on_text=lambda s: (out.write(s), out.flush()),
+            )
         except UsageError as exc:  # a prompt longer than the context: say so and keep the session
             history.pop()
             err.write(f"error: {exc.render()}\n")
             continue
         out.write("\n")
         out.flush()
-        del history[len(system):len(system) + result.dropped]  # what no longer fits stays out
+        del history[len(system) : len(system) + result.dropped]  # what no longer fits stays out
         history.append({"role": "assistant", "content": result.text})
         if not engine.template:
             history = list(system)  # plain completion: each line stands alone
@@ -316,8 +357,15 @@ def interactive(engine: ChatEngine, settings: ChatSettings, inp: TextIO = sys.st
     return answers
 
 
-def chat_main(model: Path, *, prompt: str | None, settings: ChatSettings, engines: dict[str, type[ChatEngine]],
-              n_ctx: int | None = None, log: Callable | None = None) -> None:
+def chat_main(
+    model: Path,
+    *,
+    prompt: str | None,
+    settings: ChatSettings,
+    engines: dict[str, type[ChatEngine]],
+    n_ctx: int | None = None,
+    log: Callable | None = None,
+) -> None:
     """`llmforge chat MODEL`: open ``model`` with the first of ``engines`` (the registry's) that accepts it,
     then answer ``prompt`` or hold a session on stdin."""
     engine = open_with(model, engines, n_ctx=n_ctx, log=log)

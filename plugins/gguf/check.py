@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from llmforge.errors import UsageError
 from llmforge.formatting import fmt_bytes
@@ -42,7 +42,7 @@ TOKENIZER_PROBE = (
     "Crème brûlée, naïve façade, Ærøskøbing, São Paulo, Dvořák, straße, ĳssel.\n"
     "東京は日本の首都です。我喜欢学习中文。한국어 문장도 있습니다。\n"
     "Emoji: 😀 👍🏽 🦙🦙 👨‍👩‍👧 ✅\n"
-    "def add(a, b):\n    return a + b  # sum\n\tif x >= 10 and y != -3: print(f\"{x:>8}\")\n"
+    'def add(a, b):\n    return a + b  # sum\n\tif x >= 10 and y != -3: print(f"{x:>8}")\n'
     "Digits: 0 7 42 365 2024 31415926 3.14159 1,000,000 -0.5e-3\n"
     "   leading spaces, trailing spaces   \n\n\nblank lines above ... !!! ??? ---\n"
 )
@@ -54,8 +54,8 @@ HELD_OUT_TEXT = (
     "market stalls were covered with silver fish, crates of lemons and baskets of bread still warm from the "
     "oven. An old man sold coffee from a cart with a squeaking wheel; he had done so for forty-two years, and "
     "he knew which of his customers wanted sugar before they said a word.\n\n"
-    "At the end of the pier, a girl was teaching her younger brother to count the waves. \"One, two, three,\" "
-    "she said, \"and the seventh is always the biggest.\" He did not believe her, so they counted together "
+    'At the end of the pier, a girl was teaching her younger brother to count the waves. "One, two, three," '
+    'she said, "and the seventh is always the biggest." He did not believe her, so they counted together '
     "until the tide turned. The seventh wave was not always the biggest, but neither of them mentioned it.\n\n"
     "In the afternoon the wind rose. Shutters banged, a newspaper flew across the square, and the café owner "
     "carried her chairs inside two at a time. Someone wrote on the chalkboard: soup of the day, 4.50; tea, "
@@ -63,7 +63,7 @@ HELD_OUT_TEXT = (
     "lights of the town came on one window after another.\n\n"
     "def mean(values):\n    return sum(values) / len(values) if values else 0.0\n\n"
     "Résumé: the café opened in 1987 and now serves about 300 guests a day. 東京から来た旅行者もいます。 "
-    "Travellers leave notes on the wall: \"Merci!\", \"Danke!\", \"Gracias!\" and a small drawing of a boat. "
+    'Travellers leave notes on the wall: "Merci!", "Danke!", "Gracias!" and a small drawing of a boat. '
     "When the season ends, the notes are taken down, read once more, and kept in a box under the counter."
 )
 
@@ -108,7 +108,7 @@ class _Stats:
             scale = np.maximum(np.abs(h).max(axis=-1), 1e-12)
             self.max_rel = max(self.max_rel, float((np.abs(g - h).max(axis=-1) / scale).max()))
             # the logits at position t predict token t + 1: the last position of a window predicts nothing
-            targets = np.asarray(ids[lo + 1:hi + 1])
+            targets = np.asarray(ids[lo + 1 : hi + 1])
             rows = np.arange(len(targets))
             self.nll -= float(lq[rows, targets].sum())
             self.predicted += len(targets)
@@ -131,7 +131,7 @@ def _perplexity(logits_windows, windows) -> float:
         for lo in range(0, len(ids) - 1, BLOCK):
             hi = min(len(ids) - 1, lo + BLOCK)
             lp = _log_softmax(logits[lo:hi])
-            nll -= float(lp[np.arange(hi - lo), np.asarray(ids[lo + 1:hi + 1])].sum())
+            nll -= float(lp[np.arange(hi - lo), np.asarray(ids[lo + 1 : hi + 1])].sum())
             count += hi - lo
     return math.exp(nll / count)
 
@@ -173,8 +173,10 @@ def _eval_gguf(path: Path, n_ctx: int, windows, hf_logits, probe_ids, vocab: int
     start = time.monotonic()
     with LlamaModel(path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True) as llm:
         if llm.n_vocab != vocab:
-            raise UsageError(f"{path}: vocabulary of {llm.n_vocab} tokens, the HF model has {vocab}",
-                             hint="was this GGUF exported from this model?")
+            raise UsageError(
+                f"{path}: vocabulary of {llm.n_vocab} tokens, the HF model has {vocab}",
+                hint="was this GGUF exported from this model?",
+            )
         gg_probe = llm.tokenize(TOKENIZER_PROBE, add_bos=False, special=False)
         stats = _Stats()
         for ids, h in zip(windows, hf_logits):
@@ -186,17 +188,25 @@ def _tokenization(hf_ids: list[int], gg_ids: list[int]) -> dict:
     if hf_ids == gg_ids:
         return {"tokenization_ok": True, "tokenization_diff": None}
     at = next((i for i, (a, b) in enumerate(zip(hf_ids, gg_ids)) if a != b), min(len(hf_ids), len(gg_ids)))
-    return {"tokenization_ok": False,
-            "tokenization_diff": {"at": at, "hf": hf_ids[at:at + 8], "gguf": gg_ids[at:at + 8],
-                                  "hf_tokens": len(hf_ids), "gguf_tokens": len(gg_ids)}}
+    return {
+        "tokenization_ok": False,
+        "tokenization_diff": {
+            "at": at,
+            "hf": hf_ids[at : at + 8],
+            "gguf": gg_ids[at : at + 8],
+            "hf_tokens": len(hf_ids),
+            "gguf_tokens": len(gg_ids),
+        },
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # the scorecard
 
 
-def check_gguf(model: Path, ggufs: list[Path], *, text: str | None = None, reference: Path | None = None,
-               log: Log | None = None) -> dict:
+def check_gguf(
+    model: Path, ggufs: list[Path], *, text: str | None = None, reference: Path | None = None, log: Log | None = None
+) -> dict:
     """Score each GGUF in `ggufs` against the HF model (or adapter) `model`; see the module docstring."""
     from llmforge_plugins.gguf.imatrix import load_hf
 
@@ -218,7 +228,7 @@ def check_gguf(model: Path, ggufs: list[Path], *, text: str | None = None, refer
     limits = [WINDOW_MAX, int(getattr(net.config, "max_position_embeddings", 0) or WINDOW_MAX)]
     limits += [i["n_ctx_train"] for i in infos.values() if i["n_ctx_train"]]
     window = min(limits)
-    windows = [w for w in (ids[i:i + window] for i in range(0, len(ids), window)) if len(w) >= 2]
+    windows = [w for w in (ids[i : i + window] for i in range(0, len(ids), window)) if len(w) >= 2]
     log(f"check: {len(ids)} tokens in {len(windows)} window(s) of up to {window}")
 
     hf_logits = _hf_logits(net, windows)
@@ -237,19 +247,31 @@ def check_gguf(model: Path, ggufs: list[Path], *, text: str | None = None, refer
     rows = []
     for path in ggufs:
         info, result = infos[path], results[path.resolve()]
-        rows.append({
-            "file": str(path), "type": info["type"], "bytes": info["bytes"],
-            "bpw": info["bytes"] * 8 / parameters,
-            **result, "delta_ppl": result["ppl"] - base_ppl,
-        })
-        log(f"check: {path.name}: {info['type']}, PPL {result['ppl']:.3f}, mean KLD {result['mean_kld']:.5f}, "
-            f"top-1 {result['top1']:.1%}, tokenization {'ok' if result['tokenization_ok'] else 'DIFFERS'}")
+        rows.append(
+            {
+                "file": str(path),
+                "type": info["type"],
+                "bytes": info["bytes"],
+                "bpw": info["bytes"] * 8 / parameters,
+                **result,
+                "delta_ppl": result["ppl"] - base_ppl,
+            }
+        )
+        log(
+            f"check: {path.name}: {info['type']}, PPL {result['ppl']:.3f}, mean KLD {result['mean_kld']:.5f}, "
+            f"top-1 {result['top1']:.1%}, tokenization {'ok' if result['tokenization_ok'] else 'DIFFERS'}"
+        )
     return {
-        "model": str(model), "parameters": parameters, "tokens": len(ids), "windows": len(windows),
-        "window": window, "hf_ppl": hf_ppl,
+        "model": str(model),
+        "parameters": parameters,
+        "tokens": len(ids),
+        "windows": len(windows),
+        "window": window,
+        "hf_ppl": hf_ppl,
         "reference": str(reference) if reference else None,
         "reference_ppl": results[reference.resolve()]["ppl"] if reference else None,
-        "probe_tokens": len(probe_ids), "rows": rows,
+        "probe_tokens": len(probe_ids),
+        "rows": rows,
     }
 
 
@@ -260,8 +282,11 @@ def _small(x: float) -> str:
 
 def scorecard_markdown(card: dict) -> str:
     """The scorecard as a Markdown table with a one-line header saying what was measured against what."""
-    base = (f"reference {Path(card['reference']).name} (PPL {card['reference_ppl']:.3f})" if card.get("reference")
-            else "the HF model")
+    base = (
+        f"reference {Path(card['reference']).name} (PPL {card['reference_ppl']:.3f})"
+        if card.get("reference")
+        else "the HF model"
+    )
     lines = [
         f"Parity check of {card['model']}: {card['tokens']} tokens ({card['windows']} window(s) of up to "
         f"{card['window']}), HF fp32 perplexity {card['hf_ppl']:.3f}; ΔPPL against {base}; "
@@ -272,7 +297,9 @@ def scorecard_markdown(card: dict) -> str:
     ]
     for r in card["rows"]:
         tok = "ok" if r["tokenization_ok"] else f"differs at token {r['tokenization_diff']['at']}"
-        lines.append(f"| {Path(r['file']).name} | {r['type']} | {fmt_bytes(r['bytes'])} | {r['bpw']:.2f} | "
-                     f"{r['ppl']:.3f} | {r['delta_ppl']:+.3f} | {_small(r['mean_kld'])} | {r['top1']:.1%} | "
-                     f"{r['max_rel_logit_error']:.2e} | {tok} |")
+        lines.append(
+            f"| {Path(r['file']).name} | {r['type']} | {fmt_bytes(r['bytes'])} | {r['bpw']:.2f} | "
+            f"{r['ppl']:.3f} | {r['delta_ppl']:+.3f} | {_small(r['mean_kld'])} | {r['top1']:.1%} | "
+            f"{r['max_rel_logit_error']:.2e} | {tok} |"
+        )
     return "\n".join(lines) + "\n"

@@ -60,13 +60,17 @@ def export(
 
     outtype = outtype.strip().lower()
     if outtype not in OUTTYPES:
-        raise UsageError(f"--outtype {outtype}: expected one of {', '.join(OUTTYPES)}",
-                         hint="for Q4_K_M and the other llama.cpp types, export f16 then `llmforge gguf quantize`")
+        raise UsageError(
+            f"--outtype {outtype}: expected one of {', '.join(OUTTYPES)}",
+            hint="for Q4_K_M and the other llama.cpp types, export f16 then `llmforge gguf quantize`",
+        )
     _new_gguf(out, force)
     summary = export_gguf(model, out, outtype, log=_log())
     modelfile = write_modelfile(out)
-    typer.echo(f"wrote {out} ({summary['outtype']}, {summary['tensors']} tensors, {fmt_bytes(out.stat().st_size)}, "
-               f"{summary['seconds']:.1f} s) and {modelfile.name}")
+    typer.echo(
+        f"wrote {out} ({summary['outtype']}, {summary['tensors']} tensors, {fmt_bytes(out.stat().st_size)}, "
+        f"{summary['seconds']:.1f} s) and {modelfile.name}"
+    )
 
 
 def quantize(
@@ -105,28 +109,32 @@ def quantize(
     if model is not None and calibration is None:
         raise UsageError("--model is only used with --calibration")
     if needs_imatrix(qtype) and imatrix is None and calibration is None:
-        raise UsageError(f"{qtype} needs an importance matrix: give --calibration TEXTFILE --model HFDIR, or "
-                         f"--imatrix FILE")
+        raise UsageError(
+            f"{qtype} needs an importance matrix: give --calibration TEXTFILE --model HFDIR, or --imatrix FILE"
+        )
     if calibration is not None and not calibration.is_file():
         raise UsageError(f"{calibration}: calibration text file not found")
     _new_gguf(out, force)
     read_gguf(src)  # a damaged input fails now, not after the importance matrix was computed
     log = _log()
     keep = out.with_name(out.stem + ".imatrix.safetensors")
-    with tempfile.TemporaryDirectory(prefix=".llmforge-imatrix-", dir=out.parent if out.parent.exists() else None) \
-            as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix=".llmforge-imatrix-", dir=out.parent if out.parent.exists() else None
+    ) as tmp:
         if calibration is not None:
             from llmforge_plugins.gguf.imatrix import compute_imatrix
 
-            imatrix = compute_imatrix(model, read_calibration(calibration), Path(tmp) / keep.name,
-                                      max_tokens=max_tokens, log=log)
+            imatrix = compute_imatrix(
+                model, read_calibration(calibration), Path(tmp) / keep.name, max_tokens=max_tokens, log=log
+            )
         summary = quantize_gguf(src, out, qtype, imatrix=imatrix, threads=threads, log=log)
         if calibration is not None:
             shutil.move(str(imatrix), keep)  # only once the quantization it was made for worked
     modelfile = write_modelfile(out)
     extra = f"; importance matrix kept as {keep.name}" if calibration is not None else ""
-    typer.echo(f"wrote {out} ({qtype}, {fmt_bytes(summary['bytes'])}, {summary['seconds']:.1f} s) and "
-               f"{modelfile.name}{extra}")
+    typer.echo(
+        f"wrote {out} ({qtype}, {fmt_bytes(summary['bytes'])}, {summary['seconds']:.1f} s) and {modelfile.name}{extra}"
+    )
 
 
 def check(
@@ -167,8 +175,9 @@ def check(
     else:
         typer.echo(scorecard_markdown(card), nl=False)
     if max_kld is not None or min_top1 is not None:
-        failures = parity_failures(card, math.inf if max_kld is None else max_kld,
-                                   0.0 if min_top1 is None else min_top1)
+        failures = parity_failures(
+            card, math.inf if max_kld is None else max_kld, 0.0 if min_top1 is None else min_top1
+        )
         if failures:
             raise ForgeError("parity check failed:\n  " + "\n  ".join(failures))
 
@@ -220,8 +229,14 @@ def chat(
 
     settings = ChatSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, system=system)
     # Any installed engine may open MODEL (the registry's, in load order), not only this plugin's two.
-    chat_main(model, prompt=prompt, settings=settings, engines=registry().table(CHAT_ENGINES), n_ctx=n_ctx,
-              log=None if prompt is not None else _log("chat"))
+    chat_main(
+        model,
+        prompt=prompt,
+        settings=settings,
+        engines=registry().table(CHAT_ENGINES),
+        n_ctx=n_ctx,
+        log=None if prompt is not None else _log("chat"),
+    )
 
 
 def register(cli) -> None:

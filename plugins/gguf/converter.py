@@ -38,8 +38,19 @@ def llama_cpp_source(cache: Path | None = None) -> Path:
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=root.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-               f"llama-cpp-python=={version}", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--quiet",
+            f"llama-cpp-python=={version}",
+            "-d",
+            tmp,
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         archives = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if res.returncode != 0 or not archives:
@@ -66,8 +77,7 @@ def converter_command(src: Path, model: Path, out: Path, outtype: str) -> tuple[
     """The command line and environment that run llama.cpp's converter, unmodified, with its own gguf-py."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(src / "gguf-py"), *filter(None, [env.get("PYTHONPATH")])])
-    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outfile", str(out),
-           "--outtype", outtype]
+    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outfile", str(out), "--outtype", outtype]
     return cmd, env
 
 

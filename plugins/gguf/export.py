@@ -27,9 +27,10 @@ import os
 import shutil
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llmforge.errors import UsageError
 
@@ -38,8 +39,23 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
 #: safetensors dtype -> numpy dtype name used to read it (bfloat16 is read as its 16 raw bits)
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16"}
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_ST_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 
 Log = Callable[..., None]
 
@@ -82,8 +98,10 @@ def _read_header(path: Path) -> dict[str, TensorRef]:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: not a valid safetensors file ({exc})",
-                         hint="the file is damaged or incomplete: copy or save it again") from None
+        raise UsageError(
+            f"{path}: not a valid safetensors file ({exc})",
+            hint="the file is damaged or incomplete: copy or save it again",
+        ) from None
     base = 8 + n
     out = {}
     for name, info in header.items():
@@ -95,11 +113,15 @@ def _read_header(path: Path) -> dict[str, TensorRef]:
         except (KeyError, TypeError, ValueError):
             raise UsageError(f"{path}: malformed header entry for {name}") from None
         if dtype in _ST_ITEMSIZE and end - begin != math.prod(shape) * _ST_ITEMSIZE[dtype]:
-            raise UsageError(f"{path}: {name} holds {end - begin} bytes, its shape {list(shape)} needs "
-                             f"{math.prod(shape) * _ST_ITEMSIZE[dtype]}")
+            raise UsageError(
+                f"{path}: {name} holds {end - begin} bytes, its shape {list(shape)} needs "
+                f"{math.prod(shape) * _ST_ITEMSIZE[dtype]}"
+            )
         if base + end > size or begin < 0 or end < begin:
-            raise UsageError(f"{path}: {name} lies beyond the end of the file (the file is truncated)",
-                             hint="copy or save the model again")
+            raise UsageError(
+                f"{path}: {name} lies beyond the end of the file (the file is truncated)",
+                hint="copy or save the model again",
+            )
         out[name] = TensorRef(path, dtype, shape, base + begin, base + end)
     return out
 
@@ -136,8 +158,9 @@ class ModelFiles:
     def __init__(self, path: Path):
         self.path = path
         if not path.is_dir():
-            raise UsageError(f"{path}: not a model directory (a model is a folder with config.json and "
-                             f"*.safetensors files)")
+            raise UsageError(
+                f"{path}: not a model directory (a model is a folder with config.json and *.safetensors files)"
+            )
         cfg = path / "config.json"
         if not cfg.is_file():
             raise UsageError(f"{path}: not a model directory (no config.json)")
@@ -163,8 +186,10 @@ class ModelFiles:
         found = sorted(self.path.glob("*.safetensors"))
         if not found:
             other = [p.name for p in self.path.glob("*.bin")] + [p.name for p in self.path.glob("*.pt")]
-            raise UsageError(f"{self.path}: no *.safetensors weights" + (f" (found {other[0]})" if other else ""),
-                             hint="save the model with save_pretrained(folder, safe_serialization=True)")
+            raise UsageError(
+                f"{self.path}: no *.safetensors weights" + (f" (found {other[0]})" if other else ""),
+                hint="save the model with save_pretrained(folder, safe_serialization=True)",
+            )
         return {p: set() for p in found}
 
     def _index(self) -> dict[str, TensorRef]:
@@ -173,12 +198,15 @@ class ModelFiles:
             header = _read_header(file)
             missing = sorted(expected - set(header))
             if missing:
-                raise UsageError(f"{self.path / 'model.safetensors.index.json'}: names {missing[0]} in {file.name}, "
-                                 f"which does not hold it")
+                raise UsageError(
+                    f"{self.path / 'model.safetensors.index.json'}: names {missing[0]} in {file.name}, "
+                    f"which does not hold it"
+                )
             for name, ref in header.items():
                 if name in tensors:
-                    raise UsageError(f"{self.path}: tensor {name} is stored twice ({tensors[name].file.name} and "
-                                     f"{file.name})")
+                    raise UsageError(
+                        f"{self.path}: tensor {name} is stored twice ({tensors[name].file.name} and {file.name})"
+                    )
                 tensors[name] = ref
         if not tensors:
             raise UsageError(f"{self.path}: the safetensors files hold no tensors")
@@ -228,13 +256,16 @@ class LlamaParams:
     def from_config(cls, config: dict, where: Path) -> LlamaParams:
         arch = (config.get("architectures") or [None])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise UsageError(f"{where}: architecture {arch or '(none given)'} is not supported by GGUF export",
-                             hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (SmolLM and TinyLlama are "
-                                  f"LlamaForCausalLM)")
+            raise UsageError(
+                f"{where}: architecture {arch or '(none given)'} is not supported by GGUF export",
+                hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (SmolLM and TinyLlama are LlamaForCausalLM)",
+            )
         if config.get("quantization_config"):
             method = config["quantization_config"].get("quant_method", "?")
-            raise UsageError(f"{where}: the model is quantized ({method}); GGUF export needs full-precision weights",
-                             hint="export the original model, then quantize the GGUF (llmforge gguf quantize)")
+            raise UsageError(
+                f"{where}: the model is quantized ({method}); GGUF export needs full-precision weights",
+                hint="export the original model, then quantize the GGUF (llmforge gguf quantize)",
+            )
         act = config.get("hidden_act", "silu")
         if act != "silu":
             raise UsageError(f"{where}: hidden_act {act!r}; llama.cpp's llama architecture computes SiLU")
@@ -248,12 +279,21 @@ class LlamaParams:
         n_head = need("num_attention_heads")
         hidden = need("hidden_size")
         head_dim = config.get("head_dim") or hidden // n_head
-        return cls(architecture=arch, n_layers=need("num_hidden_layers"), n_head=n_head,
-                   n_kv_head=config.get("num_key_value_heads") or n_head, hidden=hidden,
-                   ff=need("intermediate_size"), context=need("max_position_embeddings"),
-                   rms_eps=float(config.get("rms_norm_eps", 1e-6)), vocab_size=need("vocab_size"),
-                   head_dim=int(head_dim), tied=bool(config.get("tie_word_embeddings", False)),
-                   rope=rope_parameters(config), explicit_head_dim=config.get("head_dim") is not None)
+        return cls(
+            architecture=arch,
+            n_layers=need("num_hidden_layers"),
+            n_head=n_head,
+            n_kv_head=config.get("num_key_value_heads") or n_head,
+            hidden=hidden,
+            ff=need("intermediate_size"),
+            context=need("max_position_embeddings"),
+            rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+            vocab_size=need("vocab_size"),
+            head_dim=int(head_dim),
+            tied=bool(config.get("tie_word_embeddings", False)),
+            rope=rope_parameters(config),
+            explicit_head_dim=config.get("head_dim") is not None,
+        )
 
 
 def rope_parameters(config: dict) -> dict:
@@ -333,8 +373,15 @@ def plan_tensors(files: ModelFiles, hp: LlamaParams, outtype: str) -> tuple[list
     rope_type = str(hp.rope.get("rope_type", "default")).lower()
     if rope_type == "llama3":
         factors = llama3_rope_factors(hp.rope, hp.head_dim)
-        planned.append(Planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", None, factors.shape,
-                               gguf.GGMLQuantizationType.F32, data=factors))
+        planned.append(
+            Planned(
+                gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                None,
+                factors.shape,
+                gguf.GGMLQuantizationType.F32,
+                data=factors,
+            )
+        )
     for hf_name, ref in files.tensors.items():
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue  # older checkpoints store the RoPE frequencies; llama.cpp computes them
@@ -342,11 +389,15 @@ def plan_tensors(files: ModelFiles, hp: LlamaParams, outtype: str) -> tuple[list
             continue  # tied: transformers ignores a stored head and uses the embedding, so does llama.cpp
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise UsageError(f"{files.path}: tensor {hf_name} has no place in llama.cpp's llama architecture",
-                             hint="only plain Llama/Mistral checkpoints can be exported")
+            raise UsageError(
+                f"{files.path}: tensor {hf_name} has no place in llama.cpp's llama architecture",
+                hint="only plain Llama/Mistral checkpoints can be exported",
+            )
         if ref.dtype not in _ST_DTYPES:
-            raise UsageError(f"{files.path}: tensor {hf_name} is stored as {ref.dtype}; GGUF export reads "
-                             f"float32, float16 and bfloat16 weights")
+            raise UsageError(
+                f"{files.path}: tensor {hf_name} is stored as {ref.dtype}; GGUF export reads "
+                f"float32, float16 and bfloat16 weights"
+            )
         heads = 0
         if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             heads = hp.n_head
@@ -369,17 +420,31 @@ def _check_complete(files: ModelFiles, hp: LlamaParams, planned: list[Planned]) 
     if embd is None:
         raise UsageError(f"{files.path}: no token embedding (model.embed_tokens.weight)")
     if embd.shape != (hp.vocab_size, hp.hidden):
-        raise UsageError(f"{files.path}: the token embedding is {list(embd.shape)}, config.json says "
-                         f"vocab_size {hp.vocab_size} x hidden_size {hp.hidden}")
+        raise UsageError(
+            f"{files.path}: the token embedding is {list(embd.shape)}, config.json says "
+            f"vocab_size {hp.vocab_size} x hidden_size {hp.hidden}"
+        )
     if not hp.tied and "output.weight" not in by_name:
-        raise UsageError(f"{files.path}: no lm_head.weight, and config.json says the embeddings are not tied "
-                         f"(tie_word_embeddings = false)")
+        raise UsageError(
+            f"{files.path}: no lm_head.weight, and config.json says the embeddings are not tied "
+            f"(tie_word_embeddings = false)"
+        )
     for layer in range(hp.n_layers):
-        for part in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm",
-                     "ffn_norm"):
+        for part in (
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+            "attn_norm",
+            "ffn_norm",
+        ):
             if f"blk.{layer}.{part}.weight" not in by_name:
-                raise UsageError(f"{files.path}: layer {layer} has no {part} weight (config.json says "
-                                 f"{hp.n_layers} layers)")
+                raise UsageError(
+                    f"{files.path}: layer {layer} has no {part} weight (config.json says {hp.n_layers} layers)"
+                )
 
 
 def _order(p: Planned) -> tuple:
@@ -428,18 +493,25 @@ def _rope_metadata(writer, hp: LlamaParams, log: Log) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(factor)
         writer.add_rope_scaling_orig_ctx_len(rope.get("original_max_position_embeddings", hp.context))
-        for key, add in (("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
-                         ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
-                         ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
-                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+        for key, add in (
+            ("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
+            ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+            ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+            ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+        ):
             if rope.get(key) is not None:
                 add(rope[key])
     elif kind == "dynamic":
-        log("RoPE scaling 'dynamic' (NTK) has no llama.cpp equivalent: the GGUF matches the model up to "
-            f"{hp.context} tokens of context", "warning")
+        log(
+            "RoPE scaling 'dynamic' (NTK) has no llama.cpp equivalent: the GGUF matches the model up to "
+            f"{hp.context} tokens of context",
+            "warning",
+        )
     elif kind not in ("default", "llama3"):  # llama3 is the rope_freqs tensor
-        raise UsageError(f"RoPE scaling type {kind!r} is not supported by llama.cpp's llama architecture",
-                         hint="supported: default, linear, yarn, llama3")
+        raise UsageError(
+            f"RoPE scaling type {kind!r} is not supported by llama.cpp's llama architecture",
+            hint="supported: default, linear, yarn, llama3",
+        )
     writer.add_rope_freq_base(float(rope["rope_theta"]))
 
 
@@ -461,8 +533,7 @@ def _general_metadata(writer, model_dir: Path, name: str | None, log: Log) -> No
     meta.set_gguf_meta_model(writer)
 
 
-def write_metadata(writer, model_dir: Path, hp: LlamaParams, outtype: str, vocab, name: str | None,
-                   log: Log) -> None:
+def write_metadata(writer, model_dir: Path, hp: LlamaParams, outtype: str, vocab, name: str | None, log: Log) -> None:
     import gguf
 
     writer.add_type(gguf.GGUFType.MODEL)
@@ -492,9 +563,11 @@ def write_metadata(writer, model_dir: Path, hp: LlamaParams, outtype: str, vocab
 def _check_outtype(outtype: str) -> str:
     value = str(outtype).lower()
     if value not in OUTTYPES:
-        raise UsageError(f"unknown GGUF output type {outtype!r}",
-                         hint=f"choose one of {', '.join(OUTTYPES)}; smaller types come from quantizing the "
-                              f"f16 export (llmforge gguf quantize)")
+        raise UsageError(
+            f"unknown GGUF output type {outtype!r}",
+            hint=f"choose one of {', '.join(OUTTYPES)}; smaller types come from quantizing the "
+            f"f16 export (llmforge gguf quantize)",
+        )
     return value
 
 
@@ -564,8 +637,11 @@ def _export_dir(model_dir: Path, out: Path, outtype: str, log: Log) -> dict:
     hp = LlamaParams.from_config(files.config, model_dir)
     window = files.config.get("sliding_window")
     if isinstance(window, int) and window < hp.context:
-        log(f"sliding_window {window}: llama.cpp's llama architecture attends to the whole context, so outputs "
-            f"differ from transformers beyond {window} tokens", "warning")
+        log(
+            f"sliding_window {window}: llama.cpp's llama architecture attends to the whole context, so outputs "
+            f"differ from transformers beyond {window} tokens",
+            "warning",
+        )
     planned, notes = plan_tensors(files, hp, outtype)
     vocab = read_vocab(model_dir, files.config)
     for note in notes:
@@ -576,8 +652,10 @@ def _export_dir(model_dir: Path, out: Path, outtype: str, log: Log) -> dict:
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
     params = writer.get_total_parameter_count()[0]
     write_metadata(writer, model_dir, hp, outtype, vocab, None, log)
-    log(f"{model_dir}: {hp.architecture}, {hp.n_layers} layers, {params / 1e6:.1f} M parameters -> {out.name} "
-        f"({outtype.upper()}, {len(planned)} tensors, tokenizer {vocab.model}/{vocab.pre})")
+    log(
+        f"{model_dir}: {hp.architecture}, {hp.n_layers} layers, {params / 1e6:.1f} M parameters -> {out.name} "
+        f"({outtype.upper()}, {len(planned)} tensors, tokenizer {vocab.model}/{vocab.pre})"
+    )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
@@ -602,6 +680,16 @@ def _export_dir(model_dir: Path, out: Path, outtype: str, log: Log) -> dict:
     seconds = time.monotonic() - started
     size = out.stat().st_size
     log(f"wrote {out} ({size / 2**20:.1f} MiB) in {seconds:.1f}s")
-    return {"path": str(out), "tensors": len(planned), "bytes": size, "outtype": outtype, "arch": "llama",
-            "hf_architecture": hp.architecture, "params": params, "tokenizer": vocab.model, "pre": vocab.pre,
-            "f16_fallbacks": len(notes), "seconds": round(seconds, 3)}
+    return {
+        "path": str(out),
+        "tensors": len(planned),
+        "bytes": size,
+        "outtype": outtype,
+        "arch": "llama",
+        "hf_architecture": hp.architecture,
+        "params": params,
+        "tokenizer": vocab.model,
+        "pre": vocab.pre,
+        "f16_fallbacks": len(notes),
+        "seconds": round(seconds, 3),
+    }

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from llmforge.errors import UsageError
 
@@ -107,17 +107,20 @@ def _token_windows(tokenizer, texts: list[str], max_tokens: int, window: int) ->
             break
         if text and text.strip():
             # a token rarely spans 32 characters: the cut spares tokenizing a whole book for a few windows
-            text = text[:(max_tokens - len(ids)) * 32]
+            text = text[: (max_tokens - len(ids)) * 32]
             ids.extend(tokenizer(text, add_special_tokens=True)["input_ids"])
     ids = ids[:max_tokens]
     if len(ids) < 2:
-        raise UsageError("the calibration text is empty: an importance matrix needs some text to measure on",
-                         hint="give a text file of a few thousand words, like what the model will see")
-    return [ids[i:i + window] for i in range(0, len(ids), window)]
+        raise UsageError(
+            "the calibration text is empty: an importance matrix needs some text to measure on",
+            hint="give a text file of a few thousand words, like what the model will see",
+        )
+    return [ids[i : i + window] for i in range(0, len(ids), window)]
 
 
-def compute_imatrix(model: Path, texts: list[str], out: Path, *, max_tokens: int = 20000,
-                    log: Log | None = None) -> Path:
+def compute_imatrix(
+    model: Path, texts: list[str], out: Path, *, max_tokens: int = 20000, log: Log | None = None
+) -> Path:
     """Run `texts` (up to `max_tokens` tokens) through the HF model and write the importance matrix of every
     linear layer's weight to `out` (safetensors, written under a temporary name and renamed)."""
     import numpy as np
@@ -132,8 +135,10 @@ def compute_imatrix(model: Path, texts: list[str], out: Path, *, max_tokens: int
     net, tokenizer = load_hf(model, log)
     names = gguf_tensor_names(net)
     if not names:
-        raise UsageError(f"{model}: no linear layer maps to a GGUF tensor name "
-                         f"(model type '{getattr(net.config, 'model_type', '?')}')")
+        raise UsageError(
+            f"{model}: no linear layer maps to a GGUF tensor name "
+            f"(model type '{getattr(net.config, 'model_type', '?')}')"
+        )
     window = min(WINDOW, int(getattr(net.config, "max_position_embeddings", WINDOW) or WINDOW))
     windows = _token_windows(tokenizer, list(texts), max_tokens, window)
 
@@ -164,8 +169,13 @@ def compute_imatrix(model: Path, texts: list[str], out: Path, *, max_tokens: int
 
     matrix = {name: (sums[name] / counts[name]).float().numpy().astype(np.float32) for name in sorted(sums)}
     n_tokens = sum(len(w) for w in windows)
-    meta = {"format": "llmforge-imatrix/1", "model": str(model), "tokens": str(n_tokens),
-            "windows": str(len(windows)), "statistic": "mean squared input activation per column"}
+    meta = {
+        "format": "llmforge-imatrix/1",
+        "model": str(model),
+        "tokens": str(n_tokens),
+        "windows": str(len(windows)),
+        "statistic": "mean squared input activation per column",
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
@@ -173,8 +183,7 @@ def compute_imatrix(model: Path, texts: list[str], out: Path, *, max_tokens: int
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    log(f"importance matrix: {len(matrix)} tensors from {n_tokens} tokens in {time.monotonic() - start:.1f} s "
-        f"-> {out}")
+    log(f"importance matrix: {len(matrix)} tensors from {n_tokens} tokens in {time.monotonic() - start:.1f} s -> {out}")
     return out
 
 
@@ -195,15 +204,19 @@ def load_imatrix(path: Path) -> dict:
     try:
         raw = load_file(str(path))
     except Exception as exc:
-        raise UsageError(f"{path}: not an importance matrix (safetensors) file: {exc}",
-                         hint="compute one with calibration text (--calibration FILE)") from None
+        raise UsageError(
+            f"{path}: not an importance matrix (safetensors) file: {exc}",
+            hint="compute one with calibration text (--calibration FILE)",
+        ) from None
     if not raw:
         raise UsageError(f"{path}: the importance matrix is empty")
     matrix = {}
     for name, values in raw.items():
         if values.ndim != 1:
-            raise UsageError(f"{path}: importance matrix entry '{name}' has shape {tuple(values.shape)}, "
-                             "expected one value per column")
+            raise UsageError(
+                f"{path}: importance matrix entry '{name}' has shape {tuple(values.shape)}, "
+                "expected one value per column"
+            )
         values = values.astype(np.float32, copy=False)
         if not np.isfinite(values).all() or (values < 0).any():
             raise UsageError(f"{path}: importance matrix entry '{name}' has negative, NaN or infinite values")

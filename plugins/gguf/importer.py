@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from llmforge.errors import UsageError
 
@@ -48,8 +48,10 @@ def inspect_gguf(path: Path) -> dict:
         count = len(reader.tensors)
     except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...: all mean "not valid"
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise UsageError(f"{path}: not a valid GGUF file ({reason})",
-                         hint="the file is damaged or incomplete: export or download it again") from None
+        raise UsageError(
+            f"{path}: not a valid GGUF file ({reason})",
+            hint="the file is damaged or incomplete: export or download it again",
+        ) from None
     if not arch:
         raise UsageError(f"{path}: the GGUF has no general.architecture")
     return {"arch": arch, "name": name, "tensors": count, "types": types}
@@ -61,8 +63,10 @@ def _check_supported(path: Path, arch: str) -> None:
     except ImportError:  # moved in some transformers version: let from_pretrained decide
         return
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
-        raise UsageError(f"{path}: transformers cannot load GGUF architecture '{arch}'",
-                         hint=f"it reads: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}")
+        raise UsageError(
+            f"{path}: transformers cannot load GGUF architecture '{arch}'",
+            hint=f"it reads: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}",
+        )
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -87,8 +91,10 @@ def import_gguf(gguf: Path, out_dir: Path, *, dtype: str = "float32", log: Log |
     started = time.monotonic()
     info = inspect_gguf(path)
     _check_supported(path, info["arch"])
-    log(f"{path.name}: {info['arch']}, {info['tensors']} tensors ({', '.join(info['types'])}); loading with "
-        f"transformers")
+    log(
+        f"{path.name}: {info['arch']}, {info['tensors']} tensors ({', '.join(info['types'])}); loading with "
+        f"transformers"
+    )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
@@ -102,8 +108,15 @@ def import_gguf(gguf: Path, out_dir: Path, *, dtype: str = "float32", log: Log |
         raise
     seconds = time.monotonic() - started
     log(f"wrote {out_dir} ({params / 1e6:.1f} M parameters, {dtype}) in {seconds:.1f}s")
-    return {"path": str(out_dir), "arch": info["arch"], "tensors": info["tensors"], "source_types": info["types"],
-            "params": params, "dtype": dtype, "seconds": round(seconds, 3)}
+    return {
+        "path": str(out_dir),
+        "arch": info["arch"],
+        "tensors": info["tensors"],
+        "source_types": info["types"],
+        "params": params,
+        "dtype": dtype,
+        "seconds": round(seconds, 3),
+    }
 
 
 def _convert(path: Path, out: Path, dtype: str) -> int:

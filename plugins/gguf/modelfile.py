@@ -50,31 +50,48 @@ def _gen(prompt: str) -> str:
     return '{{ if and $last (ne .Role "assistant") }}' + prompt + "{{ end }}"
 
 
-_ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                    "the request.")
+_ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 
 # name -> (text before the conversation, the rest). The first part is kept apart because llama.cpp adds the
 # BOS itself when the GGUF says so; writing it in the template too would double it.
 KNOWN_TEMPLATES: dict[str, tuple[str, str]] = {
-    "chatml": ("", "{{ range $i, $_ := .Messages }}" + _LAST
-               + "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
-               + _gen("<|im_start|>assistant\n") + "{{ end }}"),
-    "llama3": ("<|begin_of_text|>", "{{ range $i, $_ := .Messages }}" + _LAST
-               + "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
-               + _gen("<|start_header_id|>assistant<|end_header_id|>\n\n") + "{{ end }}"),
+    "chatml": (
+        "",
+        "{{ range $i, $_ := .Messages }}"
+        + _LAST
+        + "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+        + _gen("<|im_start|>assistant\n")
+        + "{{ end }}",
+    ),
+    "llama3": (
+        "<|begin_of_text|>",
+        "{{ range $i, $_ := .Messages }}"
+        + _LAST
+        + "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+        + _gen("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        + "{{ end }}",
+    ),
     # The system message, when there is one, replaces the default preamble.
-    "alpaca": ("<s>", '{{ if and .Messages (eq (index .Messages 0).Role "system") }}{{ (index .Messages 0).Content }}'
-               "{{ else }}" + _ALPACA_PREAMBLE + "{{ end }}\n\n"
-               "{{ range $i, $_ := .Messages }}" + _LAST
-               + '{{ if eq .Role "user" }}### Instruction:\n{{ .Content }}\n\n'
-               '{{ else if eq .Role "assistant" }}### Response:\n{{ .Content }}</s>\n\n{{ end }}'
-               + _gen("### Response:\n") + "{{ end }}"),
+    "alpaca": (
+        "<s>",
+        '{{ if and .Messages (eq (index .Messages 0).Role "system") }}{{ (index .Messages 0).Content }}'
+        "{{ else }}" + _ALPACA_PREAMBLE + "{{ end }}\n\n"
+        "{{ range $i, $_ := .Messages }}" + _LAST + '{{ if eq .Role "user" }}### Instruction:\n{{ .Content }}\n\n'
+        '{{ else if eq .Role "assistant" }}### Response:\n{{ .Content }}</s>\n\n{{ end }}'
+        + _gen("### Response:\n")
+        + "{{ end }}",
+    ),
     # The system message goes in front of the first user message; the answer follows [/INST] directly.
-    "mistral": ("<s>", "{{ range $i, $_ := .Messages }}"
-                '{{ if eq .Role "user" }}[INST] '
-                '{{ if and (eq $i 1) (eq (index $.Messages 0).Role "system") (index $.Messages 0).Content }}'
-                "{{ (index $.Messages 0).Content }}\n\n{{ end }}{{ .Content }} [/INST]"
-                '{{ else if eq .Role "assistant" }} {{ .Content }}</s>{{ end }}{{ end }}'),
+    "mistral": (
+        "<s>",
+        "{{ range $i, $_ := .Messages }}"
+        '{{ if eq .Role "user" }}[INST] '
+        '{{ if and (eq $i 1) (eq (index $.Messages 0).Role "system") (index $.Messages 0).Content }}'
+        "{{ (index $.Messages 0).Content }}\n\n{{ end }}{{ .Content }} [/INST]"
+        '{{ else if eq .Role "assistant" }} {{ .Content }}</s>{{ end }}{{ end }}',
+    ),
 }
 
 
@@ -169,14 +186,14 @@ def _cut(text: str, marker: str) -> tuple[str, str]:
     at = text.find(marker)
     if at < 0 or text.find(marker, at + 1) >= 0:
         raise _NotSimple(f"the content {marker!r} is not rendered exactly once")
-    return text[:at], text[at + len(marker):]
+    return text[:at], text[at + len(marker) :]
 
 
 def _after(text: str | None, prefix: str | None) -> str:
     """What `text` adds to `prefix`; rendering more messages must only append."""
     if text is None or prefix is None or not text.startswith(prefix):
         raise _NotSimple("rendering one more message changes what was rendered before it")
-    return text[len(prefix):]
+    return text[len(prefix) :]
 
 
 def derive_layout(source: str, info: ChatInfo | None = None) -> Layout:
@@ -194,7 +211,7 @@ def derive_layout(source: str, info: ChatInfo | None = None) -> Layout:
     up, us2 = _cut(_after(r("user", "assistant", "user"), r("user", "assistant")), _U2)
     if us2 != us or not head_and_up.endswith(up):
         raise _NotSimple("the user turns are not all written the same way")
-    head = head_and_up[:len(head_and_up) - len(up)]
+    head = head_and_up[: len(head_and_up) - len(up)]
     generation = _after(r("user", gen=True), one_user)
     prefix, suffix = {"user": up, "assistant": ap}, {"user": us, "assistant": as_}
     with_system = r("system", "user")
@@ -203,7 +220,7 @@ def derive_layout(source: str, info: ChatInfo | None = None) -> Layout:
         tail = up + _U1 + us
         if not rest.endswith(tail):
             raise _NotSimple("the system message changes how the first user message is written")
-        prefix["system"], suffix["system"] = sp, rest[:len(rest) - len(tail)]
+        prefix["system"], suffix["system"] = sp, rest[: len(rest) - len(tail)]
     layout = Layout(head, prefix, suffix, generation)
     for roles, gen in _CONVERSATIONS:
         if "system" in roles and "system" not in prefix:
@@ -225,8 +242,10 @@ def layout_to_go(layout: Layout) -> tuple[str, str]:
     branches = []
     for role in ("system", "user", "assistant"):
         if role in layout.prefix:
-            branches.append(f'if eq .Role "{role}" }}}}{_go_literal(layout.prefix[role])}{{{{ .Content }}}}'
-                            f"{_go_literal(layout.suffix[role])}")
+            branches.append(
+                f'if eq .Role "{role}" }}}}{_go_literal(layout.prefix[role])}{{{{ .Content }}}}'
+                f"{_go_literal(layout.suffix[role])}"
+            )
     body = "{{ range $i, $_ := .Messages }}"
     if layout.generation:
         body += _LAST
@@ -266,14 +285,16 @@ def translate(info: ChatInfo) -> Translation:
             layout = derive_layout(info.template, info)
             head, body = layout_to_go(layout)
     except _NotSimple as exc:
-        return Translation(None, "none", f"its chat template is not a simple role/content layout ({exc})",
-                           _stops(info, None, None))
+        return Translation(
+            None, "none", f"its chat template is not a simple role/content layout ({exc})", _stops(info, None, None)
+        )
     if info.add_bos and info.bos and head.startswith(info.bos):
-        head = head[len(info.bos):]  # llama.cpp puts the BOS in front itself
+        head = head[len(info.bos) :]  # llama.cpp puts the BOS in front itself
     text = _go_literal(head) + body
     if '"""' in text:
-        return Translation(None, "none", 'its chat template contains """, which ends a Modelfile string',
-                           _stops(info, name, layout))
+        return Translation(
+            None, "none", 'its chat template contains """, which ends a Modelfile string', _stops(info, name, layout)
+        )
     return Translation(text, name or "derived", "", _stops(info, name, layout))
 
 
@@ -288,16 +309,24 @@ def _quote(value: str) -> str | None:
 def modelfile_text(gguf_name: str, info: ChatInfo) -> str:
     """The Modelfile for a GGUF named `gguf_name`, in the same folder."""
     tr = translate(info)
-    lines = ["# Ollama Modelfile written by llmforge. Use it with:",
-             f"#   ollama create NAME -f {Path(gguf_name).stem}.Modelfile",
-             f"FROM ./{gguf_name}"]
+    lines = [
+        "# Ollama Modelfile written by llmforge. Use it with:",
+        f"#   ollama create NAME -f {Path(gguf_name).stem}.Modelfile",
+        f"FROM ./{gguf_name}",
+    ]
     if tr.template is not None:
-        how = ("the built-in template '" + tr.layout + "'" if tr.layout != "derived"
-               else "the GGUF's chat template, derived from how it renders a conversation")
+        how = (
+            "the built-in template '" + tr.layout + "'"
+            if tr.layout != "derived"
+            else "the GGUF's chat template, derived from how it renders a conversation"
+        )
         lines += ["", f"# Chat template: {how}.", f'TEMPLATE """{tr.template}"""']
     else:
-        lines += ["", f"# No TEMPLATE: {tr.reason}.",
-                  "# Ollama will guess one; write a TEMPLATE here if its guess is wrong."]
+        lines += [
+            "",
+            f"# No TEMPLATE: {tr.reason}.",
+            "# Ollama will guess one; write a TEMPLATE here if its guess is wrong.",
+        ]
     stops = [q for s in tr.stops if (q := _quote(s)) is not None]
     if stops:
         lines.append("")
@@ -322,9 +351,13 @@ def read_chat_info(gguf: Path) -> ChatInfo:
             return None
         return tokens.contents(int(idx))
 
-    return ChatInfo(template=value("tokenizer.chat_template"), bos=token("tokenizer.ggml.bos_token_id"),
-                    eos=token("tokenizer.ggml.eos_token_id"), eot=token("tokenizer.ggml.eot_token_id"),
-                    add_bos=bool(value("tokenizer.ggml.add_bos_token")))
+    return ChatInfo(
+        template=value("tokenizer.chat_template"),
+        bos=token("tokenizer.ggml.bos_token_id"),
+        eos=token("tokenizer.ggml.eos_token_id"),
+        eot=token("tokenizer.ggml.eot_token_id"),
+        add_bos=bool(value("tokenizer.ggml.add_bos_token")),
+    )
 
 
 def modelfile_path(gguf: Path) -> Path:

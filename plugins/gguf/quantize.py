@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from llmforge.errors import UsageError
 from llmforge.schema import did_you_mean
@@ -85,8 +85,10 @@ def normalize_qtype(qtype: str) -> str:
     """'q4_k_m' -> 'Q4_K_M'; an unknown name is a UsageError listing the known ones."""
     name = str(qtype).strip().upper().replace("-", "_")
     if name not in QUANT_TYPES:
-        raise UsageError(f"unknown quantization type '{qtype}'{did_you_mean(name, QUANT_TYPES)}",
-                         hint="valid types: " + ", ".join(QUANT_TYPES))
+        raise UsageError(
+            f"unknown quantization type '{qtype}'{did_you_mean(name, QUANT_TYPES)}",
+            hint="valid types: " + ", ".join(QUANT_TYPES),
+        )
     return name
 
 
@@ -117,13 +119,17 @@ def read_gguf(path: Path):
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
-        raise UsageError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF starts with b'GGUF')",
-                         hint="give the .gguf written by `llmforge gguf export`")
+        raise UsageError(
+            f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF starts with b'GGUF')",
+            hint="give the .gguf written by `llmforge gguf export`",
+        )
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader fails with numpy/index errors on a cut-off file
-        raise UsageError(f"{path}: truncated or damaged GGUF ({type(exc).__name__}: {exc})",
-                         hint="export it again; an interrupted copy or download leaves such a file") from None
+        raise UsageError(
+            f"{path}: truncated or damaged GGUF ({type(exc).__name__}: {exc})",
+            hint="export it again; an interrupted copy or download leaves such a file",
+        ) from None
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
@@ -163,20 +169,26 @@ def _imatrix_array(imatrix: dict, reader, qtype: str, source: Path):
             expected[t.name] = shape[0] * (shape[2] if len(shape) > 2 else 1)
     matched = [name for name in imatrix if name in expected]
     if not matched:
-        raise UsageError(f"{source}: the importance matrix names none of this model's tensors "
-                         f"(it has e.g. {', '.join(sorted(imatrix)[:3]) or 'nothing'})",
-                         hint="compute it from the same model the GGUF was exported from")
+        raise UsageError(
+            f"{source}: the importance matrix names none of this model's tensors "
+            f"(it has e.g. {', '.join(sorted(imatrix)[:3]) or 'nothing'})",
+            hint="compute it from the same model the GGUF was exported from",
+        )
     for name in matched:
         if imatrix[name].size != expected[name]:
-            raise UsageError(f"{source}: importance matrix entry '{name}' has {imatrix[name].size} values, "
-                             f"the tensor has {expected[name]} columns",
-                             hint="compute it from the same model the GGUF was exported from")
+            raise UsageError(
+                f"{source}: importance matrix entry '{name}' has {imatrix[name].size} values, "
+                f"the tensor has {expected[name]} columns",
+                hint="compute it from the same model the GGUF was exported from",
+            )
     if qtype in IMATRIX_TYPES:
         missing = sorted(n for n in expected if n not in imatrix and n != "token_embd.weight" and n != "output.weight")
         if missing:
-            raise UsageError(f"{source}: the importance matrix has no entry for {missing[0]}"
-                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                             + f"; {qtype} needs one for every weight matrix")
+            raise UsageError(
+                f"{source}: the importance matrix has no entry for {missing[0]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + f"; {qtype} needs one for every weight matrix"
+            )
 
     keep = [np.ascontiguousarray(imatrix[name], dtype=np.float32) for name in matched]
     names = [name.encode() for name in matched]
@@ -241,21 +253,27 @@ def _check_input(reader, src: Path) -> None:
     # stacks two rounding errors, so the F32/F16/BF16 export is the one to start from.
     quantized = sorted({t.tensor_type.name for t in reader.tensors} - FLOAT_TYPES)
     if quantized:
-        raise UsageError(f"{src}: already quantized ({', '.join(quantized)} tensors); llama.cpp quantizes from "
-                         "F32, F16 or BF16 only", hint="quantize the F32/F16/BF16 export instead")
+        raise UsageError(
+            f"{src}: already quantized ({', '.join(quantized)} tensors); llama.cpp quantizes from "
+            "F32, F16 or BF16 only",
+            hint="quantize the F32/F16/BF16 export instead",
+        )
 
 
-def quantize_gguf(src: Path, out: Path, qtype: str, *, imatrix: Path | None = None, threads: int = 0,
-                  log: Log | None = None) -> dict:
+def quantize_gguf(
+    src: Path, out: Path, qtype: str, *, imatrix: Path | None = None, threads: int = 0, log: Log | None = None
+) -> dict:
     """Quantize `src` (an F32/F16/BF16 GGUF) to `out` as `qtype`; with `imatrix` (a file written by
     `compute_imatrix`) the quantizer weighs each column's error by its importance. Returns a summary."""
     log = log or _quiet
     src, out = Path(src), Path(out)
     qtype = normalize_qtype(qtype)
     if imatrix is None and qtype in IMATRIX_TYPES:
-        raise UsageError(f"{qtype} needs an importance matrix: give calibration text (--calibration FILE) "
-                         "or an importance matrix (--imatrix FILE)",
-                         hint="types that need one: " + ", ".join(sorted(IMATRIX_TYPES)))
+        raise UsageError(
+            f"{qtype} needs an importance matrix: give calibration text (--calibration FILE) "
+            "or an importance matrix (--imatrix FILE)",
+            hint="types that need one: " + ", ".join(sorted(IMATRIX_TYPES)),
+        )
     reader = read_gguf(src)
     _check_input(reader, src)
     if out.resolve() == src.resolve():
@@ -284,15 +302,22 @@ def quantize_gguf(src: Path, out: Path, qtype: str, *, imatrix: Path | None = No
     seconds = time.monotonic() - start
 
     summary = {
-        "src": str(src), "out": str(out), "qtype": qtype, "ftype": QUANT_TYPES[qtype],
+        "src": str(src),
+        "out": str(out),
+        "qtype": qtype,
+        "ftype": QUANT_TYPES[qtype],
         "imatrix": str(imatrix) if imatrix else None,
         "imatrix_entries": len(c_imatrix[1][0]) if c_imatrix else 0,
-        "src_bytes": src.stat().st_size, "bytes": out.stat().st_size,
-        "src_tensor_types": dict(src_types), "tensor_types": dict(out_types),
+        "src_bytes": src.stat().st_size,
+        "bytes": out.stat().st_size,
+        "src_tensor_types": dict(src_types),
+        "tensor_types": dict(out_types),
         "seconds": round(seconds, 3),
     }
-    log(f"{out.name}: {summary['bytes'] / 2**20:.1f} MiB ({summary['bytes'] / summary['src_bytes']:.0%} of the "
-        f"input) in {seconds:.1f} s; tensor types " + ", ".join(f"{k} x{v}" for k, v in sorted(out_types.items())))
+    log(
+        f"{out.name}: {summary['bytes'] / 2**20:.1f} MiB ({summary['bytes'] / summary['src_bytes']:.0%} of the "
+        f"input) in {seconds:.1f} s; tensor types " + ", ".join(f"{k} x{v}" for k, v in sorted(out_types.items()))
+    )
     return summary
 
 

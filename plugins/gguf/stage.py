@@ -31,31 +31,49 @@ if TYPE_CHECKING:
 class ImatrixOptions(StageOptions):
     calibration: Annotated[str, Input()] = Field(
         description="Calibration text: a .txt file (paragraphs separated by blank lines) like what the model will "
-                    "see; an importance matrix computed from it steers every quantization.")
+        "see; an importance matrix computed from it steers every quantization."
+    )
     max_tokens: int = Field(20000, ge=2, description="Tokens of calibration text used at most.")
 
 
 class GgufOptions(StageOptions):
     model: Annotated[str, Input("model", "adapter")] = Field(
-        description="The model to export: an HF model directory, a LoRA adapter (merged into its base first) or "
-                    "@stage.")
+        description="The model to export: an HF model directory, a LoRA adapter (merged into its base first) or @stage."
+    )
     outtype: Literal["f32", "f16", "bf16", "q8_0"] = Field(
-        "f16", description="Type of the exported weights (norms and other 1-D tensors stay f32).")
+        "f16", description="Type of the exported weights (norms and other 1-D tensors stay f32)."
+    )
     quantize: list[str] = Field(
-        default_factory=list, description="llama.cpp quantization types made from the export, e.g. "
-                                          "[\"Q4_K_M\", \"Q8_0\"] (IQ1/IQ2/IQ3_XXS and Q2_K_S need `imatrix`).")
+        default_factory=list,
+        description="llama.cpp quantization types made from the export, e.g. "
+        '["Q4_K_M", "Q8_0"] (IQ1/IQ2/IQ3_XXS and Q2_K_S need `imatrix`).',
+    )
     imatrix: ImatrixOptions | None = Field(
-        None, description="Importance matrix from calibration text: {calibration = \"data/calib.txt\"}.")
-    check: bool = Field(True, description="Score every file against the HF model: tokenization, logits (mean KL "
-                                          "divergence, top-1 agreement), perplexity, size.")
+        None, description='Importance matrix from calibration text: {calibration = "data/calib.txt"}.'
+    )
+    check: bool = Field(
+        True,
+        description="Score every file against the HF model: tokenization, logits (mean KL "
+        "divergence, top-1 agreement), perplexity, size.",
+    )
     check_text: Annotated[str | None, Input()] = Field(
-        None, description="Text file the check measures logits and perplexity on (default: a built-in text).")
-    max_kld: float = Field(0.5, ge=0, description="Fail when a file's mean KL divergence from the HF model is "
-                                                  "larger (raise it for very low-bit types).")
-    min_top1: float = Field(0.3, ge=0, le=1, description="Fail when a file's top-1 token agrees with the HF model's "
-                                                         "less often than this.")
-    name: str = Field("model", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                      description="File name stem: <name>-f16.gguf, <name>-Q4_K_M.gguf.")
+        None, description="Text file the check measures logits and perplexity on (default: a built-in text)."
+    )
+    max_kld: float = Field(
+        0.5,
+        ge=0,
+        description="Fail when a file's mean KL divergence from the HF model is "
+        "larger (raise it for very low-bit types).",
+    )
+    min_top1: float = Field(
+        0.3, ge=0, le=1, description="Fail when a file's top-1 token agrees with the HF model's less often than this."
+    )
+    name: str = Field(
+        "model",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="File name stem: <name>-f16.gguf, <name>-Q4_K_M.gguf.",
+    )
 
     @field_validator("quantize")
     @classmethod
@@ -76,8 +94,10 @@ def parity_failures(card: dict, max_kld: float, min_top1: float) -> list[str]:
         name = Path(row["file"]).name
         if not row.get("tokenization_ok", True):
             diff = row.get("tokenization_diff") or {}
-            out.append(f"{name}: llama.cpp tokenizes the probe text differently from the HF tokenizer "
-                       f"(first difference at token {diff.get('at', '?')})")
+            out.append(
+                f"{name}: llama.cpp tokenizes the probe text differently from the HF tokenizer "
+                f"(first difference at token {diff.get('at', '?')})"
+            )
         if row["mean_kld"] > max_kld:
             out.append(f"{name}: mean KL divergence {row['mean_kld']:.3g} > max_kld {max_kld:g}")
         if row["top1"] < min_top1:
@@ -87,10 +107,19 @@ def parity_failures(card: dict, max_kld: float, min_top1: float) -> list[str]:
 
 def headline(card: dict) -> dict:
     """Per file, the numbers worth seeing in `llmforge status`."""
-    return {Path(r["file"]).name: {"type": r["type"], "bytes": r["bytes"], "bpw": round(r["bpw"], 3),
-                                   "mean_kld": r["mean_kld"], "top1": r["top1"], "ppl": r["ppl"],
-                                   "delta_ppl": r["delta_ppl"], "tokenization_ok": r["tokenization_ok"]}
-            for r in card["rows"]}
+    return {
+        Path(r["file"]).name: {
+            "type": r["type"],
+            "bytes": r["bytes"],
+            "bpw": round(r["bpw"], 3),
+            "mean_kld": r["mean_kld"],
+            "top1": r["top1"],
+            "ppl": r["ppl"],
+            "delta_ppl": r["delta_ppl"],
+            "tokenization_ok": r["tokenization_ok"],
+        }
+        for r in card["rows"]
+    }
 
 
 class GgufStage(Stage):
@@ -118,14 +147,27 @@ class GgufStage(Stage):
                 problems.append(Problem(f"quantize[{i}]", exc.message))
                 continue
             if needs_imatrix(qtype) and options.imatrix is None:
-                problems.append(Problem(f"quantize[{i}]", f"{qtype} needs an importance matrix: add "
-                                                          f"imatrix = {{ calibration = \"FILE.txt\" }}"))
+                problems.append(
+                    Problem(
+                        f"quantize[{i}]",
+                        f'{qtype} needs an importance matrix: add imatrix = {{ calibration = "FILE.txt" }}',
+                    )
+                )
         if options.quantize and options.outtype == "q8_0":
-            problems.append(Problem("quantize", "llama.cpp quantizes from f32, f16 or bf16, not from the q8_0 "
-                                                "export: set outtype = \"f16\" (or f32/bf16)"))
+            problems.append(
+                Problem(
+                    "quantize",
+                    "llama.cpp quantizes from f32, f16 or bf16, not from the q8_0 "
+                    'export: set outtype = "f16" (or f32/bf16)',
+                )
+            )
         if options.outtype.upper() in options.quantize:
-            problems.append(Problem("quantize", f"{options.outtype.upper()} is the export itself (outtype); "
-                                                f"list only the types to make from it"))
+            problems.append(
+                Problem(
+                    "quantize",
+                    f"{options.outtype.upper()} is the export itself (outtype); list only the types to make from it",
+                )
+            )
         dupes = sorted({q for q in options.quantize if options.quantize.count(q) > 1})
         if dupes:
             problems.append(Problem("quantize", f"listed twice: {', '.join(dupes)}"))
@@ -223,6 +265,8 @@ class GgufStage(Stage):
         atomic_write_text(where / "report.md", scorecard_markdown(card))
         ctx.info["check"] = headline(card)
         if failures:
-            raise StageFailed("GGUF parity check failed:\n  " + "\n  ".join(failures),
-                              hint=f"see {ctx.stage_dir / 'report.md'}; raise max_kld or lower min_top1 only for "
-                                   f"losses you accept (very low-bit types)")
+            raise StageFailed(
+                "GGUF parity check failed:\n  " + "\n  ".join(failures),
+                hint=f"see {ctx.stage_dir / 'report.md'}; raise max_kld or lower min_top1 only for "
+                f"losses you accept (very low-bit types)",
+            )

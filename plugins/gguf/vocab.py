@@ -115,15 +115,18 @@ def read_vocab(model_dir: Path, config: dict) -> Vocab:
     n_vocab = config.get("vocab_size")
     if not isinstance(n_vocab, int) or n_vocab <= 0:
         raise UsageError(f"{model_dir / 'config.json'}: no valid vocab_size")
-    tok_config = _read_json(model_dir / "tokenizer_config.json") if (model_dir / "tokenizer_config.json").is_file() \
-        else {}
+    tok_config = (
+        _read_json(model_dir / "tokenizer_config.json") if (model_dir / "tokenizer_config.json").is_file() else {}
+    )
     if (model_dir / "tokenizer.model").is_file():
         vocab = _sentencepiece_vocab(model_dir, n_vocab, tok_config)
     elif (model_dir / "tokenizer.json").is_file():
         vocab = _bpe_vocab(model_dir, n_vocab)
     else:
-        raise UsageError(f"{model_dir}: no tokenizer (neither tokenizer.json nor tokenizer.model)",
-                         hint="save the tokenizer into the model folder (tokenizer.save_pretrained(folder))")
+        raise UsageError(
+            f"{model_dir}: no tokenizer (neither tokenizer.json nor tokenizer.model)",
+            hint="save the tokenizer into the model folder (tokenizer.save_pretrained(folder))",
+        )
     tokenizer = _load_tokenizer_json(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     vocab.special_ids = _special_ids(vocab.tokens, tok_config, config, n_vocab)
     vocab.add_bos, vocab.add_eos = _adds_bos_eos(tokenizer, vocab.special_ids, tok_config, vocab.model)
@@ -164,31 +167,41 @@ def _bpe_vocab(model_dir: Path, n_vocab: int) -> Vocab:
     model = raw.get("model") or {}
     kind = model.get("type")
     if kind != "BPE":
-        raise UsageError(f"{path}: a {kind} tokenizer; GGUF export supports byte-level BPE (tokenizer.json) and "
-                         f"SentencePiece (tokenizer.model) tokenizers")
+        raise UsageError(
+            f"{path}: a {kind} tokenizer; GGUF export supports byte-level BPE (tokenizer.json) and "
+            f"SentencePiece (tokenizer.model) tokenizers"
+        )
     if model.get("byte_fallback"):
-        raise UsageError(f"{path}: a SentencePiece-style BPE tokenizer (byte fallback) without its tokenizer.model",
-                         hint="put the original tokenizer.model next to tokenizer.json")
+        raise UsageError(
+            f"{path}: a SentencePiece-style BPE tokenizer (byte fallback) without its tokenizer.model",
+            hint="put the original tokenizer.model next to tokenizer.json",
+        )
     tokenizer = _load_tokenizer_json(model_dir)
     digest = split_hash(tokenizer)
     split = KNOWN_SPLITS.get(digest)
     if split is None:
         known = ", ".join(sorted({f"{s.pre} ({s.what})" for s in KNOWN_SPLITS.values()}))
-        raise UsageError(f"{path}: unknown BPE pre-tokenizer (split hash {digest[:16]}); llama.cpp would split text "
-                         f"differently and the GGUF would tokenize wrongly",
-                         hint=f"supported pre-tokenizers: {known}. Train the tokenizer with one of these (llmforge's "
-                              f"own tokenizers use the GPT-2 split)")
+        raise UsageError(
+            f"{path}: unknown BPE pre-tokenizer (split hash {digest[:16]}); llama.cpp would split text "
+            f"differently and the GGUF would tokenize wrongly",
+            hint=f"supported pre-tokenizers: {known}. Train the tokenizer with one of these (llmforge's "
+            f"own tokenizers use the GPT-2 split)",
+        )
     if bool(model.get("ignore_merges", False)) != split.ignore_merges:
-        raise UsageError(f"{path}: the {split.what} pre-tokenizer with ignore_merges="
-                         f"{str(bool(model.get('ignore_merges'))).lower()}; llama.cpp's '{split.pre}' tokenizer "
-                         f"{'does' if split.ignore_merges else 'does not'} look whole words up before merging, so "
-                         f"some words would tokenize differently")
+        raise UsageError(
+            f"{path}: the {split.what} pre-tokenizer with ignore_merges="
+            f"{str(bool(model.get('ignore_merges'))).lower()}; llama.cpp's '{split.pre}' tokenizer "
+            f"{'does' if split.ignore_merges else 'does not'} look whole words up before merging, so "
+            f"some words would tokenize differently"
+        )
 
     by_id = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
     top = max(by_id, default=-1)
     if top >= n_vocab:
-        raise UsageError(f"{path}: token id {top} ({by_id[top]!r}) is beyond the model's {n_vocab} embedding rows",
-                         hint="resize the model's embeddings to the tokenizer (model.resize_token_embeddings)")
+        raise UsageError(
+            f"{path}: token id {top} ({by_id[top]!r}) is beyond the model's {n_vocab} embedding rows",
+            hint="resize the model's embeddings to the tokenizer (model.resize_token_embeddings)",
+        )
     added = tokenizer.get_added_tokens_decoder()
     tokens: list[str] = []
     types: list[int] = []
@@ -199,13 +212,21 @@ def _bpe_vocab(model_dir: Path, n_vocab: int) -> Vocab:
         elif i in added:
             # Added tokens are stored as their text: llama.cpp matches them before byte-level encoding.
             tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special or _looks_like_control(added[i].content)
-                         else gguf.TokenType.USER_DEFINED)
+            types.append(
+                gguf.TokenType.CONTROL
+                if added[i].special or _looks_like_control(added[i].content)
+                else gguf.TokenType.USER_DEFINED
+            )
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
-    return Vocab(model="gpt2", pre=split.pre, tokens=tokens, token_types=[int(t) for t in types],
-                 merges=_merges(model.get("merges") or [], path))
+    return Vocab(
+        model="gpt2",
+        pre=split.pre,
+        tokens=tokens,
+        token_types=[int(t) for t in types],
+        merges=_merges(model.get("merges") or [], path),
+    )
 
 
 def _looks_like_control(text: str) -> bool:
@@ -238,8 +259,10 @@ def _sentencepiece_vocab(model_dir: Path, n_vocab: int, tok_config: dict) -> Voc
     try:
         from sentencepiece import SentencePieceProcessor
     except ImportError:
-        raise UsageError(f"{path}: a SentencePiece tokenizer, and the sentencepiece package is not installed",
-                         hint="pip install sentencepiece") from None
+        raise UsageError(
+            f"{path}: a SentencePiece tokenizer, and the sentencepiece package is not installed",
+            hint="pip install sentencepiece",
+        ) from None
     sp = SentencePieceProcessor()
     try:
         sp.LoadFromFile(str(path))
@@ -268,8 +291,9 @@ def _sentencepiece_vocab(model_dir: Path, n_vocab: int, tok_config: dict) -> Voc
     # own pieces listed there again (<unk>, <s>, </s>) keep the type and score SentencePiece gives them.
     for i, (content, special) in _added_tokens(model_dir, tok_config).items():
         if i >= n_vocab:
-            raise UsageError(f"{model_dir}: added token {content!r} has id {i}, beyond the model's {n_vocab} "
-                             f"embedding rows")
+            raise UsageError(
+                f"{model_dir}: added token {content!r} has id {i}, beyond the model's {n_vocab} embedding rows"
+            )
         if i < sp.vocab_size() and tokens[i] == content:
             continue
         tokens[i] = content
@@ -324,8 +348,8 @@ def _adds_bos_eos(tokenizer, special_ids: dict[str, int], tok_config: dict, mode
     plain = tokenizer.encode("a", add_special_tokens=False).ids
     full = tokenizer.encode("a", add_special_tokens=True).ids
     extra = len(full) - len(plain)
-    bos = extra > 0 and "bos" in special_ids and full[0] == special_ids["bos"] and full[1:1 + len(plain)] == plain
-    eos = extra > 0 and "eos" in special_ids and full[-1] == special_ids["eos"] and full[-1 - len(plain):-1] == plain
+    bos = extra > 0 and "bos" in special_ids and full[0] == special_ids["bos"] and full[1 : 1 + len(plain)] == plain
+    eos = extra > 0 and "eos" in special_ids and full[-1] == special_ids["eos"] and full[-1 - len(plain) : -1] == plain
     return bos, eos
 
 
@@ -344,4 +368,3 @@ def chat_template(model_dir: Path, tok_config: dict) -> Any:
     if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
         return value
     return None
-

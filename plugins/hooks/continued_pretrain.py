@@ -1,4 +1,5 @@
-"""Entry point of `continued_pretrain`: more pretraining of an existing model (defined in llmforge_plugins.continued_pretrain)."""
+"""Entry point of `continued_pretrain`: more pretraining of an existing model (defined in
+llmforge_plugins.continued_pretrain)."""
 
 from __future__ import annotations
 

@@ -75,8 +75,12 @@ class Param:
             return f"must be a number (got {value!r})"
         if not math.isfinite(value):
             return f"must be a finite number (got {value!r})"
-        for bound, ok, word in ((self.ge, lambda v, b: v >= b, ">="), (self.gt, lambda v, b: v > b, ">"),
-                                (self.le, lambda v, b: v <= b, "<="), (self.lt, lambda v, b: v < b, "<")):
+        for bound, ok, word in (
+            (self.ge, lambda v, b: v >= b, ">="),
+            (self.gt, lambda v, b: v > b, ">"),
+            (self.le, lambda v, b: v <= b, "<="),
+            (self.lt, lambda v, b: v < b, "<"),
+        ):
             if bound is not None and not ok(value, bound):
                 return f"must be {word} {_num(bound)} (got {_num(value)})"
         return None
@@ -148,11 +152,15 @@ class MergeMethod:
         if self.base == "none" and has_base:
             problems.append(f"method {self.name} does not use a base model; list it under models instead")
         if n_models < self.min_models:
-            problems.append(f"method {self.name} needs at least {self.min_models} model"
-                            f"{'s' if self.min_models != 1 else ''} besides the base (got {n_models})")
+            problems.append(
+                f"method {self.name} needs at least {self.min_models} model"
+                f"{'s' if self.min_models != 1 else ''} besides the base (got {n_models})"
+            )
         if self.max_models is not None and n_models > self.max_models:
-            problems.append(f"method {self.name} takes at most {self.max_models} model"
-                            f"{'s' if self.max_models != 1 else ''} besides the base (got {n_models})")
+            problems.append(
+                f"method {self.name} takes at most {self.max_models} model"
+                f"{'s' if self.max_models != 1 else ''} besides the base (got {n_models})"
+            )
         return problems
 
     def check_tensor(self, params: dict[str, Any], info: TensorInfo) -> str | None:
@@ -341,4 +349,3 @@ def interpolate(values: list[float], position: float) -> float:
     i = min(int(math.floor(x)), len(values) - 2)
     frac = x - i
     return values[i] * (1 - frac) + values[i + 1] * frac
-

@@ -27,8 +27,11 @@ def _resolve_paths(raw: dict, base_dir: Path, source: str) -> None:
         if not isinstance(value, str):
             return
         if value.startswith("@"):
-            problems.append(Problem(where, f"'{value}': references to stages work in forge.toml (the merge stage); "
-                                           f"here, give a path"))
+            problems.append(
+                Problem(
+                    where, f"'{value}': references to stages work in forge.toml (the merge stage); here, give a path"
+                )
+            )
             return
         p = Path(value).expanduser()
         container[key] = str(p if p.is_absolute() else base_dir / p)
@@ -51,11 +54,15 @@ def _resolve_paths(raw: dict, base_dir: Path, source: str) -> None:
 _FLAG_FOR = [
     (re.compile(r"^parameters\.([^.\[]+)(.*)$"), lambda m: f"--set {m.group(1)}{m.group(2)}"),
     (re.compile(r"^models\[(\d+)\]\.parameters\.weight$"), lambda m: f"--weight (for --model {int(m.group(1)) + 1})"),
-    (re.compile(r"^models\[(\d+)\]\.parameters\.([^.\[]+)(.*)$"),
-     lambda m: f"--model {int(m.group(1)) + 1}: {m.group(2)}{m.group(3)}"),
+    (
+        re.compile(r"^models\[(\d+)\]\.parameters\.([^.\[]+)(.*)$"),
+        lambda m: f"--model {int(m.group(1)) + 1}: {m.group(2)}{m.group(3)}",
+    ),
     (re.compile(r"^models$"), lambda m: "--model"),
-    (re.compile(r"^(method|base|seed|dtype|compute_dtype|config_from|max_shard_size)$"),
-     lambda m: "--" + m.group(1).replace("_", "-")),
+    (
+        re.compile(r"^(method|base|seed|dtype|compute_dtype|config_from|max_shard_size)$"),
+        lambda m: "--" + m.group(1).replace("_", "-"),
+    ),
 ]
 
 
@@ -138,7 +145,7 @@ def merge(
         typer.Option(
             "--config-from",
             help="Model whose config, tokenizer and chat template the output gets (default: the base, else the first "
-                 "model).",
+            "model).",
         ),
     ] = None,
     max_shard_size: Annotated[
@@ -170,8 +177,10 @@ def merge(
     from llmforge_plugins.merge.options import MergeOptions
 
     if out is None:
-        raise UsageError("missing OUT: the folder to write the merged model to",
-                         hint="llmforge merge OUT --method linear --model A --model B")
+        raise UsageError(
+            "missing OUT: the folder to write the merged model to",
+            hint="llmforge merge OUT --method linear --model A --model B",
+        )
     model, weight, sets = list(model or []), list(weight or []), list(sets or [])
     raw: dict = {}
     source = "merge options"
@@ -181,17 +190,26 @@ def merge(
         _resolve_paths(raw, config.resolve().parent, source)
         if model and (raw.get("models") or raw.get("slices")):
             raise UsageError(f"{config} lists its models already; --model adds none to a recipe")
-    for key, value in (("method", method), ("base", base), ("seed", seed), ("dtype", dtype),
-                       ("compute_dtype", compute_dtype), ("config_from", config_from),
-                       ("max_shard_size", max_shard_size)):
+    for key, value in (
+        ("method", method),
+        ("base", base),
+        ("seed", seed),
+        ("dtype", dtype),
+        ("compute_dtype", compute_dtype),
+        ("config_from", config_from),
+        ("max_shard_size", max_shard_size),
+    ):
         if value is not None:
             raw[key] = value
     if weight and len(weight) != len(model):
-        raise UsageError(f"{len(weight)} --weight for {len(model)} --model: give one weight per model, in order, "
-                         f"or none")
+        raise UsageError(
+            f"{len(weight)} --weight for {len(model)} --model: give one weight per model, in order, or none"
+        )
     if model:
-        raw["models"] = [{"model": m, **({"parameters": {"weight": w}} if weight else {})}
-                         for m, w in zip(model, weight or [None] * len(model))]
+        raw["models"] = [
+            {"model": m, **({"parameters": {"weight": w}} if weight else {})}
+            for m, w in zip(model, weight or [None] * len(model))
+        ]
     for item in sets:
         name, eq, value = item.partition("=")
         if not eq or not name.strip():
@@ -202,15 +220,27 @@ def merge(
     # than as the missing `method` it causes.
     problems.sort(key=lambda p: not p.message.startswith("unknown key"))
     if "method" not in raw and all(p.where == "method" for p in problems):
-        raise UsageError("no merge method: give --method (or method = ... in the recipe)",
-                         hint="llmforge merge --list-methods lists them")
+        raise UsageError(
+            "no merge method: give --method (or method = ... in the recipe)",
+            hint="llmforge merge --list-methods lists them",
+        )
     try:
         if problems:
-            raise ConfigError(problems, source=source if config else None,
-                              hint="llmforge merge --list-methods lists the methods" if "method" not in raw else None)
+            raise ConfigError(
+                problems,
+                source=source if config else None,
+                hint="llmforge merge --list-methods lists the methods" if "method" not in raw else None,
+            )
         printer, report = _printer()
-        summary = merge_to(options, out, registry().table(MERGE_METHODS), force=force, report=report,
-                           seed=0 if seed is None else seed, replace=replace)
+        summary = merge_to(
+            options,
+            out,
+            registry().table(MERGE_METHODS),
+            force=force,
+            report=report,
+            seed=0 if seed is None else seed,
+            replace=replace,
+        )
     except ConfigError as exc:
         raise (exc if config is not None else _as_flags(exc)) from None
     printer({"type": "stage_end", "stage": "merge", "status": "done", "duration": summary["seconds"]})

@@ -63,8 +63,10 @@ def _compute(plan: Plan, t: OutTensor, torch) -> Any:
     result = plan.method.merge(models, base, t.params, info)
     del models, base
     if tuple(result.shape) != t.shape:
-        raise RuntimeError(f"merge method {plan.method.name} returned shape {list(result.shape)} for {t.name}, "
-                           f"expected {list(t.shape)}")
+        raise RuntimeError(
+            f"merge method {plan.method.name} returned shape {list(result.shape)} for {t.name}, "
+            f"expected {list(t.shape)}"
+        )
     return result.to(getattr(torch, t.dtype))
 
 
@@ -77,10 +79,12 @@ def execute(plan: Plan, out_dir: Path, report: Reporter | None = None) -> dict |
     out_dir = Path(out_dir)
     started = time.monotonic()
     n = len(plan.tensors)
-    report.log(f"{plan.method.name}: {n} tensors, {fmt_bytes(plan.total_bytes)} in {len(plan.shards)} shard"
-               f"{'s' if len(plan.shards) != 1 else ''}, from {len(plan.sources)} input"
-               f"{'s' if len(plan.sources) != 1 else ''}; largest tensor {fmt_bytes(plan.largest_tensor_bytes)}; "
-               f"compute in {plan.compute_dtype}")
+    report.log(
+        f"{plan.method.name}: {n} tensors, {fmt_bytes(plan.total_bytes)} in {len(plan.shards)} shard"
+        f"{'s' if len(plan.shards) != 1 else ''}, from {len(plan.sources)} input"
+        f"{'s' if len(plan.sources) != 1 else ''}; largest tensor {fmt_bytes(plan.largest_tensor_bytes)}; "
+        f"compute in {plan.compute_dtype}"
+    )
     for note in plan.notes:
         report.log(note, level="warning")
     done = 0
@@ -96,7 +100,7 @@ def execute(plan: Plan, out_dir: Path, report: Reporter | None = None) -> dict |
                 if report.should_stop():
                     stopped = True
                     raise _Stop()
-                result = _compute(plan, by_name[name], torch)
+                result = _compute(plan, by_name[name], torch)  # noqa: B023 - called in this same loop turn
                 done += 1
                 report.progress(done, n, unit="tensor")
                 return result
@@ -112,8 +116,14 @@ def execute(plan: Plan, out_dir: Path, report: Reporter | None = None) -> dict |
     write_model_files(plan, out_dir)
     seconds = time.monotonic() - started
     report.log(f"wrote {n} tensors ({fmt_bytes(plan.total_bytes)}) in {seconds:.1f}s")
-    return {"method": plan.method.name, "tensors": n, "bytes": plan.total_bytes, "shards": len(plan.shards),
-            "layers": plan.num_layers, "seconds": round(seconds, 3)}
+    return {
+        "method": plan.method.name,
+        "tensors": n,
+        "bytes": plan.total_bytes,
+        "shards": len(plan.shards),
+        "layers": plan.num_layers,
+        "seconds": round(seconds, 3),
+    }
 
 
 class _Stop(Exception):
@@ -138,10 +148,14 @@ def write_model_files(plan: Plan, out_dir: Path) -> None:
     if gen is not None:
         shutil.copyfile(gen, out_dir / "generation_config.json")
     else:
-        keys = {k: plan.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                if plan.config.get(k) is not None}
-        (out_dir / "generation_config.json").write_text(json.dumps({**keys, "_from_model_config": True}, indent=2)
-                                                        + "\n", encoding="utf-8")
+        keys = {
+            k: plan.config[k]
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if plan.config.get(k) is not None
+        }
+        (out_dir / "generation_config.json").write_text(
+            json.dumps({**keys, "_from_model_config": True}, indent=2) + "\n", encoding="utf-8"
+        )
     tok_dir = src.tokenizer_dir
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
@@ -153,8 +167,11 @@ def write_model_files(plan: Plan, out_dir: Path) -> None:
     (out_dir / "README.md").write_text(model_card(plan), encoding="utf-8")
     from llmforge import __version__
 
-    marker = {"written_by": f"llmforge {__version__}", "method": plan.method.name,
-              "inputs": [s.label for s in plan.sources]}
+    marker = {
+        "written_by": f"llmforge {__version__}",
+        "method": plan.method.name,
+        "inputs": [s.label for s in plan.sources],
+    }
     (out_dir / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
@@ -172,8 +189,7 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }" if value \
-            else "{}"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }" if value else "{}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
@@ -181,8 +197,9 @@ def recipe_toml(options) -> str:
     """The recipe as a merge.toml (`llmforge merge OUT -c merge.toml` reproduces the merge)."""
     data = options.model_dump(mode="python", exclude_defaults=True, exclude_none=True)
     data["method"] = options.method
-    lines = [f"{_toml_key(k)} = {toml_value(v)}" for k, v in data.items()
-             if k not in ("parameters", "models", "slices")]
+    lines = [
+        f"{_toml_key(k)} = {toml_value(v)}" for k, v in data.items() if k not in ("parameters", "models", "slices")
+    ]
     if data.get("parameters"):
         lines += ["", "[parameters]"] + [f"{_toml_key(k)} = {toml_value(v)}" for k, v in data["parameters"].items()]
     for table in ("models", "slices"):
@@ -231,8 +248,7 @@ def model_card(plan: Plan) -> str:
         "",
         f"# Merged model ({plan.method.name})",
         "",
-        f"Merged with llmforge {__version__} using the **{plan.method.name}** method: "
-        f"{plan.method.summary}",
+        f"Merged with llmforge {__version__} using the **{plan.method.name}** method: {plan.method.summary}",
         "",
         f"{len(plan.tensors)} tensors, {plan.num_layers} layers, {fmt_bytes(plan.total_bytes)}; computed in "
         f"{plan.compute_dtype}, seed {plan.seed}. Config, tokenizer and chat template come from "
@@ -280,12 +296,21 @@ def _check_replace(plan: Plan, out: Path, replace: Path | None) -> None:
             what = "is" if d == real else "holds"
             raise UsageError(f"{out} {what} an input of this merge ({d}): --force would delete it", hint=hint)
     if not (out / MARKER).is_file():
-        raise UsageError(f"{out} is not the output of an earlier merge (it has no {MARKER}): --force replaces "
-                         "only those", hint=hint)
+        raise UsageError(
+            f"{out} is not the output of an earlier merge (it has no {MARKER}): --force replaces only those", hint=hint
+        )
 
 
-def merge_to(options, out: Path, methods: dict, *, force: bool = False, report: Reporter | None = None,
-             seed: int | None = None, replace: Path | None = None) -> dict | None:
+def merge_to(
+    options,
+    out: Path,
+    methods: dict,
+    *,
+    force: bool = False,
+    report: Reporter | None = None,
+    seed: int | None = None,
+    replace: Path | None = None,
+) -> dict | None:
     """Check, plan and run a merge into `out`. Nothing is written to `out` unless the merge completes:
     it is built in a temporary sibling folder and renamed into place.
 
@@ -295,16 +320,20 @@ def merge_to(options, out: Path, methods: dict, *, force: bool = False, report: 
 
     out = Path(out).expanduser().absolute()
     if replace is not None and Path(replace).expanduser().resolve() != out.resolve():
-        raise UsageError(f"--replace {replace} is not the output folder {out}",
-                         hint="--replace names OUT a second time, to replace it whatever it holds")
+        raise UsageError(
+            f"--replace {replace} is not the output folder {out}",
+            hint="--replace names OUT a second time, to replace it whatever it holds",
+        )
     occupied = False
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"{out} exists and is a file; the output is a model directory")
         occupied = any(out.iterdir())
         if occupied and not (force or replace is not None):
-            raise UsageError(f"{out} exists and is not empty", hint="choose another folder, or add --force to "
-                                                                   "replace an earlier merge's output")
+            raise UsageError(
+                f"{out} exists and is not empty",
+                hint="choose another folder, or add --force to replace an earlier merge's output",
+            )
     plan = prepare(options, methods, out=out, seed=seed)
     if occupied:
         _check_replace(plan, out, replace)
@@ -323,9 +352,17 @@ def merge_to(options, out: Path, methods: dict, *, force: bool = False, report: 
     return summary
 
 
-def merge_lora(adapter: Path, out: Path, *, base: Path | None = None, dtype: str = "auto",
-               compute_dtype: str = "float32", force: bool = False, report: Reporter | None = None,
-               replace: Path | None = None) -> dict | None:
+def merge_lora(
+    adapter: Path,
+    out: Path,
+    *,
+    base: Path | None = None,
+    dtype: str = "auto",
+    compute_dtype: str = "float32",
+    force: bool = False,
+    report: Reporter | None = None,
+    replace: Path | None = None,
+) -> dict | None:
     """Merge a LoRA adapter into its base model (base + scale·B·A for every adapted weight) and write a
     complete model directory to `out`. `base` defaults to the model named in adapter_config.json."""
     from llmforge_plugins.merge.methods import Passthrough
@@ -335,6 +372,10 @@ def merge_lora(adapter: Path, out: Path, *, base: Path | None = None, dtype: str
         if not Path(adapter).exists():
             raise UsageError(f"adapter directory not found: {adapter}")
         raise UsageError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
-    options = MergeOptions(method="passthrough", dtype=dtype, compute_dtype=compute_dtype,
-                           models=[ModelEntry(model=str(adapter), lora_base=str(base) if base else None)])
+    options = MergeOptions(
+        method="passthrough",
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        models=[ModelEntry(model=str(adapter), lora_base=str(base) if base else None)],
+    )
     return merge_to(options, out, {"passthrough": Passthrough()}, force=force, report=report, replace=replace)

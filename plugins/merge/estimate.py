@@ -28,11 +28,21 @@ def merge_estimate(shape: Shape, n_inputs: int, out_dtype: str, compute_dtype: s
     """Merging works tensor by tensor: every input's copy of the largest tensor, the result, a scratch.
     `shape` is the merged model's; the disk is the merged model in `out_dtype`."""
     largest = max(shape.vocab * shape.hidden, shape.intermediate * shape.hidden)
-    parts = {"runtime": RUNTIME_BYTES["cpu"],
-             "tensors in flight": (n_inputs + 2) * largest * DTYPE_BYTES.get(compute_dtype, 8)}
+    parts = {
+        "runtime": RUNTIME_BYTES["cpu"],
+        "tensors in flight": (n_inputs + 2) * largest * DTYPE_BYTES.get(compute_dtype, 8),
+    }
     disk = {"merged model": shape.params() * DTYPE_BYTES.get(out_dtype, 4)}
-    return Estimate("cpu", int(sum(parts.values())), {k: int(v) for k, v in parts.items()}, 0, {},
-                    int(sum(disk.values())), {k: int(v) for k, v in disk.items()}, shape=shape)
+    return Estimate(
+        "cpu",
+        int(sum(parts.values())),
+        {k: int(v) for k, v in parts.items()},
+        0,
+        {},
+        int(sum(disk.values())),
+        {k: int(v) for k, v in disk.items()},
+        shape=shape,
+    )
 
 
 def estimate_merge(o: MergeOptions, shape: Shape) -> Estimate:

@@ -14,8 +14,9 @@ import math
 from llmforge_plugins.merge.api import CHUNK, MergeMethod, Param, chunks, dot, flat, kth_largest_abs
 
 WEIGHT = Param("weight", 1.0, "Weight of the model.", per_model=True)
-DENSITY = Param("density", 1.0, "Fraction of each task vector's entries kept (1 keeps all).", per_model=True,
-                gt=0, le=1)
+DENSITY = Param(
+    "density", 1.0, "Fraction of each task vector's entries kept (1 keeps all).", per_model=True, gt=0, le=1
+)
 LAMBDA = Param("lambda", 1.0, "Scale of the merged task vector added to the base.")
 
 
@@ -133,8 +134,12 @@ class Ties(MergeMethod):
     summary = "TIES: trim each task vector to its top density, elect signs, average the agreeing entries."
     base = "required"
     min_models = 1
-    params = (WEIGHT, DENSITY, LAMBDA, _normalize(True, "Divide by the sum of the weights that agree with the "
-                                                        "elected sign, per entry."))
+    params = (
+        WEIGHT,
+        DENSITY,
+        LAMBDA,
+        _normalize(True, "Divide by the sum of the weights that agree with the elected sign, per entry."),
+    )
 
     def merge(self, models, base, params, info):
         for m, density in zip(models, params["density"]):
@@ -184,17 +189,22 @@ class Slerp(MergeMethod):
     base = "optional"
     min_models = 1
     max_models = 2
-    params = (Param("t", None, "Position between the two models: 0 is the first (the base, if given), 1 the "
-                               "second.", ge=0, le=1),)
+    params = (
+        Param(
+            "t", None, "Position between the two models: 0 is the first (the base, if given), 1 the second.", ge=0, le=1
+        ),
+    )
     #: |cos| above which the two tensors count as colinear and are interpolated linearly
     COLINEAR = 0.9995
 
     def check(self, n_models, has_base):
         problems = super().check(n_models, has_base)
         if not problems and n_models + has_base != 2:
-            problems.append("method slerp interpolates between exactly two models: give two models, or a base "
-                            f"and one model (got {n_models} model{'s' if n_models != 1 else ''}"
-                            f"{' and a base' if has_base else ''})")
+            problems.append(
+                "method slerp interpolates between exactly two models: give two models, or a base "
+                f"and one model (got {n_models} model{'s' if n_models != 1 else ''}"
+                f"{' and a base' if has_base else ''})"
+            )
         return problems
 
     def merge(self, models, base, params, info):
@@ -211,8 +221,10 @@ class Slerp(MergeMethod):
 
 class ModelStock(MergeMethod):
     name = "model_stock"
-    summary = "Model Stock: move from the base towards the models' average by a t set per tensor from the " \
-              "angle between the task vectors."
+    summary = (
+        "Model Stock: move from the base towards the models' average by a t set per tensor from the "
+        "angle between the task vectors."
+    )
     base = "required"
     min_models = 2
     params = ()
@@ -222,8 +234,12 @@ class ModelStock(MergeMethod):
         """t = N·cosθ / (1 + (N − 1)·cosθ), cosθ the mean pairwise cosine of the task vectors, t in [0, 1]."""
         n = len(deltas)
         norms = [math.sqrt(dot(d, d)) for d in deltas]
-        cosines = [dot(deltas[i], deltas[j]) / (norms[i] * norms[j])
-                   for i in range(n) for j in range(i + 1, n) if norms[i] > 0 and norms[j] > 0]
+        cosines = [
+            dot(deltas[i], deltas[j]) / (norms[i] * norms[j])
+            for i in range(n)
+            for j in range(i + 1, n)
+            if norms[i] > 0 and norms[j] > 0
+        ]
         if not cosines:
             return 0.0
         cos = sum(cosines) / len(cosines)

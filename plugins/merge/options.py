@@ -10,22 +10,24 @@ name gives the value, an entry without ``filter`` matches every tensor.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
 from llmforge.stage import Input, StageOptions
 
-Scalar = Union[float, bool]
+Scalar = float | bool
 
 
 class FilterValue(StageOptions):
-    filter: str | None = Field(None, description="Substring of the tensor name (self_attn, mlp, "
-                                                  "embed_tokens, ...); unset matches every tensor.")
+    filter: str | None = Field(
+        None,
+        description="Substring of the tensor name (self_attn, mlp, embed_tokens, ...); unset matches every tensor.",
+    )
     value: Scalar | list[float] = Field(description="A number, or a list interpolated across layers.")
 
 
-ParamValue = Union[Scalar, list[float], list[FilterValue]]
+ParamValue = Scalar | list[float] | list[FilterValue]
 Parameters = dict[str, ParamValue]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
@@ -42,49 +44,71 @@ def parse_size(text: str) -> int:
 
 class ModelEntry(StageOptions):
     model: Annotated[str, Input("model", "adapter")] = Field(
-        description="A model directory (HF, safetensors), a LoRA adapter directory, or @stage.")
-    parameters: Parameters = Field(default_factory=dict, description="This model's parameters (weight, density, "
-                                                                     "...); unset ones come from the recipe's.")
+        description="A model directory (HF, safetensors), a LoRA adapter directory, or @stage."
+    )
+    parameters: Parameters = Field(
+        default_factory=dict,
+        description="This model's parameters (weight, density, ...); unset ones come from the recipe's.",
+    )
     lora_base: Annotated[str | None, Input("model")] = Field(
-        None, description="For an adapter: the model it applies to (default: the one in adapter_config.json).")
+        None, description="For an adapter: the model it applies to (default: the one in adapter_config.json)."
+    )
 
 
 class SliceSource(StageOptions):
     model: Annotated[str, Input("model", "adapter")] = Field(description="A model directory, adapter or @stage.")
-    layer_range: list[int] = Field(min_length=2, max_length=2,
-                                   description="[start, end): the layers taken from this model, end excluded.")
+    layer_range: list[int] = Field(
+        min_length=2, max_length=2, description="[start, end): the layers taken from this model, end excluded."
+    )
     parameters: Parameters = Field(default_factory=dict, description="Per-model parameters for this slice.")
 
 
 class Slice(StageOptions):
-    sources: list[SliceSource] = Field(min_length=1, description="The models (and layer ranges, all of the same "
-                                                                 "length) merged into this run of output layers.")
+    sources: list[SliceSource] = Field(
+        min_length=1,
+        description="The models (and layer ranges, all of the same length) merged into this run of output layers.",
+    )
     parameters: Parameters = Field(default_factory=dict, description="Parameters for this slice's layers.")
 
 
 class MergeOptions(StageOptions):
-    method: str = Field(description="The merge method: linear, slerp, task_arithmetic, ties, dare_linear, "
-                                    "dare_ties, model_stock, passthrough, or one a plugin adds.")
-    models: list[ModelEntry] = Field(default_factory=list, description="The models to merge, each a table "
-                                                                       "{model = ..., parameters = {...}}.")
+    method: str = Field(
+        description="The merge method: linear, slerp, task_arithmetic, ties, dare_linear, "
+        "dare_ties, model_stock, passthrough, or one a plugin adds."
+    )
+    models: list[ModelEntry] = Field(
+        default_factory=list, description="The models to merge, each a table {model = ..., parameters = {...}}."
+    )
     base: Annotated[str | None, Input("model", "adapter")] = Field(
-        None, description="The base model: task vectors are taken against it (needed by task_arithmetic, ties, "
-                          "dare_*, model_stock; an endpoint for slerp).")
-    slices: list[Slice] = Field(default_factory=list, description="Instead of models: output layers built slice "
-                                                                  "by slice (layer stacking, depth up-scaling).")
-    parameters: Parameters = Field(default_factory=dict, description="The method's parameters: a number, a list "
-                                                                     "across layers, or [{filter, value}, ...].")
+        None,
+        description="The base model: task vectors are taken against it (needed by task_arithmetic, ties, "
+        "dare_*, model_stock; an endpoint for slerp).",
+    )
+    slices: list[Slice] = Field(
+        default_factory=list,
+        description="Instead of models: output layers built slice by slice (layer stacking, depth up-scaling).",
+    )
+    parameters: Parameters = Field(
+        default_factory=dict,
+        description="The method's parameters: a number, a list across layers, or [{filter, value}, ...].",
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Output dtype; auto keeps each tensor's dtype in the config source model.")
+        "auto", description="Output dtype; auto keeps each tensor's dtype in the config source model."
+    )
     compute_dtype: Literal["float32", "float64", "float16", "bfloat16"] = Field(
-        "float32", description="Dtype the arithmetic is done in.")
-    seed: int | None = Field(None, ge=0, description="Seed of the random drops of dare_* (default: [project].seed, "
-                                                     "0 on the command line).")
+        "float32", description="Dtype the arithmetic is done in."
+    )
+    seed: int | None = Field(
+        None, ge=0, description="Seed of the random drops of dare_* (default: [project].seed, 0 on the command line)."
+    )
     config_from: Annotated[str | None, Input("model", "adapter")] = Field(
-        None, description="Model whose config, tokenizer, chat template and generation config the output carries "
-                          "(default: the base, else the first model).")
-    max_shard_size: str = Field("2GB", description="Largest output safetensors file; bigger outputs are sharded "
-                                                   "with an index.")
+        None,
+        description="Model whose config, tokenizer, chat template and generation config the output carries "
+        "(default: the base, else the first model).",
+    )
+    max_shard_size: str = Field(
+        "2GB", description="Largest output safetensors file; bigger outputs are sharded with an index."
+    )
 
     @field_validator("max_shard_size")
     @classmethod

@@ -44,12 +44,20 @@ def _check_param_table(params: dict, where: str, method: MergeMethod, per_model:
         spec = method.param(name)
         if spec is None:
             listed = ", ".join(known) if known else "none"
-            problems.append(Problem(here, f"method {method.name} has no parameter '{name}'"
-                                          f"{did_you_mean(name, known)} (its parameters: {listed})"))
+            problems.append(
+                Problem(
+                    here,
+                    f"method {method.name} has no parameter '{name}'"
+                    f"{did_you_mean(name, known)} (its parameters: {listed})",
+                )
+            )
             continue
         if per_model and not spec.per_model:
-            problems.append(Problem(here, f"'{name}' applies to the whole merge, not to one model: set it in the "
-                                          f"recipe's parameters"))
+            problems.append(
+                Problem(
+                    here, f"'{name}' applies to the whole merge, not to one model: set it in the recipe's parameters"
+                )
+            )
             continue
         for loc, v in _values(value, here):
             items = v if isinstance(v, list) else [v]
@@ -72,8 +80,13 @@ def static_problems(o: MergeOptions, methods: dict[str, MergeMethod]) -> list[Pr
     problems: list[Problem] = []
     method = methods.get(o.method)
     if method is None:
-        problems.append(Problem("method", f"unknown merge method '{o.method}'{did_you_mean(o.method, methods)} "
-                                          f"(known: {', '.join(sorted(methods))})"))
+        problems.append(
+            Problem(
+                "method",
+                f"unknown merge method '{o.method}'{did_you_mean(o.method, methods)} "
+                f"(known: {', '.join(sorted(methods))})",
+            )
+        )
     if o.slices and o.models:
         problems.append(Problem("slices", "give either models or slices, not both"))
     elif not o.slices and not o.models:
@@ -83,12 +96,20 @@ def static_problems(o: MergeOptions, methods: dict[str, MergeMethod]) -> list[Pr
         for j, src in enumerate(sl.sources):
             start, end = src.layer_range
             if start < 0 or end <= start:
-                problems.append(Problem(f"slices[{i}].sources[{j}].layer_range",
-                                        f"[start, end) with 0 <= start < end (got [{start}, {end}])"))
+                problems.append(
+                    Problem(
+                        f"slices[{i}].sources[{j}].layer_range",
+                        f"[start, end) with 0 <= start < end (got [{start}, {end}])",
+                    )
+                )
             lengths.add(end - start)
         if len(lengths) > 1:
-            problems.append(Problem(f"slices[{i}].sources", "every source of a slice must span the same number of "
-                                                            f"layers (got {sorted(lengths)})"))
+            problems.append(
+                Problem(
+                    f"slices[{i}].sources",
+                    f"every source of a slice must span the same number of layers (got {sorted(lengths)})",
+                )
+            )
     if method is None:
         return problems
     has_base = o.base is not None
@@ -104,17 +125,23 @@ def static_problems(o: MergeOptions, methods: dict[str, MergeMethod]) -> list[Pr
         if spec.default is not None or spec.name in o.parameters:
             continue
         tables = [m.parameters for m in o.models] + [s.parameters for sl in o.slices for s in sl.sources]
-        if not (spec.per_model and tables and all(spec.name in t for t in tables)) and \
-                not (o.slices and all(spec.name in sl.parameters for sl in o.slices)):
-            problems.append(Problem(f"parameters.{spec.name}", f"method {method.name} needs this parameter "
-                                                               f"({spec.description.rstrip('.')})"))
+        if not (spec.per_model and tables and all(spec.name in t for t in tables)) and not (
+            o.slices and all(spec.name in sl.parameters for sl in o.slices)
+        ):
+            problems.append(
+                Problem(
+                    f"parameters.{spec.name}",
+                    f"method {method.name} needs this parameter ({spec.description.rstrip('.')})",
+                )
+            )
     for i, m in enumerate(o.models):
         problems += _check_param_table(m.parameters, f"models[{i}].parameters", method, per_model=True)
     for i, sl in enumerate(o.slices):
         problems += _check_param_table(sl.parameters, f"slices[{i}].parameters", method, per_model=False)
         for j, src in enumerate(sl.sources):
-            problems += _check_param_table(src.parameters, f"slices[{i}].sources[{j}].parameters", method,
-                                           per_model=True)
+            problems += _check_param_table(
+                src.parameters, f"slices[{i}].sources[{j}].parameters", method, per_model=True
+            )
     return problems
 
 
@@ -218,16 +245,20 @@ def _check_configs(sources: list[Source]) -> None:
     for s in sources[1:]:
         a, b = arch(first), arch(s)
         if a != b and not (None in (a[0], b[0]) and a[1] == b[1]):
-            raise UsageError(f"different architectures: {_where(first)} is {a[0] or '?'} ({a[1] or '?'}), "
-                             f"{_where(s)} is {b[0] or '?'} ({b[1] or '?'})",
-                             hint="only models of the same architecture and size can be merged")
+            raise UsageError(
+                f"different architectures: {_where(first)} is {a[0] or '?'} ({a[1] or '?'}), "
+                f"{_where(s)} is {b[0] or '?'} ({b[1] or '?'})",
+                hint="only models of the same architecture and size can be merged",
+            )
     sized = [s for s in sources if isinstance(s.config.get("vocab_size"), int)]
     for s in sized[1:]:
         if s.config["vocab_size"] != sized[0].config["vocab_size"]:
-            raise UsageError(f"vocabulary sizes differ: {_where(sized[0])} has {sized[0].config['vocab_size']} "
-                             f"tokens, {_where(s)} has {s.config['vocab_size']} (vocab_size in config.json)",
-                             hint="merge models that share a tokenizer; a model with added tokens needs the same "
-                                  "tokens (and embedding rows) in the others")
+            raise UsageError(
+                f"vocabulary sizes differ: {_where(sized[0])} has {sized[0].config['vocab_size']} "
+                f"tokens, {_where(s)} has {s.config['vocab_size']} (vocab_size in config.json)",
+                hint="merge models that share a tokenizer; a model with added tokens needs the same "
+                "tokens (and embedding rows) in the others",
+            )
 
 
 def _check_shapes(name: str, inputs: list[Input]) -> None:
@@ -237,17 +268,23 @@ def _check_shapes(name: str, inputs: list[Input]) -> None:
         got = other.source.meta(other.name).shape
         if got != want:
             if is_embedding(name) or name.endswith("lm_head.weight"):
-                raise UsageError(f"vocabulary sizes differ: {name} has shape {list(want)} in {_where(first.source)} "
-                                 f"but {list(got)} in {_where(other.source)}",
-                                 hint="merge models that share a tokenizer (same tokens, same embedding rows)")
-            raise UsageError(f"tensor shapes differ: {name} has shape {list(want)} in {_where(first.source)} but "
-                             f"{list(got)} in {_where(other.source)}",
-                             hint="only models of the same architecture and size can be merged")
+                raise UsageError(
+                    f"vocabulary sizes differ: {name} has shape {list(want)} in {_where(first.source)} "
+                    f"but {list(got)} in {_where(other.source)}",
+                    hint="merge models that share a tokenizer (same tokens, same embedding rows)",
+                )
+            raise UsageError(
+                f"tensor shapes differ: {name} has shape {list(want)} in {_where(first.source)} but "
+                f"{list(got)} in {_where(other.source)}",
+                hint="only models of the same architecture and size can be merged",
+            )
 
 
 def _missing(name: str, ref: Source, other: Source, other_name: str | None = None) -> UsageError:
-    return UsageError(f"tensor {other_name or name} is in {_where(ref)} but not in {_where(other)}",
-                      hint="only models of the same architecture and size can be merged")
+    return UsageError(
+        f"tensor {other_name or name} is in {_where(ref)} but not in {_where(other)}",
+        hint="only models of the same architecture and size can be merged",
+    )
 
 
 def _layers_of(source: Source) -> dict[int, dict[str, str]]:
@@ -277,8 +314,9 @@ class _Sources:
     def get(self, path: str, lora_base: str | None = None) -> Source:
         key = (str(Path(path).expanduser().resolve()), str(Path(lora_base).resolve()) if lora_base else None)
         if key not in self.by_key:
-            self.by_key[key] = open_source(Path(path).expanduser(), label=path,
-                                           lora_base=Path(lora_base).expanduser() if lora_base else None)
+            self.by_key[key] = open_source(
+                Path(path).expanduser(), label=path, lora_base=Path(lora_base).expanduser() if lora_base else None
+            )
         return self.by_key[key]
 
     def same(self, a: str, b: str | None) -> bool:
@@ -312,8 +350,9 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
                 ranges.append(src.layer_range)
             if base is not None and base_range is None:
                 base_range = ranges[0]
-            groups.append({"models": models, "base": base, "ranges": ranges, "base_range": base_range,
-                           "params": sl.parameters})
+            groups.append(
+                {"models": models, "base": base, "ranges": ranges, "base_range": base_range, "params": sl.parameters}
+            )
     first_group = groups[0]
     reference = base if base is not None else first_group["models"][0][1]
     config_source = srcs.get(o.config_from) if o.config_from else reference
@@ -324,16 +363,20 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
     ref_layers = reference.num_layers
     if o.slices:
         for gi, g in enumerate(groups):
-            for (params, s), (start, end) in zip(g["models"], g["ranges"]):
+            for (_params, s), (start, end) in zip(g["models"], g["ranges"]):
                 n = s.num_layers
                 if n is None or end > n:
-                    raise UsageError(f"slices[{gi}]: layer_range [{start}, {end}) is outside {_where(s)}, which has "
-                                     f"{n if n is not None else 'no known number of'} layers")
+                    raise UsageError(
+                        f"slices[{gi}]: layer_range [{start}, {end}) is outside {_where(s)}, which has "
+                        f"{n if n is not None else 'no known number of'} layers"
+                    )
             if g["base"] is not None:
                 start, end = g["base_range"]
                 if base.num_layers is None or end > base.num_layers:
-                    raise UsageError(f"slices[{gi}]: layer_range [{start}, {end}) is outside the base "
-                                     f"{_where(base)}, which has {base.num_layers} layers")
+                    raise UsageError(
+                        f"slices[{gi}]: layer_range [{start}, {end}) is outside the base "
+                        f"{_where(base)}, which has {base.num_layers} layers"
+                    )
         n_out_layers = sum(r[1] - r[0] for g in groups for r in g["ranges"][:1])
     else:
         n_out_layers = ref_layers or 0
@@ -342,15 +385,17 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
     global_tables = [o.parameters]
     tensors: list[OutTensor] = []
 
-    def make(out_name: str, layer: int | None, g: dict, names: list[str], base_name: str | None,
-             slice_params: dict) -> OutTensor:
+    def make(
+        out_name: str, layer: int | None, g: dict, names: list[str], base_name: str | None, slice_params: dict
+    ) -> OutTensor:
         models = [Input(s, n) for (_, s), n in zip(g["models"], names)]
         base_in = Input(g["base"], base_name) if g["base"] is not None else None
         every = ([base_in] if base_in else []) + models
         for inp in every:
             if not inp.source.has(inp.name):
-                raise _missing(inp.name, every[0].source if every[0].source.has(every[0].name) else reference,
-                               inp.source)
+                raise _missing(
+                    inp.name, every[0].source if every[0].source.has(every[0].name) else reference, inp.source
+                )
         _check_shapes(out_name, every)
         ref_in = every[0]
         meta = ref_in.source.meta(ref_in.name)
@@ -368,9 +413,11 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
                     params[spec.name] = _lookup(spec, tables, out_name, pos)
                     missing = params[spec.name] is None
                 if missing:
-                    raise UsageError(f"parameter {spec.name} of {method.name} has no value for tensor {out_name}",
-                                     hint=f"set it (--set {spec.name}=VALUE, or parameters.{spec.name} in the recipe)"
-                                          f"; with filters, add an entry without filter as the default")
+                    raise UsageError(
+                        f"parameter {spec.name} of {method.name} has no value for tensor {out_name}",
+                        hint=f"set it (--set {spec.name}=VALUE, or parameters.{spec.name} in the recipe)"
+                        f"; with filters, add an entry without filter as the default",
+                    )
             info = TensorInfo(out_name, layer, n_out_layers, [m.source.label for m in models], seed)
             why = method.check_tensor(params, info)
             if why:
@@ -380,16 +427,23 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
     # tensors outside the layers (all of them, without slices): merged over the first group's models
     out_names = [n for n in reference.tensors if not o.slices or layer_of(n) is None]
     for _, s in first_group["models"]:
-        extra = [n for n in s.tensors if n not in reference.tensors and (not o.slices or layer_of(n) is None)
-                 and not (n == "lm_head.weight" and reference.has(n))]
+        extra = [
+            n
+            for n in s.tensors
+            if n not in reference.tensors
+            and (not o.slices or layer_of(n) is None)
+            and not (n == "lm_head.weight" and reference.has(n))
+        ]
         if extra:
             raise _missing(sorted(extra)[0], s, reference)
     # tied embeddings: when the reference does not store lm_head but another input does, the output gets one
     tie_output = reference.tied and not any("lm_head.weight" in s.tensors for _, s in first_group["models"])
     if reference.tied and not tie_output:
         out_names.append("lm_head.weight")
-        notes.append("lm_head: some inputs tie it to the embeddings and some do not; the output stores it "
-                     "(tie_word_embeddings = false)")
+        notes.append(
+            "lm_head: some inputs tie it to the embeddings and some do not; the output stores it "
+            "(tie_word_embeddings = false)"
+        )
     for name in out_names:
         layer = layer_of(name)
         tensors.append(make(name, layer, first_group, [name] * len(first_group["models"]), name, {}))
@@ -397,8 +451,10 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
     if o.slices:
         out_prefix = _prefix(reference)
         if out_prefix is None:
-            raise UsageError(f"{_where(reference)}: no numbered layers found in its tensor names; slices need "
-                             f"layers named like model.layers.N.")
+            raise UsageError(
+                f"{_where(reference)}: no numbered layers found in its tensor names; slices need "
+                f"layers named like model.layers.N."
+            )
         offset = 0
         ref_layer_shapes: dict[str, tuple] = {}
         for gi, g in enumerate(groups):
@@ -411,9 +467,11 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
                 for k, (mp, sl) in enumerate(zip(maps[1:], src_layers[1:]), start=1):
                     if set(mp.get(sl, {})) != set(suffixes):
                         other = sorted(set(mp.get(sl, {})) ^ set(suffixes))[0]
-                        raise UsageError(f"slices[{gi}]: layer {src_layers[0]} of {_where(g['models'][0][1])} and "
-                                         f"layer {sl} of {_where(g['models'][k][1])} differ in their tensors "
-                                         f"({other.lstrip('.')})")
+                        raise UsageError(
+                            f"slices[{gi}]: layer {src_layers[0]} of {_where(g['models'][0][1])} and "
+                            f"layer {sl} of {_where(g['models'][k][1])} differ in their tensors "
+                            f"({other.lstrip('.')})"
+                        )
                 out_layer = offset + j
                 for suffix in sorted(suffixes):
                     names = [mp[sl][suffix] for mp, sl in zip(maps, src_layers)]
@@ -422,13 +480,16 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
                         bl = g["base_range"][0] + j
                         base_name = base_map.get(bl, {}).get(suffix)
                         if base_name is None:
-                            raise _missing(names[0], g["models"][0][1], g["base"],
-                                           other_name=f"layer {bl} {suffix.lstrip('.')}")
+                            raise _missing(
+                                names[0], g["models"][0][1], g["base"], other_name=f"layer {bl} {suffix.lstrip('.')}"
+                            )
                     t = make(f"{out_prefix}{out_layer}{suffix}", out_layer, g, names, base_name, g["params"])
                     if suffix in ref_layer_shapes and ref_layer_shapes[suffix] != t.shape:
-                        raise UsageError(f"slices[{gi}]: {t.name} would have shape {list(t.shape)}, the other "
-                                         f"layers' {suffix.lstrip('.')} {list(ref_layer_shapes[suffix])}",
-                                         hint="stack layers of models of the same size")
+                        raise UsageError(
+                            f"slices[{gi}]: {t.name} would have shape {list(t.shape)}, the other "
+                            f"layers' {suffix.lstrip('.')} {list(ref_layer_shapes[suffix])}",
+                            hint="stack layers of models of the same size",
+                        )
                     ref_layer_shapes.setdefault(suffix, t.shape)
                     tensors.append(t)
             offset += length
@@ -453,15 +514,35 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
         for _, s in g["models"]:
             roles.setdefault(s.label, "model")
     roles.setdefault(config_source.label, "config")
-    plan = Plan(o, method, tensors, shards, n_out_layers, config, config_source, all_sources, roles, seed,
-                compute_dtype, total, notes)
+    plan = Plan(
+        o,
+        method,
+        tensors,
+        shards,
+        n_out_layers,
+        config,
+        config_source,
+        all_sources,
+        roles,
+        seed,
+        compute_dtype,
+        total,
+        notes,
+    )
     if out is not None:
         check_disk(out, total)
     return plan
 
 
-def _output_config(o: MergeOptions, config_source: Source, reference: Source, groups: list[dict],
-                   n_out_layers: int, tensors: list[OutTensor], tie_output: bool) -> dict:
+def _output_config(
+    o: MergeOptions,
+    config_source: Source,
+    reference: Source,
+    groups: list[dict],
+    n_out_layers: int,
+    tensors: list[OutTensor],
+    tie_output: bool,
+) -> dict:
     cfg = dict(config_source.config)
     if o.slices:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -485,8 +566,14 @@ def _output_config(o: MergeOptions, config_source: Source, reference: Source, gr
         cfg["tie_word_embeddings"] = False
     elif tie_output and "lm_head.weight" not in names:
         cfg["tie_word_embeddings"] = True
-    embed = next((t for t in tensors if t.layer is None and is_embedding(t.name) and len(t.shape) == 2
-                  and not t.name.endswith("wpe.weight")), None)
+    embed = next(
+        (
+            t
+            for t in tensors
+            if t.layer is None and is_embedding(t.name) and len(t.shape) == 2 and not t.name.endswith("wpe.weight")
+        ),
+        None,
+    )
     if embed is not None and isinstance(cfg.get("vocab_size"), int):
         cfg["vocab_size"] = embed.shape[0]
     return cfg
@@ -500,5 +587,7 @@ def check_disk(out: Path, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     want = needed + needed // 100 + (16 << 20)
     if free < want:
-        raise UsageError(f"not enough free disk for the output: it needs {fmt_bytes(want)}, {probe} has "
-                         f"{fmt_bytes(free)} free", hint="free some space, or write the output elsewhere")
+        raise UsageError(
+            f"not enough free disk for the output: it needs {fmt_bytes(want)}, {probe} has {fmt_bytes(free)} free",
+            hint="free some space, or write the output elsewhere",
+        )

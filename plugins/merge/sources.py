@@ -19,19 +19,51 @@ from llmforge.errors import DataError, UsageError
 from llmforge.runs import read_json_object
 
 #: safetensors dtype names <-> torch dtype names
-ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-             "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
+ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+}
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 #: names of tensors that hold quantization state (bitsandbytes, GPTQ, AWQ, compressed-tensors, ...)
-_QUANT_NAMES = re.compile(r"\.(qweight|qzeros|scales|g_idx|absmax|quant_map|quant_state|SCB|weight_format|"
-                          r"weight_scale|weight_zero_point|input_scale|nested_absmax)(\..*)?$")
-_EMBED_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
+_QUANT_NAMES = re.compile(
+    r"\.(qweight|qzeros|scales|g_idx|absmax|quant_map|quant_state|SCB|weight_format|"
+    r"weight_scale|weight_zero_point|input_scale|nested_absmax)(\..*)?$"
+)
+_EMBED_NAMES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "tok_embeddings.weight",
+)
 LAYER_RE = re.compile(r"^(.*?\.(?:layers|h|blocks|layer)\.)(\d+)(\..+)$")
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
-                   "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 @dataclass(frozen=True)
@@ -76,14 +108,16 @@ def _header(path: Path) -> dict[str, TensorMeta]:
     try:
         with safe_open(str(path), framework="pt") as f:
             out = {}
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict: keys() is its API
                 sl = f.get_slice(name)
                 out[name] = TensorMeta(ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()))
             return out
     except (SafetensorError, OSError, ValueError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise DataError(f"{path}: not a valid safetensors file ({reason})",
-                        hint="the file is damaged or incomplete: copy or download it again") from None
+        raise DataError(
+            f"{path}: not a valid safetensors file ({reason})",
+            hint="the file is damaged or incomplete: copy or download it again",
+        ) from None
 
 
 class Source:
@@ -120,14 +154,18 @@ def _check_not_quantized(label: str, config: dict, tensors: dict[str, TensorMeta
     q = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
     if q:
         method = q.get("quant_method") or ("bitsandbytes" if q.get("load_in_4bit") or q.get("load_in_8bit") else "?")
-        raise UsageError(f"{label} is quantized ({method}): merging needs the full-precision weights; quantized "
-                         f"tensors cannot be averaged or subtracted meaningfully",
-                         hint="merge the original (unquantized) model, or dequantize it and save it in "
-                              "float16/bfloat16/float32 first")
+        raise UsageError(
+            f"{label} is quantized ({method}): merging needs the full-precision weights; quantized "
+            f"tensors cannot be averaged or subtracted meaningfully",
+            hint="merge the original (unquantized) model, or dequantize it and save it in "
+            "float16/bfloat16/float32 first",
+        )
     for name, meta in tensors.items():
         if _QUANT_NAMES.search(name) or (meta.dtype.startswith(("float8", "uint", "int")) and name.endswith(".weight")):
-            raise UsageError(f"{label} holds quantized weights ({name}: {meta.dtype}): merging needs "
-                             f"full-precision weights", hint="merge the unquantized model instead")
+            raise UsageError(
+                f"{label} holds quantized weights ({name}: {meta.dtype}): merging needs full-precision weights",
+                hint="merge the unquantized model instead",
+            )
 
 
 def _tie_aliases(config: dict, tensors: dict[str, TensorMeta]) -> dict[str, str]:
@@ -149,8 +187,9 @@ class ModelDir(Source):
         if not self.path.exists():
             raise DataError(f"model directory not found: {self.label}")
         if not self.path.is_dir():
-            raise DataError(f"{self.label}: not a directory (a model is a folder with config.json and "
-                            f"*.safetensors files)")
+            raise DataError(
+                f"{self.label}: not a directory (a model is a folder with config.json and *.safetensors files)"
+            )
         if not (self.path / "config.json").exists():
             raise DataError(f"{self.label}: not a model directory (no config.json)")
         self.config = _read_json(self.path / "config.json", "model config")
@@ -161,8 +200,10 @@ class ModelDir(Source):
             header = _header(file)
             missing = sorted(set(expected) - set(header))
             if missing:
-                raise DataError(f"{self.path / 'model.safetensors.index.json'}: names {missing[0]} in {file.name}, "
-                                f"which does not hold it")
+                raise DataError(
+                    f"{self.path / 'model.safetensors.index.json'}: names {missing[0]} in {file.name}, "
+                    f"which does not hold it"
+                )
             for name, meta in header.items():
                 self.tensors[name] = meta
                 self.where[name] = file
@@ -193,9 +234,10 @@ class ModelDir(Source):
         if found:
             return {p: [] for p in found}
         if any(self.path.glob("pytorch_model*.bin")) or any(self.path.glob("*.pt")):
-            raise UsageError(f"{self.label}: only PyTorch pickle weights (pytorch_model.bin); merging reads "
-                             f"safetensors", hint="load it with transformers and save_pretrained() it again: that "
-                                                  "writes model.safetensors")
+            raise UsageError(
+                f"{self.label}: only PyTorch pickle weights (pytorch_model.bin); merging reads safetensors",
+                hint="load it with transformers and save_pretrained() it again: that writes model.safetensors",
+            )
         raise DataError(f"{self.label}: no model weights (no *.safetensors file)")
 
     def load(self, name: str, dtype: Any = None) -> Any:
@@ -207,8 +249,10 @@ class ModelDir(Source):
         return t if dtype is None else t.to(dtype)
 
 
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                       r"(?:\.default)?(?:\.weight)?$")
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?:\.default)?(?:\.weight)?$"
+)
 
 
 class LoraSource(Source):
@@ -226,28 +270,36 @@ class LoraSource(Source):
             raise UsageError(f"{self.label}: a {kind} adapter; only LoRA adapters can be merged")
         for flag, why in (("use_dora", "DoRA"), ("lora_bias", "LoRA with bias"), ("use_qalora", "QA-LoRA")):
             if self.adapter.get(flag):
-                raise UsageError(f"{self.label}: {why} adapters are not supported by the merge",
-                                 hint="merge it with PEFT (merge_and_unload) and save the model")
+                raise UsageError(
+                    f"{self.label}: {why} adapters are not supported by the merge",
+                    hint="merge it with PEFT (merge_and_unload) and save the model",
+                )
         if self.adapter.get("layer_replication"):
             raise UsageError(f"{self.label}: adapters with layer_replication are not supported by the merge")
         if base is None:
             named = self.adapter.get("base_model_name_or_path")
             if not named:
-                raise DataError(f"{self.label}: adapter_config.json does not name its base model",
-                                hint="give the base (lora_base in a recipe, --base for llmforge merge-lora)")
+                raise DataError(
+                    f"{self.label}: adapter_config.json does not name its base model",
+                    hint="give the base (lora_base in a recipe, --base for llmforge merge-lora)",
+                )
             base = Path(named)
             if not base.is_absolute():
                 base = (self.path / base) if (self.path / base).exists() else base
             if not base.exists():
-                raise DataError(f"{self.label}: its base model '{named}' is not a local directory",
-                                hint="give the base (lora_base in a recipe, --base for llmforge merge-lora)")
+                raise DataError(
+                    f"{self.label}: its base model '{named}' is not a local directory",
+                    hint="give the base (lora_base in a recipe, --base for llmforge merge-lora)",
+                )
         self.base = ModelDir(base)
         self.config = dict(self.base.config)
         weights = self.path / "adapter_model.safetensors"
         if not weights.exists():
             if (self.path / "adapter_model.bin").exists():
-                raise UsageError(f"{self.label}: adapter weights in pickle format (adapter_model.bin); the merge "
-                                 f"reads safetensors", hint="save the adapter with safe_serialization=True")
+                raise UsageError(
+                    f"{self.label}: adapter weights in pickle format (adapter_model.bin); the merge reads safetensors",
+                    hint="save the adapter with safe_serialization=True",
+                )
             raise DataError(f"{self.label}: no adapter_model.safetensors")
         self.weights = weights
         header = _header(weights)
@@ -268,8 +320,10 @@ class LoraSource(Source):
             if "A" not in entry or "B" not in entry:
                 raise DataError(f"{weights}: {target}: lora_A and lora_B must both be present")
             if not self.base.has(target) and target not in self.replaced:
-                raise UsageError(f"{self.label}: the adapter changes {target}, which its base {self.base.label} "
-                                 f"does not have", hint="is this the adapter's base model?")
+                raise UsageError(
+                    f"{self.label}: the adapter changes {target}, which its base {self.base.label} does not have",
+                    hint="is this the adapter's base model?",
+                )
         self.tensors = dict(self.base.tensors)
         for name, key in self.replaced.items():
             self.tensors[name] = header[key]
@@ -289,7 +343,7 @@ class LoraSource(Source):
                 alpha = float(value)
                 break
         if self.adapter.get("use_rslora"):
-            return alpha / (rank ** 0.5)
+            return alpha / (rank**0.5)
         return alpha / rank
 
     def delta(self, name: str, dtype: Any) -> Any:
@@ -326,8 +380,10 @@ class LoraSource(Source):
             work = dtype if dtype is not None and dtype.itemsize >= 4 else torch.float32
             d = self.delta(target, work)
             if tuple(d.shape) != tuple(t.shape):
-                raise DataError(f"{self.label}: the adapter's update of {target} has shape {list(d.shape)}, "
-                                f"the weight {list(t.shape)}")
+                raise DataError(
+                    f"{self.label}: the adapter's update of {target} has shape {list(d.shape)}, "
+                    f"the weight {list(t.shape)}"
+                )
             t = t.to(work).add_(d)
         return t if dtype is None else t.to(dtype)
 
@@ -337,6 +393,7 @@ def open_source(path: Path, label: str | None = None, lora_base: Path | None = N
     if (path / "adapter_config.json").exists():
         return LoraSource(path, label, base=lora_base)
     if lora_base is not None:
-        raise UsageError(f"{label or path}: lora_base is given, but this is not an adapter directory "
-                         f"(no adapter_config.json)")
+        raise UsageError(
+            f"{label or path}: lora_base is given, but this is not an adapter directory (no adapter_config.json)"
+        )
     return ModelDir(path, label)

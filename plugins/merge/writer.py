@@ -18,9 +18,20 @@ from pathlib import Path
 from typing import Any
 
 #: torch dtype name -> (safetensors dtype, bytes per element)
-DTYPES = {"float64": ("F64", 8), "float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2),
-          "int64": ("I64", 8), "int32": ("I32", 4), "int16": ("I16", 2), "int8": ("I8", 1), "uint8": ("U8", 1),
-          "bool": ("BOOL", 1), "float8_e4m3fn": ("F8_E4M3", 1), "float8_e5m2": ("F8_E5M2", 1)}
+DTYPES = {
+    "float64": ("F64", 8),
+    "float32": ("F32", 4),
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "int64": ("I64", 8),
+    "int32": ("I32", 4),
+    "int16": ("I16", 2),
+    "int8": ("I8", 1),
+    "uint8": ("U8", 1),
+    "bool": ("BOOL", 1),
+    "float8_e4m3fn": ("F8_E4M3", 1),
+    "float8_e5m2": ("F8_E5M2", 1),
+}
 
 
 def nbytes(dtype: str, shape: Iterable[int]) -> int:
@@ -41,8 +52,12 @@ def header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
     return raw + b" " * (-len(raw) % 8)
 
 
-def write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...]]],
-                      produce: Callable[[str], Any], metadata: dict[str, str] | None = None) -> int:
+def write_safetensors(
+    path: Path,
+    entries: list[tuple[str, str, tuple[int, ...]]],
+    produce: Callable[[str], Any],
+    metadata: dict[str, str] | None = None,
+) -> int:
     """Write `entries` (name, torch dtype name, shape) to `path`, calling `produce(name)` for each tensor
     in order. Returns the number of bytes written. The file is fsynced before returning."""
     import torch

@@ -63,8 +63,10 @@ class ForgeCallback(TrainerCallback):
             self.last_tokens = self.trainer.useful_tokens
             self.last_samples = self.trainer.samples_seen
         world = f", {self.ctx.world_size} processes" if self.ctx.world_size > 1 else ""
-        self.ctx.log(f"training: {state.max_steps} steps, precision {self.precision}{world}"
-                     + (f", resuming at step {state.global_step}" if state.global_step else ""))
+        self.ctx.log(
+            f"training: {state.max_steps} steps, precision {self.precision}{world}"
+            + (f", resuming at step {state.global_step}" if state.global_step else "")
+        )
         self.step = state.global_step
         self.watchdog.start()
 
@@ -74,8 +76,11 @@ class ForgeCallback(TrainerCallback):
         stop = self.ctx.should_stop()
         checkpoint = not stop and self.ctx.checkpoint_requested()
         # Rank 0's clock decides time-based saves, so that the ranks never disagree by a step.
-        timed = self.save_seconds is not None and self.ctx.rank == 0 and \
-            time.monotonic() - self.last_save >= self.save_seconds
+        timed = (
+            self.save_seconds is not None
+            and self.ctx.rank == 0
+            and time.monotonic() - self.last_save >= self.save_seconds
+        )
         stop, checkpoint, timed = dist.agree([stop, checkpoint, timed])
         if stop:
             self.ctx.stop_seen = True  # a stop another rank saw is this rank's stop too

@@ -67,12 +67,15 @@ def note_world_change(ckpt: Path, ctx: Any) -> None:
         return
     if "deepspeed" in (backend, now):
         # DeepSpeed partitions the optimizer (and with ZeRO-3 the weights) per process in its own format.
-        raise UsageError(f"{ckpt.name} was written by the {backend} backend with {world} process(es); this run "
-                         f"uses {now} with {ctx.world_size}: DeepSpeed checkpoints resume only under DeepSpeed "
-                         "with the same number of processes",
-                         hint="resume with the same [backend], or convert the checkpoint with DeepSpeed's "
-                              "ds_to_universal.py")
-    ctx.log(f"{ckpt.name} was written by {world} process(es), this run has {ctx.world_size}: the weights, the "
-            "optimizer state, the learning-rate schedule and the position in the data carry over; each process's "
-            "random state restarts, and the global batch is now micro_batch_size x gradient_accumulation x "
-            f"{ctx.world_size}")
+        raise UsageError(
+            f"{ckpt.name} was written by the {backend} backend with {world} process(es); this run "
+            f"uses {now} with {ctx.world_size}: DeepSpeed checkpoints resume only under DeepSpeed "
+            "with the same number of processes",
+            hint="resume with the same [backend], or convert the checkpoint with DeepSpeed's ds_to_universal.py",
+        )
+    ctx.log(
+        f"{ckpt.name} was written by {world} process(es), this run has {ctx.world_size}: the weights, the "
+        "optimizer state, the learning-rate schedule and the position in the data carry over; each process's "
+        "random state restarts, and the global batch is now micro_batch_size x gradient_accumulation x "
+        f"{ctx.world_size}"
+    )

@@ -25,8 +25,10 @@ def load_rows(data_opts, ctx, expect: tuple[str, ...], name: str = "data"):
         write_report(ds, ctx.stage_dir if name == "data" else ctx.stage_dir / name)
     msg = f"{name}: {len(ds.rows)} rows in the {ds.format} format from {len(ds.files)} file(s)"
     if ds.skipped:
-        msg += f"; skipped {len(ds.skipped)} bad rows (first: {ds.skipped[0][0]}: {ds.skipped[0][1]}), " \
-               f"see {ctx.stage_dir / 'data-report.json'}"
+        msg += (
+            f"; skipped {len(ds.skipped)} bad rows (first: {ds.skipped[0][0]}: {ds.skipped[0][1]}), "
+            f"see {ctx.stage_dir / 'data-report.json'}"
+        )
     ctx.log(msg, level="warning" if ds.skipped else "info")
     ctx.emit("dataset", rows=len(ds.rows), format=ds.format, kind=ds.kind, skipped=len(ds.skipped), files=ds.files)
     return ds
@@ -42,14 +44,28 @@ def tokenize_split(ctx, rows, kind, tokenizer, template, opts, train_on="assista
 
     seed = seed_of(opts, ctx)
     train_rows, eval_rows = tokenized.split_eval(rows, opts.eval_split, seed)
-    tr = tokenized.tokenize(train_rows, kind, tokenizer, template, max_length=opts.max_length, train_on=train_on,
-                            cache_dir=cache_dir(ctx))
-    ev = tokenized.tokenize(eval_rows, kind, tokenizer, template, max_length=opts.max_length, train_on=train_on,
-                            cache_dir=cache_dir(ctx)) if eval_rows else None
+    tr = tokenized.tokenize(
+        train_rows, kind, tokenizer, template, max_length=opts.max_length, train_on=train_on, cache_dir=cache_dir(ctx)
+    )
+    ev = (
+        tokenized.tokenize(
+            eval_rows,
+            kind,
+            tokenizer,
+            template,
+            max_length=opts.max_length,
+            train_on=train_on,
+            cache_dir=cache_dir(ctx),
+        )
+        if eval_rows
+        else None
+    )
     s = tr.stats
-    ctx.log(f"tokenized: {s['sequences']} sequences, {s['tokens']} tokens ({s['trained_tokens']} trained), "
-            f"truncated {s['truncated']} ({100 * s['truncation_rate']:.1f}%) at max_length {opts.max_length}"
-            + (" [cache hit]" if tr.cached else ""))
+    ctx.log(
+        f"tokenized: {s['sequences']} sequences, {s['tokens']} tokens ({s['trained_tokens']} trained), "
+        f"truncated {s['truncated']} ({100 * s['truncation_rate']:.1f}%) at max_length {opts.max_length}"
+        + (" [cache hit]" if tr.cached else "")
+    )
     ctx.emit("tokenized", cached=tr.cached, key=tr.key, **{k: v for k, v in s.items() if k != "key"})
     if not tr.rows:
         from llmforge.errors import DataError
@@ -70,8 +86,10 @@ def check_qlora(lora) -> None:
         from llmforge.errors import UsageError
 
         if not torch.cuda.is_available():
-            raise UsageError("lora.qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has none",
-                             hint="use plain LoRA (lora.qlora = false) on CPU")
+            raise UsageError(
+                "lora.qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has none",
+                hint="use plain LoRA (lora.qlora = false) on CPU",
+            )
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
@@ -84,13 +102,24 @@ def qlora_kwargs(lora) -> dict:
     import torch
     from transformers import BitsAndBytesConfig
 
-    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                      bnb_4bit_compute_dtype=torch.bfloat16,
-                                                      bnb_4bit_use_double_quant=True)}
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+    }
 
 
-def save_outputs(ctx: StageContext, trainer: Any, tokenizer: Any, template: ChatTemplate | None,
-                 lora: LoraOptions | None, merge: bool) -> None:
+def save_outputs(
+    ctx: StageContext,
+    trainer: Any,
+    tokenizer: Any,
+    template: ChatTemplate | None,
+    lora: LoraOptions | None,
+    merge: bool,
+) -> None:
     """Write the stage's artifacts from the trainer that trained the model: the model (full training), or
     the adapter and, on request, the merged model."""
     from llmforge_plugins.training.models import save_model_dir

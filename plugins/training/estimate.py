@@ -23,13 +23,22 @@ def training_setup(options: Any, env: PlanEnv, shape: Shape, pairs: bool = False
     lora = getattr(o, "lora", None)  # pretrain has no LoRA table
     on = bool(lora is not None and lora.enabled)
     return Training(
-        micro_batch=o.micro_batch_size, seq=o.max_length, grad_accum=o.gradient_accumulation,
+        micro_batch=o.micro_batch_size,
+        seq=o.max_length,
+        grad_accum=o.gradient_accumulation,
         precision=env.precision(o.precision, shape.params()),
-        checkpointing=bool(getattr(o, "gradient_checkpointing", False)), optimizer=getattr(o, "optimizer", "adamw"),
-        lora=on, lora_r=lora.r if on else 16, lora_dropout=lora.dropout if on else 0.0,
-        lora_targets=lora.target_modules if on else "all-linear", qlora=on and bool(getattr(lora, "qlora", False)),
-        pairs=pairs, reference_copy=pairs and not on,
-        keep_last=getattr(o, "keep_last", 2), merge=on and bool(getattr(o, "merge", False)))
+        checkpointing=bool(getattr(o, "gradient_checkpointing", False)),
+        optimizer=getattr(o, "optimizer", "adamw"),
+        lora=on,
+        lora_r=lora.r if on else 16,
+        lora_dropout=lora.dropout if on else 0.0,
+        lora_targets=lora.target_modules if on else "all-linear",
+        qlora=on and bool(getattr(lora, "qlora", False)),
+        pairs=pairs,
+        reference_copy=pairs and not on,
+        keep_last=getattr(o, "keep_last", 2),
+        merge=on and bool(getattr(o, "merge", False)),
+    )
 
 
 def training_estimate(options: Any, env: PlanEnv, shape: Shape, pairs: bool = False) -> Estimate:

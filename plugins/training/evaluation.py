@@ -20,7 +20,7 @@ def perplexity(model: Any, rows: list[dict], batch_size: int = 4) -> float:
     device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            for row in rows[i:i + batch_size]:
+            for row in rows[i : i + batch_size]:
                 ids = torch.tensor([row["input_ids"]], device=device)
                 labels = torch.tensor([row["labels"]], device=device)
                 n = int((labels[:, 1:] != -100).sum())

@@ -70,9 +70,16 @@ def _sft_config(opts: Any) -> dict[str, Any]:
     # The rows come tokenized with llmforge's loss masks (llmforge.chat), one masking implementation for
     # every template: TRL only packs (best-fit, padding-free), batches and trains. It must neither
     # recompute masks nor reorder the rows (the Trainer's sampler shuffles them, seeded by data_seed).
-    return dict(max_length=opts.max_length, packing=opts.packing, packing_strategy="bfd",
-                padding_free=opts.packing, dataset_num_proc=None, assistant_only_loss=False,
-                completion_only_loss=None, shuffle_dataset=False)
+    return dict(
+        max_length=opts.max_length,
+        packing=opts.packing,
+        packing_strategy="bfd",
+        padding_free=opts.packing,
+        dataset_num_proc=None,
+        assistant_only_loss=False,
+        completion_only_loss=None,
+        shuffle_dataset=False,
+    )
 
 
 def _dpo_config(opts: Any) -> dict[str, Any]:
@@ -105,8 +112,9 @@ class Training:
     precision: str
 
 
-def common_args(opts: TrainOptions, ctx: StageContext, output_dir: Path, has_eval: bool,
-                model: Any = None) -> tuple[dict[str, Any], str]:
+def common_args(
+    opts: TrainOptions, ctx: StageContext, output_dir: Path, has_eval: bool, model: Any = None
+) -> tuple[dict[str, Any], str]:
     """The TrainingArguments every stage shares, and the precision as the training log names it (with
     why, for "auto"). `model` (the one being trained) decides what "auto" becomes on a CPU."""
     prec = resolve_precision(opts.precision, model.num_parameters() if model is not None else None)
@@ -146,17 +154,27 @@ def common_args(opts: TrainOptions, ctx: StageContext, output_dir: Path, has_eva
     return args, prec["_name"] + (f" ({prec['_reason']})" if prec["_reason"] else "")
 
 
-def trainer_config(kind: TrainerKind, opts: TrainOptions, ctx: StageContext, output_dir: Path, has_eval: bool,
-                   model: Any = None) -> tuple[Any, str]:
+def trainer_config(
+    kind: TrainerKind, opts: TrainOptions, ctx: StageContext, output_dir: Path, has_eval: bool, model: Any = None
+) -> tuple[Any, str]:
     """The kind's TRL config (common_args plus the kind's own fields), and the precision as logged."""
     args, precision = common_args(opts, ctx, output_dir, has_eval, model=model)
     config_class, _ = kind.classes()
     return config_class(**args, **kind.config_args(opts)), precision
 
 
-def build_trainer(kind: TrainerKind, *, ctx: StageContext, opts: TrainOptions, model: Any, tokenizer: Any,
-                  train_rows: list[dict], eval_rows: list[dict] | None, lora: LoraOptions | None = None,
-                  extra_callbacks: Sequence[TrainerCallback] = ()) -> Training:
+def build_trainer(
+    kind: TrainerKind,
+    *,
+    ctx: StageContext,
+    opts: TrainOptions,
+    model: Any,
+    tokenizer: Any,
+    train_rows: list[dict],
+    eval_rows: list[dict] | None,
+    lora: LoraOptions | None = None,
+    extra_callbacks: Sequence[TrainerCallback] = (),
+) -> Training:
     """A trainer of `kind` for `model` on `train_rows` (and `eval_rows`, evaluated at the end and every
     `eval_every` steps), with llmforge's callbacks, then `extra_callbacks`; a LoRA adapter when
     `lora.enabled`. A fresh (not resumed) stage starts without the checkpoints of an earlier attempt."""
@@ -177,11 +195,14 @@ def build_trainer(kind: TrainerKind, *, ctx: StageContext, opts: TrainOptions, m
         callbacks.append(ProfileCallback(ctx, ctx.stage_dir / "profile"))
     _, trainer_class = kind.classes()
     trainer = counting(trainer_class)(
-        model=model, args=config, processing_class=tokenizer,
+        model=model,
+        args=config,
+        processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         peft_config=lora_config(lora) if lora is not None and lora.enabled else None,
-        callbacks=callbacks, **kind.trainer_args(opts, ctx),
+        callbacks=callbacks,
+        **kind.trainer_args(opts, ctx),
     )
     # Not every trainer's constructor takes optimizer_cls_and_kwargs (DPOTrainer does not); the base
     # Trainer reads the attribute when it creates the optimizer at the start of training, so setting it
@@ -205,8 +226,13 @@ def lora_config(lora: LoraOptions) -> Any:
     from peft import LoraConfig
 
     # PEFT annotates lora_alpha as int but computes the scale as alpha / r: a float alpha works as given.
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,  # type: ignore[arg-type]
-                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,  # type: ignore[arg-type]
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
 
 
 def optimizer_spec(opts: TrainOptions) -> tuple[type, dict[str, Any]] | None:

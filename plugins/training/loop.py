@@ -41,8 +41,13 @@ class TrainOutcome:
 
     def record(self, ctx: StageContext) -> None:
         """Put the figures into the run manifest (ctx.info)."""
-        ctx.info.update(final_loss=self.final_loss, eval_loss=self.eval_loss, steps=self.steps,
-                        trained_tokens=self.trained_tokens, train_seconds=round(self.train_seconds, 3))
+        ctx.info.update(
+            final_loss=self.final_loss,
+            eval_loss=self.eval_loss,
+            steps=self.steps,
+            trained_tokens=self.trained_tokens,
+            train_seconds=round(self.train_seconds, 3),
+        )
 
 
 def run_trainer(training: Training, ctx: StageContext) -> TrainOutcome:
@@ -52,8 +57,11 @@ def run_trainer(training: Training, ctx: StageContext) -> TrainOutcome:
     check_tensor_parallel(trainer, ctx)
     fsdp = getattr(getattr(getattr(ctx.backend, "settings", None), "fsdp", None), "enabled", False)
     if fsdp and not trainer.is_fsdp_enabled:
-        ctx.log("backend.fsdp.enabled is set but accelerate did not shard the model: FSDP needs GPUs (on CPUs "
-                "the processes train as plain data parallel, over gloo)", level="warning")
+        ctx.log(
+            "backend.fsdp.enabled is set but accelerate did not shard the model: FSDP needs GPUs (on CPUs "
+            "the processes train as plain data parallel, over gloo)",
+            level="warning",
+        )
     resume_from = None
     if ctx.resume:
         if ctx.rank == 0:
@@ -79,8 +87,15 @@ def run_trainer(training: Training, ctx: StageContext) -> TrainOutcome:
     eval_loss = None
     if trainer.eval_dataset is not None and not callback.stopped:
         eval_loss = trainer.evaluate().get("eval_loss")  # logged as a metric event by ForgeCallback.on_log
-    return TrainOutcome(trainer, callback.stopped, losses[-1] if losses else getattr(result, "training_loss", None),
-                        eval_loss, trainer.state.global_step, getattr(trainer, "useful_tokens", 0), seconds)
+    return TrainOutcome(
+        trainer,
+        callback.stopped,
+        losses[-1] if losses else getattr(result, "training_loss", None),
+        eval_loss,
+        trainer.state.global_step,
+        getattr(trainer, "useful_tokens", 0),
+        seconds,
+    )
 
 
 def check_tensor_parallel(trainer: Any, ctx: StageContext) -> None:
@@ -88,7 +103,9 @@ def check_tensor_parallel(trainer: Any, ctx: StageContext) -> None:
     settings = getattr(ctx.backend, "settings", None)
     tp = getattr(settings, "tp_size", 1)
     if tp > 1 and (getattr(trainer.model, "tp_size", None) or 1) != tp:
-        raise UsageError(f"stage {ctx.stage_name}: tp_size = {tp}, but its model was not loaded with tensor "
-                         "parallelism (only models loaded from a folder whose config declares a "
-                         "base_model_tp_plan are; a model built from scratch, as in pretrain, is not)",
-                         hint="run this stage with tp_size = 1")
+        raise UsageError(
+            f"stage {ctx.stage_name}: tp_size = {tp}, but its model was not loaded with tensor "
+            "parallelism (only models loaded from a folder whose config declares a "
+            "base_model_tp_plan are; a model built from scratch, as in pretrain, is not)",
+            hint="run this stage with tp_size = 1",
+        )

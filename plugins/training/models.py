@@ -27,11 +27,17 @@ def train_tokenizer(texts, vocab_size: int, template, min_frequency: int = 2):
     # "gpt-2" pre-tokenizer matches it.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=template.bos, eos_token=template.eos,
-                                   pad_token=template.pad or DEFAULT_PAD)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=template.bos, eos_token=template.eos, pad_token=template.pad or DEFAULT_PAD
+    )
     fast.chat_template = template.source
     return fast
 
@@ -42,10 +48,16 @@ def model_config(preset: str, vocab_size: int, max_length: int, overrides: dict,
     if preset not in PRESETS:
         raise UsageError(f"unknown model size preset '{preset}' (known: {', '.join(PRESETS)})")
     dims = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max(max_length, 128),
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=dims.pop("tie_embeddings", True),
-                       rope_theta=dims.pop("rope_theta", 10000.0), **dims)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max(max_length, 128),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=dims.pop("tie_embeddings", True),
+        rope_theta=dims.pop("rope_theta", 10000.0),
+        **dims,
+    )
 
 
 def is_adapter(path: Path) -> bool:
@@ -73,8 +85,10 @@ def load_model(path: str | Path, trust_remote_code: bool = False, dtype=None, **
         if kwargs.get("quantization_config") is not None:
             raise UsageError("QLoRA on top of an adapter: merge it first (merge = true on the stage that made it)")
         if tensor_parallel_kwargs(Path(base_path), trust_remote_code):
-            raise UsageError(f"{path}: tensor parallelism (tp_size > 1) needs a model folder, not an adapter",
-                             hint="merge the adapter first (merge = true on the stage that made it)")
+            raise UsageError(
+                f"{path}: tensor parallelism (tp_size > 1) needs a model folder, not an adapter",
+                hint="merge the adapter first (merge = true on the stage that made it)",
+            )
         base = AutoModelForCausalLM.from_pretrained(base_path, trust_remote_code=trust_remote_code, dtype=dtype)
         return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     if not (path / "config.json").exists():
@@ -102,9 +116,11 @@ def tensor_parallel_kwargs(path: Path, trust_remote_code: bool = False) -> dict:
         raise UsageError(f"tp_size = {tp} needs GPUs; this machine has none", hint="use tp_size = 1")
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if not getattr(config, "base_model_tp_plan", None):
-        raise UsageError(f"{path}: tp_size = {tp}, but this model's config ({config.model_type}) declares no "
-                         "tensor-parallel plan (base_model_tp_plan)",
-                         hint="use tp_size = 1 (data parallel, or FSDP to shard it) for this model")
+        raise UsageError(
+            f"{path}: tp_size = {tp}, but this model's config ({config.model_type}) declares no "
+            "tensor-parallel plan (base_model_tp_plan)",
+            hint="use tp_size = 1 (data parallel, or FSDP to shard it) for this model",
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # tp_plan="auto" is the plan of the model's config; the processes beyond one TP group shard it (FSDP2).
     return {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=tp, fsdp_size=max(1, world // tp))}
@@ -130,8 +146,9 @@ def prepare_tokenizer(model, tokenizer, template) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def save_model_dir(model, tokenizer, out: Path, template=None, extra: dict | None = None,
-                   state_dict: dict | None = None) -> None:
+def save_model_dir(
+    model, tokenizer, out: Path, template=None, extra: dict | None = None, state_dict: dict | None = None
+) -> None:
     """A complete HF directory: safetensors weights, config, tokenizer with its chat template.
     `state_dict`: the full weights when the model's own are sharded across processes (FSDP, ZeRO-3)."""
     model.config.use_cache = True  # training turned it off; generation wants it back

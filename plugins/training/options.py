@@ -17,7 +17,8 @@ class LoraOptions(StageOptions):
     alpha: float = Field(32.0, gt=0, description="Scaling numerator (the update is scaled by alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or all-linear for every linear layer but the output.")
+        "all-linear", description="Module names to adapt, or all-linear for every linear layer but the output."
+    )
     qlora: bool = Field(False, description="Load the base in 4 bit (bitsandbytes, CUDA only) and train LoRA on it.")
 
 
@@ -36,21 +37,26 @@ class TrainOptions(StageOptions):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
     optimizer: Literal["adamw", "lion"] = Field("adamw", description="AdamW (torch), or Lion (llmforge's own).")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 on GPUs and CPUs that support it (autocast), fp16 on older GPUs, else fp32.")
+        "auto", description="auto: bf16 on GPUs and CPUs that support it (autocast), fp16 on older GPUs, else fp32."
+    )
     packing: bool = Field(True, description="Pack short samples into full sequences (no attention across samples).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
     seed: int | None = Field(None, ge=0, description="Random seed (default: [project].seed).")
     eval_split: float = Field(0.0, ge=0, lt=1, description="Fraction of rows held out for evaluation.")
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (default: at the end only).")
-    save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (default: by time, see "
-                                                             "save_minutes).")
-    save_minutes: float = Field(10.0, gt=0, description="Checkpoint when this much time passed since the last one "
-                                                        "(also on stop and on `llmforge checkpoint`).")
+    save_every: int | None = Field(
+        None, gt=0, description="Checkpoint every N steps (default: by time, see save_minutes)."
+    )
+    save_minutes: float = Field(
+        10.0,
+        gt=0,
+        description="Checkpoint when this much time passed since the last one "
+        "(also on stop and on `llmforge checkpoint`).",
+    )
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     log_every: int = Field(5, gt=0, description="Emit metrics every N steps.")
     profile: bool = Field(False, description="Profile a few steps with the PyTorch profiler; trace in the stage dir.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you trust it.")
-
 
 
 def adapter_outputs(options, *always: str) -> tuple[str, ...]:
@@ -78,8 +84,13 @@ def template_problems(value: str | None, templates: Mapping[str, Any]) -> list:
     names = templates
     if value in names:
         return []
-    return [Problem("template", f"unknown chat template '{value}'{did_you_mean(value, names)} "
-                                f"(installed: {', '.join(sorted(names)) or 'none'}; or a .jinja file)")]
+    return [
+        Problem(
+            "template",
+            f"unknown chat template '{value}'{did_you_mean(value, names)} "
+            f"(installed: {', '.join(sorted(names)) or 'none'}; or a .jinja file)",
+        )
+    ]
 
 
 def template_cache_extra(value: str | None, project_dir) -> dict:

@@ -25,9 +25,19 @@ def resolve_precision(precision: str, params: int | None = None) -> dict[str, An
     cuda = torch.cuda.is_available()
     mps = torch.backends.mps.is_available()
     device = "cuda" if cuda else ("mps" if mps else "cpu")
-    choice = choose_precision(precision, device=device, gpu_bf16=cuda and torch.cuda.is_bf16_supported(),
-                              cpu_bf16_fast=device == "cpu" and cpu_features()["bf16_fast"], params=params)
+    choice = choose_precision(
+        precision,
+        device=device,
+        gpu_bf16=cuda and torch.cuda.is_bf16_supported(),
+        cpu_bf16_fast=device == "cpu" and cpu_features()["bf16_fast"],
+        params=params,
+    )
     if choice.name == "fp16" and not cuda:
-        raise UsageError("precision = \"fp16\" needs a CUDA GPU", hint="use precision = \"auto\", \"bf16\" or \"fp32\"")
-    return {"use_cpu": not (cuda or mps), "bf16": choice.name == "bf16", "fp16": choice.name == "fp16",
-            "_name": choice.name, "_reason": choice.reason}
+        raise UsageError('precision = "fp16" needs a CUDA GPU', hint='use precision = "auto", "bf16" or "fp32"')
+    return {
+        "use_cpu": not (cuda or mps),
+        "bf16": choice.name == "bf16",
+        "fp16": choice.name == "fp16",
+        "_name": choice.name,
+        "_reason": choice.reason,
+    }

@@ -13,16 +13,21 @@ if TYPE_CHECKING:
 
 # Llama-architecture shapes. `tiny` is for tests; `smollm-135m` matches SmolLM2-135M's shape.
 PRESETS: dict[str, dict] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=176),
-    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                 intermediate_size=688),
-    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                  intermediate_size=1376),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
-                 intermediate_size=2048),
-    "smollm-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                        intermediate_size=1536),
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=176
+    ),
+    "mini": dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, intermediate_size=688
+    ),
+    "small": dict(
+        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1376
+    ),
+    "base": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048
+    ),
+    "smollm-135m": dict(
+        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536
+    ),
 }
 
 
@@ -34,6 +39,17 @@ def preset_shape(size: str, vocab: int, overrides: dict | None = None, source: s
     overrides = overrides or {}
     dims = {**PRESETS[size], **{k: v for k, v in overrides.items() if v is not None and k in PRESETS["tiny"]}}
     h, heads = dims["hidden_size"], dims["num_attention_heads"]
-    return Shape(vocab, h, dims["num_hidden_layers"], heads, dims["num_key_value_heads"] or heads,
-                 dims["intermediate_size"], h // heads, bool(overrides.get("tie_embeddings", True)),
-                 "float32", "sdpa", False, source or f"preset {size}")
+    return Shape(
+        vocab,
+        h,
+        dims["num_hidden_layers"],
+        heads,
+        dims["num_key_value_heads"] or heads,
+        dims["intermediate_size"],
+        h // heads,
+        bool(overrides.get("tie_embeddings", True)),
+        "float32",
+        "sdpa",
+        False,
+        source or f"preset {size}",
+    )

@@ -47,8 +47,10 @@ class ProfileCallback(TrainerCallback):
         prof.export_chrome_trace(str(trace))
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
         (self.out_dir / "top-operators.txt").write_text(table)
-        top = [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1000, 3), "calls": e.count}
-               for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]]
+        top = [
+            {"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1000, 3), "calls": e.count}
+            for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+        ]
         self.ctx.emit("profile", trace=str(trace), top=top)
         self.ctx.log(f"profile written: {trace} (open in Perfetto or chrome://tracing)")
         self.warmup = 10**9  # once per run

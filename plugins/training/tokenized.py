@@ -51,10 +51,14 @@ def _save(rows: list[dict], stats: dict, folder: Path) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     lengths = np.array([len(r["input_ids"]) for r in rows], dtype=np.int64)
     np.save(tmp / "lengths.npy", lengths)
-    np.save(tmp / "input_ids.npy", np.fromiter((t for r in rows for t in r["input_ids"]), dtype=np.int32,
-                                               count=int(lengths.sum())))
-    np.save(tmp / "labels.npy", np.fromiter((t for r in rows for t in r["labels"]), dtype=np.int32,
-                                            count=int(lengths.sum())))
+    np.save(
+        tmp / "input_ids.npy",
+        np.fromiter((t for r in rows for t in r["input_ids"]), dtype=np.int32, count=int(lengths.sum())),
+    )
+    np.save(
+        tmp / "labels.npy",
+        np.fromiter((t for r in rows for t in r["labels"]), dtype=np.int32, count=int(lengths.sum())),
+    )
     (tmp / "meta.json").write_text(json.dumps(stats, indent=2))
     if (folder / "meta.json").exists():  # another process (a rank of the same launch) was quicker
         shutil.rmtree(tmp, ignore_errors=True)
@@ -76,19 +80,35 @@ def _load(folder: Path) -> tuple[list[dict], dict]:
     labels = np.load(folder / "labels.npy")
     rows, start = [], 0
     for n in lengths.tolist():
-        rows.append({"input_ids": ids[start:start + n].tolist(), "labels": labels[start:start + n].tolist()})
+        rows.append({"input_ids": ids[start : start + n].tolist(), "labels": labels[start : start + n].tolist()})
         start += n
     return rows, json.loads((folder / "meta.json").read_text())
 
 
-def tokenize(rows: list[dict], kind: str, tokenizer, template, *, max_length: int, train_on: str = "assistant",
-             cache_dir: Path | None = None, add_eos: bool = True) -> TokenizedSet:
+def tokenize(
+    rows: list[dict],
+    kind: str,
+    tokenizer,
+    template,
+    *,
+    max_length: int,
+    train_on: str = "assistant",
+    cache_dir: Path | None = None,
+    add_eos: bool = True,
+) -> TokenizedSet:
     """Turn normalised rows (text or chat) into {input_ids, labels}, with a cache keyed by everything
     that decides the result. Long text documents are split into max_length pieces (nothing dropped);
     long chats are truncated and counted."""
-    key_src = {"rows": _rows_hash(rows), "kind": kind, "tokenizer": tokenizer_hash(tokenizer),
-               "template": template.hash if template is not None else None, "max_length": max_length,
-               "train_on": train_on, "add_eos": add_eos, "version": 1}
+    key_src = {
+        "rows": _rows_hash(rows),
+        "kind": kind,
+        "tokenizer": tokenizer_hash(tokenizer),
+        "template": template.hash if template is not None else None,
+        "max_length": max_length,
+        "train_on": train_on,
+        "add_eos": add_eos,
+        "version": 1,
+    }
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
     folder = cache_dir / key if cache_dir is not None else None
     if folder is not None and (folder / "meta.json").exists():
@@ -105,7 +125,7 @@ def tokenize(rows: list[dict], kind: str, tokenizer, template, *, max_length: in
             ids = tokenizer(r["text"], add_special_tokens=False)["input_ids"]
             ids = ([bos] if bos is not None else []) + ids + ([eos] if add_eos and eos is not None else [])
             for i in range(0, len(ids), max_length):
-                piece = ids[i:i + max_length]
+                piece = ids[i : i + max_length]
                 if len(piece) > 1:
                     out.append({"input_ids": piece, "labels": list(piece)})
     elif kind == "chat":
@@ -119,11 +139,18 @@ def tokenize(rows: list[dict], kind: str, tokenizer, template, *, max_length: in
     else:
         raise ValueError(f"cannot tokenize rows of kind {kind!r} for language-model training")
     lengths = [len(r["input_ids"]) for r in out]
-    stats = {"rows_in": len(rows), "sequences": len(out), "tokens": int(sum(lengths)),
-             "trained_tokens": int(sum(sum(1 for x in r["labels"] if x != IGNORE) for r in out)),
-             "truncated": truncated, "truncation_rate": truncated / max(len(rows), 1),
-             "max_len": max(lengths, default=0), "mean_len": (sum(lengths) / len(lengths)) if lengths else 0.0,
-             "seconds": round(time.monotonic() - t0, 3), "key": key}
+    stats = {
+        "rows_in": len(rows),
+        "sequences": len(out),
+        "tokens": int(sum(lengths)),
+        "trained_tokens": int(sum(sum(1 for x in r["labels"] if x != IGNORE) for r in out)),
+        "truncated": truncated,
+        "truncation_rate": truncated / max(len(rows), 1),
+        "max_len": max(lengths, default=0),
+        "mean_len": (sum(lengths) / len(lengths)) if lengths else 0.0,
+        "seconds": round(time.monotonic() - t0, 3),
+        "key": key,
+    }
     if folder is not None:
         _save(out, stats, folder)
     return TokenizedSet(out, key, False, stats)

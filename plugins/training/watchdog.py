@@ -38,8 +38,14 @@ def format_stacks() -> str:
 
 
 class Watchdog:
-    def __init__(self, minutes: float, stage_dir: Path, rank: int, emit: Callable[..., None],
-                 step: Callable[[], int | None] = lambda: None):
+    def __init__(
+        self,
+        minutes: float,
+        stage_dir: Path,
+        rank: int,
+        emit: Callable[..., None],
+        step: Callable[[], int | None] = lambda: None,
+    ):
         self.seconds = minutes * 60
         self.path = Path(stage_dir) / f"stacks-rank-{rank}.txt"
         self.rank = rank
@@ -77,18 +83,29 @@ class Watchdog:
                 self.dump(idle)
 
     def dump(self, idle: float) -> None:
-        header = (f"llmforge watchdog: rank {self.rank}, no training step for {idle:.1f} s "
-                  f"(watchdog_minutes = {self.seconds / 60:g}) at {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n")
+        header = (
+            f"llmforge watchdog: rank {self.rank}, no training step for {idle:.1f} s "
+            f"(watchdog_minutes = {self.seconds / 60:g}) at {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
+        )
         try:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(header + format_stacks() + "\n")
         except OSError:
             pass
-        message = (f"watchdog: no training step for {idle:.0f} s (after step {self.step()}); the Python stacks "
-                   f"of each process are in {self.path.parent}/stacks-rank-*.txt")
+        message = (
+            f"watchdog: no training step for {idle:.0f} s (after step {self.step()}); the Python stacks "
+            f"of each process are in {self.path.parent}/stacks-rank-*.txt"
+        )
         try:
-            self.emit("watchdog", rank=self.rank, idle_s=round(idle, 1), minutes=self.seconds / 60,
-                      step=self.step(), stacks=str(self.path), message=message)
+            self.emit(
+                "watchdog",
+                rank=self.rank,
+                idle_s=round(idle, 1),
+                minutes=self.seconds / 60,
+                step=self.step(),
+                stacks=str(self.path),
+                message=message,
+            )
             self.emit("log", level="warning", message=message)  # what a terminal following the run shows
         except Exception:  # noqa: BLE001 - the watchdog must never take the run down
             pass

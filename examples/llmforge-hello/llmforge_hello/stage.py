@@ -34,11 +34,16 @@ class HelloOptions(StageOptions):
     names: Annotated[str | None, Input("files")] = Field(
         None,
         description="Who to greet instead: a text file with one name per line, a folder of .txt files, "
-                    "or a reference to another stage's files artifact (@stage). Lines starting with # "
-                    "are skipped.")
+        "or a reference to another stage's files artifact (@stage). Lines starting with # "
+        "are skipped.",
+    )
     times: int = Field(1, ge=1, le=1000, description="How many times to greet each name.")
-    delay: float = Field(0.0, ge=0, le=10, description="Seconds to wait after each greeting, to watch "
-                                                       "progress or try `llmforge stop` and `--resume`.")
+    delay: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Seconds to wait after each greeting, to watch progress or try `llmforge stop` and `--resume`.",
+    )
 
 
 def greetings(greeting: str, names: list[str], times: int) -> list[str]:
@@ -98,8 +103,7 @@ class HelloStage(Stage):
         # The lines are held as Python strings (~50 bytes of overhead each), then joined into the file's text.
         memory = {"greetings (strings and the joined text)": 2 * text + names * options.times * 50}
         notes = [f"names read at run time: counted as {NAMES_GUESS:,}"] if options.names else []
-        return Estimate("cpu", sum(memory.values()), memory, disk=text, disk_parts={OUTPUT_FILE: text},
-                        notes=notes)
+        return Estimate("cpu", sum(memory.values()), memory, disk=text, disk_parts={OUTPUT_FILE: text}, notes=notes)
 
     def run(self, options: HelloOptions, ctx: StageContext) -> Produced | None:
         # `options.names` arrives resolved: an @reference has become the artifact's folder.

@@ -163,8 +163,9 @@ Saving keeps your comments and layout."""
         path = self.state.config_path
         try:
             if path is None:
-                raise ForgeError("no forge.toml here", hint="create one with `llmforge init`, or open the TUI "
-                                                             "with -c PATH")
+                raise ForgeError(
+                    "no forge.toml here", hint="create one with `llmforge init`, or open the TUI with -c PATH"
+                )
             path = Path(path)
             text = tomledit.read_text(path)
             doc = tomledit.parse(text, str(path))
@@ -194,8 +195,9 @@ Saving keeps your comments and layout."""
         await area.remove_children()
         await area.mount(Static(text, id="message", markup=False))
 
-    async def _loaded(self, path: Path, text: str, entries: list, classes: dict, problems: list[Problem],
-                keep_stage: int | None) -> None:
+    async def _loaded(
+        self, path: Path, text: str, entries: list, classes: dict, problems: list[Problem], keep_stage: int | None
+    ) -> None:
         self.path, self.text, self.entries, self.classes_by_uses = path, text, entries, classes
         self.query_one("#config-path", Static).update(f"{path}  ({len(entries)} stages)")
         select = self.query_one("#stage-select", Select)
@@ -228,8 +230,9 @@ Saving keeps your comments and layout."""
         uses = entry.get("uses")
         cls = self.classes_by_uses.get(uses) if isinstance(uses, str) else None
         if cls is None:
-            await self._message(f"stages[{index}]: unknown stage kind {uses!r}; see the problems "
-                                f"(and the Plugins screen)")
+            await self._message(
+                f"stages[{index}]: unknown stage kind {uses!r}; see the problems (and the Plugins screen)"
+            )
             return
         fields = fields_for(cls.Options)
         values = {f.name: tomledit.get(entry, f.name) for f in fields}
@@ -239,8 +242,9 @@ Saving keeps your comments and layout."""
         self.unknown = unknown_keys(entry, [f.name for f in fields])
         self.removed = []
         await area.remove_children()
-        await area.mount(Static(f"{entry.get('name', '?')}: {uses} — {getattr(cls, 'summary', '')}",
-                                classes="title", markup=False))
+        await area.mount(
+            Static(f"{entry.get('name', '?')}: {uses} — {getattr(cls, 'summary', '')}", classes="title", markup=False)
+        )
         if self.unknown:
             await area.mount(self._unknown_box(entry))
         form = OptionsForm(fields, values, sources, id="options-form")
@@ -256,9 +260,14 @@ Saving keeps your comments and layout."""
         rows = []
         for i, key in enumerate(self.unknown):
             shown = tomledit.source(entry, key) or "?"
-            rows.append(Horizontal(Static(f"{key} = {shown}   (not an option of this stage)", markup=False),
-                                   Button("Remove", id=f"remove-{i}", variant="warning", compact=True),
-                                   classes="unknown-row", id=f"unknown-{i}"))
+            rows.append(
+                Horizontal(
+                    Static(f"{key} = {shown}   (not an option of this stage)", markup=False),
+                    Button("Remove", id=f"remove-{i}", variant="warning", compact=True),
+                    classes="unknown-row",
+                    id=f"unknown-{i}",
+                )
+            )
         return Vertical(Static("Unknown keys", classes="title"), *rows, id="unknown")
 
     @on(Button.Pressed, ".unknown-row Button")
@@ -284,8 +293,11 @@ Saving keeps your comments and layout."""
             # Keep the user's edits: they are saved or dropped (reload) explicitly, never silently.
             with event.select.prevent(Select.Changed):
                 event.select.value = self.current
-            self.app.notify("this stage has unsaved changes: save (ctrl+s) or reload (ctrl+r) first",
-                            title="Config", severity="warning")
+            self.app.notify(
+                "this stage has unsaved changes: save (ctrl+s) or reload (ctrl+r) first",
+                title="Config",
+                severity="warning",
+            )
             return
         await self.show_stage(int(event.value))
 
@@ -377,7 +389,7 @@ Saving keeps your comments and layout."""
         prefix = f"stages[{self.current}]"
         for p in problems:
             if _under(p.where, prefix) and p.where != prefix:
-                rest = p.where[len(prefix):].lstrip(".")
+                rest = p.where[len(prefix) :].lstrip(".")
                 name = form.field_for(rest)
                 if name is not None:
                     by_field.setdefault(name, []).append(f"{p.where}: {p.message}")
@@ -450,9 +462,11 @@ Saving keeps your comments and layout."""
         self.app.notify(f"{first}{more}", title="Config: not saved", severity="error")
 
     def _saved(self, path: Path, problems: list[Problem], index: int) -> None:
-        self.app.notify(f"saved {path.name}" + (f"; {len(problems)} problems elsewhere in the file"
-                                                 if problems else ""),
-                        title="Config", severity="warning" if problems else "information")
+        self.app.notify(
+            f"saved {path.name}" + (f"; {len(problems)} problems elsewhere in the file" if problems else ""),
+            title="Config",
+            severity="warning" if problems else "information",
+        )
         if self._quit_after_save:  # `q`, then "save" in the question: saved, so quit now
             self.app.exit()
             return

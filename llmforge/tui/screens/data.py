@@ -70,31 +70,44 @@ class Inspection:
         return "tokens" if self.tokenizer is not None else "characters"
 
     def summary(self) -> str:
-        text = (f"{self.file}: {len(self.rows)} rows, format {self.format} ({self.kind})"
-                + (f", {len(self.skipped)} bad rows skipped" if self.skipped else ""))
+        text = f"{self.file}: {len(self.rows)} rows, format {self.format} ({self.kind})" + (
+            f", {len(self.skipped)} bad rows skipped" if self.skipped else ""
+        )
         if self.tokenizer is None:
             return text + "; choose a model or tokenizer folder to see tokens and loss masks"
         n = max(len(self.lengths), 1)
         cut = sum(self.truncated)
-        text += (f"\ntokens: mean {sum(self.lengths) / n:.1f}, max {max(self.lengths, default=0)}; truncated at "
-                 f"{self.max_length}: {cut} rows ({100 * cut / n:.1f}%); trained tokens "
-                 f"{100 * sum(self.trained) / max(sum(self.lengths), 1):.1f}%")
+        text += (
+            f"\ntokens: mean {sum(self.lengths) / n:.1f}, max {max(self.lengths, default=0)}; truncated at "
+            f"{self.max_length}: {cut} rows ({100 * cut / n:.1f}%); trained tokens "
+            f"{100 * sum(self.trained) / max(sum(self.lengths), 1):.1f}%"
+        )
         if self.template is not None:
             text += f"; template {self.template.name}"
         return text
 
 
-def inspect_data(data: str, model: Path | None, template: str | None, max_length: int, train_on: str,
-                 base: Path, progress=None, cancelled=lambda: False, *, registry) -> Inspection | None:
+def inspect_data(
+    data: str,
+    model: Path | None,
+    template: str | None,
+    max_length: int,
+    train_on: str,
+    base: Path,
+    progress=None,
+    cancelled=lambda: False,
+    *,
+    registry,
+) -> Inspection | None:
     """Read the data like a stage (bad rows skipped; `data` relative to `base`, and shown as written)
     and, with a model folder, tokenize every row. `progress(done, total)` is called now and then;
     returns None when `cancelled()` turns true. `registry`: the app's plugins (readers, formats, templates)."""
     from llmforge.data import DataOptions, load_data
 
-    ds = load_data(DataOptions(path=data, format="auto", on_bad_row="skip"), registry.readers, registry.row_formats,
-                   base=base)
-    out = Inspection(data, ds.kind, ds.format, ds.rows, ds.wheres, ds.skipped, max_length=max_length,
-                     train_on=train_on)
+    ds = load_data(
+        DataOptions(path=data, format="auto", on_bad_row="skip"), registry.readers, registry.row_formats, base=base
+    )
+    out = Inspection(data, ds.kind, ds.format, ds.rows, ds.wheres, ds.skipped, max_length=max_length, train_on=train_on)
     if model is None:
         out.lengths = [len(json.dumps(r, ensure_ascii=False)) for r in ds.rows]
         return out
@@ -115,8 +128,9 @@ def inspect_data(data: str, model: Path | None, template: str | None, max_length
     return out
 
 
-def histogram(lengths: list[int], limit: int | None = None, bins: int = 10, width: int = 40,
-              unit: str = "tokens") -> str:
+def histogram(
+    lengths: list[int], limit: int | None = None, bins: int = 10, width: int = 40, unit: str = "tokens"
+) -> str:
     """A text histogram of lengths, one line per bin, with how many rows pass `limit`."""
     if not lengths:
         return "no rows"
@@ -129,8 +143,10 @@ def histogram(lengths: list[int], limit: int | None = None, bins: int = 10, widt
         counts[min((n - low) // step, bins - 1)] += 1
     most = max(counts)
     label_w = len(f"{low + step * bins - 1}")
-    lines = [f"{unit} per row ({len(lengths)} rows): mean {statistics.fmean(lengths):.1f}, "
-             f"median {statistics.median(lengths):g}, min {low}, max {top}"]
+    lines = [
+        f"{unit} per row ({len(lengths)} rows): mean {statistics.fmean(lengths):.1f}, "
+        f"median {statistics.median(lengths):g}, min {low}, max {top}"
+    ]
     for b, count in enumerate(counts):
         lo, hi = low + b * step, low + (b + 1) * step - 1
         bar = "█" * (round(width * count / most) if most else 0)
@@ -264,8 +280,12 @@ folder), then load. Trained tokens show in green, masked ones dimmed; lengths an
     BINDINGS = [
         Binding("ctrl+l", "load", "Load", tooltip="read (and tokenize) the data"),
         Binding("ctrl+o", "pick_data", "Pick data", tooltip="choose the data file"),
-        Binding("ctrl+t", "pick_model", "Pick tokenizer",
-                tooltip="choose a model of your runs, or a folder, for the tokenizer"),
+        Binding(
+            "ctrl+t",
+            "pick_model",
+            "Pick tokenizer",
+            tooltip="choose a model of your runs, or a folder, for the tokenizer",
+        ),
     ]
 
     DEFAULT_CSS = """
@@ -307,11 +327,15 @@ folder), then load. Trained tokens show in green, masked ones dimmed; lengths an
                 yield Label("template")
                 yield Input(placeholder="the model's own", id="template", compact=True)
                 yield Input("2048", placeholder="max_length", id="max-length", type="integer", compact=True)
-                yield Select([(t, t) for t in TRAIN_ON], value="assistant", allow_blank=False, id="train-on",
-                             compact=True)
+                yield Select(
+                    [(t, t) for t in TRAIN_ON], value="assistant", allow_blank=False, id="train-on", compact=True
+                )
                 yield Button("Load", id="load", variant="primary", compact=True)
-        yield Static("choose a data file (ctrl+o) and a tokenizer (ctrl+t), then load (enter or ctrl+l)",
-                     id="summary", markup=False)
+        yield Static(
+            "choose a data file (ctrl+o) and a tokenizer (ctrl+t), then load (enter or ctrl+l)",
+            id="summary",
+            markup=False,
+        )
         with TabbedContent(id="data-tabs"):
             with TabPane("Rows", id="tab-rows"):
                 yield DataTable(id="rows", cursor_type="row", zebra_stripes=True)
@@ -338,14 +362,17 @@ folder), then load. Trained tokens show in green, masked ones dimmed; lengths an
         def chosen(path: Path | None) -> None:
             if path is not None:
                 self.query_one("#data-path", Input).value = self._shown(path)
+
         self.app.push_screen(PathPicker(self.base, want_dir=False), chosen)
 
     def action_pick_model(self) -> None:
         def chosen(path: Path | None) -> None:
             if path is not None:
                 self.query_one("#model-path", Input).value = self._shown(path)
-        self.app.push_screen(PathPicker(self.base, want_dir=True, runs_dir=getattr(self.state, "runs_dir", None)),
-                             chosen)
+
+        self.app.push_screen(
+            PathPicker(self.base, want_dir=True, runs_dir=getattr(self.state, "runs_dir", None)), chosen
+        )
 
     @on(Button.Pressed, "#pick-data")
     def _pick_data(self) -> None:
@@ -375,8 +402,13 @@ folder), then load. Trained tokens show in green, masked ones dimmed; lengths an
             self.app.notify("max_length must be a whole number > 0", title="Data", severity="error")
             return
         self.query_one("#summary", Static).update(f"reading {data}…")
-        self.load(data, model or None, self.query_one("#template", Input).value.strip() or None, max_length,
-                  str(self.query_one("#train-on", Select).value))
+        self.load(
+            data,
+            model or None,
+            self.query_one("#template", Input).value.strip() or None,
+            max_length,
+            str(self.query_one("#train-on", Select).value),
+        )
 
     @work(thread=True, exclusive=True, group="data-load", exit_on_error=False)
     def load(self, data: str, model: str | None, template: str | None, max_length: int, train_on: str) -> None:
@@ -386,8 +418,17 @@ folder), then load. Trained tokens show in green, masked ones dimmed; lengths an
             self.app.call_from_thread(self._status, f"tokenizing {done}/{total} rows…")
 
         try:
-            result = inspect_data(data, self._resolve(model) if model else None, template, max_length, train_on,
-                                  self.base, progress, lambda: worker.is_cancelled, registry=self.state.registry())
+            result = inspect_data(
+                data,
+                self._resolve(model) if model else None,
+                template,
+                max_length,
+                train_on,
+                self.base,
+                progress,
+                lambda: worker.is_cancelled,
+                registry=self.state.registry(),
+            )
         except ForgeError as exc:
             self.app.call_from_thread(self._failed, exc.message, exc.hint)
             return
@@ -444,8 +485,9 @@ folder), then load. Trained tokens show in green, masked ones dimmed; lengths an
         if result.tokenizer is None:
             body = Text(json.dumps(row, indent=2, ensure_ascii=False))
         else:
-            ids, labels, cut = encode_row(result.tokenizer, result.template, result.kind, row, result.max_length,
-                                          result.train_on)
+            ids, labels, cut = encode_row(
+                result.tokenizer, result.template, result.kind, row, result.max_length, result.train_on
+            )
             body = masked_text(result.tokenizer, ids, labels)
             body.append("\n\n")
             if cut:

@@ -109,9 +109,15 @@ def collect_models(runs_dir: Path) -> list[ModelEntry]:
                 folder = Path(art.get("path", ""))
                 if not folder.is_dir():
                     continue  # deleted since
-                common = dict(folder=folder, run=run.id, stage=name, uses=st.get("uses", ""),
-                              created=st.get("ended") or m.get("created"),
-                              sources=stage_sources(configs.get(name, {})), info=st.get("info") or {})
+                common = dict(
+                    folder=folder,
+                    run=run.id,
+                    stage=name,
+                    uses=st.get("uses", ""),
+                    created=st.get("ended") or m.get("created"),
+                    sources=stage_sources(configs.get(name, {})),
+                    info=st.get("info") or {},
+                )
                 if kind == "gguf":
                     for f in sorted(folder.glob("*.gguf")):
                         out.append(ModelEntry(kind, f, size=f.stat().st_size, **common))
@@ -138,12 +144,17 @@ def scorecard(folder: Path) -> dict | None:
 
 
 def _score_line(row: dict) -> str:
-    tok = "ok" if row.get("tokenization_ok", True) else \
-        f"differs at token {(row.get('tokenization_diff') or {}).get('at', '?')}"
+    tok = (
+        "ok"
+        if row.get("tokenization_ok", True)
+        else f"differs at token {(row.get('tokenization_diff') or {}).get('at', '?')}"
+    )
     kld = row.get("mean_kld", 0.0)
     kld_text = f"{kld:.4f}" if kld == 0 or abs(kld) >= 1e-3 else f"{kld:.1e}"
-    return (f"{row.get('type', '?')}, {row.get('bpw', 0):.2f} bits/weight, PPL {row.get('ppl', 0):.3f} "
-            f"({row.get('delta_ppl', 0):+.3f}), mean KLD {kld_text}, top-1 {row.get('top1', 0):.1%}, tokenizer {tok}")
+    return (
+        f"{row.get('type', '?')}, {row.get('bpw', 0):.2f} bits/weight, PPL {row.get('ppl', 0):.3f} "
+        f"({row.get('delta_ppl', 0):+.3f}), mean KLD {kld_text}, top-1 {row.get('top1', 0):.1%}, tokenizer {tok}"
+    )
 
 
 def scorecard_text(report: dict, highlight: Path | None = None) -> Text:
@@ -170,8 +181,10 @@ def describe(entry: ModelEntry) -> Group:
     lines = Text()
     lines.append(f"{entry.name}\n", style="bold")
     made = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.created)) if entry.created else "?"
-    lines.append(f"{entry.kind}, {fmt_bytes(entry.size)}, made by stage {entry.stage} ({entry.uses}) of run "
-                 f"{entry.run}, {made}\n")
+    lines.append(
+        f"{entry.kind}, {fmt_bytes(entry.size)}, made by stage {entry.stage} ({entry.uses}) of run "
+        f"{entry.run}, {made}\n"
+    )
     if entry.sources:
         lines.append(f"from {', '.join(entry.sources)}\n")
     lines.append(f"{entry.path}\n", style="dim")
@@ -179,12 +192,16 @@ def describe(entry: ModelEntry) -> Group:
     if entry.kind == "model":
         cfg = _read_json(entry.path / "config.json") or {}
         arch = ", ".join(cfg.get("architectures") or []) or cfg.get("model_type", "?")
-        lines.append(f"{arch}: {cfg.get('num_hidden_layers', '?')} layers, hidden {cfg.get('hidden_size', '?')}, "
-                     f"vocabulary {cfg.get('vocab_size', '?')}\n")
+        lines.append(
+            f"{arch}: {cfg.get('num_hidden_layers', '?')} layers, hidden {cfg.get('hidden_size', '?')}, "
+            f"vocabulary {cfg.get('vocab_size', '?')}\n"
+        )
     elif entry.kind == "adapter":
         cfg = _read_json(entry.path / "adapter_config.json") or {}
-        lines.append(f"LoRA r={cfg.get('r', '?')} alpha={cfg.get('lora_alpha', '?')} on "
-                     f"{cfg.get('base_model_name_or_path', '?')}\n")
+        lines.append(
+            f"LoRA r={cfg.get('r', '?')} alpha={cfg.get('lora_alpha', '?')} on "
+            f"{cfg.get('base_model_name_or_path', '?')}\n"
+        )
     template = entry.info.get("chat_template")
     if isinstance(template, dict) and template.get("name"):
         lines.append(f"chat template {template['name']}\n")
@@ -236,8 +253,14 @@ escape stops an answer (or leaves the field), ctrl+r starts a new conversation."
 
     def compose(self) -> ComposeResult:
         table: DataTable[str] = DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
-        for label, key in (("kind", "kind"), ("name", "name"), ("size", "size"), ("run", "run"),
-                           ("stage", "stage"), ("from", "from")):
+        for label, key in (
+            ("kind", "kind"),
+            ("name", "name"),
+            ("size", "size"),
+            ("run", "run"),
+            ("stage", "stage"),
+            ("from", "from"),
+        ):
             table.add_column(label, key=key)
         yield table
         with Horizontal(id="models-lower"):
@@ -268,8 +291,15 @@ escape stops an answer (or leaves the field), ctrl+r starts a new conversation."
         if [e.key for e in entries] != [e.key for e in self.entries]:
             table.clear()
             for e in entries:
-                table.add_row(e.kind, e.name, fmt_bytes(e.size), e.run, f"{e.stage} ({e.uses})",
-                              ", ".join(e.sources) or "-", key=e.key)
+                table.add_row(
+                    e.kind,
+                    e.name,
+                    fmt_bytes(e.size),
+                    e.run,
+                    f"{e.stage} ({e.uses})",
+                    ", ".join(e.sources) or "-",
+                    key=e.key,
+                )
         self.entries = entries
         if current is not None and any(e.key == current.key for e in entries):
             table.move_cursor(row=table.get_row_index(current.key))

@@ -63,14 +63,24 @@ the progress of the current stage with its ETA, and the log. The log hides debug
 until d shows them."""
 
     BINDINGS = [
-        Binding("s", "stop", "Stop run", tooltip="stop the run at the stage's next safe point (a training stage "
-                                                 "saves a checkpoint first); it ends stopped, exit code 130"),
+        Binding(
+            "s",
+            "stop",
+            "Stop run",
+            tooltip="stop the run at the stage's next safe point (a training stage "
+            "saves a checkpoint first); it ends stopped, exit code 130",
+        ),
         Binding("c", "checkpoint", "Checkpoint now", tooltip="ask the running stage to save a checkpoint now"),
         Binding("l", "latest", "Follow latest", tooltip="follow the latest run again"),
-        Binding("m", "more_charts", "More charts",
-                tooltip="show the next charts (when they are shown a few at a time)"),
-        Binding("d", "toggle_debug", "Debug", tooltip="show or hide the log's debug lines (library chatter: "
-                                                           "deprecation warnings, library log lines)"),
+        Binding(
+            "m", "more_charts", "More charts", tooltip="show the next charts (when they are shown a few at a time)"
+        ),
+        Binding(
+            "d",
+            "toggle_debug",
+            "Debug",
+            tooltip="show or hide the log's debug lines (library chatter: deprecation warnings, library log lines)",
+        ),
     ]
 
     def __init__(self, app_state: AppState) -> None:
@@ -127,7 +137,7 @@ until d shows them."""
         shown = set(PAGES[self.page % len(PAGES)]) if paged else set(CHARTS)
         for metric in CHARTS:
             self.query_one(f"#chart-{metric}", MetricChart).display = metric in shown
-        grid.border_title = (f"charts {self.page % len(PAGES) + 1}/{len(PAGES)} (m: more)" if paged else "")
+        grid.border_title = f"charts {self.page % len(PAGES) + 1}/{len(PAGES)} (m: more)" if paged else ""
         if paged:
             self._chart_time = 0.0  # the charts just shown draw at their new size on the next redraw
             self._shown_series = -1
@@ -165,8 +175,9 @@ until d shows them."""
         self.query_one("#mon-progress", ProgressBar).update(total=1, progress=0)
         cancel = self._cancel = threading.Event()
         model, lock = self.model, self._lock
-        self.run_worker(lambda: self._follow(run_dir, model, lock, cancel), thread=True, group="follow",
-                        name=f"follow {run_id}")
+        self.run_worker(
+            lambda: self._follow(run_dir, model, lock, cancel), thread=True, group="follow", name=f"follow {run_id}"
+        )
         self._redraw()
 
     @staticmethod
@@ -196,8 +207,9 @@ until d shows them."""
         if m is None or not self.is_attached:
             return
         with self._lock:
-            charts_due = m.series_version != self._shown_series and \
-                time.monotonic() - self._chart_time >= CHART_REDRAW_S
+            charts_due = (
+                m.series_version != self._shown_series and time.monotonic() - self._chart_time >= CHART_REDRAW_S
+            )
             # While running, the elapsed time and ETA change without events.
             if m.version == self._shown_version and m.status != "running" and not charts_due:
                 return
@@ -319,8 +331,11 @@ until d shows them."""
         # checkpoint first, a shell or copy stage just stops and runs again on resume.
         stage = self.model.current_stage
         who = f"stage {stage}" if stage else "the running stage"
-        self.notify(f"stop requested for run {self.model.run_id}: {who} stops at its next safe point "
-                    "(training stages save a checkpoint first)", markup=False)
+        self.notify(
+            f"stop requested for run {self.model.run_id}: {who} stops at its next safe point "
+            "(training stages save a checkpoint first)",
+            markup=False,
+        )
 
     def action_checkpoint(self) -> None:
         from llmforge.tui.launch import request_checkpoint

@@ -67,8 +67,13 @@ load with their error. Highlight a row to see its details."""
 
     def compose(self) -> ComposeResult:
         plugins: DataTable[str] = DataTable(id="plugins-table", cursor_type="row", zebra_stripes=True)
-        for label, key in (("plugin", "name"), ("distribution", "dist"), ("version", "version"),
-                           ("provides", "provides"), ("hooks", "hooks")):
+        for label, key in (
+            ("plugin", "name"),
+            ("distribution", "dist"),
+            ("version", "version"),
+            ("provides", "provides"),
+            ("hooks", "hooks"),
+        ):
             plugins.add_column(label, key=key)
         yield plugins
         yield Static("load errors", id="plugins-errors-title")

@@ -71,8 +71,11 @@ def _raw_stages(config) -> list[StageRow]:
         return []
     stages = raw.get("stages")
     entries = stages if isinstance(stages, list) else []
-    return [StageRow(str(e.get("name", f"#{i}")), str(e.get("uses", "?")), i)
-            for i, e in enumerate(entries) if isinstance(e, dict)]
+    return [
+        StageRow(str(e.get("name", f"#{i}")), str(e.get("uses", "?")), i)
+        for i, e in enumerate(entries)
+        if isinstance(e, dict)
+    ]
 
 
 class ProjectScreen(Screen):
@@ -96,8 +99,12 @@ Runs start in the background: they go on when you quit."""
         Binding("v", "validate", "Validate", tooltip="check forge.toml again, as llmforge validate does"),
         Binding("r", "run", "Run", tooltip="start a run and follow it in the Monitor"),
         Binding("e", "resume", "Resume", tooltip="resume the last interrupted run"),
-        Binding("f", "run_from", "Run from stage",
-                tooltip="run again from the highlighted stage (it and the stages after it)"),
+        Binding(
+            "f",
+            "run_from",
+            "Run from stage",
+            tooltip="run again from the highlighted stage (it and the stages after it)",
+        ),
     ]
 
     def __init__(self, app_state: AppState) -> None:
@@ -148,8 +155,13 @@ Runs start in the background: they go on when you quit."""
         if cfg is None or not cfg.is_file():
             self._show_view(PipelineView([], [], f"no forge.toml here ({cfg or 'forge.toml'})"), quiet=True)
             return
-        self.run_worker(lambda: self._validate_worker(quiet), thread=True, group="project-load",
-                        exclusive=True, name="validate forge.toml")
+        self.run_worker(
+            lambda: self._validate_worker(quiet),
+            thread=True,
+            group="project-load",
+            exclusive=True,
+            name="validate forge.toml",
+        )
 
     def _validate_worker(self, quiet: bool) -> None:
         view = load_view(self.state.config_path, self.state.registry())
@@ -167,8 +179,7 @@ Runs start in the background: they go on when you quit."""
                 by_index[idx] = by_index.get(idx, 0) + 1
         for row in view.stages:
             n = by_index.get(row.index, 0)
-            table.add_row(row.name, row.uses, "-", "-", ", ".join(row.needs),
-                          f"[red]{n}[/]" if n else "", key=row.name)
+            table.add_row(row.name, row.uses, "-", "-", ", ".join(row.needs), f"[red]{n}[/]" if n else "", key=row.name)
         self._show_status(self.run_info)
         panel = self.query_one("#proj-problems", Static)
         if view.error or view.problems:
@@ -251,8 +262,10 @@ Runs start in the background: they go on when you quit."""
 
     def _head_text(self) -> str:
         cfg = self.state.config_path
-        parts = [f"[b]{escape(str(cfg))}[/b]" if cfg else "[b]no forge.toml[/b]",
-                 f"runs: {escape(str(self.state.runs_dir))}"]
+        parts = [
+            f"[b]{escape(str(cfg))}[/b]" if cfg else "[b]no forge.toml[/b]",
+            f"runs: {escape(str(self.state.runs_dir))}",
+        ]
         if self.run_info is not None:
             parts.append(f"latest run {self.run_info.id} {styled(self.run_info.status)}")
         else:
@@ -290,8 +303,9 @@ Runs start in the background: they go on when you quit."""
         self.launching = True
         self._update_head()
         launch = Launch(cfg, from_stage=from_stage, resume=resume)
-        self.run_worker(lambda: self._launch_worker(launch), thread=True, group="project-launch",
-                        name="start a detached run")
+        self.run_worker(
+            lambda: self._launch_worker(launch), thread=True, group="project-launch", name="start a detached run"
+        )
 
     def _launch_worker(self, launch) -> None:
         from llmforge.errors import ConfigError

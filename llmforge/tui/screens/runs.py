@@ -63,9 +63,15 @@ class RunRow:
 
     def cells(self, marked: bool) -> tuple:
         losses = Text(self.losses, style="red") if self.damaged else self.losses
-        return ("●" if marked else " ", self.id, self.started, styled_status(self.status), self.duration,
-                self.stages, losses)
-
+        return (
+            "●" if marked else " ",
+            self.id,
+            self.started,
+            styled_status(self.status),
+            self.duration,
+            self.stages,
+            losses,
+        )
 
 
 def final_losses(manifest: dict) -> str:
@@ -88,8 +94,16 @@ def run_row(run) -> RunRow:
     A damaged run (its manifest unreadable) is a row too, naming the file in the last column, as
     `llmforge runs list` names it: a run that vanished from the list would look deleted."""
     if run.damaged:
-        return RunRow(id=run.id, started="-", status="damaged", stages="-", losses=run.damaged, duration="-",
-                      dir=run.dir, damaged=run.damaged)
+        return RunRow(
+            id=run.id,
+            started="-",
+            status="damaged",
+            stages="-",
+            losses=run.damaged,
+            duration="-",
+            dir=run.dir,
+            damaged=run.damaged,
+        )
     m = run.manifest
     counts: dict[str, int] = {}
     for name in m.get("stages", {}):
@@ -118,6 +132,7 @@ def newest_first(runs: list) -> list:
     """Runs newest first, by their start time (then id), as `llmforge runs list` lists them; said here
     rather than assumed from the store's order. A damaged run has no start time: its folder's time
     stands in, as in the store's own order."""
+
     def started(r) -> float:
         if getattr(r, "damaged", None):
             try:
@@ -223,8 +238,7 @@ class LossChart(Vertical):
         self.series, self.chart_title = series, title
         self.border_title = title
         if not hasattr(self._plot, "plt"):
-            self._plot.update(Text("\n".join(f"{s.label}: {s.y[-1]:.4g} at step {s.x[-1]:g}"
-                                              for s in series if s.y)))
+            self._plot.update(Text("\n".join(f"{s.label}: {s.y[-1]:.4g} at step {s.x[-1]:g}" for s in series if s.y)))
             return
         plt = self._plot.plt
         plt.clear_data()
@@ -249,8 +263,9 @@ the highlighted run, or of the two marked runs on the same axes."""
 
     BINDINGS = [
         # priority: shown in the footer and taken before the table's own enter (which would do the same).
-        Binding("enter", "open_run", "Open in monitor", priority=True,
-                tooltip="follow the highlighted run in the Monitor"),
+        Binding(
+            "enter", "open_run", "Open in monitor", priority=True, tooltip="follow the highlighted run in the Monitor"
+        ),
         Binding("space", "mark", "Mark to compare", tooltip="mark the run to compare its curves (two at most)"),
         Binding("r", "reload", "Refresh", tooltip="read the runs folder again now"),
     ]
@@ -364,9 +379,11 @@ the highlighted run, or of the two marked runs on the same axes."""
             # without a word. Said as `llmforge runs status` says it.
             from llmforge.errors import UsageError
 
-            error = UsageError(f"run {run_id} is damaged: {row.damaged}",
-                               hint=f"its events are still readable (`llmforge logs {run_id}`) and its stage "
-                                    "folders may still hold artifacts")
+            error = UsageError(
+                f"run {run_id} is damaged: {row.damaged}",
+                hint=f"its events are still readable (`llmforge logs {run_id}`) and its stage "
+                "folders may still hold artifacts",
+            )
             show = getattr(self.app, "show_error", None)
             if callable(show):
                 show(error)

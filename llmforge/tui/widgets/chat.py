@@ -141,8 +141,14 @@ class ChatPanel(Vertical):
                 engine = self._open(model)
                 from llmforge.chat_engine import reply
 
-                result = reply(engine, messages, max_new_tokens=self.max_new_tokens,
-                               temperature=self.temperature, seed=seed, on_text=self._stream_from_thread)
+                result = reply(
+                    engine,
+                    messages,
+                    max_new_tokens=self.max_new_tokens,
+                    temperature=self.temperature,
+                    seed=seed,
+                    on_text=self._stream_from_thread,
+                )
             self.app.call_from_thread(self._finished, result, engine.template is not None, None)
         except _Stopped:
             self.app.call_from_thread(self._finished, None, True, None)
@@ -213,7 +219,7 @@ class ChatPanel(Vertical):
         self.last_reply = result
         self._set_streamed(result.text)
         if result.dropped:
-            del self.history[:result.dropped]  # older messages no longer fit the context: leave them out
+            del self.history[: result.dropped]  # older messages no longer fit the context: leave them out
             self._note(f"({result.dropped} older message(s) left out: the context is full)")
         self.history.append({"role": "assistant", "content": result.text})
         if not chat:

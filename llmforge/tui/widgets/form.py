@@ -91,8 +91,9 @@ def fields_for(model: type[BaseModel]) -> list[FieldSpec]:
             kind, choices = "text", ()
         else:
             kind, choices = "value", ()
-        out.append(FieldSpec(row.name, kind, row.type, row.default, row.required, row.description,
-                             row.constraints, choices))
+        out.append(
+            FieldSpec(row.name, kind, row.type, row.default, row.required, row.description, row.constraints, choices)
+        )
     return out
 
 
@@ -141,8 +142,9 @@ class OptionsForm(Vertical):
         def control(self) -> OptionsForm:
             return self.form
 
-    def __init__(self, fields: list[FieldSpec], values: dict[str, Any], sources: dict[str, str | None],
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, fields: list[FieldSpec], values: dict[str, Any], sources: dict[str, str | None], **kwargs: Any
+    ) -> None:
         """`values`: each field's current value (UNSET when absent); `sources`: the value as written
         in the file, shown as it is (`2e-5` stays `2e-5`)."""
         super().__init__(**kwargs)
@@ -184,10 +186,13 @@ class OptionsForm(Vertical):
         if spec.kind == "choice":
             # Options are indexed: Literal values may compare equal across types (True == 1).
             options = [(toml_text(c), i) for i, c in enumerate(spec.choices)]
-            current = next((i for i, c in enumerate(spec.choices) if value is not UNSET and c == value
-                            and type(c) is type(value)), Select.NULL)
-            return Select(options, prompt=self._placeholder(spec), allow_blank=True, value=current, id=fid,
-                          compact=True)
+            current = next(
+                (i for i, c in enumerate(spec.choices) if value is not UNSET and c == value and type(c) is type(value)),
+                Select.NULL,
+            )
+            return Select(
+                options, prompt=self._placeholder(spec), allow_blank=True, value=current, id=fid, compact=True
+            )
         if isinstance(value, str) and "\n" in value:
             # A multi-line string (a shell script): edited as lines, kept as a string.
             return TextArea(value, id=fid, soft_wrap=True, tab_behavior="focus")
@@ -225,7 +230,8 @@ class OptionsForm(Vertical):
         for name, (value, typed) in self.read().items():
             old = self._values.get(name, UNSET)
             same = (value is UNSET and old is UNSET) or (
-                value is not UNSET and old is not UNSET and value == old and type(value) is type(old))
+                value is not UNSET and old is not UNSET and value == old and type(value) is type(old)
+            )
             if not same:
                 out[name] = (value, typed)
         return out

@@ -42,8 +42,12 @@ UNSAFE_STYLE = "reverse dim"
 
 def _zero_width(ch: str, cat: str) -> bool:
     o = ord(ch)
-    return (cat in ("Cf", "Me") or 0xFE00 <= o <= 0xFE0F or 0xE0100 <= o <= 0xE01EF  # format, variation selectors
-            or 0x1F3FB <= o <= 0x1F3FF)  # emoji skin tones: Rich counts them as two more cells, terminals as none
+    return (
+        cat in ("Cf", "Me")
+        or 0xFE00 <= o <= 0xFE0F
+        or 0xE0100 <= o <= 0xE01EF  # format, variation selectors
+        or 0x1F3FB <= o <= 0x1F3FF
+    )  # emoji skin tones: Rich counts them as two more cells, terminals as none
 
 
 def terminal_safe(text: str, style: str = "") -> Text:
