@@ -8,7 +8,7 @@ nothing of curation. A third-party step imports its base class and helpers from 
 
 A step is a class registered through the ``register_curation_steps`` hook::
 
-    class NoFoo(CurationStep):
+    class NoFoo(CurationStep[NoFooOptions]):   # the type parameter types `self.options` for a checker
         name = "no_foo"
         summary = "Drop rows that mention foo."
         kind = "filter"
@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from llmforge.stage import StageOptions
 
@@ -90,9 +90,16 @@ class StepEnv:
         return p if p.is_absolute() else self.base_dir / p
 
 
-class CurationStep:
+#: a step's options class, the type parameter of :class:`CurationStep`
+StepOptionsT = TypeVar("StepOptionsT", bound=StepOptions)
+
+
+class CurationStep(Generic[StepOptionsT]):
     """Base class of every curation step. Subclasses set the class attributes and implement ``process``
-    (or ``process_batch``)."""
+    (or ``process_batch``).
+
+    Name the options class as the type parameter, ``class NoFoo(CurationStep[NoFooOptions])``, and a type
+    checker knows what ``self.options`` holds; a plain ``CurationStep`` subclass gets ``Any`` options."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
@@ -102,12 +109,12 @@ class CurationStep:
     #: the row kinds the step works on; rows of other kinds pass through untouched
     row_kinds: ClassVar[tuple[str, ...]] = ROW_KINDS
 
-    def __init__(self, options: StepOptions, env: StepEnv):
+    def __init__(self, options: StepOptionsT, env: StepEnv):
         self.options = options
         self.env = env
 
     @classmethod
-    def check(cls, options: StepOptions, env: StepEnv) -> list[str]:
+    def check(cls, options: StepOptionsT, env: StepEnv) -> list[str]:
         """Cheap problems with the options that only show with the files at hand (a missing evaluation
         set); returned as messages, located by the caller. No heavy work here: ``validate`` runs it."""
         return []

@@ -64,7 +64,7 @@ def _paths(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-class Decontaminate(CurationStep):
+class Decontaminate(CurationStep[DecontaminateOptions]):
     """Drops training rows that contain any ``ngram``-word sequence of the named evaluation sets (and
     keeps every other row)."""
 

@@ -60,7 +60,7 @@ class ExactDedupOptions(StepOptions):
     whitespace: bool = Field(True, description="Treat any run of whitespace as one space when comparing.")
 
 
-class ExactDedup(CurationStep):
+class ExactDedup(CurationStep[ExactDedupOptions]):
     """Drops a row whose content (every text field, roles included) equals an earlier row's, after the
     optional lower-casing and whitespace folding of the comparison key. Keeps the first."""
 
@@ -149,7 +149,7 @@ class NearDedupOptions(StepOptions):
         return self
 
 
-class NearDedup(CurationStep):
+class NearDedup(CurationStep[NearDedupOptions]):
     """Drops a row whose shingle set is at least ``threshold`` similar (Jaccard) to an earlier kept
     row's: MinHash signatures, LSH bands to find candidates, and (``verify``) the candidates'
     estimated similarity checked against the threshold. Chat and preference rows are compared on their

@@ -121,7 +121,7 @@ class LanguageOptions(StepOptions):
     min_words: int = Field(5, ge=1, description="Texts with fewer words are unknown.")
 
 
-class LanguageFilter(CurationStep):
+class LanguageFilter(CurationStep[LanguageOptions]):
     """Guesses each row's language from its script and its common words, and keeps the rows in the
     chosen languages. Always counts the languages it saw (in the report)."""
 

@@ -131,7 +131,7 @@ class LintOptions(StepOptions):
     )
 
 
-class LintStep(CurationStep):
+class LintStep(CurationStep[LintOptions]):
     """Drops chat and preference rows that `llmforge data lint` reports errors for (empty turns, role
     order, a system turn that is not first); with ``drop = "warnings"`` also rows with warnings."""
 

@@ -43,7 +43,7 @@ class NormalizeOptions(StepOptions):
     )
 
 
-class Normalize(CurationStep):
+class Normalize(CurationStep[NormalizeOptions]):
     """Rewrites every text of a row (a text row's text, each turn's content) to one Unicode normal
     form, with tidy whitespace and no control characters, and drops rows left empty."""
 

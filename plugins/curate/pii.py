@@ -96,7 +96,7 @@ class PiiOptions(StepOptions):
     drop: bool = Field(False, description="Drop rows that contain any of them instead of replacing.")
 
 
-class PiiScrub(CurationStep):
+class PiiScrub(CurationStep[PiiOptions]):
     """Replaces e-mail addresses, phone numbers, IP addresses and API keys with placeholders in every
     text of a row; with ``drop = true``, drops the rows that contain any instead."""
 

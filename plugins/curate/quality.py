@@ -121,7 +121,7 @@ def _ngram_checks(words: list[str], o: QualityOptions) -> Drop | None:
     return None
 
 
-class QualityFilter(CurationStep):
+class QualityFilter(CurationStep[QualityOptions]):
     """Drops rows whose text is too short or too long, repeats itself, or is mostly symbols, digits,
     or implausibly short or long words. Every threshold is optional."""
 
