@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmforge.errors import ConfigError, Problem
 
+if TYPE_CHECKING:  # pydantic comes with api.py: imported only where steps are built
+    from llmforge.plugins import Registry
+    from llmforge_plugins.curate.api import CurationStep, StepEnv, StepOptions
 
-def curation_steps(registry: Any) -> dict[str, type]:
+
+def curation_steps(registry: Registry) -> dict[str, type[CurationStep[Any]]]:
     """name -> step class, for every installed step (built-in ones first): the registry's table."""
     from llmforge_plugins.curate import CURATION_STEPS
 
@@ -38,14 +42,14 @@ def split_spec(spec: Any) -> tuple[str | None, dict]:
 
 
 def parse_steps(
-    specs: list, registry: Any, where: str = "steps", labels: list[str] | None = None
-) -> tuple[list[tuple[type, Any]], list[Problem]]:
+    specs: list, registry: Registry, where: str = "steps", labels: list[str] | None = None
+) -> tuple[list[tuple[type[CurationStep[Any]], StepOptions]], list[Problem]]:
     """Each spec's class and validated options; every problem located (``steps[2].threshold``, or
     under ``labels[i]`` when given: the command line names a step by its flag)."""
     from llmforge.schema import did_you_mean, validate_model
 
     table = curation_steps(registry)
-    out: list[tuple[type, Any]] = []
+    out: list[tuple[type[CurationStep[Any]], StepOptions]] = []
     problems: list[Problem] = []
     for i, spec in enumerate(specs):
         here = labels[i] if labels else f"{where}[{i}]"
@@ -82,7 +86,10 @@ def parse_steps(
 
 
 def check_files(
-    parsed: list[tuple[type, Any]], env, where: str = "steps", labels: list[str] | None = None
+    parsed: list[tuple[type[CurationStep[Any]], StepOptions]],
+    env: StepEnv,
+    where: str = "steps",
+    labels: list[str] | None = None,
 ) -> list[Problem]:
     """Each step's own ``check`` (files it names exist, ...), located under ``where[i]``."""
     problems = []
@@ -96,7 +103,9 @@ def check_files(
     return problems
 
 
-def build_steps(specs: list, env: Any, registry: Any, where: str = "steps", labels: list[str] | None = None) -> list:
+def build_steps(
+    specs: list, env: StepEnv, registry: Registry, where: str = "steps", labels: list[str] | None = None
+) -> list[CurationStep[Any]]:
     """The step instances for these specs; a ConfigError with every problem when something is wrong."""
     parsed, problems = parse_steps(specs, registry, where, labels)
     if not problems:
@@ -106,7 +115,7 @@ def build_steps(specs: list, env: Any, registry: Any, where: str = "steps", labe
     return [cls(opts, env) for cls, opts in parsed]
 
 
-def step_inputs(options) -> Iterator[tuple[str, str]]:
+def step_inputs(options: StepOptions) -> Iterator[tuple[str, str]]:
     """(location, path) for every file a step's options name (fields marked with ``Input``), for the
     stage's cache key and the check that they exist."""
     from llmforge.stage import input_marker
@@ -130,7 +139,7 @@ def step_inputs(options) -> Iterator[tuple[str, str]]:
                     yield loc, p
 
 
-def fingerprints(parsed: list[tuple[type, Any]], base: Path) -> dict[str, str]:
+def fingerprints(parsed: list[tuple[type[CurationStep[Any]], StepOptions]], base: Path) -> dict[str, str]:
     """Content fingerprints of the files the steps read (an evaluation set edited in place must make
     the stage run again)."""
     from llmforge.pipeline import fingerprint

@@ -13,7 +13,11 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmforge.data import DataOptions, Reader, RowFormat, SourceRow
+    from llmforge.plugins import Registry
 
 
 class Parking:
@@ -29,7 +33,7 @@ class Parking:
         self._fh = open(self.tmp, "wb")  # noqa: SIM115 - held across writes; closed by commit() or __exit__
         self._done = False
 
-    def write(self, src) -> None:
+    def write(self, src: SourceRow) -> None:
         import pickle
 
         pickle.dump(
@@ -50,7 +54,7 @@ class Parking:
             self.tmp.unlink(missing_ok=True)
 
 
-def read_parked(path: Path, formats: dict[str, Any]) -> Iterator:
+def read_parked(path: Path, formats: dict[str, RowFormat]) -> Iterator[SourceRow]:
     """The SourceRows of a file ``Parking`` wrote; ``formats`` is the registry's row formats (the rows
     were parked with their format's name)."""
     import pickle
@@ -63,10 +67,11 @@ def read_parked(path: Path, formats: dict[str, Any]) -> Iterator:
                 where, row, raw, fmt, columns = pickle.load(fh)
             except EOFError:
                 return
-            yield SourceRow(where, row, raw, formats.get(fmt), columns)
+            # the rows were parked by this process, read with this registry's formats: the name is there
+            yield SourceRow(where, row, raw, formats[fmt], columns)
 
 
-def records(options, base: Path | None, registry: Any, **kw: Any) -> Iterator:
+def records(options: DataOptions, base: Path | None, registry: Registry, **kw: Any) -> Iterator[SourceRow]:
     """``llmforge.data.iter_records`` over the registry's readers and row formats: every read in this
     plugin goes through here, so the rows come as a training stage reads them."""
     from llmforge.data import iter_records
@@ -155,7 +160,7 @@ class ParquetRowWriter:
 
     batch_size = 1024
 
-    def __init__(self, path: Path, schema=None):
+    def __init__(self, path: Path, schema: Any = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
@@ -181,10 +186,11 @@ class ParquetRowWriter:
             return
         try:
             table = pa.Table.from_pylist(self._pending, schema=self.schema)
-            if self._writer is None:
+            writer = self._writer
+            if writer is None:
                 self.schema = table.schema
-                self._writer = pq.ParquetWriter(self.tmp, table.schema)
-            self._writer.write_table(table)
+                writer = self._writer = pq.ParquetWriter(self.tmp, table.schema)
+            writer.write_table(table)
         except (pa.ArrowException, ValueError, TypeError) as exc:
             raise DataError(
                 f"{self.path}: cannot write these rows as parquet: {exc}",
@@ -198,9 +204,10 @@ class ParquetRowWriter:
         import pyarrow.parquet as pq
 
         self._flush()
-        if self._writer is None:  # no row at all: an empty file with the schema, when there is one
-            self._writer = pq.ParquetWriter(self.tmp, self.schema or pa.schema([]))
-        self._writer.close()
+        writer = self._writer
+        if writer is None:  # no row at all: an empty file with the schema, when there is one
+            writer = self._writer = pq.ParquetWriter(self.tmp, self.schema or pa.schema([]))
+        writer.close()
         self._closed = True
         with open(self.tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -227,12 +234,12 @@ def is_parquet(path: Path) -> bool:
     return Path(path).name.lower().endswith(".parquet")
 
 
-def open_writer(path: Path, schema=None):
+def open_writer(path: Path, schema: Any = None) -> ParquetRowWriter | JsonlWriter:
     """The writer for an output file, by its name: parquet for ``.parquet``, else JSON Lines."""
     return ParquetRowWriter(path, schema) if is_parquet(path) else JsonlWriter(path)
 
 
-def parquet_schema(options, readers: dict[str, Any], base: Path | None = None):
+def parquet_schema(options: DataOptions, readers: dict[str, Reader], base: Path | None = None) -> Any:
     """The arrow schema the rows of ``options`` (a DataOptions) share when every file they name is a
     parquet file with the same schema (so the output can keep the column types); else None.
     ``readers`` is the registry's readers table."""
