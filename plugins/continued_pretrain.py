@@ -108,22 +108,22 @@ class ContinuedPretrainStage(Stage):
         )
         outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:
-            return
+            return None  # stopped: the runner records it so and keeps the checkpoint
         after = evaluation.perplexity(training.trainer.model, held_tok) if held_tok else None
+        change = (after - before) / before if before and after else None
         report = {
             "heldout_rows": len(held_tok),
             "ppl_before": before,
             "ppl_after": after,
-            "relative_change": (after - before) / before if before and after else None,
+            "relative_change": change,
             "new_sequences": len(new_tok),
             "replay_ratio": o.replay_ratio,
             "final_loss": outcome.final_loss,
         }
-        if after is not None:
-            ctx.metric(step=outcome.steps, heldout_ppl=after, forgetting=report["relative_change"])
-            ctx.log(
-                f"forgetting: held-out perplexity {before:.3f} -> {after:.3f} ({100 * report['relative_change']:+.1f}%)"
-            )
+        # change is None only without held-out rows, and then after is None too (a perplexity is never 0)
+        if after is not None and change is not None:
+            ctx.metric(step=outcome.steps, heldout_ppl=after, forgetting=change)
+            ctx.log(f"forgetting: held-out perplexity {before:.3f} -> {after:.3f} ({100 * change:+.1f}%)")
         outcome.record(ctx)
         ctx.info.update({k: v for k, v in report.items() if isinstance(v, (int, float)) or v is None})
         with ctx.artifact("report") as out:

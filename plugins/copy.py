@@ -33,7 +33,7 @@ class CopyStage(Stage):
             total = len(options.sources)
             for i, src in enumerate(options.sources):
                 if ctx.should_stop():
-                    return
+                    return None  # stopped: the unfinished files artifact is discarded
                 src_path = Path(src)
                 if src_path.is_dir():
                     if options.flatten:

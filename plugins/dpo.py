@@ -84,7 +84,7 @@ class DpoStage(TemplateChecks, Stage):
         trainer = training.trainer
         outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:
-            return
+            return None  # stopped: the runner records it so and keeps the checkpoint
         margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
         outcome.record(ctx)
         if margins:

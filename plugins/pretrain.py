@@ -91,7 +91,7 @@ class PretrainStage(TemplateChecks, Stage):
         )
         outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:
-            return
+            return None  # stopped: the runner records it so and keeps the checkpoint
         common.save_outputs(ctx, training.trainer, tokenizer, template, None, False)
         outcome.record(ctx)
         return ctx.published

@@ -79,7 +79,7 @@ class SftStage(TemplateChecks, Stage):
         )
         outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:
-            return
+            return None  # stopped: the runner records it so and keeps the checkpoint
         common.save_outputs(ctx, training.trainer, tokenizer, template, o.lora, o.merge)
         outcome.record(ctx)
         return ctx.published

@@ -76,22 +76,23 @@ class ShellStage(Stage):
                 # Our end of the command's output pipe: left open, the interpreter reports
                 # "ResourceWarning: unclosed file" for every shell stage. A grandchild that still holds
                 # the pipe open keeps the reader blocked; closing it ends the reader either way.
-                if not reader.is_alive():
+                if not reader.is_alive() and proc.stdout is not None:  # always set: stdout=PIPE
                     proc.stdout.close()
             # Ctrl-C in a terminal reaches the command too, which may die before we polled: ask again.
             if ctx.stop_seen or ctx.should_stop():
-                return  # the core discards the unfinished artifact and records the stage as stopped
+                return None  # the core discards the unfinished artifact and records the stage as stopped
             if code != 0:
                 raise StageFailed(f"command exited with code {code}: {options.command}")
         return ctx.published
 
     @staticmethod
-    def _pump(proc: subprocess.Popen, ctx) -> None:
+    def _pump(proc: subprocess.Popen[str], ctx: StageContext) -> None:
+        assert proc.stdout is not None  # opened with stdout=PIPE
         for line in proc.stdout:
             ctx.log(line.rstrip("\n"))
 
     @staticmethod
-    def _wait(proc: subprocess.Popen, ctx, timeout: float | None) -> int:
+    def _wait(proc: subprocess.Popen[str], ctx: StageContext, timeout: float | None) -> int:
         waited = 0.0
         while True:
             try:
@@ -111,4 +112,4 @@ class ShellStage(Stage):
             if timeout is not None and waited >= timeout:
                 proc.kill()
                 proc.wait()
-                raise StageFailed(f"command timed out after {timeout:g} s: {proc.args}")
+                raise StageFailed(f"command timed out after {timeout:g} s: {proc.args!s}")

@@ -21,7 +21,9 @@ def training_setup(options: Any, env: PlanEnv, shape: Shape, pairs: bool = False
     through the model together, and without LoRA a frozen copy of the model is the reference."""
     o = options
     lora = getattr(o, "lora", None)  # pretrain has no LoRA table
-    on = bool(lora is not None and lora.enabled)
+    if lora is not None and not lora.enabled:
+        lora = None  # a LoRA table switched off trains all weights, like no table
+    on = lora is not None
     return Training(
         micro_batch=o.micro_batch_size,
         seq=o.max_length,
@@ -30,10 +32,10 @@ def training_setup(options: Any, env: PlanEnv, shape: Shape, pairs: bool = False
         checkpointing=bool(getattr(o, "gradient_checkpointing", False)),
         optimizer=getattr(o, "optimizer", "adamw"),
         lora=on,
-        lora_r=lora.r if on else 16,
-        lora_dropout=lora.dropout if on else 0.0,
-        lora_targets=lora.target_modules if on else "all-linear",
-        qlora=on and bool(getattr(lora, "qlora", False)),
+        lora_r=lora.r if lora is not None else 16,
+        lora_dropout=lora.dropout if lora is not None else 0.0,
+        lora_targets=lora.target_modules if lora is not None else "all-linear",
+        qlora=lora is not None and bool(getattr(lora, "qlora", False)),
         pairs=pairs,
         reference_copy=pairs and not on,
         keep_last=getattr(o, "keep_last", 2),

@@ -228,8 +228,8 @@ def lora_config(lora: LoraOptions) -> Any:
     # PEFT annotates lora_alpha as int but computes the scale as alpha / r: a float alpha works as given.
     return LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,  # type: ignore[arg-type]
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]
+        lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )

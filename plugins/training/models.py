@@ -55,7 +55,8 @@ def model_config(preset: str, vocab_size: int, max_length: int, overrides: dict,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=dims.pop("tie_embeddings", True),
-        rope_theta=dims.pop("rope_theta", 10000.0),
+        # transformers 5 spelling (its legacy rope_theta keyword builds the same config, untyped)
+        rope_parameters={"rope_type": "default", "rope_theta": dims.pop("rope_theta", 10000.0)},
         **dims,
     )
 

@@ -4,11 +4,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from llmforge.stage import StageOptions
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from llmforge.errors import Problem
+    from llmforge.plugins import Registry
+    from llmforge.stage import Artifact
 
 
 class LoraOptions(StageOptions):
@@ -110,8 +117,13 @@ def template_cache_extra(value: str | None, project_dir) -> dict:
 class TemplateChecks:
     """Mixed into stages with a `template` option: validate checks the name, the cache sees file edits."""
 
-    def check(self, options, inputs, registry):
+    # The same signature as Stage.check and Stage.cache_key_extra: the mixin comes first in the stages' bases.
+    def check(self, options: Any, inputs: dict[str, Artifact], registry: Registry | None = None) -> list[Problem]:
+        if registry is None:
+            # No table to look the name up in (the runner and validate always pass one); a name
+            # that is not installed still fails when the stage resolves it at run time.
+            return []
         return template_problems(options.template, registry.chat_templates)
 
-    def cache_key_extra(self, options, project_dir) -> dict:
+    def cache_key_extra(self, options: Any, project_dir: Path) -> dict[str, Any]:
         return template_cache_extra(options.template, project_dir)

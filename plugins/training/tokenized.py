@@ -112,8 +112,8 @@ def tokenize(
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:20]
     folder = cache_dir / key if cache_dir is not None else None
     if folder is not None and (folder / "meta.json").exists():
-        out, stats = _load(folder)
-        return TokenizedSet(out, key, True, stats)
+        cached, stats = _load(folder)
+        return TokenizedSet(cached, key, True, stats)
 
     t0 = time.monotonic()
     out: list[dict] = []
