@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from llmforge.config import BackendSection
+from llmforge.config import BackendSection, ForgeConfig
 from llmforge.extension import ExtensionPoint, subclass_of
 
 if TYPE_CHECKING:
     from llmforge.errors import Problem
+    from llmforge.plugins import Registry
     from llmforge.stage import StageContext
 
 
@@ -72,14 +73,14 @@ def stage_is_distributed(stage: Any, options: Any) -> bool | None:
     return getattr(type(stage), "distributed", None)
 
 
-def build_backend(cfg: Any, registry: Any) -> Backend | None:
+def build_backend(cfg: ForgeConfig, registry: Registry) -> Backend | None:
     """The run's backend instance, or None when the selected type is not installed (only possible for
     the default `local` when its plugin failed to load: stages then run in this process)."""
-    cls = registry.backends.get(getattr(cfg.backend, "type", "local"))
+    cls = registry.backends.get(cfg.backend.type)
     return cls(cfg.backend) if cls is not None else None
 
 
-def _backend_rules(cls: type) -> None:
+def _backend_rules(cls: type[Backend]) -> None:
     if not (isinstance(getattr(cls, "Options", None), type) and issubclass(cls.Options, BackendSection)):
         raise TypeError(f"{cls.__qualname__}.Options must subclass llmforge.config.BackendSection")
 

@@ -269,7 +269,7 @@ def _turn_end(tokenizer: Any, source: str) -> str | None:
     writes, so that one becomes the template's EOS."""
     specials = sorted({str(t) for t in getattr(tokenizer, "all_special_tokens", []) or []}, key=len, reverse=True)
     probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
-    variables = {k: str(v) for k, v in (getattr(tokenizer, "special_tokens_map", {}) or {}).items()}
+    variables: dict[str, Any] = {k: str(v) for k, v in (getattr(tokenizer, "special_tokens_map", {}) or {}).items()}
     try:
         prompt = render(source, probe[:1], add_generation_prompt=True, **variables)
         whole = render(source, probe, **variables)
@@ -327,14 +327,14 @@ def load_template_file(path: str | Path, tokenizer: Any = None) -> ChatTemplate:
         specials += _MARKER_RE.findall(source)
         if tokenizer is not None:
             specials += [str(t) for t in tokenizer.all_special_tokens if str(t) in source]
-    specials = tuple(t for t in dict.fromkeys(specials) if t not in (eos, bos, pad))
+    special_tokens = tuple(t for t in dict.fromkeys(specials) if t not in (eos, bos, pad))
     return ChatTemplate(
         name=meta.get("name") or path.stem,
         source=source,
         eos=eos,
         bos=bos,
         pad=pad,
-        special_tokens=specials,
+        special_tokens=special_tokens,
         stop=tuple(meta.get("stop", ())),
         summary=meta.get("summary") or f"from {path}",
     )
@@ -697,6 +697,7 @@ def encode_row(
     if kind == "text":
         ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
         return ids[:max_length], ids[:max_length], len(ids) > max_length
+    assert template is not None, f"a {kind} row needs a chat template (load_chat_tokenizer gives one)"
     if kind == "chat":
         enc = encode_chat(tokenizer, template, row["messages"], max_length=max_length, train_on=train_on)
     else:

@@ -7,7 +7,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -16,6 +16,7 @@ from llmforge.schema import did_you_mean, validate_model
 
 if TYPE_CHECKING:
     from llmforge.plugins import Registry
+    from llmforge.stage import Stage
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -102,6 +103,7 @@ def is_host_address(value: str) -> bool:
     return 0 < len(name) <= 253 and all(_HOST_LABEL_RE.match(label) for label in name.split("."))
 
 
+# The top-level tables of forge.toml; the plain ones name their model (validated by `_section` in load_config).
 TOP_LEVEL = {
     "project": ProjectSection,
     "model": ModelSection,
@@ -120,7 +122,7 @@ class StageSpec:
     uses: str
     raw: dict  # the options exactly as written (plus --set overrides)
     options: Any  # the validated Options instance
-    cls: type
+    cls: type[Stage]
 
     @property
     def where(self) -> str:
@@ -198,7 +200,8 @@ def apply_overrides(raw: dict, overrides: list[str], origins: dict[str, str] | N
     """
     problems = []
     origins = {} if origins is None else origins
-    stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    found = raw.get("stages")
+    stages: list = found if isinstance(found, list) else []
     names = [s.get("name") for s in stages if isinstance(s, dict)]
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -302,18 +305,8 @@ def parse_config(
         if key not in TOP_LEVEL:
             problems.append(Problem(key, f"unknown section '{key}'{did_you_mean(key, TOP_LEVEL)}"))
 
-    sections = {}
-    for key, model in TOP_LEVEL.items():
-        if model is None:
-            continue
-        value = raw.get(key, {})
-        if not isinstance(value, dict):
-            problems.append(Problem(key, f"expected a table [{key}], got {type(value).__name__}"))
-            sections[key] = model()
-            continue
-        inst, probs = validate_model(model, value, key)
-        problems += probs
-        sections[key] = inst or model()
+    project = _section(raw, "project", ProjectSection, problems)
+    model = _section(raw, "model", ModelSection, problems)
 
     trackers = raw.get("trackers", {})
     if not isinstance(trackers, dict):
@@ -348,7 +341,7 @@ def parse_config(
 
     backend, backend_problems = _validate_backend(raw.get("backend", {}), registry)
     problems += backend_problems
-    cfg = ForgeConfig(path=path, raw=raw, trackers=enabled, backend=backend, **sections)
+    cfg = ForgeConfig(path=path, raw=raw, project=project, model=model, trackers=enabled, backend=backend)
     cfg.stages, stage_problems = _validate_stages(raw.get("stages", []), registry)
     problems += stage_problems
     if "project" not in {p.where.split(".")[0] for p in problems}:
@@ -356,6 +349,21 @@ def parse_config(
     if not backend_problems and not stage_problems:
         problems += _check_backend(cfg, registry)
     return cfg, _note_origins(problems, origins)
+
+
+_SectionT = TypeVar("_SectionT", bound=BaseModel)
+
+
+def _section(raw: dict, key: str, model: type[_SectionT], problems: list[Problem]) -> _SectionT:
+    """One plain top-level table (`[project]`, `[model]`) validated against its model; its problems are
+    added to ``problems`` and the defaults stand in for a table that is not valid."""
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        problems.append(Problem(key, f"expected a table [{key}], got {type(value).__name__}"))
+        return model()
+    inst, probs = validate_model(model, value, key)
+    problems += probs
+    return inst or model()
 
 
 def _check_runs_dir(cfg: ForgeConfig) -> list[Problem]:

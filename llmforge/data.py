@@ -131,7 +131,7 @@ class RowFormat:
         return out
 
 
-def _row_format_rules(cls: type) -> None:
+def _row_format_rules(cls: type[RowFormat]) -> None:
     if cls.kind not in KINDS:
         raise TypeError(f"{cls.__qualname__}.kind must be one of {KINDS}, not {cls.kind!r}")
 
@@ -688,6 +688,8 @@ def load_data(
     ):
         rows.append(row)
         wheres.append(where)
+    # iter_rows ends with a DataError when no row comes, and sets both as it reads the first one.
+    assert state.kind is not None and state.format is not None
     return Dataset(kind=state.kind, format=state.format, rows=rows, wheres=wheres, skipped=skipped, files=state.files)
 
 

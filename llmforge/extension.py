@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 
@@ -66,8 +66,11 @@ class ExtensionPoint:
         return type(f"{self.hook}_spec", (), {self.hook: staticmethod(hookspec(spec))})
 
 
+_T = TypeVar("_T")
+
+
 def subclass_of(
-    base: type, *, instantiate: bool = False, check: Callable[[type], None] | None = None
+    base: type[_T], *, instantiate: bool = False, check: Callable[[type[_T]], None] | None = None
 ) -> Callable[[Any], Any]:
     """The usual validator: ``register()`` must get a named subclass of ``base``. ``check`` adds the point's
     own rules (raise TypeError); ``instantiate`` stores an instance instead of the class."""

@@ -12,7 +12,7 @@ import hashlib
 import inspect
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -123,8 +123,9 @@ def build_pipeline(cfg: ForgeConfig, registry: Registry) -> tuple[Pipeline, list
     by_name = {s.name: s for s in cfg.stages}
     # Names of every [[stages]] entry, also those whose options are invalid (already reported):
     # a reference to such a stage is not "dangling".
-    raw_stages = cfg.raw.get("stages") if isinstance(cfg.raw.get("stages"), list) else []
-    all_names = [e.get("name") for e in raw_stages if isinstance(e, dict) and isinstance(e.get("name"), str)]
+    found = cfg.raw.get("stages")
+    raw_stages: list = found if isinstance(found, list) else []
+    all_names: list[str] = [e["name"] for e in raw_stages if isinstance(e, dict) and isinstance(e.get("name"), str)]
     inputs: dict[str, list[InputUse]] = {}
     deps: dict[str, set[str]] = {}
     for spec in cfg.stages:
@@ -308,6 +309,14 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
+def _input_identity(use: InputUse, upstream_keys: dict[str, str]) -> str:
+    """What an input contributes to the cache key: the upstream stage's key, or the user path's fingerprint."""
+    if use.ref_stage:
+        return f"{use.ref_stage}.{use.ref_kind}:{upstream_keys[use.ref_stage]}"
+    assert use.path is not None  # build_pipeline makes every InputUse either a reference or a path
+    return fingerprint(use.path)
+
+
 def stage_key(
     spec: StageSpec,
     uses: list[InputUse],
@@ -326,10 +335,7 @@ def stage_key(
         "plugin_version": plugin_version,
         "llmforge": __version__,
         "options": spec.options.model_dump(mode="json"),
-        "inputs": {
-            u.key: (f"{u.ref_stage}.{u.ref_kind}:{upstream_keys[u.ref_stage]}" if u.ref_stage else fingerprint(u.path))
-            for u in uses
-        },
+        "inputs": {u.key: _input_identity(u, upstream_keys) for u in uses},
         "libraries": {name: _dist_version(name) for name in spec.cls.cache_libraries},
         "seed": seed,  # every stage gets [project].seed as ctx.seed: another seed is another result
         "extra": _cache_key_extra(spec, project_dir, registry) if project_dir else {},
@@ -341,14 +347,15 @@ def stage_key(
 def _cache_key_extra(spec: StageSpec, project_dir: Path, registry: Registry) -> dict:
     """``cache_key_extra(...)``, with the registry when the stage's method names a ``registry`` parameter
     (the curate stage fingerprints the files its steps name: which options are files, the steps say)."""
-    stage = spec.cls()
+    # The base method takes no registry; an override may add one, which the signature tells at run time.
+    extra: Callable[..., dict[str, Any]] = spec.cls().cache_key_extra
     try:
-        takes_registry = "registry" in inspect.signature(stage.cache_key_extra).parameters
+        takes_registry = "registry" in inspect.signature(extra).parameters
     except (TypeError, ValueError):
         takes_registry = False
     if takes_registry:
-        return stage.cache_key_extra(spec.options, project_dir, registry)
-    return stage.cache_key_extra(spec.options, project_dir)
+        return extra(spec.options, project_dir, registry)
+    return extra(spec.options, project_dir)
 
 
 def compute_keys(pipe: Pipeline, registry: Registry) -> dict[str, str]:

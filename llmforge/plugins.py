@@ -31,12 +31,19 @@ import os
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from llmforge import hookspecs
 from llmforge.extension import ExtensionPoint, hook_names
+
+if TYPE_CHECKING:  # the tables' entry types, for annotations only: `llmforge --help` must not import them
+    from llmforge.backend import Backend
+    from llmforge.chat import ChatTemplate
+    from llmforge.data import Reader, RowFormat
+    from llmforge.stage import Stage
+    from llmforge.trackers import Tracker
 
 GROUP = "llmforge"
 BUILTIN_DIST = "llmforge"
@@ -170,36 +177,36 @@ class Registry:
 
     # The core's own tables, typed for readers (declared next to their base classes, e.g. llmforge.stage).
     @property
-    def stages(self) -> dict[str, type]:
+    def stages(self) -> dict[str, type[Stage]]:
         """Stage kind -> Stage subclass."""
         return self.table("stages")
 
     @property
-    def readers(self) -> dict[str, Any]:
+    def readers(self) -> dict[str, Reader]:
         """Reader name -> Reader instance."""
         return self.table("readers")
 
     @property
-    def row_formats(self) -> dict[str, Any]:
+    def row_formats(self) -> dict[str, RowFormat]:
         """Row format name -> RowFormat instance."""
         return self.table("row_formats")
 
     @property
-    def chat_templates(self) -> dict[str, Any]:
+    def chat_templates(self) -> dict[str, ChatTemplate]:
         """Template name -> ChatTemplate."""
         return self.table("chat_templates")
 
     @property
-    def trackers(self) -> dict[str, type]:
+    def trackers(self) -> dict[str, type[Tracker]]:
         """Tracker name -> Tracker subclass."""
         return self.table("trackers")
 
     @property
-    def backends(self) -> dict[str, type]:
+    def backends(self) -> dict[str, type[Backend]]:
         """Backend name -> Backend subclass."""
         return self.table("backends")
 
-    def stage_class(self, name: str) -> type | None:
+    def stage_class(self, name: str) -> type[Stage] | None:
         return self.stages.get(name)
 
 

@@ -8,7 +8,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -179,7 +179,10 @@ def _union_words(annotation: Any) -> str:
     return " or ".join(words)
 
 
-def validate_model(model: type[BaseModel], data: dict, base: str) -> tuple[BaseModel | None, list[Problem]]:
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def validate_model(model: type[ModelT], data: dict, base: str) -> tuple[ModelT | None, list[Problem]]:
     """Validate `data` against `model`; problems carry full key paths under `base`."""
     try:
         return model.model_validate(data), []
