@@ -24,16 +24,20 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from llmforge.data import DataOptions, SourceRow
 from llmforge.errors import ConfigError, DataError, Problem
 from llmforge.stage import Input, StageOptions
+
+if TYPE_CHECKING:
+    from llmforge.plugins import Registry
 
 _DATA_KEYS = ("path", "format", "columns", "on_bad_row", "text_split", "limit")
 
@@ -58,7 +62,7 @@ class MixSource(StageOptions):
         return value
 
     @model_validator(mode="after")
-    def _one_amount(self):
+    def _one_amount(self) -> MixSource:
         given = [k for k in ("ratio", "budget", "epochs") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
@@ -83,7 +87,7 @@ class MixOptions(StageOptions):
     )
 
     @model_validator(mode="after")
-    def _ratios(self):
+    def _ratios(self) -> MixOptions:
         ratios = [s.ratio for s in self.sources if s.ratio is not None]
         fixed = len(ratios) < len(self.sources)
         total = sum(ratios)
@@ -127,41 +131,40 @@ class Plan:
 def plan(options: MixOptions, sizes: list[SourceSize]) -> list[Plan]:
     """How much of each source to take; a ConfigError when a ratio cannot be met."""
     problems = []
-    amounts: list[float | None] = []
+    fixed: list[float | None] = []  # the amounts that epochs and budgets set; None for a ratio
     for s, size in zip(options.sources, sizes):
         if s.epochs is not None:
-            amounts.append(s.epochs * size.units)
+            fixed.append(s.epochs * size.units)
         elif s.budget is not None:
-            amounts.append(float(s.budget))
+            fixed.append(float(s.budget))
         else:
-            amounts.append(None)
-    ratio_sources = [i for i, s in enumerate(options.sources) if s.ratio is not None]
-    if ratio_sources:
+            fixed.append(None)
+    ratios = {i: s.ratio for i, s in enumerate(options.sources) if s.ratio is not None}
+    total = 0.0
+    if ratios:
         if options.total is not None:
             total = options.total
-        elif len(ratio_sources) < len(options.sources):
-            fixed = sum(a for a in amounts if a is not None)
-            total = fixed / (1 - sum(options.sources[i].ratio for i in ratio_sources))
+        elif len(ratios) < len(options.sources):
+            total = sum(a for a in fixed if a is not None) / (1 - sum(ratios.values()))
         else:
-            total = min(
-                options.sources[i].max_epochs * sizes[i].units / options.sources[i].ratio for i in ratio_sources
-            )
-        for i in ratio_sources:
+            total = min(options.sources[i].max_epochs * sizes[i].units / r for i, r in ratios.items())
+        for i, r in ratios.items():
             s = options.sources[i]
-            need = s.ratio * total
+            need = r * total
             if sizes[i].units and need > s.max_epochs * sizes[i].units * (1 + 1e-9):
                 problems.append(
                     Problem(
                         f"sources[{i}]",
-                        f"{s.label(i)}: its share ({s.ratio:g} of {total:g} "
+                        f"{s.label(i)}: its share ({r:g} of {total:g} "
                         f"{options.by} = {need:g}) needs {need / sizes[i].units:.2f} "
                         f"passes over its {sizes[i].units:g} {options.by}; "
                         f"max_epochs is {s.max_epochs:g}",
                     )
                 )
-            amounts[i] = need
     if problems:
         raise ConfigError(problems, hint="lower the total or the ratio, or raise max_epochs to up-sample")
+    # a source without a fixed amount has a ratio (MixSource: exactly one of ratio, budget, epochs)
+    amounts = [a if a is not None else ratios[i] * total for i, a in enumerate(fixed)]
     grand = sum(amounts) or 1.0
     out = []
     for i, (s, size, amount) in enumerate(zip(options.sources, sizes, amounts)):
@@ -233,11 +236,11 @@ def weight_fn(options: MixOptions, base: Path | None) -> tuple[Callable[[dict], 
 def mix(
     options: MixOptions,
     write: Callable[[dict], None],
-    registry: Any,
+    registry: Registry,
     base: Path | None = None,
     seed: int = 0,
-    readers: list[Callable[[], Iterator[SourceRow]]] | None = None,
-) -> dict:
+    readers: Sequence[Callable[[], Iterator[SourceRow]]] | None = None,
+) -> dict[str, Any]:
     """Mix the sources into ``write(row)``; return the report. ``readers`` replaces reading each
     source's ``data`` (the curate stage mixes its curated sources).
 
@@ -251,11 +254,12 @@ def mix(
 
     weight, unit_name = weight_fn(options, base)
     if readers is None:
-        readers = [(lambda d=s.data: records(d, base, registry)) for s in options.sources]
+        readers = [partial(records, s.data, base, registry) for s in options.sources]
     sizes = []
     layouts = set()
     for read in readers:
-        rows = units = 0
+        rows = 0
+        units: float = 0
         kind = None
         for src in read():
             rows += 1
@@ -320,7 +324,7 @@ def read_recipe(path: Path) -> MixOptions:
 
     raw = read_toml(path)
     options, problems = validate_model(MixOptions, raw, "")
-    if problems:
+    if options is None:  # not valid: the problems say why
         raise ConfigError(problems, source=str(path))
     refs = [
         Problem(

@@ -19,17 +19,23 @@ shares from them: shares are of curated data, and up-sampled repeats are not mis
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import Field, model_validator
 
 from llmforge.data import DataOptions
 from llmforge.errors import Problem
-from llmforge.stage import Produced, Stage, StageContext, StageOptions
+from llmforge.stage import Artifact, Produced, Stage, StageContext, StageOptions
 from llmforge_plugins.curate.mix import MixOptions
 
-DEFAULT_STEPS = ["normalize", "exact_dedup", "near_dedup", "quality"]
+if TYPE_CHECKING:
+    from llmforge.plugins import Registry
+    from llmforge_plugins.curate.engine import Curator
+
+DEFAULT_STEPS: list[str | dict[str, Any]] = ["normalize", "exact_dedup", "near_dedup", "quality"]
 
 
 class CurateOptions(StageOptions):
@@ -45,7 +51,7 @@ class CurateOptions(StageOptions):
     examples: int = Field(5, ge=0, le=1000, description="Examples of removed rows kept per step in the report.")
 
     @model_validator(mode="after")
-    def _one_source(self):
+    def _one_source(self) -> CurateOptions:
         if (self.data is None) == (self.mix is None):
             raise ValueError(
                 "give `data` (one source) or `mix` (several), not both"
@@ -55,7 +61,7 @@ class CurateOptions(StageOptions):
         return self
 
 
-class CurateStage(Stage):
+class CurateStage(Stage[CurateOptions]):
     name = "curate"
     summary = "Clean, deduplicate, filter, decontaminate and mix data; writes a dataset other stages read."
     Options = CurateOptions
@@ -65,14 +71,23 @@ class CurateStage(Stage):
     #: under a launching backend (accelerate, deepspeed) curation still runs once, in the run's process
     distributed = False
 
-    def check(self, options: CurateOptions, inputs, registry) -> list[Problem]:
+    def check(
+        self, options: CurateOptions, inputs: dict[str, Artifact], registry: Registry | None = None
+    ) -> list[Problem]:
         from llmforge_plugins.curate.registry import parse_steps
+
+        # the pipeline passes its registry to a check that names the parameter: the steps are its table
+        assert registry is not None, "curate's check needs the registry (the pipeline passes it)"
 
         _, problems = parse_steps(options.steps, registry)
         return problems
 
-    def cache_key_extra(self, options: CurateOptions, project_dir: Path, registry) -> dict:
+    def cache_key_extra(
+        self, options: CurateOptions, project_dir: Path, registry: Registry | None = None
+    ) -> dict[str, Any]:
         from llmforge_plugins.curate.registry import fingerprints, parse_steps
+
+        assert registry is not None, "curate's cache key needs the registry (the pipeline passes it)"
 
         # The sources and mix.tokenizer are inputs the pipeline fingerprints; files named inside step
         # options (evaluation sets, a tokenizer) are not, so they are fingerprinted here.
@@ -106,11 +121,12 @@ class CurateStage(Stage):
         def skipped(where: str, reason: str) -> None:
             reasons.add(where, "read", "bad_row", reason)
 
-        sources = (
-            [(None, options.data)]
-            if options.data is not None
-            else [(s.label(i), s.data) for i, s in enumerate(options.mix.sources)]
-        )
+        sources: list[tuple[str | None, DataOptions]]
+        if options.data is not None:
+            sources = [(None, options.data)]
+        else:
+            assert options.mix is not None  # CurateOptions' validator: exactly one of data and mix
+            sources = [(s.label(i), s.data) for i, s in enumerate(options.mix.sources)]
         reads: list[dict] = []
         committed = False
         try:
@@ -129,21 +145,22 @@ class CurateStage(Stage):
                         with open_writer(
                             out / ("data.parquet" if schema is not None else "data.jsonl"), schema
                         ) as writer:
-                            layout = None
+                            layout: tuple[str, dict[str, str]] | None = None
                             for src in curator.run_records(rows, ctx.should_stop, progress):
                                 writer.write(src.raw)
                                 layout = layout or (src.fmt.name, src.columns)
                             if ctx.should_stop():
-                                return
+                                return None  # recorded stopped; nothing published
                             _nothing_kept(curator)
                             writer.commit()
+                        assert layout is not None  # _nothing_kept raised unless a row was kept (and written)
                         write_dataset_meta(out, *layout)
                 else:
                     with Parking(target) as parked:
                         for src in curator.run_records(rows, ctx.should_stop, progress):
                             parked.write(src)
                         if ctx.should_stop():
-                            return
+                            return None  # recorded stopped; nothing published
                         parked.commit()
                     curated.append(target)
                 reads.append({"source": label, **state.to_json()})
@@ -190,13 +207,13 @@ class CurateStage(Stage):
         )
         return ctx.published
 
-    def _mix(self, options: MixOptions, curated: list[Path], ctx, schema) -> dict:
+    def _mix(self, options: MixOptions, curated: list[Path], ctx: StageContext, schema: Any) -> dict[str, Any]:
         from llmforge.data import write_dataset_meta
         from llmforge_plugins.curate import mix as mixing
         from llmforge_plugins.curate.source import open_writer, read_parked
 
         formats = ctx.registry.row_formats
-        readers = [(lambda p=p: read_parked(p, formats)) for p in curated]
+        readers = [partial(read_parked, p, formats) for p in curated]
         layouts = {
             (src.fmt.name, tuple(sorted(src.columns.items())))
             for p in curated
@@ -220,13 +237,16 @@ class CurateStage(Stage):
         return report
 
 
-def _first(items):
+T = TypeVar("T")
+
+
+def _first(items: Iterable[T]) -> list[T]:
     for item in items:
         return [item]
     return []
 
 
-def _nothing_kept(curator) -> None:
+def _nothing_kept(curator: Curator) -> None:
     """Fail the stage (before publishing an empty dataset) when the steps removed every row."""
     if curator.rows_out:
         return
