@@ -288,11 +288,13 @@ def _kth_by_buckets(x: Any, k: int, bins: int, limit: int) -> float:
     import torch
 
     n = x.numel()
-    lo = hi = None
+    lo: float | None = None
+    hi: float | None = None
     for s in chunks(n):
         a = x[s].abs()
         lo = float(a.min()) if lo is None else min(lo, float(a.min()))
         hi = float(a.max()) if hi is None else max(hi, float(a.max()))
+    assert lo is not None and hi is not None  # called for n > limit elements: at least one chunk
     rank = k  # the wanted value is the rank-th largest among values in [lo, hi]
     while True:
         if hi <= lo:
@@ -329,7 +331,8 @@ def _kth_by_buckets(x: Any, k: int, bins: int, limit: int) -> float:
 def _bucket_range(x: Any, lo: float, hi: float, width: float, bins: int, bucket: int) -> tuple[float, float]:
     """The exact min and max of the values that fall in ``bucket`` (so the next pass's range holds
     exactly those values, and no value is counted twice)."""
-    b_min = b_max = None
+    b_min: float | None = None
+    b_max: float | None = None
     for s in chunks(x.numel()):
         a = x[s].abs().double()
         a = a[(a >= lo) & (a <= hi)]
@@ -338,6 +341,8 @@ def _bucket_range(x: Any, lo: float, hi: float, width: float, bins: int, bucket:
         if a.numel():
             b_min = float(a.min()) if b_min is None else min(b_min, float(a.min()))
             b_max = float(a.max()) if b_max is None else max(b_max, float(a.max()))
+    # The counting pass found values in this bucket, with the same formula over the same tensor.
+    assert b_min is not None and b_max is not None
     return b_min, b_max
 
 

@@ -206,10 +206,11 @@ def merge(
             f"{len(weight)} --weight for {len(model)} --model: give one weight per model, in order, or none"
         )
     if model:
-        raw["models"] = [
-            {"model": m, **({"parameters": {"weight": w}} if weight else {})}
-            for m, w in zip(model, weight or [None] * len(model))
-        ]
+        raw["models"] = (
+            [{"model": m, "parameters": {"weight": w}} for m, w in zip(model, weight)]
+            if weight
+            else [{"model": m} for m in model]
+        )
     for item in sets:
         name, eq, value = item.partition("=")
         if not eq or not name.strip():
@@ -243,6 +244,7 @@ def merge(
         )
     except ConfigError as exc:
         raise (exc if config is not None else _as_flags(exc)) from None
+    assert summary is not None  # None means stopped, and this report never asks to stop (Ctrl-C raises)
     printer({"type": "stage_end", "stage": "merge", "status": "done", "duration": summary["seconds"]})
     typer.echo(f"merged model written to {out}")
 
@@ -279,6 +281,7 @@ def merge_lora(
         raise UsageError(f"--dtype {dtype}: expected auto, float32, float16 or bfloat16")
     printer, report = _printer()
     summary = run(adapter, out, base=base, dtype=dtype, force=force, report=report, replace=replace)
+    assert summary is not None  # None means stopped, and this report never asks to stop (Ctrl-C raises)
     printer({"type": "stage_end", "stage": "merge", "status": "done", "duration": summary["seconds"]})
     typer.echo(f"merged model written to {out}")
 

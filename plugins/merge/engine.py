@@ -45,6 +45,7 @@ def _shard_name(i: int, n: int) -> str:
 def _compute(plan: Plan, t: OutTensor, torch) -> Any:
     if t.copy:
         first = t.models[0] if t.models else t.base
+        assert first is not None  # the plan gives every tensor a model or a base to read
         return first.source.load(first.name)
     cdtype = getattr(torch, plan.compute_dtype)
     loaded: dict[tuple[int, str], Any] = {}

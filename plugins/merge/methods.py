@@ -10,8 +10,9 @@ Imported at start-up: torch only inside `merge()`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
-from llmforge_plugins.merge.api import CHUNK, MergeMethod, Param, chunks, dot, flat, kth_largest_abs
+from llmforge_plugins.merge.api import CHUNK, MergeMethod, Param, TensorInfo, chunks, dot, flat, kth_largest_abs
 
 WEIGHT = Param("weight", 1.0, "Weight of the model.", per_model=True)
 DENSITY = Param(
@@ -31,6 +32,13 @@ def _weighted_sum_into(acc, others, weights) -> None:
         acc.add_(t, alpha=weights[i])
 
 
+def _zero_weight_sum(params: dict[str, Any]) -> str | None:
+    """The check of every method that may divide by the sum of the weights (normalize)."""
+    if params["normalize"] and abs(sum(params["weight"])) < 1e-12:
+        return "the weights sum to 0 (set normalize = false, or change the weights)"
+    return None
+
+
 class Linear(MergeMethod):
     name = "linear"
     summary = "Weighted average of the models: Σwᵢθᵢ / Σwᵢ (normalize = false: Σwᵢθᵢ)."
@@ -38,10 +46,8 @@ class Linear(MergeMethod):
     min_models = 1
     params = (WEIGHT, _normalize(True, "Divide by the sum of the weights."))
 
-    def check_tensor(self, params, info):
-        if params["normalize"] and abs(sum(params["weight"])) < 1e-12:
-            return "the weights sum to 0 (set normalize = false, or change the weights)"
-        return None
+    def check_tensor(self, params: dict[str, Any], info: TensorInfo) -> str | None:
+        return _zero_weight_sum(params)
 
     def merge(self, models, base, params, info):
         w = params["weight"]
@@ -59,8 +65,8 @@ class TaskArithmetic(MergeMethod):
     min_models = 1
     params = (WEIGHT, LAMBDA, _normalize(False, "Divide the sum of task vectors by the sum of the weights."))
 
-    def check_tensor(self, params, info):
-        return Linear.check_tensor(self, params, info)
+    def check_tensor(self, params: dict[str, Any], info: TensorInfo) -> str | None:
+        return _zero_weight_sum(params)
 
     def merge(self, models, base, params, info):
         for m in models:
@@ -121,9 +127,9 @@ def _sign_consensus(base, deltas, weights, lam: float, normalize: bool):
             c = d[s]
             agree = (torch.sign(c) == sign) & (c != 0)
             num.add_(c * agree, alpha=w)
-            if normalize:
+            if den is not None:  # normalize
                 den.add_(agree.to(den.dtype), alpha=w)
-        if normalize:
+        if den is not None:
             num = torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
         fb[s].add_(num, alpha=lam)
     return base
@@ -155,8 +161,8 @@ class DareLinear(MergeMethod):
     min_models = 1
     params = (WEIGHT, DENSITY, LAMBDA, _normalize(False, "Divide the sum of task vectors by the sum of the weights."))
 
-    def check_tensor(self, params, info):
-        return Linear.check_tensor(self, params, info)
+    def check_tensor(self, params: dict[str, Any], info: TensorInfo) -> str | None:
+        return _zero_weight_sum(params)
 
     def merge(self, models, base, params, info):
         for i, (m, density) in enumerate(zip(models, params["density"])):

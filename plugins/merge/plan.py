@@ -370,7 +370,7 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
                         f"slices[{gi}]: layer_range [{start}, {end}) is outside {_where(s)}, which has "
                         f"{n if n is not None else 'no known number of'} layers"
                     )
-            if g["base"] is not None:
+            if base is not None:  # g["base"]: every group reads the one base
                 start, end = g["base_range"]
                 if base.num_layers is None or end > base.num_layers:
                     raise UsageError(
@@ -389,7 +389,10 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
         out_name: str, layer: int | None, g: dict, names: list[str], base_name: str | None, slice_params: dict
     ) -> OutTensor:
         models = [Input(s, n) for (_, s), n in zip(g["models"], names)]
-        base_in = Input(g["base"], base_name) if g["base"] is not None else None
+        base_in = None
+        if g["base"] is not None:
+            assert base_name is not None  # the callers name the base's tensor whenever the group has a base
+            base_in = Input(g["base"], base_name)
         every = ([base_in] if base_in else []) + models
         for inp in every:
             if not inp.source.has(inp.name):

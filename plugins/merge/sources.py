@@ -146,7 +146,8 @@ class Source:
     def num_layers(self) -> int | None:
         return num_layers(self.config)
 
-    def load(self, name: str, dtype: Any) -> Any:  # pragma: no cover - abstract
+    def load(self, name: str, dtype: Any = None) -> Any:  # pragma: no cover - abstract
+        """The tensor ``name``, converted to the torch ``dtype`` (None: as stored)."""
         raise NotImplementedError
 
 
@@ -303,7 +304,7 @@ class LoraSource(Source):
             raise DataError(f"{self.label}: no adapter_model.safetensors")
         self.weights = weights
         header = _header(weights)
-        self.pairs: dict[str, dict[str, str]] = {}  # base tensor name -> {"A": key, "B": key, "embedding": bool}
+        self.pairs: dict[str, dict[str, Any]] = {}  # base tensor name -> {"A": key, "B": key, "embedding": bool}
         self.replaced: dict[str, str] = {}  # base tensor name -> adapter key (modules_to_save, resized embeddings)
         for key in header:
             if "lora_magnitude_vector" in key:

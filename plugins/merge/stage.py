@@ -9,7 +9,10 @@ from llmforge.stage import Produced, Stage, StageContext
 from llmforge_plugins.merge.options import MergeOptions
 
 if TYPE_CHECKING:
+    from llmforge.errors import Problem
     from llmforge.planning import Estimate, PlanEnv, Shape
+    from llmforge.plugins import Registry
+    from llmforge.stage import Artifact
 
 
 class MergeStage(Stage):
@@ -24,7 +27,11 @@ class MergeStage(Stage):
     version = "1"
     cache_libraries = ("torch", "safetensors")
 
-    def check(self, options, inputs, registry):
+    def check(
+        self, options: MergeOptions, inputs: dict[str, Artifact], registry: Registry | None = None
+    ) -> list[Problem]:
+        if registry is None:
+            return []  # no methods table to check against (validate and the runner always pass one)
         from llmforge_plugins.merge.api import MERGE_METHODS
         from llmforge_plugins.merge.plan import static_problems
 
@@ -52,6 +59,6 @@ class MergeStage(Stage):
             summary = execute(plan, out, report)
             if summary is None:  # stopped: the artifact block discards the partial folder
                 ctx.log("merge stopped before it finished; nothing was written")
-                return
+                return None
         ctx.info.update(summary)
         return ctx.published
