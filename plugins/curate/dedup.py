@@ -144,7 +144,7 @@ class NearDedupOptions(StepOptions):
     def _bands_and_rows(self):
         if (self.bands is None) != (self.rows is None):
             raise ValueError("set both bands and rows, or neither")
-        if self.bands is not None and self.bands * self.rows > self.num_perm:
+        if self.bands is not None and self.rows is not None and self.bands * self.rows > self.num_perm:
             raise ValueError(f"bands x rows ({self.bands} x {self.rows}) exceeds num_perm ({self.num_perm})")
         return self
 
@@ -163,7 +163,7 @@ class NearDedup(CurationStep[NearDedupOptions]):
     def __init__(self, options: NearDedupOptions, env):
         super().__init__(options, env)
         o = options
-        if o.bands is None:
+        if o.bands is None or o.rows is None:  # both or neither (the options' validator)
             # With verification a false candidate costs only a comparison, so favour recall.
             self.bands, self.rows = minhash.lsh_params(o.threshold, o.num_perm, 0.1 if o.verify else 0.5)
         else:
@@ -185,7 +185,7 @@ class NearDedup(CurationStep[NearDedupOptions]):
         values = values.reshape(keys.shape)
         sig16 = sig.astype(np.uint16)  # the low 16 bits: enough to estimate similarity
         has = np.diff(offsets) > 0
-        any_found = found.any(axis=1)
+        any_found = np.asarray(found.any(axis=1))  # one per row (asarray: the stubs allow a scalar)
         key_lists = keys.tolist()
         local: dict[int, int] = {}
         out: list = []

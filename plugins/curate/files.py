@@ -44,8 +44,8 @@ def curate_file(
     schema = parquet_schema(options, registry.readers, base) if out.name.lower().endswith(".parquet") else None
     try:
         with open_writer(out, schema) as writer:
-            for src in curator.run_records(records(options, base, registry, state=state, on_skip=skipped)):
-                writer.write(src.raw)
+            for rec in curator.run_records(records(options, base, registry, state=state, on_skip=skipped)):
+                writer.write(rec.raw)
             writer.commit()
         curator.finish()
         if book is not None:

@@ -90,7 +90,7 @@ def _guess(text: str, min_words: int) -> tuple[str, float]:
     letters = sum(counts.values())
     if not letters:
         return "unknown", 0.0
-    script = max(counts, key=counts.get)
+    script = max(counts, key=counts.__getitem__)
     share = counts[script] / letters
     if script in ("kana", "han"):
         # Japanese mixes kana and kanji; Chinese has no kana at all.

@@ -158,7 +158,7 @@ class _Tally:
     def __init__(self, examples: int):
         self.max_examples = examples
         self.codes: dict[str, dict] = {}
-        self.rows_with = {"error": set(), "warning": set()}
+        self.rows_with: dict[str, set[int]] = {"error": set(), "warning": set()}
 
     def add(self, row_no: int, where: str, f: Finding) -> None:
         entry = self.codes.setdefault(f.code, {"level": f.level, "rows": 0, "examples": []})
@@ -287,6 +287,7 @@ def lint_file(
         "findings": {code: entry for code, entry in order},
     }
     if tok is not None:
+        assert tpl is not None  # load_chat_tokenizer's default kind ("chat") always resolves a template
         out.update(
             {
                 "max_length": max_length,

@@ -209,7 +209,8 @@ def band_keys(sig: np.ndarray, bands: int, rows: int, seed: int = 1) -> np.ndarr
 # choosing bands and rows
 
 
-_integrate = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only the old name
+# numpy < 2 has only the old name, which numpy 2's type stubs no longer declare: looked up by name
+_integrate = getattr(np, "trapezoid", None) or getattr(np, "trapz")  # noqa: B009
 
 
 def _probability(s: np.ndarray, bands: int, rows: int) -> np.ndarray:

@@ -27,6 +27,7 @@ from pydantic import Field
 from llmforge_plugins.curate.api import CurationStep, Drop, StepOptions, map_text
 
 PiiKind = Literal["email", "phone", "ip", "key"]
+ALL_KINDS: tuple[PiiKind, ...] = ("email", "phone", "ip", "key")
 
 _KEY = re.compile(
     "|".join(
@@ -58,7 +59,7 @@ _PHONE = re.compile(
 _THOUSANDS = re.compile(r"\d{1,3}(?:([ .,])\d{3})(?:\1\d{3})*")
 _DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
 
-PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>", "key": "<API_KEY>"}
+PLACEHOLDERS: dict[PiiKind, str] = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP_ADDRESS>", "key": "<API_KEY>"}
 
 
 def _is_ipv6(text: str) -> bool:
@@ -87,7 +88,7 @@ def _is_phone(text: str) -> bool:
 
 class PiiOptions(StepOptions):
     kinds: list[PiiKind] = Field(
-        default_factory=lambda: ["email", "phone", "ip", "key"], description="What to look for: email, phone, ip, key."
+        default_factory=lambda: list(ALL_KINDS), description="What to look for: email, phone, ip, key."
     )
     placeholders: dict[PiiKind, str] = Field(
         default_factory=dict,
@@ -113,7 +114,7 @@ class PiiScrub(CurationStep[PiiOptions]):
     def scrub(self, text: str, counts: Counter) -> str:
         kinds = self.options.kinds
 
-        def sub(pattern: re.Pattern, kind: str, check=None) -> None:
+        def sub(pattern: re.Pattern, kind: PiiKind, check=None) -> None:
             nonlocal text
 
             def repl(m: re.Match) -> str:

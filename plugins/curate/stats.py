@@ -80,7 +80,8 @@ def compute(
         from llmforge_plugins.curate.tokens import token_counter
 
         count_tokens = token_counter(tokenizer)
-    chars, words, tokens, turns = array("I"), array("I"), array("I"), Counter()
+    chars, words, tokens = array("I"), array("I"), array("I")
+    turns: Counter[int] = Counter()  # conversations by number of turns
     languages: Counter = Counter()
     exact_dups = near_dups = 0
     for wheres, rows in batched(((src.where, src.row) for src in records(options, base, registry, state=state)), 512):
