@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -45,7 +45,7 @@ def run(
     pipe = load_pipeline(config, overrides or [], registry=registry())
     # The fit check is part of the run request: the runner makes it before any run folder exists (and a
     # detached launch before it starts the child, which is given the same decision on its command line).
-    fit = "skip" if no_fit_check else "check"
+    fit: Literal["check", "skip"] = "skip" if no_fit_check else "check"
     if detach:
         _detach(pipe, stage or [], from_stage, overrides or [], resume, run_ref, force, fit)
         return

@@ -60,7 +60,7 @@ class AppState:
     def runs(self) -> list[RunInfo]:
         """Like RunStore.list(), oldest first, but a manifest is parsed again only when it changed:
         screens poll this every second, and a runs folder can hold hundreds of runs."""
-        out = []
+        out: list[RunInfo] = []
         try:
             entries = list(os.scandir(self.runs_dir))
         except OSError:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Select, Static
+from textual.widgets.select import NoSelection
 from textual.worker import get_current_worker
 
 from llmforge.errors import ConfigError, ForgeError, Problem
@@ -29,6 +30,8 @@ from llmforge.tui.widgets.form import OptionsForm, fields_for
 
 if TYPE_CHECKING:
     from llmforge.plugins import Registry
+    from llmforge.stage import Stage
+    from llmforge.tui.app import LlmforgeApp
 
 # How long typing must pause before the whole file is validated again (the schema check is instant).
 FULL_CHECK_DELAY = 0.3
@@ -120,7 +123,7 @@ Saving keeps your comments and layout."""
         self.path: Path | None = None
         self.text = ""  # the file as read: edits apply to it, and saving checks it is still on disk
         self.entries: list = []  # the [[stages]] tables of the parsed file
-        self.classes_by_uses: dict[str, type | None] = {}
+        self.classes_by_uses: dict[str, type[Stage] | None] = {}
         self.current: int | None = None  # index of the stage shown
         self.revision = 0  # bumped on every change: a late full check of an older text is dropped
         self.problems: list[Problem] = []
@@ -161,6 +164,8 @@ Saving keeps your comments and layout."""
     def load(self, keep_stage: int | None = None) -> None:
         """Read forge.toml and the stage classes (loading plugins takes a moment: not on the UI thread)."""
         path = self.state.config_path
+        # The type: ignores below: mypy cannot solve textual's `T | Awaitable[T]` for a coroutine function
+        # that returns None (it infers Never); textual awaits the coroutine on the UI thread.
         try:
             if path is None:
                 raise ForgeError(
@@ -171,19 +176,19 @@ Saving keeps your comments and layout."""
             doc = tomledit.parse(text, str(path))
             entries = tomledit.stages(doc)
             registry = self.state.registry()
-            classes = {}
+            classes: dict[str, type[Stage] | None] = {}
             for entry in entries:
                 uses = entry.get("uses")
                 if isinstance(uses, str) and uses not in classes:
                     classes[uses] = registry.stage_class(uses)
             problems = check_file(path, registry)
         except ForgeError as exc:
-            self.app.call_from_thread(self._failed, exc)
+            self.app.call_from_thread(self._failed, exc)  # type: ignore[arg-type]
             return
         except Exception as exc:  # noqa: BLE001 - a bug here must show, not take the app down
-            self.app.call_from_thread(self._failed, ForgeError(f"{type(exc).__name__}: {exc}"))
+            self.app.call_from_thread(self._failed, ForgeError(f"{type(exc).__name__}: {exc}"))  # type: ignore[arg-type]
             return
-        self.app.call_from_thread(self._loaded, path, text, entries, classes, problems, keep_stage)
+        self.app.call_from_thread(self._loaded, path, text, entries, classes, problems, keep_stage)  # type: ignore[arg-type]
 
     async def _failed(self, exc: ForgeError) -> None:
         await self._message(exc.render())
@@ -196,7 +201,13 @@ Saving keeps your comments and layout."""
         await area.mount(Static(text, id="message", markup=False))
 
     async def _loaded(
-        self, path: Path, text: str, entries: list, classes: dict, problems: list[Problem], keep_stage: int | None
+        self,
+        path: Path,
+        text: str,
+        entries: list,
+        classes: dict[str, type[Stage] | None],
+        problems: list[Problem],
+        keep_stage: int | None,
     ) -> None:
         self.path, self.text, self.entries, self.classes_by_uses = path, text, entries, classes
         self.query_one("#config-path", Static).update(f"{path}  ({len(entries)} stages)")
@@ -283,23 +294,26 @@ Saving keeps your comments and layout."""
             event.button.disabled = True
             self._edited()
         except Exception as exc:  # noqa: BLE001 - a handler must not raise (see app.py)
-            self.app.show_error(exc)
+            cast("LlmforgeApp", self.app).show_error(exc)
 
     @on(Select.Changed, "#stage-select")
     async def _stage_chosen(self, event: Select.Changed) -> None:
-        if event.value is Select.NULL or event.value == self.current:
+        # textual's Select.Changed is not generic; this select's values are stage indexes (see _loaded)
+        select = cast("Select[int]", event.select)
+        value = cast("int | NoSelection", event.value)
+        if isinstance(value, NoSelection) or value == self.current:
             return
         if self.current is not None and self.edits():
             # Keep the user's edits: they are saved or dropped (reload) explicitly, never silently.
-            with event.select.prevent(Select.Changed):
-                event.select.value = self.current
+            with select.prevent(Select.Changed):
+                select.value = self.current
             self.app.notify(
                 "this stage has unsaved changes: save (ctrl+s) or reload (ctrl+r) first",
                 title="Config",
                 severity="warning",
             )
             return
-        await self.show_stage(int(event.value))
+        await self.show_stage(value)
 
     def edits(self) -> list[tomledit.Edit]:
         form = self.form
