@@ -339,6 +339,15 @@ class LlamaModel:
 
     `doing` words the crash message ("evaluating", "chatting with")."""
 
+    # What the child's "load" answer sets (self.__dict__.update in _start), declared for type checkers.
+    n_vocab: int
+    n_ctx: int
+    metadata: dict[str, str]
+    token_bos: int
+    token_eos: int
+    eog: set[int]
+    token_texts: list[str]
+
     def __init__(self, path: Path | str, *, doing: str = "evaluating", vocab_texts: bool = False, **kwargs):
         self.path = Path(path)
         self.doing = doing

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, cast
 
 from llmforge.chat_engine import ChatEngine, Reply, render_prompt, reply
 from llmforge.chat_engine import open_engine as open_with
@@ -149,7 +149,7 @@ class HFEngine(ChatEngine):
                 end = template_from_tokenizer(self.tokenizer).eos
             except ChatTemplateError:
                 end = None
-            if end in vocab:
+            if end is not None and end in vocab:
                 stops.add(vocab[end])
         self.stops = stops
         self.stop_strings = _stop_strings(self.template)
@@ -197,7 +197,8 @@ class HFEngine(ChatEngine):
                 step = torch.tensor([[token]], device=self.device)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        # str for a list of ids (the list[str] of its annotation is for a batch of lists)
+        return cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def is_stop(self, token: int) -> bool:
         return token in self.stops
@@ -285,6 +286,16 @@ class ChatSettings:
     system: str | None = None
 
 
+def _streamer(out: TextIO) -> Callable[[str], None]:
+    """Writes each piece of an answer to ``out`` as it comes."""
+
+    def show(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    return show
+
+
 def one_shot(engine: ChatEngine, prompt: str, settings: ChatSettings, out: TextIO = sys.stdout) -> Reply:
     """Answer one prompt, printing only the answer (for scripts)."""
     messages = [{"role": "system", "content": settings.system}] if settings.system and engine.template else []
@@ -295,7 +306,7 @@ def one_shot(engine: ChatEngine, prompt: str, settings: ChatSettings, out: TextI
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
         seed=settings.seed,
-        on_text=lambda s: (out.write(s), out.flush()),
+        on_text=_streamer(out),
     )
     out.write("\n")
     out.flush()
@@ -313,7 +324,7 @@ def interactive(
     the number of answers given."""
     tty = inp.isatty()
     mode = "chat" if engine.template else "text completion (the model has no chat template)"
-    err.write(f"{engine.kind} model {engine.path}: {mode}. /exit or end of input quits, /reset forgets.\n")
+    err.write(f"{engine.name} model {engine.path}: {mode}. /exit or end of input quits, /reset forgets.\n")
     system = [{"role": "system", "content": settings.system}] if settings.system and engine.template else []
     history: list[dict] = list(system)
     answers = 0
@@ -341,7 +352,7 @@ def interactive(
                 max_new_tokens=settings.max_new_tokens,
                 temperature=settings.temperature,
                 seed=settings.seed + answers,
-                on_text=lambda s: (out.write(s), out.flush()),
+                on_text=_streamer(out),
             )
         except UsageError as exc:  # a prompt longer than the context: say so and keep the session
             history.pop()

@@ -124,6 +124,7 @@ def quantize(
         if calibration is not None:
             from llmforge_plugins.gguf.imatrix import compute_imatrix
 
+            assert model is not None  # checked above: --calibration needs --model
             imatrix = compute_imatrix(
                 model, read_calibration(calibration), Path(tmp) / keep.name, max_tokens=max_tokens, log=log
             )

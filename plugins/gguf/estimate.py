@@ -63,7 +63,10 @@ def gguf_estimate(shape: Shape, outtype: str, quantize: list[str], check: bool, 
     files = {f"export ({outtype.upper()})": P * GGUF_BPW.get(outtype.upper(), 16.0) / 8}
     for q in quantize:
         files[q.upper()] = P * GGUF_BPW.get(q.upper(), 8.0) / 8
-    parts = {"runtime": RUNTIME_BYTES["cpu"], "one tensor at a time (export)": shape.vocab * shape.hidden * 8}
+    parts: dict[str, float] = {
+        "runtime": RUNTIME_BYTES["cpu"],
+        "one tensor at a time (export)": shape.vocab * shape.hidden * 8,
+    }
     if check or imatrix:
         parts["HF model (fp32, for check/imatrix)"] = P * 4
         parts["largest GGUF (llama.cpp)"] = max(files.values())

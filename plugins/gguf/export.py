@@ -670,6 +670,7 @@ def _export_dir(model_dir: Path, out: Path, outtype: str, log: Log) -> dict:
             writer.write_tensor_data(_convert(values, p.qtype))
             del values
         writer.flush()
+        assert writer.fout is not None  # opened by write_header_to_file
         os.fsync(writer.fout[0].fileno())
         writer.close()
         os.replace(tmp, out)

@@ -300,6 +300,7 @@ def quantize_gguf(
     finally:
         tmp.unlink(missing_ok=True)
     seconds = time.monotonic() - start
+    src_bytes, out_bytes = src.stat().st_size, out.stat().st_size
 
     summary = {
         "src": str(src),
@@ -308,14 +309,14 @@ def quantize_gguf(
         "ftype": QUANT_TYPES[qtype],
         "imatrix": str(imatrix) if imatrix else None,
         "imatrix_entries": len(c_imatrix[1][0]) if c_imatrix else 0,
-        "src_bytes": src.stat().st_size,
-        "bytes": out.stat().st_size,
+        "src_bytes": src_bytes,
+        "bytes": out_bytes,
         "src_tensor_types": dict(src_types),
         "tensor_types": dict(out_types),
         "seconds": round(seconds, 3),
     }
     log(
-        f"{out.name}: {summary['bytes'] / 2**20:.1f} MiB ({summary['bytes'] / summary['src_bytes']:.0%} of the "
+        f"{out.name}: {out_bytes / 2**20:.1f} MiB ({out_bytes / src_bytes:.0%} of the "
         f"input) in {seconds:.1f} s; tensor types " + ", ".join(f"{k} x{v}" for k, v in sorted(out_types.items()))
     )
     return summary

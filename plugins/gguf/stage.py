@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
 from llmforge.stage import Input, Produced, Stage, StageContext, StageOptions
 
 if TYPE_CHECKING:
+    from llmforge.errors import Problem
     from llmforge.planning import Estimate, PlanEnv
+    from llmforge.plugins import Registry
+    from llmforge.stage import Artifact
 
 
 class ImatrixOptions(StageOptions):
@@ -135,11 +138,13 @@ class GgufStage(Stage):
     version = "1"
     cache_libraries = ("gguf", "llama-cpp-python", "torch", "transformers")
 
-    def check(self, options: GgufOptions, inputs):
+    def check(
+        self, options: GgufOptions, inputs: dict[str, Artifact], registry: Registry | None = None
+    ) -> list[Problem]:
         from llmforge.errors import Problem, UsageError
         from llmforge_plugins.gguf.quantize import needs_imatrix, normalize_qtype
 
-        problems = []
+        problems: list[Problem] = []
         for i, qtype in enumerate(options.quantize):
             try:
                 normalize_qtype(qtype)
@@ -200,17 +205,17 @@ class GgufStage(Stage):
             imatrix = None
             if o.quantize and o.imatrix is not None:
                 if ctx.should_stop():
-                    return
-                imatrix = self._imatrix(model, out / "imatrix.safetensors", o, ctx)
+                    return None  # the artifact block discards what was written
+                imatrix = self._imatrix(model, out / "imatrix.safetensors", o.imatrix, ctx)
                 step()
-            quantized = {}
+            quantized: dict[str, dict[str, Any]] = {}
             for qtype in o.quantize:
                 if ctx.should_stop():
-                    return  # the artifact block discards what was written
+                    return None  # the artifact block discards what was written
                 files.append(self._quantize(files[0], out / f"{o.name}-{qtype}.gguf", qtype, imatrix, ctx, quantized))
                 step()
             if ctx.should_stop():
-                return
+                return None
             for path in files:
                 write_modelfile(path)
             if o.check:
@@ -233,11 +238,11 @@ class GgufStage(Stage):
         return dst
 
     @staticmethod
-    def _imatrix(model: Path, dst: Path, o: GgufOptions, ctx) -> Path:
+    def _imatrix(model: Path, dst: Path, spec: ImatrixOptions, ctx) -> Path:
         from llmforge_plugins.gguf.imatrix import compute_imatrix
 
-        texts = read_calibration(Path(o.imatrix.calibration))
-        return compute_imatrix(model, texts, dst, max_tokens=o.imatrix.max_tokens, log=ctx.log)
+        texts = read_calibration(Path(spec.calibration))
+        return compute_imatrix(model, texts, dst, max_tokens=spec.max_tokens, log=ctx.log)
 
     @staticmethod
     def _quantize(src: Path, dst: Path, qtype: str, imatrix: Path | None, ctx, record: dict) -> Path:
