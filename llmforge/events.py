@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from llmforge.status import Status
+
 Listener = Callable[[dict], None]
 
 
@@ -153,7 +155,7 @@ class RunEnd(Event):
     """A run ended (done, stopped, failed): its exit code and every stage's final status."""
 
     TYPE: ClassVar[str] = "run_end"
-    status: str = "unknown"
+    status: Status | str = Status.UNKNOWN
     exit_code: int | None = None
     stages: dict[str, str] = field(default_factory=dict)
 
@@ -173,7 +175,7 @@ class StageEnd(Event):
     """A stage ended: done, stopped, failed, or blocked (never started: `reason` says which input)."""
 
     TYPE: ClassVar[str] = "stage_end"
-    status: str = "unknown"
+    status: Status | str = Status.UNKNOWN
     duration: float | None = None
     error: str | None = None
     reason: str | None = None
@@ -248,7 +250,8 @@ def from_dict(raw: Mapping[str, Any]) -> Event:
     data: dict[str, Any] = {}
     for k, v in raw.items():
         if k in own:
-            kwargs[k] = v
+            # A status read from a file becomes the enum (an unknown one, a newer writer's, stays a string).
+            kwargs[k] = Status.of(v) if k == "status" else v
         elif k not in _COMMON or k == "data":
             data[k] = v
     ev = cls(

@@ -377,7 +377,7 @@ def run_pipeline(pipe: Pipeline, req: RunRequest | None = None, *, registry: Reg
     )
     restore = _install_signals(stop)
     unwatch = watch_requests(run_dir, stop.on_request)
-    registry.pm.hook.configure.call_historic(kwargs={"config": cfg})
+    registry.hook.configure.call_historic(kwargs={"config": cfg})
 
     events.emit(
         "run_start",
@@ -507,7 +507,7 @@ def _start_trackers(cfg: ForgeConfig, run_dir: Path, registry: Registry, notes: 
 def _observers(registry: Registry, run_dir: Path) -> list[Listener]:
     """One listener per on_event implementation: a failing observer is disabled alone. Each gets the
     arguments it names, so implementations written before `run_dir` existed keep working."""
-    return [_observer(impl, run_dir) for impl in reversed(registry.pm.hook.on_event.get_hookimpls())]
+    return [_observer(impl, run_dir) for impl in reversed(registry.hook.on_event.get_hookimpls())]
 
 
 def _observer(impl: Any, run_dir: Path) -> Listener:
@@ -561,7 +561,7 @@ def _run_stage(session: RunSession, spec: StageSpec, stage_dir: Path, resume: bo
     outcome, code, error = Status.DONE, EXIT_OK, None
     try:
         with _warnings_to_events(ctx):
-            handled = session.registry.pm.hook.execute_stage(stage=spec.cls(), options=options, ctx=ctx)
+            handled = session.registry.hook.execute_stage(stage=spec.cls(), options=options, ctx=ctx)
         if handled is None:
             raise ForgeError(f"no plugin executed stage kind '{spec.uses}'")
         # What the stage says it produced (Stage.run's return, passed on by execute_stage) must be what
