@@ -84,20 +84,36 @@ def gib(n: int | float | None) -> float | None:
 
 @dataclass(frozen=True)
 class Shape:
-    """A decoder-only transformer of the Llama family (Llama, Mistral, Qwen2, SmolLM, ...)."""
+    """A decoder-only transformer as transformers builds it from a config.json: the Llama family (Llama,
+    Mistral, SmolLM), Qwen2/Qwen3 (attention biases, q/k norms), Gemma 2/3 (four norms a layer, an explicit
+    head_dim), Phi-3 (fused qkv and gate/up projections) and mixture-of-experts models (Qwen3-MoE, Qwen2-MoE,
+    Mixtral: `experts` feed-forward blocks a MoE layer, `experts_per_tok` of them active for each token).
+
+    Weights, gradients and optimizer states are counted on every parameter (`params`); the activations a
+    token leaves behind follow the experts it goes through (`active_intermediate`), so a MoE model's memory
+    for a micro-batch is that of its active parameters (`active_params`)."""
 
     vocab: int
     hidden: int
     layers: int
     heads: int
     kv_heads: int
-    intermediate: int
+    intermediate: int  # the MLP width of a dense layer
     head_dim: int
     tied: bool
     dtype: str = "float32"  # what the weights load as
     attn: str = "sdpa"
     qkv_bias: bool = False
     source: str = ""
+    model_type: str = "llama"
+    qk_norm: bool = False  # Qwen3, Gemma 3: an RMSNorm over head_dim on queries and keys
+    layer_norms: int = 2  # RMSNorms a layer holds besides the q/k norms (Gemma 2/3: 4)
+    fused: bool = False  # Phi-3: one qkv_proj and one gate_up_proj linear
+    experts: int = 0  # MoE: experts in a MoE layer (0: a dense model)
+    experts_per_tok: int = 0  # MoE: experts each token goes through
+    expert_intermediate: int = 0  # MoE: one expert's MLP width
+    shared_intermediate: int = 0  # Qwen2-MoE: the shared expert's width (with its one-output gate)
+    moe_layers: int = 0  # MoE: how many of the layers are MoE layers (the others are dense)
 
     @property
     def kv_dim(self) -> int:
@@ -107,43 +123,124 @@ class Shape:
     def q_dim(self) -> int:
         return self.heads * self.head_dim
 
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """Each decoder layer's linear layers: (in, out) features, keyed by their module names."""
-        h, i = self.hidden, self.intermediate
+    @property
+    def moe(self) -> bool:
+        return self.experts > 0 and self.moe_layers > 0
+
+    def attention_linears(self) -> dict[str, tuple[int, int]]:
+        h = self.hidden
+        if self.fused:
+            return {"qkv_proj": (h, self.q_dim + 2 * self.kv_dim), "o_proj": (self.q_dim, h)}
         return {
             "q_proj": (h, self.q_dim),
             "k_proj": (h, self.kv_dim),
             "v_proj": (h, self.kv_dim),
             "o_proj": (self.q_dim, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
         }
 
-    def layer_params(self) -> int:
-        n = sum(a * b for a, b in self.linears().values()) + 2 * self.hidden
+    def mlp_linears(self, width: int) -> dict[str, tuple[int, int]]:
+        h = self.hidden
+        if self.fused:
+            return {"gate_up_proj": (h, 2 * width), "down_proj": (width, h)}
+        return {"gate_proj": (h, width), "up_proj": (h, width), "down_proj": (width, h)}
+
+    def linears(self, moe_layer: bool = False) -> dict[str, tuple[int, int]]:
+        """A decoder layer's `nn.Linear` layers (what LoRA's "all-linear" and QLoRA's 4 bit reach): (in, out)
+        features, keyed by module name. A MoE layer's experts are not among them: transformers 5 keeps each
+        layer's experts as stacked parameters, not linears; its shared expert (Qwen2-MoE) is."""
+        out = self.attention_linears()
+        if not moe_layer:
+            out.update(self.mlp_linears(self.intermediate))
+        elif self.shared_intermediate:
+            out.update({f"shared_expert.{k}": v for k, v in self.mlp_linears(self.shared_intermediate).items()})
+        return out
+
+    def _layer_extra(self) -> int:
+        """A layer's parameters outside its linears' weights: norms and attention biases."""
+        n = self.layer_norms * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
         if self.qkv_bias:
             n += self.q_dim + 2 * self.kv_dim
         return n
 
+    def _experts(self, count: int) -> int:
+        """Parameters of `count` experts of a MoE layer, plus the router and a shared expert's gate."""
+        h = self.hidden
+        return count * 3 * h * self.expert_intermediate + h * self.experts + (h if self.shared_intermediate else 0)
+
+    def layer_params(self, moe_layer: bool | None = None) -> int:
+        """One decoder layer's parameters (by default the largest kind of layer the model has)."""
+        if moe_layer is None:
+            moe_layer = self.moe
+        n = sum(a * b for a, b in self.linears(moe_layer).values()) + self._layer_extra()
+        return n + (self._experts(self.experts) if moe_layer else 0)
+
+    @property
+    def dense_layers(self) -> int:
+        return self.layers - (self.moe_layers if self.moe else 0)
+
     def linear_params(self) -> int:
-        """The decoder layers' linear weights: what QLoRA stores in 4 bit."""
-        return self.layers * sum(a * b for a, b in self.linears().values())
+        """The decoder layers' `nn.Linear` weights: what QLoRA stores in 4 bit."""
+        lin = lambda moe: sum(a * b for a, b in self.linears(moe).values())  # noqa: E731
+        return self.dense_layers * lin(False) + (self.moe_layers * lin(True) if self.moe else 0)
+
+    def _total(self, moe_experts: int) -> int:
+        emb = self.vocab * self.hidden
+        n = emb + self.hidden + (0 if self.tied else emb) + self.dense_layers * self.layer_params(False)
+        if self.moe:
+            moe_layer = self.layer_params(True) - self._experts(self.experts) + self._experts(moe_experts)
+            n += self.moe_layers * moe_layer
+        return n
 
     def params(self) -> int:
-        emb = self.vocab * self.hidden
-        return emb + self.layers * self.layer_params() + self.hidden + (0 if self.tied else emb)
+        """Every parameter: what weights, gradients and optimizer states are counted on."""
+        return self._total(self.experts)
+
+    def active_params(self) -> int:
+        """The parameters one token goes through: all of a dense model; a MoE model's attention, embeddings,
+        routers and its `experts_per_tok` experts a layer."""
+        return self._total(self.experts_per_tok) if self.moe else self.params()
+
+    @property
+    def active_intermediate(self) -> int:
+        """The MLP width a token's activations go through in a layer: a MoE layer's active experts (and its
+        shared expert), else the dense MLP."""
+        if not self.moe:
+            return self.intermediate
+        return self.experts_per_tok * self.expert_intermediate + self.shared_intermediate
 
     def lora_params(self, r: int, targets: Any = "all-linear") -> int:
-        names = self.linears()
-        if targets != "all-linear":
-            wanted = {str(t).rsplit(".", 1)[-1] for t in targets}
-            names = {k: v for k, v in names.items() if k in wanted}
-        return self.layers * sum(r * (a + b) for a, b in names.values())
+        """LoRA's parameters of rank `r` on the layers' linears (named by their last component) and, in a MoE
+        layer, on its router and stacked experts, which PEFT 0.22 reaches as parameters ("all-linear" includes
+        them): per expert one rank-r adapter on down_proj, and one each for the gate and the up halves of
+        gate_up_proj (the sizes PEFT builds, checked in tests/test_plan.py)."""
+        wanted = None if targets == "all-linear" else {str(t).rsplit(".", 1)[-1] for t in targets}
+
+        def count(names: dict[str, tuple[int, int]]) -> int:
+            if wanted is not None:
+                names = {k: v for k, v in names.items() if k.rsplit(".", 1)[-1] in wanted}
+            return sum(r * (a + b) for a, b in names.values())
+
+        n = self.dense_layers * count(self.linears(False))
+        if self.moe:
+            h, e, ei = self.hidden, self.experts, self.expert_intermediate
+            per = count(self.linears(True))
+            if wanted is None or "gate" in wanted:  # the router: hidden -> experts
+                per += r * (h + e)
+            if wanted is None or wanted & {"gate_up_proj", "gate_proj", "up_proj", "w1", "w3"}:
+                per += 2 * r * e * (h + 2 * ei)
+            if wanted is None or wanted & {"down_proj", "w2"}:
+                per += r * e * (ei + h)
+            n += self.moe_layers * per
+        return n
+
+
+# Families whose config class defaults to separate input and output embeddings when a config.json leaves
+# `tie_word_embeddings` out (transformers' own defaults; Gemma's and most others' tie them).
+_UNTIED_BY_DEFAULT = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3")
 
 
 def shape_from_config(cfg: dict, source: str = "") -> Shape:
-    """A Shape from a transformers config.json dict."""
+    """A Shape from a transformers config.json dict: the families of `Shape`, read by their own keys."""
     text: dict = cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg  # multimodal wrappers
     try:
         h = int(text.get("hidden_size") or text["n_embd"])
@@ -152,12 +249,27 @@ def shape_from_config(cfg: dict, source: str = "") -> Shape:
         vocab = int(text["vocab_size"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{source or 'config'}: no {exc} in the model config") from None
+    kind = str(text.get("model_type") or cfg.get("model_type") or "llama")
     kv = int(text.get("num_key_value_heads") or heads)
-    head_dim = int(text.get("head_dim") or h // heads)
+    head_dim = int(text.get("head_dim") or h // heads)  # explicit in Qwen3, Gemma, Mistral: not always h / heads
     inter = int(text.get("intermediate_size") or text.get("n_inner") or 4 * h)
     dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or "float32")
     attn = str(cfg.get("_attn_implementation") or cfg.get("attn_implementation") or "sdpa")
-    bias = bool(text.get("attention_bias", False)) or text.get("model_type") in ("qwen2", "qwen2_moe")
+    bias = bool(text.get("attention_bias", False)) or kind in ("qwen2", "qwen2_moe")
+    tied = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings"))
+    if tied is None:
+        tied = kind not in _UNTIED_BY_DEFAULT
+    family = kind.split("_")[0]
+    # MoE: Qwen-MoE names its experts num_experts, Mixtral num_local_experts. Qwen-MoE may keep some layers
+    # dense (mlp_only_layers, decoder_sparse_step); Mixtral's are all MoE.
+    experts = int(text.get("num_experts") or text.get("num_local_experts") or 0)
+    moe_layers, expert_inter, shared = 0, 0, 0
+    if experts:
+        step = int(text.get("decoder_sparse_step") or 1)
+        dense = {int(i) for i in text.get("mlp_only_layers") or []}
+        moe_layers = sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
+        expert_inter = int(text.get("moe_intermediate_size") or inter)
+        shared = int(text.get("shared_expert_intermediate_size") or 0)
     return Shape(
         vocab,
         h,
@@ -166,11 +278,20 @@ def shape_from_config(cfg: dict, source: str = "") -> Shape:
         kv,
         inter,
         head_dim,
-        bool(cfg.get("tie_word_embeddings", True)),
+        bool(tied),
         dtype if dtype in DTYPE_BYTES else "float32",
         attn,
         bias,
         source,
+        model_type=kind,
+        qk_norm=family in ("qwen3", "gemma3"),
+        layer_norms=4 if family in ("gemma2", "gemma3") else 2,
+        fused=family == "phi3",
+        experts=experts,
+        experts_per_tok=int(text.get("num_experts_per_tok") or 0) if experts else 0,
+        expert_intermediate=expert_inter,
+        shared_intermediate=shared,
+        moe_layers=moe_layers,
     )
 
 
@@ -323,10 +444,12 @@ def activation_bytes(shape: Shape, t: Training, mode: str) -> tuple[int, int]:
     """(saved activations, loss-region tensors) for one micro-batch on one process."""
     tokens = t.micro_batch * t.seq * (2 if t.pairs else 1)
     a_h, a_kv, a_i = ACT_COEF[(mode, t.lora)]
-    per = a_h * shape.hidden + a_kv * shape.kv_dim + a_i * shape.intermediate
+    # A MoE layer keeps the activations of the experts each token went through, not of all of them.
+    inter = shape.active_intermediate
+    per = a_h * shape.hidden + a_kv * shape.kv_dim + a_i * inter
     if t.lora and t.lora_dropout > 0:
         d_h, d_kv, d_i = LORA_DROPOUT_COEF[mode]
-        per += d_h * shape.hidden + d_kv * shape.kv_dim + d_i * shape.intermediate
+        per += d_h * shape.hidden + d_kv * shape.kv_dim + d_i * inter
     if shape.attn == "eager":  # the attention matrix itself, and K/V repeated to every head
         act = 4 if mode == "fp32" else 2
         per += shape.heads * t.seq * (4 + (0 if mode == "fp32" else 2)) + 2 * (shape.q_dim - shape.kv_dim) * act
@@ -448,9 +571,18 @@ def estimate_training(shape: Shape, t: Training, backend: Backend = Backend(), d
 
     if device == "cuda":
         # Loading happens in host RAM before the model moves to the GPU; each process also has its runtime.
-        host_parts["loading the model"] = int(P * DTYPE_BYTES[shape.dtype])
+        # The offloaded partitions come after: DeepSpeed partitions the loaded model parameter by parameter,
+        # freeing each full tensor as its shard lands in RAM, so a process holds the larger of the two.
+        offloaded_host = sum(host_parts.values())
+        loading = int(P * DTYPE_BYTES[shape.dtype])
+        host_parts["loading the model"] = loading
         host_parts["process runtimes"] = RUNTIME_BYTES["cpu"]
-        host = int(sum(host_parts.values()) * backend.procs_per_node)
+        host = int((max(loading, offloaded_host) + RUNTIME_BYTES["cpu"]) * backend.procs_per_node)
+        if offloaded_host and loading:
+            notes.append(
+                "host RAM: the offloaded states replace the loaded model as it is partitioned; the peak "
+                "holds the larger of the two, not both"
+            )
 
     # disk: checkpoints (weights + optimizer) kept keep_last at a time, +1 while a new one is written
     ckpt_w = T * train_b if t.lora else P * base_b
@@ -626,12 +758,17 @@ class StagePlan:
         if self.shape is not None:
             out["model"] = {
                 "parameters": self.shape.params(),
+                "active_parameters": self.shape.active_params(),
+                "model_type": self.shape.model_type,
                 "hidden": self.shape.hidden,
                 "layers": self.shape.layers,
                 "vocab": self.shape.vocab,
                 "dtype": self.shape.dtype,
                 "source": self.shape.source,
             }
+            if self.shape.moe:
+                out["model"]["experts"] = self.shape.experts
+                out["model"]["experts_per_tok"] = self.shape.experts_per_tok
         if self.training is not None:
             out["training"] = {k: v for k, v in self.training.__dict__.items()}
         if self.backend is not None:
@@ -644,6 +781,7 @@ class Plan:
     stages: list[StagePlan]
     machine: Any
     disk_total: int = 0
+    described: bool = False  # planned for a machine described on the command line, not this one
 
     @property
     def refused(self) -> list[StagePlan]:
@@ -657,6 +795,7 @@ class Plan:
                 "ram_available_gib": gib(m.ram_available),
                 "disk_free_gib": gib(m.disk_free),
                 "gpus": [{"name": g["name"], "memory_gib": gib(g["memory_total_bytes"])} for g in m.gpus],
+                "described": self.described,
             },
             "stages": [s.to_json() for s in self.stages],
             "disk_total_gib": gib(self.disk_total),
@@ -833,6 +972,53 @@ def suggest(sp: StagePlan, machine: Any) -> list[Suggestion]:
                 )
             )
     return out
+
+
+_UNITS = {"": GIB, "G": GIB, "GB": GIB, "GIB": GIB, "M": 2**20, "MB": 2**20, "MIB": 2**20, "T": 2**40, "TB": 2**40}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Bytes from a size as people write a machine's memory: `24GB`, `24 GiB`, `512MB`, `24` (GiB). GB is
+    read as GiB: a "24 GB" GPU or a "32 GB" laptop has 24 or 32 GiB."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"{what}: {text!r} is not a size (like 24GB, 512MB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def described_machine(gpu: str | None = None, ram: str | None = None, cpu_bf16: bool = False) -> Any:
+    """A machine to plan for instead of this one (`llmforge plan --gpu 2x24GB --ram 64GB`): `gpu` is
+    `[N x]SIZE` (N identical GPUs with bf16, as every NVIDIA GPU since Ampere has), `ram` the host's memory
+    (default: this machine's). Its disk is unknown, so the plan checks no disk space."""
+    from llmforge.hardware import Machine, memory
+
+    gpus: list[dict] = []
+    if gpu:
+        count, _, size = str(gpu).lower().rpartition("x")
+        try:
+            n = int(count) if count.strip() else 1
+        except ValueError:
+            raise ValueError(f"--gpu: {gpu!r} is not [N x]SIZE (like 24GB or 2x24GB)") from None
+        if n < 1:
+            raise ValueError(f"--gpu: {gpu!r}: at least one GPU")
+        total = parse_size(size, "--gpu")
+        name = f"described GPU ({gib(total)} GiB)"
+        gpus = [
+            {
+                "index": i,
+                "name": name,
+                "memory_total_bytes": total,
+                "memory_free_bytes": None,
+                "compute_capability": None,
+                "bf16": True,
+                "driver": None,
+            }
+            for i in range(n)
+        ]
+    ram_total = parse_size(ram, "--ram") if ram else int(memory()["total_bytes"])
+    return Machine(ram_total=ram_total, ram_available=ram_total, disk_free=None, gpus=gpus, cpu_bf16_fast=cpu_bf16)
 
 
 def plan(pipe: Any, machine: Any = None, only: list[str] | None = None) -> Plan:

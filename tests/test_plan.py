@@ -708,3 +708,145 @@ lora = {{ enabled = true, r = 16 }}
     got = _measure(lora)
     assert got["parts"]["activations"] > got["parts"]["weights"]  # LoRA: the activations dominate
     assert got["estimate"] == pytest.approx(got["measured"], rel=0.25), got
+
+
+# ----------------------------------------------------------------------------------------------
+# real models' config.json files (tests/fixtures/configs: the published files, no weights)
+
+CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+# Published parameter counts (model cards); MoE: (total, active).
+PUBLISHED = {
+    "Qwen3-0.6B": 0.6e9,
+    "Qwen3-1.7B": 1.7e9,
+    "Llama-3.2-1B": 1.24e9,
+    "Llama-3.2-3B": 3.2e9,
+    "Gemma-3-1B": 1.0e9,
+    "SmolLM2-360M": 360e6,
+    "Mistral-7B-v0.3": 7.25e9,
+    "Phi-3-mini-4k-instruct": 3.8e9,
+    "Qwen3-30B-A3B": (30.5e9, 3.3e9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_real_configs_give_the_published_parameter_counts(name):
+    """Every family's config.json read by its own keys (explicit head_dim, GQA, tied embeddings, Gemma's
+    four norms and q/k norms, Phi-3's fused projections, MoE experts): the count equals the model transformers
+    builds from the same file (on the meta device: no memory), and is within 2% of the published size."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmforge.planning import shape_from_dir
+
+    shape = shape_from_dir(CONFIGS / name)
+    total, active = PUBLISHED[name] if isinstance(PUBLISHED[name], tuple) else (PUBLISHED[name], PUBLISHED[name])
+    assert shape.params() == pytest.approx(total, rel=0.02)
+    assert shape.active_params() == pytest.approx(active, rel=0.02)
+    assert shape.moe == (name == "Qwen3-30B-A3B")
+    config = AutoConfig.for_model(**json.loads((CONFIGS / name / "config.json").read_text()))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert shape.params() == sum(p.numel() for p in model.parameters())
+    assert shape.tied == config.tie_word_embeddings
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        # Phi-3: the fused qkv_proj and gate_up_proj are what "all-linear" adapts
+        dict(model_type="phi3", vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=96, pad_token_id=0),
+        # Gemma 3: explicit head_dim, q/k norms, four norms a layer
+        dict(model_type="gemma3_text", vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=1, head_dim=32, intermediate_size=96),
+        # Qwen3-MoE: experts are stacked parameters, not linears; one dense layer (mlp_only_layers)
+        dict(model_type="qwen3_moe", vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+             num_experts_per_tok=2, mlp_only_layers=[1], tie_word_embeddings=False),
+        # Mixtral: every layer MoE, experts named num_local_experts
+        dict(model_type="mixtral", vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
+    ],
+    ids=["phi3", "gemma3", "qwen3_moe", "mixtral"],
+)  # fmt: skip
+def test_family_parameter_and_lora_counts_match_transformers_and_peft(cfg):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmforge.planning import shape_from_config
+
+    config = AutoConfig.for_model(**cfg)
+    shape = shape_from_config(config.to_dict())
+    model = AutoModelForCausalLM.from_config(config)
+    assert shape.params() == sum(p.numel() for p in model.parameters())
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert shape.lora_params(4) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_moe_weights_count_every_expert_and_activations_the_active_ones():
+    """Qwen3-30B-A3B: weights, gradients and optimizer states on its 30.5B parameters; the activations of a
+    micro-batch those of the 8 experts a token goes through, as a dense model of that MLP width would keep."""
+    from dataclasses import replace
+
+    from llmforge.planning import Training, activation_bytes, estimate_training, shape_from_dir
+
+    moe = shape_from_dir(CONFIGS / "Qwen3-30B-A3B")
+    full = estimate_training(moe, Training(1, 2048, precision="bf16"), device="cuda")
+    assert full.parts["weights"] == full.parts["gradients"] == 2 * moe.params()
+    assert full.parts["optimizer states"] == 4 * moe.params()
+    dense = replace(moe, experts=0, moe_layers=0, intermediate=8 * 768)  # 8 active experts of 768 wide
+    t = Training(1, 2048, precision="bf16")
+    assert activation_bytes(moe, t, "pure16") == activation_bytes(dense, t, "pure16")
+    assert moe.active_intermediate == 8 * 768 < moe.intermediate * 2
+
+
+def _recipe_like_project(project, model: str, body: str) -> None:
+    import shutil
+
+    write_data(project.root)
+    shutil.copytree(CONFIGS / model, project.root / "models" / model)
+    project.write(f'[[stages]]\nname = "sft"\nuses = "sft"\nmodel = "models/{model}"\n' + body)
+
+
+def test_plan_reports_total_and_active_parameters_of_a_moe_model(project):
+    _recipe_like_project(
+        project,
+        "Qwen3-30B-A3B",
+        'data = { path = "data/chat.jsonl" }\nmicro_batch_size = 1\nmax_length = 2048\n'
+        "gradient_checkpointing = true\nlora = { enabled = true }\n",
+    )
+    res = project.run("plan", "--json", "--gpu", "80GB", "--ram", "256GB")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    st = data["stages"][0]
+    assert st["model"]["parameters"] == pytest.approx(30.5e9, rel=0.02)
+    assert st["model"]["active_parameters"] == pytest.approx(3.3e9, rel=0.02)
+    assert (st["model"]["experts"], st["model"]["experts_per_tok"], st["model"]["model_type"]) == (128, 8, "qwen3_moe")
+    assert data["machine"]["described"] and data["machine"]["gpus"][0]["memory_gib"] == 80.0
+    assert st["estimate"]["device"] == "cuda" and st["verdict"] == "fits"  # LoRA on 61 GB of bf16 weights
+    text = project.run("plan", "--gpu", "80GB", "--ram", "256GB")
+    assert text.returncode == 0, text.stderr
+    assert "30,532.1M parameters (bfloat16); 3,353.0M active (8 of 128 experts a token)" in text.stdout
+    assert "machine (described): 256.00 GiB RAM, 1 GPU of 80.00 GiB" in text.stdout
+
+
+def test_plan_for_a_described_machine(project):
+    """--gpu/--ram plan for another machine than this one: the verdict follows the described memory."""
+    _recipe_like_project(
+        project,
+        "Qwen3-0.6B",
+        'data = { path = "data/chat.jsonl" }\nmicro_batch_size = 4\nmax_length = 2048\nlora = { enabled = true }\n'
+        "gradient_checkpointing = true\n",
+    )
+    verdict = {}
+    for gpu in ("4GB", "24GB"):
+        res = project.run("plan", "--json", "--gpu", gpu, "--ram", "32GB")
+        assert res.returncode == 0, res.stderr
+        verdict[gpu] = json.loads(res.stdout)["stages"][0]
+    assert verdict["4GB"]["verdict"] == "does not fit" and verdict["24GB"]["verdict"] == "fits"
+    assert verdict["4GB"]["estimate"]["peak_bytes"] == verdict["24GB"]["estimate"]["peak_bytes"]
+    cpu = project.run("plan", "--json", "--ram", "16GB")
+    cpu_stage = json.loads(cpu.stdout)["stages"][0]
+    assert cpu_stage["estimate"]["device"] == "cpu" and cpu_stage["device_limit_gib"] == 16.0
+    bad = project.run("plan", "--gpu", "lots")
+    assert bad.returncode == 2 and "--gpu" in bad.stderr and "Traceback" not in bad.stderr

@@ -86,14 +86,34 @@ def plan(
     config: ConfigOption = Path("forge.toml"),
     overrides: SetOption = None,
     as_json: JsonOption = False,
+    gpu: Annotated[
+        str | None,
+        typer.Option(
+            "--gpu", help="Plan for GPUs described instead of this machine's: [N x]SIZE, e.g. 8GB or 2x24GB (bf16)."
+        ),
+    ] = None,
+    ram: Annotated[
+        str | None,
+        typer.Option("--ram", help="Plan for this much host RAM (e.g. 64GB); with no --gpu, a CPU-only machine."),
+    ] = None,
 ) -> None:
-    """Estimated peak memory (per process) and disk of each stage of forge.toml, against this machine,
-    with what to change when a stage does not fit. Exit code 0 (the estimate is advice)."""
+    """Estimated peak memory (per process) and disk of each stage of forge.toml, against this machine (or
+    one described with --gpu/--ram), with what to change when a stage does not fit. Exit code 0 (the
+    estimate is advice)."""
     from llmforge.cli.common import registry
+    from llmforge.errors import UsageError
     from llmforge.pipeline import load_pipeline
+    from llmforge.planning import described_machine
     from llmforge.planning import plan as make_plan
 
-    result = make_plan(load_pipeline(config, overrides or [], registry=registry()))
+    machine = None
+    if gpu is not None or ram is not None:
+        try:
+            machine = described_machine(gpu, ram)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    result = make_plan(load_pipeline(config, overrides or [], registry=registry()), machine=machine)
+    result.described = machine is not None
     if as_json:
         print_json(result.to_json())
         return
@@ -112,7 +132,13 @@ def render_plan(result) -> None:
     m = result.machine
     gpus = ", ".join(f"{g['name']} {fmt_size(g['memory_total_bytes'])}" for g in m.gpus) or "no GPU"
     disk = f"{fmt_size(m.disk_free)} free disk" if m.disk_free is not None else "free disk unknown"
-    out.print(f"machine: {fmt_size(m.ram_total)} RAM ({fmt_size(m.ram_available)} available), {gpus}, {disk}")
+    if getattr(result, "described", False):
+        out.print(
+            f"machine (described): {fmt_size(m.ram_total)} RAM, {len(m.gpus) or 'no'} GPU{'s' * (len(m.gpus) != 1)}"
+            + (f" of {fmt_size(m.gpus[0]['memory_total_bytes'])}" if m.gpus else "")
+        )
+    else:
+        out.print(f"machine: {fmt_size(m.ram_total)} RAM ({fmt_size(m.ram_available)} available), {gpus}, {disk}")
     style = {"fits": "green", "tight": "yellow", "does not fit": "red"}
     for sp in result.stages:
         est = sp.estimate
@@ -122,7 +148,12 @@ def render_plan(result) -> None:
             continue
         what = []
         if sp.shape is not None:
-            what.append(f"{sp.shape.params() / 1e6:,.1f}M parameters ({sp.shape.dtype})")
+            sh = sp.shape
+            what.append(f"{sh.params() / 1e6:,.1f}M parameters ({sh.dtype})")
+            if sh.moe:  # weights and optimizer count every expert; activations only the active ones
+                what.append(
+                    f"{sh.active_params() / 1e6:,.1f}M active ({sh.experts_per_tok} of {sh.experts} experts a token)"
+                )
         if sp.training is not None:
             t = sp.training
             how = "QLoRA" if t.qlora else f"LoRA r={t.lora_r}" if t.lora else "full"
