@@ -54,57 +54,61 @@ class ContinuedPretrainStage(Stage):
 
         return trained_shape(options, env.shape_of("model"))
 
-    def run(self, o: ContinuedPretrainOptions, ctx: StageContext) -> Produced | None:
+    def run(self, options: ContinuedPretrainOptions, ctx: StageContext) -> Produced | None:
         from llmforge_plugins.training import common, evaluation, factory, loop, models, tokenized
 
-        seed = common.seed_of(o, ctx)
+        seed = common.seed_of(options, ctx)
         models.set_seed(seed)
-        new = common.load_rows(o.data, ctx, expect=("text",)).rows
-        replay = common.load_rows(o.replay, ctx, expect=("text",), name="replay").rows if o.replay else []
+        new = common.load_rows(options.data, ctx, expect=("text",)).rows
+        replay = common.load_rows(options.replay, ctx, expect=("text",), name="replay").rows if options.replay else []
         rng = random.Random(seed)
-        if o.heldout is not None:
-            heldout = common.load_rows(o.heldout, ctx, expect=("text",), name="heldout").rows[: o.heldout_rows]
+        if options.heldout is not None:
+            heldout = common.load_rows(options.heldout, ctx, expect=("text",), name="heldout").rows[
+                : options.heldout_rows
+            ]
         elif replay:
             # Hold out part of the replay text (at most a fifth) so the forgetting check never trains on it.
             rng.shuffle(replay)
-            cut = min(o.heldout_rows, len(replay) // 5 or 1)
+            cut = min(options.heldout_rows, len(replay) // 5 or 1)
             heldout, replay = replay[:cut], replay[cut:]
         else:
             heldout = []
             ctx.log("no replay or heldout data: the forgetting report is skipped", level="warning")
 
-        common.check_qlora(o.lora)
-        tokenizer = models.load_tokenizer(o.model, o.trust_remote_code)
-        model = models.load_model(o.model, o.trust_remote_code, **common.qlora_kwargs(o.lora))
+        common.check_qlora(options.lora)
+        tokenizer = models.load_tokenizer(options.model, options.trust_remote_code)
+        model = models.load_model(options.model, options.trust_remote_code, **common.qlora_kwargs(options.lora))
         new_tok = tokenized.tokenize(
-            new, "text", tokenizer, None, max_length=o.max_length, cache_dir=common.cache_dir(ctx)
+            new, "text", tokenizer, None, max_length=options.max_length, cache_dir=common.cache_dir(ctx)
         ).rows
         mixed = list(new_tok)
-        if replay and o.replay_ratio > 0:
+        if replay and options.replay_ratio > 0:
             rep_tok = tokenized.tokenize(
-                replay, "text", tokenizer, None, max_length=o.max_length, cache_dir=common.cache_dir(ctx)
+                replay, "text", tokenizer, None, max_length=options.max_length, cache_dir=common.cache_dir(ctx)
             ).rows
             # replay_ratio of the final mix comes from replay: n_rep / (n_new + n_rep) = ratio
-            want = int(round(len(new_tok) * o.replay_ratio / (1 - o.replay_ratio)))
+            want = int(round(len(new_tok) * options.replay_ratio / (1 - options.replay_ratio)))
             picks = [rep_tok[i % len(rep_tok)] for i in range(want)] if rep_tok else []
             mixed += picks
-            ctx.log(f"mix: {len(new_tok)} new + {len(picks)} replay sequences (ratio {o.replay_ratio:g})")
+            ctx.log(f"mix: {len(new_tok)} new + {len(picks)} replay sequences (ratio {options.replay_ratio:g})")
         rng.shuffle(mixed)
-        held_tok = tokenized.tokenize(heldout, "text", tokenizer, None, max_length=o.max_length).rows if heldout else []
+        held_tok = (
+            tokenized.tokenize(heldout, "text", tokenizer, None, max_length=options.max_length).rows if heldout else []
+        )
 
         before = evaluation.perplexity(model, held_tok) if held_tok else None
         if before is not None:
             ctx.metric(step=0, heldout_ppl=before)
-        train, evals = tokenized.split_eval(mixed, o.eval_split, seed)
+        train, evals = tokenized.split_eval(mixed, options.eval_split, seed)
         training = factory.build_trainer(
             factory.SFT,
             ctx=ctx,
-            opts=o,
+            opts=options,
             model=model,
             tokenizer=tokenizer,
             train_rows=train,
             eval_rows=evals or None,
-            lora=o.lora,
+            lora=options.lora,
         )
         outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:
@@ -117,7 +121,7 @@ class ContinuedPretrainStage(Stage):
             "ppl_after": after,
             "relative_change": change,
             "new_sequences": len(new_tok),
-            "replay_ratio": o.replay_ratio,
+            "replay_ratio": options.replay_ratio,
             "final_loss": outcome.final_loss,
         }
         # change is None only without held-out rows, and then after is None too (a perplexity is never 0)
@@ -128,5 +132,5 @@ class ContinuedPretrainStage(Stage):
         ctx.info.update({k: v for k, v in report.items() if isinstance(v, (int, float)) or v is None})
         with ctx.artifact("report") as out:
             (out / "forgetting.json").write_text(json.dumps(report, indent=2))
-        common.save_outputs(ctx, training.trainer, tokenizer, None, o.lora, o.merge)
+        common.save_outputs(ctx, training.trainer, tokenizer, None, options.lora, options.merge)
         return ctx.published

@@ -53,33 +53,33 @@ class DpoStage(TemplateChecks, Stage):
 
         return trained_shape(options, env.shape_of("model"))
 
-    def run(self, o: DpoOptions, ctx: StageContext) -> Produced | None:
+    def run(self, options: DpoOptions, ctx: StageContext) -> Produced | None:
         from llmforge.chat import resolve_template
         from llmforge_plugins.training import common, factory, loop, models
 
-        common.check_qlora(o.lora)
-        seed = common.seed_of(o, ctx)
+        common.check_qlora(options.lora)
+        seed = common.seed_of(options, ctx)
         models.set_seed(seed)
-        ds = common.load_rows(o.data, ctx, expect=("preference",))
-        tokenizer = models.load_tokenizer(o.model, o.trust_remote_code)
-        model = models.load_model(o.model, o.trust_remote_code, **common.qlora_kwargs(o.lora))
-        template = resolve_template(o.template, ctx.registry.chat_templates, tokenizer, base_dir=ctx.project_dir)
+        ds = common.load_rows(options.data, ctx, expect=("preference",))
+        tokenizer = models.load_tokenizer(options.model, options.trust_remote_code)
+        model = models.load_model(options.model, options.trust_remote_code, **common.qlora_kwargs(options.lora))
+        template = resolve_template(options.template, ctx.registry.chat_templates, tokenizer, base_dir=ctx.project_dir)
         models.prepare_tokenizer(model, tokenizer, template)
         common.record_template(ctx, template)
 
         from llmforge_plugins.training.tokenized import split_eval
 
         # Preference rows go to DPOTrainer as they are (prompt, chosen, rejected): TRL tokenizes the pairs.
-        train_rows, eval_rows = split_eval(ds.rows, o.eval_split, seed)
+        train_rows, eval_rows = split_eval(ds.rows, options.eval_split, seed)
         training = factory.build_trainer(
             factory.DPO,
             ctx=ctx,
-            opts=o,
+            opts=options,
             model=model,
             tokenizer=tokenizer,
             train_rows=train_rows,
             eval_rows=eval_rows,
-            lora=o.lora,
+            lora=options.lora,
         )
         trainer = training.trainer
         outcome = loop.run_trainer(training, ctx)
@@ -89,5 +89,5 @@ class DpoStage(TemplateChecks, Stage):
         outcome.record(ctx)
         if margins:
             ctx.info["reward_margin_first"], ctx.info["reward_margin_last"] = margins[0], margins[-1]
-        common.save_outputs(ctx, trainer, tokenizer, template, o.lora, o.merge)
+        common.save_outputs(ctx, trainer, tokenizer, template, options.lora, options.merge)
         return ctx.published

@@ -60,23 +60,25 @@ class PretrainStage(TemplateChecks, Stage):
 
         return pretrain_shape(options, env)
 
-    def run(self, o: PretrainOptions, ctx: StageContext) -> Produced | None:
+    def run(self, options: PretrainOptions, ctx: StageContext) -> Produced | None:
         from llmforge.chat import resolve_template
         from llmforge_plugins.training import common, factory, loop, models
 
-        seed = common.seed_of(o, ctx)
+        seed = common.seed_of(options, ctx)
         models.set_seed(seed)
-        ds = common.load_rows(o.data, ctx, expect=("text",))
-        if o.tokenizer:
-            tokenizer = models.load_tokenizer(o.tokenizer, o.trust_remote_code)
-            template = resolve_template(o.template, ctx.registry.chat_templates, tokenizer, base_dir=ctx.project_dir)
+        ds = common.load_rows(options.data, ctx, expect=("text",))
+        if options.tokenizer:
+            tokenizer = models.load_tokenizer(options.tokenizer, options.trust_remote_code)
+            template = resolve_template(
+                options.template, ctx.registry.chat_templates, tokenizer, base_dir=ctx.project_dir
+            )
         else:
-            template = resolve_template(o.template, ctx.registry.chat_templates, None, base_dir=ctx.project_dir)
-            tokenizer = models.train_tokenizer((r["text"] for r in ds.rows), o.vocab_size, template)
+            template = resolve_template(options.template, ctx.registry.chat_templates, None, base_dir=ctx.project_dir)
+            tokenizer = models.train_tokenizer((r["text"] for r in ds.rows), options.vocab_size, template)
             ctx.log(f"trained a byte-level BPE tokenizer: {len(tokenizer)} tokens")
-        shape = o.model.model_dump()
+        shape = options.model.model_dump()
         preset = shape.pop("size")
-        config = models.model_config(preset, len(tokenizer), o.max_length, shape, tokenizer)
+        config = models.model_config(preset, len(tokenizer), options.max_length, shape, tokenizer)
         from transformers import LlamaForCausalLM
 
         model = LlamaForCausalLM(config)
@@ -85,9 +87,9 @@ class PretrainStage(TemplateChecks, Stage):
         n_params = sum(p.numel() for p in model.parameters())
         ctx.log(f"model: Llama {preset}, {n_params / 1e6:.2f}M parameters, vocab {config.vocab_size}")
         ctx.info["parameters"] = n_params
-        train, evals = common.tokenize_split(ctx, ds.rows, "text", tokenizer, template, o)
+        train, evals = common.tokenize_split(ctx, ds.rows, "text", tokenizer, template, options)
         training = factory.build_trainer(
-            factory.SFT, ctx=ctx, opts=o, model=model, tokenizer=tokenizer, train_rows=train, eval_rows=evals
+            factory.SFT, ctx=ctx, opts=options, model=model, tokenizer=tokenizer, train_rows=train, eval_rows=evals
         )
         outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:

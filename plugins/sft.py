@@ -24,7 +24,7 @@ class SftOptions(TrainOptions):
     data: DataOptions = Field(description="Chat data (messages, sharegpt or alpaca rows).")
     template: str | None = Field(
         None,
-        description="Chat template: a name (chatml, llama3, alpaca, mistral), "
+        description="Chat template: a name (chatml, qwen, llama3, gemma, phi3, mistral, alpaca), "
         "a .jinja file, or unset for the tokenizer's own.",
     )
     train_on: Literal["assistant", "all", "last_turn"] = Field("assistant", description="Which tokens carry loss.")
@@ -54,32 +54,34 @@ class SftStage(TemplateChecks, Stage):
 
         return trained_shape(options, env.shape_of("model"))
 
-    def run(self, o: SftOptions, ctx: StageContext) -> Produced | None:
+    def run(self, options: SftOptions, ctx: StageContext) -> Produced | None:
         from llmforge.chat import resolve_template
         from llmforge_plugins.training import common, factory, loop, models
 
-        common.check_qlora(o.lora)
-        models.set_seed(common.seed_of(o, ctx))
-        ds = common.load_rows(o.data, ctx, expect=("chat",))
-        tokenizer = models.load_tokenizer(o.model, o.trust_remote_code)
-        model = models.load_model(o.model, o.trust_remote_code, **common.qlora_kwargs(o.lora))
-        template = resolve_template(o.template, ctx.registry.chat_templates, tokenizer, base_dir=ctx.project_dir)
+        common.check_qlora(options.lora)
+        models.set_seed(common.seed_of(options, ctx))
+        ds = common.load_rows(options.data, ctx, expect=("chat",))
+        tokenizer = models.load_tokenizer(options.model, options.trust_remote_code)
+        model = models.load_model(options.model, options.trust_remote_code, **common.qlora_kwargs(options.lora))
+        template = resolve_template(options.template, ctx.registry.chat_templates, tokenizer, base_dir=ctx.project_dir)
         models.prepare_tokenizer(model, tokenizer, template)
         common.record_template(ctx, template)
-        train, evals = common.tokenize_split(ctx, ds.rows, "chat", tokenizer, template, o, train_on=o.train_on)
+        train, evals = common.tokenize_split(
+            ctx, ds.rows, "chat", tokenizer, template, options, train_on=options.train_on
+        )
         training = factory.build_trainer(
             factory.SFT,
             ctx=ctx,
-            opts=o,
+            opts=options,
             model=model,
             tokenizer=tokenizer,
             train_rows=train,
             eval_rows=evals,
-            lora=o.lora,
+            lora=options.lora,
         )
         outcome = loop.run_trainer(training, ctx)
         if outcome.stopped:
             return None  # stopped: the runner records it so and keeps the checkpoint
-        common.save_outputs(ctx, training.trainer, tokenizer, template, o.lora, o.merge)
+        common.save_outputs(ctx, training.trainer, tokenizer, template, options.lora, options.merge)
         outcome.record(ctx)
         return ctx.published

@@ -114,7 +114,7 @@ class Decontaminate(CurationStep[DecontaminateOptions]):
                             yield name, where, text
 
     def _load(self) -> None:
-        o = self.options
+        options = self.options
         texts: list[str] = []
         owner: list[int] = []
         for name, where, text in self._eval_texts():
@@ -125,14 +125,14 @@ class Decontaminate(CurationStep[DecontaminateOptions]):
         if not texts:
             self.env.log("decontaminate: the evaluation sets hold no text")
             return
-        unit_hashes, counts = minhash.units(texts, "word", o.lowercase, self._SEED)
+        unit_hashes, counts = minhash.units(texts, "word", options.lowercase, self._SEED)
         owner_arr = np.asarray(owner, dtype=np.uint64)
-        lengths = {o.ngram} | {int(c) for c in np.unique(counts) if o.min_words <= c < o.ngram}
+        lengths = {options.ngram} | {int(c) for c in np.unique(counts) if options.min_words <= c < options.ngram}
         for n in sorted(lengths):
             hashes, offsets = minhash.grams(unit_hashes, counts, n, self._SEED)
             per_text = np.diff(offsets)
             # texts shorter than n gave one "whole text" hash of another kind: only exact-length ones count
-            keep_text = counts >= n if n == o.ngram else counts == n
+            keep_text = counts >= n if n == options.ngram else counts == n
             mask = np.repeat(keep_text, per_text)
             h, who = hashes[mask], np.repeat(owner_arr, per_text)[mask]
             if not h.size:
@@ -142,7 +142,7 @@ class Decontaminate(CurationStep[DecontaminateOptions]):
             self.ngrams += h.size
 
     def process_batch(self, rows, wheres):
-        o = self.options
+        options = self.options
         if not self.tables:
             return list(rows)
         pieces: list[str] = []
@@ -154,7 +154,7 @@ class Decontaminate(CurationStep[DecontaminateOptions]):
         out: list = list(rows)
         if not pieces:
             return out
-        unit_hashes, counts = minhash.units(pieces, "word", o.lowercase, self._SEED)
+        unit_hashes, counts = minhash.units(pieces, "word", options.lowercase, self._SEED)
         for n, (table, who) in self.tables.items():
             hashes, offsets = minhash.grams(unit_hashes, counts, n, self._SEED)
             per_text = np.diff(offsets)

@@ -77,12 +77,12 @@ class ExactDedup(CurationStep[ExactDedupOptions]):
     def _key(self, row: dict) -> int:
         import xxhash
 
-        o = self.options
+        options = self.options
 
         def fold(text: str) -> str:
-            if o.whitespace:
+            if options.whitespace:
                 text = _SPACES.sub(" ", text).strip()
-            return text.lower() if o.lowercase else text
+            return text.lower() if options.lowercase else text
 
         key = json.dumps(map_text(row, fold), ensure_ascii=False, sort_keys=True)
         return xxhash.xxh3_64_intdigest(key.encode("utf-8"), seed=self.env.seed)
@@ -162,24 +162,25 @@ class NearDedup(CurationStep[NearDedupOptions]):
 
     def __init__(self, options: NearDedupOptions, env):
         super().__init__(options, env)
-        o = options
-        if o.bands is None or o.rows is None:  # both or neither (the options' validator)
+        if options.bands is None or options.rows is None:  # both or neither (the options' validator)
             # With verification a false candidate costs only a comparison, so favour recall.
-            self.bands, self.rows = minhash.lsh_params(o.threshold, o.num_perm, 0.1 if o.verify else 0.5)
+            self.bands, self.rows = minhash.lsh_params(
+                options.threshold, options.num_perm, 0.1 if options.verify else 0.5
+            )
         else:
-            self.bands, self.rows = o.bands, o.rows
+            self.bands, self.rows = options.bands, options.rows
         self.index = HashIndex(value_dtype=np.uint32)  # values are row numbers in the stores below
         self.codec = WhereCodec()
         self.where = _Store(None, np.uint64)
-        self.sigs = _Store(o.num_perm, np.uint16) if o.verify else None
+        self.sigs = _Store(options.num_perm, np.uint16) if options.verify else None
         self.kept = 0
 
     def process_batch(self, rows, wheres):
-        o = self.options
+        options = self.options
         texts = [row_text(r) for r in rows]
-        hashes, offsets = minhash.shingles(texts, o.unit, o.ngram, o.lowercase, o.seed)
-        sig = minhash.signatures(hashes, offsets, o.num_perm, o.seed)
-        keys = minhash.band_keys(sig, self.bands, self.rows, o.seed)
+        hashes, offsets = minhash.shingles(texts, options.unit, options.ngram, options.lowercase, options.seed)
+        sig = minhash.signatures(hashes, offsets, options.num_perm, options.seed)
+        keys = minhash.band_keys(sig, self.bands, self.rows, options.seed)
         found, values = self.index.lookup(keys)
         found = found.reshape(keys.shape)
         values = values.reshape(keys.shape)
@@ -205,7 +206,9 @@ class NearDedup(CurationStep[NearDedupOptions]):
             if match is not None:
                 ident, sim = match
                 where = self.codec.decode(int(self.where.data[ident]))
-                what = f"estimated Jaccard {sim:.2f} >= {o.threshold}" if sim is not None else "shares an LSH band"
+                what = (
+                    f"estimated Jaccard {sim:.2f} >= {options.threshold}" if sim is not None else "shares an LSH band"
+                )
                 out.append(Drop(f"near duplicate ({what}) of {where}", code="near"))
                 continue
             ident = self.where.append(self.codec.encode(wheres[i]))
@@ -231,13 +234,13 @@ class NearDedup(CurationStep[NearDedupOptions]):
         return None
 
     def finish(self) -> dict:
-        o = self.options
+        options = self.options
         return {
             "bands": self.bands,
             "rows_per_band": self.rows,
             "kept_signatures": self.kept,
             "candidate_probability_at_threshold": round(
-                minhash.candidate_probability(o.threshold, self.bands, self.rows), 4
+                minhash.candidate_probability(options.threshold, self.bands, self.rows), 4
             ),
             "index_bytes": self.index.nbytes + self.where.nbytes + (self.sigs.nbytes if self.sigs else 0),
         }

@@ -148,14 +148,16 @@ class LanguageFilter(CurationStep[LanguageOptions]):
         )
 
     def process(self, row: dict):
-        o = self.options
-        lang, score = guess(row_text(row), o.min_words, o.min_score)
+        options = self.options
+        lang, score = guess(row_text(row), options.min_words, options.min_score)
         self.seen[lang] += 1
         if not self.keep:
             return row
         if lang == "unknown":
             return (
-                row if o.keep_unknown else Drop(f"language unknown (score {score:.2f} < {o.min_score})", code="unknown")
+                row
+                if options.keep_unknown
+                else Drop(f"language unknown (score {score:.2f} < {options.min_score})", code="unknown")
             )
         if lang not in self.keep:
             return Drop(f"language {lang} (score {score:.2f}), not one of {', '.join(sorted(self.keep))}", code=lang)

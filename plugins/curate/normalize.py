@@ -53,18 +53,18 @@ class Normalize(CurationStep[NormalizeOptions]):
     Options = NormalizeOptions
 
     def clean(self, text: str) -> str:
-        o = self.options
-        if o.control_chars:
+        options = self.options
+        if options.control_chars:
             text = _CONTROL.sub("", text)
-        if o.form != "none":
-            text = unicodedata.normalize(o.form, text)
-        if o.whitespace:
+        if options.form != "none":
+            text = unicodedata.normalize(options.form, text)
+        if options.whitespace:
             text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
             text = _ODD_SPACE.sub(" ", text)
             text = _TRAILING.sub("", text)
             text = _BLANK_RUN.sub("\n\n", text)
             text = text.strip("\n")
-            if o.collapse_spaces:
+            if options.collapse_spaces:
                 text = _INNER_RUN.sub(" ", text)
         return text
 

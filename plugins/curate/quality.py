@@ -78,11 +78,11 @@ class QualityOptions(StepOptions):
     )
 
 
-def _ngram_checks(words: list[str], o: QualityOptions) -> Drop | None:
+def _ngram_checks(words: list[str], options: QualityOptions) -> Drop | None:
     total = sum(len(w) for w in words)
     if not total:
         return None
-    for n, limit in sorted(o.max_top_ngram.items()):
+    for n, limit in sorted(options.max_top_ngram.items()):
         if len(words) < n:
             continue
         counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
@@ -99,7 +99,7 @@ def _ngram_checks(words: list[str], o: QualityOptions) -> Drop | None:
                     f'the {n}-gram "{" ".join(gram)}" covers {share:.0%} of the text (max_top_ngram {n} = {limit})',
                     code=f"top_{n}gram",
                 )
-    for n, limit in sorted(o.max_duplicate_ngrams.items()):
+    for n, limit in sorted(options.max_duplicate_ngrams.items()):
         if len(words) < n:
             continue
         seen: dict[tuple, int] = {}
@@ -152,33 +152,33 @@ class QualityFilter(CurationStep[QualityOptions]):
         return problems
 
     def process(self, row: dict):
-        o = self.options
+        options = self.options
         text = row_text(row)
         chars = len(text)
-        if o.min_chars is not None and chars < o.min_chars:
-            return Drop(f"too short: {chars} characters < min_chars {o.min_chars}", code="min_chars")
-        if o.max_chars is not None and chars > o.max_chars:
-            return Drop(f"too long: {chars} characters > max_chars {o.max_chars}", code="max_chars")
+        if options.min_chars is not None and chars < options.min_chars:
+            return Drop(f"too short: {chars} characters < min_chars {options.min_chars}", code="min_chars")
+        if options.max_chars is not None and chars > options.max_chars:
+            return Drop(f"too long: {chars} characters > max_chars {options.max_chars}", code="max_chars")
         words = _WORD.findall(text)
-        if o.min_words is not None and len(words) < o.min_words:
-            return Drop(f"too short: {len(words)} words < min_words {o.min_words}", code="min_words")
-        if o.max_words is not None and len(words) > o.max_words:
-            return Drop(f"too long: {len(words)} words > max_words {o.max_words}", code="max_words")
+        if options.min_words is not None and len(words) < options.min_words:
+            return Drop(f"too short: {len(words)} words < min_words {options.min_words}", code="min_words")
+        if options.max_words is not None and len(words) > options.max_words:
+            return Drop(f"too long: {len(words)} words > max_words {options.max_words}", code="max_words")
         if self.count_tokens is not None:
             tokens = self.count_tokens(text)
-            if o.min_tokens is not None and tokens < o.min_tokens:
-                return Drop(f"too short: {tokens} tokens < min_tokens {o.min_tokens}", code="min_tokens")
-            if o.max_tokens is not None and tokens > o.max_tokens:
-                return Drop(f"too long: {tokens} tokens > max_tokens {o.max_tokens}", code="max_tokens")
-        if len(words) < o.stats_min_words:
+            if options.min_tokens is not None and tokens < options.min_tokens:
+                return Drop(f"too short: {tokens} tokens < min_tokens {options.min_tokens}", code="min_tokens")
+            if options.max_tokens is not None and tokens > options.max_tokens:
+                return Drop(f"too long: {tokens} tokens > max_tokens {options.max_tokens}", code="max_tokens")
+        if len(words) < options.stats_min_words:
             return row
         drop = self._lines(text) or self._characters(text, words)
-        if drop is None and (o.max_top_ngram or o.max_duplicate_ngrams):
-            drop = _ngram_checks([w.lower() for w in words], o)
+        if drop is None and (options.max_top_ngram or options.max_duplicate_ngrams):
+            drop = _ngram_checks([w.lower() for w in words], options)
         return drop or row
 
     def _lines(self, text: str) -> Drop | None:
-        o = self.options
+        options = self.options
         lines = [line.strip() for line in text.split("\n") if line.strip()]
         if len(lines) < 2:
             return None
@@ -190,45 +190,49 @@ class QualityFilter(CurationStep[QualityOptions]):
                 dup_chars += len(line)
             seen.add(line)
         share = dup_lines / len(lines)
-        if o.max_duplicate_lines is not None and share > o.max_duplicate_lines:
+        if options.max_duplicate_lines is not None and share > options.max_duplicate_lines:
             return Drop(
                 f"{dup_lines} of {len(lines)} lines repeat an earlier line ({share:.0%} > "
-                f"max_duplicate_lines {o.max_duplicate_lines})",
+                f"max_duplicate_lines {options.max_duplicate_lines})",
                 code="duplicate_lines",
             )
         char_share = dup_chars / max(sum(len(line) for line in lines), 1)
-        if o.max_duplicate_line_chars is not None and char_share > o.max_duplicate_line_chars:
+        if options.max_duplicate_line_chars is not None and char_share > options.max_duplicate_line_chars:
             return Drop(
                 f"repeated lines hold {char_share:.0%} of the characters (> max_duplicate_line_chars "
-                f"{o.max_duplicate_line_chars})",
+                f"{options.max_duplicate_line_chars})",
                 code="duplicate_line_chars",
             )
         return None
 
     def _characters(self, text: str, words: list[str]) -> Drop | None:
-        o = self.options
+        options = self.options
         visible = [c for c in text if not c.isspace()]
         if not visible:
             return None
         digits = sum(c.isdigit() for c in visible)
         symbols = sum(1 for c in visible if not (c.isalnum() or c in _PUNCT))
-        if o.max_symbol_ratio is not None and symbols / len(visible) > o.max_symbol_ratio:
+        if options.max_symbol_ratio is not None and symbols / len(visible) > options.max_symbol_ratio:
             return Drop(
-                f"{symbols / len(visible):.0%} of the characters are symbols (> max_symbol_ratio {o.max_symbol_ratio})",
+                f"{symbols / len(visible):.0%} of the characters are symbols "
+                f"(> max_symbol_ratio {options.max_symbol_ratio})",
                 code="symbol_ratio",
             )
-        if o.max_digit_ratio is not None and digits / len(visible) > o.max_digit_ratio:
+        if options.max_digit_ratio is not None and digits / len(visible) > options.max_digit_ratio:
             return Drop(
-                f"{digits / len(visible):.0%} of the characters are digits (> max_digit_ratio {o.max_digit_ratio})",
+                f"{digits / len(visible):.0%} of the characters are digits "
+                f"(> max_digit_ratio {options.max_digit_ratio})",
                 code="digit_ratio",
             )
         mean = sum(len(w) for w in words) / len(words)
-        if o.min_mean_word_length is not None and mean < o.min_mean_word_length:
+        if options.min_mean_word_length is not None and mean < options.min_mean_word_length:
             return Drop(
-                f"mean word length {mean:.1f} < min_mean_word_length {o.min_mean_word_length}", code="mean_word_length"
+                f"mean word length {mean:.1f} < min_mean_word_length {options.min_mean_word_length}",
+                code="mean_word_length",
             )
-        if o.max_mean_word_length is not None and mean > o.max_mean_word_length:
+        if options.max_mean_word_length is not None and mean > options.max_mean_word_length:
             return Drop(
-                f"mean word length {mean:.1f} > max_mean_word_length {o.max_mean_word_length}", code="mean_word_length"
+                f"mean word length {mean:.1f} > max_mean_word_length {options.max_mean_word_length}",
+                code="mean_word_length",
             )
         return None

@@ -78,26 +78,26 @@ class DemoEvalStage(Stage):
     version = "1"
     cache_libraries = ("torch", "transformers")
 
-    def run(self, o: DemoEvalOptions, ctx: StageContext) -> Produced | None:
+    def run(self, options: DemoEvalOptions, ctx: StageContext) -> Produced | None:
         import torch
 
         from llmforge.errors import DataError
 
-        items = _read_items(Path(o.data))
-        if o.limit:
-            items = items[: o.limit]
+        items = _read_items(Path(options.data))
+        if options.limit:
+            items = items[: options.limit]
         if not items:
-            raise DataError(f"{o.data}: no held-out items")
-        values = _read_answers(Path(o.answers)) if o.answers else {}
+            raise DataError(f"{options.data}: no held-out items")
+        values = _read_answers(Path(options.answers)) if options.answers else {}
         torch.manual_seed(ctx.seed)
         models = (
-            [("pretrained", o.pretrained), ("sft", o.sft)]
-            + ([("dpo", o.dpo)] if o.dpo else [])
-            + ([("merged", o.merged)] if o.merged else [])
+            [("pretrained", options.pretrained), ("sft", options.sft)]
+            + ([("dpo", options.dpo)] if options.dpo else [])
+            + ([("merged", options.merged)] if options.merged else [])
         )
         ctx.log(
             f"evaluating {len(models)} models on {len(items)} held-out questions "
-            f"(greedy, at most {o.max_new_tokens} new tokens)"
+            f"(greedy, at most {options.max_new_tokens} new tokens)"
         )
 
         results: dict[str, dict] = {}
@@ -109,7 +109,7 @@ class DemoEvalStage(Stage):
                 return ctx.published  # stopped: recorded as such, nothing published yet
             model, tok, stops = _load(path)
             prompts = [_chat_prompt(tok, it["question"]) for it in items]
-            answers[label], ended = _generate(model, tok, prompts, stops, o.max_new_tokens, o.batch_size)
+            answers[label], ended = _generate(model, tok, prompts, stops, options.max_new_tokens, options.batch_size)
             scored = [_score(it, a, values, e) for it, a, e in zip(items, answers[label], ended)]
             res = {
                 "accuracy": _mean(s["correct"] for s in scored),
@@ -124,7 +124,7 @@ class DemoEvalStage(Stage):
                 res["logp_margin"] = round(sum(margins[label]) / len(margins[label]), 4)
             if label == "pretrained" and all(it.get("probe") for it in items):
                 probe_answers, _ = _generate(
-                    model, tok, [it["probe"] for it in items], stops, 8, o.batch_size, plain=True
+                    model, tok, [it["probe"] for it in items], stops, 8, options.batch_size, plain=True
                 )
                 # the first sentence of the continuation completes the probe; later ones are new text
                 probe = {
@@ -162,9 +162,11 @@ class DemoEvalStage(Stage):
                 "knowledge_probe": "pretrained model completing the start of a corpus-style sentence",
             },
         }
-        if o.gguf and not ctx.should_stop():
-            exported = o.merged or o.dpo or o.sft
-            report["gguf"] = _gguf_section(Path(o.gguf), Path(exported), items[: o.gguf_questions], o.max_new_tokens)
+        if options.gguf and not ctx.should_stop():
+            exported = options.merged or options.dpo or options.sft
+            report["gguf"] = _gguf_section(
+                Path(options.gguf), Path(exported), items[: options.gguf_questions], options.max_new_tokens
+            )
             g = report["gguf"]
             ctx.log(
                 f"gguf: the F32 file answers {g['same_greedy']}/{g['questions']} held-out questions with exactly "

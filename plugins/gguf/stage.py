@@ -182,14 +182,15 @@ class GgufStage(Stage):
         # Planning: the files from bits per weight, the check's memory from the model input's shape.
         from llmforge_plugins.gguf.estimate import gguf_estimate
 
-        o = options
-        return gguf_estimate(env.shape_of("model"), o.outtype, list(o.quantize), o.check, o.imatrix is not None)
+        return gguf_estimate(
+            env.shape_of("model"), options.outtype, list(options.quantize), options.check, options.imatrix is not None
+        )
 
-    def run(self, o: GgufOptions, ctx: StageContext) -> Produced | None:
+    def run(self, options: GgufOptions, ctx: StageContext) -> Produced | None:
         from llmforge_plugins.gguf.modelfile import write_modelfile
 
-        model = Path(o.model)
-        steps = 1 + int(bool(o.quantize and o.imatrix)) + len(o.quantize) + int(o.check)
+        model = Path(options.model)
+        steps = 1 + int(bool(options.quantize and options.imatrix)) + len(options.quantize) + int(options.check)
         done = 0
 
         def step() -> None:
@@ -197,29 +198,31 @@ class GgufStage(Stage):
             done += 1
             ctx.progress(done, steps, unit="step")
 
-        if o.imatrix is not None and not o.quantize:
+        if options.imatrix is not None and not options.quantize:
             ctx.log("imatrix is set but quantize is empty: the importance matrix is not computed", "warning")
         with ctx.artifact("gguf") as out:
-            files = [self._export(model, out / f"{o.name}-{o.outtype}.gguf", o, ctx)]
+            files = [self._export(model, out / f"{options.name}-{options.outtype}.gguf", options, ctx)]
             step()
             imatrix = None
-            if o.quantize and o.imatrix is not None:
+            if options.quantize and options.imatrix is not None:
                 if ctx.should_stop():
                     return None  # the artifact block discards what was written
-                imatrix = self._imatrix(model, out / "imatrix.safetensors", o.imatrix, ctx)
+                imatrix = self._imatrix(model, out / "imatrix.safetensors", options.imatrix, ctx)
                 step()
             quantized: dict[str, dict[str, Any]] = {}
-            for qtype in o.quantize:
+            for qtype in options.quantize:
                 if ctx.should_stop():
                     return None  # the artifact block discards what was written
-                files.append(self._quantize(files[0], out / f"{o.name}-{qtype}.gguf", qtype, imatrix, ctx, quantized))
+                files.append(
+                    self._quantize(files[0], out / f"{options.name}-{qtype}.gguf", qtype, imatrix, ctx, quantized)
+                )
                 step()
             if ctx.should_stop():
                 return None
             for path in files:
                 write_modelfile(path)
-            if o.check:
-                self._check(model, files, out, o, ctx)
+            if options.check:
+                self._check(model, files, out, options, ctx)
                 step()
         final = ctx.published["gguf"].path
         ctx.info["files"] = {p.name: (final / p.name).stat().st_size for p in files}
@@ -229,11 +232,11 @@ class GgufStage(Stage):
 
     # ---- steps -------------------------------------------------------------------------------
     @staticmethod
-    def _export(model: Path, dst: Path, o: GgufOptions, ctx) -> Path:
+    def _export(model: Path, dst: Path, options: GgufOptions, ctx) -> Path:
         from llmforge_plugins.gguf.export import export_gguf
 
         ctx.log(f"exporting {model} to {dst.name}")
-        summary = export_gguf(model, dst, o.outtype, log=ctx.log)
+        summary = export_gguf(model, dst, options.outtype, log=ctx.log)
         ctx.info["export"] = {k: summary[k] for k in ("arch", "outtype", "tensors", "bytes", "seconds") if k in summary}
         return dst
 
@@ -253,18 +256,22 @@ class GgufStage(Stage):
         return dst
 
     @staticmethod
-    def _check(model: Path, files: list[Path], out: Path, o: GgufOptions, ctx) -> None:
+    def _check(model: Path, files: list[Path], out: Path, options: GgufOptions, ctx) -> None:
         """Score the files; write the report into the artifact, or, when parity is broken, into the stage folder
         and fail (raised inside the artifact block, so the artifact is discarded)."""
         from llmforge.errors import StageFailed
         from llmforge.runs import atomic_write_text
         from llmforge_plugins.gguf.check import check_gguf, scorecard_markdown
 
-        text = Path(o.check_text).read_text(encoding="utf-8") if o.check_text else None
+        text = Path(options.check_text).read_text(encoding="utf-8") if options.check_text else None
         ctx.log(f"checking {len(files)} file(s) against {model}")
         card = check_gguf(model, files, text=text, log=ctx.log)
-        failures = parity_failures(card, o.max_kld, o.min_top1)
-        report = {"card": card, "thresholds": {"max_kld": o.max_kld, "min_top1": o.min_top1}, "failures": failures}
+        failures = parity_failures(card, options.max_kld, options.min_top1)
+        report = {
+            "card": card,
+            "thresholds": {"max_kld": options.max_kld, "min_top1": options.min_top1},
+            "failures": failures,
+        }
         where = ctx.stage_dir if failures else out
         atomic_write_text(where / "report.json", json.dumps(report, indent=2) + "\n")
         atomic_write_text(where / "report.md", scorecard_markdown(card))

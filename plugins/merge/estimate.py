@@ -16,12 +16,12 @@ from llmforge_plugins.merge.options import MergeOptions
 SHAPE_FIELDS = ("base", "config_from", "models[0].model", "slices[0].sources[0].model")
 
 
-def merged_shape(o: MergeOptions, shape: Shape) -> Shape:
+def merged_shape(options: MergeOptions, shape: Shape) -> Shape:
     """What the merge writes, given its input's shape: the slices' layers stacked, in the output dtype."""
-    if o.slices:
-        layers = sum(abs(s.sources[0].layer_range[1] - s.sources[0].layer_range[0]) for s in o.slices)
+    if options.slices:
+        layers = sum(abs(s.sources[0].layer_range[1] - s.sources[0].layer_range[0]) for s in options.slices)
         shape = replace(shape, layers=layers)
-    return replace(shape, dtype=o.dtype) if o.dtype in DTYPE_BYTES else shape
+    return replace(shape, dtype=options.dtype) if options.dtype in DTYPE_BYTES else shape
 
 
 def merge_estimate(shape: Shape, n_inputs: int, out_dtype: str, compute_dtype: str) -> Estimate:
@@ -45,10 +45,10 @@ def merge_estimate(shape: Shape, n_inputs: int, out_dtype: str, compute_dtype: s
     )
 
 
-def estimate_merge(o: MergeOptions, shape: Shape) -> Estimate:
+def estimate_merge(options: MergeOptions, shape: Shape) -> Estimate:
     """The merge stage's estimate from its input's shape (which the plan shows as the stage's model)."""
-    n = max(len(o.models) + (1 if o.base else 0), len(o.slices), 1)
-    dtype = o.dtype if o.dtype in DTYPE_BYTES else shape.dtype
-    est = merge_estimate(merged_shape(o, shape), n, dtype, o.compute_dtype)
+    n = max(len(options.models) + (1 if options.base else 0), len(options.slices), 1)
+    dtype = options.dtype if options.dtype in DTYPE_BYTES else shape.dtype
+    est = merge_estimate(merged_shape(options, shape), n, dtype, options.compute_dtype)
     est.shape = shape
     return est

@@ -75,23 +75,23 @@ def _check_param_table(params: dict, where: str, method: MergeMethod, per_model:
     return problems
 
 
-def static_problems(o: MergeOptions, methods: dict[str, MergeMethod]) -> list[Problem]:
+def static_problems(options: MergeOptions, methods: dict[str, MergeMethod]) -> list[Problem]:
     """What is wrong with a recipe, without opening any file. Locations are recipe key paths."""
     problems: list[Problem] = []
-    method = methods.get(o.method)
+    method = methods.get(options.method)
     if method is None:
         problems.append(
             Problem(
                 "method",
-                f"unknown merge method '{o.method}'{did_you_mean(o.method, methods)} "
+                f"unknown merge method '{options.method}'{did_you_mean(options.method, methods)} "
                 f"(known: {', '.join(sorted(methods))})",
             )
         )
-    if o.slices and o.models:
+    if options.slices and options.models:
         problems.append(Problem("slices", "give either models or slices, not both"))
-    elif not o.slices and not o.models:
+    elif not options.slices and not options.models:
         problems.append(Problem("models", "no models to merge"))
-    for i, sl in enumerate(o.slices):
+    for i, sl in enumerate(options.slices):
         lengths = set()
         for j, src in enumerate(sl.sources):
             start, end = src.layer_range
@@ -112,21 +112,21 @@ def static_problems(o: MergeOptions, methods: dict[str, MergeMethod]) -> list[Pr
             )
     if method is None:
         return problems
-    has_base = o.base is not None
-    if not o.slices:
-        for why in method.check(len(o.models), has_base):
+    has_base = options.base is not None
+    if not options.slices:
+        for why in method.check(len(options.models), has_base):
             problems.append(Problem("models", why))
-    for i, sl in enumerate(o.slices):
-        n = len([s for s in sl.sources if s.model != o.base]) if has_base else len(sl.sources)
+    for i, sl in enumerate(options.slices):
+        n = len([s for s in sl.sources if s.model != options.base]) if has_base else len(sl.sources)
         for why in method.check(n, has_base):
             problems.append(Problem(f"slices[{i}].sources", why))
-    problems += _check_param_table(o.parameters, "parameters", method, per_model=False)
+    problems += _check_param_table(options.parameters, "parameters", method, per_model=False)
     for spec in method.params:
-        if spec.default is not None or spec.name in o.parameters:
+        if spec.default is not None or spec.name in options.parameters:
             continue
-        tables = [m.parameters for m in o.models] + [s.parameters for sl in o.slices for s in sl.sources]
+        tables = [m.parameters for m in options.models] + [s.parameters for sl in options.slices for s in sl.sources]
         if not (spec.per_model and tables and all(spec.name in t for t in tables)) and not (
-            o.slices and all(spec.name in sl.parameters for sl in o.slices)
+            options.slices and all(spec.name in sl.parameters for sl in options.slices)
         ):
             problems.append(
                 Problem(
@@ -134,9 +134,9 @@ def static_problems(o: MergeOptions, methods: dict[str, MergeMethod]) -> list[Pr
                     f"method {method.name} needs this parameter ({spec.description.rstrip('.')})",
                 )
             )
-    for i, m in enumerate(o.models):
+    for i, m in enumerate(options.models):
         problems += _check_param_table(m.parameters, f"models[{i}].parameters", method, per_model=True)
-    for i, sl in enumerate(o.slices):
+    for i, sl in enumerate(options.slices):
         problems += _check_param_table(sl.parameters, f"slices[{i}].parameters", method, per_model=False)
         for j, src in enumerate(sl.sources):
             problems += _check_param_table(
@@ -323,27 +323,29 @@ class _Sources:
         return b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None = None, seed: int | None = None) -> Plan:
+def prepare(
+    options: MergeOptions, methods: dict[str, MergeMethod], out: Path | None = None, seed: int | None = None
+) -> Plan:
     """Check everything and plan the merge. Raises ConfigError (recipe), UsageError or DataError (inputs)."""
-    problems = static_problems(o, methods)
+    problems = static_problems(options, methods)
     if problems:
         raise ConfigError(problems, source="merge recipe")
-    method = methods[o.method]
+    method = methods[options.method]
     srcs = _Sources()
-    base = srcs.get(o.base) if o.base else None
-    seed = o.seed if o.seed is not None else (seed or 0)
+    base = srcs.get(options.base) if options.base else None
+    seed = options.seed if options.seed is not None else (seed or 0)
     notes: list[str] = []
 
     # (per-model parameter tables, source) of the models, per slice (one group without slices)
     groups: list[dict] = []
-    if not o.slices:
-        models = [(m.parameters, srcs.get(m.model, m.lora_base)) for m in o.models]
+    if not options.slices:
+        models = [(m.parameters, srcs.get(m.model, m.lora_base)) for m in options.models]
         groups.append({"models": models, "base": base, "ranges": None, "params": {}})
     else:
-        for sl in o.slices:
+        for sl in options.slices:
             models, ranges, base_range = [], [], None
             for src in sl.sources:
-                if base is not None and srcs.same(src.model, o.base):
+                if base is not None and srcs.same(src.model, options.base):
                     base_range = src.layer_range
                     continue
                 models.append((src.parameters, srcs.get(src.model)))
@@ -355,13 +357,13 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
             )
     first_group = groups[0]
     reference = base if base is not None else first_group["models"][0][1]
-    config_source = srcs.get(o.config_from) if o.config_from else reference
+    config_source = srcs.get(options.config_from) if options.config_from else reference
     all_sources = list(dict.fromkeys([reference, config_source, *(s for g in groups for _, s in g["models"])]))
     _check_configs(all_sources)
 
     # layer counts
     ref_layers = reference.num_layers
-    if o.slices:
+    if options.slices:
         for gi, g in enumerate(groups):
             for (_params, s), (start, end) in zip(g["models"], g["ranges"]):
                 n = s.num_layers
@@ -381,8 +383,8 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
     else:
         n_out_layers = ref_layers or 0
 
-    compute_dtype = o.compute_dtype
-    global_tables = [o.parameters]
+    compute_dtype = options.compute_dtype
+    global_tables = [options.parameters]
     tensors: list[OutTensor] = []
 
     def make(
@@ -403,7 +405,7 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
         ref_in = every[0]
         meta = ref_in.source.meta(ref_in.name)
         is_float = meta.dtype in FLOAT_DTYPES
-        dtype = o.dtype if (o.dtype != "auto" and is_float) else meta.dtype
+        dtype = options.dtype if (options.dtype != "auto" and is_float) else meta.dtype
         pos = position(out_name, layer, n_out_layers)
         params: dict[str, Any] = {}
         if is_float:
@@ -428,13 +430,13 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
         return OutTensor(out_name, dtype, tuple(meta.shape), layer, models, base_in, params, copy=not is_float)
 
     # tensors outside the layers (all of them, without slices): merged over the first group's models
-    out_names = [n for n in reference.tensors if not o.slices or layer_of(n) is None]
+    out_names = [n for n in reference.tensors if not options.slices or layer_of(n) is None]
     for _, s in first_group["models"]:
         extra = [
             n
             for n in s.tensors
             if n not in reference.tensors
-            and (not o.slices or layer_of(n) is None)
+            and (not options.slices or layer_of(n) is None)
             and not (n == "lm_head.weight" and reference.has(n))
         ]
         if extra:
@@ -451,7 +453,7 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
         layer = layer_of(name)
         tensors.append(make(name, layer, first_group, [name] * len(first_group["models"]), name, {}))
 
-    if o.slices:
+    if options.slices:
         out_prefix = _prefix(reference)
         if out_prefix is None:
             raise UsageError(
@@ -498,7 +500,7 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
             offset += length
 
     tensors.sort(key=_sort_key)
-    shard_limit = parse_size(o.max_shard_size)
+    shard_limit = parse_size(options.max_shard_size)
     shards: list[list[OutTensor]] = [[]]
     size = 0
     for t in tensors:
@@ -509,7 +511,7 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
         size += t.nbytes
     total = sum(t.nbytes for t in tensors)
 
-    config = _output_config(o, config_source, reference, groups, n_out_layers, tensors, tie_output)
+    config = _output_config(options, config_source, reference, groups, n_out_layers, tensors, tie_output)
     roles = {}
     if base is not None:
         roles[base.label] = "base"
@@ -518,7 +520,7 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
             roles.setdefault(s.label, "model")
     roles.setdefault(config_source.label, "config")
     plan = Plan(
-        o,
+        options,
         method,
         tensors,
         shards,
@@ -538,7 +540,7 @@ def prepare(o: MergeOptions, methods: dict[str, MergeMethod], out: Path | None =
 
 
 def _output_config(
-    o: MergeOptions,
+    options: MergeOptions,
     config_source: Source,
     reference: Source,
     groups: list[dict],
@@ -547,7 +549,7 @@ def _output_config(
     tie_output: bool,
 ) -> dict:
     cfg = dict(config_source.config)
-    if o.slices:
+    if options.slices:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if isinstance(cfg.get(key), int):
                 cfg[key] = n_out_layers
@@ -560,10 +562,10 @@ def _output_config(
                 src_types = g["models"][0][1].config.get("layer_types") or types
                 out_types += [src_types[i] if i < len(src_types) else src_types[-1] for i in range(start, end)]
             cfg["layer_types"] = out_types
-    if o.dtype != "auto":
-        cfg["dtype"] = o.dtype
+    if options.dtype != "auto":
+        cfg["dtype"] = options.dtype
         if "torch_dtype" in cfg:
-            cfg["torch_dtype"] = o.dtype
+            cfg["torch_dtype"] = options.dtype
     names = {t.name for t in tensors}
     if "lm_head.weight" in names and cfg.get("tie_word_embeddings") is not False and reference.tied:
         cfg["tie_word_embeddings"] = False

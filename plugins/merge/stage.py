@@ -48,12 +48,12 @@ class MergeStage(Stage):
 
         return merged_shape(options, env.shape_of(*SHAPE_FIELDS))
 
-    def run(self, o: MergeOptions, ctx: StageContext) -> Produced | None:
+    def run(self, options: MergeOptions, ctx: StageContext) -> Produced | None:
         from llmforge_plugins.merge.api import MERGE_METHODS
         from llmforge_plugins.merge.engine import Reporter, execute
         from llmforge_plugins.merge.plan import prepare
 
-        plan = prepare(o, ctx.registry.table(MERGE_METHODS), out=ctx.stage_dir, seed=ctx.seed)
+        plan = prepare(options, ctx.registry.table(MERGE_METHODS), out=ctx.stage_dir, seed=ctx.seed)
         report = Reporter(log=ctx.log, progress=ctx.progress, should_stop=ctx.should_stop)
         with ctx.artifact("model") as out:
             summary = execute(plan, out, report)

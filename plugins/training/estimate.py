@@ -19,18 +19,17 @@ def training_setup(options: Any, env: PlanEnv, shape: Shape, pairs: bool = False
     """How the stage trains, from its options: batch, sequence, precision as the training loop will choose
     it on this machine, LoRA/QLoRA, optimizer, checkpoints kept. `pairs` (DPO): chosen and rejected go
     through the model together, and without LoRA a frozen copy of the model is the reference."""
-    o = options
-    lora = getattr(o, "lora", None)  # pretrain has no LoRA table
+    lora = getattr(options, "lora", None)  # pretrain has no LoRA table
     if lora is not None and not lora.enabled:
         lora = None  # a LoRA table switched off trains all weights, like no table
     on = lora is not None
     return Training(
-        micro_batch=o.micro_batch_size,
-        seq=o.max_length,
-        grad_accum=o.gradient_accumulation,
-        precision=env.precision(o.precision, shape.params()),
-        checkpointing=bool(getattr(o, "gradient_checkpointing", False)),
-        optimizer=getattr(o, "optimizer", "adamw"),
+        micro_batch=options.micro_batch_size,
+        seq=options.max_length,
+        grad_accum=options.gradient_accumulation,
+        precision=env.precision(options.precision, shape.params()),
+        checkpointing=bool(getattr(options, "gradient_checkpointing", False)),
+        optimizer=getattr(options, "optimizer", "adamw"),
         lora=on,
         lora_r=lora.r if lora is not None else 16,
         lora_dropout=lora.dropout if lora is not None else 0.0,
@@ -38,8 +37,8 @@ def training_setup(options: Any, env: PlanEnv, shape: Shape, pairs: bool = False
         qlora=lora is not None and bool(getattr(lora, "qlora", False)),
         pairs=pairs,
         reference_copy=pairs and not on,
-        keep_last=getattr(o, "keep_last", 2),
-        merge=on and bool(getattr(o, "merge", False)),
+        keep_last=getattr(options, "keep_last", 2),
+        merge=on and bool(getattr(options, "merge", False)),
     )
 
 
