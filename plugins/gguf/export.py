@@ -1,4 +1,4 @@
-"""Hugging Face Llama-family checkpoint (or a LoRA adapter, merged first) -> one GGUF file for llama.cpp.
+"""Hugging Face checkpoint (or a LoRA adapter, merged first) -> one GGUF file for llama.cpp.
 
 The export streams: every safetensors file is indexed from its header, the GGUF header, metadata and
 tensor table are written first (their sizes are known in advance), then each tensor is read from
@@ -6,15 +6,16 @@ disk, converted and appended, one at a time. Peak memory is about one tensor in 
 converted copy, whatever the model's size. Reads go through `np.fromfile` rather than a memory map,
 so no page of the input stays in the process's resident memory after its tensor is written.
 
-What llama.cpp's `llama` architecture expects, and how each point is met here:
+This module knows no model family. Each family (Llama/Mistral, Qwen2, Qwen3, ...) is an `Arch` in
+plugins/gguf/arch/ (the interface is documented in that package's docstring): it reads its hyperparameters
+from config.json, refuses what llama.cpp cannot represent, writes its own metadata keys, and plans its tensors
+(names from gguf's name map for its MODEL_ARCH, per-tensor transforms such as llama's RoPE regrouping, tensors
+combined from several sources). What every family shares is here:
 
-* tensor names from gguf's name map for MODEL_ARCH.LLAMA;
-* q_proj / k_proj rows regrouped for llama.cpp's RoPE, which rotates adjacent pairs where
-  transformers rotates the two halves of each head (`_rope_permute`; the key/value head count for k);
 * tied embeddings: no `output.weight`, llama.cpp falls back to `token_embd.weight`;
-* 1-D tensors and norms in F32; other tensors in the requested type, and Q8_0 only for rows that are a
-  whole number of 32-value blocks (others fall back to F16, as llama.cpp's converter does);
-* Llama-3.1-style RoPE scaling as a `rope_freqs` tensor of per-frequency factors.
+* 1-D tensors, norms, biases and routers in F32; other tensors in the requested type, and Q8_0 only for rows that
+  are a whole number of 32-value blocks (others fall back to F16, as llama.cpp's converter does);
+* the metadata llama.cpp's converter writes for every text model, the tokenizer (vocab.py) and the model card.
 
 Nothing heavy is imported at module level: numpy and gguf are imported inside the functions.
 """
@@ -30,12 +31,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from llmforge.errors import UsageError
+from llmforge_plugins.gguf.arch import Arch, HParams, Planned, find_arch
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
 #: safetensors dtype -> numpy dtype name used to read it (bfloat16 is read as its 16 raw bits)
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16"}
@@ -233,129 +233,43 @@ class ModelFiles:
 
 
 # ------------------------------------------------------------------------------------------------
-# the model's shape, from config.json
+# the model's family and shape, from config.json
 
 
-@dataclass
-class LlamaParams:
-    architecture: str
-    n_layers: int
-    n_head: int
-    n_kv_head: int
-    hidden: int
-    ff: int
-    context: int
-    rms_eps: float
-    vocab_size: int
-    head_dim: int
-    tied: bool
-    rope: dict  # rope_type, rope_theta, factor, ... (the full-attention entry, v4 or v5 spelling)
-    explicit_head_dim: bool  # config.json names head_dim: then key/value lengths are written, as the converter does
-
-    @classmethod
-    def from_config(cls, config: dict, where: Path) -> LlamaParams:
-        arch = (config.get("architectures") or [None])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise UsageError(
-                f"{where}: architecture {arch or '(none given)'} is not supported by GGUF export",
-                hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (SmolLM and TinyLlama are LlamaForCausalLM)",
-            )
-        if config.get("quantization_config"):
-            method = config["quantization_config"].get("quant_method", "?")
-            raise UsageError(
-                f"{where}: the model is quantized ({method}); GGUF export needs full-precision weights",
-                hint="export the original model, then quantize the GGUF (llmforge gguf quantize)",
-            )
-        act = config.get("hidden_act", "silu")
-        if act != "silu":
-            raise UsageError(f"{where}: hidden_act {act!r}; llama.cpp's llama architecture computes SiLU")
-
-        def need(key: str) -> int:
-            value = config.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise UsageError(f"{where / 'config.json'}: {key} is missing or not a positive integer")
-            return value
-
-        n_head = need("num_attention_heads")
-        hidden = need("hidden_size")
-        head_dim = config.get("head_dim") or hidden // n_head
-        return cls(
-            architecture=arch,
-            n_layers=need("num_hidden_layers"),
-            n_head=n_head,
-            n_kv_head=config.get("num_key_value_heads") or n_head,
-            hidden=hidden,
-            ff=need("intermediate_size"),
-            context=need("max_position_embeddings"),
-            rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-            vocab_size=need("vocab_size"),
-            head_dim=int(head_dim),
-            tied=bool(config.get("tie_word_embeddings", False)),
-            rope=rope_parameters(config),
-            explicit_head_dim=config.get("head_dim") is not None,
+def model_family(config: dict, where: Path) -> tuple[Arch, HParams]:
+    """The family (arch/) and hyperparameters of a model, or a UsageError naming what is wrong."""
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?")
+        raise UsageError(
+            f"{where}: the model is quantized ({method}); GGUF export needs full-precision weights",
+            hint="export the original model, then quantize the GGUF (llmforge gguf quantize)",
         )
-
-
-def rope_parameters(config: dict) -> dict:
-    """RoPE settings from either spelling: transformers v5's `rope_parameters` (possibly per layer type)
-    or v4's `rope_theta` plus `rope_scaling` (whose type key was once `type`)."""
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    if isinstance(params.get("full_attention"), dict):
-        params = dict(params["full_attention"])
-    if "rope_type" not in params and "type" in params:
-        params["rope_type"] = params["type"]
-    if "rope_theta" not in params and config.get("rope_theta") is not None:
-        params["rope_theta"] = config["rope_theta"]
-    params.setdefault("rope_theta", 10000.0)  # transformers' Llama default
-    params.setdefault("rope_type", "default")
-    return params
-
-
-def llama3_rope_factors(rope: dict, head_dim: int):
-    """Per-frequency divisors for Llama-3.1-style RoPE scaling (llama.cpp's `rope_freqs` tensor):
-    1 for high frequencies (short wavelengths), `factor` for low ones, a smooth blend between."""
-    import numpy as np
-
-    base = float(rope.get("rope_theta", 10000.0))
-    factor = float(rope.get("factor", 8.0))
-    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
-    old_context = float(rope.get("original_max_position_embeddings", 8192))
-    freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * math.pi / freqs
-    smooth = (old_context / wavelen - low) / (high - low) if high != low else np.zeros_like(wavelen)
-    blended = 1.0 / ((1.0 - smooth) / factor + smooth)
-    out = np.where(wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, blended))
-    return out.astype(np.float32)
+    arch = find_arch(config, where)
+    return arch, arch.hparams(config, where)
 
 
 # ------------------------------------------------------------------------------------------------
-# the plan: every GGUF tensor, its source and type, known before anything is written
+# the plan: every GGUF tensor, its sources and type, known before anything is written
 
 
-@dataclass
-class Planned:
-    name: str  # GGUF name
-    source: str | None  # Hugging Face name, None for a generated tensor
-    shape: tuple[int, ...]  # numpy order (rows, columns)
-    qtype: Any  # gguf.GGMLQuantizationType
-    permute_heads: int = 0  # regroup rows for llama.cpp's RoPE over this many heads
-    data: Any = None  # a generated tensor's values
-
-    @property
-    def nbytes(self) -> int:
-        import gguf
-
-        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
-        return math.prod(self.shape) // block * size
+#: routers stay F32 in llama.cpp's converter (its "always F32" list), whatever the output type
+_F32_PARTS = ("ffn_gate_inp", "ffn_gate_inp_shexp")
 
 
-def _tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str):
+def _tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str, f32: bool = False):
     """The GGUF type of one tensor, and why it is not the requested one (or None)."""
     import gguf
 
     T = gguf.GGMLQuantizationType
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
-        return T.F32, None  # llama.cpp's norm and bias kernels take F32
+    parts = gguf_name.split(".")
+    if (
+        f32
+        or len(shape) <= 1
+        or gguf_name.endswith("_norm.weight")
+        or not gguf_name.endswith(".weight")
+        or (len(parts) >= 2 and parts[-2] in _F32_PARTS)
+    ):
+        return T.F32, None  # llama.cpp's norm, bias and router kernels take F32
     if outtype == "q8_0":
         block = gguf.GGML_QUANT_SIZES[T.Q8_0][0]
         if shape[-1] % block:
@@ -364,87 +278,32 @@ def _tensor_type(gguf_name: str, shape: tuple[int, ...], outtype: str):
     return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}[outtype], None
 
 
-def plan_tensors(files: ModelFiles, hp: LlamaParams, outtype: str) -> tuple[list[Planned], list[str]]:
-    import gguf
-
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp.n_layers)
-    planned: list[Planned] = []
+def plan_tensors(files: ModelFiles, arch: Arch, hp: HParams, outtype: str) -> tuple[list[Planned], list[str]]:
+    """The family's plan (generated tensors first), each source's dtype checked, each tensor's type chosen."""
+    planned = [*arch.extra_tensors(hp), *arch.plan(files, hp)]
     notes: list[str] = []
-    rope_type = str(hp.rope.get("rope_type", "default")).lower()
-    if rope_type == "llama3":
-        factors = llama3_rope_factors(hp.rope, hp.head_dim)
-        planned.append(
-            Planned(
-                gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
-                None,
-                factors.shape,
-                gguf.GGMLQuantizationType.F32,
-                data=factors,
-            )
-        )
-    for hf_name, ref in files.tensors.items():
-        if hf_name.endswith("rotary_emb.inv_freq"):
-            continue  # older checkpoints store the RoPE frequencies; llama.cpp computes them
-        if hp.tied and hf_name == "lm_head.weight":
-            continue  # tied: transformers ignores a stored head and uses the embedding, so does llama.cpp
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
+    seen: dict[str, Planned] = {}
+    for p in planned:
+        if p.name in seen:
             raise UsageError(
-                f"{files.path}: tensor {hf_name} has no place in llama.cpp's llama architecture",
-                hint="only plain Llama/Mistral checkpoints can be exported",
+                f"{files.path}: {p.sources[0] if p.sources else p.name} and "
+                f"{seen[p.name].sources[0] if seen[p.name].sources else p.name} both become {p.name}"
             )
-        if ref.dtype not in _ST_DTYPES:
-            raise UsageError(
-                f"{files.path}: tensor {hf_name} is stored as {ref.dtype}; GGUF export reads "
-                f"float32, float16 and bfloat16 weights"
-            )
-        heads = 0
-        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            heads = hp.n_head
-        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            heads = hp.n_kv_head
-        if heads and ref.shape[0] % (2 * heads):
-            raise UsageError(f"{files.path}: {hf_name} has {ref.shape[0]} rows, not a multiple of 2 x {heads} heads")
-        qtype, note = _tensor_type(gguf_name, ref.shape, outtype)
+        seen[p.name] = p
+        for source in p.sources:
+            ref = files.tensors[source]
+            if ref.dtype not in _ST_DTYPES:
+                raise UsageError(
+                    f"{files.path}: tensor {source} is stored as {ref.dtype}; GGUF export reads "
+                    f"float32, float16 and bfloat16 weights"
+                )
+        qtype, note = _tensor_type(p.name, p.shape, outtype, p.f32)
         if note:
             notes.append(note)
-        planned.append(Planned(gguf_name, hf_name, ref.shape, qtype, permute_heads=heads))
-    _check_complete(files, hp, planned)
+        p.qtype = qtype
+    arch.check_tensors(files, hp, seen)
     planned.sort(key=_order)
     return planned, notes
-
-
-def _check_complete(files: ModelFiles, hp: LlamaParams, planned: list[Planned]) -> None:
-    by_name = {p.name: p for p in planned}
-    embd = by_name.get("token_embd.weight")
-    if embd is None:
-        raise UsageError(f"{files.path}: no token embedding (model.embed_tokens.weight)")
-    if embd.shape != (hp.vocab_size, hp.hidden):
-        raise UsageError(
-            f"{files.path}: the token embedding is {list(embd.shape)}, config.json says "
-            f"vocab_size {hp.vocab_size} x hidden_size {hp.hidden}"
-        )
-    if not hp.tied and "output.weight" not in by_name:
-        raise UsageError(
-            f"{files.path}: no lm_head.weight, and config.json says the embeddings are not tied "
-            f"(tie_word_embeddings = false)"
-        )
-    for layer in range(hp.n_layers):
-        for part in (
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-            "attn_norm",
-            "ffn_norm",
-        ):
-            if f"blk.{layer}.{part}.weight" not in by_name:
-                raise UsageError(
-                    f"{files.path}: layer {layer} has no {part} weight (config.json says {hp.n_layers} layers)"
-                )
 
 
 def _order(p: Planned) -> tuple:
@@ -452,13 +311,7 @@ def _order(p: Planned) -> tuple:
     parts = p.name.split(".")
     if parts[0] == "blk":
         return (1, int(parts[1]), p.name)
-    return (0 if p.name in ("rope_freqs.weight", "token_embd.weight") else 2, 0, p.name)
-
-
-def _rope_permute(w, n_head: int):
-    """transformers rotates the two halves of each head's dimensions; llama.cpp rotates adjacent pairs.
-    Interleave each head's two halves of rows so that llama.cpp's pairs are transformers' pairs."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (0 if p.source is None or p.name == "token_embd.weight" else 2, 0, p.name)
 
 
 def _convert(values, qtype):
@@ -480,7 +333,9 @@ def _convert(values, qtype):
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
 
-def _rope_metadata(writer, hp: LlamaParams, log: Log) -> None:
+def _rope_metadata(writer, hp: HParams) -> None:
+    """RoPE scaling and base, as llama.cpp's converter writes them for every architecture (the family's check has
+    refused the types it cannot represent; llama3 is a tensor, dynamic has no key)."""
     import gguf
 
     rope = hp.rope
@@ -501,17 +356,6 @@ def _rope_metadata(writer, hp: LlamaParams, log: Log) -> None:
         ):
             if rope.get(key) is not None:
                 add(rope[key])
-    elif kind == "dynamic":
-        log(
-            "RoPE scaling 'dynamic' (NTK) has no llama.cpp equivalent: the GGUF matches the model up to "
-            f"{hp.context} tokens of context",
-            "warning",
-        )
-    elif kind not in ("default", "llama3"):  # llama3 is the rope_freqs tensor
-        raise UsageError(
-            f"RoPE scaling type {kind!r} is not supported by llama.cpp's llama architecture",
-            hint="supported: default, linear, yarn, llama3",
-        )
     writer.add_rope_freq_base(float(rope["rope_theta"]))
 
 
@@ -533,7 +377,10 @@ def _general_metadata(writer, model_dir: Path, name: str | None, log: Log) -> No
     meta.set_gguf_meta_model(writer)
 
 
-def write_metadata(writer, model_dir: Path, hp: LlamaParams, outtype: str, vocab, name: str | None, log: Log) -> None:
+def write_metadata(
+    writer, model_dir: Path, arch: Arch, hp: HParams, outtype: str, vocab, name: str | None, log: Log
+) -> None:
+    """The keys every family gets (those llama.cpp's converter writes for any text model), then the family's."""
     import gguf
 
     writer.add_type(gguf.GGUFType.MODEL)
@@ -544,14 +391,13 @@ def write_metadata(writer, model_dir: Path, hp: LlamaParams, outtype: str, vocab
     writer.add_feed_forward_length(hp.ff)
     writer.add_head_count(hp.n_head)
     writer.add_head_count_kv(hp.n_kv_head)
-    _rope_metadata(writer, hp, log)
+    _rope_metadata(writer, hp)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     if hp.explicit_head_dim:
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
     writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[outtype]))
-    writer.add_vocab_size(hp.vocab_size)
-    writer.add_rope_dimension_count(hp.head_dim)
+    arch.metadata(writer, hp, log)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab.write(writer)
 
@@ -623,7 +469,7 @@ def _precheck_adapter_base(adapter: Path) -> None:
             config = json.loads(cfg.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return  # the merge reports it properly
-        LlamaParams.from_config(config, cfg.parent)
+        model_family(config, cfg.parent)
 
 
 def _export_dir(model_dir: Path, out: Path, outtype: str, log: Log) -> dict:
@@ -634,24 +480,18 @@ def _export_dir(model_dir: Path, out: Path, outtype: str, log: Log) -> dict:
 
     started = time.monotonic()
     files = ModelFiles(model_dir)
-    hp = LlamaParams.from_config(files.config, model_dir)
-    window = files.config.get("sliding_window")
-    if isinstance(window, int) and window < hp.context:
-        log(
-            f"sliding_window {window}: llama.cpp's llama architecture attends to the whole context, so outputs "
-            f"differ from transformers beyond {window} tokens",
-            "warning",
-        )
-    planned, notes = plan_tensors(files, hp, outtype)
+    arch, hp = model_family(files.config, model_dir)
+    arch.check(hp, log)
+    planned, notes = plan_tensors(files, arch, hp, outtype)
     vocab = read_vocab(model_dir, files.config)
     for note in notes:
         log(note, "warning")
 
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(path=None, arch=arch.gguf_name)
     for p in planned:
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
     params = writer.get_total_parameter_count()[0]
-    write_metadata(writer, model_dir, hp, outtype, vocab, None, log)
+    write_metadata(writer, model_dir, arch, hp, outtype, vocab, None, log)
     log(
         f"{model_dir}: {hp.architecture}, {hp.n_layers} layers, {params / 1e6:.1f} M parameters -> {out.name} "
         f"({outtype.upper()}, {len(planned)} tensors, tokenizer {vocab.model}/{vocab.pre})"
@@ -664,9 +504,7 @@ def _export_dir(model_dir: Path, out: Path, outtype: str, log: Log) -> dict:
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for p in planned:
-            values = p.data if p.source is None else files.read(p.source)
-            if p.permute_heads:
-                values = _rope_permute(values, p.permute_heads)
+            values = p.values(files.read)
             writer.write_tensor_data(_convert(values, p.qtype))
             del values
         writer.flush()
@@ -686,7 +524,7 @@ def _export_dir(model_dir: Path, out: Path, outtype: str, log: Log) -> dict:
         "tensors": len(planned),
         "bytes": size,
         "outtype": outtype,
-        "arch": "llama",
+        "arch": arch.gguf_name,
         "hf_architecture": hp.architecture,
         "params": params,
         "tokenizer": vocab.model,
