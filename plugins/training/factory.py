@@ -200,7 +200,7 @@ def build_trainer(
         processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        peft_config=lora_config(lora) if lora is not None and lora.enabled else None,
+        peft_config=lora_config(lora, model, ctx.log) if lora is not None and lora.enabled else None,
         callbacks=callbacks,
         **kind.trainer_args(opts, ctx),
     )
@@ -208,6 +208,10 @@ def build_trainer(
     # Trainer reads the attribute when it creates the optimizer at the start of training, so setting it
     # here works for every kind.
     trainer.optimizer_cls_and_kwargs = optimizer_spec(opts)
+    if lora is not None and lora.enabled:
+        from llmforge_plugins.training.targets import adapted
+
+        ctx.log(f"LoRA adapts: {', '.join(adapted(trainer.model))}")
     callback.trainer = trainer
     quiet(trainer)
     return Training(trainer, callback, output_dir, precision)
@@ -221,18 +225,12 @@ def clear_checkpoints(ctx: StageContext, output_dir: Path) -> None:
     dist.barrier()
 
 
-def lora_config(lora: LoraOptions) -> Any:
-    """PEFT's LoraConfig for the stage's `lora` options."""
-    from peft import LoraConfig
+def lora_config(lora: LoraOptions, model: Any = None, log: Any = None) -> Any:
+    """PEFT's LoraConfig for the stage's `lora` options, fitted to `model`'s family (fused MoE experts:
+    see llmforge_plugins.training.targets)."""
+    from llmforge_plugins.training.targets import lora_config as fitted
 
-    # PEFT annotates lora_alpha as int but computes the scale as alpha / r: a float alpha works as given.
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,  # type: ignore[arg-type]
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
+    return fitted(lora, model, log)
 
 
 def optimizer_spec(opts: TrainOptions) -> tuple[type, dict[str, Any]] | None:
