@@ -756,7 +756,7 @@ class StagePlan:
             "suggestions": [s.to_json() for s in self.suggestions],
         }
         if self.shape is not None:
-            out["model"] = {
+            model: dict[str, Any] = {
                 "parameters": self.shape.params(),
                 "active_parameters": self.shape.active_params(),
                 "model_type": self.shape.model_type,
@@ -767,8 +767,9 @@ class StagePlan:
                 "source": self.shape.source,
             }
             if self.shape.moe:
-                out["model"]["experts"] = self.shape.experts
-                out["model"]["experts_per_tok"] = self.shape.experts_per_tok
+                model["experts"] = self.shape.experts
+                model["experts_per_tok"] = self.shape.experts_per_tok
+            out["model"] = model
         if self.training is not None:
             out["training"] = {k: v for k, v in self.training.__dict__.items()}
         if self.backend is not None:

@@ -132,7 +132,7 @@ def render_plan(result) -> None:
     m = result.machine
     gpus = ", ".join(f"{g['name']} {fmt_size(g['memory_total_bytes'])}" for g in m.gpus) or "no GPU"
     disk = f"{fmt_size(m.disk_free)} free disk" if m.disk_free is not None else "free disk unknown"
-    if getattr(result, "described", False):
+    if result.described:
         out.print(
             f"machine (described): {fmt_size(m.ram_total)} RAM, {len(m.gpus) or 'no'} GPU{'s' * (len(m.gpus) != 1)}"
             + (f" of {fmt_size(m.gpus[0]['memory_total_bytes'])}" if m.gpus else "")
