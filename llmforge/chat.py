@@ -1,6 +1,6 @@
 """Chat templates: a named Jinja template plus the special tokens it needs.
 
-Built-in templates (chatml, llama3, alpaca, mistral) are registered by a plugin through
+Built-in templates (chatml, qwen, llama3, gemma, phi3, mistral, alpaca) are registered by a plugin through
 `register_chat_templates`, like any third-party one. A training stage resolves its `template`
 option to a ChatTemplate (a registered name, a .jinja file, or the tokenizer's own), and the same
 template travels with every model artifact (tokenizer_config.json / chat_template.jinja) so that

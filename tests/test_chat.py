@@ -139,7 +139,7 @@ def test_builtins_are_registered_as_plugins():
 
     reg = load_registry(env="")  # the built-ins only
     assert not [e for e in reg.errors if e.plugin == "chat_templates"], reg.errors
-    for name in ("chatml", "llama3", "alpaca", "mistral"):
+    for name in ("chatml", "llama3", "alpaca", "mistral", "qwen", "gemma", "phi3"):
         assert reg.chat_templates[name] is TEMPLATES[name]
     assert "chat_templates" in [p.name for p in reg.plugins if "chat_templates" in p.provides]
 
@@ -317,7 +317,7 @@ def test_resolve_by_name_and_unknown_name():
     with pytest.raises(ChatTemplateError) as err:
         resolve_template("chatlm", templates=TEMPLATES)
     assert "did you mean 'chatml'" in err.value.message
-    assert "alpaca, chatml, llama3, mistral" in err.value.hint
+    assert "alpaca, chatml, gemma, llama3, mistral, phi3, qwen" in err.value.hint
     assert isinstance(err.value, UsageError) and err.value.exit_code == 2
 
 
@@ -370,3 +370,261 @@ def test_resolve_jinja_file(make_tokenizer, tmp_path):
     (tmp_path / "bad2.jinja").write_text('{#- llmforge: {"eos": "x", "special_tokens": "<|a|>"} -#}')
     with pytest.raises(ChatTemplateError, match="special_tokens must be a list"):
         resolve_template("bad2.jinja", base_dir=tmp_path, templates=TEMPLATES)
+
+
+# --------------------------------------------------------------------------------------------
+# The model families' formats: each written out as the family's own template renders it.
+
+FAMILY_RENDERINGS = {
+    "qwen": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWhat is two plus three?<|im_end|>\n"
+        "<|im_start|>assistant\nTwo plus three is five.<|im_end|>\n"
+        "<|im_start|>user\nTell me about the cat, please.<|im_end|>\n"
+        "<|im_start|>assistant\nThe cat sat on the mat at the café ☕.\nYes, really.<|im_end|>\n",
+        "<|im_start|>assistant\n",
+    ),
+    # no system role: the system text goes in front of the first user message, then a blank line
+    "gemma": (
+        "<bos><start_of_turn>user\nYou are a helpful assistant.\n\nWhat is two plus three?<end_of_turn>\n"
+        "<start_of_turn>model\nTwo plus three is five.<end_of_turn>\n"
+        "<start_of_turn>user\nTell me about the cat, please.<end_of_turn>\n"
+        "<start_of_turn>model\nThe cat sat on the mat at the café ☕.\nYes, really.<end_of_turn>\n",
+        "<start_of_turn>model\n",
+    ),
+    "phi3": (
+        "<|system|>\nYou are a helpful assistant.<|end|>\n"
+        "<|user|>\nWhat is two plus three?<|end|>\n"
+        "<|assistant|>\nTwo plus three is five.<|end|>\n"
+        "<|user|>\nTell me about the cat, please.<|end|>\n"
+        "<|assistant|>\nThe cat sat on the mat at the café ☕.\nYes, really.<|end|>\n",
+        "<|assistant|>\n",
+    ),
+    # Meta's Llama 3 layout (3.1+'s own templates add a dated system header; "auto" keeps those)
+    "llama3": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is two plus three?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nTwo plus three is five.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nTell me about the cat, please.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "The cat sat on the mat at the café ☕.\nYes, really.<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_RENDERINGS))
+def test_family_template_renders_the_family_format(make_tokenizer, name):
+    template = TEMPLATES[name]
+    whole, header = FAMILY_RENDERINGS[name]
+    assert render(template, CONVERSATION) == whole
+    # the prompt before the second answer: the first three turns of `whole`, then the generation header
+    prompt = render(template, CONVERSATION[:4], add_generation_prompt=True)
+    assert prompt.endswith(header) and whole.startswith(prompt)
+    assert whole[len(prompt) :].startswith(ANSWERS[1][:7])
+
+    tok, template = _prepared(make_tokenizer, name)
+    enc = encode_chat(tok, template, CONVERSATION)
+    assert _trained_runs(tok, enc) == [a + template.eos for a in ANSWERS]
+
+
+@pytest.mark.parametrize("name", ["qwen", "gemma", "phi3", "llama3"])
+def test_family_markers_are_single_control_tokens(make_tokenizer, name):
+    tok, template = _prepared(make_tokenizer, name)
+    enc = encode_chat(tok, template, CONVERSATION)
+    for marker in template.required_tokens:
+        ids = tok(marker, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and ids[0] in tok.all_special_ids, marker
+        # every occurrence in the rendered text is that one id, never pieces of text
+        assert enc.input_ids.count(ids[0]) == enc.text.count(marker), marker
+    plain = tok.decode(enc.input_ids, skip_special_tokens=True)
+    assert not any(m in plain for m in template.required_tokens)
+    assert all(a in plain for a in ANSWERS)
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    # OpenAI style: no content, calls wrapped in "function", arguments as an object or a JSON string
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+        ],
+    },
+    {"role": "tool", "content": "18 C, sunny"},
+    {"role": "tool", "content": "21 C, cloudy"},
+    {"role": "assistant", "content": "Paris: 18 C. Rome: 21 C."},
+    {"role": "user", "content": "And Oslo?"},
+    # text before a call (transformers' style: the call's fields directly)
+    {
+        "role": "assistant",
+        "content": "Checking.",
+        "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}],
+    },
+    {"role": "tool", "content": "3 C"},
+    {"role": "assistant", "content": "Oslo: 3 C."},
+]
+TOOL_CALL_1 = (
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+)
+TOOL_CALL_2 = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+QWEN_TOOL_TURNS = (
+    "<|im_start|>user\nWeather in Paris and Rome?<|im_end|>\n"
+    "<|im_start|>assistant\n" + TOOL_CALL_1 + "<|im_end|>\n"
+    "<|im_start|>user\n<tool_response>\n18 C, sunny\n</tool_response>\n"
+    "<tool_response>\n21 C, cloudy\n</tool_response><|im_end|>\n"
+    "<|im_start|>assistant\nParis: 18 C. Rome: 21 C.<|im_end|>\n"
+    "<|im_start|>user\nAnd Oslo?<|im_end|>\n"
+    "<|im_start|>assistant\n" + TOOL_CALL_2 + "<|im_end|>\n"
+    "<|im_start|>user\n<tool_response>\n3 C\n</tool_response><|im_end|>\n"
+    "<|im_start|>assistant\nOslo: 3 C.<|im_end|>\n"
+)
+
+
+def test_qwen_renders_tools_calls_and_results_the_qwen_way(make_tokenizer):
+    qwen = TEMPLATES["qwen"]
+    assert render(qwen, TOOL_CONVERSATION) == "<|im_start|>system\nAnswer briefly.<|im_end|>\n" + QWEN_TOOL_TURNS
+    with_tools = render(qwen, TOOL_CONVERSATION, tools=TOOLS)
+    signature = (
+        '{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", '
+        '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}'
+    )
+    system = (
+        "<|im_start|>system\nAnswer briefly.\n\n# Tools\n\n"
+        "You can call the functions whose JSON signatures are listed in <tools></tools>, one a line:\n"
+        "<tools>\n" + signature + "\n</tools>\n\n"
+        "To call one, write its name and arguments as a JSON object in <tool_call></tool_call> tags:\n"
+        '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+    )
+    assert with_tools == system + QWEN_TOOL_TURNS
+    # without a system message the tools still get a system turn of their own
+    assert render(qwen, TOOL_CONVERSATION[1:], tools=TOOLS).startswith(
+        "<|im_start|>system\n# Tools\n\nYou can call the functions"
+    )
+    # the same text from transformers' apply_chat_template with the tokenizer carrying the template
+    tok, _ = _prepared(make_tokenizer, "qwen")
+    assert tok.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS, tokenize=False) == with_tools
+    prompt = render(qwen, TOOL_CONVERSATION[:5], tools=TOOLS, add_generation_prompt=True)
+    assert tok.apply_chat_template(TOOL_CONVERSATION[:5], tools=TOOLS, tokenize=False, add_generation_prompt=True) == (
+        prompt
+    )
+    assert prompt.endswith("21 C, cloudy\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_qwen_trains_on_tool_calls_not_on_tool_results(make_tokenizer):
+    tok, qwen = _prepared(make_tokenizer, "qwen")
+    enc = encode_chat(tok, qwen, TOOL_CONVERSATION)
+    assert _trained_runs(tok, enc) == [
+        TOOL_CALL_1 + "<|im_end|>",
+        "Paris: 18 C. Rome: 21 C.<|im_end|>",
+        TOOL_CALL_2 + "<|im_end|>",
+        "Oslo: 3 C.<|im_end|>",
+    ]
+    untrained = _decode(tok, [t for t, lab in zip(enc.input_ids, enc.labels) if lab == IGNORE_INDEX])
+    assert "<tool_response>\n18 C, sunny\n</tool_response>" in untrained and "And Oslo?" in untrained
+    last = encode_chat(tok, qwen, TOOL_CONVERSATION[:3], train_on="last_turn")
+    assert _trained_runs(tok, last) == [TOOL_CALL_1 + "<|im_end|>"]
+    # the tool tags are text, not special tokens: an answer decoded for the user keeps the call
+    assert "<tool_call>" not in tok.all_special_tokens
+    assert TOOL_CALL_1 in tok.decode(enc.input_ids, skip_special_tokens=True)
+
+
+def test_gemma_puts_the_system_message_in_the_first_user_turn_and_refuses_other_roles(make_tokenizer):
+    gemma = TEMPLATES["gemma"]
+    text = render(gemma, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Hi  "}], True)
+    assert text == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    # a system message anywhere but first, a tool result, or two user turns in a row: said, not dropped
+    for bad, role in (
+        (CONVERSATION[1:3] + [{"role": "system", "content": "Later."}], "system"),
+        ([*CONVERSATION[1:3], {"role": "tool", "content": "18 C"}], "tool"),
+        ([CONVERSATION[1], CONVERSATION[3]], "user"),
+    ):
+        with pytest.raises(ChatTemplateError, match=f"'gemma'.*alternate.*is {role}"):
+            render(gemma, bad)
+    tok, gemma = _prepared(make_tokenizer, "gemma")
+    runs = _trained_runs(tok, encode_chat(tok, gemma, CONVERSATION))
+    assert runs == [a + "<end_of_turn>" for a in ANSWERS]
+    assert tok.bos_token == "<bos>" and tok.eos_token == "<end_of_turn>" and tok.pad_token == "<pad>"
+
+
+def test_phi3_leaves_out_an_empty_system_message_and_refuses_tool_turns():
+    phi3 = TEMPLATES["phi3"]
+    empty = [{"role": "system", "content": ""}, *CONVERSATION[1:3]]
+    expected = "<|user|>\nWhat is two plus three?<|end|>\n<|assistant|>\nTwo plus three is five.<|end|>\n"
+    assert render(phi3, empty) == render(phi3, CONVERSATION[1:3]) == expected
+    with pytest.raises(ChatTemplateError, match="'phi3'.*not tool"):
+        render(phi3, [*CONVERSATION[1:3], {"role": "tool", "content": "18 C"}])
+
+
+@pytest.mark.parametrize("name", ["gemma", "phi3"])
+def test_templates_without_a_tool_format_refuse_tool_calls(name):
+    with pytest.raises(ChatTemplateError, match=f"'{name}'.*no format for tool calls \\(message 2\\)"):
+        render(TEMPLATES[name], TOOL_CONVERSATION[:3])
+
+
+def test_data_inspect_shows_the_family_masks(tmp_path, monkeypatch, tokenizer_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from llmforge.cli.app import build_app
+
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is the capital of Land0?"},
+            {"role": "assistant", "content": "The capital of Land0 is Town0."},
+        ]
+    }
+    (tmp_path / "chat.jsonl").write_text(json.dumps(row) + "\n")
+    monkeypatch.chdir(tmp_path)
+    for name, end in (("qwen", "<|im_end|>"), ("gemma", "<end_of_turn>"), ("phi3", "<|end|>")):
+        args = [
+            "data",
+            "inspect",
+            "chat.jsonl",
+            "--model",
+            str(tokenizer_dir),
+            "--template",
+            name,
+            "--masks",
+            "--plain",
+        ]
+        res = CliRunner().invoke(build_app(), args)
+        assert res.exit_code == 0, res.output
+        assert f"[[The capital of Land0 is Town0.{end}]]" in res.output and res.output.count("[[") == 1, res.output
+        assert f"template {name}" in res.output
+        # the untrained prompt is shown as the template renders it
+        prompt = render(TEMPLATES[name], row["messages"][:2], add_generation_prompt=True)
+        assert prompt in res.output, res.output
+
+
+def test_qwen_modelfile_template_groups_tool_results_as_the_jinja_does():
+    # Ollama's Go template for qwen (plugins/gguf/modelfile.py) on tool turns: consecutive results share
+    # one user turn, whether they follow an assistant message or open the conversation.
+    from llmforge_plugins.gguf.modelfile import ChatInfo, translate
+    from test_gguf_cli import go_render
+
+    qwen = TEMPLATES["qwen"]
+    tr = translate(ChatInfo(template=qwen.source, eos=qwen.eos))
+    assert tr.layout == "qwen" and tr.template is not None
+    # Ollama has no tool calls in .Content: the calling turns carry text here
+    messages = [{"role": m["role"], "content": m["content"] or "calling"} for m in TOOL_CONVERSATION]
+    for conv in [messages[:n] for n in range(2, len(messages) + 1)] + [messages[3:6]]:
+        gen = conv[-1]["role"] != "assistant"  # Ollama always prompts for an answer after a non-assistant turn
+        go = go_render(tr.template, {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in conv]})
+        assert go == render(qwen, conv, add_generation_prompt=gen), conv

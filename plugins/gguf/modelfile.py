@@ -2,8 +2,9 @@
 
 Ollama does not run the Jinja chat template a GGUF carries; it needs a Go `text/template`. Translating
 arbitrary Jinja is not possible, so the template is first *recognised* by what it does: a probe
-conversation is rendered with it and with each built-in template (chatml, llama3, alpaca, mistral), and
-a template that produces the same text on every probe gets that layout's hand-written Go template.
+conversation is rendered with it and with each built-in template (chatml, llama3, alpaca, mistral, qwen, gemma,
+phi3), and a template that produces the same text on every probe gets that layout's hand-written Go template
+(a built-in's own source gets its own name, where two built-ins render the probes alike: chatml and qwen).
 Comparing renderings, not sources, recognises a template however it is spelt.
 
 Any other template is *derived* when it has the simple shape most chat formats have: a fixed text
@@ -92,6 +93,46 @@ KNOWN_TEMPLATES: dict[str, tuple[str, str]] = {
         "{{ (index $.Messages 0).Content }}\n\n{{ end }}{{ .Content }} [/INST]"
         '{{ else if eq .Role "assistant" }} {{ .Content }}</s>{{ end }}{{ end }}',
     ),
+    # ChatML, with consecutive tool results in one user turn as Qwen writes them: the turn is opened by the
+    # message before the first result (or by a first message that is one) and closed after the last. Tool
+    # definitions and calls are not written: they need Ollama's .Tools/.ToolCalls, outside this subset.
+    "qwen": (
+        "",
+        "{{ range $i, $_ := .Messages }}"
+        + _LAST
+        + '{{ if eq .Role "tool" }}{{ if eq $i 0 }}<|im_start|>user{{ end }}'
+        + "\n<tool_response>\n{{ .Content }}\n</tool_response>"
+        + '{{ if $last }}<|im_end|>\n{{ else if ne (index (slice $.Messages $i) 1).Role "tool" }}<|im_end|>\n{{ end }}'
+        + "{{ else }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+        + '{{ if $last }}{{ else if eq (index (slice $.Messages $i) 1).Role "tool" }}<|im_start|>user{{ end }}'
+        + "{{ end }}"
+        + _gen("<|im_start|>assistant\n")
+        + "{{ end }}",
+    ),
+    # No system role: the system message goes in front of the first user message, then a blank line.
+    "gemma": (
+        "<bos>",
+        "{{ range $i, $_ := .Messages }}"
+        + _LAST
+        + '{{ if eq .Role "user" }}<start_of_turn>user\n'
+        + '{{ if and (eq $i 1) (eq (index $.Messages 0).Role "system") }}'
+        + "{{ (index $.Messages 0).Content }}\n\n{{ end }}"
+        + "{{ .Content }}<end_of_turn>\n"
+        + '{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n{{ end }}'
+        + _gen("<start_of_turn>model\n")
+        + "{{ end }}",
+    ),
+    # An empty system message is left out.
+    "phi3": (
+        "",
+        "{{ range $i, $_ := .Messages }}"
+        + _LAST
+        + '{{ if eq .Role "system" }}{{ if .Content }}<|system|>\n{{ .Content }}<|end|>\n{{ end }}'
+        + '{{ else if eq .Role "user" }}<|user|>\n{{ .Content }}<|end|>\n'
+        + '{{ else if eq .Role "assistant" }}<|assistant|>\n{{ .Content }}<|end|>\n{{ end }}'
+        + _gen("<|assistant|>\n")
+        + "{{ end }}",
+    ),
 }
 
 
@@ -148,6 +189,9 @@ def recognise(source: str, info: ChatInfo | None = None) -> str | None:
     """The built-in template whose layout `source` produces on every probe conversation, if any."""
     from llmforge_plugins.chat_templates import BUILTIN_TEMPLATES
 
+    for builtin in BUILTIN_TEMPLATES:
+        if source == builtin.source:  # qwen renders the probes as chatml does; its own source is still qwen
+            return builtin.name
     variables = _variables(info or ChatInfo(template=source))
     ours = [_render(source, roles, gen, variables) for roles, gen in _CONVERSATIONS]
     if all(text is None for text in ours):

@@ -1,4 +1,5 @@
-"""Entry point of `chat_templates`: chatml, llama3, alpaca, mistral (defined in llmforge_plugins.chat_templates)."""
+"""Entry point of `chat_templates`: chatml, llama3, alpaca, mistral, qwen, gemma, phi3 (defined in
+llmforge_plugins.chat_templates)."""
 
 from __future__ import annotations
 
