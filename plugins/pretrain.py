@@ -1,5 +1,5 @@
 """`pretrain`: a language model from scratch: a BPE tokenizer trained on the corpus (or a given one),
-a Llama-architecture model initialised from a size preset or explicit dimensions, and causal-LM
+a Llama- or Qwen3-architecture model initialised from a size preset or explicit dimensions, and causal-LM
 training on the text. The tokenizer reserves the chat template's special tokens so the same model
 can go on to SFT, DPO and GGUF export.
 """
@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 
 
 class ModelShape(StageOptions):
+    architecture: Literal["llama", "qwen3"] = Field(
+        "llama",
+        description="llama (LlamaForCausalLM), or qwen3 (Qwen3ForCausalLM: RMSNorm on each head's queries and "
+        "keys, an explicit head_dim). The size presets apply to both.",
+    )
     size: Literal["tiny", "mini", "small", "base", "smollm-135m"] = Field(
         "mini", description="Size preset (tiny ~0.1M params for tests, mini ~5M, small ~30M, base ~100M)."
     )
@@ -27,6 +32,9 @@ class ModelShape(StageOptions):
     num_attention_heads: int | None = Field(None, gt=0, description="Override the number of attention heads.")
     num_key_value_heads: int | None = Field(None, gt=0, description="Override the KV heads (grouped-query attention).")
     intermediate_size: int | None = Field(None, gt=0, description="Override the MLP width.")
+    head_dim: int | None = Field(
+        None, gt=0, description="Width of each attention head (default hidden_size / num_attention_heads)."
+    )
     tie_embeddings: bool = Field(True, description="Share input and output embeddings.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
 
@@ -38,13 +46,13 @@ class PretrainOptions(TrainOptions):
     )
     vocab_size: int = Field(4096, ge=300, description="Vocabulary size of the trained tokenizer.")
     template: str = Field("chatml", description="Chat template whose special tokens the tokenizer reserves.")
-    model: ModelShape = Field(default_factory=ModelShape, description="Architecture (Llama).")
+    model: ModelShape = Field(default_factory=ModelShape, description="Architecture (Llama or Qwen3) and size.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
 
 
 class PretrainStage(TemplateChecks, Stage):
     name = "pretrain"
-    summary = "Train a tokenizer and a Llama-architecture model from scratch on text."
+    summary = "Train a tokenizer and a Llama- or Qwen3-architecture model from scratch on text."
     Options = PretrainOptions
     produces = ("model",)
     cache_libraries = ("torch", "transformers", "trl", "tokenizers")
@@ -79,13 +87,13 @@ class PretrainStage(TemplateChecks, Stage):
         shape = options.model.model_dump()
         preset = shape.pop("size")
         config = models.model_config(preset, len(tokenizer), options.max_length, shape, tokenizer)
-        from transformers import LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)  # the architecture's class: Llama or Qwen3
         models.prepare_tokenizer(model, tokenizer, template)
         common.record_template(ctx, template)
         n_params = sum(p.numel() for p in model.parameters())
-        ctx.log(f"model: Llama {preset}, {n_params / 1e6:.2f}M parameters, vocab {config.vocab_size}")
+        ctx.log(f"model: {type(model).__name__} {preset}, {n_params / 1e6:.2f}M parameters, vocab {config.vocab_size}")
         ctx.info["parameters"] = n_params
         train, evals = common.tokenize_split(ctx, ds.rows, "text", tokenizer, template, options)
         training = factory.build_trainer(

@@ -320,3 +320,36 @@ def test_sigkill_mid_training_resumes_from_the_last_complete_checkpoint(project)
     assert "resuming from checkpoint-" in res.stdout
     st = status(project)
     assert st["stages"]["pretrain"]["status"] == "done"
+
+
+def test_pretrain_builds_a_qwen3_model_that_loads_and_plans_alike(project):
+    """`model.architecture = "qwen3"`: the size preset as a Qwen3 model (per-head q/k RMSNorms, explicit
+    head_dim), trained a few steps; the output loads as Qwen3ForCausalLM, and `llmforge plan` counts the
+    parameters the stage built."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
+    write_data(project.root)
+    project.write(
+        PRETRAIN.format(steps=6)
+        .replace('model = { size = "tiny" }', 'model = { architecture = "qwen3", size = "tiny", head_dim = 32 }')
+        .replace("log_every = 2", "log_every = 1")
+    )
+    plan = project.run("plan", "--json")
+    assert plan.returncode == 0, plan.stderr
+    planned = json.loads(plan.stdout)["stages"][0]["model"]
+    res = project.run("run", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    st = status(project)
+    path = st["stages"]["pretrain"]["artifacts"]["model"]["path"]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert isinstance(model, Qwen3ForCausalLM) and model.config.head_dim == 32
+    layer = model.model.layers[0].self_attn
+    assert layer.q_norm.weight.shape == (32,) and layer.k_norm.weight.shape == (32,)
+    assert planned["model_type"] == "qwen3"
+    # the plan reads vocab_size, an upper bound of what the trained BPE tokenizer reaches (tied embeddings)
+    unused = 400 - model.config.vocab_size
+    assert planned["parameters"] == sum(p.numel() for p in model.parameters()) + unused * model.config.hidden_size
+    series = losses(events_of(Path(st["dir"])), "pretrain")
+    assert len(series) == 6 and all(torch.isfinite(torch.tensor(v)) for _, v in series)
+    assert series[-1][1] < series[0][1]

@@ -43,12 +43,23 @@ def train_tokenizer(texts, vocab_size: int, template, min_frequency: int = 2):
 
 
 def model_config(preset: str, vocab_size: int, max_length: int, overrides: dict, tokenizer):
-    from transformers import LlamaConfig
+    """The transformers config of the pretrain stage's model: its `architecture` (llama or qwen3), the size
+    preset's dimensions and the `model` table's overrides."""
+    from transformers import LlamaConfig, Qwen3Config
 
     if preset not in PRESETS:
         raise UsageError(f"unknown model size preset '{preset}' (known: {', '.join(PRESETS)})")
     dims = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    return LlamaConfig(
+    arch = dims.pop("architecture", "llama")
+    classes = {"llama": LlamaConfig, "qwen3": Qwen3Config}
+    if arch not in classes:
+        raise UsageError(f"unknown architecture '{arch}' (known: {', '.join(classes)})")
+    if arch == "qwen3":
+        # Qwen3Config defaults head_dim to 128 (Qwen3-8B's), not hidden / heads: set it, as its released
+        # configs do. No sliding window and no attention biases, like every released Qwen3.
+        dims.setdefault("head_dim", dims["hidden_size"] // dims["num_attention_heads"])
+        dims.update(use_sliding_window=False, attention_bias=False)
+    return classes[arch](
         vocab_size=vocab_size,
         max_position_embeddings=max(max_length, 128),
         bos_token_id=tokenizer.bos_token_id,

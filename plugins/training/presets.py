@@ -1,4 +1,5 @@
-"""The model sizes of the `pretrain` stage (`model.size`), as Llama-architecture shapes.
+"""The model sizes of the `pretrain` stage (`model.size`), for either architecture it builds
+(`model.architecture`: llama, or qwen3 with its q/k norms).
 
 No torch here: the stage builds its models from this table (training/models.py), and its estimate for
 `llmforge plan` reads the same table (`preset_shape`), so the plan and the model built agree.
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from llmforge.planning import Shape
 
-# Llama-architecture shapes. `tiny` is for tests; `smollm-135m` matches SmolLM2-135M's shape.
+# Decoder shapes for either architecture. `tiny` is for tests; `smollm-135m` matches SmolLM2-135M's shape.
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=176
@@ -39,6 +40,7 @@ def preset_shape(size: str, vocab: int, overrides: dict | None = None, source: s
     overrides = overrides or {}
     dims = {**PRESETS[size], **{k: v for k, v in overrides.items() if v is not None and k in PRESETS["tiny"]}}
     h, heads = dims["hidden_size"], dims["num_attention_heads"]
+    arch = overrides.get("architecture") or "llama"
     return Shape(
         vocab,
         h,
@@ -46,10 +48,12 @@ def preset_shape(size: str, vocab: int, overrides: dict | None = None, source: s
         heads,
         dims["num_key_value_heads"] or heads,
         dims["intermediate_size"],
-        h // heads,
+        overrides.get("head_dim") or h // heads,
         bool(overrides.get("tie_embeddings", True)),
         "float32",
         "sdpa",
         False,
         source or f"preset {size}",
+        model_type=arch,
+        qk_norm=arch == "qwen3",  # Qwen3's per-head RMSNorm on queries and keys
     )
