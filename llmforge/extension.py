@@ -70,15 +70,20 @@ _T = TypeVar("_T")
 
 
 def subclass_of(
-    base: type[_T], *, instantiate: bool = False, check: Callable[[type[_T]], None] | None = None
+    base: type[_T],
+    *,
+    instantiate: bool = False,
+    check: Callable[[type[_T]], None] | None = None,
+    name_of: Callable[[Any], str] = entry_name,
 ) -> Callable[[Any], Any]:
     """The usual validator: ``register()`` must get a named subclass of ``base``. ``check`` adds the point's
-    own rules (raise TypeError); ``instantiate`` stores an instance instead of the class."""
+    own rules (raise TypeError); ``instantiate`` stores an instance instead of the class; ``name_of`` is
+    the point's own (a stage is named by its ``kind``) and raises TypeError when there is none."""
 
     def validate(obj: Any) -> Any:
         if not (isinstance(obj, type) and issubclass(obj, base)):
             raise TypeError(f"register() expects a {base.__name__} subclass, got {obj!r}")
-        entry_name(obj)
+        name_of(obj)
         if check is not None:
             check(obj)
         return obj() if instantiate else obj

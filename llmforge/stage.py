@@ -1,6 +1,6 @@
 """The Stage API: what a stage declares, and the context it runs in.
 
-A stage is a class with a ``name`` (the kind used in ``uses = ...``), a one-line ``summary``, an
+A stage is a class with a ``kind`` (what ``uses = ...`` names), a one-line ``summary``, an
 ``Options`` pydantic model (the one schema behind forge.toml validation, ``stages show``, ``--set``
 and the TUI form), the artifact kinds it ``produces``, a cheap ``check()`` and ``run()``, which
 publishes each artifact through ``ctx.artifact(kind)`` and returns them (``return ctx.published``)::
@@ -90,6 +90,26 @@ OptionsT = TypeVar("OptionsT", bound=StageOptions)
 Produced = Mapping[str, Artifact]
 
 
+class _KindAlias:
+    """``Stage.name`` read on a class or an instance: the kind. Plugins written before ``Stage.kind``
+    (a backend's ``handles(stage, ...)``, an ``execute_stage`` hook) read the kind there."""
+
+    def __get__(self, obj: object, owner: type) -> str:
+        return stage_kind(owner)
+
+
+def stage_kind(cls: type) -> str:
+    """A stage class's kind: the nearest ``kind`` in its MRO, or, for a class written before ``kind``
+    (or a subclass of a built-in stage that renames itself that way), a plain string ``name`` set
+    nearer than any ``kind``."""
+    for klass in cls.__mro__:
+        for attr in ("kind", "name"):
+            value = vars(klass).get(attr)
+            if isinstance(value, str) and value:
+                return value
+    return ""
+
+
 class Stage(Generic[OptionsT]):
     """Base class of every stage. Subclasses set the class attributes and implement ``run``.
 
@@ -98,7 +118,11 @@ class Stage(Generic[OptionsT]):
     subclass gets ``Any`` options, as before.
     """
 
-    name: ClassVar[str] = ""
+    #: what ``uses = "<kind>"`` in forge.toml names; a stage's own name is its StageSpec's ``name``
+    kind: ClassVar[str] = ""
+    #: the older spelling of ``kind``: a class that sets only ``name`` still registers under it (see
+    #: STAGES), and reading ``name`` gives the kind, for plugins written before ``kind``
+    name: ClassVar[str] = _KindAlias()  # type: ignore[assignment]
     summary: ClassVar[str] = ""
     Options: ClassVar[type[StageOptions]] = StageOptions
     produces: ClassVar[tuple[str, ...]] = ()
@@ -293,6 +317,22 @@ def input_marker(annotation: Any) -> Input | None:
     return None
 
 
+def _registered_kind(obj: Any) -> str:
+    """The STAGES entry's name: the class's kind (raises TypeError when it has none)."""
+    kind = stage_kind(obj) if isinstance(obj, type) else ""
+    if not kind:
+        raise TypeError(f'{getattr(obj, "__qualname__", repr(obj))} has no kind (kind = "...")')
+    return kind
+
+
+def _kind_set(cls: type[Stage]) -> None:
+    """STAGES' own rules: pydantic options, and ``cls.kind`` filled from an older class's ``name`` so
+    that every reader can use ``kind``."""
+    pydantic_options(cls)
+    if vars(cls).get("kind") != stage_kind(cls):
+        cls.kind = stage_kind(cls)
+
+
 # The extension point stages are registered through (declared by the core in llmforge.execution).
 STAGES = ExtensionPoint(
     hook="register_stages",
@@ -301,9 +341,11 @@ STAGES = ExtensionPoint(
     doc="""Register stage classes.
 
     Call ``register(StageClass)`` for each :class:`llmforge.stage.Stage` subclass the plugin
-    provides. The class's ``name`` is the kind used in ``uses = "<name>"`` in forge.toml. When two
-    plugins register the same name, the first in load order wins (built-in plugins first, then
-    third-party distributions sorted by name) and the clash is reported by ``llmforge plugins list``.
+    provides. The class's ``kind`` is what ``uses = "<kind>"`` names in forge.toml (a class written
+    before ``kind`` existed sets ``name`` instead, and registers under that). When two plugins
+    register the same kind, the first in load order wins (built-in plugins first, then third-party
+    distributions sorted by name) and the clash is reported by ``llmforge plugins list``.
     """,
-    validate=subclass_of(Stage, check=pydantic_options),
+    validate=subclass_of(Stage, check=_kind_set, name_of=_registered_kind),
+    name_of=_registered_kind,
 )

@@ -34,7 +34,7 @@ class ContinuedPretrainOptions(TrainOptions):
 
 
 class ContinuedPretrainStage(Stage):
-    name = "continued_pretrain"
+    kind = "continued_pretrain"
     summary = "Continue pretraining on new text with optional replay; reports forgetting (perplexity)."
     Options = ContinuedPretrainOptions
     produces = ("model", "adapter", "report")

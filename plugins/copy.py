@@ -23,7 +23,7 @@ class CopyOptions(StageOptions):
 
 
 class CopyStage(Stage):
-    name = "copy"
+    kind = "copy"
     summary = "Copy files, folders or other stages' artifacts into one files artifact."
     Options = CopyOptions
     produces = ("files",)

@@ -33,7 +33,7 @@ class DpoOptions(TrainOptions):
 
 
 class DpoStage(TemplateChecks, Stage):
-    name = "dpo"
+    kind = "dpo"
     summary = "Preference tuning with DPO (TRL); full or LoRA with the base as implicit reference."
     Options = DpoOptions
     produces = ("model", "adapter")

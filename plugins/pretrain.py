@@ -51,7 +51,7 @@ class PretrainOptions(TrainOptions):
 
 
 class PretrainStage(TemplateChecks, Stage):
-    name = "pretrain"
+    kind = "pretrain"
     summary = "Train a tokenizer and a Llama- or Qwen3-architecture model from scratch on text."
     Options = PretrainOptions
     produces = ("model",)

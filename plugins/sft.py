@@ -34,7 +34,7 @@ class SftOptions(TrainOptions):
 
 
 class SftStage(TemplateChecks, Stage):
-    name = "sft"
+    kind = "sft"
     summary = "Supervised fine-tuning on chat data (full, LoRA, QLoRA); loss on assistant turns."
     Options = SftOptions
     produces = ("model", "adapter")

@@ -38,7 +38,7 @@ class ShellOptions(StageOptions):
 
 
 class ShellStage(Stage):
-    name = "shell"
+    kind = "shell"
     summary = "Run a command; what it writes to $LLMFORGE_OUT becomes the stage's files artifact."
     Options = ShellOptions
     produces = ("files",)

@@ -113,7 +113,7 @@ class WaitOptions(StageOptions):
 class WaitForCheckpoint(Stage):
     """Loops until a checkpoint is requested, then records it: proves `llmforge checkpoint` reaches stages."""
 
-    name = "wait-for-checkpoint"
+    kind = "wait-for-checkpoint"
     summary = "test stage"
     Options = WaitOptions
     produces = ("files",)
@@ -383,7 +383,7 @@ class ReturnOptions(StageOptions):
 class ReturnsWhatItMade(Stage):
     """Returns an artifact; with publish=false one it never published through ctx.artifact (a bug)."""
 
-    name = "returns-what-it-made"
+    kind = "returns-what-it-made"
     summary = "test stage"
     Options = ReturnOptions
     produces = ("files",)

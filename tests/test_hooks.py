@@ -287,7 +287,7 @@ def test_execute_stage_firstresult_can_take_a_stage_over(project):
     class TakeOver:
         @hookimpl
         def execute_stage(self, stage, options, ctx):
-            if stage.name != "shell":
+            if stage.kind != "shell":
                 return None
             with ctx.artifact("files") as out:
                 (out / "taken.txt").write_text(options.command)

@@ -362,6 +362,41 @@ def test_in_process_plugin_with_a_taken_name_is_reported_not_raised():
     assert reg.owner("stages", "shell") == "shell"  # the built-in is untouched
 
 
+def test_a_stage_is_registered_by_its_kind_and_an_older_class_by_its_name():
+    """`Stage.kind` names what `uses =` picks; a plugin written before it set `name`, and still works:
+    it registers under that name, gets `kind` filled, and reading `.name` gives the kind."""
+    from llmforge.plugins import load_registry
+    from llmforge.stage import Stage
+    from llmforge_plugins.shell import ShellStage
+
+    class New(Stage):
+        kind = "new_style"
+
+    class Old(Stage):
+        name = "old_style"
+
+    class Renamed(ShellStage):  # a built-in stage subclassed and renamed the old way
+        name = "old_shell"
+
+    class Nameless(Stage):
+        pass
+
+    class Plugin:
+        @hookimpl
+        def register_stages(self, register):
+            for cls in (New, Old, Renamed, Nameless):
+                register(cls)
+
+    reg = load_registry(env="", extra=[("mine", Plugin())])
+    stages = reg.stages
+    assert stages["new_style"] is New and stages["old_style"] is Old and stages["old_shell"] is Renamed
+    assert stages["shell"] is ShellStage  # the subclass did not take the built-in's kind
+    assert (Old.kind, Renamed.kind, ShellStage.kind) == ("old_style", "old_shell", "shell")
+    assert (New.name, New().name, ShellStage.name) == ("new_style", "new_style", "shell")
+    (error,) = reg.errors  # registered last: the refusal stops only its own plugin's hook
+    assert error.plugin == "mine" and error.error.endswith('Nameless has no kind (kind = "...")')
+
+
 # ------------------------------------------------------------------------------------------------
 # extension points: declared by plugins, filled lazily, one table at a time
 

@@ -57,7 +57,7 @@ class EmitMetrics(Stage):
     """A stand-in for a training loop: one metric event per step, a checkpoint of the step count in
     its work folder, a warning, and optionally a crash half-way (to exercise failure and resume)."""
 
-    name = "emit-metrics"
+    kind = "emit-metrics"
     summary = "test stage"
     Options = EmitOptions
 

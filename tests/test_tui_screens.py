@@ -85,7 +85,7 @@ class CurveOptions(StageOptions):
 class CurveStage(Stage):
     """Logs loss = start / step (and eval_loss every 5 steps) as training stages do, and records the last."""
 
-    name = "curve"
+    kind = "curve"
     summary = "a loss curve, for the TUI tests"
     Options = CurveOptions
     produces = ("files",)

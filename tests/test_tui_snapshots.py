@@ -295,7 +295,7 @@ class StandInStage(Stage):
     artifacts (model folders of sparse files, the pretrain stage's real tokenizer, GGUF files and their
     scorecard). The runner around it is the real one: run folder, manifest, events.jsonl, stop, failure."""
 
-    name = "stand-in"
+    kind = "stand-in"
     summary = "Reports and makes what a demo stage would, at once (the TUI snapshots' runs)."
     Options = StandInOptions
     produces = ("model", "adapter", "gguf", "report", "dataset")

@@ -43,7 +43,7 @@ class Stall(TrainerCallback):
 
 
 class StallingSft(Stage):
-    name = "stalling_sft"
+    kind = "stalling_sft"
     summary = "SFT whose step 2 hangs on one rank (test)."
     Options = SftOptions
     produces = ("model",)

@@ -62,7 +62,7 @@ class CurateOptions(StageOptions):
 
 
 class CurateStage(Stage[CurateOptions]):
-    name = "curate"
+    kind = "curate"
     summary = "Clean, deduplicate, filter, decontaminate and mix data; writes a dataset other stages read."
     Options = CurateOptions
     produces = ("dataset", "report")

@@ -71,7 +71,7 @@ class DemoEvalOptions(StageOptions):
 
 
 class DemoEvalStage(Stage):
-    name = "demo_eval"
+    kind = "demo_eval"
     summary = "Held-out QA accuracy and preferred-answer rate of the demo's pretrained, SFT, DPO and merged models."
     Options = DemoEvalOptions
     produces = ("report",)

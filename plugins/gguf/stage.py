@@ -131,7 +131,7 @@ class GgufStage(Stage):
     given), writes an Ollama Modelfile next to each file, and checks every file against the HF model:
     tokenization, logits, perplexity. See docs/gguf.md."""
 
-    name = "gguf"
+    kind = "gguf"
     summary = "Export to GGUF (f16/bf16/f32/q8_0), quantize (Q4_K_M, ...), check parity, write Ollama Modelfiles."
     Options = GgufOptions
     produces = ("gguf",)

@@ -20,7 +20,7 @@ class MergeStage(Stage):
     SLERP, task arithmetic, TIES, DARE, Model Stock, and layer stacking with slices. Parameters may be a
     number, a list interpolated across layers, or values per tensor-name filter."""
 
-    name = "merge"
+    kind = "merge"
     summary = "Merge models: linear, slerp, task arithmetic, TIES, DARE, model stock, passthrough slices."
     Options = MergeOptions
     produces = ("model",)

@@ -71,7 +71,7 @@ def read_names(path: Path) -> list[str]:
 class HelloStage(Stage):
     """Greets a name, or every name of a file or of another stage's output."""
 
-    name = "hello"
+    kind = "hello"
     summary = "Write greetings (one line per name and repetition) to a files artifact."
     Options = HelloOptions
     produces = ("files",)
