@@ -243,3 +243,137 @@ def test_full_sft_then_merges_of_two_fine_tunes(family, family_dir, tmp_path):
         assert torch.isfinite(got).all(), method
         for name, other in inputs.items():
             assert (got - other).abs().max() > 1e-4, f"{method} merge equals {name}"
+
+
+DPO = """
+[[stages]]
+name = "dpo"
+uses = "dpo"
+model = "{model}"
+data = {{ path = "data/prefs.jsonl" }}
+max_steps = 12
+max_length = 64
+micro_batch_size = 4
+learning_rate = {lr}
+log_every = 1
+lora = {{ enabled = {lora}, r = 8, alpha = 16 }}
+merge = {lora}
+"""
+
+
+@pytest.mark.parametrize(("family", "lora"), [("gemma3", True), ("qwen3_moe", True), ("phi3", False)])
+def test_dpo_raises_the_margin_and_its_model_loads(family, lora, family_dir, tmp_path):
+    """DPO with LoRA (the reference is the base with the adapter off) and in full (a frozen copy): the
+    reward margin rises and the model written loads in transformers, differing from its base."""
+    import torch
+
+    base = family_dir(family)
+    project = project_for(tmp_path)
+    project.write(DPO.format(model=base, lora=str(lora).lower(), lr=5e-3 if lora else 5e-4))
+    run = project.run()
+    assert run.exit_code == 0, run.failure()
+    margins = losses(run, "dpo", "rewards/margins")
+    assert len(margins) >= 6
+    assert sum(margins[-3:]) / 3 > max(0.0, sum(margins[:3]) / 3), margins
+    ids = torch.tensor([[5, 17, 42, 99, 7, 250, 3]])
+    got = logits(run.artifact("dpo", "model"), ids)
+    assert torch.isfinite(got).all() and (got - logits(base, ids)).abs().max() > 1e-4
+
+
+CONTINUED = """
+[[stages]]
+name = "more"
+uses = "continued_pretrain"
+model = "{model}"
+data = {{ path = "data/corpus.txt" }}
+replay = {{ path = "data/general.txt" }}
+replay_ratio = 0.3
+max_steps = 16
+max_length = 64
+micro_batch_size = 8
+learning_rate = 3e-3
+log_every = 2
+"""
+
+
+@pytest.mark.parametrize("family", ["qwen3"])
+def test_continued_pretraining_reports_forgetting(family, family_dir, tmp_path):
+    import json
+
+    project = project_for(tmp_path)
+    project.write(CONTINUED.format(model=family_dir(family)))
+    run = project.run()
+    assert run.exit_code == 0, run.failure()
+    falls(losses(run, "more"))
+    report = json.loads((run.artifact("more", "report") / "forgetting.json").read_text())
+    assert report["ppl_before"] > 1 and report["ppl_after"] > 1
+    load(run.artifact("more", "model"))
+
+
+@pytest.mark.parametrize(
+    ("family", "targets", "expected"),
+    [
+        ("qwen3_moe", '["q_proj", "experts"]', "lora.target_modules: 'experts' is a Qwen3MoeExperts in this model"),
+        ("qwen2", '["q_proj", "w1"]', "lora.target_modules: 'w1' names no module of this model (qwen2)"),
+    ],
+    ids=["moe-experts-container", "unknown-name"],
+)
+def test_lora_targets_the_model_cannot_take_are_refused_by_name(family, targets, expected, family_dir, tmp_path):
+    """A target that names nothing, or the experts' container (3-D parameters, not a layer), is bad input:
+    exit 2 and one message naming the option and what the model has, not PEFT's exception from the trainer."""
+    project = project_for(tmp_path)
+    config = SFT_LORA.format(model=family_dir(family), steps=2)
+    project.write(config.replace("r = 8, alpha = 16", f"r = 8, alpha = 16, target_modules = {targets}"))
+    run = project.run()
+    assert run.exit_code == 2, run.failure()
+    error = run.stages["sft"]["error"]
+    assert expected in error, error
+    assert "q_proj" in error and "all-linear" in error  # the hint: what it can name instead
+
+
+def test_named_moe_targets_reach_the_router_and_experts(family_dir, tmp_path):
+    """Naming the checkpoint's projections works on a fused MoE model: Mixtral's router `gate` and its
+    experts' `w1`/`w3` (fused in memory as gate_up_proj) beside attention's q_proj."""
+    project = project_for(tmp_path)
+    config = SFT_LORA.format(model=family_dir("mixtral"), steps=2)
+    project.write(
+        config.replace(
+            "r = 8, alpha = 16", 'r = 8, alpha = 16, dropout = 0.0, target_modules = ["q_proj", "gate", "w1", "w3"]'
+        )
+    )
+    run = project.run()
+    assert run.exit_code == 0, run.failure()
+    assert "LoRA adapts: experts.gate_up_proj, gate, q_proj" in run.messages("sft")
+    assert not run.messages("sft", "warning")
+
+
+ADAPTER_MERGE = """
+[[stages]]
+name = "unfold"
+uses = "merge"
+method = "passthrough"
+models = [{ model = "@sft" }]
+
+[[stages]]
+name = "mix"
+uses = "merge"
+method = "linear"
+models = [{ model = "@sft", parameters = { weight = 0.5 } }, { model = "@sft.model", parameters = { weight = 0.5 } }]
+"""
+
+
+@pytest.mark.parametrize("family", ["phi3", "qwen3_moe", "mixtral"])
+def test_the_merge_stage_applies_a_family_adapter_as_peft_does(family, family_dir, tmp_path):
+    """An adapter as a merge input is applied to its base first: Phi-3's over its fused projections (B·A per
+    stored tensor), an MoE adapter over the fused experts and router (PEFT's own merge, saved under the
+    checkpoint's per-expert names). Either way the result equals the stage's PEFT-merged model."""
+    import torch
+
+    project = project_for(tmp_path)
+    project.write(SFT_LORA.format(model=family_dir(family), steps=4) + ADAPTER_MERGE)
+    run = project.run()
+    assert run.exit_code == 0, run.failure()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 250, 3]])
+    peft = logits(run.artifact("sft", "model"), ids)
+    for stage in ("unfold", "mix"):
+        torch.testing.assert_close(logits(run.artifact(stage, "model"), ids), peft, atol=1e-4, rtol=1e-4)

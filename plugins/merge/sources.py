@@ -260,6 +260,7 @@ class LoraSource(Source):
     """A PEFT LoRA adapter applied to its base model: each tensor read is base + scale·B·A."""
 
     is_adapter = True
+    merged: ModelDir | None = None  # the adapter applied by PEFT (see _merge_with_peft), when it must be
 
     def __init__(self, path: Path, label: str | None = None, base: Path | None = None):
         self.path = Path(path)
@@ -294,6 +295,11 @@ class LoraSource(Source):
                 )
         self.base = ModelDir(base)
         self.config = dict(self.base.config)
+        has_tok = (self.path / "tokenizer_config.json").exists() or (self.path / "tokenizer.json").exists()
+        self.tokenizer_dir = self.path if has_tok else self.base.path
+        if self.adapter.get("target_parameters"):
+            self._merge_with_peft()
+            return
         weights = self.path / "adapter_model.safetensors"
         if not weights.exists():
             if (self.path / "adapter_model.bin").exists():
@@ -334,8 +340,29 @@ class LoraSource(Source):
         embed = next((n for n in self.replaced if n.endswith(_EMBED_NAMES)), None)
         if embed is not None and isinstance(self.config.get("vocab_size"), int):
             self.config["vocab_size"] = header[self.replaced[embed]].shape[0]
-        has_tok = (self.path / "tokenizer_config.json").exists() or (self.path / "tokenizer.json").exists()
-        self.tokenizer_dir = self.path if has_tok else self.base.path
+
+    def _merge_with_peft(self) -> None:
+        """An adapter of parameters (PEFT's target_parameters: the fused 3-D experts and the router of a
+        transformers 5 MoE model) has no B·A per stored tensor: its factors are laid out per expert over the
+        fused in-memory weights, which the checkpoint stores per expert under other names (Mixtral's
+        w1/w3/w2). PEFT applies it (the base is loaded whole for this, not streamed), and the merged weights,
+        saved by transformers under the checkpoint's own names, are read like any model folder."""
+        import atexit
+        import shutil
+        import tempfile
+
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        out = Path(tempfile.mkdtemp(prefix="llmforge-lora-merged-"))
+        atexit.register(shutil.rmtree, out, True)
+        base = AutoModelForCausalLM.from_pretrained(str(self.base.path), dtype="auto")
+        PeftModel.from_pretrained(base, str(self.path)).merge_and_unload().save_pretrained(str(out))
+        self.merged = ModelDir(out, self.label)
+        self.config = dict(self.merged.config)
+        self.pairs, self.replaced = {}, {}
+        self.tensors = dict(self.merged.tensors)
+        self.aliases = dict(self.merged.aliases)
 
     def _scale(self, module: str, rank: int) -> float:
         alpha = float(self.adapter.get("lora_alpha", rank))
@@ -371,6 +398,8 @@ class LoraSource(Source):
         import torch
         from safetensors import safe_open
 
+        if self.merged is not None:
+            return self.merged.load(name, dtype)
         if name in self.replaced:
             with safe_open(str(self.weights), framework="pt") as f:
                 t = f.get_tensor(self.replaced[name])
