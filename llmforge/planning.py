@@ -621,12 +621,17 @@ class ShapeUnknown(Exception):
 
 def tokenizer_vocab(folder: Path) -> int | None:
     """The vocabulary size of a tokenizer folder's tokenizer.json (its model's entries plus the added
-    tokens outside it), or None when it cannot be read."""
+    tokens outside it); without one, a model folder's config.json `vocab_size` (the embedding rows, which
+    cover the tokenizer); None when neither can be read."""
     try:
         data = json.loads((Path(folder) / "tokenizer.json").read_text())
         vocab = data["model"]["vocab"]
         return len(vocab) + sum(1 for t in data.get("added_tokens", []) if t.get("content") not in vocab)
     except (OSError, KeyError, TypeError, ValueError):
+        pass
+    try:
+        return shape_from_dir(Path(folder)).vocab
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 

@@ -850,3 +850,21 @@ def test_plan_for_a_described_machine(project):
     assert cpu_stage["estimate"]["device"] == "cpu" and cpu_stage["device_limit_gib"] == 16.0
     bad = project.run("plan", "--gpu", "lots")
     assert bad.returncode == 2 and "--gpu" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_pretrain_with_a_models_tokenizer_plans_its_vocabulary_from_config_json(project):
+    """A `tokenizer` folder holding only a config.json (no tokenizer.json): the plan takes the vocabulary
+    from its `vocab_size`, and a qwen3 architecture counts Qwen3's q/k norms."""
+    _recipe_like_project(project, "Qwen3-0.6B", "")
+    project.write(
+        PRETRAIN.format(steps=2).replace(
+            'model = { size = "tiny" }',
+            'tokenizer = "models/Qwen3-0.6B"\nmodel = { architecture = "qwen3", size = "tiny" }',
+        )
+    )
+    res = project.run("plan", "--json")
+    assert res.returncode == 0, res.stderr
+    model = json.loads(res.stdout)["stages"][0]["model"]
+    assert model["vocab"] == 151936 and model["model_type"] == "qwen3"
+    tiny = 64 * 151936 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 176 + 2 * 64 + 2 * 16) + 64
+    assert model["parameters"] == tiny
