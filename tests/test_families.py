@@ -377,3 +377,71 @@ def test_the_merge_stage_applies_a_family_adapter_as_peft_does(family, family_di
     peft = logits(run.artifact("sft", "model"), ids)
     for stage in ("unfold", "mix"):
         torch.testing.assert_close(logits(run.artifact(stage, "model"), ids), peft, atol=1e-4, rtol=1e-4)
+
+
+MORE_MERGES = """
+[[stages]]
+name = "task_arithmetic"
+uses = "merge"
+method = "task_arithmetic"
+base = "{model}"
+models = [{{ model = "@a" }}, {{ model = "@b" }}]
+parameters = {{ weight = 0.7 }}
+
+[[stages]]
+name = "dare_ties"
+uses = "merge"
+method = "dare_ties"
+base = "{model}"
+models = [{{ model = "@a" }}, {{ model = "@b" }}]
+parameters = {{ density = 0.6, weight = 1.0 }}
+
+[[stages]]
+name = "dare_linear"
+uses = "merge"
+method = "dare_linear"
+base = "{model}"
+models = [{{ model = "@a" }}, {{ model = "@b" }}]
+parameters = {{ density = 0.6, weight = 0.5 }}
+
+[[stages]]
+name = "model_stock"
+uses = "merge"
+method = "model_stock"
+base = "{model}"
+models = [{{ model = "@a" }}, {{ model = "@b" }}]
+
+[[stages]]
+name = "passthrough"
+uses = "merge"
+method = "passthrough"
+slices = [
+  {{ sources = [{{ model = "@a", layer_range = [0, 2] }}] }},
+  {{ sources = [{{ model = "@b", layer_range = [1, 2] }}] }},
+]
+"""
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi3", "qwen3_moe"])
+def test_every_other_merge_method_on_a_family(family, family_dir, tmp_path):
+    """The methods beyond linear/SLERP/TIES on two fine-tunes of one base: each output loads with every
+    weight found and finite logits differing from the inputs; passthrough stacks three layers out of two
+    models' two (the per-layer config, Gemma's sliding/full layer types, follows)."""
+    import torch
+
+    base = family_dir(family)
+    project = project_for(tmp_path)
+    project.write(
+        FULL_SFT.format(name="a", model=base, steps=6, lr=3e-3, seed=1)
+        + FULL_SFT.format(name="b", model=base, steps=6, lr=2e-3, seed=2)
+        + MORE_MERGES.format(model=base)
+    )
+    run = project.run()
+    assert run.exit_code == 0, run.failure()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 250, 3]])
+    inputs = [logits(p, ids) for p in (base, run.artifact("a", "model"), run.artifact("b", "model"))]
+    for method in ("task_arithmetic", "dare_ties", "dare_linear", "model_stock", "passthrough"):
+        got = logits(run.artifact(method, "model"), ids)
+        assert torch.isfinite(got).all(), method
+        assert all((got - other).abs().max() > 1e-4 for other in inputs), method
+    assert load(run.artifact("passthrough", "model")).config.num_hidden_layers == 3
