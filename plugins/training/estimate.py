@@ -32,7 +32,9 @@ def training_setup(options: Any, env: PlanEnv, shape: Shape, pairs: bool = False
         optimizer=getattr(options, "optimizer", "adamw"),
         lora=on,
         lora_r=lora.r if lora is not None else 16,
-        lora_dropout=lora.dropout if lora is not None else 0.0,
+        # On a MoE model PEFT adapts experts and router as parameters, without dropout: the training stage
+        # drops the default dropout to 0 there (training/targets.py), so no dropped-out copies are kept.
+        lora_dropout=0.0 if lora is None or (shape.moe and "dropout" not in lora.model_fields_set) else lora.dropout,
         lora_targets=lora.target_modules if lora is not None else "all-linear",
         qlora=lora is not None and bool(getattr(lora, "qlora", False)),
         pairs=pairs,
