@@ -69,7 +69,10 @@ from pathlib import Path
 
 from llmforge.errors import UsageError
 from llmforge_plugins.gguf.arch.base import Arch, HParams, Planned, supported_names
+from llmforge_plugins.gguf.arch.gemma import Gemma2, Gemma3
 from llmforge_plugins.gguf.arch.llama import Llama
+from llmforge_plugins.gguf.arch.moe import Mixtral, Qwen3Moe
+from llmforge_plugins.gguf.arch.phi3 import Phi3
 from llmforge_plugins.gguf.arch.qwen import Qwen2, Qwen3
 
 #: Every family the export knows, in the order the refusal lists them. One instance per family module.
@@ -77,6 +80,11 @@ ARCHES: tuple[Arch, ...] = (
     Llama(),
     Qwen2(),
     Qwen3(),
+    Phi3(),
+    Qwen3Moe(),
+    Mixtral(),
+    Gemma2(),
+    Gemma3(),
 )
 
 __all__ = ["ARCHES", "Arch", "HParams", "Planned", "find_arch", "supported"]
