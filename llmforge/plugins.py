@@ -84,13 +84,13 @@ class LoadError:
 
 @dataclass
 class Conflict:
-    kind: str  # the point's label: "stage", "reader", "merge method", ...
+    label: str  # the point's label: "stage", "reader", "merge method", ...
     name: str
     winner: str
     loser: str
 
     def __str__(self) -> str:
-        return f"{self.kind} '{self.name}' is registered by both {self.winner} and {self.loser}; using {self.winner}"
+        return f"{self.label} '{self.name}' is registered by both {self.winner} and {self.loser}; using {self.winner}"
 
     def to_json(self) -> dict:
         return {**self.__dict__, "message": str(self)}

@@ -269,7 +269,7 @@ def test_steps_command_lists_and_shows_steps():
     rows = {r["step"]: r for r in json.loads(listed.stdout)}
     builtin = {"normalize", "pii", "exact_dedup", "near_dedup", "quality", "language", "decontaminate", "lint"}
     assert builtin <= set(rows)
-    assert rows["near_dedup"]["kind"] == "dedup" and rows["near_dedup"]["plugin"] == "curate"
+    assert rows["near_dedup"]["action"] == "dedup" and rows["near_dedup"]["plugin"] == "curate"
     options = {o["name"]: o for o in json.loads(shown.stdout)["options"]}
     assert options["threshold"]["default"] == 0.8 and options["ngram"]["default"] == 5
 

@@ -405,7 +405,7 @@ def test_a_step_registered_by_a_plugin_runs_like_a_builtin():
     reg = load_registry(env="", extra=[("words", Plugin()), ("clash", Clash())])
     table = curation_steps(reg)
     assert table["no_word"] is NoWord and "normalize" in table
-    assert [str(c) for c in reg.conflicts if c.kind == "curation step"] == [
+    assert [str(c) for c in reg.conflicts if c.label == "curation step"] == [
         "curation step 'no_word' is registered by both words ((in-process)) and clash ((in-process)); using words "
         "((in-process))"
     ]

@@ -574,7 +574,7 @@ def test_register_curation_steps_adds_a_step(probe, project):
         "reason": "probe: mentions secret",
     }
     steps = {r["step"]: r for r in json.loads(listed.stdout)}
-    assert steps["probe_no_word"]["plugin"] == "probe" and steps["probe_no_word"]["kind"] == "filter"
+    assert steps["probe_no_word"]["plugin"] == "probe" and steps["probe_no_word"]["action"] == "filter"
     assert steps["near_dedup"]["plugin"] == "curate"  # the built-in steps come through the same hook
     # the curate stage runs it too
     project.write(

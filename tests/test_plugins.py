@@ -224,7 +224,7 @@ def test_colliding_stage_kinds_first_distribution_wins(collide, project):
     assert plugins["alpha"]["dist"] == "collide-b" and plugins["alpha"]["stages"] == []
     assert len(data["conflicts"]) == 1, data["conflicts"]
     c = data["conflicts"][0]
-    assert (c["kind"], c["name"]) == ("stage", "twin")
+    assert (c["label"], c["name"]) == ("stage", "twin")
     assert "collide-a" in c["winner"] and "collide-b" in c["loser"]
     assert "twin" in c["message"] and "collide-a" in c["message"] and "collide-b" in c["message"]
     assert data["errors"] == []

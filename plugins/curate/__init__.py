@@ -46,12 +46,13 @@ CURATION_STEPS = ExtensionPoint(
     doc="""Register data-curation steps: :class:`llmforge_plugins.curate.api.CurationStep` subclasses.
 
     The name is what a ``curate`` stage's ``steps = [...]`` and ``llmforge data filter --step <name>``
-    select (``llmforge data steps`` lists them). A step has a ``kind`` (``filter``, ``dedup`` or
-    ``rewrite``), an ``Options`` model, and answers each row (streamed to it in small batches, in
-    order) with the row, a rewritten row, or ``Drop(reason, code=...)``; the reasons end up in the
-    per-row reasons file and the curation report. The built-in steps (``normalize``, ``pii``,
-    ``exact_dedup``, ``near_dedup``, ``quality``, ``language``, ``decontaminate``, ``lint``) are
-    registered through this hook too. (Declared by the curate plugin.)
+    select (``llmforge data steps`` lists them). A step has an ``action`` (``filter``, ``dedup`` or
+    ``rewrite``; a step written before ``action`` existed sets ``kind``), an ``Options`` model, and
+    answers each row (streamed to it in small batches, in order) with the row, a rewritten row, or
+    ``Drop(reason, code=...)``; the reasons end up in the per-row reasons file and the curation report.
+    The built-in steps (``normalize``, ``pii``, ``exact_dedup``, ``near_dedup``, ``quality``,
+    ``language``, ``decontaminate``, ``lint``) are registered through this hook too. (Declared by the
+    curate plugin.)
     """,
     validate=_validate_step,
 )

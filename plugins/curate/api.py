@@ -11,7 +11,7 @@ A step is a class registered through the ``register_curation_steps`` hook::
     class NoFoo(CurationStep[NoFooOptions]):   # the type parameter types `self.options` for a checker
         name = "no_foo"
         summary = "Drop rows that mention foo."
-        kind = "filter"
+        action = "filter"                 # what it does to rows: filter, dedup or rewrite
         Options = NoFooOptions            # a StepOptions (pydantic) model: the step's settings
 
         def process(self, row):
@@ -42,18 +42,31 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from llmforge.stage import StageOptions
 
-STEP_KINDS = ("filter", "dedup", "rewrite")
+STEP_ACTIONS = ("filter", "dedup", "rewrite")
 ROW_KINDS = ("text", "chat", "preference")
 
 
 def step_rules(cls: Any) -> None:
     """What the engine relies on beyond the base class (checked when a step is registered): a known
-    ``kind`` and a pydantic ``Options`` model."""
+    ``action`` and a pydantic ``Options`` model. A step written before ``action`` existed set ``kind``: it
+    is read from there (the nearest of the two in the class's MRO), and ``cls.action`` is filled in."""
     from llmforge.extension import pydantic_options
 
     pydantic_options(cls)
-    if cls.kind not in STEP_KINDS:
-        raise TypeError(f"{cls.__qualname__}.kind must be one of {STEP_KINDS}, not {cls.kind!r}")
+    action = step_action(cls)
+    if action not in STEP_ACTIONS:
+        raise TypeError(f"{cls.__qualname__}.action must be one of {STEP_ACTIONS}, not {action!r}")
+    cls.action = action
+
+
+def step_action(cls: type) -> str:
+    """What a step class does to rows: its nearest ``action``, or an older class's ``kind``."""
+    for klass in cls.__mro__:
+        for attr in ("action", "kind"):
+            value = vars(klass).get(attr)
+            if isinstance(value, str):
+                return value
+    return ""
 
 
 class StepOptions(StageOptions):
@@ -104,7 +117,7 @@ class CurationStep(Generic[StepOptionsT]):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     #: "filter" (drops rows by their content), "dedup" (drops rows seen before), "rewrite" (changes rows)
-    kind: ClassVar[str] = "filter"
+    action: ClassVar[str] = "filter"
     Options: ClassVar[type[StepOptions]] = StepOptions
     #: the row kinds the step works on; rows of other kinds pass through untouched
     row_kinds: ClassVar[tuple[str, ...]] = ROW_KINDS

@@ -346,17 +346,19 @@ def steps(
     table = curation_steps(reg)
     owner = {n: reg.owner(CURATION_STEPS, n) or "?" for n in table}
     if name is None:
-        rows = [{"step": n, "kind": cls.kind, "plugin": owner[n], "summary": cls.summary} for n, cls in table.items()]
+        rows = [
+            {"step": n, "action": cls.action, "plugin": owner[n], "summary": cls.summary} for n, cls in table.items()
+        ]
         if as_json:
             print_json(rows)
             return
         from rich.table import Table
 
         t = Table()
-        for col in ("step", "kind", "plugin", "summary"):
+        for col in ("step", "action", "plugin", "summary"):
             t.add_column(col)
         for r in rows:
-            t.add_row(r["step"], r["kind"], r["plugin"], r["summary"])
+            t.add_row(r["step"], r["action"], r["plugin"], r["summary"])
         console().print(t)
         return
     cls = table.get(name)
@@ -369,7 +371,7 @@ def steps(
         print_json(
             {
                 "step": name,
-                "kind": cls.kind,
+                "action": cls.action,
                 "plugin": owner[name],
                 "summary": cls.summary,
                 "options": [o.to_json() for o in opts],
@@ -380,7 +382,7 @@ def steps(
     from rich.table import Table
 
     out = console()
-    out.print(f"[bold]{name}[/] ({cls.kind}): {escape(cls.summary)}   plugin: {owner[name]}")
+    out.print(f"[bold]{name}[/] ({cls.action}): {escape(cls.summary)}   plugin: {owner[name]}")
     t = Table()
     for col in ("option", "type", "default", "description"):
         t.add_column(col)

@@ -70,7 +70,7 @@ class Decontaminate(CurationStep[DecontaminateOptions]):
 
     name = "decontaminate"
     summary = "Drop rows sharing a word n-gram (13 by default) with named evaluation sets."
-    kind = "filter"
+    action = "filter"
     Options = DecontaminateOptions
     _SEED = 7
 

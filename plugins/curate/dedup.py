@@ -66,7 +66,7 @@ class ExactDedup(CurationStep[ExactDedupOptions]):
 
     name = "exact_dedup"
     summary = "Drop rows whose content repeats an earlier row's exactly (a content hash per row)."
-    kind = "dedup"
+    action = "dedup"
     Options = ExactDedupOptions
 
     def __init__(self, options, env):
@@ -157,7 +157,7 @@ class NearDedup(CurationStep[NearDedupOptions]):
 
     name = "near_dedup"
     summary = "Drop near-duplicate rows: MinHash + LSH over word or character n-grams (Jaccard threshold)."
-    kind = "dedup"
+    action = "dedup"
     Options = NearDedupOptions
 
     def __init__(self, options: NearDedupOptions, env):

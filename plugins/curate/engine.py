@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llmforge.data import SourceRow, restore_row
 from llmforge_plugins.curate.api import CurationStep, Drop, row_kind, row_text, snippet
+from llmforge_plugins.curate.report import step_action_of
 from llmforge_plugins.curate.source import JsonlWriter, batched
 
 BATCH = 1024  # rows per batch: large enough for numpy to pay off, small enough to stay flat
@@ -24,7 +25,7 @@ BATCH = 1024  # rows per batch: large enough for numpy to pay off, small enough 
 @dataclass
 class StepBook:
     name: str
-    kind: str
+    action: str
     options: dict
     seen: int = 0
     kept: int = 0
@@ -38,7 +39,7 @@ class StepBook:
     def to_json(self) -> dict:
         return {
             "step": self.name,
-            "kind": self.kind,
+            "action": self.action,
             "options": self.options,
             "seen": self.seen,
             "kept": self.kept,
@@ -77,7 +78,7 @@ class Curator:
         self.reasons = reasons
         self.max_examples = examples
         self.batch_size = batch_size
-        self.books = [StepBook(s.name, s.kind, s.options.model_dump(mode="json")) for s in steps]
+        self.books = [StepBook(s.name, s.action, s.options.model_dump(mode="json")) for s in steps]
         self.rows_in = 0
         self.rows_out = 0
 
@@ -198,7 +199,7 @@ def summary_lines(report: dict) -> list[str]:
     for st in report["steps"]:
         why = ", ".join(f"{code} {n}" for code, n in st["removed_by"].items())
         what = f"removed {st['removed']}" + (f" ({why})" if why else "")
-        if st["kind"] == "rewrite":
+        if step_action_of(st) == "rewrite":
             what += f", rewrote {st['changed']}"
         if st["passed_through"]:
             what += f", passed {st['passed_through']} through (not for this kind of row)"

@@ -127,7 +127,7 @@ class LanguageFilter(CurationStep[LanguageOptions]):
 
     name = "language"
     summary = "Guess each row's language (script and stop words) and keep the chosen languages."
-    kind = "filter"
+    action = "filter"
     Options = LanguageOptions
 
     def __init__(self, options: LanguageOptions, env):

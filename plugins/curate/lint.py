@@ -137,7 +137,7 @@ class LintStep(CurationStep[LintOptions]):
 
     name = "lint"
     summary = "Drop chat/preference rows with lint errors: empty turns, bad role order, misplaced system turns."
-    kind = "filter"
+    action = "filter"
     Options = LintOptions
     row_kinds = ("chat", "preference")
 

@@ -49,7 +49,7 @@ class Normalize(CurationStep[NormalizeOptions]):
 
     name = "normalize"
     summary = "Unicode NFC/NFKC, whitespace and control characters in every text; drops rows left empty."
-    kind = "rewrite"
+    action = "rewrite"
     Options = NormalizeOptions
 
     def clean(self, text: str) -> str:

@@ -103,7 +103,7 @@ class PiiScrub(CurationStep[PiiOptions]):
 
     name = "pii"
     summary = "Replace e-mail addresses, phone numbers, IP addresses and API-key shapes with placeholders."
-    kind = "rewrite"
+    action = "rewrite"
     Options = PiiOptions
 
     def __init__(self, options: PiiOptions, env):

@@ -127,7 +127,7 @@ class QualityFilter(CurationStep[QualityOptions]):
 
     name = "quality"
     summary = "Heuristic quality filters: length (chars, words, tokens), repetition, symbol/digit ratios, word length."
-    kind = "filter"
+    action = "filter"
     Options = QualityOptions
 
     def __init__(self, options: QualityOptions, env):

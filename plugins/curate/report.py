@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def step_action_of(step: dict) -> str:
+    """A report step's action; a report written before steps had an ``action`` calls it ``kind``."""
+    return step.get("action") or step.get("kind") or ""
+
+
 def _cell(text) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
@@ -24,13 +29,13 @@ def markdown(report: dict) -> str:
         "",
         "## Steps",
         "",
-        "| step | kind | seen | kept | removed | rewritten | removed by |",
+        "| step | action | seen | kept | removed | rewritten | removed by |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
     for st in report["steps"]:
         why = ", ".join(f"{code} {n}" for code, n in st["removed_by"].items()) or "-"
         lines.append(
-            f"| `{st['step']}` | {st['kind']} | {st['seen']} | {st['kept']} | {st['removed']} | "
+            f"| `{st['step']}` | {step_action_of(st)} | {st['seen']} | {st['kept']} | {st['removed']} | "
             f"{st['changed']} | {_cell(why)} |"
         )
     for st in report["steps"]:
