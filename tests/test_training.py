@@ -322,12 +322,15 @@ def test_sigkill_mid_training_resumes_from_the_last_complete_checkpoint(project)
     assert st["stages"]["pretrain"]["status"] == "done"
 
 
-def test_pretrain_builds_a_qwen3_model_that_loads_and_plans_alike(project):
+def test_pretrain_builds_a_qwen3_model_that_loads_and_plans_alike(project, llmforge_registry):
     """`model.architecture = "qwen3"`: the size preset as a Qwen3 model (per-head q/k RMSNorms, explicit
     head_dim), trained a few steps; the output loads as Qwen3ForCausalLM, and `llmforge plan` counts the
     parameters the stage built."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
+    from llmforge.pipeline import load_pipeline
+    from llmforge.planning import plan
 
     write_data(project.root)
     project.write(
@@ -335,9 +338,7 @@ def test_pretrain_builds_a_qwen3_model_that_loads_and_plans_alike(project):
         .replace('model = { size = "tiny" }', 'model = { architecture = "qwen3", size = "tiny", head_dim = 32 }')
         .replace("log_every = 2", "log_every = 1")
     )
-    plan = project.run("plan", "--json")
-    assert plan.returncode == 0, plan.stderr
-    planned = json.loads(plan.stdout)["stages"][0]["model"]
+    planned = plan(load_pipeline(project.config, registry=llmforge_registry())).stages[0].to_json()["model"]
     res = project.run("run", timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     st = status(project)
