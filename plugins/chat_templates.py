@@ -33,14 +33,19 @@ CHATML = ChatTemplate(
     pad="<|endoftext|>",
     special_tokens=("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
     stop=("<|endoftext|>", "<|im_start|>"),
-    summary="ChatML: <|im_start|>role ... <|im_end|> (Qwen, many open fine-tunes)",
+    summary="ChatML: <|im_start|>role ... <|im_end|> (many open fine-tunes; qwen adds tools)",
 )
 
-# Llama 3 headers; content is trimmed as Meta's own formatting does.
+# Llama 3 headers; content is trimmed as Meta's own formatting does. Llama 3.1+'s own templates add a
+# dated system header and their tool formats; this one has none, and refuses a tool call rather than
+# render its message as an empty answer (the trim would turn the missing content into "").
 LLAMA3 = ChatTemplate(
     name="llama3",
     source=r"""{{- '<|begin_of_text|>' }}
 {%- for message in messages %}
+{%- if message['tool_calls'] %}
+{{- raise_exception('llama3 has no format for tool calls (message ' ~ loop.index0 ~ '); use the tokenizer\'s own template (Llama 3.1 and later have one) or qwen') }}
+{%- endif %}
 {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
 {%- endfor %}
 {%- if add_generation_prompt %}

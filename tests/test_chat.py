@@ -570,7 +570,7 @@ def test_phi3_leaves_out_an_empty_system_message_and_refuses_tool_turns():
         render(phi3, [*CONVERSATION[1:3], {"role": "tool", "content": "18 C"}])
 
 
-@pytest.mark.parametrize("name", ["gemma", "phi3"])
+@pytest.mark.parametrize("name", ["gemma", "phi3", "llama3"])
 def test_templates_without_a_tool_format_refuse_tool_calls(name):
     with pytest.raises(ChatTemplateError, match=f"'{name}'.*no format for tool calls \\(message 2\\)"):
         render(TEMPLATES[name], TOOL_CONVERSATION[:3])
