@@ -113,7 +113,9 @@ class Shape:
     experts_per_tok: int = 0  # MoE: experts each token goes through
     expert_intermediate: int = 0  # MoE: one expert's MLP width
     shared_intermediate: int = 0  # Qwen2-MoE: the shared expert's width (with its one-output gate)
-    moe_layers: int = 0  # MoE: how many of the layers are MoE layers (the others are dense)
+    # MoE: how many layers keep a dense MLP (Qwen-MoE's mlp_only_layers, decoder_sparse_step); the others are
+    # MoE layers. Counted from the dense side so that a merge restacking layers keeps the model MoE.
+    dense_in_moe: int = 0
 
     @property
     def kv_dim(self) -> int:
@@ -126,6 +128,10 @@ class Shape:
     @property
     def moe(self) -> bool:
         return self.experts > 0 and self.moe_layers > 0
+
+    @property
+    def moe_layers(self) -> int:
+        return max(0, self.layers - self.dense_in_moe) if self.experts > 0 else 0
 
     def attention_linears(self) -> dict[str, tuple[int, int]]:
         h = self.hidden
@@ -176,7 +182,7 @@ class Shape:
 
     @property
     def dense_layers(self) -> int:
-        return self.layers - (self.moe_layers if self.moe else 0)
+        return self.layers - self.moe_layers
 
     def linear_params(self) -> int:
         """The decoder layers' `nn.Linear` weights: what QLoRA stores in 4 bit."""
@@ -263,11 +269,11 @@ def shape_from_config(cfg: dict, source: str = "") -> Shape:
     # MoE: Qwen-MoE names its experts num_experts, Mixtral num_local_experts. Qwen-MoE may keep some layers
     # dense (mlp_only_layers, decoder_sparse_step); Mixtral's are all MoE.
     experts = int(text.get("num_experts") or text.get("num_local_experts") or 0)
-    moe_layers, expert_inter, shared = 0, 0, 0
+    dense_in_moe, expert_inter, shared = 0, 0, 0
     if experts:
         step = int(text.get("decoder_sparse_step") or 1)
         dense = {int(i) for i in text.get("mlp_only_layers") or []}
-        moe_layers = sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
+        dense_in_moe = sum(1 for i in range(layers) if i in dense or (i + 1) % step != 0)
         expert_inter = int(text.get("moe_intermediate_size") or inter)
         shared = int(text.get("shared_expert_intermediate_size") or 0)
     return Shape(
@@ -291,7 +297,7 @@ def shape_from_config(cfg: dict, source: str = "") -> Shape:
         experts_per_tok=int(text.get("num_experts_per_tok") or 0) if experts else 0,
         expert_intermediate=expert_inter,
         shared_intermediate=shared,
-        moe_layers=moe_layers,
+        dense_in_moe=dense_in_moe,
     )
 
 

@@ -794,10 +794,16 @@ def test_moe_weights_count_every_expert_and_activations_the_active_ones():
     full = estimate_training(moe, Training(1, 2048, precision="bf16"), device="cuda")
     assert full.parts["weights"] == full.parts["gradients"] == 2 * moe.params()
     assert full.parts["optimizer states"] == 4 * moe.params()
-    dense = replace(moe, experts=0, moe_layers=0, intermediate=8 * 768)  # 8 active experts of 768 wide
+    dense = replace(moe, experts=0, intermediate=8 * 768)  # 8 active experts of 768 wide
     t = Training(1, 2048, precision="bf16")
     assert activation_bytes(moe, t, "pure16") == activation_bytes(dense, t, "pure16")
     assert moe.active_intermediate == 8 * 768 < moe.intermediate * 2
+    # a merge restacking layers (passthrough slices) keeps a MoE model MoE: 24 of its 48 layers, half the experts
+    half = replace(moe, layers=24)
+    assert half.moe_layers == 24 and half.dense_layers == 0
+    assert half.params() - 2 * moe.vocab * moe.hidden == pytest.approx(
+        (moe.params() - 2 * moe.vocab * moe.hidden) / 2, rel=1e-3
+    )
 
 
 def _recipe_like_project(project, model: str, body: str) -> None:
