@@ -473,3 +473,61 @@ def test_the_gguf_of_a_fine_tune_matches_it_in_llama_cpp(family, family_dir, tmp
     run = project.run()
     assert run.exit_code == 0, run.failure()
     assert list(run.artifact("gguf", "gguf").glob("*.gguf"))
+
+
+def test_an_moe_architecture_peft_does_not_rewrite_gets_its_experts_and_router_adapted():
+    """gpt-oss, whose fused experts PEFT does not map for "all-linear": the experts' 3-D weights and the router
+    become parameter targets here, every one of them gets a gradient, and merging gives the adapted logits."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmforge_plugins.training.options import LoraOptions
+    from llmforge_plugins.training.targets import adapted, lora_config
+
+    config = AutoConfig.for_model(
+        "gpt_oss",
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        pad_token_id=0,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    logs: list[tuple[str, str]] = []
+    peft_config = lora_config(LoraOptions(enabled=True), model, lambda m, level="info": logs.append((level, m)))
+    assert logs == [
+        (
+            "info",
+            "LoRA: the experts and router of gpt_oss adapted as parameters "
+            "(experts.down_proj, experts.gate_up_proj, router.weight), with dropout 0",
+        )
+    ]
+    peft = get_peft_model(model, peft_config)
+    assert adapted(peft) == [
+        "experts.down_proj",
+        "experts.gate_up_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "router",
+        "v_proj",
+    ]
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    peft(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in peft.named_parameters() if "lora_B" in n and ".mlp." in n}
+    assert len(grads) == 6 and all(g is not None and g.abs().sum() > 0 for g in grads.values()), grads.keys()
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        adapted_logits = peft(input_ids=ids).logits
+        merged_logits = peft.merge_and_unload()(input_ids=ids).logits
+    torch.testing.assert_close(merged_logits, adapted_logits, atol=1e-4, rtol=1e-4)

@@ -19,8 +19,8 @@ leaves to its caller, and this module does:
 * A name that matches no module, or a module LoRA cannot wrap (the experts' container), is refused naming
   `lora.target_modules` and the linear layers the model has, instead of PEFT's exception from inside the
   trainer.
-* Expert weights "all-linear" did not reach (an MoE architecture PEFT does not convert) are named in a
-  warning: attention and router still train, the experts stay frozen.
+* An MoE architecture PEFT does not rewrite (gpt-oss) gets the same treatment from here: its experts' 3-D
+  weights and its router (a non-layer module with one weight row per expert) become `target_parameters`.
 """
 
 from __future__ import annotations
@@ -137,15 +137,35 @@ def lora_config(lora: LoraOptions, model: Any = None, log: Log | None = None) ->
                 f"adapter reaches as parameters ({', '.join(params)}); training with dropout 0",
                 level="warning",
             )
-    if lora.target_modules == "all-linear":
-        missed = [p for p in expert_parameters(model) if not any(_matches(p, t) for t in params)]
-        if missed and log is not None:
-            log(
-                f"LoRA: this PEFT does not adapt the experts of {model.config.model_type} "
-                f"({len(missed)} expert weights, e.g. {missed[0]}); they stay frozen, attention and router train",
-                level="warning",
-            )
+    if lora.target_modules == "all-linear" and not params:
+        # An MoE architecture PEFT does not rewrite (gpt-oss): its experts and router are reached the same
+        # way, named here from the shapes (see moe_parameters).
+        params = moe_parameters(model)
+        if params:
+            config.target_parameters = params
+            config.lora_dropout = 0.0
+            if log is not None:
+                log(
+                    f"LoRA: the experts and router of {model.config.model_type} adapted as parameters "
+                    f"({', '.join(params)})" + (", with dropout 0" if lora.dropout > 0 else "")
+                )
     return config
+
+
+def moe_parameters(model: Any) -> list[str]:
+    """`target_parameters` for the fused experts and the routers of an MoE model: the experts' 3-D weights
+    ("experts.gate_up_proj") and the 2-D weight of any other non-layer module with one row per expert (the
+    router: "router.weight"). Empty for a dense model."""
+    experts = expert_parameters(model)
+    if not experts:
+        return []
+    counts = {model.get_parameter(p).shape[0] for p in experts}
+    targets = {".".join(p.split(".")[-2:]) for p in experts}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight") if name and not _wrappable(module) else None
+        if weight is not None and weight.dim() == 2 and weight.shape[0] in counts:
+            targets.add(f"{name.rsplit('.', 1)[-1]}.weight")
+    return sorted(targets)
 
 
 def adapted(model: Any) -> list[str]:
