@@ -157,8 +157,9 @@ class Shape:
         out = self.attention_linears()
         if not moe_layer:
             out.update(self.mlp_linears(self.intermediate))
-        elif self.shared_intermediate:
+        elif self.shared_intermediate:  # Qwen2-MoE: a shared expert, weighted by a one-output gate
             out.update({f"shared_expert.{k}": v for k, v in self.mlp_linears(self.shared_intermediate).items()})
+            out["shared_expert_gate"] = (self.hidden, 1)
         return out
 
     def _layer_extra(self) -> int:
@@ -169,9 +170,9 @@ class Shape:
         return n
 
     def _experts(self, count: int) -> int:
-        """Parameters of `count` experts of a MoE layer, plus the router and a shared expert's gate."""
+        """Parameters of `count` experts of a MoE layer, plus its router."""
         h = self.hidden
-        return count * 3 * h * self.expert_intermediate + h * self.experts + (h if self.shared_intermediate else 0)
+        return count * 3 * h * self.expert_intermediate + h * self.experts
 
     def layer_params(self, moe_layer: bool | None = None) -> int:
         """One decoder layer's parameters (by default the largest kind of layer the model has)."""

@@ -763,11 +763,18 @@ def test_real_configs_give_the_published_parameter_counts(name):
         dict(model_type="qwen3_moe", vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
              num_experts_per_tok=2, mlp_only_layers=[1], tie_word_embeddings=False),
+        # Gemma 2: four norms a layer, no q/k norms
+        dict(model_type="gemma2", vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, intermediate_size=96),
+        # Qwen2-MoE: attention biases, a shared expert and its one-output gate (both linears)
+        dict(model_type="qwen2_moe", vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+             num_experts=4, num_experts_per_tok=2),
         # Mixtral: every layer MoE, experts named num_local_experts
         dict(model_type="mixtral", vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
     ],
-    ids=["phi3", "gemma3", "qwen3_moe", "mixtral"],
+    ids=["phi3", "gemma3", "qwen3_moe", "gemma2", "qwen2_moe", "mixtral"],
 )  # fmt: skip
 def test_family_parameter_and_lora_counts_match_transformers_and_peft(cfg):
     from peft import LoraConfig, get_peft_model
