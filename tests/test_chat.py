@@ -611,6 +611,13 @@ def test_data_inspect_shows_the_family_masks(tmp_path, monkeypatch, tokenizer_di
         # the untrained prompt is shown as the template renders it
         prompt = render(TEMPLATES[name], row["messages"][:2], add_generation_prompt=True)
         assert prompt in res.output, res.output
+    # a row the template cannot say is named by file and line
+    two_users = {"messages": [row["messages"][1], row["messages"][1], row["messages"][2]]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(two_users) + "\n")
+    args = ["data", "inspect", "chat.jsonl", "--model", str(tokenizer_dir), "--template", "gemma"]
+    err = CliRunner().invoke(build_app(), args).exception  # `llmforge` prints it and exits with its code
+    assert isinstance(err, ChatTemplateError) and err.exit_code == 2
+    assert err.message.startswith("chat.jsonl:2: chat template 'gemma' cannot render this conversation:")
 
 
 def test_qwen_modelfile_template_groups_tool_results_as_the_jinja_does():

@@ -61,12 +61,15 @@ def inspect(
 def _tokenized(
     ds, model: str, template: str | None, max_length: int, train_on: str, rows: int, shown: list[dict]
 ) -> dict:
-    from llmforge.chat import encode_row, load_chat_tokenizer
+    from llmforge.chat import ChatTemplateError, encode_row, load_chat_tokenizer
 
     tok, tpl = load_chat_tokenizer(model, template, Path.cwd(), registry().chat_templates, ds.kind)
     lengths, truncated, trained, total = [], 0, 0, 0
     for i, (where, row) in enumerate(zip(ds.wheres, ds.rows)):
-        ids, labels, cut = encode_row(tok, tpl, ds.kind, row, max_length, train_on)
+        try:
+            ids, labels, cut = encode_row(tok, tpl, ds.kind, row, max_length, train_on)
+        except ChatTemplateError as exc:  # a row the template cannot say (gemma: two user turns in a row)
+            raise ChatTemplateError(f"{where}: {exc.message}", hint=exc.hint) from None
         lengths.append(len(ids))
         truncated += bool(cut)
         trained += sum(1 for x in labels if x != -100)
