@@ -46,6 +46,9 @@ def inspect_gguf(path: Path) -> dict:
                 raise ValueError(f"tensor {t.name} extends past the end of the file")
         types = sorted({t.tensor_type.name for t in reader.tensors})
         count = len(reader.tensors)
+        names = {t.name for t in reader.tensors}
+        key_length = reader.get_field(f"{arch}.attention.key_length") if arch else None
+        head_dim = int(key_length.contents()) if key_length is not None else None
     except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...: all mean "not valid"
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise UsageError(
@@ -54,7 +57,20 @@ def inspect_gguf(path: Path) -> dict:
         ) from None
     if not arch:
         raise UsageError(f"{path}: the GGUF has no general.architecture")
-    return {"arch": arch, "name": name, "tensors": count, "types": types}
+    return {
+        "arch": arch,
+        "name": name,
+        "tensors": count,
+        "types": types,
+        "head_dim": head_dim,
+        "tied": "output.weight" not in names,
+        "tokenizer_pre": _field(reader, "tokenizer.ggml.pre"),
+    }
+
+
+def _field(reader, key: str):
+    field = reader.get_field(key)
+    return field.contents() if field is not None else None
 
 
 def _check_supported(path: Path, arch: str) -> None:
@@ -67,6 +83,44 @@ def _check_supported(path: Path, arch: str) -> None:
             f"{path}: transformers cannot load GGUF architecture '{arch}'",
             hint=f"it reads: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}",
         )
+
+
+def _smollm_split():
+    from tokenizers import pre_tokenizers
+
+    # llama.cpp's "smollm": every digit a piece of its own, then GPT-2's split (vocab.KNOWN_SPLITS names it)
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+
+
+#: `tokenizer.ggml.pre` names that transformers does not rebuild, and how to. transformers gives a byte-level BPE
+#: GGUF GPT-2's split unless it knows the name's regex; SmolLM's it does not know.
+PRE_TOKENIZERS = {"smollm": _smollm_split}
+
+
+def _match_pre_tokenizer(folder: Path, pre: str | None) -> None:
+    """Make the saved tokenizer split text the way the GGUF's `tokenizer.ggml.pre` says.
+
+    Without this a SmolLM/SmolLM2 GGUF came back with plain GPT-2 splitting: digit runs split unlike the file
+    (whenever the vocabulary has multi-digit tokens), and a GGUF exported from the folder named 'gpt-2' where
+    the original named 'smollm'. The split is identified as the export identifies it (vocab.split_hash), so a
+    folder that passes here exports under the file's own name."""
+    path = folder / "tokenizer.json"
+    if pre not in PRE_TOKENIZERS or not path.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    from llmforge_plugins.gguf.vocab import KNOWN_SPLITS, split_hash
+
+    tokenizer = Tokenizer.from_file(str(path))
+    split = KNOWN_SPLITS.get(split_hash(tokenizer))
+    if split is None or split.pre != pre:
+        tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
+        tokenizer.save(str(path))
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -99,7 +153,8 @@ def import_gguf(gguf: Path, out_dir: Path, *, dtype: str = "float32", log: Log |
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     try:
-        params = _convert(path, tmp, dtype)
+        params = _convert(path, tmp, dtype, _config_overrides(info))
+        _match_pre_tokenizer(tmp, info.get("tokenizer_pre"))
         from llmforge.stage import replace_dir
 
         replace_dir(tmp, out_dir)
@@ -119,15 +174,29 @@ def import_gguf(gguf: Path, out_dir: Path, *, dtype: str = "float32", log: Log |
     }
 
 
-def _convert(path: Path, out: Path, dtype: str) -> int:
+def _config_overrides(info: dict) -> dict:
+    """What transformers' GGUF config reader leaves out, from the file itself. It maps no key to `head_dim`, so a
+    model whose head length is not hidden_size / heads (Qwen3's explicit head_dim, written as the key length) would
+    get the config class's default and fail on every attention tensor's shape; and it does not look at whether the
+    file has an output head, which is what tied embeddings mean in GGUF."""
+    out: dict = {"tie_word_embeddings": info["tied"]}
+    if info.get("head_dim"):
+        out["head_dim"] = info["head_dim"]
+    return out
+
+
+def _convert(path: Path, out: Path, dtype: str, overrides: dict | None = None) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch_dtype = getattr(torch, dtype)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        for key, value in (overrides or {}).items():
+            setattr(config, key, value)
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as exc:
         raise UsageError(f"{path}: transformers cannot load this GGUF ({' '.join(str(exc).split())[:300]})") from None

@@ -19,6 +19,12 @@ same splitter. The hashes below were computed from each family's pre-tokenizer d
 tokenizer.json `normalizer` and `pre_tokenizer`; tests/test_gguf_export.py rebuilds them and checks
 that llama.cpp then tokenizes like transformers). An unknown hash is a UsageError, never a guess.
 
+What is hashed is the pipeline transformers really tokenizes with. Usually that is tokenizer.json's, but some
+transformers 5 classes rebuild their own normalizer and pre-tokenizer from code (Qwen2Tokenizer, which it loads
+for every model_type "qwen2" folder and wherever tokenizer_config.json names it): then the hash is taken on that
+pipeline, so a Qwen2 model saved with a GPT-2-split tokenizer.json is written with the Qwen2 split it was
+trained with, not the one its tokenizer.json names.
+
 Only `tokenizers` (and `sentencepiece` for tokenizer.model) are imported, inside the functions:
 transformers would cost seconds and hundreds of MB for what a JSON file says.
 """
@@ -121,7 +127,7 @@ def read_vocab(model_dir: Path, config: dict) -> Vocab:
     if (model_dir / "tokenizer.model").is_file():
         vocab = _sentencepiece_vocab(model_dir, n_vocab, tok_config)
     elif (model_dir / "tokenizer.json").is_file():
-        vocab = _bpe_vocab(model_dir, n_vocab)
+        vocab = _bpe_vocab(model_dir, n_vocab, _transformers_class(config, tok_config))
     else:
         raise UsageError(
             f"{model_dir}: no tokenizer (neither tokenizer.json nor tokenizer.model)",
@@ -138,6 +144,11 @@ def read_vocab(model_dir: Path, config: dict) -> Vocab:
 
 def _read_json(path: Path) -> dict:
     return read_json_object(path, path.name)
+
+
+def _tok_config(model_dir: Path) -> dict:
+    path = model_dir / "tokenizer_config.json"
+    return _read_json(path) if path.is_file() else {}
 
 
 def _load_tokenizer_json(model_dir: Path):
@@ -159,7 +170,47 @@ def split_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(pieces, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def _bpe_vocab(model_dir: Path, n_vocab: int) -> Vocab:
+#: transformers 5 tokenizer classes that build their own normalizer and pre-tokenizer, ignoring tokenizer.json's
+#: (only the vocabulary and merges are read from it)
+REBUILT_PIPELINES = ("Qwen2Tokenizer",)
+#: config.json model_type -> the class transformers 5 forces on that folder whatever tokenizer_config.json names
+#: (transformers/models/auto/tokenization_auto.py: MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS with a specialised
+#: TOKENIZER_MAPPING_NAMES entry; phi3's entry is the generic TokenizersBackend, which reads tokenizer.json)
+FORCED_CLASSES = {"qwen2": "Qwen2Tokenizer"}
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _transformers_class(config: dict, tok_config: dict) -> str | None:
+    """The rebuilding tokenizer class transformers loads for this folder, or None when it follows tokenizer.json.
+    What matters is what the model was trained with, and transformers 5 loads its own Qwen2Tokenizer for any
+    model_type "qwen2" folder, and whenever tokenizer_config.json names Qwen2Tokenizer (as Qwen's releases do)."""
+    forced = FORCED_CLASSES.get(str(config.get("model_type") or ""))
+    if forced:
+        return forced
+    named = str(tok_config.get("tokenizer_class") or "").removesuffix("Fast")
+    return named if named in REBUILT_PIPELINES else None
+
+
+def _rebuild_pipeline(tokenizer, cls: str, tok_config: dict) -> None:
+    """Give `tokenizer` (read from tokenizer.json) the normalizer and pre-tokenizer transformers' `cls` uses, so the
+    split hash names what the model's tokenizer really does."""
+    from tokenizers import Regex, normalizers
+    from tokenizers import pre_tokenizers as pt
+
+    if cls == "Qwen2Tokenizer":
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pt.Sequence(
+            [
+                pt.Split(Regex(QWEN2_REGEX), behavior="isolated", invert=False),
+                pt.ByteLevel(add_prefix_space=bool(tok_config.get("add_prefix_space", False)), use_regex=False),
+            ]
+        )
+
+
+def _bpe_vocab(model_dir: Path, n_vocab: int, rebuilt: str | None = None) -> Vocab:
     import gguf
 
     path = model_dir / "tokenizer.json"
@@ -177,6 +228,10 @@ def _bpe_vocab(model_dir: Path, n_vocab: int) -> Vocab:
             hint="put the original tokenizer.model next to tokenizer.json",
         )
     tokenizer = _load_tokenizer_json(model_dir)
+    ignore_merges = bool(model.get("ignore_merges", False))
+    if rebuilt:
+        _rebuild_pipeline(tokenizer, rebuilt, _tok_config(model_dir))
+        ignore_merges = False  # its BPE model is built with the default
     digest = split_hash(tokenizer)
     split = KNOWN_SPLITS.get(digest)
     if split is None:
@@ -187,10 +242,10 @@ def _bpe_vocab(model_dir: Path, n_vocab: int) -> Vocab:
             hint=f"supported pre-tokenizers: {known}. Train the tokenizer with one of these (llmforge's "
             f"own tokenizers use the GPT-2 split)",
         )
-    if bool(model.get("ignore_merges", False)) != split.ignore_merges:
+    if ignore_merges != split.ignore_merges:
         raise UsageError(
             f"{path}: the {split.what} pre-tokenizer with ignore_merges="
-            f"{str(bool(model.get('ignore_merges'))).lower()}; llama.cpp's '{split.pre}' tokenizer "
+            f"{str(ignore_merges).lower()}; llama.cpp's '{split.pre}' tokenizer "
             f"{'does' if split.ignore_merges else 'does not'} look whole words up before merging, so "
             f"some words would tokenize differently"
         )

@@ -34,9 +34,9 @@ def llama3_rope_factors(rope: dict, head_dim: int):
 
 
 class Llama(Arch):
-    hf_names = ("LlamaForCausalLM", "MistralForCausalLM")
+    hf_names: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM")
     gguf_arch = "LLAMA"
-    rope_types = ("default", "linear", "yarn", "llama3")
+    rope_types: tuple[str, ...] = ("default", "linear", "yarn", "llama3")
     permute_rope = True
 
     def metadata(self, writer, hp: HParams, log: Log) -> None:
