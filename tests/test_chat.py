@@ -702,3 +702,22 @@ def test_markers_are_the_real_vocabulary_ids(llama_cpp_vocabs, tmp_path, name):
         assert len(tok) == 151936  # nothing added
         enc = encode_chat(tok, TEMPLATES["qwen"], TOOL_CONVERSATION)
         assert _trained_runs(tok, enc)[0] == TOOL_CALL_1 + "<|im_end|>"
+
+
+def test_a_gemma_style_template_spelt_otherwise_gets_the_gemma_modelfile_template():
+    # How a Gemma tokenizer's own template might spell the format: BOS from bos_token, the system text
+    # carried into the first turn through a variable, roles mapped in the loop. Ollama gets the gemma layout.
+    from llmforge_plugins.gguf.modelfile import ChatInfo, translate
+
+    source = (
+        "{{ bos_token }}{% set ns = namespace(pre='') %}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{% set ns.pre = m['content'] + '\\n\\n' %}{% else %}"
+        "{{ '<start_of_turn>' ~ ('model' if m['role'] == 'assistant' else 'user') ~ '\\n' ~ ns.pre"
+        " ~ m['content'] | trim ~ '<end_of_turn>\\n' }}{% set ns.pre = '' %}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    info = ChatInfo(template=source, bos="<bos>", eos="<eos>", eot="<end_of_turn>", add_bos=True)
+    tr = translate(info)
+    assert tr.layout == "gemma" and tr.template is not None and not tr.template.startswith("<bos>")
+    assert tr.stops[:2] == ["<eos>", "<end_of_turn>"] and "<start_of_turn>" in tr.stops
+    assert render(source, CONVERSATION, bos_token="<bos>") == FAMILY_RENDERINGS["gemma"][0]
