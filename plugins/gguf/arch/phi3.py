@@ -1,0 +1,113 @@
+"""Phi-3 / Phi-3.5 / Phi-4 (`Phi3ForCausalLM`): llama.cpp's `phi3` architecture.
+
+What is particular to it:
+
+* the fused projections stay fused: `qkv_proj` becomes `attn_qkv` (q rows, then k, then v, as llama.cpp splits
+  them) and `gate_up_proj` becomes `ffn_up`, gate half first, which llama.cpp's SwiGLU takes as the gate;
+* RoPE rotates halves of each head (NeoX style, as transformers does): no q/k regrouping; only the first
+  `partial_rotary_factor` of each head is rotated, written as `rope.dimension_count`;
+* the original context length is written (`rope.scaling.original_context_length`) and the sliding window (0 when
+  the model has none: llama.cpp tells Phi-4, which has none, from Phi-3 that way). llama.cpp does not apply Phi's
+  sliding window, so a window shorter than the context is a warning (the base check);
+* LongRoPE (`rope_type = "longrope"`, Phi-3-128k, Phi-3.5, Phi-4-mini) is refused: llama.cpp picks the long or
+  the short factors from its context size, transformers from each sequence's length, so the outputs would not be
+  the model's.
+
+llama.cpp's loader treats any model whose `general.name` contains "phi3" or "phi-3" as the Phi-3 tokenizer and
+looks up `</s>`, `<unk>`, `<s>` and `<|endoftext|>` by text: when one is missing the load fails. Such a name with
+such a vocabulary is refused at export, naming the tokens and the way out.
+"""
+
+from __future__ import annotations
+
+from llmforge.errors import UsageError
+from llmforge_plugins.gguf.arch.base import Arch, HParams, Log, config_path
+
+#: the tokens llama.cpp looks up by text for a model named like Phi-3 (llama-vocab.cpp)
+PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+#: substrings of the lowercased general.name that make llama.cpp apply its Phi-3 tokenizer attributes
+PHI3_NAME_MARKS = ("phi3", "phi-3")
+
+
+def missing_phi3_tokens(name: str | None, tokens: list[str]) -> list[str]:
+    """The tokens llama.cpp will fail to find when it loads a model called `name` with this vocabulary ([] when the
+    name does not trigger its Phi-3 special case, or the vocabulary has them all). Applies to any architecture:
+    llama.cpp decides by the name alone."""
+    if not name or not any(mark in name.lower() for mark in PHI3_NAME_MARKS):
+        return []
+    have = set(tokens)
+    return [t for t in PHI3_NAME_TOKENS if t not in have]
+
+
+class Phi3(Arch):
+    hf_names = ("Phi3ForCausalLM",)
+    gguf_arch = "PHI3"
+    # LongRoPE refused (module docstring); linear / yarn keys are not read by llama.cpp's phi3
+    rope_types = ("default",)
+    layer_parts = (
+        "attn_norm.weight",
+        "attn_qkv.weight",
+        "attn_output.weight",
+        "ffn_norm.weight",
+        "ffn_up.weight",
+        "ffn_down.weight",
+    )
+
+    def hparams(self, config: dict, where) -> HParams:
+        hp = super().hparams(config, where)
+        # transformers 5 keeps these inside rope_parameters and at the top level, v4 at the top level only
+        factor = hp.rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+            raise UsageError(f"{config_path(where)}: partial_rotary_factor {factor!r} is not a number in (0, 1]")
+        # the converter's formula: the rotated share of the hidden size, per head
+        hp.extra["rope_dims"] = int(factor * hp.hidden) // hp.n_head
+        original = hp.rope.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+        hp.extra["original_context"] = original if isinstance(original, int) and original > 0 else hp.context
+        return hp
+
+    def check(self, hp: HParams, log: Log) -> None:
+        kind = str(hp.rope.get("rope_type", "default")).lower()
+        if kind in ("longrope", "su"):
+            raise UsageError(
+                f"{config_path(hp.where)}: RoPE scaling {kind!r} (LongRoPE) cannot be exported faithfully: llama.cpp "
+                f"chooses the long or short factors from its context size, transformers from each sequence's length",
+                hint="Phi-3 models with the default RoPE (the 4k-context ones) export",
+            )
+        super().check(hp, log)
+        if hp.head_dim * hp.n_head != hp.hidden:
+            raise UsageError(
+                f"{config_path(hp.where)}: head_dim {hp.head_dim} x {hp.n_head} heads is not hidden_size "
+                f"{hp.hidden}; llama.cpp's phi3 architecture derives the head size from them"
+            )
+        dims = hp.extra["rope_dims"]
+        if dims % 2 or dims > hp.head_dim:
+            raise UsageError(
+                f"{config_path(hp.where)}: partial_rotary_factor gives {dims} rotated dimensions per head of "
+                f"{hp.head_dim}; llama.cpp needs an even number no larger than the head"
+            )
+
+    def metadata(self, writer, hp: HParams, log: Log) -> None:
+        writer.add_rope_scaling_orig_ctx_len(hp.extra["original_context"])
+        writer.add_rope_dimension_count(hp.extra["rope_dims"])
+        window = self.sliding_window(hp)
+        writer.add_sliding_window(window if window is not None else 0)
+        self._check_name(writer, hp)
+
+    def _check_name(self, writer, hp: HParams) -> None:
+        """Refuse a general.name that makes llama.cpp look for Phi-3's tokens in a vocabulary without them (it
+        would fail to load the file). The name is final here: the common metadata has been written."""
+        from llmforge_plugins.gguf.vocab import read_vocab
+
+        entry = writer.kv_data[0].get("general.name")
+        name = str(entry.value) if entry is not None else None
+        if not name or not any(mark in name.lower() for mark in PHI3_NAME_MARKS):
+            return
+        missing = missing_phi3_tokens(name, read_vocab(hp.where, hp.config).tokens)
+        if missing:
+            raise UsageError(
+                f"{hp.where}: the GGUF would be named {name!r}, and llama.cpp treats any model named like "
+                f"Phi-3 as having Phi-3's tokenizer: it looks up {', '.join(PHI3_NAME_TOKENS)} and fails to load "
+                f"the file when {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not in the vocabulary",
+                hint="rename the model folder (or the model card's name) so that it does not contain 'phi3' or "
+                "'phi-3', or keep Phi-3's own tokenizer",
+            )

@@ -1,0 +1,318 @@
+"""GGUF export of Phi-3 (plugins/gguf/arch/phi3.py) and of the mixture-of-experts families Qwen3-MoE and Mixtral
+(plugins/gguf/arch/moe.py), with the helpers of tests/gguf_families.py.
+
+Each family's tiny random model (transformers builds it from a config: 2 layers, hidden 64; the MoE ones 4 experts,
+top-2) is saved with a tokenizer trained here and exported. F32 in llama.cpp gives transformers' logits on the same
+token ids (mean KL < 1e-3, top-1 >= 0.98, KV cache in F32); F16, Q8_0 and a K-quant load and generate; what is
+particular to the family is in the file: Phi-3's fused qkv and gate/up and its partial rotary dimensions, the stacked
+experts and the router (F32) of the MoE ones. A checkpoint in transformers 5's in-memory layout (fused experts)
+exports to the same bytes as the per-expert layout save_pretrained writes. What llama.cpp cannot represent is
+refused by name: Qwen3-MoE's `norm_topk_prob = false`, dense layers among its expert layers, Phi-3's LongRoPE, and a
+model named like Phi-3 whose vocabulary lacks the tokens llama.cpp then looks up. The comparison with llama.cpp's own
+converter (F16, tensor for tensor, same metadata) is marked slow.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+
+from gguf_families import (
+    MULTILINGUAL,
+    Family,
+    assert_generates,
+    assert_parity,
+    assert_same_as_converter,
+    export,
+    fields,
+    gguf_logits,
+    hf_ids,
+    hf_logits,
+    kl_top1,
+    llama,
+    llama_cpp_src_or_skip,
+    make_family_model,
+    quantize,
+    real_vocab_model,
+    tensors,
+    tokenizer_for,
+)
+from llmforge.errors import UsageError
+
+EXPERTS, TOP_K, EXPERT_FF = 4, 2, 32
+MOE = {"num_local_experts": EXPERTS, "num_experts_per_tok": TOP_K}
+
+# Family names are also folder names, hence general.name: "phi", not "phi3" (see test_phi3_name_*).
+FAMILIES = {
+    # half of each 16-wide head rotated: rope.dimension_count 8
+    "phi": Family(
+        "phi",
+        "Phi3ForCausalLM",
+        "Phi3Config",
+        "phi3",
+        config={"partial_rotary_factor": 0.5},
+        tokenizer="gpt-2",
+        real_vocab="gpt-2",
+        must_have=("blk.0.attn_qkv.weight", "blk.1.ffn_up.weight", "output.weight"),
+        must_lack=("blk.0.attn_q.weight", "blk.0.ffn_gate.weight"),
+    ),
+    # released Qwen3-MoE models renormalise the top-k weights (norm_topk_prob = true), as llama.cpp always does
+    "qwen3moe": Family(
+        "qwen3moe",
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeConfig",
+        "qwen3moe",
+        config={**MOE, "moe_intermediate_size": EXPERT_FF, "head_dim": 32, "norm_topk_prob": True},
+        tied=True,
+        must_have=("blk.0.ffn_gate_inp.weight", "blk.1.ffn_down_exps.weight", "blk.0.attn_q_norm.weight"),
+        must_lack=("output.weight", "blk.0.ffn_gate.weight"),
+    ),
+    "mixtral": Family(
+        "mixtral",
+        "MixtralForCausalLM",
+        "MixtralConfig",
+        "llama",
+        config={**MOE, "sliding_window": None},
+        tokenizer="llama-bpe",
+        real_vocab="llama-bpe",
+        must_have=("blk.0.ffn_gate_inp.weight", "blk.1.ffn_up_exps.weight", "output.weight"),
+        must_lack=("blk.0.ffn_gate.weight",),
+    ),
+}
+NAMES = list(FAMILIES)
+MOE_NAMES = ["qwen3moe", "mixtral"]
+
+
+def log_to(messages: list):
+    def log(message, level="info"):
+        messages.append((level, message))
+
+    return log
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Each family's tiny model and its F32 export, built on first use."""
+    root = tmp_path_factory.mktemp("phi-moe")
+    cache: dict = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            fam = FAMILIES[name]
+            model = make_family_model(fam, root / name)
+            f32 = root / f"{name}.f32.gguf"
+            cache[name] = {"family": fam, "model": model, "f32": f32, "summary": export(model, f32, "f32")}
+        return cache[name]
+
+    return get
+
+
+def copy_model(src, dest):
+    shutil.copytree(src, dest)
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------
+# F32: llama.cpp computes what transformers computes
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_f32_matches_transformers(built, name):
+    b = built(name)
+    fam, path = b["family"], b["f32"]
+    assert b["summary"]["arch"] == fam.gguf_arch and b["summary"]["hf_architecture"] == fam.model_class
+    assert fields(path)["general.architecture"] == fam.gguf_arch
+    names = tensors(path)
+    assert all(n in names for n in fam.must_have), sorted(names)
+    assert not any(n in names for n in fam.must_lack), sorted(names)
+    kl, top1 = assert_parity(b["model"], path)
+    assert kl < 1e-3 and top1 >= 0.98
+
+
+def test_phi3_fused_projections_and_partial_rotary(built):
+    path = built("phi")["f32"]
+    meta = fields(path)
+    assert meta["phi3.rope.dimension_count"] == 8  # 0.5 x 64 hidden / 4 heads
+    assert meta["phi3.attention.sliding_window"] == 0  # none: llama.cpp tells Phi-4 from Phi-3 by the 0
+    assert meta["phi3.rope.scaling.original_context_length"] == 4096
+    assert "phi3.vocab_size" not in meta
+    names = tensors(path)
+    # GGUF shapes are (columns, rows): q (4 heads) + k and v (2 KV heads each) of 16 rows; gate then up of 176
+    assert names["blk.0.attn_qkv.weight"].shape.tolist() == [64, (4 + 2 + 2) * 16]
+    assert names["blk.0.ffn_up.weight"].shape.tolist() == [64, 2 * 176]
+    assert names["blk.0.ffn_down.weight"].shape.tolist() == [176, 64]
+
+
+def test_phi3_sliding_window_is_written_and_warned(tmp_path):
+    """llama.cpp reads Phi-3's window and does not apply it: written as it is, with a warning."""
+    from llmforge_plugins.gguf.export import export_gguf
+
+    model = make_family_model(FAMILIES["phi"], tmp_path / "w", sliding_window=32)
+    messages: list = []
+    export_gguf(model, tmp_path / "w.gguf", "f16", log=log_to(messages))
+    assert fields(tmp_path / "w.gguf")["phi3.attention.sliding_window"] == 32
+    assert any(level == "warning" and "sliding_window 32" in m for level, m in messages), messages
+
+
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_experts_stacked_per_layer_with_their_counts(built, tmp_path, name):
+    b = built(name)
+    meta = fields(b["f32"])
+    arch = b["family"].gguf_arch
+    assert meta[f"{arch}.expert_count"] == EXPERTS and meta[f"{arch}.expert_used_count"] == TOP_K
+    ff = EXPERT_FF if name == "qwen3moe" else 176
+    if name == "qwen3moe":
+        assert meta["qwen3moe.expert_feed_forward_length"] == EXPERT_FF
+        assert meta["qwen3moe.feed_forward_length"] == 176  # the dense length, as the converter writes it
+    else:
+        assert meta["llama.vocab_size"] == len(tokenizer_for("llama-bpe"))
+    names = tensors(b["f32"])
+    assert names["blk.0.ffn_gate_exps.weight"].shape.tolist() == [64, ff, EXPERTS]
+    assert names["blk.0.ffn_up_exps.weight"].shape.tolist() == [64, ff, EXPERTS]
+    assert names["blk.1.ffn_down_exps.weight"].shape.tolist() == [ff, 64, EXPERTS]
+    assert names["blk.0.ffn_gate_inp.weight"].shape.tolist() == [64, EXPERTS]
+    # F16: the experts in F16, the router kept in F32 as llama.cpp's converter keeps it
+    f16 = tmp_path / "m.f16.gguf"
+    export(b["model"], f16, "f16")
+    names = tensors(f16)
+    assert names["blk.0.ffn_gate_exps.weight"].tensor_type.name == "F16"
+    assert names["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
+
+
+@pytest.mark.parametrize("name", MOE_NAMES)
+def test_fused_expert_layout_exports_the_same_bytes(built, tmp_path, name):
+    """A state dict saved as transformers 5 holds it (mlp.experts.gate_up_proj / down_proj, 3-D, gate rows first)
+    gives the same file as the per-expert tensors save_pretrained writes."""
+    import transformers
+    from safetensors.torch import save_file
+
+    b = built(name)
+    model = getattr(transformers, b["family"].model_class).from_pretrained(str(b["model"]))
+    state = {
+        k: v.contiguous() for k, v in model.state_dict().items() if not (b["family"].tied and k == "lm_head.weight")
+    }
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)  # the in-memory layout
+    fused = copy_model(b["model"], tmp_path / name)
+    save_file(state, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "fused.gguf"
+    export(fused, out, "f32")
+    a, ref = tensors(out), tensors(b["f32"])
+    assert sorted(a) == sorted(ref)
+    for n in a:
+        assert bytes(a[n].data) == bytes(ref[n].data), n
+
+
+# ------------------------------------------------------------------------------------------------
+# the other output types
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_f16_q8_0_and_a_k_quant_load_and_generate(built, tmp_path, name):
+    b = built(name)
+    ids = hf_ids(b["model"], MULTILINGUAL)
+    n_vocab = len(fields(b["f32"])["tokenizer.ggml.tokens"])
+    f16, q8 = tmp_path / "m.f16.gguf", tmp_path / "m.q8_0.gguf"
+    export(b["model"], f16, "f16")
+    export(b["model"], q8, "q8_0")
+    k = quantize(f16, tmp_path / "m.Q4_K_M.gguf", "Q4_K_M")
+    assert {t.tensor_type.name for t in tensors(q8).values()} >= {"Q8_0", "F32"}
+    assert fields(k)["general.file_type"] == 15  # MOSTLY_Q4_K_M
+    assert {t.tensor_type.name for t in tensors(k).values()} - {"F32", "F16"}  # something really K-quantized
+    reference = hf_logits(b["model"], ids)
+    for path, max_kl in ((f16, 1e-3), (q8, 5e-2), (k, 5e-1)):
+        assert_generates(path, ids, n_vocab)
+        kl, _ = kl_top1(reference, gguf_logits(llama(path), ids))
+        assert kl < max_kl, f"{path.name}: KL {kl:.3e}"
+
+
+# ------------------------------------------------------------------------------------------------
+# refusals
+
+
+def expect_refusal(model, tmp_path, *words):
+    out = tmp_path / "x.gguf"
+    with pytest.raises(UsageError) as info:
+        export(model, out)
+    message = info.value.render()
+    for word in words:
+        assert word in message, message
+    assert not out.exists()
+    return message
+
+
+@pytest.mark.parametrize("value", [False, None])
+def test_qwen3moe_without_renormalised_top_k_is_refused(tmp_path, value):
+    """transformers' default (absent) is false; llama.cpp's qwen3moe always renormalises."""
+    model = make_family_model(FAMILIES["qwen3moe"], tmp_path / "m", norm_topk_prob=False)
+    if value is None:
+        cfg = json.loads((model / "config.json").read_text())
+        del cfg["norm_topk_prob"]
+        (model / "config.json").write_text(json.dumps(cfg))
+    expect_refusal(model, tmp_path, "config.json", "norm_topk_prob", "renormalises")
+
+
+def test_qwen3moe_dense_layers_are_refused(tmp_path):
+    model = make_family_model(FAMILIES["qwen3moe"], tmp_path / "m", mlp_only_layers=[1])
+    expect_refusal(model, tmp_path, "mlp_only_layers", "every layer")
+
+
+def test_phi3_longrope_is_refused(tmp_path):
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+        "short_factor": [1.0] * 4,
+        "long_factor": [2.0] * 4,
+        "original_max_position_embeddings": 64,
+    }
+    model = make_family_model(
+        FAMILIES["phi"], tmp_path / "m", rope_parameters=rope, original_max_position_embeddings=64
+    )
+    expect_refusal(model, tmp_path, "longrope", "config.json")
+
+
+def test_missing_expert_names_the_layer_and_expert(built, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = copy_model(built("mixtral")["model"], tmp_path / "cut")
+    state = load_file(str(d / "model.safetensors"))
+    del state["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    expect_refusal(d, tmp_path, "layer 1", "up projection for expert 2")
+
+
+def test_phi3_name_needs_phi3_tokens(built, tmp_path):
+    """llama.cpp applies its Phi-3 tokenizer attributes to any model whose general.name contains "phi3" and fails to
+    load it when `</s>`, `<unk>`, `<s>` or `<|endoftext|>` is missing: refused at export with the way out; with those
+    tokens in the vocabulary the same name exports and loads."""
+    named = copy_model(built("phi")["model"], tmp_path / "phi3-tiny")
+    expect_refusal(named, tmp_path, "Phi3 Tiny", "</s>, <unk>, <s>", "rename the model folder")
+    tok = copy.deepcopy(tokenizer_for("gpt-2"))
+    tok.add_special_tokens({"additional_special_tokens": ["</s>", "<unk>", "<s>"]})
+    with_tokens = make_family_model(FAMILIES["phi"], tmp_path / "Phi-3-tiny", tokenizer=tok)
+    out = tmp_path / "ok.gguf"
+    export(with_tokens, out, "f32")
+    assert "phi" in fields(out)["general.name"].lower()
+    assert_parity(with_tokens, out)
+
+
+# ------------------------------------------------------------------------------------------------
+# the same bytes as llama.cpp's converter
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_byte_identical_to_llama_cpp_converter(tmp_path, name):
+    """F16 export tensor for tensor identical to convert_hf_to_gguf.py's on a tiny model of the family with a real
+    vocabulary (its pre-tokenizer is named by hashing token ids, which only a real vocabulary passes)."""
+    src = llama_cpp_src_or_skip()
+    model = real_vocab_model(FAMILIES[name], src, tmp_path)
+    if name == "phi":  # the converter reads Phi's BPE vocabulary only for a tokenizer class it names (Phi-4's)
+        cfg_path = model / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["tokenizer_class"] = "GPT2Tokenizer"
+        cfg_path.write_text(json.dumps(cfg))
+    assert_same_as_converter(src, model, tmp_path, "f16")
