@@ -721,3 +721,18 @@ def test_a_gemma_style_template_spelt_otherwise_gets_the_gemma_modelfile_templat
     assert tr.layout == "gemma" and tr.template is not None and not tr.template.startswith("<bos>")
     assert tr.stops[:2] == ["<eos>", "<end_of_turn>"] and "<start_of_turn>" in tr.stops
     assert render(source, CONVERSATION, bos_token="<bos>") == FAMILY_RENDERINGS["gemma"][0]
+
+
+@pytest.mark.parametrize("name", ["qwen", "gemma", "phi3"])
+def test_pretrain_tokenizer_reserves_the_family_markers(name):
+    # what `pretrain` does with template = NAME: the trained vocabulary holds every marker as one token,
+    # so the template needs nothing added afterwards and masks as on any other tokenizer
+    from llmforge_plugins.training.models import train_tokenizer
+
+    template = TEMPLATES[name]
+    texts = [f"{m['content']} {a}" for m in CONVERSATION for a in ANSWERS] * 20
+    tok = train_tokenizer(texts, vocab_size=300, template=template)
+    assert apply_template(tok, template) == 0
+    assert tok.chat_template == template.source and tok.eos_token == template.eos and tok.pad_token == template.pad
+    enc = encode_chat(tok, template, CONVERSATION)
+    assert _trained_runs(tok, enc) == [a + template.eos for a in ANSWERS]
