@@ -134,6 +134,21 @@ def test_import_back_to_hf(built, tmp_path, name):
         assert config["head_dim"] == original["head_dim"] == 32
 
 
+@pytest.mark.parametrize("name", QWEN)
+def test_importance_matrix_names_are_the_exported_tensors(built, name):
+    """The importance matrix is keyed by GGUF tensor names: for each family they are the export's names."""
+    from transformers import AutoModelForCausalLM
+
+    from llmforge_plugins.gguf.imatrix import gguf_tensor_names
+
+    b = built(name)
+    names = gguf_tensor_names(AutoModelForCausalLM.from_pretrained(str(b["model"])))
+    exported = set(tensors(b["f32"]))
+    assert len(names) == 2 * 7 + 1  # seven linears per layer, and the head (the embedding's statistics when tied)
+    assert names["lm_head"] == ("token_embd.weight" if b["family"].tied else "output.weight")
+    assert set(names.values()) <= exported, set(names.values()) - exported
+
+
 def test_qwen3_attention_bias_is_refused(tmp_path):
     model = make_family_model(FAMILIES["qwen3"], tmp_path / "b", attention_bias=True)
     with pytest.raises(UsageError) as info:

@@ -66,6 +66,14 @@ def gguf_arch(config):
     """The gguf package's MODEL_ARCH for an HF config (the naming scheme of its tensors)."""
     import gguf
 
+    from llmforge_plugins.gguf.arch import ARCHES
+
+    # The export's family table first: it knows which GGUF architecture each HF class is written as
+    # (model_type does not always spell it: "qwen3_moe" is qwen3moe, "gemma3_text" is gemma3, "mixtral" is llama).
+    hf_class = (getattr(config, "architectures", None) or [None])[0]
+    for family in ARCHES:
+        if hf_class in family.hf_names:
+            return family.model_arch
     by_name = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
     model_type = getattr(config, "model_type", "llama")
     # Mistral-style checkpoints are exported with the llama architecture and its tensor names.
