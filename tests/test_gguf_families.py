@@ -149,6 +149,15 @@ def test_importance_matrix_names_are_the_exported_tensors(built, name):
     assert set(names.values()) <= exported, set(names.values()) - exported
 
 
+def test_gguf_check_scores_a_family_export(built):
+    """`llmforge gguf check` (the stage's scorecard) on a Qwen3 export: same tokens, same distribution."""
+    from llmforge_plugins.gguf.check import check_gguf
+
+    b = built("qwen3")
+    (row,) = check_gguf(b["model"], [b["f32"]])["rows"]
+    assert row["tokenization_ok"] and row["mean_kld"] < 1e-3 and row["top1"] >= 0.98, row
+
+
 def test_qwen3_attention_bias_is_refused(tmp_path):
     model = make_family_model(FAMILIES["qwen3"], tmp_path / "b", attention_bias=True)
     with pytest.raises(UsageError) as info:
