@@ -343,13 +343,15 @@ def _sentencepiece_vocab(model_dir: Path, n_vocab: int, tok_config: dict) -> Voc
             types[i] = gguf.TokenType.NORMAL
     # Tokens added on top of the SentencePiece model (chat markers, a pad token) live in tokenizer.json
     # or tokenizer_config.json; they are matched as whole strings, so they carry no score. The model's
-    # own pieces listed there again (<unk>, <s>, </s>) keep the type and score SentencePiece gives them.
+    # own pieces listed there again (<unk>, <s>, </s>) keep the type and score SentencePiece gives them, except
+    # pieces SentencePiece counts as ordinary text (Gemma's user-defined <start_of_turn>): transformers matches
+    # those whole, so they are typed like added tokens, as llama.cpp's converter does, or llama.cpp spells them out.
     for i, (content, special) in _added_tokens(model_dir, tok_config).items():
         if i >= n_vocab:
             raise UsageError(
                 f"{model_dir}: added token {content!r} has id {i}, beyond the model's {n_vocab} embedding rows"
             )
-        if i < sp.vocab_size() and tokens[i] == content:
+        if i < sp.vocab_size() and tokens[i] == content and types[i] != gguf.TokenType.NORMAL:
             continue
         tokens[i] = content
         scores[i] = -1000.0
