@@ -50,7 +50,10 @@ def family_config(family: str, tokenizer):
         "gemma2": dict(head_dim=16, sliding_window=16, query_pre_attn_scalar=16),
         "gemma3_text": dict(head_dim=16, sliding_window=16, query_pre_attn_scalar=16),
         "phi3": dict(),
-        "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+        # Qwen3-MoE as released renormalises the chosen experts' weights (transformers' default does not).
+        "qwen3_moe": dict(
+            head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
+        ),
         "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     }
     model_type = "gemma3_text" if family == "gemma3" else family
