@@ -455,7 +455,12 @@ def _check_tokens(tokenizer: Any, template: ChatTemplate) -> None:
 
 
 def assistant_spans(
-    template: ChatTemplate, messages: Sequence[Mapping[str, Any]], text: str | None = None, train_on: str = "assistant"
+    template: ChatTemplate,
+    messages: Sequence[Mapping[str, Any]],
+    text: str | None = None,
+    train_on: str = "assistant",
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[tuple[int, int]]:
     """Character spans of `text` (the rendered conversation) that are trained.
 
@@ -463,13 +468,15 @@ def assistant_spans(
     generation prompt ends (so the role header is excluded) and ends where the rendering of
     messages[:i+1] ends, cut just after the turn's EOS (the separator after it belongs to no one).
     Both renderings must be prefixes of the whole text; a template that renders history differently
-    from the final turn cannot be masked this way and raises rather than mislabel.
+    from the final turn cannot be masked this way and raises rather than mislabel. `tools` (function
+    signatures, as `apply_chat_template(tools=...)` takes them) reach the template in every rendering.
     """
     if train_on not in TRAIN_ON:
         raise ChatTemplateError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
     messages = list(messages)
+    extra: dict[str, Any] = {"tools": list(tools)} if tools is not None else {}
     if text is None:
-        text = render(template, messages)
+        text = render(template, messages, **extra)
     if train_on == "all":
         return [(0, len(text))]
     turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
@@ -477,8 +484,8 @@ def assistant_spans(
         turns = turns[-1:]
     spans = []
     for i in turns:
-        prompt = render(template, messages[:i], add_generation_prompt=True)
-        through = render(template, messages[: i + 1])
+        prompt = render(template, messages[:i], add_generation_prompt=True, **extra)
+        through = render(template, messages[: i + 1], **extra)
         if not through.startswith(prompt) or not text.startswith(through):
             which = "the generation prompt" if not through.startswith(prompt) else "the conversation so far"
             raise ChatTemplateError(
@@ -502,6 +509,8 @@ def encode_chat(
     messages: Sequence[Mapping[str, Any]],
     max_length: int | None = None,
     train_on: str = "assistant",
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> EncodedChat:
     """Tokenize a conversation and label it for causal-LM training.
 
@@ -509,7 +518,8 @@ def encode_chat(
     "last_turn" only the final assistant turn, "all" every token. A token is trained when its
     character span lies wholly inside a trained span; all other labels are -100. The tokenizer must
     carry the template's special tokens (see `apply_template`); the template emits BOS itself, so
-    the tokenizer adds nothing. Longer sequences are cut on the right to `max_length`.
+    the tokenizer adds nothing. Longer sequences are cut on the right to `max_length`. `tools` are
+    the function signatures a template such as `qwen` writes into the system turn (never trained).
     """
     if not getattr(tokenizer, "is_fast", True):
         raise ChatTemplateError(
@@ -517,8 +527,9 @@ def encode_chat(
             hint="load it with use_fast=True",
         )
     _check_tokens(tokenizer, template)
-    text = render(template, messages)
-    spans = assistant_spans(template, messages, text, train_on)
+    extra: dict[str, Any] = {"tools": list(tools)} if tools is not None else {}
+    text = render(template, messages, **extra)
+    spans = assistant_spans(template, messages, text, train_on, tools=tools)
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as exc:  # python-backend tokenizers have no character offsets

@@ -7,6 +7,7 @@ must be exactly each assistant message followed by its end-of-turn token, and no
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import re
 
@@ -538,6 +539,12 @@ def test_qwen_trains_on_tool_calls_not_on_tool_results(make_tokenizer):
     assert "<tool_response>\n18 C, sunny\n</tool_response>" in untrained and "And Oslo?" in untrained
     last = encode_chat(tok, qwen, TOOL_CONVERSATION[:3], train_on="last_turn")
     assert _trained_runs(tok, last) == [TOOL_CALL_1 + "<|im_end|>"]
+    # with the signatures in the system turn: the same trained turns, the signatures untrained
+    with_tools = encode_chat(tok, qwen, TOOL_CONVERSATION, tools=TOOLS)
+    assert with_tools.input_ids == tok.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS, return_dict=False)
+    assert _trained_runs(tok, with_tools) == _trained_runs(tok, enc)
+    untrained = _decode(tok, [t for t, lab in zip(with_tools.input_ids, with_tools.labels) if lab == IGNORE_INDEX])
+    assert "<tools>\n" + json.dumps(TOOLS[0]) + "\n</tools>" in untrained
     # the tool tags are text, not special tokens: an answer decoded for the user keeps the call
     assert "<tool_call>" not in tok.all_special_tokens
     assert TOOL_CALL_1 in tok.decode(enc.input_ids, skip_special_tokens=True)
@@ -577,8 +584,6 @@ def test_templates_without_a_tool_format_refuse_tool_calls(name):
 
 
 def test_data_inspect_shows_the_family_masks(tmp_path, monkeypatch, tokenizer_dir):
-    import json
-
     from typer.testing import CliRunner
 
     from llmforge.cli.app import build_app
