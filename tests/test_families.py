@@ -95,9 +95,10 @@ def losses(run, stage: str, key: str = "loss") -> list[float]:
     return [m[key] for m in run.metrics(stage) if key in m]
 
 
-def falls(series: list[float]) -> None:
+def falls(series: list[float], by: float = 0.1) -> None:
+    """The last logged loss is at least `by` (a fraction) below the first."""
     assert len(series) >= 3, series
-    assert series[-1] < series[0] * 0.9, f"loss did not fall: {series}"
+    assert series[-1] < series[0] * (1 - by), f"loss did not fall by {by:.0%}: {series}"
 
 
 def load(path: Path):
@@ -161,7 +162,7 @@ def test_lora_sft_adapts_all_linear_and_merges(family, family_dir, tmp_path):
     project.write(SFT_LORA.format(model=base, steps=16))
     run = project.run()
     assert run.exit_code == 0, run.failure()
-    falls(losses(run, "sft"))
+    falls(losses(run, "sft"), by=0.05)  # 16 LoRA steps take a random model's loss down 12-17% here
     assert f"LoRA adapts: {', '.join(ADAPTED[family])}" in run.messages("sft")
     if family in MOE:  # PEFT's parameter wrapper has no dropout: the stage says it trained without
         assert any("lora.dropout = 0.05 not applied" in m for m in run.messages("sft", "warning"))
