@@ -158,6 +158,26 @@ def test_gguf_check_scores_a_family_export(built):
     assert row["tokenization_ok"] and row["mean_kld"] < 1e-3 and row["top1"] >= 0.98, row
 
 
+def test_cli_export_and_import_a_family(built, tmp_path, cli):
+    """The commands users run: `llmforge gguf export` of a Qwen3 folder (with its Modelfile), `llmforge import` back;
+    an unsupported architecture exits 2 listing the supported ones."""
+    b = built("qwen3")
+    out = tmp_path / "q3-f16.gguf"
+    res = cli("gguf", "export", str(b["model"]), str(out))
+    assert res.returncode == 0, res.stderr
+    assert "Qwen3ForCausalLM" in res.stdout + res.stderr and (tmp_path / "q3-f16.Modelfile").is_file()
+    back = tmp_path / "back"
+    res = cli("import", str(out), str(back))
+    assert res.returncode == 0, res.stderr
+    config = json.loads((back / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["head_dim"] == 32
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"]}))
+    res = cli("gguf", "export", str(tmp_path / "odd"), str(tmp_path / "odd.gguf"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "FalconForCausalLM" in res.stderr + res.stdout and "Qwen3ForCausalLM" in res.stderr + res.stdout
+
+
 def test_qwen3_attention_bias_is_refused(tmp_path):
     model = make_family_model(FAMILIES["qwen3"], tmp_path / "b", attention_bias=True)
     with pytest.raises(UsageError) as info:

@@ -152,21 +152,26 @@ def check_model_folder(path: Path) -> None:
     ModelFiles(path)
 
 
+def read_model_config(path: Path) -> dict:
+    """config.json of a model directory, or a UsageError saying why `path` is not one."""
+    from llmforge.runs import read_json_object
+
+    if not path.is_dir():
+        raise UsageError(
+            f"{path}: not a model directory (a model is a folder with config.json and *.safetensors files)"
+        )
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise UsageError(f"{path}: not a model directory (no config.json)")
+    return read_json_object(cfg, "model config")
+
+
 class ModelFiles:
     """A model directory: config.json and its safetensors tensors (one file, or shards and an index)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, config: dict | None = None):
         self.path = path
-        if not path.is_dir():
-            raise UsageError(
-                f"{path}: not a model directory (a model is a folder with config.json and *.safetensors files)"
-            )
-        cfg = path / "config.json"
-        if not cfg.is_file():
-            raise UsageError(f"{path}: not a model directory (no config.json)")
-        from llmforge.runs import read_json_object
-
-        self.config = read_json_object(cfg, "model config")
+        self.config = config if config is not None else read_model_config(path)
         self.tensors = self._index()
 
     def _files(self) -> dict[Path, set[str]]:
@@ -479,8 +484,10 @@ def _export_dir(model_dir: Path, out: Path, outtype: str, log: Log) -> dict:
     from llmforge_plugins.gguf.vocab import read_vocab
 
     started = time.monotonic()
-    files = ModelFiles(model_dir)
-    arch, hp = model_family(files.config, model_dir)
+    # the family first: an architecture llama.cpp cannot run is refused before any weight file is read
+    config = read_model_config(model_dir)
+    arch, hp = model_family(config, model_dir)
+    files = ModelFiles(model_dir, config)
     arch.check(hp, log)
     planned, notes = plan_tensors(files, arch, hp, outtype)
     vocab = read_vocab(model_dir, files.config)
