@@ -299,6 +299,24 @@ def test_phi3_name_needs_phi3_tokens(built, tmp_path):
     assert_parity(with_tokens, out)
 
 
+def test_phi3_with_its_sentencepiece_tokenizer(tmp_path):
+    """Phi-3 ships a SentencePiece tokenizer.model with <|endoftext|> and its chat markers added on top. Named like
+    Phi-3 (llama.cpp then applies its Phi-3 token attributes, which need those tokens), it exports, loads, tokenizes
+    like transformers and gives its logits."""
+    from test_gguf_export import hf_tokenizer, sentencepiece_model
+
+    folder = sentencepiece_model(tmp_path / "phi3-sp")
+    tok = hf_tokenizer(folder)
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]})
+    model = make_family_model(FAMILIES["phi"], folder, tokenizer=tok)
+    out = tmp_path / "phi3-sp.gguf"
+    export(model, out, "f32")
+    meta = fields(out)
+    assert "phi3" in meta["general.name"].lower() and meta["tokenizer.ggml.model"] == "llama"
+    kl, top1 = assert_parity(model, out)
+    assert kl < 1e-3 and top1 >= 0.98
+
+
 # ------------------------------------------------------------------------------------------------
 # the same bytes as llama.cpp's converter
 
