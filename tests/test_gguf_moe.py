@@ -228,6 +228,28 @@ def test_f16_q8_0_and_a_k_quant_load_and_generate(built, tmp_path, name):
         assert kl < max_kl, f"{path.name}: KL {kl:.3e}"
 
 
+def test_released_configs_are_read():
+    """The real config.json of Phi-3-mini-4k-instruct and Qwen3-30B-A3B (test fixtures): what the export takes from
+    them, and that neither is refused (Phi-3's 2047-token window is a warning: llama.cpp does not apply it)."""
+    from pathlib import Path
+
+    from llmforge_plugins.gguf.arch import find_arch
+
+    root = Path(__file__).parent / "fixtures" / "configs"
+    seen = {}
+    for name in ("Phi-3-mini-4k-instruct", "Qwen3-30B-A3B"):
+        config = json.loads((root / name / "config.json").read_text())
+        arch = find_arch(config, root / name)
+        hp = arch.hparams(config, root / name)
+        messages: list = []
+        arch.check(hp, log_to(messages))
+        seen[name] = (arch.gguf_name, hp.extra, messages)
+    phi, moe = seen["Phi-3-mini-4k-instruct"], seen["Qwen3-30B-A3B"]
+    assert phi[0] == "phi3" and phi[1] == {"rope_dims": 96, "original_context": 4096}
+    assert [m for _, m in phi[2]] and all("sliding_window 2047" in m for _, m in phi[2])
+    assert moe[0] == "qwen3moe" and moe[1] == {"n_expert": 128, "n_expert_used": 8, "expert_ff": 768} and not moe[2]
+
+
 # ------------------------------------------------------------------------------------------------
 # refusals
 
