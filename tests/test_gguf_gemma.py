@@ -29,6 +29,7 @@ from gguf_families import (
     MULTILINGUAL,
     Family,
     assert_generates,
+    assert_round_trip,
     export,
     fields,
     gguf_logits,
@@ -297,6 +298,37 @@ def test_sentencepiece_tokenizer(tmp_path):
     assert llm.tokenize(chat.encode(), add_bos=False, special=True) == ids
     kl, _ = kl_top1(hf_eager_logits(model, ids), gguf_logits(llm, ids))
     assert kl < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# import: GGUF -> Hugging Face
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_import_back_to_hf(tmp_path, name):
+    """`llmforge import` of the F32 export gives transformers the same model: the soft-caps, the attention scale,
+    the sliding layers and RoPE bases come from the file's metadata (transformers' own GGUF reader leaves them at
+    its config defaults: caps 50/30, query_pre_attn_scalar 256, its default layer pattern, one RoPE base)."""
+    model = sentencepiece_gemma(name, tmp_path)
+    out = tmp_path / "m.gguf"
+    export(model, out, "f32")
+    config = assert_round_trip(out, model, tmp_path / "back")
+    original = json.loads((model / "config.json").read_text())
+    assert config["architectures"] == [GEMMA[name].model_class]
+    keys = ["attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "sliding_window"]
+    keys += ["layer_types", "rope_parameters", "head_dim", "tie_word_embeddings"]
+    assert {k: config.get(k) for k in keys} == {k: original.get(k) for k in keys}
+
+
+def test_import_refuses_a_gemma_gguf_with_a_bpe_tokenizer(built, tmp_path):
+    """transformers rebuilds a Gemma GGUF's tokenizer as SentencePiece: a byte-level BPE one would load and then fail
+    on the first text, so the import says so instead."""
+    from llmforge_plugins.gguf.importer import import_gguf
+
+    with pytest.raises(UsageError) as info:
+        import_gguf(built("gemma2")["f32"], tmp_path / "back")
+    assert "gpt2" in info.value.render() and "SentencePiece" in info.value.render()
+    assert not (tmp_path / "back").exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ def inspect_gguf(path: Path) -> dict:
         arch_field = reader.get_field("general.architecture")
         arch = arch_field.contents() if arch_field is not None else None
         name_field = reader.get_field("general.name")
+        tok_field = reader.get_field("tokenizer.ggml.model")
+        tokenizer = tok_field.contents() if tok_field is not None else None
         name = name_field.contents() if name_field is not None else None
         size = path.stat().st_size
         for t in reader.tensors:
@@ -49,6 +51,8 @@ def inspect_gguf(path: Path) -> dict:
         names = {t.name for t in reader.tensors}
         key_length = reader.get_field(f"{arch}.attention.key_length") if arch else None
         head_dim = int(key_length.contents()) if key_length is not None else None
+        prefix = f"{arch}."
+        meta = {k[len(prefix) :]: f.contents() for k, f in reader.fields.items() if arch and k.startswith(prefix)}
     except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...: all mean "not valid"
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise UsageError(
@@ -60,10 +64,12 @@ def inspect_gguf(path: Path) -> dict:
     return {
         "arch": arch,
         "name": name,
+        "tokenizer": tokenizer,  # tokenizer.ggml.model: "llama" (SentencePiece), "gpt2" (byte-level BPE), ...
         "tensors": count,
         "types": types,
         "head_dim": head_dim,
         "tied": "output.weight" not in names,
+        "meta": meta,  # the architecture's keys, without its prefix
         "tokenizer_pre": _field(reader, "tokenizer.ggml.pre"),
     }
 
@@ -145,6 +151,13 @@ def import_gguf(gguf: Path, out_dir: Path, *, dtype: str = "float32", log: Log |
     started = time.monotonic()
     info = inspect_gguf(path)
     _check_supported(path, info["arch"])
+    if info["arch"] in ("gemma2", "gemma3") and info["tokenizer"] not in (None, "llama"):
+        # transformers rebuilds every gemma GGUF's tokenizer as SentencePiece: a BPE one would load and then fail
+        raise UsageError(
+            f"{path}: a {info['arch']} GGUF with a {info['tokenizer']} (byte-level BPE) tokenizer; transformers "
+            f"reads a Gemma GGUF's tokenizer as SentencePiece only",
+            hint="import needs Gemma's own SentencePiece tokenizer (tokenizer.model when the GGUF was exported)",
+        )
     log(
         f"{path.name}: {info['arch']}, {info['tensors']} tensors ({', '.join(info['types'])}); loading with "
         f"transformers"
@@ -182,6 +195,10 @@ def _config_overrides(info: dict) -> dict:
     out: dict = {"tie_word_embeddings": info["tied"]}
     if info.get("head_dim"):
         out["head_dim"] = info["head_dim"]
+    # Gemma: soft-caps, attention scale, sliding layers and RoPE bases, which that reader leaves at their defaults
+    from llmforge_plugins.gguf.arch.gemma import hf_config
+
+    out.update(hf_config(info["arch"], info.get("meta") or {}))
     return out
 
 

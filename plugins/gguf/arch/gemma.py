@@ -248,3 +248,49 @@ class Gemma3(_Gemma):
         if hp.extra["swa_theta"] is not None:
             writer.add_rope_freq_base_swa(hp.extra["swa_theta"])
         self.space_prefix(writer, hp)
+
+
+def hf_config(arch: str, meta: dict) -> dict:
+    """config.json values for `llmforge import` of a gemma2 / gemma3 GGUF that transformers' GGUF reader leaves at its
+    config class's defaults (soft-caps 50/30, query_pre_attn_scalar 256, the default layer pattern, one RoPE base):
+    what llama.cpp computes with, read from the file's metadata (`meta`: key -> value, keys without the
+    architecture prefix). Empty for other architectures."""
+    family = {"gemma2": Gemma2, "gemma3": Gemma3}.get(arch)
+    if family is None:
+        return {}
+    n_layers, hidden, n_head = meta["block_count"], meta["embedding_length"], meta["attention.head_count"]
+    head_dim = meta.get("attention.key_length") or hidden // n_head
+    out: dict = {
+        # llama.cpp's rule (see the module docstring), written as the scalar transformers takes the root of
+        "query_pre_attn_scalar": hidden // n_head if n_layers == family.big_layers else head_dim,
+    }
+    if family is Gemma2:
+        out["attn_logit_softcapping"] = float(meta.get("attn_logit_softcapping", 50.0))  # llama.cpp's defaults
+        out["final_logit_softcapping"] = float(meta.get("final_logit_softcapping", 30.0))
+        window = meta.get("attention.sliding_window", 4096)
+    else:
+        out["attn_logit_softcapping"] = None
+        out["final_logit_softcapping"] = meta.get("final_logit_softcapping") or None
+        window = meta.get("attention.sliding_window")
+    pattern = meta.get("attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        sliding = [bool(x) for x in pattern][:n_layers]
+    else:
+        period = pattern if isinstance(pattern, int) and pattern > 0 else family.swa_period
+        sliding = [i % period < period - 1 for i in range(n_layers)]
+    if not window:
+        sliding = [False] * n_layers
+    out["sliding_window"] = window or None
+    out["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+    full: dict = {"rope_type": "default", "rope_theta": float(meta.get("rope.freq_base", 10000.0))}
+    if meta.get("rope.scaling.type") == "linear" and meta.get("rope.scaling.factor"):
+        full.update(rope_type="linear", factor=float(meta["rope.scaling.factor"]))
+    if family is Gemma2:
+        out["rope_parameters"] = full
+    else:
+        local = float(meta.get("rope.freq_base_swa", 10000.0))  # llama.cpp's default for gemma3's sliding layers
+        out["rope_parameters"] = {
+            "full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": local},
+        }
+    return out
