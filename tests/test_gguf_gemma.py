@@ -185,6 +185,15 @@ def test_gemma3_metadata(built):
     assert meta["gemma3.rope.freq_base"] == 10000.0 and meta["gemma3.rope.freq_base_swa"] == 100.0
 
 
+def test_gemma3_untied_head(tmp_path):
+    """llama.cpp's gemma3 takes an output head of its own (gemma2's does not: refused below)."""
+    model = make_family_model(GEMMA["gemma3"], tmp_path / "untied", tied=False, seed=1)
+    out = tmp_path / "untied.gguf"
+    export(model, out, "f32")
+    assert "output.weight" in tensors(out)
+    parity(model, out)
+
+
 # ------------------------------------------------------------------------------------------------
 # the other output types
 
