@@ -38,9 +38,11 @@ def register_stages(register):
 @hookimpl
 def register_merge_methods(register):
     from llmforge_plugins.merge.methods import BUILTIN
+    from llmforge_plugins.merge.moe import Moe
 
     for method in BUILTIN:
         register(method)
+    register(Moe)  # plans its own merge (experts and routers), on top of the other methods
 
 
 @hookimpl

@@ -259,6 +259,7 @@ def model_card(plan: Plan) -> str:
         "",
         *rows,
         "",
+        *([section()] if (section := getattr(plan.method, "card_section", None)) else []),
         "## Recipe",
         "",
         "Run again with `llmforge merge OUT -c merge.toml`, this being merge.toml:",

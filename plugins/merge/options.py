@@ -53,6 +53,10 @@ class ModelEntry(StageOptions):
     lora_base: Annotated[str | None, Input("model")] = Field(
         None, description="For an adapter: the model it applies to (default: the one in adapter_config.json)."
     )
+    positive_prompts: list[str] = Field(
+        default_factory=list,
+        description="Method moe: a few texts this model (one expert) is for; the router sends such text to it.",
+    )
 
 
 class SliceSource(StageOptions):
@@ -71,10 +75,26 @@ class Slice(StageOptions):
     parameters: Parameters = Field(default_factory=dict, description="Parameters for this slice's layers.")
 
 
+class MoeOptions(StageOptions):
+    """Method moe: dense fine-tunes of one base become the experts of a mixture-of-experts model (moe.py)."""
+
+    num_experts_per_tok: int = Field(2, ge=1, description="Experts each token goes through (top-k routing).")
+    router: Literal["hidden", "random"] = Field(
+        "hidden",
+        description="How the routers start: hidden (from the base model's hidden states on each expert's "
+        "positive_prompts) or random (seeded).",
+    )
+    shared: str = Field(
+        "linear",
+        description="How the shared tensors (attention, norms, embeddings, head) are merged: a merge method "
+        "(its parameters are the recipe's parameters), or base (taken from the base model).",
+    )
+
+
 class MergeOptions(StageOptions):
     method: str = Field(
         description="The merge method: linear, slerp, task_arithmetic, ties, dare_linear, "
-        "dare_ties, model_stock, passthrough, or one a plugin adds."
+        "dare_ties, model_stock, passthrough, moe, or one a plugin adds."
     )
     models: list[ModelEntry] = Field(
         default_factory=list, description="The models to merge, each a table {model = ..., parameters = {...}}."
@@ -108,6 +128,9 @@ class MergeOptions(StageOptions):
     )
     max_shard_size: str = Field(
         "2GB", description="Largest output safetensors file; bigger outputs are sharded with an index."
+    )
+    moe: MoeOptions | None = Field(
+        None, description="Method moe: experts per token, router initialisation, how shared tensors are merged."
     )
 
     @field_validator("max_shard_size")

@@ -112,6 +112,10 @@ def static_problems(options: MergeOptions, methods: dict[str, MergeMethod]) -> l
             )
     if method is None:
         return problems
+    own = getattr(method, "recipe_problems", None)
+    if own is not None:  # a method that plans its own merge (moe) checks its own recipe
+        return problems + own(options, methods)
+    problems += _moe_only(options)
     has_base = options.base is not None
     if not options.slices:
         for why in method.check(len(options.models), has_base):
@@ -141,6 +145,21 @@ def static_problems(options: MergeOptions, methods: dict[str, MergeMethod]) -> l
         for j, src in enumerate(sl.sources):
             problems += _check_param_table(
                 src.parameters, f"slices[{i}].sources[{j}].parameters", method, per_model=True
+            )
+    return problems
+
+
+def _moe_only(options: MergeOptions) -> list[Problem]:
+    """The keys only method moe reads, given to another method."""
+    problems = []
+    if options.moe is not None:
+        problems.append(Problem("moe", f"only method moe reads this table (the method is {options.method})"))
+    for i, m in enumerate(options.models):
+        if m.positive_prompts:
+            problems.append(
+                Problem(
+                    f"models[{i}].positive_prompts", f"only method moe reads these (the method is {options.method})"
+                )
             )
     return problems
 
@@ -331,6 +350,9 @@ def prepare(
     if problems:
         raise ConfigError(problems, source="merge recipe")
     method = methods[options.method]
+    own = getattr(method, "plan_merge", None)
+    if own is not None:  # the output's tensors are not the inputs' (moe: experts and routers): its own plan
+        return own(options, methods, out, seed)
     srcs = _Sources()
     base = srcs.get(options.base) if options.base else None
     seed = options.seed if options.seed is not None else (seed or 0)
@@ -500,15 +522,7 @@ def prepare(
             offset += length
 
     tensors.sort(key=_sort_key)
-    shard_limit = parse_size(options.max_shard_size)
-    shards: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > shard_limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
+    shards = make_shards(tensors, options.max_shard_size)
     total = sum(t.nbytes for t in tensors)
 
     config = _output_config(options, config_source, reference, groups, n_out_layers, tensors, tie_output)
@@ -537,6 +551,20 @@ def prepare(
     if out is not None:
         check_disk(out, total)
     return plan
+
+
+def make_shards(tensors: list[OutTensor], max_shard_size: str) -> list[list[OutTensor]]:
+    """The output files: tensors in order, a new file whenever the next tensor would pass the limit."""
+    shard_limit = parse_size(max_shard_size)
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > shard_limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
 
 
 def _output_config(
