@@ -90,7 +90,7 @@ def _fine_tune(base: Path, out: Path, tokenizer, texts: list[str]) -> None:
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert float(loss) < first * 0.8, (first, float(loss))
+    assert loss.item() < first * 0.8, (first, loss.item())
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -242,6 +242,15 @@ def test_random_routers_are_seeded_and_shared_tensors_can_be_the_base(zoo, tmp_p
         assert torch.equal(a[name], base[name])
     logits = load(tmp_path / "a")(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(logits).all()
+
+    # `llmforge plan`'s estimate of the merge: the MoE it writes, not the dense input
+    from llmforge.planning import shape_from_dir
+    from llmforge_plugins.merge.estimate import estimate_merge
+    from llmforge_plugins.merge.options import MergeOptions
+
+    est = estimate_merge(MergeOptions.model_validate(spec), shape_from_dir(paths["base"]))
+    written = (tmp_path / "a" / "model.safetensors").stat().st_size
+    assert abs(est.disk - written) < 0.02 * written, (est.disk, written)
 
 
 def test_shared_tensors_merged_by_another_method_with_its_parameters(zoo, tmp_path):

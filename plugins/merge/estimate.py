@@ -21,6 +21,15 @@ def merged_shape(options: MergeOptions, shape: Shape) -> Shape:
     if options.slices:
         layers = sum(abs(s.sources[0].layer_range[1] - s.sources[0].layer_range[0]) for s in options.slices)
         shape = replace(shape, layers=layers)
+    if options.method == "moe" and not shape.experts:  # each model's MLP one expert of every layer
+        per_token = options.moe.num_experts_per_tok if options.moe else 2
+        shape = replace(
+            shape,
+            experts=len(options.models),
+            experts_per_tok=per_token,
+            expert_intermediate=shape.intermediate,
+            model_type={"qwen3": "qwen3_moe"}.get(shape.model_type, "mixtral"),
+        )
     return replace(shape, dtype=options.dtype) if options.dtype in DTYPE_BYTES else shape
 
 
@@ -50,5 +59,9 @@ def estimate_merge(options: MergeOptions, shape: Shape) -> Estimate:
     n = max(len(options.models) + (1 if options.base else 0), len(options.slices), 1)
     dtype = options.dtype if options.dtype in DTYPE_BYTES else shape.dtype
     est = merge_estimate(merged_shape(options, shape), n, dtype, options.compute_dtype)
+    if options.method == "moe" and (options.moe is None or options.moe.router == "hidden"):
+        # the router pass holds the base (or first model) whole, in float32, beside the tensors in flight
+        est.parts["router prompts model"] = shape.params() * 4
+        est.peak = int(sum(est.parts.values()))
     est.shape = shape
     return est
