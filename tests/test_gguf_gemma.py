@@ -356,7 +356,7 @@ def refused(model: Path, tmp_path: Path, *words: str) -> str:
 
 
 def with_config(model: Path, folder: Path, **changes) -> Path:
-    """A copy of `model` whose config.json has `changes` (None deletes a key)."""
+    """A copy of `model` whose config.json has `changes` (None is written as null)."""
     shutil.copytree(model, folder)
     config = json.loads((folder / "config.json").read_text())
     config.update(changes)
@@ -385,6 +385,22 @@ def test_gemma3_attention_soft_cap_is_refused(built, tmp_path):
         with_config(built("gemma3")["model"], tmp_path / "a", attn_logit_softcapping=50.0), tmp_path,
         "attn_logit_softcapping", "gemma3",
     )  # fmt: skip
+
+
+def test_absent_keys_take_transformers_defaults(built):
+    """A config.json without the soft-caps, tie_word_embeddings or query_pre_attn_scalar runs in transformers with its
+    config class's defaults (50, 30, tied, 256): the export reads them the same way, and so refuses the scale here
+    (256 is not this model's head_dim)."""
+    from llmforge_plugins.gguf.arch.gemma import Gemma2
+
+    model = built("gemma2")["model"]
+    config = json.loads((model / "config.json").read_text())
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "tie_word_embeddings", "query_pre_attn_scalar"):
+        del config[key]
+    hp = Gemma2().hparams(config, model)
+    assert hp.extra["attn_logit_softcapping"] == 50.0 and hp.extra["final_logit_softcapping"] == 30.0 and hp.tied
+    with pytest.raises(UsageError, match="query_pre_attn_scalar is 256"):
+        Gemma2().check(hp, lambda *a, **k: None)
 
 
 def test_released_gemma3_config(tmp_path):

@@ -55,11 +55,21 @@ class _Gemma(Arch):
     layer_parts: tuple[str, ...] = (*LLAMA_LAYER_PARTS, "post_attention_norm.weight", "post_ffw_norm.weight")
     swa_period = 2
     big_layers = 0
+    #: transformers' config-class defaults for keys a config.json may leave out: what the HF model then runs with
+    #: (the generic readers' defaults, e.g. untied embeddings or head_dim = hidden / heads, are not Gemma's)
+    config_defaults: dict = {
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-6,
+    }
 
     # -- config ------------------------------------------------------------------------------------
 
     def hparams(self, config: dict, where: Path) -> HParams:
-        hp = super().hparams(config, where)
+        hp = super().hparams({**self.config_defaults, **config}, where)
+        hp.explicit_head_dim = True  # always written, as the converter does for Gemma
         hp.extra["sliding"] = self.sliding_layers(hp)
         hp.extra["swa_theta"] = self.sliding_rope(hp)
         return hp
@@ -135,9 +145,7 @@ class _Gemma(Arch):
     def check_attention_scale(self, hp: HParams) -> None:
         """Refuse a query_pre_attn_scalar llama.cpp would not reproduce (see the module docstring)."""
         scalar = hp.config.get("query_pre_attn_scalar")
-        if scalar is None:
-            return  # transformers then scales by head_dim ** -0.5, as llama.cpp does for any size but 27B
-        if not _number(scalar) or scalar <= 0:
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or scalar <= 0:
             raise UsageError(f"{config_path(hp.where)}: query_pre_attn_scalar is {scalar!r}, not a positive number")
         big = hp.n_layers == self.big_layers
         theirs = hp.hidden / hp.n_head if big else float(hp.head_dim)
@@ -181,18 +189,24 @@ class Gemma2(_Gemma):
     gguf_arch = "GEMMA2"
     swa_period = 2
     big_layers = 46
+    config_defaults = {
+        **_Gemma.config_defaults,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "max_position_embeddings": 8192,
+    }
 
     def hparams(self, config: dict, where: Path) -> HParams:
         hp = super().hparams(config, where)
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-            value = config.get(key)
+            value = hp.config.get(key)  # absent: transformers' default (above); null: no cap
             if value is None or (_number(value) and value <= 0):
                 raise UsageError(
                     f"{config_path(where)}: {key} is {value!r}; llama.cpp's gemma2 architecture always "
                     f"soft-caps (and takes 50 for attention, 30 for the final logits when no value is given)",
                     hint="GGUF export needs both attn_logit_softcapping and final_logit_softcapping set",
                 )
-            hp.extra[key] = need_float(config, key, where)
+            hp.extra[key] = need_float(hp.config, key, where)
         return hp
 
     def check(self, hp: HParams, log: Log) -> None:
@@ -221,6 +235,12 @@ class Gemma3(_Gemma):
     layer_parts: tuple[str, ...] = (*_Gemma.layer_parts, "attn_q_norm.weight", "attn_k_norm.weight")
     swa_period = 6
     big_layers = 62
+    config_defaults = {
+        **_Gemma.config_defaults,
+        "max_position_embeddings": 131072,
+        "rope_theta": 1_000_000.0,  # v4 spelling; a v5 rope_parameters entry takes precedence
+        "rope_local_base_freq": 10000.0,
+    }
 
     def hparams(self, config: dict, where: Path) -> HParams:
         hp = super().hparams(config, where)
