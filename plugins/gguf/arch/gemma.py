@@ -24,6 +24,11 @@ What differs from a Llama-shaped decoder, and how each difference is written:
   derives the scale from the model's size: 1 / sqrt(head_dim), or 1 / sqrt(hidden_size / heads) for a 27B-sized
   model (recognised by its layer count: 46 for Gemma 2, 62 for Gemma 3). Every released Gemma agrees with that
   rule; a config where the two differ would compute something else in llama.cpp, so it is refused with both values.
+* Keys a config.json leaves out are read with transformers' Gemma defaults (tied embeddings, head_dim 256, ...),
+  which is what the HF model runs with, not the generic readers' Llama-minded ones.
+
+`hf_config` at the end goes the other way, for `llmforge import`: the config values transformers' GGUF reader
+leaves at its defaults, read from the file's metadata.
 
 The converter writes `tokenizer.ggml.add_space_prefix = false` for a SentencePiece Gemma tokenizer: Gemma's
 SentencePiece model adds no dummy prefix, while llama.cpp's default for that tokenizer type is to add one. Written
