@@ -6,7 +6,8 @@ trained here on three topics (cooking, Python code, sailing), and three fine-tun
 steps (MLP only) on one topic. What is asserted: the output loads in transformers as the MoE architecture with no
 weight missing or left over and finite logits; every expert computes exactly its source's MLP (top-1 routing);
 tokens of the prompts given for an expert go mostly to it; random routers are seeded; the shared tensors follow
-`moe.shared`; `llmforge merge -c merge.toml` writes it; bad recipes are refused by key.
+`moe.shared`; `llmforge merge -c merge.toml` writes it; bad recipes are refused by key; in a pipeline, LoRA SFT
+trains the MoE further (router and experts); its GGUF gives transformers' logits in llama.cpp.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 
 from conftest import run_cli
 from llmforge.errors import ConfigError, UsageError
+from llmforge.testing import ForgeProject, load_test_registry
+from training_data import write_data
 
 TOPICS = {
     "cook": [
@@ -70,7 +73,12 @@ def _tokenizer():
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         ),
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    # ChatML's markers and template, so that the MoE trains further with sft on chat rows
+    chatml = load_test_registry().chat_templates["chatml"]
+    tok.add_special_tokens(list(chatml.special_tokens))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=chatml.eos, pad_token=chatml.pad)
+    fast.chat_template = chatml.source
+    return fast
 
 
 def _fine_tune(base: Path, out: Path, tokenizer, texts: list[str]) -> None:
@@ -293,6 +301,65 @@ def test_cli_merges_a_moe_recipe_file(zoo, tmp_path):
     recipe_file.write_text(recipe_file.read_text().replace("num_experts_per_tok = 2", "num_experts_per_tok = 4"))
     res = run_cli("merge", str(tmp_path / "bad"), "-c", str(recipe_file))
     assert res.returncode == 2 and "moe.num_experts_per_tok" in res.stderr and "Traceback" not in res.stderr
+
+
+MOE_THEN_SFT = """
+[[stages]]
+name = "moe"
+uses = "merge"
+method = "moe"
+base = "{base}"
+models = [{models}]
+moe = {{ num_experts_per_tok = 2 }}
+
+[[stages]]
+name = "sft"
+uses = "sft"
+model = "@moe"
+data = {{ path = "data/chat.jsonl" }}
+max_steps = 12
+max_length = 64
+micro_batch_size = 8
+learning_rate = 1e-2
+log_every = 2
+lora = {{ enabled = true, r = 8, alpha = 16, dropout = 0.0 }}
+merge = true
+"""
+
+
+def test_the_merge_stage_builds_the_moe_and_lora_sft_trains_it_further(zoo, tmp_path):
+    """forge.toml: a merge stage with method moe, then LoRA SFT on @moe ("all-linear": attention, the experts and
+    the router); the loss falls and the merged result is still the MoE, with a trained router."""
+    paths = zoo("llama")
+    project = ForgeProject(tmp_path / "project")
+    write_data(project.root)
+    models = ", ".join(
+        f'{{ model = "{paths[t]}", positive_prompts = {json.dumps(texts)} }}' for t, texts in TOPICS.items()
+    )
+    project.write(MOE_THEN_SFT.format(base=paths["base"], models=models))
+    run = project.run()
+    assert run.exit_code == 0, run.failure()
+    series = [m["loss"] for m in run.metrics("sft") if "loss" in m]
+    assert len(series) >= 3 and series[-1] < series[0] * 0.95, series
+    adapted = next(m for m in run.messages("sft") if m.startswith("LoRA adapts: "))
+    assert "gate" in adapted and "experts" in adapted, adapted
+    moe, tuned = run.artifact("moe", "model"), run.artifact("sft", "model")
+    assert json.loads((tuned / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    router = "model.layers.0.block_sparse_moe.gate.weight"
+    assert not torch.equal(read(moe)[router], read(tuned)[router])
+    load(tuned)
+
+
+def test_the_moe_exports_to_gguf_with_the_logits_of_transformers(zoo, tmp_path):
+    pytest.importorskip("llmforge_plugins.gguf.arch.moe", reason="the MoE GGUF export (plugins/gguf/arch/moe.py)")
+    from gguf_families import assert_parity, export
+
+    paths = zoo("llama")
+    merge(tmp_path / "moe", recipe(paths))
+    summary = export(tmp_path / "moe", tmp_path / "moe.gguf", "f32")
+    assert summary["hf_architecture"] == "MixtralForCausalLM"
+    kl, top1 = assert_parity(tmp_path / "moe", tmp_path / "moe.gguf", text=" ".join(TOPICS["sail"]))
+    assert kl < 1e-3 and top1 >= 0.98
 
 
 def problems(spec: dict) -> dict[str, str]:
