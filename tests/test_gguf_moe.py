@@ -7,8 +7,9 @@ token ids (mean KL < 1e-3, top-1 >= 0.98, KV cache in F32); F16, Q8_0 and a K-qu
 particular to the family is in the file: Phi-3's fused qkv and gate/up and its partial rotary dimensions, the stacked
 experts and the router (F32) of the MoE ones. A checkpoint in transformers 5's in-memory layout (fused experts)
 exports to the same bytes as the per-expert layout save_pretrained writes. What llama.cpp cannot represent is
-refused by name: Qwen3-MoE's `norm_topk_prob = false`, dense layers among its expert layers, Phi-3's LongRoPE, and a
-model named like Phi-3 whose vocabulary lacks the tokens llama.cpp then looks up. The comparison with llama.cpp's own
+refused by name: Qwen3-MoE's `norm_topk_prob = false`, dense layers among its expert layers, and a model named like
+Phi-3 whose vocabulary lacks the tokens llama.cpp then looks up. Phi-3's LongRoPE matches transformers where both
+pick the same factors (short text, short context; long text, long context). The comparison with llama.cpp's own
 converter (F16, tensor for tensor, same metadata) is marked slow.
 """
 
@@ -84,6 +85,20 @@ FAMILIES = {
 }
 NAMES = list(FAMILIES)
 MOE_NAMES = ["qwen3moe", "mixtral"]
+
+#: LongRoPE as Phi-3.5 / Phi-4-mini configure it (factors, original context, a longer maximum)
+LONGROPE = {
+    "rope_parameters": {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 256,
+        "short_factor": [1.0, 1.1, 1.3, 1.6],
+        "long_factor": [3.0, 5.0, 9.0, 17.0],
+    },
+    "max_position_embeddings": 1024,
+    "original_max_position_embeddings": 256,
+}
 
 
 def log_to(messages: list):
@@ -228,6 +243,34 @@ def test_f16_q8_0_and_a_k_quant_load_and_generate(built, tmp_path, name):
         assert kl < max_kl, f"{path.name}: KL {kl:.3e}"
 
 
+def test_phi3_longrope_matches_transformers_short_and_long(tmp_path):
+    """LongRoPE (Phi-3.5, Phi-4-mini): short factors for sequences within the original context (256 here), long ones
+    beyond it. transformers chooses by the sequence's length, llama.cpp by its context size: a 46-token text in a
+    256-token context and a 300-token text in a 512-token context each match transformers; the short text in the long
+    context does not (the export's warning says so)."""
+    import numpy as np
+
+    from llmforge_plugins.gguf.export import export_gguf
+
+    rope = LONGROPE["rope_parameters"]
+    model = make_family_model(FAMILIES["phi"], tmp_path / "m", **LONGROPE)
+    out = tmp_path / "m.gguf"
+    messages: list = []
+    export_gguf(model, out, "f32", log=log_to(messages))
+    assert any(level == "warning" and "LongRoPE" in m for level, m in messages), messages
+    meta, names = fields(out), tensors(out)
+    assert meta["phi3.rope.scaling.attn_factor"] == pytest.approx(np.sqrt(1 + np.log(4) / np.log(256)))
+    np.testing.assert_array_equal(names["rope_factors_long.weight"].data, np.float32(rope["long_factor"]))
+    np.testing.assert_array_equal(names["rope_factors_short.weight"].data, np.float32(rope["short_factor"]))
+    short = hf_ids(model, MULTILINGUAL)
+    long = (short * 7)[:300]
+    for ids, n_ctx in ((short, 256), (long, 512)):
+        kl, top1 = kl_top1(hf_logits(model, ids), gguf_logits(llama(out, n_ctx=n_ctx), ids))
+        assert kl < 1e-3 and top1 >= 0.98, (len(ids), n_ctx, kl, top1)
+    kl, _ = kl_top1(hf_logits(model, short), gguf_logits(llama(out, n_ctx=512), short))
+    assert kl > 1e-3, kl  # the long factors on a short text: not transformers' answer
+
+
 def test_released_configs_are_read():
     """The real config.json of Phi-3-mini-4k-instruct and Qwen3-30B-A3B (test fixtures): what the export takes from
     them, and that neither is refused (Phi-3's 2047-token window is a warning: llama.cpp does not apply it)."""
@@ -281,21 +324,6 @@ def test_qwen3moe_dense_layers_are_refused(tmp_path):
     expect_refusal(model, tmp_path, "mlp_only_layers", "every layer")
 
 
-def test_phi3_longrope_is_refused(tmp_path):
-    rope = {
-        "rope_type": "longrope",
-        "rope_theta": 10000.0,
-        "partial_rotary_factor": 0.5,
-        "short_factor": [1.0] * 4,
-        "long_factor": [2.0] * 4,
-        "original_max_position_embeddings": 64,
-    }
-    model = make_family_model(
-        FAMILIES["phi"], tmp_path / "m", rope_parameters=rope, original_max_position_embeddings=64
-    )
-    expect_refusal(model, tmp_path, "longrope", "config.json")
-
-
 def test_missing_expert_names_the_layer_and_expert(built, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -344,13 +372,14 @@ def test_phi3_with_its_sentencepiece_tokenizer(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [*NAMES, "phi-longrope"])
 def test_byte_identical_to_llama_cpp_converter(tmp_path, name):
     """F16 export tensor for tensor identical to convert_hf_to_gguf.py's on a tiny model of the family with a real
     vocabulary (its pre-tokenizer is named by hashing token ids, which only a real vocabulary passes)."""
     src = llama_cpp_src_or_skip()
-    model = real_vocab_model(FAMILIES[name], src, tmp_path)
-    if name == "phi":
+    family, _, variant = name.partition("-")
+    model = real_vocab_model(FAMILIES[family], src, tmp_path, **(LONGROPE if variant == "longrope" else {}))
+    if family == "phi":
         # The converter reads a Phi-3 folder's BPE vocabulary only when tokenizer_class says GPT2Tokenizer (Phi-4's),
         # and unlike its llama path it does not carry add_prefix_space over; ours writes it (false here: the BPE
         # default in llama.cpp, so the same behaviour). Without the key both files say the same.

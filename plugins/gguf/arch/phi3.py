@@ -9,9 +9,12 @@ What is particular to it:
 * the original context length is written (`rope.scaling.original_context_length`) and the sliding window (0 when
   the model has none: llama.cpp tells Phi-4, which has none, from Phi-3 that way). llama.cpp does not apply Phi's
   sliding window, so a window shorter than the context is a warning (the base check);
-* LongRoPE (`rope_type = "longrope"`, Phi-3-128k, Phi-3.5, Phi-4-mini) is refused: llama.cpp picks the long or
-  the short factors from its context size, transformers from each sequence's length, so the outputs would not be
-  the model's.
+* LongRoPE (`rope_type = "longrope"`: Phi-3-128k, Phi-3.5, Phi-4-mini): the short and long per-frequency factors
+  become the `rope_factors_short` / `rope_factors_long` tensors and the attention factor (transformers' value: its
+  `attention_factor`, else sqrt(1 + ln(factor) / ln(original context))) `rope.scaling.attn_factor`. transformers
+  picks the long factors for a sequence longer than the original context, llama.cpp for a context (`n_ctx`) longer
+  than it: they agree on short sequences in a short context and on long sequences in a long one, and the export
+  says so in a warning.
 
 llama.cpp's loader treats any model whose `general.name` contains "phi3" or "phi-3" as the Phi-3 tokenizer and
 looks up `</s>`, `<unk>`, `<s>` and `<|endoftext|>` by text: when one is missing the load fails. Such a name with
@@ -20,8 +23,10 @@ such a vocabulary is refused at export, naming the tokens and the way out.
 
 from __future__ import annotations
 
+import math
+
 from llmforge.errors import UsageError
-from llmforge_plugins.gguf.arch.base import Arch, HParams, Log, config_path
+from llmforge_plugins.gguf.arch.base import Arch, HParams, Log, Planned, config_path
 
 #: the tokens llama.cpp looks up by text for a model named like Phi-3 (llama-vocab.cpp)
 PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
@@ -42,8 +47,8 @@ def missing_phi3_tokens(name: str | None, tokens: list[str]) -> list[str]:
 class Phi3(Arch):
     hf_names = ("Phi3ForCausalLM",)
     gguf_arch = "PHI3"
-    # LongRoPE refused (module docstring); linear / yarn keys are not read by llama.cpp's phi3
-    rope_types = ("default",)
+    # llama.cpp's phi3 reads no linear / yarn scaling keys (the converter writes none for it)
+    rope_types = ("default", "longrope", "su")
     layer_parts = (
         "attn_norm.weight",
         "attn_qkv.weight",
@@ -63,17 +68,43 @@ class Phi3(Arch):
         hp.extra["rope_dims"] = int(factor * hp.hidden) // hp.n_head
         original = hp.rope.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
         hp.extra["original_context"] = original if isinstance(original, int) and original > 0 else hp.context
+        if str(hp.rope.get("rope_type", "default")).lower() in ("longrope", "su"):
+            hp.extra["longrope"] = self._longrope(hp)
         return hp
 
+    def _longrope(self, hp: HParams) -> dict:
+        """The factor lists and the attention factor, as transformers computes them (`_compute_longrope_parameters`)."""
+        where, half = config_path(hp.where), hp.extra["rope_dims"] // 2
+        out: dict = {}
+        for key in ("short_factor", "long_factor"):
+            values = hp.rope.get(key)
+            if (
+                not isinstance(values, list)
+                or len(values) != half
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            ):
+                raise UsageError(
+                    f"{where}: LongRoPE needs {key}, a list of {half} numbers (half the rotated dimensions)"
+                )
+            out[key] = values
+        original = hp.extra["original_context"]
+        factor = hp.rope.get("factor") or hp.context / original
+        attention = hp.rope.get("attention_factor")
+        if attention is None:
+            attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+        out["attn_factor"] = float(attention)
+        return out
+
     def check(self, hp: HParams, log: Log) -> None:
-        kind = str(hp.rope.get("rope_type", "default")).lower()
-        if kind in ("longrope", "su"):
-            raise UsageError(
-                f"{config_path(hp.where)}: RoPE scaling {kind!r} (LongRoPE) cannot be exported faithfully: llama.cpp "
-                f"chooses the long or short factors from its context size, transformers from each sequence's length",
-                hint="Phi-3 models with the default RoPE (the 4k-context ones) export",
-            )
         super().check(hp, log)
+        if "longrope" in hp.extra:
+            n = hp.extra["original_context"]
+            log(
+                f"LongRoPE: llama.cpp uses the long factors whenever its context (n_ctx) is over {n} tokens, "
+                f"transformers only for sequences over {n}: with a longer context, prompts under {n} tokens are "
+                f"computed a little differently from transformers",
+                "warning",
+            )
         if hp.head_dim * hp.n_head != hp.hidden:
             raise UsageError(
                 f"{config_path(hp.where)}: head_dim {hp.head_dim} x {hp.n_head} heads is not hidden_size "
@@ -91,7 +122,25 @@ class Phi3(Arch):
         writer.add_rope_dimension_count(hp.extra["rope_dims"])
         window = self.sliding_window(hp)
         writer.add_sliding_window(window if window is not None else 0)
+        if "longrope" in hp.extra:
+            writer.add_rope_scaling_attn_factors(hp.extra["longrope"]["attn_factor"])
         self._check_name(writer, hp)
+
+    def extra_tensors(self, hp: HParams) -> list[Planned]:
+        """LongRoPE's per-frequency factors, one short and one long set shared by every layer."""
+        import gguf
+        import numpy as np
+
+        if "longrope" not in hp.extra:
+            return []
+        out = []
+        for kind, key in (
+            (gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
+            (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor"),
+        ):
+            values = np.asarray(hp.extra["longrope"][key], dtype=np.float32)
+            out.append(Planned(gguf.TENSOR_NAMES[kind] + ".weight", (), values.shape, data=values))
+        return out
 
     def _check_name(self, writer, hp: HParams) -> None:
         """Refuse a general.name that makes llama.cpp look for Phi-3's tokens in a vocabulary without them (it
