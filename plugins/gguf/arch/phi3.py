@@ -17,8 +17,9 @@ What is particular to it:
   says so in a warning.
 
 llama.cpp's loader treats any model whose `general.name` contains "phi3" or "phi-3" as the Phi-3 tokenizer and
-looks up `</s>`, `<unk>`, `<s>` and `<|endoftext|>` by text: when one is missing the load fails. Such a name with
-such a vocabulary is refused at export, naming the tokens and the way out.
+looks up `</s>`, `<unk>`, `<s>` and `<|endoftext|>` by text: when one is missing the load fails. A Phi-3 export with
+such a name and such a vocabulary is refused, naming the tokens and the way out (`missing_phi3_tokens` says the same
+for any family: llama.cpp decides by the name alone).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def missing_phi3_tokens(name: str | None, tokens: list[str]) -> list[str]:
 class Phi3(Arch):
     hf_names = ("Phi3ForCausalLM",)
     gguf_arch = "PHI3"
-    # llama.cpp's phi3 reads no linear / yarn scaling keys (the converter writes none for it)
+    # transformers' Phi-3 knows only these two ("su": LongRoPE's old name)
     rope_types = ("default", "longrope", "su")
     layer_parts = (
         "attn_norm.weight",
