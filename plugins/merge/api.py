@@ -201,8 +201,9 @@ MERGE_METHODS = ExtensionPoint(
     ``llmforge merge --method <name>`` select. A method only computes one merged tensor from the
     same tensor of each model (and of the base); reading, parameters per layer or per tensor-name
     filter, and writing are the merge engine's. The built-in methods (``linear``, ``slerp``,
-    ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``model_stock``, ``passthrough``)
-    are registered through this hook too. (Declared by the merge plugin.)
+    ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``model_stock``, ``passthrough``, and
+    ``moe``, which plans an output of other tensors itself) are registered through this hook too. (Declared
+    by the merge plugin.)
     """,
     validate=subclass_of(MergeMethod, instantiate=True, check=_method_rules),
 )
