@@ -28,6 +28,7 @@ Both get `expert_count` and `expert_used_count`.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -221,8 +222,10 @@ class Qwen3Moe(MoE, Qwen3):
         super().check(hp, log)
         config, where = hp.config, config_path(hp.where)
         if not config.get("norm_topk_prob", False):
+            # transformers' default when the key is absent is false
+            value = "absent (false)" if "norm_topk_prob" not in config else json.dumps(config["norm_topk_prob"])
             raise UsageError(
-                f"{where}: norm_topk_prob is {config.get('norm_topk_prob', 'absent (false)')}: llama.cpp's qwen3moe "
+                f"{where}: norm_topk_prob is {value}: llama.cpp's qwen3moe "
                 f"always renormalises the chosen experts' weights to sum to one, so a model that does not cannot "
                 f"be represented",
                 hint="released Qwen3-MoE models set norm_topk_prob = true",
