@@ -9,8 +9,8 @@ hands it to every stage as ``ctx.backend``. For each stage, the core's ``execute
 
 A launching backend runs the stage unchanged in each process it starts and keeps the run store's rules:
 only rank 0 writes events, artifacts and checkpoint markers; the ``llmforge run`` process alone writes
-the manifest. ``llmforge_plugins.backends`` holds the built-in ones (``local``, ``accelerate``,
-``deepspeed``) and the launch machinery they share.
+the manifest. The built-in ones (``local``, ``accelerate``, ``deepspeed``) and the launch machinery they
+share are a plugin like any other (``plugins/backends/``), registered through ``BACKENDS``.
 """
 
 from __future__ import annotations
