@@ -428,9 +428,7 @@ class _MoeRun(Moe):
             return torch.randn(len(self.expert_sources), hidden, generator=info.generator()) * self.initializer_range
         if self._hidden is None:
             self._hidden, self.fit = router_weights(
-                [self.prompt_source] * len(self.expert_sources),
-                [m.positive_prompts for m in self.options.models],
-                sorted(self.routers.values()),
+                self.prompt_source, [m.positive_prompts for m in self.options.models], sorted(self.routers.values())
             )
         return self._hidden[layer]
 
@@ -481,14 +479,27 @@ def _load_causal_lm(source: Source):
 
 
 def router_weights(
-    sources: list[Source], prompts: list[list[str]], layers: list[int]
+    source: Source, prompts: list[list[str]], layers: list[int]
 ) -> tuple[dict[int, Any], dict[int, float]]:
-    """Router weights (experts × hidden, per layer) from the hidden states of ``sources[e]`` on expert e's
+    """Router weights (experts × hidden, per layer) from the hidden states of `source` on each expert's
     prompts, and per layer the share of the prompt tokens whose top-1 expert is their own (see the module's
-    docstring). Memory: one model at a time in float32, plus one prompt's activations and the per-layer means."""
+    docstring). Memory: the model in float32, plus one prompt's activations and the per-layer means; the
+    model is freed on return."""
     import torch
     from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
+    encoded: list[list[Any]] = []
+    for e, texts in enumerate(prompts):
+        encoded.append([])
+        for j, text in enumerate(texts):
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+            if ids.numel() == 0:
+                raise UsageError(f"models[{e}].positive_prompts[{j}]: the tokenizer makes no tokens of {text!r}")
+            encoded[-1].append(ids[:, :MAX_PROMPT_TOKENS])
+    model = _load_causal_lm(source)
+    model.eval()
+    decoder = model.get_decoder()
     captured: dict[int, Any] = {}
 
     def hook(index: int):
@@ -498,64 +509,48 @@ def router_weights(
         return pre
 
     def each_prompt():
-        """(expert, captured MLP inputs) for every prompt, each source's model loaded once, one at a time."""
-        by_source: dict[int, list[int]] = {}
-        for e, src in enumerate(sources):
-            by_source.setdefault(id(src), []).append(e)
-        for group in by_source.values():
-            src = sources[group[0]]
-            model = _load_causal_lm(src)
-            model.eval()
-            tokenizer = AutoTokenizer.from_pretrained(str(src.tokenizer_dir))
-            decoder = model.get_decoder()
-            handles = [decoder.layers[i].mlp.register_forward_pre_hook(hook(i)) for i in layers]
-            try:
-                for e in group:
-                    for j, text in enumerate(prompts[e]):
-                        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-                        if ids.numel() == 0:
-                            raise UsageError(
-                                f"models[{e}].positive_prompts[{j}]: the tokenizer makes no tokens of {text!r}"
-                            )
-                        captured.clear()
-                        with torch.no_grad():
-                            decoder(input_ids=ids[:, :MAX_PROMPT_TOKENS], use_cache=False)
-                        yield e, captured
-            finally:
-                for h in handles:
-                    h.remove()
-                del model, decoder
+        """(expert, every layer's MLP input) for each prompt."""
+        for e, batch in enumerate(encoded):
+            for ids in batch:
+                captured.clear()
+                with torch.no_grad():
+                    decoder(input_ids=ids, use_cache=False)
+                yield e, captured
 
-    hidden = int(sources[0].config["hidden_size"])
     n = len(prompts)
-    sums = {i: torch.zeros(n, hidden, dtype=torch.float64) for i in layers}
-    for e, states in each_prompt():
+    handles = [decoder.layers[i].mlp.register_forward_pre_hook(hook(i)) for i in layers]
+    try:
+        sums = {i: torch.zeros(n, int(model.config.hidden_size), dtype=torch.float64) for i in layers}
+        for e, states in each_prompt():
+            for i in layers:
+                sums[i][e] += states[i].mean(0)
+        counts = torch.tensor([len(b) for b in encoded], dtype=torch.float64)[:, None]
+        rows = {}
         for i in layers:
-            sums[i][e] += states[i].mean(0)
-    counts = torch.tensor([len(p) for p in prompts], dtype=torch.float64)[:, None]
-    rows = {}
-    for i in layers:
-        means = sums[i] / counts
-        rel = means - means.mean(0)
-        lengths = rel.norm(dim=1)
-        weak = int(torch.argmin(lengths))
-        if lengths[weak] <= 1e-6 * float(means.norm(dim=1).max()):
-            raise UsageError(
-                f"layer {i}: the positive prompts of models[{weak}] give the same mean hidden state as the "
-                f"others': the router cannot tell its expert apart",
-                hint="give each expert prompts about what sets it apart from the others",
-            )
-        rows[i] = rel / lengths[:, None]
-    # second pass: the logits' RMS over the prompt tokens, and how many tokens go to their own expert
-    square = dict.fromkeys(layers, 0.0)
-    own = dict.fromkeys(layers, 0)
-    tokens = 0
-    for e, states in each_prompt():
-        tokens += next(iter(states.values())).shape[0]
-        for i in layers:
-            logits = states[i] @ rows[i].T
-            square[i] += float((logits**2).sum()) / n
-            own[i] += int((logits.argmax(-1) == e).sum())
+            means = sums[i] / counts
+            rel = means - means.mean(0)
+            lengths = rel.norm(dim=1)
+            weak = int(torch.argmin(lengths))
+            if lengths[weak] <= 1e-6 * float(means.norm(dim=1).max()):
+                raise UsageError(
+                    f"layer {i}: the positive prompts of models[{weak}] give the same mean hidden state as the "
+                    f"others': the router cannot tell its expert apart",
+                    hint="give each expert prompts about what sets it apart from the others",
+                )
+            rows[i] = rel / lengths[:, None]
+        # second pass: the logits' RMS over the prompt tokens, and how many tokens go to their own expert
+        square = dict.fromkeys(layers, 0.0)
+        own = dict.fromkeys(layers, 0)
+        tokens = 0
+        for e, states in each_prompt():
+            tokens += next(iter(states.values())).shape[0]
+            for i in layers:
+                logits = states[i] @ rows[i].T
+                square[i] += float((logits**2).sum()) / n
+                own[i] += int((logits.argmax(-1) == e).sum())
+    finally:  # the model goes with this frame: nothing else holds it
+        for h in handles:
+            h.remove()
     weights, fit = {}, {}
     for i in layers:
         rms = (square[i] / tokens) ** 0.5
