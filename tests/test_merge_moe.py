@@ -381,6 +381,8 @@ def test_bad_moe_recipes_are_refused_by_key():
     assert "only method moe" in found["moe"] and "only method moe" in found["models[0].positive_prompts"]
     found = problems({"method": "moe", "models": models, "moe": {"shared": "slerp"}, "parameters": {"t": 2}})
     assert "must be <= 1" in found["parameters.t"]
+    found = problems({"method": "moe", "models": models, "moe": {"shared": "ties", "router": "random"}})
+    assert "method ties needs a base model" in found["models"] and "(moe.shared = ties)" in found["models"]
     found = problems({"method": "moe", "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}]})
     assert "under models" in found["slices"]
 

@@ -196,9 +196,9 @@ class Moe(MergeMethod):
                 )
             )
             return problems
+        if problems and any(p.where == "models" for p in problems):
+            return problems  # too few models: the shared method would say so again
         for p in static_problems(_dense_options(options, methods), methods):
-            if p.where in ("models", "method") or (p.where == "slices" and not options.slices):
-                continue  # the count of models is checked above, for the experts
             problems.append(Problem(p.where, f"{p.message} (moe.shared = {mo.shared})"))
         return problems
 
