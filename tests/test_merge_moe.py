@@ -291,6 +291,7 @@ def test_cli_merges_a_moe_recipe_file(zoo, tmp_path):
 
     res = CliRunner().invoke(build_app(), ["merge", str(tmp_path / "out"), "-c", str(recipe_file)])
     assert res.exit_code == 0, res.output
+    assert "of the positive prompts' tokens go to their own expert" in res.output, res.output
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
     # the model card's recipe reproduces the merge
     import tomllib

@@ -111,6 +111,9 @@ def execute(plan: Plan, out_dir: Path, report: Reporter | None = None) -> dict |
             except _Stop:
                 return None
             weight_map.update({t.name: fname for t in shard})
+    run_notes = getattr(plan.method, "run_notes", None)  # what a method that plans itself (moe) learnt running
+    for note in run_notes() if run_notes else []:
+        report.log(note)
     if len(plan.shards) > 1:
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

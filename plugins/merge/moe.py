@@ -432,6 +432,16 @@ class _MoeRun(Moe):
             )
         return self._hidden[layer]
 
+    def run_notes(self) -> list[str]:
+        """Logged by the engine once the tensors are written: how well the routers tell the prompts apart."""
+        if not self.fit:
+            return []
+        layers = ", ".join(f"{i}: {share:.0%}" for i, share in sorted(self.fit.items()))
+        return [
+            f"routers: {sum(self.fit.values()) / len(self.fit):.0%} of the positive prompts' tokens go to their "
+            f"own expert (by layer {layers}; {1 / len(self.expert_sources):.0%} would be chance)"
+        ]
+
     def card_section(self) -> str:
         """What the model card says about the experts and the routers (engine.model_card)."""
         rows = ["| expert | model | positive prompts |", "|---|---|---|"]
