@@ -277,6 +277,29 @@ def test_shared_tensors_merged_by_another_method_with_its_parameters(zoo, tmp_pa
     load(tmp_path / "moe")
 
 
+def test_lora_adapters_are_experts_too(zoo, tmp_path):
+    """An expert given as a LoRA adapter (what LoRA SFT runs write) is its base plus the adapter's update."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = zoo("llama")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(str(paths["base"])), lora)
+    peft.save_pretrained(tmp_path / "adapter")
+    spec = recipe(paths, moe={"router": "random"})
+    spec["models"] = [{"model": str(tmp_path / "adapter")}, {"model": str(paths["code"])}]
+    merge(tmp_path / "moe", spec)
+    want = peft.merge_and_unload().state_dict()
+    got = read(tmp_path / "moe")
+    for layer in range(2):
+        for proj, expert in FAMILIES["llama"][1].items():
+            name = f"model.layers.{layer}.block_sparse_moe.experts.0.{expert}.weight"
+            torch.testing.assert_close(got[name], want[f"model.layers.{layer}.mlp.{proj}.weight"])
+    load(tmp_path / "moe")
+
+
 def test_cli_merges_a_moe_recipe_file(zoo, tmp_path):
     paths = zoo("llama")
     lines = ['method = "moe"', 'base = "base"', "", "[moe]", "num_experts_per_tok = 2", 'router = "hidden"']
