@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from llmforge.errors import UsageError
 
@@ -69,6 +70,8 @@ def inspect_gguf(path: Path) -> dict:
         "types": types,
         "head_dim": head_dim,
         "tied": "output.weight" not in names,
+        # stacked experts (llama.cpp's ffn_gate_exps, ffn_up_exps, ffn_down_exps): a mixture-of-experts model
+        "experts": any("_exps." in n for n in names),
         "meta": meta,  # the architecture's keys, without its prefix
         "tokenizer_pre": _field(reader, "tokenizer.ggml.pre"),
     }
@@ -79,12 +82,28 @@ def _field(reader, key: str):
     return field.contents() if field is not None else None
 
 
-def _check_supported(path: Path, arch: str) -> None:
+#: GGUF architectures whose stacked experts transformers' GGUF reader turns back into its MoE model, under the
+#: model type it names them by (its supported list spells them the transformers way, "qwen3_moe")
+MOE_READERS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+
+
+def _check_supported(path: Path, arch: str, experts: bool = False) -> None:
+    if experts and arch not in MOE_READERS:
+        # Mixtral is written as llama.cpp's "llama" architecture with expert tensors; transformers reads any
+        # "llama" GGUF as a dense LlamaForCausalLM, finds no MLP weights and initialises them at random
+        raise UsageError(
+            f"{path}: a mixture-of-experts GGUF (ffn_*_exps expert tensors) of architecture '{arch}'"
+            + (" (Mixtral)" if arch == "llama" else "")
+            + "; transformers reads it as a dense model without its experts, so the import would have random "
+            "MLP weights",
+            hint=f"transformers reads the experts of: {', '.join(sorted(MOE_READERS))} GGUFs; import Mixtral "
+            "from its Hugging Face folder instead",
+        )
     try:
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
     except ImportError:  # moved in some transformers version: let from_pretrained decide
         return
-    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES and MOE_READERS.get(arch) not in GGUF_SUPPORTED_ARCHITECTURES:
         raise UsageError(
             f"{path}: transformers cannot load GGUF architecture '{arch}'",
             hint=f"it reads: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}",
@@ -150,7 +169,7 @@ def import_gguf(gguf: Path, out_dir: Path, *, dtype: str = "float32", log: Log |
     _check_out_dir(out_dir)
     started = time.monotonic()
     info = inspect_gguf(path)
-    _check_supported(path, info["arch"])
+    _check_supported(path, info["arch"], info["experts"])
     if info["arch"] in ("gemma2", "gemma3") and info["tokenizer"] not in (None, "llama"):
         # transformers rebuilds every gemma GGUF's tokenizer as SentencePiece: a BPE one would load and then fail
         raise UsageError(
@@ -195,6 +214,18 @@ def _config_overrides(info: dict) -> dict:
     out: dict = {"tie_word_embeddings": info["tied"]}
     if info.get("head_dim"):
         out["head_dim"] = info["head_dim"]
+    meta = info.get("meta") or {}
+    if info["arch"] in MOE_READERS and meta.get("expert_feed_forward_length"):
+        # the reader maps no key to the expert FFN length, so every expert tensor would mismatch the config default
+        out["moe_intermediate_size"] = int(meta["expert_feed_forward_length"])
+    if info["arch"] == "phi3":
+        # Phi-3 rotates part of each head; the reader leaves partial_rotary_factor at 1 (every dimension rotated)
+        # and the logits change. The file has the rotated dimensions; the head length is hidden / heads for Phi-3.
+        dims, heads, hidden = (
+            meta.get(k) for k in ("rope.dimension_count", "attention.head_count", "embedding_length")
+        )
+        if dims and heads and hidden:
+            out["rope_parameters"] = {"partial_rotary_factor": int(dims) * int(heads) / int(hidden)}
     # Gemma: soft-caps, attention scale, sliding layers and RoPE bases, which that reader leaves at their defaults
     from llmforge_plugins.gguf.arch.gemma import hf_config
 
@@ -212,11 +243,28 @@ def _convert(path: Path, out: Path, dtype: str, overrides: dict | None = None) -
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         for key, value in (overrides or {}).items():
-            setattr(config, key, value)
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config)
+            current = getattr(config, key, None)
+            # a dict override (rope_parameters) adds to what the reader set rather than replacing it
+            setattr(
+                config, key, {**current, **value} if isinstance(value, dict) and isinstance(current, dict) else value
+            )
+        # output_loading_info makes it a (model, info) pair, which the stubs do not say
+        pair: Any = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, config=config, output_loading_info=True
+        )
+        loaded, loading = pair
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as exc:
         raise UsageError(f"{path}: transformers cannot load this GGUF ({' '.join(str(exc).split())[:300]})") from None
+    # transformers initialises at random what the file does not give it, and only warns: never save that
+    missing = sorted(set(loading.get("missing_keys") or ()) | {str(k) for k in loading.get("mismatched_keys") or ()})
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise UsageError(
+            f"{path}: transformers found no weights in this GGUF for {shown}; the import would have random weights "
+            "there",
+            hint="the file's architecture or tensor names are not what transformers' GGUF reader expects",
+        )
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantized already; the new folder is plain
