@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_cli
-from gguf_families import assert_round_trip, export, make_family_model, quiet_log
+from gguf_families import assert_round_trip, export, fields, make_family_model, quiet_log
 from llmforge.errors import UsageError
 from test_gguf_moe import FAMILIES
 
@@ -86,3 +86,23 @@ def test_qwen3moe_round_trip(f32, tmp_path):
     config = assert_round_trip(gguf, model, tmp_path / "back")
     assert config["architectures"] == ["Qwen3MoeForCausalLM"]
     assert (config["moe_intermediate_size"], config["num_local_experts"], config["num_experts_per_tok"]) == (32, 4, 2)
+
+
+def test_gguf_stage_model_name_from_forge_toml(f32, tmp_path):
+    """The stage's table already has `name` (the stage's own), so the model's name is `model_name`: the files'
+    stem and the GGUF's general.name."""
+    from llmforge.pipeline import load_pipeline
+    from llmforge.plugins import load_registry
+    from llmforge.runner import RunRequest, run_pipeline
+
+    model, _ = f32("phi")
+    (tmp_path / "forge.toml").write_text(
+        f'[project]\nname = "named"\n\n[[stages]]\nname = "gguf"\nuses = "gguf"\nmodel = "{model}"\n'
+        'model_name = "Tiny-Phi.v2"\ncheck = false\n'
+    )
+    registry = load_registry(env="")
+    result = run_pipeline(load_pipeline(tmp_path / "forge.toml", registry=registry), RunRequest(), registry=registry)
+    assert result.exit_code == 0, result.stages
+    art = result.run_dir / "stages" / "gguf" / "artifacts" / "gguf"
+    assert sorted(p.name for p in art.iterdir()) == ["Tiny-Phi.v2-f16.Modelfile", "Tiny-Phi.v2-f16.gguf"]
+    assert fields(art / "Tiny-Phi.v2-f16.gguf")["general.name"] == "Tiny-Phi.v2"

@@ -427,10 +427,13 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"{out} is a directory; the output is one .gguf file")
 
 
-def export_gguf(model: Path, out: Path, outtype: str = "f16", *, log: Log | None = None) -> dict:
+def export_gguf(
+    model: Path, out: Path, outtype: str = "f16", *, log: Log | None = None, name: str | None = None
+) -> dict:
     """Export a Hugging Face model directory (or a LoRA adapter directory, merged into its base first)
     to the GGUF file `out`. Written under a temporary name in the same folder and renamed into place:
-    `out` appears complete or not at all. Returns a summary."""
+    `out` appears complete or not at all. `name` is general.name (default: the model card's, else the folder's).
+    Returns a summary."""
     log = log or _quiet
     outtype = _check_outtype(outtype)
     model = Path(model).expanduser()
@@ -439,11 +442,11 @@ def export_gguf(model: Path, out: Path, outtype: str = "f16", *, log: Log | None
     if not model.exists():
         raise UsageError(f"model directory not found: {model}")
     if (model / "adapter_config.json").is_file():
-        return _export_adapter(model, out, outtype, log)
-    return _export_dir(model, out, outtype, log)
+        return _export_adapter(model, out, outtype, log, name)
+    return _export_dir(model, out, outtype, log, name)
 
 
-def _export_adapter(adapter: Path, out: Path, outtype: str, log: Log) -> dict:
+def _export_adapter(adapter: Path, out: Path, outtype: str, log: Log, name: str | None = None) -> dict:
     from llmforge_plugins.merge.engine import Reporter, merge_lora
 
     _precheck_adapter_base(adapter)
@@ -456,7 +459,7 @@ def _export_adapter(adapter: Path, out: Path, outtype: str, log: Log) -> dict:
         merged = work / adapter.resolve().name
         log(f"{adapter}: a LoRA adapter; merging it into its base first")
         merge_lora(adapter, merged, report=Reporter(log=log))
-        summary = _export_dir(merged, out, outtype, log)
+        summary = _export_dir(merged, out, outtype, log, name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary["adapter"] = str(adapter)
@@ -477,7 +480,7 @@ def _precheck_adapter_base(adapter: Path) -> None:
         model_family(config, cfg.parent)
 
 
-def _export_dir(model_dir: Path, out: Path, outtype: str, log: Log) -> dict:
+def _export_dir(model_dir: Path, out: Path, outtype: str, log: Log, name: str | None = None) -> dict:
     import gguf
     import numpy as np
 
@@ -498,7 +501,7 @@ def _export_dir(model_dir: Path, out: Path, outtype: str, log: Log) -> dict:
     for p in planned:
         writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
     params = writer.get_total_parameter_count()[0]
-    write_metadata(writer, model_dir, arch, hp, outtype, vocab, None, log)
+    write_metadata(writer, model_dir, arch, hp, outtype, vocab, name, log)
     log(
         f"{model_dir}: {hp.architecture}, {hp.n_layers} layers, {params / 1e6:.1f} M parameters -> {out.name} "
         f"({outtype.upper()}, {len(planned)} tensors, tokenizer {vocab.model}/{vocab.pre})"

@@ -3,9 +3,9 @@
 The stage calls the same engine as the `llmforge gguf` commands (export.py, quantize.py, imatrix.py,
 check.py, modelfile.py); this module only schedules them and reports. Its one artifact, `gguf`, is a folder:
 
-    <name>-<outtype>.gguf           the export (f16 by default)
-    <name>-<outtype>.Modelfile      Ollama: FROM, TEMPLATE, stop parameters
-    <name>-Q4_K_M.gguf, ...         one per `quantize` type, each with its Modelfile
+    <model_name>-<outtype>.gguf     the export (f16 by default)
+    <model_name>-<outtype>.Modelfile Ollama: FROM, TEMPLATE, stop parameters
+    <model_name>-Q4_K_M.gguf, ...   one per `quantize` type, each with its Modelfile
     imatrix.safetensors             when `imatrix` calibration text was given
     report.json, report.md          the parity scorecard (with check = true)
 
@@ -71,11 +71,13 @@ class GgufOptions(StageOptions):
     min_top1: float = Field(
         0.3, ge=0, le=1, description="Fail when a file's top-1 token agrees with the HF model's less often than this."
     )
-    name: str = Field(
-        "model",
+    # not `name`: in forge.toml that key of the stage's table is the stage's own name
+    model_name: str | None = Field(
+        None,
         min_length=1,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-        description="File name stem: <name>-f16.gguf, <name>-Q4_K_M.gguf.",
+        description="The model's name: the files' name stem (<model_name>-f16.gguf, <model_name>-Q4_K_M.gguf; "
+        "\"model\" when unset) and the GGUF's general.name (unset: the model card's, else the model folder's).",
     )
 
     @field_validator("quantize")
@@ -201,7 +203,8 @@ class GgufStage(Stage):
         if options.imatrix is not None and not options.quantize:
             ctx.log("imatrix is set but quantize is empty: the importance matrix is not computed", "warning")
         with ctx.artifact("gguf") as out:
-            files = [self._export(model, out / f"{options.name}-{options.outtype}.gguf", options, ctx)]
+            stem = options.model_name or "model"
+            files = [self._export(model, out / f"{stem}-{options.outtype}.gguf", options, ctx)]
             step()
             imatrix = None
             if options.quantize and options.imatrix is not None:
@@ -213,9 +216,7 @@ class GgufStage(Stage):
             for qtype in options.quantize:
                 if ctx.should_stop():
                     return None  # the artifact block discards what was written
-                files.append(
-                    self._quantize(files[0], out / f"{options.name}-{qtype}.gguf", qtype, imatrix, ctx, quantized)
-                )
+                files.append(self._quantize(files[0], out / f"{stem}-{qtype}.gguf", qtype, imatrix, ctx, quantized))
                 step()
             if ctx.should_stop():
                 return None
@@ -236,7 +237,7 @@ class GgufStage(Stage):
         from llmforge_plugins.gguf.export import export_gguf
 
         ctx.log(f"exporting {model} to {dst.name}")
-        summary = export_gguf(model, dst, options.outtype, log=ctx.log)
+        summary = export_gguf(model, dst, options.outtype, log=ctx.log, name=options.model_name)
         ctx.info["export"] = {k: summary[k] for k in ("arch", "outtype", "tensors", "bytes", "seconds") if k in summary}
         return dst
 
