@@ -3,6 +3,15 @@ converter on the same folder in the same run; plus the time to quantize the expo
 
 Usage: python bench/gguf.py [--dir /tmp/llmforge-bench-gguf] [--scale 1.0] [--runs 1]
                             [--llama-cpp-src PATH] [--write docs/benchmarks.md]
+                            [--families all|llama,qwen2,... [--hidden 256]]
+
+With --families, one row per model family instead (Llama, Qwen2, Qwen3, Gemma2, Gemma3, Phi3, Qwen3-MoE,
+Mixtral): a small model of each (4 layers, hidden --hidden; the MoE ones 8 experts, top-2) built by transformers
+from its config and saved with `save_pretrained` (per-expert tensors, as released MoE checkpoints are), with the
+real vocabulary the converter recognises for that family (GPT-2's; Qwen2's for the Qwen families; a SentencePiece
+model trained here for Gemma, whose vocabulary the converter reads from tokenizer.model); ours and the converter's
+F16 export of it, interleaved, --runs times each, the median reported, and whether the two files hold the same
+tensors.
 
 * llmforge: `llmforge gguf export MODEL OUT --outtype f16` (the command, start-up included);
 * llama.cpp: `convert_hf_to_gguf.py MODEL --outfile OUT --outtype f16`, unmodified, with its own gguf-py, from
@@ -183,6 +192,225 @@ def identical(a: Path, b: Path) -> bool:
     )
 
 
+EXPORT_ALONE = r"""
+import sys
+from pathlib import Path
+from llmforge_plugins.gguf.export import export_gguf
+export_gguf(Path(sys.argv[1]), Path(sys.argv[2]), "f16")
+"""
+
+#: family -> (transformers config class, model class, config values over FAMILY_BASE, vocabulary)
+FAMILY_MODELS: dict[str, tuple[str, str, dict, str]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, "gpt-2"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, "qwen2"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 128, "tie_word_embeddings": True}, "qwen2"),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 128, "tie_word_embeddings": True},
+        "sentencepiece",
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        # the converter writes no per-layer pattern: llama.cpp's default (every layer sliding here, as in the tests)
+        {
+            "head_dim": 64,
+            "query_pre_attn_scalar": 64,
+            "sliding_window": 128,
+            "tie_word_embeddings": True,
+            "layer_types": ["sliding_attention"] * 4,
+        },
+        "sentencepiece",
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"partial_rotary_factor": 0.5}, "gpt-2"),
+    "qwen3moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {"num_local_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256, "norm_topk_prob": True},
+        "qwen2",
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None, "intermediate_size": 256},
+        "gpt-2",
+    ),
+}
+FAMILY_BASE = dict(
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+
+
+def family_model(root: Path, family: str, hidden: int, src: Path) -> dict:
+    """A float32 model of `family` with its vocabulary, written once per (family, hidden) and reused."""
+    marker = root / family / "generated.json"
+    if marker.exists() and json.loads(marker.read_text()).get("hidden") == hidden:
+        return json.loads(marker.read_text())
+    import torch
+    import transformers
+
+    config_class, model_class, extra, vocab = FAMILY_MODELS[family]
+    shutil.rmtree(root / family, ignore_errors=True)
+    model = root / family / "model"
+    if vocab == "sentencepiece":
+        tok = _sentencepiece(root / family / "sp")
+    else:
+        from llmforge_plugins.gguf.converter import vocab_tokenizer
+
+        tok, _ = vocab_tokenizer(src, vocab, root / family / "tokenizer")
+    values = {
+        **FAMILY_BASE,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 11 // 4,
+        "vocab_size": len(tok),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        **extra,
+    }
+    cfg = getattr(transformers, config_class)(**values)
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_class)(cfg)
+    # save_pretrained writes the per-expert tensors released MoE checkpoints have (the converter reads those)
+    hf.save_pretrained(str(model))
+    tok.save_pretrained(str(model))
+    if vocab == "sentencepiece":
+        # as the Gemma byte-identity test: tokenizer.model with its hand-written tokenizer_config.json only
+        for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            (model / file).unlink(missing_ok=True)
+        for file in ("tokenizer.model", "tokenizer_config.json"):
+            shutil.copy(root / family / "sp" / file, model / file)
+    if family == "phi3":
+        # the converter does not carry add_prefix_space over for Phi-3 (see the byte-identity test)
+        tc = json.loads((model / "tokenizer_config.json").read_text())
+        tc.pop("add_prefix_space", None)
+        (model / "tokenizer_config.json").write_text(json.dumps(tc))
+    state = hf.state_dict()
+    info = {
+        "hidden": hidden,
+        "vocab": vocab,
+        "vocab_size": len(tok),
+        "params": sum(t.numel() for t in state.values()),
+        "largest_tensor_bytes": max(t.numel() for t in state.values()) * 4,
+        "model_bytes": sum(f.stat().st_size for f in model.glob("*.safetensors")),
+    }
+    marker.write_text(json.dumps(info))
+    return info
+
+
+def _sentencepiece(folder: Path):
+    """Gemma's kind of tokenizer: a SentencePiece BPE trained here (byte fallback, <pad>/<eos>/<bos>/<unk> at 0-3)."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    words = ["alpha", "beta", "gamma", "delta", "Köln", "Straße", "мир", "東京", "3.14", "it's", "tokens"]
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(2000)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=buf,
+        vocab_size=350,  # the 256 byte pieces, the specials, and merges this small corpus has
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+        minloglevel=2,
+    )
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    special = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer", **special}))
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def run_families(args, root: Path, src: Path | None, llmforge_cmd: list[str]) -> int:
+    """One row per family: ours vs llama.cpp's converter, F16, interleaved, medians."""
+    if src is None:
+        raise SystemExit("--families compares with llama.cpp's converter: give --llama-cpp-src")
+    from llmforge_plugins.gguf.converter import converter_command
+
+    names = list(FAMILY_MODELS) if args.families == "all" else args.families.split(",")
+    unknown = [n for n in names if n not in FAMILY_MODELS]
+    if unknown:
+        raise SystemExit(f"unknown families {unknown}; choose from {', '.join(FAMILY_MODELS)}")
+    infos = {name: family_model(root, name, args.hidden, src) for name in names}
+    results: dict[str, dict[str, list[tuple[float, float]]]] = {
+        n: {"ours": [], "theirs": [], "export": []} for n in names
+    }
+    for run in range(args.runs):
+        for name in names:
+            model, ours, theirs = root / name / "model", root / name / "ours-f16.gguf", root / name / "theirs-f16.gguf"
+            cmd, env = converter_command(src, model, theirs, "f16")
+            commands = [
+                ("ours", [*llmforge_cmd, "gguf", "export", str(model), str(ours), "--outtype", "f16", "--force"]),
+                ("theirs", ["env", f"PYTHONPATH={env['PYTHONPATH']}", *cmd]),
+            ]
+            if run == 0:
+                # the command also writes the Ollama Modelfile, which re-reads the file's metadata: once, the
+                # export alone (export_gguf in a fresh interpreter), to tell the two apart
+                alone = root / name / "alone-f16.gguf"
+                alone.unlink(missing_ok=True)
+                commands.append(("export", [sys.executable, "-c", EXPORT_ALONE, str(model), str(alone)]))
+            for who, command in commands:
+                wall, rss = measure(command)
+                results[name][who].append((wall, rss))
+                print(f"{name} {who}: {wall:.1f} s, peak RSS {rss / MB:.0f} MB", flush=True)
+
+    def med(name: str, who: str, i: int) -> float:
+        return statistics.median(r[i] for r in results[name][who])
+
+    lines = [
+        f"- {machine_line()}; {args.runs} run(s) each, interleaved: median",
+        f"- {load_line()}",
+        f"- input per family: 4 layers, hidden {args.hidden}, FFN {args.hidden * 11 // 4} (MoE: 8 experts of FFN 256, "
+        "top-2), float32 safetensors from `save_pretrained`; output F16; ours = `llmforge gguf export --outtype f16`, "
+        "llama.cpp = `convert_hf_to_gguf.py --outtype f16` (unmodified), each a fresh process",
+        "",
+        "| family | params | vocab | ours: time | llama.cpp: time | ours: peak RSS | llama.cpp: peak RSS | "
+        "RSS goal (1.5 × largest + 300 MB) | no slower | RSS under goal | same tensors | export alone (1 run) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ok = True
+    for name in names:
+        info = infos[name]
+        budget = 1.5 * info["largest_tensor_bytes"] + 300 * MB
+        ow, tw = med(name, "ours", 0), med(name, "theirs", 0)
+        orss, trss = med(name, "ours", 1), med(name, "theirs", 1)
+        same = identical(root / name / "ours-f16.gguf", root / name / "theirs-f16.gguf")
+        faster, small = ow <= tw, orss <= budget
+        ok = ok and faster and small
+        lines.append(
+            f"| {name} | {info['params'] / 1e6:.1f} M | {info['vocab']} ({info['vocab_size']}) | {ow:.1f} s | "
+            f"{tw:.1f} s | {orss / MB:.0f} MB | {trss / MB:.0f} MB | {budget / MB:.0f} MB | "
+            f"{'met' if faster else 'not met'} ({ow / tw:.2f} ×) | {'met' if small else 'not met'} | "
+            f"{'yes' if same else 'no'} | {results[name]['export'][0][0]:.1f} s, "
+            f"{results[name]['export'][0][1] / MB:.0f} MB |"
+        )
+    print("\n".join(lines))
+    if args.write:
+        _sibling("startup")._update(args.write, "gguf-families", "\n".join(lines))
+    return 0 if ok else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", type=Path, default=Path("/tmp/llmforge-bench-gguf"))
@@ -194,9 +422,16 @@ def main() -> int:
         "llama-cpp-python's source distribution, downloaded once)",
     )
     ap.add_argument("--write", type=Path, help="update this markdown file's gguf section")
+    ap.add_argument("--families", help="'all' or a comma list: one row per family instead of the Llama figure")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size of the --families models")
     args = ap.parse_args()
     root = args.dir.resolve()
     src = find_converter(args.llama_cpp_src)
+    if args.families:
+        llmforge = shutil.which("llmforge", path=str(Path(sys.executable).parent))
+        return run_families(
+            args, root / "families", src, [llmforge] if llmforge else [sys.executable, "-m", "llmforge"]
+        )
     info = generate(root, args.scale, src)
     model = root / "model"
     llmforge = shutil.which("llmforge", path=str(Path(sys.executable).parent))
