@@ -11,7 +11,7 @@ from its config and saved with `save_pretrained` (per-expert tensors, as release
 real vocabulary the converter recognises for that family (GPT-2's; Qwen2's for the Qwen families; a SentencePiece
 model trained here for Gemma, whose vocabulary the converter reads from tokenizer.model); ours and the converter's
 F16 export of it, interleaved, --runs times each, the median reported, and whether the two files hold the same
-tensors.
+tensors; once, our export alone (`export_gguf`, without the Modelfile the command writes after it).
 
 * llmforge: `llmforge gguf export MODEL OUT --outtype f16` (the command, start-up included);
 * llama.cpp: `convert_hf_to_gguf.py MODEL --outfile OUT --outtype f16`, unmodified, with its own gguf-py, from

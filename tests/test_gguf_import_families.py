@@ -7,6 +7,9 @@ name, and anything else transformers reports as missing from the file through it
 reader leaves out of the config is rebuilt from the file: Phi-3's partial rotary factor (from the rotated dimensions),
 Qwen3-MoE's expert FFN length; both come back with the original logits.
 
+Also the gguf stage's `model_name` option (not `name`, which a stage's table already uses for the stage), set in
+forge.toml: the files' stem and the GGUF's general.name.
+
 The models are the tiny random ones of tests/test_gguf_moe.py's families (transformers builds them from a config).
 """
 
