@@ -36,6 +36,20 @@ def test_wheel_contents_and_entry_points_work_when_installed(tmp_path: Path):
     assert "llmforge_plugins/shell.py" in names
     assert "llmforge/templates/init-forge.toml" in names
     assert not any(n.startswith("plugins/") for n in names), "plugins/ must not install as a top-level package"
+    # Every module of the source tree is in the wheel (packages are listed by hand in pyproject.toml: a new
+    # subpackage left out works in an editable install and is missing from a real one), and so is every
+    # file `llmforge init` writes.
+    tracked = subprocess.run(
+        ["git", "ls-files", "llmforge", "plugins"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    if tracked:  # a checkout; an sdist has no git
+        wanted = {
+            ("llmforge_plugins" + f[len("plugins") :]) if f.startswith("plugins/") else f
+            for f in tracked
+            if f.endswith(".py") or f.startswith("llmforge/templates/")
+        }
+        missing = sorted(wanted - set(names))
+        assert not missing, f"not in the wheel: {missing[:10]}"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[llmforge]" in text and "llmforge_plugins.hooks.shell" in text
