@@ -22,6 +22,18 @@ STATUS_STYLE: dict[str, str] = {
     Status.PENDING: "dim",
 }
 
+# The mark before an ended stage's status, the same in the CLI's lines and the TUI's tables: a stop the user
+# asked for is not a failure, and the mark says so where colour is not seen (NO_COLOR, a monochrome terminal).
+STATUS_MARK: dict[str, str] = {
+    Status.DONE: "✓",
+    Status.CACHED: "↺",
+    Status.STOPPED: "■",
+    Status.SKIPPED: "-",
+    Status.FAILED: "✗",
+    Status.KILLED: "✗",
+    Status.DAMAGED: "✗",
+}
+
 
 def fmt_duration(seconds: float | None) -> str:
     """A run's or a stage's duration as the front ends show it: 4.2s, 3m07s, 1h05m."""

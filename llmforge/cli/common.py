@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from llmforge.formatting import STATUS_STYLE, fmt_duration  # noqa: F401 - the CLI modules import them from here
+from llmforge.formatting import STATUS_MARK, STATUS_STYLE, fmt_duration  # noqa: F401 - the CLI modules import them from here
 
 if TYPE_CHECKING:
     from llmforge.plugins import Registry
@@ -117,8 +117,6 @@ def status_style(status: str) -> str:
 
 
 #: the mark before a finished stage: a stop asked for by the user is not a failure
-STATUS_MARK = {"done": "✓", "cached": "↺", "stopped": "■", "skipped": "-"}
-
-
 def status_mark(status: str) -> str:
+    """The mark of an ended stage's line (formatting.STATUS_MARK); an end this version does not know is a failure."""
     return STATUS_MARK.get(status, "✗")

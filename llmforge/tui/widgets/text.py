@@ -5,19 +5,15 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from llmforge.formatting import STATUS_STYLE, fmt_duration  # noqa: F401 - the screens import them from here
+from llmforge.formatting import STATUS_MARK, STATUS_STYLE, fmt_duration  # noqa: F401 - the screens import them from here
 
 if TYPE_CHECKING:  # rich is imported where it is used: the TUI's start-up does not need it yet
     from rich.text import Text
 
-# The marks the CLI puts before an ended stage (cli/common.py::STATUS_MARK): a stop the user asked for is
-# not a failure, and the mark says so where colour is not seen (NO_COLOR, a monochrome terminal).
-# Statuses still going or never started get none.
-STATUS_MARK = {"done": "✓", "cached": "↺", "stopped": "■", "failed": "✗", "killed": "✗", "damaged": "✗"}
-
 
 def marked(status: str) -> str:
-    """The status with its mark, as plain text: "■ stopped", "✗ failed", "running"."""
+    """The status with its mark (formatting.STATUS_MARK, the CLI's too), as plain text: "■ stopped", "✗ failed",
+    "running" (a status still going or never started has none)."""
     mark = STATUS_MARK.get(status)
     return f"{mark} {status}" if mark else status
 
