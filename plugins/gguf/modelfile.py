@@ -379,28 +379,29 @@ def modelfile_text(gguf_name: str, info: ChatInfo) -> str:
 
 
 def read_chat_info(gguf: Path) -> ChatInfo:
-    """The chat template and special tokens from a GGUF's metadata (memory-mapped: tensors are not read)."""
-    from llmforge_plugins.gguf.quantize import gguf_field, read_gguf
+    """The chat template and special tokens from a GGUF's metadata. Only these keys are decoded (metadata.py):
+    gguf's GGUFReader would parse the whole vocabulary and merges first, seconds and hundreds of MB for a
+    150k-token one, to give back three strings of it."""
+    from llmforge_plugins.gguf.metadata import read_metadata
 
-    reader = read_gguf(gguf)  # a missing, foreign or truncated file is a UsageError naming it
+    ids = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+    template, add_bos, tokens = "tokenizer.chat_template", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.tokens"
+    # a missing, foreign or truncated file is a UsageError naming it
+    meta = read_metadata(gguf, (template, add_bos, tokens, *ids))
+    vocab = meta.get(tokens)
 
-    def value(key):
-        return gguf_field(reader, key)
-
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-
-    def token(key):
-        idx = value(key)
-        if tokens is None or idx is None or not 0 <= int(idx) < len(tokens.data):
+    def token(key: str) -> str | None:
+        idx = meta.get(key)
+        if not isinstance(vocab, list) or idx is None or not 0 <= int(idx) < len(vocab):
             return None
-        return tokens.contents(int(idx))
+        return str(vocab[int(idx)])
 
     return ChatInfo(
-        template=value("tokenizer.chat_template"),
-        bos=token("tokenizer.ggml.bos_token_id"),
-        eos=token("tokenizer.ggml.eos_token_id"),
-        eot=token("tokenizer.ggml.eot_token_id"),
-        add_bos=bool(value("tokenizer.ggml.add_bos_token")),
+        template=meta.get(template),
+        bos=token(ids[0]),
+        eos=token(ids[1]),
+        eot=token(ids[2]),
+        add_bos=bool(meta.get(add_bos)),
     )
 
 
