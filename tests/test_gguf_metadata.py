@@ -73,6 +73,9 @@ def test_every_key_and_the_chat_info_match_gguf_reader(exported, name):
     assert read_metadata(path, ["general.architecture", "no.such.key"]) == {
         "general.architecture": expected["general.architecture"]
     }
+    # or a test of the name, for keys named after the architecture (what `chat` and `gguf check` read)
+    context = f"{expected['general.architecture']}.context_length"
+    assert read_metadata(path, lambda key: key.endswith(".context_length")) == {context: expected[context]}
     info = read_chat_info(path)
     assert info == reference_chat_info(path)
     assert info.template and info.eos, info  # the tiny models carry a chat template and an EOS

@@ -225,13 +225,14 @@ class GGUFEngine(ChatEngine):
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, log: Callable | None = None):
         from llmforge.native import LlamaModel
-        from llmforge_plugins.gguf.quantize import gguf_field, read_gguf
+        from llmforge_plugins.gguf.metadata import read_metadata
 
         self.path = path
-        reader = read_gguf(path)  # a truncated or damaged file is a UsageError naming it
-        arch = gguf_field(reader, "general.architecture")
-        trained = gguf_field(reader, f"{arch}.context_length") if arch else None
-        del reader
+        # Two keys, read without parsing the vocabulary (gguf's GGUFReader takes seconds on a 150k-token one);
+        # a truncated or damaged file is a UsageError naming it.
+        meta = read_metadata(path, lambda key: key == "general.architecture" or key.endswith(".context_length"))
+        arch = meta.get("general.architecture")
+        trained = meta.get(f"{arch}.context_length") if arch else None
         self.trained = int(trained or 0)
         # More context than the model was trained on only makes llama.cpp warn, and answers degrade there.
         n_ctx = min(n_ctx or DEFAULT_N_CTX, int(trained)) if trained else (n_ctx or DEFAULT_N_CTX)

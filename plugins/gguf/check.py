@@ -140,18 +140,23 @@ def _perplexity(logits_windows, windows) -> float:
 # the two sides
 
 
+_HEADER_KEYS = ("general.architecture", "general.file_type")
+
+
 def _gguf_info(path: Path) -> dict:
     """What the header says: type (general.file_type, else guessed from the name), context length, size."""
-    from llmforge_plugins.gguf.quantize import QUANT_TYPES, file_type_name, gguf_field, read_gguf
+    from llmforge_plugins.gguf.metadata import read_metadata
+    from llmforge_plugins.gguf.quantize import QUANT_TYPES, file_type_name
 
-    reader = read_gguf(path)
-    arch = gguf_field(reader, "general.architecture")
-    qtype = file_type_name(gguf_field(reader, "general.file_type"))
+    # a few header keys, without parsing the vocabulary; a truncated or damaged file is a UsageError naming it
+    meta = read_metadata(path, lambda key: key in _HEADER_KEYS or key.endswith(".context_length"))
+    arch = meta.get("general.architecture")
+    qtype = file_type_name(meta.get("general.file_type"))
     if qtype is None:
         upper = path.name.upper()
         found = [name for name in QUANT_TYPES if re.search(rf"(?<![A-Z0-9]){name}(?![A-Z0-9_])", upper)]
         qtype = max(found, key=len) if found else "?"
-    n_ctx = gguf_field(reader, f"{arch}.context_length") if arch else None
+    n_ctx = meta.get(f"{arch}.context_length") if arch else None
     return {"type": qtype, "n_ctx_train": int(n_ctx) if n_ctx else None, "bytes": path.stat().st_size}
 
 

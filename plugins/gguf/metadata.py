@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -113,14 +113,17 @@ def _data_end(h: _Header, n_tensors: int, alignment: int) -> int:
     return -(-h.pos // alignment) * alignment + end
 
 
-def read_metadata(path: Path, keys: Collection[str], *, check_tensors: bool = True) -> dict[str, Any]:
-    """The values of `keys` that the GGUF at `path` holds (absent keys are left out): numbers, bools, strings,
-    lists. With `check_tensors`, the tensor infos are read too and a file too short for its tensor data is a
-    UsageError (what quantize.read_gguf checks); the tensor data itself is never touched."""
+def read_metadata(
+    path: Path, keys: Collection[str] | Callable[[str], bool], *, check_tensors: bool = True
+) -> dict[str, Any]:
+    """The values of `keys` (names, or a test of a name: a key whose name depends on the architecture) that the
+    GGUF at `path` holds (absent keys are left out): numbers, bools, strings, lists. With `check_tensors`, the
+    tensor infos are read too and a file too short for its tensor data is a UsageError (what quantize.read_gguf
+    checks); the tensor data itself is never touched."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: GGUF file not found")
-    wanted = set(keys)
+    wanted = keys if callable(keys) else set(keys).__contains__
     with open(path, "rb") as f:
         magic = f.read(4)
         if magic != b"GGUF":
@@ -142,10 +145,11 @@ def read_metadata(path: Path, keys: Collection[str], *, check_tensors: bool = Tr
                 alignment = _DEFAULT_ALIGNMENT
                 for _ in range(n_keys):
                     key = h.string()
-                    value = h.value(h.scalar("<I"), key in wanted or key == "general.alignment")
+                    want = wanted(key)
+                    value = h.value(h.scalar("<I"), want or key == "general.alignment")
                     if key == "general.alignment":
                         alignment = int(value) or _DEFAULT_ALIGNMENT
-                    if key in wanted:
+                    if want:
                         found[key] = value
                 if check_tensors and _data_end(h, n_tensors, alignment) > file_size:
                     raise _Cut
