@@ -4,7 +4,8 @@
 * the commands `llmforge gguf export|quantize|check`, `llmforge import` and `llmforge chat` (command.py);
 * the engine: export.py and vocab.py (HF -> GGUF, streamed), quantize.py (llama.cpp's quantizer) and
   imatrix.py (importance matrices from calibration text), check.py (tokenization, logits parity, perplexity:
-  the scorecard), importer.py (GGUF -> HF), modelfile.py (Ollama);
+  the scorecard), importer.py (GGUF -> HF), modelfile.py (Ollama), metadata.py (header keys without the
+  vocabulary);
 * the chat engines `hf` (transformers) and `gguf` (llama.cpp) in chat.py, registered through the core's
   `register_chat_engines`: `llmforge chat`, the TUI's chat panel and the demo's evaluation open models
   with them.
