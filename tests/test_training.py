@@ -156,6 +156,7 @@ def test_a_stage_runs_alone_reusing_cached_inputs(trained):
     assert again["stages"]["dpo"]["status"] == "skipped"
 
 
+@pytest.mark.slow  # ~45 s: a second training run; the default run stays under 15 minutes
 def test_changed_template_retokenizes_same_template_hits_the_cache(trained):
     project, st, _ = trained
     res = project.run("run", "--stage", "sft", "--force", timeout=600)  # same template: cache hit
@@ -322,6 +323,7 @@ def test_sigkill_mid_training_resumes_from_the_last_complete_checkpoint(project)
     assert st["stages"]["pretrain"]["status"] == "done"
 
 
+@pytest.mark.slow  # a pretraining run; Qwen3 models' structure is covered fast by tests/test_families.py
 def test_pretrain_builds_a_qwen3_model_that_loads_and_plans_alike(project, llmforge_registry):
     """`model.architecture = "qwen3"`: the size preset as a Qwen3 model (per-head q/k RMSNorms, explicit
     head_dim), trained a few steps; the output loads as Qwen3ForCausalLM, and `llmforge plan` counts the
