@@ -571,8 +571,10 @@ async def ready_monitor(pilot) -> None:
             and s.model.status == "stopped"
             and "exit 130" in s._texts.get("mon-title", "")
             and s.query_one("#chart-loss").plotted
+            # the title can have the exit code from the manifest before the run_end event's log line is drawn
+            and any("exit code 130" in line for line in s.query_one("#mon-log").lines)
         ),
-        what="the stopped run with its charts",
+        what="the stopped run with its charts and its last log line",
     )
     await _settle(pilot)
 
