@@ -263,3 +263,29 @@ def assert_same_as_converter(src: Path, model: Path, tmp: Path, outtype: str) ->
     assert set(fb) <= set(fa), set(fb) - set(fa)
     for key in fb:
         assert fa[key] == fb[key], key
+
+
+def log_to(messages: list):
+    """An export `log` that keeps (level, message) pairs, for tests that assert a warning."""
+
+    def log(message, level="info"):
+        messages.append((level, message))
+
+    return log
+
+
+def family_builder(root: Path, families: dict | None = None):
+    """A getter of each family's tiny model and its F32 export under `root`, built on first use (a
+    module-scoped fixture returns it); `families` defaults to FAMILIES (a test file may have its own)."""
+    families = FAMILIES if families is None else families
+    cache: dict = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            fam = families[name]
+            model = make_family_model(fam, root / name)
+            f32 = root / f"{name}.f32.gguf"
+            cache[name] = {"family": fam, "model": model, "f32": f32, "summary": export(model, f32, "f32")}
+        return cache[name]
+
+    return get

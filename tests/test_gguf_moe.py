@@ -28,6 +28,7 @@ from gguf_families import (
     assert_parity,
     assert_same_as_converter,
     export,
+    family_builder,
     fields,
     gguf_logits,
     hf_ids,
@@ -35,6 +36,7 @@ from gguf_families import (
     kl_top1,
     llama,
     llama_cpp_src_or_skip,
+    log_to,
     make_family_model,
     quantize,
     real_vocab_model,
@@ -101,28 +103,10 @@ LONGROPE = {
 }
 
 
-def log_to(messages: list):
-    def log(message, level="info"):
-        messages.append((level, message))
-
-    return log
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Each family's tiny model and its F32 export, built on first use."""
-    root = tmp_path_factory.mktemp("phi-moe")
-    cache: dict = {}
-
-    def get(name: str) -> dict:
-        if name not in cache:
-            fam = FAMILIES[name]
-            model = make_family_model(fam, root / name)
-            f32 = root / f"{name}.f32.gguf"
-            cache[name] = {"family": fam, "model": model, "f32": f32, "summary": export(model, f32, "f32")}
-        return cache[name]
-
-    return get
+    return family_builder(tmp_path_factory.mktemp("phi-moe"), FAMILIES)
 
 
 def copy_model(src, dest):
