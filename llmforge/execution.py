@@ -37,7 +37,8 @@ def extension_points() -> list:
     from llmforge.chat import CHAT_TEMPLATES
     from llmforge.chat_engine import CHAT_ENGINES
     from llmforge.data import READERS, ROW_FORMATS
+    from llmforge.judging import JUDGE_BACKENDS
     from llmforge.stage import STAGES
     from llmforge.trackers import TRACKERS
 
-    return [STAGES, READERS, ROW_FORMATS, CHAT_TEMPLATES, TRACKERS, BACKENDS, CHAT_ENGINES]
+    return [STAGES, READERS, ROW_FORMATS, CHAT_TEMPLATES, TRACKERS, BACKENDS, CHAT_ENGINES, JUDGE_BACKENDS]

@@ -1,0 +1,21 @@
+"""`eval`: evaluation as a first-party plugin.
+
+* the extension points `register_eval_tasks` and `register_eval_models` (api.py: ``EVAL_TASKS``,
+  ``EVAL_MODELS``, with the base classes a task kind or a model runner is written against);
+* the built-in task kinds (tasks.py) and model runners (hf_model.py, gguf_model.py), registered through them
+  exactly as a third-party plugin's would be;
+* the stage kind `eval` (stage.py) and the command `llmforge eval` (command.py).
+
+Imported at every `llmforge` start-up: nothing heavy here.
+"""
+
+from __future__ import annotations
+
+from llmforge import hookimpl
+
+
+@hookimpl
+def extension_points():
+    from llmforge_plugins.eval.api import EVAL_MODELS, EVAL_TASKS
+
+    return [EVAL_TASKS, EVAL_MODELS]
