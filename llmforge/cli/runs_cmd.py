@@ -181,9 +181,91 @@ def checkpoint(run: RunArg = None, dir_: RunsDirOption = None) -> None:
     console().print(f"checkpoint requested for run {r.id}", markup=False)
 
 
+def compare(
+    a: Annotated[str, typer.Argument(help="A run: id, unique prefix or folder.")],
+    b: Annotated[str, typer.Argument(help="The run to compare with A.")],
+    as_json: JsonOption = False,
+    dir_: RunsDirOption = None,
+) -> None:
+    """Two runs side by side: their eval leaderboards (each model's task metrics in A and B, and the change
+    B - A), their gates and selected models, and each stage's status, time and final loss."""
+    from llmforge.leaderboard import compare_runs, fmt_delta, fmt_value
+
+    store = _store(dir_)
+    run_a, run_b = store.get(a), store.get(b)  # an unknown or damaged run: a UsageError naming it (exit 2)
+    data = compare_runs(run_a, run_b)
+    if as_json:
+        print_json(data)
+        return
+    out = console()
+    out.print(f"A = {run_a.id} ({run_a.status}), B = {run_b.id} ({run_b.status})", markup=False)
+
+    def loss(side: dict | None) -> str:
+        if not side or side.get("final_loss") is None:
+            return "-"
+        text = f"{side['final_loss']:.4f}"
+        return text + (f" (eval {side['eval_loss']:.4f})" if side.get("eval_loss") is not None else "")
+
+    rows = []
+    for st in data["stages"]:
+        sa, sb = st["a"] or {}, st["b"] or {}
+        rows.append(
+            [
+                st["name"],
+                sa.get("status", "-"),
+                sb.get("status", "-"),
+                fmt_duration(sa.get("duration")),
+                fmt_duration(sb.get("duration")),
+                loss(st["a"]),
+                loss(st["b"]),
+            ]
+        )
+    print_table(
+        ["stage", "A", "B", "time A", "time B", "final loss A", "final loss B"],
+        rows,
+        styles={1: status_style, 2: status_style},
+    )
+    if not data["evals"]:
+        out.print("no eval reports in either run (an `eval` stage writes one)", markup=False)
+        return
+    rows = []
+    for e in data["evals"]:
+        va, vb = e["a"] or {}, e["b"] or {}
+        mark = {True: " better", False: " worse", None: ""}[e["better"]]
+        rows.append(
+            [
+                e["model"],
+                e["name"],
+                fmt_value(va.get("value"), va.get("stderr"), va.get("n")) if e["a"] else "not measured",
+                fmt_value(vb.get("value"), vb.get("stderr"), vb.get("n")) if e["b"] else "not measured",
+                fmt_delta(e["delta"]) + mark,
+                e["stage"],
+            ]
+        )
+
+    def delta_style(text: str) -> str:
+        return "green" if text.endswith("better") else "red" if text.endswith("worse") else ""
+
+    print_table(["model", "metric", "A", "B", "B - A", "stage"], rows, styles={4: delta_style})
+    for g in data["gates"]:
+        verdict = "passed" if g.get("passed") else "FAILED"
+        run_id = run_a.id if g["run"] == "a" else run_b.id
+        out.print(
+            f"gate {g.get('metric')} on {g.get('model')} in {run_id}: {verdict}. {g.get('message') or ''}".rstrip(),
+            markup=False,
+        )
+    for side, run in (("a", run_a), ("b", run_b)):
+        for sel in data["selected"][side]:
+            out.print(
+                f"selected in {run.id}: {sel.get('model')} ({sel.get('metric')} {fmt_value(sel.get('value'))})",
+                markup=False,
+            )
+
+
 def register(app: typer.Typer) -> None:
     runs_app = sub_app("Past and current runs.")
     runs_app.command("list")(runs_list)
+    runs_app.command("compare")(compare)
     app.add_typer(runs_app, name="runs")
     app.command()(status)
     app.command()(logs)

@@ -1,0 +1,235 @@
+"""Eval reports in the front ends: `llmforge runs compare A B` and the TUI's Models screen (the leaderboard).
+
+The runs are made by the real runner from a forge.toml: a `trained` stage (defined here, registered in-process
+as tests/test_tui_screens.py does) records a final loss as the training stages do, and a `scored` stage writes a
+`report` artifact in the eval report layout (docs/eval.md: models, tasks, results with value, stderr and n,
+gates, the selected model) with the numbers its options give, so that every figure compared is known. The
+command runs as a user runs it, in a subprocess; the TUI under Textual's `run_test()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import Field
+
+from conftest import run_cli, until
+from llmforge import hookimpl
+from llmforge.stage import Stage, StageOptions
+
+# ------------------------------------------------------------------------------------------------
+# the runs
+
+
+class TrainedOptions(StageOptions):
+    final_loss: float = Field(1.0)
+
+
+class TrainedStage(Stage):
+    """Records a final loss and publishes a model folder, as a training stage does."""
+
+    kind = "trained"
+    summary = "a final loss and a model folder, for the eval UI tests"
+    Options = TrainedOptions
+    produces = ("model",)
+
+    def run(self, o: TrainedOptions, ctx) -> None:
+        ctx.info.update(final_loss=o.final_loss, eval_loss=o.final_loss + 0.25)
+        with ctx.artifact("model") as out:
+            (out / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["X"]}))
+
+
+class ScoredOptions(StageOptions):
+    sft: str = Field(description="@trained model: evaluated as `sft`")
+    acc: list[float] = Field(description="qa.acc of sft and dpo")
+    ppl: list[float] = Field(description="wiki.perplexity of sft and dpo")
+    gate_min: float = Field(0.4)
+
+
+def eval_report(sft_path: str, acc: list[float], ppl: list[float], gate_min: float) -> dict:
+    """A report.json as the eval stage writes it (the shared layout of docs/eval.md)."""
+    labels = ["sft", "dpo"]
+    results = []
+    for label, a, p in zip(labels, acc, ppl):
+        results.append(
+            {
+                "model": label,
+                "task": "qa",
+                "metrics": {
+                    "acc": {"value": a, "stderr": 0.05, "n": 100, "higher_is_better": True},
+                    "acc_norm": {"value": a - 0.1, "stderr": 0.05, "n": 100, "higher_is_better": True},
+                },
+                "info": {},
+            }
+        )
+        results.append(
+            {
+                "model": label,
+                "task": "wiki",
+                "metrics": {"perplexity": {"value": p, "stderr": None, "n": 2000, "higher_is_better": False}},
+                "info": {},
+            }
+        )
+    best = max(range(len(labels)), key=lambda i: acc[i])
+    return {
+        "version": 1,
+        "models": [
+            {"label": "sft", "path": sft_path, "engine": "hf", "source": "@sft", "quant": None},
+            {"label": "dpo", "path": "/nowhere/dpo", "engine": "hf", "source": None, "quant": None},
+        ],
+        "tasks": [
+            {"name": "qa", "kind": "multiple_choice", "primary": "acc", "spec": {}},
+            {"name": "wiki", "kind": "perplexity", "primary": "perplexity", "spec": {}},
+        ],
+        "results": results,
+        "gates": [
+            {
+                "metric": "qa.acc",
+                "model": label,
+                "min": gate_min,
+                "max_drop": None,
+                "vs": None,
+                "value": a,
+                "reference": None,
+                "passed": a >= gate_min,
+                "message": f"qa.acc of {label} {a:.3f} {'>=' if a >= gate_min else '<'} min {gate_min}",
+            }
+            for label, a in zip(labels, acc)
+        ],
+        "selected": {"model": labels[best], "metric": "qa.acc", "value": acc[best], "path": sft_path},
+    }
+
+
+class ScoredStage(Stage):
+    kind = "scored"
+    summary = "an eval report with given numbers, for the eval UI tests"
+    Options = ScoredOptions
+    produces = ("report",)
+
+    def run(self, o: ScoredOptions, ctx) -> None:
+        report = eval_report(o.sft, o.acc, o.ppl, o.gate_min)
+        with ctx.artifact("report") as out:
+            (out / "report.json").write_text(json.dumps(report, indent=2))
+            (out / "report.md").write_text("| model | qa.acc |\n")
+
+
+class EvalUiPlugin:
+    @hookimpl
+    def register_stages(self, register):
+        register(TrainedStage)
+        register(ScoredStage)
+
+
+def make_run(root: Path, loss: float, acc: list[float], ppl: list[float], eval_stage: str = "eval"):
+    from llmforge.pipeline import load_pipeline
+    from llmforge.plugins import load_registry
+    from llmforge.runner import RunRequest, run_pipeline
+
+    (root / "forge.toml").write_text(f"""
+[project]
+name = "eval-ui"
+
+[[stages]]
+name = "sft"
+uses = "trained"
+final_loss = {loss}
+
+[[stages]]
+name = "{eval_stage}"
+uses = "scored"
+sft = "@sft"
+acc = {acc}
+ppl = {ppl}
+""")
+    registry = load_registry(env="", extra=[("eval-ui-test", EvalUiPlugin())])
+    result = run_pipeline(load_pipeline(root / "forge.toml", registry=registry), RunRequest(), registry=registry)
+    assert result.exit_code == 0, result.stages
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-ui")
+    a = make_run(root, 1.5, [0.5, 0.6], [12.0, 11.0])
+    b = make_run(root, 1.25, [0.625, 0.3], [10.0, 11.5], eval_stage="bench")  # another name: still matched
+    return root, a, b
+
+
+# ------------------------------------------------------------------------------------------------
+# runs compare
+
+
+def test_runs_compare_json_pairs_every_metric_with_its_delta(two_runs):
+    root, a, b = two_runs
+    res = run_cli("runs", "compare", a.run_id, b.run_id, "--json", "--runs-dir", str(root / "runs"))
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["a"]["id"] == a.run_id and data["b"]["id"] == b.run_id
+    assert [r["stage"] for r in data["a"]["reports"]] == ["eval"]
+    assert [r["stage"] for r in data["b"]["reports"]] == ["bench"]
+    rows = {(e["model"], e["name"]): e for e in data["evals"]}
+    assert set(rows) == {(m, n) for m in ("sft", "dpo") for n in ("qa.acc", "qa.acc_norm", "wiki.perplexity")}
+    acc = rows[("sft", "qa.acc")]
+    assert acc["stage"] == "eval / bench" and acc["primary"] is True
+    assert acc["a"] == {"value": 0.5, "stderr": 0.05, "n": 100} and acc["b"]["value"] == 0.625
+    assert acc["delta"] == pytest.approx(0.125) and acc["better"] is True
+    assert rows[("dpo", "qa.acc")]["delta"] == pytest.approx(-0.3) and rows[("dpo", "qa.acc")]["better"] is False
+    assert rows[("sft", "qa.acc_norm")]["primary"] is False
+    # perplexity: lower is better, so a fall is an improvement
+    ppl = rows[("sft", "wiki.perplexity")]
+    assert ppl["delta"] == pytest.approx(-2.0) and ppl["better"] is True and ppl["higher_is_better"] is False
+    assert rows[("dpo", "wiki.perplexity")]["better"] is False
+    # the stages: status, duration, final losses of both
+    stages = {s["name"]: s for s in data["stages"]}
+    assert stages["sft"]["a"]["final_loss"] == 1.5 and stages["sft"]["b"]["final_loss"] == 1.25
+    assert stages["sft"]["b"]["eval_loss"] == 1.5 and stages["sft"]["a"]["status"] == "done"
+    assert stages["eval"]["b"] is None and stages["bench"]["a"] is None
+    assert isinstance(stages["sft"]["a"]["duration"], float)
+    # gates and selections of both runs
+    gates = {(g["run"], g["model"]): g["passed"] for g in data["gates"]}
+    assert gates == {("a", "sft"): True, ("a", "dpo"): True, ("b", "sft"): True, ("b", "dpo"): False}
+    assert data["selected"]["a"][0]["model"] == "dpo" and data["selected"]["b"][0]["model"] == "sft"
+
+
+def test_runs_compare_prints_the_leaderboards_side_by_side(two_runs):
+    root, a, b = two_runs
+    res = run_cli("runs", "compare", a.run_id, str(Path(b.run_dir)), "--runs-dir", str(root / "runs"))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"A = {a.run_id} (done), B = {b.run_id} (done)"
+    sft = next(line for line in lines if line.startswith("sft ") and "1.5000" in line)
+    assert "1.5000 (eval 1.7500)" in sft and "1.2500 (eval 1.5000)" in sft
+    row = next(line for line in lines if line.split()[:2] == ["sft", "qa.acc"])
+    assert "0.500 ± 0.050 (100)" in row and "0.625 ± 0.050 (100)" in row and "+0.125 better" in row
+    row = next(line for line in lines if line.split()[:2] == ["sft", "wiki.perplexity"])
+    assert "12.000 (2000)" in row and "10.000 (2000)" in row and "-2.000 better" in row
+    row = next(line for line in lines if line.split()[:2] == ["dpo", "qa.acc"])
+    assert "-0.300 worse" in row
+    assert f"gate qa.acc on dpo in {b.run_id}: FAILED. qa.acc of dpo 0.300 < min 0.4" in res.stdout
+    assert f"selected in {a.run_id}: dpo (qa.acc 0.600)" in res.stdout
+
+
+def test_runs_compare_unknown_run_is_a_usage_error(two_runs):
+    root, a, _ = two_runs
+    res = run_cli("runs", "compare", a.run_id, "nope", "--runs-dir", str(root / "runs"))
+    assert res.returncode == 2
+    assert "no run 'nope'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_runs_compare_without_eval_reports(tmp_path):
+    from llmforge.pipeline import load_pipeline
+    from llmforge.plugins import load_registry
+    from llmforge.runner import RunRequest, run_pipeline
+
+    (tmp_path / "forge.toml").write_text('[[stages]]\nname = "hi"\nuses = "shell"\ncommand = "echo hi"\n')
+    registry = load_registry(env="")
+    ids = []
+    for _ in range(2):
+        r = run_pipeline(load_pipeline(tmp_path / "forge.toml", registry=registry), RunRequest(), registry=registry)
+        ids.append(r.run_id)
+    res = run_cli("runs", "compare", *ids, "--runs-dir", str(tmp_path / "runs"))
+    assert res.returncode == 0, res.stderr
+    assert "no eval reports in either run" in res.stdout and "hi" in res.stdout
