@@ -19,3 +19,11 @@ def extension_points():
     from llmforge_plugins.eval.api import EVAL_MODELS, EVAL_TASKS
 
     return [EVAL_TASKS, EVAL_MODELS]
+
+
+@hookimpl
+def register_eval_tasks(register):
+    from llmforge_plugins.eval.tasks import BUILTIN_TASKS
+
+    for task in BUILTIN_TASKS:
+        register(task)
