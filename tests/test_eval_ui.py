@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 from pydantic import Field
 
 from conftest import run_cli, until
 from llmforge import hookimpl
-from llmforge.stage import Stage, StageOptions
+from llmforge.stage import Input, Stage, StageOptions
 
 # ------------------------------------------------------------------------------------------------
 # the runs
@@ -43,7 +44,7 @@ class TrainedStage(Stage):
 
 
 class ScoredOptions(StageOptions):
-    sft: str = Field(description="@trained model: evaluated as `sft`")
+    sft: Annotated[str, Input("model")] = Field(description="@trained model: evaluated as `sft`")
     acc: list[float] = Field(description="qa.acc of sft and dpo")
     ppl: list[float] = Field(description="wiki.perplexity of sft and dpo")
     gate_min: float = Field(0.4)
@@ -233,3 +234,66 @@ def test_runs_compare_without_eval_reports(tmp_path):
     res = run_cli("runs", "compare", *ids, "--runs-dir", str(tmp_path / "runs"))
     assert res.returncode == 0, res.stderr
     assert "no eval reports in either run" in res.stdout and "hi" in res.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# the TUI's Models screen
+
+
+def plain(renderable, width: int = 200) -> str:
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=width, file=io.StringIO(), color_system=None, markup=False, highlight=False)
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+def test_models_screen_shows_the_leaderboard_that_scored_the_model(two_runs):
+    from llmforge.tui.app import LlmforgeApp
+    from llmforge.tui.state import AppState
+
+    root, a, b = two_runs
+    app = LlmforgeApp(AppState(config_path=None, runs_dir=root / "runs"), area="models")
+
+    def line(text: str, start: str) -> str:
+        return next(x for x in text.splitlines() if x.strip().startswith(start))
+
+    async def scenario():
+        from llmforge.tui.screens.models import ModelsScreen
+
+        async with app.run_test(size=(160, 50)) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, ModelsScreen), what="the Models screen")
+            screen = app.screen
+            await until(pilot, lambda: len(screen.entries) == 2 and len(screen.boards) == 2, what="models and boards")
+            assert [e.run for e in screen.entries] == [b.run_id, a.run_id]  # newest run first
+            detail = screen.query_one("#models-detail-text")
+
+            # B's SFT model: B's report scored it (by path); it is also B's selected model
+            text = plain(detail.content)
+            assert f"leaderboard of bench (run {b.run_id})" in text
+            assert "qa.acc ↑ n=100" in text and "wiki.perplexity ↓ n=2000" in text
+            row = line(text, "★ ▶ sft")
+            assert "0.625 ± 0.050" in row and "10.000" in row
+            assert "0.300 ± 0.050" in line(text, "dpo") and "11.500" in line(text, "dpo")
+            assert "✗ qa.acc of dpo 0.300 < min 0.4" in text and "✓ qa.acc of sft 0.625 >= min 0.4" in text
+            assert "★ selected: sft (qa.acc 0.625)" in text
+
+            # A's SFT model: A's report, where dpo was selected
+            await pilot.press("down")
+            await until(pilot, lambda: f"run {a.run_id})" in plain(detail.content), what="A's leaderboard")
+            text = plain(detail.content)
+            assert "0.500 ± 0.050" in line(text, "▶ sft") and "12.000" in line(text, "▶ sft")
+            assert "0.600 ± 0.050" in line(text, "★ dpo")
+            assert all(g in text for g in ("✓ qa.acc of sft 0.500 >= min 0.4", "✓ qa.acc of dpo 0.600 >= min 0.4"))
+
+            # l: the next leaderboard (B's), whatever is highlighted; moving the highlight goes back to its own
+            await pilot.press("l")
+            await until(pilot, lambda: f"run {b.run_id})" in plain(detail.content), what="the next leaderboard")
+            assert "▶" not in plain(detail.content).split("leaderboard of")[1]  # A's model is not in B's report
+            await pilot.press("up", "down")
+            await until(pilot, lambda: f"run {a.run_id})" in plain(detail.content), what="back to A's")
+            assert app.is_running and not app.unexpected_errors
+
+    asyncio.run(scenario())

@@ -6,9 +6,11 @@ lineage: the run and stage that made it and the `@stage` references (or model pa
 reused from the cache points at another run's artifact; the row belongs to the run that made it, so each
 artifact is listed once.
 
-The details pane shows what the folder says about itself (config.json, adapter_config.json) and, for a GGUF,
-the parity scorecard the gguf stage wrote (report.json). Enter (or `c`) loads the highlighted model into the
-chat panel (llmforge/tui/widgets/chat.py), which runs the model in a worker thread.
+The details pane shows what the folder says about itself (config.json, adapter_config.json), for a GGUF the
+parity scorecard the gguf stage wrote (report.json), and the leaderboard of the eval report that scored the
+model (an `eval` stage's report artifact, read by llmforge/leaderboard.py): models x tasks with each task's
+primary metric, the gates, the selected model starred and this model marked. Enter (or `c`) loads the
+highlighted model into the chat panel (llmforge/tui/widgets/chat.py), which runs the model in a worker thread.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from llmforge.formatting import fmt_bytes
+from llmforge.leaderboard import EvalReport, fmt_value, run_reports
 from llmforge.tui.screens import read_runs_dir
 from llmforge.tui.widgets.chat import ChatPanel
 
@@ -126,6 +129,52 @@ def collect_models(runs_dir: Path) -> list[ModelEntry]:
     return out
 
 
+@dataclass(frozen=True)
+class Board:
+    """One eval report of a run, for the leaderboard: the run, and the report (stage, folder, JSON)."""
+
+    run: str
+    report: EvalReport
+
+    @property
+    def paths(self) -> set[Path]:
+        return {_resolved(m.get("path")) for m in self.report.models if m.get("path")}
+
+
+def _resolved(path) -> Path:
+    try:
+        return Path(str(path)).resolve()
+    except (OSError, RuntimeError):
+        return Path(str(path))
+
+
+def collect_boards(runs_dir: Path) -> list[Board]:
+    """The eval reports of every run of a runs folder, newest run first (a cached eval stage's report is
+    listed under the run that made it, as its models are)."""
+    from llmforge.runs import RunStore
+    from llmforge.tui.screens.runs import newest_first
+
+    out: list[Board] = []
+    for run in newest_first(RunStore(runs_dir).list()):
+        cached = {n for n, st in (run.manifest.get("stages") or {}).items() if st.get("cached_from")}
+        out += [Board(run.id, rep) for rep in run_reports(run) if rep.stage not in cached]
+    return out
+
+
+def collect(runs_dir: Path) -> tuple[list[ModelEntry], list[Board]]:
+    """What the screen shows: the models and the leaderboards, read together in the screen's worker."""
+    return collect_models(runs_dir), collect_boards(runs_dir)
+
+
+def board_for(entry: ModelEntry | None, boards: list[Board]) -> Board | None:
+    """The leaderboard to show next to a model: the newest report that scored it (by path), else the newest
+    of its own run, else (no model highlighted) the newest of all."""
+    if entry is None:
+        return boards[0] if boards else None
+    path = _resolved(entry.path)
+    return next((b for b in boards if path in b.paths), None) or next((b for b in boards if b.run == entry.run), None)
+
+
 # ----------------------------------------------------------------------------------------------
 # the details pane
 
@@ -176,7 +225,51 @@ def scorecard_text(report: dict, highlight: Path | None = None) -> Text:
     return text
 
 
-def describe(entry: ModelEntry) -> Group:
+def leaderboard(board: Board, highlight: Path | None = None) -> Group:
+    """The leaderboard of one eval report: a row per model, a column per task (its primary metric, "value ±
+    stderr"), the selected model starred and the model `highlight` marked; then each gate with its verdict."""
+    from rich import box
+    from rich.table import Table
+
+    rep = board.report
+    selected = (rep.selected or {}).get("model")
+    mine = _resolved(highlight) if highlight is not None else None
+    title = Text()
+    title.append(f"leaderboard of {rep.stage}", style="underline")
+    title.append(f" (run {board.run})")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    table.add_column("model")
+    tasks = [t.get("name") for t in rep.tasks if t.get("name")]
+    for task in tasks:
+        primary = rep.primary(str(task)) or "?"
+        first = next((r for r in rep.rows() if r["task"] == task and r["metric"] == primary), None)
+        arrow = "" if first is None else (" ↑" if first["higher_is_better"] else " ↓")
+        n = f" n={first['n']}" if first is not None and first.get("n") is not None else ""
+        table.add_column(f"{task}.{primary}{arrow}{n}", justify="right")
+    for model in rep.models:
+        label = str(model.get("label", "?"))
+        marks = ("★ " if label == selected else "") + (
+            "▶ " if mine is not None and model.get("path") and _resolved(model["path"]) == mine else ""
+        )
+        cells = []
+        for task in tasks:
+            m = rep.metric(label, str(task), rep.primary(str(task)) or "")
+            cells.append(fmt_value(m.get("value"), m.get("stderr")) if m else "-")
+        style = "bold" if "▶" in marks else ""
+        table.add_row(Text(marks + label, style=style), *(Text(c, style=style) for c in cells))
+    parts: list = [title, table]
+    for gate in rep.gates:
+        ok = bool(gate.get("passed"))
+        line = Text("✓ " if ok else "✗ ", style="green" if ok else "red")
+        line.append(str(gate.get("message") or f"{gate.get('metric')} on {gate.get('model')}"))
+        parts.append(line)
+    if selected:
+        sel = rep.selected or {}
+        parts.append(Text(f"★ selected: {selected} ({sel.get('metric')} {fmt_value(sel.get('value'))})"))
+    return Group(*parts)
+
+
+def describe(entry: ModelEntry, board: Board | None = None) -> Group:
     """What the details pane shows for one model."""
     lines = Text()
     lines.append(f"{entry.name}\n", style="bold")
@@ -218,6 +311,8 @@ def describe(entry: ModelEntry) -> Group:
         modelfile = entry.path.with_suffix(".Modelfile")
         if modelfile.is_file():
             parts.append(Text(f"Ollama: ollama create NAME -f {modelfile}", style="dim"))
+    if board is not None:
+        parts.append(leaderboard(board, entry.path))
     return Group(*parts)
 
 
@@ -238,18 +333,23 @@ class ModelsScreen(Screen):
 
     HELP = """\
 The models your runs made (model folders, LoRA adapters, GGUF files) with their size and where they
-came from. Chat with one: it loads when you send the first message. In the message field, enter sends,
-escape stops an answer (or leaves the field), ctrl+r starts a new conversation."""
+came from, and the eval leaderboard that scored the highlighted one (l shows the next leaderboard).
+Chat with one: it loads when you send the first message. In the message field, enter sends, escape
+stops an answer (or leaves the field), ctrl+r starts a new conversation."""
 
     BINDINGS = [
         Binding("c", "chat", "Chat with it", tooltip="chat with the highlighted model (enter too)"),
         Binding("r", "reload", "Refresh", tooltip="read the runs again"),
+        Binding("l", "next_board", "Leaderboards", tooltip="show the next eval leaderboard (newest run first)"),
     ]
 
     def __init__(self, app_state, **kw):
         super().__init__(**kw)
         self.state = app_state
         self.entries: list[ModelEntry] = []
+        self.boards: list[Board] = []
+        #: the leaderboard `l` chose, shown instead of the highlighted model's until the highlight moves
+        self.board_pick: int | None = None
 
     def compose(self) -> ComposeResult:
         table: DataTable[str] = DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
@@ -281,9 +381,10 @@ escape stops an answer (or leaves the field), ctrl+r starts a new conversation."
 
     @work(exclusive=True, group="models-list")
     async def _load(self) -> None:
-        entries = await read_runs_dir(self, collect_models, self.state.runs_dir)
-        if entries is not None:
-            self._show(entries)
+        found = await read_runs_dir(self, collect, self.state.runs_dir)
+        if found is not None:
+            self.boards = found[1]
+            self._show(found[0])
 
     def _show(self, entries: list[ModelEntry]) -> None:
         table = self.query_one(DataTable)
@@ -311,16 +412,35 @@ escape stops an answer (or leaves the field), ctrl+r starts a new conversation."
         return self.entries[row] if 0 <= row < len(self.entries) else None
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.board_pick = None
+        self._details()
+
+    @property
+    def board(self) -> Board | None:
+        """The leaderboard shown: the one `l` picked, else the highlighted model's."""
+        if self.board_pick is not None and self.board_pick < len(self.boards):
+            return self.boards[self.board_pick]
+        return board_for(self.highlighted, self.boards)
+
+    def action_next_board(self) -> None:
+        if not self.boards:
+            self.notify("no eval reports in these runs: an `eval` stage writes one", markup=False)
+            return
+        current = self.board
+        at = self.boards.index(current) if current in self.boards else -1
+        self.board_pick = (at + 1) % len(self.boards)
         self._details()
 
     def _details(self) -> None:
         entry = self.highlighted
         detail = self.query_one("#models-detail-text", Static)
+        board = self.board
         if entry is None:
-            detail.update(Text(f"no models in {self.state.runs_dir} yet: training, merge and gguf stages make them"))
+            empty = Text(f"no models in {self.state.runs_dir} yet: training, merge and gguf stages make them")
+            detail.update(Group(empty, leaderboard(board)) if board is not None else empty)
             return
         try:
-            detail.update(describe(entry))
+            detail.update(describe(entry, board))
         except OSError as exc:  # the folder went away under us
             detail.update(Text(f"cannot read {entry.path}: {exc}"))
 
