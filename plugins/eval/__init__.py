@@ -22,6 +22,14 @@ def extension_points():
 
 
 @hookimpl
+def register_eval_models(register):
+    # neither module imports torch or llama.cpp until a model is opened; each refuses what it cannot open
+    from llmforge_plugins.eval.hf_model import HFEvalModel
+
+    register(HFEvalModel)
+
+
+@hookimpl
 def register_eval_tasks(register):
     from llmforge_plugins.eval.tasks import BUILTIN_TASKS
 
