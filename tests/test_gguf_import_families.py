@@ -1,11 +1,13 @@
 """`llmforge import` (plugins/gguf/importer.py) of the families beyond Llama, and what it must refuse.
 
 transformers reads GGUF itself and, where the file lacks a weight its model class has, initialises that weight at
-random and only warns. So the importer refuses rather than save such a model: a Mixtral GGUF (llama.cpp writes it as
-the "llama" architecture with stacked experts, which transformers reads as a dense Llama with no MLP weights) by
-name, and anything else transformers reports as missing from the file through its loading info. What transformers'
-reader leaves out of the config is rebuilt from the file: Phi-3's partial rotary factor (from the rotated dimensions),
-Qwen3-MoE's expert FFN length; both come back with the original logits.
+random and only warns. So the importer refuses rather than save such a model: anything transformers reports as
+missing from the file through its loading info, and stacked experts of an architecture transformers would read as
+a dense model. A Mixtral GGUF (llama.cpp's "llama" with stacked experts, which transformers reads as a dense Llama)
+is loaded that way for all but its experts, which the importer reads from the file: the original logits, and an
+export of the result has the original file's tensors. What transformers' reader leaves out of the config is rebuilt
+from the file: Phi-3's partial rotary factor (from the rotated dimensions), Qwen3-MoE's expert FFN length, Mixtral's
+expert counts; all come back with the original logits.
 
 Also the gguf stage's `model_name` option (not `name`, which a stage's table already uses for the stage), set in
 forge.toml: the files' stem and the GGUF's general.name.
@@ -18,7 +20,20 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_cli
-from gguf_families import assert_round_trip, export, fields, make_family_model, quiet_log
+from gguf_families import (
+    MULTILINGUAL,
+    assert_round_trip,
+    export,
+    fields,
+    gguf_logits,
+    hf_ids,
+    hf_logits,
+    kl_top1,
+    llama,
+    make_family_model,
+    quiet_log,
+    tensors,
+)
 from llmforge.errors import UsageError
 from test_gguf_moe import FAMILIES
 
@@ -39,26 +54,82 @@ def f32(tmp_path_factory):
     return get
 
 
-def test_mixtral_gguf_is_refused_by_the_cli_with_the_reason(f32, tmp_path):
+def test_mixtral_round_trip(f32, tmp_path):
+    """transformers reads a Mixtral GGUF (llama.cpp's "llama" with stacked experts) as a dense Llama; the import loads
+    the rest that way and the experts and routers from the file: the original logits, the config of a Mixtral, the
+    per-expert tensors save_pretrained writes, and an export of the result with the original file's tensors."""
+    from safetensors import safe_open
+
+    model, gguf = f32("mixtral")
+    back = tmp_path / "back"
+    config = assert_round_trip(gguf, model, back)
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
+    assert (config["intermediate_size"], config["num_local_experts"], config["num_experts_per_tok"]) == (176, 4, 2)
+    with safe_open(str(back / "model.safetensors"), "np") as f:
+        names = set(f.keys())
+    assert "model.layers.1.block_sparse_moe.gate.weight" in names
+    assert {f"model.layers.0.block_sparse_moe.experts.3.{w}.weight" for w in ("w1", "w2", "w3")} <= names
+    assert not any(".mlp." in n for n in names), sorted(names)
+    again = tmp_path / "again.gguf"
+    export(back, again, "f32")
+    a, b = tensors(gguf), tensors(again)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].tensor_type == b[name].tensor_type and bytes(a[name].data) == bytes(b[name].data), name
+    meta = fields(again)
+    assert (meta["llama.expert_count"], meta["llama.expert_used_count"]) == (4, 2)
+
+
+def test_quantized_mixtral_imports_as_llama_cpp_runs_it(f32, tmp_path):
+    """Q8_0 experts (gate/up; down's rows of 176 fall back to F16) are dequantized as they are read: the imported
+    model computes what llama.cpp computes from the same file (not the original's logits: on a tiny random MoE,
+    Q8_0 alone moves them by units and flips some experts' routing; KL 0.03 here)."""
+    model, _ = f32("mixtral")
+    q8 = tmp_path / "m.q8_0.gguf"
+    export(model, q8, "q8_0")
+    assert tensors(q8)["blk.0.ffn_gate_exps.weight"].tensor_type.name == "Q8_0"
+    res = run_cli("import", str(q8), str(tmp_path / "back"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "MISSING" not in res.stdout + res.stderr  # transformers' report on the dense MLP the experts replace
+    ids = hf_ids(model, MULTILINGUAL)
+    kl, top1 = kl_top1(gguf_logits(llama(q8), ids), hf_logits(tmp_path / "back", ids))
+    assert kl < 3e-3 and top1 >= 0.95, (kl, top1)  # 6e-4 and 0.98 here: llama.cpp quantizes activations too
+
+
+def test_experts_of_another_architecture_are_refused_by_the_cli(f32, tmp_path):
+    """Stacked experts in a GGUF whose architecture transformers reads as a dense model (qwen2 here: the Mixtral file
+    with its architecture renamed, keys and all) would import with random MLP weights: refused, with the reason."""
     _, gguf = f32("mixtral")
-    res = run_cli("import", str(gguf), str(tmp_path / "back"))
+    other = tmp_path / "other.gguf"
+    other.write_bytes(gguf.read_bytes().replace(b"llama", b"qwen2"))
+    res = run_cli("import", str(other), str(tmp_path / "back"))
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stderr.startswith("error: ") and "Traceback" not in res.stderr, res.stderr
-    for needle in ("mixture-of-experts", "ffn_*_exps", "Mixtral", "random"):
+    for needle in ("mixture-of-experts", "ffn_*_exps", "'qwen2'", "random"):
         assert needle in res.stderr, res.stderr
     assert not (tmp_path / "back").exists()
 
 
-def test_weights_missing_from_the_file_are_refused_not_initialised(f32, tmp_path, monkeypatch):
-    """Past the by-name refusal (as if transformers were said to read Mixtral's experts), the loading info still
-    catches the MLP weights transformers would have made up, and nothing is written."""
-    from llmforge_plugins.gguf import importer
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        # past the experts, the loading info still catches what transformers would have made up
+        ("blk.1.attn_k.weight", "no weights in this GGUF for model.layers.1.self_attn.k_proj.weight"),
+        ("blk.1.ffn_up_exps.weight", "no blk.1.ffn_up_exps.weight"),
+    ],
+)
+def test_mixtral_missing_a_tensor_is_refused_not_initialised(f32, tmp_path, tensor, message):
+    from llmforge_plugins.gguf.importer import import_gguf
 
     _, gguf = f32("mixtral")
-    monkeypatch.setattr(importer, "MOE_READERS", {**importer.MOE_READERS, "llama": "llama"})
+    data = gguf.read_bytes()
+    name = tensor.encode()
+    assert data.count(name) == 1
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(data.replace(name, name[:-8] + b"X.weight"))
     with pytest.raises(UsageError) as err:
-        importer.import_gguf(gguf, tmp_path / "back", log=quiet_log)
-    assert "no weights" in err.value.message and "mlp" in err.value.message, err.value.message
+        import_gguf(broken, tmp_path / "back", log=quiet_log)
+    assert message in err.value.message, err.value.message
     assert not (tmp_path / "back").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".back")]
 

@@ -5,6 +5,10 @@ to float32) and rebuilds the tokenizer and chat template from the file's metadat
 marked as "quantized with gguf" and refuses `save_pretrained`, so the weights are moved into a plain
 model built from the same config (on the meta device, so they are not copied), which saves normally.
 
+A Mixtral GGUF (llama.cpp's "llama" architecture with stacked experts, which transformers' reader takes for a dense
+Llama) is loaded the same way for everything but its experts; those and the routers are read from the file here
+and the model is saved as transformers' MixtralForCausalLM.
+
 The file is checked with gguf's reader first, so a damaged or truncated file is a clear UsageError
 rather than a traceback from deep inside transformers. The directory is built under a temporary name
 next to `out_dir` and renamed into place: it appears complete or not at all.
@@ -87,17 +91,19 @@ def _field(reader, key: str):
 MOE_READERS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 
 
+#: GGUF architectures whose stacked experts llmforge reads itself, and the model they are: llama.cpp writes Mixtral as
+#: its "llama" architecture plus experts, which transformers' reader would load as a dense Llama without its MLP
+OWN_MOE = {"llama": "MixtralForCausalLM"}
+
+
 def _check_supported(path: Path, arch: str, experts: bool = False) -> None:
-    if experts and arch not in MOE_READERS:
-        # Mixtral is written as llama.cpp's "llama" architecture with expert tensors; transformers reads any
-        # "llama" GGUF as a dense LlamaForCausalLM, finds no MLP weights and initialises them at random
+    if experts and arch not in MOE_READERS and arch not in OWN_MOE:
+        # transformers would read the file as the dense model of that architecture, find no MLP weights and
+        # initialise them at random
         raise UsageError(
-            f"{path}: a mixture-of-experts GGUF (ffn_*_exps expert tensors) of architecture '{arch}'"
-            + (" (Mixtral)" if arch == "llama" else "")
-            + "; transformers reads it as a dense model without its experts, so the import would have random "
-            "MLP weights",
-            hint=f"transformers reads the experts of: {', '.join(sorted(MOE_READERS))} GGUFs; import Mixtral "
-            "from its Hugging Face folder instead",
+            f"{path}: a mixture-of-experts GGUF (ffn_*_exps expert tensors) of architecture '{arch}'; transformers "
+            "reads it as a dense model without its experts, so the import would have random MLP weights",
+            hint=f"the import reads the experts of: {', '.join(sorted([*MOE_READERS, *OWN_MOE]))} GGUFs",
         )
     try:
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
@@ -133,19 +139,30 @@ def _match_pre_tokenizer(folder: Path, pre: str | None) -> None:
     Without this a SmolLM/SmolLM2 GGUF came back with plain GPT-2 splitting: digit runs split unlike the file
     (whenever the vocabulary has multi-digit tokens), and a GGUF exported from the folder named 'gpt-2' where
     the original named 'smollm'. The split is identified as the export identifies it (vocab.split_hash), so a
-    folder that passes here exports under the file's own name."""
-    path = folder / "tokenizer.json"
-    if pre not in PRE_TOKENIZERS or not path.is_file():
-        return
-    from tokenizers import Tokenizer
+    folder that passes here exports under the file's own name. Likewise whole-word lookup before merging: llama.cpp's
+    'llama-bpe' (Llama 3) does it, transformers' rebuild of such a file does not, so some words tokenized
+    differently and the folder's export was refused."""
+    import json
 
     from llmforge_plugins.gguf.vocab import KNOWN_SPLITS, split_hash
 
-    tokenizer = Tokenizer.from_file(str(path))
-    split = KNOWN_SPLITS.get(split_hash(tokenizer))
-    if split is None or split.pre != pre:
-        tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
-        tokenizer.save(str(path))
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return
+    if pre in PRE_TOKENIZERS:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(path))
+        split = KNOWN_SPLITS.get(split_hash(tokenizer))
+        if split is None or split.pre != pre:
+            tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
+            tokenizer.save(str(path))
+    if any(split.pre == pre and split.ignore_merges for split in KNOWN_SPLITS.values()):
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        model = raw.get("model") or {}
+        if model.get("type") == "BPE" and not model.get("ignore_merges"):
+            model["ignore_merges"] = True
+            path.write_text(json.dumps(raw, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -185,7 +202,7 @@ def import_gguf(gguf: Path, out_dir: Path, *, dtype: str = "float32", log: Log |
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     try:
-        params = _convert(path, tmp, dtype, _config_overrides(info))
+        params = _convert(path, tmp, dtype, _config_overrides(info), _own_experts(path, info))
         _match_pre_tokenizer(tmp, info.get("tokenizer_pre"))
         from llmforge.stage import replace_dir
 
@@ -233,13 +250,17 @@ def _config_overrides(info: dict) -> dict:
     return out
 
 
-def _convert(path: Path, out: Path, dtype: str, overrides: dict | None = None) -> int:
+def _convert(path: Path, out: Path, dtype: str, overrides: dict | None = None, experts: dict | None = None) -> int:
+    """Load the GGUF with transformers and save it as a plain HF folder. `experts` (Mixtral's expert counts, from
+    the file's metadata) means a "llama" GGUF with stacked experts: transformers loads all but the experts (the same
+    path, RoPE rows and tokenizer as a Llama import), the experts and routers are read from the file here."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch_dtype = getattr(torch, dtype)
+    mixtral = experts is not None
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
         for key, value in (overrides or {}).items():
@@ -249,15 +270,32 @@ def _convert(path: Path, out: Path, dtype: str, overrides: dict | None = None) -
                 config, key, {**current, **value} if isinstance(value, dict) and isinstance(current, dict) else value
             )
         # output_loading_info makes it a (model, info) pair, which the stubs do not say
-        pair: Any = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, config=config, output_loading_info=True
-        )
+        verbosity = hf_logging.get_verbosity()
+        if mixtral:
+            # its load report would call the dense MLP "newly initialized": true, and replaced by the experts below
+            hf_logging.set_verbosity_error()
+        try:
+            pair: Any = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, config=config, output_loading_info=True
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
         loaded, loading = pair
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as exc:
         raise UsageError(f"{path}: transformers cannot load this GGUF ({' '.join(str(exc).split())[:300]})") from None
     # transformers initialises at random what the file does not give it, and only warns: never save that
-    missing = sorted(set(loading.get("missing_keys") or ()) | {str(k) for k in loading.get("mismatched_keys") or ()})
+    missing_set = set(loading.get("missing_keys") or ()) | {str(k) for k in loading.get("mismatched_keys") or ()}
+    dense_mlp: set[str] = set()
+    if mixtral:
+        # transformers read the file as a dense Llama: its MLP is what the experts replace below, and nothing else
+        # may be missing
+        n_layers = loaded.config.num_hidden_layers
+        dense_mlp = {
+            f"model.layers.{i}.mlp.{p}.weight" for i in range(n_layers) for p in ("gate_proj", "up_proj", "down_proj")
+        }
+        missing_set -= dense_mlp
+    missing = sorted(missing_set)
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise UsageError(
@@ -268,11 +306,19 @@ def _convert(path: Path, out: Path, dtype: str, overrides: dict | None = None) -
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dequantized already; the new folder is plain
-    state = {k: v.to(torch_dtype) for k, v in loaded.state_dict().items()}
+    state = dict(loaded.state_dict())
     del loaded
+    if experts is not None:
+        config = _mixtral_config(config, experts)
+        state = {k: v for k, v in state.items() if k not in dense_mlp}
+        state.update(_experts_from_file(path, config.num_hidden_layers))
+    state = {k: v.to(torch_dtype) for k, v in state.items()}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:  # a tensor of the wrong shape for the config the file's metadata gives
+        raise UsageError(f"{path}: the tensors do not fit the model ({' '.join(str(exc).split())[:300]})") from None
     model.tie_weights()
     del state
     params = sum(p.numel() for p in model.parameters())
@@ -280,3 +326,82 @@ def _convert(path: Path, out: Path, dtype: str, overrides: dict | None = None) -
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     return params
+
+
+def _own_experts(path: Path, info: dict) -> dict | None:
+    """The expert counts of a GGUF whose experts llmforge reads itself (Mixtral), None for every other file."""
+    if not (info["experts"] and info["arch"] in OWN_MOE):
+        return None
+    meta = info.get("meta") or {}
+    keys = {"num_local_experts": "expert_count", "num_experts_per_tok": "expert_used_count"}
+    absent = [f"{info['arch']}.{key}" for key in keys.values() if not meta.get(key)]
+    if absent:
+        raise UsageError(f"{path}: expert tensors but no {' or '.join(absent)} in the metadata")
+    return {hf_key: int(meta[key]) for hf_key, key in keys.items()}
+
+
+#: what a Mixtral config takes over from the Llama config transformers read from the file
+_MIXTRAL_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",  # llama.cpp's feed_forward_length: each expert's FFN length
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+
+
+def _mixtral_config(llama_config, experts: dict):
+    from transformers import MixtralConfig
+
+    values = {key: getattr(llama_config, key) for key in _MIXTRAL_KEYS if getattr(llama_config, key, None) is not None}
+    # llama.cpp's llama architecture attends over the whole context: no sliding window
+    config = MixtralConfig(
+        **values,
+        num_local_experts=experts["num_local_experts"],
+        num_experts_per_tok=experts["num_experts_per_tok"],
+        sliding_window=None,
+    )
+    config.architectures = [OWN_MOE["llama"]]
+    return config
+
+
+def _experts_from_file(path: Path, n_layers: int) -> dict:
+    """Each layer's router and experts from the GGUF, in transformers 5's in-memory MoE layout (the layout the export
+    reads too, arch/moe.py): `mlp.gate.weight` (experts x hidden), `mlp.experts.gate_up_proj` (experts x 2*ff x
+    hidden, gate rows first) and `mlp.experts.down_proj` (experts x hidden x ff). llama.cpp's stacks are the experts'
+    matrices as transformers stores them, so only gate and up are joined; `save_pretrained` then writes the
+    per-expert tensors Mixtral checkpoints have (`block_sparse_moe.experts.E.w1/w3/w2`)."""
+    import gguf
+    import numpy as np
+    import torch
+
+    from llmforge_plugins.gguf.arch.moe import FUSED_LAYOUT
+
+    reader = gguf.GGUFReader(str(path))
+    by_name = {t.name: t for t in reader.tensors}
+
+    def read(name: str) -> np.ndarray:
+        if name not in by_name:
+            raise UsageError(f"{path}: no {name} (a mixture-of-experts GGUF has experts and a router in every layer)")
+        t = by_name[name]
+        return np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+    out = {}
+    for layer in range(n_layers):
+        names = {key: pattern.format(layer=layer) for key, pattern in FUSED_LAYOUT.items()}
+        out[names["router"]] = torch.from_numpy(read(f"blk.{layer}.ffn_gate_inp.weight").copy())
+        gate, up = read(f"blk.{layer}.ffn_gate_exps.weight"), read(f"blk.{layer}.ffn_up_exps.weight")
+        out[names["gate_up"]] = torch.from_numpy(np.concatenate([gate, up], axis=1))
+        del gate, up
+        out[names["down"]] = torch.from_numpy(read(f"blk.{layer}.ffn_down_exps.weight").copy())
+    return out

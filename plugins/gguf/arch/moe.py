@@ -51,6 +51,13 @@ _PER_EXPERT = re.compile(
 _FUSED = re.compile(
     r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)(?:\.weight)?$"
 )
+#: transformers 5's in-memory layout of one layer's router and experts (Mixtral's and Qwen3-MoE's alike), which _FUSED
+#: reads for the export and `llmforge import` writes for a Mixtral GGUF (plugins/gguf/importer.py)
+FUSED_LAYOUT = {
+    "router": "model.layers.{layer}.mlp.gate.weight",
+    "gate_up": "model.layers.{layer}.mlp.experts.gate_up_proj",  # experts x 2*ff x hidden, gate rows first
+    "down": "model.layers.{layer}.mlp.experts.down_proj",  # experts x hidden x ff
+}
 LAYER_PARTS_EXPERTS = (
     "ffn_gate_inp.weight",
     "ffn_gate_exps.weight",
