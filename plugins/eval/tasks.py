@@ -58,7 +58,7 @@ from llmforge_plugins.eval.spec import Items, fewshot_indices, item_field, read_
 
 #: Requests sent to the model in one call: large enough for the runner to batch and share prefixes, small
 #: enough that progress is reported and a stop request is honoured within seconds.
-CHUNK = 512
+CHUNK = 1024
 
 
 # ------------------------------------------------------------------------------------------------
