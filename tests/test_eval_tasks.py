@@ -366,3 +366,10 @@ def test_scorers_on_given_answers():
     assert score_numeric("about 7", [7.5], opts(tolerance=0.6))[0] == 1.0
     assert score_numeric("about 7", [7.5], o)[0] == 0.0
     assert score_numeric("no number", [1], o) == (0.0, None)
+
+
+def test_a_stop_request_ends_a_task_early_and_says_so(model):
+    for spec_value in ("tasks/wiki.toml", "tasks/qa.toml", "tasks/arith.toml"):
+        task, options = spec(spec_value)
+        result = task.run(options, model, TaskEnv(base_dir=FIXTURES, should_stop=lambda: True))
+        assert result.info["stopped"] is True and result.items == []

@@ -151,6 +151,8 @@ class PerplexityTask(EvalTask):
                 break
             scored += model.loglikelihood_rolling([texts[i] for i in chunk])
             env.progress(len(scored), len(texts))
+        if stopped and not scored:
+            return TaskResult({}, [], {"stopped": True})
         return perplexity_result(texts[: len(scored)], scored, items.wheres, started, stopped)
 
 
