@@ -259,8 +259,14 @@ class EvalTask:
     Options: ClassVar[type[TaskOptions]] = TaskOptions
     primary: ClassVar[str] = ""
 
-    def check(self, options: TaskOptions) -> list[str]:
-        """Problems with a spec found without running it (a missing file, a column the kind needs)."""
+    def primary_for(self, options: Any) -> str:
+        """The primary metric of one spec: ``primary``, unless the kind's metric depends on its options (a
+        generation task's metric is named after its scorer)."""
+        return self.primary
+
+    def check(self, options: Any) -> list[Any]:
+        """Problems with a spec found without running it (a missing file, a column the kind needs): plain
+        strings, or :class:`llmforge.errors.Problem` to name the key."""
         return []
 
     def run(self, options: Any, model: EvalModel, env: TaskEnv) -> TaskResult:  # pragma: no cover - abstract
