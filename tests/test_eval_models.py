@@ -30,6 +30,7 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+STEPS = 60
 CORPUS = [f"What is the capital of Land{i}? The capital of Land{i} is Town{i}." for i in range(200)]
 
 
@@ -80,9 +81,19 @@ def tiny(tmp_path_factory) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
-        with torch.no_grad():  # larger weights than the init's: sharper distributions, greedy answers that vary
-            for p in model.parameters():
-                p.mul_(8.0 if p.dim() > 1 else 1.0)
+        # a few seconds of training on the corpus: answers that mean something (greedy continuations that are
+        # right, stop strings that appear), not a random model's repetitions
+        batch = tok(CORPUS, padding=True, return_tensors="pt")
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(STEPS):
+            rows = torch.randint(0, len(CORPUS), (32,))
+            loss = model(
+                input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows], labels=labels[rows]
+            ).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
     model.save_pretrained(folder)
     return folder
 
@@ -183,6 +194,7 @@ def test_loglikelihood_equals_one_forward_per_request(hf, reference):
         assert logprob == pytest.approx(want, abs=1e-4), (context, continuation)
         assert greedy == want_greedy
     assert hf.share_prefix  # the packed rows passed their own check against plain rows
+    assert {greedy for _, greedy in got} == {True, False}
 
 
 def test_prefix_sharing_changes_nothing(hf):
@@ -238,10 +250,9 @@ def test_generate_greedy_equals_model_generate(hf, reference):
 
 def test_generate_cuts_at_stop_strings(hf):
     [full] = hf.generate(["What is the capital of Land1?"], max_new_tokens=8)
-    assert len(full) > 2
-    stop = full[1:3]
-    [cut] = hf.generate(["What is the capital of Land1?"], max_new_tokens=8, stop=[stop])
-    assert cut == full[: full.find(stop)]
+    assert full.startswith(" The capital of Land")  # what the corpus taught it
+    [cut] = hf.generate(["What is the capital of Land1?"], max_new_tokens=8, stop=["XYZ", " of"])
+    assert cut == " The capital"
 
 
 def test_chat_prompt_uses_the_template(hf):
@@ -275,3 +286,51 @@ def test_lora_adapter_opens_and_differs_from_its_base(tiny, hf, tmp_path):
         assert abs(lora - plain) > 1e-3
     finally:
         model.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# gguf
+
+
+@pytest.fixture(scope="module")
+def gguf(tiny, tmp_path_factory):
+    from llmforge_plugins.eval.gguf_model import GGUFEvalModel
+    from llmforge_plugins.gguf.export import export_gguf
+
+    out = tmp_path_factory.mktemp("eval-gguf") / "tiny-f32.gguf"
+    export_gguf(tiny, out, "f32")
+    model = GGUFEvalModel(out, threads=1)
+    yield model
+    model.close()
+
+
+def test_registry_opens_folders_with_hf_and_gguf_files_with_gguf(tiny, gguf):
+    from llmforge.testing import load_test_registry
+
+    registry = load_test_registry()
+    model = open_model(gguf.path, registry, label="f32")
+    try:
+        assert (model.name, model.label, model.context) == ("gguf", "f32", 48)
+    finally:
+        model.close()
+    with pytest.raises(UsageError, match=r"hf: not a model directory.*gguf: not a GGUF file"):
+        open_model(tiny / "config.json", registry)
+
+
+def test_gguf_f32_scores_like_the_hf_model(hf, gguf):
+    assert gguf._encode(REQUESTS[0][0]) == hf._encode(REQUESTS[0][0])  # llama.cpp adds the same BOS
+    for (a, ga), (b, gb) in zip(gguf.loglikelihood(REQUESTS), hf.loglikelihood(REQUESTS)):
+        # float32 in both, summed in another order: 1e-3 absolute, or 1e-4 of an unlikely answer's large sum
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-3) and ga == gb
+    text = " ".join(CORPUS[:6])
+    [(a, n)], [(b, m)] = gguf.loglikelihood_rolling([text]), hf.loglikelihood_rolling([text])
+    assert n == m and a == pytest.approx(b, rel=1e-4)
+
+
+def test_gguf_generates_and_prompts_like_the_hf_model(hf, gguf):
+    messages = [{"role": "user", "content": "Land2?"}]
+    assert gguf.has_chat_template and gguf.prompt(messages) == hf.prompt(messages)
+    prompts = ["What is the capital of Land1?", gguf.prompt(messages)]
+    assert gguf.generate(prompts, max_new_tokens=6) == hf.generate(prompts, max_new_tokens=6)
+    with pytest.raises(NotImplementedError, match="embed"):
+        gguf.embed(["x"])
