@@ -24,11 +24,9 @@ def extension_points():
 @hookimpl
 def register_eval_models(register):
     # neither module imports torch or llama.cpp until a model is opened; each refuses what it cannot open
-    from llmforge_plugins.eval.gguf_model import GGUFEvalModel
     from llmforge_plugins.eval.hf_model import HFEvalModel
 
     register(HFEvalModel)
-    register(GGUFEvalModel)
 
 
 @hookimpl
@@ -37,3 +35,17 @@ def register_eval_tasks(register):
 
     for task in BUILTIN_TASKS:
         register(task)
+
+
+@hookimpl
+def register_stages(register):
+    from llmforge_plugins.eval.stage import EvalStage
+
+    register(EvalStage)
+
+
+@hookimpl
+def register_commands(cli):
+    from llmforge_plugins.eval.command import register
+
+    register(cli)
