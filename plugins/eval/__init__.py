@@ -24,9 +24,11 @@ def extension_points():
 @hookimpl
 def register_eval_models(register):
     # neither module imports torch or llama.cpp until a model is opened; each refuses what it cannot open
+    from llmforge_plugins.eval.gguf_model import GGUFEvalModel
     from llmforge_plugins.eval.hf_model import HFEvalModel
 
     register(HFEvalModel)
+    register(GGUFEvalModel)
 
 
 @hookimpl
