@@ -39,6 +39,14 @@ def register_eval_tasks(register):
         register(task)
 
 
+@hookimpl(specname="register_eval_tasks")
+def register_lmeval_task(register):
+    # lmeval.py imports lm_eval only when a task runs: registering the kind costs nothing without the extra
+    from llmforge_plugins.eval.lmeval import LmEvalTask
+
+    register(LmEvalTask)
+
+
 @hookimpl
 def register_stages(register):
     from llmforge_plugins.eval.stage import EvalStage
