@@ -324,10 +324,15 @@ class EvalStage(Stage[EvalOptions]):
         problems: list[Problem] = []
         names: set[str] = set()
         if registry is not None:
-            specs, found = _load_specs(options.tasks, registry, _project_dir(options, inputs))
+            project = _project_dir(options, inputs)
+            specs, found = _load_specs(options.tasks, registry, project or Path.cwd())
+            if project is None:
+                # Inline specs' files are read from forge.toml's folder, which nothing here told: the run says
+                # which are missing (exit 2 before any model is loaded); a guess from the working folder would not.
+                found = [p for p in found if not (p.where.startswith("tasks[") and "file not found" in p.message)]
             problems += [_in_entry(p, options.tasks) for p in found]
             names = {o.name for _, o in specs}
-            if found:
+            if len(specs) < len(options.tasks):
                 names = set()  # some specs are broken: metrics can't be checked against the good ones only
         known = _known_models(options, inputs)
 
@@ -466,9 +471,9 @@ class EvalStage(Stage[EvalOptions]):
 # helpers
 
 
-def _project_dir(options: EvalOptions, inputs: dict[str, Artifact]) -> Path:
+def _project_dir(options: EvalOptions, inputs: dict[str, Artifact]) -> Path | None:
     """The folder forge.toml is in, which check() is not told: a relative path input tells it (the pipeline
-    made it absolute from there); else the working folder, where `llmforge validate` normally runs."""
+    made it absolute from there); None when no input does (every model a reference, every task inline)."""
     values = {**{f"models[{i}]": v for i, v in enumerate(options.models)}}
     values.update({f"tasks[{i}]": v for i, v in enumerate(options.tasks) if isinstance(v, str)})
     for key, value in values.items():
@@ -479,7 +484,7 @@ def _project_dir(options: EvalOptions, inputs: dict[str, Artifact]) -> Path:
         full = Path(art.path)
         if full.parts[-len(rel.parts) :] == rel.parts:
             return full.parents[len(rel.parts) - 1]
-    return Path.cwd()
+    return None
 
 
 def _in_entry(problem: Problem, tasks: list[Any]) -> Problem:
