@@ -32,6 +32,7 @@ from llmforge.stage import Input, Produced, Stage, StageContext, StageOptions
 
 if TYPE_CHECKING:
     from llmforge.errors import Problem
+    from llmforge.planning import Estimate, PlanEnv
     from llmforge.plugins import Registry
     from llmforge.stage import Artifact
     from llmforge_plugins.eval.api import EvalModel, EvalTask, TaskOptions
@@ -313,6 +314,30 @@ class EvalStage(Stage[EvalOptions]):
                             fingerprint(p) if p.exists() else "missing"
                         )
         return {"task_data": found}
+
+    def estimate(self, options: EvalOptions, env: PlanEnv) -> Estimate | None:
+        # One model is open at a time: the largest HF input, in float32 as the hf eval model loads it on the CPU
+        # (GGUF files are no larger than the model they came from). Models whose shape is unknown are skipped.
+        from llmforge.planning import RUNTIME_BYTES, Estimate, ShapeUnknown
+
+        shapes = []
+        for i in range(len(options.models)):
+            try:
+                shapes.append(env.shape_of(f"models[{i}]"))
+            except ShapeUnknown:
+                continue
+        if not shapes:
+            return None
+        shape = max(shapes, key=lambda s: s.params())
+        device = env.device
+        parts = {"largest model (float32)": shape.params() * 4, "runtime": RUNTIME_BYTES[device]}
+        return Estimate(
+            device=device,
+            peak=sum(parts.values()),
+            parts=parts,
+            notes=["one model open at a time; llama.cpp's KV cache and batches not counted"],
+            shape=shape,
+        )
 
     # ---- validation ------------------------------------------------------------------------------
     def check(
