@@ -297,3 +297,174 @@ def test_models_screen_shows_the_leaderboard_that_scored_the_model(two_runs):
             assert app.is_running and not app.unexpected_errors
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------------------------------------
+# the GGUF scorecard's downstream deltas
+
+FACTS = [f"Q: What is the capital of Land{i}?\nA: The capital of Land{i} is Town{i}." for i in range(1, 9)]
+
+
+@pytest.fixture(scope="module")
+def gguf_project(tmp_path_factory):
+    """A small Llama (hidden 256: llama.cpp makes real K-quants of its rows) trained a little on question/answer
+    lines, and a forge.toml whose gguf stage exports it (F32), quantizes it (Q4_K_M) and checks both with two
+    eval tasks: multiple choice by log-likelihood and generation."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmforge.chat import resolve_template
+    from llmforge.plugins import load_registry
+    from llmforge_plugins.training.models import train_tokenizer
+
+    root = tmp_path_factory.mktemp("gguf-downstream")
+    tok = train_tokenizer(FACTS * 20, 300, resolve_template("chatml", load_registry(env="").chat_templates))
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    net = LlamaForCausalLM(cfg)
+    ids = torch.tensor(tok("\n".join(FACTS * 3))["input_ids"])
+    batch = torch.stack([ids[i : i + 48] for i in range(0, len(ids) - 48, 48)][:6])
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(15):
+            net(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    net.eval()
+    model = root / "model"
+    net.save_pretrained(str(model))
+    tok.save_pretrained(str(model))
+    data = root / "data"
+    data.mkdir()
+    with open(data / "qa.jsonl", "w") as fh:
+        for i in range(1, 9):
+            choices = [f"Town{i}", f"Town{i % 8 + 1}", f"Town{(i + 3) % 8 + 1}"]
+            fh.write(
+                json.dumps({"question": f"What is the capital of Land{i}?", "choices": choices, "answer": 0}) + "\n"
+            )
+    with open(data / "cap.jsonl", "w") as fh:
+        for i in range(1, 9):
+            fh.write(json.dumps({"question": f"What is the capital of Land{i}?", "answer": f"Town{i}"}) + "\n")
+    (root / "tasks").mkdir()
+    (root / "tasks" / "qa.toml").write_text(
+        'name = "qa"\nkind = "multiple_choice"\ndata = "../data/qa.jsonl"\n'
+        'template = "Q: {question}\\nA: The capital of Land is"\n'
+    )
+    (root / "tasks" / "capitals.toml").write_text(
+        'name = "capitals"\nkind = "generation"\ndata = "../data/cap.jsonl"\nmax_new_tokens = 8\n'
+    )
+    (root / "forge.toml").write_text(f"""
+[[stages]]
+name = "gguf"
+uses = "gguf"
+model = "{model}"
+outtype = "f32"
+quantize = ["Q4_K_M"]
+max_kld = 10.0
+min_top1 = 0.0
+tasks = [
+  "tasks/qa.toml",
+  {{ name = "cap", kind = "generation", data = "data/cap.jsonl", scorer = "contains", max_new_tokens = 8 }},
+]
+""")
+    return root, model
+
+
+@pytest.mark.slow  # ~100 s on 2 shared cores: llama.cpp runs the logits check and both tasks on two files
+def test_gguf_stage_scorecard_has_downstream_deltas_and_answer_similarity(gguf_project, monkeypatch):
+    from llmforge.pipeline import load_pipeline
+    from llmforge.plugins import load_registry
+    from llmforge.runner import RunRequest, run_pipeline
+
+    root, model = gguf_project
+    monkeypatch.chdir(root)  # inline task specs' data paths are relative to forge.toml
+    registry = load_registry(env="")
+    result = run_pipeline(load_pipeline(root / "forge.toml", registry=registry), RunRequest(), registry=registry)
+    assert result.exit_code == 0, result.stages
+    folder = Path(result.stages["gguf"]["artifacts"]["gguf"]["path"])
+    card = json.loads((folder / "report.json").read_text())["card"]
+    down = card["downstream"]
+    assert [(t["name"], t["kind"], t["primary"]) for t in down["tasks"]] == [
+        ("qa", "multiple_choice", "acc"),
+        ("cap", "generation", "contains"),
+    ]
+    assert down["hf"]["qa"]["acc"]["n"] == 8 and down["hf"]["cap"]["contains"]["n"] == 8
+    rows = {r["type"]: r for r in down["rows"]}
+    assert set(rows) == {"F32", "Q4_K_M"}
+    f32, q4 = rows["F32"], rows["Q4_K_M"]
+    # the F32 file is the model: same figures, the same answers
+    for task, metric in (("qa", "acc"), ("qa", "acc_norm"), ("cap", "contains")):
+        m = f32["results"][task][metric]
+        assert m["value"] == down["hf"][task][metric]["value"] and m["delta"] == 0.0, (task, metric, m)
+    assert set(f32["similarity"]) == {"cap"}  # only generated answers are compared
+    sim = f32["similarity"]["cap"]
+    assert sim["n"] == 8 and sim["identical"] == 1.0 and sim["cosine"] == pytest.approx(1.0, abs=1e-6)
+    # Q4_K_M: measured, each delta is its value minus the HF model's
+    for task, metric in (("qa", "acc"), ("cap", "contains")):
+        m = q4["results"][task][metric]
+        assert m["delta"] == pytest.approx(m["value"] - down["hf"][task][metric]["value"])
+    assert -1.0 <= q4["similarity"]["cap"]["cosine"] <= 1.0 + 1e-6 and q4["similarity"]["cap"]["n"] == 8
+    # the Markdown card and the manifest carry them too
+    md = (folder / "report.md").read_text()
+    assert "Downstream: the same tasks" in md and "| HF model |" in md
+    line = next(x for x in md.splitlines() if x.startswith("| model-f32.gguf |") and "+0.000" in x)
+    assert "1.0000 (100%)" in line
+    info = result.stages["gguf"]["info"]["downstream"]
+    assert info["model-f32.gguf"]["qa.acc"]["delta"] == 0.0 and info["model-f32.gguf"]["cap.similarity"] > 0.999
+    print(
+        "Q4_K_M:",
+        {k: v for k, v in info["model-Q4_K_M.gguf"].items()},
+        "HF:",
+        {t: down["hf"][t] for t in ("qa", "cap")},
+    )
+
+
+def test_gguf_check_rejects_a_bad_task_before_loading_anything(tmp_path):
+    res = run_cli("gguf", "check", str(tmp_path / "no-model"), str(tmp_path / "no.gguf"), "--task", "nonsense")
+    assert res.returncode == 2 and "--task nonsense" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("gguf", "check", "m", "m.gguf", "--task", "generation:missing.jsonl", cwd=tmp_path)
+    assert res.returncode == 2 and "missing.jsonl" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow  # torch and llama.cpp in a subprocess, the logits check, the task on both sides
+def test_gguf_check_command_takes_tasks(gguf_project, tmp_path):
+    root, model = gguf_project
+    gguf = tmp_path / "m.gguf"
+    from llmforge_plugins.gguf.export import export_gguf
+
+    export_gguf(model, gguf, "f32")
+    res = run_cli(
+        "gguf",
+        "check",
+        str(model),
+        str(gguf),
+        "--task",
+        "tasks/capitals.toml",
+        "--limit",
+        "3",
+        "--json",
+        cwd=root,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    down = json.loads(res.stdout)["downstream"]
+    assert down["tasks"][0]["name"] == "capitals" and down["hf"]["capitals"]["exact_match"]["n"] == 3
+    row = down["rows"][0]
+    assert row["results"]["capitals"]["exact_match"]["delta"] == 0.0
+    assert row["similarity"]["capitals"]["n"] == 3 and row["similarity"]["capitals"]["identical"] == 1.0

@@ -14,6 +14,14 @@ Per file:
 
 Long texts are evaluated in windows no longer than the model's context (and WINDOW_MAX), each from an empty
 cache, on both sides alike. llama.cpp runs in a child process (llmforge.native). No heavy import at module level.
+
+Downstream deltas (with eval tasks: the gguf stage's `tasks`, `llmforge gguf check --task`): logits parity says
+how far a quant's next-token distribution drifts; what users ship on is whether it still answers. Each task
+(plugins/eval: task specs, eval models) runs on the HF model (transformers) and on each file (llama.cpp), and
+the card gets, per file, every task metric next to the HF model's with the delta (file - HF), and for the tasks
+that generate text the similarity of the file's answers to the HF model's: the cosine of their embeddings (the
+HF model's own mean last hidden state, EvalModel.embed) averaged over items, as quantization-loss studies
+compare answers, and the share of answers that are identical.
 """
 
 from __future__ import annotations
@@ -210,9 +218,19 @@ def _tokenization(hf_ids: list[int], gg_ids: list[int]) -> dict:
 
 
 def check_gguf(
-    model: Path, ggufs: list[Path], *, text: str | None = None, reference: Path | None = None, log: Log | None = None
+    model: Path,
+    ggufs: list[Path],
+    *,
+    text: str | None = None,
+    reference: Path | None = None,
+    log: Log | None = None,
+    tasks: list | None = None,
+    registry=None,
+    **downstream_options,
 ) -> dict:
-    """Score each GGUF in `ggufs` against the HF model (or adapter) `model`; see the module docstring."""
+    """Score each GGUF in `ggufs` against the HF model (or adapter) `model`; see the module docstring. With
+    `tasks` ((task kind, options) pairs) and the `registry` their eval models come from, the card also has
+    `downstream` (see :func:`downstream`; its keyword options pass through)."""
     from llmforge_plugins.gguf.imatrix import load_hf
 
     log = log or _quiet
@@ -266,7 +284,7 @@ def check_gguf(
             f"check: {path.name}: {info['type']}, PPL {result['ppl']:.3f}, mean KLD {result['mean_kld']:.5f}, "
             f"top-1 {result['top1']:.1%}, tokenization {'ok' if result['tokenization_ok'] else 'DIFFERS'}"
         )
-    return {
+    card = {
         "model": str(model),
         "parameters": parameters,
         "tokens": len(ids),
@@ -278,6 +296,200 @@ def check_gguf(
         "probe_tokens": len(probe_ids),
         "rows": rows,
     }
+    if tasks:
+        card["downstream"] = downstream(model, ggufs, tasks, registry=registry, log=log, **downstream_options)
+    return card
+
+
+# ------------------------------------------------------------------------------------------------
+# downstream deltas
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    na = math.sqrt(sum(x * x for x in a))
+    nb = math.sqrt(sum(y * y for y in b))
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return dot / (na * nb)
+
+
+def _generated(items: list[dict]) -> list[str] | None:
+    """The generated answers of a task's item records, or None for a task that generates nothing (perplexity
+    has no answer; a multiple-choice answer is one of the given choices, which the accuracy already compares)."""
+    if not items or any("choices" in it or not isinstance(it.get("answer"), str) for it in items):
+        return None
+    return [it["answer"] for it in items]
+
+
+def downstream(
+    model: Path,
+    ggufs: list[Path],
+    specs: list,
+    *,
+    registry,
+    log: Log | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    n_ctx: int | None = None,
+    base_dir: Path | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict | None:
+    """Each task of `specs` ((task kind, options) pairs from plugins/eval/spec.py load_task_specs) on the HF model
+    and on each GGUF, through the eval models of `registry`; see the module docstring. None when stopped."""
+    from llmforge_plugins.eval.api import TaskEnv
+    from llmforge_plugins.eval.models import open_model
+
+    log = log or _quiet
+    if limit:
+        specs = [(t, o.model_copy(update={"limit": min(o.limit or limit, limit)})) for t, o in specs]
+    env = TaskEnv(base_dir=base_dir or Path.cwd(), log=log, should_stop=should_stop, seed=seed, registry=registry)
+    infos: dict[str, dict] = {}  # each task's info on the HF model (the first to run)
+
+    def run_all(em) -> dict[str, tuple[dict, list[dict]]]:
+        out = {}
+        for task, opts in specs:
+            if should_stop():
+                break
+            res = task.run(opts, em, env)
+            out[opts.name] = ({k: m.to_json() for k, m in res.metrics.items()}, list(res.items))
+            infos.setdefault(opts.name, dict(res.info))
+            shown = ", ".join(f"{k} {m.value:.4g}" for k, m in res.metrics.items())
+            log(f"check: {em.label} {opts.name}: {shown}")
+        return out
+
+    log(f"check: downstream tasks ({', '.join(o.name for _, o in specs)}) on the HF model")
+    hf = open_model(model, registry, label="hf", n_ctx=n_ctx, log=log)
+    try:
+        base = run_all(hf)
+        files: dict[Path, dict[str, tuple[dict, list[dict]]]] = {}
+        for path in ggufs:
+            if should_stop():
+                return None
+            log(f"check: downstream tasks on {path.name} in llama.cpp")
+            em = open_model(path, registry, label=path.name, n_ctx=n_ctx, log=log)
+            try:
+                files[path] = run_all(em)
+            finally:
+                em.close()
+        if should_stop():
+            return None
+        # Answers are embedded by the HF model, the one reference every file is compared with.
+        vectors: dict[str, list[list[float]]] = {}
+        for name, (_, items) in base.items():
+            answers = _generated(items)
+            if answers is not None:
+                vectors[name] = hf.embed(answers)
+        rows = []
+        for path in ggufs:
+            results: dict[str, dict] = {}
+            similarity: dict[str, dict] = {}
+            for name, (metrics, items) in files[path].items():
+                ref = base[name][0]
+                results[name] = {
+                    k: {**m, "delta": m["value"] - ref[k]["value"] if k in ref else None} for k, m in metrics.items()
+                }
+                answers, theirs = _generated(items), _generated(base[name][1])
+                if answers is not None and theirs is not None and name in vectors:
+                    n = min(len(answers), len(theirs))
+                    mine = hf.embed(answers[:n])
+                    cos = [_cosine(a, b) for a, b in zip(mine, vectors[name][:n])]
+                    similarity[name] = {
+                        "cosine": sum(cos) / n if n else None,
+                        "min_cosine": min(cos) if cos else None,
+                        "identical": sum(a == b for a, b in zip(answers, theirs)) / n if n else None,
+                        "n": n,
+                    }
+            rows.append(
+                {"file": str(path), "type": _gguf_info(path)["type"], "results": results, "similarity": similarity}
+            )
+    finally:
+        hf.close()
+
+    def primary(task, opts) -> str:
+        # the kind's primary metric, or the one the run says it scored by (a generation task's scorer)
+        metrics = base.get(opts.name, ({}, []))[0]
+        for name in (task.primary, infos.get(opts.name, {}).get("primary")):
+            if isinstance(name, str) and name in metrics:
+                return name
+        return next(iter(metrics), task.primary)
+
+    return {
+        "tasks": [{"name": o.name, "kind": t.kind, "primary": primary(t, o)} for t, o in specs],
+        "hf": {name: metrics for name, (metrics, _) in base.items()},
+        "rows": rows,
+    }
+
+
+def load_tasks(values: list, registry, base_dir: Path) -> tuple[list, list]:
+    """Task specs as the eval plugin reads them (plugins/eval/spec.py): the (task kind, options) pairs and the
+    problems, keyed `tasks[i]...`. The eval plugin must be loaded: its task kinds are in the registry."""
+    from llmforge.errors import Problem
+
+    try:
+        from llmforge_plugins.eval.api import EVAL_TASKS
+        from llmforge_plugins.eval.spec import load_task_specs
+
+        table = registry.table(EVAL_TASKS)
+    except (ImportError, KeyError) as exc:
+        return [], [Problem("tasks", f"eval tasks need the eval plugin, which is not loaded ({exc})")]
+    return load_task_specs(values, table, base_dir, "tasks")
+
+
+def downstream_headline(section: dict) -> dict:
+    """Per file, each task's primary metric delta and the answer similarity: for `llmforge status`."""
+    primary = {t["name"]: t["primary"] for t in section["tasks"]}
+    out = {}
+    for r in section["rows"]:
+        figures: dict = {}
+        for name, metrics in r["results"].items():
+            m = metrics.get(primary.get(name, ""))
+            if m is not None:
+                figures[f"{name}.{primary[name]}"] = {"value": m["value"], "delta": m["delta"]}
+        for name, sim in r["similarity"].items():
+            figures[f"{name}.similarity"] = sim["cosine"]
+        out[Path(r["file"]).name] = figures
+    return out
+
+
+def downstream_markdown(section: dict) -> str:
+    """The downstream deltas as a Markdown table: a row for the HF model, then one per file; per task its primary
+    metric and the delta, and the answer similarity of generation tasks."""
+    tasks = section["tasks"]
+    similar = [t["name"] for t in tasks if any(t["name"] in r["similarity"] for r in section["rows"])]
+    head = ["file"]
+    for t in tasks:
+        head += [f"{t['name']}.{t['primary']}", "Δ"]
+    head += [f"{name} answer similarity (identical)" for name in similar]
+    lines = [
+        "Downstream: the same tasks on the HF model (transformers) and on each file (llama.cpp); Δ = file - HF. "
+        "Answer similarity: cosine of the HF model's embeddings of the file's and the HF model's answers, mean "
+        "over items, and the share of identical answers.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (len(head) - 1),
+    ]
+
+    def fig(m: dict | None) -> str:
+        if not m:
+            return "-"
+        text = f"{m['value']:.4g}" if abs(m["value"]) >= 100 else f"{m['value']:.3f}"
+        return text + (f" ± {m['stderr']:.3f}" if m.get("stderr") else "")
+
+    hf_cells = ["HF model"]
+    for t in tasks:
+        hf_cells += [fig(section["hf"].get(t["name"], {}).get(t["primary"])), ""]
+    lines.append("| " + " | ".join(hf_cells + ["" for _ in similar]) + " |")
+    for r in section["rows"]:
+        cells = [Path(r["file"]).name]
+        for t in tasks:
+            m = r["results"].get(t["name"], {}).get(t["primary"])
+            cells += [fig(m), f"{m['delta']:+.3f}" if m and m.get("delta") is not None else "-"]
+        for name in similar:
+            sim = r["similarity"].get(name)
+            cells.append(f"{sim['cosine']:.4f} ({sim['identical']:.0%})" if sim and sim["cosine"] is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _small(x: float) -> str:
@@ -307,4 +519,6 @@ def scorecard_markdown(card: dict) -> str:
             f"{r['ppl']:.3f} | {r['delta_ppl']:+.3f} | {_small(r['mean_kld'])} | {r['top1']:.1%} | "
             f"{r['max_rel_logit_error']:.2e} | {tok} |"
         )
+    if card.get("downstream"):
+        lines += ["", downstream_markdown(card["downstream"]).rstrip("\n")]
     return "\n".join(lines) + "\n"

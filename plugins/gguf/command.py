@@ -160,10 +160,22 @@ def check(
         float | None, typer.Option("--min-top1", min=0, max=1, help="Exit 1 when a file's top-1 agreement is lower.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scorecard as JSON.")] = False,
+    task: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task",
+            "-t",
+            help="An eval task (a .toml task spec, or KIND:DATAFILE) run on the HF model and on each file: "
+            "downstream deltas and answer similarity. Repeat for several tasks.",
+            show_default=False,
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Use at most N items of every task.")] = None,
 ) -> None:
     """Score GGUF files against the HF model: tokenization, logits on the same token ids (mean KL divergence,
     top-1 agreement), perplexity, size. Prints the scorecard table. With --max-kld/--min-top1 (which also
-    require identical tokenization), exit 1 when a file misses them."""
+    require identical tokenization), exit 1 when a file misses them. With --task, each task's metrics on each
+    file next to the HF model's, with the delta, and how similar the file's generated answers are."""
     from llmforge.cli.common import print_json
     from llmforge_plugins.gguf.check import check_gguf, scorecard_markdown
     from llmforge_plugins.gguf.stage import parity_failures
@@ -171,7 +183,10 @@ def check(
     if text is not None and not text.is_file():
         raise UsageError(f"{text}: text file not found")
     body = text.read_text(encoding="utf-8") if text is not None else None
-    card = check_gguf(model, list(files), text=body, reference=reference, log=_log())
+    specs, reg = _task_specs(task or [])
+    card = check_gguf(
+        model, list(files), text=body, reference=reference, log=_log(), tasks=specs, registry=reg, limit=limit
+    )
     if as_json:
         print_json(card)
     else:
@@ -182,6 +197,28 @@ def check(
         )
         if failures:
             raise ForgeError("parity check failed:\n  " + "\n  ".join(failures))
+
+
+def _task_specs(values: list[str]) -> tuple[list, object]:
+    """--task values as (task kind, options) pairs, read as `llmforge eval --task` reads them (the eval plugin),
+    and the registry their eval models come from; a bad spec is a ConfigError (exit 2) before any model loads."""
+    if not values:
+        return [], None
+    from llmforge.cli.common import registry
+    from llmforge.errors import ConfigError
+
+    reg = registry()
+    try:
+        from llmforge_plugins.eval.api import EVAL_TASKS
+        from llmforge_plugins.eval.command import task_values
+        from llmforge_plugins.eval.spec import load_task_specs
+    except ImportError as exc:  # pragma: no cover - the eval plugin ships with llmforge
+        raise UsageError(f"--task needs the eval plugin ({exc})") from None
+    table = reg.table(EVAL_TASKS)
+    specs, problems = load_task_specs(task_values(values, table), table, Path.cwd(), "--task")
+    if problems:
+        raise ConfigError(problems)
+    return specs, reg
 
 
 # ------------------------------------------------------------------------------------------------

@@ -71,6 +71,12 @@ class GgufOptions(StageOptions):
     min_top1: float = Field(
         0.3, ge=0, le=1, description="Fail when a file's top-1 token agrees with the HF model's less often than this."
     )
+    tasks: list[Annotated[str, Input()] | dict[str, Any]] = Field(
+        default_factory=list,
+        description="Eval task specs (as an eval stage's `tasks`: inline tables or .toml files) the check runs on "
+        "the HF model and on each file: each task's metrics next to the HF model's with the delta, and the "
+        "similarity of each file's generated answers to the HF model's.",
+    )
     # not `name`: in forge.toml that key of the stage's table is the stage's own name
     model_name: str | None = Field(
         None,
@@ -178,6 +184,12 @@ class GgufStage(Stage):
         dupes = sorted({q for q in options.quantize if options.quantize.count(q) > 1})
         if dupes:
             problems.append(Problem("quantize", f"listed twice: {', '.join(dupes)}"))
+        if options.tasks and not options.check:
+            problems.append(Problem("tasks", "the tasks run as part of the check: set check = true"))
+        elif options.tasks and registry is not None:
+            from llmforge_plugins.gguf.check import load_tasks
+
+            problems += load_tasks(options.tasks, registry, _project_dir(options, inputs))[1]
         return problems
 
     def estimate(self, options: GgufOptions, env: PlanEnv) -> Estimate:
@@ -225,6 +237,8 @@ class GgufStage(Stage):
             if options.check:
                 self._check(model, files, out, options, ctx)
                 step()
+                if ctx.should_stop():
+                    return None  # stopped during the downstream tasks: the artifact block discards the files
         final = ctx.published["gguf"].path
         ctx.info["files"] = {p.name: (final / p.name).stat().st_size for p in files}
         if quantized:
@@ -266,7 +280,26 @@ class GgufStage(Stage):
 
         text = Path(options.check_text).read_text(encoding="utf-8") if options.check_text else None
         ctx.log(f"checking {len(files)} file(s) against {model}")
-        card = check_gguf(model, files, text=text, log=ctx.log)
+        specs: list = []
+        if options.tasks:
+            from llmforge.errors import ConfigError
+            from llmforge_plugins.gguf.check import load_tasks
+
+            base = getattr(ctx, "project_dir", None) or Path.cwd()
+            specs, problems = load_tasks(options.tasks, ctx.registry, base)
+            if problems:
+                raise ConfigError(problems)
+        card = check_gguf(
+            model,
+            files,
+            text=text,
+            log=ctx.log,
+            tasks=specs,
+            registry=ctx.registry,
+            seed=ctx.seed,
+            base_dir=getattr(ctx, "project_dir", None),
+            should_stop=ctx.should_stop,
+        )
         failures = parity_failures(card, options.max_kld, options.min_top1)
         report = {
             "card": card,
@@ -277,9 +310,30 @@ class GgufStage(Stage):
         atomic_write_text(where / "report.json", json.dumps(report, indent=2) + "\n")
         atomic_write_text(where / "report.md", scorecard_markdown(card))
         ctx.info["check"] = headline(card)
+        if card.get("downstream"):
+            from llmforge_plugins.gguf.check import downstream_headline
+
+            ctx.info["downstream"] = downstream_headline(card["downstream"])
         if failures:
             raise StageFailed(
                 "GGUF parity check failed:\n  " + "\n  ".join(failures),
                 hint=f"see {ctx.stage_dir / 'report.md'}; raise max_kld or lower min_top1 only for "
                 f"losses you accept (very low-bit types)",
             )
+
+
+def _project_dir(options: GgufOptions, inputs: dict[str, Artifact]) -> Path:
+    """The folder of forge.toml, which check() is not told: a relative path input tells it (the pipeline made it
+    absolute from there), else the working folder (where `llmforge validate` runs). Inline task specs' data paths
+    are relative to it."""
+    values = {f"tasks[{i}]": v for i, v in enumerate(options.tasks) if isinstance(v, str)}
+    if options.check_text:
+        values["check_text"] = options.check_text
+    for key, value in values.items():
+        art, rel = inputs.get(key), Path(value)
+        if art is None or art.kind != "path" or value.startswith(("@", "~")) or rel.is_absolute():
+            continue
+        full = Path(art.path)
+        if full.parts[-len(rel.parts) :] == rel.parts:
+            return full.parents[len(rel.parts) - 1]
+    return Path.cwd()
