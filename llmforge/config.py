@@ -109,6 +109,7 @@ TOP_LEVEL = {
     "model": ModelSection,
     "backend": None,  # validated against the selected backend's Options
     "trackers": None,  # keys validated against registered trackers
+    "judges": None,  # [judges.NAME] tables validated against their backend's Options (llmforge.judging)
     "stages": None,
 }
 
@@ -138,6 +139,8 @@ class ForgeConfig:
     backend: BackendSection
     trackers: dict  # enabled tracker name -> its validated options
     stages: list[StageSpec] = field(default_factory=list)
+    #: judge name -> its llmforge.judging.JudgeSpec (paths relative to forge.toml's folder)
+    judges: dict = field(default_factory=dict)
 
     @property
     def project_dir(self) -> Path:
@@ -339,9 +342,15 @@ def parse_config(
                 )
             )
 
+    from llmforge.judging import JUDGE_BACKENDS, validate_judges
+
+    judges, judge_problems = validate_judges(raw.get("judges", {}), path.parent, registry.table(JUDGE_BACKENDS))
+    problems += judge_problems
+
     backend, backend_problems = _validate_backend(raw.get("backend", {}), registry)
     problems += backend_problems
     cfg = ForgeConfig(path=path, raw=raw, project=project, model=model, trackers=enabled, backend=backend)
+    cfg.judges = judges
     cfg.stages, stage_problems = _validate_stages(raw.get("stages", []), registry)
     problems += stage_problems
     if "project" not in {p.where.split(".")[0] for p in problems}:

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmforge.errors import ForgeError, Problem
 from llmforge.extension import ExtensionPoint, subclass_of
 
 
@@ -91,8 +92,9 @@ class JudgeBackend:
         """Free the model or the connection."""
 
 
-class JudgeUnavailable(RuntimeError):
-    """A judge could not answer (the server is down, the request timed out): the message says which and why."""
+class JudgeUnavailable(ForgeError):
+    """A judge could not answer (the server is down, the request timed out): the message says which and why.
+    The work failed (exit 1), not the input."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,57 @@ class JudgeSpec:
 
     def open(self, log: Callable[[str], Any] | None = None) -> JudgeBackend:
         return self.backend(self.options, base_dir=self.base_dir, log=log)
+
+
+#: keys that would put a secret in forge.toml, and so in the run's manifest (which records the config)
+SECRET_KEYS = ("api_key", "key", "token", "password", "secret", "authorization")
+
+
+def validate_judges(value: Any, base_dir: Path, backends: dict[str, type[JudgeBackend]]) -> tuple[dict, list[Problem]]:
+    """The ``[judges]`` table of forge.toml validated: name -> :class:`JudgeSpec`, and every problem with
+    its key path (``judges.local.model: field required``; an unknown backend with a did-you-mean and the
+    installed ones). Paths in the options stay as written: a backend resolves them against ``base_dir``."""
+    from llmforge.schema import did_you_mean, validate_model
+
+    if not isinstance(value, dict):
+        return {}, [Problem("judges", f"expected a table [judges.NAME], got {type(value).__name__}")]
+    specs: dict[str, JudgeSpec] = {}
+    problems: list[Problem] = []
+    installed = ", ".join(sorted(backends)) or "none"
+    for name, table in value.items():
+        where = f"judges.{name}"
+        if not isinstance(table, dict):
+            problems.append(Problem(where, f"expected a table [judges.{name}] with a backend, got {table!r}"))
+            continue
+        secrets = [k for k in table if str(k).lower() in SECRET_KEYS]
+        for k in secrets:
+            problems.append(
+                Problem(
+                    f"{where}.{k}",
+                    "a key is never written in forge.toml (the run's manifest records the config): put it in an "
+                    'environment variable and name that variable with api_key_env = "..."',
+                )
+            )
+        if secrets:
+            continue
+        backend = table.get("backend")
+        if backend is None:
+            problems.append(Problem(f"{where}.backend", f"required: which backend runs the judge ({installed})"))
+            continue
+        cls = backends.get(str(backend))
+        if cls is None:
+            problems.append(
+                Problem(
+                    f"{where}.backend",
+                    f"unknown judge backend '{backend}'{did_you_mean(str(backend), backends)} (installed: {installed})",
+                )
+            )
+            continue
+        opts, probs = validate_model(cls.Options, table, where)
+        problems += probs
+        if opts is not None:
+            specs[name] = JudgeSpec(name=name, backend=cls, options=opts, base_dir=Path(base_dir))
+    return specs, problems
 
 
 def _check_backend(cls: type[JudgeBackend]) -> None:

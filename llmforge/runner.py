@@ -553,6 +553,7 @@ def _run_stage(session: RunSession, spec: StageSpec, stage_dir: Path, resume: bo
         project_dir=cfg.project_dir,
         backend=session.backend,
         registry=session.registry,
+        judges=cfg.judges,
     )
     started = time.time()
     st.status, st.started, st.error, st.artifacts, st.cached_from = Status.RUNNING, started, None, {}, None

@@ -216,6 +216,8 @@ class StageContext:
     backend: Backend | None = None
     #: the run's plugin registry (:class:`llmforge.plugins.Registry`): tables such as chat templates
     registry: Any = None
+    #: the judges declared in forge.toml: name -> :class:`llmforge.judging.JudgeSpec` (the judges plugin opens one)
+    judges: dict[str, Any] = field(default_factory=dict)
 
     @property
     def work_dir(self) -> Path:

@@ -7,3 +7,30 @@ Imported at every `llmforge` start-up: nothing heavy here.
 """
 
 from __future__ import annotations
+
+from llmforge import hookimpl
+
+
+@hookimpl
+def register_judge_backends(register):
+    # backends.py imports llama_cpp, torch or openai only when a judge is opened
+    from llmforge_plugins.judges.backends import BACKENDS
+
+    for backend in BACKENDS:
+        register(backend)
+
+
+@hookimpl
+def register_eval_tasks(register):
+    from llmforge_plugins.judges.tasks import TASKS
+
+    for task in TASKS:
+        register(task)
+
+
+@hookimpl
+def validate_pipeline(pipeline):
+    # a judge task naming an undeclared judge is a config problem, found before any model loads
+    from llmforge_plugins.judges.checks import judge_problems
+
+    return judge_problems(pipeline)
