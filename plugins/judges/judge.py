@@ -248,9 +248,11 @@ class Judge:
         last = attempt == self.options.retries
         again: list[tuple[int, str, _Ask]] = []
         chunk_size = max(self.options.concurrency, getattr(self.options, "batch_size", 1))
-        for start in range(0, len(pending), chunk_size):
-            chunk = pending[start : start + chunk_size]
-            self._spend(len(chunk))
+        start = 0
+        while start < len(pending):
+            # what the budget still allows is sent (and cached) before the budget stops the judge
+            chunk = pending[start : start + min(chunk_size, self._allowed())]
+            start += len(chunk)
             reqs = [
                 JudgeRequest(
                     messages=tuple(ask.messages),
@@ -300,9 +302,12 @@ class Judge:
             return prompts.parse_winner(answer)
         return prompts.parse_score(answer, *self.scale)
 
-    def _spend(self, n: int) -> None:
+    def _allowed(self) -> int:
+        """How many more requests the budget allows (at least 1), or JudgeBudgetSpent when none."""
         budget = self.options.max_requests
-        if budget is not None and self.stats["requests"] + n > budget:
+        if budget is None:
+            return 1 << 30
+        if self.stats["requests"] >= budget:
             raise JudgeBudgetSpent(
                 f"judge '{self.name}' reached its request budget: max_requests = {budget} "
                 f"({self.stats['requests']} requests sent, {self.stats['judgments'] + self.stats['failures']} "
@@ -310,6 +315,7 @@ class Judge:
                 hint=f"raise judges.{self.name}.max_requests (or remove it) and run again with --resume: "
                 "the judgments already made are not asked again",
             )
+        return budget - self.stats["requests"]
 
 
 def _resolve_pair(first: Judgment, second: Judgment) -> Judgment:
