@@ -272,6 +272,9 @@ def test_spec_checks(tasks):
     problems = task.check(task.Options(**_lm_eval_spec(data="x.jsonl")))
     assert any("data" in str(p) for p in problems)
     assert task.Options(**_lm_eval_spec()).num_fewshot is None  # the lm-eval task's own default
+    # the primary metric is the spec's (a gate on "capitals" alone takes it): acc unless the task says otherwise
+    assert task.primary_for(task.Options(**_lm_eval_spec())) == "acc"
+    assert task.primary_for(task.Options(**_lm_eval_spec(primary="word_perplexity"))) == "word_perplexity"
 
 
 def test_fixture_is_the_task_the_yaml_declares():

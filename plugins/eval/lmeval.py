@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from llmforge.errors import DataError, ForgeError, UsageError
+from llmforge.errors import DataError, ForgeError, Problem, UsageError
 from llmforge_plugins.eval.api import EvalModel, EvalTask, Metric, TaskEnv, TaskOptions, TaskResult
 
 EXTRA_HINT = "pip install 'llmforge[lmeval]'"
@@ -50,6 +50,11 @@ class LmEvalOptions(TaskOptions):
     task: str = Field(description="The lm-evaluation-harness task (or group) to run, e.g. `arc_easy` or your own.")
     include_path: str | None = Field(
         None, description="A folder of your own lm-eval task YAMLs, relative to the spec's file."
+    )
+    primary: str = Field(
+        "acc",
+        description="The metric a gate or select takes when none is named, shown first in the leaderboard "
+        "(the task's metric_list names them: acc for most, word_perplexity for wikitext, exact_match:strict-match).",
     )
     num_fewshot: int | None = Field(  # type: ignore[assignment]
         None, ge=0, description="Examples shown before each item (default: the lm-eval task's own)."
@@ -323,13 +328,15 @@ class LmEvalTask(EvalTask):
     Options: ClassVar[type[TaskOptions]] = LmEvalOptions
     primary = "acc"
 
-    def check(self, options: TaskOptions) -> list[str]:
+    def primary_for(self, options: Any) -> str:
+        return str(options.primary)
+
+    def check(self, options: Any) -> list[Any]:
         problems = []
-        assert isinstance(options, LmEvalOptions)
         if not options.task.strip():
-            problems.append("task: an lm-eval task name is needed")
+            problems.append(Problem("task", "an lm-eval task name is needed"))
         if options.data is not None:
-            problems.append("data: an lm_eval task reads its own data (declare it in the task's YAML)")
+            problems.append(Problem("data", "an lm_eval task reads its own data (declare it in the task's YAML)"))
         return problems
 
     def run(self, options: Any, model: EvalModel, env: TaskEnv) -> TaskResult:
@@ -373,10 +380,10 @@ class LmEvalTask(EvalTask):
             ) from exc
         if res is None:  # only on a non-zero rank, which a single process never is
             raise ForgeError(f"lm-eval returned no results for {options.task!r}")
-        return self._result(options, loaded, res, time.monotonic() - started, lm_eval)
+        return self._result(options, loaded, res, time.monotonic() - started, lm_eval, env.log)
 
     def _result(
-        self, options: Any, loaded: dict[str, Any], res: dict[str, Any], seconds: float, lm_eval: Any
+        self, options: Any, loaded: dict[str, Any], res: dict[str, Any], seconds: float, lm_eval: Any, log: Any
     ) -> TaskResult:
         results, higher = res.get("results", {}), res.get("higher_is_better", {})
         n_samples = res.get("n-samples", {})
@@ -402,6 +409,12 @@ class LmEvalTask(EvalTask):
                 items.append(record)
         if not metrics:
             raise ForgeError(f"lm-eval task {options.task!r} reported no numeric metric", hint=str(results)[:300])
+        if options.primary not in metrics:
+            # not an error after the work is done: the figures are kept, a gate naming the task alone says more
+            log(
+                f"warning: task {options.name!r}: primary = {options.primary!r} is not among the metrics lm-eval "
+                f"task {options.task!r} reports ({', '.join(metrics)}): set primary in the task's spec"
+            )
         num_fewshot = {t: res.get("configs", {}).get(t, {}).get("num_fewshot") for t in leaves}
         info = {
             "lm_eval": getattr(lm_eval, "__version__", None),
@@ -409,6 +422,5 @@ class LmEvalTask(EvalTask):
             "lm_eval_tasks": leaves,
             "num_fewshot": num_fewshot if len(leaves) > 1 else num_fewshot.get(leaves[0]),
             "seconds": round(seconds, 3),
-            "primary": next(iter(metrics)),
         }
         return TaskResult(metrics, items, info)
