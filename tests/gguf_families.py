@@ -51,8 +51,11 @@ __all__ = [
     "assert_parity",
     "assert_round_trip",
     "assert_same_as_converter",
+    "assert_same_gguf",
+    "converter_batch",
     "export",
     "fields",
+    "gpt2_vocab_tokenizer",
     "hf_ids",
     "hf_logits",
     "kl_top1",
@@ -252,17 +255,89 @@ def assert_same_as_converter(src: Path, model: Path, tmp: Path, outtype: str) ->
     cmd, env = converter_command(src, model, theirs, outtype)
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    a, b = tensors(ours), tensors(theirs)
+    assert_same_gguf(ours, theirs)
+
+
+def assert_same_gguf(ours: Path, theirs: Path, extra_keys: set[str] = EXTRA_KEYS) -> None:
+    """The same tensors (names, types, shapes, bytes) and the same metadata; `ours` may add `extra_keys`."""
+    import gguf
+
+    # one reader per file: parsing a 50k-token vocabulary's metadata takes gguf's reader ~3 s
+    ra, rb = gguf.GGUFReader(str(ours)), gguf.GGUFReader(str(theirs))
+    a, b = {t.name: t for t in ra.tensors}, {t.name: t for t in rb.tensors}
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].tensor_type == b[name].tensor_type, name
         assert a[name].shape.tolist() == b[name].shape.tolist(), name
-        assert bytes(a[name].data) == bytes(b[name].data), f"{model.name}: {name} differs"
-    fa, fb = fields(ours), fields(theirs)
-    assert set(fa) - set(fb) <= EXTRA_KEYS, set(fa) - set(fb)
+        assert bytes(a[name].data) == bytes(b[name].data), f"{ours.name}: {name} differs"
+    fa, fb = ({k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")} for r in (ra, rb))
+    assert set(fa) - set(fb) <= extra_keys, set(fa) - set(fb)
     assert set(fb) <= set(fa), set(fb) - set(fa)
     for key in fb:
         assert fa[key] == fb[key], key
+
+
+#: run in one child process by converter_batch: the converter's own main() once per job, each job's failure kept
+_BATCH = """
+import json, sys, traceback
+sys.path.insert(0, sys.argv[1])
+import convert_hf_to_gguf
+failed = {}
+for model, out, outtype in json.loads(sys.argv[2]):
+    sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", outtype]
+    try:
+        convert_hf_to_gguf.main()
+    except BaseException as exc:  # SystemExit too: the converter exits 1 on what it refuses
+        failed[out] = "".join(traceback.format_exception(exc))[-3000:]
+print()  # the result on a line of its own, whatever the converter printed
+print(json.dumps(failed))
+"""
+
+
+def converter_batch(src: Path, jobs: list[tuple[Path, Path, str]], timeout: int = 600) -> dict[str, str]:
+    """llama.cpp's convert_hf_to_gguf.py, unmodified with its own gguf-py, on several (model folder, out file,
+    outtype) jobs in ONE child process: torch and the converter's ~100 modules are imported once rather than once a
+    folder, which is most of a tiny model's conversion time. Returns {out file: error} for the jobs that failed."""
+    import json
+    import sys
+
+    from llmforge_plugins.gguf.converter import converter_command
+
+    _, env = converter_command(src, Path("."), Path("."), "f16")
+    spec = json.dumps([[str(m), str(o), t] for m, o, t in jobs])
+    run = subprocess.run(
+        [sys.executable, "-c", _BATCH, str(src), spec], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def gpt2_vocab_tokenizer(src: Path):
+    """GPT-2's real tokenizer (50257 tokens), rebuilt from llama.cpp's vocabulary-only GGUF with the `tokenizers`
+    library directly: the converter names a byte-level BPE pre-tokenizer only by hashing a real vocabulary's token
+    ids, and this is the smallest real vocabulary both it and the export know. Built this way it takes about a
+    second (transformers' GGUF tokenizer reader takes ~10 s on it, gguf's reader parsing 100k strings), and gives
+    GPT-2's ids on llama.cpp's tokenizer test texts (checked)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmforge_plugins.gguf.metadata import read_metadata
+
+    vocab = src / "models" / "ggml-vocab-gpt-2.gguf"
+    keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
+    meta = read_metadata(vocab, keys, check_tensors=False)
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    (eot,) = [t for t, kind in zip(tokens, meta["tokenizer.ggml.token_type"]) if kind == 3]  # <|endoftext|>
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eot, eos_token=eot)
+    texts = vocab.with_name(vocab.name + ".inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    ids = vocab.with_name(vocab.name + ".out").read_text(encoding="utf-8").split("\n")
+    cases = [(t, [int(x) for x in i.split()]) for t, i in zip(texts, ids)]
+    assert len(cases) > 40 and all(tok(t, add_special_tokens=False)["input_ids"] == i for t, i in cases)
+    return tok
 
 
 def log_to(messages: list):

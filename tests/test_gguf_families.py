@@ -5,28 +5,38 @@ Each family's tiny random model (built by transformers from its config, saved wi
 the family's pre-tokenizer) is exported and checked by behaviour: F32 in llama.cpp gives transformers' logits on the
 same token ids (mean KL < 1e-3, top-1 >= 0.98, llama.cpp's KV cache in F32), F16 / Q8_0 / a K-quant load and
 generate, `llmforge import` back to HF gives the same logits, and what is particular to the family is in the file
-(Qwen2's q/k/v biases, Qwen3's q/k norms and key/value length). The comparison with llama.cpp's own converter
-(tensor-for-tensor byte identity, same metadata) is marked slow and parametrised over FAMILIES_VS_CONVERTER: a new
-family adds its name there.
+(Qwen2's q/k/v biases, Qwen3's q/k norms and key/value length).
+
+The comparison with llama.cpp's own converter (tensor-for-tensor byte identity, same metadata) covers every family
+the export supports in the default run (test_every_family_...: F16, tiny vocabularies, the converter run once for
+all of them in one child process): a new family adds its name to EVERY_FAMILY and its model to `vs_converter`.
+The slow pass repeats it with real vocabularies (Qwen2's 152k tokens here, FAMILIES_VS_CONVERTER) and, in the other
+families' files, other output types.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from gguf_families import (
+    EXTRA_KEYS,
     FAMILIES,
     MULTILINGUAL,
+    Family,
     assert_generates,
     assert_parity,
     assert_round_trip,
     assert_same_as_converter,
+    assert_same_gguf,
+    converter_batch,
     export,
     family_builder,
     fields,
     gguf_logits,
+    gpt2_vocab_tokenizer,
     hf_ids,
     hf_logits,
     kl_top1,
@@ -41,7 +51,7 @@ from gguf_families import (
 from llmforge.errors import UsageError
 
 QWEN = ["qwen2", "qwen3"]
-#: families compared byte for byte with llama.cpp's converter (slow): add yours
+#: families compared byte for byte with llama.cpp's converter on Qwen2's real vocabulary (slow)
 FAMILIES_VS_CONVERTER = ["qwen2", "qwen3"]
 
 
@@ -231,12 +241,86 @@ def test_missing_family_tensor_names_the_layer(built, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # the same bytes as llama.cpp's converter
 
+#: the families beyond this file's, for the comparison of every family with the converter
+OTHER_FAMILIES = {
+    "llama": Family("llama", "LlamaForCausalLM", "LlamaConfig", "llama"),
+    "mistral": Family("mistral", "MistralForCausalLM", "MistralConfig", "llama", config={"sliding_window": None}),
+}
+#: every family the export supports, F16 against the converter in the default run (test_every_family_...)
+EVERY_FAMILY = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi", "qwen3moe", "mixtral"]
+
+
+@pytest.fixture(scope="module")
+def vs_converter(tmp_path_factory):
+    """A tiny model of every family with a tokenizer the converter reads without a hash, and the converter's F16 of
+    each, converted in one child process (converter_batch). -> {name: (model folder, its file, its error or None)}
+
+    The converter names a byte-level BPE pre-tokenizer only by hashing a real vocabulary's token ids, and real
+    vocabularies are large (Qwen2's 152k tokens made each case ~190 s); but every family's converter class except
+    Qwen3-MoE's reads a SentencePiece tokenizer.model first, which needs no hash: those get the 500-piece one trained
+    here (Gemma's own kind for Gemma). Qwen3-MoE's reads byte-level BPE only, so it gets GPT-2's real vocabulary,
+    the smallest the converter and the export both know (built in about a second by gpt2_vocab_tokenizer)."""
+    pytest.importorskip("sentencepiece")  # the converter imports it for every SentencePiece vocabulary
+    from test_gguf_export import hf_tokenizer, sentencepiece_model
+    from test_gguf_gemma import GEMMA, sentencepiece_gemma
+    from test_gguf_moe import FAMILIES as MOE_FAMILIES
+
+    src = llama_cpp_src_or_skip()
+    root = tmp_path_factory.mktemp("vs-converter")
+    families = {**OTHER_FAMILIES, **FAMILIES, **MOE_FAMILIES}
+    sp = sentencepiece_model(root / "sp")
+    sp_tok = hf_tokenizer(sp)
+    models = {}
+    for name in ("llama", "mistral", "qwen2", "qwen3", "phi", "mixtral"):
+        model = make_family_model(families[name], root / name, tokenizer=sp_tok, seed=1)
+        shutil.copy(sp / "tokenizer.model", model / "tokenizer.model")
+        if name == "phi":
+            # The converter's Phi-3 gives every token transformers lists in tokenizer_config.json / tokenizer.json
+            # (<unk>, <s>, </s> here) score -1000 and its own type; the export keeps SentencePiece's. Without those
+            # files both read tokenizer.model alone (test_gguf_moe's slow comparison has Phi-3's BPE vocabulary).
+            for file in ("tokenizer.json", "special_tokens_map.json", "chat_template.jinja"):
+                (model / file).unlink(missing_ok=True)
+            shutil.copy(sp / "tokenizer_config.json", model / "tokenizer_config.json")
+        models[name] = model
+    for name in GEMMA:
+        models[name] = sentencepiece_gemma(name, root, transformers_files=False)
+    # the converter writes no per-layer pattern for Gemma 3: give it llama.cpp's default (both layers sliding here)
+    config = json.loads((models["gemma3"] / "config.json").read_text())
+    config["layer_types"] = ["sliding_attention", "sliding_attention"]
+    (models["gemma3"] / "config.json").write_text(json.dumps(config))
+    models["qwen3moe"] = make_family_model(
+        families["qwen3moe"], root / "qwen3moe", tokenizer=gpt2_vocab_tokenizer(src), seed=1
+    )
+    assert sorted(models) == sorted(EVERY_FAMILY)
+    theirs = {name: root / f"theirs-{name}.gguf" for name in models}
+    failed = converter_batch(src, [(models[name], theirs[name], "f16") for name in models])
+    return {name: (models[name], theirs[name], failed.get(str(theirs[name]))) for name in models}
+
+
+@pytest.mark.parametrize("name", EVERY_FAMILY)
+def test_every_family_f16_byte_identical_to_llama_cpp_converter(vs_converter, tmp_path, name):
+    """F16 export tensor for tensor identical to convert_hf_to_gguf.py's (unmodified, its own gguf-py) on the same
+    folder, with the same metadata. We may add EXTRA_KEYS; and where the folder has no tokenizer.json (Phi-3 and
+    Gemma here) the unknown token's id too, which we read from tokenizer_config.json and the converter then looks
+    for in config.json only (for Gemma 2 also its RoPE base: GEMMA_EXTRA_KEYS says why)."""
+    from test_gguf_gemma import GEMMA_EXTRA_KEYS
+
+    model, theirs, error = vs_converter[name]
+    assert error is None, error
+    ours = tmp_path / f"ours-{name}.gguf"
+    export(model, ours, "f16")
+    extra = GEMMA_EXTRA_KEYS if name.startswith("gemma") else EXTRA_KEYS
+    if name == "phi":
+        extra = {*EXTRA_KEYS, "tokenizer.ggml.unknown_token_id"}
+    assert_same_gguf(ours, theirs, extra)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES_VS_CONVERTER)
 def test_byte_identical_to_llama_cpp_converter_per_family(tmp_path, name):
     """F16 export tensor for tensor identical to convert_hf_to_gguf.py's on a tiny model of the family with a real
-    vocabulary (the converter names the pre-tokenizer by hashing token ids, which only a real vocabulary passes)."""
+    vocabulary (the converter names the pre-tokenizer by hashing token ids, which only a real vocabulary passes):
+    Qwen2's 152k tokens, the tokenizer these families ship with (the default run compares them on SentencePiece)."""
     src = llama_cpp_src_or_skip()
     model = real_vocab_model(FAMILIES[name], src, tmp_path)
     assert_same_as_converter(src, model, tmp_path, "f16")

@@ -8,8 +8,9 @@ tokens, and for Gemma 3 a global first layer and a sliding second one (not llama
 per-layer pattern has to be written) with a sliding RoPE base of its own. transformers runs with eager attention
 (its SDPA path has no soft-capping); llama.cpp with an F32 KV cache.
 
-The comparison with llama.cpp's own converter (byte-identical tensors, same metadata) is slow; it uses a
-SentencePiece tokenizer, since the converter reads Gemma 2's vocabulary from tokenizer.model only.
+The comparison with llama.cpp's own converter (byte-identical tensors, same metadata) uses a SentencePiece
+tokenizer, since the converter reads Gemma 2's vocabulary from tokenizer.model only: F16 in the default run
+(tests/test_gguf_families.py's test_every_family_...), F32, F16 and Q8_0 here in the slow pass.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ exports to the same bytes as the per-expert layout save_pretrained writes. What 
 refused by name: Qwen3-MoE's `norm_topk_prob = false`, dense layers among its expert layers, and a model named like
 Phi-3 whose vocabulary lacks the tokens llama.cpp then looks up. Phi-3's LongRoPE matches transformers where both
 pick the same factors (short text, short context; long text, long context). The comparison with llama.cpp's own
-converter (F16, tensor for tensor, same metadata) is marked slow.
+converter (F16, tensor for tensor, same metadata) runs for these families in the default run on small vocabularies
+(tests/test_gguf_families.py's test_every_family_...); here, in the slow pass, with real vocabularies (GPT-2's,
+Qwen2's) and Phi-3's LongRoPE.
 """
 
 from __future__ import annotations
