@@ -421,3 +421,26 @@ def test_llmforge_eval_prints_the_leaderboard_and_json(models, tmp_path):
     assert lines[2].startswith("tiny ") and " ± " in lines[2] and "(4)" in lines[2]
     code, out, err = _invoke(["eval", str(models["tiny"]), "--task", "multiple_choise:qa.jsonl"], tmp_path)
     assert code == 2 and "--task multiple_choise:qa.jsonl: expected a .toml task spec or KIND:DATAFILE" in err
+
+
+def test_a_gguf_artifact_expands_per_file_and_select_can_publish_a_quant(first_run, tmp_path):
+    from llmforge.stage import Artifact
+    from llmforge_plugins.eval.stage import EvalOptions, EvalStage, _publish, expand_models
+
+    folder = first_run.artifact("gguf", "gguf")
+    art = Artifact(kind="gguf", path=folder, stage="gguf")
+    entries = expand_models([str(folder)], {"models[0]": art}, {"@gguf": "q"})
+    assert [(e.label, e.quant, e.engine, e.path.name) for e in entries] == [
+        ("q:F32", "F32", "gguf", "model-f32.gguf"),
+        ("q:Q8_0", "Q8_0", "gguf", "model-Q8_0.gguf"),
+    ]
+    # a plain folder of .gguf files is the same, labelled by the folder's name
+    assert [e.label for e in expand_models([str(folder)], {}, {})] == ["gguf:F32", "gguf:Q8_0"]
+    # candidates that are all GGUF files: the winner is published as a gguf artifact, its Modelfile along
+    options = EvalOptions.model_validate(
+        {"models": ["@gguf"], "tasks": ["qa.toml"], "select": {"metric": "qa.acc", "among": ["gguf:Q8_0"]}}
+    )
+    assert EvalStage().outputs(options) == ("report", "gguf")
+    _publish(entries[1].path, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-Q8_0.Modelfile", "model-Q8_0.gguf"]
+    assert (tmp_path / "model-Q8_0.gguf").read_bytes() == entries[1].path.read_bytes()
