@@ -322,6 +322,32 @@ def test_resolve_by_name_and_unknown_name():
     assert isinstance(err.value, UsageError) and err.value.exit_code == 2
 
 
+def test_a_spare_special_token_pads_instead_of_a_new_one(make_tokenizer):
+    """Like SmolLM2: its pad is its EOS (<|im_end|>) and its unknown token <|endoftext|> is free: that pads, and
+    no token is added (a new one would grow the embeddings and make a LoRA adapter save the whole of them)."""
+    tok = make_tokenizer()
+    tok.add_special_tokens(
+        {
+            "extra_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "unk_token": "<|endoftext|>",
+            "pad_token": "<|im_end|>",
+        }
+    )
+    tok.chat_template = TEMPLATES["chatml"].source
+    auto = resolve_template("auto", tokenizer=tok, templates=TEMPLATES)
+    before = len(tok)
+    assert apply_template(tok, auto) == 0 and len(tok) == before
+    assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id != tok.eos_token_id
+    runs = _trained_runs(tok, encode_chat(tok, auto, CONVERSATION))
+    assert runs == [a + "<|im_end|>" for a in ANSWERS]
+    # a token named like a pad token comes first (Llama 3 keeps <|finetune_right_pad_id|> for this)
+    tok = make_tokenizer()
+    tok.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|im_end|>", "<|reserved_pad|>"]})
+    tok.chat_template = TEMPLATES["chatml"].source
+    assert apply_template(tok, resolve_template("auto", tokenizer=tok, templates=TEMPLATES)) == 0
+    assert tok.pad_token == "<|reserved_pad|>"
+
+
 def test_resolve_auto_needs_a_tokenizer_template(make_tokenizer):
     with pytest.raises(ChatTemplateError) as err:
         resolve_template("auto", tokenizer=make_tokenizer(), templates=TEMPLATES)
