@@ -444,3 +444,12 @@ def test_a_gguf_artifact_expands_per_file_and_select_can_publish_a_quant(first_r
     _publish(entries[1].path, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-Q8_0.Modelfile", "model-Q8_0.gguf"]
     assert (tmp_path / "model-Q8_0.gguf").read_bytes() == entries[1].path.read_bytes()
+
+
+def test_a_metric_the_task_does_not_have_is_named_with_the_ones_it_has():
+    report = _report()
+    (first, *_) = evaluate_gates(report, [{"metric": "qa.accuracy", "min": 0.1}])
+    assert not first["passed"]
+    assert first["message"] == "qa.accuracy: no value for sft (qa has no metric 'accuracy'; its metrics: acc, acc_norm)"
+    with pytest.raises(UsageError, match="qa has no metric 'accuracy'; its metrics: acc, acc_norm"):
+        select_best(report, "qa.accuracy")

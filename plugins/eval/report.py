@@ -256,6 +256,17 @@ def match_models(report: dict[str, Any], name: str) -> list[str]:
     return []
 
 
+def _known_metrics(report: dict[str, Any], task: str, metric: str) -> str:
+    """When no model has ``metric`` for ``task`` (a typo: qa.accuracy), the metrics the task does have."""
+    names: list[str] = []
+    for r in report.get("results", []):
+        if r.get("task") == task:
+            names += [m for m in (r.get("metrics") or {}) if m not in names]
+    if not names or metric in names:
+        return ""
+    return f" ({task} has no metric {metric!r}; its metrics: {', '.join(names)})"
+
+
 def _compare(value: float, reference: float, higher_is_better: bool) -> float:
     """How far ``value`` fell behind ``reference``: positive is worse, whichever way the metric goes."""
     return reference - value if higher_is_better else value - reference
@@ -302,7 +313,8 @@ def evaluate_gates(report: dict[str, Any], gates: Sequence[dict[str, Any]]) -> l
                 rec = {**base, "model": label, "value": value, "reference": ref_value}
                 if value is None or ref_value is None:
                     missing = label if value is None else ref
-                    rec.update(passed=False, message=f"{shown}: no value for {missing} (gate vs {ref})")
+                    known = _known_metrics(report, task, metric)
+                    rec.update(passed=False, message=f"{shown}: no value for {missing} (gate vs {ref}){known}")
                 else:
                     drop = _compare(value, ref_value, hib)
                     rec["passed"] = drop <= max_drop + 1e-12
@@ -320,7 +332,7 @@ def evaluate_gates(report: dict[str, Any], gates: Sequence[dict[str, Any]]) -> l
             rec = {**base, "model": label, "value": value, "reference": None}
             lo, hi = gate.get("min"), gate.get("max")
             if value is None:
-                rec.update(passed=False, message=f"{shown}: no value for {label}")
+                rec.update(passed=False, message=f"{shown}: no value for {label}{_known_metrics(report, task, metric)}")
             else:
                 broken = []
                 if lo is not None and value < lo:
@@ -364,6 +376,8 @@ def select_best(report: dict[str, Any], metric: str, among: Sequence[str] = ()) 
         if best is None or (value > best[1] if hib else value < best[1]):
             best = (label, value)
     if best is None:
+        if _known_metrics(report, task, name):
+            raise UsageError(f"select: {_known_metrics(report, task, name).strip()[1:-1]}")
         return None
     model = next(m for m in report["models"] if m["label"] == best[0])
     return {"model": best[0], "metric": f"{task}.{name}", "value": best[1], "path": model.get("path")}
