@@ -407,9 +407,10 @@ def downstream(
         hf.close()
 
     def primary(task, opts) -> str:
-        # the kind's primary metric, or the one the run says it scored by (a generation task's scorer)
+        # the spec's primary metric (a generation task's is its scorer), else what the run says it scored by
         metrics = base.get(opts.name, ({}, []))[0]
-        for name in (task.primary, infos.get(opts.name, {}).get("primary")):
+        declared = task.primary_for(opts) if hasattr(task, "primary_for") else task.primary
+        for name in (declared, infos.get(opts.name, {}).get("primary"), task.primary):
             if isinstance(name, str) and name in metrics:
                 return name
         return next(iter(metrics), task.primary)
