@@ -55,12 +55,24 @@ def test_demo_runs_every_stage_and_prints_summary_and_evaluation(demo):
         assert f"{st['stages'][name]['info']['final_loss']:.4f}" in out
 
 
+def _figures(st: dict) -> dict:
+    """The demo's figures, read from the eval stage's report as `llmforge demo` reads them."""
+    from llmforge_plugins.demo.tasks import demo_figures
+
+    return demo_figures(Path(st["stages"]["eval"]["artifacts"]["report"]["path"]))
+
+
 def test_report_artifact_has_the_numbers(demo):
     root, _ = demo
     st = _status(root)
     ev = st["stages"]["eval"]
+    assert ev["uses"] == "eval"  # the eval stage, running the demo plugin's own task kinds
     report_dir = Path(ev["artifacts"]["report"]["path"])
-    report = json.loads((report_dir / "report.json").read_text())
+    board = json.loads((report_dir / "report.json").read_text())
+    labels = ["pretrained", "sft", "dpo", "merged", "gguf:F32", "gguf:Q4_K_M", "gguf:Q8_0"]
+    assert [m["label"] for m in board["models"]] == labels
+    assert [(t["name"], t["kind"]) for t in board["tasks"]] == [("qa", "demo_qa"), ("pairs", "demo_margin")]
+    report = _figures(st)
     n_items = len((root / "data" / "heldout.jsonl").read_text().splitlines())
     assert report["items"] == n_items > 0
     assert set(report["results"]) == {"pretrained", "sft", "dpo", "merged"}
@@ -72,14 +84,17 @@ def test_report_artifact_has_the_numbers(demo):
         assert set(res["accuracy_by_kind"]) == {"capital", "colour", "animal", "sum"}
     assert 0.0 <= report["dpo_reward_accuracy"] <= 1.0
     assert 0.0 <= report["knowledge_probe"]["accuracy"] <= 1.0
-    assert set(report["method"]) >= {"accuracy", "preferred_rate", "logp_margin", "dpo_reward_accuracy"}
     # the key numbers are in the manifest too, for the summary and `llmforge status`
-    assert ev["info"]["accuracy"] == report["headline"]["accuracy"]
-    assert ev["info"]["preferred_rate"] == report["headline"]["preferred_rate"]
+    for label, res in report["results"].items():
+        assert ev["info"]["leaderboard"][label]["qa.accuracy"] == pytest.approx(res["accuracy"], abs=1e-4)
+        assert ev["info"]["leaderboard"][label]["pairs.logp_margin"] == pytest.approx(res["logp_margin"], abs=1e-4)
+    assert ev["info"]["selected"] in ("sft", "dpo", "merged")  # select published the best chat model
+    assert (Path(ev["artifacts"]["model"]["path"]) / "config.json").exists()
     md = (report_dir / "report.md").read_text()
-    assert "| QA accuracy |" in md and "| metric | pretrained | sft | dpo | merged |" in md
-    answers = [json.loads(x) for x in (report_dir / "answers.jsonl").read_text().splitlines()]
-    assert len(answers) == n_items and {"question", "expected", "pretrained", "sft", "dpo", "merged"} <= set(answers[0])
+    assert "| model |" in md and "| pretrained |" in md and "| gguf:Q4_K_M |" in md
+    for label in labels:  # the answers, per model and task, for inspection
+        answers = [json.loads(x) for x in (report_dir / "items" / label / "qa.jsonl").read_text().splitlines()]
+        assert len(answers) == n_items and {"question", "answer", "target", "ended", "score"} <= set(answers[0])
 
 
 def test_quick_demo_shows_the_learning_effect(demo):
@@ -95,8 +110,7 @@ def test_quick_demo_shows_the_learning_effect(demo):
     thread-dependent for a margin (the full setting's figures are in docs/benchmarks.md)."""
     root, res = demo
     st = _status(root)
-    report_dir = Path(st["stages"]["eval"]["artifacts"]["report"]["path"])
-    report = json.loads((report_dir / "report.json").read_text())
+    report = _figures(st)
     r = report["results"]
     assert r["sft"]["accuracy"] >= r["pretrained"]["accuracy"] + 0.15, r
     assert r["dpo"]["preferred_rate"] >= r["sft"]["preferred_rate"], r
@@ -154,9 +168,8 @@ def test_gguf_stage_and_llama_cpp_answers_like_transformers(demo):
     folder = Path(st["stages"]["gguf"]["artifacts"]["gguf"]["path"])
     names = {p.name for p in folder.iterdir()}
     assert {"model-f32.gguf", "model-Q8_0.gguf", "model-Q4_K_M.gguf", "model-Q8_0.Modelfile"} <= names, names
-    report_dir = Path(st["stages"]["eval"]["artifacts"]["report"]["path"])
-    g = json.loads((report_dir / "report.json").read_text())["gguf"]
-    # the F32 export answers every held-out question with transformers' greedy tokens
+    g = _figures(st)["gguf"]
+    # the F32 export answers every held-out question with transformers' greedy answer
     assert g["questions"] > 0 and g["same_greedy"] == g["questions"], g
     assert g["chat"]["file"] == "model-Q8_0.gguf" and g["chat"]["question"]
     rows = {r["type"].upper(): r for r in g["scorecard"]}
@@ -249,7 +262,7 @@ def test_heldout_questions_never_appear_in_sft_or_dpo_data(tmp_path):
 
 
 def test_answer_scoring():
-    from llmforge_plugins.demo.eval_stage import _score
+    from llmforge_plugins.demo.tasks import score as _score
 
     values = {"capital": ["Arkel", "Bistro"], "sum": [str(n) for n in range(20)]}
     item = {"kind": "capital", "answer": "Arkel", "question": "What is the capital of Zorvia?"}

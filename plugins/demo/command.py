@@ -2,7 +2,7 @@
 
 A thin command over the core: the project is a plain forge.toml (runnable with `llmforge run`), the
 run goes through `run_pipeline` with the CLI's event printer, and the summary reads the run's
-manifest and the evaluation's report artifact.
+manifest and the eval stage's report artifact (through tasks.demo_figures).
 """
 
 # No `from __future__ import annotations`: Typer reads these commands' Annotated parameters at every start,
@@ -76,11 +76,14 @@ def print_summary(result, root: Path, out) -> None:
     for col in ("stage", "status", "time", "final loss", "artifact"):
         table.add_column(col)
     report_path = None
+    old_report = False
     for name, st in result.stages.items():
         loss = (st.get("info") or {}).get("final_loss")  # a cached stage carries its run's info
         arts = st.get("artifacts", {})
-        if "report" in arts and st.get("uses") == "demo_eval":  # (curate writes a report artifact too)
+        # (curate writes a report artifact too; demo_eval is the stage of projects an older demo wrote)
+        if "report" in arts and st.get("uses") in ("eval", "demo_eval"):
             report_path = Path(arts["report"]["path"]) / "report.json"
+            old_report = st.get("uses") == "demo_eval"
         duration = st.get("duration")
         time_text = fmt_duration(duration) if st.get("status") != "cached" else "cached"
         table.add_row(
@@ -100,7 +103,10 @@ def print_summary(result, root: Path, out) -> None:
             + (f"; rewrote: {changed}" if changed else "")
         )
     if report_path is not None and report_path.exists():
-        print_evaluation(json.loads(report_path.read_text()), report_path, out)
+        from llmforge_plugins.demo.tasks import demo_figures
+
+        figures = json.loads(report_path.read_text()) if old_report else demo_figures(report_path.parent)
+        print_evaluation(figures, report_path, out)
     if result.status == "stopped":
         out.print(
             f"stopped; continue with [bold]llmforge run --resume --run {result.run_id} -c {root / 'forge.toml'}[/]"
@@ -161,7 +167,7 @@ def print_evaluation(report: dict, path: Path, out) -> None:
     if g:
         if g.get("questions"):
             out.print(
-                f"gguf: llama.cpp on the F32 export gives transformers' greedy answer, token for token, on "
+                f"gguf: llama.cpp on the F32 export gives transformers' greedy answer, word for word, on "
                 f"{g['same_greedy']}/{g['questions']} held-out questions"
             )
         for row in g.get("scorecard", []):
@@ -169,6 +175,12 @@ def print_evaluation(report: dict, path: Path, out) -> None:
                 f"gguf: {row['file']}: {row['bytes'] / 1e6:.1f} MB, {row['bpw']:.1f} bits/weight, top-1 token "
                 f"agreement with the model {row['top1']:.1%} of held-out positions, "
                 f"mean KL {row['mean_kld']:.4f}",
+                highlight=False,
+            )
+        if g.get("accuracy"):
+            out.print(
+                "gguf: held-out accuracy in llama.cpp: "
+                + ", ".join(f"{name} {acc:.2f}" for name, acc in g["accuracy"].items() if acc is not None),
                 highlight=False,
             )
         if g.get("chat"):

@@ -1,5 +1,8 @@
 """`demo_eval`: did the demo's models learn? Held-out questions, answered by each model.
 
+The stage of projects written by an older `llmforge demo`; the demo now runs the `eval` stage with the demo
+plugin's task kinds (tasks.py), which measure the same with the same rules.
+
 For every model given (pretrained, after SFT, after DPO, merged) the stage formats each held-out question
 with the model's own chat template, generates a greedy answer and scores it:
 
@@ -25,7 +28,6 @@ the manifest (ctx.info) and as one metric event.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,12 +35,10 @@ from pydantic import Field
 
 from llmforge.stage import Input, Produced, Stage, StageContext, StageOptions
 
-# Markers of the dispreferred, hedging style (the demo's data hedges with these words).
-HEDGING = re.compile(
-    r"\b(hmm|not sure|i think|i believe|perhaps|maybe|could be wrong|not certain|let me think|"
-    r"hard one)\b",
-    re.IGNORECASE,
-)
+# The answer-matching rules are those of the demo's eval task kinds (tasks.py): one copy of them.
+from llmforge_plugins.demo.tasks import HEDGING  # noqa: F401 - kept importable from here
+from llmforge_plugins.demo.tasks import read_answers as _read_answers
+from llmforge_plugins.demo.tasks import score as _score
 
 
 class DemoEvalOptions(StageOptions):
@@ -226,44 +226,6 @@ def _read_items(path: Path) -> list[dict]:
                 raise DataError(f"{path}:{n}: {key}: missing or not a string")
         items.append(row)
     return items
-
-
-def _read_answers(path: Path) -> dict[str, list[str]]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return {k: [str(v) for v in vs] for k, vs in data.get("answers", {}).items()}
-
-
-def _named(text: str, candidates: list[str]) -> list[str]:
-    """The candidate values `text` names (whole words, any case), in order of appearance."""
-    found = []
-    for c in candidates:
-        for m in re.finditer(rf"(?<!\w){re.escape(c)}(?!\w)", text, flags=re.IGNORECASE):
-            found.append((m.start(), c))
-    return [c for _, c in sorted(found)]
-
-
-def _score(item: dict, answer: str, values: dict[str, list[str]], ended: bool = True) -> dict:
-    """An answer may restate the question ("8 plus 6 equals 14."), so its value is the LAST value it
-    names; naming more than one value the question does not contain is a list of guesses: wrong.
-    An answer that never ends its turn (`ended` False) is not an answer: a model that has not learnt
-    the chat format rambles on in corpus style and may name the right value on the way."""
-    expected = item["answer"]
-    candidates = values.get(item.get("kind", ""), []) or [expected]
-    named = _named(answer, candidates)
-    in_question = set(_named(item.get("question", ""), candidates))
-    guesses = {v for v in named if v not in in_question}
-    value = named[-1] if named and len(guesses) <= 1 else None
-    correct = ended and value is not None and value.lower() == expected.lower()
-    text = answer.strip()
-    # Direct: an answer (it names a value), in one sentence, without hedging.
-    direct = (
-        ended
-        and value is not None
-        and text.endswith(".")
-        and not re.search(r"[.?!]\s", text)
-        and not HEDGING.search(text)
-    )
-    return {"correct": correct, "direct": direct}
 
 
 def _mean(xs) -> float:

@@ -92,8 +92,9 @@ TEMPLATE = """\
 # The pipeline: curate the pretraining corpus, pretrain a small Llama and its tokenizer from scratch
 # on it, teach it to answer questions (SFT), teach it to prefer direct answers to hedging ones (DPO),
 # merge the SFT and DPO models halfway, export the merged model to GGUF for llama.cpp (F32, Q8_0,
-# Q4_K_M), then measure on the held-out questions: accuracy before and after SFT, direct answers
-# before and after DPO, the merged model, and whether llama.cpp answers exactly as transformers does.
+# Q4_K_M), then evaluate every model on the held-out questions: accuracy before and after SFT, direct
+# answers before and after DPO, the merged model, and each GGUF file (does llama.cpp answer exactly as
+# transformers does?).
 
 [project]
 name = "llmforge-demo"
@@ -174,15 +175,20 @@ check_text = "data/heldout.txt"     # the scorecard: each file's next-token agre
 
 [[stages]]
 name = "eval"
-uses = "demo_eval"                  # from the demo plugin: `llmforge stages show demo_eval`
-pretrained = "@pretrain"
-sft = "@sft.model"
-dpo = "@dpo"
-merged = "@merge"
-gguf = "@gguf"                       # also: greedy answers of the F32 GGUF in llama.cpp, and a chat answer
-data = "data/heldout.jsonl"
-answers = "data/world.json"          # every known answer value, to read which one an answer gives
-max_new_tokens = 40
+uses = "eval"                       # evaluation: `llmforge stages show eval`, docs/eval.md
+# Every model the pipeline made, in one leaderboard; each file of the gguf stage is a model of its own
+# (gguf:F32, gguf:Q8_0, gguf:Q4_K_M), answered through llama.cpp.
+models = ["@pretrain", "@sft.model", "@dpo", "@merge", "@gguf"]
+labels = {{ "@pretrain" = "pretrained", "@merge" = "merged" }}
+# The demo plugin's own task kinds, registered through `register_eval_tasks` as any plugin's would be:
+# demo_qa asks the held-out questions (accuracy, answers that end their turn, direct answers, a probe of
+# the pretrained model's knowledge); demo_margin scores the held-out direct-vs-hedging pairs by log p.
+tasks = [
+  {{ name = "qa", kind = "demo_qa", data = "data/heldout.jsonl", answers_data = "data/world.json" }},
+  {{ name = "pairs", kind = "demo_margin", data = "data/heldout.jsonl" }},
+]
+# Publish the best chat model by held-out accuracy as this stage's model artifact (@eval for a later stage).
+select = {{ metric = "qa.accuracy", among = ["sft", "dpo", "merged"] }}
 """
 
 
