@@ -468,3 +468,38 @@ def test_gguf_check_command_takes_tasks(gguf_project, tmp_path):
     row = down["rows"][0]
     assert row["results"]["capitals"]["exact_match"]["delta"] == 0.0
     assert row["similarity"]["capitals"]["n"] == 3 and row["similarity"]["capitals"]["identical"] == 1.0
+
+
+def test_runs_screen_compares_the_two_marked_runs(two_runs):
+    from llmforge.tui.app import LlmforgeApp
+    from llmforge.tui.state import AppState
+
+    root, a, b = two_runs
+    app = LlmforgeApp(AppState(config_path=None, runs_dir=root / "runs"), area="runs")
+
+    async def scenario():
+        from llmforge.tui.screens.runs import CompareScreen, RunsScreen
+
+        async with app.run_test(size=(160, 50)) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, RunsScreen), what="the Runs screen")
+            screen = app.screen
+            await until(pilot, lambda: len(screen.rows) == 2, what="two runs")
+            await pilot.press("v")  # nothing marked: says what to do
+            await pilot.pause()
+            assert not isinstance(app.screen, CompareScreen)
+            await pilot.press("down", "space", "up", "space")  # A (the older run) first, then B
+            assert screen.marked == [a.run_id, b.run_id]
+            await pilot.press("v")
+            await until(pilot, lambda: isinstance(app.screen, CompareScreen), what="the comparison")
+            text = plain(app.screen.query_one("#compare-text").content)
+            assert f"A = {a.run_id} (done), B = {b.run_id} (done)" in text
+            row = next(x for x in text.splitlines() if x.split()[:2] == ["sft", "qa.acc"])
+            assert "0.500 ± 0.050" in row and "0.625 ± 0.050" in row and "+0.125 better" in row
+            row = next(x for x in text.splitlines() if x.split()[:2] == ["dpo", "wiki.perplexity"])
+            assert "+0.500 worse" in row
+            assert "✗ B: qa.acc of dpo 0.300 < min 0.4" in text and "★ A selected dpo (qa.acc)" in text
+            await pilot.press("escape")
+            await until(pilot, lambda: isinstance(app.screen, RunsScreen), what="back to the runs")
+            assert app.is_running and not app.unexpected_errors
+
+    asyncio.run(scenario())

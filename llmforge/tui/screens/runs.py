@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Group
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
-from textual.screen import Screen
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Static
 
 from llmforge.formatting import fmt_duration
@@ -268,6 +269,12 @@ the highlighted run, or of the two marked runs on the same axes."""
         ),
         Binding("space", "mark", "Mark to compare", tooltip="mark the run to compare its curves (two at most)"),
         Binding("r", "reload", "Refresh", tooltip="read the runs folder again now"),
+        Binding(
+            "v",
+            "compare",
+            "Compare evals",
+            tooltip="the two marked runs' eval leaderboards side by side (runs compare)",
+        ),
     ]
 
     def __init__(self, app_state, **kw):
@@ -414,6 +421,25 @@ the highlighted run, or of the two marked runs on the same axes."""
         self._update_hint()
         self._chart()
 
+    @work(exclusive=True, group="runs-compare")
+    async def action_compare(self) -> None:
+        """The two marked runs (the first marked as A), as `llmforge runs compare A B` shows them."""
+        if len(self.marked) != COMPARE:
+            self.notify("mark two runs with space first, then v compares their evaluations", markup=False)
+            return
+        from llmforge.leaderboard import compare_runs
+        from llmforge.runs import RunStore
+
+        a, b = self.marked
+
+        def read(runs_dir: Path) -> dict:
+            store = RunStore(runs_dir)
+            return compare_runs(store.get(a), store.get(b))
+
+        data = await read_runs_dir(self, read, self.state.runs_dir)
+        if data is not None:
+            self.app.push_screen(CompareScreen(compare_text(data)))
+
     # ---- the chart -----------------------------------------------------------------------------
     def charted_runs(self) -> list[str]:
         if self.marked:
@@ -454,3 +480,63 @@ the highlighted run, or of the two marked runs on the same axes."""
         self.query_one(LossChart).show_series(series, title)
 
     # ---- errors --------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------
+# comparing two runs' evaluations
+
+
+def compare_text(data: dict) -> Group:
+    """`llmforge runs compare` in a panel: each eval metric of A and B with the change, then gates and picks."""
+    from rich import box
+    from rich.table import Table
+
+    from llmforge.leaderboard import fmt_delta, fmt_value
+
+    head = Text(f"A = {data['a']['id']} ({data['a']['status']}), B = {data['b']['id']} ({data['b']['status']})")
+    if not data["evals"]:
+        return Group(head, Text("no eval reports in either run (an eval stage writes one)"))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for col in ("model", "metric", "A", "B", "B - A"):
+        table.add_column(col, justify="left" if col in ("model", "metric") else "right")
+    for e in data["evals"]:
+        va, vb = e["a"] or {}, e["b"] or {}
+        style = {True: "green", False: "red", None: ""}[e["better"]]
+        table.add_row(
+            str(e["model"]),
+            str(e["name"]),
+            fmt_value(va.get("value"), va.get("stderr")) if e["a"] else "-",
+            fmt_value(vb.get("value"), vb.get("stderr")) if e["b"] else "-",
+            Text(fmt_delta(e["delta"]) + {True: " better", False: " worse", None: ""}[e["better"]], style=style),
+        )
+    parts: list = [head, table]
+    for g in data["gates"]:
+        ok = bool(g.get("passed"))
+        line = Text(f"{'✓' if ok else '✗'} {g['run'].upper()}: ", style="green" if ok else "red")
+        line.append(str(g.get("message") or g.get("metric")))
+        parts.append(line)
+    for side in ("a", "b"):
+        for sel in data["selected"][side]:
+            parts.append(Text(f"★ {side.upper()} selected {sel.get('model')} ({sel.get('metric')})"))
+    return Group(*parts)
+
+
+class CompareScreen(ModalScreen):
+    """`v` on the Runs area: the two marked runs' evaluations side by side; escape closes it."""
+
+    DEFAULT_CSS = """
+    CompareScreen { align: center middle; }
+    CompareScreen > VerticalScroll {
+        width: 90%; height: auto; max-height: 90%;
+        border: round $accent; background: $surface; padding: 0 1;
+    }
+    """
+    BINDINGS = [Binding("escape,v,q", "dismiss", "Close")]
+
+    def __init__(self, content: Group) -> None:
+        super().__init__()
+        self.content = content
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Static(self.content, id="compare-text")
