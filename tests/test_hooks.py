@@ -63,6 +63,9 @@ HOOK_TESTS = {
     "register_curation_steps": ["test_register_curation_steps_adds_a_step"],
     "register_chat_engines": ["test_register_chat_engines_adds_an_engine_to_llmforge_chat"],
     "extension_points": ["test_extension_points_adds_a_table_that_plugins_fill"],
+    "register_eval_models": ["test_register_eval_models_and_tasks_run_in_llmforge_eval"],
+    "register_eval_tasks": ["test_register_eval_models_and_tasks_run_in_llmforge_eval"],
+    "register_judge_backends": ["test_register_judge_backends_judges_an_eval_stage"],
 }
 
 
@@ -588,3 +591,37 @@ def test_register_curation_steps_adds_a_step(probe, project):
     # without the plugin, the step does not exist
     missing = project.run("data", "filter", "in.jsonl", "x.jsonl", "--step", "probe_no_word")
     assert missing.returncode == 2 and "unknown curation step 'probe_no_word'" in missing.stderr
+
+
+def test_register_eval_models_and_tasks_run_in_llmforge_eval(probe, tmp_path):
+    model = tmp_path / "m.probe"
+    model.write_text("probe model")
+    (tmp_path / "echo.toml").write_text('name = "echo"\nkind = "probe_echoes"\nword = "hey"\n')
+    res = run_cli("eval", str(model), "--task", str(tmp_path / "echo.toml"), "--json", plugins=[probe])
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    (result,) = report["results"]
+    assert result["task"] == "echo" and result["metrics"]["echoed"]["value"] == 1.0
+    assert report["models"][0]["engine"] == "probe_echo"
+    # without the plugin neither the kind nor the model is known: exit 2, the installed kinds named
+    missing = run_cli("eval", str(model), "--task", str(tmp_path / "echo.toml"))
+    assert missing.returncode == 2 and "probe_echoes" in missing.stderr, missing.stderr
+
+
+def test_register_judge_backends_judges_an_eval_stage(probe, project):
+    (project.root / "m.probe").write_text("probe model")
+    (project.root / "items.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    project.write(
+        '[project]\nname = "judged"\n\n[judges.rules]\nbackend = "probe_rules"\nscore = 8\ncount_file = "count.txt"\n\n'
+        '[[stages]]\nname = "eval"\nuses = "eval"\nmodels = ["m.probe"]\n'
+        'tasks = [{ name = "j", kind = "judge", judge = "rules", data = "items.jsonl" }]\n'
+    )
+    res = project.run("run", plugins=[probe])
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run_dir,) = project.runs.iterdir()
+    report = json.loads((run_dir / "stages" / "eval" / "artifacts" / "report" / "report.json").read_text())
+    assert report["results"][0]["metrics"]["score"]["value"] == 8.0
+    assert (project.root / "count.txt").read_text().count("request") == 2
+    # [judges] is validated against the backend's Options, the key path named
+    bad = run_cli("validate", "--set", "judges.rules.scor=9", cwd=project.root, plugins=[probe])
+    assert bad.returncode == 2 and "judges.rules.scor" in bad.stderr, bad.stderr

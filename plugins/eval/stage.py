@@ -128,7 +128,7 @@ class EvalEntry:
 
     label: str
     path: Path
-    engine: str  # "hf" or "gguf"
+    engine: str  # the eval model that runs it: "hf", "gguf", or a plugin's (guessed from the path until opened)
     source: str | None  # "@sft" when it came from a stage
     quant: str | None  # the GGUF type, from the file name
     index: int  # which entry of `models` brought it
@@ -601,6 +601,9 @@ def evaluate(
                 if found is None:
                     if model is None:
                         model = _open_model(entry, runner, n_ctx, batch_size)
+                        # the runner that opened it (a plugin's may take a path before the built-in ones)
+                        entry.engine = type(model).name or entry.engine
+                        report["models"][entries.index(entry)]["engine"] = entry.engine
                     found = _run_pair(task, opts, model, entry, runner)
                     if runner.should_stop():
                         return None  # the task may have returned early: its result is not kept
