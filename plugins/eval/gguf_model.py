@@ -7,8 +7,9 @@ same token bookkeeping as the ``hf`` eval model (models.py: lm-eval's), llama.cp
 when the GGUF's ``tokenizer.ggml.add_bos_token`` says its tokenizer adds one. An F32 GGUF therefore scores the
 same as the HF model it was exported from, and a quant's scores differ by exactly what quantization costs.
 
-llama.cpp runs one sequence at a time here, from an empty cache (what the child's protocol offers): requests with
-the same context and continuation are scored once, but a shared context is evaluated again for each choice.
+llama.cpp runs one sequence at a time here, from an empty cache (what the child's protocol offers): an evaluation
+serves every request whose input is a prefix of it (the one-token choices of an item share one), but a context
+is evaluated again for each choice of several tokens.
 llama.cpp in the child is loaded without the extra buffer types where they fault (see llmforge.native).
 """
 
@@ -98,26 +99,35 @@ class GGUFEvalModel(EvalModel):
         return out
 
     def score_tokens(self, pairs: Sequence[tuple[Tokens, Tokens]]) -> list[tuple[float, bool]]:
-        """(sum of log-probabilities, greedy?) of each continuation after its context (token ids): one llama.cpp
-        evaluation per distinct (left-cut context, continuation)."""
+        """(sum of log-probabilities, greedy?) of each continuation after its context (token ids).
+
+        llama.cpp evaluates context + continuation minus its last token; logits are causal, so an evaluation
+        also serves every request whose input is a prefix of it: the one-token choices of an item share one
+        evaluation (the context's), and " Paris" is read off the evaluation of " Paris, France"."""
         import numpy as np
 
-        seen: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, bool]] = {}
-        out: list[tuple[float, bool]] = []
-        for ctx, cont in pairs:
-            if not cont:
-                out.append((0.0, True))
-                continue
-            ctx = fit_request(ctx, cont, self.context)
-            key = (tuple(ctx), tuple(cont))
-            if key not in seen:
-                logits = np.asarray(self.llm.logits(ctx + cont[:-1]), dtype=np.float64)[len(ctx) - 1 :]
-                top = logits.max(axis=1, keepdims=True)
-                logprobs = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
-                target = np.asarray(cont)
-                total = float(logprobs[np.arange(len(cont)), target].sum())
-                seen[key] = (total, bool((logits.argmax(axis=1) == target).all()))
-            out.append(seen[key])
+        fitted = [(fit_request(ctx, cont, self.context), cont) if cont else (ctx, cont) for ctx, cont in pairs]
+        inputs = [tuple(ctx + cont[:-1]) for ctx, cont in fitted]
+        todo = [i for i, (_, cont) in enumerate(fitted) if cont]
+        done: list[tuple[tuple[int, ...], Any]] = []  # (input, logits) of the evaluations of the current context
+        context: tuple[int, ...] | None = None
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)  # an empty continuation: nothing to score
+        # by context, longest input first: a shorter input finds the evaluation it is a prefix of
+        for i in sorted(todo, key=lambda i: (tuple(fitted[i][0]), -len(inputs[i]))):
+            ctx, cont = fitted[i]
+            if tuple(ctx) != context:
+                context, done = tuple(ctx), []
+            seq = inputs[i]
+            logits = next((lg for inp, lg in done if inp[: len(seq)] == seq), None)
+            if logits is None:
+                logits = np.asarray(self.llm.logits(list(seq)), dtype=np.float32)
+                done.append((seq, logits))
+            rows = logits[len(ctx) - 1 : len(seq)].astype(np.float64)
+            top = rows.max(axis=1, keepdims=True)
+            logprobs = rows - top - np.log(np.exp(rows - top).sum(axis=1, keepdims=True))
+            target = np.asarray(cont)
+            total = float(logprobs[np.arange(len(cont)), target].sum())
+            out[i] = (total, bool((rows.argmax(axis=1) == target).all()))
         return out
 
     # -- generation -------------------------------------------------------------------------------

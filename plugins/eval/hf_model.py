@@ -9,9 +9,11 @@ the context shared: the choices of a multiple-choice item have the same context 
 one context followed by every continuation of it (``ctx a1 a2 b1 b2 b3``), with an attention mask that lets each
 continuation see the context and itself only, and position ids that restart after the context for each one.
 The context runs once instead of once per choice, and a one-token continuation costs no position at all (its
-log-probability is read where the context ends). The model's output is the same as one forward per request
-up to float rounding; the first batch that packs checks that against plain rows and packing is switched off
-for a model whose attention does not honour a custom mask (a warning says so).
+log-probability is read where the context ends, as lm-eval's one-token cache does). A row where at most one
+continuation has more than one token needs no mask (plain causal attention, right padding unseen); the others
+get the 4D mask. The model's output is the same as one forward per request up to float rounding; the first
+masked row is checked against plain rows, and packing is switched off for a model whose attention does not
+honour a custom mask (a warning says so).
 """
 
 from __future__ import annotations
@@ -123,9 +125,11 @@ class HFEvalModel(EvalModel):
         order = sorted(range(len(rows)), key=lambda r: -rows[r].length)
         for batch in batches_by_tokens([rows[r].length for r in order], self.batch_size, TOKEN_BUDGET):
             picked = [order[b] for b in batch]
-            if self.share_prefix and not self._packing_checked and any(len(rows[r].conts) > 1 for r in picked):
-                self._check_packing(rows[next(r for r in picked if len(rows[r].conts) > 1)])
-            results = self._forward([rows[r] for r in picked], packed=self.share_prefix)
+            if not self._packing_checked and any(rows[r].packed for r in picked):
+                self._check_packing(rows[next(r for r in picked if rows[r].packed)])
+                if not self.share_prefix:  # the check failed: start again, one row per request
+                    return self.score_tokens(pairs)
+            results = self._forward([rows[r] for r in picked])
             for r, row_results in zip(picked, results):
                 for idxs, res in zip(owners[r], row_results):
                     for i in idxs:
@@ -156,68 +160,70 @@ class HFEvalModel(EvalModel):
             out_owners.append(part_own)
         return out_rows, out_owners
 
-    def _forward(self, rows: Sequence[_Row], *, packed: bool) -> list[list[tuple[float, bool]]]:
+    def _forward(self, rows: Sequence[_Row]) -> list[list[tuple[float, bool]]]:
         """One forward over ``rows`` (right-padded); for each row, (log-prob, greedy) of each continuation."""
         torch = self._torch
         width = max(r.length for r in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         pos = torch.zeros((len(rows), width), dtype=torch.long)
-        if packed:
+        # Plain causal attention is right as long as at most one continuation per row puts tokens after the
+        # context (one-token continuations are read where the context ends), and right padding is never seen by
+        # a real position: no mask then, and attention takes its fast causal path (as lm-eval's rows do).
+        mask = None
+        if any(row.packed for row in rows):
             # additive float mask: what eager and SDPA attention both take as given (a 4D mask is used as is)
             blocked = torch.finfo(self.dtype).min
             mask = torch.full((len(rows), 1, width, width), blocked, dtype=self.dtype)
-        else:
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-        first = width
+        where_b: list[int] = []
+        where_p: list[int] = []
+        targets: list[int] = []
         for b, row in enumerate(rows):
             c = len(row.context)
             ids[b, :c] = torch.tensor(row.context)
             pos[b, :c] = torch.arange(c)
-            if packed:
+            if mask is not None:
                 mask[b, 0, :c, :c] = torch.triu(torch.full((c, c), blocked, dtype=self.dtype), diagonal=1)
-            else:
-                mask[b, : row.length] = 1
             at = c
             for cont in row.conts:
                 n = len(cont) - 1  # the last token is predicted, never input
                 if n:
                     ids[b, at : at + n] = torch.tensor(cont[:-1])
                     pos[b, at : at + n] = torch.arange(c, c + n)
-                    if packed:
+                    if mask is not None:
                         mask[b, 0, at : at + n, :c] = 0
                         mask[b, 0, at : at + n, at : at + n] = torch.triu(
                             torch.full((n, n), blocked, dtype=self.dtype), diagonal=1
                         )
+                where_b.extend([b] * (n + 1))
+                where_p.extend([c - 1, *range(at, at + n)])
+                targets.extend(cont)
                 at += n
-            if packed:
+            if mask is not None:
                 for p in range(row.length, width):  # padding attends to itself: no row of -inf (NaN) anywhere
                     mask[b, 0, p, p] = 0
-            first = min(first, c - 1)
         # only the positions from the earliest context end on are projected onto the vocabulary
-        keep = torch.arange(first, width)
+        first = min(len(row.context) for row in rows) - 1
+        keep = torch.arange(first, width, device=self.device)
         with torch.no_grad():
             logits = self.model(
                 input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
+                attention_mask=mask.to(self.device) if mask is not None else None,
                 position_ids=pos.to(self.device),
-                logits_to_keep=keep.to(self.device),
+                logits_to_keep=keep,
                 use_cache=False,
             ).logits
+            picked = logits[torch.tensor(where_b), torch.tensor(where_p) - first].float()
+            target = torch.tensor(targets, device=picked.device)
+            token_logprobs = torch.log_softmax(picked, dim=-1).gather(1, target[:, None])[:, 0].tolist()
+            hits = (picked.argmax(dim=-1) == target).tolist()
         results = []
-        for b, row in enumerate(rows):
-            c = len(row.context)
-            at = c
+        k = 0
+        for row in rows:
             row_results = []
             for cont in row.conts:
-                n = len(cont) - 1
-                where = torch.tensor([c - 1, *range(at, at + n)]) - first
-                at += n
-                rows_logits = logits[b, where.to(logits.device)].float()
-                logprobs = torch.log_softmax(rows_logits, dim=-1)
-                target = torch.tensor(cont, device=logprobs.device)
-                total = float(logprobs.gather(1, target[:, None]).sum())
-                greedy = bool((rows_logits.argmax(dim=-1) == target).all())
-                row_results.append((total, greedy))
+                n = len(cont)
+                row_results.append((float(sum(token_logprobs[k : k + n])), all(hits[k : k + n])))
+                k += n
             results.append(row_results)
         return results
 
@@ -225,8 +231,8 @@ class HFEvalModel(EvalModel):
         """Packed rows must give what separate rows give; a model whose attention ignores the custom mask (or
         computes something position-dependent we do not reproduce) falls back to one row per request."""
         self._packing_checked = True
-        packed = self._forward([row], packed=True)[0]
-        plain = [self._forward([_Row(row.context, [c])], packed=False)[0][0] for c in row.conts]
+        packed = self._forward([row])[0]
+        plain = [self._forward([_Row(row.context, [c])])[0][0] for c in row.conts]
         worst = max(abs(a[0] - b[0]) for a, b in zip(packed, plain))
         if worst > 1e-4 * max(1.0, max(abs(b[0]) for b in plain)) or any(a[1] != b[1] for a, b in zip(packed, plain)):
             self.share_prefix = False
@@ -288,12 +294,21 @@ class HFEvalModel(EvalModel):
                 return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
         sample = temperature > 0
+        # Every setting spelled out: generate() fills what is left None from the model's generation_config.json
+        # (a checkpoint's sampling defaults, a repetition penalty) and the answers would no longer be greedy /
+        # plain temperature sampling, the same as the gguf model's and the chat engines'.
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
+            min_new_tokens=0,
             do_sample=sample,
-            temperature=temperature if sample else None,
-            top_k=0 if sample else None,
-            top_p=1.0 if sample else None,
+            num_beams=1,
+            temperature=temperature if sample else 1.0,
+            top_k=0,
+            top_p=1.0,
+            min_p=0.0,
+            typical_p=1.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
             eos_token_id=sorted(self.engine.stops),
             pad_token_id=pad,
         )
@@ -362,9 +377,11 @@ class HFEvalModel(EvalModel):
 class _Row:
     """One batch row: a context, then the continuations scored after it (each but its last token is input)."""
 
-    __slots__ = ("context", "conts", "length")
+    __slots__ = ("context", "conts", "length", "packed")
 
     def __init__(self, context: Tokens, conts: list[Tokens]):
         self.context = context
         self.conts = [list(c) for c in conts]
         self.length = len(context) + sum(len(c) - 1 for c in self.conts)
+        #: more than one continuation puts tokens after the context: the row needs its own attention mask
+        self.packed = sum(len(c) > 1 for c in self.conts) > 1
