@@ -16,6 +16,7 @@ check weak).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -220,6 +221,27 @@ def test_lm_eval_kind_limit_and_relative_include_path(trained, tasks, registry, 
     finally:
         model.close()
     assert result.metrics["acc"].n == 5 and len(result.items) == 5
+
+
+def test_lm_eval_kind_generation_and_rolling_requests(trained, tasks, registry):
+    """lm-eval's other two request types reach the model: generate_until (greedy, cut at the task's `until`,
+    at most `max_gen_toks`) and loglikelihood_rolling (perplexity metrics, lower is better)."""
+    _needs_lm_eval()
+    model = _open(trained, registry)
+    try:
+        gen = _run(tasks, _lm_eval_spec(task="llmforge_capitals_gen", limit=4, primary="exact_match"), model)
+        ppl = _run(tasks, _lm_eval_spec(task="llmforge_capitals_ppl", limit=4, primary="word_perplexity"), model)
+        rolling = model.loglikelihood_rolling([f"What is the capital of Land{i}?" for i in range(4)])
+    finally:
+        model.close()
+    assert gen.metrics["exact_match"].n == 4 and gen.metrics["exact_match"].higher_is_better
+    assert all(r["answer"] and "\n" not in r["answer"] for r in gen.items)
+    assert [r["target"] for r in gen.items][0].startswith(" Town")
+    for name in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert not ppl.metrics[name].higher_is_better and ppl.metrics[name].n == 4
+    # lm-eval's word perplexity from our model's rolling log-likelihoods: exp(-sum ll / words), 6 words each
+    expected = math.exp(-sum(ll for ll, _ in rolling) / (6 * 4))
+    assert ppl.metrics["word_perplexity"].value == pytest.approx(expected, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
