@@ -20,7 +20,7 @@ from llmforge.errors import UsageError  # noqa: E402
 from llmforge_plugins.eval.hf_model import HFEvalModel  # noqa: E402
 from llmforge_plugins.eval.models import (  # noqa: E402
     cut_at_stop,
-    encode_pair,
+    encode_pairs,
     fit_request,
     open_model,
     rolling_windows,
@@ -149,11 +149,22 @@ REQUESTS = [
 # helpers (no model)
 
 
-def test_encode_pair_moves_trailing_spaces_and_splits_the_whole():
-    enc = lambda s: [ord(c) for c in s.replace(" T", "\x01")]  # noqa: E731 - a tokenizer that merges " T"
-    assert encode_pair(enc, enc, "ab ", "Tc", None) == ([97, 98], [1, 99])
-    assert encode_pair(enc, enc, "", "xy", 7) == ([7], [120, 121])
-    assert encode_pair(enc, enc, "", "xy", 120) == ([120], [121])  # the prefix token already leads
+def test_encode_pairs_moves_trailing_spaces_and_splits_the_whole():
+    calls = []
+
+    def enc(texts, special):  # a tokenizer that merges " T" and adds a BOS (9) with special tokens
+        calls.append(len(texts))
+        return [([9] if special else []) + [ord(c) for c in t.replace(" T", "\x01")] for t in texts]
+
+    requests = [("ab ", "Tc"), ("ab ", "Td"), ("", "xy"), ("", "\tz"), ("\tq", "r")]
+    assert encode_pairs(enc, requests, 9, "\t") == [
+        ([9, 97, 98], [1, 99]),
+        ([9, 97, 98], [1, 100]),
+        ([9], [120, 121]),  # an empty context is the prefix token
+        ([9], [122]),  # ... unless the continuation starts with it
+        ([9, 113], [114]),  # a text that starts with the prefix token's text gets no second one
+    ]
+    assert calls == [3, 4]  # one call per kind; "ab" encoded once for both choices
 
 
 def test_fit_request_and_rolling_windows():

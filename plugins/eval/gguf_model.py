@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import EvalModel
-from .models import Tokens, cut_at_stop, encode_pair, fit_request, rolling_windows
+from .models import Tokens, cut_at_stop, encode_pairs, fit_request, rolling_windows
 
 
 class GGUFEvalModel(EvalModel):
@@ -78,22 +78,22 @@ class GGUFEvalModel(EvalModel):
     def _encode(self, text: str) -> Tokens:
         """llama.cpp's tokenization with the BOS the GGUF's tokenizer adds (none when the text already starts
         with it), special tokens parsed: as the HF tokenizer encodes by default."""
-        bos = not (self._prefix_text and text.startswith(self._prefix_text))
-        return self.llm.tokenize(text, add_bos=bos, special=True)
+        special = not (self._prefix_text and text.startswith(self._prefix_text))
+        return self._encode_many([text], special)[0]
 
-    def _encode_plain(self, text: str) -> Tokens:
-        return self.llm.tokenize(text, add_bos=False, special=True)
+    def _encode_many(self, texts: list[str], special: bool) -> list[Tokens]:
+        # add_bos adds the BOS only when the GGUF's tokenizer adds one (tokenizer.ggml.add_bos_token)
+        return [self.llm.tokenize(text, add_bos=special, special=True) for text in texts]
 
     # -- log-likelihood ---------------------------------------------------------------------------
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        pairs = [encode_pair(self._encode, self._encode_plain, c, x, self.prefix_id) for c, x in requests]
-        return self.score_tokens(pairs)
+        return self.score_tokens(encode_pairs(self._encode_many, requests, self.prefix_id, self._prefix_text))
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[tuple[float, int]]:
         out = []
         for text in texts:
-            windows = rolling_windows(self._encode_plain(text), self.prefix_id, self.context)
+            windows = rolling_windows(self._encode_many([text], False)[0], self.prefix_id, self.context)
             scores = self.score_tokens(windows)
             out.append((sum(s for s, _ in scores), sum(len(cont) for _, cont in windows)))
         return out

@@ -22,8 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmforge.errors import UsageError
+
 from .api import EvalModel
-from .models import Tokens, batches_by_tokens, cut_at_stop, encode_pair, fit_request, rolling_windows
+from .models import Tokens, batches_by_tokens, cut_at_stop, encode_pairs, fit_request, rolling_windows
 
 #: tokens (rows × padded length) one forward may hold; rows per forward default to ``batch_size``
 TOKEN_BUDGET = 8192
@@ -49,6 +51,7 @@ class HFEvalModel(EvalModel):
         batch_size: int | None = None,
         log: Callable[[str], Any] | None = None,
         share_prefix: bool = True,
+        dtype: str | None = None,
     ) -> None:
         import torch
 
@@ -58,6 +61,10 @@ class HFEvalModel(EvalModel):
         self.log = log or (lambda message: None)
         self.engine = HFEngine(self.path, log=log)
         self.model = self.engine.model
+        if dtype and dtype != "auto":  # float32 on the CPU unless asked: exact, and what an F32 GGUF is compared with
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise UsageError(f"dtype {dtype!r}: expected float32, bfloat16 or float16")
+            self.model = self.model.to(getattr(torch, dtype))
         self.tokenizer = self.engine.tokenizer
         self.device = self.engine.device
         self.dtype = next(self.model.parameters()).dtype
@@ -77,22 +84,21 @@ class HFEvalModel(EvalModel):
         """As the tokenizer encodes by default (its BOS, when it adds one), unless the text already starts with
         the prefix token's text (lm-eval's ``tok_encode``: no second BOS in front of a rendered chat)."""
         special = not (self._prefix_text and text.startswith(self._prefix_text))
-        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+        return self._encode_many([text], special)[0]
 
-    def _encode_plain(self, text: str) -> Tokens:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def _encode_many(self, texts: list[str], special: bool) -> list[Tokens]:
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
     # -- log-likelihood ---------------------------------------------------------------------------
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        pairs = [encode_pair(self._encode, self._encode_plain, c, x, self.prefix_id) for c, x in requests]
-        return self.score_tokens(pairs)
+        return self.score_tokens(encode_pairs(self._encode_many, requests, self.prefix_id, self._prefix_text))
 
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[tuple[float, int]]:
         owners: list[int] = []
         pairs: list[tuple[Tokens, Tokens]] = []
         for i, text in enumerate(texts):
-            for window in rolling_windows(self._encode_plain(text), self.prefix_id, self.context):
+            for window in rolling_windows(self._encode_many([text], False)[0], self.prefix_id, self.context):
                 owners.append(i)
                 pairs.append(window)
         totals = [0.0] * len(texts)

@@ -3,7 +3,7 @@
 :func:`open_model` picks the first registered :class:`~llmforge_plugins.eval.api.EvalModel` class that accepts a
 path (as ``llmforge.chat_engine.open_engine`` does for chat engines). The rest is the token bookkeeping of
 lm-evaluation-harness that both built-in models follow, so that their log-likelihoods are the ones lm-eval
-computes on the same model: how a (context, continuation) pair becomes tokens (:func:`encode_pair`), how a pair
+computes on the same model: how a (context, continuation) pair becomes tokens (:func:`encode_pairs`), how a pair
 longer than the context is cut (:func:`fit_request`), how a long text is scored in windows
 (:func:`rolling_windows`), and where a generated answer ends (:func:`cut_at_stop`).
 
@@ -67,31 +67,57 @@ def open_model(
 # lm-evaluation-harness's token bookkeeping
 
 
-def encode_pair(
-    encode: Callable[[str], Tokens],
-    encode_plain: Callable[[str], Tokens],
-    context: str,
-    continuation: str,
+def encode_pairs(
+    encode_many: Callable[[list[str], bool], list[Tokens]],
+    requests: Sequence[tuple[str, str]],
     prefix_id: int | None,
-) -> tuple[Tokens, Tokens]:
-    """(context tokens, continuation tokens) of one request, as lm-eval's causal models make them.
+    prefix_text: str | None,
+) -> list[tuple[Tokens, Tokens]]:
+    """(context tokens, continuation tokens) of each request, as lm-eval's causal models make them.
 
-    ``encode`` tokenizes as the tokenizer does by default (with its BOS, unless the text starts with it);
-    ``encode_plain`` without special tokens. Trailing spaces of the context go to the continuation (a
-    tokenizer glues a space to the word after it); the continuation's tokens are what encoding the whole
-    adds after the context's own encoding, so the model sees exactly context_enc + continuation_enc. An empty
-    context is the prefix token (BOS, else EOS) unless the continuation already starts with it."""
-    if not context:
-        cont = encode_plain(continuation)
-        if prefix_id is None or (cont and cont[0] == prefix_id):
-            return cont[:1], cont[1:]
-        return [prefix_id], cont
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    ctx = encode(context)
-    whole = encode(context + continuation)
-    return ctx, whole[len(ctx) :]
+    ``encode_many(texts, special)`` tokenizes texts with the tokenizer's special tokens (its BOS, when it adds
+    one) or without. A text is encoded as the tokenizer does by default unless it starts with the prefix token's
+    text (lm-eval's ``tok_encode``: no second BOS in front of a rendered chat). Trailing spaces of the context go
+    to the continuation (a tokenizer glues a space to the word after it); the continuation's tokens are what
+    encoding the whole adds after the context's own encoding, so the model sees exactly context_enc +
+    continuation_enc. An empty context is the prefix token (BOS, else EOS) unless the continuation, encoded
+    without special tokens, already starts with it.
+
+    Each distinct text is encoded once, in one call per kind (the choices of an item share their context)."""
+    wanted: dict[tuple[str, bool], Tokens | None] = {}
+
+    def ask(text: str, special: bool | None = None) -> tuple[str, bool]:
+        if special is None:
+            special = not (prefix_text and text.startswith(prefix_text))
+        wanted.setdefault((text, special), None)
+        return text, special
+
+    plan: list[tuple[tuple[str, bool] | None, tuple[str, bool]]] = []
+    for context, continuation in requests:
+        if not context:
+            plan.append((None, ask(continuation, False)))
+            continue
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        plan.append((ask(context), ask(context + continuation)))
+    for special in (True, False):
+        texts = [text for text, sp in wanted if sp is special]
+        if texts:
+            for text, ids in zip(texts, encode_many(texts, special)):
+                wanted[text, special] = list(ids)
+    out: list[tuple[Tokens, Tokens]] = []
+    for ctx_key, whole_key in plan:
+        whole = wanted[whole_key] or []
+        if ctx_key is None:
+            if prefix_id is None or (whole and whole[0] == prefix_id):
+                out.append((whole[:1], whole[1:]))
+            else:
+                out.append(([prefix_id], whole))
+        else:
+            ctx = wanted[ctx_key] or []
+            out.append((ctx, whole[len(ctx) :]))
+    return out
 
 
 def fit_request(context: Tokens, continuation: Tokens, max_length: int) -> Tokens:
