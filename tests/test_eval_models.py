@@ -219,6 +219,20 @@ def test_prefix_sharing_changes_nothing(hf):
         assert a[0] == pytest.approx(b[0], abs=1e-4) and a[1] == b[1]
 
 
+def test_split_rows_change_nothing(hf, monkeypatch):
+    """A packed row over the token budget, or over a sliding attention window, is split: same scores."""
+    import llmforge_plugins.eval.hf_model as hf_model
+
+    many = [(REQUESTS[0][0], f" Town{i}.") for i in range(12)]
+    want = hf.loglikelihood(many)
+    monkeypatch.setattr(hf_model, "TOKEN_BUDGET", 30)
+    for a, b in zip(hf.loglikelihood(many), want):
+        assert a[0] == pytest.approx(b[0], abs=1e-4)
+    monkeypatch.setattr(hf, "_window", 8)
+    for a, b in zip(hf.loglikelihood(many), want):
+        assert a[0] == pytest.approx(b[0], abs=1e-4)
+
+
 def test_is_greedy_on_the_models_own_answer(hf, reference):
     model, tok = reference
     ctx = tok("What is the capital of Land5?")["input_ids"]

@@ -72,6 +72,12 @@ class HFEvalModel(EvalModel):
         self.batch_size = int(batch_size or DEFAULT_BATCH)
         self.share_prefix = share_prefix
         self._packing_checked = False
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        windows = [
+            getattr(c, k, None) for c in (config, text_config) for k in ("sliding_window", "attention_chunk_size")
+        ]
+        self._window = min([int(w) for w in windows if isinstance(w, int) and w > 0], default=1 << 30)
         tok = self.tokenizer
         # lm-eval's prefix token: what an empty context and the first token of a rolling text are conditioned on
         self.prefix_id: int | None = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -144,9 +150,14 @@ class HFEvalModel(EvalModel):
 
     def _split_long(self, rows: list[_Row], owners: list[list[list[int]]]) -> tuple[list[_Row], list]:
         """A context with so many continuations that the packed row outgrows the token budget is split into
-        several rows (each with the context again)."""
+        several rows (each with the context again). So is a masked row longer than the model's sliding attention
+        window: our mask would let its local layers see too far back (without a mask the model builds its own)."""
         out_rows, out_owners = [], []
         for row, own in zip(rows, owners):
+            if row.packed and row.length > self._window:
+                out_rows += [_Row(row.context, [cont]) for cont in row.conts]
+                out_owners += [[o] for o in own]
+                continue
             if row.length <= TOKEN_BUDGET or len(row.conts) == 1:
                 out_rows.append(row)
                 out_owners.append(own)
