@@ -85,6 +85,11 @@ def main() -> None:
             times[side].append(time.perf_counter() - t)
             print(f"run {run + 1} {side}: {times[side][-1]:.2f} s", file=sys.stderr)
     tokens = sum(len(backend.llm.tokenize(a.encode(), add_bos=False, special=False)) for a in answers["one at a time"])
+    sys.path.insert(0, str(ROOT / "bench"))
+    from measure import load_line, machine_line
+
+    print(machine_line())
+    print(load_line())
     print(f"model: {path.name}; {args.requests} judge requests, up to {args.max_tokens} answer tokens each")
     print(f"({tokens} answer tokens one at a time), median of {args.runs} interleaved runs")
     print()

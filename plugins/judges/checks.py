@@ -17,7 +17,10 @@ def judge_problems(pipeline: Any) -> list[Problem]:
     from llmforge_plugins.eval.api import EVAL_TASKS
     from llmforge_plugins.eval.spec import load_task_specs
 
-    table = registry.table(EVAL_TASKS)
+    try:
+        table = registry.table(EVAL_TASKS)
+    except KeyError:  # the eval plugin is not loaded: no eval stage either
+        return []
     judges = getattr(pipeline.config, "judges", {}) or {}
     project = pipeline.config.project_dir
     declared = ", ".join(sorted(judges)) or "none"
