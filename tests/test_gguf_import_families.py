@@ -17,6 +17,8 @@ The models are the tiny random ones of tests/test_gguf_moe.py's families (transf
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import run_cli
@@ -70,6 +72,9 @@ def test_mixtral_round_trip(f32, tmp_path):
     assert "model.layers.1.block_sparse_moe.gate.weight" in names
     assert {f"model.layers.0.block_sparse_moe.experts.3.{w}.weight" for w in ("w1", "w2", "w3")} <= names
     assert not any(".mlp." in n for n in names), sorted(names)
+    # its tokenizer is Llama 3's kind (llama-bpe): whole words looked up before merging, as in llama.cpp, which
+    # transformers' rebuild from a GGUF leaves out (and the export then refuses the folder)
+    assert json.loads((back / "tokenizer.json").read_text())["model"]["ignore_merges"] is True
     again = tmp_path / "again.gguf"
     export(back, again, "f32")
     a, b = tensors(gguf), tensors(again)

@@ -157,7 +157,7 @@ def _match_pre_tokenizer(folder: Path, pre: str | None) -> None:
         if split is None or split.pre != pre:
             tokenizer.pre_tokenizer = PRE_TOKENIZERS[pre]()
             tokenizer.save(str(path))
-    if any(split.pre == pre and split.ignore_merges for split in KNOWN_SPLITS.values()):
+    if any(known.pre == pre and known.ignore_merges for known in KNOWN_SPLITS.values()):
         raw = json.loads(path.read_text(encoding="utf-8"))
         model = raw.get("model") or {}
         if model.get("type") == "BPE" and not model.get("ignore_merges"):
