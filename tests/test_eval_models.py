@@ -359,3 +359,24 @@ def test_gguf_generates_and_prompts_like_the_hf_model(hf, gguf):
     assert gguf.generate(prompts, max_new_tokens=6) == hf.generate(prompts, max_new_tokens=6)
     with pytest.raises(NotImplementedError, match="embed"):
         gguf.embed(["x"])
+
+
+def test_modules_import_nothing_heavy(tmp_path):
+    import subprocess
+    import sys
+
+    tiny = tmp_path / "model"
+    tiny.mkdir()
+    (tiny / "config.json").write_text("{}")
+
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from llmforge_plugins.eval import gguf_model, hf_model, models\n"
+        f"assert hf_model.HFEvalModel.refuse(Path({str(tiny)!r})) is None\n"
+        f"assert gguf_model.GGUFEvalModel.refuse(Path({str(tiny)!r})) is not None\n"
+        "heavy = sorted({'torch', 'transformers', 'llama_cpp', 'numpy'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
