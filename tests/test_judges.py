@@ -445,19 +445,21 @@ def _check_real(judgments, stats, n: int) -> None:
         if not j.ok:
             assert "in the judge's answer after" in (j.error or "")
     assert stats["failures"] == sum(1 for j in judgments if not j.ok)
+    assert stats["retries"] == sum(j.attempts - 1 for j in judgments)
 
 
 @needs_smollm2
 def test_openai_backend_against_a_real_llama_cpp_server_and_a_second_run_asks_nothing(server, tmp_path):
     seen = server.chat_requests()
-    with Judge.open(_openai_spec(server, concurrency=2), cache_dir=tmp_path) as judge:
+    # retries are exercised on the gguf backend; here one request per item keeps the default run short
+    with Judge.open(_openai_spec(server, concurrency=2, retries=0), cache_dir=tmp_path) as judge:
         js = judge.pointwise_many(ITEMS)
         _check_real(js, judge.stats, len(ITEMS))
         sent = judge.stats["requests"]
         assert sent == sum(j.attempts for j in js) == judge.backend.requests
     assert server.chat_requests() - seen == sent
     seen = server.chat_requests()
-    with Judge.open(_openai_spec(server, concurrency=2), cache_dir=tmp_path) as judge:
+    with Judge.open(_openai_spec(server, concurrency=2, retries=0), cache_dir=tmp_path) as judge:
         again = judge.pointwise_many(ITEMS)
         assert judge.stats["requests"] == 0 and all(j.cached for j in again)
     assert server.chat_requests() == seen  # zero requests reached the server
@@ -477,7 +479,7 @@ def test_pairwise_through_the_server_asks_both_orders(server, tmp_path):
 
 @needs_smollm2
 def test_gguf_backend_in_process_with_parallel_sequences(tmp_path):
-    opts = GgufJudge.Options(backend="gguf", model=str(GGUF), n_ctx=1024, concurrency=2, **{**REAL, "retries": 0})
+    opts = GgufJudge.Options(backend="gguf", model=str(GGUF), n_ctx=1024, concurrency=2, **REAL)
     spec = JudgeSpec("local", GgufJudge, opts, Path.cwd())
     with Judge.open(spec, cache_dir=tmp_path) as judge:
         js = judge.pointwise_many(ITEMS)
