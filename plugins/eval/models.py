@@ -137,7 +137,11 @@ def rolling_windows(tokens: Tokens, prefix_id: int | None, max_length: int) -> l
     """(context, continuation) windows that score every token of ``tokens`` once, in windows of at most
     ``max_length`` inputs: lm-eval's rolling windows with a context of one token, made disjoint. The first
     token is predicted from ``prefix_id`` (BOS, else EOS); with neither it is not scored (it is the first
-    window's context)."""
+    window's context).
+
+    ``tokens`` are the text's own, without special tokens. (lm-eval 0.4.13's HFLM encodes the text with the
+    tokenizer's defaults, so with a tokenizer that adds a BOS it scores that BOS after the prefix BOS: its
+    perplexities differ from these there, and only there.)"""
     if prefix_id is None:
         if len(tokens) < 2:
             return []
