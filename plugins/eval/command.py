@@ -66,7 +66,14 @@ def eval_command(
         Path | None, typer.Option("--out", help="Write the report folder here (report.json, report.md, items/).")
     ] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Requests run together.")] = None,
-    n_ctx: Annotated[int | None, typer.Option("--n-ctx", min=1, help="Context length: what a .gguf file is opened with, and the longest input an HF model scores.")] = None,
+    n_ctx: Annotated[
+        int | None,
+        typer.Option(
+            "--n-ctx",
+            min=1,
+            help="Context length: what a .gguf file is opened with, and the longest input an HF model scores.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json instead of the leaderboard.")] = False,
 ) -> None:
     """Evaluate MODELs on tasks and print the leaderboard (each metric: value ± standard error (items)).
