@@ -316,6 +316,7 @@ def test_every_family_f16_byte_identical_to_llama_cpp_converter(vs_converter, tm
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~190 s on a quiet 2-core machine; past 300 s under load (gguf's reader on 152k tokens)
 @pytest.mark.parametrize("name", FAMILIES_VS_CONVERTER)
 def test_byte_identical_to_llama_cpp_converter_per_family(tmp_path, name):
     """F16 export tensor for tensor identical to convert_hf_to_gguf.py's on a tiny model of the family with a real
