@@ -329,6 +329,54 @@ def test_judge_and_pairwise_tasks_in_an_eval_stage_and_a_resume_pays_only_for_th
     assert res["info"]["inconsistent"] == 4
 
 
+def test_pairwise_against_a_reference_model_and_against_reference_answers(eval_project):
+    proj, model = eval_project
+    proj.write(
+        f"""
+        [judges.longer]
+        backend = "rules"
+        rule = "longer"
+
+        [[stages]]
+        name = "eval"
+        uses = "eval"
+        models = ["{model}"]
+
+        [[stages.tasks]]
+        name = "self"
+        kind = "pairwise"
+        data = "data/items.jsonl"
+        judge = "longer"
+        reference = "{model}"
+        max_new_tokens = 4
+
+        [[stages.tasks]]
+        name = "refs"
+        kind = "pairwise"
+        data = "data/items.jsonl"
+        judge = "longer"
+        max_new_tokens = 4
+        """,
+        name="forge.toml",
+    )
+    run = proj.run(load_test_registry(RulePlugin()))
+    assert run.exit_code == 0, run.failure()
+    folder = run.result.run_dir / "stages" / "eval" / "artifacts" / "report"
+    by_task = {r["task"]: r for r in json.loads((folder / "report.json").read_text())["results"]}
+    # the same model answers both sides, greedily: equal answers, equal lengths, a consistent tie each
+    own = by_task["self"]
+    assert (own["metrics"]["win_rate"]["value"], own["metrics"]["ties"]["value"]) == (0.5, 4)
+    assert own["info"]["inconsistent"] == 0
+    # against the items' reference answers: the longer answer wins, in both orders
+    records = [json.loads(line) for line in next(folder.joinpath("items").rglob("refs.jsonl")).open()]
+    expected = [
+        1.0 if len(r["answer"]) > len(r["reference"]) else 0.0 if len(r["answer"]) < len(r["reference"]) else 0.5
+        for r in records
+    ]
+    assert [r["score"] for r in records] == expected
+    assert by_task["refs"]["metrics"]["win_rate"]["value"] == pytest.approx(sum(expected) / 4)
+
+
 def test_a_judge_task_scores_means_with_failures_left_out(eval_project):
     proj, model = eval_project
     proj.write(
