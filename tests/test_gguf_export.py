@@ -714,6 +714,7 @@ def real_vocab_models(llama_cpp_src, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # f16 adds Qwen2's 152k vocabulary: ~230 s under load, near the default 300 s limit
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
 def test_byte_identical_to_llama_cpp_converter(llama_cpp_src, real_vocab_models, sp_model, tmp_path, outtype):
     """The export writes the same tensors (bytes, types, shapes) and the same metadata as llama.cpp's own
