@@ -74,6 +74,8 @@ class JudgeBackend:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Options: ClassVar[type[JudgeOptions]] = JudgeOptions
+    #: the options that name the judge's model files: their content enters the cache keys of stages using it
+    model_keys: ClassVar[tuple[str, ...]] = ("model",)
 
     def __init__(self, options: Any, *, base_dir: Path, log: Callable[[str], Any] | None = None) -> None:
         self.options = options
@@ -105,6 +107,23 @@ class JudgeSpec:
     backend: type[JudgeBackend]
     options: Any
     base_dir: Path
+
+    def key(self) -> dict[str, Any]:
+        """What the judge's verdicts depend on, for the cache keys of the stages that ask it: the backend and
+        its options but those that only shape the traffic (concurrency, budget, timeout, retries), and, under
+        ``paths``, the backend's ``model_keys`` options that name an existing file or folder (the judge model:
+        the pipeline puts its fingerprint in the key, so a re-exported model judges again)."""
+        traffic = {"concurrency", "max_requests", "timeout", "retries"}
+        options = {k: v for k, v in self.options.model_dump(mode="json").items() if k not in traffic}
+        paths = {}
+        for name in self.backend.model_keys:
+            value = options.get(name)
+            if isinstance(value, str) and value and "://" not in value:
+                path = Path(value).expanduser()
+                path = path if path.is_absolute() else self.base_dir / path
+                if path.exists():
+                    paths[name] = path
+        return {"backend": self.backend.name, "options": options, "paths": paths}
 
     def open(self, log: Callable[[str], Any] | None = None) -> JudgeBackend:
         return self.backend(self.options, base_dir=self.base_dir, log=log)

@@ -324,6 +324,7 @@ def stage_key(
     registry: Registry,
     seed: int | None = None,
     project_dir: Path | None = None,
+    judges: dict[str, Any] | None = None,
 ) -> str:
     """Hash of what determines a stage's result: kind, its version, options, inputs, library versions."""
     owner = registry.owner("stages", spec.uses)
@@ -340,8 +341,21 @@ def stage_key(
         "seed": seed,  # every stage gets [project].seed as ctx.seed: another seed is another result
         "extra": _cache_key_extra(spec, project_dir, registry) if project_dir else {},
     }
+    if judges and project_dir:
+        used = spec.cls().judges_used(spec.options, project_dir)
+        if used:  # only then: a stage without judges keeps the key it always had
+            payload["judges"] = {name: _judge_identity(judges.get(name)) for name in sorted(used)}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def _judge_identity(spec: Any) -> dict | None:
+    """A judge's part of a cache key (llmforge.judging.JudgeSpec.key), its model files fingerprinted."""
+    if spec is None:
+        return None
+    key = spec.key()
+    key["paths"] = {name: fingerprint(path) for name, path in key["paths"].items()}
+    return key
 
 
 def _cache_key_extra(spec: StageSpec, project_dir: Path, registry: Registry) -> dict:
@@ -368,6 +382,7 @@ def compute_keys(pipe: Pipeline, registry: Registry) -> dict[str, str]:
             registry,
             seed=pipe.config.project.seed,
             project_dir=pipe.config.project_dir,
+            judges=pipe.config.judges,
         )
     return keys
 

@@ -144,6 +144,11 @@ class Stage(Generic[OptionsT]):
         file named by a plain option); it enters the stage's cache key."""
         return {}
 
+    def judges_used(self, options: OptionsT, project_dir: Path) -> list[str]:
+        """The ``[judges.NAME]`` names this configuration asks: what those judges are (backend, model, prompt
+        settings) enters the stage's cache key, so a changed judge judges again."""
+        return []
+
     def check(self, options: OptionsT, inputs: dict[str, Artifact], registry: Registry | None = None) -> list[Problem]:
         """Cheap preflight, run by ``validate`` and before ``run``: no heavy imports, no training.
 

@@ -622,6 +622,18 @@ def test_register_judge_backends_judges_an_eval_stage(probe, project):
     report = json.loads((run_dir / "stages" / "eval" / "artifacts" / "report" / "report.json").read_text())
     assert report["results"][0]["metrics"]["score"]["value"] == 8.0
     assert (project.root / "count.txt").read_text().count("request") == 2
+
+    # the judge is part of the eval stage's cache key: another score judges again, another concurrency does not
+    def statuses():
+        return [
+            json.loads((d / "manifest.json").read_text())["stages"]["eval"]["status"]
+            for d in sorted(project.runs.iterdir(), key=lambda d: d.stat().st_mtime)
+        ]
+
+    assert project.run("run", "--set", "judges.rules.concurrency=2", plugins=[probe]).returncode == 0
+    assert statuses()[-1] == "cached", statuses()
+    assert project.run("run", "--set", "judges.rules.score=9", plugins=[probe]).returncode == 0
+    assert statuses()[-1] == "done" and (project.root / "count.txt").read_text().count("request") == 4
     # [judges] is validated against the backend's Options, the key path named
     bad = run_cli("validate", "--set", "judges.rules.scor=9", cwd=project.root, plugins=[probe])
     assert bad.returncode == 2 and "judges.rules.scor" in bad.stderr, bad.stderr

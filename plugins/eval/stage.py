@@ -315,6 +315,23 @@ class EvalStage(Stage[EvalOptions]):
                         )
         return {"task_data": found}
 
+    def judges_used(self, options: EvalOptions, project_dir: Path) -> list[str]:
+        # the judges the task specs name (inline, or in .toml files): a changed judge makes the stage run again
+        names = set()
+        for entry in options.tasks:
+            data: Any = entry
+            if isinstance(entry, str):
+                path = Path(entry) if Path(entry).is_absolute() else project_dir / entry
+                try:
+                    from llmforge.config import read_toml
+
+                    data = read_toml(path)
+                except Exception:  # noqa: BLE001 - check() reports a bad spec file
+                    continue
+            if isinstance(data, dict) and isinstance(data.get("judge"), str):
+                names.add(data["judge"])
+        return sorted(names)
+
     def estimate(self, options: EvalOptions, env: PlanEnv) -> Estimate | None:
         # One model is open at a time: the largest HF input, in float32 as the hf eval model loads it on the CPU
         # (GGUF files are no larger than the model they came from). Models whose shape is unknown are skipped.
