@@ -634,6 +634,11 @@ def test_register_judge_backends_judges_an_eval_stage(probe, project):
     assert statuses()[-1] == "cached", statuses()
     assert project.run("run", "--set", "judges.rules.score=9", plugins=[probe]).returncode == 0
     assert statuses()[-1] == "done" and (project.root / "count.txt").read_text().count("request") == 4
+    # llmforge eval outside the pipeline takes the judges of ./forge.toml
+    (project.root / "j.toml").write_text('name = "j"\nkind = "judge"\njudge = "rules"\ndata = "items.jsonl"\n')
+    res = run_cli("eval", "m.probe", "--task", "j.toml", "--json", cwd=project.root, plugins=[probe])
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["results"][0]["metrics"]["score"]["value"] == 8.0
     # [judges] is validated against the backend's Options, the key path named
     bad = run_cli("validate", "--set", "judges.rules.scor=9", cwd=project.root, plugins=[probe])
     assert bad.returncode == 2 and "judges.rules.scor" in bad.stderr, bad.stderr

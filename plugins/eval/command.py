@@ -4,7 +4,8 @@ MODEL: an HF model folder, a LoRA adapter folder, a .gguf file, or a folder of .
 model, labelled <folder>:<type>). T: the path of a .toml task spec, or ``KIND:DATAFILE`` for a task with its
 kind's defaults (``multiple_choice:qa.jsonl``: the task is named after the file, ``qa``). The leaderboard goes
 to stdout (``--json``: report.json); progress and log lines to stderr. ``--out DIR`` writes the report folder
-(report.json, report.md, items/) as the stage does.
+(report.json, report.md, items/) as the stage does. Judge tasks use the judges of ``--config`` (or of
+./forge.toml).
 """
 
 # No `from __future__ import annotations`: Typer reads these commands' Annotated parameters at every start,
@@ -75,6 +76,12 @@ def eval_command(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json instead of the leaderboard.")] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="A forge.toml whose [judges] the judge tasks use (default: ./forge.toml if any)."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate MODELs on tasks and print the leaderboard (each metric: value ± standard error (items)).
     Exit code: 0 done, 1 a model failed, 2 bad input."""
@@ -95,11 +102,12 @@ def eval_command(
     if out is not None and out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not empty", hint="give a new folder to --out")
     entries = expand_models([str(m.resolve()) for m in models], {}, {})
+    judges = _judges(config, reg)
     log = _log()
     ev = evaluate(
         entries,
         specs,
-        Runner(registry=reg, log=log, progress=_progress()),
+        Runner(registry=reg, log=log, progress=_progress(), judges=judges),
         limit=limit,
         n_ctx=n_ctx,
         batch_size=batch_size,
@@ -115,6 +123,25 @@ def eval_command(
         return
     columns, rows = leaderboard_rows(ev.report)
     print_table(columns, rows, title="leaderboard")
+
+
+def _judges(config: Path | None, reg) -> dict:
+    """The judges a forge.toml declares (``--config``, else ./forge.toml when there is one): judge tasks name
+    them, as in a pipeline. Only the [judges] table is read and validated."""
+    from llmforge.config import read_toml
+    from llmforge.judging import JUDGE_BACKENDS, validate_judges
+
+    path = config if config is not None else Path("forge.toml")
+    if not path.exists():
+        if config is not None:
+            raise UsageError(f"{config}: no such file", hint="give the forge.toml that declares the judges")
+        return {}
+    judges, problems = validate_judges(
+        read_toml(path).get("judges", {}), path.resolve().parent, reg.table(JUDGE_BACKENDS)
+    )
+    if problems:
+        raise ConfigError(problems)
+    return judges
 
 
 def _log():
