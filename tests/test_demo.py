@@ -92,8 +92,10 @@ def test_report_artifact_has_the_numbers(demo):
     assert (Path(ev["artifacts"]["model"]["path"]) / "config.json").exists()
     md = (report_dir / "report.md").read_text()
     assert "| model |" in md and "| pretrained |" in md and "| gguf:Q4_K_M |" in md
-    for label in labels:  # the answers, per model and task, for inspection
-        answers = [json.loads(x) for x in (report_dir / "items" / label / "qa.jsonl").read_text().splitlines()]
+    for result in board["results"]:  # the answers, per model and task, for inspection
+        if result["task"] != "qa":
+            continue
+        answers = [json.loads(x) for x in (report_dir / result["items"]).read_text().splitlines()]
         assert len(answers) == n_items and {"question", "answer", "target", "ended", "score"} <= set(answers[0])
 
 
