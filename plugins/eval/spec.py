@@ -185,12 +185,17 @@ def _check(task: EvalTask, options: TaskOptions) -> list[Problem]:
     return out
 
 
+def is_path_key(key: str) -> bool:
+    """Whether a task spec's key names a file or folder (read relative to the spec, part of the cache key)."""
+    return key == "data" or key.endswith("_data") or key.endswith("_path")
+
+
 def resolve_paths(options: TaskOptions, base_dir: Path) -> TaskOptions:
-    """``options`` with ``data`` and ``fewshot_data`` (and any other ``*_data`` key of a kind) made absolute,
-    read from ``base_dir`` when relative."""
+    """``options`` with ``data`` and ``fewshot_data`` (and any other ``*_data`` or ``*_path`` key of a kind:
+    lm_eval's ``include_path``) made absolute, read from ``base_dir`` (the declaring file's folder) when relative."""
     update = {}
     for key, value in options:
-        if (key == "data" or key.endswith("_data")) and isinstance(value, str):
+        if is_path_key(key) and isinstance(value, str):
             path = Path(value).expanduser()
             update[key] = str(path if path.is_absolute() else (base_dir / path).resolve())
     return options.model_copy(update=update) if update else options

@@ -291,6 +291,7 @@ class EvalStage(Stage[EvalOptions]):
         # The items the tasks read are named inside specs (inline or in .toml files), not by Input fields:
         # their content enters the key here, so an edited data file is evaluated again.
         from llmforge.pipeline import fingerprint
+        from llmforge_plugins.eval.spec import is_path_key
 
         found: dict[str, str] = {}
         for entry in options.tasks:
@@ -307,7 +308,7 @@ class EvalStage(Stage[EvalOptions]):
                     continue
             if isinstance(data, dict):
                 for key, value in data.items():
-                    if (key == "data" or key.endswith("_data")) and isinstance(value, str):
+                    if is_path_key(key) and isinstance(value, str):
                         p = Path(value).expanduser()
                         p = p if p.is_absolute() else base / p
                         found[f"{entry if isinstance(entry, str) else data.get('name')}:{key}"] = (
