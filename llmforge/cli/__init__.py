@@ -6,6 +6,7 @@ the core becomes one message on stderr and its exit code; a traceback only with 
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import traceback
@@ -39,13 +40,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {type(exc).__name__}: {exc}\n(run again with --debug to see the traceback)", file=sys.stderr)
         sys.exit(1)
     finally:
-        _close_library_handles()
+        # At exit, not now: whoever called main() in this process (a test, a notebook) may load a model later,
+        # and llama_cpp needs these files open for that. Registered once however often main() runs.
+        atexit.unregister(_close_library_handles)
+        atexit.register(_close_library_handles)
 
 
 def _close_library_handles() -> None:
     """llama_cpp opens two /dev/null files at import (to silence model loading) and never closes them; at
-    interpreter exit that prints "ResourceWarning: unclosed file" under a finished command. The command is
-    done, so no model loads any more: close them."""
+    interpreter exit that prints "ResourceWarning: unclosed file" under a finished command. Run at exit
+    (atexit handlers run before the interpreter collects the modules), when no model loads any more."""
     utils = sys.modules.get("llama_cpp._utils")
     for name in ("outnull_file", "errnull_file"):
         handle = getattr(utils, name, None)
