@@ -267,6 +267,7 @@ def _cuda() -> bool:
 CHATTER = ("Setting accelerator to CPU", "FutureWarning", "missing keys", "lm_head.weight")
 
 
+@pytest.mark.slow  # 15-50 s of training runs: the default run stays under 15 minutes; .ci/run's slow pass runs it
 def test_library_chatter_stays_in_the_debug_log(resumed_training):
     project, first, resumed, events = resumed_training
     assert "resuming from checkpoint-" in resumed.stdout

@@ -18,6 +18,10 @@ import pytest
 
 from conftest import run_cli
 
+# The demo's quick run (~90 s) is shared by every test here: the default run stays under 15 minutes, and
+# .ci/run's slow pass runs these.
+pytestmark = pytest.mark.slow
+
 
 def _status(root: Path) -> dict:
     res = run_cli("status", "--json", "--runs-dir", str(root / "runs"))

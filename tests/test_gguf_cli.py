@@ -440,6 +440,7 @@ def test_quantize_bad_inputs_exit_2_and_write_nothing(f32, tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.gguf", "model.gguf"]
 
 
+@pytest.mark.slow  # 15-50 s of training runs: the default run stays under 15 minutes; .ci/run's slow pass runs it
 def test_check_prints_the_scorecard_and_gates_on_thresholds(f32, tiny, tmp_path):
     from llmforge_plugins.gguf.quantize import quantize_gguf
 

@@ -758,6 +758,7 @@ def test_existing_output_is_refused_without_force(zoo, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow  # 15-50 s of training runs: the default run stays under 15 minutes; .ci/run's slow pass runs it
 def test_force_replaces_only_an_earlier_merge_output_and_replace_names_the_folder(zoo, tmp_path):
     """--force replaces a folder only when an earlier merge wrote it (llmforge-merge.json) and it is none of
     the inputs; anything else needs the folder named again with --replace."""

@@ -70,6 +70,7 @@ def sft_model(run_dir: Path) -> Path:
     return Path(manifest(run_dir)["stages"]["sft"]["artifacts"]["model"]["path"])
 
 
+@pytest.mark.slow  # 15-50 s of training runs: the default run stays under 15 minutes; .ci/run's slow pass runs it
 def test_forced_stage_stopped_then_resumed_continues_from_its_checkpoint(project, site):
     """`run --stage sft --force`, Ctrl-C at step 5, then `run --resume`: the forced stage re-trains from
     checkpoint-5 (not "cached" from the first run) and ends with the weights of an uninterrupted forced run."""
@@ -111,6 +112,7 @@ def test_forced_stage_stopped_then_resumed_continues_from_its_checkpoint(project
     assert_same_weights(sft_model(forced_dir), sft_model(run_dirs(project)[-1]))
 
 
+@pytest.mark.slow  # 15-50 s of training runs: the default run stays under 15 minutes; .ci/run's slow pass runs it
 def test_template_edit_forced_rerun_stopped_and_resumed_keeps_the_new_template(project, site):
     """After a `.jinja` template edit, a forced re-run stopped and resumed ends with a model carrying the
     edited template, trained in that run, never the result built with the old one."""
@@ -152,6 +154,7 @@ def test_template_edit_forced_rerun_stopped_and_resumed_keeps_the_new_template(p
     assert steps_of(last_attempt(forced_dir), "sft") == [6, 7, 8, 9, 10]
 
 
+@pytest.mark.slow  # 15-50 s of training runs: the default run stays under 15 minutes; .ci/run's slow pass runs it
 def test_run_from_stopped_and_resumed_detached_as_the_tui_does(project, site):
     """The TUI's `f` (run from the selected stage), `s` (stop) and `e` (resume) go through
     llmforge.tui.launch: detached `llmforge run --from sft`, a stop request from another process, a
@@ -201,6 +204,7 @@ def test_run_from_stopped_and_resumed_detached_as_the_tui_does(project, site):
     assert manifest(run_dir)["selection"] == {"stages": [], "from": "sft", "force": False}
 
 
+@pytest.mark.slow  # 15-50 s of training runs: the default run stays under 15 minutes; .ci/run's slow pass runs it
 @pytest.mark.parametrize(
     "rule",
     [

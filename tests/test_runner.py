@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import _env
 
 # A stage that counts to N, saving its count in its work folder (its checkpoint) and continuing from
@@ -298,6 +300,7 @@ def test_logs_follow_reads_a_live_run_to_its_end(project):
     assert types[0] == "run_start" and types[-1] == "run_end"
 
 
+@pytest.mark.slow  # 15-50 s of training runs: the default run stays under 15 minutes; .ci/run's slow pass runs it
 def test_resume_keeps_the_selection_a_forced_run_was_started_with(project):
     """`run --stage count --force`, stopped, then `run --resume`: the forced stage continues from what it
     saved, with the recorded selection; it is not taken from the cache of the first run."""
@@ -324,6 +327,7 @@ def test_resume_keeps_the_selection_a_forced_run_was_started_with(project):
     assert Path(st["stages"]["count"]["artifacts"]["files"]["path"]).is_relative_to(run_dir)
 
 
+@pytest.mark.slow  # 15-50 s of training runs: the default run stays under 15 minutes; .ci/run's slow pass runs it
 def test_resume_whose_recorded_stage_is_gone_says_so(project):
     """The recorded --stage names a stage the edited forge.toml no longer has: exit 2, one message naming
     the run and its selection, no traceback; the run stays resumable once the selection is given."""
