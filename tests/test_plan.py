@@ -587,8 +587,15 @@ def test_detached_runs_and_the_tui_launcher_get_the_same_check(project):
 # Python with torch, transformers, TRL, peft and datasets imported (imported here first, so that the
 # baseline includes them).
 MEASURE = r"""
-import gc, json, resource, sys
+import gc, json, sys
 import psutil
+
+def hwm():
+    # this process's own high-water mark (VmHWM: the memory map's, new at exec). Not ru_maxrss: Linux carries
+    # that over exec from the forked parent, so a test process grown to 2 GB hid the run's peak
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
 import datasets, peft, torch, transformers, trl  # noqa: F401
 from llmforge_plugins.training import common, loop, models, tokenized  # noqa: F401
 from llmforge.pipeline import load_pipeline
@@ -601,9 +608,9 @@ pipe = load_pipeline("forge.toml", registry=registry)
 est = plan(pipe).stages[0].estimate
 gc.collect()
 base = psutil.Process().memory_info().rss
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = hwm()
 result = run_pipeline(pipe, RunRequest(), registry=registry)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 print(json.dumps({"status": result.status, "baseline": base, "peak_before": before, "measured": peak - base,
                   "estimate": est.peak - est.parts["runtime"], "parts": est.parts}))
 """
