@@ -118,6 +118,25 @@ class EvalOptions(StageOptions):
         return [value] if isinstance(value, dict) else value
 
 
+def _spec_tables(options: EvalOptions, project_dir: Path) -> list[tuple[Any, Path | None, dict | None, Path]]:
+    """Each task entry as written (an inline table or a .toml path), its file (None inline), its table (None when
+    the file is unreadable: check() reports that) and the folder its relative paths are read from."""
+    from llmforge.config import read_toml
+
+    out: list[tuple[Any, Path | None, dict | None, Path]] = []
+    for entry in options.tasks:
+        if not isinstance(entry, str):
+            out.append((entry, None, entry if isinstance(entry, dict) else None, project_dir))
+            continue
+        path = Path(entry) if Path(entry).is_absolute() else project_dir / entry
+        try:
+            data: dict | None = read_toml(path)
+        except Exception:  # noqa: BLE001 - check() reports a bad spec file; keys only need a value
+            data = None
+        out.append((entry, path, data, path.parent))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # the models of a stage
 
@@ -294,44 +313,23 @@ class EvalStage(Stage[EvalOptions]):
         from llmforge_plugins.eval.spec import is_path_key
 
         found: dict[str, str] = {}
-        for entry in options.tasks:
-            base = project_dir
-            data = entry
-            if isinstance(entry, str):
-                path = Path(entry) if Path(entry).is_absolute() else project_dir / entry
+        for entry, path, data, base in _spec_tables(options, project_dir):
+            if path is not None:
                 found[str(entry)] = fingerprint(path) if path.exists() else "missing"
-                try:
-                    from llmforge.config import read_toml
-
-                    data, base = read_toml(path), path.parent
-                except Exception:  # noqa: BLE001 - check() reports a bad spec file; the key only needs a value
-                    continue
-            if isinstance(data, dict):
-                for key, value in data.items():
-                    if is_path_key(key) and isinstance(value, str):
-                        p = Path(value).expanduser()
-                        p = p if p.is_absolute() else base / p
-                        found[f"{entry if isinstance(entry, str) else data.get('name')}:{key}"] = (
-                            fingerprint(p) if p.exists() else "missing"
-                        )
+            table = data or {}
+            for key, value in table.items():
+                if is_path_key(key) and isinstance(value, str):
+                    p = Path(value).expanduser()
+                    p = p if p.is_absolute() else base / p
+                    found[f"{entry if isinstance(entry, str) else table.get('name')}:{key}"] = (
+                        fingerprint(p) if p.exists() else "missing"
+                    )
         return {"task_data": found}
 
     def judges_used(self, options: EvalOptions, project_dir: Path) -> list[str]:
         # the judges the task specs name (inline, or in .toml files): a changed judge makes the stage run again
-        names = set()
-        for entry in options.tasks:
-            data: Any = entry
-            if isinstance(entry, str):
-                path = Path(entry) if Path(entry).is_absolute() else project_dir / entry
-                try:
-                    from llmforge.config import read_toml
-
-                    data = read_toml(path)
-                except Exception:  # noqa: BLE001 - check() reports a bad spec file
-                    continue
-            if isinstance(data, dict) and isinstance(data.get("judge"), str):
-                names.add(data["judge"])
-        return sorted(names)
+        tables = _spec_tables(options, project_dir)
+        return sorted({d["judge"] for _, _, d, _ in tables if d and isinstance(d.get("judge"), str)})
 
     def estimate(self, options: EvalOptions, env: PlanEnv) -> Estimate | None:
         # One model is open at a time: the largest HF input, in float32 as the hf eval model loads it on the CPU
