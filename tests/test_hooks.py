@@ -66,6 +66,8 @@ HOOK_TESTS = {
     "register_eval_models": ["test_register_eval_models_and_tasks_run_in_llmforge_eval"],
     "register_eval_tasks": ["test_register_eval_models_and_tasks_run_in_llmforge_eval"],
     "register_judge_backends": ["test_register_judge_backends_judges_an_eval_stage"],
+    "register_generators": ["test_register_generators_and_verifiers_make_a_synth_dataset"],
+    "register_verifiers": ["test_register_generators_and_verifiers_make_a_synth_dataset"],
 }
 
 
@@ -642,3 +644,28 @@ def test_register_judge_backends_judges_an_eval_stage(probe, project):
     # [judges] is validated against the backend's Options, the key path named
     bad = run_cli("validate", "--set", "judges.rules.scor=9", cwd=project.root, plugins=[probe])
     assert bad.returncode == 2 and "judges.rules.scor" in bad.stderr, bad.stderr
+
+
+def test_register_generators_and_verifiers_make_a_synth_dataset(probe, project):
+    project.write(
+        '[project]\nname = "made"\n\n[judges.t]\nbackend = "probe_rules"\nscore = 5\n\n'
+        '[[stages]]\nname = "synth"\nuses = "synth"\nteacher = "t"\n'
+        'generator = { kind = "probe_lines", n = 4, word = "hey" }\nverify = { verifier = "probe_even" }\n'
+    )
+    res = project.run("run", plugins=[probe])
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run_dir,) = project.runs.iterdir()
+    artifacts = run_dir / "stages" / "synth" / "artifacts"
+    rows = [json.loads(x) for x in (artifacts / "dataset" / "data.jsonl").read_text().splitlines()]
+    # the teacher (the probe's judge backend) answered every line; the probe verifier kept the even ones
+    assert [r["i"] for r in rows] == [0, 2]
+    assert rows[0]["messages"] == [
+        {"role": "user", "content": "line 0 hey"},
+        {"role": "assistant", "content": "Score: 5"},
+    ]
+    assert rows[0]["provenance"]["generator"] == "probe_lines"
+    report = json.loads((artifacts / "report" / "report.json").read_text())
+    assert report["rows"] == 2 and report["rejected"] == {"verify": 2}, report
+    # without the plugin neither the generator nor the verifier is known: exit 2, the key named
+    missing = project.run("validate")
+    assert missing.returncode == 2 and "generator" in missing.stderr and "probe_lines" in missing.stderr, missing.stderr
