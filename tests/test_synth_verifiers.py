@@ -75,7 +75,7 @@ def test_python_tests_forms_of_tests_and_answers():
     v = verifier.verify(o, [dict(r, entry_point=r.get("entry_point")) for r in rows], answers)
     assert [x.passed for x in v] == [True, True, False, False, False, False]
     assert v[2].reason == "syntax error line 1: expected ':'"
-    assert v[3].reason.startswith("the answer raised NameError") or v[3].reason.startswith("syntax error")
+    assert v[3].reason == "syntax error line 1: invalid syntax"  # prose is not code
     assert v[4].reason.startswith("test 1 of 1 failed: assert f(1) == 1 (SystemExit")
     assert v[5].reason == "no code in the answer"
     # an entry the answer does not define
@@ -252,11 +252,11 @@ def test_printed_results_cannot_forge_a_pass():
 
 
 def test_python_tests_runs_answers_concurrently():
-    sleeper = "import time\ntime.sleep(0.5)\ndef add(a, b):\n    return a + b"
+    sleeper = "import time\ntime.sleep(1)\ndef add(a, b):\n    return a + b"
     started = time.monotonic()
     v = PythonTests().verify(opts(PythonTests, workers=4), [{"tests": ADD_TESTS}] * 4, [sleeper] * 4)
     assert all(x.passed for x in v)
-    assert time.monotonic() - started < 1.8  # four half-second answers, not one after the other
+    assert time.monotonic() - started < 3  # four one-second answers, not one after the other (4 s)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,3 +401,10 @@ def test_builtins_are_registered():
     table = load_registry().table("synth_verifiers")
     assert {"python_tests", "numeric", "regex", "json_schema"} <= set(table)
     assert isinstance(table["numeric"], Numeric)
+
+
+def test_main_guards_do_not_run_and_floods_are_capped():
+    main = "def add(a, b):\n    return a + b\n\nif __name__ == '__main__':\n    print(add(int(input()), 1))\n"
+    assert run_tests(main, ADD_TESTS).all_passed  # the example under the guard would wait for stdin
+    r = run_tests("for _ in range(40):\n    print('x' * 2**20)", "assert 1", limits=SandboxLimits(file_mb=8))
+    assert r.status == "answer" and "OSError" in r.reason() and "File too large" in r.reason(), r.reason()

@@ -38,6 +38,7 @@ import ast
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,8 +88,6 @@ def _chunks(source: str, body: Sequence[ast.stmt]) -> list[str]:
             groups.append(current)
         else:
             groups[-1].extend(current)
-    import textwrap
-
     return [textwrap.dedent("\n".join(_segment(source, s) for s in group)) for group in groups]
 
 
