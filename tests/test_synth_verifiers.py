@@ -408,3 +408,9 @@ def test_main_guards_do_not_run_and_floods_are_capped():
     assert run_tests(main, ADD_TESTS).all_passed  # the example under the guard would wait for stdin
     r = run_tests("for _ in range(40):\n    print('x' * 2**20)", "assert 1", limits=SandboxLimits(file_mb=8))
     assert r.status == "answer" and "OSError" in r.reason() and "File too large" in r.reason(), r.reason()
+
+
+def test_an_answer_cannot_replace_the_builtins_the_tests_use():
+    cheat = "import builtins\nbuiltins.sorted = lambda x: x\nbuiltins.len = lambda x: 3\n\ndef sort(x):\n    return x\n"
+    r = run_tests(cheat, ["assert sort([3, 1, 2]) == sorted([3, 1, 2])", "assert len([]) == 0"])
+    assert [t.passed for t in r.tests] == [False, True]

@@ -610,6 +610,16 @@ def _child_main() -> None:  # pragma: no cover - runs in the child (the sandbox 
         os._exit(0)  # skip whatever the answer registered with atexit
 
     namespace: dict[str, Any] = {"__name__": "solution", "__builtins__": builtins}
+    pristine = dict(vars(builtins))
+
+    def restore_builtins() -> None:
+        # an answer that replaces builtins (sorted = lambda x: x) must not change what the tests compare with
+        current = vars(builtins)
+        for name in [n for n in current if n not in pristine]:
+            del current[name]
+        current.update(pristine)
+        namespace["__builtins__"] = builtins
+
     for part in ("setup", "answer"):
         source = sources[f"<{part}>"]
         if not source.strip():
@@ -638,6 +648,7 @@ def _child_main() -> None:  # pragma: no cover - runs in the child (the sandbox 
     if entry and not callable(namespace.get(entry)):
         emit({"stage": "entry", "error": f"the answer defines no function {entry!r}"})
         finish()
+    restore_builtins()
     for name, target in payload["bind"].items():
         namespace[name] = namespace.get(target)
     if payload["prelude"].strip():
@@ -648,6 +659,7 @@ def _child_main() -> None:  # pragma: no cover - runs in the child (the sandbox 
             finish()
     for i, test in enumerate(payload["tests"]):
         emit({"start": i})
+        restore_builtins()
         try:
             exec(compile(test, f"<test {i + 1}>", "exec"), namespace)
         except MemoryError:
