@@ -407,7 +407,12 @@ def run_tests(
     elif rc is not None and rc < 0 and -rc == getattr(signal, "SIGXCPU", -1):
         result.status, result.message = "timeout", f"CPU time limit ({int(limits.timeout) + 2} s){where()}"
     elif not done:
-        how = f"signal {signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"exit code {rc}"
+        how = f"exit code {rc}"
+        if rc is not None and rc < 0:
+            try:
+                how = f"signal {signal.Signals(-rc).name}"
+            except ValueError:
+                how = f"signal {-rc}"
         result.status, result.message = "crashed", f"the child ended early ({how}){where()}"
     return result
 
