@@ -77,7 +77,11 @@ def open_teacher(
     if gguf is not None:
         cls = backends.get("gguf") or _builtin("GgufJudge")
         opts = cls.Options(
-            backend="gguf", model=str(gguf), concurrency=settings.concurrency, n_ctx=settings.n_ctx, threads=settings.threads
+            backend="gguf",
+            model=str(gguf),
+            concurrency=settings.concurrency,
+            n_ctx=settings.n_ctx,
+            threads=settings.threads,
         )
         return Teacher(cls(opts, base_dir=base_dir, log=log), label=str(gguf))
     if path.is_dir():

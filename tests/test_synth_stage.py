@@ -1,0 +1,347 @@
+"""The `synth` stage's mechanics through the real CLI: a deterministic teacher and judge (judge backends a tiny
+plugin registers, as a user's plugin would) and a test generator, with the real verifiers, journal, budgets,
+resume after SIGKILL, provenance and the report; then the real teacher, SmolLM2 through llama.cpp, in a
+synth -> curate -> sft pipeline (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import _env
+
+PLUGIN = '''
+"""Test parts for the synth stage: an arithmetic teacher, a closeness judge and an `arith` generator."""
+import re, time
+from llmforge import hookimpl
+from llmforge.judging import JudgeBackend, JudgeOptions
+from llmforge_plugins.synth.api import Candidate, Generator, GeneratorOptions, Unit, text_hash, unit_seed
+
+TEMPLATE = "add {a} {b}"
+
+
+class ArithTeacher(JudgeBackend):
+    """Answers "add A B": the sum, off by (seed % 3) - 1 when sampling (temperature > 0); "" for "add 0 0"."""
+    name = "arith"
+
+    class Options(JudgeOptions):
+        delay: float = 0.0
+
+    tokens = 0
+
+    def complete(self, requests):
+        out = []
+        for r in requests:
+            time.sleep(self.options.delay)
+            m = re.search(r"add (\\d+) (\\d+)", r.messages[-1]["content"])
+            a, b = int(m.group(1)), int(m.group(2))
+            off = (r.seed % 3) - 1 if r.temperature > 0 else 0
+            out.append("" if a == b == 0 else str(a + b + off))
+            self.tokens += 2
+        return out
+
+    def identity(self):
+        return "arith"
+
+
+class Closeness(JudgeBackend):
+    """Scores an answer to "add A B": 10 when right, 3 when off by one, 1 else."""
+    name = "closeness"
+
+    def complete(self, requests):
+        out = []
+        for r in requests:
+            asked = r.messages[-1]["content"]
+            q = re.search(r"add (\\d+) (\\d+)", asked)
+            a = re.search(r"\\[Answer\\]\\n(.*?)\\n\\nExplain", asked, re.S)
+            try:
+                diff = abs(int(a.group(1)) - int(q.group(1)) - int(q.group(2)))
+            except (AttributeError, ValueError):
+                out.append("no idea")
+                continue
+            out.append('{"reason": "r", "score": %d}' % (10 if diff == 0 else 3 if diff == 1 else 1))
+        return out
+
+    def identity(self):
+        return "closeness"
+
+
+class ArithOptions(GeneratorOptions):
+    pairs: list[list[int]] = []
+
+
+class Arith(Generator):
+    kind = "arith"
+    summary = "answers 'add A B' prompts"
+    Options = ArithOptions
+
+    def check(self, options, base_dir):
+        return [] if options.pairs else ["pairs: give at least one pair"]
+
+    def units(self, options, env):
+        return [Unit(f"p{i}", {"a": a, "b": b}) for i, (a, b) in enumerate(options.pairs)]
+
+    def generate(self, options, units, samples, env):
+        convs, seeds, where = [], [], []
+        for u in units:
+            for k in range(samples):
+                convs.append([{"role": "user", "content": TEMPLATE.format(**u.data)}])
+                seeds.append(unit_seed(env.seed, u.id, k))
+                where.append((u, k))
+        answers = env.teacher.chat(convs, max_tokens=8, temperature=options.temperature, seeds=seeds)
+        out = {u.id: [] for u in units}
+        for (u, k), conv, seed, ans in zip(where, convs, seeds, answers):
+            row = {"messages": conv + [{"role": "assistant", "content": ans}], "answer": str(u.data["a"] + u.data["b"])}
+            out[u.id].append(
+                Candidate(row, ans, prompt=conv[0]["content"], sample=k,
+                          provenance={"template": text_hash(TEMPLATE), "seed": seed})
+            )
+        return [out[u.id] for u in units]
+
+
+@hookimpl
+def register_judge_backends(register):
+    register(ArithTeacher)
+    register(Closeness)
+
+
+@hookimpl
+def register_generators(register):
+    register(Arith)
+'''
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The test plugin, "installed" as a distribution with an entry point (found by the real plugin loader)."""
+    base = tmp_path_factory.mktemp("synth-site")
+    (base / "synth_test_parts.py").write_text(PLUGIN, encoding="utf-8")
+    info = base / "synth_test_parts-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: synth-test-parts\nVersion: 0.1\n", encoding="utf-8")
+    (info / "entry_points.txt").write_text("[llmforge]\nsynth_test_parts = synth_test_parts\n", encoding="utf-8")
+    return base
+
+
+def forge(project, *, stage: str = "", pairs: int = 12, delay: float = 0.0, judges: str = "") -> None:
+    pair_list = ", ".join(f"[{i}, {i + 1}]" for i in range(1, pairs + 1))
+    project.write(
+        f"""
+        [judges.t]
+        backend = "arith"
+        delay = {delay}
+
+        [judges.close]
+        backend = "closeness"
+        {judges}
+
+        [[stages]]
+        name = "synth"
+        uses = "synth"
+        teacher = "t"
+        generator = {{ kind = "arith", pairs = [{pair_list}], temperature = 0.0 }}
+        batch = 2
+        """
+        + textwrap.dedent(stage)
+    )
+
+
+def run(project, site, *args, timeout=120):
+    return project.run(*args, plugins=[site], env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
+
+
+def latest(project) -> Path:
+    runs = [p for p in project.runs.iterdir() if (p / "manifest.json").exists()]
+    return max(runs, key=lambda p: json.loads((p / "manifest.json").read_text())["created"])
+
+
+def outputs(project) -> tuple[list[dict], dict]:
+    arts = latest(project) / "stages" / "synth" / "artifacts"
+    rows = [json.loads(x) for x in (arts / "dataset" / "data.jsonl").read_text().splitlines()]
+    return rows, json.loads((arts / "report" / "report.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_config_names_the_key_and_exits_2(project, site):
+    def check(stage: str, *expected: str) -> None:
+        project.write(
+            """
+            [judges.t]
+            backend = "arith"
+
+            [[stages]]
+            name = "synth"
+            uses = "synth"
+            """
+            + textwrap.dedent(stage)
+        )
+        res = run(project, site, "validate")
+        out = res.stdout + res.stderr
+        assert res.returncode == 2, out
+        for e in expected:
+            assert e in out, out
+        assert "Traceback" not in out
+
+    check(
+        'teacher = "t"\ngenerator = { kind = "arth", pairs = [[1, 2]] }\n',
+        "stages[0].generator.kind: unknown generator 'arth'; did you mean 'arith'?",
+        "installed: arith",
+    )
+    check('teacher = "t"\ngenerator = { kind = "arith", pairs = [[1, 2]], temprature = 1 }\n', "generator.temprature")
+    check(
+        'teacher = "t"\ngenerator = { kind = "arith", pairs = [[1, 2]] }\nverify = { verifier = "numerc" }\n',
+        "stages[0].verify.verifier: unknown verifier 'numerc'; did you mean 'numeric'?",
+    )
+    check(
+        'teacher = "t"\ngenerator = { kind = "arith", pairs = [[1, 2]] }\n'
+        'verify = { verifier = "numeric", tolerance = -1 }\n',
+        "stages[0].verify.tolerance",
+    )
+    check('generator = { kind = "arith", pairs = [[1, 2]] }\n', "name the model that writes")
+
+    # found when the run starts, before any model is loaded: the generator's own check, an undeclared judge
+    project.write(
+        """
+        [judges.t]
+        backend = "arith"
+
+        [[stages]]
+        name = "synth"
+        uses = "synth"
+        teacher = "t"
+        generator = { kind = "arith" }
+        judge = { judge = "nope" }
+        """
+    )
+    res = run(project, site, "run")
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "generator.pairs: give at least one pair" in out and "judge.judge: no [judges.nope]" in out, out
+
+
+def test_rows_provenance_report_verify_judge_best_of_and_budget(project, site):
+    # pairs 1..12, 3 samples each at temperature 1: answers off by -1, 0 or +1 per seed. The numeric verifier
+    # rejects the wrong ones, the judge scores the right ones 10, keep = "best" keeps one per unit; the budget
+    # stops at 5 rows.
+    forge(
+        project,
+        stage="""
+        samples = 3
+        verify = { verifier = "numeric" }
+        judge = { judge = "close", min = 6 }
+        budget = { rows = 5 }
+        """,
+    )
+    text = project.config.read_text().replace("temperature = 0.0", "temperature = 1.0")
+    project.config.write_text(text)
+    res = run(project, site, "run")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows, report = outputs(project)
+    assert len(rows) == 5
+    for r in rows:
+        assert r["messages"][-1]["content"] == r["answer"]  # only verified answers kept
+        p = r["provenance"]
+        assert p["generator"] == "arith" and p["teacher"] == "t" and p["teacher_id"] == "arith"
+        assert p["scores"]["verify"] == 1.0 and p["scores"]["judge"] == 10.0
+        assert len(p["template"]) == 12 and isinstance(p["seed"], int)
+    units = [int(r["provenance"]["unit"][1:]) for r in rows]
+    assert units == sorted(set(units))  # one row per unit (the best), in unit order
+    done = report["units"]["done"]
+    assert report["rows"] == 5 and report["budget"]["stopped_by"] == "rows" and report["budget"]["rows"] == 5
+    assert report["units"]["total"] == 12 and done == units[-1] + 1  # stopped right after the 5th row's unit
+    assert report["candidates"] == 3 * done
+    # each unit's 3 samples: the wrong ones fail the verifier, the right ones but the best are best_of
+    assert set(report["rejected"]) <= {"verify", "best_of"} and sum(report["rejected"].values()) == 3 * done - 5
+    assert report["rejected"]["verify"] > 0
+    assert report["usage"]["requests"] > 3 * done  # the teacher's and the judge's
+    assert "verify" in report["scores"] and report["examples"]["kept"]
+    md = (latest(project) / "stages" / "synth" / "artifacts" / "report" / "report.md").read_text()
+    assert "Rejected by reason" in md and "verify" in md
+    # the dataset is what sft's `data = { path = "@synth" }` reads: a messages dataset, extras kept
+    from llmforge.data import DataOptions, load_data
+    from llmforge.plugins import load_registry
+
+    reg = load_registry()
+    ds = load_data(
+        DataOptions(path=str(latest(project) / "stages" / "synth" / "artifacts" / "dataset")),
+        reg.readers,
+        reg.row_formats,
+        expect=("chat",),
+    )
+    assert ds.format == "messages" and len(ds.rows) == 5
+
+
+def test_judge_filter_and_no_verdict(project, site):
+    # greedy answers are right (score 10); "add 0 0" gets an empty answer -> "empty"; keep = "all" with the
+    # judge's min above 10 rejects every answer as "judge: score 10 < 11"
+    forge(project, stage='judge = { judge = "close", min = 11 }\nkeep = "all"\n', pairs=3)
+    text = project.config.read_text().replace("pairs = [[1, 2]", "pairs = [[0, 0], [1, 2]")
+    project.config.write_text(text)
+    res = run(project, site, "run")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows, report = outputs(project)
+    assert rows == [] and report["rejected"] == {"empty": 1, "judge": 3}
+    reasons = {x["reason"] for x in report["examples"]["rejected"]}
+    assert "judge: score 10 < 11" in reasons and any(r.startswith("empty:") for r in reasons)
+
+
+def _start(project, site, *args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmforge", "run", *args],
+        cwd=project.root,
+        env=_env([site], {"OMP_NUM_THREADS": "1"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def test_killed_synth_resumes_without_duplicate_or_gap(project, site, tmp_path):
+    # The uninterrupted run, in a sibling project: the rows the resumed one must equal.
+    from conftest import Project
+
+    ref = Project(tmp_path / "ref")
+    ref.root.mkdir()
+    for p in (ref, project):
+        forge(p, stage="samples = 2\n", pairs=16, delay=0.05)
+        p.config.write_text(p.config.read_text().replace("temperature = 0.0", "temperature = 1.0"))
+    assert run(ref, site, "run").returncode == 0
+    expected, _ = outputs(ref)
+    assert len(expected) == 16
+
+    proc = _start(project, site)
+    try:
+        deadline = time.monotonic() + 60
+
+        def journal_lines() -> int:
+            runs = [p for p in project.runs.glob("*/stages/synth/work/journal.jsonl")] if project.runs.exists() else []
+            return len(runs[0].read_text().splitlines()) if runs else 0
+
+        while journal_lines() < 4:
+            assert time.monotonic() < deadline and proc.poll() is None, "the run ended before it was killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    journal = next(project.runs.glob("*/stages/synth/work/journal.jsonl"))
+    made = len(journal.read_text().splitlines())
+    assert 4 <= made < 16
+    res = run(project, site, "run", "--resume")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resuming:" in res.stdout
+    rows, report = outputs(project)
+    assert rows == expected  # same rows, same order: no duplicate, no gap
+    assert report["units"]["done"] == 16
+    units = [json.loads(x)["unit"] for x in journal.read_text().splitlines() if x.strip()]
+    assert sorted(units, key=lambda u: int(u[1:])) == [f"p{i}" for i in range(16)]
