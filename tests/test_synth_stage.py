@@ -345,3 +345,30 @@ def test_killed_synth_resumes_without_duplicate_or_gap(project, site, tmp_path):
     assert report["units"]["done"] == 16
     units = [json.loads(x)["unit"] for x in journal.read_text().splitlines() if x.strip()]
     assert sorted(units, key=lambda u: int(u[1:])) == [f"p{i}" for i in range(16)]
+
+
+def test_synth_command_runs_a_generator_and_goes_on_where_it_stopped(project, site, tmp_path):
+    forge(project, pairs=6)
+    pairs = "pairs=[" + ", ".join(f"[{i}, {i + 1}]" for i in range(1, 7)) + "]"
+    args = ("synth", "arith", "--teacher", "t", "--out", "out/rows.jsonl", "--set", pairs, "--set", "temperature=1")
+    res = run(project, site, *args, "--samples", "2", "--max-rows", "2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [json.loads(x) for x in (project.root / "out" / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and "stopped by the budget's rows" in res.stderr
+    # the same command without the budget goes on from the journal next to --out
+    res = run(project, site, *args, "--samples", "2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resuming: 2 units" in res.stderr
+    rows = [json.loads(x) for x in (project.root / "out" / "rows.jsonl").read_text().splitlines()]
+    fresh = run(project, site, *args[:4], "--out", "fresh.jsonl", *args[6:], "--samples", "2")
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert rows == [json.loads(x) for x in (project.root / "fresh.jsonl").read_text().splitlines()]
+    assert [r["provenance"]["unit"] for r in rows] == [f"p{i}" for i in range(6)]
+    report = json.loads((project.root / "out" / "rows.jsonl.synth" / "report.json").read_text())
+    assert report["rows"] == 6 and report["candidates"] == 12 and report["rejected"] == {"best_of": 6}
+
+    bad = run(project, site, "synth", "arith", "--teacher", "t", "--out", "x.jsonl", "--set", "temprature=1")
+    assert bad.returncode == 2 and "--set temprature" in bad.stderr, bad.stderr
+    bad = run(project, site, "synth", "arth", "--teacher", "t", "--out", "x.jsonl", "--set", pairs)
+    assert bad.returncode == 2 and "KIND: unknown generator 'arth'" in bad.stderr, bad.stderr
+    assert not (project.root / "x.jsonl").exists()
