@@ -24,7 +24,7 @@ from llmforge.errors import ConfigError, Problem, UsageError
 def parse_sets(values: list[str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """``--set`` values split into the generator's, the verifier's (``verify.``) and the judge's (``judge.``)
     tables; a value is read as TOML where it parses (numbers, booleans, lists), else kept as text."""
-    import tomllib
+    from llmforge.config import parse_value
 
     tables: dict[str, dict[str, Any]] = {"": {}, "verify": {}, "judge": {}}
     problems = []
@@ -36,11 +36,7 @@ def parse_sets(values: list[str]) -> tuple[dict[str, Any], dict[str, Any], dict[
             continue
         prefix, dot, rest = key.partition(".")
         table, name = (prefix, rest) if dot and prefix in ("verify", "judge") else ("", key)
-        try:
-            parsed: Any = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed = raw
-        tables[table][name] = parsed
+        tables[table][name] = parse_value(raw)  # what `llmforge run --set` reads: TOML, else the bare text
     if problems:
         raise ConfigError(problems)
     return tables[""], tables["verify"], tables["judge"]
