@@ -372,3 +372,21 @@ def test_synth_command_runs_a_generator_and_goes_on_where_it_stopped(project, si
     bad = run(project, site, "synth", "arth", "--teacher", "t", "--out", "x.jsonl", "--set", pairs)
     assert bad.returncode == 2 and "KIND: unknown generator 'arth'" in bad.stderr, bad.stderr
     assert not (project.root / "x.jsonl").exists()
+
+
+def test_a_stop_request_stops_between_batches_and_resume_finishes(project, site, plugin_site):
+    forge(project, pairs=8)
+    rule = [{"type": "progress", "stage": "synth", "done": 2, "action": "stop"}]
+    env = {"LLMFORGE_TEST_INTERRUPT": json.dumps(rule), "OMP_NUM_THREADS": "1"}
+    sites = [site, plugin_site("interrupt-plugin")]
+    res = project.run("run", plugins=sites, env=env, timeout=120)
+    st = json.loads(project.run("status", "--json", plugins=sites).stdout)
+    assert st["stages"]["synth"]["status"] == "stopped", res.stdout + res.stderr
+    journal = latest(project) / "stages" / "synth" / "work" / "journal.jsonl"
+    assert len(journal.read_text().splitlines()) == 2  # the batch in flight finished, the next never began
+    assert not (latest(project) / "stages" / "synth" / "artifacts" / "dataset").exists()
+    res = project.run("run", "--resume", plugins=sites, env={"OMP_NUM_THREADS": "1"}, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows, report = outputs(project)
+    assert [r["messages"][-1]["content"] for r in rows] == [str(2 * i + 1) for i in range(1, 9)]
+    assert report["units"] == {"total": 8, "done": 8} and report["budget"]["stopped_by"] is None
