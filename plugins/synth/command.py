@@ -82,7 +82,7 @@ def synth_command(
     """Make synthetic rows with one generator and a teacher model. Exit code: 0 done, 1 failed, 2 bad input."""
     from llmforge.cli.common import registry
     from llmforge.schema import validate_model
-    from llmforge_plugins.eval.command import _judges, _log
+    from llmforge_plugins.eval.command import _judges
     from llmforge_plugins.synth.report import write_report
     from llmforge_plugins.synth.stage import SynthOptions, SynthRunner, synthesize, write_dataset
 
@@ -180,6 +180,20 @@ def _flag(problem: Problem) -> Problem:
     if where.startswith(("verify.", "judge.")):
         return Problem(f"--set {where}", problem.message)
     return problem
+
+
+def _log():
+    """A `log(message, level)` printing like `llmforge run` does, on stderr."""
+    from llmforge.cli.common import console
+    from llmforge.cli.render import EventPrinter
+
+    printer = EventPrinter(live=False)
+    printer.out = console(stderr=True)
+
+    def log(message, level="info"):
+        printer({"type": "log", "stage": "synth", "level": level, "message": str(message)})
+
+    return log
 
 
 def register(cli) -> None:
