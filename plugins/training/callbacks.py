@@ -106,8 +106,11 @@ class ForgeCallback(TrainerCallback):
         for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "epoch"):
             if key in logs and logs[key] is not None:
                 values[key] = float(logs[key])
-        for key, v in logs.items():  # DPO reports rewards/margins/accuracies
-            if key.startswith(("rewards/", "logps/", "eval_rewards/")) and isinstance(v, (int, float)):
+        for key, v in logs.items():  # DPO reports rewards/margins/accuracies, the reward trainer accuracy/margin
+            if (
+                key.startswith(("rewards/", "logps/", "eval_rewards/"))
+                or key in ("accuracy", "margin", "eval_accuracy", "eval_margin")
+            ) and isinstance(v, (int, float)):
                 values[key] = float(v)
         dt = now - self.last_t
         steps = state.global_step - self.last_step

@@ -15,10 +15,13 @@ from typing import Any
 from llmforge.planning import Estimate, PlanEnv, Shape, ShapeUnknown, Training, estimate_training
 
 
-def training_setup(options: Any, env: PlanEnv, shape: Shape, pairs: bool = False) -> Training:
+def training_setup(
+    options: Any, env: PlanEnv, shape: Shape, pairs: bool = False, reference: bool | None = None
+) -> Training:
     """How the stage trains, from its options: batch, sequence, precision as the training loop will choose
     it on this machine, LoRA/QLoRA, optimizer, checkpoints kept. `pairs` (DPO): chosen and rejected go
-    through the model together, and without LoRA a frozen copy of the model is the reference."""
+    through the model together, and without LoRA a frozen copy of the model is the reference; `reference`
+    False: pairs without a reference model (a reward model's)."""
     lora = getattr(options, "lora", None)  # pretrain has no LoRA table
     if lora is not None and not lora.enabled:
         lora = None  # a LoRA table switched off trains all weights, like no table
@@ -38,16 +41,18 @@ def training_setup(options: Any, env: PlanEnv, shape: Shape, pairs: bool = False
         lora_targets=lora.target_modules if lora is not None else "all-linear",
         qlora=lora is not None and bool(getattr(lora, "qlora", False)),
         pairs=pairs,
-        reference_copy=pairs and not on,
+        reference_copy=pairs and not on and reference is not False,
         keep_last=getattr(options, "keep_last", 2),
         merge=on and bool(getattr(options, "merge", False)),
     )
 
 
-def training_estimate(options: Any, env: PlanEnv, shape: Shape, pairs: bool = False) -> Estimate:
+def training_estimate(
+    options: Any, env: PlanEnv, shape: Shape, pairs: bool = False, reference: bool | None = None
+) -> Estimate:
     """Peak memory of one training process, host RAM and disk, for training `shape` with these options
     under the run's backend on this machine's device."""
-    t = training_setup(options, env, shape, pairs)
+    t = training_setup(options, env, shape, pairs, reference)
     est = estimate_training(shape, t, env.backend, env.device)
     if t.qlora and env.device != "cuda":
         est.notes.append("QLoRA needs a CUDA GPU (bitsandbytes); this estimate assumes one")

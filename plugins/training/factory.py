@@ -1,17 +1,18 @@
 """The one way a training stage gets its trainer: `build_trainer(kind, ...)`.
 
-pretrain, continued_pretrain and sft train with TRL's SFTTrainer, dpo with its DPOTrainer; a new
-training stage (an RL stage with GRPOTrainer) adds one more TrainerKind. Everything else is the same
-for every kind and lives here once: the TrainingArguments every stage shares (`common_args`, with the
-precision choice), the checkpoint folder cleared for a fresh start, LoRA through PEFT, the Lion
-optimizer, llmforge's callbacks (events, stop and checkpoint requests, profiling), and a trainer
-subclass that counts trained tokens and samples for the throughput metrics.
+pretrain, continued_pretrain and sft train with TRL's SFTTrainer, dpo with its DPOTrainer, reward_model
+with its RewardTrainer; a new training stage (an RL stage with GRPOTrainer) adds one more TrainerKind.
+Everything else is the same for every kind and lives here once: the TrainingArguments every stage shares
+(`common_args`, with the precision choice), the checkpoint folder cleared for a fresh start, LoRA through
+PEFT, the Lion optimizer, llmforge's callbacks (events, stop and checkpoint requests, profiling), and a
+trainer subclass that counts trained tokens and samples for the throughput metrics.
 
 What differs between kinds is a small declarative TrainerKind: the TRL config and trainer classes,
 the config fields that belong to the kind (SFT's packing, DPO's beta), the constructor arguments that
 belong to it (DPO's reference model), and whether the model's KV cache must be off. The rows handed
 to build_trainer are in the kind's own format: SFT gets rows tokenized by llmforge ({input_ids, labels},
-loss masks computed from the chat template), DPO gets preference rows that TRL tokenizes.
+loss masks computed from the chat template), DPO gets preference rows that TRL tokenizes, the reward
+trainer pairs tokenized by its stage ({chosen_ids, rejected_ids}).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class TrainerKind:
     config_args: Callable[[Any], dict[str, Any]]
     trainer_args: Callable[[Any, Any], dict[str, Any]] = _no_trainer_args
     disable_kv_cache: bool = False
+    #: PEFT's task type for LoRA: a reward model is a sequence classifier (PEFT then trains its score
+    #: head in full beside the adapter, and the head is saved with it).
+    peft_task_type: str = "CAUSAL_LM"
 
     def classes(self) -> tuple[type, type]:
         """The config and trainer classes, imported now."""
@@ -99,6 +103,20 @@ def _dpo_trainer_args(opts: Any, ctx: Any) -> dict[str, Any]:
 SFT = TrainerKind("sft", "trl:SFTConfig", "trl:SFTTrainer", _sft_config, disable_kv_cache=True)
 #: DPOTrainer on preference rows (prompt, chosen, rejected): dpo.
 DPO = TrainerKind("dpo", "trl:DPOConfig", "trl:DPOTrainer", _dpo_config, _dpo_trainer_args)
+
+
+def _reward_config(opts: Any) -> dict[str, Any]:
+    # The rows come tokenized by the stage (chosen_ids, rejected_ids), already cut to max_length, the way
+    # RewardScorer formats them later: TRL pads, batches and trains.
+    return dict(
+        max_length=opts.max_length,
+        dataset_num_proc=None,
+        center_rewards_coefficient=opts.center_rewards or None,
+    )
+
+
+#: RewardTrainer on tokenized preference pairs (a sequence classifier with one output): reward_model.
+REWARD = TrainerKind("reward", "trl:RewardConfig", "trl:RewardTrainer", _reward_config, peft_task_type="SEQ_CLS")
 
 
 @dataclass
@@ -200,7 +218,9 @@ def build_trainer(
         processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        peft_config=lora_config(lora, model, ctx.log) if lora is not None and lora.enabled else None,
+        peft_config=lora_config(lora, model, ctx.log, kind.peft_task_type)
+        if lora is not None and lora.enabled
+        else None,
         callbacks=callbacks,
         **kind.trainer_args(opts, ctx),
     )
@@ -225,12 +245,14 @@ def clear_checkpoints(ctx: StageContext, output_dir: Path) -> None:
     dist.barrier()
 
 
-def lora_config(lora: LoraOptions, model: Any = None, log: Any = None) -> Any:
+def lora_config(lora: LoraOptions, model: Any = None, log: Any = None, task_type: str = "CAUSAL_LM") -> Any:
     """PEFT's LoraConfig for the stage's `lora` options, fitted to `model`'s family (fused MoE experts:
     see llmforge_plugins.training.targets)."""
     from llmforge_plugins.training.targets import lora_config as fitted
 
-    return fitted(lora, model, log)
+    config = fitted(lora, model, log)
+    config.task_type = task_type
+    return config
 
 
 def optimizer_spec(opts: TrainOptions) -> tuple[type, dict[str, Any]] | None:
