@@ -394,6 +394,47 @@ def test_a_stop_request_stops_between_batches_and_resume_finishes(project, site,
     assert report["units"] == {"total": 8, "done": 8} and report["budget"]["stopped_by"] is None
 
 
+@pytest.mark.slow
+def test_reward_model_scores_filter_and_rank(project, site, llmforge_tiny_model_dir, tmp_path):
+    # A (random) sequence-classification head on the tiny Llama is a reward model as RewardScorer reads one: the
+    # scores it gives in this process must be those in the rows; reward_min rejects below it; keep = "best" keeps
+    # each unit's higher-scored sample.
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llmforge_plugins.synth.reward_model import RewardScorer
+
+    torch.manual_seed(0)
+    rm = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(llmforge_tiny_model_dir, num_labels=1).save_pretrained(rm)
+    AutoTokenizer.from_pretrained(llmforge_tiny_model_dir).save_pretrained(rm)
+    forge(project, stage=f'samples = 2\nkeep = "all"\nreward_model = "{rm}"\n', pairs=6)
+    project.config.write_text(project.config.read_text().replace("temperature = 0.0", "temperature = 1.0"))
+    assert run(project, site, "run", timeout=300).returncode == 0
+    all_rows, _ = outputs(project)
+    assert len(all_rows) == 12
+    with RewardScorer(rm) as scorer:
+        expected = scorer.score(
+            [r["messages"][:-1] for r in all_rows], [r["messages"][-1]["content"] for r in all_rows]
+        )
+    got = [r["provenance"]["scores"]["reward"] for r in all_rows]
+    assert got == pytest.approx(expected, abs=1e-4)
+
+    cut = sorted(got)[6]
+    forge(project, stage=f'samples = 2\nreward_model = "{rm}"\nreward_min = {cut}\n', pairs=6)
+    project.config.write_text(project.config.read_text().replace("temperature = 0.0", "temperature = 1.0"))
+    assert run(project, site, "run", timeout=300).returncode == 0
+    rows, report = outputs(project)
+    by_unit: dict[str, list[float]] = {}
+    for r, v in zip(all_rows, got, strict=True):
+        by_unit.setdefault(r["provenance"]["unit"], []).append(v)
+    for r in rows:
+        v = r["provenance"]["scores"]["reward"]
+        assert v >= cut and v == pytest.approx(max(by_unit[r["provenance"]["unit"]]), abs=1e-4)
+    assert report["rejected"]["reward"] == sum(v < cut for v in got)
+    assert report["rows"] == sum(max(vs) >= cut for vs in by_unit.values())
+
+
 # ------------------------------------------------------------------------------------------------
 # the real teacher: SmolLM2-135M-Instruct through llama.cpp (slow)
 

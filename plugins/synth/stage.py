@@ -249,10 +249,9 @@ def synthesize(options: SynthOptions, runner: SynthRunner, *, model_path: str | 
 
             judge = Judge.open(runner.judges[options.judge.judge], cache_dir=runner.work_dir / "judge", log=runner.log)
         if options.reward_model is not None:
-            from llmforge_plugins.synth import reward_model
+            from llmforge_plugins.synth.reward_model import RewardScorer
 
-            # the RM helper's scorer; looked up by name so that this module type-checks before it lands
-            reward = reward_model.RewardScorer(options.reward_model)  # type: ignore[attr-defined,unused-ignore]
+            reward = RewardScorer(options.reward_model)
         preference = gen.output == "preference"
         scorers = Scorers(
             verifier=verifier,
