@@ -107,6 +107,26 @@ class Arith(Generator):
         return [out[u.id] for u in units]
 
 
+class ArithPairs(Arith):
+    """Preference rows: a verified answer chosen over a failed one; a unit without both gives none."""
+    kind = "arith_pairs"
+    output = "preference"
+
+    def rows(self, options, unit, candidates, env):
+        good = [c for c in candidates if c.passed]
+        bad = [c for c in candidates if c.passed is False]
+        if not good or not bad:
+            for c in candidates:
+                c.rejected = "tie: no right and wrong answer to pair"
+            return []
+        for c in candidates:
+            if c is not good[0] and c is not bad[0]:
+                c.rejected = "best_of: not needed for the pair"
+        prompt = good[0].row["messages"][:-1]
+        return [{"prompt": prompt, "chosen": [good[0].row["messages"][-1]], "rejected": [bad[0].row["messages"][-1]],
+                 "provenance": {"rejected_scores": bad[0].scores}}]
+
+
 @hookimpl
 def register_judge_backends(register):
     register(ArithTeacher)
@@ -116,6 +136,7 @@ def register_judge_backends(register):
 @hookimpl
 def register_generators(register):
     register(Arith)
+    register(ArithPairs)
 '''
 
 
@@ -392,6 +413,30 @@ def test_a_stop_request_stops_between_batches_and_resume_finishes(project, site,
     rows, report = outputs(project)
     assert [r["messages"][-1]["content"] for r in rows] == [str(2 * i + 1) for i in range(1, 9)]
     assert report["units"] == {"total": 8, "done": 8} and report["budget"]["stopped_by"] is None
+
+
+def test_preference_generators_see_every_candidate_scored_and_nothing_filtered(project, site):
+    # the verifier scores but rejects nothing: the failed answer is the pair's rejected side
+    forge(project, stage='samples = 3\nverify = { verifier = "numeric" }\n', pairs=6)
+    text = project.config.read_text().replace('kind = "arith"', 'kind = "arith_pairs"')
+    project.config.write_text(text.replace("temperature = 0.0", "temperature = 1.0"))
+    res = run(project, site, "run")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows, report = outputs(project)
+    assert rows and report["candidates"] == 18 and "verify" not in report["rejected"]
+    for r in rows:
+        right = str(sum(int(x) for x in r["prompt"][0]["content"].split()[1:]))
+        assert r["chosen"][0]["content"] == right and r["rejected"][0]["content"] != right
+        p = r["provenance"]
+        assert p["scores"] == {"verify": 1.0} and p["rejected_scores"] == {"verify": 0.0}
+    assert report["rows"] + report["rejected"].get("tie", 0) // 3 == 6
+    from llmforge.data import DataOptions, load_data
+    from llmforge.plugins import load_registry
+
+    reg = load_registry()
+    folder = latest(project) / "stages" / "synth" / "artifacts" / "dataset"
+    ds = load_data(DataOptions(path=str(folder)), reg.readers, reg.row_formats, expect=("preference",))
+    assert ds.format == "preference" and len(ds.rows) == len(rows)  # what dpo's data = "@synth" reads
 
 
 @pytest.mark.slow
