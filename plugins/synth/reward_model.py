@@ -47,6 +47,9 @@ class RewardModelOptions(TrainOptions):
         description="LoRA settings (the score head is trained in full beside the adapter; the result is merged).",
     )
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    max_length: int = Field(
+        512, gt=8, description="Longest conversation in tokens; a longer one keeps its last max_length (the answer)."
+    )
     center_rewards: float = Field(
         0.0, ge=0, description="Weight of a penalty on the mean score, keeping scores centred on 0 (0 = off)."
     )
