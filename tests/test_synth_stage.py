@@ -318,6 +318,15 @@ def test_judge_filter_and_no_verdict(project, site):
     assert "judge: score 10 < 11" in reasons and any(r.startswith("empty:") for r in reasons)
 
 
+def test_the_judges_own_request_budget_stops_the_stage_cleanly(project, site):
+    forge(project, stage='judge = { judge = "close", min = 6 }\n', pairs=8, judges="max_requests = 4")
+    res = run(project, site, "run")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows, report = outputs(project)
+    assert report["budget"]["stopped_by"] == "requests" and len(rows) == report["units"]["done"] == 4
+    assert [r["provenance"]["unit"] for r in rows] == ["p0", "p1", "p2", "p3"]
+
+
 def _start(project, site, *args):
     return subprocess.Popen(
         [sys.executable, "-m", "llmforge", "run", *args],

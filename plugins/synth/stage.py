@@ -372,14 +372,26 @@ class _Loop:
             batch = list(itertools.islice(units, n))
             if not batch:
                 return None
-            self._batch(batch)
+            from llmforge_plugins.judges.judge import JudgeBudgetSpent
 
-    def _batch(self, batch: list[Unit]) -> None:
+            try:
+                if not self._batch(batch):
+                    return "stop"
+            except JudgeBudgetSpent as exc:
+                # the judge's own max_requests: a budget like the stage's (what was judged is cached)
+                self.runner.log(f"budget: {exc.message}; stopping after {len(self.records)} units", "warning")
+                return "requests"
+
+    def _batch(self, batch: list[Unit]) -> bool:
+        """Generate, score and journal one batch. False: a stop request cut the generation short (nothing of
+        the batch is kept; the resumed run makes it)."""
         from llmforge_plugins.synth.scoring import keep_best, score_batch
 
         t0 = time.monotonic()
         req0, tok0 = self._requests(), self.env.teacher.tokens
         per_unit = self.gen.generate(self.gopts, batch, self.options.samples, self.env)
+        if len(per_unit) != len(batch) and self.runner.should_stop():
+            return False  # the generator saw the stop request and returned early
         if len(per_unit) != len(batch):
             raise RuntimeError(
                 f"generator '{self.gen.kind}' returned candidates for {len(per_unit)} units of a batch of {len(batch)}"
@@ -417,6 +429,7 @@ class _Loop:
             if self._exceeded() is not None:
                 break  # the budget is spent: the batch's other units are not kept (a resumed run makes them)
         self._report_progress(seconds, tokens)
+        return True
 
     def _with_provenance(self, row: dict[str, Any], unit: Unit, cands: list[Candidate]) -> dict[str, Any]:
         c = next((c for c in cands if c.row is row), None)
