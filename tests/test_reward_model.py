@@ -247,3 +247,18 @@ def test_smollm2_without_a_pad_trains_and_scores(tmp_path):
         alone = [scorer.score([p], [a])[0] for p, a in zip(prompts, answers, strict=True)]
         assert scorer.pad_id != scorer.tokenizer.eos_token_id
     assert together == pytest.approx(alone, abs=1e-3)
+
+
+@pytest.mark.slow  # ~16 s: two `llmforge run` processes (torch's import each time) and a short training
+def test_llmforge_run_writes_the_artifact_and_exits_2_on_chat_data(tmp_path, cli, llmforge_tiny_model_dir):
+    project = make_project(tmp_path / "ok", llmforge_tiny_model_dir, extra="max_steps = 2")
+    res = cli("run", "-c", str(project.config), cwd=project.root, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    (folder,) = (project.root / "runs").glob("*/stages/rm/artifacts/reward_model")
+    assert (folder / "reward.json").exists() and (folder / "config.json").exists()
+
+    bad = make_project(tmp_path / "bad", llmforge_tiny_model_dir)
+    bad.write_rows("data/prefs.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 4)
+    res = cli("run", "-c", str(bad.config), cwd=bad.root, timeout=600)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "prefs.jsonl:1" in res.stdout + res.stderr and "Traceback" not in res.stderr, res.stderr
