@@ -84,10 +84,14 @@ class Arith(Generator):
     Options = ArithOptions
 
     def check(self, options, base_dir):
-        return [] if options.pairs else ["pairs: give at least one pair"]
+        return [] if options.pairs or options.data else ["pairs: give at least one pair"]
 
     def units(self, options, env):
-        return [Unit(f"p{i}", {"a": a, "b": b}) for i, (a, b) in enumerate(options.pairs)]
+        pairs = options.pairs
+        if options.data:
+            lines = (env.base_dir / options.data).read_text().split()
+            pairs = [[int(x) for x in line.split(",")] for line in lines]
+        return [Unit(f"p{i}", {"a": a, "b": b}) for i, (a, b) in enumerate(pairs)]
 
     def generate(self, options, units, samples, env):
         convs, seeds, where = [], [], []
@@ -214,18 +218,15 @@ def test_bad_config_names_the_key_and_exits_2(project, site):
         assert "Traceback" not in out
 
     check(
-        'teacher = "t"\ngenerator = { kind = "arth", pairs = [[1, 2]] }\n',
+        'teacher = "t"\ngenerator = { kind = "arth", pairs = [[1, 2]] }\nverify = { verifier = "numerc" }\n',
         "stages[0].generator.kind: unknown generator 'arth'; did you mean 'arith'?",
         "installed: arith",
-    )
-    check('teacher = "t"\ngenerator = { kind = "arith", pairs = [[1, 2]], temprature = 1 }\n', "generator.temprature")
-    check(
-        'teacher = "t"\ngenerator = { kind = "arith", pairs = [[1, 2]] }\nverify = { verifier = "numerc" }\n',
         "stages[0].verify.verifier: unknown verifier 'numerc'; did you mean 'numeric'?",
     )
     check(
-        'teacher = "t"\ngenerator = { kind = "arith", pairs = [[1, 2]] }\n'
+        'teacher = "t"\ngenerator = { kind = "arith", pairs = [[1, 2]], temprature = 1 }\n'
         'verify = { verifier = "numeric", tolerance = -1 }\n',
+        "stages[0].generator.temprature",
         "stages[0].verify.tolerance",
     )
     check('generator = { kind = "arith", pairs = [[1, 2]] }\n', "name the model that writes")
@@ -325,6 +326,22 @@ def test_the_judges_own_request_budget_stops_the_stage_cleanly(project, site):
     rows, report = outputs(project)
     assert report["budget"]["stopped_by"] == "requests" and len(rows) == report["units"]["done"] == 4
     assert [r["provenance"]["unit"] for r in rows] == ["p0", "p1", "p2", "p3"]
+
+
+def test_an_edited_generator_data_file_makes_the_data_again(project, site):
+    forge(project, pairs=1)
+    project.config.write_text(project.config.read_text().replace("pairs = [[1, 2]]", 'data = "pairs.txt"'))
+    (project.root / "pairs.txt").write_text("1,2\n3,4\n")
+
+    def status() -> str:
+        return json.loads(run(project, site, "status", "--json").stdout)["stages"]["synth"]["status"]
+
+    assert run(project, site, "run").returncode == 0 and status() == "done"
+    assert run(project, site, "run").returncode == 0 and status() == "cached"
+    (project.root / "pairs.txt").write_text("1,2\n3,5\n")
+    assert run(project, site, "run").returncode == 0 and status() == "done"
+    rows, _ = outputs(project)
+    assert [r["messages"][-1]["content"] for r in rows] == ["3", "8"]
 
 
 def _start(project, site, *args):

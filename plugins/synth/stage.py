@@ -528,17 +528,27 @@ class SynthStage(Stage[SynthOptions]):
         return sorted(names)
 
     def cache_key_extra(self, options: SynthOptions, project_dir: Path) -> dict[str, Any]:
-        # The generator's input files are named inside its table, not by Input fields: their content enters
-        # the key, so an edited prompts file makes the data again.
+        # The files a generator or a verifier reads are named inside their tables, not by Input fields (prompts,
+        # seed tasks, documents, a schema file): the content of every value there that names an existing file
+        # or folder enters the key, so an edited prompts file makes the data again.
         from llmforge.pipeline import fingerprint
 
         found: dict[str, str] = {}
-        for key, value in sorted(options.generator.items()):
-            if key in ("data", "documents", "seeds", "files") and isinstance(value, str) and not value.startswith("@"):
-                p = Path(value).expanduser()
-                p = p if p.is_absolute() else project_dir / p
-                found[key] = fingerprint(p) if p.exists() else "missing"
-        return {"generator_data": found}
+        for table_name, table in (("generator", options.generator), ("verify", options.verify or {})):
+            for key, value in sorted(table.items()):
+                values = value if isinstance(value, list) else [value]
+                for i, v in enumerate(values):
+                    if not isinstance(v, str) or not v or v.startswith("@") or "\n" in v or len(v) > 1024:
+                        continue
+                    p = Path(v).expanduser()
+                    p = p if p.is_absolute() else project_dir / p
+                    try:
+                        exists = p.exists()
+                    except OSError:
+                        continue
+                    if exists:
+                        found[f"{table_name}.{key}" + (f"[{i}]" if isinstance(value, list) else "")] = fingerprint(p)
+        return {"files": found}
 
     def estimate(self, options: SynthOptions, env: PlanEnv) -> Estimate | None:
         # A teacher named by path: a .gguf file is mapped into host memory whole by llama.cpp. A declared judge
