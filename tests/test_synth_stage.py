@@ -595,3 +595,59 @@ def test_real_teacher_by_path_then_curate_and_sft_and_a_real_judge(project, site
         assert res.returncode == 1 and "synth kept no rows" in res.stderr
     assert all(x["reason"] == "judge: no verdict" for x in report["examples"]["rejected"])
     assert list(project.root.glob("judged.jsonl.synth/judge/judge-smol.jsonl"))  # judgments cached for a re-run
+
+
+def _has_generator(kind: str) -> bool:
+    from llmforge.plugins import load_registry
+
+    return kind in load_registry().table("synth_generators")
+
+
+PROMPTS = [
+    "Name a colour of the sky.",
+    "What is two plus two?",
+    "Name a colour of the sky.",
+    "Give one word that means happy.",
+]
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_answer_pipeline_from_forge_toml_with_smollm2_as_teacher(project):
+    # The acceptance pipeline: synth (the built-in `answer` generator, SmolLM2 as teacher through [judges] and
+    # llama.cpp) -> curate (exact_dedup, pii) -> sft on a tiny model, from forge.toml, through `llmforge run`.
+    if not _has_generator("answer"):
+        pytest.skip("the built-in answer generator is not registered yet")
+    from training_data import write_data
+
+    write_data(project.root)
+    (project.root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    project.write(
+        f"""
+        [judges.smol]
+        backend = "gguf"
+        model = "{GGUF}"
+        n_ctx = 1024
+        concurrency = 4
+
+        [[stages]]
+        name = "synth"
+        uses = "synth"
+        teacher = "smol"
+        generator = {{ kind = "answer", data = "prompts.jsonl", max_tokens = 32, temperature = 0.0 }}
+        """
+        + textwrap.dedent(_train_stages())
+    )
+    res = project.run("run", env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows, report = outputs(project)
+    assert len(rows) == 4 and report["generator"] == "answer" and report["teacher"] == "smol"
+    for r, prompt in zip(rows, PROMPTS, strict=True):
+        assert r["messages"][0]["content"] == prompt or r["messages"][-2]["content"] == prompt
+        assert r["messages"][-1]["role"] == "assistant" and r["messages"][-1]["content"].strip()
+        p = r["provenance"]
+        assert p["generator"] == "answer" and p["teacher"] == "smol" and p["template"] and isinstance(p["seed"], int)
+    curated = _stage_report(project, "curate")
+    assert curated["rows_in"] == 4 and curated["rows_out"] == 3  # the repeated prompt's greedy answer
+    st = json.loads(project.run("status", "--json").stdout)
+    assert st["stages"]["sft"]["status"] == "done"
