@@ -197,6 +197,42 @@ def outputs(project) -> tuple[list[dict], dict]:
 # ------------------------------------------------------------------------------------------------
 
 
+def test_journal_ignores_a_line_cut_by_a_kill_and_appends_after_it(tmp_path):
+    from llmforge_plugins.synth.journal import Journal
+
+    j = Journal(tmp_path / "journal.jsonl")
+    j.append({"unit": "p0", "rows": [{"messages": []}], "rejected": [], "usage": {"requests": 1}})
+    with j.path.open("a") as fh:
+        fh.write('{"unit": "p1", "rows": [{"mess')  # the kill
+    assert [r["unit"] for r in j.read()] == ["p0"]
+    j.append({"unit": "p1", "rows": [], "rejected": [], "usage": {}})
+    j.append({"unit": "p0", "rows": [], "rejected": [], "usage": {}})  # never twice: the first record wins
+    recs = j.read()
+    assert [r["unit"] for r in recs] == ["p0", "p1"] and recs[0]["rows"] == [{"messages": []}]
+
+
+def test_report_histograms_and_counts():
+    from llmforge_plugins.synth.report import build_report, histogram, render_markdown
+
+    assert histogram([3, 3, 5]) == [[3.0, 3.0, 2], [4.0, 4.0, 0], [5.0, 5.0, 1]]  # a judge's whole scores
+    assert [b[2] for b in histogram([0.0, 0.25, 1.0])] == [1, 0, 1, 0, 0, 0, 0, 0, 0, 1]
+    row = {"messages": [], "provenance": {"scores": {"judge": 8.0}}}
+    bad = {"messages": [], "provenance": {"scores": {"judge": 2.0}}}
+    usage = {"requests": 3, "tokens": 10, "seconds": 0.5}
+    recs = [
+        {"unit": "a", "rows": [row], "rejected": [{"reason": "judge: score 2 < 6", "row": bad}], "usage": usage},
+        {"unit": "b", "rows": [], "rejected": [{"reason": "verify: wrong", "row": {}}], "usage": {}},
+    ]
+    recs[0]["candidates"], recs[1]["candidates"] = 2, 1
+    rep = build_report(recs, generator="g", teacher="t", total=None, budget={"rows": 1}, stopped_by="rows")
+    assert rep["rows"] == 1 and rep["candidates"] == 3 and rep["rejected"] == {"judge": 1, "verify": 1}
+    assert rep["scores"]["judge"]["mean"] == 5.0 and rep["usage"] == {"requests": 3, "tokens": 10, "seconds": 0.5}
+    assert rep["units"] == {"total": None, "done": 2} and rep["budget"] == {"rows": 1, "stopped_by": "rows"}
+    assert [x["reason"] for x in rep["examples"]["rejected"]] == ["judge: score 2 < 6", "verify: wrong"]
+    md = render_markdown(rep)
+    assert "| judge | 1 |" in md and "Stopped by the budget's `rows` limit (1)." in md
+
+
 def test_bad_config_names_the_key_and_exits_2(project, site):
     def check(stage: str, *expected: str) -> None:
         project.write(

@@ -20,6 +20,10 @@ def histogram(values: list[float], bins: int = BINS) -> list[list[float]]:
     lo, hi = min(values), max(values)
     if lo == hi:
         return [[lo, hi, len(values)]]
+    if all(float(v).is_integer() for v in values) and hi - lo <= 20:
+        # whole-number scores (a judge's 1-10): one bin per value reads better than ten fractional bins
+        counts = Counter(int(v) for v in values)
+        return [[float(v), float(v), counts.get(v, 0)] for v in range(int(lo), int(hi) + 1)]
     width = (hi - lo) / bins
     counts = [0] * bins
     for v in values:
@@ -122,7 +126,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"## Score: {name}", "", f"mean {s['mean']:.3g}, min {s['min']:.3g}, max {s['max']:.3g}", ""]
         top = max((b[2] for b in s["histogram"]), default=0)
         lines += ["```"]
-        lines += [f"{lo:>8.3g} – {hi:<8.3g} {n:>5} {_bar(n, top)}" for lo, hi, n in s["histogram"]]
+        lines += [
+            f"{lo:>8.3g}{'' if lo == hi else f' – {hi:<8.3g}'} {n:>5} {_bar(n, top)}" for lo, hi, n in s["histogram"]
+        ]
         lines += ["```"]
     if report["examples"]["kept"]:
         lines += ["", "## Kept (examples)", ""]
