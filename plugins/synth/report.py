@@ -45,7 +45,6 @@ def build_report(
     total: int | None,
     budget: dict[str, Any],
     stopped_by: str | None,
-    candidates_extra: int = 0,
 ) -> dict[str, Any]:
     rows = [r for rec in records for r in rec["rows"]]
     rejected = [x for rec in records for x in rec["rejected"]]
@@ -66,7 +65,7 @@ def build_report(
         "teacher": teacher,
         "units": {"total": total, "done": len(records)},
         "rows": len(rows),
-        "candidates": candidates + candidates_extra,
+        "candidates": candidates,
         "rejected": dict(sorted(by_reason.items())),
         "scores": {
             name: {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "histogram": histogram(v)}
