@@ -1,0 +1,171 @@
+"""RLAIF: the `preferences` generator (a policy's own samples, scored or compared pairwise, into preference
+pairs). Real parts: the real answer-reading and sampling code, the real verifiers and scoring, the judges
+plugin's real Judge (both orders) over rule backends, and a real tiny Llama sampled through the HF engine."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from llmforge.errors import ConfigError
+from llmforge.judging import JudgeBackend, JudgeOptions, JudgeSpec
+from llmforge_plugins.judges.judge import Judge
+from llmforge_plugins.synth.api import SynthEnv, Teacher
+from llmforge_plugins.synth.preferences import PreferencesGenerator
+from llmforge_plugins.synth.scoring import Scorers, score_batch
+from llmforge_plugins.synth.verifiers import Numeric
+
+
+class Adder(JudgeBackend):
+    """A policy answering "add A B": the sum, off by (seed % 3) - 1 when sampling."""
+
+    name = "adder"
+
+    def complete(self, requests):
+        out = []
+        for r in requests:
+            a, b = map(int, re.search(r"add (\d+) (\d+)", r.messages[-1]["content"]).groups())
+            off = (r.seed % 3) - 1 if r.temperature > 0 else 0
+            out.append(f"The sum is {a + b + off}." + (" Sure!" * (r.seed % 2)))
+        return out
+
+    def identity(self):
+        return "adder"
+
+
+class Longer(JudgeBackend):
+    """A rule judge: pairwise, the answer with the right sum wins; a tie when both or neither are right.
+    ``bias``: always "A" (a position-biased judge: its two orders disagree, so every pair is a tie)."""
+
+    name = "longer"
+
+    class Options(JudgeOptions):
+        bias: bool = False
+
+    def complete(self, requests):
+        out = []
+        for r in requests:
+            asked = r.messages[1]["content"]
+            a, b = map(int, re.search(r"add (\d+) (\d+)", asked).groups())
+            pair = re.search(r"\[Answer A\]\n(.*?)\n\n\[Answer B\]\n(.*?)\n\nThe order", asked, re.S)
+            ok = [str(a + b) in x for x in pair.groups()]
+            w = "A" if self.options.bias else ("A" if ok[0] and not ok[1] else "B" if ok[1] and not ok[0] else "tie")
+            out.append(f'{{"reason": "rule", "winner": "{w}"}}')
+        return out
+
+    def identity(self):
+        return f"longer:{self.options.bias}"
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    p = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"add {i} {i + 3}", "answer": 2 * i + 3, "kind": "sum"} for i in range(8)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return p
+
+
+def _env(tmp_path: Path, judge=None) -> SynthEnv:
+    return SynthEnv(
+        teacher=Teacher(Adder(JudgeOptions(backend="adder"), base_dir=tmp_path), label="adder"),
+        base_dir=tmp_path,
+        judge=judge,
+    )
+
+
+def _run(gen, opts, env, samples=4, scorers=None):
+    """What the stage does per batch, minus its journal: generate, score everything (no filter), pair."""
+    units = list(gen.units(opts, env))
+    per_unit = gen.generate(opts, units, samples, env)
+    cands = [c for cs in per_unit for c in cs]
+    if scorers is not None:
+        score_batch(cands, scorers)
+    rows = []
+    for u, cs in zip(units, per_unit, strict=True):
+        rows += gen.rows(opts, u, [c for c in cs if c.rejected is None], env)
+    return units, per_unit, rows
+
+
+def test_score_ranking_pairs_right_over_wrong_and_a_margin_makes_ties(tmp_path, prompts):
+    gen = PreferencesGenerator()
+    numeric = Scorers(verifier=Numeric(), verify_options=Numeric.Options(verifier="numeric"), filter=False)
+    opts = gen.Options(kind="preferences", data=str(prompts))
+    units, per_unit, rows = _run(gen, opts, _env(tmp_path), scorers=numeric)
+    assert len(units) == 8 and all(len(cs) == 4 for cs in per_unit)
+    assert len({c.provenance["seed"] for cs in per_unit for c in cs}) == 32  # one seed per sample
+    mixed = [cs for cs in per_unit if len({c.scores["verify"] for c in cs}) == 2]
+    assert rows and len(rows) == len(mixed)
+    for r in rows:
+        a, b = map(int, r["prompt"][-1]["content"].split()[1:])
+        assert str(a + b) in r["chosen"][0]["content"] and str(a + b) not in r["rejected"][0]["content"]
+        assert r["chosen"][0]["role"] == "assistant" and r["answer"] == a + b and r["kind"] == "sum"
+        assert r["provenance"]["chosen_score"] == 1.0 and r["provenance"]["rejected_score"] == 0.0
+    for cs in per_unit:
+        reasons = [c.rejected for c in cs]
+        if cs in mixed:  # the two in the pair stay, the others are not needed
+            assert reasons.count(None) == 2 and all(r.startswith("best_of:") for r in reasons if r)
+        else:
+            assert all(r.startswith("tie:") for r in reasons)
+    # a margin of 1 on a 0/1 score: no unit differs by more, so no pair at all
+    opts = gen.Options(kind="preferences", data=str(prompts), margin=1.0)
+    _, per_unit, rows = _run(gen, opts, _env(tmp_path), scorers=numeric)
+    assert rows == [] and all(c.rejected.startswith("tie:") for cs in per_unit for c in cs)
+
+
+def test_scores_are_needed_and_samples_at_least_two(tmp_path, prompts):
+    gen = PreferencesGenerator()
+    opts = gen.Options(kind="preferences", data=str(prompts))
+    with pytest.raises(ConfigError, match="samples = 1"):
+        _run(gen, opts, _env(tmp_path), samples=1)
+    with pytest.raises(ConfigError, match="needs scores"):
+        _run(gen, opts, _env(tmp_path))
+    with pytest.raises(ConfigError, match="score = 'judge'"):
+        _run(gen, gen.Options(kind="preferences", data=str(prompts), score="judge"), _env(tmp_path))
+    with pytest.raises(ConfigError, match="pairwise"):
+        _run(gen, gen.Options(kind="preferences", data=str(prompts), rank="pairwise"), _env(tmp_path))
+
+
+def test_pairwise_ranking_asks_the_judge_both_orders(tmp_path, prompts):
+    gen = PreferencesGenerator()
+    opts = gen.Options(kind="preferences", data=str(prompts), rank="pairwise")
+    spec = JudgeSpec("rule", Longer, Longer.Options(backend="longer"), tmp_path)
+    with Judge.open(spec, cache_dir=tmp_path / "j") as judge:
+        _, per_unit, rows = _run(gen, opts, _env(tmp_path, judge))
+        asked = judge.stats["requests"]
+    assert rows and asked % 2 == 0
+    for r in rows:
+        a, b = map(int, r["prompt"][-1]["content"].split()[1:])
+        assert str(a + b) in r["chosen"][0]["content"] and str(a + b) not in r["rejected"][0]["content"]
+        assert r["provenance"]["rank"] == "pairwise"
+    decisive = [cs for cs in per_unit if len({str(cs[0].row["answer"]) in c.answer for c in cs}) == 2]
+    assert len(rows) == len(decisive)
+    # a judge with a position bias disagrees with itself across the two orders: only ties
+    biased = JudgeSpec("rule", Longer, Longer.Options(backend="longer", bias=True), tmp_path)
+    with Judge.open(biased, cache_dir=tmp_path / "b") as judge:
+        _, per_unit, rows = _run(gen, opts, _env(tmp_path, judge))
+    assert rows == [] and all(c.rejected.startswith("tie:") for cs in per_unit for c in cs)
+
+
+@pytest.mark.slow
+def test_pairs_from_a_tiny_models_own_samples(tmp_path, prompts, llmforge_tiny_model_dir):
+    from llmforge_plugins.synth.teacher import open_teacher
+    from llmforge_plugins.synth.verifiers import BUILTIN_VERIFIERS
+
+    regex = next(v for v in BUILTIN_VERIFIERS if v.name == "regex")()
+    # a rule verifier on the random model's text: does the answer contain an "e"? (about half do)
+    scorers = Scorers(verifier=regex, verify_options=regex.Options(verifier="regex", pattern="e"), filter=False)
+    teacher = open_teacher(teacher=None, model=llmforge_tiny_model_dir, judges={}, base_dir=tmp_path)
+    try:
+        env = SynthEnv(teacher=teacher, base_dir=tmp_path)
+        gen = PreferencesGenerator()
+        opts = gen.Options(kind="preferences", data=str(prompts), limit=4, max_tokens=8)
+        _, per_unit, rows = _run(gen, opts, env, samples=3, scorers=scorers)
+    finally:
+        teacher.backend.close()
+    assert teacher.requests == 12
+    assert len({c.answer for cs in per_unit for c in cs}) > 4  # the samples differ
+    for r in rows:
+        assert "e" in r["chosen"][0]["content"] and "e" not in r["rejected"][0]["content"]
