@@ -118,11 +118,11 @@ def test_score_ranking_pairs_right_over_wrong_and_a_margin_makes_ties(tmp_path, 
 def test_scores_are_needed_and_samples_at_least_two(tmp_path, prompts):
     gen = PreferencesGenerator()
     opts = gen.Options(kind="preferences", data=str(prompts))
-    with pytest.raises(ConfigError, match="samples = 1"):
+    with pytest.raises(ConfigError, match="samples: 1"):
         _run(gen, opts, _env(tmp_path), samples=1)
     with pytest.raises(ConfigError, match="needs scores"):
         _run(gen, opts, _env(tmp_path))
-    with pytest.raises(ConfigError, match="score = 'judge'"):
+    with pytest.raises(ConfigError, match="generator.score: .judge."):
         _run(gen, gen.Options(kind="preferences", data=str(prompts), score="judge"), _env(tmp_path))
     with pytest.raises(ConfigError, match="pairwise"):
         _run(gen, gen.Options(kind="preferences", data=str(prompts), rank="pairwise"), _env(tmp_path))

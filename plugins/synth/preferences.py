@@ -63,9 +63,11 @@ class PreferencesGenerator(Answer):
 
     def generate(self, options: Any, units: Sequence[Unit], samples: int, env: SynthEnv) -> list[list[Candidate]]:
         if samples < 2:
-            from llmforge.errors import ConfigError
+            from llmforge.errors import ConfigError, Problem
 
-            raise ConfigError([f"samples = {samples}: the preferences generator needs at least 2 answers per prompt"])
+            raise ConfigError(
+                [Problem("samples", f"{samples}: the preferences generator needs at least 2 answers per prompt")]
+            )
         return super().generate(options, units, samples, env)
 
     def rows(self, options: Any, unit: Unit, candidates: Sequence[Candidate], env: SynthEnv) -> list[dict[str, Any]]:
@@ -94,9 +96,9 @@ class PreferencesGenerator(Answer):
 
     def _pairwise(self, options: Any, cands: list[Candidate], env: SynthEnv) -> list[dict[str, Any]]:
         if env.judge is None:
-            from llmforge.errors import ConfigError
+            from llmforge.errors import ConfigError, Problem
 
-            raise ConfigError(["generator.rank = 'pairwise' needs the stage's judge = { judge = \"NAME\" }"])
+            raise ConfigError([Problem("generator.rank", "'pairwise' needs the stage's judge = { judge = \"NAME\" }")])
         first, rest = cands[0], cands[1:]
         # the same text twice cannot be preferred to itself: skip those without asking
         others = [c for c in rest if c.answer.strip() != first.answer.strip()]
@@ -128,21 +130,26 @@ def score_name(wanted: str, cands: Sequence[Candidate]) -> str:
     """The score ``rank = "score"`` orders by; ``auto``: the first of reward, judge, verify that any answer has."""
     if wanted != "auto":
         if not any(wanted in c.scores for c in cands):
-            from llmforge.errors import ConfigError
+            from llmforge.errors import ConfigError, Problem
 
             raise ConfigError(
                 [
-                    f"generator.score = '{wanted}': the answers have no such score (configure "
-                    f"{'reward_model' if wanted == 'reward' else wanted} = ... on the stage)"
+                    Problem(
+                        "generator.score",
+                        f"'{wanted}': the answers have no such score (configure "
+                        f"{'reward_model' if wanted == 'reward' else wanted} = ... on the stage)",
+                    )
                 ]
             )
         return wanted
     for name in SCORE_ORDER:
         if any(name in c.scores for c in cands):
             return name
-    from llmforge.errors import ConfigError
+    from llmforge.errors import ConfigError, Problem
 
-    raise ConfigError(["the preferences generator needs scores: configure verify, judge or reward_model on the stage"])
+    raise ConfigError(
+        [Problem("generator", "the preferences generator needs scores: configure verify, judge or reward_model")]
+    )
 
 
 def _reject(cands: Sequence[Candidate], reason: str) -> None:
