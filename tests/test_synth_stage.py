@@ -633,12 +633,6 @@ def test_real_teacher_by_path_then_curate_and_sft_and_a_real_judge(project, site
     assert list(project.root.glob("judged.jsonl.synth/judge/judge-smol.jsonl"))  # judgments cached for a re-run
 
 
-def _has_generator(kind: str) -> bool:
-    from llmforge.plugins import load_registry
-
-    return kind in load_registry().table("synth_generators")
-
-
 PROMPTS = [
     "Name a colour of the sky.",
     "What is two plus two?",
@@ -652,8 +646,6 @@ PROMPTS = [
 def test_answer_pipeline_from_forge_toml_with_smollm2_as_teacher(project):
     # The acceptance pipeline: synth (the built-in `answer` generator, SmolLM2 as teacher through [judges] and
     # llama.cpp) -> curate (exact_dedup, pii) -> sft on a tiny model, from forge.toml, through `llmforge run`.
-    if not _has_generator("answer"):
-        pytest.skip("the built-in answer generator is not registered yet")
     from training_data import write_data
 
     write_data(project.root)
