@@ -432,6 +432,23 @@ def test_killed_synth_resumes_without_duplicate_or_gap(project, site, tmp_path):
     assert sorted(units, key=lambda u: int(u[1:])) == [f"p{i}" for i in range(16)]
 
 
+def test_builtin_answer_generator_with_the_numeric_verifier(project, site):
+    # the real `answer` generator and `numeric` verifier; the teacher is the deterministic one
+    forge(project, pairs=1)
+    prompts = [{"prompt": f"add {i} {i + 1}", "answer": str(2 * i + 1)} for i in range(1, 7)]
+    (project.root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    res = run(project, site, "synth", "answer", "--data", "prompts.jsonl", "--teacher", "t", "--out", "rows.jsonl",
+              "--verify", "numeric", "--samples", "3", "--set", "temperature=1")  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [json.loads(x) for x in (project.root / "rows.jsonl").read_text().splitlines()]
+    report = json.loads((project.root / "rows.jsonl.synth" / "report.json").read_text())
+    assert rows and all(r["messages"][-1]["content"] == r["answer"] for r in rows)
+    assert {r["provenance"]["generator"] for r in rows} == {"answer"}
+    kept_units = {r["provenance"]["unit"] for r in rows}
+    assert report["candidates"] == 18 and report["rejected"]["verify"] >= 6 - len(kept_units)
+    assert report["rows"] + sum(report["rejected"].values()) == 18
+
+
 def test_synth_command_runs_a_generator_and_goes_on_where_it_stopped(project, site, tmp_path):
     forge(project, pairs=6)
     pairs = "pairs=[" + ", ".join(f"[{i}, {i + 1}]" for i in range(1, 7)) + "]"
