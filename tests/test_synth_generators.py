@@ -78,6 +78,10 @@ class RuleTeacher(JudgeBackend):
                 return "New instruction: " + instruction.replace("river", "stream")
             if "BLANK" in instruction:
                 return "   "
+            if "TWIN" in instruction:
+                return "Write a detailed essay on the history of the printing press in Europe."
+            if "ECHO" in instruction:
+                return "The new instruction must make sense on its own, must be answerable by a text reply."
             way = next(w for w, how in P.EVOLUTIONS.items() if how in text)
             return f'Sure, here it is:\n"{instruction.splitlines()[0]} — now {way}, with two concrete worked cases"'
         if "EMPTY" in text:
@@ -386,6 +390,16 @@ def test_evolve_keeps_lineage_and_rejects_copies(tmp_path):
     check_messages(a.row["messages"], assistant=True)
 
 
+def test_evolve_rejects_twins_within_a_batch_and_echoes_of_the_request(tmp_path):
+    write_jsonl(tmp_path / "i.jsonl", [{"prompt": "TWIN one"}, {"prompt": "TWIN two"}, {"prompt": "ECHO"}])
+    _, _, out, _ = run(Evolve(), tmp_path, data="i.jsonl")
+    assert out[0][0].rejected is None
+    assert out[1][0].rejected == "duplicate: the rewrite is 1.00 similar to p0 sample 0"
+    assert out[2][0].rejected.startswith("duplicate: ") and out[2][0].rejected.endswith(
+        "similar to the request's own words"
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # a real teacher: SmolLM2-135M-Instruct
 
@@ -394,13 +408,14 @@ def _real_inputs(tmp_path: Path) -> dict[str, dict[str, Any]]:
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is the capital of France?"}, {"prompt": "Name a colour."}])
     write_jsonl(tmp_path / "seeds.jsonl", SEEDS)
     (tmp_path / "doc.txt").write_text(
-        "The Eiffel Tower is in Paris. It was finished in 1889.\n\nIt is 330 metres tall and made of iron."
+        "The Eiffel Tower is in Paris. It was finished in 1889.\n\nIt is 330 metres tall and made of iron.\n\n"
+        "Gustave Eiffel's company designed and built the tower for the World's Fair of 1889."
     )
-    common = {"max_tokens": 48, "temperature": 0.0}
+    common = {"max_tokens": 40, "temperature": 0.0}
     return {
         "answer": {"data": "p.jsonl", "reasoning": "strip", **common},
         "self_instruct": {"data": "seeds.jsonl", "rounds": 2, "instructions_per_round": 2, **common},
-        "from_documents": {"data": "doc.txt", "passage_chars": 60, "questions_per_passage": 1, **common},
+        "from_documents": {"data": "doc.txt", "passage_chars": 100, "questions_per_passage": 1, **common},
         "evolve": {"data": "p.jsonl", "depth": 1, **common},
     }
 
@@ -438,13 +453,16 @@ def test_each_generator_with_smollm2_in_process(gen, smol_teacher, tmp_path):
     options = g.Options(kind=g.kind, **_real_inputs(tmp_path)[g.kind])
     assert g.check(options, tmp_path) == []
     env = SynthEnv(teacher=smol_teacher, base_dir=tmp_path, seed=3)
-    units = list(g.units(options, env))[:2]
+    # self_instruct asks twice per round (instructions, then their answers): one round is enough
+    units = list(g.units(options, env))[: 1 if g.kind == "self_instruct" else 2]
     out = g.generate(options, units, 1, env)
     _check_real(g, options, units, out, smol_teacher.label)
     if g.kind == "from_documents":
+        assert [u.id for u in units] == ["d0:0", "d0:1"]
         assert all(c.provenance["source"]["file"] == "doc.txt" for cs in out for c in cs)
-    # greedy: a second run answers the same
-    assert [c.answer for cs in g.generate(options, units, 1, env) for c in cs] == [c.answer for cs in out for c in cs]
+    if g.kind == "answer":  # greedy: a second run (a resume) answers the same
+        again = g.generate(options, units, 1, env)
+        assert [c.answer for cs in again for c in cs] == [c.answer for cs in out for c in cs]
 
 
 @pytest.mark.slow

@@ -188,6 +188,17 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split()).strip(" .!?")
 
 
+def _echo(text: str, request: str, threshold: float) -> tuple[float, str] | None:
+    """A small teacher often repeats its request's own sentences instead of writing something new: the share
+    of ``text``'s word bigrams found in the request's fixed text (containment, exact), when over the threshold."""
+    from llmforge_plugins.curate import minhash
+
+    hashes, offsets = minhash.shingles([text, request], "word", n=2)
+    mine, theirs = set(hashes[offsets[0] : offsets[1]].tolist()), set(hashes[offsets[1] : offsets[2]].tolist())
+    share = len(mine & theirs) / len(mine) if mine else 0.0
+    return (share, "the request's own words") if share >= threshold else None
+
+
 def _short(text: str, n: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else text[: n - 3] + "..."
@@ -383,6 +394,7 @@ class SelfInstruct(Generator):
         # 2. parse, drop near-duplicates (of the seed tasks, of what was made, of the batch's earlier ones)
         seen = NearDuplicates(options.dedup_threshold)
         seen.add(seeds_tasks, [f"seed task {i + 1}" for i in range(len(seeds_tasks))])
+        request = P.SELF_INSTRUCT.format(examples="", steer="", n=options.instructions_per_round)
         seen.add([t for _, t in made], [f"made in {unit or 'an earlier unit'}" for unit, _ in made])
         template = P.template_hash(P.SELF_INSTRUCT, "{instruction}")
         out: dict[str, list[Candidate]] = {u.id: [] for u in units}
@@ -396,7 +408,7 @@ class SelfInstruct(Generator):
                 c.rejected = "empty: no instruction in the teacher's list"
                 out[u.id].append(c)
             for j, instr in enumerate(items):
-                hit = seen.match(instr)
+                hit = seen.match(instr) or _echo(instr, request, options.dedup_threshold)
                 if hit is not None or _norm(instr) in {_norm(t) for t in seeds_tasks}:
                     sim, label = hit or (1.0, "a seed task")
                     msgs = _system(options) + [{"role": "user", "content": instr}]
@@ -640,6 +652,7 @@ class Evolve(Generator):
 
     def generate(self, options: Any, units: Sequence[Unit], samples: int, env: SynthEnv) -> list[list[Candidate]]:
         template = P.template_hash(P.EVOLVE, "{instruction}")
+        request = P.EVOLVE.format(how="", instruction="")
         out: dict[str, list[Candidate]] = {u.id: [] for u in units}
         seen = NearDuplicates(options.dedup_threshold)
         made = _instructions_made(env)
@@ -673,7 +686,11 @@ class Evolve(Generator):
                     # against the original, not the previous step: a deeper step may rightly keep most of it
                     own = NearDuplicates(options.dedup_threshold)
                     own.add([original], ["its original"])
-                    hit = own.match(new) or seen.match(new, skip=_chain(ch))
+                    hit = (
+                        own.match(new)
+                        or seen.match(new, skip=_chain(ch))
+                        or _echo(new, request, options.dedup_threshold)
+                    )
                     if hit is not None:
                         reason = f"duplicate: the rewrite is {hit[0]:.2f} similar to {hit[1]}"
                 if reason is not None:
@@ -682,8 +699,7 @@ class Evolve(Generator):
                 ch["text"] = new
                 ch["steps"].append(new)
                 alive.append(ch)
-            # one evolution per chain per step is compared with the others of the batch from then on
-            seen.add([ch["text"] for ch in alive], [_chain(ch) for ch in alive])
+                seen.add([new], [_chain(ch)])  # the later chains of the batch are compared with it
             chains = alive
         convs = [_system(options) + [{"role": "user", "content": ch["text"]}] for ch in chains]
         seeds = [unit_seed(env.seed, f"{ch['unit'].id}.answer", ch["sample"]) for ch in chains]
