@@ -169,3 +169,71 @@ def test_pairs_from_a_tiny_models_own_samples(tmp_path, prompts, llmforge_tiny_m
     assert len({c.answer for cs in per_unit for c in cs}) > 4  # the samples differ
     for r in rows:
         assert "e" in r["chosen"][0]["content"] and "e" not in r["rejected"][0]["content"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the rlaif stage: rounds of sample -> pairs -> DPO on a tiny Llama, from forge.toml
+
+QA = Path(__file__).parent / "fixtures" / "eval" / "qa.jsonl"
+
+
+def _rlaif_project(root: Path, model: Path, rounds: int = 2):
+    from llmforge.testing import ForgeProject
+
+    proj = ForgeProject(root)
+    proj.write_rows("data/prompts.jsonl", [{"prompt": f"Say something about {w}."} for w in "abcdefgh"])
+    proj.write(
+        f"""
+        [[stages]]
+        name = "rlaif"
+        uses = "rlaif"
+        model = "{model}"
+        data = "data/prompts.jsonl"
+        rounds = {rounds}
+        samples = 3
+        max_tokens = 6
+        # a rule verifier on the random model's text: is there an "e"? (about half of its answers)
+        verify = {{ verifier = "regex", pattern = "e" }}
+        dpo = {{ max_steps = 2, micro_batch_size = 2, max_length = 64, learning_rate = 1e-4 }}
+        eval = [{{ name = "qa", kind = "multiple_choice", data = "{QA}" }}]
+        """
+    )
+    return proj
+
+
+@pytest.mark.slow
+def test_rlaif_rounds_keep_each_rounds_pairs_and_model_and_resume_skips_a_finished_round(
+    tmp_path, llmforge_tiny_model_dir
+):
+    proj = _rlaif_project(tmp_path, llmforge_tiny_model_dir)
+    # stop once round 2 begins: round 1 is finished and journaled
+    out = proj.run(stop_when=lambda e: "round 2/2: sampling" in str(e.get("message", "")))
+    assert out.status == "stopped", out.events[-5:]
+    work = out.run_dir / "stages" / "rlaif" / "work"
+    assert (work / "round-1" / "round.json").exists() and not (work / "round-2" / "round.json").exists()
+    model1 = (work / "round-1" / "model" / "model.safetensors").stat().st_mtime_ns
+
+    out = proj.run(resume=True)
+    assert out.exit_code == 0, out.events[-5:]
+    logs = [str(e.get("message", "")) for e in out.events]
+    assert any("round 1: finished in an earlier attempt" in m for m in logs)
+    assert (work / "round-1" / "model" / "model.safetensors").stat().st_mtime_ns == model1
+    report = json.loads((out.artifact("rlaif", "report") / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert "qa.acc" in report["baseline"]
+    for r in report["rounds"]:
+        assert r["pairs"] + r["ties"] == r["units"] == 8 and r["pairs"] > 0
+        assert r["mean_chosen"] == 1.0 and r["mean_rejected"] == 0.0 and 0 < r["preferred_rate"] < 1
+        assert "qa.acc" in r["eval"] and (work / r["model"] / "config.json").exists()
+        assert (work / r["data"] / "data.jsonl").exists()
+    rows = [json.loads(x) for x in (out.artifact("rlaif", "dataset") / "data.jsonl").read_text().splitlines()]
+    assert [sum(r["provenance"]["round"] == k for r in rows) for k in (1, 2)] == [x["pairs"] for x in report["rounds"]]
+    assert all("e" in r["chosen"][0]["content"] and "e" not in r["rejected"][0]["content"] for r in rows)
+    # the published model is the last round's, and it differs from round 1's
+    from safetensors.torch import load_file
+
+    last = load_file(out.artifact("rlaif", "model") / "model.safetensors")
+    r2 = load_file(work / "round-2" / "model" / "model.safetensors")
+    r1 = load_file(work / "round-1" / "model" / "model.safetensors")
+    assert all((last[k] == r2[k]).all() for k in r2) and any((r1[k] != r2[k]).any() for k in r2)
+    assert "| 2 |" in (out.artifact("rlaif", "report") / "report.md").read_text()
