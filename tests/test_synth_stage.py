@@ -233,6 +233,27 @@ def test_report_histograms_and_counts():
     assert "| judge | 1 |" in md and "Stopped by the budget's `rows` limit (1)." in md
 
 
+def test_keep_best_is_per_prompt_within_a_unit():
+    # a self-instruct round (one unit) asks several instructions, each answered `samples` times: the best
+    # answer of each instruction is kept, not one row per round
+    from llmforge_plugins.synth.api import Candidate
+    from llmforge_plugins.synth.scoring import keep_best
+
+    def cand(prompt: str, k: int, score: float | None, rejected: str | None = None) -> Candidate:
+        return Candidate({}, "a", prompt=prompt, sample=k, rejected=rejected,
+                         scores={} if score is None else {"judge": score})  # fmt: skip
+
+    cands = [cand("q1", 0, 4), cand("q1", 1, 9), cand("q2", 0, 7), cand("q2", 1, None, "verify: no"), cand("q3", 0, 5)]
+    out = keep_best(cands, "best")
+    assert [(c.prompt, c.sample) for c in out if c.rejected is None] == [("q1", 1), ("q2", 0), ("q3", 0)]
+    assert cands[0].rejected == "best_of: sample 1 scored higher" and cands[3].rejected == "verify: no"
+    for c in cands:
+        c.rejected = None if c is not cands[3] else c.rejected
+    assert [(c.prompt, c.sample) for c in keep_best(cands, "all") if c.rejected is None] == [
+        ("q1", 1), ("q1", 0), ("q2", 0), ("q3", 0)
+    ]  # fmt: skip
+
+
 def test_bad_config_names_the_key_and_exits_2(project, site):
     def check(stage: str, *expected: str) -> None:
         project.write(
@@ -256,7 +277,7 @@ def test_bad_config_names_the_key_and_exits_2(project, site):
     check(
         'teacher = "t"\ngenerator = { kind = "arth", pairs = [[1, 2]] }\nverify = { verifier = "numerc" }\n',
         "stages[0].generator.kind: unknown generator 'arth'; did you mean 'arith'?",
-        "installed: arith",
+        "arith_pairs",  # in the installed list
         "stages[0].verify.verifier: unknown verifier 'numerc'; did you mean 'numeric'?",
     )
     check(
@@ -369,8 +390,8 @@ def test_an_edited_generator_data_file_makes_the_data_again(project, site):
     project.config.write_text(project.config.read_text().replace("pairs = [[1, 2]]", 'data = "pairs.txt"'))
     (project.root / "pairs.txt").write_text("1,2\n3,4\n")
 
-    def status() -> str:
-        return json.loads(run(project, site, "status", "--json").stdout)["stages"]["synth"]["status"]
+    def status() -> str:  # the latest run's manifest (cheaper than `llmforge status` in a subprocess)
+        return json.loads((latest(project) / "manifest.json").read_text())["stages"]["synth"]["status"]
 
     assert run(project, site, "run").returncode == 0 and status() == "done"
     assert run(project, site, "run").returncode == 0 and status() == "cached"

@@ -94,13 +94,20 @@ def rank_key(c: Candidate) -> tuple[float, ...]:
 
 
 def keep_best(candidates: Sequence[Candidate], keep: str) -> list[Candidate]:
-    """A unit's surviving candidates in order of preference; with ``keep = "best"`` all but the first are
-    rejected ``best_of``. Returns the unit's candidates, best first among the kept."""
-    alive = [c for c in candidates if c.rejected is None]
-    ranked = sorted(alive, key=rank_key, reverse=True)
-    if keep == "best" and len(ranked) > 1:
-        best = ranked[0]
-        for c in ranked[1:]:
-            c.rejected = f"best_of: sample {best.sample} scored higher"
-        ranked = [best]
-    return ranked + [c for c in candidates if c.rejected is not None]
+    """A unit's candidates with the best kept: with ``keep = "best"``, of the samples answering the same prompt
+    (``Candidate.prompt``: a self-instruct round or a passage asks several questions, each its own group) only
+    the best that passed is kept, the others rejected ``best_of``. Returns the kept candidates first, best
+    first within each prompt, then the rejected ones."""
+    groups: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        if c.rejected is None:
+            groups.setdefault(c.prompt, []).append(c)
+    kept: list[Candidate] = []
+    for alive in groups.values():
+        ranked = sorted(alive, key=rank_key, reverse=True)
+        if keep == "best" and len(ranked) > 1:
+            for c in ranked[1:]:
+                c.rejected = f"best_of: sample {ranked[0].sample} scored higher"
+            ranked = ranked[:1]
+        kept += ranked
+    return kept + [c for c in candidates if c.rejected is not None]
