@@ -43,9 +43,11 @@ from llmforge.events import (
 from llmforge.events import Progress as ProgressEvent
 from llmforge.runs import EVENTS, MANIFEST, Manifest
 from llmforge.status import ENDED, Status
-from llmforge.tui.widgets.text import marked
+from llmforge.tui.widgets.text import fmt_number, marked
 
-# The charts the Monitor draws: metric name -> title. Other metrics are kept too (`RunModel.series`).
+# The charts the Monitor draws for a training stage: metric name -> title. Other metrics are kept too
+# (`RunModel.series`); a stage that reports none of these (synth, curate, eval) gets its own metrics charted
+# instead, in the order they first arrived (`RunModel.chart_slots`).
 CHARTS = {
     "loss": "loss",
     "eval_loss": "eval loss",
@@ -53,6 +55,20 @@ CHARTS = {
     "grad_norm": "grad norm",
     "tokens_per_s": "tokens/s",
 }
+
+
+def metric_title(name: str) -> str:
+    """A chart's title for a metric that has none in CHARTS: `tokens_per_s` -> "tokens/s", `kl_div` -> "kl div"."""
+    return name.replace("_per_", "/").replace("_", " ")
+
+
+def progress_extras(extra: dict[str, Any]) -> str:
+    """The progress event's extra fields as the Monitor's line shows them: "rows 30  rejected 5"."""
+    parts = []
+    for key, value in extra.items():
+        shown = fmt_number(value) if isinstance(value, float) else str(value)
+        parts.append(f"{key.replace('_', ' ')} {shown}")
+    return "  ".join(parts)
 
 
 class EventTail:
@@ -154,6 +170,9 @@ class Progress:
     time: float = 0.0
     started: float = 0.0  # when this stage's progress began (first progress event)
     first_done: float = 0.0
+    # What else the stage said with its progress (`ctx.progress(done, total, rows=.., rejected=..)`): the
+    # Monitor shows each beside the count, whatever the stage, so a plugin's stage needs no UI code.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -193,6 +212,20 @@ class RunModel:
             if name == metric:
                 return s
         return None
+
+    def chart_slots(self, n: int = len(CHARTS)) -> list[tuple[str | None, str]]:
+        """(metric, title) for each of the Monitor's `n` chart slots: the training charts (`CHARTS`) when the
+        stage that reported last has any of them but tokens/s, else that stage's own metrics in the order they first
+        arrived (rows, acceptance, tokens/s of a synth stage), the slots left over empty (None)."""
+        stage = self.metric_stage
+        names = [name for (st, name) in self.series if st == stage] if stage is not None else []
+        slots: list[tuple[str | None, str]] = []
+        # tokens/s alone does not make a training stage: a synth or eval stage measures its speed too.
+        if not names or any(name in CHARTS and name != "tokens_per_s" for name in names):
+            slots += list(CHARTS.items())[:n]
+            return slots
+        slots += [(name, metric_title(name)) for name in names[:n]]
+        return slots + [(None, "")] * (n - len(slots))
 
     def eta(self, now: float | None = None) -> float | None:
         p = self.progress
@@ -243,6 +276,8 @@ class RunModel:
             p.unit = e.unit or ""
             p.eta_s = e.eta_s
             p.time = e.time or 0.0
+            # Only scalars: a stage may attach anything JSON holds, and the line has room for a few words.
+            p.extra = {k: v for k, v in (e.data or {}).items() if isinstance(v, (int, float, str)) and v == v}
             if p.unit == "step" and isinstance(p.done, int):
                 self.step = p.done
         elif isinstance(e, Log):

@@ -20,13 +20,14 @@ from __future__ import annotations
 import threading
 import time
 
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Log, ProgressBar, Static
 
-from llmforge.tui.follow import CHARTS, RunModel, follow
+from llmforge.tui.follow import CHARTS, RunModel, follow, progress_extras
 from llmforge.tui.state import AppState
 from llmforge.tui.widgets.charts import MetricChart
 from llmforge.tui.widgets.text import fmt_duration, styled
@@ -43,7 +44,8 @@ FIXED_ROWS = 6
 class MonitorScreen(Screen):
     """Follows one run: `s` asks it to stop (the running stage stops at its next safe point, a training
     stage saving a checkpoint first; the run ends with exit code 130), `c` asks for a checkpoint now, `l`
-    goes back to following the latest run, `d` shows or hides the debug lines of the log."""
+    goes back to following the latest run, `o` opens the run's stage reports, `d` shows or hides the debug lines
+    of the log."""
 
     DEFAULT_CSS = """
     MonitorScreen { layout: vertical; }
@@ -58,9 +60,10 @@ class MonitorScreen(Screen):
     #mon-log { height: 1fr; min-height: 4; border: round $primary-darken-2; }
     """
     HELP = """\
-Follows one run: the run picked in the Runs area, or the latest one. Charts of the training metrics,
-the progress of the current stage with its ETA, and the log. The log hides debug lines (library chatter)
-until d shows them."""
+Follows one run: the run picked in the Runs area, or the latest one. Charts of the training metrics (or of
+another stage's own: rows, acceptance, tokens/s of a synth stage), the progress of the current stage with its
+ETA and what else it reports (rows kept, rejected), and the log; o opens the stage reports. The log hides
+debug lines (library chatter) until d shows them."""
 
     BINDINGS = [
         Binding(
@@ -71,9 +74,13 @@ until d shows them."""
             "saves a checkpoint first); it ends stopped, exit code 130",
         ),
         Binding("c", "checkpoint", "Checkpoint now", tooltip="ask the running stage to save a checkpoint now"),
-        Binding("l", "latest", "Follow latest", tooltip="follow the latest run again"),
+        Binding("l", "latest", "Latest", tooltip="follow the latest run again"),
+        Binding("m", "more_charts", "Charts", tooltip="show the next charts (when they are shown a few at a time)"),
         Binding(
-            "m", "more_charts", "More charts", tooltip="show the next charts (when they are shown a few at a time)"
+            "o",
+            "report",
+            "Report",
+            tooltip="open the run's stage reports (synth, curate, eval: report.md), the current stage's first",
         ),
         Binding(
             "d",
@@ -217,15 +224,17 @@ until d shows them."""
             head, stages = self._head_text(m), self._stages_text(m)
             p = m.progress
             done, total, unit, eta = p.done, p.total, p.unit, m.eta()
+            extras = progress_extras(p.extra)
             new_logs = self._take_logs(m)
             debug_count = m.debug_count
             points = {}
             if charts_due:
                 self._shown_series = m.series_version
                 self._chart_time = time.monotonic()
-                for metric in CHARTS:
-                    s = m.chart(metric)
-                    points[metric] = s.points() if s is not None else ([], [])
+                # Each chart widget is a slot: the training metrics, or another stage's own (chart_slots).
+                for slot, (metric, title) in zip(CHARTS, m.chart_slots()):
+                    s = m.chart(metric) if metric is not None else None
+                    points[slot] = (title, *(s.points() if s is not None else ([], [])))
         self._set_text("mon-title", head)
         self._set_text("mon-stages", stages)
         bar = self.query_one("#mon-progress", ProgressBar)
@@ -233,15 +242,20 @@ until d shows them."""
             if (bar.total, bar.progress) != (total, done):
                 bar.update(total=total, progress=done)
             left = f"ETA {fmt_duration(eta)}" if eta is not None else ""
-            self._set_text("mon-eta", f"{done:g}/{total:g} {unit}  {left}")
+            self._set_text("mon-eta", "  ".join(x for x in (f"{done:g}/{total:g} {unit}", extras, left) if x))
         elif m.ended:
             bar.update(total=1, progress=1 if m.status == "done" else 0)
-            self._set_text("mon-eta", "")
+            self._set_text("mon-eta", f"{done:g} {unit}  {extras}" if extras else "")
+        elif extras or done:
+            # No total (a synth stage stopped only by a budget): the count and the extras still say how far.
+            self._set_text("mon-eta", "  ".join(x for x in (f"{done:g} {unit}".strip(), extras) if x))
         if new_logs:
             self.query_one("#mon-log", Log).write_lines(new_logs)
         self._title_log(debug_count)
-        for metric, (xs, ys) in points.items():
-            self.query_one(f"#chart-{metric}", MetricChart).set_points(xs, ys)
+        for slot, (title, xs, ys) in points.items():
+            chart = self.query_one(f"#chart-{slot}", MetricChart)
+            chart.title = title
+            chart.set_points(xs, ys)
 
     def _set_text(self, widget_id: str, text: str) -> None:
         if self._texts.get(widget_id) != text:
@@ -311,6 +325,17 @@ until d shows them."""
         return "stages: " + ", ".join(items) if items else ""
 
     # -- actions -------------------------------------------------------------------------------------
+
+    @work(exclusive=True, group="monitor-report")
+    async def action_report(self) -> None:
+        """The followed run's stage reports in a panel: the current (or last reporting) stage's first."""
+        from llmforge.tui.screens.report import open_reports
+
+        m = self.model
+        if m is None:
+            self.notify("no run to show the reports of")
+            return
+        await open_reports(self, self.state.runs_dir, m.run_id, m.current_stage or m.metric_stage)
 
     def action_latest(self) -> None:
         self.state.selected_run = None

@@ -260,20 +260,23 @@ class RunsScreen(Screen):
 
     HELP = """\
 Every run of the runs folder, newest first, with its final losses; the chart shows the loss curves of
-the highlighted run, or of the two marked runs on the same axes."""
+the highlighted run, or of the two marked runs on the same axes; o opens the highlighted run's stage reports."""
 
     BINDINGS = [
         # priority: shown in the footer and taken before the table's own enter (which would do the same).
         Binding(
             "enter", "open_run", "Open in monitor", priority=True, tooltip="follow the highlighted run in the Monitor"
         ),
-        Binding("space", "mark", "Mark to compare", tooltip="mark the run to compare its curves (two at most)"),
+        Binding("space", "mark", "Mark", tooltip="mark the run to compare its curves (two at most)"),
         Binding("r", "reload", "Refresh", tooltip="read the runs folder again now"),
         Binding(
             "v",
             "compare",
             "Compare evals",
             tooltip="the two marked runs' eval leaderboards side by side (runs compare)",
+        ),
+        Binding(
+            "o", "report", "Report", tooltip="the highlighted run's stage reports (synth, curate, eval: report.md)"
         ),
     ]
 
@@ -439,6 +442,17 @@ the highlighted run, or of the two marked runs on the same axes."""
         data = await read_runs_dir(self, read, self.state.runs_dir)
         if data is not None:
             self.app.push_screen(CompareScreen(compare_text(data)))
+
+    @work(exclusive=True, group="runs-report")
+    async def action_report(self) -> None:
+        """The highlighted run's stage reports (report.md of each stage that has one), the last stage's first."""
+        from llmforge.tui.screens.report import open_reports
+
+        run_id = self.highlighted
+        if run_id is None:
+            self.notify("no run to show the reports of")
+            return
+        await open_reports(self, self.state.runs_dir, run_id)
 
     # ---- the chart -----------------------------------------------------------------------------
     def charted_runs(self) -> list[str]:
