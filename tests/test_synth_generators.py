@@ -251,7 +251,7 @@ def test_self_instruct_parses_dedups_steers_and_answers(tmp_path):
         "Explain why leaves change colour in autumn, for a child.",
         f"List three uses of copper (seed {unit_seed(7, 'r0')})",
     ]
-    assert [c.sample for c in kept] == [0, 1, 0, 1, 0, 1]
+    assert [c.sample for c in kept] == [0, 1, 0, 1, 0, 1] and [c.provenance["item"] for c in kept] == [0, 0, 1, 1, 4, 4]
     assert kept[0].provenance["topic"] in ("cooking", "space") and kept[0].provenance["persona"] == "a nurse"
     assert kept[0].provenance["template"] == P.template_hash(P.SELF_INSTRUCT, "{instruction}")
     for c in kept:
@@ -349,6 +349,13 @@ def test_from_documents_units_sources_and_multi_turn(tmp_path):
     for cs in out:
         for c in cs:
             check_messages(c.row["messages"], assistant=True)
+    assert [c.provenance["item"] for c in out[0]] == [0, 1]
+    # cut into other batches (a resumed run), every request is the same: seeds depend on the unit only
+    env2, backend2 = env_for(tmp_path)
+    one_by_one = [gen.generate(options, [u], 1, env2)[0] for u in units]
+    assert [c.row for cs in one_by_one for c in cs] == [c.row for cs in out for c in cs]
+    seeds = sorted(r.seed for call in env.teacher.backend.calls for r in call)
+    assert sorted(r.seed for call in backend2.calls for r in call) == seeds and len(set(seeds)) == len(seeds)
     # a glob, one turn, the passage in the first user turn
     _, units, out, _ = run(gen, tmp_path, data="docs/**/*.txt", include_passage=True, questions_per_passage=1)
     assert [u.id for u in units] == ["d0:0"]

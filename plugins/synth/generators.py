@@ -412,7 +412,7 @@ class SelfInstruct(Generator):
                 if hit is not None or _norm(instr) in {_norm(t) for t in seeds_tasks}:
                     sim, label = hit or (1.0, "a seed task")
                     msgs = _system(options) + [{"role": "user", "content": instr}]
-                    c = Candidate({"messages": msgs}, "", prompt=instr, provenance={**prov, "instruction": j})
+                    c = Candidate({"messages": msgs}, "", prompt=instr, provenance={**prov, "item": j})
                     c.rejected = f"duplicate: '{_short(instr)}' is {sim:.2f} similar to {label}"
                     out[u.id].append(c)
                     continue
@@ -435,7 +435,7 @@ class SelfInstruct(Generator):
                 ans,
                 prompt=instr,
                 sample=s,
-                provenance={**prov, "instruction": j},
+                provenance={**prov, "item": j},
             )
             if not ans:
                 c.rejected = "empty: the teacher gave no answer"
@@ -552,8 +552,8 @@ class FromDocuments(Generator):
         templates = [P.DOCUMENT_QA] + ([P.DOCUMENT_FOLLOWUP] if options.turns > 1 else [])
         prov_base = {"template": P.template_hash(*templates)}
         out: dict[str, list[Candidate]] = {u.id: [] for u in units}
-        # conversations being built: (unit, sample, seed, [(question, answer), ...])
-        live: list[tuple[Unit, int, int, list[tuple[str, str]]]] = []
+        # conversations being built: (unit, sample, seed, pair index in its answer, [(question, answer), ...])
+        live: list[tuple[Unit, int, int, int, list[tuple[str, str]]]] = []
         for (u, k), seed, text in zip(where, seeds, answers, strict=True):
             pairs = P.qa_pairs(text)[: options.questions_per_passage]
             if not pairs:
@@ -565,20 +565,21 @@ class FromDocuments(Generator):
                 )
                 c.rejected = "empty: no question/answer pair in the teacher's answer"
                 out[u.id].append(c)
-            live += [(u, k, seed, [pair]) for pair in pairs]
+            live += [(u, k, seed, i, [pair]) for i, pair in enumerate(pairs)]
         for turn in range(1, options.turns):
             convs, seeds = [], []
-            for j, (u, k, _, qa) in enumerate(live):
+            for u, k, _, i, qa in live:
                 conversation = "\n".join(f"User: {q}\nAssistant: {a}" for q, a in qa)
                 prompt = P.DOCUMENT_FOLLOWUP.format(passage=u.data["source"]["text"], conversation=conversation)
                 convs.append(_system(options) + [{"role": "user", "content": prompt}])
-                seeds.append(unit_seed(env.seed, f"{u.id}.t{turn}.{j}", k))
+                # named by the unit, the pair and the sample only: the same whatever the batch holds
+                seeds.append(unit_seed(env.seed, f"{u.id}.t{turn}.{i}", k))
             follow = env.teacher.complete(_requests(convs, options, seeds)) if convs else []
-            for (_, _, _, qa), text in zip(live, follow, strict=True):
+            for (_, _, _, _, qa), text in zip(live, follow, strict=True):
                 pairs = P.qa_pairs(text)
                 if pairs:  # a conversation whose follow-up could not be read stays shorter
                     qa.append(pairs[0])
-        for j, (u, k, seed, qa) in enumerate(live):
+        for u, k, seed, i, qa in live:
             msgs = _system(options)
             for t, (q, a) in enumerate(qa):
                 first = t == 0 and options.include_passage
@@ -589,7 +590,7 @@ class FromDocuments(Generator):
                 qa[-1][1],
                 prompt=qa[-1][0],
                 sample=k,
-                provenance={**prov_base, "seed": seed, "source": u.data["source"], "pair": j, "turns": len(qa)},
+                provenance={**prov_base, "seed": seed, "source": u.data["source"], "item": i, "turns": len(qa)},
             )
             out[u.id].append(c)
         return [out[u.id] for u in units]
