@@ -13,6 +13,7 @@ Heavy libraries (llama_cpp, torch, transformers, openai) are imported when a bac
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -212,8 +213,9 @@ class GgufJudge(JudgeBackend):
                     f"n_ctx = {self.options.n_ctx} of {self.path.name}: raise n_ctx or lower max_tokens"
                 )
         with self._lock:
-            n = max(1, min(self.options.concurrency, len(requests)))
-            return self._decode(rendered, list(requests), n)
+            # the context has `concurrency` sequences whatever the call's size, so calls of a few requests
+            # (a synth batch's tail, a judge retry) reuse it instead of allocating another
+            return self._decode(rendered, list(requests), max(1, self.options.concurrency))
 
     def _decode(
         self, rendered: list[tuple[list[int], list[str]]], requests: list[JudgeRequest], n_seq: int
@@ -250,8 +252,9 @@ class GgufJudge(JudgeBackend):
 
         # The prefix every prompt of this call starts with (the system turn of a template shared by all), but
         # never a whole prompt: each sequence must decode at least its last prompt token to get its logits.
+        used = min(n_seq, k)  # sequences this call needs
         shared = 0
-        if n_seq > 1 and k > 1:
+        if used > 1:
             first = rendered[0][0]
             shared = min(len(ids) for ids, _ in rendered) - 1
             for ids, _ in rendered[1:]:
@@ -271,10 +274,10 @@ class GgufJudge(JudgeBackend):
                         put(i, 0, t, start + i, False)
                     decode(len(chunk))
                 # each sequence has its own KV stream: llama.cpp copies sequence 0's stream (the prefix) whole
-                for s in range(1, n_seq):
+                for s in range(1, used):
                     lib.llama_memory_seq_cp(mem, 0, s, -1, -1)
             pending = iter(range(k))
-            slots: list[_Slot | None] = [None] * n_seq
+            slots: list[_Slot | None] = [None] * used
 
             def start_next(s: int) -> None:
                 i = next(pending, None)
@@ -282,7 +285,7 @@ class GgufJudge(JudgeBackend):
                 if i is not None:
                     slots[s] = _Slot(i, rendered[i][0], shared, np.random.default_rng(requests[i].seed))
 
-            for s in range(n_seq):
+            for s in range(used):
                 start_next(s)
             while any(slots):
                 # one batch: the sampled token of every answering sequence first, then prompt tokens
@@ -499,14 +502,16 @@ class HfJudge(JudgeBackend):
         done = torch.zeros(len(group), dtype=torch.bool)
         pad = self.tokenizer.pad_token_id
         cols = []
+        # transformers 5.x renamed past_key_values to cache (the old name warns); models not yet moved keep it
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         past, inputs = None, enc["input_ids"]
         with torch.no_grad():
             for _ in range(n):
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs.shape[1] :]
                 res = self.model(
-                    input_ids=inputs, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True
+                    input_ids=inputs, attention_mask=mask, position_ids=pos, use_cache=True, **{name: past}
                 )
-                past = res.past_key_values
+                past = getattr(res, name)
                 probs = torch.softmax(res.logits[:, -1, :].float() / temps, dim=-1)
                 nxt = torch.stack([torch.multinomial(probs[j], 1, generator=gens[j])[0] for j in range(len(group))])
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
