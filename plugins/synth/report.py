@@ -22,8 +22,8 @@ def histogram(values: list[float], bins: int = BINS) -> list[list[float]]:
         return [[lo, hi, len(values)]]
     if all(float(v).is_integer() for v in values) and hi - lo <= 20:
         # whole-number scores (a judge's 1-10): one bin per value reads better than ten fractional bins
-        counts = Counter(int(v) for v in values)
-        return [[float(v), float(v), counts.get(v, 0)] for v in range(int(lo), int(hi) + 1)]
+        whole = Counter(int(v) for v in values)
+        return [[float(v), float(v), whole.get(v, 0)] for v in range(int(lo), int(hi) + 1)]
     width = (hi - lo) / bins
     counts = [0] * bins
     for v in values:
