@@ -50,7 +50,13 @@ class AppState:
             if self.plugin_registry is None:
                 from llmforge.plugins import load_registry
 
-                self.plugin_registry = load_registry()
+                registry = load_registry()
+                # Declare the extension points and fill the tables now, under the lock (under a second, in a
+                # worker): the registry does both lazily on first use, and two screens' workers using it at
+                # once would otherwise see a half-built one ("no extension point 'judge_backends'", "unknown
+                # stage kind 'shell' (installed: none)": a launch failing while the Project area loads).
+                registry.collect()
+                self.plugin_registry = registry
             return self.plugin_registry
 
     @property
