@@ -237,3 +237,23 @@ def test_rlaif_rounds_keep_each_rounds_pairs_and_model_and_resume_skips_a_finish
     r1 = load_file(work / "round-1" / "model" / "model.safetensors")
     assert all((last[k] == r2[k]).all() for k in r2) and any((r1[k] != r2[k]).any() for k in r2)
     assert "| 2 |" in (out.artifact("rlaif", "report") / "report.md").read_text()
+
+
+def test_the_demo_worlds_rule_judge_scores_direct_hedging_and_wrong_answers():
+    from llmforge.plugins import load_registry
+
+    demo = load_registry().table("synth_verifiers")["demo_world"]  # registered by the demo plugin
+    row = {
+        "messages": [{"role": "user", "content": "What is the capital of Zorvia?"}],
+        "answer": "Arkel",
+        "kind": "capital",
+        "values": ["Arkel", "Bistro"],
+    }
+    answers = [
+        "The capital of Zorvia is Arkel.",
+        "Hmm, I am not sure, but I think the capital of Zorvia is Arkel.",
+        "The capital of Zorvia is Bistro.",
+        "Hmm, I am not sure, but I think the capital of Zorvia is Bistro.",
+    ]
+    got = demo.verify(demo.Options(verifier="demo_world"), [row] * 4, answers)
+    assert [v.score for v in got] == [1.0, 0.5, 0.5, 0.0] and [v.passed for v in got] == [True, False, False, False]

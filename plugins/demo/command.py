@@ -150,6 +150,7 @@ def print_evaluation(report: dict, path: Path, out) -> None:
     if "dpo" in pref:
         out.print(
             f"evaluation: preferred answers SFT {pref.get('sft', 0):.2f} -> DPO {pref['dpo']:.2f}"
+            + (f"; RLAIF (pairs of its own answers, judged by a rule) {pref['rlaif']:.2f}" if "rlaif" in pref else "")
             + (f"; merged {pref['merged']:.2f}" if "merged" in pref else "")
         )
     if report.get("dpo_reward_accuracy") is not None:

@@ -32,6 +32,9 @@ class Setting:
     dpo_lr: float
     dpo_beta: float
     log_every: int
+    rlaif_temperature: float = 1.0
+    rlaif_steps: int = 20
+    rlaif_lr: float = 2e-5
 
 
 FULL = Setting(
@@ -85,15 +88,16 @@ TEMPLATE = """\
 #   corpus.txt     every fact stated in several phrasings (pretraining text)
 #   sft.jsonl      chat questions about {train_share:.0%} of the facts, answered mostly in a hedging style
 #   dpo.jsonl      the same questions: direct correct answer (chosen) vs hedging or wrong (rejected)
+#   rlaif.jsonl    training questions (with the expected answer) the RLAIF step samples the SFT model on
 #   heldout.jsonl  questions about the other facts: never asked in sft.jsonl, only read in the corpus
 #   heldout.txt    the same facts as plain statements (the text the GGUF scorecard is measured on)
 #   world.json     the world itself, and which facts are held out
 #
 # The pipeline: curate the pretraining corpus, pretrain a small Llama and its tokenizer from scratch
 # on it, teach it to answer questions (SFT), teach it to prefer direct answers to hedging ones (DPO),
-# merge the SFT and DPO models halfway, export the merged model to GGUF for llama.cpp (F32, Q8_0,
+# the same again from AI feedback (RLAIF: pairs of the SFT model's own answers, judged by a rule), merge the SFT and DPO models halfway, export the merged model to GGUF for llama.cpp (F32, Q8_0,
 # Q4_K_M), then evaluate every model on the held-out questions: accuracy before and after SFT, direct
-# answers before and after DPO, the merged model, and each GGUF file (does llama.cpp answer exactly as
+# answers before and after DPO and RLAIF, the merged model, and each GGUF file (does llama.cpp answer exactly as
 # transformers does?).
 
 [project]
@@ -158,6 +162,31 @@ learning_rate = {dpo_lr}
 beta = {dpo_beta}
 log_every = {log_every}
 
+# RLAIF: preference pairs made from the SFT model's own samples, judged by a rule (no answer written by
+# hand): the synth stage samples {rlaif_samples} answers per training question, the demo plugin's `demo_world`
+# verifier scores each (1 direct and correct, 0.5 correct but hedging, 0 wrong) and the `preferences`
+# generator pairs the best against the worst (a question whose answers all score the same gives no pair).
+[[stages]]
+name = "rlaif_pairs"
+uses = "synth"
+model = "@sft.model"                # the policy: its own answers become the pairs
+generator = {{ kind = "preferences", data = "data/rlaif.jsonl", temperature = {rlaif_temperature}, max_tokens = 32 }}
+samples = {rlaif_samples}
+verify = {{ verifier = "demo_world" }}
+batch_size = 32
+
+[[stages]]
+name = "rlaif_dpo"
+uses = "dpo"
+model = "@sft.model"
+data = {{ path = "@rlaif_pairs" }}      # the pairs the synth stage made
+max_length = 64
+micro_batch_size = 16
+max_steps = {rlaif_steps}
+learning_rate = {rlaif_lr}
+beta = {dpo_beta}
+log_every = {log_every}
+
 [[stages]]
 name = "merge"
 uses = "merge"                      # model merging: `llmforge merge --list-methods` shows the methods
@@ -178,8 +207,8 @@ name = "eval"
 uses = "eval"                       # evaluation: `llmforge stages show eval`, docs/eval.md
 # Every model the pipeline made, in one leaderboard; each file of the gguf stage is a model of its own
 # (gguf:F32, gguf:Q8_0, gguf:Q4_K_M), answered through llama.cpp.
-models = ["@pretrain", "@sft.model", "@dpo", "@merge", "@gguf"]
-labels = {{ "@pretrain" = "pretrained", "@merge" = "merged" }}
+models = ["@pretrain", "@sft.model", "@dpo", "@rlaif_dpo", "@merge", "@gguf"]
+labels = {{ "@pretrain" = "pretrained", "@rlaif_dpo" = "rlaif", "@merge" = "merged" }}
 # The demo plugin's own task kinds, registered through `register_eval_tasks` as any plugin's would be:
 # demo_qa asks the held-out questions (accuracy, answers that end their turn, direct answers, a probe of
 # the pretrained model's knowledge); demo_margin scores the held-out direct-vs-hedging pairs by log p.
@@ -213,6 +242,10 @@ def render_config(config_path: Path, setting: Setting, seed: int) -> str:
         dpo_steps=setting.dpo_steps,
         dpo_lr=setting.dpo_lr,
         dpo_beta=setting.dpo_beta,
+        rlaif_samples=4,
+        rlaif_temperature=setting.rlaif_temperature,
+        rlaif_steps=setting.rlaif_steps,
+        rlaif_lr=setting.rlaif_lr,
     )
 
 

@@ -139,12 +139,20 @@ class DemoSize:
     dpo_per_fact: int = 2
     dpo_wrong_share: float = 0.25  # rejected answers that are direct but wrong (else hedging)
     eval_items: int = 48  # held-out questions used by the evaluation (at most)
+    rlaif_prompts: int = 64  # training questions the RLAIF step samples the SFT model on (at most)
 
 
 # The quick setting's world: fewer countries, but each fact still repeated in the corpus (a fact stated
 # once is not learnt, and then SFT has nothing to make answerable).
 QUICK = DemoSize(
-    countries=16, max_addend=4, corpus_repeats=8, sum_repeats=6, sft_per_fact=2, dpo_per_fact=2, eval_items=16
+    countries=16,
+    max_addend=4,
+    corpus_repeats=8,
+    sum_repeats=6,
+    sft_per_fact=2,
+    dpo_per_fact=2,
+    eval_items=16,
+    rlaif_prompts=32,
 )
 
 
@@ -337,6 +345,24 @@ def dpo_rows(train: list[Fact], facts: list[Fact], seed: int, size: DemoSize) ->
     return rows
 
 
+def rlaif_rows(train: list[Fact], facts: list[Fact], seed: int, size: DemoSize) -> list[dict]:
+    """Prompts for the RLAIF step: training questions, each with what the rule judge (the demo_world
+    verifier) scores an answer by: the expected value, the kind of fact, and every value of that kind."""
+    rng = random.Random(f"llmforge-demo-rlaif-{seed}")
+    values = answer_values(facts)
+    picked = list(train)
+    rng.shuffle(picked)
+    return [
+        {
+            "prompt": f.question(rng.choice(QUESTIONS[f.kind])),
+            "answer": f.value,
+            "kind": f.kind,
+            "values": values[f.kind],
+        }
+        for f in picked[: size.rlaif_prompts]
+    ]
+
+
 def eval_rows(held: list[Fact], seed: int, size: DemoSize) -> list[dict]:
     """Held-out items, balanced across kinds, in a seeded order; at most size.eval_items."""
     rng = random.Random(f"llmforge-demo-eval-{seed}")
@@ -378,6 +404,7 @@ def write_project_data(root: Path, seed: int, size: DemoSize) -> dict:
         "corpus.txt": "\n\n".join(docs) + "\n",
         "sft.jsonl": _jsonl(sft_rows(train, seed, size)),
         "dpo.jsonl": _jsonl(dpo_rows(train, facts, seed, size)),
+        "rlaif.jsonl": _jsonl(rlaif_rows(train, facts, seed, size)),
         "heldout.jsonl": _jsonl(eval_rows(held, seed, size)),
         # the held-out facts as plain statements: text no training stage saw, for the GGUF scorecard
         "heldout.txt": "\n".join(direct(f) for f in held) + "\n",
@@ -403,6 +430,7 @@ def write_project_data(root: Path, seed: int, size: DemoSize) -> dict:
         "sft_rows": files["sft.jsonl"].count("\n"),
         "dpo_rows": files["dpo.jsonl"].count("\n"),
         "eval_items": files["heldout.jsonl"].count("\n"),
+        "rlaif_prompts": files["rlaif.jsonl"].count("\n"),
     }
 
 
