@@ -667,5 +667,9 @@ def test_register_generators_and_verifiers_make_a_synth_dataset(probe, project):
     report = json.loads((artifacts / "report" / "report.json").read_text())
     assert report["rows"] == 2 and report["rejected"] == {"verify": 2}, report
     # without the plugin neither the generator nor the verifier is known: exit 2, the key named
+    project.write(
+        '[project]\nname = "made"\n\n[[stages]]\nname = "synth"\nuses = "synth"\nteacher = "t"\n'
+        'generator = { kind = "probe_lines", n = 4 }\nverify = { verifier = "probe_even" }\n'
+    )
     missing = project.run("validate")
     assert missing.returncode == 2 and "generator" in missing.stderr and "probe_lines" in missing.stderr, missing.stderr
