@@ -149,7 +149,6 @@ def test_pairwise_ranking_asks_the_judge_both_orders(tmp_path, prompts):
     assert rows == [] and all(c.rejected.startswith("tie:") for cs in per_unit for c in cs)
 
 
-@pytest.mark.slow
 def test_pairs_from_a_tiny_models_own_samples(tmp_path, prompts, llmforge_tiny_model_dir):
     from llmforge_plugins.synth.teacher import open_teacher
     from llmforge_plugins.synth.verifiers import BUILTIN_VERIFIERS
