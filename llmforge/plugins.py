@@ -28,6 +28,7 @@ down (``ctx.registry`` inside a stage). There is no process-wide registry.
 from __future__ import annotations
 
 import os
+import threading
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -114,15 +115,19 @@ class Registry:
         self.owners: dict[tuple[str, str], str] = {}  # (table, name) -> plugin
         self._points: dict[str, ExtensionPoint] | None = None  # table -> point, once declared
         self._tables: dict[str, dict[str, Any]] = {}  # filled tables
+        # Declaring and filling store the (empty) dict first and fill it in place, so that a hook reading the
+        # registry meanwhile finds it; another thread must not: it waits (the TUI reads from several threads).
+        self._lock = threading.RLock()
 
     # -- step 2: extension points ----------------------------------------------------------------
 
     def points(self) -> dict[str, ExtensionPoint]:
         """Every declared extension point, by table name (declared on the first call)."""
-        if self._points is None:
-            self._points = {}
-            _declare(self)
-        return self._points
+        with self._lock:
+            if self._points is None:
+                self._points = {}
+                _declare(self)
+            return self._points
 
     def point(self, name: str | ExtensionPoint) -> ExtensionPoint:
         """The point for a table name, a hook name or the point itself; KeyError names the known tables."""
@@ -157,11 +162,12 @@ class Registry:
         """The entries of one extension point, name -> what its ``validate`` stored. Filled on first read:
         only this point's registration hooks run."""
         p = self.point(point)
-        found = self._tables.get(p.table)
-        if found is None:
-            found = self._tables[p.table] = {}
-            _fill(self, p, found)
-        return found
+        with self._lock:
+            found = self._tables.get(p.table)
+            if found is None:
+                found = self._tables[p.table] = {}
+                _fill(self, p, found)
+            return found
 
     def collect(self) -> Registry:
         """Fill every table (what `plugins list` shows); returns the registry."""
