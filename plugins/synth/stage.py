@@ -546,8 +546,15 @@ class SynthStage(Stage[SynthOptions]):
                         exists = p.exists()
                     except OSError:
                         continue
+                    name = f"{table_name}.{key}" + (f"[{i}]" if isinstance(value, list) else "")
                     if exists:
-                        found[f"{table_name}.{key}" + (f"[{i}]" if isinstance(value, list) else "")] = fingerprint(p)
+                        found[name] = fingerprint(p)
+                    elif any(c in v for c in "*?["):
+                        # a glob (from_documents' data = "docs/**/*.md"): the files it matches now, each by content
+                        base = project_dir if not Path(v).expanduser().is_absolute() else Path("/")
+                        pattern = str(Path(v).expanduser()).lstrip("/") if base == Path("/") else v
+                        matched = sorted(q for q in base.glob(pattern) if q.is_file())
+                        found[name] = ",".join(f"{q.relative_to(base)}:{fingerprint(q)}" for q in matched)
         return {"files": found}
 
     def estimate(self, options: SynthOptions, env: PlanEnv) -> Estimate | None:
