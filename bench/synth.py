@@ -137,8 +137,8 @@ def main() -> None:
     same = sum(x == y for x, y in zip(a, b, strict=True))
     ratio = rate[list(sides)[1]] / rate[list(sides)[0]]
     print()
-    print(f"- llmforge at least {GOAL} x the loop's tokens per second: **{'met' if ratio >= GOAL else 'not met'}** ")
-    print(f"  ({ratio:.2f} x).")
+    verdict = "met" if ratio >= GOAL else "not met"
+    print(f"- llmforge at least {GOAL} x the loop's tokens per second: **{verdict}** ({ratio:.2f} x).")
     print(f"- identical answers at temperature 0: {same} of {args.prompts}.")
     teacher.backend.close()
     llm.close()
