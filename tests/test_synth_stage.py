@@ -61,6 +61,14 @@ class Closeness(JudgeBackend):
         for r in requests:
             asked = r.messages[-1]["content"]
             q = re.search(r"add (\\d+) (\\d+)", asked)
+            two = re.search(r"\\[Answer A\\]\\n(.*?)\\n\\n\\[Answer B\\]\\n(.*?)\\n\\nThe order", asked, re.S)
+            if two:  # pairwise: the answer nearer the sum wins
+                want = int(q.group(1)) + int(q.group(2))
+                da, db = (abs(int(x) - want) if x.strip().lstrip("-").isdigit() else 99 for x in two.groups())
+                out.append('{"reason": "r", "winner": "%s"}' % ("A" if da < db else "B" if db < da else "tie"))
+                continue
+            with open(self.base_dir / "pointwise.log", "a") as fh:
+                fh.write("ask\\n")
             a = re.search(r"\\[Answer\\]\\n(.*?)\\n\\nExplain", asked, re.S)
             try:
                 diff = abs(int(a.group(1)) - int(q.group(1)) - int(q.group(2)))
@@ -537,6 +545,27 @@ def test_preference_generators_see_every_candidate_scored_and_nothing_filtered(p
     folder = latest(project) / "stages" / "synth" / "artifacts" / "dataset"
     ds = load_data(DataOptions(path=str(folder)), reg.readers, reg.row_formats, expect=("preference",))
     assert ds.format == "preference" and len(ds.rows) == len(rows)  # what dpo's data = "@synth" reads
+
+
+def test_pairwise_preferences_ask_the_judge_only_pairwise(project, site):
+    # rank = "pairwise": the judge compares answers itself; scoring each one pointwise too would be wasted requests
+    forge(project, stage='samples = 3\njudge = { judge = "close" }\n', pairs=4)
+    prompts = [{"prompt": f"add {i} {i + 1}"} for i in range(1, 5)]
+    (project.root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    text = project.config.read_text()
+    start = text.index("generator = {")
+    end = text.index("\n", start)
+    gen = 'generator = { kind = "preferences", data = "prompts.jsonl", rank = "pairwise", temperature = 1.0 }'
+    project.config.write_text(text[:start] + gen + text[end:])
+    res = run(project, site, "run")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows, report = outputs(project)
+    assert rows and all(r["provenance"]["rank"] == "pairwise" for r in rows)
+    for r in rows:
+        a, b = map(int, r["prompt"][-1]["content"].split()[1:])
+        chosen, rejected = int(r["chosen"][0]["content"]), int(r["rejected"][0]["content"])
+        assert abs(chosen - a - b) < abs(rejected - a - b)
+    assert not (project.root / "pointwise.log").exists()
 
 
 @pytest.mark.slow

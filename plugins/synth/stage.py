@@ -253,10 +253,13 @@ def synthesize(options: SynthOptions, runner: SynthRunner, *, model_path: str | 
 
             reward = RewardScorer(options.reward_model)
         preference = gen.output == "preference"
+        # A generator that compares answers with the judge itself (preferences, rank = "pairwise") gets it through
+        # env.judge; scoring each answer pointwise as well would double the judge's work for nothing it reads.
+        pairwise = preference and getattr(gopts, "rank", None) == "pairwise"
         scorers = Scorers(
             verifier=verifier,
             verify_options=vopts,
-            judge=judge,
+            judge=None if pairwise else judge,
             rubric=options.judge.rubric if options.judge else None,
             judge_min=options.judge.min if options.judge else None,
             reward=reward,
