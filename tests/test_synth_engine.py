@@ -41,6 +41,7 @@ def gguf():
     backend.close()
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_continuous_batching_answers_as_one_at_a_time_and_tokens_are_counted(gguf):
     # very different lengths: short ones finish and free their sequence while long ones still run, so the

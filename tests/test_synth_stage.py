@@ -421,6 +421,7 @@ def _start(project, site, *args):
     )
 
 
+@pytest.mark.slow
 def test_killed_synth_resumes_without_duplicate_or_gap(project, site, tmp_path):
     # The uninterrupted run, in a sibling project: the rows the resumed one must equal.
     from conftest import Project
@@ -505,6 +506,7 @@ def test_synth_command_runs_a_generator_and_goes_on_where_it_stopped(project, si
     assert not (project.root / "x.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_stop_request_stops_between_batches_and_resume_finishes(project, site, plugin_site):
     forge(project, pairs=8)
     rule = [{"type": "progress", "stage": "synth", "done": 2, "action": "stop"}]

@@ -226,6 +226,7 @@ def synth_project(tmp_path, monkeypatch):
             child.kill()
 
 
+@pytest.mark.slow
 def test_monitor_shows_a_running_synth_stage_and_its_report_opens(synth_project):
     from textual.widgets import DataTable
 
