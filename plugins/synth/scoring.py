@@ -107,7 +107,9 @@ def keep_best(candidates: Sequence[Candidate], keep: str) -> list[Candidate]:
         ranked = sorted(alive, key=rank_key, reverse=True)
         if keep == "best" and len(ranked) > 1:
             for c in ranked[1:]:
-                c.rejected = f"best_of: sample {ranked[0].sample} scored higher"
+                # a tie keeps the earlier sample (sorted is stable): say so rather than claim a higher score
+                how = "scored higher" if rank_key(ranked[0]) > rank_key(c) else "scored the same, and came first"
+                c.rejected = f"best_of: sample {ranked[0].sample} {how}"
             ranked = ranked[:1]
         kept += ranked
     return kept + [c for c in candidates if c.rejected is not None]
