@@ -90,6 +90,7 @@ def test_missing_model_folder_is_missing_not_a_hub_id(project):
         assert "Repo id" not in err and "Hugging Face" not in err and "huggingface.co" not in err, err
 
 
+@pytest.mark.slow
 def test_hub_id_out_of_reach_is_said_naming_the_value(project, tmp_path_factory):
     data_project(project)
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path_factory.mktemp("hf-home"))}
@@ -102,6 +103,7 @@ def test_hub_id_out_of_reach_is_said_naming_the_value(project, tmp_path_factory)
         )
 
 
+@pytest.mark.slow
 def test_folder_that_holds_no_tokenizer_is_named_by_every_data_command(project):
     data_project(project)
     (project.root / "notes").mkdir()

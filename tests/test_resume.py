@@ -240,6 +240,7 @@ def test_resume_from_the_final_checkpoint_trains_nothing_more(project, site, rul
     assert_same_weights(sft_model(run_dir), sft_model(run_dirs(project)[-1]))
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_artifacts_are_written_finishes_publishing(project, site):
     """SIGTERM after sft's adapter is published and before its merged model is: the stop waits for the
     artifacts, the stage ends done with both, and the run stops before the next stage; resume runs only it."""

@@ -146,6 +146,7 @@ def test_dpo_margin_rises_and_adapter_and_merged_model_load(trained):
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
 
 
+@pytest.mark.slow
 def test_a_stage_runs_alone_reusing_cached_inputs(trained):
     project, st, _ = trained
     res = project.run("run", "--stage", "sft", "--force", timeout=600)
@@ -171,6 +172,7 @@ def test_changed_template_retokenizes_same_template_hits_the_cache(trained):
     assert st2["stages"]["sft"]["info"]["chat_template"]["name"] == "alpaca"
 
 
+@pytest.mark.slow
 def test_lora_sft_trains_an_adapter_that_peft_loads(trained, tmp_path):
     """LoRA SFT writes only an adapter, and one that was trained: its loss fell, every lora_B (which PEFT
     starts at zero, so an untrained adapter is a no-op) moved, and the adapted model answers differently
@@ -214,6 +216,7 @@ def test_lora_sft_trains_an_adapter_that_peft_loads(trained, tmp_path):
     assert tuned.loss < plain.loss
 
 
+@pytest.mark.slow
 def test_continued_pretrain_reports_forgetting(trained):
     project, st, _ = trained
     cfg = (
