@@ -153,3 +153,15 @@ def _num(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def stderr_logger(stage: str):
+    """A ``log(message, level="info")`` that prints like `llmforge run` does, on stderr (stdout stays a
+    command's result): what a plugin command running one stage's machinery outside a run logs with."""
+    printer = EventPrinter(live=False)
+    printer.out = console(stderr=True)
+
+    def log(message, level="info"):
+        printer({"type": "log", "stage": stage, "level": level, "message": str(message)})
+
+    return log

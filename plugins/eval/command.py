@@ -145,17 +145,9 @@ def _judges(config: Path | None, reg) -> dict:
 
 
 def _log():
-    """A `log(message, level)` printing like `llmforge run` does, on stderr (stdout stays the result)."""
-    from llmforge.cli.common import console
-    from llmforge.cli.render import EventPrinter
+    from llmforge.cli.render import stderr_logger
 
-    printer = EventPrinter(live=False)
-    printer.out = console(stderr=True)
-
-    def log(message, level="info"):
-        printer({"type": "log", "stage": "eval", "level": level, "message": str(message)})
-
-    return log
+    return stderr_logger("eval")
 
 
 def _progress():

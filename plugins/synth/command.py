@@ -188,17 +188,9 @@ def _flag(problem: Problem) -> Problem:
 
 
 def _log():
-    """A `log(message, level)` printing like `llmforge run` does, on stderr."""
-    from llmforge.cli.common import console
-    from llmforge.cli.render import EventPrinter
+    from llmforge.cli.render import stderr_logger
 
-    printer = EventPrinter(live=False)
-    printer.out = console(stderr=True)
-
-    def log(message, level="info"):
-        printer({"type": "log", "stage": "synth", "level": level, "message": str(message)})
-
-    return log
+    return stderr_logger("synth")
 
 
 def register(cli) -> None:
